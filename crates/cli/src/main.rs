@@ -1,0 +1,165 @@
+//! `isocloud`: the runner binary. It parses and validates settings, finds
+//! deno, wires origin, pool and ingress together, and turns SIGTERM/SIGINT
+//! into a graceful shutdown. It holds no logic of its own beyond that wiring.
+
+mod deno;
+mod settings;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use isocloud_auth::SubhostVerifier;
+use isocloud_ingress::{EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
+use isocloud_origin::{AppsOrigin, DiskCache, Origin, RemoteOriginOptions};
+use isocloud_pool::{Pool, PoolMetrics, PoolOptions};
+use isocloud_sandbox::SandboxPolicy;
+use prometheus_client::registry::Registry;
+use settings::{Cli, LogFormat, Mode, Settings};
+use tokio::net::TcpListener;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_cli(cli.command) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("isocloud: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(settings)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isocloud: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISOCLOUD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let (deno, deno_version) = deno::find_deno(settings.deno.as_deref())?;
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", settings.state_dir.display()))?;
+    let state_dir = settings.state_dir.canonicalize()?;
+    let harness_dir = isocloud_sandbox::install_harness(&state_dir).context("cannot install the isolate harness")?;
+    let cache =
+        Arc::new(DiskCache::open(&state_dir.join("cache"), settings.cache_max_bytes).context("cannot open the cache")?);
+
+    let mut registry = Registry::with_prefix("");
+    let pool_metrics = PoolMetrics::new(&mut registry);
+    let edge_metrics = EdgeMetrics::new(&mut registry);
+    register_cache_metrics(&mut registry, cache.clone());
+
+    let policy = SandboxPolicy {
+        deno: deno.clone(),
+        harness_dir,
+        deno_dir: state_dir.join("deno-dir"),
+        v8_heap_limit_mb: Some(settings.memory_limit_mb),
+    };
+    let pool_options = PoolOptions {
+        idle_timeout: settings.idle_timeout,
+        start_timeout: settings.boot_timeout,
+        kill_grace: std::time::Duration::from_secs(1),
+        instances_dir: state_dir.join(format!("isolates-{}", std::process::id())),
+    };
+    let pool = Pool::new(pool_options, policy, cache, pool_metrics).context("cannot prepare the isolate directory")?;
+
+    let router = match &settings.mode {
+        Mode::Apps(dir) => Router::new(Some(Arc::new(AppsOrigin::new(dir.clone())) as Arc<dyn Origin>), None),
+        Mode::Subhost(subhosters) => {
+            let verifier = SubhostVerifier::new(subhosters.clone()).context("invalid subhoster configuration")?;
+            let options = RemoteOriginOptions {
+                rpc_timeout_ms: settings.origin_timeout.as_millis() as u64,
+                ..RemoteOriginOptions::default()
+            };
+            Router::new(None, Some(SubhostRouting::new(verifier, options)))
+        }
+    };
+    let proxy = Arc::new(Proxy::new(router, pool, edge_metrics));
+
+    let listener =
+        TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let public = listener.local_addr()?;
+    if let Some(addr) = settings.admin_listen {
+        let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        let admin_addr = admin.local_addr()?;
+        tokio::spawn(isocloud_ingress::serve_admin(admin, Arc::new(registry)));
+        println!("isocloud: admin on http://{admin_addr}");
+    }
+    match &settings.mode {
+        Mode::Apps(dir) => {
+            tracing::info!(apps = %dir.display(), "serving apps: DIR/<name>/ at http://<name>.localhost:{}", public.port())
+        }
+        Mode::Subhost(subhosters) => tracing::info!(subhosters = subhosters.len(), "serving subhosted deployments"),
+    }
+    tracing::info!(deno = %deno.display(), version = deno_version, state_dir = %state_dir.display(), "isolates run on deno");
+    // Tests and scripts read this line to learn the port of `--listen …:0`.
+    println!("isocloud: listening on http://{public}");
+
+    let options = ServeOptions { drain_timeout: settings.drain_timeout };
+    isocloud_ingress::serve(listener, proxy, options, shutdown_signal()).await;
+    Ok(())
+}
+
+fn register_cache_metrics(registry: &mut Registry, cache: Arc<DiskCache>) {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    struct CacheCollector(Arc<DiskCache>);
+    impl std::fmt::Debug for CacheCollector {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("CacheCollector")
+        }
+    }
+    impl Collector for CacheCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let hits = ConstCounter::new(self.0.hits());
+            hits.encode(encoder.encode_descriptor(
+                "isocloud_cache_hits",
+                "Layer and blob cache hits",
+                None,
+                hits.metric_type(),
+            )?)?;
+            let misses = ConstCounter::new(self.0.misses());
+            misses.encode(encoder.encode_descriptor(
+                "isocloud_cache_misses",
+                "Layer and blob cache misses",
+                None,
+                misses.metric_type(),
+            )?)?;
+            let bytes = ConstGauge::new(self.0.total_bytes() as i64);
+            bytes.encode(encoder.encode_descriptor(
+                "isocloud_cache_bytes",
+                "Bytes held by the cache",
+                None,
+                bytes.metric_type(),
+            )?)?;
+            Ok(())
+        }
+    }
+    registry.register_collector(Box::new(CacheCollector(cache)));
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

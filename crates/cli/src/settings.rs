@@ -1,0 +1,327 @@
+//! Command-line flags and the TOML config file: merged (flags win), then
+//! validated once into [`Settings`]. Nothing else reads raw options.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use isocloud_auth::{Secret, Subhoster};
+use serde::Deserialize;
+use url::Url;
+
+#[derive(Parser, Debug)]
+#[command(name = "isocloud", version, about = "A self-hostable isolate cloud: the runner and its embedded origins.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve every subdirectory of --apps as a deployment at <name>.localhost.
+    Serve {
+        #[command(flatten)]
+        common: CommonFlags,
+        /// The folder of apps: DIR/<name>/ is served at Host <name>.localhost.
+        #[arg(long, value_name = "DIR")]
+        apps: Option<PathBuf>,
+    },
+    /// Run as a subhosting runner: relays sign requests, origins describe deployments.
+    Runner {
+        #[command(flatten)]
+        common: CommonFlags,
+        #[command(flatten)]
+        subhost: SubhostFlags,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CommonFlags {
+    /// TOML file with any of these options (flags win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public listener, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listener for /healthz and /metrics; off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// The deno binary isolates run on.
+    #[arg(long, value_name = "PATH")]
+    pub deno: Option<PathBuf>,
+    /// Caches and isolate files [default: $XDG_STATE_HOME/isocloud or ~/.local/state/isocloud].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Terminate an isolate after this many seconds without requests [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    pub idle_timeout_s: Option<u64>,
+    /// Give up on an isolate that does not serve within this time [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub boot_timeout_s: Option<u64>,
+    /// Cut off an origin RPC after this time [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub origin_timeout_s: Option<u64>,
+    /// On SIGTERM/SIGINT, let in-flight requests finish for this long [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub drain_timeout_s: Option<u64>,
+    /// V8 heap limit of each isolate [default: 512].
+    #[arg(long, value_name = "MB")]
+    pub memory_limit_mb: Option<u64>,
+    /// Size bound of the on-disk layer and blob cache [default: 1024].
+    #[arg(long, value_name = "MB")]
+    pub cache_max_mb: Option<u64>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct SubhostFlags {
+    /// Default origin RPC root for subhosters (absolute http(s) URL ending in '/').
+    #[arg(long, value_name = "URL")]
+    pub rpc_root: Option<String>,
+    /// A subhoster's shared secret, KID=SECRET (repeatable).
+    #[arg(long, value_name = "KID=SECRET")]
+    pub subhost_secret: Vec<String>,
+    /// A subhoster's shared secret read from a file, KID=PATH (repeatable).
+    #[arg(long, value_name = "KID=PATH")]
+    pub subhost_secret_file: Vec<String>,
+    /// An `rpc_root` claim prefix the runner honours (repeatable).
+    #[arg(long, value_name = "PREFIX")]
+    pub allow_rpc_root: Vec<String>,
+}
+
+/// The TOML file: the same options as the flags, snake_case.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    deno: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    idle_timeout_s: Option<u64>,
+    boot_timeout_s: Option<u64>,
+    origin_timeout_s: Option<u64>,
+    drain_timeout_s: Option<u64>,
+    memory_limit_mb: Option<u64>,
+    cache_max_mb: Option<u64>,
+    log_format: Option<String>,
+    apps: Option<PathBuf>,
+    rpc_root: Option<String>,
+    #[serde(default)]
+    subhost_secret: Vec<String>,
+    #[serde(default)]
+    subhost_secret_file: Vec<String>,
+    #[serde(default)]
+    allow_rpc_root: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting `{field}`: {message}")]
+pub struct SettingsError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError { field, message: message.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub enum Mode {
+    Apps(PathBuf),
+    Subhost(Vec<Subhoster>),
+}
+
+/// Validated settings: the only form the rest of the binary sees.
+pub struct Settings {
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub deno: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub idle_timeout: Duration,
+    pub boot_timeout: Duration,
+    pub origin_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub memory_limit_mb: u64,
+    pub cache_max_bytes: u64,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    pub fn from_cli(command: Command) -> Result<Self, SettingsError> {
+        let (common, apps, subhost) = match command {
+            Command::Serve { common, apps } => (common, Some(apps), None),
+            Command::Runner { common, subhost } => (common, None, Some(subhost)),
+        };
+        let file = match &common.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = parse_addr("listen", common.listen.or(file.listen).as_deref().unwrap_or("127.0.0.1:8080"))?;
+        let admin_listen =
+            common.admin_listen.or(file.admin_listen).map(|a| parse_addr("admin_listen", &a)).transpose()?;
+        let seconds = |field: &'static str, flag: Option<u64>, file: Option<u64>, default: u64, min: u64| {
+            let value = flag.or(file).unwrap_or(default);
+            if value < min || value > 86_400 * 365 {
+                return Err(invalid(field, format!("{value} is out of range ({min}..=31536000)")));
+            }
+            Ok(Duration::from_secs(value))
+        };
+        let idle_timeout = seconds("idle_timeout_s", common.idle_timeout_s, file.idle_timeout_s, 300, 1)?;
+        let boot_timeout = seconds("boot_timeout_s", common.boot_timeout_s, file.boot_timeout_s, 30, 1)?;
+        let origin_timeout = seconds("origin_timeout_s", common.origin_timeout_s, file.origin_timeout_s, 10, 1)?;
+        let drain_timeout = seconds("drain_timeout_s", common.drain_timeout_s, file.drain_timeout_s, 10, 0)?;
+        let memory_limit_mb = common.memory_limit_mb.or(file.memory_limit_mb).unwrap_or(512);
+        if !(16..=65_536).contains(&memory_limit_mb) {
+            return Err(invalid("memory_limit_mb", format!("{memory_limit_mb} is out of range (16..=65536)")));
+        }
+        let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
+        if cache_max_mb == 0 {
+            return Err(invalid("cache_max_mb", "must be at least 1"));
+        }
+        let log_format = match common.log_format.or(file.log_format).as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log_format", format!("{other:?} is neither \"text\" nor \"json\""))),
+        };
+        let state_dir = match common.state_dir.or(file.state_dir) {
+            Some(dir) => dir,
+            None => default_state_dir()
+                .ok_or_else(|| invalid("state_dir", "no $XDG_STATE_HOME or $HOME; pass --state-dir"))?,
+        };
+
+        let mode = match (apps, subhost) {
+            (Some(apps), _) => {
+                let dir = apps
+                    .or(file.apps)
+                    .ok_or_else(|| invalid("apps", "serve needs --apps DIR (or `apps` in the config file)"))?;
+                if !dir.is_dir() {
+                    return Err(invalid("apps", format!("{} is not a directory", dir.display())));
+                }
+                if !file.subhost_secret.is_empty() || !file.subhost_secret_file.is_empty() || file.rpc_root.is_some() {
+                    return Err(invalid(
+                        "subhost_secret",
+                        "subhosting options belong to `isocloud runner`, not `serve`",
+                    ));
+                }
+                Mode::Apps(dir.canonicalize().map_err(|e| invalid("apps", e.to_string()))?)
+            }
+            (None, Some(flags)) => {
+                if file.apps.is_some() {
+                    return Err(invalid("apps", "`apps` belongs to `isocloud serve`, not `runner`"));
+                }
+                let rpc_root = flags.rpc_root.or(file.rpc_root).ok_or_else(|| {
+                    invalid("rpc_root", "runner needs --rpc-root URL (or `rpc_root` in the config file)")
+                })?;
+                let rpc_root = parse_rpc_root(&rpc_root)?;
+                let secrets = pick(flags.subhost_secret, file.subhost_secret);
+                let secret_files = pick(flags.subhost_secret_file, file.subhost_secret_file);
+                let allowed = pick(flags.allow_rpc_root, file.allow_rpc_root);
+                Mode::Subhost(subhosters(&rpc_root, &secrets, &secret_files, &allowed)?)
+            }
+            (None, None) => unreachable!("clap makes every command one of the two"),
+        };
+        Ok(Settings {
+            mode,
+            listen,
+            admin_listen,
+            deno: common.deno.or(file.deno),
+            state_dir,
+            idle_timeout,
+            boot_timeout,
+            origin_timeout,
+            drain_timeout,
+            memory_limit_mb,
+            cache_max_bytes: cache_max_mb * 1024 * 1024,
+            log_format,
+        })
+    }
+}
+
+fn pick(flags: Vec<String>, file: Vec<String>) -> Vec<String> {
+    if flags.is_empty() { file } else { flags }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, SettingsError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
+}
+
+fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {
+    text.parse().map_err(|_| invalid(field, format!("{text:?} is not an address like 127.0.0.1:8080")))
+}
+
+fn parse_rpc_root(text: &str) -> Result<Url, SettingsError> {
+    let url = Url::parse(text).map_err(|e| invalid("rpc_root", format!("{text:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || !url.path().ends_with('/') {
+        return Err(invalid("rpc_root", format!("{text:?} must be an http(s) URL ending in '/'")));
+    }
+    Ok(url)
+}
+
+fn split_pair<'a>(field: &'static str, text: &'a str) -> Result<(&'a str, &'a str), SettingsError> {
+    match text.split_once('=') {
+        Some((kid, value)) if !kid.is_empty() && !value.is_empty() => Ok((kid, value)),
+        _ => Err(invalid(field, "expected KID=VALUE with both parts non-empty")),
+    }
+}
+
+fn subhosters(
+    rpc_root: &Url,
+    secrets: &[String],
+    secret_files: &[String],
+    allowed: &[String],
+) -> Result<Vec<Subhoster>, SettingsError> {
+    let mut out: Vec<Subhoster> = Vec::new();
+    let mut add = |field: &'static str, kid: &str, secret: Vec<u8>| {
+        if out.iter().any(|s| s.kid == kid) {
+            return Err(invalid(field, format!("subhoster {kid:?} is configured twice")));
+        }
+        out.push(Subhoster {
+            kid: kid.to_owned(),
+            secret: Secret::new(secret),
+            rpc_root: rpc_root.clone(),
+            allowed_rpc_root_prefixes: allowed.to_vec(),
+        });
+        Ok(())
+    };
+    for spec in secrets {
+        let (kid, secret) = split_pair("subhost_secret", spec)?;
+        add("subhost_secret", kid, secret.as_bytes().to_vec())?;
+    }
+    for spec in secret_files {
+        let (kid, path) = split_pair("subhost_secret_file", spec)?;
+        let text = std::fs::read_to_string(path).map_err(|e| invalid("subhost_secret_file", format!("{path}: {e}")))?;
+        let secret = text.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() {
+            return Err(invalid("subhost_secret_file", format!("{path} is empty")));
+        }
+        add("subhost_secret_file", kid, secret.as_bytes().to_vec())?;
+    }
+    if out.is_empty() {
+        return Err(invalid(
+            "subhost_secret",
+            "runner needs at least one --subhost-secret KID=SECRET or --subhost-secret-file KID=PATH",
+        ));
+    }
+    Ok(out)
+}
+
+fn default_state_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("isocloud"));
+    }
+    std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|home| PathBuf::from(home).join(".local/state/isocloud"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+use clap::Parser as _;
+
+use super::*;
+
+fn parse(args: &[&str]) -> Result<Settings, SettingsError> {
+    let mut argv = vec!["isocloud"];
+    argv.extend_from_slice(args);
+    Settings::from_cli(Cli::try_parse_from(argv).expect("clap accepts the flags").command)
+}
+
+fn field_of(args: &[&str]) -> &'static str {
+    match parse(args) {
+        Ok(_) => panic!("{args:?} was accepted"),
+        Err(e) => e.field,
+    }
+}
+
+#[test]
+fn serve_defaults() {
+    let apps = tempfile::tempdir().unwrap();
+    let settings = parse(&["serve", "--apps", apps.path().to_str().unwrap(), "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(settings.idle_timeout, Duration::from_secs(300));
+    assert_eq!(settings.memory_limit_mb, 512);
+    assert!(matches!(settings.mode, Mode::Apps(_)));
+}
+
+#[test]
+fn bad_flags_name_their_field() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    assert_eq!(field_of(&["serve", "--apps", dir, "--listen", "nonsense"]), "listen");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--admin-listen", "1.2.3.4"]), "admin_listen");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--idle-timeout-s", "0"]), "idle_timeout_s");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--memory-limit-mb", "1"]), "memory_limit_mb");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--log-format", "xml"]), "log_format");
+    assert_eq!(field_of(&["serve", "--apps", "/definitely/not/here"]), "apps");
+    assert_eq!(field_of(&["serve"]), "apps");
+    assert_eq!(field_of(&["runner", "--subhost-secret", "a=b"]), "rpc_root");
+    assert_eq!(field_of(&["runner", "--rpc-root", "http://o/v0", "--subhost-secret", "a=b"]), "rpc_root");
+    assert_eq!(field_of(&["runner", "--rpc-root", "ftp://o/v0/", "--subhost-secret", "a=b"]), "rpc_root");
+    assert_eq!(field_of(&["runner", "--rpc-root", "http://o/v0/"]), "subhost_secret");
+    assert_eq!(field_of(&["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "nokid"]), "subhost_secret");
+    assert_eq!(
+        field_of(&["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "a=b", "--subhost-secret", "a=c"]),
+        "subhost_secret"
+    );
+    assert_eq!(
+        field_of(&["runner", "--rpc-root", "http://o/v0/", "--subhost-secret-file", "a=/no/such/file"]),
+        "subhost_secret_file"
+    );
+}
+
+#[test]
+fn config_file_is_read_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let config = dir.path().join("isocloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:9000\"\nidle_timeout_s = 7\nrpc_root = \"http://origin/v0/\"\n\
+             subhost_secret_file = [\"acme={}\"]\nallow_rpc_root = [\"http://origin/\"]\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let settings = parse(&["runner", "--config", path, "--idle-timeout-s", "9", "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.listen.to_string(), "127.0.0.1:9000");
+    assert_eq!(settings.idle_timeout, Duration::from_secs(9));
+    let Mode::Subhost(subhosters) = settings.mode else { panic!("runner mode") };
+    assert_eq!(subhosters[0].kid, "acme");
+    assert_eq!(subhosters[0].allowed_rpc_root_prefixes, vec!["http://origin/".to_owned()]);
+}
+
+#[test]
+fn config_file_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("isocloud.toml");
+    let apps = dir.path().to_str().unwrap();
+    std::fs::write(&config, "listen = \"127.0.0.1:9000\"\nlisten_port = 3\n").unwrap();
+    let err = parse(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]).err().unwrap();
+    assert_eq!(err.field, "config");
+    assert!(err.message.contains("listen_port"), "{err}");
+    std::fs::write(&config, "idle_timeout_s = \"soon\"\n").unwrap();
+    let err = parse(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]).err().unwrap();
+    assert!(err.message.contains("integer"), "{err}");
+    std::fs::write(&config, "rpc_root = \"http://o/v0/\"\n").unwrap();
+    assert_eq!(field_of(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]), "subhost_secret");
+}

@@ -1,0 +1,503 @@
+//! End-to-end test kit: the real `isocloud` binary on port 0 with its own
+//! state dir, a real origin server on loopback that verifies the runner's RPC
+//! JWTs, app folders, tokens minted by an independent JWT library, and
+//! helpers to look at the processes the runner started.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+pub const KID: &str = "acme";
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+/// The repository root (for the pinned deno and the eszip tooling).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_owned()
+}
+
+pub fn deno_path() -> PathBuf {
+    let path = repo_root().join(".isocloud/deno/bin/deno");
+    assert!(path.is_file(), "the pinned deno is missing: run ./scripts/install-deno (scripts/test does)");
+    path
+}
+
+// ------------------------------------------------------------------ runner
+
+pub struct Runner {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub state_dir: tempfile::TempDir,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Runner {
+    /// Starts `isocloud <args…>` with a free port, an admin port and its own
+    /// state dir, and waits until it listens.
+    pub fn start(args: &[&str]) -> Runner {
+        let state_dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir.path())
+            .arg("--deno")
+            .arg(deno_path())
+            .env("ISOCLOUD_LOG", "info,isocloud::tenant=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn isocloud");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
+                    eprintln!("[runner] {line}");
+                }
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while addr.is_none() {
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("isocloud did not start listening; stderr:\n{}", stderr.lock().unwrap());
+                }
+            };
+            if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
+                admin = Some(rest.parse().unwrap());
+            }
+            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
+                addr = Some(rest.parse().unwrap());
+            }
+        }
+        Runner { child: Some(child), addr: addr.unwrap(), admin: admin.unwrap(), state_dir, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// A client that reaches `host` (any name) at this runner.
+    pub fn client_for(&self, host: &str) -> reqwest::Client {
+        reqwest::Client::builder().resolve(host, self.addr).timeout(Duration::from_secs(60)).build().unwrap()
+    }
+
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.addr.port())
+    }
+
+    /// GET `path` on `host` through the runner.
+    pub async fn get(&self, host: &str, path: &str) -> reqwest::Response {
+        self.client_for(host).get(self.url(host, path)).send().await.expect("request to the runner")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The deno processes the runner started and that still run.
+    pub fn isolate_pids(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("isocloud did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory preconditions; pid is a child we started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Pids whose parent is `parent`, read from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The command name may hold spaces and parens; fields follow the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').map(|(_, r)| !r.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+pub async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// ------------------------------------------------------------------ apps
+
+/// A folder of apps for `isocloud serve --apps`.
+pub struct AppsDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl AppsDir {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn app(&self, name: &str, files: &[(&str, &str)]) -> &Self {
+        for (path, text) in files {
+            let full = self.dir.path().join(name).join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, text).unwrap();
+        }
+        self
+    }
+
+    pub fn path(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    pub fn serve(&self, extra: &[&str]) -> Runner {
+        let mut args = vec!["serve", "--apps", self.path()];
+        args.extend_from_slice(extra);
+        Runner::start(&args)
+    }
+}
+
+// ------------------------------------------------------------------ tokens
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A relay token, minted by `jsonwebtoken` (not by the runner's own code).
+pub fn subhost_token(claims: Value) -> String {
+    token_with(jsonwebtoken::Algorithm::HS256, Some(KID), SECRET, claims)
+}
+
+pub fn token_with(alg: jsonwebtoken::Algorithm, kid: Option<&str>, secret: &str, claims: Value) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+pub fn claims_for(deployment_id: &str) -> Value {
+    json!({ "deployment_id": deployment_id, "iat": now_s(), "exp": now_s() + 300 })
+}
+
+// ------------------------------------------------------------------ origin
+
+/// One deployment as the test origin describes it.
+#[derive(Clone, Default)]
+pub struct TestDeployment {
+    /// Sent verbatim as `x-deno-config` (a test may send garbage).
+    pub config_header: String,
+    pub inline_body: Bytes,
+    pub tree: Option<Value>,
+    /// Answer boot with this status instead of 200.
+    pub boot_status: Option<u16>,
+}
+
+impl TestDeployment {
+    pub fn config(config: Value) -> Self {
+        Self { config_header: config.to_string(), ..Self::default() }
+    }
+
+    /// One bundle layer at `file:///src/main.js`, carried inline.
+    pub fn inline_js(source: &str) -> Self {
+        let mut d = Self::config(json!({
+            "entrypoint": "file:///src/main.js",
+            "layers": [{ "kind": "bundle", "id": "inline-main", "specifier": "file:///src/main.js" }],
+            "inline_layer": "inline-main",
+        }));
+        d.inline_body = Bytes::from(source.to_owned());
+        d
+    }
+
+    pub fn with(mut self, f: impl FnOnce(&mut Value)) -> Self {
+        let mut config: Value = serde_json::from_str(&self.config_header).unwrap();
+        f(&mut config);
+        self.config_header = config.to_string();
+        self
+    }
+}
+
+#[derive(Default)]
+pub struct OriginState {
+    pub deployments: Mutex<HashMap<String, TestDeployment>>,
+    pub layers: Mutex<HashMap<String, Bytes>>,
+    pub blobs: Mutex<HashMap<String, Bytes>>,
+    /// `rpc deployment_id[ layer_id|file_id]`, in arrival order.
+    pub calls: Mutex<Vec<String>>,
+    /// RPCs whose Authorization JWT did not verify.
+    pub auth_failures: Mutex<Vec<String>>,
+    pub activity: Mutex<Vec<Value>>,
+    /// Boot answers wait this long first (a hanging origin).
+    pub boot_delay: Mutex<Option<Duration>>,
+    /// Layer answers with this status instead.
+    pub layer_status: Mutex<Option<u16>>,
+}
+
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    pub state: Arc<OriginState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestOrigin {
+    pub async fn start() -> TestOrigin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(OriginState::default());
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&state, request).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestOrigin { addr, state, task }
+    }
+
+    pub fn rpc_root(&self) -> String {
+        format!("http://{}/v0/", self.addr)
+    }
+
+    pub fn deploy(&self, id: &str, deployment: TestDeployment) {
+        self.state.deployments.lock().unwrap().insert(id.to_owned(), deployment);
+    }
+
+    pub fn layer(&self, id: &str, bytes: impl Into<Bytes>) {
+        self.state.layers.lock().unwrap().insert(id.to_owned(), bytes.into());
+    }
+
+    pub fn blob(&self, id: &str, bytes: impl Into<Bytes>) {
+        self.state.blobs.lock().unwrap().insert(id.to_owned(), bytes.into());
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    pub fn calls_to(&self, rpc: &str) -> usize {
+        self.calls().iter().filter(|c| c.split(' ').next() == Some(rpc)).count()
+    }
+
+    pub fn activity_events(&self) -> Vec<Value> {
+        self.state
+            .activity
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["events"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// A runner in subhosting mode pointed at this origin.
+    pub fn runner(&self, extra: &[&str]) -> Runner {
+        let secret = format!("{KID}={SECRET}");
+        let root = self.rpc_root();
+        let mut args = vec!["runner", "--rpc-root", &root, "--subhost-secret", &secret];
+        args.extend_from_slice(extra);
+        Runner::start(&args)
+    }
+}
+
+fn reply(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+}
+
+/// Checks the runner's RPC JWT the way a subhoster's origin would.
+fn verify_rpc_jwt(request: &Request<hyper::body::Incoming>, deployment_id: &str) -> Result<(), String> {
+    let header = request.headers().get("authorization").ok_or("no Authorization header")?;
+    let token = header.to_str().map_err(|e| e.to_string())?.strip_prefix("Bearer ").ok_or("not a Bearer token")?;
+    let decoded_header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+    if decoded_header.kid.as_deref() != Some(KID) {
+        return Err(format!("kid {:?}", decoded_header.kid));
+    }
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp"]);
+    let data =
+        jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()), &validation)
+            .map_err(|e| e.to_string())?;
+    if data.claims["deployment_id"] != deployment_id {
+        return Err(format!("claim deployment_id {} != query {deployment_id}", data.claims["deployment_id"]));
+    }
+    if data.claims["iat"].as_u64().is_none() {
+        return Err("no iat".into());
+    }
+    Ok(())
+}
+
+async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let query: HashMap<String, String> = request.uri().query().map(|q| url_pairs(q)).unwrap_or_default();
+    let deployment_id = query.get("deployment_id").cloned().unwrap_or_default();
+    let rpc = request.uri().path().strip_prefix("/v0/").unwrap_or("").to_owned();
+    let detail = query.get("layer_id").or(query.get("file_id")).cloned().unwrap_or_default();
+    state.calls.lock().unwrap().push(format!("{rpc} {deployment_id} {detail}").trim_end().to_owned());
+    if let Err(e) = verify_rpc_jwt(&request, &deployment_id) {
+        state.auth_failures.lock().unwrap().push(format!("{rpc}: {e}"));
+        return reply(401, "bad rpc token");
+    }
+    match rpc.as_str() {
+        "boot" => {
+            let delay = *state.boot_delay.lock().unwrap();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            let Some(d) = state.deployments.lock().unwrap().get(&deployment_id).cloned() else {
+                return reply(404, "no such deployment");
+            };
+            if let Some(status) = d.boot_status {
+                return reply(status, "boot refused");
+            }
+            let mut response = reply(200, d.inline_body.clone());
+            response.headers_mut().insert("x-deno-config", d.config_header.parse().unwrap());
+            response
+        }
+        "layer" => {
+            if let Some(status) = *state.layer_status.lock().unwrap() {
+                return reply(status, "layer refused");
+            }
+            match state.layers.lock().unwrap().get(&detail) {
+                Some(bytes) => reply(200, bytes.clone()),
+                None => reply(404, "no such layer"),
+            }
+        }
+        "read_tree" => {
+            let tree = state.deployments.lock().unwrap().get(&deployment_id).and_then(|d| d.tree.clone());
+            reply(200, tree.unwrap_or_else(|| json!({ "entries": { "": { "kind": "directory" } } })).to_string())
+        }
+        "read_blob" => match state.blobs.lock().unwrap().get(&detail) {
+            Some(bytes) => reply(200, bytes.clone()),
+            None => reply(404, "no such blob"),
+        },
+        "report_activity" => {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let batch: Value = serde_json::from_slice(&body).unwrap();
+            state.activity.lock().unwrap().push(batch);
+            reply(200, "")
+        }
+        _ => reply(404, "unknown rpc"),
+    }
+}
+
+fn url_pairs(query: &str) -> HashMap<String, String> {
+    url::form_urlencoded::parse(query.as_bytes()).into_owned().collect()
+}
+
+// ------------------------------------------------------------------ eszip
+
+/// Builds an ESZIP of the app in `dir` (served as `file:///src/…`) with the
+/// npm package `@deno/eszip`, run by node.
+pub fn build_eszip(dir: &Path, entry: &str, remote: Option<&Path>) -> Vec<u8> {
+    let root = repo_root();
+    let script = root.join("tools/eszip/build.mjs");
+    assert!(
+        root.join("tools/eszip/node_modules").is_dir(),
+        "tools/eszip/node_modules is missing: run `npm ci --prefix tools/eszip` (scripts/test does)"
+    );
+    let out = dir.join("out.eszip2");
+    let mut command = Command::new("node");
+    command.arg(&script).arg("--root").arg(dir).arg("--out").arg(&out);
+    if let Some(remote) = remote {
+        command.arg("--remote").arg(remote);
+    }
+    let output = command.arg(entry).output().expect("node runs");
+    assert!(output.status.success(), "eszip build failed: {}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read(out).unwrap()
+}
+
+/// Parses the runner's JSON error answer and checks code, header and status.
+pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(response.status().as_u16(), status, "status for {code}");
+    assert_eq!(
+        response.headers().get("x-isocloud-error").map(|v| v.to_str().unwrap().to_owned()).as_deref(),
+        Some(code)
+    );
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    body["error"]["message"].as_str().unwrap_or_default().to_owned()
+}

@@ -1,0 +1,147 @@
+//! A request's way through the runner: route, isolate, forward, stream back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use isocloud_pool::{BootError, ForwardError, Pool};
+use isocloud_protocol::ErrorCode;
+
+use crate::body::{ResponseBody, Tracked};
+use crate::routing::SUBHOST_HEADER;
+use crate::{EdgeError, EdgeMetrics, Router};
+
+pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
+
+/// Connection-scoped headers (RFC 9110 §7.6.1); they describe one hop and
+/// must not be passed on. `connection`/`upgrade` stay on upgrade requests.
+const HOP_BY_HOP: [&str; 6] =
+    ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "proxy-authorization"];
+
+pub struct Proxy {
+    router: Router,
+    pool: Pool,
+    metrics: EdgeMetrics,
+    request_id_prefix: String,
+    request_seq: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics) -> Self {
+        let request_id_prefix = format!("{:08x}", rand::random::<u32>());
+        Self { router, pool, metrics, request_id_prefix, request_seq: AtomicU64::new(0) }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Serves one request; never fails: every error becomes a response.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let response = match self.forward(request).await {
+            Ok(response) => {
+                self.metrics.count(response.status().as_u16(), None);
+                response
+            }
+            Err(error) => {
+                self.metrics.count(error.code.http_status(), Some(error.code.as_str()));
+                error.into_response()
+            }
+        };
+        response
+    }
+
+    async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<ResponseBody>, EdgeError> {
+        let route = self.router.route(request.headers(), request.uri())?;
+        let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
+
+        let isolate = self.pool.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
+
+        let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let public_uri: Uri = format!("{}://{}{path}", route.public_scheme, route.public_host)
+            .parse()
+            .map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the request target is not a valid URL"))?;
+        let upgrade = is_upgrade(&request);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, body) = request.into_parts();
+        parts.uri = public_uri;
+        // The isolate speaks HTTP/1.1 whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
+        let headers = &mut parts.headers;
+        headers.remove(SUBHOST_HEADER);
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
+        if !upgrade {
+            headers.remove(header::CONNECTION);
+            headers.remove(header::UPGRADE);
+        }
+        if let Ok(host) = HeaderValue::from_str(&route.public_host) {
+            headers.insert(header::HOST, host);
+        }
+        headers.insert(
+            HeaderName::from_static(REQUEST_ID_HEADER),
+            HeaderValue::from_str(&request_id).expect("hex and dashes are a valid header value"),
+        );
+
+        let guard = isolate.begin_request();
+        let mut response = isolate.forward(Request::from_parts(parts, body)).await.map_err(|e| match e {
+            ForwardError::Crashed(reason) => {
+                tracing::warn!(
+                    deployment_id = route.deployment_id,
+                    request_id,
+                    reason,
+                    "isolate crashed with the request in flight"
+                );
+                EdgeError::new(ErrorCode::IsolateCrashed, "the isolate crashed while serving the request")
+            }
+        })?;
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let isolate_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    match tokio::try_join!(client_upgrade, isolate_upgrade) {
+                        Ok((client, isolate)) => {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(isolate))
+                                    .await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            return Ok(response.map(|body| body.boxed()));
+        }
+
+        for name in HOP_BY_HOP {
+            response.headers_mut().remove(name);
+        }
+        Ok(response.map(|body| Tracked::new(body, guard).boxed()))
+    }
+}
+
+fn is_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == http::Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+fn boot_error(error: BootError) -> EdgeError {
+    let code = error.code();
+    let message = match code {
+        // Runner-side failures: the details are for the operator's log only.
+        ErrorCode::Internal => "the runner could not start the deployment".to_owned(),
+        _ => error.to_string(),
+    };
+    EdgeError::new(code, message)
+}

@@ -1,0 +1,224 @@
+//! The embedded default origin: every subdirectory `DIR/<name>/` of a folder
+//! is a deployment named `<name>`. It answers the same RPCs as a remote origin
+//! (one bundle layer per code file, the files as the asset tree), so the
+//! runner has a single path from "origin" to "isolate".
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use isocloud_protocol::{ActivityBatch, ActivityKind, ConfigError, IsolateConfig};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::{AssetEntry, AssetTree, BootAnswer, Origin, OriginError};
+
+/// Entrypoints tried in order when `isolate.json` names none.
+pub const DEFAULT_ENTRYPOINTS: [&str; 5] = ["main.ts", "main.js", "mod.ts", "index.ts", "index.js"];
+/// Extensions loaded as modules (bundle layers); everything else is only an asset.
+const MODULE_EXTENSIONS: [&str; 10] = ["ts", "tsx", "mts", "cts", "js", "jsx", "mjs", "cjs", "json", "jsonc"];
+const MAX_FILES: usize = 20_000;
+const MAX_DEPTH: usize = 32;
+const CONFIG_FILE: &str = "isolate.json";
+
+/// The optional per-app `isolate.json`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppConfig {
+    entrypoint: Option<String>,
+    #[serde(default)]
+    envs: BTreeMap<String, String>,
+    permissions: Option<serde_json::Value>,
+}
+
+pub struct AppsOrigin {
+    root: PathBuf,
+    /// Layer ids and file ids handed out by `boot`/`read_tree`, to the files
+    /// they name. Ids are content hashes, so an entry never changes meaning.
+    files_by_id: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl AppsOrigin {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root, files_by_id: Mutex::new(HashMap::new()) }
+    }
+
+    /// The app folder for `name`, if `name` is a plain folder name that exists.
+    fn app_dir(&self, name: &str) -> Result<PathBuf, OriginError> {
+        let plain = !name.is_empty()
+            && name.len() <= 63
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let dir = self.root.join(name);
+        if plain && dir.is_dir() { Ok(dir) } else { Err(OriginError::DeploymentNotFound) }
+    }
+
+    fn remember(&self, id: &str, path: &Path) {
+        self.files_by_id.lock().expect("apps index poisoned").insert(id.to_owned(), path.to_owned());
+    }
+
+    fn lookup(&self, id: &str) -> Option<PathBuf> {
+        self.files_by_id.lock().expect("apps index poisoned").get(id).cloned()
+    }
+}
+
+fn config_error(field: &str, message: impl Into<String>) -> OriginError {
+    OriginError::InvalidConfig(ConfigError { field: format!("{CONFIG_FILE}: {field}"), message: message.into() })
+}
+
+fn read_app_config(dir: &Path) -> Result<AppConfig, OriginError> {
+    let path = dir.join(CONFIG_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| config_error("", e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AppConfig::default()),
+        Err(e) => Err(config_error("", format!("cannot read: {e}"))),
+    }
+}
+
+/// One file of an app folder, with its path inside the deployment root.
+struct AppFile {
+    tree_path: String,
+    disk_path: PathBuf,
+}
+
+/// Lists the app's files and folders (not following symlinks), bounded.
+fn walk(dir: &Path) -> Result<(Vec<AppFile>, BTreeMap<String, AssetEntry>), OriginError> {
+    let mut files = Vec::new();
+    let mut entries = BTreeMap::from([(String::new(), AssetEntry::Directory)]);
+    let mut stack = vec![(dir.to_owned(), String::new(), 0usize)];
+    while let Some((disk, tree, depth)) = stack.pop() {
+        let listing = std::fs::read_dir(&disk).map_err(OriginError::Cache)?;
+        for item in listing {
+            let item = item.map_err(OriginError::Cache)?;
+            let Some(name) = item.file_name().to_str().map(str::to_owned) else { continue };
+            if name == ".git" || (depth == 0 && name == CONFIG_FILE) {
+                continue;
+            }
+            let tree_path = format!("{tree}/{name}");
+            let file_type = item.file_type().map_err(OriginError::Cache)?;
+            if file_type.is_dir() {
+                if depth + 1 < MAX_DEPTH {
+                    entries.insert(tree_path.clone(), AssetEntry::Directory);
+                    stack.push((item.path(), tree_path, depth + 1));
+                }
+            } else if file_type.is_symlink() {
+                if let Ok(target) = std::fs::read_link(item.path())
+                    && let Some(target) = target.to_str()
+                {
+                    entries.insert(tree_path, AssetEntry::Symlink { target: target.to_owned() });
+                }
+            } else if file_type.is_file() {
+                files.push(AppFile { tree_path, disk_path: item.path() });
+                if files.len() > MAX_FILES {
+                    return Err(config_error("", format!("the app has more than {MAX_FILES} files")));
+                }
+            }
+        }
+    }
+    files.sort_by(|a, b| a.tree_path.cmp(&b.tree_path));
+    Ok((files, entries))
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn is_module(path: &str) -> bool {
+    path.rsplit_once('.').is_some_and(|(_, ext)| MODULE_EXTENSIONS.contains(&ext))
+}
+
+#[async_trait]
+impl Origin for AppsOrigin {
+    fn name(&self) -> &str {
+        "apps"
+    }
+
+    async fn boot(&self, name: &str) -> Result<BootAnswer, OriginError> {
+        let dir = self.app_dir(name)?;
+        let app = read_app_config(&dir)?;
+        let (files, _) = walk(&dir)?;
+
+        let entrypoint = match &app.entrypoint {
+            Some(e) if e.contains("://") => e.clone(),
+            Some(e) => format!("file:///src/{}", e.trim_start_matches("./")),
+            None => {
+                let found = DEFAULT_ENTRYPOINTS.iter().find(|f| dir.join(f).is_file()).ok_or_else(|| {
+                    config_error(
+                        "entrypoint",
+                        format!("none given and none of {} exists", DEFAULT_ENTRYPOINTS.join(", ")),
+                    )
+                })?;
+                format!("file:///src/{found}")
+            }
+        };
+        let mut layers = Vec::new();
+        for file in files.iter().filter(|f| is_module(&f.tree_path)) {
+            let source = std::fs::read(&file.disk_path).map_err(OriginError::Cache)?;
+            let id = format!("apps:{}", sha256_hex(&[file.tree_path.as_bytes(), &source]));
+            self.remember(&id, &file.disk_path);
+            layers.push(serde_json::json!({
+                "kind": "bundle",
+                "id": id,
+                "specifier": format!("file:///src{}", file.tree_path),
+            }));
+        }
+        let mut config = serde_json::json!({ "entrypoint": entrypoint, "layers": layers, "envs": app.envs });
+        if let Some(permissions) = app.permissions {
+            config["permissions"] = permissions;
+        }
+        let json = serde_json::to_vec(&config).expect("a json! value always serializes");
+        let config = IsolateConfig::from_json(&json).map_err(|e| config_error(&e.field, e.message))?;
+        Ok(BootAnswer { config, inline_layer: Bytes::new() })
+    }
+
+    async fn layer(&self, _name: &str, layer_id: &str) -> Result<Bytes, OriginError> {
+        let path = self
+            .lookup(layer_id)
+            .ok_or_else(|| OriginError::Layer { layer_id: layer_id.to_owned(), message: "unknown layer".into() })?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| OriginError::Layer { layer_id: layer_id.to_owned(), message: e.to_string() })?;
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn read_tree(&self, name: &str) -> Result<AssetTree, OriginError> {
+        let dir = self.app_dir(name)?;
+        let (files, mut entries) = walk(&dir)?;
+        for file in files {
+            let bytes = std::fs::read(&file.disk_path).map_err(OriginError::Cache)?;
+            let hash = sha256_hex(&[&bytes]);
+            self.remember(&hash, &file.disk_path);
+            entries.insert(file.tree_path, AssetEntry::File { size: bytes.len() as u64, hash });
+        }
+        Ok(AssetTree { entries })
+    }
+
+    async fn read_blob(&self, _name: &str, file_id: &str) -> Result<Bytes, OriginError> {
+        let path = self.lookup(file_id).ok_or_else(|| OriginError::AssetNotFound(file_id.to_owned()))?;
+        let bytes = tokio::fs::read(&path).await.map_err(|_| OriginError::AssetNotFound(file_id.to_owned()))?;
+        // The file may have changed since read_tree; a content address must not lie.
+        if sha256_hex(&[&bytes]) != file_id {
+            return Err(OriginError::AssetNotFound(file_id.to_owned()));
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn report_activity(&self, name: &str, batch: &ActivityBatch) -> Result<(), OriginError> {
+        // In the apps mode the operator is the developer: their logs go to ours.
+        for event in &batch.events {
+            match &event.kind {
+                ActivityKind::Log { level, message, request_id } => {
+                    tracing::info!(target: "isocloud::tenant", deployment = name, request_id = request_id.as_deref().unwrap_or(""), level = ?level, "{message}");
+                }
+                other => tracing::info!(target: "isocloud::tenant", deployment = name, event = ?other),
+            }
+        }
+        Ok(())
+    }
+}

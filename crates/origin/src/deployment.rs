@@ -1,0 +1,139 @@
+//! From `boot` to a complete module graph: fetch every layer (cache first, in
+//! parallel), decode it, merge with the earlier layer winning.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use isocloud_eszip::{Entry, ModuleKind};
+use isocloud_protocol::{ConfigError, IsolateConfig, LayerSpec};
+use url::Url;
+
+use crate::{AssetTree, CacheKind, DiskCache, Origin, OriginError};
+
+/// One module of the merged graph.
+#[derive(Debug, Clone)]
+pub struct ModuleFile {
+    pub specifier: Url,
+    pub kind: ModuleKind,
+    pub source: Bytes,
+}
+
+/// Everything needed to start an isolate for one deployment.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub deployment_id: String,
+    pub config: IsolateConfig,
+    /// The merged module graph, by specifier.
+    pub modules: BTreeMap<Url, ModuleFile>,
+    /// `specifier → target` redirects carried by ESZIP layers.
+    pub redirects: BTreeMap<Url, Url>,
+    pub tree: AssetTree,
+}
+
+/// Asks `origin` for deployment `deployment_id` and assembles it.
+pub async fn load_deployment(
+    origin: &dyn Origin,
+    cache: &DiskCache,
+    deployment_id: &str,
+) -> Result<Deployment, OriginError> {
+    let boot = origin.boot(deployment_id).await?;
+    let config = boot.config;
+    let layers = try_join_all(
+        config.layers.iter().map(|spec| fetch_layer(origin, cache, deployment_id, spec, &config, &boot.inline_layer)),
+    );
+    let (layers, tree) = tokio::try_join!(layers, origin.read_tree(deployment_id))?;
+
+    let mut modules = BTreeMap::new();
+    let mut redirects = BTreeMap::new();
+    for decoded in layers {
+        for (specifier, module) in decoded.modules {
+            modules.entry(specifier).or_insert(module);
+        }
+        for (from, to) in decoded.redirects {
+            redirects.entry(from).or_insert(to);
+        }
+    }
+    let mut entry = config.entrypoint.clone();
+    for _ in 0..16 {
+        match redirects.get(&entry) {
+            Some(target) => entry = Url::clone(target),
+            None => break,
+        }
+    }
+    if !modules.contains_key(&entry) {
+        return Err(OriginError::InvalidConfig(ConfigError {
+            field: "entrypoint".into(),
+            message: format!("{} is not in any layer", config.entrypoint),
+        }));
+    }
+    Ok(Deployment { deployment_id: deployment_id.to_owned(), config, modules, redirects, tree })
+}
+
+struct DecodedLayer {
+    modules: Vec<(Url, ModuleFile)>,
+    redirects: Vec<(Url, Url)>,
+}
+
+async fn fetch_layer(
+    origin: &dyn Origin,
+    cache: &DiskCache,
+    deployment_id: &str,
+    spec: &LayerSpec,
+    config: &IsolateConfig,
+    inline: &Bytes,
+) -> Result<DecodedLayer, OriginError> {
+    let id = spec.id();
+    let bytes = if config.inline_layer.as_deref() == Some(id) {
+        inline.clone()
+    } else if let Some(bytes) = cache.get(CacheKind::Layer, origin.name(), id).await {
+        bytes
+    } else {
+        let bytes = origin.layer(deployment_id, id).await.map_err(|e| match e {
+            // The user should see which layer broke, whatever the cause.
+            OriginError::BadStatus { status, .. } => {
+                OriginError::Layer { layer_id: id.to_owned(), message: format!("origin answered HTTP {status}") }
+            }
+            other => other,
+        })?;
+        if let Err(e) = cache.put(CacheKind::Layer, origin.name(), id, &bytes).await {
+            tracing::warn!(layer_id = id, error = %e, "could not cache layer");
+        }
+        bytes
+    };
+    decode_layer(spec, bytes).await
+}
+
+async fn decode_layer(spec: &LayerSpec, bytes: Bytes) -> Result<DecodedLayer, OriginError> {
+    let layer_error = |message: String| OriginError::Layer { layer_id: spec.id().to_owned(), message };
+    match spec {
+        LayerSpec::Bundle { specifier, .. } => {
+            if std::str::from_utf8(&bytes).is_err() {
+                return Err(layer_error("a bundle layer must be UTF-8 JavaScript".into()));
+            }
+            let module = ModuleFile { specifier: specifier.clone(), kind: ModuleKind::JavaScript, source: bytes };
+            Ok(DecodedLayer { modules: vec![(specifier.clone(), module)], redirects: Vec::new() })
+        }
+        LayerSpec::Eszip { .. } => {
+            let graph = isocloud_eszip::parse(bytes).await.map_err(|e| layer_error(format!("invalid ESZIP: {e}")))?;
+            let mut decoded = DecodedLayer { modules: Vec::new(), redirects: Vec::new() };
+            for entry in graph.entries {
+                match entry {
+                    Entry::Module(m) => {
+                        let specifier = Url::parse(&m.specifier)
+                            .map_err(|e| layer_error(format!("module specifier {:?}: {e}", m.specifier)))?;
+                        decoded
+                            .modules
+                            .push((specifier.clone(), ModuleFile { specifier, kind: m.kind, source: m.source }));
+                    }
+                    Entry::Redirect { specifier, target } => {
+                        let parse =
+                            |s: &str| Url::parse(s).map_err(|e| layer_error(format!("redirect specifier {s:?}: {e}")));
+                        decoded.redirects.push((parse(&specifier)?, parse(&target)?));
+                    }
+                }
+            }
+            Ok(decoded)
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Where deployments come from. This crate owns the [`Origin`] interface (the
+//! RPCs of `subhosting-protocol.md` §2), its two implementations — a remote
+//! origin spoken to over HTTP with signed JWTs ([`RemoteOrigin`]) and a folder
+//! of apps on local disk ([`AppsOrigin`], the embedded default) — the bounded
+//! on-disk cache of layers and blobs ([`DiskCache`]), and the assembly of a
+//! deployment's layers into one module graph ([`load_deployment`]).
+//!
+//! It must not start processes, write a deployment's files for an isolate, or
+//! know about the public HTTP listener: it answers "what is deployment D?"
+//! and nothing else. Every answer from an origin is untrusted input, bounded in
+//! size and time, and refused with an [`OriginError`] that names the problem.
+
+mod apps;
+mod cache;
+mod deployment;
+mod error;
+mod remote;
+mod tree;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use apps::AppsOrigin;
+pub use cache::{CacheKind, DiskCache};
+pub use deployment::{Deployment, ModuleFile, load_deployment};
+pub use error::OriginError;
+pub use isocloud_protocol::{ActivityBatch, IsolateConfig};
+pub use remote::{RemoteOrigin, RemoteOriginOptions};
+pub use tree::{AssetEntry, AssetTree};
+
+/// The answer to `boot`: the validated config and the inline layer's bytes
+/// (empty when the config names none).
+#[derive(Debug, Clone)]
+pub struct BootAnswer {
+    pub config: IsolateConfig,
+    pub inline_layer: Bytes,
+}
+
+/// The RPCs a runner makes to an origin. Implementations must be cheap to
+/// call concurrently; the runner adds caching on top.
+#[async_trait]
+pub trait Origin: Send + Sync + 'static {
+    /// A stable name for logs, metrics and cache keys (`apps`, or the
+    /// subhoster's kid and rpc root).
+    fn name(&self) -> &str;
+    async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError>;
+    async fn layer(&self, deployment_id: &str, layer_id: &str) -> Result<Bytes, OriginError>;
+    async fn read_tree(&self, deployment_id: &str) -> Result<AssetTree, OriginError>;
+    async fn read_blob(&self, deployment_id: &str, file_id: &str) -> Result<Bytes, OriginError>;
+    async fn report_activity(&self, deployment_id: &str, batch: &ActivityBatch) -> Result<(), OriginError>;
+}

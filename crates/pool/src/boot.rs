@@ -1,0 +1,158 @@
+//! The boot sequence of one isolate and the hooks it runs with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use isocloud_origin::{AssetTree, CacheKind, DiskCache, Origin, OriginError, load_deployment};
+use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel};
+use isocloud_sandbox::{IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
+use isocloud_supervisor::{Isolate, IsolateHooks, StartError};
+
+use crate::ActivitySink;
+
+/// Why a deployment could not be booted. Cloneable: every request waiting on
+/// one boot gets the same answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Origin(Arc<OriginError>),
+    #[error(transparent)]
+    Sandbox(Arc<SandboxError>),
+    #[error(transparent)]
+    Start(Arc<StartError>),
+    #[error("the runner is shutting down")]
+    ShuttingDown,
+}
+
+impl BootError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BootError::Origin(e) => e.code(),
+            BootError::Sandbox(e) => match **e {
+                SandboxError::BadSpecifier(_) => ErrorCode::LayerFailed,
+                _ => ErrorCode::Internal,
+            },
+            BootError::Start(e) => e.code(),
+            BootError::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
+pub(crate) struct BootContext {
+    pub cache: Arc<DiskCache>,
+    pub policy: SandboxPolicy,
+    pub instances_dir: PathBuf,
+    pub start_timeout: std::time::Duration,
+    pub activity: ActivitySink,
+}
+
+pub(crate) async fn boot(
+    ctx: &BootContext,
+    origin: Arc<dyn Origin>,
+    deployment_id: String,
+    instance: u64,
+) -> Result<(Arc<Isolate>, u64), BootError> {
+    let started = Instant::now();
+    let deployment = load_deployment(origin.as_ref(), &ctx.cache, &deployment_id)
+        .await
+        .map_err(|e| BootError::Origin(Arc::new(e)))?;
+
+    let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
+    let harness_dir = ctx.policy.harness_dir.clone();
+    let prepared = {
+        let deployment = deployment.clone();
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || IsolateFiles::prepare(&dir, &deployment, &harness_dir))
+            .await
+            .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?
+    };
+    let files = match prepared {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(BootError::Sandbox(Arc::new(e)));
+        }
+    };
+    let command = SandboxedCommand::new(&ctx.policy, &files, &deployment.config);
+    let hooks = Arc::new(DeploymentHooks {
+        origin,
+        deployment_id,
+        tree: Arc::new(deployment.tree),
+        files: files.clone(),
+        cache: ctx.cache.clone(),
+        activity: ctx.activity.clone(),
+    });
+    match Isolate::start(command, files, hooks, ctx.start_timeout).await {
+        Ok(isolate) => Ok((isolate, started.elapsed().as_millis() as u64)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(BootError::Start(Arc::new(e)))
+        }
+    }
+}
+
+/// Keeps instance directory names readable and safe whatever the id is.
+fn sanitize(id: &str) -> String {
+    let mut out: String =
+        id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(48).collect();
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}
+
+struct DeploymentHooks {
+    origin: Arc<dyn Origin>,
+    deployment_id: String,
+    tree: Arc<AssetTree>,
+    files: IsolateFiles,
+    cache: Arc<DiskCache>,
+    activity: ActivitySink,
+}
+
+impl IsolateHooks for DeploymentHooks {
+    fn log(&self, level: LogLevel, message: String, request_id: Option<String>) {
+        tracing::debug!(target: "isocloud::tenant", deployment_id = %self.deployment_id, request_id = request_id.as_deref().unwrap_or(""), ?level, "{message}");
+        self.activity.report(&self.origin, &self.deployment_id, ActivityKind::Log { level, message, request_id });
+    }
+
+    fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>> {
+        let origin = self.origin.clone();
+        let deployment_id = self.deployment_id.clone();
+        let tree = self.tree.clone();
+        let files = self.files.clone();
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            let Some((path, size, file_id)) = tree.resolve_file(&tree_path) else {
+                return Err(format!("no such asset: {tree_path}"));
+            };
+            let bytes = match cache.get(CacheKind::Blob, origin.name(), file_id).await {
+                Some(bytes) => bytes,
+                None => {
+                    let bytes = origin.read_blob(&deployment_id, file_id).await.map_err(|e| {
+                        tracing::warn!(deployment_id, file_id, error = %e, "read_blob failed");
+                        format!("cannot load {tree_path}: {e}")
+                    })?;
+                    if bytes.len() as u64 != size {
+                        return Err(format!(
+                            "{tree_path}: the origin sent {} bytes, the manifest says {size}",
+                            bytes.len()
+                        ));
+                    }
+                    if let Err(e) = cache.put(CacheKind::Blob, origin.name(), file_id, &bytes).await {
+                        tracing::warn!(error = %e, "could not cache blob");
+                    }
+                    bytes
+                }
+            };
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || files.materialize_asset(&path, &bytes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}

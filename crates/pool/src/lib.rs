@@ -1,0 +1,20 @@
+//! Which isolates run: one per deployment, booted on demand, shared by every
+//! request to that deployment, replaced when it dies, terminated when idle.
+//!
+//! This crate owns the map from deployment to isolate, the boot sequence
+//! (origin → module graph → isolate files → sandboxed process), single-flight
+//! boots (concurrent first requests boot once), the idle reaper, graceful
+//! shutdown, and the activity reports sent back to each origin. It must not
+//! parse HTTP requests or decide routing; the ingress hands it an origin and
+//! a deployment id, and it hands back a running [`Isolate`].
+
+mod activity;
+mod boot;
+mod metrics;
+mod pool;
+
+pub use activity::ActivitySink;
+pub use boot::BootError;
+pub use isocloud_supervisor::{ForwardError, InFlight, Isolate};
+pub use metrics::PoolMetrics;
+pub use pool::{Pool, PoolOptions};

@@ -1,0 +1,41 @@
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The pool's share of the runner's Prometheus metrics.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub boots: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub boot_seconds: Histogram,
+    pub live_isolates: Gauge,
+    pub terminations: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub activity_dropped: Counter,
+}
+
+impl PoolMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            boots: Family::default(),
+            boot_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            live_isolates: Gauge::default(),
+            terminations: Family::default(),
+            activity_dropped: Counter::default(),
+        };
+        registry.register("isocloud_boots", "Isolate boots by result", metrics.boots.clone());
+        registry.register(
+            "isocloud_boot_duration_seconds",
+            "Boot latency, origin to first byte served",
+            metrics.boot_seconds.clone(),
+        );
+        registry.register("isocloud_live_isolates", "Isolates running now", metrics.live_isolates.clone());
+        registry.register("isocloud_isolate_terminations", "Isolates ended, by reason", metrics.terminations.clone());
+        registry.register(
+            "isocloud_activity_events_dropped",
+            "Activity events dropped because the queue was full",
+            metrics.activity_dropped.clone(),
+        );
+        metrics
+    }
+}

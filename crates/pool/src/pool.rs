@@ -1,0 +1,273 @@
+//! The deployment → isolate map.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use isocloud_origin::{DiskCache, Origin};
+use isocloud_protocol::ActivityKind;
+use isocloud_sandbox::SandboxPolicy;
+use isocloud_supervisor::{Isolate, IsolateState};
+
+use crate::boot::{BootContext, boot};
+use crate::{ActivitySink, BootError, PoolMetrics};
+
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// An isolate without requests for this long is terminated.
+    pub idle_timeout: Duration,
+    /// From spawn to "serving"; past it the boot fails.
+    pub start_timeout: Duration,
+    /// How long a terminated isolate gets between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Where each isolate's files are written.
+    pub instances_dir: PathBuf,
+}
+
+/// Deployments are named by origin and id: two subhosters may both have a
+/// deployment "1".
+type Key = (String, String);
+type BootFuture = Shared<BoxFuture<'static, Result<Arc<Isolate>, BootError>>>;
+
+enum Slot {
+    Booting(BootFuture),
+    Ready(Arc<Isolate>),
+}
+
+struct Inner {
+    slots: Mutex<HashMap<Key, Slot>>,
+    /// Which origin each running isolate came from, for its reports.
+    origins: Mutex<HashMap<Key, Arc<dyn Origin>>>,
+    ctx: BootContext,
+    options: PoolOptions,
+    metrics: PoolMetrics,
+    next_instance: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Cheap to clone; every clone is the same pool.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    pub fn new(
+        options: PoolOptions,
+        policy: SandboxPolicy,
+        cache: Arc<DiskCache>,
+        metrics: PoolMetrics,
+    ) -> std::io::Result<Self> {
+        // Instances of an earlier run are dead: their processes died with it.
+        if options.instances_dir.exists() {
+            std::fs::remove_dir_all(&options.instances_dir)?;
+        }
+        std::fs::create_dir_all(&options.instances_dir)?;
+        let activity = ActivitySink::start(metrics.clone());
+        let ctx = BootContext {
+            cache,
+            policy,
+            instances_dir: options.instances_dir.clone(),
+            start_timeout: options.start_timeout,
+            activity,
+        };
+        let pool = Self {
+            inner: Arc::new(Inner {
+                slots: Mutex::new(HashMap::new()),
+                origins: Mutex::new(HashMap::new()),
+                ctx,
+                options,
+                metrics,
+                next_instance: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        tokio::spawn(reap(Arc::downgrade(&pool.inner)));
+        Ok(pool)
+    }
+
+    /// The running isolate of `deployment_id`, booting it if needed.
+    /// Concurrent callers for one deployment share one boot.
+    pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Arc<Isolate>, BootError> {
+        let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
+        let boot_future = {
+            let mut slots = self.inner.slots.lock().expect("pool poisoned");
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(BootError::ShuttingDown);
+            }
+            match slots.get(&key) {
+                Some(Slot::Ready(isolate)) if isolate.is_running() => return Ok(isolate.clone()),
+                Some(Slot::Ready(isolate)) => {
+                    // It died since the last request: report it, then boot anew.
+                    let isolate = isolate.clone();
+                    slots.remove(&key);
+                    self.note_exit(&key, &isolate);
+                    None
+                }
+                Some(Slot::Booting(future)) => Some(future.clone()),
+                None => None,
+            }
+            .unwrap_or_else(|| {
+                let future = self.boot_future(key.clone(), origin.clone());
+                slots.insert(key, Slot::Booting(future.clone()));
+                future
+            })
+        };
+        boot_future.await
+    }
+
+    fn boot_future(&self, key: Key, origin: Arc<dyn Origin>) -> BootFuture {
+        let inner = self.inner.clone();
+        let instance = inner.next_instance.fetch_add(1, Ordering::Relaxed);
+        // A task, so a boot finishes (and is cached) even if every request
+        // that waited for it went away.
+        let task = tokio::spawn(async move {
+            let result = boot(&inner.ctx, origin.clone(), key.1.clone(), instance).await;
+            let mut slots = inner.slots.lock().expect("pool poisoned");
+            match result {
+                Ok((isolate, boot_ms)) => {
+                    inner.metrics.boots.get_or_create(&vec![("result", "ok")]).inc();
+                    inner.metrics.boot_seconds.observe(boot_ms as f64 / 1000.0);
+                    inner.metrics.live_isolates.inc();
+                    inner.ctx.activity.report(&origin, &key.1, ActivityKind::Boot { boot_ms });
+                    tracing::info!(
+                        origin = origin.name(),
+                        deployment_id = key.1,
+                        boot_ms,
+                        pid = isolate.pid(),
+                        "isolate booted"
+                    );
+                    if inner.closed.load(Ordering::Acquire) {
+                        slots.remove(&key);
+                        isolate.kill();
+                        return Err(BootError::ShuttingDown);
+                    }
+                    inner.origins.lock().expect("pool poisoned").insert(key.clone(), origin);
+                    slots.insert(key, Slot::Ready(isolate.clone()));
+                    Ok(isolate)
+                }
+                Err(e) => {
+                    inner.metrics.boots.get_or_create(&vec![("result", "failed")]).inc();
+                    inner.ctx.activity.report(&origin, &key.1, ActivityKind::BootFailure { message: e.to_string() });
+                    tracing::warn!(origin = origin.name(), deployment_id = key.1, code = %e.code(), error = %e, "boot failed");
+                    slots.remove(&key);
+                    Err(e)
+                }
+            }
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(BootError::Start(Arc::new(isocloud_supervisor::StartError::Spawn(std::io::Error::other(format!(
+                    "boot task failed: {e}"
+                ))))))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Books an isolate that died by itself (crash, `Deno.exit`).
+    fn note_exit(&self, key: &Key, isolate: &Arc<Isolate>) {
+        note_exit(&self.inner, key, isolate);
+    }
+
+    /// How many isolates run now.
+    pub fn live(&self) -> usize {
+        self.inner.slots.lock().expect("pool poisoned").values().filter(|s| matches!(s, Slot::Ready(_))).count()
+    }
+
+    /// The pids of running isolates (operations and tests).
+    pub fn pids(&self) -> Vec<u32> {
+        self.inner
+            .slots
+            .lock()
+            .expect("pool poisoned")
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(isolate) => Some(isolate.pid()),
+                Slot::Booting(_) => None,
+            })
+            .collect()
+    }
+
+    /// Refuses new boots and terminates every isolate (SIGTERM, then SIGKILL
+    /// after the grace period). Call after in-flight requests have drained.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let isolates: Vec<Arc<Isolate>> = {
+            let mut slots = self.inner.slots.lock().expect("pool poisoned");
+            slots
+                .drain()
+                .filter_map(|(_, slot)| match slot {
+                    Slot::Ready(isolate) => Some(isolate),
+                    Slot::Booting(_) => None,
+                })
+                .collect()
+        };
+        let grace = self.inner.options.kill_grace;
+        futures_util::future::join_all(isolates.iter().map(|isolate| isolate.terminate(grace))).await;
+        self.inner.metrics.live_isolates.set(0);
+    }
+}
+
+fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
+    inner.metrics.live_isolates.dec();
+    inner.metrics.terminations.get_or_create(&vec![("reason", "exited")]).inc();
+    let status = match isolate.state() {
+        IsolateState::Exited(status) => status,
+        IsolateState::Running => "running".into(),
+    };
+    tracing::warn!(deployment_id = key.1, pid = isolate.pid(), %status, "isolate exited by itself");
+    if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(key) {
+        inner.ctx.activity.report(
+            &origin,
+            &key.1,
+            ActivityKind::UncaughtException { message: format!("isolate process exited ({status})") },
+        );
+    }
+}
+
+/// Terminates idle isolates and books crashed ones, until the pool is gone.
+async fn reap(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let idle_timeout = inner.options.idle_timeout;
+        let mut idle = Vec::new();
+        let mut dead = Vec::new();
+        {
+            let mut slots = inner.slots.lock().expect("pool poisoned");
+            slots.retain(|key, slot| {
+                let Slot::Ready(isolate) = slot else { return true };
+                if !isolate.is_running() {
+                    dead.push((key.clone(), isolate.clone()));
+                    false
+                } else if isolate.in_flight() == 0 && isolate.idle_for() >= idle_timeout {
+                    idle.push((key.clone(), isolate.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for (key, isolate) in dead {
+            note_exit(&inner, &key, &isolate);
+        }
+        for (key, isolate) in idle {
+            inner.metrics.live_isolates.dec();
+            inner.metrics.terminations.get_or_create(&vec![("reason", "idle")]).inc();
+            tracing::info!(deployment_id = key.1, pid = isolate.pid(), "terminating idle isolate");
+            if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(&key) {
+                inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "idle".into() });
+            }
+            let grace = inner.options.kill_grace;
+            tokio::spawn(async move { isolate.terminate(grace).await });
+        }
+    }
+}

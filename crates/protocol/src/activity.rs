@@ -1,0 +1,53 @@
+//! Activity reports (`subhosting-protocol.md` §5): what the runner tells an
+//! origin about its deployments.
+
+use serde::Serialize;
+
+/// One `report_activity` body. The same `batch_id` is only ever sent with the
+/// same content, so an origin can drop a retried duplicate.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivityBatch {
+    pub batch_id: String,
+    pub events: Vec<ActivityEvent>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivityEvent {
+    pub deployment_id: String,
+    /// RFC 3339.
+    pub timestamp: String,
+    #[serde(flatten)]
+    pub kind: ActivityKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ActivityKind {
+    Boot {
+        boot_ms: u64,
+    },
+    BootFailure {
+        message: String,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    UncaughtException {
+        message: String,
+    },
+    Terminated {
+        reason: String,
+    },
+}

@@ -1,0 +1,16 @@
+//! The subhosting wire contract as data types: the isolate config that an
+//! origin's `boot` answer carries (`x-deno-config`), the stable error codes the
+//! runner answers with, and the activity events it reports back.
+//!
+//! This crate owns parsing and validation of those shapes — a value of
+//! [`IsolateConfig`] has passed every rule of `subhosting-protocol.md` §3 that
+//! can be checked without the layers' bytes. It does no I/O and must not know
+//! about HTTP servers, processes or caches.
+
+mod activity;
+mod config;
+mod error_code;
+
+pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
+pub use config::{ConfigError, IsolateConfig, LayerSpec, NetPermission, validate_env_name};
+pub use error_code::ErrorCode;

@@ -1,0 +1,44 @@
+//! How an isolate process is confined, and the only code that may start one.
+//!
+//! This crate owns the isolate's view of the world: the files it may see
+//! (its module graph and lazily-fetched assets under one deployment root,
+//! [`IsolateFiles`]), and the command that starts it ([`SandboxedCommand`]):
+//! deno's permission flags (read only its own files, write nothing, net per
+//! `permissions.net`, env exactly the configured names), a cleared
+//! environment, its own process group, and death with the runner.
+//!
+//! It must not decide *when* an isolate runs (the pool does), talk to an
+//! origin, or proxy requests. Unsafe code for process control lives here and
+//! nowhere else.
+
+mod command;
+mod files;
+
+pub use command::{SandboxPolicy, SandboxedCommand, signal_process_group};
+pub use files::{IsolateFiles, SandboxError};
+pub use libc::{SIGKILL, SIGTERM};
+
+/// The harness every isolate runs first, embedded so a runner binary is
+/// self-contained.
+pub const HARNESS_JS: &str = include_str!("../../../harness/harness.js");
+pub const SYNC_WORKER_JS: &str = include_str!("../../../harness/sync_worker.js");
+
+/// Writes the harness into `dir` (content-addressed, so runners of different
+/// versions sharing a state dir never see each other's harness).
+pub fn install_harness(state_dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(HARNESS_JS);
+    hasher.update(SYNC_WORKER_JS);
+    let dir = state_dir.join("harness").join(&hex::encode(hasher.finalize())[..16]);
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in [("harness.js", HARNESS_JS), ("sync_worker.js", SYNC_WORKER_JS)] {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+            let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+    }
+    Ok(dir)
+}

@@ -1,0 +1,459 @@
+//! One running isolate: its process, the HTTP connections into it, and the
+//! control channel out of it.
+//!
+//! This crate owns an isolate from spawn to exit: it starts the
+//! [`SandboxedCommand`] the sandbox built, waits until the harness says it
+//! serves (or why it cannot), forwards requests over keep-alive HTTP/1.1
+//! connections on the isolate's unix socket, relays the harness's reports
+//! (console output with request ids, asset reads) to [`IsolateHooks`], and
+//! notices when the process exits. It must not decide which deployment runs
+//! or for how long (the pool does), and it never talks to an origin itself.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use isocloud_protocol::{ErrorCode, LogLevel};
+use isocloud_sandbox::{IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What the runner does with an isolate's reports. Implemented by the pool,
+/// which knows the deployment and its origin.
+pub trait IsolateHooks: Send + Sync + 'static {
+    /// A console line (from the harness, with the request id when known) or a
+    /// raw stdout/stderr line of the process.
+    fn log(&self, level: LogLevel, message: String, request_id: Option<String>);
+    /// Fetches the asset at `tree_path` into the isolate's deployment root.
+    fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the isolate process: {0}")]
+    Spawn(std::io::Error),
+    #[error("{message}")]
+    Failed { code: ErrorCode, message: String },
+    #[error("the isolate did not start serving within {0:?}")]
+    Timeout(Duration),
+    #[error("the isolate exited while starting ({status}): {stderr}")]
+    Exited { status: String, stderr: String },
+}
+
+impl StartError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StartError::Failed { code, .. } => *code,
+            StartError::Spawn(_) => ErrorCode::Internal,
+            StartError::Timeout(_) | StartError::Exited { .. } => ErrorCode::IsolateStartFailed,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The process is gone, or died while the request was in it.
+    #[error("the isolate crashed: {0}")]
+    Crashed(String),
+}
+
+/// Lifecycle state, observable by the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IsolateState {
+    Running,
+    Exited(String),
+}
+
+/// How many idle keep-alive connections into one isolate are kept.
+const MAX_IDLE_CONNECTIONS: usize = 32;
+/// Control lines longer than this are a broken or hostile harness.
+const MAX_CONTROL_LINE_BYTES: usize = 1024 * 1024;
+const STDERR_TAIL_BYTES: usize = 4096;
+
+pub struct Isolate {
+    pid: u32,
+    files: IsolateFiles,
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    state: watch::Receiver<IsolateState>,
+    in_flight: AtomicUsize,
+    started: Instant,
+    last_active_ms: AtomicU64,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum ControlMessage {
+    Ready,
+    StartError { code: String, message: String },
+    Log { level: String, message: String, request_id: Option<String> },
+    Materialize { id: u64, path: String },
+}
+
+impl Isolate {
+    /// Spawns `command` and waits until the harness serves, for at most
+    /// `start_timeout`.
+    pub async fn start(
+        command: SandboxedCommand,
+        files: IsolateFiles,
+        hooks: Arc<dyn IsolateHooks>,
+        start_timeout: Duration,
+    ) -> Result<Arc<Isolate>, StartError> {
+        let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
+        let mut child = command.spawn().map_err(StartError::Spawn)?;
+        let pid = child.id().ok_or_else(|| StartError::Spawn(std::io::Error::other("no pid")))?;
+        tracing::debug!(pid, dir = %files.dir.display(), "isolate process spawned");
+
+        let stderr_tail = Arc::new(Mutex::new(String::new()));
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(pump_output(stdout, LogLevel::Info, hooks.clone(), None));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(pump_output(stderr, LogLevel::Error, hooks.clone(), Some(stderr_tail.clone())));
+        }
+
+        let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
+        tokio::spawn(accept_control(listener, hooks, started_tx));
+
+        let (state_tx, state_rx) = watch::channel(IsolateState::Running);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            // Whatever the leader started goes with it.
+            let _ = signal_process_group(pid, SIGKILL);
+            tracing::debug!(pid, %status, "isolate process exited");
+            let _ = state_tx.send(IsolateState::Exited(status));
+        });
+
+        let isolate = Arc::new(Isolate {
+            pid,
+            files,
+            idle: Mutex::new(Vec::new()),
+            state: state_rx,
+            in_flight: AtomicUsize::new(0),
+            started: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+        });
+
+        let mut exited = isolate.state.clone();
+        let outcome = tokio::time::timeout(start_timeout, async {
+            tokio::select! {
+                started = started_rx => match started {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err((code, message))) => Err(StartError::Failed { code, message }),
+                    Err(_) => Err(StartError::Exited { status: "control channel closed".into(), stderr: String::new() }),
+                },
+                state = exited.wait_for(|s| matches!(s, IsolateState::Exited(_))) => {
+                    let status = match state.as_deref() {
+                        Ok(IsolateState::Exited(status)) => status.clone(),
+                        _ => String::new(),
+                    };
+                    Err(StartError::Exited { status, stderr: String::new() })
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(StartError::Timeout(start_timeout)));
+
+        match outcome {
+            Ok(()) => Ok(isolate),
+            Err(mut error) => {
+                isolate.kill();
+                if let StartError::Exited { stderr, .. } = &mut error {
+                    // Give the stderr pump a moment to drain what deno printed.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *stderr = strip_ansi(&stderr_tail.lock().expect("stderr tail poisoned"));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn files(&self) -> &IsolateFiles {
+        &self.files
+    }
+
+    pub fn state(&self) -> IsolateState {
+        self.state.borrow().clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(*self.state.borrow(), IsolateState::Running)
+    }
+
+    /// Resolves once the process has exited.
+    pub async fn exited(&self) {
+        let mut state = self.state.clone();
+        let _ = state.wait_for(|s| matches!(s, IsolateState::Exited(_))).await;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Time since the last request finished or started.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn touch(&self) {
+        self.last_active_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Marks a request as in flight until the returned guard drops (when the
+    /// response body has been fully sent, not merely the headers).
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight { isolate: self.clone() }
+    }
+
+    /// Sends `request` into the isolate. The request URI should be in
+    /// absolute form (`https://host/path?q`): it becomes `request.url`.
+    pub async fn forward(self: &Arc<Self>, request: Request<Incoming>) -> Result<Response<Incoming>, ForwardError> {
+        if let IsolateState::Exited(status) = self.state() {
+            return Err(ForwardError::Crashed(format!("process exited ({status})")));
+        }
+        let mut sender = self.connection().await?;
+        let result = sender.send_request(request).await;
+        match result {
+            Ok(response) => {
+                self.recycle(sender);
+                Ok(response)
+            }
+            Err(e) => {
+                // Let the exit watcher catch up, so the message says why.
+                let mut state = self.state.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    state.wait_for(|s| matches!(s, IsolateState::Exited(_))),
+                )
+                .await;
+                Err(ForwardError::Crashed(match self.state() {
+                    IsolateState::Exited(status) => format!("process exited ({status})"),
+                    IsolateState::Running => e.to_string(),
+                }))
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<SendRequest<Incoming>, ForwardError> {
+        loop {
+            let candidate = self.idle.lock().expect("idle pool poisoned").pop();
+            match candidate {
+                Some(sender) if sender.is_ready() => return Ok(sender),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let stream = UnixStream::connect(&self.files.socket)
+            .await
+            .map_err(|e| ForwardError::Crashed(format!("cannot connect to the isolate: {e}")))?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ForwardError::Crashed(format!("handshake with the isolate failed: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::trace!(error = %e, "isolate connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Returns a connection to the idle pool once it can take the next
+    /// request (HTTP/1.1: after this response's body is done).
+    fn recycle(self: &Arc<Self>, mut sender: SendRequest<Incoming>) {
+        let isolate = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = isolate.idle.lock().expect("idle pool poisoned");
+                if idle.len() < MAX_IDLE_CONNECTIONS {
+                    idle.push(sender);
+                }
+            }
+        });
+    }
+
+    /// Asks the process to stop, then kills it after `grace`.
+    pub async fn terminate(&self, grace: Duration) {
+        if !self.is_running() {
+            return;
+        }
+        let _ = signal_process_group(self.pid, SIGTERM);
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            self.kill();
+            self.exited().await;
+        }
+    }
+
+    /// Kills the process group now.
+    pub fn kill(&self) {
+        let _ = signal_process_group(self.pid, SIGKILL);
+    }
+}
+
+impl Drop for Isolate {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.files.dir);
+    }
+}
+
+/// Held while a request is inside an isolate.
+pub struct InFlight {
+    isolate: Arc<Isolate>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.isolate.touch();
+        self.isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn parse_level(level: &str) -> LogLevel {
+    match level {
+        "debug" => LogLevel::Debug,
+        "warning" => LogLevel::Warning,
+        "error" => LogLevel::Error,
+        _ => LogLevel::Info,
+    }
+}
+
+fn parse_code(code: &str) -> ErrorCode {
+    match code {
+        "MODULE_NOT_FOUND" => ErrorCode::ModuleNotFound,
+        _ => ErrorCode::IsolateStartFailed,
+    }
+}
+
+async fn accept_control(
+    listener: UnixListener,
+    hooks: Arc<dyn IsolateHooks>,
+    started: oneshot::Sender<Result<(), (ErrorCode, String)>>,
+) {
+    let started = Arc::new(Mutex::new(Some(started)));
+    // The harness opens one connection, its sync-read worker a second; a
+    // tenant could open more, each costs it only its own file descriptors.
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(serve_control(stream, hooks.clone(), started.clone()));
+    }
+}
+
+type StartedSlot = Arc<Mutex<Option<oneshot::Sender<Result<(), (ErrorCode, String)>>>>>;
+
+async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started: StartedSlot) {
+    let (read, mut write) = stream.into_split();
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(async move {
+        while let Some(line) = reply_rx.recv().await {
+            if write.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(MAX_CONTROL_LINE_BYTES as u64).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) if !line.ends_with(b"\n") => break,
+            Ok(_) => {}
+        }
+        let message = match serde_json::from_slice::<ControlMessage>(&line) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a malformed control message");
+                continue;
+            }
+        };
+        match message {
+            ControlMessage::Ready => {
+                if let Some(tx) = started.lock().expect("started slot poisoned").take() {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            ControlMessage::StartError { code, message } => {
+                if let Some(tx) = started.lock().expect("started slot poisoned").take() {
+                    let _ = tx.send(Err((parse_code(&code), message)));
+                }
+            }
+            ControlMessage::Log { level, message, request_id } => hooks.log(parse_level(&level), message, request_id),
+            ControlMessage::Materialize { id, path } => {
+                let job = hooks.materialize(path);
+                let reply_tx = reply_tx.clone();
+                tokio::spawn(async move {
+                    let reply = match job.await {
+                        Ok(()) => serde_json::json!({ "id": id, "ok": true }),
+                        Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
+                    };
+                    let mut line = serde_json::to_vec(&reply).expect("json value");
+                    line.push(b'\n');
+                    let _ = reply_tx.send(line).await;
+                });
+            }
+        }
+    }
+}
+
+async fn pump_output(
+    stream: impl AsyncRead + Unpin,
+    level: LogLevel,
+    hooks: Arc<dyn IsolateHooks>,
+    tail: Option<Arc<Mutex<String>>>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(64 * 1024).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        if let Some(tail) = &tail {
+            let mut tail = tail.lock().expect("stderr tail poisoned");
+            tail.push_str(&text);
+            tail.push('\n');
+            if tail.len() > STDERR_TAIL_BYTES {
+                let cut = tail.len() - STDERR_TAIL_BYTES;
+                let cut = (cut..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(0);
+                tail.drain(..cut);
+            }
+        }
+        hooks.log(level, text, None);
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.trim().to_owned()
+}

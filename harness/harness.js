@@ -1,0 +1,455 @@
+// isocloud isolate harness: the first module of every isolate process.
+//
+// It loads the tenant's entrypoint, captures whichever handler the tenant
+// registers (`Deno.serve`, `export default { fetch }`, or
+// `addEventListener("fetch")`), and serves it on the unix socket the runner
+// gave it. It reports to the runner over a control socket: readiness, start
+// failures, console output tagged with request ids, and asks the runner for
+// asset files the first time the tenant reads them.
+//
+// Trust: this runs inside the tenant's isolate, so nothing it says is trusted
+// by the runner beyond "this deployment's own business" (its logs, its files).
+
+import { AsyncLocalStorage } from "node:async_hooks";
+
+const bootstrap = JSON.parse(Deno.readTextFileSync(Deno.args[0]));
+const {
+  socket_path: socketPath,
+  control_path: controlPath,
+  entrypoint,
+  src_root: srcRoot,
+  tree_path: treePath,
+  env_names: envNames,
+} = bootstrap;
+
+// The tenant sees exactly its configured envs: not the variables the runner
+// sets for deno (DENO_DIR, …), nor those deno adds to its own environment
+// (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE).
+const configuredEnv = new Set(envNames);
+for (const name of Object.keys(Deno.env.toObject())) {
+  if (!configuredEnv.has(name)) Deno.env.delete(name);
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+// ---------------------------------------------------------------- control
+
+const control = await Deno.connect({ transport: "unix", path: controlPath });
+let controlQueue = Promise.resolve();
+function send(message) {
+  const line = encoder.encode(JSON.stringify(message) + "\n");
+  controlQueue = controlQueue.then(async () => {
+    let written = 0;
+    while (written < line.length) written += await control.write(line.subarray(written));
+  }).catch(() => {});
+  return controlQueue;
+}
+
+let nextCallId = 1;
+const pendingCalls = new Map();
+function call(message) {
+  const id = nextCallId++;
+  return new Promise((resolve, reject) => {
+    pendingCalls.set(id, { resolve, reject });
+    send({ ...message, id });
+  });
+}
+
+(async () => {
+  let buffered = "";
+  const chunk = new Uint8Array(64 * 1024);
+  while (true) {
+    let n;
+    try {
+      n = await control.read(chunk);
+    } catch {
+      n = null;
+    }
+    if (n === null) {
+      // The runner went away: nothing left to serve for.
+      Deno.exit(0);
+    }
+    buffered += decoder.decode(chunk.subarray(0, n), { stream: true });
+    let newline;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const reply = JSON.parse(buffered.slice(0, newline));
+      buffered = buffered.slice(newline + 1);
+      const pending = pendingCalls.get(reply.id);
+      if (!pending) continue;
+      pendingCalls.delete(reply.id);
+      if (reply.ok) pending.resolve(reply);
+      else pending.reject(new Deno.errors.NotFound(reply.error));
+    }
+  }
+})();
+
+// ---------------------------------------------------------------- console
+
+const requestContext = new AsyncLocalStorage();
+const levels = {
+  debug: "debug",
+  trace: "debug",
+  log: "info",
+  info: "info",
+  warn: "warning",
+  error: "error",
+};
+function format(args) {
+  return args
+    .map((a) => (typeof a === "string" ? a : Deno.inspect(a, { colors: false, depth: 4 })))
+    .join(" ");
+}
+for (const [method, level] of Object.entries(levels)) {
+  console[method] = (...args) => {
+    send({ op: "log", level, message: format(args), request_id: requestContext.getStore() ?? null });
+  };
+}
+
+// ---------------------------------------------------------------- assets
+
+// The asset tree, read lazily: a file's bytes are fetched by the runner the
+// first time the tenant reads it; stat and readDir answer from the manifest.
+const tree = JSON.parse(Deno.readTextFileSync(treePath)).entries;
+const materialized = new Set();
+const fs = {
+  readFile: Deno.readFile,
+  readTextFile: Deno.readTextFile,
+  readFileSync: Deno.readFileSync,
+  readTextFileSync: Deno.readTextFileSync,
+  open: Deno.open,
+  openSync: Deno.openSync,
+  stat: Deno.stat,
+  statSync: Deno.statSync,
+  lstat: Deno.lstat,
+  lstatSync: Deno.lstatSync,
+  readDir: Deno.readDir,
+  readDirSync: Deno.readDirSync,
+  realPath: Deno.realPath,
+  realPathSync: Deno.realPathSync,
+};
+
+function normalize(path) {
+  const out = [];
+  for (const seg of path.split("/")) {
+    if (seg === "" || seg === ".") continue;
+    if (seg === "..") out.pop();
+    else out.push(seg);
+  }
+  return "/" + out.join("/");
+}
+
+// The manifest path ("/static/a.txt", "" for the root) of a tenant path, or
+// null when the path is outside the deployment root.
+function treePathOf(path) {
+  let text;
+  if (path instanceof URL) {
+    if (path.protocol !== "file:") return null;
+    text = decodeURIComponent(path.pathname);
+  } else {
+    text = String(path);
+    if (text.startsWith("file://")) text = decodeURIComponent(new URL(text).pathname);
+  }
+  const absolute = normalize(text.startsWith("/") ? text : Deno.cwd() + "/" + text);
+  if (absolute === srcRoot) return "";
+  if (!absolute.startsWith(srcRoot + "/")) return null;
+  return absolute.slice(srcRoot.length);
+}
+
+function resolveEntry(treePath, follow) {
+  let current = treePath;
+  for (let i = 0; i < 16; i++) {
+    const entry = tree[current];
+    if (!entry || entry.kind !== "symlink" || !follow) return [current, entry];
+    const base = entry.target.startsWith("/") ? "" : current.slice(0, current.lastIndexOf("/"));
+    current = normalize(base + "/" + entry.target);
+    if (current === "/") current = "";
+  }
+  return [current, undefined];
+}
+
+function needsFetch(path) {
+  const treePath = treePathOf(path);
+  if (treePath === null) return null;
+  const [resolved, entry] = resolveEntry(treePath, true);
+  if (!entry || entry.kind !== "file" || materialized.has(resolved)) return null;
+  return resolved;
+}
+
+async function ensure(path) {
+  const resolved = needsFetch(path);
+  if (resolved === null) return;
+  await call({ op: "materialize", path: resolved });
+  materialized.add(resolved);
+}
+
+// Sync reads cannot await the runner; a worker does the asking while this
+// thread waits on a shared flag.
+let syncWorker = null;
+function ensureSync(path) {
+  const resolved = needsFetch(path);
+  if (resolved === null) return;
+  if (!syncWorker) {
+    syncWorker = new Worker(new URL("./sync_worker.js", import.meta.url), { type: "module" });
+    syncWorker.postMessage({ controlPath });
+  }
+  const flag = new Int32Array(new SharedArrayBuffer(8));
+  syncWorker.postMessage({ path: resolved, flag });
+  Atomics.wait(flag, 0, 0, 30_000);
+  if (Atomics.load(flag, 0) !== 1) throw new Deno.errors.NotFound(`asset ${resolved} could not be loaded`);
+  materialized.add(resolved);
+}
+
+function virtualInfo(entry) {
+  const isFile = entry.kind === "file";
+  return {
+    isFile,
+    isDirectory: entry.kind === "directory",
+    isSymlink: entry.kind === "symlink",
+    size: isFile ? entry.size : 0,
+    mtime: null,
+    atime: null,
+    birthtime: null,
+    ctime: null,
+    dev: 0,
+    ino: null,
+    mode: isFile ? 0o100444 : 0o40555,
+    nlink: 1,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 4096,
+    blocks: null,
+    isBlockDevice: false,
+    isCharDevice: false,
+    isFifo: false,
+    isSocket: false,
+  };
+}
+
+// A manifest answer for a path the disk does not (yet) hold.
+function virtualStat(path, follow) {
+  const treePath = treePathOf(path);
+  if (treePath === null) return null;
+  const [, entry] = resolveEntry(treePath, follow);
+  return entry ? virtualInfo(entry) : null;
+}
+
+function virtualDir(path, diskNames) {
+  const treePath = treePathOf(path);
+  if (treePath === null || tree[treePath]?.kind !== "directory") return null;
+  const prefix = treePath + "/";
+  const seen = new Set(diskNames.map((e) => e.name));
+  const entries = [...diskNames];
+  for (const [p, entry] of Object.entries(tree)) {
+    if (!p.startsWith(prefix) || p.slice(prefix.length).includes("/")) continue;
+    const name = p.slice(prefix.length);
+    if (seen.has(name)) continue;
+    entries.push({
+      name,
+      isFile: entry.kind === "file",
+      isDirectory: entry.kind === "directory",
+      isSymlink: entry.kind === "symlink",
+    });
+  }
+  return entries;
+}
+
+function isNotFound(e) {
+  return e instanceof Deno.errors.NotFound;
+}
+
+Deno.readFile = async (path, options) => (await ensure(path), fs.readFile(path, options));
+Deno.readTextFile = async (path, options) => (await ensure(path), fs.readTextFile(path, options));
+Deno.readFileSync = (path) => (ensureSync(path), fs.readFileSync(path));
+Deno.readTextFileSync = (path) => (ensureSync(path), fs.readTextFileSync(path));
+Deno.open = async (path, options) => (await ensure(path), fs.open(path, options));
+Deno.openSync = (path, options) => (ensureSync(path), fs.openSync(path, options));
+for (const [name, follow] of [["stat", true], ["lstat", false]]) {
+  Deno[name] = async (path) => {
+    try {
+      return await fs[name](path);
+    } catch (e) {
+      const info = isNotFound(e) && virtualStat(path, follow);
+      if (info) return info;
+      throw e;
+    }
+  };
+  Deno[name + "Sync"] = (path) => {
+    try {
+      return fs[name + "Sync"](path);
+    } catch (e) {
+      const info = isNotFound(e) && virtualStat(path, follow);
+      if (info) return info;
+      throw e;
+    }
+  };
+}
+Deno.readDir = async function* (path) {
+  let disk = [];
+  try {
+    for await (const e of fs.readDir(path)) disk.push(e);
+  } catch (e) {
+    if (!isNotFound(e) || virtualDir(path, []) === null) throw e;
+  }
+  yield* virtualDir(path, disk) ?? disk;
+};
+Deno.readDirSync = function (path) {
+  let disk = [];
+  try {
+    disk = [...fs.readDirSync(path)];
+  } catch (e) {
+    if (!isNotFound(e) || virtualDir(path, []) === null) throw e;
+  }
+  return (virtualDir(path, disk) ?? disk)[Symbol.iterator]();
+};
+Deno.realPath = async (path) => (await ensure(path), fs.realPath(path));
+Deno.realPathSync = (path) => (ensureSync(path), fs.realPathSync(path));
+
+const originalFetch = globalThis.fetch;
+globalThis.fetch = async (input, init) => {
+  const url = input instanceof Request ? input.url : String(input instanceof URL ? input.href : input);
+  if (url.startsWith("file:")) await ensure(new URL(url));
+  return originalFetch(input, init);
+};
+
+// ---------------------------------------------------------------- handlers
+
+const originalServe = Deno.serve.bind(Deno);
+let serveHandler = null;
+let serveOnError = null;
+const fetchListeners = [];
+
+// The tenant's Deno.serve: remember the handler, ignore port and hostname,
+// hand back a server object that behaves like one that listens forever.
+Deno.serve = function (arg1, arg2) {
+  let options = {};
+  let handler;
+  if (typeof arg1 === "function") {
+    handler = arg1;
+  } else if (arg1 && typeof arg1 === "object") {
+    options = arg1;
+    handler = typeof arg2 === "function" ? arg2 : arg1.handler ?? arg1.fetch;
+  }
+  if (typeof handler !== "function") {
+    throw new TypeError("Deno.serve: a handler function is required");
+  }
+  if (serveHandler === null) {
+    serveHandler = handler;
+    serveOnError = typeof options.onError === "function" ? options.onError : null;
+  } else {
+    console.warn("Deno.serve was called more than once; the first handler serves");
+  }
+  const addr = { transport: "tcp", hostname: options.hostname ?? "0.0.0.0", port: options.port ?? 8000 };
+  try {
+    options.onListen?.(addr);
+  } catch (e) {
+    console.error(e);
+  }
+  return {
+    addr,
+    finished: new Promise(() => {}),
+    shutdown: () => Promise.resolve(),
+    ref() {},
+    unref() {},
+    [Symbol.asyncDispose]: () => Promise.resolve(),
+  };
+};
+
+const originalAddEventListener = globalThis.addEventListener;
+globalThis.addEventListener = function (type, listener, options) {
+  if (type === "fetch") {
+    fetchListeners.push(typeof listener === "function" ? listener : listener.handleEvent.bind(listener));
+    return;
+  }
+  return originalAddEventListener.call(this, type, listener, options);
+};
+
+class FetchEvent extends Event {
+  #respond;
+  constructor(request, respond) {
+    super("fetch");
+    this.request = request;
+    this.#respond = respond;
+  }
+  respondWith(response) {
+    this.#respond(response);
+  }
+  waitUntil(promise) {
+    Promise.resolve(promise).catch((e) => console.error(e));
+  }
+}
+
+function dispatchFetchEvent(request) {
+  return new Promise((resolve, reject) => {
+    let responded = false;
+    const event = new FetchEvent(request, (response) => {
+      responded = true;
+      Promise.resolve(response).then(resolve, reject);
+    });
+    for (const listener of fetchListeners) {
+      listener(event);
+      if (responded) return;
+    }
+    reject(new Error("no fetch event listener called respondWith()"));
+  });
+}
+
+function startFailure(code, error) {
+  const message = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  return send({ op: "start_error", code, message }).then(() => Deno.exit(1));
+}
+
+let mod;
+try {
+  mod = await import(entrypoint);
+} catch (e) {
+  const notFound = e instanceof TypeError && /Module not found|Cannot resolve module|Import .* not a dependency|Relative import path/.test(String(e.message));
+  await startFailure(notFound ? "MODULE_NOT_FOUND" : "ISOLATE_START_FAILED", e);
+}
+
+let handler = serveHandler;
+if (!handler && mod?.default && typeof mod.default.fetch === "function") {
+  const target = mod.default;
+  handler = (request, info) => target.fetch(request, info);
+}
+if (!handler && fetchListeners.length > 0) {
+  handler = (request) => dispatchFetchEvent(request);
+}
+if (!handler) {
+  await startFailure(
+    "ISOLATE_START_FAILED",
+    "the entrypoint registered no handler: call Deno.serve(handler), export default { fetch }, or addEventListener(\"fetch\", ...)",
+  );
+}
+
+function internalError(e) {
+  console.error(e);
+  return new Response("Internal Server Error", { status: 500 });
+}
+
+originalServe(
+  {
+    path: socketPath,
+    onListen() {
+      send({ op: "ready" });
+    },
+    onError: (e) => (serveOnError ? serveOnError(e) : internalError(e)),
+  },
+  (request, info) => {
+    const requestId = request.headers.get("x-isocloud-request-id");
+    return requestContext.run(requestId, async () => {
+      try {
+        return await handler(request, info);
+      } catch (e) {
+        if (serveOnError) return serveOnError(e);
+        return internalError(e);
+      }
+    });
+  },
+);
+
+globalThis.addEventListener("unhandledrejection", (event) => {
+  event.preventDefault();
+  console.error("Uncaught (in promise)", event.reason);
+});

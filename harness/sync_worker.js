@@ -1,0 +1,48 @@
+// Serves the harness's synchronous file reads: the main thread blocks on a
+// shared flag while this worker asks the runner to fetch the asset.
+// flag[0]: 0 = pending, 1 = done, 2 = failed.
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+let connection = null;
+let nextId = 1;
+const pending = new Map();
+
+async function readReplies() {
+  let buffered = "";
+  const chunk = new Uint8Array(16 * 1024);
+  while (true) {
+    const n = await connection.read(chunk).catch(() => null);
+    if (n === null) break;
+    buffered += decoder.decode(chunk.subarray(0, n), { stream: true });
+    let newline;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const reply = JSON.parse(buffered.slice(0, newline));
+      buffered = buffered.slice(newline + 1);
+      const flag = pending.get(reply.id);
+      pending.delete(reply.id);
+      if (flag) {
+        Atomics.store(flag, 0, reply.ok ? 1 : 2);
+        Atomics.notify(flag, 0);
+      }
+    }
+  }
+  for (const flag of pending.values()) {
+    Atomics.store(flag, 0, 2);
+    Atomics.notify(flag, 0);
+  }
+}
+
+self.onmessage = async ({ data }) => {
+  if (data.controlPath) {
+    connection = await Deno.connect({ transport: "unix", path: data.controlPath });
+    readReplies();
+    return;
+  }
+  while (!connection) await new Promise((r) => setTimeout(r, 1));
+  const id = nextId++;
+  pending.set(id, data.flag);
+  const line = encoder.encode(JSON.stringify({ op: "materialize", path: data.path, id }) + "\n");
+  let written = 0;
+  while (written < line.length) written += await connection.write(line.subarray(written));
+};

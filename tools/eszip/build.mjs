@@ -1,0 +1,237 @@
+#!/usr/bin/env node
+// Builds an ESZIP archive with @deno/eszip (the Deno toolchain's own writer,
+// compiled to Wasm) from files on disk, without touching the network.
+//
+//   node tools/eszip/build.mjs --root DIR --out FILE.eszip
+//        [--base file:///src/] [--remote DIR2] [--import-map SPECIFIER]
+//        ENTRY_SPECIFIER...
+//
+// Loading rules (the loader handed to `build(roots, loader)`):
+//   * `<base><path>` (default base `file:///src/`) is read from `DIR/<path>`.
+//     Paths may not leave DIR.
+//   * `https://host/path` and `http://host/path` are read from
+//     `DIR2/<host>/<path>` when `--remote DIR2` is given; the query string is
+//     ignored. If that file is missing but `DIR2/<host>/<path>.redirect`
+//     exists, its first line is the URL the request redirects to (this is
+//     how tests get redirect entries into an archive). Without `--remote`,
+//     remote imports are an error: this tool never uses the network.
+//   * `node:` imports are left external (not in the archive).
+//   * Anything else, or a missing file, fails the build.
+//
+// ENTRY_SPECIFIERs may be absolute URLs or paths relative to `--base`.
+// On success prints one line to stdout:
+//   `wrote <bytes> bytes (<magic>) to <FILE>`
+// On failure prints `build.mjs: error: ...` to stderr and exits with 1 (bad
+// usage exits with 2).
+
+import { mkdir, readFile, rename, stat, writeFile } from "node:fs/promises";
+import path from "node:path";
+import process from "node:process";
+
+const USAGE =
+  "usage: node tools/eszip/build.mjs --root DIR --out FILE.eszip " +
+  "[--base file:///src/] [--remote DIR2] [--import-map SPECIFIER] " +
+  "ENTRY_SPECIFIER...";
+
+const MAX_REDIRECTS = 10;
+
+class UsageError extends Error {}
+
+function parseArgs(argv) {
+  const opts = {
+    root: undefined,
+    out: undefined,
+    base: "file:///src/",
+    remote: undefined,
+    importMap: undefined,
+    entries: [],
+  };
+  const takesValue = {
+    "--root": "root",
+    "--out": "out",
+    "--base": "base",
+    "--remote": "remote",
+    "--import-map": "importMap",
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "-h" || arg === "--help") {
+      process.stdout.write(`${USAGE}\n`);
+      process.exit(0);
+    }
+    const key = takesValue[arg];
+    if (key !== undefined) {
+      const value = argv[++i];
+      if (value === undefined) throw new UsageError(`${arg} needs a value`);
+      opts[key] = value;
+    } else if (arg.startsWith("--")) {
+      throw new UsageError(`unknown option ${arg}`);
+    } else {
+      opts.entries.push(arg);
+    }
+  }
+  if (opts.root === undefined) throw new UsageError("--root is required");
+  if (opts.out === undefined) throw new UsageError("--out is required");
+  if (opts.entries.length === 0) {
+    throw new UsageError("at least one ENTRY_SPECIFIER is required");
+  }
+  let base;
+  try {
+    base = new URL(opts.base);
+  } catch {
+    throw new UsageError(`--base ${opts.base} is not a URL`);
+  }
+  if (!base.href.endsWith("/")) {
+    throw new UsageError(`--base ${opts.base} must end with "/"`);
+  }
+  opts.base = base.href;
+  opts.root = path.resolve(opts.root);
+  if (opts.remote !== undefined) opts.remote = path.resolve(opts.remote);
+  opts.entries = opts.entries.map((entry) => {
+    try {
+      return new URL(entry, opts.base).href;
+    } catch {
+      throw new UsageError(`entry ${entry} is not a specifier`);
+    }
+  });
+  return opts;
+}
+
+// Joins `relative` (a decoded URL path) onto `dir`, refusing to leave `dir`.
+function confine(dir, relative, specifier) {
+  const full = path.resolve(dir, `.${path.posix.sep}${relative}`);
+  if (full !== dir && !full.startsWith(dir + path.sep)) {
+    throw new Error(`${specifier} resolves outside ${dir}`);
+  }
+  return full;
+}
+
+async function readIfFile(file) {
+  try {
+    if (!(await stat(file)).isFile()) return undefined;
+    return await readFile(file);
+  } catch (err) {
+    if (err.code === "ENOENT" || err.code === "ENOTDIR") return undefined;
+    throw err;
+  }
+}
+
+const CONTENT_TYPES = {
+  ".js": "application/javascript",
+  ".mjs": "application/javascript",
+  ".cjs": "application/javascript",
+  ".jsx": "text/jsx",
+  ".ts": "application/typescript",
+  ".mts": "application/typescript",
+  ".cts": "application/typescript",
+  ".tsx": "text/tsx",
+  ".json": "application/json",
+  ".wasm": "application/wasm",
+};
+
+function contentTypeFor(pathname) {
+  return CONTENT_TYPES[path.posix.extname(pathname)] ??
+    "application/octet-stream";
+}
+
+function makeLoader(opts) {
+  const loadLocal = async (specifier) => {
+    const relative = decodeURIComponent(specifier.slice(opts.base.length));
+    const file = confine(opts.root, relative, specifier);
+    const content = await readIfFile(file);
+    if (content === undefined) {
+      throw new Error(`${specifier}: no file ${file}`);
+    }
+    return { kind: "module", specifier, content };
+  };
+
+  const loadRemote = async (specifier, hops) => {
+    if (opts.remote === undefined) {
+      throw new Error(
+        `${specifier}: remote import but no --remote folder given ` +
+          "(this tool never uses the network)",
+      );
+    }
+    const url = new URL(specifier);
+    const hostDir = confine(opts.remote, url.host, specifier);
+    const file = confine(hostDir, decodeURIComponent(url.pathname), specifier);
+    const content = await readIfFile(file);
+    if (content !== undefined) {
+      return {
+        kind: "module",
+        specifier,
+        headers: { "content-type": contentTypeFor(url.pathname) },
+        content,
+      };
+    }
+    const redirect = await readIfFile(`${file}.redirect`);
+    if (redirect === undefined) {
+      throw new Error(`${specifier}: no file ${file} (nor ${file}.redirect)`);
+    }
+    if (hops >= MAX_REDIRECTS) {
+      throw new Error(`${specifier}: more than ${MAX_REDIRECTS} redirects`);
+    }
+    const target = new URL(
+      redirect.toString("utf8").split("\n")[0].trim(),
+      specifier,
+    ).href;
+    // The final specifier in the answer is what makes deno_graph record a
+    // redirect entry.
+    return await load(target, hops + 1);
+  };
+
+  const load = async (specifier, hops = 0) => {
+    if (specifier.startsWith(opts.base)) return await loadLocal(specifier);
+    const { protocol } = new URL(specifier);
+    if (protocol === "https:" || protocol === "http:") {
+      return await loadRemote(specifier, hops);
+    }
+    if (protocol === "node:") return { kind: "external", specifier };
+    throw new Error(
+      `${specifier}: not under --base ${opts.base} and not a remote URL`,
+    );
+  };
+
+  return (specifier) => load(specifier);
+}
+
+async function main() {
+  let opts;
+  try {
+    opts = parseArgs(process.argv.slice(2));
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`build.mjs: error: ${err.message}\n${USAGE}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
+
+  let build;
+  try {
+    ({ build } = await import("@deno/eszip"));
+  } catch (err) {
+    throw new Error(
+      `cannot load @deno/eszip (${err.message}); ` +
+        "run `npm ci --prefix tools/eszip` first",
+    );
+  }
+
+  const bytes = await build(opts.entries, makeLoader(opts), opts.importMap);
+  const out = path.resolve(opts.out);
+  await mkdir(path.dirname(out), { recursive: true });
+  const tmp = `${out}.tmp-${process.pid}`;
+  await writeFile(tmp, bytes);
+  await rename(tmp, out);
+  const magic = Buffer.from(bytes.subarray(0, 8)).toString("latin1");
+  process.stdout.write(`wrote ${bytes.length} bytes (${magic}) to ${out}\n`);
+}
+
+main().catch((err) => {
+  // @deno/eszip rejects with a string (`String(error)`), so strip the
+  // "Error: " prefix it carries.
+  const message = (err instanceof Error ? err.message : String(err))
+    .replace(/^Error: /, "");
+  process.stderr.write(`build.mjs: error: ${message}\n`);
+  process.exit(1);
+});
