@@ -133,7 +133,6 @@ impl RemoteOrigin {
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
             return Err(match (rpc, status) {
-                ("boot", 404) => OriginError::DeploymentNotFound,
                 ("boot", _) => OriginError::BootRefused { status },
                 _ => OriginError::BadStatus { rpc, status },
             });
@@ -151,7 +150,10 @@ impl Origin for RemoteOrigin {
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError> {
         let response = self.get_ok("boot", deployment_id, &[("deployment_id", deployment_id)]).await?;
         let Some(header) = response.headers().get("x-deno-config") else {
-            return Err(OriginError::Malformed { rpc: "boot", message: "no x-deno-config header".into() });
+            return Err(OriginError::InvalidConfig(isocloud_protocol::ConfigError {
+                field: "x-deno-config".into(),
+                message: "the boot answer carries no x-deno-config header".into(),
+            }));
         };
         let config = IsolateConfig::from_header(header.as_bytes())?;
         let inline_layer = self.body("boot", response, self.options.max_body_bytes).await?;

@@ -1,0 +1,178 @@
+//! Isolate lifecycle end to end: reuse, idle termination, crash replacement,
+//! graceful shutdown, console capture with request ids, and the admin
+//! listener's health and metrics.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const PID_APP: &str = r#"
+Deno.serve(async (req) => {
+  const url = new URL(req.url);
+  if (url.pathname === "/exit") Deno.exit(3);
+  if (url.pathname === "/slow") { await new Promise((r) => setTimeout(r, 1500)); return new Response("slow done"); }
+  return new Response(String(Deno.pid));
+});
+"#;
+
+async fn pid_of(runner: &Runner, host: &str) -> u32 {
+    let response = runner.get(host, "/").await;
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn one_isolate_is_reused_then_terminated_when_idle() {
+    let apps = AppsDir::new();
+    apps.app("idle", &[("main.ts", PID_APP)]);
+    let runner = apps.serve(&["--idle-timeout-s", "1"]);
+
+    let first = pid_of(&runner, "idle.localhost").await;
+    assert_eq!(pid_of(&runner, "idle.localhost").await, first, "a second request reuses the isolate");
+    assert!(process_alive(first));
+    assert_eq!(runner.isolate_pids(), vec![first]);
+
+    wait_until("the idle isolate to exit", Duration::from_secs(10), || !process_alive(first)).await;
+    assert!(runner.isolate_pids().is_empty());
+    let metrics = runner.metrics().await;
+    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="idle"} 1"#), "{metrics}");
+
+    // The next request boots it again.
+    let second = pid_of(&runner, "idle.localhost").await;
+    assert_ne!(second, first);
+}
+
+#[tokio::test]
+async fn a_crashed_isolate_is_replaced_on_the_next_request() {
+    let apps = AppsDir::new();
+    apps.app("crashy", &[("main.ts", PID_APP)]).app("neighbour", &[("main.ts", PID_APP)]);
+    let runner = apps.serve(&[]);
+    let neighbour = pid_of(&runner, "neighbour.localhost").await;
+    let first = pid_of(&runner, "crashy.localhost").await;
+
+    let message = expect_error(runner.get("crashy.localhost", "/exit").await, 502, "ISOLATE_CRASHED").await;
+    assert!(!message.is_empty());
+    wait_until("the crashed isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
+
+    let second = pid_of(&runner, "crashy.localhost").await;
+    assert_ne!(second, first);
+    // The neighbour never noticed.
+    assert_eq!(pid_of(&runner, "neighbour.localhost").await, neighbour);
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_and_leaves_no_deno_process() {
+    let apps = AppsDir::new();
+    apps.app("a", &[("main.ts", PID_APP)]).app("b", &[("main.ts", PID_APP)]);
+    let mut runner = apps.serve(&["--drain-timeout-s", "10"]);
+    let a = pid_of(&runner, "a.localhost").await;
+    let b = pid_of(&runner, "b.localhost").await;
+
+    let client = runner.client_for("a.localhost");
+    let slow = tokio::spawn(client.get(runner.url("a.localhost", "/slow")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = runner.terminate(Duration::from_secs(20));
+        (status, runner)
+    });
+    let response = slow.await.unwrap().expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "slow done");
+    let (status, _runner) = status.await.unwrap();
+    assert!(status.success(), "runner exit status {status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for pid in [a, b] {
+        assert!(!process_alive(pid), "deno process {pid} outlived the runner");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_runner_takes_its_isolates_with_it() {
+    let apps = AppsDir::new();
+    apps.app("a", &[("main.ts", PID_APP)]);
+    let runner = apps.serve(&[]);
+    let pid = pid_of(&runner, "a.localhost").await;
+    signal(runner.pid(), libc::SIGKILL);
+    wait_until("the orphaned isolate to die", Duration::from_secs(5), || !process_alive(pid)).await;
+}
+
+#[tokio::test]
+async fn console_output_reaches_the_origin_with_request_ids() {
+    let origin = TestOrigin::start().await;
+    origin.deploy(
+        "logger",
+        TestDeployment::inline_js(
+            r#"
+console.log("booting");
+Deno.serve(async (req) => {
+  console.log("handling", new URL(req.url).pathname, { n: 1 });
+  await new Promise((r) => setTimeout(r, 10));
+  console.error("after await");
+  return new Response("ok");
+});
+"#,
+        ),
+    );
+    let runner = origin.runner(&[]);
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("http://{}/logged", runner.addr))
+        .header("x-deno-subhost", subhost_token(claims_for("logger")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let mut events = Vec::new();
+    wait_until("log events to be reported", Duration::from_secs(10), || {
+        events = origin.activity_events();
+        events.iter().filter(|e| e["type"] == "log").count() >= 3
+    })
+    .await;
+    let logs: Vec<&Value> = events.iter().filter(|e| e["type"] == "log").collect();
+    let boot_log = logs.iter().find(|e| e["message"] == "booting").expect("the top-level log");
+    assert!(boot_log.get("request_id").is_none(), "{boot_log}");
+    let handling = logs.iter().find(|e| e["message"].as_str().unwrap().starts_with("handling /logged")).unwrap();
+    assert_eq!(handling["level"], "info");
+    assert_eq!(handling["deployment_id"], "logger");
+    assert!(handling["message"].as_str().unwrap().contains("n: 1"), "{handling}");
+    let request_id = handling["request_id"].as_str().expect("a request id").to_owned();
+    let after = logs.iter().find(|e| e["message"] == "after await").unwrap();
+    assert_eq!(after["level"], "error");
+    assert_eq!(after["request_id"], request_id.as_str(), "the id survives an await");
+    assert!(events.iter().any(|e| e["type"] == "boot" && e["boot_ms"].as_u64().is_some()), "{events:?}");
+    for event in &events {
+        assert!(event["timestamp"].as_str().unwrap().ends_with('Z'), "{event}");
+    }
+}
+
+#[tokio::test]
+async fn admin_listener_reports_health_and_metrics() {
+    let apps = AppsDir::new();
+    apps.app("m", &[("main.ts", PID_APP)]);
+    let runner = apps.serve(&[]);
+    let health = reqwest::get(format!("http://{}/healthz", runner.admin)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    pid_of(&runner, "m.localhost").await;
+    pid_of(&runner, "m.localhost").await;
+    expect_error(runner.get("missing.localhost", "/").await, 404, "DEPLOYMENT_NOT_FOUND").await;
+
+    let metrics = runner.metrics().await;
+    for expected in [
+        r#"isocloud_requests_total{status="200"} 2"#,
+        r#"isocloud_requests_total{status="404",code="DEPLOYMENT_NOT_FOUND"} 1"#,
+        r#"isocloud_boots_total{result="ok"} 1"#,
+        "isocloud_live_isolates 1",
+        "isocloud_boot_duration_seconds_count 1",
+        "isocloud_cache_hits_total",
+    ] {
+        assert!(metrics.contains(expected), "missing {expected:?} in:\n{metrics}");
+    }
+    // The public listener does not serve the admin paths.
+    expect_error(runner.get("127.0.0.1", "/metrics").await, 404, "DEPLOYMENT_NOT_FOUND").await;
+}
