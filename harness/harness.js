@@ -176,6 +176,17 @@ function needsFetch(path) {
   return resolved;
 }
 
+// The path deno's own call should open. Only files are written to disk, not
+// the manifest's symlinks, so a path that reaches a file through a manifest
+// symlink is replaced by the file's own path; any other path is unchanged.
+function diskPath(path) {
+  const treePath = treePathOf(path);
+  if (treePath === null) return path;
+  const [resolved, entry] = resolveEntry(treePath, true);
+  if (!entry || entry.kind !== "file" || resolved === treePath) return path;
+  return srcRoot + resolved;
+}
+
 async function ensure(path) {
   const resolved = needsFetch(path);
   if (resolved === null) return;
@@ -259,12 +270,12 @@ function isNotFound(e) {
   return e instanceof Deno.errors.NotFound;
 }
 
-Deno.readFile = async (path, options) => (await ensure(path), fs.readFile(path, options));
-Deno.readTextFile = async (path, options) => (await ensure(path), fs.readTextFile(path, options));
-Deno.readFileSync = (path) => (ensureSync(path), fs.readFileSync(path));
-Deno.readTextFileSync = (path) => (ensureSync(path), fs.readTextFileSync(path));
-Deno.open = async (path, options) => (await ensure(path), fs.open(path, options));
-Deno.openSync = (path, options) => (ensureSync(path), fs.openSync(path, options));
+Deno.readFile = async (path, options) => (await ensure(path), fs.readFile(diskPath(path), options));
+Deno.readTextFile = async (path, options) => (await ensure(path), fs.readTextFile(diskPath(path), options));
+Deno.readFileSync = (path) => (ensureSync(path), fs.readFileSync(diskPath(path)));
+Deno.readTextFileSync = (path) => (ensureSync(path), fs.readTextFileSync(diskPath(path)));
+Deno.open = async (path, options) => (await ensure(path), fs.open(diskPath(path), options));
+Deno.openSync = (path, options) => (ensureSync(path), fs.openSync(diskPath(path), options));
 for (const [name, follow] of [["stat", true], ["lstat", false]]) {
   Deno[name] = async (path) => {
     try {
@@ -303,13 +314,22 @@ Deno.readDirSync = function (path) {
   }
   return (virtualDir(path, disk) ?? disk)[Symbol.iterator]();
 };
-Deno.realPath = async (path) => (await ensure(path), fs.realPath(path));
-Deno.realPathSync = (path) => (ensureSync(path), fs.realPathSync(path));
+Deno.realPath = async (path) => (await ensure(path), fs.realPath(diskPath(path)));
+Deno.realPathSync = (path) => (ensureSync(path), fs.realPathSync(diskPath(path)));
 
 const originalFetch = globalThis.fetch;
 globalThis.fetch = async (input, init) => {
   const url = input instanceof Request ? input.url : String(input instanceof URL ? input.href : input);
-  if (url.startsWith("file:")) await ensure(new URL(url));
+  if (url.startsWith("file:")) {
+    const fileUrl = new URL(url);
+    await ensure(fileUrl);
+    const target = diskPath(fileUrl);
+    if (target !== fileUrl) {
+      const resolved = new URL("file:///");
+      resolved.pathname = target;
+      return originalFetch(resolved, init);
+    }
+  }
   return originalFetch(input, init);
 };
 

@@ -6,6 +6,10 @@ use isocloud_protocol::ErrorCode;
 
 use crate::body::{ResponseBody, full};
 
+/// Marks an answer as the runner's own error. Only the runner sets it: the
+/// proxy removes it from isolates' responses.
+pub const ERROR_HEADER: &str = "x-isocloud-error";
+
 /// A failure answered by the runner itself (never the tenant's own response).
 #[derive(Debug, Clone)]
 pub struct EdgeError {
@@ -28,7 +32,7 @@ impl EdgeError {
             StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert("x-isocloud-error", HeaderValue::from_static(self.code.as_str()));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code.as_str()));
         headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }

@@ -11,6 +11,7 @@ use isocloud_pool::{BootError, ForwardError, Pool};
 use isocloud_protocol::ErrorCode;
 
 use crate::body::{ResponseBody, Tracked};
+use crate::error::ERROR_HEADER;
 use crate::routing::SUBHOST_HEADER;
 use crate::{EdgeError, EdgeMetrics, Router};
 
@@ -41,7 +42,7 @@ impl Proxy {
 
     /// Serves one request; never fails: every error becomes a response.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
-        let response = match self.forward(request).await {
+        match self.forward(request).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
                 response
@@ -50,8 +51,7 @@ impl Proxy {
                 self.metrics.count(error.code.http_status(), Some(error.code.as_str()));
                 error.into_response()
             }
-        };
-        response
+        }
     }
 
     async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<ResponseBody>, EdgeError> {
@@ -100,6 +100,9 @@ impl Proxy {
                 EdgeError::new(ErrorCode::IsolateCrashed, "the isolate crashed while serving the request")
             }
         })?;
+        // The header tells a relay the runner failed; a tenant must not be
+        // able to pass its own answer off as one of the runner's errors.
+        response.headers_mut().remove(ERROR_HEADER);
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {

@@ -4,7 +4,7 @@
 //! helpers to look at the processes the runner started.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -301,6 +301,12 @@ pub struct OriginState {
     pub boot_delay: Mutex<Option<Duration>>,
     /// Layer answers with this status instead.
     pub layer_status: Mutex<Option<u16>>,
+    /// Deployments whose boot answer carries no `x-deno-config` header at all.
+    pub omit_config_header: Mutex<HashSet<String>>,
+    /// Subhosters besides `KID`/`SECRET` whose RPC JWTs verify: kid → secret.
+    pub extra_subhosters: Mutex<HashMap<String, String>>,
+    /// The `kid` of every RPC whose JWT verified, in arrival order.
+    pub rpc_kids: Mutex<Vec<String>>,
 }
 
 pub struct TestOrigin {
@@ -359,6 +365,16 @@ impl TestOrigin {
         self.state.calls.lock().unwrap().clone()
     }
 
+    /// Also accept RPC JWTs signed by subhoster `kid` with `secret`.
+    pub fn accept_subhoster(&self, kid: &str, secret: &str) {
+        self.state.extra_subhosters.lock().unwrap().insert(kid.to_owned(), secret.to_owned());
+    }
+
+    /// Boot answers for `id` leave out the `x-deno-config` header.
+    pub fn omit_config_header(&self, id: &str) {
+        self.state.omit_config_header.lock().unwrap().insert(id.to_owned());
+    }
+
     pub fn calls_to(&self, rpc: &str) -> usize {
         self.calls().iter().filter(|c| c.split(' ').next() == Some(rpc)).count()
     }
@@ -389,18 +405,31 @@ fn reply(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-/// Checks the runner's RPC JWT the way a subhoster's origin would.
-fn verify_rpc_jwt(request: &Request<hyper::body::Incoming>, deployment_id: &str) -> Result<(), String> {
+/// Checks the runner's RPC JWT the way a subhoster's origin would; returns
+/// the kid it was signed as.
+fn verify_rpc_jwt(
+    state: &OriginState,
+    request: &Request<hyper::body::Incoming>,
+    deployment_id: &str,
+) -> Result<String, String> {
     let header = request.headers().get("authorization").ok_or("no Authorization header")?;
     let token = header.to_str().map_err(|e| e.to_string())?.strip_prefix("Bearer ").ok_or("not a Bearer token")?;
     let decoded_header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
-    if decoded_header.kid.as_deref() != Some(KID) {
-        return Err(format!("kid {:?}", decoded_header.kid));
-    }
+    let kid = decoded_header.kid.clone().unwrap_or_default();
+    let secret = match kid.as_str() {
+        KID => SECRET.to_owned(),
+        other => state
+            .extra_subhosters
+            .lock()
+            .unwrap()
+            .get(other)
+            .cloned()
+            .ok_or_else(|| format!("kid {:?}", decoded_header.kid))?,
+    };
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_required_spec_claims(&["exp"]);
     let data =
-        jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()), &validation)
+        jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()), &validation)
             .map_err(|e| e.to_string())?;
     if data.claims["deployment_id"] != deployment_id {
         return Err(format!("claim deployment_id {} != query {deployment_id}", data.claims["deployment_id"]));
@@ -408,18 +437,21 @@ fn verify_rpc_jwt(request: &Request<hyper::body::Incoming>, deployment_id: &str)
     if data.claims["iat"].as_u64().is_none() {
         return Err("no iat".into());
     }
-    Ok(())
+    Ok(kid)
 }
 
 async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    let query: HashMap<String, String> = request.uri().query().map(|q| url_pairs(q)).unwrap_or_default();
+    let query: HashMap<String, String> = request.uri().query().map(url_pairs).unwrap_or_default();
     let deployment_id = query.get("deployment_id").cloned().unwrap_or_default();
     let rpc = request.uri().path().strip_prefix("/v0/").unwrap_or("").to_owned();
     let detail = query.get("layer_id").or(query.get("file_id")).cloned().unwrap_or_default();
     state.calls.lock().unwrap().push(format!("{rpc} {deployment_id} {detail}").trim_end().to_owned());
-    if let Err(e) = verify_rpc_jwt(&request, &deployment_id) {
-        state.auth_failures.lock().unwrap().push(format!("{rpc}: {e}"));
-        return reply(401, "bad rpc token");
+    match verify_rpc_jwt(state, &request, &deployment_id) {
+        Ok(kid) => state.rpc_kids.lock().unwrap().push(kid),
+        Err(e) => {
+            state.auth_failures.lock().unwrap().push(format!("{rpc}: {e}"));
+            return reply(401, "bad rpc token");
+        }
     }
     match rpc.as_str() {
         "boot" => {
@@ -434,7 +466,9 @@ async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) ->
                 return reply(status, "boot refused");
             }
             let mut response = reply(200, d.inline_body.clone());
-            response.headers_mut().insert("x-deno-config", d.config_header.parse().unwrap());
+            if !state.omit_config_header.lock().unwrap().contains(&deployment_id) {
+                response.headers_mut().insert("x-deno-config", d.config_header.parse().unwrap());
+            }
             response
         }
         "layer" => {
@@ -488,6 +522,19 @@ pub fn build_eszip(dir: &Path, entry: &str, remote: Option<&Path>) -> Vec<u8> {
     let output = command.arg(entry).output().expect("node runs");
     assert!(output.status.success(), "eszip build failed: {}", String::from_utf8_lossy(&output.stderr));
     std::fs::read(out).unwrap()
+}
+
+/// Unpadded base64url (RFC 4648 §5), for hand-made tokens and configs.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 /// Parses the runner's JSON error answer and checks code, header and status.
