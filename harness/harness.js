@@ -416,7 +416,10 @@ function dispatchFetchEvent(request) {
 }
 
 function startFailure(code, error) {
-  const message = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  let message = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  // Without its own root the isolate's files live under a host path; the
+  // tenant should read its own names (file:///src/...) in the message.
+  if (srcRoot !== "/src") message = message.replaceAll(`file://${srcRoot}/`, "file:///src/");
   return send({ op: "start_error", code, message }).then(() => Deno.exit(1));
 }
 

@@ -15,7 +15,7 @@ use isocloud_origin::{AppsOrigin, DiskCache, Origin, RemoteOriginOptions};
 use isocloud_pool::{Pool, PoolMetrics, PoolOptions};
 use isocloud_sandbox::SandboxPolicy;
 use prometheus_client::registry::Registry;
-use settings::{Cli, LogFormat, Mode, Settings};
+use settings::{Cli, LogFormat, Mode, Settings, Toggle};
 use tokio::net::TcpListener;
 
 fn main() -> std::process::ExitCode {
@@ -62,11 +62,24 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let edge_metrics = EdgeMetrics::new(&mut registry);
     register_cache_metrics(&mut registry, cache.clone());
 
+    let mount_namespace = match (settings.mount_namespace, isocloud_sandbox::probe_mount_namespace(&deno)) {
+        (Toggle::Off, _) => false,
+        (_, Ok(())) => true,
+        (Toggle::On, Err(e)) => anyhow::bail!("--mount-namespace on, but this runner cannot make one: {e}"),
+        (Toggle::Auto, Err(e)) => {
+            tracing::warn!(error = %e, "no mount namespace for isolates (needs root); they will see host paths");
+            false
+        }
+    };
+    tracing::info!("sandbox: mount-namespace={}", if mount_namespace { "on" } else { "off" });
+    let deno_dir = state_dir.join("deno-dir");
+    std::fs::create_dir_all(&deno_dir)?;
     let policy = SandboxPolicy {
         deno: deno.clone(),
         harness_dir,
-        deno_dir: state_dir.join("deno-dir"),
+        deno_dir,
         v8_heap_limit_mb: Some(settings.memory_limit_mb),
+        mount_namespace,
     };
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,

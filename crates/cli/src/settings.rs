@@ -74,6 +74,10 @@ pub struct CommonFlags {
     /// Log format: text or json [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Give each isolate its own mount namespace and root: auto (when the
+    /// runner may), on (refuse to start without), off [default: auto].
+    #[arg(long, value_name = "MODE")]
+    pub mount_namespace: Option<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -107,6 +111,7 @@ struct FileConfig {
     memory_limit_mb: Option<u64>,
     cache_max_mb: Option<u64>,
     log_format: Option<String>,
+    mount_namespace: Option<String>,
     apps: Option<PathBuf>,
     rpc_root: Option<String>,
     #[serde(default)]
@@ -126,6 +131,13 @@ pub struct SettingsError {
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SettingsError {
     SettingsError { field, message: message.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +165,7 @@ pub struct Settings {
     pub memory_limit_mb: u64,
     pub cache_max_bytes: u64,
     pub log_format: LogFormat,
+    pub mount_namespace: Toggle,
 }
 
 impl Settings {
@@ -191,6 +204,12 @@ impl Settings {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => return Err(invalid("log_format", format!("{other:?} is neither \"text\" nor \"json\""))),
+        };
+        let mount_namespace = match common.mount_namespace.or(file.mount_namespace).as_deref().unwrap_or("auto") {
+            "auto" => Toggle::Auto,
+            "on" => Toggle::On,
+            "off" => Toggle::Off,
+            other => return Err(invalid("mount_namespace", format!("{other:?} is not auto, on or off"))),
         };
         let state_dir = match common.state_dir.or(file.state_dir) {
             Some(dir) => dir,
@@ -242,6 +261,7 @@ impl Settings {
             memory_limit_mb,
             cache_max_bytes: cache_max_mb * 1024 * 1024,
             log_format,
+            mount_namespace,
         })
     }
 }
@@ -253,7 +273,16 @@ fn pick(flags: Vec<String>, file: Vec<String>) -> Vec<String> {
 fn read_file_config(path: &Path) -> Result<FileConfig, SettingsError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
+    toml::from_str(&text).map_err(|e| {
+        // Name the line and its key, never quote the line: it may hold a secret.
+        let place = e.span().map(|span| {
+            let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+            let line_number = text[..span.start].matches('\n').count() + 1;
+            let key = text[line_start..].split(['=', '\n']).next().unwrap_or("").trim();
+            format!("line {line_number}, key `{key}`: ")
+        });
+        invalid("config", format!("{}: {}{}", path.display(), place.unwrap_or_default(), e.message()))
+    })
 }
 
 fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {

@@ -127,3 +127,44 @@ Deno.serve(async (req) => {
     }
     assert!(!std::path::Path::new("/tmp/isocloud-escape.txt").exists());
 }
+
+#[tokio::test]
+async fn the_isolate_sees_its_deployment_at_src_and_no_host_path() {
+    let apps = AppsDir::new();
+    apps.app(
+        "jailed",
+        &[
+            ("static/a.txt", "alpha"),
+            (
+                "main.ts",
+                r#"
+Deno.serve(async () => {
+  let stack = "";
+  try { throw new Error("where am I"); } catch (e) { stack = (e as Error).stack ?? ""; }
+  return Response.json({
+    url: import.meta.url,
+    cwd: Deno.cwd(),
+    main: Deno.mainModule,
+    stack,
+    absolute: await Deno.readTextFile("/src/static/a.txt"),
+  });
+});
+"#,
+            ),
+        ],
+    );
+    let runner = apps.serve(&["--mount-namespace", "on"]);
+    assert!(runner.stderr().contains("sandbox: mount-namespace=on"), "{}", runner.stderr());
+    let response = runner.get("jailed.localhost", "/").await;
+    let text = response.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["url"], "file:///src/main.ts");
+    assert_eq!(body["cwd"], "/src");
+    assert_eq!(body["absolute"], "alpha");
+    assert!(body["stack"].as_str().unwrap().contains("file:///src/main.ts"), "{body}");
+    let state = runner.state_dir.path().to_str().unwrap();
+    let apps_dir = apps.path();
+    for leak in [state, apps_dir] {
+        assert!(!text.contains(leak), "host path {leak} visible in {text}");
+    }
+}

@@ -326,6 +326,7 @@ Deno.serve((req) => {
 
     let message = expect_error(get(&runner, "crashy", "/exit").await, 502, "ISOLATE_CRASHED").await;
     assert_mentions(&message, &["crashed"]);
+    assert_no_host_paths(&runner, &message);
     wait_until("the crashed isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
 
     let second: u32 = text(&runner, "crashy", "/pid").await.parse().unwrap();

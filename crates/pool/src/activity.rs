@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use isocloud_origin::Origin;
 use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::PoolMetrics;
 
@@ -19,8 +20,14 @@ const DELIVERY_ATTEMPTS: u32 = 4;
 /// Hands events to a background task that sends them in batches.
 #[derive(Clone)]
 pub struct ActivitySink {
-    tx: mpsc::Sender<(Arc<dyn Origin>, ActivityEvent)>,
+    tx: mpsc::Sender<Message>,
     metrics: PoolMetrics,
+}
+
+enum Message {
+    Event(Arc<dyn Origin>, ActivityEvent),
+    /// Send everything queued now and answer when delivery has ended.
+    Flush(oneshot::Sender<()>),
 }
 
 impl ActivitySink {
@@ -32,38 +39,59 @@ impl ActivitySink {
 
     pub fn report(&self, origin: &Arc<dyn Origin>, deployment_id: &str, kind: ActivityKind) {
         let event = ActivityEvent { deployment_id: deployment_id.to_owned(), timestamp: now_rfc3339(), kind };
-        if self.tx.try_send((origin.clone(), event)).is_err() {
+        if self.tx.try_send(Message::Event(origin.clone(), event)).is_err() {
             self.metrics.activity_dropped.inc();
+        }
+    }
+
+    /// Delivers everything reported so far (retries included) before
+    /// returning, or gives up after `timeout`. Used at shutdown.
+    pub async fn flush(&self, timeout: Duration) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(Message::Flush(done_tx)).await.is_ok() {
+            let _ = tokio::time::timeout(timeout, done_rx).await;
         }
     }
 }
 
 type BatchKey = (String, String);
 
-async fn run(mut rx: mpsc::Receiver<(Arc<dyn Origin>, ActivityEvent)>) {
+async fn run(mut rx: mpsc::Receiver<Message>) {
     let mut pending: HashMap<BatchKey, (Arc<dyn Origin>, Vec<ActivityEvent>)> = HashMap::new();
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     loop {
         tokio::select! {
-            received = rx.recv() => {
-                let Some((origin, event)) = received else { break };
-                let key = (origin.name().to_owned(), event.deployment_id.clone());
-                let slot = pending.entry(key).or_insert_with(|| (origin, Vec::new()));
-                slot.1.push(event);
-                if slot.1.len() >= MAX_BATCH_EVENTS {
-                    flush(&mut pending);
+            received = rx.recv() => match received {
+                None => break,
+                Some(Message::Event(origin, event)) => {
+                    let key = (origin.name().to_owned(), event.deployment_id.clone());
+                    let slot = pending.entry(key).or_insert_with(|| (origin, Vec::new()));
+                    slot.1.push(event);
+                    if slot.1.len() >= MAX_BATCH_EVENTS {
+                        flush(&mut pending);
+                    }
                 }
+                Some(Message::Flush(done)) => {
+                    let deliveries = flush(&mut pending);
+                    tokio::spawn(async move {
+                        futures_util::future::join_all(deliveries).await;
+                        let _ = done.send(());
+                    });
+                }
+            },
+            _ = tick.tick() => {
+                flush(&mut pending);
             }
-            _ = tick.tick() => flush(&mut pending),
         }
     }
     flush(&mut pending);
 }
 
-fn flush(pending: &mut HashMap<BatchKey, (Arc<dyn Origin>, Vec<ActivityEvent>)>) {
+fn flush(pending: &mut HashMap<BatchKey, (Arc<dyn Origin>, Vec<ActivityEvent>)>) -> Vec<JoinHandle<()>> {
+    let mut deliveries = Vec::new();
     for ((_, deployment_id), (origin, events)) in pending.drain() {
         let batch = ActivityBatch { batch_id: uuid::Uuid::new_v4().to_string(), events };
-        tokio::spawn(async move {
+        deliveries.push(tokio::spawn(async move {
             let mut delay = Duration::from_millis(250);
             for attempt in 1..=DELIVERY_ATTEMPTS {
                 match origin.report_activity(&deployment_id, &batch).await {
@@ -78,8 +106,9 @@ fn flush(pending: &mut HashMap<BatchKey, (Arc<dyn Origin>, Vec<ActivityEvent>)>)
                     }
                 }
             }
-        });
+        }));
     }
+    deliveries
 }
 
 /// RFC 3339 in UTC with millisecond precision, without a date crate.

@@ -60,11 +60,11 @@ pub(crate) async fn boot(
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
 
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
-    let harness_dir = ctx.policy.harness_dir.clone();
     let prepared = {
         let deployment = deployment.clone();
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || IsolateFiles::prepare(&dir, &deployment, &harness_dir))
+        let policy = ctx.policy.clone();
+        tokio::task::spawn_blocking(move || IsolateFiles::prepare(&dir, &deployment, &policy))
             .await
             .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?
     };

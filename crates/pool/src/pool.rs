@@ -31,6 +31,9 @@ pub struct PoolOptions {
 /// Deployments are named by origin and id: two subhosters may both have a
 /// deployment "1".
 type Key = (String, String);
+
+/// At shutdown, how long queued activity may take to reach the origins.
+const ACTIVITY_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 type BootFuture = Shared<BoxFuture<'static, Result<Arc<Isolate>, BootError>>>;
 
 enum Slot {
@@ -198,19 +201,26 @@ impl Pool {
     /// after the grace period). Call after in-flight requests have drained.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        let isolates: Vec<Arc<Isolate>> = {
+        let isolates: Vec<(Key, Arc<Isolate>)> = {
             let mut slots = self.inner.slots.lock().expect("pool poisoned");
             slots
                 .drain()
-                .filter_map(|(_, slot)| match slot {
-                    Slot::Ready(isolate) => Some(isolate),
+                .filter_map(|(key, slot)| match slot {
+                    Slot::Ready(isolate) => Some((key, isolate)),
                     Slot::Booting(_) => None,
                 })
                 .collect()
         };
         let grace = self.inner.options.kill_grace;
-        futures_util::future::join_all(isolates.iter().map(|isolate| isolate.terminate(grace))).await;
+        futures_util::future::join_all(isolates.iter().map(|(_, isolate)| isolate.terminate(grace))).await;
         self.inner.metrics.live_isolates.set(0);
+        for (key, _) in &isolates {
+            if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(key) {
+                self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "shutdown".into() });
+            }
+        }
+        // What the isolates said last should reach their origins.
+        self.inner.ctx.activity.flush(ACTIVITY_FLUSH_TIMEOUT).await;
     }
 }
 

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use isocloud_eszip::ModuleKind;
+
+use crate::SandboxPolicy;
 use isocloud_origin::Deployment;
 use sha2::{Digest, Sha256};
 use url::Url;
@@ -22,6 +24,8 @@ pub enum SandboxError {
 }
 
 /// The on-disk layout of one isolate instance, under its own directory.
+/// Paths are the runner's (host) paths; [`IsolateFiles::guest`] holds the
+/// same places as the isolate sees them.
 #[derive(Debug, Clone)]
 pub struct IsolateFiles {
     pub dir: PathBuf,
@@ -30,14 +34,57 @@ pub struct IsolateFiles {
     pub src: PathBuf,
     /// Modules that live outside `/src` (remote ones, mostly).
     pub modules: PathBuf,
+    /// Records the runner writes for the harness and deno: import map,
+    /// asset manifest, bootstrap.
+    pub meta: PathBuf,
     pub import_map: PathBuf,
     pub tree: PathBuf,
     pub bootstrap: PathBuf,
+    /// The sockets' folder, the only place the isolate may write to.
+    pub run: PathBuf,
     /// The isolate serves HTTP here.
     pub socket: PathBuf,
     /// The runner listens here for the harness's reports and asset requests.
     pub control: PathBuf,
+    /// Mount points of the isolate's own root (mount-namespace mode only).
+    pub root: Option<PathBuf>,
     pub entrypoint: Url,
+    pub guest: GuestPaths,
+}
+
+/// Where things are from inside the isolate. In mount-namespace mode the
+/// isolate's root is its own: `/src` is the deployment root and no host path
+/// shows; otherwise these are the host paths.
+#[derive(Debug, Clone)]
+pub struct GuestPaths {
+    pub src: String,
+    pub modules: String,
+    pub meta: String,
+    pub import_map: String,
+    pub bootstrap: String,
+    pub tree: String,
+    pub socket: String,
+    pub control: String,
+    pub harness_dir: String,
+    pub deno_dir: String,
+    pub deno: String,
+}
+
+/// The fixed layout of the isolate's own root in mount-namespace mode.
+pub(crate) mod jail {
+    pub const SRC: &str = "/src";
+    pub const MODULES: &str = "/isocloud/modules";
+    pub const META: &str = "/isocloud/meta";
+    pub const RUN: &str = "/isocloud/run";
+    pub const HARNESS: &str = "/isocloud/harness";
+    pub const DENO_DIR: &str = "/isocloud/deno-dir";
+    pub const DENO: &str = "/isocloud/bin/deno";
+    /// Host folders shared read-only with every isolate (libraries, CA
+    /// certificates, resolver config); deno's permissions still decide what
+    /// the tenant may read of them.
+    pub const SHARED_DIRS: [&str; 2] = ["/usr", "/etc"];
+    /// Top-level names that are symlinks into /usr on merged-usr systems.
+    pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 }
 
 /// Names deno reads at start-up that the runner sets unless the tenant
@@ -45,25 +92,70 @@ pub struct IsolateFiles {
 pub(crate) const RUNNER_ENV: [&str; 3] = ["DENO_DIR", "DENO_NO_UPDATE_CHECK", "NO_COLOR"];
 
 impl IsolateFiles {
-    /// Writes `deployment` into a fresh directory `dir` (which must not exist).
-    pub fn prepare(dir: &Path, deployment: &Deployment, harness_dir: &Path) -> Result<Self, SandboxError> {
+    /// Writes `deployment` into a fresh directory `dir` (which must not exist),
+    /// laid out for `policy` (with its own root when it uses a mount namespace).
+    pub fn prepare(dir: &Path, deployment: &Deployment, policy: &SandboxPolicy) -> Result<Self, SandboxError> {
         std::fs::create_dir_all(dir)?;
+        let meta = dir.join("meta");
+        let run = dir.join("run");
+        let host = |p: &Path| p.to_string_lossy().into_owned();
+        let guest = if policy.mount_namespace {
+            GuestPaths {
+                src: jail::SRC.into(),
+                modules: jail::MODULES.into(),
+                meta: jail::META.into(),
+                import_map: format!("{}/import_map.json", jail::META),
+                bootstrap: format!("{}/bootstrap.json", jail::META),
+                tree: format!("{}/tree.json", jail::META),
+                socket: format!("{}/isolate.sock", jail::RUN),
+                control: format!("{}/control.sock", jail::RUN),
+                harness_dir: jail::HARNESS.into(),
+                deno_dir: jail::DENO_DIR.into(),
+                deno: jail::DENO.into(),
+            }
+        } else {
+            GuestPaths {
+                src: host(&dir.join("src")),
+                modules: host(&dir.join("modules")),
+                meta: host(&meta),
+                import_map: host(&meta.join("import_map.json")),
+                bootstrap: host(&meta.join("bootstrap.json")),
+                tree: host(&meta.join("tree.json")),
+                socket: host(&run.join("isolate.sock")),
+                control: host(&run.join("control.sock")),
+                harness_dir: host(&policy.harness_dir),
+                deno_dir: host(&policy.deno_dir),
+                deno: host(&policy.deno),
+            }
+        };
         let files = Self {
             dir: dir.to_owned(),
             src: dir.join("src"),
             modules: dir.join("modules"),
-            import_map: dir.join("import_map.json"),
-            tree: dir.join("tree.json"),
-            bootstrap: dir.join("bootstrap.json"),
-            socket: dir.join("isolate.sock"),
-            control: dir.join("control.sock"),
+            import_map: meta.join("import_map.json"),
+            tree: meta.join("tree.json"),
+            bootstrap: meta.join("bootstrap.json"),
+            socket: run.join("isolate.sock"),
+            control: run.join("control.sock"),
+            meta,
+            run,
+            root: policy.mount_namespace.then(|| dir.join("root")),
             entrypoint: deployment.config.entrypoint.clone(),
+            guest,
         };
+        std::fs::create_dir(&files.meta)?;
+        std::fs::create_dir(&files.run)?;
+        if let Some(root) = &files.root {
+            make_mount_points(root)?;
+        }
         std::fs::create_dir(&files.src)?;
         std::fs::create_dir(&files.modules)?;
 
         let mut imports: BTreeMap<String, String> = BTreeMap::new();
-        imports.insert("file:///src/".into(), file_url_dir(&files.src));
+        if files.root.is_none() {
+            // Without its own root, `/src` is reached through the import map.
+            imports.insert("file:///src/".into(), file_url_dir(&files.src));
+        }
         let mut locations: BTreeMap<&Url, PathBuf> = BTreeMap::new();
         for (specifier, module) in &deployment.modules {
             let (path, mapping) = files.place(specifier, module.kind)?;
@@ -74,17 +166,17 @@ impl IsolateFiles {
             match mapping {
                 Mapping::Covered => {}
                 Mapping::Prefix(from, to) => {
-                    imports.insert(from, file_url_dir(&to));
+                    imports.insert(from, file_url_dir(&files.guest_path(&to)));
                 }
                 Mapping::Exact => {
-                    imports.insert(specifier.to_string(), file_url(&path));
+                    imports.insert(specifier.to_string(), file_url(&files.guest_path(&path)));
                 }
             }
             locations.insert(specifier, path);
         }
         for (from, to) in &deployment.redirects {
             if let Some(path) = locations.get(to) {
-                imports.insert(from.to_string(), file_url(path));
+                imports.insert(from.to_string(), file_url(&files.guest_path(path)));
             }
         }
         let import_map = serde_json::json!({ "imports": imports });
@@ -93,16 +185,24 @@ impl IsolateFiles {
 
         let env_names: Vec<&str> = deployment.config.envs.keys().map(String::as_str).collect();
         let bootstrap = serde_json::json!({
-            "socket_path": files.socket,
-            "control_path": files.control,
+            "socket_path": files.guest.socket,
+            "control_path": files.guest.control,
             "entrypoint": deployment.config.entrypoint.as_str(),
-            "src_root": files.src,
-            "tree_path": files.tree,
+            "src_root": files.guest.src,
+            "tree_path": files.guest.tree,
             "env_names": env_names,
-            "harness_dir": harness_dir,
         });
         std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
         Ok(files)
+    }
+
+    /// The isolate's name for a host path under the instance directory.
+    fn guest_path(&self, host: &Path) -> PathBuf {
+        let swap = |from: &Path, to: &str| host.strip_prefix(from).ok().map(|rest| Path::new(to).join(rest));
+        swap(&self.src, &self.guest.src)
+            .or_else(|| swap(&self.modules, &self.guest.modules))
+            .or_else(|| swap(&self.meta, &self.guest.meta))
+            .unwrap_or_else(|| host.to_owned())
     }
 
     /// Where a module goes on disk and how the import map reaches it.
@@ -200,6 +300,40 @@ impl IsolateFiles {
         std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
+}
+
+/// The empty root the isolate's mounts go onto: every mount point, and the
+/// merged-usr symlinks of the host.
+fn make_mount_points(root: &Path) -> std::io::Result<()> {
+    for dir in [
+        jail::SRC,
+        jail::MODULES,
+        jail::META,
+        jail::RUN,
+        jail::HARNESS,
+        jail::DENO_DIR,
+        "/isocloud/bin",
+        "/dev",
+        "/proc",
+        "/tmp",
+    ]
+    .into_iter()
+    .chain(jail::SHARED_DIRS)
+    {
+        std::fs::create_dir_all(root.join(&dir[1..]))?;
+    }
+    std::fs::write(root.join(&jail::DENO[1..]), b"")?;
+    for name in jail::USR_LINKS {
+        let host = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                std::os::unix::fs::symlink(std::fs::read_link(&host)?, root.join(name))?;
+            }
+            Ok(meta) if meta.is_dir() => std::fs::create_dir_all(root.join(name))?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 enum Mapping {

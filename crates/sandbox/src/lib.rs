@@ -14,8 +14,8 @@
 mod command;
 mod files;
 
-pub use command::{SandboxPolicy, SandboxedCommand, signal_process_group};
-pub use files::{IsolateFiles, SandboxError};
+pub use command::{SandboxPolicy, SandboxedCommand, probe_mount_namespace, signal_process_group};
+pub use files::{GuestPaths, IsolateFiles, SandboxError};
 pub use libc::{SIGKILL, SIGTERM};
 
 /// The harness every isolate runs first, embedded so a runner binary is

@@ -145,19 +145,27 @@ impl Isolate {
         });
 
         let mut exited = isolate.state.clone();
+        let mut started_rx = started_rx;
+        let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((code, message))) => Err(StartError::Failed { code, message }),
+            Err(_) => Err(StartError::Exited { status: "control channel closed".into(), stderr: String::new() }),
+        };
         let outcome = tokio::time::timeout(start_timeout, async {
             tokio::select! {
-                started = started_rx => match started {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err((code, message))) => Err(StartError::Failed { code, message }),
-                    Err(_) => Err(StartError::Exited { status: "control channel closed".into(), stderr: String::new() }),
-                },
-                state = exited.wait_for(|s| matches!(s, IsolateState::Exited(_))) => {
-                    let status = match state.as_deref() {
+                message = &mut started_rx => started(message),
+                status = async {
+                    match exited.wait_for(|s| matches!(s, IsolateState::Exited(_))).await.as_deref() {
                         Ok(IsolateState::Exited(status)) => status.clone(),
                         _ => String::new(),
-                    };
-                    Err(StartError::Exited { status, stderr: String::new() })
+                    }
+                } => {
+                    // The harness reports why it cannot start and exits right
+                    // away; the exit may be seen first. Its reason is better.
+                    match tokio::time::timeout(Duration::from_millis(250), &mut started_rx).await {
+                        Ok(Ok(Err((code, message)))) => Err(StartError::Failed { code, message }),
+                        _ => Err(StartError::Exited { status, stderr: String::new() }),
+                    }
                 }
             }
         })

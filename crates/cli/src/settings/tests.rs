@@ -86,7 +86,7 @@ fn config_file_errors_name_the_field() {
     assert!(err.message.contains("listen_port"), "{err}");
     std::fs::write(&config, "idle_timeout_s = \"soon\"\n").unwrap();
     let err = parse(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]).err().unwrap();
-    assert!(err.message.contains("integer"), "{err}");
+    assert!(err.message.contains("idle_timeout_s") && err.message.contains("invalid type"), "{err}");
     std::fs::write(&config, "rpc_root = \"http://o/v0/\"\n").unwrap();
     assert_eq!(field_of(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]), "subhost_secret");
 }

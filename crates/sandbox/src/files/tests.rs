@@ -6,6 +6,16 @@ use isocloud_protocol::IsolateConfig;
 
 use super::*;
 
+fn policy(dir: &Path) -> SandboxPolicy {
+    SandboxPolicy {
+        deno: dir.join("deno"),
+        harness_dir: dir.join("harness"),
+        deno_dir: dir.join("deno-dir"),
+        v8_heap_limit_mb: None,
+        mount_namespace: false,
+    }
+}
+
 fn deployment(modules: &[(&str, ModuleKind, &str)], redirects: &[(&str, &str)]) -> Deployment {
     let config =
         IsolateConfig::from_json(br#"{"entrypoint":"file:///src/main.ts","layers":[{"kind":"eszip","id":"x"}]}"#)
@@ -42,7 +52,7 @@ fn places_src_and_remote_modules_and_maps_them() {
         ],
         &[("https://deno.land/x/latest.ts", "https://deno.land/x/mod.ts")],
     );
-    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, dir.path()).unwrap();
+    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path())).unwrap();
     assert_eq!(std::fs::read_to_string(files.src.join("main.ts")).unwrap(), "main");
     assert_eq!(std::fs::read_to_string(files.src.join("lib/data.json")).unwrap(), "{}");
     let map = import_map(&files);
@@ -61,7 +71,7 @@ fn places_src_and_remote_modules_and_maps_them() {
 fn refuses_asset_paths_that_escape() {
     let dir = tempfile::tempdir().unwrap();
     let d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "")], &[]);
-    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, dir.path()).unwrap();
+    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path())).unwrap();
     assert!(files.materialize_asset("/../../etc/x", b"x").is_err());
     assert!(files.materialize_asset("relative", b"x").is_err());
     let written = files.materialize_asset("/static/a.txt", b"hello").unwrap();
