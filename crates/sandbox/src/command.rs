@@ -98,6 +98,8 @@ impl SandboxedCommand {
             }
         }
         let jail = files.root.as_ref().map(|root| Jail::plan(root, policy, files));
+        // SAFETY: getpid has no preconditions.
+        let runner_pid = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the child between fork and exec, where
         // only async-signal-safe calls are allowed: prctl, getppid and the
         // jail's mount/unshare/pivot_root/chdir are plain syscalls on strings
@@ -108,8 +110,10 @@ impl SandboxedCommand {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // The runner may have died between fork and prctl.
-                if libc::getppid() == 1 {
+                // The runner may have died between fork and prctl (then the
+                // child was re-parented; comparing with 1 would break a runner
+                // that is itself pid 1 in a container).
+                if libc::getppid() != runner_pid {
                     return Err(std::io::Error::other("runner exited during spawn"));
                 }
                 if let Some(jail) = &jail {
