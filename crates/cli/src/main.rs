@@ -12,7 +12,7 @@ use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
 use isocloud_ingress::{EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
 use isocloud_origin::{AppsOrigin, DiskCache, Origin, RemoteOriginOptions};
-use isocloud_pool::{Pool, PoolMetrics, PoolOptions};
+use isocloud_pool::{IsolateLimits, Pool, PoolMetrics, PoolOptions};
 use isocloud_sandbox::SandboxPolicy;
 use prometheus_client::registry::Registry;
 use settings::{Cli, LogFormat, Mode, Settings, Toggle};
@@ -86,6 +86,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         start_timeout: settings.boot_timeout,
         kill_grace: std::time::Duration::from_secs(1),
         instances_dir: state_dir.join(format!("isolates-{}", std::process::id())),
+        max_isolates: settings.max_isolates,
+        limits: IsolateLimits { cpu_limit_ms: settings.cpu_limit_ms },
     };
     let pool = Pool::new(pool_options, policy, cache, pool_metrics).context("cannot prepare the isolate directory")?;
 
@@ -100,7 +102,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             Router::new(None, Some(SubhostRouting::new(verifier, options)))
         }
     };
-    let proxy = Arc::new(Proxy::new(router, pool, edge_metrics));
+    let proxy = Arc::new(Proxy::new(router, pool, edge_metrics, settings.request_timeout));
 
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;

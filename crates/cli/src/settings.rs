@@ -65,6 +65,15 @@ pub struct CommonFlags {
     /// On SIGTERM/SIGINT, let in-flight requests finish for this long [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub drain_timeout_s: Option<u64>,
+    /// CPU time each request may use, measured by the kernel [default: 50].
+    #[arg(long, value_name = "MS")]
+    pub cpu_limit_ms: Option<u64>,
+    /// Wall-clock limit from forwarding a request to its response's headers [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub request_timeout_s: Option<u64>,
+    /// Isolates running at once; when full the least recently used idle one is evicted [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_isolates: Option<usize>,
     /// V8 heap limit of each isolate [default: 512].
     #[arg(long, value_name = "MB")]
     pub memory_limit_mb: Option<u64>,
@@ -109,6 +118,9 @@ struct FileConfig {
     origin_timeout_s: Option<u64>,
     drain_timeout_s: Option<u64>,
     memory_limit_mb: Option<u64>,
+    cpu_limit_ms: Option<u64>,
+    request_timeout_s: Option<u64>,
+    max_isolates: Option<usize>,
     cache_max_mb: Option<u64>,
     log_format: Option<String>,
     mount_namespace: Option<String>,
@@ -163,6 +175,9 @@ pub struct Settings {
     pub origin_timeout: Duration,
     pub drain_timeout: Duration,
     pub memory_limit_mb: u64,
+    pub cpu_limit_ms: u64,
+    pub request_timeout: Duration,
+    pub max_isolates: usize,
     pub cache_max_bytes: u64,
     pub log_format: LogFormat,
     pub mount_namespace: Toggle,
@@ -195,6 +210,15 @@ impl Settings {
         let memory_limit_mb = common.memory_limit_mb.or(file.memory_limit_mb).unwrap_or(512);
         if !(16..=65_536).contains(&memory_limit_mb) {
             return Err(invalid("memory_limit_mb", format!("{memory_limit_mb} is out of range (16..=65536)")));
+        }
+        let cpu_limit_ms = common.cpu_limit_ms.or(file.cpu_limit_ms).unwrap_or(50);
+        if !(1..=600_000).contains(&cpu_limit_ms) {
+            return Err(invalid("cpu_limit_ms", format!("{cpu_limit_ms} is out of range (1..=600000)")));
+        }
+        let request_timeout = seconds("request_timeout_s", common.request_timeout_s, file.request_timeout_s, 60, 1)?;
+        let max_isolates = common.max_isolates.or(file.max_isolates).unwrap_or(1000);
+        if !(1..=100_000).contains(&max_isolates) {
+            return Err(invalid("max_isolates", format!("{max_isolates} is out of range (1..=100000)")));
         }
         let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
         if cache_max_mb == 0 {
@@ -259,6 +283,9 @@ impl Settings {
             origin_timeout,
             drain_timeout,
             memory_limit_mb,
+            cpu_limit_ms,
+            request_timeout,
+            max_isolates,
             cache_max_bytes: cache_max_mb * 1024 * 1024,
             log_format,
             mount_namespace,

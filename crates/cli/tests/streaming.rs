@@ -5,6 +5,11 @@
 
 mod support;
 
+/// Moving tens of megabytes through an isolate (and hashing them) costs more
+/// CPU than the default 50 ms budget; these tests are about streaming, the
+/// CPU limit has its own (hostile_limits.rs).
+const STREAMING_LIMITS: &[&str] = &["--cpu-limit-ms", "5000"];
+
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -59,7 +64,7 @@ Deno.serve(() => {
 "#,
         )],
     );
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(STREAMING_LIMITS);
     // Boot first, so the timing below is the stream's alone.
     runner.get("ticks.localhost", "/").await.text().await.unwrap();
 
@@ -116,7 +121,7 @@ Deno.serve(async (req) => {
 "#
     );
     apps.app("upload", &[("main.ts", &source)]);
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(STREAMING_LIMITS);
 
     // 20 MB made on the fly, with a pause half-way: a runner that buffered
     // the body would hand it to the isolate in one go after the pause.
@@ -170,7 +175,7 @@ Deno.serve(() => {
 "#
     );
     apps.app("big", &[("main.ts", &source)]);
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(STREAMING_LIMITS);
 
     let response = runner.get("big.localhost", "/").await;
     assert_eq!(response.status(), 200);
@@ -208,7 +213,7 @@ Deno.serve((req) => {
 "#,
         )],
     );
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(STREAMING_LIMITS);
     let connect = || async {
         let tcp = tokio::net::TcpStream::connect(runner.addr).await.unwrap();
         let url = format!("ws://ws.localhost:{}/socket", runner.addr.port());
@@ -273,7 +278,7 @@ Deno.serve(async (req) => {
 "#,
         )],
     );
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(STREAMING_LIMITS);
     let warm: Value = runner.get("slow.localhost", "/warm").await.json().await.unwrap();
 
     let client = runner.client_for("slow.localhost");

@@ -24,6 +24,8 @@ const HOP_BY_HOP: [&str; 6] =
 
 pub struct Proxy {
     router: Router,
+    /// From forwarding to the response's headers; a body may stream longer.
+    request_timeout: std::time::Duration,
     pool: Pool,
     metrics: EdgeMetrics,
     request_id_prefix: String,
@@ -31,9 +33,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics) -> Self {
+    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics, request_timeout: std::time::Duration) -> Self {
         let request_id_prefix = format!("{:08x}", rand::random::<u32>());
-        Self { router, pool, metrics, request_id_prefix, request_seq: AtomicU64::new(0) }
+        Self { router, request_timeout, pool, metrics, request_id_prefix, request_seq: AtomicU64::new(0) }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -89,17 +91,28 @@ impl Proxy {
         );
 
         let guard = isolate.begin_request();
-        let mut response = isolate.forward(Request::from_parts(parts, body)).await.map_err(|e| match e {
-            ForwardError::Crashed(reason) => {
+        let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
+        let mut response = match forwarded.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(ForwardError::Crashed(reason))) => {
                 tracing::warn!(
                     deployment_id = route.deployment_id,
                     request_id,
                     reason,
                     "isolate crashed with the request in flight"
                 );
-                EdgeError::new(ErrorCode::IsolateCrashed, "the isolate crashed while serving the request")
+                return Err(EdgeError::new(ErrorCode::IsolateCrashed, "the isolate crashed while serving the request"));
             }
-        })?;
+            Ok(Err(ForwardError::Terminated(termination))) => {
+                return Err(EdgeError::new(termination.code(), format!("the isolate was terminated: {termination}")));
+            }
+            Err(_) => {
+                return Err(EdgeError::new(
+                    ErrorCode::RequestTimeout,
+                    format!("the deployment did not answer within {} s", self.request_timeout.as_secs()),
+                ));
+            }
+        };
         // The header tells a relay the runner failed; a tenant must not be
         // able to pass its own answer off as one of the runner's errors.
         response.headers_mut().remove(ERROR_HEADER);

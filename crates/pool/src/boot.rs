@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use isocloud_origin::{AssetTree, CacheKind, DiskCache, Origin, OriginError, load_deployment};
 use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel};
 use isocloud_sandbox::{IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
-use isocloud_supervisor::{Isolate, IsolateHooks, StartError};
+use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
 
 use crate::ActivitySink;
 
@@ -24,6 +24,8 @@ pub enum BootError {
     Start(Arc<StartError>),
     #[error("the runner is shutting down")]
     ShuttingDown,
+    #[error("every isolate slot is busy ({0} isolates run); try again shortly")]
+    Capacity(usize),
 }
 
 impl BootError {
@@ -36,6 +38,7 @@ impl BootError {
             },
             BootError::Start(e) => e.code(),
             BootError::ShuttingDown => ErrorCode::ShuttingDown,
+            BootError::Capacity(_) => ErrorCode::Capacity,
         }
     }
 }
@@ -45,6 +48,7 @@ pub(crate) struct BootContext {
     pub policy: SandboxPolicy,
     pub instances_dir: PathBuf,
     pub start_timeout: std::time::Duration,
+    pub limits: IsolateLimits,
     pub activity: ActivitySink,
 }
 
@@ -84,7 +88,7 @@ pub(crate) async fn boot(
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
     });
-    match Isolate::start(command, files, hooks, ctx.start_timeout).await {
+    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits).await {
         Ok(isolate) => Ok((isolate, started.elapsed().as_millis() as u64)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);

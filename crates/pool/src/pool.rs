@@ -11,7 +11,7 @@ use futures_util::future::{BoxFuture, Shared};
 use isocloud_origin::{DiskCache, Origin};
 use isocloud_protocol::ActivityKind;
 use isocloud_sandbox::SandboxPolicy;
-use isocloud_supervisor::{Isolate, IsolateState};
+use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
 
 use crate::boot::{BootContext, boot};
 use crate::{ActivitySink, BootError, PoolMetrics};
@@ -26,6 +26,9 @@ pub struct PoolOptions {
     pub kill_grace: Duration,
     /// Where each isolate's files are written.
     pub instances_dir: PathBuf,
+    /// Isolates running or booting at once, at most.
+    pub max_isolates: usize,
+    pub limits: IsolateLimits,
 }
 
 /// Deployments are named by origin and id: two subhosters may both have a
@@ -76,6 +79,7 @@ impl Pool {
             policy,
             instances_dir: options.instances_dir.clone(),
             start_timeout: options.start_timeout,
+            limits: options.limits,
             activity,
         };
         let pool = Self {
@@ -114,13 +118,15 @@ impl Pool {
                 Some(Slot::Booting(future)) => Some(future.clone()),
                 None => None,
             }
+            .map(Ok)
             .unwrap_or_else(|| {
+                self.make_room(&mut slots)?;
                 let future = self.boot_future(key.clone(), origin.clone());
                 slots.insert(key, Slot::Booting(future.clone()));
-                future
+                Ok(future)
             })
         };
-        boot_future.await
+        boot_future?.await
     }
 
     fn boot_future(&self, key: Key, origin: Arc<dyn Origin>) -> BootFuture {
@@ -171,6 +177,37 @@ impl Pool {
         }
         .boxed()
         .shared()
+    }
+
+    /// Keeps the number of isolates under `max_isolates`: evicts the least
+    /// recently used idle one, or refuses the boot when none is idle.
+    fn make_room(&self, slots: &mut HashMap<Key, Slot>) -> Result<(), BootError> {
+        let max = self.inner.options.max_isolates;
+        if slots.len() < max {
+            return Ok(());
+        }
+        let victim = slots
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                Slot::Ready(isolate) if isolate.in_flight() == 0 => Some((key.clone(), isolate.idle_for())),
+                _ => None,
+            })
+            .max_by_key(|(_, idle)| *idle)
+            .map(|(key, _)| key);
+        let Some(key) = victim else {
+            return Err(BootError::Capacity(slots.len()));
+        };
+        if let Some(Slot::Ready(isolate)) = slots.remove(&key) {
+            self.inner.metrics.live_isolates.dec();
+            self.inner.metrics.terminations.get_or_create(&vec![("reason", "evicted")]).inc();
+            tracing::info!(deployment_id = key.1, pid = isolate.pid(), "evicting the least recently used idle isolate");
+            if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
+                self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "evicted".into() });
+            }
+            let grace = self.inner.options.kill_grace;
+            tokio::spawn(async move { isolate.terminate(grace).await });
+        }
+        Ok(())
     }
 
     /// Books an isolate that died by itself (crash, `Deno.exit`).
@@ -226,18 +263,22 @@ impl Pool {
 
 fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
     inner.metrics.live_isolates.dec();
-    inner.metrics.terminations.get_or_create(&vec![("reason", "exited")]).inc();
     let status = match isolate.state() {
         IsolateState::Exited(status) => status,
         IsolateState::Running => "running".into(),
     };
-    tracing::warn!(deployment_id = key.1, pid = isolate.pid(), %status, "isolate exited by itself");
+    let (reason, event) = match isolate.termination() {
+        Some(Termination::CpuTimeLimit { limit_ms, used_ms }) => {
+            ("cpu_time_limit", ActivityKind::CpuTimeLimit { limit: limit_ms, used: used_ms })
+        }
+        None => {
+            tracing::warn!(deployment_id = key.1, pid = isolate.pid(), %status, "isolate exited by itself");
+            ("exited", ActivityKind::UncaughtException { message: format!("isolate process exited ({status})") })
+        }
+    };
+    inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
     if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(key) {
-        inner.ctx.activity.report(
-            &origin,
-            &key.1,
-            ActivityKind::UncaughtException { message: format!("isolate process exited ({status})") },
-        );
+        inner.ctx.activity.report(&origin, &key.1, event);
     }
 }
 

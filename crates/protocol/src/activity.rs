@@ -47,6 +47,16 @@ pub enum ActivityKind {
     UncaughtException {
         message: String,
     },
+    /// `limit` and `used` in milliseconds of CPU time.
+    CpuTimeLimit {
+        limit: u64,
+        used: u64,
+    },
+    /// `limit` and `used` in bytes.
+    MemoryLimit {
+        limit: u64,
+        used: u64,
+    },
     Terminated {
         reason: String,
     },

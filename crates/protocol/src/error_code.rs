@@ -26,6 +26,16 @@ pub enum ErrorCode {
     IsolateStartFailed,
     /// The isolate died with requests in flight.
     IsolateCrashed,
+    /// The isolate used more CPU time than its requests were allowed.
+    CpuTimeLimit,
+    /// The isolate used more memory than allowed.
+    MemoryLimit,
+    /// The request took longer than the runner's wall-clock limit.
+    RequestTimeout,
+    /// Every isolate slot is busy; no new deployment can boot now.
+    Capacity,
+    /// The request body is larger than allowed.
+    PayloadTooLarge,
     /// The runner is shutting down and takes no new requests.
     ShuttingDown,
     /// Something inside the runner failed; details are in its log only.
@@ -36,7 +46,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::DeploymentNotFound,
         ErrorCode::Unauthorized,
         ErrorCode::OriginUnreachable,
@@ -46,6 +56,11 @@ impl ErrorCode {
         ErrorCode::ModuleNotFound,
         ErrorCode::IsolateStartFailed,
         ErrorCode::IsolateCrashed,
+        ErrorCode::CpuTimeLimit,
+        ErrorCode::MemoryLimit,
+        ErrorCode::RequestTimeout,
+        ErrorCode::Capacity,
+        ErrorCode::PayloadTooLarge,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::BadRequest,
@@ -62,6 +77,11 @@ impl ErrorCode {
             ErrorCode::ModuleNotFound => "MODULE_NOT_FOUND",
             ErrorCode::IsolateStartFailed => "ISOLATE_START_FAILED",
             ErrorCode::IsolateCrashed => "ISOLATE_CRASHED",
+            ErrorCode::CpuTimeLimit => "CPU_TIME_LIMIT",
+            ErrorCode::MemoryLimit => "MEMORY_LIMIT",
+            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
+            ErrorCode::Capacity => "CAPACITY",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::BadRequest => "BAD_REQUEST",
@@ -76,7 +96,9 @@ impl ErrorCode {
             ErrorCode::DeploymentNotFound => 404,
             ErrorCode::Unauthorized => 401,
             ErrorCode::BadRequest => 400,
-            ErrorCode::ShuttingDown => 503,
+            ErrorCode::ShuttingDown | ErrorCode::Capacity => 503,
+            ErrorCode::RequestTimeout => 504,
+            ErrorCode::PayloadTooLarge => 413,
             ErrorCode::Internal => 500,
             ErrorCode::OriginUnreachable
             | ErrorCode::BootFailed
@@ -84,7 +106,9 @@ impl ErrorCode {
             | ErrorCode::LayerFailed
             | ErrorCode::ModuleNotFound
             | ErrorCode::IsolateStartFailed
-            | ErrorCode::IsolateCrashed => 502,
+            | ErrorCode::IsolateCrashed
+            | ErrorCode::CpuTimeLimit
+            | ErrorCode::MemoryLimit => 502,
         }
     }
 }

@@ -12,9 +12,11 @@
 //! nowhere else.
 
 mod command;
+mod cpu;
 mod files;
 
 pub use command::{SandboxPolicy, SandboxedCommand, probe_mount_namespace, signal_process_group};
+pub use cpu::process_cpu_time;
 pub use files::{GuestPaths, IsolateFiles, SandboxError};
 pub use libc::{SIGKILL, SIGTERM};
 

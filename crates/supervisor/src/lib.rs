@@ -63,7 +63,41 @@ pub enum ForwardError {
     /// The process is gone, or died while the request was in it.
     #[error("the isolate crashed: {0}")]
     Crashed(String),
+    /// The runner ended the isolate for breaking a limit.
+    #[error("the isolate was terminated: {0}")]
+    Terminated(Termination),
 }
+
+/// Limits the supervisor enforces on a running isolate.
+#[derive(Debug, Clone, Copy)]
+pub struct IsolateLimits {
+    /// CPU time each request brings to the isolate's budget (see `monitor`).
+    pub cpu_limit_ms: u64,
+}
+
+/// Why the runner ended an isolate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Termination {
+    #[error("CPU time limit: used {used_ms} ms of a {limit_ms} ms per-request budget")]
+    CpuTimeLimit { limit_ms: u64, used_ms: u64 },
+}
+
+impl Termination {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Termination::CpuTimeLimit { .. } => ErrorCode::CpuTimeLimit,
+        }
+    }
+}
+
+/// A request may borrow from the budget that earlier, cheaper requests left
+/// unused, but never more than this many requests' worth: a runaway loop dies
+/// after at most `CPU_BURST_REQUESTS × cpu_limit_ms` of CPU (plus one sample).
+pub const CPU_BURST_REQUESTS: u64 = 2;
+/// How often the CPU clock is read while requests are in flight (the slack
+/// of the CPU limit) and while the isolate rests.
+pub const CPU_SAMPLE_BUSY: Duration = Duration::from_millis(5);
+pub const CPU_SAMPLE_IDLE: Duration = Duration::from_millis(100);
 
 /// Lifecycle state, observable by the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +114,8 @@ const STDERR_TAIL_BYTES: usize = 4096;
 
 pub struct Isolate {
     pid: u32,
+    termination: Mutex<Option<Termination>>,
+    requests_started: AtomicU64,
     files: IsolateFiles,
     idle: Mutex<Vec<SendRequest<Incoming>>>,
     state: watch::Receiver<IsolateState>,
@@ -105,6 +141,7 @@ impl Isolate {
         files: IsolateFiles,
         hooks: Arc<dyn IsolateHooks>,
         start_timeout: Duration,
+        limits: IsolateLimits,
     ) -> Result<Arc<Isolate>, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
         let mut child = command.spawn().map_err(StartError::Spawn)?;
@@ -138,6 +175,8 @@ impl Isolate {
             pid,
             files,
             idle: Mutex::new(Vec::new()),
+            termination: Mutex::new(None),
+            requests_started: AtomicU64::new(0),
             state: state_rx,
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
@@ -173,7 +212,10 @@ impl Isolate {
         .unwrap_or(Err(StartError::Timeout(start_timeout)));
 
         match outcome {
-            Ok(()) => Ok(isolate),
+            Ok(()) => {
+                tokio::spawn(monitor(Arc::downgrade(&isolate), limits));
+                Ok(isolate)
+            }
             Err(mut error) => {
                 isolate.kill();
                 if let StartError::Exited { stderr, .. } = &mut error {
@@ -225,6 +267,7 @@ impl Isolate {
     /// Marks a request as in flight until the returned guard drops (when the
     /// response body has been fully sent, not merely the headers).
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
         InFlight { isolate: self.clone() }
@@ -234,7 +277,10 @@ impl Isolate {
     /// absolute form (`https://host/path?q`): it becomes `request.url`.
     pub async fn forward(self: &Arc<Self>, request: Request<Incoming>) -> Result<Response<Incoming>, ForwardError> {
         if let IsolateState::Exited(status) = self.state() {
-            return Err(ForwardError::Crashed(format!("process exited ({status})")));
+            return Err(self
+                .termination()
+                .map(ForwardError::Terminated)
+                .unwrap_or_else(|| ForwardError::Crashed(format!("process exited ({status})"))));
         }
         let mut sender = self.connection().await?;
         let result = sender.send_request(request).await;
@@ -251,6 +297,9 @@ impl Isolate {
                     state.wait_for(|s| matches!(s, IsolateState::Exited(_))),
                 )
                 .await;
+                if let Some(termination) = self.termination() {
+                    return Err(ForwardError::Terminated(termination));
+                }
                 Err(ForwardError::Crashed(match self.state() {
                     IsolateState::Exited(status) => format!("process exited ({status})"),
                     IsolateState::Running => e.to_string(),
@@ -309,6 +358,18 @@ impl Isolate {
         }
     }
 
+    /// Why the runner ended this isolate, if it did.
+    pub fn termination(&self) -> Option<Termination> {
+        self.termination.lock().expect("termination poisoned").clone()
+    }
+
+    /// Ends the isolate for breaking a limit: in-flight requests learn why.
+    pub fn terminate_for(&self, termination: Termination) {
+        tracing::warn!(pid = self.pid, %termination, "terminating isolate");
+        self.termination.lock().expect("termination poisoned").get_or_insert(termination);
+        self.kill();
+    }
+
     /// Kills the process group now.
     pub fn kill(&self) {
         let _ = signal_process_group(self.pid, SIGKILL);
@@ -331,6 +392,49 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.isolate.touch();
         self.isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Charges the isolate's CPU clock against a budget its requests fill:
+/// each request adds `cpu_limit_ms`, the budget holds at most
+/// `CPU_BURST_REQUESTS` requests' worth, and CPU used at any time (handlers,
+/// timers, work left running after a response) is taken from it. Below zero,
+/// the isolate is terminated. Module evaluation before `ready` is free.
+async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
+    let limit_ns = i128::from(limits.cpu_limit_ms) * 1_000_000;
+    let cap_ns = limit_ns * i128::from(CPU_BURST_REQUESTS);
+    let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
+    let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
+    let mut credit_ns = limit_ns;
+    let mut last_requests = 0u64;
+    // CPU burned since the isolate last had nothing to do: what a runaway
+    // request used, for the report.
+    let mut busy_ns: i128 = 0;
+    loop {
+        let pause = match isolate.upgrade() {
+            Some(i) if i.in_flight() > 0 || i.idle_for() < Duration::from_secs(1) => CPU_SAMPLE_BUSY,
+            Some(_) => CPU_SAMPLE_IDLE,
+            None => return,
+        };
+        tokio::time::sleep(pause).await;
+        let Some(isolate) = isolate.upgrade() else { return };
+        if !isolate.is_running() {
+            return;
+        }
+        let Ok(cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
+        let used_ns = (cpu.as_nanos() as i128) - (last_cpu.as_nanos() as i128);
+        last_cpu = cpu;
+        let requests = isolate.requests_started.load(Ordering::Relaxed);
+        credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns).min(cap_ns) - used_ns;
+        last_requests = requests;
+        busy_ns = if isolate.in_flight() == 0 && used_ns < 1_000_000 { 0 } else { busy_ns + used_ns };
+        if credit_ns < 0 {
+            isolate.terminate_for(Termination::CpuTimeLimit {
+                limit_ms: limits.cpu_limit_ms,
+                used_ms: (busy_ns / 1_000_000) as u64,
+            });
+            return;
+        }
     }
 }
 

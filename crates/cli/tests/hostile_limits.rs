@@ -1,0 +1,171 @@
+//! Hostile tenants against the runner's limits: CPU time per request
+//! (measured by the kernel, from outside), wall clock, and the number of
+//! isolates. Each attack must fail for the attacker, be recorded, and leave a
+//! neighbour deployment serving.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const NEIGHBOUR: &str = "Deno.serve(() => new Response(String(Deno.pid)));";
+
+/// A handler that spins for `?ms=N` of CPU, answers its pid on `/`, and on
+/// `/loop` never returns.
+const BURNER: &str = r#"
+Deno.serve((req) => {
+  const url = new URL(req.url);
+  if (url.pathname === "/loop") { while (true) {} }
+  if (url.pathname === "/background") {
+    setTimeout(() => { while (true) {} }, 10);
+    return new Response("answered first");
+  }
+  const ms = Number(url.searchParams.get("ms") ?? 0);
+  const end = performance.now() + ms;
+  while (performance.now() < end) {}
+  return new Response(String(Deno.pid));
+});
+"#;
+
+async fn pid(runner: &Runner, host: &str, path: &str) -> u32 {
+    let response = runner.get(host, path).await;
+    assert_eq!(response.status(), 200, "{host}{path}");
+    response.text().await.unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_runaway_loop_is_killed_fast_and_reported() {
+    let origin = TestOrigin::start().await;
+    origin.deploy("burner", TestDeployment::inline_js(BURNER));
+    origin.deploy("neighbour", TestDeployment::inline_js(NEIGHBOUR));
+    let runner = origin.runner(&["--cpu-limit-ms", "50"]);
+    let client = reqwest::Client::new();
+    let get = |id: &'static str, path: &'static str| {
+        client
+            .get(format!("http://{}{path}", runner.addr))
+            .header("x-deno-subhost", subhost_token(claims_for(id)))
+            .send()
+    };
+    let neighbour_pid = get("neighbour", "/").await.unwrap().text().await.unwrap();
+    let first: u32 = get("burner", "/").await.unwrap().text().await.unwrap().parse().unwrap();
+
+    // The neighbour keeps answering while the loop spins.
+    let neighbour = async {
+        let mut answered = 0;
+        for _ in 0..10 {
+            let response = get("neighbour", "/").await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.text().await.unwrap(), neighbour_pid);
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        answered
+    };
+    let started = Instant::now();
+    let (looped, answered) = tokio::join!(get("burner", "/loop"), neighbour);
+    let elapsed = started.elapsed();
+    let message = expect_error(looped.unwrap(), 502, "CPU_TIME_LIMIT").await;
+    assert!(message.contains("CPU"), "{message}");
+    assert_eq!(answered, 10);
+    // 2 × 50 ms of budget at most, plus sampling and kill; generous for CI.
+    assert!(elapsed < Duration::from_secs(2), "the loop lived {elapsed:?}");
+    wait_until("the runaway isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
+
+    let second: u32 = get("burner", "/").await.unwrap().text().await.unwrap().parse().unwrap();
+    assert_ne!(second, first, "the next request boots a fresh isolate");
+
+    let mut events = Vec::new();
+    wait_until("the cpu_time_limit event", Duration::from_secs(10), || {
+        events = origin.activity_events();
+        events.iter().any(|e| e["type"] == "cpu_time_limit")
+    })
+    .await;
+    let event = events.iter().find(|e| e["type"] == "cpu_time_limit").unwrap();
+    assert_eq!(event["deployment_id"], "burner");
+    assert_eq!(event["limit"], 50);
+    assert!(event["used"].as_u64().unwrap() >= 50, "{event}");
+    let metrics = runner.metrics().await;
+    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="cpu_time_limit"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn cpu_burnt_after_the_response_is_charged_too() {
+    let apps = AppsDir::new();
+    apps.app("burner", &[("main.ts", BURNER)]);
+    let runner = apps.serve(&["--cpu-limit-ms", "50"]);
+    let first = pid(&runner, "burner.localhost", "/").await;
+    let response = runner.get("burner.localhost", "/background").await;
+    assert_eq!(response.text().await.unwrap(), "answered first");
+    wait_until("the background loop's isolate to be killed", Duration::from_secs(5), || !process_alive(first)).await;
+    assert_ne!(pid(&runner, "burner.localhost", "/").await, first);
+}
+
+#[tokio::test]
+async fn ordinary_handlers_are_never_killed_and_a_slow_burn_is() {
+    let apps = AppsDir::new();
+    apps.app("modest", &[("main.ts", BURNER)]).app("greedy", &[("main.ts", BURNER)]);
+    let runner = apps.serve(&["--cpu-limit-ms", "50"]);
+
+    // 25 ms of CPU per request, well under the limit: one isolate throughout.
+    let modest = pid(&runner, "modest.localhost", "/?ms=25").await;
+    for _ in 0..20 {
+        assert_eq!(pid(&runner, "modest.localhost", "/?ms=25").await, modest);
+    }
+
+    // 90 ms per request: more than the budget each request brings.
+    let mut killed = false;
+    for _ in 0..10 {
+        let response = runner.get("greedy.localhost", "/?ms=90").await;
+        if response.status() == 502 {
+            expect_error(response, 502, "CPU_TIME_LIMIT").await;
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "an isolate using 90 ms per request under a 50 ms limit kept running");
+}
+
+#[tokio::test]
+async fn a_request_that_never_answers_gets_504() {
+    let apps = AppsDir::new();
+    apps.app("sleepy", &[("main.ts", "Deno.serve(() => new Promise(() => {}));")]).app("n", &[("main.ts", NEIGHBOUR)]);
+    let runner = apps.serve(&["--request-timeout-s", "1"]);
+    let started = Instant::now();
+    let message = expect_error(runner.get("sleepy.localhost", "/").await, 504, "REQUEST_TIMEOUT").await;
+    assert!(message.contains("1 s"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    pid(&runner, "n.localhost", "/").await;
+}
+
+#[tokio::test]
+async fn a_full_runner_evicts_the_least_recently_used_idle_isolate_or_refuses() {
+    let apps = AppsDir::new();
+    let slow = "Deno.serve(async (req) => { if (new URL(req.url).pathname === '/slow') await new Promise((r) => setTimeout(r, 1500)); return new Response(String(Deno.pid)); });";
+    for name in ["a", "b", "c"] {
+        apps.app(name, &[("main.ts", slow)]);
+    }
+    let runner = apps.serve(&["--max-isolates", "2"]);
+    let a = pid(&runner, "a.localhost", "/").await;
+    let b = pid(&runner, "b.localhost", "/").await;
+    pid(&runner, "b.localhost", "/").await;
+    // a is the least recently used: c's boot evicts it.
+    pid(&runner, "c.localhost", "/").await;
+    wait_until("a to be evicted", Duration::from_secs(5), || !process_alive(a)).await;
+    assert!(process_alive(b));
+    let metrics = runner.metrics().await;
+    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="evicted"} 1"#), "{metrics}");
+
+    // Both slots busy with in-flight requests: a new deployment is refused.
+    let client_b = runner.client_for("b.localhost");
+    let client_c = runner.client_for("c.localhost");
+    let busy_b = tokio::spawn(client_b.get(runner.url("b.localhost", "/slow")).send());
+    let busy_c = tokio::spawn(client_c.get(runner.url("c.localhost", "/slow")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_error(runner.get("a.localhost", "/").await, 503, "CAPACITY").await;
+    assert_eq!(busy_b.await.unwrap().unwrap().status(), 200);
+    assert_eq!(busy_c.await.unwrap().unwrap().status(), 200);
+    let body: Value = Value::from(pid(&runner, "a.localhost", "/").await);
+    assert!(body.as_u64().is_some());
+}
