@@ -15,6 +15,6 @@ mod pool;
 
 pub use activity::ActivitySink;
 pub use boot::BootError;
-pub use isocloud_supervisor::{CPU_BURST_REQUESTS, ForwardError, InFlight, Isolate, IsolateLimits, Termination};
+pub use isocloud_supervisor::{CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, Termination};
 pub use metrics::PoolMetrics;
 pub use pool::{Pool, PoolOptions};

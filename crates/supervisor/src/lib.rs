@@ -91,9 +91,11 @@ impl Termination {
 }
 
 /// A request may borrow from the budget that earlier, cheaper requests left
-/// unused, but never more than this many requests' worth: a runaway loop dies
-/// after at most `CPU_BURST_REQUESTS × cpu_limit_ms` of CPU (plus one sample).
-pub const CPU_BURST_REQUESTS: u64 = 2;
+/// unused, but the budget never holds more than this share of one request's
+/// limit: a runaway loop dies after at most 1.5 × `cpu_limit_ms` of CPU
+/// (1 × in a fresh isolate), plus one sample. Alternating 20 ms and 70 ms
+/// requests under a 50 ms limit pass; a sustained average above it does not.
+pub const CPU_BUDGET_CAP_PERCENT: u64 = 150;
 /// How often the CPU clock is read while requests are in flight (the slack
 /// of the CPU limit) and while the isolate rests.
 pub const CPU_SAMPLE_BUSY: Duration = Duration::from_millis(5);
@@ -397,12 +399,12 @@ impl Drop for InFlight {
 
 /// Charges the isolate's CPU clock against a budget its requests fill:
 /// each request adds `cpu_limit_ms`, the budget holds at most
-/// `CPU_BURST_REQUESTS` requests' worth, and CPU used at any time (handlers,
+/// `CPU_BUDGET_CAP_PERCENT` of one request's, and CPU used at any time (handlers,
 /// timers, work left running after a response) is taken from it. Below zero,
 /// the isolate is terminated. Module evaluation before `ready` is free.
 async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
     let limit_ns = i128::from(limits.cpu_limit_ms) * 1_000_000;
-    let cap_ns = limit_ns * i128::from(CPU_BURST_REQUESTS);
+    let cap_ns = limit_ns * i128::from(CPU_BUDGET_CAP_PERCENT) / 100;
     let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
     let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
     let mut credit_ns = limit_ns;

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""How long after the CPU limit a runaway `while (true) {}` handler dies.
+
+    python3 bench/cpu_limit.py [--runs 20] [--cpu-limit-ms 50] [--binary PATH]
+
+Each run boots a fresh deployment, warms it with one request, then sends a
+request whose handler never returns, and measures the wall time until the
+runner answers 502 CPU_TIME_LIMIT. The loop burns one core, so its CPU time
+is close to the wall time; the figure printed is the time past the limit.
+Loopback only; stops by itself.
+"""
+import argparse
+import http.client
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
+APP = 'Deno.serve((req) => { if (new URL(req.url).pathname === "/loop") { while (true) {} } return new Response("ok"); });\n'
+
+
+def request(port, host, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    start = time.perf_counter()
+    conn.request("GET", path, headers={"Host": host})
+    response = conn.getresponse()
+    response.read()
+    return response.status, response.getheader("x-isocloud-error"), (time.perf_counter() - start) * 1000
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--cpu-limit-ms", type=int, default=50)
+    parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/isocloud"))
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="isocloud-cpu-bench-")
+    apps = os.path.join(work, "apps")
+    for i in range(args.runs):
+        os.makedirs(os.path.join(apps, f"loop{i}"))
+        with open(os.path.join(apps, f"loop{i}", "main.ts"), "w") as f:
+            f.write(APP)
+    runner = subprocess.Popen(
+        [args.binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(work, "state"),
+         "--deno", DENO, "--cpu-limit-ms", str(args.cpu_limit_ms)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "ISOCLOUD_LOG": "warn"},
+    )
+    past_limit = []
+    try:
+        line = ""
+        while "listening on" not in line:
+            line = runner.stdout.readline()
+            if not line:
+                raise SystemExit("the runner did not start")
+        port = int(line.rsplit(":", 1)[1])
+        for i in range(args.runs):
+            host = f"loop{i}.localhost"
+            status, _, _ = request(port, host, "/")
+            assert status == 200, status
+            status, code, elapsed = request(port, host, "/loop")
+            if status != 502 or code != "CPU_TIME_LIMIT":
+                raise SystemExit(f"run {i}: expected 502 CPU_TIME_LIMIT, got {status} {code}")
+            past_limit.append(elapsed - args.cpu_limit_ms)
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+    print(f"cpu limit {args.cpu_limit_ms} ms, {len(past_limit)} runaway loops")
+    print(f"killed after the limit: median {statistics.median(past_limit):.1f} ms, max {max(past_limit):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
