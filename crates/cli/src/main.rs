@@ -3,6 +3,7 @@
 //! into a graceful shutdown. It holds no logic of its own beyond that wiring.
 
 mod deno;
+mod sandbox;
 mod settings;
 
 use std::sync::Arc;
@@ -13,9 +14,8 @@ use isocloud_auth::SubhostVerifier;
 use isocloud_ingress::{EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
 use isocloud_origin::{AppsOrigin, DiskCache, Origin, RemoteOriginOptions};
 use isocloud_pool::{IsolateLimits, Pool, PoolMetrics, PoolOptions};
-use isocloud_sandbox::SandboxPolicy;
 use prometheus_client::registry::Registry;
-use settings::{Cli, LogFormat, Mode, Settings, Toggle};
+use settings::{Cli, LogFormat, Mode, Settings};
 use tokio::net::TcpListener;
 
 fn main() -> std::process::ExitCode {
@@ -62,24 +62,26 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let edge_metrics = EdgeMetrics::new(&mut registry);
     register_cache_metrics(&mut registry, cache.clone());
 
-    let mount_namespace = match (settings.mount_namespace, isocloud_sandbox::probe_mount_namespace(&deno)) {
-        (Toggle::Off, _) => false,
-        (_, Ok(())) => true,
-        (Toggle::On, Err(e)) => anyhow::bail!("--mount-namespace on, but this runner cannot make one: {e}"),
-        (Toggle::Auto, Err(e)) => {
-            tracing::warn!(error = %e, "no mount namespace for isolates (needs root); they will see host paths");
-            false
+    let policy = sandbox::policy(&settings, &deno, &state_dir, harness_dir)?;
+    let cgroups = match isocloud_sandbox::Cgroups::detect(&format!("isocloud-{}", std::process::id())) {
+        Ok(cgroups) => {
+            tracing::info!(
+                "limits: memory={} MB per isolate (cgroup {} + V8 heap), cpu={} ms per request",
+                settings.memory_limit_mb,
+                cgroups.version(),
+                settings.cpu_limit_ms
+            );
+            Some(Arc::new(cgroups))
         }
-    };
-    tracing::info!("sandbox: mount-namespace={}", if mount_namespace { "on" } else { "off" });
-    let deno_dir = state_dir.join("deno-dir");
-    std::fs::create_dir_all(&deno_dir)?;
-    let policy = SandboxPolicy {
-        deno: deno.clone(),
-        harness_dir,
-        deno_dir,
-        v8_heap_limit_mb: Some(settings.memory_limit_mb),
-        mount_namespace,
+        Err(reason) => {
+            tracing::warn!(%reason, "no usable memory cgroup: isolates' resident memory is watched instead");
+            tracing::info!(
+                "limits: memory={} MB per isolate (RSS watch + V8 heap), cpu={} ms per request",
+                settings.memory_limit_mb,
+                settings.cpu_limit_ms
+            );
+            None
+        }
     };
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,
@@ -87,7 +89,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         kill_grace: std::time::Duration::from_secs(1),
         instances_dir: state_dir.join(format!("isolates-{}", std::process::id())),
         max_isolates: settings.max_isolates,
-        limits: IsolateLimits { cpu_limit_ms: settings.cpu_limit_ms },
+        limits: IsolateLimits {
+            cpu_limit_ms: settings.cpu_limit_ms,
+            memory_limit_bytes: settings.memory_limit_mb * 1024 * 1024,
+            watch_rss: cgroups.is_none(),
+        },
+        cgroups,
     };
     let pool = Pool::new(pool_options, policy, cache, pool_metrics).context("cannot prepare the isolate directory")?;
 

@@ -87,6 +87,24 @@ pub struct CommonFlags {
     /// runner may), on (refuse to start without), off [default: auto].
     #[arg(long, value_name = "MODE")]
     pub mount_namespace: Option<String>,
+    /// Confine each isolate's file system with Landlock: auto (when the
+    /// kernel has it), on (refuse to start without), off [default: auto].
+    #[arg(long, value_name = "MODE")]
+    pub landlock: Option<String>,
+    /// The seccomp denylist on every isolate: on or off [default: on].
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<String>,
+    /// Resource limits (open files, file size, core dumps, …) on every
+    /// isolate: on or off [default: on].
+    #[arg(long, value_name = "MODE")]
+    pub rlimits: Option<String>,
+    /// The uid isolates run as, or off (the runner's own); needs a root
+    /// runner [default: 65534 when the runner is root, else off].
+    #[arg(long, value_name = "UID")]
+    pub isolate_uid: Option<String>,
+    /// The gid isolates run as [default: 65534].
+    #[arg(long, value_name = "GID")]
+    pub isolate_gid: Option<u32>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -124,6 +142,11 @@ struct FileConfig {
     cache_max_mb: Option<u64>,
     log_format: Option<String>,
     mount_namespace: Option<String>,
+    landlock: Option<String>,
+    seccomp: Option<String>,
+    rlimits: Option<String>,
+    isolate_uid: Option<UidValue>,
+    isolate_gid: Option<u32>,
     apps: Option<PathBuf>,
     rpc_root: Option<String>,
     #[serde(default)]
@@ -143,6 +166,23 @@ pub struct SettingsError {
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SettingsError {
     SettingsError { field, message: message.into() }
+}
+
+/// `isolate_uid` in the TOML file: a number or `"off"`.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum UidValue {
+    Id(u32),
+    Text(String),
+}
+
+/// Who isolates run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolateUid {
+    /// 65534 when the runner is root, else the runner's own uid.
+    Auto,
+    Off,
+    Id(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +221,11 @@ pub struct Settings {
     pub cache_max_bytes: u64,
     pub log_format: LogFormat,
     pub mount_namespace: Toggle,
+    pub landlock: Toggle,
+    pub seccomp: bool,
+    pub rlimits: bool,
+    pub isolate_uid: IsolateUid,
+    pub isolate_gid: u32,
 }
 
 impl Settings {
@@ -234,6 +279,27 @@ impl Settings {
             "on" => Toggle::On,
             "off" => Toggle::Off,
             other => return Err(invalid("mount_namespace", format!("{other:?} is not auto, on or off"))),
+        };
+        let landlock = match common.landlock.or(file.landlock).as_deref().unwrap_or("auto") {
+            "auto" => Toggle::Auto,
+            "on" => Toggle::On,
+            "off" => Toggle::Off,
+            other => return Err(invalid("landlock", format!("{other:?} is not auto, on or off"))),
+        };
+        let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp))?;
+        let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits))?;
+        let uid_text = common.isolate_uid.or(file.isolate_uid.map(|v| match v {
+            UidValue::Id(id) => id.to_string(),
+            UidValue::Text(text) => text,
+        }));
+        let isolate_uid = match uid_text.as_deref() {
+            None => IsolateUid::Auto,
+            Some("off") => IsolateUid::Off,
+            Some(text) => IsolateUid::Id(parse_id("isolate_uid", text)?),
+        };
+        let isolate_gid = match common.isolate_gid.or(file.isolate_gid) {
+            Some(gid) => parse_id("isolate_gid", &gid.to_string())?,
+            None => 65534,
         };
         let state_dir = match common.state_dir.or(file.state_dir) {
             Some(dir) => dir,
@@ -289,7 +355,31 @@ impl Settings {
             cache_max_bytes: cache_max_mb * 1024 * 1024,
             log_format,
             mount_namespace,
+            landlock,
+            seccomp,
+            rlimits,
+            isolate_uid,
+            isolate_gid,
         })
+    }
+}
+
+/// A layer that is on unless the operator turns it off.
+fn on_off(field: &'static str, value: Option<String>) -> Result<bool, SettingsError> {
+    match value.as_deref().unwrap_or("on") {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(invalid(field, format!("{other:?} is neither \"on\" nor \"off\""))),
+    }
+}
+
+/// An isolate uid or gid: never root's, never the "no id" value.
+fn parse_id(field: &'static str, text: &str) -> Result<u32, SettingsError> {
+    let id: u32 = text.parse().map_err(|_| invalid(field, format!("{text:?} is neither a number nor \"off\"")))?;
+    match id {
+        0 => Err(invalid(field, "0 is root: isolates never run as root (\"off\" keeps the runner's own uid)")),
+        u32::MAX => Err(invalid(field, "4294967295 is not an id")),
+        id => Ok(id),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use isocloud_origin::{AssetTree, CacheKind, DiskCache, Origin, OriginError, load_deployment};
 use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel};
-use isocloud_sandbox::{IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
+use isocloud_sandbox::{Cgroups, IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
 
 use crate::ActivitySink;
@@ -49,6 +49,8 @@ pub(crate) struct BootContext {
     pub instances_dir: PathBuf,
     pub start_timeout: std::time::Duration,
     pub limits: IsolateLimits,
+    /// Memory cgroups for isolates; `None` where no controller is usable.
+    pub cgroups: Option<Arc<Cgroups>>,
     pub activity: ActivitySink,
 }
 
@@ -88,7 +90,17 @@ pub(crate) async fn boot(
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
     });
-    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits).await {
+    let cgroup = match &ctx.cgroups {
+        Some(cgroups) => match cgroups.create(&instance.to_string(), ctx.limits.memory_limit_bytes) {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(BootError::Sandbox(Arc::new(SandboxError::Io(e))));
+            }
+        },
+        None => None,
+    };
+    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits, cgroup).await {
         Ok(isolate) => Ok((isolate, started.elapsed().as_millis() as u64)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);

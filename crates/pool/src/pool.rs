@@ -29,6 +29,7 @@ pub struct PoolOptions {
     /// Isolates running or booting at once, at most.
     pub max_isolates: usize,
     pub limits: IsolateLimits,
+    pub cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
 }
 
 /// Deployments are named by origin and id: two subhosters may both have a
@@ -80,6 +81,7 @@ impl Pool {
             instances_dir: options.instances_dir.clone(),
             start_timeout: options.start_timeout,
             limits: options.limits,
+            cgroups: options.cgroups.clone(),
             activity,
         };
         let pool = Self {
@@ -270,6 +272,9 @@ fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
     let (reason, event) = match isolate.termination() {
         Some(Termination::CpuTimeLimit { limit_ms, used_ms }) => {
             ("cpu_time_limit", ActivityKind::CpuTimeLimit { limit: limit_ms, used: used_ms })
+        }
+        Some(Termination::MemoryLimit { limit_bytes, used_bytes }) => {
+            ("memory_limit", ActivityKind::MemoryLimit { limit: limit_bytes, used: used_bytes })
         }
         None => {
             tracing::warn!(deployment_id = key.1, pid = isolate.pid(), %status, "isolate exited by itself");

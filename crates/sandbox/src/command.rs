@@ -1,14 +1,13 @@
 //! The command line, environment and process attributes of an isolate.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use isocloud_protocol::{IsolateConfig, NetPermission};
 
-use crate::IsolateFiles;
+use crate::confine::Confinement;
 use crate::files::RUNNER_ENV;
+use crate::{IsolateFiles, IsolateIds, LandlockError, LandlockPolicy, SeccompFilters};
 
 /// What the operator decided for every isolate of this runner.
 #[derive(Debug, Clone)]
@@ -23,6 +22,35 @@ pub struct SandboxPolicy {
     /// Give each isolate its own mount namespace and root (`/src` is the
     /// deployment, no host path shows). Needs CAP_SYS_ADMIN (a root runner).
     pub mount_namespace: bool,
+    /// Run each isolate as this uid/gid (needs a root runner); `None` keeps
+    /// the runner's own.
+    pub isolate_ids: Option<IsolateIds>,
+    /// Landlock's file system rules ([`crate::landlock::RULES`]); `None`: off.
+    pub landlock: Option<LandlockPolicy>,
+    /// The compiled seccomp denylist ([`crate::seccomp_policy::DENYLIST`]);
+    /// `None`: off.
+    pub seccomp: Option<SeccompFilters>,
+    /// Apply [`crate::rlimits::RLIMITS`].
+    pub rlimits: bool,
+}
+
+impl SandboxPolicy {
+    /// Every layer, for the start-up line: `mount-namespace=on landlock=on
+    /// seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on`.
+    pub fn summary(&self) -> String {
+        let on = |yes: bool| if yes { "on" } else { "off" };
+        let (uid, gid) = match self.isolate_ids {
+            Some(ids) => (ids.uid.to_string(), ids.gid.to_string()),
+            None => ("off".to_owned(), "off".to_owned()),
+        };
+        format!(
+            "mount-namespace={} landlock={} seccomp={} no-new-privs=on uid={uid} gid={gid} rlimits={}",
+            on(self.mount_namespace),
+            on(self.landlock.is_some()),
+            on(self.seccomp.is_some()),
+            on(self.rlimits),
+        )
+    }
 }
 
 /// A ready-to-spawn isolate process. The only way to start one is
@@ -30,6 +58,13 @@ pub struct SandboxPolicy {
 pub struct SandboxedCommand {
     command: tokio::process::Command,
     args: Vec<String>,
+    /// Planning the confinement failed; [`SandboxedCommand::spawn`] says so
+    /// instead of starting an unconfined process.
+    plan_error: Option<LandlockError>,
+    /// The runner binds the control socket before the spawn; the isolate's
+    /// uid must be able to connect to it.
+    control: PathBuf,
+    ids: Option<IsolateIds>,
 }
 
 impl SandboxedCommand {
@@ -97,32 +132,21 @@ impl SandboxedCommand {
                 command.env(name, value);
             }
         }
-        let jail = files.root.as_ref().map(|root| Jail::plan(root, policy, files));
-        // SAFETY: getpid has no preconditions.
-        let runner_pid = unsafe { libc::getpid() };
-        // SAFETY: the closure runs in the child between fork and exec, where
-        // only async-signal-safe calls are allowed: prctl, getppid and the
-        // jail's mount/unshare/pivot_root/chdir are plain syscalls on strings
-        // prepared before the fork; nothing allocates or takes a lock.
-        unsafe {
-            command.pre_exec(move || {
-                // Die with the runner, even when it is SIGKILLed.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+        // Everything that allocates or opens files happens here, before the
+        // fork; the child only enters what was planned (see `confine`).
+        let plan_error = match Confinement::plan(policy, Some(files)) {
+            Ok(confinement) => {
+                // SAFETY: the hook runs in the child between fork and exec and
+                // makes only async-signal-safe syscalls on values prepared
+                // here: no allocation, no locks (see `Confinement::enter`).
+                unsafe {
+                    command.pre_exec(confinement.into_hook());
                 }
-                // The runner may have died between fork and prctl (then the
-                // child was re-parented; comparing with 1 would break a runner
-                // that is itself pid 1 in a container).
-                if libc::getppid() != runner_pid {
-                    return Err(std::io::Error::other("runner exited during spawn"));
-                }
-                if let Some(jail) = &jail {
-                    jail.enter()?;
-                }
-                Ok(())
-            });
-        }
-        Self { command, args }
+                None
+            }
+            Err(e) => Some(e),
+        };
+        Self { command, args, plan_error, control: files.control.clone(), ids: policy.isolate_ids }
     }
 
     /// The arguments deno is started with, for logs and tests.
@@ -131,6 +155,16 @@ impl SandboxedCommand {
     }
 
     pub fn spawn(mut self) -> std::io::Result<tokio::process::Child> {
+        if let Some(e) = self.plan_error {
+            return Err(std::io::Error::other(e));
+        }
+        if let Some(ids) = self.ids {
+            match std::os::unix::fs::lchown(&self.control, Some(ids.uid), Some(ids.gid)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.command.spawn()
     }
 }
@@ -149,82 +183,6 @@ pub fn signal_process_group(pid: u32, signal: libc::c_int) -> std::io::Result<()
     // "every process" (-1).
     let rc = unsafe { libc::kill(-pgid, signal) };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-/// The mounts of an isolate's own root, as C strings made before the fork.
-struct Jail {
-    root: CString,
-    /// (source, target inside `root`, recursive, read-only)
-    binds: Vec<(CString, CString, bool, bool)>,
-    src: CString,
-}
-
-fn cstring(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("isolate paths hold no NUL")
-}
-
-impl Jail {
-    fn plan(root: &Path, policy: &SandboxPolicy, files: &IsolateFiles) -> Self {
-        use crate::files::jail;
-        let inside = |guest: &str| cstring(&root.join(&guest[1..]));
-        let mut binds = Vec::new();
-        for dir in jail::SHARED_DIRS {
-            binds.push((cstring(Path::new(dir)), inside(dir), true, true));
-        }
-        for name in jail::USR_LINKS {
-            let host = Path::new("/").join(name);
-            if std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-                binds.push((cstring(&host), cstring(&root.join(name)), true, true));
-            }
-        }
-        binds.extend([
-            (cstring(Path::new("/dev")), inside("/dev"), true, false),
-            (cstring(Path::new("/proc")), inside("/proc"), true, false),
-            (cstring(&policy.deno), inside(jail::DENO), false, true),
-            (cstring(&policy.harness_dir), inside(jail::HARNESS), false, true),
-            (cstring(&policy.deno_dir), inside(jail::DENO_DIR), false, false),
-            (cstring(&files.src), inside(jail::SRC), false, true),
-            (cstring(&files.modules), inside(jail::MODULES), false, true),
-            (cstring(&files.meta), inside(jail::META), false, true),
-            (cstring(&files.run), inside(jail::RUN), false, false),
-        ]);
-        Self { root: cstring(root), binds, src: CString::new(jail::SRC).expect("no NUL") }
-    }
-
-    /// In the child: a private mount namespace whose root holds only the
-    /// planned binds, then `/src` as the working directory.
-    fn enter(&self) -> std::io::Result<()> {
-        fn check(rc: libc::c_int) -> std::io::Result<()> {
-            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-        }
-        let none = std::ptr::null::<libc::c_char>();
-        // SAFETY: every pointer is a NUL-terminated string owned by `self`,
-        // which outlives these calls; null is allowed for unused arguments.
-        unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            // Nothing done here may propagate back to the host's mounts.
-            check(libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
-            check(libc::mount(self.root.as_ptr(), self.root.as_ptr(), none, libc::MS_BIND, std::ptr::null()))?;
-            for (source, target, recursive, read_only) in &self.binds {
-                let mut flags = libc::MS_BIND;
-                if *recursive {
-                    flags |= libc::MS_REC;
-                }
-                check(libc::mount(source.as_ptr(), target.as_ptr(), none, flags, std::ptr::null()))?;
-                if *read_only {
-                    let remount = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-                    check(libc::mount(none, target.as_ptr(), none, remount, std::ptr::null()))?;
-                }
-            }
-            check(libc::chdir(self.root.as_ptr()))?;
-            // pivot_root(".", "."): the old root ends up under the new one and
-            // is detached right away, so nothing of the host stays reachable.
-            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
-            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
-            check(libc::chdir(self.src.as_ptr()))?;
-        }
-        Ok(())
-    }
 }
 
 /// Whether this process can give isolates their own mount namespace: runs
@@ -250,3 +208,47 @@ pub fn probe_mount_namespace(deno: &Path) -> std::io::Result<()> {
     let status = command.status()?;
     if status.success() { Ok(()) } else { Err(std::io::Error::other(format!("deno --version exited with {status}"))) }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Landlock(#[from] LandlockError),
+    #[error("cannot start deno under the sandbox: {error}{stderr}")]
+    Spawn { error: std::io::Error, stderr: String },
+    #[error("`deno --version` under the sandbox exited with {status}{stderr}")]
+    Exit { status: std::process::ExitStatus, stderr: String },
+}
+
+/// Runs `deno --version` under every layer of `policy` but the mount
+/// namespace (see [`probe_mount_namespace`]): a kernel or a file layout the
+/// policy does not fit (deno unreachable for the isolate uid, a filter that
+/// breaks deno's start) fails here, at start-up, not at the first request.
+pub fn probe_sandbox(policy: &SandboxPolicy) -> Result<(), ProbeError> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let spawn_error = |error: std::io::Error| ProbeError::Spawn { error, stderr: String::new() };
+    let (mut reader, writer) = std::io::pipe().map_err(spawn_error)?;
+    let mut command = std::process::Command::new(&policy.deno);
+    command.arg("--version").env_clear().env("NO_COLOR", "1").stdin(Stdio::null()).stdout(Stdio::null());
+    command.stderr(writer);
+    let confinement = Confinement::plan(policy, None)?;
+    // SAFETY: as in `SandboxedCommand::new`: the hook only makes
+    // async-signal-safe syscalls on values prepared before the fork.
+    unsafe {
+        command.pre_exec(confinement.into_hook());
+    }
+    let status = command.status();
+    // The command holds the pipe's write end: drop it so the read ends.
+    drop(command);
+    let mut stderr = String::new();
+    let _ = reader.read_to_string(&mut stderr);
+    let stderr = if stderr.trim().is_empty() { String::new() } else { format!(" ({})", stderr.trim()) };
+    match status {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(ProbeError::Exit { status, stderr }),
+        Err(error) => Err(ProbeError::Spawn { error, stderr }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

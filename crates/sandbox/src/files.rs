@@ -4,6 +4,7 @@
 //! and the bootstrap record the harness reads first.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use isocloud_eszip::ModuleKind;
@@ -145,6 +146,12 @@ impl IsolateFiles {
         };
         std::fs::create_dir(&files.meta)?;
         std::fs::create_dir(&files.run)?;
+        if let Some(ids) = policy.isolate_ids {
+            // The isolate creates its socket here; nobody else but the runner
+            // (root) may enter.
+            std::os::unix::fs::lchown(&files.run, Some(ids.uid), Some(ids.gid))?;
+            std::fs::set_permissions(&files.run, std::fs::Permissions::from_mode(0o700))?;
+        }
         if let Some(root) = &files.root {
             make_mount_points(root)?;
         }
@@ -321,6 +328,11 @@ fn make_mount_points(root: &Path) -> std::io::Result<()> {
     .chain(jail::SHARED_DIRS)
     {
         std::fs::create_dir_all(root.join(&dir[1..]))?;
+    }
+    // An isolate of another uid must pass through every mount point's parent
+    // (whatever the runner's umask).
+    for dir in ["", "isocloud", "isocloud/bin"] {
+        std::fs::set_permissions(root.join(dir), std::fs::Permissions::from_mode(0o755))?;
     }
     std::fs::write(root.join(&jail::DENO[1..]), b"")?;
     for name in jail::USR_LINKS {

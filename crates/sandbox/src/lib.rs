@@ -5,20 +5,40 @@
 //! [`IsolateFiles`]), and the command that starts it ([`SandboxedCommand`]):
 //! deno's permission flags (read only its own files, write nothing, net per
 //! `permissions.net`, env exactly the configured names), a cleared
-//! environment, its own process group, and death with the runner.
+//! environment, its own process group, and death with the runner — and,
+//! under them, the operating system's layers ([`SandboxPolicy`]): its own
+//! mount namespace and root (`jail`), rlimits (`rlimits`), its own
+//! unprivileged uid (`identity`), `PR_SET_NO_NEW_PRIVS`, Landlock
+//! (`landlock`) and a seccomp denylist (`seccomp_policy`), entered in that
+//! order between fork and exec (`confine`). Policies are data: each rule,
+//! limit and denied syscall sits in one table with its reason.
 //!
 //! It must not decide *when* an isolate runs (the pool does), talk to an
 //! origin, or proxy requests. Unsafe code for process control lives here and
 //! nowhere else.
 
+mod cgroup;
 mod command;
+mod confine;
 mod cpu;
 mod files;
+pub mod identity;
+mod jail;
+pub mod landlock;
+pub mod rlimits;
+mod seccomp;
+pub mod seccomp_policy;
 
-pub use command::{SandboxPolicy, SandboxedCommand, probe_mount_namespace, signal_process_group};
+pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, resident_bytes};
+pub use command::{
+    ProbeError, SandboxPolicy, SandboxedCommand, probe_mount_namespace, probe_sandbox, signal_process_group,
+};
 pub use cpu::process_cpu_time;
 pub use files::{GuestPaths, IsolateFiles, SandboxError};
+pub use identity::IsolateIds;
+pub use landlock::{LandlockError, LandlockPolicy};
 pub use libc::{SIGKILL, SIGTERM};
+pub use seccomp::{SeccompError, SeccompFilters};
 
 /// The harness every isolate runs first, embedded so a runner binary is
 /// self-contained.
@@ -34,6 +54,12 @@ pub fn install_harness(state_dir: &std::path::Path) -> std::io::Result<std::path
     hasher.update(SYNC_WORKER_JS);
     let dir = state_dir.join("harness").join(&hex::encode(hasher.finalize())[..16]);
     std::fs::create_dir_all(&dir)?;
+    // Isolates of another uid read it, whatever the runner's umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |bits| std::fs::Permissions::from_mode(bits);
+    for parent in [state_dir.join("harness"), dir.clone()] {
+        std::fs::set_permissions(parent, mode(0o755))?;
+    }
     for (name, text) in [("harness.js", HARNESS_JS), ("sync_worker.js", SYNC_WORKER_JS)] {
         let path = dir.join(name);
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
@@ -41,6 +67,7 @@ pub fn install_harness(state_dir: &std::path::Path) -> std::io::Result<std::path
             std::fs::write(&tmp, text)?;
             std::fs::rename(&tmp, &path)?;
         }
+        std::fs::set_permissions(&path, mode(0o644))?;
     }
     Ok(dir)
 }

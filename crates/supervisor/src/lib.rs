@@ -20,7 +20,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use isocloud_protocol::{ErrorCode, LogLevel};
-use isocloud_sandbox::{IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
+use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -73,6 +73,9 @@ pub enum ForwardError {
 pub struct IsolateLimits {
     /// CPU time each request brings to the isolate's budget (see `monitor`).
     pub cpu_limit_ms: u64,
+    pub memory_limit_bytes: u64,
+    /// No cgroup caps this isolate: the monitor watches its resident memory.
+    pub watch_rss: bool,
 }
 
 /// Why the runner ended an isolate.
@@ -80,12 +83,15 @@ pub struct IsolateLimits {
 pub enum Termination {
     #[error("CPU time limit: used {used_ms} ms of a {limit_ms} ms per-request budget")]
     CpuTimeLimit { limit_ms: u64, used_ms: u64 },
+    #[error("memory limit: {limit_bytes} bytes")]
+    MemoryLimit { limit_bytes: u64, used_bytes: u64 },
 }
 
 impl Termination {
     pub fn code(&self) -> ErrorCode {
         match self {
             Termination::CpuTimeLimit { .. } => ErrorCode::CpuTimeLimit,
+            Termination::MemoryLimit { .. } => ErrorCode::MemoryLimit,
         }
     }
 }
@@ -93,7 +99,7 @@ impl Termination {
 /// A request may borrow from the budget that earlier, cheaper requests left
 /// unused, but the budget never holds more than this share of one request's
 /// limit: a runaway loop dies after at most 1.5 × `cpu_limit_ms` of CPU
-/// (1 × in a fresh isolate), plus one sample. Alternating 20 ms and 70 ms
+/// (1 × in a fresh isolate), plus one sample. Alternating 20 ms and 60 ms
 /// requests under a 50 ms limit pass; a sustained average above it does not.
 pub const CPU_BUDGET_CAP_PERCENT: u64 = 150;
 /// How often the CPU clock is read while requests are in flight (the slack
@@ -108,6 +114,9 @@ pub enum IsolateState {
     Exited(String),
 }
 
+/// What V8 prints when its heap limit (`--max-old-space-size`) is reached.
+const V8_OUT_OF_MEMORY: [&str; 2] = ["Reached heap limit", "heap out of memory"];
+
 /// How many idle keep-alive connections into one isolate are kept.
 const MAX_IDLE_CONNECTIONS: usize = 32;
 /// Control lines longer than this are a broken or hostile harness.
@@ -116,7 +125,7 @@ const STDERR_TAIL_BYTES: usize = 4096;
 
 pub struct Isolate {
     pid: u32,
-    termination: Mutex<Option<Termination>>,
+    termination: Arc<Mutex<Option<Termination>>>,
     requests_started: AtomicU64,
     files: IsolateFiles,
     idle: Mutex<Vec<SendRequest<Incoming>>>,
@@ -144,10 +153,19 @@ impl Isolate {
         hooks: Arc<dyn IsolateHooks>,
         start_timeout: Duration,
         limits: IsolateLimits,
+        cgroup: Option<IsolateCgroup>,
     ) -> Result<Arc<Isolate>, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
         let mut child = command.spawn().map_err(StartError::Spawn)?;
         let pid = child.id().ok_or_else(|| StartError::Spawn(std::io::Error::other("no pid")))?;
+        // Before any tenant code runs: deno spends its first milliseconds
+        // loading itself and the harness.
+        if let Some(cgroup) = &cgroup
+            && let Err(e) = cgroup.add(pid)
+        {
+            let _ = signal_process_group(pid, SIGKILL);
+            return Err(StartError::Spawn(std::io::Error::other(format!("cannot join the memory cgroup: {e}"))));
+        }
         tracing::debug!(pid, dir = %files.dir.display(), "isolate process spawned");
 
         let stderr_tail = Arc::new(Mutex::new(String::new()));
@@ -162,6 +180,9 @@ impl Isolate {
         tokio::spawn(accept_control(listener, hooks, started_tx));
 
         let (state_tx, state_rx) = watch::channel(IsolateState::Running);
+        let termination: Arc<Mutex<Option<Termination>>> = Arc::default();
+        let exit_termination = termination.clone();
+        let exit_stderr = stderr_tail.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(status) => status.to_string(),
@@ -169,6 +190,19 @@ impl Isolate {
             };
             // Whatever the leader started goes with it.
             let _ = signal_process_group(pid, SIGKILL);
+            // Why it died decides what in-flight requests are told: set it
+            // before anyone can see the exit.
+            let oom = cgroup.as_ref().is_some_and(IsolateCgroup::oom_killed)
+                || V8_OUT_OF_MEMORY.iter().any(|m| exit_stderr.lock().expect("stderr tail poisoned").contains(m));
+            if oom {
+                let used_bytes =
+                    cgroup.as_ref().and_then(IsolateCgroup::peak_bytes).unwrap_or(limits.memory_limit_bytes);
+                exit_termination
+                    .lock()
+                    .expect("termination poisoned")
+                    .get_or_insert(Termination::MemoryLimit { limit_bytes: limits.memory_limit_bytes, used_bytes });
+            }
+            drop(cgroup);
             tracing::debug!(pid, %status, "isolate process exited");
             let _ = state_tx.send(IsolateState::Exited(status));
         });
@@ -177,7 +211,7 @@ impl Isolate {
             pid,
             files,
             idle: Mutex::new(Vec::new()),
-            termination: Mutex::new(None),
+            termination: termination.clone(),
             requests_started: AtomicU64::new(0),
             state: state_rx,
             in_flight: AtomicUsize::new(0),
@@ -434,6 +468,16 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
             isolate.terminate_for(Termination::CpuTimeLimit {
                 limit_ms: limits.cpu_limit_ms,
                 used_ms: (busy_ns / 1_000_000) as u64,
+            });
+            return;
+        }
+        if limits.watch_rss
+            && let Some(resident) = isocloud_sandbox::resident_bytes(pid)
+            && resident > limits.memory_limit_bytes
+        {
+            isolate.terminate_for(Termination::MemoryLimit {
+                limit_bytes: limits.memory_limit_bytes,
+                used_bytes: resident,
             });
             return;
         }

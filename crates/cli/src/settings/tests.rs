@@ -90,3 +90,64 @@ fn config_file_errors_name_the_field() {
     std::fs::write(&config, "rpc_root = \"http://o/v0/\"\n").unwrap();
     assert_eq!(field_of(&["serve", "--apps", apps, "--config", config.to_str().unwrap()]), "subhost_secret");
 }
+
+#[test]
+fn sandbox_layers_default_on_and_switch_only_by_name() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.landlock, Toggle::Auto);
+    assert!(settings.seccomp && settings.rlimits);
+    assert_eq!(settings.isolate_uid, IsolateUid::Auto);
+    assert_eq!(settings.isolate_gid, 65534);
+
+    let args = [
+        "serve",
+        "--apps",
+        dir,
+        "--state-dir",
+        "/tmp/x",
+        "--landlock",
+        "on",
+        "--seccomp",
+        "off",
+        "--rlimits",
+        "off",
+        "--isolate-uid",
+        "1234",
+        "--isolate-gid",
+        "5678",
+    ];
+    let settings = parse(&args).unwrap();
+    assert_eq!(settings.landlock, Toggle::On);
+    assert!(!settings.seccomp && !settings.rlimits);
+    assert_eq!(settings.isolate_uid, IsolateUid::Id(1234));
+    assert_eq!(settings.isolate_gid, 5678);
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--isolate-uid", "off"]).unwrap();
+    assert_eq!(settings.isolate_uid, IsolateUid::Off);
+
+    assert_eq!(field_of(&["serve", "--apps", dir, "--landlock", "yes"]), "landlock");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--seccomp", "auto"]), "seccomp");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--rlimits", "1"]), "rlimits");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--isolate-uid", "0"]), "isolate_uid");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--isolate-uid", "nobody"]), "isolate_uid");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--isolate-gid", "0"]), "isolate_gid");
+}
+
+#[test]
+fn sandbox_layers_come_from_the_config_file_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let apps = tempfile::tempdir().unwrap();
+    let config = dir.path().join("isocloud.toml");
+    std::fs::write(&config, "landlock = \"off\"\nseccomp = \"off\"\nisolate_uid = 4321\nisolate_gid = 8765\n").unwrap();
+    let args = ["serve", "--apps", apps.path().to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let settings = parse(&args).unwrap();
+    assert_eq!(settings.landlock, Toggle::Off);
+    assert!(!settings.seccomp && settings.rlimits);
+    assert_eq!(settings.isolate_uid, IsolateUid::Id(4321));
+    assert_eq!(settings.isolate_gid, 8765);
+    std::fs::write(&config, "isolate_uid = \"off\"\n").unwrap();
+    assert_eq!(parse(&args).unwrap().isolate_uid, IsolateUid::Off);
+    std::fs::write(&config, "isolate_uid = 0\n").unwrap();
+    assert_eq!(field_of(&args), "isolate_uid");
+}

@@ -13,6 +13,10 @@ fn policy(dir: &Path) -> SandboxPolicy {
         deno_dir: dir.join("deno-dir"),
         v8_heap_limit_mb: None,
         mount_namespace: false,
+        isolate_ids: None,
+        landlock: None,
+        seccomp: None,
+        rlimits: false,
     }
 }
 

@@ -1,0 +1,89 @@
+//! Turns the operator's sandbox settings into the `SandboxPolicy` every
+//! isolate is started with: probes what `auto` layers the machine supports,
+//! refuses to start when an `on` layer is missing, hands deno's cache to the
+//! isolate uid, proves the whole policy on a throw-away `deno --version`, and
+//! reports every layer in one start-up line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use isocloud_sandbox::{IsolateIds, LandlockError, LandlockPolicy, SandboxPolicy, SeccompFilters, identity};
+
+use crate::settings::{IsolateUid, Settings, Toggle};
+
+pub fn policy(
+    settings: &Settings,
+    deno: &Path,
+    state_dir: &Path,
+    harness_dir: PathBuf,
+) -> anyhow::Result<SandboxPolicy> {
+    let mount_namespace = match (settings.mount_namespace, isocloud_sandbox::probe_mount_namespace(deno)) {
+        (Toggle::Off, _) => false,
+        (_, Ok(())) => true,
+        (Toggle::On, Err(e)) => anyhow::bail!("--mount-namespace on, but this runner cannot make one: {e}"),
+        (Toggle::Auto, Err(e)) => {
+            tracing::warn!(error = %e, "no mount namespace for isolates (needs root); they will see host paths");
+            false
+        }
+    };
+
+    let root = identity::runner_is_root();
+    let ids = |uid| IsolateIds { uid, gid: settings.isolate_gid };
+    let isolate_ids = match settings.isolate_uid {
+        IsolateUid::Off => None,
+        IsolateUid::Auto if root => Some(ids(IsolateIds::NOBODY.uid)),
+        IsolateUid::Auto => {
+            tracing::warn!("the runner is not root: isolates run as its own uid");
+            None
+        }
+        IsolateUid::Id(uid) if root => Some(ids(uid)),
+        IsolateUid::Id(uid) => anyhow::bail!("--isolate-uid {uid} needs a root runner (or --isolate-uid off)"),
+    };
+
+    let landlock = match settings.landlock {
+        Toggle::Off => None,
+        mode => match LandlockPolicy::new(deno) {
+            Ok(landlock) => Some(landlock),
+            Err(LandlockError::Unsupported) if mode == Toggle::Auto => {
+                tracing::warn!("this kernel has no Landlock: isolates' file access rests on deno and the jail");
+                None
+            }
+            Err(e) => anyhow::bail!("--landlock {}: {e}", if mode == Toggle::On { "on" } else { "auto" }),
+        },
+    };
+    let seccomp = if settings.seccomp { Some(SeccompFilters::compile().context("--seccomp on")?) } else { None };
+
+    let deno_dir = state_dir.join("deno-dir");
+    std::fs::create_dir_all(&deno_dir)?;
+    if let Some(ids) = isolate_ids {
+        let umask = identity::normalize_umask();
+        if umask & 0o055 != 0 {
+            tracing::info!(umask = format!("{umask:03o}"), "umask relaxed to 022: isolates must read their files");
+        }
+        identity::hand_over_dir(&deno_dir, ids)
+            .with_context(|| format!("cannot hand {} to the isolate uid", deno_dir.display()))?;
+        if !mount_namespace {
+            // Isolates reach their files by host path, through the state dir.
+            identity::allow_traversal(state_dir)?;
+        }
+    }
+
+    let policy = SandboxPolicy {
+        deno: deno.to_owned(),
+        harness_dir,
+        deno_dir,
+        v8_heap_limit_mb: Some(settings.memory_limit_mb),
+        mount_namespace,
+        isolate_ids,
+        landlock,
+        seccomp,
+        rlimits: settings.rlimits,
+    };
+    isocloud_sandbox::probe_sandbox(&policy).context(
+        "deno does not start under the isolate sandbox on this machine \
+         (turn a layer off explicitly: --landlock off, --seccomp off, --rlimits off, --isolate-uid off)",
+    )?;
+    let landlock_abi = policy.landlock.as_ref().map(LandlockPolicy::abi);
+    tracing::info!(landlock_abi, "sandbox: {}", policy.summary());
+    Ok(policy)
+}

@@ -1,0 +1,239 @@
+//! The operating system's layers, each proven on its own: a real deno with
+//! *every* deno permission (`deno eval` runs with `-A`) and FFI, started
+//! through the same confinement as an isolate, tries what a tenant who got
+//! past deno's permissions would try. Needs root (the jail, setuid) and the
+//! pinned deno; skipped, loudly, without them.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use isocloud_origin::{AssetTree, Deployment, ModuleFile};
+use isocloud_protocol::IsolateConfig;
+use serde_json::Value;
+
+use super::*;
+
+fn pinned_deno() -> Option<PathBuf> {
+    let deno = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.isocloud/deno/bin/deno");
+    deno.is_file().then(|| deno.canonicalize().unwrap())
+}
+
+/// The pinned deno and a root runner, or `None` (and a note) to skip.
+fn requirements(test: &str) -> Option<PathBuf> {
+    if !crate::identity::runner_is_root() {
+        eprintln!("skipping {test}: needs root (the jail and setuid)");
+        return None;
+    }
+    let deno = pinned_deno();
+    if deno.is_none() {
+        eprintln!("skipping {test}: the pinned deno is missing (run ./scripts/install-deno)");
+    }
+    deno
+}
+
+#[derive(Clone, Copy)]
+struct Layers {
+    landlock: bool,
+    seccomp: bool,
+    ids: bool,
+    rlimits: bool,
+}
+
+const ALL: Layers = Layers { landlock: true, seccomp: true, ids: true, rlimits: true };
+
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    policy: SandboxPolicy,
+    files: IsolateFiles,
+}
+
+impl Sandbox {
+    fn new(deno: &Path, layers: Layers) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = layers.ids.then_some(IsolateIds::NOBODY);
+        let deno_dir = dir.path().join("deno-dir");
+        std::fs::create_dir(&deno_dir).unwrap();
+        if let Some(ids) = ids {
+            crate::identity::hand_over_dir(&deno_dir, ids).unwrap();
+        }
+        let policy = SandboxPolicy {
+            deno: deno.to_owned(),
+            harness_dir: crate::install_harness(dir.path()).unwrap(),
+            deno_dir,
+            v8_heap_limit_mb: None,
+            mount_namespace: true,
+            isolate_ids: ids,
+            landlock: layers.landlock.then(|| LandlockPolicy::new(deno).expect("this kernel has Landlock")),
+            seccomp: layers.seccomp.then(|| SeccompFilters::compile().unwrap()),
+            rlimits: layers.rlimits,
+        };
+        let config = IsolateConfig::from_json(
+            br#"{"entrypoint":"file:///src/main.ts","layers":[{"kind":"bundle","id":"x","specifier":"file:///src/main.ts"}]}"#,
+        )
+        .unwrap();
+        let specifier = url::Url::parse("file:///src/main.ts").unwrap();
+        let module = ModuleFile {
+            specifier: specifier.clone(),
+            kind: isocloud_eszip::ModuleKind::JavaScript,
+            source: Bytes::from_static(b"export {};"),
+        };
+        let deployment = Deployment {
+            deployment_id: "d".into(),
+            config,
+            modules: [(specifier, module)].into(),
+            redirects: Default::default(),
+            tree: AssetTree::default(),
+        };
+        let files = IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy).unwrap();
+        Sandbox { _dir: dir, policy, files }
+    }
+
+    /// Runs `script` with `deno eval` (all deno permissions) inside the
+    /// isolate's confinement; the script prints one JSON value.
+    fn eval(&self, script: &str) -> Value {
+        let confinement = Confinement::plan(&self.policy, Some(&self.files)).unwrap();
+        let mut command = std::process::Command::new(&self.files.guest.deno);
+        command
+            .args(["eval", "--quiet", script])
+            .env_clear()
+            .env("DENO_DIR", &self.files.guest.deno_dir)
+            .env("NO_COLOR", "1")
+            .env("DENO_NO_UPDATE_CHECK", "1")
+            .current_dir(&self.files.src);
+        // SAFETY: the same hook as every isolate's (see SandboxedCommand::new).
+        unsafe {
+            command.pre_exec(confinement.into_hook());
+        }
+        let output = command.output().expect("deno starts under the confinement");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "deno eval failed: {}\nstdout: {stdout}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+}
+
+/// What an attacker with every deno permission tries. Results: a value, or
+/// `"error:<Deno error name>"`; raw syscalls give `-errno` on failure.
+const ATTACKS: &str = r#"
+const attempt = (f) => { try { const v = f(); return v === undefined ? "ok" : v; } catch (e) { return "error:" + e.name; } };
+const libc = Deno.dlopen("libc.so.6", {
+  unshare: { parameters: ["i32"], result: "i32" },
+  ptrace: { parameters: ["i64", "i64", "pointer", "pointer"], result: "i64" },
+  process_vm_readv: { parameters: ["i32", "pointer", "u64", "pointer", "u64", "u64"], result: "i64" },
+  getpid: { parameters: [], result: "i32" },
+  getppid: { parameters: [], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+}).symbols;
+const sys = (f) => { const rc = Number(f()); return rc < 0 ? -new Deno.UnsafePointerView(libc.__errno_location()).getInt32() : rc; };
+console.log(JSON.stringify({
+  passwd: attempt(() => Deno.readTextFileSync("/etc/passwd").length),
+  status: attempt(() => Deno.readTextFileSync("/proc/self/status")),
+  limits: attempt(() => Deno.readTextFileSync("/proc/self/limits")),
+  proc1: attempt(() => Deno.readTextFileSync("/proc/1/environ").length),
+  runnerEnviron: attempt(() => Deno.readTextFileSync(`/proc/${libc.getppid()}/environ`).length),
+  writeTmp: attempt(() => Deno.writeTextFileSync("/tmp/escape", "x")),
+  writeSrc: attempt(() => Deno.writeTextFileSync("/src/escape", "x")),
+  writeRun: attempt(() => Deno.writeTextFileSync("/isocloud/run/scratch", "x")),
+  command: attempt(() => new Deno.Command("/usr/bin/true").outputSync().code),
+  unshare: sys(() => libc.unshare(0x10000000)),
+  ptrace: sys(() => libc.ptrace(2n, BigInt(libc.getppid()), null, null)),
+  vmRead: sys(() => libc.process_vm_readv(libc.getpid(), null, 0n, null, 0n, 0n)),
+}));
+"#;
+
+fn status_field<'a>(status: &'a Value, name: &str) -> &'a str {
+    let text = status.as_str().unwrap_or_else(|| panic!("/proc/self/status unreadable: {status}"));
+    let line = text.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap_or_else(|| panic!("{name}?"));
+    line[name.len() + 1..].trim()
+}
+
+#[test]
+fn every_layer_holds_against_a_process_with_all_deno_permissions() {
+    let Some(deno) = requirements("every_layer_holds") else { return };
+    let sandbox = Sandbox::new(&deno, ALL);
+    let out = sandbox.eval(ATTACKS);
+
+    assert_eq!(out["passwd"], "error:PermissionDenied", "{out}");
+    assert_eq!(out["proc1"], "error:PermissionDenied", "{out}");
+    assert_eq!(out["runnerEnviron"], "error:PermissionDenied", "{out}");
+    assert!(out["writeTmp"].as_str().unwrap().starts_with("error:"), "{out}");
+    assert!(out["writeSrc"].as_str().unwrap().starts_with("error:"), "{out}");
+    assert_eq!(out["writeRun"], "ok", "its socket dir stays writable: {out}");
+    assert!(out["command"].as_str().unwrap().starts_with("error:"), "{out}");
+    assert_eq!(out["unshare"], -libc::EPERM, "{out}");
+    assert_eq!(out["ptrace"], -libc::EPERM, "{out}");
+    assert_eq!(out["vmRead"], -libc::EPERM, "{out}");
+
+    let status = &out["status"];
+    assert_eq!(status_field(status, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(status, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(status, "Groups"), "");
+    assert_eq!(status_field(status, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(status, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(status, "Seccomp"), "2");
+
+    let limits = out["limits"].as_str().unwrap();
+    let limit = |name: &str| -> Vec<&str> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..].split_whitespace().take(2).collect()
+    };
+    assert_eq!(limit("Max open files"), ["8192", "8192"]);
+    assert_eq!(limit("Max core file size"), ["0", "0"]);
+    assert_eq!(limit("Max file size"), ["268435456", "268435456"]);
+    assert_eq!(limit("Max realtime priority"), ["0", "0"]);
+}
+
+#[test]
+fn landlock_alone_denies_what_deno_and_the_file_modes_would_allow() {
+    let Some(deno) = requirements("landlock_alone") else { return };
+    // /etc/passwd is world-readable and inside the jail; deno may read
+    // anything: only Landlock stands in the way.
+    let only_landlock = Layers { landlock: true, seccomp: false, ids: true, rlimits: false };
+    let out = Sandbox::new(&deno, only_landlock).eval(ATTACKS);
+    assert_eq!(out["passwd"], "error:PermissionDenied", "{out}");
+    assert_eq!(out["command"], "error:PermissionDenied", "nothing but deno may be executed: {out}");
+    assert!(out["status"].as_str().is_some(), "its own /proc/self stays readable: {out}");
+
+    let without = Layers { landlock: false, ..only_landlock };
+    let out = Sandbox::new(&deno, without).eval(ATTACKS);
+    assert!(out["passwd"].as_u64().is_some_and(|n| n > 0), "control: readable without Landlock: {out}");
+    assert_eq!(out["command"], 0, "control: /usr/bin/true runs without Landlock: {out}");
+}
+
+#[test]
+fn seccomp_alone_denies_ptrace_unshare_and_fork_through_ffi() {
+    let Some(deno) = requirements("seccomp_alone") else { return };
+    let only_seccomp = Layers { landlock: false, seccomp: true, ids: true, rlimits: false };
+    let out = Sandbox::new(&deno, only_seccomp).eval(ATTACKS);
+    assert_eq!(out["unshare"], -libc::EPERM, "{out}");
+    assert_eq!(out["ptrace"], -libc::EPERM, "{out}");
+    assert_eq!(out["vmRead"], -libc::EPERM, "{out}");
+    assert_eq!(out["command"], "error:PermissionDenied", "no new processes: {out}");
+
+    let without = Layers { seccomp: false, ..only_seccomp };
+    let out = Sandbox::new(&deno, without).eval(ATTACKS);
+    // The kernel answers these itself without the filter (unshare of a
+    // multi-threaded process: EINVAL; ptrace of a process not traced:
+    // ESRCH; an empty process_vm_readv: 0).
+    for key in ["unshare", "ptrace", "vmRead"] {
+        assert_ne!(out[key], -libc::EPERM, "control: {key} reaches the kernel without the filter: {out}");
+    }
+    assert_eq!(out["command"], 0, "control: processes start without the filter: {out}");
+}
+
+#[test]
+fn the_start_up_probe_passes_with_every_layer() {
+    let Some(deno) = requirements("the_start_up_probe") else { return };
+    let sandbox = Sandbox::new(&deno, ALL);
+    probe_sandbox(&sandbox.policy).expect("deno --version runs under every layer");
+    assert_eq!(
+        sandbox.policy.summary(),
+        "mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on"
+    );
+}

@@ -1,0 +1,133 @@
+//! Every layer of an isolate's confinement, planned in the runner and
+//! entered by the child between fork and exec.
+//!
+//! The plan ([`Confinement::plan`]) does everything that allocates or reads
+//! the file system: the jail's mount strings, the Landlock ruleset (opened
+//! paths, created ruleset fd), the compiled seccomp programs. The child
+//! ([`Confinement::enter`]) then only makes syscalls on those prepared
+//! values — no allocation, no locks — in this order:
+//!
+//! 1. die with the runner (`PR_SET_PDEATHSIG`), and check it is still there;
+//! 2. the jail: own mount namespace and root (needs CAP_SYS_ADMIN, so first);
+//! 3. rlimits (while still root: they may be lowered, never raised after);
+//! 4. Landlock's `/proc/self` rule (the child's pid exists only now);
+//! 5. its own uid: `setgroups([])`, `setresgid`, `setresuid` — this drops
+//!    every capability — then the death signal again (a credential change
+//!    clears it);
+//! 6. `PR_SET_NO_NEW_PRIVS` (always; Landlock and seccomp need it);
+//! 7. `landlock_restrict_self`;
+//! 8. the seccomp filters, last, so nothing above is denied by them.
+
+use crate::jail::Jail;
+use crate::landlock::{LandlockError, PreparedRuleset};
+use crate::{IsolateFiles, IsolateIds, SandboxPolicy};
+
+pub(crate) struct Confinement {
+    runner_pid: libc::pid_t,
+    jail: Option<Jail>,
+    rlimits: bool,
+    landlock: Option<PreparedRuleset>,
+    ids: Option<IsolateIds>,
+    seccomp: Option<crate::SeccompFilters>,
+}
+
+impl Confinement {
+    /// The confinement `policy` asks for. `files`: the isolate's instance
+    /// (its jail and Landlock paths); `None` plans the start-up probe, which
+    /// runs without a jail.
+    pub(crate) fn plan(policy: &SandboxPolicy, files: Option<&IsolateFiles>) -> Result<Self, LandlockError> {
+        let jail = files.and_then(|f| f.root.as_ref().map(|root| Jail::plan(root, policy, f)));
+        let landlock = policy.landlock.as_ref().map(|l| l.prepare(policy, files)).transpose()?;
+        Ok(Self {
+            // SAFETY: getpid has no preconditions.
+            runner_pid: unsafe { libc::getpid() },
+            jail,
+            rlimits: policy.rlimits,
+            landlock,
+            ids: policy.isolate_ids,
+            seccomp: policy.seccomp.clone(),
+        })
+    }
+
+    /// The `pre_exec` hook that enters this confinement.
+    pub(crate) fn into_hook(self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        move || self.enter()
+    }
+
+    /// In the child, between fork and exec. Each failing step names itself
+    /// on the child's stderr (a static string, one `write`) and returns the
+    /// errno, which is all std passes back to the runner.
+    fn enter(&self) -> std::io::Result<()> {
+        self.die_with_runner().map_err(|e| failed(e, "PR_SET_PDEATHSIG"))?;
+        if let Some(jail) = &self.jail {
+            jail.enter().map_err(|e| failed(e, "the jail (mount namespace, pivot_root)"))?;
+        }
+        if self.rlimits {
+            crate::rlimits::apply().map_err(|e| failed(e, "setrlimit"))?;
+        }
+        if let Some(landlock) = &self.landlock {
+            landlock.allow_proc_self().map_err(|e| failed(e, "landlock_add_rule(/proc/self)"))?;
+        }
+        if let Some(ids) = self.ids {
+            become_ids(ids).map_err(|e| failed(e, "setgroups/setresgid/setresuid"))?;
+            self.die_with_runner().map_err(|e| failed(e, "PR_SET_PDEATHSIG after setuid"))?;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(failed(std::io::Error::last_os_error(), "PR_SET_NO_NEW_PRIVS"));
+        }
+        if let Some(landlock) = &self.landlock {
+            landlock.restrict_self().map_err(|e| failed(e, "landlock_restrict_self"))?;
+        }
+        if let Some(seccomp) = &self.seccomp {
+            seccomp.install().map_err(|e| failed(e, "seccomp"))?;
+        }
+        Ok(())
+    }
+
+    fn die_with_runner(&self) -> std::io::Result<()> {
+        // SAFETY: prctl and getppid take integers only.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The runner may have died before the signal was armed (then the
+            // child was re-parented; comparing with 1 would break a runner
+            // that is itself pid 1 in a container).
+            if libc::getppid() != self.runner_pid {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops supplementary groups, then the gid, then the uid (real, effective
+/// and saved: no way back). Raw syscalls: glibc's wrappers go through its
+/// all-threads "setxid" machinery, whose state the fork copied from the
+/// multi-threaded runner.
+fn become_ids(ids: IsolateIds) -> std::io::Result<()> {
+    // SAFETY: setgroups with size 0 reads no memory; the id calls take
+    // integers only.
+    unsafe {
+        if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid) != 0
+            || libc::syscall(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Names the failed step on stderr without allocating, and passes the
+/// error on.
+fn failed(error: std::io::Error, step: &'static str) -> std::io::Error {
+    let parts: [&[u8]; 3] = [b"isocloud sandbox: ", step.as_bytes(), b" failed\n"];
+    for part in parts {
+        // SAFETY: write(2) on fd 2 from a valid buffer; a short or failed
+        // write only loses the diagnostic.
+        unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+    error
+}

@@ -1,0 +1,336 @@
+//! Landlock: what of the file system an isolate may touch, as data
+//! ([`RULES`]), whatever deno's permissions say.
+//!
+//! Rules are bound to the inodes of paths opened *in the runner*, before the
+//! fork, on host paths: the jail bind-mounts those very inodes at `/src`,
+//! `/isocloud/…`, `/usr`, `/etc`, `/dev`, so the same ruleset holds inside the
+//! isolate's own root and without one. The one rule that cannot be prepared
+//! in the runner is the isolate's own `/proc/self` (its pid does not exist
+//! yet): the child opens it and adds it with two raw syscalls, then restricts
+//! itself — everything else (the `landlock` crate, which allocates) runs
+//! before the fork.
+//!
+//! Why not a re-exec step (firecracker's jailer): it would cost an extra
+//! exec of the runner binary on every cold start and a second way to pass
+//! the plan across, for what two syscalls on prepared values do here.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use landlock::{ABI, Access, AccessFs, BitFlags, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope};
+
+use crate::{IsolateFiles, SandboxPolicy};
+
+/// The newest Landlock ABI whose rights this policy uses; older kernels get
+/// what they support (best effort).
+const ABI_USED: ABI = ABI::V6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LandlockError {
+    #[error("this kernel has no Landlock (needs Linux 5.13+ with landlock in the lsm= list)")]
+    Unsupported,
+    #[error("cannot find the ELF interpreter of {path}: {source}")]
+    Interpreter { path: PathBuf, source: std::io::Error },
+    #[error("cannot open {path} for a Landlock rule: {source}")]
+    Path { path: PathBuf, source: std::io::Error },
+    #[error("landlock: {0}")]
+    Ruleset(#[from] landlock::RulesetError),
+}
+
+/// What a rule allows beneath its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// List and read.
+    Read,
+    /// Read and run (`execve`, the ELF interpreter).
+    Execute,
+    /// Read, create, write, remove files and sockets (no execute, no devices,
+    /// no symlinks or fifos).
+    ReadWrite,
+}
+
+/// Where a rule applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// A fixed host path (skipped when it does not exist).
+    Host(&'static str),
+    /// The deno binary.
+    Deno,
+    /// The ELF interpreter deno names (`ld-linux…`).
+    Interpreter,
+    Harness,
+    DenoDir,
+    /// The instance's `src/` (`/src`).
+    Src,
+    Modules,
+    Meta,
+    /// The instance's socket dir.
+    Run,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub place: Place,
+    pub grant: Grant,
+    pub reason: &'static str,
+}
+
+/// Everything an isolate may reach, besides its own `/proc/self` (read).
+pub static RULES: &[Rule] = &[
+    Rule { place: Place::Deno, grant: Grant::Execute, reason: "the isolate's program; deno also reads itself" },
+    Rule { place: Place::Interpreter, grant: Grant::Execute, reason: "the dynamic loader execve runs deno with" },
+    Rule { place: Place::Host("/usr"), grant: Grant::Read, reason: "shared libraries (mapped, not executed)" },
+    Rule { place: Place::Host("/lib"), grant: Grant::Read, reason: "shared libraries where /lib is not /usr/lib" },
+    Rule { place: Place::Host("/lib64"), grant: Grant::Read, reason: "shared libraries where /lib64 is a dir" },
+    Rule { place: Place::Host("/etc/ld.so.cache"), grant: Grant::Read, reason: "the dynamic loader's library index" },
+    Rule { place: Place::Host("/etc/ld.so.preload"), grant: Grant::Read, reason: "libraries the host preloads" },
+    Rule { place: Place::Host("/etc/resolv.conf"), grant: Grant::Read, reason: "DNS for fetch and Deno.connect" },
+    Rule { place: Place::Host("/etc/hosts"), grant: Grant::Read, reason: "static host names (getaddrinfo)" },
+    Rule { place: Place::Host("/etc/nsswitch.conf"), grant: Grant::Read, reason: "how getaddrinfo resolves" },
+    Rule { place: Place::Host("/etc/host.conf"), grant: Grant::Read, reason: "resolver options" },
+    Rule { place: Place::Host("/etc/gai.conf"), grant: Grant::Read, reason: "getaddrinfo address ordering" },
+    Rule { place: Place::Host("/etc/services"), grant: Grant::Read, reason: "service names in getaddrinfo" },
+    Rule { place: Place::Host("/etc/localtime"), grant: Grant::Read, reason: "the local time zone" },
+    Rule { place: Place::Host("/etc/ssl"), grant: Grant::Read, reason: "CA certificates (DENO_TLS_CA_STORE=system)" },
+    Rule { place: Place::Host("/etc/ca-certificates"), grant: Grant::Read, reason: "CA certificates (Debian)" },
+    Rule { place: Place::Host("/etc/pki"), grant: Grant::Read, reason: "CA certificates (RPM systems)" },
+    Rule { place: Place::Host("/dev/null"), grant: Grant::ReadWrite, reason: "the isolate's stdin; a sink" },
+    Rule { place: Place::Host("/dev/urandom"), grant: Grant::Read, reason: "randomness (crypto.getRandomValues)" },
+    Rule { place: Place::Host("/dev/random"), grant: Grant::Read, reason: "randomness" },
+    Rule { place: Place::Harness, grant: Grant::Read, reason: "our harness, which runs first" },
+    Rule { place: Place::Src, grant: Grant::Read, reason: "the deployment's modules and assets (/src)" },
+    Rule { place: Place::Modules, grant: Grant::Read, reason: "the deployment's remote modules" },
+    Rule { place: Place::Meta, grant: Grant::Read, reason: "import map, asset manifest, bootstrap record" },
+    Rule { place: Place::Run, grant: Grant::ReadWrite, reason: "its own sockets: isolate.sock, control.sock" },
+    Rule { place: Place::DenoDir, grant: Grant::ReadWrite, reason: "deno's cache: transpiled modules, V8 code cache" },
+];
+
+/// Landlock as the operator turned it on: checked against the kernel once.
+#[derive(Debug, Clone)]
+pub struct LandlockPolicy {
+    abi: i32,
+    interpreter: Option<PathBuf>,
+}
+
+impl LandlockPolicy {
+    /// Fails when the kernel has no Landlock, or deno's interpreter cannot
+    /// be read.
+    pub fn new(deno: &Path) -> Result<Self, LandlockError> {
+        let abi = kernel_abi();
+        let probe: Option<OwnedFd> = Ruleset::default().handle_access(AccessFs::from_all(ABI::V1))?.create()?.into();
+        if abi < 1 || probe.is_none() {
+            return Err(LandlockError::Unsupported);
+        }
+        let interpreter = elf_interpreter(deno)
+            .map_err(|source| LandlockError::Interpreter { path: deno.to_owned(), source })?
+            .map(|p| p.canonicalize().unwrap_or(p));
+        Ok(Self { abi, interpreter })
+    }
+
+    /// The kernel's Landlock ABI version.
+    pub fn abi(&self) -> i32 {
+        self.abi
+    }
+
+    /// The ruleset of one isolate (or, without `files`, of the start-up
+    /// probe), ready for [`PreparedRuleset::restrict_self`] in the child.
+    pub(crate) fn prepare(
+        &self,
+        policy: &SandboxPolicy,
+        files: Option<&IsolateFiles>,
+    ) -> Result<PreparedRuleset, LandlockError> {
+        let mut ruleset = Ruleset::default()
+            .handle_access(AccessFs::from_all(ABI_USED))?
+            // No signals to, and no abstract sockets of, anything outside
+            // the isolate (the runner, other isolates).
+            .scope(Scope::from_all(ABI_USED))?
+            .create()?;
+        for rule in RULES {
+            let path = match rule.place {
+                Place::Host(path) => Some(PathBuf::from(path)),
+                Place::Deno => Some(policy.deno.clone()),
+                Place::Interpreter => self.interpreter.clone(),
+                Place::Harness => Some(policy.harness_dir.clone()),
+                Place::DenoDir => Some(policy.deno_dir.clone()),
+                Place::Src => files.map(|f| f.src.clone()),
+                Place::Modules => files.map(|f| f.modules.clone()),
+                Place::Meta => files.map(|f| f.meta.clone()),
+                Place::Run => files.map(|f| f.run.clone()),
+            };
+            let Some(path) = path else { continue };
+            let is_dir = match std::fs::metadata(&path) {
+                Ok(meta) => meta.is_dir(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(rule.place, Place::Host(_)) => continue,
+                Err(source) => return Err(LandlockError::Path { path, source }),
+            };
+            let fd: OwnedFd = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|source| LandlockError::Path { path: path.clone(), source })?
+                .into();
+            ruleset = ruleset.add_rule(PathBeneath::new(fd, access(rule.grant, is_dir)))?;
+        }
+        let fd: Option<OwnedFd> = ruleset.into();
+        Ok(PreparedRuleset { fd: fd.ok_or(LandlockError::Unsupported)? })
+    }
+}
+
+fn access(grant: Grant, is_dir: bool) -> BitFlags<AccessFs> {
+    let wanted = match grant {
+        Grant::Read => AccessFs::ReadFile | AccessFs::ReadDir,
+        Grant::Execute => AccessFs::ReadFile | AccessFs::Execute,
+        Grant::ReadWrite => {
+            AccessFs::ReadFile
+                | AccessFs::ReadDir
+                | AccessFs::WriteFile
+                | AccessFs::Truncate
+                | AccessFs::RemoveFile
+                | AccessFs::RemoveDir
+                | AccessFs::MakeReg
+                | AccessFs::MakeDir
+                | AccessFs::MakeSock
+                | AccessFs::Refer
+        }
+    };
+    if is_dir { wanted } else { wanted & AccessFs::from_file(ABI_USED) }
+}
+
+/// A created ruleset, carried into the child.
+#[derive(Debug)]
+pub(crate) struct PreparedRuleset {
+    fd: OwnedFd,
+}
+
+/// `struct landlock_path_beneath_attr` (packed in the kernel's UAPI).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_long = 1;
+const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
+const ACCESS_FS_READ_FILE: u64 = 1 << 2;
+const ACCESS_FS_READ_DIR: u64 = 1 << 3;
+
+impl PreparedRuleset {
+    /// In the child: allows reading its own `/proc/self`. The descriptor is
+    /// deliberately kept open across exec: procfs makes a new inode for
+    /// `/proc/<pid>` whenever its dentry is rebuilt, and the open descriptor
+    /// pins the dentry the rule was made on. Only `open` and
+    /// `landlock_add_rule` run, on static strings and stack values.
+    pub(crate) fn allow_proc_self(&self) -> std::io::Result<()> {
+        // SAFETY: a NUL-terminated static path; the fd is owned by the
+        // process from here on (kept open on purpose, see above).
+        let proc_self = unsafe { libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+        if proc_self < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let attr = PathBeneathAttr { allowed_access: ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR, parent_fd: proc_self };
+        // SAFETY: the ruleset fd is open (owned by self); `attr` is a valid
+        // landlock_path_beneath_attr on the stack for the whole call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                self.fd.as_raw_fd(),
+                LANDLOCK_RULE_PATH_BENEATH,
+                &attr as *const PathBeneathAttr,
+                0,
+            )
+        };
+        if rc != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// In the child, after `PR_SET_NO_NEW_PRIVS`: enforces the ruleset on
+    /// this process and everything it execs. One syscall.
+    pub(crate) fn restrict_self(&self) -> std::io::Result<()> {
+        // SAFETY: the ruleset fd is open (owned by self); no pointers.
+        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, self.fd.as_raw_fd(), 0) };
+        if rc != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+/// The kernel's Landlock ABI version (0 or negative: none).
+pub fn kernel_abi() -> i32 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
+    // version; no memory is read or written.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0, LANDLOCK_CREATE_RULESET_VERSION)
+    };
+    rc.try_into().unwrap_or(0)
+}
+
+/// The `PT_INTERP` of a 64-bit little-endian ELF file (`None`: static).
+fn elf_interpreter(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a 64-bit ELF: {what}"));
+    let file = std::fs::File::open(path)?;
+    let mut header = [0u8; 64];
+    file.read_exact_at(&mut header, 0)?;
+    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
+        return Err(bad("header"));
+    }
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let phoff = u64_at(&header, 0x20);
+    let phentsize = u64::from(u16_at(&header, 0x36));
+    let phnum = u64::from(u16_at(&header, 0x38));
+    if phentsize < 56 || phnum > 512 {
+        return Err(bad("program headers"));
+    }
+    for i in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.read_exact_at(&mut ph, phoff + i * phentsize)?;
+        const PT_INTERP: u32 = 3;
+        if u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) == PT_INTERP {
+            let (offset, size) = (u64_at(&ph, 0x08), u64_at(&ph, 0x20));
+            if size == 0 || size > 4096 {
+                return Err(bad("PT_INTERP size"));
+            }
+            let mut name = vec![0u8; size as usize];
+            file.read_exact_at(&mut name, offset)?;
+            let name = name.split(|b| *b == 0).next().unwrap_or_default();
+            return Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_rule_has_a_reason_and_appears_once() {
+        let mut seen = HashSet::new();
+        for rule in RULES {
+            assert!(rule.reason.trim().len() >= 10, "{:?} needs a real reason", rule.place);
+            assert!(seen.insert(rule.place), "{:?} is listed twice", rule.place);
+        }
+        // Writable: only the isolate's socket dir and deno's cache.
+        let writable: Vec<Place> = RULES.iter().filter(|r| r.grant == Grant::ReadWrite).map(|r| r.place).collect();
+        assert_eq!(writable, [Place::Host("/dev/null"), Place::Run, Place::DenoDir]);
+        // Nothing of /etc but named files and certificate dirs; never the
+        // account databases.
+        for rule in RULES {
+            if let Place::Host(path) = rule.place {
+                assert_ne!(path, "/etc", "all of /etc would expose /etc/passwd, /etc/shadow");
+                assert!(!path.starts_with("/proc"), "the isolate reads only its own /proc/self");
+                assert!(!["/etc/passwd", "/etc/shadow", "/etc/group"].contains(&path));
+            }
+        }
+    }
+
+    #[test]
+    fn finds_the_dynamic_loader_of_an_elf_binary() {
+        let exe = std::env::current_exe().unwrap();
+        let interpreter = elf_interpreter(&exe).unwrap().expect("test binaries are dynamically linked");
+        assert!(interpreter.to_string_lossy().contains("ld-"), "{interpreter:?}");
+        assert!(elf_interpreter(Path::new("/etc/hostname")).is_err() || !Path::new("/etc/hostname").exists());
+    }
+}
