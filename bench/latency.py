@@ -2,7 +2,14 @@
 """Cold start and warm latency through the isocloud runner, side by side with
 the same handler served by deno directly. Loopback only; stops by itself.
 
-    python3 bench/latency.py [--cold N] [--warm N] [--binary PATH]
+    python3 bench/latency.py [--cold N] [--warm N] [--binary PATH] [--runner-arg=ARG ...]
+
+`--runner-arg` passes one argument on to `isocloud serve` (repeatable), e.g.
+the cost of the sandbox on cold starts, with and without it:
+
+    python3 bench/latency.py --cold 20 --warm 200
+    python3 bench/latency.py --cold 20 --warm 200 --runner-arg=--landlock=off \
+        --runner-arg=--seccomp=off --runner-arg=--rlimits=off --runner-arg=--isolate-uid=off
 
 Prints medians and p99 in milliseconds. Build first: cargo build --release.
 """
@@ -97,6 +104,8 @@ def main():
     parser.add_argument("--cold", type=int, default=40, help="deployments never seen, one request each")
     parser.add_argument("--warm", type=int, default=3000, help="sequential keep-alive requests")
     parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/isocloud"))
+    parser.add_argument("--runner-arg", action="append", default=[], metavar="ARG",
+                        help="an extra argument for `isocloud serve` (repeatable; write --runner-arg=--flag=value)")
     args = parser.parse_args()
     if not os.path.exists(args.binary):
         raise SystemExit(f"{args.binary} is missing: run `cargo build --release` first")
@@ -110,7 +119,7 @@ def main():
 
     runner = subprocess.Popen(
         [args.binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(work, "state"),
-         "--deno", DENO],
+         "--deno", DENO, *args.runner_arg],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

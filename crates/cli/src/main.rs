@@ -3,6 +3,7 @@
 //! into a graceful shutdown. It holds no logic of its own beyond that wiring.
 
 mod deno;
+mod origins;
 mod sandbox;
 mod settings;
 
@@ -11,9 +12,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
-use isocloud_ingress::{EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
-use isocloud_origin::{AppsOrigin, DiskCache, Origin, RemoteOriginOptions};
-use isocloud_pool::{IsolateLimits, Pool, PoolMetrics, PoolOptions};
+use isocloud_ingress::{EdgeLimits, EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
+use isocloud_origin::{AppsOrigin, DiskCache, Origin};
+use isocloud_pool::{ActivityOptions, IsolateLimits, Pool, PoolMetrics, PoolOptions};
 use prometheus_client::registry::Registry;
 use settings::{Cli, LogFormat, Mode, Settings};
 use tokio::net::TcpListener;
@@ -95,21 +96,31 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             watch_rss: cgroups.is_none(),
         },
         cgroups,
+        activity: ActivityOptions {
+            spool_dir: state_dir.join("spool"),
+            spool_max_bytes: settings.spool_max_bytes,
+            resolver: origins::resolver(&settings.mode, origins::remote_options(&settings)),
+        },
     };
-    let pool = Pool::new(pool_options, policy, cache, pool_metrics).context("cannot prepare the isolate directory")?;
+    let pool = Pool::new(pool_options, policy, cache, pool_metrics)
+        .context("cannot prepare the isolate directory or the activity spool")?;
 
     let router = match &settings.mode {
         Mode::Apps(dir) => Router::new(Some(Arc::new(AppsOrigin::new(dir.clone())) as Arc<dyn Origin>), None),
         Mode::Subhost(subhosters) => {
             let verifier = SubhostVerifier::new(subhosters.clone()).context("invalid subhoster configuration")?;
-            let options = RemoteOriginOptions {
-                rpc_timeout_ms: settings.origin_timeout.as_millis() as u64,
-                ..RemoteOriginOptions::default()
-            };
-            Router::new(None, Some(SubhostRouting::new(verifier, options)))
+            Router::new(None, Some(SubhostRouting::new(verifier, origins::remote_options(&settings))))
         }
     };
-    let proxy = Arc::new(Proxy::new(router, pool, edge_metrics, settings.request_timeout));
+    let proxy = Arc::new(Proxy::new(
+        router,
+        pool,
+        edge_metrics,
+        EdgeLimits {
+            request_timeout: settings.request_timeout,
+            max_request_body_bytes: settings.max_request_body_bytes,
+        },
+    ));
 
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -130,7 +141,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port of `--listen …:0`.
     println!("isocloud: listening on http://{public}");
 
-    let options = ServeOptions { drain_timeout: settings.drain_timeout };
+    let options = ServeOptions {
+        drain_timeout: settings.drain_timeout,
+        max_header_bytes: settings.max_header_bytes,
+        header_timeout: settings.header_timeout,
+    };
     isocloud_ingress::serve(listener, proxy, options, shutdown_signal()).await;
     Ok(())
 }

@@ -71,6 +71,15 @@ pub struct CommonFlags {
     /// Wall-clock limit from forwarding a request to its response's headers [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub request_timeout_s: Option<u64>,
+    /// Request bodies larger than this get 413 [default: 100].
+    #[arg(long, value_name = "MB")]
+    pub max_request_body_mb: Option<u64>,
+    /// A client must send its request head within this time [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub header_timeout_s: Option<u64>,
+    /// Request line plus headers larger than this get 431 [default: 64].
+    #[arg(long, value_name = "KB")]
+    pub max_header_kb: Option<u64>,
     /// Isolates running at once; when full the least recently used idle one is evicted [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_isolates: Option<usize>,
@@ -80,6 +89,10 @@ pub struct CommonFlags {
     /// Size bound of the on-disk layer and blob cache [default: 1024].
     #[arg(long, value_name = "MB")]
     pub cache_max_mb: Option<u64>,
+    /// Size bound of the activity spool, where reports wait for their origin
+    /// (oldest logs are dropped first; usage never) [default: 64].
+    #[arg(long, value_name = "MB")]
+    pub spool_max_mb: Option<u64>,
     /// Log format: text or json [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -139,7 +152,11 @@ struct FileConfig {
     cpu_limit_ms: Option<u64>,
     request_timeout_s: Option<u64>,
     max_isolates: Option<usize>,
+    max_request_body_mb: Option<u64>,
+    max_header_kb: Option<u64>,
+    header_timeout_s: Option<u64>,
     cache_max_mb: Option<u64>,
+    spool_max_mb: Option<u64>,
     log_format: Option<String>,
     mount_namespace: Option<String>,
     landlock: Option<String>,
@@ -218,7 +235,11 @@ pub struct Settings {
     pub cpu_limit_ms: u64,
     pub request_timeout: Duration,
     pub max_isolates: usize,
+    pub max_request_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
     pub cache_max_bytes: u64,
+    pub spool_max_bytes: u64,
     pub log_format: LogFormat,
     pub mount_namespace: Toggle,
     pub landlock: Toggle,
@@ -265,9 +286,22 @@ impl Settings {
         if !(1..=100_000).contains(&max_isolates) {
             return Err(invalid("max_isolates", format!("{max_isolates} is out of range (1..=100000)")));
         }
+        let max_request_body_mb = common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100);
+        if !(1..=65_536).contains(&max_request_body_mb) {
+            return Err(invalid("max_request_body_mb", format!("{max_request_body_mb} is out of range (1..=65536)")));
+        }
+        let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
+        let max_header_kb = common.max_header_kb.or(file.max_header_kb).unwrap_or(64);
+        if !(8..=1024).contains(&max_header_kb) {
+            return Err(invalid("max_header_kb", format!("{max_header_kb} is out of range (8..=1024)")));
+        }
         let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
         if cache_max_mb == 0 {
             return Err(invalid("cache_max_mb", "must be at least 1"));
+        }
+        let spool_max_mb = common.spool_max_mb.or(file.spool_max_mb).unwrap_or(64);
+        if !(1..=1_048_576).contains(&spool_max_mb) {
+            return Err(invalid("spool_max_mb", format!("{spool_max_mb} is out of range (1..=1048576)")));
         }
         let log_format = match common.log_format.or(file.log_format).as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -352,7 +386,11 @@ impl Settings {
             cpu_limit_ms,
             request_timeout,
             max_isolates,
+            max_request_body_bytes: (max_request_body_mb * 1024 * 1024) as usize,
+            max_header_bytes: (max_header_kb * 1024) as usize,
+            header_timeout,
             cache_max_bytes: cache_max_mb * 1024 * 1024,
+            spool_max_bytes: spool_max_mb * 1024 * 1024,
             log_format,
             mount_namespace,
             landlock,

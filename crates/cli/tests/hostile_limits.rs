@@ -232,3 +232,65 @@ async fn memory_bombs_are_stopped_and_reported() {
         assert!(event["used"].as_u64().unwrap() > 0, "{event}");
     }
 }
+
+#[tokio::test]
+async fn oversized_requests_and_slow_clients_are_refused_at_the_edge() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let apps = AppsDir::new();
+    apps.app(
+        "echo",
+        &[(
+            "main.ts",
+            r#"Deno.serve(async (req) => {
+  try { const body = await req.arrayBuffer(); return new Response(`read ${body.byteLength}`); }
+  catch (e) { return new Response(`body error: ${(e as Error).name}`, { status: 400 }); }
+});"#,
+        )],
+    );
+    let runner = apps.serve(&["--max-request-body-mb", "1", "--max-header-kb", "16", "--header-timeout-s", "2"]);
+    let client = runner.client_for("echo.localhost");
+    let url = runner.url("echo.localhost", "/");
+
+    // Declared too large: refused before any isolate exists. The runner
+    // answers at once and closes without reading the body, so a client still
+    // writing may see the reset before it reads the 413.
+    match client.post(&url).body(vec![b'x'; 2 * 1024 * 1024]).send().await {
+        Ok(response) => {
+            expect_error(response, 413, "PAYLOAD_TOO_LARGE").await;
+        }
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+    assert!(runner.isolate_pids().is_empty());
+
+    // Within bounds: served.
+    let response = client.post(&url).body(vec![b'x'; 512 * 1024]).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), format!("read {}", 512 * 1024));
+
+    // Streamed without a length: cut off where it passes the bound.
+    let chunks = futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 64 * 1024])));
+    match client.post(&url).body(reqwest::Body::wrap_stream(chunks)).send().await {
+        Ok(response) => {
+            expect_error(response, 413, "PAYLOAD_TOO_LARGE").await;
+        }
+        // The runner may answer and close before the client has finished
+        // sending; either way the body never reached the isolate whole.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+
+    // Huge headers: 431 from the edge.
+    let response = client.get(&url).header("x-big", "z".repeat(32 * 1024)).send().await.unwrap();
+    assert_eq!(response.status(), 431);
+
+    // Slowloris: a head that never completes is dropped after the timeout.
+    let mut slow = tokio::net::TcpStream::connect(runner.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\nX-Slow: ").await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the runner kept a slow client's connection open");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+
+    // The runner still serves.
+    let response = client.post(&url).body("ok").send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "read 2");
+}

@@ -176,3 +176,44 @@ async fn admin_listener_reports_health_and_metrics() {
     // The public listener does not serve the admin paths.
     expect_error(runner.get("127.0.0.1", "/metrics").await, 404, "DEPLOYMENT_NOT_FOUND").await;
 }
+
+#[tokio::test]
+async fn usage_measured_by_the_runner_reaches_the_origin() {
+    let origin = TestOrigin::start().await;
+    origin.deploy(
+        "metered",
+        TestDeployment::inline_js(
+            r#"Deno.serve(async (req) => { await req.arrayBuffer(); await new Promise((r) => setTimeout(r, 50)); return new Response("y".repeat(2000)); });"#,
+        ),
+    );
+    let runner = origin.runner(&["--idle-timeout-s", "1"]);
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("http://{}/", runner.addr))
+            .header("x-deno-subhost", subhost_token(claims_for("metered")))
+            .body(vec![b'x'; 1000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.bytes().await.unwrap().len(), 2000);
+    }
+    // The isolate idles out; its last usage is reported with its termination.
+    let mut usage = Vec::new();
+    wait_until("a usage event", Duration::from_secs(15), || {
+        usage = origin.activity_events().into_iter().filter(|e| e["type"] == "usage").collect();
+        !usage.is_empty()
+    })
+    .await;
+    let sum = |field: &str| usage.iter().map(|e| e[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("requests"), 3, "{usage:?}");
+    assert_eq!(sum("ingress_bytes"), 3000, "{usage:?}");
+    assert_eq!(sum("egress_bytes"), 6000, "{usage:?}");
+    assert!(sum("wall_ms") >= 150, "{usage:?}");
+    let peak = usage.iter().map(|e| e["peak_memory_bytes"].as_u64().unwrap()).max().unwrap();
+    assert!(peak > 10 * 1024 * 1024, "a deno isolate holds more than 10 MB: {peak}");
+    for event in &usage {
+        assert!(event["interval_start"].as_str().unwrap().ends_with('Z'), "{event}");
+        assert!(event["interval_end"].as_str().unwrap() >= event["interval_start"].as_str().unwrap(), "{event}");
+    }
+}

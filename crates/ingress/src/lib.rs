@@ -20,6 +20,6 @@ mod server;
 pub use admin::serve_admin;
 pub use error::EdgeError;
 pub use metrics::EdgeMetrics;
-pub use proxy::Proxy;
+pub use proxy::{EdgeLimits, Proxy};
 pub use routing::{Route, Router, SubhostRouting};
 pub use server::{ServeOptions, serve};

@@ -1,16 +1,17 @@
 //! A request's way through the runner: route, isolate, forward, stream back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use isocloud_pool::{BootError, ForwardError, Pool};
+use isocloud_pool::{BootError, ForwardError, Pool, RequestBody};
 use isocloud_protocol::ErrorCode;
 
-use crate::body::{ResponseBody, Tracked};
+use crate::body::{Counted, ResponseBody, Tracked};
 use crate::error::ERROR_HEADER;
 use crate::routing::SUBHOST_HEADER;
 use crate::{EdgeError, EdgeMetrics, Router};
@@ -22,10 +23,18 @@ pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
 const HOP_BY_HOP: [&str; 6] =
     ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "proxy-authorization"];
 
+/// Bounds the edge puts on every request.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    pub request_timeout: std::time::Duration,
+    pub max_request_body_bytes: usize,
+}
+
 pub struct Proxy {
     router: Router,
     /// From forwarding to the response's headers; a body may stream longer.
     request_timeout: std::time::Duration,
+    max_request_body_bytes: usize,
     pool: Pool,
     metrics: EdgeMetrics,
     request_id_prefix: String,
@@ -33,9 +42,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics, request_timeout: std::time::Duration) -> Self {
+    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics, limits: EdgeLimits) -> Self {
         let request_id_prefix = format!("{:08x}", rand::random::<u32>());
-        Self { router, request_timeout, pool, metrics, request_id_prefix, request_seq: AtomicU64::new(0) }
+        Self {
+            router,
+            request_timeout: limits.request_timeout,
+            max_request_body_bytes: limits.max_request_body_bytes,
+            pool,
+            metrics,
+            request_id_prefix,
+            request_seq: AtomicU64::new(0),
+        }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -51,12 +68,30 @@ impl Proxy {
             }
             Err(error) => {
                 self.metrics.count(error.code.http_status(), Some(error.code.as_str()));
-                error.into_response()
+                let refused_body = error.code == ErrorCode::PayloadTooLarge;
+                let mut response = error.into_response();
+                if refused_body {
+                    // The body was never read: this connection cannot carry
+                    // another request, and the client must know it.
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         }
     }
 
     async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<ResponseBody>, EdgeError> {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > self.max_request_body_bytes) {
+            return Err(EdgeError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than {} bytes", self.max_request_body_bytes),
+            ));
+        }
         let route = self.router.route(request.headers(), request.uri())?;
         let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
@@ -90,10 +125,22 @@ impl Proxy {
             HeaderValue::from_str(&request_id).expect("hex and dashes are a valid header value"),
         );
 
+        // A declared length over the bound was refused up front; an
+        // undeclared one is cut off where it passes it (the isolate then
+        // sees a body error).
+        let body_too_large = Arc::new(AtomicBool::new(false));
+        let body: RequestBody =
+            Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone()).boxed();
         let guard = isolate.begin_request();
         let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
         let mut response = match forwarded.await {
             Ok(Ok(response)) => response,
+            Ok(Err(ForwardError::Crashed(_))) if body_too_large.load(Ordering::Relaxed) => {
+                return Err(EdgeError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the request body is larger than {} bytes", self.max_request_body_bytes),
+                ));
+            }
             Ok(Err(ForwardError::Crashed(reason))) => {
                 tracing::warn!(
                     deployment_id = route.deployment_id,

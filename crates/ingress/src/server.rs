@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -16,6 +16,10 @@ use crate::Proxy;
 pub struct ServeOptions {
     /// After the shutdown signal: how long in-flight requests may finish.
     pub drain_timeout: Duration,
+    /// Request line plus headers, at most; past it HTTP/1.1 clients get 431.
+    pub max_header_bytes: usize,
+    /// A client must send its whole head within this (slowloris).
+    pub header_timeout: Duration,
 }
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
@@ -28,7 +32,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper answers 431 itself when the head does not fit (HTTP/1.1), and
+    // refuses an oversized header list (HTTP/2).
+    builder
+        .http1()
+        .max_buf_size(options.max_header_bytes.max(8192))
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    builder.http2().max_header_list_size(options.max_header_bytes as u32);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -4,7 +4,8 @@
 //! This crate owns the map from deployment to isolate, the boot sequence
 //! (origin → module graph → isolate files → sandboxed process), single-flight
 //! boots (concurrent first requests boot once), the idle reaper, graceful
-//! shutdown, and the activity reports sent back to each origin. It must not
+//! shutdown, and the activity reports sent back to each origin (through a
+//! bounded on-disk spool that outlives outages and restarts). It must not
 //! parse HTTP requests or decide routing; the ingress hands it an origin and
 //! a deployment id, and it hands back a running [`Isolate`].
 
@@ -13,8 +14,10 @@ mod boot;
 mod metrics;
 mod pool;
 
-pub use activity::ActivitySink;
+pub use activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
 pub use boot::BootError;
-pub use isocloud_supervisor::{CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, Termination};
+pub use isocloud_supervisor::{
+    CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, RequestBody, Termination, UsageTotals,
+};
 pub use metrics::PoolMetrics;
 pub use pool::{Pool, PoolOptions};

@@ -11,7 +11,10 @@ pub struct PoolMetrics {
     pub boot_seconds: Histogram,
     pub live_isolates: Gauge,
     pub terminations: Family<Vec<(&'static str, &'static str)>, Counter>,
-    pub activity_dropped: Counter,
+    /// Activity events dropped undelivered, by `kind` (the event's `type`).
+    pub activity_dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub activity_spool_bytes: Gauge,
+    pub activity_spool_batches: Gauge,
 }
 
 impl PoolMetrics {
@@ -21,7 +24,9 @@ impl PoolMetrics {
             boot_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             live_isolates: Gauge::default(),
             terminations: Family::default(),
-            activity_dropped: Counter::default(),
+            activity_dropped: Family::default(),
+            activity_spool_bytes: Gauge::default(),
+            activity_spool_batches: Gauge::default(),
         };
         registry.register("isocloud_boots", "Isolate boots by result", metrics.boots.clone());
         registry.register(
@@ -33,8 +38,18 @@ impl PoolMetrics {
         registry.register("isocloud_isolate_terminations", "Isolates ended, by reason", metrics.terminations.clone());
         registry.register(
             "isocloud_activity_events_dropped",
-            "Activity events dropped because the queue was full",
+            "Activity events dropped undelivered (spool full, logs first; never usage), by kind",
             metrics.activity_dropped.clone(),
+        );
+        registry.register(
+            "isocloud_activity_spool_bytes",
+            "Bytes of activity batches waiting in the on-disk spool",
+            metrics.activity_spool_bytes.clone(),
+        );
+        registry.register(
+            "isocloud_activity_spool_batches",
+            "Activity batches waiting in the on-disk spool",
+            metrics.activity_spool_batches.clone(),
         );
         metrics
     }

@@ -30,6 +30,8 @@ pub struct PoolOptions {
     pub max_isolates: usize,
     pub limits: IsolateLimits,
     pub cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
+    /// The activity spool: where, how big, and how to find origins again.
+    pub activity: crate::ActivityOptions,
 }
 
 /// Deployments are named by origin and id: two subhosters may both have a
@@ -54,6 +56,8 @@ struct Inner {
     metrics: PoolMetrics,
     next_instance: AtomicU64,
     closed: AtomicBool,
+    /// Start of the current usage interval (RFC 3339).
+    usage_since: Mutex<String>,
 }
 
 /// Cheap to clone; every clone is the same pool.
@@ -74,7 +78,7 @@ impl Pool {
             std::fs::remove_dir_all(&options.instances_dir)?;
         }
         std::fs::create_dir_all(&options.instances_dir)?;
-        let activity = ActivitySink::start(metrics.clone());
+        let activity = ActivitySink::start(options.activity.clone(), metrics.clone())?;
         let ctx = BootContext {
             cache,
             policy,
@@ -93,6 +97,7 @@ impl Pool {
                 metrics,
                 next_instance: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                usage_since: Mutex::new(crate::activity::now_rfc3339()),
             }),
         };
         tokio::spawn(reap(Arc::downgrade(&pool.inner)));
@@ -204,6 +209,7 @@ impl Pool {
             self.inner.metrics.terminations.get_or_create(&vec![("reason", "evicted")]).inc();
             tracing::info!(deployment_id = key.1, pid = isolate.pid(), "evicting the least recently used idle isolate");
             if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
+                report_usage(&self.inner, &origin, &key.1, &isolate);
                 self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "evicted".into() });
             }
             let grace = self.inner.options.kill_grace;
@@ -253,8 +259,9 @@ impl Pool {
         let grace = self.inner.options.kill_grace;
         futures_util::future::join_all(isolates.iter().map(|(_, isolate)| isolate.terminate(grace))).await;
         self.inner.metrics.live_isolates.set(0);
-        for (key, _) in &isolates {
+        for (key, isolate) in &isolates {
             if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(key) {
+                report_usage(&self.inner, &origin, &key.1, isolate);
                 self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "shutdown".into() });
             }
         }
@@ -283,17 +290,66 @@ fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
     };
     inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
     if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(key) {
+        report_usage(inner, &origin, &key.1, isolate);
         inner.ctx.activity.report(&origin, &key.1, event);
     }
 }
 
-/// Terminates idle isolates and books crashed ones, until the pool is gone.
+/// How often each running isolate's usage is reported.
+const USAGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reports what `isolate` used since its last report, if anything.
+fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, isolate: &Isolate) {
+    let since = inner.usage_since.lock().expect("pool poisoned").clone();
+    let used = isolate.take_usage();
+    if used.requests == 0 && used.cpu_ms == 0 && used.ingress_bytes == 0 && used.egress_bytes == 0 {
+        return;
+    }
+    inner.ctx.activity.report(
+        origin,
+        deployment_id,
+        ActivityKind::Usage {
+            requests: used.requests,
+            cpu_ms: used.cpu_ms,
+            wall_ms: used.wall_ms,
+            ingress_bytes: used.ingress_bytes,
+            egress_bytes: used.egress_bytes,
+            peak_memory_bytes: used.peak_memory_bytes,
+            interval_start: since,
+            interval_end: crate::activity::now_rfc3339(),
+        },
+    );
+}
+
+/// Terminates idle isolates, books crashed ones and reports usage, until the
+/// pool is gone.
 async fn reap(inner: std::sync::Weak<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_usage = std::time::Instant::now();
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        if last_usage.elapsed() >= USAGE_INTERVAL {
+            let running: Vec<(Key, Arc<Isolate>)> = inner
+                .slots
+                .lock()
+                .expect("pool poisoned")
+                .iter()
+                .filter_map(|(key, slot)| match slot {
+                    Slot::Ready(isolate) => Some((key.clone(), isolate.clone())),
+                    Slot::Booting(_) => None,
+                })
+                .collect();
+            for (key, isolate) in running {
+                let origin = inner.origins.lock().expect("pool poisoned").get(&key).cloned();
+                if let Some(origin) = origin {
+                    report_usage(&inner, &origin, &key.1, &isolate);
+                }
+            }
+            *inner.usage_since.lock().expect("pool poisoned") = crate::activity::now_rfc3339();
+            last_usage = std::time::Instant::now();
+        }
         let idle_timeout = inner.options.idle_timeout;
         let mut idle = Vec::new();
         let mut dead = Vec::new();
@@ -320,6 +376,7 @@ async fn reap(inner: std::sync::Weak<Inner>) {
             inner.metrics.terminations.get_or_create(&vec![("reason", "idle")]).inc();
             tracing::info!(deployment_id = key.1, pid = isolate.pid(), "terminating idle isolate");
             if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(&key) {
+                report_usage(&inner, &origin, &key.1, &isolate);
                 inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "idle".into() });
             }
             let grace = inner.options.kill_grace;

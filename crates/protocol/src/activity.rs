@@ -57,6 +57,19 @@ pub enum ActivityKind {
         limit: u64,
         used: u64,
     },
+    /// What one isolate used over `[interval_start, interval_end)`, measured
+    /// by the runner (never reported by the tenant). Bytes are HTTP body
+    /// bytes into the isolate (`ingress`) and out of it (`egress`).
+    Usage {
+        requests: u64,
+        cpu_ms: u64,
+        wall_ms: u64,
+        ingress_bytes: u64,
+        egress_bytes: u64,
+        peak_memory_bytes: u64,
+        interval_start: String,
+        interval_end: String,
+    },
     Terminated {
         reason: String,
     },

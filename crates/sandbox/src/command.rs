@@ -213,8 +213,12 @@ pub fn probe_mount_namespace(deno: &Path) -> std::io::Result<()> {
 pub enum ProbeError {
     #[error(transparent)]
     Landlock(#[from] LandlockError),
-    #[error("cannot start deno under the sandbox: {error}{stderr}")]
-    Spawn { error: std::io::Error, stderr: String },
+    #[error(
+        "cannot start {} under the sandbox: {error}{stderr} (with --mount-namespace off, the isolate uid must be \
+         able to reach it by that path)",
+        deno.display()
+    )]
+    Spawn { deno: PathBuf, error: std::io::Error, stderr: String },
     #[error("`deno --version` under the sandbox exited with {status}{stderr}")]
     Exit { status: std::process::ExitStatus, stderr: String },
 }
@@ -226,9 +230,26 @@ pub enum ProbeError {
 pub fn probe_sandbox(policy: &SandboxPolicy) -> Result<(), ProbeError> {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
-    let spawn_error = |error: std::io::Error| ProbeError::Spawn { error, stderr: String::new() };
+    let spawn_error =
+        |error: std::io::Error| ProbeError::Spawn { deno: policy.deno.clone(), error, stderr: String::new() };
     let (mut reader, writer) = std::io::pipe().map_err(spawn_error)?;
-    let mut command = std::process::Command::new(&policy.deno);
+    // In its jail an isolate reaches deno at /isocloud/bin/deno, whatever the
+    // host path's folders allow its uid; the probe runs without a jail, so it
+    // starts deno through a descriptor the runner opened, not the host path.
+    let deno_file = std::fs::File::open(&policy.deno).map_err(spawn_error)?;
+    let program = if policy.mount_namespace {
+        use std::os::fd::AsRawFd;
+        let fd = deno_file.as_raw_fd();
+        // SAFETY: clears FD_CLOEXEC on a descriptor this function owns, so
+        // the child inherits it; it is closed when `deno_file` drops.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(spawn_error(std::io::Error::last_os_error()));
+        }
+        PathBuf::from(format!("/proc/self/fd/{fd}"))
+    } else {
+        policy.deno.clone()
+    };
+    let mut command = std::process::Command::new(&program);
     command.arg("--version").env_clear().env("NO_COLOR", "1").stdin(Stdio::null()).stdout(Stdio::null());
     command.stderr(writer);
     let confinement = Confinement::plan(policy, None)?;
@@ -240,13 +261,14 @@ pub fn probe_sandbox(policy: &SandboxPolicy) -> Result<(), ProbeError> {
     let status = command.status();
     // The command holds the pipe's write end: drop it so the read ends.
     drop(command);
+    drop(deno_file);
     let mut stderr = String::new();
     let _ = reader.read_to_string(&mut stderr);
     let stderr = if stderr.trim().is_empty() { String::new() } else { format!(" ({})", stderr.trim()) };
     match status {
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(ProbeError::Exit { status, stderr }),
-        Err(error) => Err(ProbeError::Spawn { error, stderr }),
+        Err(error) => Err(ProbeError::Spawn { deno: policy.deno.clone(), error, stderr }),
     }
 }
 

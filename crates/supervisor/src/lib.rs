@@ -114,6 +114,10 @@ pub enum IsolateState {
     Exited(String),
 }
 
+/// A request body on its way into an isolate: the client's, streamed, with
+/// whatever bound the edge put on it.
+pub type RequestBody = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
 /// What V8 prints when its heap limit (`--max-old-space-size`) is reached.
 const V8_OUT_OF_MEMORY: [&str; 2] = ["Reached heap limit", "heap out of memory"];
 
@@ -123,12 +127,37 @@ const MAX_IDLE_CONNECTIONS: usize = 32;
 const MAX_CONTROL_LINE_BYTES: usize = 1024 * 1024;
 const STDERR_TAIL_BYTES: usize = 4096;
 
+/// Counters of one isolate since it started; `take_usage` reads deltas.
+#[derive(Default)]
+struct Meter {
+    wall_us: AtomicU64,
+    ingress_bytes: AtomicU64,
+    egress_bytes: AtomicU64,
+    cpu_ns: AtomicU64,
+    peak_memory_bytes: AtomicU64,
+    /// What the last `take_usage` returned, to compute the next delta.
+    taken: Mutex<UsageTotals>,
+}
+
+/// Totals (or, from `take_usage`, deltas) of what an isolate used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub cpu_ms: u64,
+    pub wall_ms: u64,
+    pub ingress_bytes: u64,
+    pub egress_bytes: u64,
+    /// Not a delta: the most the isolate has held so far.
+    pub peak_memory_bytes: u64,
+}
+
 pub struct Isolate {
     pid: u32,
+    meter: Meter,
     termination: Arc<Mutex<Option<Termination>>>,
     requests_started: AtomicU64,
     files: IsolateFiles,
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    idle: Mutex<Vec<SendRequest<RequestBody>>>,
     state: watch::Receiver<IsolateState>,
     in_flight: AtomicUsize,
     started: Instant,
@@ -212,6 +241,7 @@ impl Isolate {
             files,
             idle: Mutex::new(Vec::new()),
             termination: termination.clone(),
+            meter: Meter::default(),
             requests_started: AtomicU64::new(0),
             state: state_rx,
             in_flight: AtomicUsize::new(0),
@@ -306,12 +336,12 @@ impl Isolate {
         self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        InFlight { isolate: self.clone() }
+        InFlight { isolate: self.clone(), started: Instant::now() }
     }
 
     /// Sends `request` into the isolate. The request URI should be in
     /// absolute form (`https://host/path?q`): it becomes `request.url`.
-    pub async fn forward(self: &Arc<Self>, request: Request<Incoming>) -> Result<Response<Incoming>, ForwardError> {
+    pub async fn forward(self: &Arc<Self>, request: Request<RequestBody>) -> Result<Response<Incoming>, ForwardError> {
         if let IsolateState::Exited(status) = self.state() {
             return Err(self
                 .termination()
@@ -344,7 +374,7 @@ impl Isolate {
         }
     }
 
-    async fn connection(&self) -> Result<SendRequest<Incoming>, ForwardError> {
+    async fn connection(&self) -> Result<SendRequest<RequestBody>, ForwardError> {
         loop {
             let candidate = self.idle.lock().expect("idle pool poisoned").pop();
             match candidate {
@@ -370,7 +400,7 @@ impl Isolate {
 
     /// Returns a connection to the idle pool once it can take the next
     /// request (HTTP/1.1: after this response's body is done).
-    fn recycle(self: &Arc<Self>, mut sender: SendRequest<Incoming>) {
+    fn recycle(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
         let isolate = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
@@ -392,6 +422,44 @@ impl Isolate {
             self.kill();
             self.exited().await;
         }
+    }
+
+    /// Body bytes that went into the isolate.
+    pub fn count_ingress(&self, bytes: u64) {
+        self.meter.ingress_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Body bytes that came out of the isolate.
+    pub fn count_egress(&self, bytes: u64) {
+        self.meter.egress_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn note_memory(&self, bytes: u64) {
+        self.meter.peak_memory_bytes.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// What the isolate used since the last call (the first call: since it
+    /// started). Every figure is the runner's own measurement.
+    pub fn take_usage(&self) -> UsageTotals {
+        let now = UsageTotals {
+            requests: self.requests_started.load(Ordering::Relaxed),
+            cpu_ms: self.meter.cpu_ns.load(Ordering::Relaxed) / 1_000_000,
+            wall_ms: self.meter.wall_us.load(Ordering::Relaxed) / 1_000,
+            ingress_bytes: self.meter.ingress_bytes.load(Ordering::Relaxed),
+            egress_bytes: self.meter.egress_bytes.load(Ordering::Relaxed),
+            peak_memory_bytes: self.meter.peak_memory_bytes.load(Ordering::Relaxed),
+        };
+        let mut taken = self.meter.taken.lock().expect("meter poisoned");
+        let delta = UsageTotals {
+            requests: now.requests - taken.requests,
+            cpu_ms: now.cpu_ms - taken.cpu_ms,
+            wall_ms: now.wall_ms - taken.wall_ms,
+            ingress_bytes: now.ingress_bytes - taken.ingress_bytes,
+            egress_bytes: now.egress_bytes - taken.egress_bytes,
+            peak_memory_bytes: now.peak_memory_bytes,
+        };
+        *taken = now;
+        delta
     }
 
     /// Why the runner ended this isolate, if it did.
@@ -422,10 +490,18 @@ impl Drop for Isolate {
 /// Held while a request is inside an isolate.
 pub struct InFlight {
     isolate: Arc<Isolate>,
+    started: Instant,
+}
+
+impl InFlight {
+    pub fn isolate(&self) -> &Arc<Isolate> {
+        &self.isolate
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.isolate.meter.wall_us.fetch_add(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.isolate.touch();
         self.isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -459,6 +535,7 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
         }
         let Ok(cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
         let used_ns = (cpu.as_nanos() as i128) - (last_cpu.as_nanos() as i128);
+        isolate.meter.cpu_ns.fetch_add(used_ns.max(0) as u64, Ordering::Relaxed);
         last_cpu = cpu;
         let requests = isolate.requests_started.load(Ordering::Relaxed);
         credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns).min(cap_ns) - used_ns;
@@ -471,8 +548,12 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
             });
             return;
         }
+        let resident = isocloud_sandbox::resident_bytes(pid);
+        if let Some(resident) = resident {
+            isolate.note_memory(resident);
+        }
         if limits.watch_rss
-            && let Some(resident) = isocloud_sandbox::resident_bytes(pid)
+            && let Some(resident) = resident
             && resident > limits.memory_limit_bytes
         {
             isolate.terminate_for(Termination::MemoryLimit {

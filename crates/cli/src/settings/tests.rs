@@ -151,3 +151,19 @@ fn sandbox_layers_come_from_the_config_file_too() {
     std::fs::write(&config, "isolate_uid = 0\n").unwrap();
     assert_eq!(field_of(&args), "isolate_uid");
 }
+
+#[test]
+fn spool_bound_from_flag_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().to_str().unwrap();
+    let settings = parse(&["serve", "--apps", apps, "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.spool_max_bytes, 64 * 1024 * 1024);
+    let settings = parse(&["serve", "--apps", apps, "--state-dir", "/tmp/x", "--spool-max-mb", "3"]).unwrap();
+    assert_eq!(settings.spool_max_bytes, 3 * 1024 * 1024);
+    assert_eq!(field_of(&["serve", "--apps", apps, "--spool-max-mb", "0"]), "spool_max_mb");
+
+    let config = dir.path().join("isocloud.toml");
+    std::fs::write(&config, "spool_max_mb = 5\n").unwrap();
+    let args = ["serve", "--apps", apps, "--state-dir", "/tmp/x", "--config", config.to_str().unwrap()];
+    assert_eq!(parse(&args).unwrap().spool_max_bytes, 5 * 1024 * 1024);
+}

@@ -47,7 +47,12 @@ impl Runner {
     /// Starts `isocloud <args…>` with a free port, an admin port and its own
     /// state dir, and waits until it listens.
     pub fn start(args: &[&str]) -> Runner {
-        let state_dir = tempfile::tempdir().unwrap();
+        Self::start_with_state(args, tempfile::tempdir().unwrap())
+    }
+
+    /// Like [`Runner::start`], on a given state dir (an earlier runner's,
+    /// from [`Runner::take_state_dir`], to test a restart).
+    pub fn start_with_state(args: &[&str], state_dir: tempfile::TempDir) -> Runner {
         let mut child = Command::new(env!("CARGO_BIN_EXE_isocloud"))
             .args(args)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
@@ -103,6 +108,12 @@ impl Runner {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Hands the state dir over (for a runner started after this one exited);
+    /// this runner keeps an empty one.
+    pub fn take_state_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.state_dir, tempfile::tempdir().unwrap())
     }
 
     pub fn stderr(&self) -> String {
@@ -307,6 +318,12 @@ pub struct OriginState {
     pub extra_subhosters: Mutex<HashMap<String, String>>,
     /// The `kid` of every RPC whose JWT verified, in arrival order.
     pub rpc_kids: Mutex<Vec<String>>,
+    /// While set, `report_activity` answers this status and accepts nothing
+    /// (an origin that fails, then recovers).
+    pub activity_status: Mutex<Option<u16>>,
+    /// Every `report_activity` body received, refused ones included, in
+    /// arrival order (`activity` holds the accepted ones).
+    pub activity_attempts: Mutex<Vec<Value>>,
 }
 
 pub struct TestOrigin {
@@ -379,6 +396,21 @@ impl TestOrigin {
         self.calls().iter().filter(|c| c.split(' ').next() == Some(rpc)).count()
     }
 
+    /// `report_activity` answers `status` (e.g. 503) until called with `None`.
+    pub fn fail_activity(&self, status: Option<u16>) {
+        *self.state.activity_status.lock().unwrap() = status;
+    }
+
+    /// Every `report_activity` body received, refused ones included.
+    pub fn activity_attempts(&self) -> Vec<Value> {
+        self.state.activity_attempts.lock().unwrap().clone()
+    }
+
+    /// The accepted `report_activity` bodies.
+    pub fn activity_batches(&self) -> Vec<Value> {
+        self.state.activity.lock().unwrap().clone()
+    }
+
     pub fn activity_events(&self) -> Vec<Value> {
         self.state
             .activity
@@ -387,6 +419,15 @@ impl TestOrigin {
             .iter()
             .flat_map(|b| b["events"].as_array().cloned().unwrap_or_default())
             .collect()
+    }
+
+    /// [`TestOrigin::runner`] on a given state dir.
+    pub fn runner_with_state(&self, extra: &[&str], state_dir: tempfile::TempDir) -> Runner {
+        let secret = format!("{KID}={SECRET}");
+        let root = self.rpc_root();
+        let mut args = vec!["runner", "--rpc-root", &root, "--subhost-secret", &secret];
+        args.extend_from_slice(extra);
+        Runner::start_with_state(&args, state_dir)
     }
 
     /// A runner in subhosting mode pointed at this origin.
@@ -491,6 +532,10 @@ async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) ->
         "report_activity" => {
             let body = request.into_body().collect().await.unwrap().to_bytes();
             let batch: Value = serde_json::from_slice(&body).unwrap();
+            state.activity_attempts.lock().unwrap().push(batch.clone());
+            if let Some(status) = *state.activity_status.lock().unwrap() {
+                return reply(status, "activity refused");
+            }
             state.activity.lock().unwrap().push(batch);
             reply(200, "")
         }

@@ -51,11 +51,12 @@ impl Tier {
 }
 
 /// The tier an event is batched and retained under. Exhaustive on purpose: a
-/// new kind (usage, when metering reports it) must be placed here, and usage
-/// belongs in [`Tier::Keep`].
+/// new kind must be placed here, knowingly.
 pub(crate) fn tier_of(kind: &ActivityKind) -> Tier {
     match kind {
         ActivityKind::Log { .. } => Tier::Log,
+        // The subhoster bills from these; a lost one is lost money.
+        ActivityKind::Usage { .. } => Tier::Keep,
         ActivityKind::Boot { .. }
         | ActivityKind::BootFailure { .. }
         | ActivityKind::UncaughtException { .. }
@@ -74,6 +75,7 @@ pub(crate) fn kind_name(kind: &ActivityKind) -> &'static str {
         ActivityKind::UncaughtException { .. } => "uncaught_exception",
         ActivityKind::CpuTimeLimit { .. } => "cpu_time_limit",
         ActivityKind::MemoryLimit { .. } => "memory_limit",
+        ActivityKind::Usage { .. } => "usage",
         ActivityKind::Terminated { .. } => "terminated",
     }
 }
@@ -549,6 +551,16 @@ mod stored {
             limit: u64,
             used: u64,
         },
+        Usage {
+            requests: u64,
+            cpu_ms: u64,
+            wall_ms: u64,
+            ingress_bytes: u64,
+            egress_bytes: u64,
+            peak_memory_bytes: u64,
+            interval_start: String,
+            interval_end: String,
+        },
         Terminated {
             reason: String,
         },
@@ -582,6 +594,25 @@ mod stored {
                 Kind::UncaughtException { message } => ActivityKind::UncaughtException { message },
                 Kind::CpuTimeLimit { limit, used } => ActivityKind::CpuTimeLimit { limit, used },
                 Kind::MemoryLimit { limit, used } => ActivityKind::MemoryLimit { limit, used },
+                Kind::Usage {
+                    requests,
+                    cpu_ms,
+                    wall_ms,
+                    ingress_bytes,
+                    egress_bytes,
+                    peak_memory_bytes,
+                    interval_start,
+                    interval_end,
+                } => ActivityKind::Usage {
+                    requests,
+                    cpu_ms,
+                    wall_ms,
+                    ingress_bytes,
+                    egress_bytes,
+                    peak_memory_bytes,
+                    interval_start,
+                    interval_end,
+                },
                 Kind::Terminated { reason } => ActivityKind::Terminated { reason },
             }
         }

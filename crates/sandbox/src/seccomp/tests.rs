@@ -6,7 +6,7 @@ use super::*;
 
 /// Forks; the child installs `filters` (when given), makes `call` and exits
 /// with the errno it failed with (0 on success). Returns that code.
-fn errno_in_child(filters: Option<&SeccompFilters>, call: fn() -> libc::c_long) -> i32 {
+fn errno_in_child(filters: Option<&SeccompFilters>, call: Call) -> i32 {
     // SAFETY: the child only installs prepared BPF programs (no allocation,
     // see `SeccompFilters::install`), makes raw syscalls and `_exit`s, all
     // async-signal-safe, so forking a multi-threaded test binary is sound.
@@ -32,6 +32,9 @@ fn errno_in_child(filters: Option<&SeccompFilters>, call: fn() -> libc::c_long) 
     libc::WEXITSTATUS(status)
 }
 
+/// A raw syscall made in the child.
+type Call = fn() -> libc::c_long;
+
 /// A fork-like call whose child (if the call succeeds) leaves at once.
 fn leave_if_child(rc: libc::c_long) -> libc::c_long {
     if rc == 0 {
@@ -43,7 +46,7 @@ fn leave_if_child(rc: libc::c_long) -> libc::c_long {
 
 // SAFETY (every call below): raw syscalls with null pointers or harmless
 // arguments; the kernel validates them and answers with an errno at worst.
-const DENIED: &[(&str, fn() -> libc::c_long, i32)] = &[
+const DENIED: &[(&str, Call, i32)] = &[
     ("unshare(CLONE_NEWUSER)", || unsafe { libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) }, libc::EPERM),
     (
         "ptrace(PTRACE_TRACEME)",
@@ -104,7 +107,7 @@ fn denied_calls_are_denied_by_the_filter_and_only_by_it() {
 fn what_deno_needs_stays_allowed() {
     let filters = SeccompFilters::compile().expect("the denylist compiles");
     // SAFETY (every call): raw syscalls without pointers.
-    let allowed: &[(&str, fn() -> libc::c_long)] = &[
+    let allowed: &[(&str, Call)] = &[
         ("getpid", || unsafe { libc::syscall(libc::SYS_getpid) }),
         ("socket(AF_UNIX)", || unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) }),
         ("socket(AF_INET6)", || unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET6, libc::SOCK_STREAM, 0) }),
