@@ -58,7 +58,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let cache =
         Arc::new(DiskCache::open(&state_dir.join("cache"), settings.cache_max_bytes).context("cannot open the cache")?);
 
-    let mut registry = Registry::with_prefix("");
+    let mut registry = Registry::default();
     let pool_metrics = PoolMetrics::new(&mut registry);
     let edge_metrics = EdgeMetrics::new(&mut registry);
     register_cache_metrics(&mut registry, cache.clone());

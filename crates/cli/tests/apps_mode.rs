@@ -154,7 +154,7 @@ Deno.serve(async () => {
         ],
     );
     let runner = apps.serve(&["--mount-namespace", "on"]);
-    assert!(runner.stderr().contains("sandbox: mount-namespace=on"), "{}", runner.stderr());
+    runner.wait_for_log("mount-namespace=on");
     let response = runner.get("jailed.localhost", "/").await;
     let text = response.text().await.unwrap();
     let body: Value = serde_json::from_str(&text).unwrap();

@@ -87,7 +87,11 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     assert_eq!(event["limit"], 50);
     assert!(event["used"].as_u64().unwrap() >= 50, "{event}");
     let metrics = runner.metrics().await;
-    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="cpu_time_limit"} 1"#), "{metrics}");
+    assert!(has_metric(&metrics, r#"isocloud_isolate_terminations_total{reason="cpu_time_limit"} 1"#), "{metrics}");
+    // Per deployment (fed by usage reports: every 10 s and when an isolate
+    // ends), with bounded cardinality: beyond the busiest, "other".
+    assert!(has_metric(&metrics, r#"isocloud_deployment_cpu_limit_kills_total{deployment="burner"} 1"#), "{metrics}");
+    assert!(has_metric(&metrics, r#"isocloud_deployment_requests_total{deployment="other"} 0"#), "{metrics}");
 }
 
 #[tokio::test]
@@ -162,7 +166,7 @@ async fn a_full_runner_evicts_the_least_recently_used_idle_isolate_or_refuses() 
     wait_until("a to be evicted", Duration::from_secs(5), || !process_alive(a)).await;
     assert!(process_alive(b));
     let metrics = runner.metrics().await;
-    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="evicted"} 1"#), "{metrics}");
+    assert!(has_metric(&metrics, r#"isocloud_isolate_terminations_total{reason="evicted"} 1"#), "{metrics}");
 
     // Both slots busy with in-flight requests: a new deployment is refused.
     let client_b = runner.client_for("b.localhost");
@@ -200,7 +204,7 @@ async fn memory_bombs_are_stopped_and_reported() {
     origin.deploy("neighbour", TestDeployment::inline_js(NEIGHBOUR));
     // The CPU limit is generous: this test is about memory.
     let runner = origin.runner(&["--memory-limit-mb", "128", "--cpu-limit-ms", "20000"]);
-    assert!(runner.stderr().contains("limits: memory=128 MB"), "{}", runner.stderr());
+    runner.wait_for_log("limits: memory=128 MB");
     let client = reqwest::Client::new();
     let get = |id: &'static str, path: &'static str| {
         client
@@ -226,6 +230,8 @@ async fn memory_bombs_are_stopped_and_reported() {
         events.iter().filter(|e| e["type"] == "memory_limit").count() >= 2
     })
     .await;
+    let metrics = runner.metrics().await;
+    assert!(has_metric(&metrics, r#"isocloud_deployment_memory_limit_kills_total{deployment="bomb"} 2"#), "{metrics}");
     for event in events.iter().filter(|e| e["type"] == "memory_limit") {
         eprintln!("memory_limit event: {event}");
         assert_eq!(event["limit"], 128 * 1024 * 1024);

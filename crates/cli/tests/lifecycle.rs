@@ -38,7 +38,7 @@ async fn one_isolate_is_reused_then_terminated_when_idle() {
     wait_until("the idle isolate to exit", Duration::from_secs(10), || !process_alive(first)).await;
     assert!(runner.isolate_pids().is_empty());
     let metrics = runner.metrics().await;
-    assert!(metrics.contains(r#"isocloud_isolate_terminations_total{reason="idle"} 1"#), "{metrics}");
+    assert!(has_metric(&metrics, r#"isocloud_isolate_terminations_total{reason="idle"} 1"#), "{metrics}");
 
     // The next request boots it again.
     let second = pid_of(&runner, "idle.localhost").await;
@@ -171,7 +171,7 @@ async fn admin_listener_reports_health_and_metrics() {
         "isocloud_boot_duration_seconds_count 1",
         "isocloud_cache_hits_total",
     ] {
-        assert!(metrics.contains(expected), "missing {expected:?} in:\n{metrics}");
+        assert!(has_metric(&metrics, expected), "missing {expected:?} in:\n{metrics}");
     }
     // The public listener does not serve the admin paths.
     expect_error(runner.get("127.0.0.1", "/metrics").await, 404, "DEPLOYMENT_NOT_FOUND").await;

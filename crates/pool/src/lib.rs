@@ -11,6 +11,7 @@
 
 mod activity;
 mod boot;
+mod deployment_metrics;
 mod metrics;
 mod pool;
 

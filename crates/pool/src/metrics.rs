@@ -15,6 +15,7 @@ pub struct PoolMetrics {
     pub activity_dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub activity_spool_bytes: Gauge,
     pub activity_spool_batches: Gauge,
+    pub deployments: crate::deployment_metrics::DeploymentMetrics,
 }
 
 impl PoolMetrics {
@@ -27,7 +28,9 @@ impl PoolMetrics {
             activity_dropped: Family::default(),
             activity_spool_bytes: Gauge::default(),
             activity_spool_batches: Gauge::default(),
+            deployments: Default::default(),
         };
+        registry.register_collector(Box::new(metrics.deployments.clone()));
         registry.register("isocloud_boots", "Isolate boots by result", metrics.boots.clone());
         registry.register(
             "isocloud_boot_duration_seconds",

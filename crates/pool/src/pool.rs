@@ -14,6 +14,7 @@ use isocloud_sandbox::SandboxPolicy;
 use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
 
 use crate::boot::{BootContext, boot};
+use crate::deployment_metrics::Ending;
 use crate::{ActivitySink, BootError, PoolMetrics};
 
 #[derive(Debug, Clone)]
@@ -207,6 +208,7 @@ impl Pool {
         if let Some(Slot::Ready(isolate)) = slots.remove(&key) {
             self.inner.metrics.live_isolates.dec();
             self.inner.metrics.terminations.get_or_create(&vec![("reason", "evicted")]).inc();
+            self.inner.metrics.deployments.ended(&key.1, Ending::Evicted);
             tracing::info!(deployment_id = key.1, pid = isolate.pid(), "evicting the least recently used idle isolate");
             if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
                 report_usage(&self.inner, &origin, &key.1, &isolate);
@@ -289,6 +291,11 @@ fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
         }
     };
     inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
+    match reason {
+        "cpu_time_limit" => inner.metrics.deployments.ended(&key.1, Ending::CpuTimeLimit),
+        "memory_limit" => inner.metrics.deployments.ended(&key.1, Ending::MemoryLimit),
+        _ => {}
+    }
     if let Some(origin) = inner.origins.lock().expect("pool poisoned").remove(key) {
         report_usage(inner, &origin, &key.1, isolate);
         inner.ctx.activity.report(&origin, &key.1, event);
@@ -302,6 +309,7 @@ const USAGE_INTERVAL: Duration = Duration::from_secs(10);
 fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, isolate: &Isolate) {
     let since = inner.usage_since.lock().expect("pool poisoned").clone();
     let used = isolate.take_usage();
+    inner.metrics.deployments.usage(deployment_id, used.requests, used.cpu_ms, used.peak_memory_bytes);
     if used.requests == 0 && used.cpu_ms == 0 && used.ingress_bytes == 0 && used.egress_bytes == 0 {
         return;
     }

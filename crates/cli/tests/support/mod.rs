@@ -120,6 +120,19 @@ impl Runner {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits until the runner's log (read by a thread) holds `text`.
+    pub fn wait_for_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.stderr();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "the runner never logged {text:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A client that reaches `host` (any name) at this runner.
     pub fn client_for(&self, host: &str) -> reqwest::Client {
         reqwest::Client::builder().resolve(host, self.addr).timeout(Duration::from_secs(60)).build().unwrap()
@@ -592,4 +605,10 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
     let body: Value = response.json().await.expect("a JSON error body");
     assert_eq!(body["error"]["code"], code, "{body}");
     body["error"]["message"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Whether the Prometheus text has a line starting with `sample` (a whole
+/// metric name, so a prefixed or suffixed name does not count).
+pub fn has_metric(metrics: &str, sample: &str) -> bool {
+    metrics.lines().any(|line| line.starts_with(sample))
 }
