@@ -300,3 +300,49 @@ async fn oversized_requests_and_slow_clients_are_refused_at_the_edge() {
     let response = client.post(&url).body("ok").send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "read 2");
 }
+
+#[tokio::test]
+async fn thousands_of_concurrent_requests_to_one_isolate_leave_the_runner_serving() {
+    let apps = AppsDir::new();
+    apps.app(
+        "flooded",
+        &[("main.ts", "Deno.serve(async () => { await new Promise((r) => setTimeout(r, 20)); return new Response(String(Deno.pid)); });")],
+    )
+    .app("n", &[("main.ts", NEIGHBOUR)]);
+    let runner = apps.serve(&[]);
+    let neighbour = pid(&runner, "n.localhost", "/").await;
+    let flooded = pid(&runner, "flooded.localhost", "/").await;
+
+    // 2,000 requests at once, over many connections.
+    let client = reqwest::Client::builder()
+        .resolve("flooded.localhost", runner.addr)
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let url = runner.url("flooded.localhost", "/");
+    let started = Instant::now();
+    let requests = (0..2000).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let response = client.get(url).send().await?;
+            let status = response.status().as_u16();
+            let body = response.text().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        })
+    });
+    let results = futures_util::future::join_all(requests).await;
+    let mut served = 0;
+    for result in results {
+        let (status, body) = result.unwrap().expect("every request gets an answer");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, flooded.to_string(), "one isolate serves them all");
+        served += 1;
+    }
+    assert_eq!(served, 2000);
+    eprintln!("2000 concurrent requests served in {:?}", started.elapsed());
+    // The neighbour was never disturbed, and the flood left one isolate.
+    assert_eq!(pid(&runner, "n.localhost", "/").await, neighbour);
+    assert_eq!(runner.isolate_pids().len(), 2);
+}

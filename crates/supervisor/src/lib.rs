@@ -97,9 +97,9 @@ impl Termination {
 }
 
 /// A request may borrow from the budget that earlier, cheaper requests left
-/// unused, but the budget never holds more than this share of one request's
-/// limit: a runaway loop dies after at most 1.5 × `cpu_limit_ms` of CPU
-/// (1 × in a fresh isolate), plus one sample. Alternating 20 ms and 60 ms
+/// unused, but what is saved never exceeds this share of one request's limit
+/// minus one (each request in flight adds its own limit on top): a runaway
+/// loop dies after at most 1.5 × `cpu_limit_ms` of CPU, plus one sample. Alternating 20 ms and 60 ms
 /// requests under a 50 ms limit pass; a sustained average above it does not.
 pub const CPU_BUDGET_CAP_PERCENT: u64 = 150;
 /// How often the CPU clock is read while requests are in flight (the slack
@@ -508,16 +508,17 @@ impl Drop for InFlight {
 }
 
 /// Charges the isolate's CPU clock against a budget its requests fill:
-/// each request adds `cpu_limit_ms`, the budget holds at most
-/// `CPU_BUDGET_CAP_PERCENT` of one request's, and CPU used at any time (handlers,
+/// each request adds `cpu_limit_ms`, the budget holds at most that much per
+/// request in flight plus the savings `CPU_BUDGET_CAP_PERCENT` allows, and CPU used at any time (handlers,
 /// timers, work left running after a response) is taken from it. Below zero,
 /// the isolate is terminated. Module evaluation before `ready` is free.
 async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
     let limit_ns = i128::from(limits.cpu_limit_ms) * 1_000_000;
-    let cap_ns = limit_ns * i128::from(CPU_BUDGET_CAP_PERCENT) / 100;
+    // What an isolate may keep from requests that are done: half a request.
+    let savings_ns = limit_ns * (i128::from(CPU_BUDGET_CAP_PERCENT) - 100) / 100;
     let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
     let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
-    let mut credit_ns = limit_ns;
+    let mut credit_ns = savings_ns;
     let mut last_requests = 0u64;
     // CPU burned since the isolate last had nothing to do: what a runaway
     // request used, for the report.
@@ -538,7 +539,13 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
         isolate.meter.cpu_ns.fetch_add(used_ns.max(0) as u64, Ordering::Relaxed);
         last_cpu = cpu;
         let requests = isolate.requests_started.load(Ordering::Relaxed);
-        credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns).min(cap_ns) - used_ns;
+        // Charge first, then cap: requests that came and went between two
+        // samples still brought their allowance. The cap only bounds what is
+        // saved: every request in flight keeps its own limit, so a thousand
+        // concurrent cheap requests are not mistaken for one expensive one.
+        let in_flight = isolate.in_flight() as i128;
+        credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns - used_ns)
+            .min(savings_ns + in_flight * limit_ns);
         last_requests = requests;
         busy_ns = if isolate.in_flight() == 0 && used_ns < 1_000_000 { 0 } else { busy_ns + used_ns };
         if credit_ns < 0 {
