@@ -1,17 +1,17 @@
 //! Activity reports (`subhosting-protocol.md` §5): what the runner tells an
 //! origin about its deployments.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One `report_activity` body. The same `batch_id` is only ever sent with the
 /// same content, so an origin can drop a retried duplicate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivityBatch {
     pub batch_id: String,
     pub events: Vec<ActivityEvent>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivityEvent {
     pub deployment_id: String,
     /// RFC 3339.
@@ -20,7 +20,7 @@ pub struct ActivityEvent {
     pub kind: ActivityKind,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Debug,
@@ -29,7 +29,7 @@ pub enum LogLevel {
     Error,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ActivityKind {
     Boot {
@@ -41,7 +41,7 @@ pub enum ActivityKind {
     Log {
         level: LogLevel,
         message: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
     },
     UncaughtException {

@@ -19,7 +19,7 @@ use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
+use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 
@@ -224,7 +224,7 @@ struct FileIn {
     deployment_id: String,
     tier: Tier,
     note: bool,
-    batch: stored::Batch,
+    batch: ActivityBatch,
 }
 
 pub(crate) struct Spool {
@@ -402,7 +402,7 @@ impl Spool {
 
     /// The batch exactly as written. Blocking.
     pub(crate) fn read(&self, seq: u64) -> io::Result<ActivityBatch> {
-        Ok(read_file(&self.path(seq))?.batch.into())
+        Ok(read_file(&self.path(seq))?.batch)
     }
 
     /// A failed attempt: the batch waits for the next one (and may now be dropped).
@@ -482,7 +482,7 @@ fn read_file(path: &Path) -> io::Result<FileIn> {
 fn load_entry(path: &Path) -> io::Result<Entry> {
     let bytes = fs::metadata(path)?.len();
     let file = read_file(path)?;
-    let batch: ActivityBatch = file.batch.into();
+    let batch = file.batch;
     Ok(Entry {
         origin: file.origin,
         deployment_id: file.deployment_id,
@@ -492,131 +492,6 @@ fn load_entry(path: &Path) -> io::Result<Entry> {
         kinds: count_kinds(batch.events.iter().map(|e| &e.kind)),
         state: State::Ready,
     })
-}
-
-/// The wire types read back. `isocloud-protocol` only serializes (the runner
-/// never parses activity from anyone else); the spool is the one reader, so
-/// the mirror lives here. Each conversion names every field, so a field or
-/// variant added to the protocol fails to compile until it is mirrored, and
-/// `tests::every_kind_reads_back_byte_for_byte` catches a renamed one.
-mod stored {
-    use super::*;
-
-    #[derive(Deserialize)]
-    pub(super) struct Batch {
-        batch_id: String,
-        events: Vec<Event>,
-    }
-
-    #[derive(Deserialize)]
-    struct Event {
-        deployment_id: String,
-        timestamp: String,
-        #[serde(flatten)]
-        kind: Kind,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    enum Level {
-        Debug,
-        Info,
-        Warning,
-        Error,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(tag = "type", rename_all = "snake_case")]
-    enum Kind {
-        Boot {
-            boot_ms: u64,
-        },
-        BootFailure {
-            message: String,
-        },
-        Log {
-            level: Level,
-            message: String,
-            #[serde(default)]
-            request_id: Option<String>,
-        },
-        UncaughtException {
-            message: String,
-        },
-        CpuTimeLimit {
-            limit: u64,
-            used: u64,
-        },
-        MemoryLimit {
-            limit: u64,
-            used: u64,
-        },
-        Usage {
-            requests: u64,
-            cpu_ms: u64,
-            wall_ms: u64,
-            ingress_bytes: u64,
-            egress_bytes: u64,
-            peak_memory_bytes: u64,
-            interval_start: String,
-            interval_end: String,
-        },
-        Terminated {
-            reason: String,
-        },
-    }
-
-    impl From<Batch> for ActivityBatch {
-        fn from(batch: Batch) -> Self {
-            let events = batch
-                .events
-                .into_iter()
-                .map(|e| ActivityEvent { deployment_id: e.deployment_id, timestamp: e.timestamp, kind: e.kind.into() })
-                .collect();
-            ActivityBatch { batch_id: batch.batch_id, events }
-        }
-    }
-
-    impl From<Kind> for ActivityKind {
-        fn from(kind: Kind) -> Self {
-            match kind {
-                Kind::Boot { boot_ms } => ActivityKind::Boot { boot_ms },
-                Kind::BootFailure { message } => ActivityKind::BootFailure { message },
-                Kind::Log { level, message, request_id } => {
-                    let level = match level {
-                        Level::Debug => LogLevel::Debug,
-                        Level::Info => LogLevel::Info,
-                        Level::Warning => LogLevel::Warning,
-                        Level::Error => LogLevel::Error,
-                    };
-                    ActivityKind::Log { level, message, request_id }
-                }
-                Kind::UncaughtException { message } => ActivityKind::UncaughtException { message },
-                Kind::CpuTimeLimit { limit, used } => ActivityKind::CpuTimeLimit { limit, used },
-                Kind::MemoryLimit { limit, used } => ActivityKind::MemoryLimit { limit, used },
-                Kind::Usage {
-                    requests,
-                    cpu_ms,
-                    wall_ms,
-                    ingress_bytes,
-                    egress_bytes,
-                    peak_memory_bytes,
-                    interval_start,
-                    interval_end,
-                } => ActivityKind::Usage {
-                    requests,
-                    cpu_ms,
-                    wall_ms,
-                    ingress_bytes,
-                    egress_bytes,
-                    peak_memory_bytes,
-                    interval_start,
-                    interval_end,
-                },
-                Kind::Terminated { reason } => ActivityKind::Terminated { reason },
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! a batch id always comes with the same bytes.
 
 use super::*;
+use isocloud_protocol::LogLevel;
 
 fn event(deployment_id: &str, kind: ActivityKind) -> ActivityEvent {
     ActivityEvent { deployment_id: deployment_id.to_owned(), timestamp: "2026-01-02T03:04:05.678Z".to_owned(), kind }
