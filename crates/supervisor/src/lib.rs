@@ -102,6 +102,12 @@ impl Termination {
 /// loop dies after at most 1.5 × `cpu_limit_ms` of CPU, plus one sample. Alternating 20 ms and 60 ms
 /// requests under a 50 ms limit pass; a sustained average above it does not.
 pub const CPU_BUDGET_CAP_PERCENT: u64 = 150;
+/// Extra requests' worth of CPU the first request of an isolate may use:
+/// V8 compiles code lazily, so the first pass through a framework costs far
+/// more than every later one. A runaway first request therefore dies after
+/// at most (1.5 + this) × `cpu_limit_ms`; later ones after 1.5 ×.
+pub const CPU_WARM_UP_REQUESTS: u64 = 3;
+
 /// How often the CPU clock is read while requests are in flight (the slack
 /// of the CPU limit) and while the isolate rests.
 pub const CPU_SAMPLE_BUSY: Duration = Duration::from_millis(5);
@@ -518,7 +524,7 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
     let savings_ns = limit_ns * (i128::from(CPU_BUDGET_CAP_PERCENT) - 100) / 100;
     let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
     let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
-    let mut credit_ns = savings_ns;
+    let mut credit_ns = savings_ns + limit_ns * i128::from(CPU_WARM_UP_REQUESTS);
     let mut last_requests = 0u64;
     // CPU burned since the isolate last had nothing to do: what a runaway
     // request used, for the report.
@@ -544,8 +550,12 @@ async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
         // saved: every request in flight keeps its own limit, so a thousand
         // concurrent cheap requests are not mistaken for one expensive one.
         let in_flight = isolate.in_flight() as i128;
+        // Until a first request has finished, V8 is still compiling the
+        // tenant's code lazily: that request may use the warm-up allowance.
+        let warming = requests == in_flight as u64;
+        let warm_up_ns = if warming { limit_ns * i128::from(CPU_WARM_UP_REQUESTS) } else { 0 };
         credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns - used_ns)
-            .min(savings_ns + in_flight * limit_ns);
+            .min(savings_ns + in_flight * limit_ns + warm_up_ns);
         last_requests = requests;
         busy_ns = if isolate.in_flight() == 0 && used_ns < 1_000_000 { 0 } else { busy_ns + used_ns };
         if credit_ns < 0 {
