@@ -263,46 +263,33 @@ impl Settings {
         let admin_listen =
             common.admin_listen.or(file.admin_listen).map(|a| parse_addr("admin_listen", &a)).transpose()?;
         let seconds = |field: &'static str, flag: Option<u64>, file: Option<u64>, default: u64, min: u64| {
-            let value = flag.or(file).unwrap_or(default);
-            if value < min || value > 86_400 * 365 {
-                return Err(invalid(field, format!("{value} is out of range ({min}..=31536000)")));
-            }
-            Ok(Duration::from_secs(value))
+            within(field, flag.or(file).unwrap_or(default), min..=86_400 * 365).map(Duration::from_secs)
         };
         let idle_timeout = seconds("idle_timeout_s", common.idle_timeout_s, file.idle_timeout_s, 300, 1)?;
         let boot_timeout = seconds("boot_timeout_s", common.boot_timeout_s, file.boot_timeout_s, 30, 1)?;
         let origin_timeout = seconds("origin_timeout_s", common.origin_timeout_s, file.origin_timeout_s, 10, 1)?;
         let drain_timeout = seconds("drain_timeout_s", common.drain_timeout_s, file.drain_timeout_s, 10, 0)?;
-        let memory_limit_mb = common.memory_limit_mb.or(file.memory_limit_mb).unwrap_or(512);
-        if !(16..=65_536).contains(&memory_limit_mb) {
-            return Err(invalid("memory_limit_mb", format!("{memory_limit_mb} is out of range (16..=65536)")));
-        }
-        let cpu_limit_ms = common.cpu_limit_ms.or(file.cpu_limit_ms).unwrap_or(50);
-        if !(1..=600_000).contains(&cpu_limit_ms) {
-            return Err(invalid("cpu_limit_ms", format!("{cpu_limit_ms} is out of range (1..=600000)")));
-        }
+        let memory_limit_mb =
+            within("memory_limit_mb", common.memory_limit_mb.or(file.memory_limit_mb).unwrap_or(512), 16..=65_536)?;
+        let cpu_limit_ms =
+            within("cpu_limit_ms", common.cpu_limit_ms.or(file.cpu_limit_ms).unwrap_or(50), 1..=600_000)?;
         let request_timeout = seconds("request_timeout_s", common.request_timeout_s, file.request_timeout_s, 60, 1)?;
-        let max_isolates = common.max_isolates.or(file.max_isolates).unwrap_or(1000);
-        if !(1..=100_000).contains(&max_isolates) {
-            return Err(invalid("max_isolates", format!("{max_isolates} is out of range (1..=100000)")));
-        }
-        let max_request_body_mb = common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100);
-        if !(1..=65_536).contains(&max_request_body_mb) {
-            return Err(invalid("max_request_body_mb", format!("{max_request_body_mb} is out of range (1..=65536)")));
-        }
+        let max_isolates =
+            within("max_isolates", common.max_isolates.or(file.max_isolates).unwrap_or(1000), 1..=100_000)?;
+        let max_request_body_mb = within(
+            "max_request_body_mb",
+            common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100),
+            1..=65_536,
+        )?;
         let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
-        let max_header_kb = common.max_header_kb.or(file.max_header_kb).unwrap_or(64);
-        if !(8..=1024).contains(&max_header_kb) {
-            return Err(invalid("max_header_kb", format!("{max_header_kb} is out of range (8..=1024)")));
-        }
+        let max_header_kb =
+            within("max_header_kb", common.max_header_kb.or(file.max_header_kb).unwrap_or(64), 8..=1024)?;
         let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
         if cache_max_mb == 0 {
             return Err(invalid("cache_max_mb", "must be at least 1"));
         }
-        let spool_max_mb = common.spool_max_mb.or(file.spool_max_mb).unwrap_or(64);
-        if !(1..=1_048_576).contains(&spool_max_mb) {
-            return Err(invalid("spool_max_mb", format!("{spool_max_mb} is out of range (1..=1048576)")));
-        }
+        let spool_max_mb =
+            within("spool_max_mb", common.spool_max_mb.or(file.spool_max_mb).unwrap_or(64), 1..=1_048_576)?;
         let log_format = match common.log_format.or(file.log_format).as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -418,6 +405,18 @@ fn parse_id(field: &'static str, text: &str) -> Result<u32, SettingsError> {
         0 => Err(invalid(field, "0 is root: isolates never run as root (\"off\" keeps the runner's own uid)")),
         u32::MAX => Err(invalid(field, "4294967295 is not an id")),
         id => Ok(id),
+    }
+}
+
+/// `value`, if it lies in `range`; else an error naming `field` and the range.
+fn within<T>(field: &'static str, value: T, range: std::ops::RangeInclusive<T>) -> Result<T, SettingsError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(field, format!("{value} is out of range ({}..={})", range.start(), range.end())))
     }
 }
 
