@@ -17,12 +17,7 @@ fn client() -> reqwest::Client {
 
 /// GET `path` of `deployment` through the runner, as a relay would send it.
 async fn get(runner: &Runner, deployment: &str, path: &str) -> reqwest::Response {
-    client()
-        .get(format!("http://{}{path}", runner.addr))
-        .header("x-deno-subhost", subhost_token(claims_for(deployment)))
-        .send()
-        .await
-        .expect("request to the runner")
+    runner.subhost_get(deployment, path).await
 }
 
 async fn text(runner: &Runner, deployment: &str, path: &str) -> String {

@@ -41,21 +41,15 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     origin.deploy("burner", TestDeployment::inline_js(BURNER));
     origin.deploy("neighbour", TestDeployment::inline_js(NEIGHBOUR));
     let runner = origin.runner(&["--cpu-limit-ms", "50"]);
-    let client = reqwest::Client::new();
-    let get = |id: &'static str, path: &'static str| {
-        client
-            .get(format!("http://{}{path}", runner.addr))
-            .header("x-deno-subhost", subhost_token(claims_for(id)))
-            .send()
-    };
-    let neighbour_pid = get("neighbour", "/").await.unwrap().text().await.unwrap();
-    let first: u32 = get("burner", "/").await.unwrap().text().await.unwrap().parse().unwrap();
+    let get = |id: &'static str, path: &'static str| runner.subhost_get(id, path);
+    let neighbour_pid = get("neighbour", "/").await.text().await.unwrap();
+    let first: u32 = get("burner", "/").await.text().await.unwrap().parse().unwrap();
 
     // The neighbour keeps answering while the loop spins.
     let neighbour = async {
         let mut answered = 0;
         for _ in 0..10 {
-            let response = get("neighbour", "/").await.unwrap();
+            let response = get("neighbour", "/").await;
             assert_eq!(response.status(), 200);
             assert_eq!(response.text().await.unwrap(), neighbour_pid);
             answered += 1;
@@ -66,14 +60,14 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     let started = Instant::now();
     let (looped, answered) = tokio::join!(get("burner", "/loop"), neighbour);
     let elapsed = started.elapsed();
-    let message = expect_error(looped.unwrap(), 502, "CPU_TIME_LIMIT").await;
+    let message = expect_error(looped, 502, "CPU_TIME_LIMIT").await;
     assert!(message.contains("CPU"), "{message}");
     assert_eq!(answered, 10);
     // 1.5 × 50 ms of budget at most, plus sampling and kill; generous for CI.
     assert!(elapsed < Duration::from_secs(2), "the loop lived {elapsed:?}");
     wait_until("the runaway isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
 
-    let second: u32 = get("burner", "/").await.unwrap().text().await.unwrap().parse().unwrap();
+    let second: u32 = get("burner", "/").await.text().await.unwrap().parse().unwrap();
     assert_ne!(second, first, "the next request boots a fresh isolate");
 
     let mut events = Vec::new();
@@ -205,23 +199,17 @@ async fn memory_bombs_are_stopped_and_reported() {
     // The CPU limit is generous: this test is about memory.
     let runner = origin.runner(&["--memory-limit-mb", "128", "--cpu-limit-ms", "20000"]);
     runner.wait_for_log("limits: memory=128 MB");
-    let client = reqwest::Client::new();
-    let get = |id: &'static str, path: &'static str| {
-        client
-            .get(format!("http://{}{path}", runner.addr))
-            .header("x-deno-subhost", subhost_token(claims_for(id)))
-            .send()
-    };
-    let neighbour_pid = get("neighbour", "/").await.unwrap().text().await.unwrap();
+    let get = |id: &'static str, path: &'static str| runner.subhost_get(id, path);
+    let neighbour_pid = get("neighbour", "/").await.text().await.unwrap();
 
     for bomb in ["/buffers", "/heap"] {
-        let first: u32 = get("bomb", "/").await.unwrap().text().await.unwrap().parse().unwrap();
-        let message = expect_error(get("bomb", bomb).await.unwrap(), 502, "MEMORY_LIMIT").await;
+        let first: u32 = get("bomb", "/").await.text().await.unwrap().parse().unwrap();
+        let message = expect_error(get("bomb", bomb).await, 502, "MEMORY_LIMIT").await;
         assert!(message.contains("memory"), "{bomb}: {message}");
         wait_until("the bomb's isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
-        assert_eq!(get("neighbour", "/").await.unwrap().text().await.unwrap(), neighbour_pid);
+        assert_eq!(get("neighbour", "/").await.text().await.unwrap(), neighbour_pid);
     }
-    let second: u32 = get("bomb", "/").await.unwrap().text().await.unwrap().parse().unwrap();
+    let second: u32 = get("bomb", "/").await.text().await.unwrap().parse().unwrap();
     assert!(process_alive(second));
 
     let mut events = Vec::new();

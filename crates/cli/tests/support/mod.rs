@@ -147,6 +147,20 @@ impl Runner {
         self.client_for(host).get(self.url(host, path)).send().await.expect("request to the runner")
     }
 
+    /// GET `path` of `deployment` the way a relay sends it: a fresh subhost
+    /// token, no Host routing.
+    pub async fn subhost_get(&self, deployment: &str, path: &str) -> reqwest::Response {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .get(format!("http://{}{path}", self.addr))
+            .header("x-deno-subhost", subhost_token(claims_for(deployment)))
+            .send()
+            .await
+            .expect("request to the runner")
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
     }
