@@ -127,6 +127,9 @@ pub type RequestBody = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dy
 /// What V8 prints when its heap limit (`--max-old-space-size`) is reached.
 const V8_OUT_OF_MEMORY: [&str; 2] = ["Reached heap limit", "heap out of memory"];
 
+/// How long a connect may wait for a busy isolate's accept backlog.
+const CONNECT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How many idle keep-alive connections into one isolate are kept.
 const MAX_IDLE_CONNECTIONS: usize = 32;
 /// Control lines longer than this are a broken or hostile harness.
@@ -389,9 +392,7 @@ impl Isolate {
                 None => break,
             }
         }
-        let stream = UnixStream::connect(&self.files.socket)
-            .await
-            .map_err(|e| ForwardError::Crashed(format!("cannot connect to the isolate: {e}")))?;
+        let stream = self.connect().await?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -402,6 +403,24 @@ impl Isolate {
             }
         });
         Ok(sender)
+    }
+
+    /// A new connection into the isolate. A full accept backlog (a flood of
+    /// new connections) makes a unix-socket connect fail with EAGAIN at once:
+    /// that is a busy isolate, not a dead one, so it is retried for a while.
+    async fn connect(&self) -> Result<UnixStream, ForwardError> {
+        let deadline = Instant::now() + CONNECT_BUSY_TIMEOUT;
+        loop {
+            match UnixStream::connect(&self.files.socket).await {
+                Ok(stream) => return Ok(stream),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline && self.is_running() =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(ForwardError::Crashed(format!("cannot connect to the isolate: {e}"))),
+            }
+        }
     }
 
     /// Returns a connection to the idle pool once it can take the next
