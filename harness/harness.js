@@ -20,15 +20,30 @@ const {
   src_root: srcRoot,
   tree_path: treePath,
   env_names: envNames,
+  egress_probe: egressProbe,
+  proxy_env: proxyEnv,
 } = bootstrap;
 
+// deno reads HTTP_PROXY/HTTPS_PROXY when it builds its HTTP client, on the
+// first fetch: make that happen now, while the runner's egress proxy is still
+// in the environment. The proxy answers this probe itself.
+if (egressProbe) {
+  try {
+    const probe = await fetch(egressProbe);
+    await probe.body?.cancel();
+  } catch {
+    // Outbound calls will fail and say why; serving needs no proxy.
+  }
+}
+
 // The tenant sees exactly its configured envs: not the variables the runner
-// sets for deno (DENO_DIR, …), nor those deno adds to its own environment
-// (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE).
+// sets for deno (DENO_DIR, the proxy, …), nor those deno adds to its own
+// environment (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE).
 const configuredEnv = new Set(envNames);
 for (const name of Object.keys(Deno.env.toObject())) {
   if (!configuredEnv.has(name)) Deno.env.delete(name);
 }
+for (const [name, value] of Object.entries(proxyEnv ?? {})) Deno.env.set(name, value);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

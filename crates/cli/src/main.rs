@@ -2,6 +2,8 @@
 //! deno, wires origin, pool and ingress together, and turns SIGTERM/SIGINT
 //! into a graceful shutdown. It holds no logic of its own beyond that wiring.
 
+mod client;
+mod control_plane;
 mod deno;
 mod origins;
 mod sandbox;
@@ -12,16 +14,21 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
-use isocloud_ingress::{EdgeLimits, EdgeMetrics, Proxy, Router, ServeOptions, SubhostRouting};
+use isocloud_egress::{EgressOptions, EgressProxy};
+use isocloud_ingress::{EdgeLimits, EdgeMetrics, HostRouting, Listener, Proxy, Router, ServeOptions, SubhostRouting};
 use isocloud_origin::{AppsOrigin, DiskCache, Origin};
 use isocloud_pool::{ActivityOptions, IsolateLimits, Pool, PoolMetrics, PoolOptions};
 use prometheus_client::registry::Registry;
-use settings::{Cli, LogFormat, Mode, Settings};
+use settings::{Cli, Command, LogFormat, Mode, Settings};
 use tokio::net::TcpListener;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::from_cli(cli.command) {
+    let command = match cli.command {
+        Command::Client(command) => return client::run(command),
+        command => command,
+    };
+    let settings = match Settings::from_cli(command) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("isocloud: {e}");
@@ -84,6 +91,48 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    let egress = if settings.egress_proxy {
+        let options =
+            EgressOptions { max_hops: settings.max_hops, connect_timeout: std::time::Duration::from_secs(10) };
+        let proxy = EgressProxy::start((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
+            .await
+            .context("cannot start the egress proxy")?;
+        tracing::info!(addr = %proxy.local_addr(), max_hops = settings.max_hops, "egress: isolates' HTTP(S) goes through the runner's proxy");
+        Some(proxy)
+    } else {
+        tracing::warn!(
+            "egress: proxy off (--egress-proxy off): isolates call out directly, checked by deno's allow-list only"
+        );
+        None
+    };
+    // Bound before anything that reports URLs: `…:0` picks the ports.
+    let listener =
+        TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let public = listener.local_addr()?;
+    let mut listeners = vec![Listener { tcp: listener, tls: None }];
+    let control_plane = match &settings.mode {
+        Mode::ControlPlane(control) => {
+            let tls = match control.tls_listen {
+                Some(addr) => {
+                    Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (TLS)"))?)
+                }
+                None => None,
+            };
+            let https_port = tls.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| a.port());
+            let control_plane = control_plane::start(control, public.port(), https_port).await?;
+            if let Some(tcp) = tls {
+                let tls_addr = tcp.local_addr()?;
+                let acceptor = isocloud_ingress::tls_acceptor(Arc::new(control_plane::Certs(control_plane.clone())))
+                    .context("cannot set up TLS")?;
+                listeners.push(Listener { tcp, tls: Some(acceptor) });
+                println!("isocloud: tls on https://{tls_addr}");
+            }
+            Some((control_plane, https_port))
+        }
+        _ => None,
+    };
+    let control_plane_origin = control_plane.as_ref().map(|(cp, _)| cp.origin());
+
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,
         start_timeout: settings.boot_timeout,
@@ -99,8 +148,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         activity: ActivityOptions {
             spool_dir: state_dir.join("spool"),
             spool_max_bytes: settings.spool_max_bytes,
-            resolver: origins::resolver(&settings.mode, origins::remote_options(&settings)),
+            resolver: origins::resolver(
+                &settings.mode,
+                origins::remote_options(&settings),
+                control_plane_origin.clone(),
+            ),
         },
+        usage_interval: settings.usage_interval,
+        egress: egress.clone(),
+        max_deno_dirs: MAX_DENO_DIRS,
     };
     let pool = Pool::new(pool_options, policy, cache, pool_metrics)
         .context("cannot prepare the isolate directory or the activity spool")?;
@@ -111,20 +167,33 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             let verifier = SubhostVerifier::new(subhosters.clone()).context("invalid subhoster configuration")?;
             Router::new(None, Some(SubhostRouting::new(verifier, origins::remote_options(&settings))))
         }
+        Mode::ControlPlane(_) => {
+            let (control_plane, https_port) = control_plane.clone().expect("opened above in this mode");
+            Router::default().with_hosts(HostRouting {
+                routes: Arc::new(control_plane::Hosts {
+                    control_plane: control_plane.clone(),
+                    https: https_port.is_some(),
+                }),
+                origin: control_plane.origin(),
+                https_port,
+            })
+        }
     };
-    let proxy = Arc::new(Proxy::new(
+    let mut proxy = Proxy::new(
         router,
         pool,
         edge_metrics,
         EdgeLimits {
             request_timeout: settings.request_timeout,
             max_request_body_bytes: settings.max_request_body_bytes,
+            max_hops: settings.max_hops,
         },
-    ));
+    );
+    if let Some(egress) = egress {
+        proxy = proxy.with_egress(egress);
+    }
+    let proxy = Arc::new(proxy);
 
-    let listener =
-        TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let public = listener.local_addr()?;
     if let Some(addr) = settings.admin_listen {
         let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
         let admin_addr = admin.local_addr()?;
@@ -136,6 +205,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             tracing::info!(apps = %dir.display(), "serving apps: DIR/<name>/ at http://<name>.localhost:{}", public.port())
         }
         Mode::Subhost(subhosters) => tracing::info!(subhosters = subhosters.len(), "serving subhosted deployments"),
+        Mode::ControlPlane(control) => tracing::info!(
+            "serving the control plane's deployments: http://<project>.{}:{} and http://<project>-<deployment>.{0}:{1}",
+            control.base_domain,
+            public.port()
+        ),
     }
     tracing::info!(deno = %deno.display(), version = deno_version, state_dir = %state_dir.display(), "isolates run on deno");
     // Tests and scripts read this line to learn the port of `--listen …:0`.
@@ -146,9 +220,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         max_header_bytes: settings.max_header_bytes,
         header_timeout: settings.header_timeout,
     };
-    isocloud_ingress::serve(listener, proxy, options, shutdown_signal()).await;
+    isocloud_ingress::serve(listeners, proxy, options, shutdown_signal()).await;
     Ok(())
 }
+
+/// Deployments whose deno cache dir (V8 code cache) is kept between boots.
+const MAX_DENO_DIRS: usize = 2_000;
 
 fn register_cache_metrics(registry: &mut Registry, cache: Arc<DiskCache>) {
     use prometheus_client::collector::Collector;

@@ -22,8 +22,12 @@ pub fn remote_options(settings: &Settings) -> RemoteOriginOptions {
 /// checks — so a batch never goes somewhere today's settings would not send
 /// that subhoster's RPCs. Its own instances: origins are stateless clients,
 /// and the sink keys deliveries by name.
-pub fn resolver(mode: &Mode, options: RemoteOriginOptions) -> OriginResolver {
+pub fn resolver(mode: &Mode, options: RemoteOriginOptions, control_plane: Option<Arc<dyn Origin>>) -> OriginResolver {
     match mode {
+        Mode::ControlPlane(_) => {
+            let origin = control_plane.expect("the control plane is open before the pool");
+            OriginResolver::new(move |name| (name == origin.name()).then(|| origin.clone()))
+        }
         Mode::Apps(dir) => {
             let apps: Arc<dyn Origin> = Arc::new(AppsOrigin::new(dir.clone()));
             OriginResolver::new(move |name| (name == apps.name()).then(|| apps.clone()))
@@ -71,7 +75,7 @@ mod tests {
     }
 
     fn resolve(mode: &Mode, name: &str) -> Option<String> {
-        let resolver = resolver(mode, RemoteOriginOptions::default());
+        let resolver = resolver(mode, RemoteOriginOptions::default(), None);
         resolver.resolve(name).map(|origin| origin.name().to_owned())
     }
 

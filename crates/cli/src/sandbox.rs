@@ -55,13 +55,18 @@ pub fn policy(
 
     let deno_dir = state_dir.join("deno-dir");
     std::fs::create_dir_all(&deno_dir)?;
-    if let Some(ids) = isolate_ids {
+    if isolate_ids.is_some() {
         let umask = identity::normalize_umask();
         if umask & 0o055 != 0 {
             tracing::info!(umask = format!("{umask:03o}"), "umask relaxed to 022: isolates must read their files");
         }
-        identity::hand_over_dir(&deno_dir, ids)
-            .with_context(|| format!("cannot hand {} to the isolate uid", deno_dir.display()))?;
+        // The root of the per-deployment cache dirs stays the runner's; each
+        // deployment's own folder is handed to the isolate uid at boot. (An
+        // older runner handed the root itself over: take it back.)
+        use std::os::unix::fs::MetadataExt;
+        let runner = std::fs::metadata(state_dir)?;
+        std::os::unix::fs::chown(&deno_dir, Some(runner.uid()), Some(runner.gid()))?;
+        identity::allow_traversal(&deno_dir)?;
         if !mount_namespace {
             // Isolates reach their files by host path, through the state dir.
             identity::allow_traversal(state_dir)?;

@@ -19,13 +19,16 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Serve every subdirectory of --apps as a deployment at <name>.localhost.
+    /// Run the built-in control plane (API, dashboard) and the runner it
+    /// feeds; with --apps, serve a folder of apps instead (dev mode).
     Serve {
         #[command(flatten)]
         common: CommonFlags,
-        /// The folder of apps: DIR/<name>/ is served at Host <name>.localhost.
+        /// Dev mode: DIR/<name>/ is served at Host <name>.localhost, no control plane.
         #[arg(long, value_name = "DIR")]
         apps: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlPlaneFlags,
     },
     /// Run as a subhosting runner: relays sign requests, origins describe deployments.
     Runner {
@@ -34,6 +37,9 @@ pub enum Command {
         #[command(flatten)]
         subhost: SubhostFlags,
     },
+    /// The client commands that talk to a control plane (login, deploy, …).
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
 }
 
 #[derive(Args, Debug, Default)]
@@ -118,6 +124,55 @@ pub struct CommonFlags {
     /// The gid isolates run as [default: 65534].
     #[arg(long, value_name = "GID")]
     pub isolate_gid: Option<u32>,
+    /// Route isolates' outbound HTTP(S) through the runner's egress proxy
+    /// (allow-list enforced again, bytes counted, loops bounded): on or off
+    /// [default: on].
+    #[arg(long, value_name = "MODE")]
+    pub egress_proxy: Option<String>,
+    /// A call that passed through more isolates of this cloud than this is a
+    /// loop: 508 LOOP_DETECTED [default: 10].
+    #[arg(long, value_name = "N")]
+    pub max_hops: Option<u32>,
+    /// How often usage of running isolates is reported to origins [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub usage_interval_s: Option<u64>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ControlPlaneFlags {
+    /// The control plane's data: database, blobs, admin token [default: $XDG_DATA_HOME/isocloud or ~/.local/share/isocloud].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Deployments are served at <project>-<id>.DOMAIN, production at <project>.DOMAIN [default: localhost].
+    #[arg(long, value_name = "DOMAIN")]
+    pub base_domain: Option<String>,
+    /// The API (/api/v1) and dashboard listener [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    pub control_listen: Option<String>,
+    /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<String>,
+    /// Keep logs this many hours [default: 72].
+    #[arg(long, value_name = "HOURS")]
+    pub log_retention_h: Option<u64>,
+    /// Keep usage this many days [default: 30].
+    #[arg(long, value_name = "DAYS")]
+    pub usage_retention_d: Option<u64>,
+    /// The largest file a deployment may upload [default: 64].
+    #[arg(long, value_name = "MB")]
+    pub max_blob_mb: Option<u64>,
+    /// The port domain verification fetches the HTTP token from [default: 80].
+    #[arg(long, value_name = "PORT")]
+    pub domain_verify_http_port: Option<u16>,
+    /// The nameserver for domain verification (TXT records) [default: the system's].
+    #[arg(long, value_name = "ADDR")]
+    pub dns_resolver: Option<String>,
+    /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
+    #[arg(long, value_name = "PORT")]
+    pub public_http_port: Option<u16>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -164,7 +219,21 @@ struct FileConfig {
     rlimits: Option<String>,
     isolate_uid: Option<UidValue>,
     isolate_gid: Option<u32>,
+    egress_proxy: Option<String>,
+    max_hops: Option<u32>,
+    usage_interval_s: Option<u64>,
     apps: Option<PathBuf>,
+    data: Option<PathBuf>,
+    database_url: Option<String>,
+    base_domain: Option<String>,
+    control_listen: Option<String>,
+    tls_listen: Option<String>,
+    log_retention_h: Option<u64>,
+    usage_retention_d: Option<u64>,
+    max_blob_mb: Option<u64>,
+    domain_verify_http_port: Option<u16>,
+    dns_resolver: Option<String>,
+    public_http_port: Option<u16>,
     rpc_root: Option<String>,
     #[serde(default)]
     subhost_secret: Vec<String>,
@@ -218,6 +287,25 @@ pub enum LogFormat {
 pub enum Mode {
     Apps(PathBuf),
     Subhost(Vec<Subhoster>),
+    ControlPlane(Box<ControlPlaneSettings>),
+}
+
+/// The built-in control plane of `isocloud serve`.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneSettings {
+    pub data_dir: PathBuf,
+    /// A credential (it may carry a password): never logged.
+    pub database_url: Option<String>,
+    pub base_domain: String,
+    pub control_listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub log_retention: Duration,
+    pub usage_retention: Duration,
+    pub max_blob_bytes: u64,
+    pub domain_verify_http_port: u16,
+    pub dns_resolver: Option<SocketAddr>,
+    /// `None`: the public listener's own port.
+    pub public_http_port: Option<u16>,
 }
 
 /// Validated settings: the only form the rest of the binary sees.
@@ -247,17 +335,30 @@ pub struct Settings {
     pub rlimits: bool,
     pub isolate_uid: IsolateUid,
     pub isolate_gid: u32,
+    pub egress_proxy: bool,
+    pub max_hops: u32,
+    pub usage_interval: Duration,
 }
 
 impl Settings {
     pub fn from_cli(command: Command) -> Result<Self, SettingsError> {
-        let (common, apps, subhost) = match command {
-            Command::Serve { common, apps } => (common, Some(apps), None),
-            Command::Runner { common, subhost } => (common, None, Some(subhost)),
+        let (common, apps, subhost, control) = match command {
+            Command::Serve { common, apps, control } => (common, Some(apps), None, Some(control)),
+            Command::Runner { common, subhost } => (common, None, Some(subhost), None),
+            // main.rs dispatches client commands before settings are built.
+            Command::Client(_) => return Err(invalid("command", "a client command has no runner settings")),
         };
         let file = match &common.config {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
+        };
+        // `serve` without an apps folder runs the control plane.
+        let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
+        let control_flags_given =
+            control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
+        let mut control_plane = match control {
+            Some(control) if !apps_given => Some(control_plane_settings(control, &file)?),
+            _ => None,
         };
         let listen = parse_addr("listen", common.listen.or(file.listen).as_deref().unwrap_or("127.0.0.1:8080"))?;
         let admin_listen =
@@ -309,6 +410,9 @@ impl Settings {
         };
         let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp))?;
         let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits))?;
+        let egress_proxy = on_off("egress_proxy", common.egress_proxy.or(file.egress_proxy))?;
+        let max_hops = within("max_hops", common.max_hops.or(file.max_hops).unwrap_or(10), 1..=100)?;
+        let usage_interval = seconds("usage_interval_s", common.usage_interval_s, file.usage_interval_s, 10, 1)?;
         let uid_text = common.isolate_uid.or(file.isolate_uid.map(|v| match v {
             UidValue::Id(id) => id.to_string(),
             UidValue::Text(text) => text,
@@ -329,10 +433,23 @@ impl Settings {
         };
 
         let mode = match (apps, subhost) {
+            (Some(_), _) if let Some(control) = control_plane.take() => {
+                if !file.subhost_secret.is_empty() || !file.subhost_secret_file.is_empty() || file.rpc_root.is_some() {
+                    return Err(invalid(
+                        "subhost_secret",
+                        "subhosting options belong to `isocloud runner`, not `serve`",
+                    ));
+                }
+                Mode::ControlPlane(Box::new(control))
+            }
             (Some(apps), _) => {
-                let dir = apps
-                    .or(file.apps)
-                    .ok_or_else(|| invalid("apps", "serve needs --apps DIR (or `apps` in the config file)"))?;
+                let dir = apps.or(file.apps).expect("one of them, or the control plane's arm above");
+                if control_flags_given {
+                    return Err(invalid(
+                        "apps",
+                        "--apps serves a folder without the control plane: drop --data, --database-url and --tls-listen",
+                    ));
+                }
                 if !dir.is_dir() {
                     return Err(invalid("apps", format!("{} is not a directory", dir.display())));
                 }
@@ -385,6 +502,9 @@ impl Settings {
             rlimits,
             isolate_uid,
             isolate_gid,
+            egress_proxy,
+            max_hops,
+            usage_interval,
         })
     }
 }
@@ -497,6 +617,74 @@ fn subhosters(
         ));
     }
     Ok(out)
+}
+
+/// The control plane's options, flags over file, validated.
+fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result<ControlPlaneSettings, SettingsError> {
+    let data_dir = match flags.data.or_else(|| file.data.clone()) {
+        Some(dir) => dir,
+        None => default_data_dir().ok_or_else(|| invalid("data", "no $XDG_DATA_HOME or $HOME; pass --data DIR"))?,
+    };
+    let database_url = flags.database_url.or_else(|| file.database_url.clone());
+    if let Some(url) = &database_url
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        // Never quote it: it may hold a password.
+        return Err(invalid("database_url", "must be a postgres:// or postgresql:// URL"));
+    }
+    let base_domain = flags.base_domain.or_else(|| file.base_domain.clone()).unwrap_or_else(|| "localhost".into());
+    let base_domain = base_domain.trim_end_matches('.').to_ascii_lowercase();
+    let base_ok = !base_domain.is_empty()
+        && base_domain.len() <= 200
+        && base_domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if !base_ok {
+        return Err(invalid("base_domain", format!("{base_domain:?} is not a DNS name")));
+    }
+    let control_listen = parse_addr(
+        "control_listen",
+        flags.control_listen.or_else(|| file.control_listen.clone()).as_deref().unwrap_or("127.0.0.1:8081"),
+    )?;
+    let tls_listen =
+        flags.tls_listen.or_else(|| file.tls_listen.clone()).map(|a| parse_addr("tls_listen", &a)).transpose()?;
+    let log_retention_h =
+        within("log_retention_h", flags.log_retention_h.or(file.log_retention_h).unwrap_or(72), 1..=24 * 3650)?;
+    let usage_retention_d =
+        within("usage_retention_d", flags.usage_retention_d.or(file.usage_retention_d).unwrap_or(30), 1..=3650)?;
+    let max_blob_mb = within("max_blob_mb", flags.max_blob_mb.or(file.max_blob_mb).unwrap_or(64), 1..=4096)?;
+    let domain_verify_http_port = within(
+        "domain_verify_http_port",
+        flags.domain_verify_http_port.or(file.domain_verify_http_port).unwrap_or(80),
+        1..=65535,
+    )?;
+    let dns_resolver =
+        flags.dns_resolver.or_else(|| file.dns_resolver.clone()).map(|a| parse_addr("dns_resolver", &a)).transpose()?;
+    let public_http_port = flags.public_http_port.or(file.public_http_port);
+    Ok(ControlPlaneSettings {
+        data_dir,
+        database_url,
+        base_domain,
+        control_listen,
+        tls_listen,
+        log_retention: Duration::from_secs(log_retention_h * 3600),
+        usage_retention: Duration::from_secs(usage_retention_d * 86_400),
+        max_blob_bytes: max_blob_mb * 1024 * 1024,
+        domain_verify_http_port,
+        dns_resolver,
+        public_http_port,
+    })
+}
+
+fn default_data_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("isocloud"));
+    }
+    std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|home| PathBuf::from(home).join(".local/share/isocloud"))
 }
 
 fn default_state_dir() -> Option<PathBuf> {

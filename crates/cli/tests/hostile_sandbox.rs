@@ -279,6 +279,19 @@ async fn another_deployments_files_are_out_of_reach() {
     let report = get_json(&runner, &format!("/environ?pid={neighbour_pid}")).await;
     assert_all_failed(&report, "environ");
     assert!(!report.to_string().contains(NEIGHBOUR_SECRET), "{report}");
+
+    // Each deployment has its own deno cache dir (the V8 code cache deno
+    // writes), the isolate uid's alone: no cache is shared between tenants.
+    use std::os::unix::fs::MetadataExt;
+    let deno_dirs: Vec<PathBuf> = std::fs::read_dir(runner.state_dir.path().join("deno-dir"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(deno_dirs.len(), 2, "one per deployment: {deno_dirs:?}");
+    for dir in &deno_dirs {
+        let meta = std::fs::metadata(dir).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o700), "{}", dir.display());
+    }
     assert_unharmed(&runner, neighbour_pid).await;
 }
 

@@ -16,10 +16,12 @@ mod metrics;
 mod proxy;
 mod routing;
 mod server;
+mod tls;
 
 pub use admin::serve_admin;
 pub use error::EdgeError;
 pub use metrics::EdgeMetrics;
-pub use proxy::{EdgeLimits, Proxy};
-pub use routing::{Route, Router, SubhostRouting};
-pub use server::{ServeOptions, serve};
+pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
+pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting};
+pub use server::{Listener, ServeOptions, serve};
+pub use tls::{Certificates, tls_acceptor};

@@ -1,22 +1,34 @@
 //! A request's way through the runner: route, isolate, forward, stream back.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use isocloud_egress::{EgressProxy, HOPS_HEADER};
 use isocloud_pool::{BootError, ForwardError, Pool, RequestBody};
 use isocloud_protocol::ErrorCode;
 
-use crate::body::{Counted, ResponseBody, Tracked};
+use crate::Routed;
+use crate::body::{Counted, ResponseBody, Tracked, full};
 use crate::error::ERROR_HEADER;
 use crate::routing::SUBHOST_HEADER;
 use crate::{EdgeError, EdgeMetrics, Router};
 
 pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
+
+/// What the listener knows of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// It came over TLS.
+    pub secure: bool,
+}
 
 /// Connection-scoped headers (RFC 9110 §7.6.1); they describe one hop and
 /// must not be passed on. `connection`/`upgrade` stay on upgrade requests.
@@ -28,6 +40,10 @@ const HOP_BY_HOP: [&str; 6] =
 pub struct EdgeLimits {
     pub request_timeout: std::time::Duration,
     pub max_request_body_bytes: usize,
+    /// A request that has passed through this many isolates of the cloud
+    /// already (`x-isocloud-hops`, or the egress proxy's own connection
+    /// table) is a loop: 508 `LOOP_DETECTED`.
+    pub max_hops: u32,
 }
 
 pub struct Proxy {
@@ -35,6 +51,10 @@ pub struct Proxy {
     /// From forwarding to the response's headers; a body may stream longer.
     request_timeout: std::time::Duration,
     max_request_body_bytes: usize,
+    max_hops: u32,
+    /// The runner's egress proxy: connections it opened into this listener
+    /// are isolates calling back into the cloud.
+    egress: Option<EgressProxy>,
     pool: Pool,
     metrics: EdgeMetrics,
     request_id_prefix: String,
@@ -48,6 +68,8 @@ impl Proxy {
             router,
             request_timeout: limits.request_timeout,
             max_request_body_bytes: limits.max_request_body_bytes,
+            max_hops: limits.max_hops,
+            egress: None,
             pool,
             metrics,
             request_id_prefix,
@@ -55,13 +77,19 @@ impl Proxy {
         }
     }
 
+    /// Tells calls that come back through `egress` by their connection.
+    pub fn with_egress(mut self, egress: EgressProxy) -> Self {
+        self.egress = Some(egress);
+        self
+    }
+
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
     /// Serves one request; never fails: every error becomes a response.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
-        match self.forward(request).await {
+    pub async fn handle(&self, request: Request<Incoming>, connection: ConnectionInfo) -> Response<ResponseBody> {
+        match self.forward(request, connection).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
                 response
@@ -80,7 +108,33 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<ResponseBody>, EdgeError> {
+    /// How many isolates of this cloud the request has passed through: what
+    /// the egress proxy knows of its own connection, or the header it put on
+    /// a call that came back by another way (a relay). A client can only
+    /// make its own request look deeper, never a loop shallower.
+    fn hops_of(&self, request: &Request<Incoming>, peer: SocketAddr) -> u32 {
+        let declared = request
+            .headers()
+            .get(HOPS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        let linked = self.egress.as_ref().and_then(|egress| egress.hops_of_peer(peer)).unwrap_or(0);
+        declared.max(linked)
+    }
+
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        connection: ConnectionInfo,
+    ) -> Result<Response<ResponseBody>, EdgeError> {
+        let hops = self.hops_of(&request, connection.peer);
+        if hops > self.max_hops {
+            return Err(EdgeError::new(
+                ErrorCode::LoopDetected,
+                format!("this request has passed through {hops} isolates; the bound is {}", self.max_hops),
+            ));
+        }
         let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -92,7 +146,17 @@ impl Proxy {
                 format!("the request body is larger than {} bytes", self.max_request_body_bytes),
             ));
         }
-        let route = self.router.route(request.headers(), request.uri())?;
+        let route = match self.router.route(request.headers(), request.uri(), connection.secure)? {
+            Routed::Serve(route) => route,
+            Routed::RedirectToHttps(location) => {
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                return Ok(response);
+            }
+        };
         let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
         let isolate = self.pool.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
@@ -110,6 +174,7 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
         headers.remove(SUBHOST_HEADER);
+        headers.remove(HOPS_HEADER);
         for name in HOP_BY_HOP {
             headers.remove(name);
         }
@@ -131,9 +196,16 @@ impl Proxy {
         let body_too_large = Arc::new(AtomicBool::new(false));
         let body: RequestBody =
             Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone()).boxed();
-        let guard = isolate.begin_request();
+        let guard = isolate.begin_request(hops);
         let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
-        let mut response = match forwarded.await {
+        let outcome = forwarded.await;
+        // Errors in the usage reports: the tenant's own 5xx and the runner's
+        // answers for this isolate (limits, crashes, timeouts).
+        match &outcome {
+            Ok(Ok(response)) if !response.status().is_server_error() => {}
+            _ => isolate.count_error(),
+        }
+        let mut response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(ForwardError::Crashed(_))) if body_too_large.load(Ordering::Relaxed) => {
                 return Err(EdgeError::new(

@@ -13,6 +13,36 @@ use crate::EdgeError;
 
 pub const SUBHOST_HEADER: &str = "x-deno-subhost";
 
+/// What the router decided for a request.
+pub enum Routed {
+    Serve(Route),
+    /// Plain HTTP to a host that has a certificate: 308 to this URL.
+    RedirectToHttps(String),
+}
+
+/// A control plane's table of hosts (production and deployment URLs, custom
+/// domains). Looked up on every request: implementations answer from memory.
+pub trait HostRoutes: Send + Sync + 'static {
+    /// `hostname`: lowercase, without port.
+    fn resolve(&self, hostname: &str) -> Option<HostRoute>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    pub deployment_id: String,
+    /// The host has a certificate: plain HTTP is redirected to HTTPS.
+    pub https_only: bool,
+}
+
+/// Host routing of a control plane: its table and the origin that boots
+/// what the table names.
+pub struct HostRouting {
+    pub routes: Arc<dyn HostRoutes>,
+    pub origin: Arc<dyn Origin>,
+    /// The public HTTPS port, for redirects (omitted when 443).
+    pub https_port: Option<u16>,
+}
+
 /// Where a request goes and what the isolate sees as `request.url`'s origin.
 pub struct Route {
     pub origin: Arc<dyn Origin>,
@@ -62,30 +92,59 @@ impl SubhostRouting {
     }
 }
 
+#[derive(Default)]
 pub struct Router {
     /// The apps-folder origin: `<name>.localhost` → deployment `<name>`.
     apps: Option<Arc<dyn Origin>>,
     subhost: Option<SubhostRouting>,
+    hosts: Option<HostRouting>,
 }
 
 impl Router {
     pub fn new(apps: Option<Arc<dyn Origin>>, subhost: Option<SubhostRouting>) -> Self {
-        Self { apps, subhost }
+        Self { apps, subhost, hosts: None }
     }
 
-    pub fn route(&self, headers: &HeaderMap, uri: &http::Uri) -> Result<Route, EdgeError> {
+    /// Routes requests without a subhost token by the control plane's table
+    /// (before the apps folder, when both are given).
+    pub fn with_hosts(mut self, hosts: HostRouting) -> Self {
+        self.hosts = Some(hosts);
+        self
+    }
+
+    /// `secure`: the request came over TLS.
+    pub fn route(&self, headers: &HeaderMap, uri: &http::Uri, secure: bool) -> Result<Routed, EdgeError> {
         if let Some(token) = headers.get(SUBHOST_HEADER) {
-            return self.route_subhost(token, headers, uri);
+            return self.route_subhost(token, headers, uri).map(Routed::Serve);
         }
         let host = request_host(headers, uri)
             .ok_or_else(|| EdgeError::new(ErrorCode::BadRequest, "the request names no host"))?;
         let not_found = || EdgeError::new(ErrorCode::DeploymentNotFound, format!("no deployment serves {host}"));
+        let scheme = if secure { "https" } else { "http" };
+        if let Some(hosts) = &self.hosts
+            && let Some(found) = hosts.routes.resolve(hostname(&host))
+        {
+            if found.https_only && !secure {
+                let authority = match hosts.https_port {
+                    None | Some(443) => hostname(&host).to_owned(),
+                    Some(port) => format!("{}:{port}", hostname(&host)),
+                };
+                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                return Ok(Routed::RedirectToHttps(format!("https://{authority}{path}")));
+            }
+            return Ok(Routed::Serve(Route {
+                origin: hosts.origin.clone(),
+                deployment_id: found.deployment_id,
+                public_scheme: scheme,
+                public_host: host,
+            }));
+        }
         let name = hostname(&host).strip_suffix(".localhost").ok_or_else(not_found)?.to_owned();
         let origin = self.apps.clone().ok_or_else(not_found)?;
         if name.is_empty() || name.contains('.') {
             return Err(not_found());
         }
-        Ok(Route { origin, deployment_id: name, public_scheme: "http", public_host: host })
+        Ok(Routed::Serve(Route { origin, deployment_id: name, public_scheme: scheme, public_host: host }))
     }
 
     fn route_subhost(

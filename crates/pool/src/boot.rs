@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
+use isocloud_egress::EgressProxy;
 use isocloud_origin::{AssetTree, CacheKind, DiskCache, Origin, OriginError, load_deployment};
-use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel};
-use isocloud_sandbox::{Cgroups, IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
+use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel, NetPermission};
+use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
 
 use crate::ActivitySink;
@@ -52,6 +53,9 @@ pub(crate) struct BootContext {
     /// Memory cgroups for isolates; `None` where no controller is usable.
     pub cgroups: Option<Arc<Cgroups>>,
     pub activity: ActivitySink,
+    /// The runner's egress proxy; `None`: isolates call out directly
+    /// (deno's allow-list is then the only check).
+    pub egress: Option<EgressProxy>,
 }
 
 pub(crate) async fn boot(
@@ -66,13 +70,28 @@ pub(crate) async fn boot(
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
 
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
+    // No network, no proxy: nothing to count, and one probe less at start.
+    let grant = match (&ctx.egress, &deployment.config.net) {
+        (Some(proxy), net) if !matches!(net, NetPermission::None) => {
+            Some(proxy.grant(&format!("{}/{deployment_id}", origin.name()), net.clone()))
+        }
+        _ => None,
+    };
+    let route = grant.as_ref().map(|grant| EgressRoute {
+        proxy_url: grant.proxy_url().to_owned(),
+        proxy_authority: grant.proxy_authority().to_owned(),
+    });
+    let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
     let prepared = {
         let deployment = deployment.clone();
         let dir = dir.clone();
         let policy = ctx.policy.clone();
-        tokio::task::spawn_blocking(move || IsolateFiles::prepare(&dir, &deployment, &policy))
-            .await
-            .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?
+        let route = route.clone();
+        tokio::task::spawn_blocking(move || {
+            IsolateFiles::prepare(&dir, &deployment, &policy, &deno_dir, route.as_ref())
+        })
+        .await
+        .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?
     };
     let files = match prepared {
         Ok(files) => files,
@@ -81,7 +100,7 @@ pub(crate) async fn boot(
             return Err(BootError::Sandbox(Arc::new(e)));
         }
     };
-    let command = SandboxedCommand::new(&ctx.policy, &files, &deployment.config);
+    let command = SandboxedCommand::new(&ctx.policy, &files, &deployment.config, route.as_ref());
     let hooks = Arc::new(DeploymentHooks {
         origin,
         deployment_id,
@@ -100,13 +119,21 @@ pub(crate) async fn boot(
         },
         None => None,
     };
-    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits, cgroup).await {
+    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits, cgroup, grant).await {
         Ok(isolate) => Ok((isolate, started.elapsed().as_millis() as u64)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
             Err(BootError::Start(Arc::new(e)))
         }
     }
+}
+
+/// A deployment's deno cache folder: one per (origin, deployment), so no
+/// tenant's cache is another's, and a re-boot finds its code cache.
+pub(crate) fn deno_dir_name(origin: &str, deployment_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(origin).chain_update([0]).chain_update(deployment_id).finalize();
+    hex::encode(&digest[..16])
 }
 
 /// Keeps instance directory names readable and safe whatever the id is.

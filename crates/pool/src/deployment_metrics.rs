@@ -24,6 +24,9 @@ struct Stats {
     cpu_kills: u64,
     memory_kills: u64,
     evictions: u64,
+    fetch_bytes: u64,
+    fetch_denied: u64,
+    loops: u64,
 }
 
 impl Stats {
@@ -34,6 +37,9 @@ impl Stats {
         self.cpu_kills += other.cpu_kills;
         self.memory_kills += other.memory_kills;
         self.evictions += other.evictions;
+        self.fetch_bytes += other.fetch_bytes;
+        self.fetch_denied += other.fetch_denied;
+        self.loops += other.loops;
     }
 }
 
@@ -82,6 +88,18 @@ impl DeploymentMetrics {
         });
     }
 
+    /// Outbound traffic through the egress proxy, and the calls it refused.
+    pub fn fetch(&self, deployment: &str, bytes: u64, denied: u64, loops: u64) {
+        if bytes == 0 && denied == 0 && loops == 0 {
+            return;
+        }
+        self.update(deployment, |s| {
+            s.fetch_bytes += bytes;
+            s.fetch_denied += denied;
+            s.loops += loops;
+        });
+    }
+
     pub fn ended(&self, deployment: &str, ending: Ending) {
         self.update(deployment, |s| match ending {
             Ending::CpuTimeLimit => s.cpu_kills += 1,
@@ -119,7 +137,7 @@ impl Collector for DeploymentMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rows = self.rows();
         type Field = fn(&Stats) -> u64;
-        let counters: [(&str, &str, Field); 5] = [
+        let counters: [(&str, &str, Field); 8] = [
             ("isocloud_deployment_requests", "Requests per deployment (top deployments, the rest as other)", |s| {
                 s.requests
             }),
@@ -131,6 +149,11 @@ impl Collector for DeploymentMetrics {
                 s.memory_kills
             }),
             ("isocloud_deployment_evictions", "Idle isolates evicted to make room, per deployment", |s| s.evictions),
+            ("isocloud_deployment_fetch_bytes", "Bytes sent and received through the egress proxy", |s| s.fetch_bytes),
+            ("isocloud_deployment_fetch_denied", "Outbound calls refused: host outside permissions.net", |s| {
+                s.fetch_denied
+            }),
+            ("isocloud_deployment_loops_refused", "Outbound calls refused by the hop bound", |s| s.loops),
         ];
         for (name, help, field) in counters {
             let mut descriptor =

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use isocloud_origin::{DiskCache, Origin};
-use isocloud_protocol::ActivityKind;
+use isocloud_protocol::{ActivityKind, LogLevel};
 use isocloud_sandbox::SandboxPolicy;
 use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
 
@@ -33,6 +33,12 @@ pub struct PoolOptions {
     pub cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
     /// The activity spool: where, how big, and how to find origins again.
     pub activity: crate::ActivityOptions,
+    /// How often each running isolate's usage is reported.
+    pub usage_interval: Duration,
+    /// The runner's egress proxy; `None`: isolates call out directly.
+    pub egress: Option<isocloud_egress::EgressProxy>,
+    /// Deployment deno cache dirs kept (most recently booted first).
+    pub max_deno_dirs: usize,
 }
 
 /// Deployments are named by origin and id: two subhosters may both have a
@@ -88,6 +94,7 @@ impl Pool {
             limits: options.limits,
             cgroups: options.cgroups.clone(),
             activity,
+            egress: options.egress.clone(),
         };
         let pool = Self {
             inner: Arc::new(Inner {
@@ -302,15 +309,42 @@ fn note_exit(inner: &Inner, key: &Key, isolate: &Arc<Isolate>) {
     }
 }
 
-/// How often each running isolate's usage is reported.
-const USAGE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often deno cache dirs past `max_deno_dirs` are pruned.
+const DENO_DIR_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Reports what `isolate` used since its last report, if anything.
 fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, isolate: &Isolate) {
     let since = inner.usage_since.lock().expect("pool poisoned").clone();
     let used = isolate.take_usage();
+    let fetch = used.fetch;
     inner.metrics.deployments.usage(deployment_id, used.requests, used.cpu_ms, used.peak_memory_bytes);
-    if used.requests == 0 && used.cpu_ms == 0 && used.ingress_bytes == 0 && used.egress_bytes == 0 {
+    inner.metrics.deployments.fetch(deployment_id, fetch.bytes_sent + fetch.bytes_received, fetch.denied, fetch.loops);
+    // Refused calls are the tenant's business to know about: its fetch
+    // failed, and its logs say why.
+    for (count, why) in [
+        (fetch.denied, "outside permissions.net (EGRESS_DENIED)"),
+        (fetch.loops, "past the hop bound: a loop back into the cloud (LOOP_DETECTED)"),
+    ] {
+        if count > 0 {
+            inner.ctx.activity.report(
+                origin,
+                deployment_id,
+                ActivityKind::Log {
+                    level: LogLevel::Warning,
+                    message: format!("egress proxy refused {count} outbound call(s): {why}"),
+                    request_id: None,
+                },
+            );
+        }
+    }
+    if used.requests == 0
+        && used.cpu_ms == 0
+        && used.ingress_bytes == 0
+        && used.egress_bytes == 0
+        && fetch.requests == 0
+        && fetch.bytes_sent == 0
+        && fetch.bytes_received == 0
+    {
         return;
     }
     inner.ctx.activity.report(
@@ -323,6 +357,10 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
             ingress_bytes: used.ingress_bytes,
             egress_bytes: used.egress_bytes,
             peak_memory_bytes: used.peak_memory_bytes,
+            errors: used.errors,
+            fetch_requests: fetch.requests,
+            fetch_sent_bytes: fetch.bytes_sent,
+            fetch_received_bytes: fetch.bytes_received,
             interval_start: since,
             interval_end: crate::activity::now_rfc3339(),
         },
@@ -335,10 +373,29 @@ async fn reap(inner: std::sync::Weak<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_usage = std::time::Instant::now();
+    let mut last_prune: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        if last_usage.elapsed() >= USAGE_INTERVAL {
+        if last_prune.is_none_or(|at| at.elapsed() >= DENO_DIR_PRUNE_INTERVAL) {
+            last_prune = Some(std::time::Instant::now());
+            let root = inner.ctx.policy.deno_dir.clone();
+            let keep = inner.options.max_deno_dirs;
+            let in_use: std::collections::HashSet<std::path::PathBuf> = inner
+                .slots
+                .lock()
+                .expect("pool poisoned")
+                .keys()
+                .map(|(origin, id)| root.join(crate::boot::deno_dir_name(origin, id)))
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                let removed = isocloud_sandbox::prune_deno_dirs(&root, keep, &in_use);
+                if removed > 0 {
+                    tracing::info!(removed, keep, "pruned deno cache dirs of deployments not booted lately");
+                }
+            });
+        }
+        if last_usage.elapsed() >= inner.options.usage_interval {
             let running: Vec<(Key, Arc<Isolate>)> = inner
                 .slots
                 .lock()

@@ -59,7 +59,11 @@ pub enum ActivityKind {
     },
     /// What one isolate used over `[interval_start, interval_end)`, measured
     /// by the runner (never reported by the tenant). Bytes are HTTP body
-    /// bytes into the isolate (`ingress`) and out of it (`egress`).
+    /// bytes into the isolate (`ingress`) and out of it (`egress`); the
+    /// `fetch_*` figures are the isolate's own outbound calls through the
+    /// egress proxy. `errors` counts requests answered with a 5xx (the
+    /// tenant's or the runner's). The later fields default to 0 so batches
+    /// spooled by an older runner still read.
     Usage {
         requests: u64,
         cpu_ms: u64,
@@ -67,6 +71,14 @@ pub enum ActivityKind {
         ingress_bytes: u64,
         egress_bytes: u64,
         peak_memory_bytes: u64,
+        #[serde(default)]
+        errors: u64,
+        #[serde(default)]
+        fetch_requests: u64,
+        #[serde(default)]
+        fetch_sent_bytes: u64,
+        #[serde(default)]
+        fetch_received_bytes: u64,
         interval_start: String,
         interval_end: String,
     },

@@ -42,11 +42,17 @@ pub enum ErrorCode {
     Internal,
     /// A bad request that never reached an isolate (malformed host, …).
     BadRequest,
+    /// A call came back into the cloud more often than the hop bound allows
+    /// (an isolate calling itself, directly or through others).
+    LoopDetected,
+    /// The egress proxy refused an outbound call: the host is outside the
+    /// isolate's `permissions.net`, or the caller is not a live isolate.
+    EgressDenied,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::DeploymentNotFound,
         ErrorCode::Unauthorized,
         ErrorCode::OriginUnreachable,
@@ -64,6 +70,8 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::BadRequest,
+        ErrorCode::LoopDetected,
+        ErrorCode::EgressDenied,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -85,6 +93,8 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::LoopDetected => "LOOP_DETECTED",
+            ErrorCode::EgressDenied => "EGRESS_DENIED",
         }
     }
 
@@ -96,6 +106,8 @@ impl ErrorCode {
             ErrorCode::DeploymentNotFound => 404,
             ErrorCode::Unauthorized => 401,
             ErrorCode::BadRequest => 400,
+            ErrorCode::EgressDenied => 403,
+            ErrorCode::LoopDetected => 508,
             ErrorCode::ShuttingDown | ErrorCode::Capacity => 503,
             ErrorCode::RequestTimeout => 504,
             ErrorCode::PayloadTooLarge => 413,

@@ -6,8 +6,9 @@ use std::process::Stdio;
 use isocloud_protocol::{IsolateConfig, NetPermission};
 
 use crate::confine::Confinement;
+use crate::files::PROXY_ENV;
 use crate::files::RUNNER_ENV;
-use crate::{IsolateFiles, IsolateIds, LandlockError, LandlockPolicy, SeccompFilters};
+use crate::{EgressRoute, IsolateFiles, IsolateIds, LandlockError, LandlockPolicy, SeccompFilters};
 
 /// What the operator decided for every isolate of this runner.
 #[derive(Debug, Clone)]
@@ -15,7 +16,8 @@ pub struct SandboxPolicy {
     pub deno: PathBuf,
     /// Where `harness.js` lives (see [`crate::install_harness`]).
     pub harness_dir: PathBuf,
-    /// deno's own cache (transpiled modules, V8 code cache).
+    /// The root of deno's caches (transpiled modules, V8 code cache): each
+    /// deployment gets its own folder below it ([`IsolateFiles::deno_dir`]).
     pub deno_dir: PathBuf,
     /// V8's old-space bound; `None` leaves deno's default.
     pub v8_heap_limit_mb: Option<u64>,
@@ -68,7 +70,15 @@ pub struct SandboxedCommand {
 }
 
 impl SandboxedCommand {
-    pub fn new(policy: &SandboxPolicy, files: &IsolateFiles, config: &IsolateConfig) -> Self {
+    /// `egress`: route the isolate's outbound HTTP(S) through the runner's
+    /// egress proxy (its address joins `--allow-net`, since deno checks the
+    /// proxy too when the harness probes it).
+    pub fn new(
+        policy: &SandboxPolicy,
+        files: &IsolateFiles,
+        config: &IsolateConfig,
+        egress: Option<&EgressRoute>,
+    ) -> Self {
         let guest = &files.guest;
         let socket = guest.socket.clone();
         let control = guest.control.clone();
@@ -83,7 +93,10 @@ impl SandboxedCommand {
         ];
         // Unix sockets need read, write and `net unix:` permission in deno 2.9;
         // the tenant may write nowhere else.
-        let unix = [format!("unix:{socket}"), format!("unix:{control}")];
+        let mut unix = vec![format!("unix:{socket}"), format!("unix:{control}")];
+        if let Some(route) = egress {
+            unix.push(route.proxy_authority.clone());
+        }
         let net = match &config.net {
             NetPermission::All => "--allow-net".to_owned(),
             NetPermission::None => format!("--allow-net={}", unix.join(",")),
@@ -130,6 +143,14 @@ impl SandboxedCommand {
         {
             if !config.envs.contains_key(name) {
                 command.env(name, value);
+            }
+        }
+        if let Some(route) = egress {
+            for name in PROXY_ENV {
+                command.env_remove(name);
+            }
+            for name in ["HTTP_PROXY", "HTTPS_PROXY"] {
+                command.env(name, &route.proxy_url);
             }
         }
         // Everything that allocates or opens files happens here, before the

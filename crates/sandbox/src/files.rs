@@ -47,6 +47,9 @@ pub struct IsolateFiles {
     pub socket: PathBuf,
     /// The runner listens here for the harness's reports and asset requests.
     pub control: PathBuf,
+    /// The deployment's own deno cache dir (V8 code cache), kept across
+    /// boots of the same deployment and shared with no other.
+    pub deno_dir: PathBuf,
     /// Mount points of the isolate's own root (mount-namespace mode only).
     pub root: Option<PathBuf>,
     pub entrypoint: Url,
@@ -92,11 +95,68 @@ pub(crate) mod jail {
 /// configured them; the harness removes every name the tenant did not configure.
 pub(crate) const RUNNER_ENV: [&str; 3] = ["DENO_DIR", "DENO_NO_UPDATE_CHECK", "NO_COLOR"];
 
+/// The proxy variables deno honours. With the egress proxy the runner's
+/// values win over the tenant's (the harness shows the tenant its own).
+pub(crate) const PROXY_ENV: [&str; 6] =
+    ["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"];
+
+/// How an isolate reaches the runner's egress proxy.
+#[derive(Debug, Clone)]
+pub struct EgressRoute {
+    /// `http://isolate:<token>@127.0.0.1:<port>`: a credential.
+    pub proxy_url: String,
+    /// `127.0.0.1:<port>`.
+    pub proxy_authority: String,
+}
+
+/// Creates (or keeps) a deployment's deno cache dir, marks it used now (for
+/// [`prune_deno_dirs`]) and hands it to the isolate uid.
+fn prepare_deno_dir(deno_dir: &Path, policy: &SandboxPolicy) -> std::io::Result<()> {
+    std::fs::create_dir_all(deno_dir)?;
+    let now = std::time::SystemTime::now();
+    std::fs::File::open(deno_dir)?.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))?;
+    if let Some(ids) = policy.isolate_ids {
+        crate::identity::hand_over_dir(deno_dir, ids)?;
+    }
+    Ok(())
+}
+
+/// Keeps the `keep` most recently used deployment cache dirs under `root`
+/// (and every one in `in_use`), removing the rest. Returns how many went.
+pub fn prune_deno_dirs(root: &Path, keep: usize, in_use: &std::collections::HashSet<PathBuf>) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else { return 0 };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if dirs.len() <= keep {
+        return 0;
+    }
+    dirs.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+    let mut removed = 0;
+    for (_, dir) in dirs.into_iter().skip(keep) {
+        if !in_use.contains(&dir) && std::fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 impl IsolateFiles {
     /// Writes `deployment` into a fresh directory `dir` (which must not exist),
     /// laid out for `policy` (with its own root when it uses a mount namespace).
-    pub fn prepare(dir: &Path, deployment: &Deployment, policy: &SandboxPolicy) -> Result<Self, SandboxError> {
+    /// `deno_dir`: the deployment's cache dir (created if missing);
+    /// `egress`: the isolate's way out, when it has the egress proxy.
+    pub fn prepare(
+        dir: &Path,
+        deployment: &Deployment,
+        policy: &SandboxPolicy,
+        deno_dir: &Path,
+        egress: Option<&EgressRoute>,
+    ) -> Result<Self, SandboxError> {
         std::fs::create_dir_all(dir)?;
+        prepare_deno_dir(deno_dir, policy)?;
         let meta = dir.join("meta");
         let run = dir.join("run");
         let host = |p: &Path| p.to_string_lossy().into_owned();
@@ -125,7 +185,7 @@ impl IsolateFiles {
                 socket: host(&run.join("isolate.sock")),
                 control: host(&run.join("control.sock")),
                 harness_dir: host(&policy.harness_dir),
-                deno_dir: host(&policy.deno_dir),
+                deno_dir: host(deno_dir),
                 deno: host(&policy.deno),
             }
         };
@@ -138,6 +198,7 @@ impl IsolateFiles {
             bootstrap: meta.join("bootstrap.json"),
             socket: run.join("isolate.sock"),
             control: run.join("control.sock"),
+            deno_dir: deno_dir.to_owned(),
             meta,
             run,
             root: policy.mount_namespace.then(|| dir.join("root")),
@@ -198,6 +259,15 @@ impl IsolateFiles {
             "src_root": files.guest.src,
             "tree_path": files.guest.tree,
             "env_names": env_names,
+            // The harness fetches this through the proxy before it scrubs
+            // the environment: deno reads the proxy variables when it builds
+            // its HTTP client, which it does on the first fetch.
+            "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
+            // The tenant's own values of the proxy variables, which the
+            // runner's take the place of in the process environment.
+            "proxy_env": deployment.config.envs.iter()
+                .filter(|(name, _)| PROXY_ENV.contains(&name.as_str()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
         });
         std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
         Ok(files)

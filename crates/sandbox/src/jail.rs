@@ -39,7 +39,7 @@ impl Jail {
             (cstring(Path::new("/proc")), inside("/proc"), true, false),
             (cstring(&policy.deno), inside(jail::DENO), false, true),
             (cstring(&policy.harness_dir), inside(jail::HARNESS), false, true),
-            (cstring(&policy.deno_dir), inside(jail::DENO_DIR), false, false),
+            (cstring(&files.deno_dir), inside(jail::DENO_DIR), false, false),
             (cstring(&files.src), inside(jail::SRC), false, true),
             (cstring(&files.modules), inside(jail::MODULES), false, true),
             (cstring(&files.meta), inside(jail::META), false, true),

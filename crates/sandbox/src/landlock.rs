@@ -152,7 +152,7 @@ impl LandlockPolicy {
                 Place::Deno => Some(policy.deno.clone()),
                 Place::Interpreter => self.interpreter.clone(),
                 Place::Harness => Some(policy.harness_dir.clone()),
-                Place::DenoDir => Some(policy.deno_dir.clone()),
+                Place::DenoDir => Some(files.map_or_else(|| policy.deno_dir.clone(), |f| f.deno_dir.clone())),
                 Place::Src => files.map(|f| f.src.clone()),
                 Place::Modules => files.map(|f| f.modules.clone()),
                 Place::Meta => files.map(|f| f.meta.clone()),

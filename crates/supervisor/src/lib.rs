@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use isocloud_egress::{EgressGrant, EgressUsage, HopGuard};
 use isocloud_protocol::{ErrorCode, LogLevel};
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
 use serde::Deserialize;
@@ -142,6 +143,7 @@ struct Meter {
     wall_us: AtomicU64,
     ingress_bytes: AtomicU64,
     egress_bytes: AtomicU64,
+    errors: AtomicU64,
     cpu_ns: AtomicU64,
     peak_memory_bytes: AtomicU64,
     /// What the last `take_usage` returned, to compute the next delta.
@@ -156,8 +158,13 @@ pub struct UsageTotals {
     pub wall_ms: u64,
     pub ingress_bytes: u64,
     pub egress_bytes: u64,
+    /// Requests answered with a 5xx.
+    pub errors: u64,
     /// Not a delta: the most the isolate has held so far.
     pub peak_memory_bytes: u64,
+    /// The isolate's own outbound calls through the egress proxy (always
+    /// deltas, taken from the grant).
+    pub fetch: EgressUsage,
 }
 
 pub struct Isolate {
@@ -171,6 +178,8 @@ pub struct Isolate {
     in_flight: AtomicUsize,
     started: Instant,
     last_active_ms: AtomicU64,
+    /// Its credentials for the egress proxy; dropped (revoked) with it.
+    egress: Option<EgressGrant>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +201,7 @@ impl Isolate {
         start_timeout: Duration,
         limits: IsolateLimits,
         cgroup: Option<IsolateCgroup>,
+        egress: Option<EgressGrant>,
     ) -> Result<Arc<Isolate>, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
         let mut child = command.spawn().map_err(StartError::Spawn)?;
@@ -251,6 +261,7 @@ impl Isolate {
             idle: Mutex::new(Vec::new()),
             termination: termination.clone(),
             meter: Meter::default(),
+            egress,
             requests_started: AtomicU64::new(0),
             state: state_rx,
             in_flight: AtomicUsize::new(0),
@@ -341,11 +352,19 @@ impl Isolate {
 
     /// Marks a request as in flight until the returned guard drops (when the
     /// response body has been fully sent, not merely the headers).
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+    /// `hops`: how many isolates of this cloud the request has passed
+    /// through already; calls the isolate makes meanwhile carry one more.
+    pub fn begin_request(self: &Arc<Self>, hops: u32) -> InFlight {
         self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        InFlight { isolate: self.clone(), started: Instant::now() }
+        let hop = self.egress.as_ref().map(|grant| grant.enter(hops));
+        InFlight { isolate: self.clone(), started: Instant::now(), _hop: hop }
+    }
+
+    /// The isolate's egress proxy credentials, when it has any.
+    pub fn egress(&self) -> Option<&EgressGrant> {
+        self.egress.as_ref()
     }
 
     /// Sends `request` into the isolate. The request URI should be in
@@ -459,6 +478,11 @@ impl Isolate {
         self.meter.egress_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// A request this isolate served was answered with a 5xx.
+    pub fn count_error(&self) {
+        self.meter.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn note_memory(&self, bytes: u64) {
         self.meter.peak_memory_bytes.fetch_max(bytes, Ordering::Relaxed);
     }
@@ -472,7 +496,9 @@ impl Isolate {
             wall_ms: self.meter.wall_us.load(Ordering::Relaxed) / 1_000,
             ingress_bytes: self.meter.ingress_bytes.load(Ordering::Relaxed),
             egress_bytes: self.meter.egress_bytes.load(Ordering::Relaxed),
+            errors: self.meter.errors.load(Ordering::Relaxed),
             peak_memory_bytes: self.meter.peak_memory_bytes.load(Ordering::Relaxed),
+            fetch: EgressUsage::default(),
         };
         let mut taken = self.meter.taken.lock().expect("meter poisoned");
         let delta = UsageTotals {
@@ -481,7 +507,9 @@ impl Isolate {
             wall_ms: now.wall_ms - taken.wall_ms,
             ingress_bytes: now.ingress_bytes - taken.ingress_bytes,
             egress_bytes: now.egress_bytes - taken.egress_bytes,
+            errors: now.errors - taken.errors,
             peak_memory_bytes: now.peak_memory_bytes,
+            fetch: self.egress.as_ref().map(EgressGrant::take_usage).unwrap_or_default(),
         };
         *taken = now;
         delta
@@ -516,6 +544,7 @@ impl Drop for Isolate {
 pub struct InFlight {
     isolate: Arc<Isolate>,
     started: Instant,
+    _hop: Option<HopGuard>,
 }
 
 impl InFlight {

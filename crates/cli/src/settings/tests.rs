@@ -26,6 +26,21 @@ fn serve_defaults() {
 }
 
 #[test]
+fn serve_without_apps_runs_the_control_plane() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let cli = Cli::try_parse_from(["isocloud", "serve", "--data", dir, "--base-domain", "Apps.Example.COM."]).unwrap();
+    let settings = Settings::from_cli(cli.command).unwrap();
+    let Mode::ControlPlane(control) = settings.mode else { panic!("not the control plane") };
+    assert_eq!(control.data_dir, data.path());
+    assert_eq!(control.base_domain, "apps.example.com");
+    assert_eq!(control.control_listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(control.database_url, None);
+    assert!(settings.egress_proxy);
+    assert_eq!(settings.max_hops, 10);
+}
+
+#[test]
 fn bad_flags_name_their_field() {
     let apps = tempfile::tempdir().unwrap();
     let dir = apps.path().to_str().unwrap();
@@ -35,7 +50,15 @@ fn bad_flags_name_their_field() {
     assert_eq!(field_of(&["serve", "--apps", dir, "--memory-limit-mb", "1"]), "memory_limit_mb");
     assert_eq!(field_of(&["serve", "--apps", dir, "--log-format", "xml"]), "log_format");
     assert_eq!(field_of(&["serve", "--apps", "/definitely/not/here"]), "apps");
-    assert_eq!(field_of(&["serve"]), "apps");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--data", dir]), "apps");
+    assert_eq!(field_of(&["serve", "--database-url", "mysql://x"]), "database_url");
+    assert_eq!(field_of(&["serve", "--base-domain", "Not A Domain"]), "base_domain");
+    assert_eq!(field_of(&["serve", "--control-listen", "nonsense"]), "control_listen");
+    assert_eq!(field_of(&["serve", "--tls-listen", "nonsense"]), "tls_listen");
+    assert_eq!(field_of(&["serve", "--log-retention-h", "0"]), "log_retention_h");
+    assert_eq!(field_of(&["serve", "--max-blob-mb", "0"]), "max_blob_mb");
+    assert_eq!(field_of(&["serve", "--max-hops", "0"]), "max_hops");
+    assert_eq!(field_of(&["serve", "--egress-proxy", "maybe"]), "egress_proxy");
     assert_eq!(field_of(&["runner", "--subhost-secret", "a=b"]), "rpc_root");
     assert_eq!(field_of(&["runner", "--rpc-root", "http://o/v0", "--subhost-secret", "a=b"]), "rpc_root");
     assert_eq!(field_of(&["runner", "--rpc-root", "ftp://o/v0/", "--subhost-secret", "a=b"]), "rpc_root");

@@ -626,3 +626,165 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
 pub fn has_metric(metrics: &str, sample: &str) -> bool {
     metrics.lines().any(|line| line.starts_with(sample))
 }
+
+// ------------------------------------------------------------------ control plane
+
+impl Runner {
+    /// Like [`Runner::start_with_state`], and also waits (30 s at most) for a
+    /// stdout line starting with each of `prefixes`, in any order; returns
+    /// the rest of each such line, in the order of `prefixes`.
+    pub fn start_with_lines(args: &[&str], state_dir: tempfile::TempDir, prefixes: &[&str]) -> (Runner, Vec<String>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir.path())
+            .arg("--deno")
+            .arg(deno_path())
+            .env("ISOCLOUD_LOG", "info,isocloud::tenant=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn isocloud");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
+                    eprintln!("[runner] {line}");
+                }
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        let mut admin = None;
+        let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while addr.is_none() || admin.is_none() || found.iter().any(Option::is_none) {
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "isocloud did not print every line of {prefixes:?} (and its listeners); stderr:\n{}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            };
+            if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
+                admin = Some(rest.parse().unwrap());
+            }
+            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
+                addr = Some(rest.parse().unwrap());
+            }
+            for (prefix, slot) in prefixes.iter().zip(found.iter_mut()) {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    *slot = Some(rest.to_owned());
+                }
+            }
+        }
+        let runner = Runner { child: Some(child), addr: addr.unwrap(), admin: admin.unwrap(), state_dir, stderr };
+        (runner, found.into_iter().map(Option::unwrap).collect())
+    }
+}
+
+/// `isocloud serve` with the built-in control plane: the runner (public
+/// listener), the control plane's listener, and the data dir holding the
+/// database and the admin token.
+pub struct ControlPlaneServe {
+    pub runner: Runner,
+    pub control: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    pub base_domain: String,
+}
+
+impl ControlPlaneServe {
+    /// Starts `isocloud serve --data DIR --control-listen 127.0.0.1:0
+    /// --base-domain localhost <extra…>` on a fresh data dir.
+    pub fn start(extra: &[&str]) -> ControlPlaneServe {
+        let data_dir = tempfile::tempdir().unwrap();
+        let data = data_dir.path().to_str().unwrap().to_owned();
+        let base_domain = "localhost".to_owned();
+        let mut args =
+            vec!["serve", "--data", &data, "--control-listen", "127.0.0.1:0", "--base-domain", base_domain.as_str()];
+        args.extend_from_slice(extra);
+        let (runner, lines) =
+            Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &["isocloud: control plane on http://"]);
+        let control = lines[0].trim().parse().expect("the control plane's address");
+        let serve = ControlPlaneServe { runner, control, data_dir, base_domain };
+        let token_file = serve.admin_token_file();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !token_file.is_file() {
+            assert!(
+                Instant::now() < deadline,
+                "no admin token at {}; stderr:\n{}",
+                token_file.display(),
+                serve.runner.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data_dir.path().join("admin-token")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.admin_token_file()).expect("the admin token").trim().to_owned()
+    }
+
+    /// The control plane's base URL (the dashboard is at `/`, the API at `/api/v1`).
+    pub fn control_url(&self) -> String {
+        format!("http://{}", self.control)
+    }
+
+    /// The runner's public base URL (route by Host `<project>.<base domain>`).
+    pub fn public_url(&self) -> String {
+        format!("http://{}", self.runner.addr)
+    }
+}
+
+/// Runs `command` to its end, killing it after `timeout`; returns its exit
+/// status (None when killed), stdout and stderr.
+pub fn run_with_timeout(
+    command: &mut Command,
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut child =
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn the command");
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+            }
+            text
+        })
+    };
+    let out = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let err = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
+}

@@ -85,7 +85,9 @@ impl Sandbox {
             redirects: Default::default(),
             tree: AssetTree::default(),
         };
-        let files = IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy).unwrap();
+        let files =
+            IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy, &policy.deno_dir.join("d"), None)
+                .unwrap();
         Sandbox { _dir: dir, policy, files }
     }
 

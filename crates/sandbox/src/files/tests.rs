@@ -56,7 +56,9 @@ fn places_src_and_remote_modules_and_maps_them() {
         ],
         &[("https://deno.land/x/latest.ts", "https://deno.land/x/mod.ts")],
     );
-    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path())).unwrap();
+    let files =
+        IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path()), &dir.path().join("deno-dir/d"), None)
+            .unwrap();
     assert_eq!(std::fs::read_to_string(files.src.join("main.ts")).unwrap(), "main");
     assert_eq!(std::fs::read_to_string(files.src.join("lib/data.json")).unwrap(), "{}");
     let map = import_map(&files);
@@ -75,7 +77,9 @@ fn places_src_and_remote_modules_and_maps_them() {
 fn refuses_asset_paths_that_escape() {
     let dir = tempfile::tempdir().unwrap();
     let d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "")], &[]);
-    let files = IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path())).unwrap();
+    let files =
+        IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path()), &dir.path().join("deno-dir/d"), None)
+            .unwrap();
     assert!(files.materialize_asset("/../../etc/x", b"x").is_err());
     assert!(files.materialize_asset("relative", b"x").is_err());
     let written = files.materialize_asset("/static/a.txt", b"hello").unwrap();

@@ -1,0 +1,502 @@
+//! A small typed client of the control plane's `/api/v1`
+//! (`docs/control-plane-api.md`). The types are this client's own reading
+//! of the documented JSON — deliberately not the server crate's — and accept
+//! fields they do not know, so a newer server does not break an older CLI.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::output::sanitize;
+
+/// Ordinary calls; uploads and log streams run without an overall bound.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough of an unexpected (non-JSON) error body to recognise it.
+const ERROR_SNIPPET_CHARS: usize = 300;
+
+/// The `error` object of a failed call.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub field: Option<String>,
+    /// With `MISSING_BLOBS`: the hashes the server lacks.
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+impl std::fmt::Display for ApiError {
+    /// `<message> (<code>, field <field>)`. A message that already opens
+    /// with `<field>: ` loses that prefix, so the field is not named twice.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => {
+                let message = self.message.strip_prefix(&format!("{field}: ")).unwrap_or(&self.message);
+                write!(f, "{message} ({}, field {field})", self.code)
+            }
+            None => write!(f, "{} ({})", self.message, self.code),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Api(ApiError),
+    /// An answer that is not the documented error shape (a proxy's 502 page, …).
+    #[error("{method} {url} answered {status}: {body}")]
+    Http { method: Method, url: String, status: StatusCode, body: String },
+    #[error("cannot reach the control plane at {base} ({cause})")]
+    Unreachable { base: String, cause: String },
+    #[error("the control plane at {base} did not answer within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { base: String },
+    #[error("unexpected answer from {url}: {message}")]
+    Decode { url: String, message: String },
+    #[error("`{0}` is not a valid name")]
+    InvalidName(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// What to try next, when the failure says.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ClientError::Api(e) if e.code == "UNAUTHORIZED" => {
+                Some("the token was refused; log in again with `isocloud login --url URL`".to_string())
+            }
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => Some(
+                "is the control plane running there? Pass --url (or ISOCLOUD_URL), or log in to another one \
+                 with `isocloud login --url URL`"
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Whoami {
+    pub token_name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub production_deployment_id: Option<String>,
+    pub production_url: Option<String>,
+    pub git: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GitInfo {
+    pub commit: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRef {
+    pub hash: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CreateDeployment {
+    pub entrypoint: String,
+    /// Relative `/`-separated path → blob. A BTreeMap keeps the body stable.
+    pub files: std::collections::BTreeMap<String, FileRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eszip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitInfo>,
+    pub production: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Deployment {
+    pub id: String,
+    pub project: String,
+    pub created_at: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub entrypoint: String,
+    pub url: String,
+    pub production: bool,
+    pub git: Option<GitInfo>,
+    pub env_names: Vec<String>,
+    pub files: u64,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EnvVar {
+    pub name: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Verification {
+    pub txt_name: String,
+    pub txt_value: String,
+    pub http_url: String,
+    pub http_body: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Certificate {
+    pub not_after: String,
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Domain {
+    pub domain: String,
+    pub project: Option<String>,
+    pub created_at: String,
+    pub verified: bool,
+    pub verified_at: Option<String>,
+    pub verification: Option<Verification>,
+    pub certificate: Option<Certificate>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogEntry {
+    pub id: i64,
+    pub deployment_id: Option<String>,
+    pub timestamp: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub level: Option<String>,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+/// The filters of a log query.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub deployment: Option<String>,
+    pub since: Option<String>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ApiError,
+    /// Accepted beside `error` too, in case a server puts it there.
+    #[serde(default)]
+    missing: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Missing {
+    missing: Vec<String>,
+}
+
+pub struct Api {
+    base: Url,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: Url, token: String) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("isocloud-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Api { base, token, http })
+    }
+
+    /// `<base>/api/v1/<segments…>`; each segment is percent-encoded, so a
+    /// name typed by the user can never reach another route.
+    /// `.`, `..` and empty segments are refused rather than sent: URL
+    /// parsing would drop or resolve them, and none is a valid name.
+    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+            return Err(ClientError::InvalidName(bad.to_string()));
+        }
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", "v1"]).extend(segments);
+        }
+        Ok(url)
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, ClientError> {
+        Ok(self.http.request(method, self.url(segments)?).bearer_auth(&self.token))
+    }
+
+    fn base_text(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    /// Sends, and turns every failure into a [`ClientError`].
+    async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
+        let (client, request) = builder.build_split();
+        let request = request.map_err(|e| ClientError::Decode { url: self.base_text(), message: e.to_string() })?;
+        let (method, url) = (request.method().clone(), request.url().to_string());
+        let response = client.execute(request).await.map_err(|e| {
+            if e.is_timeout() {
+                ClientError::Timeout { base: self.base_text() }
+            } else {
+                ClientError::Unreachable { base: self.base_text(), cause: root_cause(&e) }
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        if let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&body) {
+            let mut error = envelope.error;
+            error.status = status.as_u16();
+            if error.missing.is_empty() {
+                error.missing = envelope.missing;
+            }
+            return Err(ClientError::Api(error));
+        }
+        let text: String = String::from_utf8_lossy(&body).chars().take(ERROR_SNIPPET_CHARS).collect();
+        Err(ClientError::Http { method, url, status, body: sanitize(text.trim()).into_owned() })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(builder.timeout(REQUEST_TIMEOUT)).await?;
+        let url = response.url().to_string();
+        let body =
+            response.bytes().await.map_err(|e| ClientError::Decode { url: url.clone(), message: root_cause(&e) })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+    }
+
+    async fn empty(&self, builder: RequestBuilder) -> Result<(), ClientError> {
+        self.send(builder.timeout(REQUEST_TIMEOUT)).await.map(drop)
+    }
+
+    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.json(self.request(Method::GET, &["whoami"])?).await
+    }
+
+    pub async fn projects(&self) -> Result<Vec<Project>, ClientError> {
+        self.json(self.request(Method::GET, &["projects"])?).await
+    }
+
+    pub async fn project(&self, name: &str) -> Result<Project, ClientError> {
+        self.json(self.request(Method::GET, &["projects", name])?).await
+    }
+
+    pub async fn create_project(&self, name: &str) -> Result<Project, ClientError> {
+        let body = serde_json::json!({ "name": name });
+        self.json(self.request(Method::POST, &["projects"])?.json(&body)).await
+    }
+
+    pub async fn rename_project(&self, name: &str, new_name: &str) -> Result<Project, ClientError> {
+        let body = serde_json::json!({ "name": new_name });
+        self.json(self.request(Method::PATCH, &["projects", name])?.json(&body)).await
+    }
+
+    pub async fn delete_project(&self, name: &str) -> Result<(), ClientError> {
+        self.empty(self.request(Method::DELETE, &["projects", name])?).await
+    }
+
+    pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, ClientError> {
+        let body = serde_json::json!({ "hashes": hashes });
+        let answer: Missing = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
+        Ok(answer.missing)
+    }
+
+    /// Uploads one blob, streamed; no overall timeout, since a large blob
+    /// on a slow link may take long.
+    pub async fn put_blob(&self, hash: &str, size: u64, body: reqwest::Body) -> Result<(), ClientError> {
+        let request = self
+            .request(Method::PUT, &["blobs", hash])?
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(body);
+        self.send(request).await.map(drop)
+    }
+
+    pub async fn create_deployment(
+        &self,
+        project: &str,
+        deployment: &CreateDeployment,
+    ) -> Result<Deployment, ClientError> {
+        self.json(self.request(Method::POST, &["projects", project, "deployments"])?.json(deployment)).await
+    }
+
+    pub async fn deployments(&self, project: &str, limit: u32) -> Result<Vec<Deployment>, ClientError> {
+        let request = self.request(Method::GET, &["projects", project, "deployments"])?.query(&[("limit", limit)]);
+        self.json(request).await
+    }
+
+    pub async fn promote(&self, project: &str, deployment_id: &str) -> Result<Project, ClientError> {
+        let body = serde_json::json!({ "deployment_id": deployment_id });
+        self.json(self.request(Method::POST, &["projects", project, "promote"])?.json(&body)).await
+    }
+
+    /// Without an id the server goes back to the production deployment
+    /// before the current one, so no body is sent at all.
+    pub async fn rollback(&self, project: &str, deployment_id: Option<&str>) -> Result<Project, ClientError> {
+        let mut request = self.request(Method::POST, &["projects", project, "rollback"])?;
+        if let Some(id) = deployment_id {
+            request = request.json(&serde_json::json!({ "deployment_id": id }));
+        }
+        self.json(request).await
+    }
+
+    pub async fn env(&self, project: &str) -> Result<Vec<EnvVar>, ClientError> {
+        self.json(self.request(Method::GET, &["projects", project, "env"])?).await
+    }
+
+    pub async fn set_env(&self, project: &str, name: &str, value: &str) -> Result<EnvVar, ClientError> {
+        let body = serde_json::json!({ "value": value });
+        self.json(self.request(Method::PUT, &["projects", project, "env", name])?.json(&body)).await
+    }
+
+    pub async fn delete_env(&self, project: &str, name: &str) -> Result<(), ClientError> {
+        self.empty(self.request(Method::DELETE, &["projects", project, "env", name])?).await
+    }
+
+    pub async fn domains(&self) -> Result<Vec<Domain>, ClientError> {
+        self.json(self.request(Method::GET, &["domains"])?).await
+    }
+
+    pub async fn add_domain(&self, domain: &str, project: &str) -> Result<Domain, ClientError> {
+        let body = serde_json::json!({ "domain": domain, "project": project });
+        self.json(self.request(Method::POST, &["domains"])?.json(&body)).await
+    }
+
+    /// Attaches the domain to `project`, or detaches it with `None`.
+    pub async fn attach_domain(&self, domain: &str, project: Option<&str>) -> Result<Domain, ClientError> {
+        let body = serde_json::json!({ "project": project });
+        self.json(self.request(Method::PATCH, &["domains", domain])?.json(&body)).await
+    }
+
+    pub async fn verify_domain(&self, domain: &str) -> Result<Domain, ClientError> {
+        self.json(self.request(Method::POST, &["domains", domain, "verify"])?).await
+    }
+
+    pub async fn put_certificate(&self, domain: &str, cert_pem: &str, key_pem: &str) -> Result<Domain, ClientError> {
+        let body = serde_json::json!({ "cert_pem": cert_pem, "key_pem": key_pem });
+        self.json(self.request(Method::PUT, &["domains", domain, "certificate"])?.json(&body)).await
+    }
+
+    pub async fn delete_certificate(&self, domain: &str) -> Result<Domain, ClientError> {
+        self.json(self.request(Method::DELETE, &["domains", domain, "certificate"])?).await
+    }
+
+    pub async fn delete_domain(&self, domain: &str) -> Result<(), ClientError> {
+        self.empty(self.request(Method::DELETE, &["domains", domain])?).await
+    }
+
+    fn logs_request(&self, project: &str, query: &LogQuery) -> Result<RequestBuilder, ClientError> {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(deployment) = &query.deployment {
+            pairs.push(("deployment", deployment.clone()));
+        }
+        if let Some(since) = &query.since {
+            pairs.push(("since", since.clone()));
+        }
+        if let Some(limit) = query.limit {
+            pairs.push(("limit", limit.to_string()));
+        }
+        Ok(self.request(Method::GET, &["projects", project, "logs"])?.query(&pairs))
+    }
+
+    pub async fn logs(&self, project: &str, query: &LogQuery) -> Result<Vec<LogEntry>, ClientError> {
+        self.json(self.logs_request(project, query)?).await
+    }
+
+    /// The NDJSON stream of `follow=true`; the caller reads it line by line.
+    pub async fn follow_logs(&self, project: &str, query: &LogQuery) -> Result<Response, ClientError> {
+        self.send(self.logs_request(project, query)?.query(&[("follow", "true")])).await
+    }
+}
+
+/// The innermost cause (e.g. "Connection refused (os error 111)"): reqwest's
+/// own message ("error sending request for url …") says nothing new.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(base: &str) -> Api {
+        Api::new(Url::parse(base).unwrap(), "t".to_string()).unwrap()
+    }
+
+    #[test]
+    fn segments_are_encoded_and_cannot_climb() {
+        let api = api("http://127.0.0.1:8081");
+        let url = |segments: &[&str]| api.url(segments).map(|u| u.to_string());
+        assert_eq!(url(&["projects", "hello"]).unwrap(), "http://127.0.0.1:8081/api/v1/projects/hello");
+        assert_eq!(url(&["projects", "../x?y#z"]).unwrap(), "http://127.0.0.1:8081/api/v1/projects/..%2Fx%3Fy%23z");
+        assert_eq!(url(&["projects", "a%2F"]).unwrap(), "http://127.0.0.1:8081/api/v1/projects/a%252F");
+        for bad in ["..", ".", ""] {
+            assert!(matches!(url(&["projects", bad]), Err(ClientError::InvalidName(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_base_path_is_kept() {
+        let api = api("https://example.com/isocloud/");
+        assert_eq!(api.url(&["whoami"]).unwrap().as_str(), "https://example.com/isocloud/api/v1/whoami");
+    }
+
+    #[test]
+    fn error_envelopes_parse_with_and_without_field() {
+        let e: ErrorEnvelope =
+            serde_json::from_str(r#"{"error":{"code":"INVALID_FIELD","message":"bad","field":"name"}}"#).unwrap();
+        assert_eq!(e.error.to_string(), "bad (INVALID_FIELD, field name)");
+        let e: ErrorEnvelope =
+            serde_json::from_str(r#"{"error":{"code":"INVALID_FIELD","message":"name: bad","field":"name"}}"#).unwrap();
+        assert_eq!(e.error.to_string(), "bad (INVALID_FIELD, field name)");
+        let e: ErrorEnvelope =
+            serde_json::from_str(r#"{"error":{"code":"MISSING_BLOBS","message":"m","missing":["ab"]}}"#).unwrap();
+        assert_eq!(e.error.missing, vec!["ab".to_string()]);
+    }
+
+    #[test]
+    fn unknown_fields_and_nulls_are_accepted() {
+        let d: Deployment = serde_json::from_str(
+            r#"{"id":"abc","status":"ready","git":null,"error":null,"new_field":1,"url":"http://x"}"#,
+        )
+        .unwrap();
+        assert_eq!(d.id, "abc");
+        assert!(d.git.is_none());
+        let l: LogEntry = serde_json::from_str(
+            r#"{"id":1,"deployment_id":"d","timestamp":"t","type":"boot","level":null,"message":"m","request_id":null}"#,
+        )
+        .unwrap();
+        assert_eq!(l.kind, "boot");
+    }
+}

@@ -1,0 +1,78 @@
+//! Wiring of the built-in control plane into `isocloud serve`: its API and
+//! dashboard listener, its host table and certificates for the ingress, and
+//! its origin for the pool.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use isocloud_controlplane::{ControlPlane, ControlPlaneOptions};
+use isocloud_ingress::{Certificates, HostRoute, HostRoutes};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls::sign::CertifiedKey;
+
+use crate::settings::ControlPlaneSettings;
+
+/// Opens the control plane (migrations, first admin token) and serves its
+/// API and dashboard on `control_listen`.
+pub async fn start(
+    settings: &ControlPlaneSettings,
+    public_http_port: u16,
+    public_https_port: Option<u16>,
+) -> anyhow::Result<Arc<ControlPlane>> {
+    let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
+    options.database_url = settings.database_url.clone();
+    options.base_domain = settings.base_domain.clone();
+    options.public_http_port = settings.public_http_port.unwrap_or(public_http_port);
+    options.public_https_port = public_https_port;
+    options.log_retention = settings.log_retention;
+    options.usage_retention = settings.usage_retention;
+    options.max_blob_bytes = settings.max_blob_bytes;
+    options.domain_verify_http_port = settings.domain_verify_http_port;
+    options.dns_resolver = settings.dns_resolver;
+    let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
+    let control_plane = ControlPlane::open(options)
+        .await
+        .with_context(|| format!("cannot open the control plane ({store}, data in {})", settings.data_dir.display()))?;
+    if let Some(path) = control_plane.created_admin_token() {
+        println!("isocloud: admin token written to {}", path.display());
+    }
+    tokio::spawn(control_plane.clone().run_background());
+
+    let listener = TcpListener::bind(settings.control_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (control plane)", settings.control_listen))?;
+    let addr = listener.local_addr()?;
+    let router = control_plane.router();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the control plane listener failed");
+        }
+    });
+    tracing::info!(%addr, store, base_domain = settings.base_domain, "control plane: API at /api/v1, dashboard at /");
+    // Tests and scripts read this line to learn the port of `…:0`.
+    println!("isocloud: control plane on http://{addr}");
+    Ok(control_plane)
+}
+
+/// The control plane's host table, as the ingress asks it.
+pub struct Hosts {
+    pub control_plane: Arc<ControlPlane>,
+    /// Redirect to HTTPS only where there is an HTTPS listener to go to.
+    pub https: bool,
+}
+
+impl HostRoutes for Hosts {
+    fn resolve(&self, hostname: &str) -> Option<HostRoute> {
+        let found = self.control_plane.resolve_host(hostname)?;
+        Some(HostRoute { deployment_id: found.deployment_id, https_only: self.https && found.has_certificate })
+    }
+}
+
+/// The domains' uploaded certificates, by SNI.
+pub struct Certs(pub Arc<ControlPlane>);
+
+impl Certificates for Certs {
+    fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        self.0.certificate_for(server_name)
+    }
+}

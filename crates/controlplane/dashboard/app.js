@@ -1,0 +1,859 @@
+// The isocloud dashboard: one page over the control-plane API (/api/v1, see
+// docs/control-plane-api.md). No build step and no dependencies; the server
+// embeds this file. Every server-provided string reaches the DOM as text or
+// as an attribute value (never through innerHTML), and only http(s) URLs
+// become links. Elements a test needs carry a `data-testid`.
+
+const TOKEN_KEY = "isocloud.token";
+const SVG_NS = "http://www.w3.org/2000/svg";
+const TABS = [
+  ["deployments", "Deployments"],
+  ["analytics", "Analytics"],
+  ["logs", "Logs"],
+  ["env", "Environment"],
+  ["domains", "Domains"],
+];
+const RANGES = [
+  // [label, seconds, step_s]
+  ["15 minutes", 900, 15],
+  ["1 hour", 3600, 60],
+  ["6 hours", 21600, 300],
+  ["24 hours", 86400, 900],
+];
+const MAX_LOG_LINES = 2000;
+
+const app = document.getElementById("app");
+const banner = document.getElementById("banner");
+const bannerText = document.getElementById("banner-text");
+
+let token = localStorage.getItem(TOKEN_KEY);
+/** The current view's lifetime: aborted (fetches, streams, timers) on navigation. */
+let view = new AbortController();
+/** An error to show once the next view is up (e.g. why we signed out). */
+let carriedError = null;
+/** Where to go after signing in (the page asked for before the login). */
+let afterLogin = "#/projects";
+
+// ------------------------------------------------------------------ DOM
+
+/** Creates an element; strings among `children` become text nodes. */
+function h(tag, props, ...children) {
+  return build(document.createElement(tag), props, children);
+}
+
+/** Creates an SVG element. */
+function s(tag, props, ...children) {
+  return build(document.createElementNS(SVG_NS, tag), props, children);
+}
+
+function build(el, props, children) {
+  for (const [key, value] of Object.entries(props ?? {})) {
+    if (value == null || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (key === "testid") el.setAttribute("data-testid", value);
+    else if (key === "href") {
+      const href = safeHref(value);
+      if (href) el.setAttribute("href", href);
+    } else el.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child == null || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+/** Only in-app routes and http(s) URLs become links (no `javascript:`). */
+function safeHref(value) {
+  const text = String(value);
+  if (text.startsWith("#/")) return text;
+  try {
+    const url = new URL(text);
+    return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+  } catch {
+    return null;
+  }
+}
+
+function replace(el, ...children) {
+  el.replaceChildren();
+  build(el, null, children);
+}
+
+const enc = encodeURIComponent;
+
+function formatTime(iso) {
+  if (!iso) return "—";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return String(iso);
+  return date.toLocaleString(undefined, {
+    year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+  });
+}
+
+function timeEl(iso, testid) {
+  return h("time", { datetime: iso, title: iso, testid }, formatTime(iso));
+}
+
+/** RFC 3339 in UTC, whole seconds. */
+function rfc3339(date) {
+  return date.toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
+function formatClock(date) {
+  return date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function formatBytes(bytes) {
+  if (!bytes) return "0 B";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value >= 10 || unit === 0 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
+}
+
+function formatCount(n) {
+  return Number(n ?? 0).toLocaleString("en-US");
+}
+
+// ------------------------------------------------------------------ errors
+
+class ApiError extends Error {
+  constructor(status, code, message, field) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.field = field ?? null;
+  }
+}
+
+function showError(error) {
+  if (error?.name === "AbortError") return;
+  const code = error instanceof ApiError ? error.code : "ERROR";
+  let text = `${code}: ${error?.message ?? error}`;
+  if (error?.field) text += ` (field: ${error.field})`;
+  bannerText.textContent = text;
+  banner.dataset.code = code;
+  banner.hidden = false;
+}
+
+function clearError() {
+  banner.hidden = true;
+  bannerText.textContent = "";
+  delete banner.dataset.code;
+}
+
+document.getElementById("banner-close").addEventListener("click", clearError);
+
+// ------------------------------------------------------------------ API
+
+async function errorFrom(response) {
+  const text = await response.text().catch(() => "");
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON: the message is the text itself
+  }
+  const error = body?.error ?? {};
+  let message = error.message || text.slice(0, 300) || response.statusText || `HTTP ${response.status}`;
+  if (Array.isArray(body?.error?.missing)) message += ` (${body.error.missing.length} missing)`;
+  return new ApiError(response.status, error.code || `HTTP_${response.status}`, message, error.field);
+}
+
+/** Calls `/api/v1{path}`; resolves to the JSON answer (null for 204), or throws an ApiError. */
+async function api(method, path, body, { signal = view.signal, authToken = token } = {}) {
+  const headers = { authorization: `Bearer ${authToken}` };
+  const init = { method, headers, signal };
+  if (body !== undefined) {
+    headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(`/api/v1${path}`, init);
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError(0, "NETWORK", `cannot reach the control plane (${e.message})`);
+  }
+  if (!response.ok) {
+    const error = await errorFrom(response);
+    if (response.status === 401 && authToken === token && token) signOut(error);
+    throw error;
+  }
+  if (response.status === 204) return null;
+  const text = await response.text();
+  return text ? JSON.parse(text) : null;
+}
+
+/** Runs an action of a button: disables it meanwhile, shows any error. */
+async function act(button, action) {
+  clearError();
+  button.disabled = true;
+  try {
+    await action();
+  } catch (e) {
+    showError(e);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** Re-runs `fn` every `ms` while the current view lives. */
+function every(ms, fn) {
+  const signal = view.signal;
+  const timer = setInterval(() => {
+    if (!signal.aborted) fn();
+  }, ms);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+// ------------------------------------------------------------------ session
+
+function signOut(error) {
+  token = null;
+  localStorage.removeItem(TOKEN_KEY);
+  document.getElementById("session").hidden = true;
+  carriedError = error ?? null;
+  if (location.hash === "#/login") route();
+  else location.hash = "#/login"; // routes on hashchange
+}
+
+document.getElementById("logout").addEventListener("click", () => signOut());
+
+function showSession(name) {
+  document.getElementById("whoami").textContent = name;
+  document.getElementById("session").hidden = false;
+}
+
+function loginView() {
+  const input = h("input", {
+    id: "token", type: "password", name: "token", required: true, autocomplete: "off", spellcheck: "false",
+    placeholder: "paste an API token", testid: "login-token",
+  });
+  const submit = h("button", { type: "submit", class: "button primary", testid: "login-submit" }, "Sign in");
+  const form = h("form", { class: "card login", testid: "login-form" },
+    h("h1", null, "Sign in to isocloud"),
+    h("p", { class: "muted" },
+      "Paste an API token. The first start of a data dir writes the admin token to ",
+      h("code", null, "<data dir>/admin-token"), "."),
+    h("label", { for: "token" }, "Token"),
+    input,
+    h("div", { class: "actions" }, submit));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const candidate = input.value.trim();
+    act(submit, async () => {
+      const me = await api("GET", "/whoami", undefined, { authToken: candidate });
+      token = candidate;
+      localStorage.setItem(TOKEN_KEY, candidate);
+      showSession(me?.token_name ?? "");
+      location.hash = afterLogin;
+      afterLogin = "#/projects";
+    });
+  });
+  replace(app, form);
+  input.focus();
+}
+
+// ------------------------------------------------------------------ routing
+
+function route() {
+  const path = location.hash.replace(/^#/, "").split("?")[0] || "/projects";
+  const parts = path.split("/").filter(Boolean).map((part) => {
+    try {
+      return decodeURIComponent(part);
+    } catch {
+      return part;
+    }
+  });
+  // Redirects route again (on hashchange).
+  if (!token && parts[0] !== "login") {
+    if (parts[0] === "projects") afterLogin = location.hash;
+    return location.replace("#/login");
+  }
+  if (token && parts[0] === "login") return location.replace("#/projects");
+  view.abort();
+  view = new AbortController();
+  clearError();
+  if (carriedError) {
+    showError(carriedError);
+    carriedError = null;
+  }
+  if (!token) {
+    loginView();
+  } else if (parts[0] === "projects" && parts[1]) {
+    projectView(parts[1], parts[2] ?? "deployments").catch(showError);
+  } else {
+    projectsView().catch(showError);
+  }
+}
+
+window.addEventListener("hashchange", route);
+
+// ------------------------------------------------------------------ projects
+
+async function projectsView() {
+  const nameInput = h("input", {
+    id: "new-project", name: "name", required: true, placeholder: "my-project", autocomplete: "off",
+    spellcheck: "false", testid: "new-project-name",
+  });
+  const create = h("button", { type: "submit", class: "button primary", testid: "create-project" }, "Create project");
+  const form = h("form", { class: "inline-form", testid: "create-project-form" },
+    h("label", { for: "new-project", class: "sr-only" }, "Project name"), nameInput, create);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(create, async () => {
+      const project = await api("POST", "/projects", { name: nameInput.value.trim() });
+      location.hash = `#/projects/${enc(project.name)}`;
+    });
+  });
+  const list = h("ul", { class: "project-list", testid: "project-list" }, h("li", { class: "muted" }, "Loading…"));
+  replace(app, h("section", null, h("div", { class: "page-head" }, h("h1", null, "Projects"), form), list));
+
+  const projects = await api("GET", "/projects");
+  if (!projects.length) {
+    replace(list, h("li", { class: "empty", testid: "no-projects" }, "No projects yet. Create one above, then deploy with ",
+      h("code", null, "isocloud deploy"), "."));
+    return;
+  }
+  replace(list, projects.map((p) => h("li", { class: "card project-card", testid: "project-card", "data-project": p.name },
+    h("a", { class: "project-name", href: `#/projects/${enc(p.name)}`, testid: "project-link" }, p.name),
+    h("dl", { class: "facts" },
+      h("dt", null, "Production"),
+      h("dd", null, p.production_url
+        ? h("a", { href: p.production_url, target: "_blank", rel: "noopener", testid: "project-production-url" }, p.production_url)
+        : h("span", { class: "muted" }, "not deployed")),
+      h("dt", null, "Prod deployment"),
+      h("dd", { testid: "project-production-deployment" },
+        p.production_deployment_id ? h("code", null, p.production_deployment_id) : h("span", { class: "muted" }, "—")),
+      h("dt", null, "Created"),
+      h("dd", null, timeEl(p.created_at))))));
+}
+
+// ------------------------------------------------------------------ one project
+
+async function projectView(name, tab) {
+  if (!TABS.some(([id]) => id === tab)) tab = "deployments";
+  const head = h("div", { class: "project-head" }, h("h1", { testid: "project-name" }, name));
+  const panel = h("section", { class: "panel", testid: `panel-${tab}` });
+  const nav = h("nav", { class: "tabs", "aria-label": "Project" },
+    TABS.map(([id, label]) => h("a", {
+      href: `#/projects/${enc(name)}/${id}`, class: id === tab ? "tab active" : "tab", testid: `tab-${id}`,
+      "aria-current": id === tab ? "page" : null,
+    }, label)));
+  replace(app, h("p", { class: "crumbs" }, h("a", { href: "#/projects", testid: "back-to-projects" }, "Projects"), " / ", name),
+    head, nav, panel);
+
+  const ctx = { name, head, panel, project: null, shownProject: "" };
+  /** Takes a fresh Project; re-renders the head only when it changed. */
+  ctx.setProject = (project) => {
+    ctx.project = project;
+    const key = JSON.stringify(project);
+    if (key !== ctx.shownProject) {
+      ctx.shownProject = key;
+      renderProjectHead(ctx);
+    }
+  };
+  ctx.setProject(await api("GET", `/projects/${enc(name)}`));
+  const views = { deployments: deploymentsTab, analytics: analyticsTab, logs: logsTab, env: envTab, domains: domainsTab };
+  await views[tab](ctx);
+}
+
+function renderProjectHead(ctx) {
+  const p = ctx.project;
+  const rollback = h("button", {
+    type: "button", class: "button", testid: "rollback-button", disabled: !p.production_deployment_id,
+    title: "Make the previous production deployment production again",
+  }, "Rollback");
+  rollback.addEventListener("click", () => act(rollback, async () => {
+    const project = await api("POST", `/projects/${enc(p.name)}/rollback`);
+    if (ctx.onProductionChange) await ctx.onProductionChange();
+    else ctx.setProject(project);
+  }));
+  replace(ctx.head,
+    h("div", null,
+      h("h1", { testid: "project-name" }, p.name),
+      h("p", { class: "project-meta" },
+        "Production: ",
+        p.production_url
+          ? h("a", { href: p.production_url, target: "_blank", rel: "noopener", testid: "production-url" }, p.production_url)
+          : h("span", { class: "muted", testid: "production-url" }, "no production deployment"),
+        p.production_deployment_id
+          ? [" · ", h("code", { testid: "production-deployment-id" }, p.production_deployment_id)] : null,
+        p.git ? [" · git ", h("code", null, p.git.repository), " ", h("span", { class: "branch" }, p.git.branch)] : null)),
+    h("div", { class: "head-actions" }, rollback));
+}
+
+// ------------------------------------------------------------------ deployments
+
+async function deploymentsTab(ctx) {
+  const list = h("div", { class: "deployments", testid: "deployment-list" });
+  replace(ctx.panel, list);
+  let shown = "";
+  let started = 0;
+  let latest = 0;
+  // The project (which deployment is production) and the deployments are
+  // fetched together, and an answer older than the one shown is dropped, so a
+  // poll that crosses a promotion never shows a stale Prod label.
+  const load = async () => {
+    const mine = ++started;
+    const [project, deployments] = await Promise.all([
+      api("GET", `/projects/${enc(ctx.name)}`),
+      api("GET", `/projects/${enc(ctx.name)}/deployments`),
+    ]);
+    if (mine < latest) return;
+    latest = mine;
+    ctx.setProject(project);
+    const key = JSON.stringify([deployments, project.production_deployment_id]);
+    if (key === shown) return;
+    shown = key;
+    renderDeployments(ctx, list, deployments, load);
+  };
+  ctx.onProductionChange = load;
+  await load();
+  every(3000, () => load().catch(showError));
+}
+
+function renderDeployments(ctx, list, deployments, reload) {
+  if (!deployments.length) {
+    replace(list, h("p", { class: "empty", testid: "no-deployments" },
+      "No deployments yet. Deploy with ", h("code", null, `isocloud deploy --project ${ctx.name}`),
+      " or POST /api/v1/projects/", ctx.name, "/deployments."));
+    return;
+  }
+  replace(list, deployments.map((d) => {
+    const prodId = ctx.project.production_deployment_id;
+    const prod = prodId ? d.id === prodId : d.production === true;
+    let promote = null;
+    if (!prod && d.status === "ready") {
+      promote = h("button", { type: "button", class: "button", testid: "promote-button" }, "Promote");
+      promote.addEventListener("click", () => act(promote, async () => {
+        await api("POST", `/projects/${enc(ctx.name)}/promote`, { deployment_id: d.id });
+        await reload();
+      }));
+    }
+    return h("article", {
+      class: prod ? "card deployment production" : "card deployment", testid: "deployment-row",
+      "data-deployment-id": d.id, "data-production": String(prod), "data-status": d.status,
+    },
+    h("div", { class: "deployment-main" },
+      h("div", { class: "deployment-title" },
+        h("code", { class: "deployment-id", testid: "deployment-id" }, d.id),
+        prod ? h("span", { class: "badge prod", testid: "prod-label" }, "Prod") : null,
+        h("span", { class: `badge status-${d.status}`, testid: "deployment-status" }, d.status)),
+      d.git ? h("p", { class: "git", testid: "deployment-git" },
+        h("code", { class: "commit", title: d.git.commit }, String(d.git.commit ?? "").slice(0, 7)), " ",
+        h("span", { class: "commit-message" }, d.git.message ?? ""),
+        d.git.branch ? h("span", { class: "branch" }, d.git.branch) : null) : null,
+      d.error ? h("p", { class: "deployment-error", testid: "deployment-error" }, d.error) : null,
+      h("p", { class: "deployment-url" },
+        h("a", { href: d.url, target: "_blank", rel: "noopener", testid: "deployment-url" }, d.url))),
+    h("div", { class: "deployment-side" },
+      timeEl(d.created_at, "deployment-created"),
+      h("span", { class: "muted small" }, `${d.files ?? 0} file${d.files === 1 ? "" : "s"} · ${formatBytes(d.size_bytes)}`),
+      h("div", { class: "row-actions" },
+        h("a", { class: "button subtle", href: `#/projects/${enc(ctx.name)}/logs?deployment=${enc(d.id)}`, testid: "deployment-logs" }, "Logs"),
+        promote)));
+  }));
+}
+
+// ------------------------------------------------------------------ analytics
+
+const CHARTS = [
+  { key: "requests", title: "Requests", sum: true, integer: true, format: formatCount },
+  { key: "errors", title: "Errors", sum: true, integer: true, format: formatCount },
+  { key: "cpu_ms", title: "CPU time (ms)", sum: true, format: (v) => `${formatCount(Math.round(v))} ms` },
+  { key: "peak_memory_bytes", title: "Peak memory", sum: false, format: formatBytes },
+];
+
+async function analyticsTab(ctx) {
+  const select = h("select", { id: "range", testid: "analytics-range" },
+    RANGES.map(([label, seconds], i) => h("option", { value: String(i), selected: seconds === 3600 }, label)));
+  const updated = h("span", { class: "muted small", testid: "analytics-updated" }, "");
+  const tiles = h("div", { class: "tiles" });
+  const charts = h("div", { class: "charts" });
+  replace(ctx.panel,
+    h("div", { class: "toolbar" }, h("label", { for: "range" }, "Range "), select, updated),
+    tiles, charts);
+  const load = async () => {
+    const [, seconds, step] = RANGES[Number(select.value)];
+    const now = Date.now();
+    const since = new Date(Math.floor((now - seconds * 1000) / (step * 1000)) * step * 1000);
+    const data = await api("GET",
+      `/projects/${enc(ctx.name)}/analytics?since=${enc(rfc3339(since))}&step_s=${step}`);
+    renderAnalytics(tiles, charts, data, since.getTime(), now, step);
+    updated.textContent = `updated ${formatClock(new Date())}`;
+  };
+  select.addEventListener("change", () => load().catch(showError));
+  await load();
+  every(4000, () => load().catch(showError));
+}
+
+function renderAnalytics(tiles, charts, data, sinceMs, nowMs, requestedStep) {
+  const step = Number(data?.step_s) || requestedStep;
+  const points = Array.isArray(data?.points) ? data.points : [];
+  // One bucket per step from `since` to now; the server may leave empty ones out.
+  const first = Math.floor(sinceMs / (step * 1000));
+  const last = Math.floor(nowMs / (step * 1000));
+  const count = Math.max(1, Math.min(last - first + 1, 2000));
+  const buckets = Array.from({ length: count }, (_, i) => ({ t: (first + i) * step * 1000 }));
+  for (const point of points) {
+    const t = Date.parse(point.t);
+    let i = Math.floor(t / (step * 1000)) - first;
+    if (Number.isNaN(i)) continue;
+    i = Math.min(Math.max(i, 0), count - 1);
+    for (const { key, sum } of CHARTS) {
+      const value = Number(point[key] ?? 0);
+      buckets[i][key] = sum ? (buckets[i][key] ?? 0) + value : Math.max(buckets[i][key] ?? 0, value);
+    }
+  }
+  const summary = [];
+  const svgs = [];
+  for (const chart of CHARTS) {
+    const values = buckets.map((b) => b[chart.key] ?? 0);
+    const total = values.reduce((a, b) => a + b, 0);
+    const max = Math.max(0, ...values);
+    const headline = chart.sum ? total : max;
+    summary.push(h("div", { class: `tile tile-${chart.key}` },
+      h("span", { class: "tile-label" }, chart.sum ? `${chart.title}` : `${chart.title} (max)`),
+      h("strong", { class: "tile-value", testid: `total-${chart.key.replace(/_/g, "-")}` }, chart.format(headline))));
+    svgs.push(h("figure", { class: "chart" },
+      h("figcaption", null, chart.title, h("span", { class: "muted" }, ` ${chart.sum ? "total" : "max"} ${chart.format(headline)}`)),
+      barChart(chart, buckets, values, step, total, max)));
+  }
+  replace(tiles, summary);
+  replace(charts, svgs);
+}
+
+/** The top of a chart's axis: a round number ≥ max whose half is round too. */
+function axisTop(max, integer) {
+  if (integer && max <= 10) return Math.max(2, Math.ceil(max / 2) * 2);
+  const power = 10 ** Math.floor(Math.log10(max));
+  const steps = integer ? [1, 2, 4, 5, 10] : [1, 2, 2.5, 5, 10];
+  return steps.map((m) => m * power).find((top) => top >= max) ?? 10 * power;
+}
+
+function barChart(chart, buckets, values, step, total, max) {
+  const W = 640, H = 170, left = 56, right = 8, top = 10, bottom = 22;
+  const plotW = W - left - right, plotH = H - top - bottom;
+  const scale = max > 0 ? axisTop(max, chart.integer) : 1;
+  const slot = plotW / values.length;
+  const testid = `chart-${chart.key.replace(/_/g, "-")}`;
+  const svg = s("svg", {
+    viewBox: `0 0 ${W} ${H}`, class: `bars bars-${chart.key}`, role: "img", testid,
+    "data-total": String(Math.round(total * 1000) / 1000), "data-max": String(max), "data-points": String(values.length),
+    "data-step": String(step), "aria-label": `${chart.title}: ${chart.sum ? "total" : "max"} ${chart.format(chart.sum ? total : max)}`,
+  });
+  for (const frac of max > 0 ? [0, 0.5, 1] : [0]) {
+    const y = top + plotH - frac * plotH;
+    svg.append(s("line", { x1: left, x2: W - right, y1: y, y2: y, class: frac === 0 ? "axis" : "grid" }),
+      s("text", { x: left - 6, y: y + 4, class: "tick", "text-anchor": "end" }, frac === 0 ? "0" : chart.format(scale * frac)));
+  }
+  values.forEach((value, i) => {
+    if (!value) return;
+    const barH = Math.max(1.5, (value / scale) * plotH);
+    const x = left + i * slot + Math.min(1, slot * 0.1);
+    svg.append(s("rect", {
+      x: x.toFixed(2), y: (top + plotH - barH).toFixed(2), width: Math.max(1, slot - Math.min(2, slot * 0.2)).toFixed(2),
+      height: barH.toFixed(2), class: "bar", "data-value": String(value),
+    }, s("title", null, `${formatClock(new Date(buckets[i].t))}: ${chart.format(value)}`)));
+  });
+  const startLabel = formatClock(new Date(buckets[0].t));
+  const endLabel = formatClock(new Date(buckets[buckets.length - 1].t + step * 1000));
+  svg.append(s("text", { x: left, y: H - 6, class: "tick" }, startLabel),
+    s("text", { x: W - right, y: H - 6, class: "tick", "text-anchor": "end" }, endLabel));
+  return svg;
+}
+
+// ------------------------------------------------------------------ logs
+
+async function logsTab(ctx) {
+  const query = new URLSearchParams(location.hash.split("?")[1] ?? "");
+  const deployments = await api("GET", `/projects/${enc(ctx.name)}/deployments`).catch(() => []);
+  const select = h("select", { id: "log-deployment", testid: "logs-deployment" },
+    h("option", { value: "" }, "All deployments"),
+    deployments.map((d) => h("option", { value: d.id, selected: d.id === query.get("deployment") },
+      `${d.id}${d.production ? " (Prod)" : ""}`)));
+  const status = h("span", { class: "stream-status", testid: "logs-status", "data-state": "connecting" }, "connecting…");
+  const clear = h("button", { type: "button", class: "button subtle", testid: "logs-clear" }, "Clear");
+  const lines = h("div", { class: "logs", testid: "log-view", role: "log", tabindex: "0" });
+  replace(ctx.panel, h("div", { class: "toolbar" },
+    h("label", { for: "log-deployment" }, "Deployment "), select, status, clear), lines);
+  clear.addEventListener("click", () => lines.replaceChildren());
+  select.addEventListener("change", () => {
+    const q = select.value ? `?deployment=${enc(select.value)}` : "";
+    location.hash = `#/projects/${enc(ctx.name)}/logs${q}`;
+  });
+  const setStatus = (state, text) => {
+    status.dataset.state = state;
+    status.textContent = text;
+  };
+  followLogs(ctx.name, select.value, view.signal, (entry) => appendLog(lines, entry), setStatus).catch((e) => {
+    setStatus("stopped", "stopped");
+    showError(e);
+  });
+}
+
+function appendLog(container, entry) {
+  const stick = container.scrollHeight - container.scrollTop - container.clientHeight < 48;
+  const level = entry.level ?? (entry.type === "log" ? "info" : "event");
+  const lifecycle = entry.type && entry.type !== "log";
+  container.append(h("div", {
+    class: `log-line level-${level}${lifecycle ? ` event event-${entry.type}` : ""}`, testid: "log-line",
+    "data-level": level, "data-type": entry.type ?? "log", "data-request-id": entry.request_id ?? null,
+    "data-deployment-id": entry.deployment_id ?? null,
+  },
+  h("time", { class: "log-time", datetime: entry.timestamp, title: entry.timestamp },
+    entry.timestamp ? formatClock(new Date(entry.timestamp)) : ""),
+  h("span", { class: "log-deployment", title: entry.deployment_id ?? "" }, String(entry.deployment_id ?? "").slice(0, 12)),
+  h("span", { class: "log-level" }, lifecycle ? entry.type : level),
+  entry.request_id ? h("span", { class: "log-request", testid: "log-request-id", title: "request id" }, entry.request_id) : null,
+  h("span", { class: "log-message", testid: "log-message" }, String(entry.message ?? ""))));
+  while (container.childElementCount > MAX_LOG_LINES) container.firstElementChild.remove();
+  if (stick) container.scrollTop = container.scrollHeight;
+}
+
+/**
+ * Shows the recent log entries, then follows the NDJSON stream
+ * (`?follow=true`, read through fetch so the Authorization header goes
+ * along), reconnecting after a drop; entries are shown once each (by id).
+ */
+async function followLogs(name, deployment, signal, onEntry, setStatus) {
+  const seen = new Set();
+  let since = null;
+  const emit = (entry) => {
+    if (!entry || typeof entry !== "object") return;
+    if (entry.id != null) {
+      if (seen.has(entry.id)) return;
+      seen.add(entry.id);
+    }
+    if (entry.timestamp && (!since || entry.timestamp > since)) since = entry.timestamp;
+    onEntry(entry);
+  };
+  const base = new URLSearchParams();
+  if (deployment) base.set("deployment", deployment);
+
+  const recent = new URLSearchParams(base);
+  recent.set("limit", "200");
+  const backlog = await api("GET", `/projects/${enc(name)}/logs?${recent}`, undefined, { signal });
+  const order = (a, b) => (a.id != null && b.id != null ? a.id - b.id : String(a.timestamp).localeCompare(String(b.timestamp)));
+  for (const entry of [...(backlog ?? [])].sort(order)) emit(entry);
+
+  while (!signal.aborted) {
+    const follow = new URLSearchParams(base);
+    follow.set("follow", "true");
+    if (since) follow.set("since", since);
+    try {
+      const response = await fetch(`/api/v1/projects/${enc(name)}/logs?${follow}`, {
+        headers: { authorization: `Bearer ${token}` }, signal,
+      });
+      if (!response.ok) {
+        const error = await errorFrom(response);
+        if (response.status === 401) signOut(error);
+        throw error;
+      }
+      setStatus("live", "● live");
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let newline;
+        while ((newline = buffer.indexOf("\n")) >= 0) {
+          const line = buffer.slice(0, newline).trim();
+          buffer = buffer.slice(newline + 1);
+          if (!line) continue;
+          try {
+            emit(JSON.parse(line));
+          } catch {
+            // a malformed line is skipped; the stream goes on
+          }
+        }
+      }
+    } catch (e) {
+      if (signal.aborted || e.name === "AbortError") return;
+      if (e instanceof ApiError && e.status >= 400 && e.status < 500) throw e;
+    }
+    if (signal.aborted) return;
+    setStatus("reconnecting", "reconnecting…");
+    await sleep(2000, signal);
+  }
+}
+
+// ------------------------------------------------------------------ env vars
+
+async function envTab(ctx) {
+  const nameInput = h("input", {
+    id: "env-name", name: "name", required: true, placeholder: "API_KEY", autocomplete: "off", spellcheck: "false",
+    pattern: "[A-Za-z_][A-Za-z0-9_]*", testid: "env-name",
+  });
+  const valueInput = h("input", {
+    id: "env-value", name: "value", type: "password", placeholder: "value", autocomplete: "new-password", testid: "env-value",
+  });
+  const submit = h("button", { type: "submit", class: "button primary", testid: "env-submit" }, "Set");
+  const form = h("form", { class: "inline-form", testid: "env-form" },
+    h("label", { for: "env-name", class: "sr-only" }, "Name"), nameInput,
+    h("label", { for: "env-value", class: "sr-only" }, "Value"), valueInput, submit);
+  const table = h("table", { class: "table", testid: "env-list" });
+  replace(ctx.panel,
+    h("p", { class: "muted" }, "Values are write-only: they are never shown again. A change applies to deployments created after it."),
+    form, table);
+  const load = async () => {
+    const vars = await api("GET", `/projects/${enc(ctx.name)}/env`);
+    if (!vars.length) {
+      replace(table, h("tbody", null, h("tr", null, h("td", { class: "empty", testid: "no-env" }, "No environment variables."))));
+      return;
+    }
+    replace(table,
+      h("thead", null, h("tr", null, h("th", null, "Name"), h("th", null, "Updated"), h("th", null, ""))),
+      h("tbody", null, vars.map((v) => {
+        const remove = h("button", { type: "button", class: "button subtle danger", testid: "env-delete" }, "Delete");
+        remove.addEventListener("click", () => act(remove, async () => {
+          await api("DELETE", `/projects/${enc(ctx.name)}/env/${enc(v.name)}`);
+          await load();
+        }));
+        return h("tr", { testid: "env-row", "data-name": v.name },
+          h("td", null, h("code", { testid: "env-var-name" }, v.name)),
+          h("td", null, timeEl(v.updated_at, "env-updated")),
+          h("td", { class: "right" }, remove));
+      })));
+  };
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(submit, async () => {
+      await api("PUT", `/projects/${enc(ctx.name)}/env/${enc(nameInput.value.trim())}`, { value: valueInput.value });
+      nameInput.value = "";
+      valueInput.value = "";
+      await load();
+    });
+  });
+  await load();
+}
+
+// ------------------------------------------------------------------ domains
+
+async function domainsTab(ctx) {
+  const input = h("input", {
+    id: "domain-name", name: "domain", required: true, placeholder: "www.example.com", autocomplete: "off",
+    spellcheck: "false", testid: "domain-name",
+  });
+  const add = h("button", { type: "submit", class: "button primary", testid: "domain-add" }, "Add domain");
+  const form = h("form", { class: "inline-form", testid: "domain-form" },
+    h("label", { for: "domain-name", class: "sr-only" }, "Domain"), input, add);
+  const list = h("div", { class: "domains", testid: "domain-list" });
+  replace(ctx.panel, form, list);
+  const load = async () => {
+    const all = await api("GET", "/domains");
+    const mine = all.filter((d) => d.project === ctx.name);
+    if (!mine.length) {
+      replace(list, h("p", { class: "empty", testid: "no-domains" }, "No custom domains attached to this project."));
+      return;
+    }
+    replace(list, mine.map((d) => domainCard(ctx, d, load)));
+  };
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(add, async () => {
+      await api("POST", "/domains", { domain: input.value.trim().toLowerCase(), project: ctx.name });
+      input.value = "";
+      await load();
+    });
+  });
+  await load();
+}
+
+function domainCard(ctx, d, reload) {
+  const path = `/domains/${enc(d.domain)}`;
+  const verify = h("button", { type: "button", class: "button", testid: "domain-verify" }, d.verified ? "Re-check" : "Verify");
+  verify.addEventListener("click", () => act(verify, async () => {
+    const answer = await api("POST", `${path}/verify`);
+    await reload();
+    if (!answer?.verified) {
+      showError(new ApiError(200, "NOT_VERIFIED", `${d.domain}: neither the TXT record nor the HTTP token was found yet`));
+    }
+  }));
+  const remove = h("button", { type: "button", class: "button subtle danger", testid: "domain-remove" }, "Remove");
+  remove.addEventListener("click", () => act(remove, async () => {
+    await api("DELETE", path);
+    await reload();
+  }));
+  const v = d.verification ?? {};
+  const cert = d.certificate;
+  const expired = cert && Date.parse(cert.not_after) < Date.now();
+  const certPem = h("textarea", { rows: "4", placeholder: "-----BEGIN CERTIFICATE-----", testid: "cert-pem", spellcheck: "false" });
+  const keyPem = h("textarea", { rows: "4", placeholder: "-----BEGIN PRIVATE KEY-----", testid: "key-pem", spellcheck: "false" });
+  const upload = h("button", { type: "submit", class: "button", testid: "cert-upload" }, "Upload certificate");
+  const certForm = h("form", { class: "cert-form" }, h("label", null, "Certificate chain (PEM)", certPem),
+    h("label", null, "Private key (PEM)", keyPem), upload);
+  certForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(upload, async () => {
+      await api("PUT", `${path}/certificate`, { cert_pem: certPem.value, key_pem: keyPem.value });
+      await reload();
+    });
+  });
+  let removeCert = null;
+  if (cert) {
+    removeCert = h("button", { type: "button", class: "button subtle danger", testid: "cert-remove" }, "Remove certificate");
+    removeCert.addEventListener("click", () => act(removeCert, async () => {
+      await api("DELETE", `${path}/certificate`);
+      await reload();
+    }));
+  }
+  return h("article", { class: "card domain", testid: "domain-card", "data-domain": d.domain, "data-verified": String(!!d.verified) },
+    h("div", { class: "domain-head" },
+      h("strong", { class: "domain-name" }, d.domain),
+      h("span", { class: d.verified ? "badge ok" : "badge pending", testid: "domain-status" }, d.verified ? "verified" : "pending"),
+      h("span", { class: "spacer" }),
+      verify, remove),
+    d.verified
+      ? h("p", { class: "muted small" }, "Verified ", timeEl(d.verified_at), ". Requests to it reach the production deployment.")
+      : h("div", { class: "verification", testid: "domain-verification" },
+        h("p", null, "Prove you control this domain with either:"),
+        h("ol", null,
+          h("li", null, "a DNS TXT record ", h("code", { testid: "txt-name" }, v.txt_name ?? ""), " with the value ",
+            h("code", { testid: "txt-value" }, v.txt_value ?? ""), ", or"),
+          h("li", null, "an HTTP answer at ", h("code", { testid: "http-url" }, v.http_url ?? ""), " with the body ",
+            h("code", { testid: "http-body" }, v.http_body ?? ""), ".")),
+        h("p", { class: "muted small" }, "Then press Verify. Only verified domains route.")),
+    h("div", { class: "certificate", testid: "domain-certificate", "data-state": cert ? (expired ? "expired" : "valid") : "none" },
+      h("span", null, "Certificate: "),
+      cert
+        ? [h("span", { class: expired ? "badge error" : "badge ok" }, expired ? "expired" : "valid"),
+          ` until ${formatTime(cert.not_after)} for ${(cert.names ?? []).join(", ")} `, removeCert]
+        : h("span", { class: "muted" }, "none (served over HTTP)")),
+    h("details", { class: "cert-upload" }, h("summary", null, cert ? "Replace certificate" : "Upload a certificate"), certForm));
+}
+
+// ------------------------------------------------------------------ start
+
+async function start() {
+  if (token) {
+    try {
+      const me = await api("GET", "/whoami");
+      showSession(me?.token_name ?? "");
+    } catch (e) {
+      if (!token) return; // a 401: api() signed out and routed to the login
+      carriedError = e;
+    }
+  }
+  route();
+}
+
+start();

@@ -1,0 +1,276 @@
+//! `/projects/{name}/deployments` and `/deployments/{id}`: immutable
+//! deployments made of uploaded blobs.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use futures_util::FutureExt;
+use isocloud_protocol::NetPermission;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::projects::{not_found, project_or_404};
+use super::{ApiJson, ApiPath, ApiQuery, AppState, check, views};
+use crate::error::ApiError;
+use crate::origin::{file_specifier, normalize_specifier};
+use crate::store::deployments::{self, FileRow, GitInfo, NewDeployment, Status};
+use crate::store::{env, projects};
+use crate::time::now_ms;
+use crate::{ControlPlane, ids, validate};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateDeployment {
+    entrypoint: String,
+    #[serde(default)]
+    files: BTreeMap<String, FileSpec>,
+    #[serde(default)]
+    eszip: Option<String>,
+    #[serde(default)]
+    permissions: Option<Value>,
+    #[serde(default)]
+    git: Option<GitBody>,
+    #[serde(default)]
+    production: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileSpec {
+    hash: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GitBody {
+    commit: String,
+    #[serde(default)]
+    message: String,
+    branch: String,
+}
+
+/// Checks the files' paths, hashes and sizes, and that no file is also
+/// another file's directory.
+pub(crate) fn check_files(files: &BTreeMap<String, FileSpec>, max_blob_bytes: u64) -> Result<(), ApiError> {
+    if files.len() > validate::MAX_FILES {
+        return Err(ApiError::field("files", format!("at most {} files per deployment", validate::MAX_FILES)));
+    }
+    for (path, spec) in files {
+        let field = format!("files.{path}");
+        check(&field, validate::file_path(path))?;
+        if validate::is_code_path(path) {
+            check(&field, validate::code_path(path))?;
+        }
+        check(format!("{field}.hash"), validate::sha256(&spec.hash))?;
+        if spec.size > max_blob_bytes {
+            return Err(ApiError::field(
+                format!("{field}.size"),
+                format!("{} bytes is over the blob bound of {max_blob_bytes} bytes", spec.size),
+            ));
+        }
+        let mut dir = String::new();
+        for segment in path.split('/').take(path.split('/').count() - 1) {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(segment);
+            if files.contains_key(&dir) {
+                return Err(ApiError::field(field, format!("{dir:?} is a file, so it cannot also be a directory")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a `permissions` object and returns it as stored.
+pub(crate) fn check_permissions(permissions: Option<&Value>) -> Result<String, ApiError> {
+    let Some(value) = permissions else { return Ok("null".into()) };
+    if !value.is_object() {
+        return Err(ApiError::field("permissions", "must be an object such as {\"net\": true}"));
+    }
+    NetPermission::from_json_value(value.clone()).map_err(|e| {
+        let field = if e.field.starts_with("permissions") {
+            e.field.clone()
+        } else if e.field.is_empty() {
+            "permissions".to_owned()
+        } else {
+            format!("permissions.{}", e.field)
+        };
+        ApiError::field(field, e.message)
+    })?;
+    Ok(value.to_string())
+}
+
+fn check_git(git: Option<&GitBody>) -> Result<Option<GitInfo>, ApiError> {
+    let Some(git) = git else { return Ok(None) };
+    check("git.commit", validate::git_commit(&git.commit))?;
+    check("git.message", validate::git_message(&git.message))?;
+    check("git.branch", validate::git_branch(&git.branch))?;
+    Ok(Some(GitInfo {
+        commit: git.commit.clone(),
+        message: validate::first_line(&git.message),
+        branch: git.branch.clone(),
+    }))
+}
+
+/// The specifiers an ESZIP archive holds (modules and redirects), or why it
+/// does not decode.
+async fn eszip_specifiers(cp: &ControlPlane, hash: &str) -> Result<HashSet<String>, ApiError> {
+    let bytes = cp.blobs.get(hash).await?.ok_or_else(|| ApiError::MissingBlobs { missing: vec![hash.to_owned()] })?;
+    // Decoding is CPU-bound and completes without waiting (see the eszip
+    // crate), so it runs on a blocking thread.
+    let graph = tokio::task::spawn_blocking(move || isocloud_eszip::parse(bytes).now_or_never())
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::internal("ESZIP decoding did not complete synchronously"))?
+        .map_err(|e| ApiError::field("eszip", format!("the blob is not a valid ESZIP archive: {e}")))?;
+    Ok(graph
+        .entries
+        .into_iter()
+        .map(|entry| match entry {
+            isocloud_eszip::Entry::Module(module) => normalize_specifier(&module.specifier),
+            isocloud_eszip::Entry::Redirect { specifier, .. } => normalize_specifier(&specifier),
+        })
+        .collect())
+}
+
+pub(crate) async fn create(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<CreateDeployment>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    // Everything that needs no database first.
+    check_files(&body.files, cp.options.max_blob_bytes)?;
+    if body.files.is_empty() && body.eszip.is_none() {
+        return Err(ApiError::field("files", "a deployment needs files, an eszip, or both"));
+    }
+    if let Some(eszip) = &body.eszip {
+        check("eszip", validate::sha256(eszip))?;
+    }
+    let permissions_json = check_permissions(body.permissions.as_ref())?;
+    let git = check_git(body.git.as_ref())?;
+    let entrypoint = body.entrypoint.trim();
+    if entrypoint.is_empty() {
+        return Err(ApiError::field("entrypoint", "must not be empty"));
+    }
+    let specifier = if entrypoint.contains("://") {
+        url::Url::parse(entrypoint)
+            .map_err(|e| ApiError::field("entrypoint", format!("{entrypoint:?} is not a URL: {e}")))?
+            .to_string()
+    } else {
+        let path = entrypoint.trim_start_matches("./");
+        check("entrypoint", validate::file_path(path))?;
+        file_specifier(path)
+    };
+
+    // Every blob must be there, at the size the client says.
+    let mut hashes: BTreeSet<&str> = body.files.values().map(|f| f.hash.as_str()).collect();
+    hashes.extend(body.eszip.as_deref());
+    let mut missing = Vec::new();
+    let mut sizes = BTreeMap::new();
+    for hash in hashes {
+        match cp.blobs.size(hash).await? {
+            Some(size) => {
+                sizes.insert(hash, size);
+            }
+            None => missing.push(hash.to_owned()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(ApiError::MissingBlobs { missing });
+    }
+    for (path, spec) in &body.files {
+        let stored = sizes.get(spec.hash.as_str()).copied().unwrap_or(0);
+        if stored != spec.size {
+            return Err(ApiError::field(
+                format!("files.{path}.size"),
+                format!("is {} but blob {} is {stored} bytes", spec.size, spec.hash),
+            ));
+        }
+    }
+
+    // The entrypoint must be a module of the deployment.
+    let code_specifiers: HashSet<String> =
+        body.files.keys().filter(|p| validate::is_code_path(p)).map(|p| file_specifier(p)).collect();
+    let eszip_specifiers = match &body.eszip {
+        Some(hash) => eszip_specifiers(&cp, hash).await?,
+        None => HashSet::new(),
+    };
+    if !code_specifiers.contains(&specifier) && !eszip_specifiers.contains(&specifier) {
+        let why = if body.files.contains_key(entrypoint.trim_start_matches("./")) {
+            format!("{entrypoint:?} is not a code file ({})", validate::CODE_EXTENSIONS.join(", "))
+        } else {
+            format!("{specifier} is neither a code file in files nor a module of the eszip")
+        };
+        return Err(ApiError::field("entrypoint", why));
+    }
+
+    let files: Vec<FileRow> = body
+        .files
+        .iter()
+        .map(|(path, spec)| FileRow {
+            path: path.clone(),
+            sha256: spec.hash.clone(),
+            size_bytes: i64::try_from(spec.size).unwrap_or(i64::MAX),
+        })
+        .collect();
+    let now = now_ms();
+    let mut tx = cp.store.write().await?;
+    let project = if body.production {
+        projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?
+    } else {
+        project_or_404(&mut tx, &name).await?
+    };
+    let envs = env::snapshot(&mut tx, &project.id).await?;
+    let new = NewDeployment {
+        id: ids::deployment_id(),
+        project_id: project.id.clone(),
+        created_at_ms: now,
+        status: Status::Ready,
+        entrypoint: specifier,
+        eszip_sha256: body.eszip.clone(),
+        permissions_json,
+        envs,
+        git,
+        files,
+        build_promote: false,
+    };
+    deployments::insert(&mut tx, &new).await?;
+    if body.production {
+        projects::promote(&mut tx, &project.id, &new.id, now).await?;
+    }
+    let deployment =
+        deployments::get(&mut tx, &new.id).await?.ok_or_else(|| ApiError::internal("deployment vanished"))?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok((StatusCode::CREATED, Json(views::deployment(&cp, &deployment))))
+}
+
+pub(crate) async fn list(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    query.only(&["limit"])?;
+    let limit = query.int("limit", 50, 1, 1000)?;
+    let mut conn = cp.store.read().await?;
+    let project = project_or_404(&mut conn, &name).await?;
+    let rows = deployments::list_by_project(&mut conn, &project.id, limit).await?;
+    Ok(Json(rows.iter().map(|d| views::deployment(&cp, d)).collect()))
+}
+
+pub(crate) fn deployment_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("deployment {:?} not found", validate::truncate(id, 80)))
+}
+
+pub(crate) async fn get(State(cp): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    if !validate::is_deployment_id(&id) {
+        return Err(deployment_not_found(&id));
+    }
+    let mut conn = cp.store.read().await?;
+    let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+    Ok(Json(views::deployment(&cp, &deployment)))
+}

@@ -1,0 +1,182 @@
+//! `/domains`: custom domains (verified by DNS TXT or an HTTP token before
+//! they route) and their certificates.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::AnyConnection;
+
+use super::projects::project_or_404;
+use super::{ApiJson, ApiPath, AppState, check, views};
+use crate::error::ApiError;
+use crate::store::domains::{self, DomainRow};
+use crate::time::now_ms;
+use crate::verify::Outcome;
+use crate::{certs, ids, validate};
+
+fn not_found(domain: &str) -> ApiError {
+    ApiError::NotFound(format!("domain {:?} not found", validate::truncate(domain, 100)))
+}
+
+async fn domain_or_404(conn: &mut AnyConnection, domain: &str) -> Result<DomainRow, ApiError> {
+    domains::get(conn, domain).await?.ok_or_else(|| not_found(domain))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateDomain {
+    domain: String,
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AttachBody {
+    /// A project name, or null to detach. Required.
+    project: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CertificateBody {
+    cert_pem: String,
+    key_pem: String,
+}
+
+pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<Value>>, ApiError> {
+    let mut conn = cp.store.read().await?;
+    let rows = domains::list(&mut conn).await?;
+    Ok(Json(rows.iter().map(|d| views::domain(&cp, d)).collect()))
+}
+
+pub(crate) async fn get(State(cp): State<AppState>, ApiPath(domain): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    let mut conn = cp.store.read().await?;
+    let row = domain_or_404(&mut conn, &domain).await?;
+    Ok(Json(views::domain(&cp, &row)))
+}
+
+pub(crate) async fn create(
+    State(cp): State<AppState>,
+    ApiJson(body): ApiJson<CreateDomain>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    check("domain", validate::domain(&body.domain, &cp.options.base_domain))?;
+    let mut tx = cp.store.write().await?;
+    let project_id = match &body.project {
+        Some(name) => Some(project_or_404(&mut tx, name).await?.id),
+        None => None,
+    };
+    domains::insert(&mut tx, &body.domain, project_id.as_deref(), &ids::verification_token(), now_ms()).await?;
+    let row = domain_or_404(&mut tx, &body.domain).await?;
+    tx.commit().await?;
+    // Not verified yet, so nothing routes to it: no table rebuild.
+    Ok((StatusCode::CREATED, Json(views::domain(&cp, &row))))
+}
+
+pub(crate) async fn attach(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+    ApiJson(body): ApiJson<AttachBody>,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = cp.store.write().await?;
+    domain_or_404(&mut tx, &domain).await?;
+    let project_id = match &body.project {
+        Value::Null => None,
+        Value::String(name) => Some(project_or_404(&mut tx, name).await?.id),
+        _ => return Err(ApiError::field("project", "must be a project name or null (to detach)")),
+    };
+    domains::set_project(&mut tx, &domain, project_id.as_deref()).await?;
+    let row = domain_or_404(&mut tx, &domain).await?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::domain(&cp, &row)))
+}
+
+pub(crate) async fn verify(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let row = {
+        let mut conn = cp.store.read().await?;
+        domain_or_404(&mut conn, &domain).await?
+    };
+    if row.verified_at_ms.is_some() {
+        return Ok(Json(views::domain(&cp, &row)));
+    }
+    // The checks talk to the network: no transaction is open meanwhile.
+    match cp.verifier.verify(&row.domain, &row.token).await {
+        Outcome::Verified(method) => {
+            tracing::info!(target: "isocloud::controlplane", domain = row.domain, ?method, "domain verified");
+            let mut tx = cp.store.write().await?;
+            domains::set_verified(&mut tx, &row.domain, now_ms()).await?;
+            let row = domain_or_404(&mut tx, &domain).await?;
+            tx.commit().await?;
+            cp.reload_routing_logged().await;
+            Ok(Json(views::domain(&cp, &row)))
+        }
+        Outcome::NotVerified { dns, http } => {
+            tracing::info!(target: "isocloud::controlplane", domain = row.domain, dns, http, "domain not verified");
+            Ok(Json(views::domain(&cp, &row)))
+        }
+    }
+}
+
+pub(crate) async fn put_certificate(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+    ApiJson(body): ApiJson<CertificateBody>,
+) -> Result<Json<Value>, ApiError> {
+    let row = {
+        let mut conn = cp.store.read().await?;
+        domain_or_404(&mut conn, &domain).await?
+    };
+    let now = now_ms();
+    let checked = certs::check(&body.cert_pem, &body.key_pem, &row.domain, now)
+        .map_err(|e| ApiError::field(e.field, e.message))?;
+    let mut tx = cp.store.write().await?;
+    domain_or_404(&mut tx, &domain).await?;
+    domains::put_certificate(
+        &mut tx,
+        &domain,
+        &body.cert_pem,
+        &body.key_pem,
+        &checked.names,
+        checked.not_after_ms,
+        now,
+    )
+    .await?;
+    let row = domain_or_404(&mut tx, &domain).await?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::domain(&cp, &row)))
+}
+
+pub(crate) async fn delete_certificate(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = cp.store.write().await?;
+    domain_or_404(&mut tx, &domain).await?;
+    if !domains::delete_certificate(&mut tx, &domain).await? {
+        return Err(ApiError::NotFound(format!("domain {domain:?} has no certificate")));
+    }
+    let row = domain_or_404(&mut tx, &domain).await?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::domain(&cp, &row)))
+}
+
+pub(crate) async fn delete(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = cp.store.write().await?;
+    if !domains::delete(&mut tx, &domain).await? {
+        return Err(not_found(&domain));
+    }
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(StatusCode::NO_CONTENT)
+}

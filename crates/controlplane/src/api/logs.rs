@@ -1,0 +1,267 @@
+//! Logs (also followed as an NDJSON stream), usage records and analytics.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sqlx::AnyConnection;
+
+use super::deployments::deployment_not_found;
+use super::projects::project_or_404;
+use super::{ApiPath, ApiQuery, AppState};
+use crate::ControlPlane;
+use crate::error::ApiError;
+use crate::store::activity::{self, Bucket, LogFilter, LogRow, UsageRow};
+use crate::store::deployments;
+use crate::time::{format_ms, now_ms};
+use crate::validate;
+
+/// How often a follow stream asks the database for new entries. Polling
+/// (rather than a channel from `report_activity`) sees what every node of a
+/// shared database stored.
+const FOLLOW_POLL_INTERVAL: Duration = Duration::from_millis(300);
+/// Entries one poll fetches at most (the rest come with the next poll).
+const FOLLOW_BATCH: i64 = 500;
+/// Follow streams one node serves at once.
+pub const MAX_LOG_FOLLOWS: usize = 256;
+const MAX_POINTS: i64 = 10_000;
+
+fn log_view(log: &LogRow) -> Value {
+    json!({
+        "id": log.id,
+        "deployment_id": log.deployment_id,
+        "timestamp": format_ms(log.timestamp_ms),
+        "type": log.kind,
+        "level": log.level,
+        "message": log.message,
+        "request_id": log.request_id,
+    })
+}
+
+fn usage_view(usage: &UsageRow) -> Value {
+    json!({
+        "deployment_id": usage.deployment_id,
+        "interval_start": format_ms(usage.interval_start_ms),
+        "interval_end": format_ms(usage.interval_end_ms),
+        "requests": usage.requests,
+        "errors": usage.errors,
+        "cpu_ms": usage.cpu_ms,
+        "wall_ms": usage.wall_ms,
+        "ingress_bytes": usage.ingress_bytes,
+        "egress_bytes": usage.egress_bytes,
+        "peak_memory_bytes": usage.peak_memory_bytes,
+        "fetch_requests": usage.fetch_requests,
+        "fetch_sent_bytes": usage.fetch_sent_bytes,
+        "fetch_received_bytes": usage.fetch_received_bytes,
+    })
+}
+
+fn point_view(bucket: &Bucket) -> Value {
+    json!({
+        "t": format_ms(bucket.bucket_start_ms),
+        "requests": bucket.requests,
+        "errors": bucket.errors,
+        "cpu_ms": bucket.cpu_ms,
+        "wall_ms": bucket.wall_ms,
+        "peak_memory_bytes": bucket.peak_memory_bytes,
+        "ingress_bytes": bucket.ingress_bytes,
+        "egress_bytes": bucket.egress_bytes,
+    })
+}
+
+/// The `deployment` query parameter: a deployment of this project.
+async fn deployment_filter(
+    conn: &mut AnyConnection,
+    project_id: &str,
+    query: &ApiQuery,
+) -> Result<Option<String>, ApiError> {
+    let Some(id) = query.text("deployment") else { return Ok(None) };
+    let owned =
+        validate::is_deployment_id(id) && deployments::get(conn, id).await?.is_some_and(|d| d.project_id == project_id);
+    if owned { Ok(Some(id.to_owned())) } else { Err(deployment_not_found(id)) }
+}
+
+pub(crate) async fn project_logs(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<Response, ApiError> {
+    query.only(&["deployment", "since", "limit", "follow"])?;
+    let mut conn = cp.store.read().await?;
+    let project = project_or_404(&mut conn, &name).await?;
+    let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
+    drop(conn);
+    let filter =
+        LogFilter { project_id: Some(project.id), deployment_id, since_ms: query.time_ms("since")?, after_id: None };
+    logs_response(cp, filter, &query).await
+}
+
+pub(crate) async fn deployment_logs(
+    State(cp): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<Response, ApiError> {
+    query.only(&["since", "limit", "follow"])?;
+    if !validate::is_deployment_id(&id) {
+        return Err(deployment_not_found(&id));
+    }
+    {
+        let mut conn = cp.store.read().await?;
+        deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+    }
+    let filter =
+        LogFilter { project_id: None, deployment_id: Some(id), since_ms: query.time_ms("since")?, after_id: None };
+    logs_response(cp, filter, &query).await
+}
+
+async fn logs_response(cp: Arc<ControlPlane>, filter: LogFilter, query: &ApiQuery) -> Result<Response, ApiError> {
+    let limit = query.int("limit", 100, 1, 1000)?;
+    let follow = query.flag("follow")?;
+    let initial = {
+        let mut conn = cp.store.read().await?;
+        activity::logs(&mut conn, &filter, limit, true).await?
+    };
+    if !follow {
+        return Ok(Json(initial.iter().map(log_view).collect::<Vec<_>>()).into_response());
+    }
+    let guard = FollowGuard::new(&cp)?;
+    let last_id = initial.last().map_or(0, |log| log.id);
+    let state = Follow { cp, filter, last_id, pending: initial.into(), _guard: guard };
+    let stream = futures_util::stream::unfold(state, |mut follow| async move {
+        let line = follow.next_line().await;
+        Some((Ok::<_, std::convert::Infallible>(line), follow))
+    });
+    Ok(([(CONTENT_TYPE, "application/x-ndjson"), (CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
+        .into_response())
+}
+
+/// Counts open follow streams; the count drops when the client goes away
+/// (hyper drops the body, and this with it).
+struct FollowGuard(Arc<ControlPlane>);
+
+impl FollowGuard {
+    fn new(cp: &Arc<ControlPlane>) -> Result<Self, ApiError> {
+        let before = cp.log_follows.fetch_add(1, Ordering::SeqCst);
+        let guard = FollowGuard(Arc::clone(cp));
+        if before >= MAX_LOG_FOLLOWS {
+            return Err(ApiError::Conflict(format!(
+                "{MAX_LOG_FOLLOWS} log streams are open on this control plane already; try again later"
+            )));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for FollowGuard {
+    fn drop(&mut self) {
+        self.0.log_follows.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Follow {
+    cp: Arc<ControlPlane>,
+    filter: LogFilter,
+    last_id: i64,
+    pending: VecDeque<LogRow>,
+    _guard: FollowGuard,
+}
+
+impl Follow {
+    /// The next NDJSON line; waits (polling) until there is one.
+    async fn next_line(&mut self) -> String {
+        loop {
+            if let Some(log) = self.pending.pop_front() {
+                self.last_id = self.last_id.max(log.id);
+                return format!("{}\n", log_view(&log));
+            }
+            tokio::time::sleep(FOLLOW_POLL_INTERVAL).await;
+            let filter = LogFilter { after_id: Some(self.last_id), ..self.filter.clone() };
+            let fetched = async {
+                let mut conn = self.cp.store.read().await?;
+                activity::logs(&mut conn, &filter, FOLLOW_BATCH, false).await
+            }
+            .await;
+            match fetched {
+                Ok(logs) => self.pending.extend(logs),
+                Err(e) => tracing::warn!(target: "isocloud::controlplane", error = %e, "log follow poll failed"),
+            }
+        }
+    }
+}
+
+pub(crate) async fn usage(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    query.only(&["deployment", "since", "limit"])?;
+    let since_ms = query.time_ms("since")?;
+    let limit = query.int("limit", 1000, 1, 10_000)?;
+    let mut conn = cp.store.read().await?;
+    let project = project_or_404(&mut conn, &name).await?;
+    let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
+    let rows = activity::usage(&mut conn, &project.id, deployment_id.as_deref(), since_ms, limit).await?;
+    Ok(Json(rows.iter().map(usage_view).collect()))
+}
+
+/// Bucket starts from `since` (rounded down to a step) to now, each with
+/// the sums of the usage records that started in it (zero when none).
+pub(crate) fn fill_points(buckets: &[Bucket], first_ms: i64, last_ms: i64, step_ms: i64) -> Vec<Bucket> {
+    let mut by_start = buckets.iter().map(|b| (b.bucket_start_ms, b)).collect::<std::collections::HashMap<_, _>>();
+    let mut points = Vec::new();
+    let mut t = first_ms;
+    while t <= last_ms {
+        points.push(by_start.remove(&t).cloned().unwrap_or(Bucket { bucket_start_ms: t, ..Bucket::default() }));
+        t += step_ms;
+    }
+    points
+}
+
+pub(crate) async fn analytics(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<Json<Value>, ApiError> {
+    query.only(&["deployment", "since", "step_s"])?;
+    let step_s = query.int("step_s", 60, 10, 86_400)?;
+    let step_ms = step_s * 1000;
+    let now = now_ms();
+    let since_ms = query.time_ms("since")?.unwrap_or(now - 3_600_000);
+    let first_ms = since_ms.div_euclid(step_ms) * step_ms;
+    let last_ms = now.div_euclid(step_ms) * step_ms;
+    let points = (last_ms - first_ms) / step_ms + 1;
+    if points > MAX_POINTS {
+        return Err(ApiError::field(
+            "step_s",
+            format!("{points} points from `since` to now at {step_s} s each; at most {MAX_POINTS} (raise step_s)"),
+        ));
+    }
+    let mut conn = cp.store.read().await?;
+    let project = project_or_404(&mut conn, &name).await?;
+    let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
+    let buckets =
+        activity::analytics(&mut conn, &project.id, deployment_id.as_deref(), first_ms, last_ms + step_ms, step_ms)
+            .await?;
+    let points = fill_points(&buckets, first_ms, last_ms, step_ms);
+    Ok(Json(json!({ "step_s": step_s, "points": points.iter().map(point_view).collect::<Vec<_>>() })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_filled_with_zeros() {
+        let data = vec![Bucket { bucket_start_ms: 120_000, requests: 5, ..Bucket::default() }];
+        let points = fill_points(&data, 60_000, 180_000, 60_000);
+        assert_eq!(points.iter().map(|p| p.bucket_start_ms).collect::<Vec<_>>(), vec![60_000, 120_000, 180_000]);
+        assert_eq!(points.iter().map(|p| p.requests).collect::<Vec<_>>(), vec![0, 5, 0]);
+    }
+}

@@ -1,0 +1,175 @@
+//! `/projects`: create, list, rename, delete; promote and roll back.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::AnyConnection;
+
+use super::{ApiJson, ApiPath, AppState, OptionalJson, check, views};
+use crate::error::ApiError;
+use crate::store::deployments::{self, Status};
+use crate::store::projects::{self, ProjectRow};
+use crate::time::now_ms;
+use crate::{ids, validate};
+
+pub(crate) fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("project {:?} not found", validate::truncate(name, 80)))
+}
+
+pub(crate) async fn project_or_404(conn: &mut AnyConnection, name: &str) -> Result<ProjectRow, ApiError> {
+    projects::by_name(conn, name).await?.ok_or_else(|| not_found(name))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NameBody {
+    name: String,
+}
+
+pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<Value>>, ApiError> {
+    let mut conn = cp.store.read().await?;
+    let rows = projects::list(&mut conn).await?;
+    Ok(Json(rows.iter().map(|p| views::project(&cp, p)).collect()))
+}
+
+pub(crate) async fn create(
+    State(cp): State<AppState>,
+    ApiJson(body): ApiJson<NameBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    check("name", validate::project_name(&body.name))?;
+    let id = ids::project_id();
+    let mut tx = cp.store.write().await?;
+    projects::insert(&mut tx, &id, &body.name, now_ms()).await?;
+    let project = projects::by_id(&mut tx, &id).await?.ok_or_else(|| ApiError::internal("project vanished"))?;
+    tx.commit().await?;
+    // A project without production routes nowhere yet: no table rebuild.
+    Ok((StatusCode::CREATED, Json(views::project(&cp, &project))))
+}
+
+pub(crate) async fn get(State(cp): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    let mut conn = cp.store.read().await?;
+    let project = project_or_404(&mut conn, &name).await?;
+    Ok(Json(views::project(&cp, &project)))
+}
+
+pub(crate) async fn rename(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<NameBody>,
+) -> Result<Json<Value>, ApiError> {
+    check("name", validate::project_name(&body.name))?;
+    let mut tx = cp.store.write().await?;
+    let now = now_ms();
+    let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
+    if body.name != project.name {
+        projects::rename(&mut tx, &project.id, &body.name, now).await?;
+    }
+    let project = projects::by_id(&mut tx, &project.id).await?.ok_or_else(|| not_found(&name))?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::project(&cp, &project)))
+}
+
+pub(crate) async fn delete(State(cp): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<StatusCode, ApiError> {
+    let mut tx = cp.store.write().await?;
+    let project = project_or_404(&mut tx, &name).await?;
+    projects::delete(&mut tx, &project.id).await?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    cp.remove_git_mirror(&project.id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeploymentIdBody {
+    deployment_id: String,
+}
+
+fn check_deployment_id(id: &str) -> Result<(), ApiError> {
+    if validate::is_deployment_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::field("deployment_id", format!("{:?} is not a deployment id", validate::truncate(id, 80))))
+    }
+}
+
+pub(crate) async fn promote(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<DeploymentIdBody>,
+) -> Result<Json<Value>, ApiError> {
+    check_deployment_id(&body.deployment_id)?;
+    let mut tx = cp.store.write().await?;
+    let now = now_ms();
+    let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
+    let deployment = deployments::get(&mut tx, &body.deployment_id)
+        .await?
+        .filter(|d| d.project_id == project.id)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("deployment {:?} not found in project {:?}", body.deployment_id, project.name))
+        })?;
+    if deployment.status != Status::Ready {
+        return Err(ApiError::Conflict(format!(
+            "deployment {} is {}; only ready deployments can be promoted",
+            deployment.id,
+            deployment.status.as_str()
+        )));
+    }
+    if !deployment.is_production() {
+        projects::promote(&mut tx, &project.id, &deployment.id, now).await?;
+    }
+    let project = projects::by_id(&mut tx, &project.id).await?.ok_or_else(|| not_found(&name))?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::project(&cp, &project)))
+}
+
+pub(crate) async fn rollback(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    OptionalJson(body): OptionalJson<DeploymentIdBody>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(body) = &body {
+        check_deployment_id(&body.deployment_id)?;
+    }
+    let mut tx = cp.store.write().await?;
+    let now = now_ms();
+    let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
+    let history = projects::history(&mut tx, &project.id).await?;
+    let current = project.production_deployment_id.as_deref();
+    let target = match &body {
+        None => history.iter().find(|p| Some(p.deployment_id.as_str()) != current).ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "project {:?} has no earlier production deployment to roll back to",
+                project.name
+            ))
+        })?,
+        Some(body) => {
+            let owned =
+                deployments::get(&mut tx, &body.deployment_id).await?.is_some_and(|d| d.project_id == project.id);
+            if !owned {
+                return Err(ApiError::NotFound(format!(
+                    "deployment {:?} not found in project {:?}",
+                    body.deployment_id, project.name
+                )));
+            }
+            history.iter().find(|p| p.deployment_id == body.deployment_id).ok_or_else(|| {
+                ApiError::field(
+                    "deployment_id",
+                    format!("deployment {} was never production of project {:?}", body.deployment_id, project.name),
+                )
+            })?
+        }
+    };
+    if Some(target.deployment_id.as_str()) != current || history.first().map(|p| p.seq) != Some(target.seq) {
+        projects::rollback_to(&mut tx, &project.id, target, now).await?;
+    }
+    let project = projects::by_id(&mut tx, &project.id).await?.ok_or_else(|| not_found(&name))?;
+    tx.commit().await?;
+    cp.reload_routing_logged().await;
+    Ok(Json(views::project(&cp, &project)))
+}

@@ -1,0 +1,204 @@
+//! Content-addressed blob storage: file contents, ESZIP archives and code
+//! files are stored once by SHA-256 and shared by every deployment. The
+//! database never holds blob bytes; a deployment row names hashes.
+//!
+//! [`BlobStore`] is the seam for other back ends (an S3-compatible store
+//! can follow); [`DiskBlobStore`] keeps `<root>/ab/cdef…` files, written to a
+//! temp file, verified, fsynced and renamed into place, so a reader never
+//! sees a partial blob. A blob that no deployment references is harmless.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob is larger than {limit_bytes} bytes")]
+    TooLarge { limit_bytes: u64 },
+    #[error("blob's SHA-256 is {actual}, expected {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("not a blob hash: {0}")]
+    BadHash(String),
+    #[error("reading the upload failed: {0}")]
+    Body(String),
+    #[error("blob store i/o at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// What [`BlobStore::put_stream`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub size_bytes: u64,
+    /// `false` when the blob was already there.
+    pub created: bool,
+}
+
+/// A byte stream to store (an HTTP body, a file from a git tree).
+pub type ByteStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores the bytes of `body` as `hash`, refusing them when they are more
+    /// than `limit_bytes` or do not hash to `hash`. Nothing is stored then.
+    async fn put_stream(&self, hash: &str, body: ByteStream, limit_bytes: u64) -> Result<PutOutcome, BlobError>;
+
+    /// The blob's bytes, `None` when it is not stored.
+    async fn get(&self, hash: &str) -> Result<Option<Bytes>, BlobError>;
+
+    /// The blob's size, `None` when it is not stored.
+    async fn size(&self, hash: &str) -> Result<Option<u64>, BlobError>;
+
+    /// Stores bytes already in memory under their own hash, which it returns.
+    async fn put(&self, data: Bytes) -> Result<String, BlobError> {
+        let hash = hex::encode(Sha256::digest(&data));
+        let size = data.len() as u64;
+        let stream: ByteStream = futures_util::stream::once(async move { Ok(data) }).boxed();
+        self.put_stream(&hash, stream, size).await?;
+        Ok(hash)
+    }
+
+    async fn has(&self, hash: &str) -> Result<bool, BlobError> {
+        Ok(self.size(hash).await?.is_some())
+    }
+}
+
+/// Blobs as files under one directory.
+pub struct DiskBlobStore {
+    root: PathBuf,
+}
+
+impl DiskBlobStore {
+    /// Opens (creating) the store at `root`, removing temp files a crash left.
+    pub fn open(root: PathBuf) -> Result<Self, BlobError> {
+        let tmp = root.join("tmp");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BlobError::Io { path, source }
+        };
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let entry = entry.map_err(io(&tmp))?;
+            // A leftover is garbage from an interrupted upload; losing the
+            // race with a concurrent cleanup is fine.
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(Self { root })
+    }
+
+    fn path_of(&self, hash: &str) -> Result<PathBuf, BlobError> {
+        validate::sha256(hash).map_err(BlobError::BadHash)?;
+        Ok(self.root.join(&hash[..2]).join(&hash[2..]))
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
+        move |source| BlobError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// Removes a temp file unless it was renamed into place.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for DiskBlobStore {
+    async fn put_stream(&self, hash: &str, mut body: ByteStream, limit_bytes: u64) -> Result<PutOutcome, BlobError> {
+        let final_path = self.path_of(hash)?;
+        let tmp_path = self.root.join("tmp").join(crate::ids::base36(24));
+        let mut guard = TempFile(Some(tmp_path.clone()));
+        let mut file = tokio::fs::File::create(&tmp_path).await.map_err(Self::io(&tmp_path))?;
+        let mut hasher = Sha256::new();
+        let mut size_bytes = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Body(e.to_string()))?;
+            size_bytes += chunk.len() as u64;
+            if size_bytes > limit_bytes {
+                return Err(BlobError::TooLarge { limit_bytes });
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(Self::io(&tmp_path))?;
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != hash {
+            return Err(BlobError::HashMismatch { expected: hash.to_owned(), actual });
+        }
+        if tokio::fs::try_exists(&final_path).await.map_err(Self::io(&final_path))? {
+            return Ok(PutOutcome { size_bytes, created: false });
+        }
+        file.sync_all().await.map_err(Self::io(&tmp_path))?;
+        drop(file);
+        let shard = final_path.parent().unwrap_or(&self.root);
+        tokio::fs::create_dir_all(shard).await.map_err(Self::io(shard))?;
+        tokio::fs::rename(&tmp_path, &final_path).await.map_err(Self::io(&final_path))?;
+        guard.0 = None;
+        Ok(PutOutcome { size_bytes, created: true })
+    }
+
+    async fn get(&self, hash: &str) -> Result<Option<Bytes>, BlobError> {
+        let path = self.path_of(hash)?;
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BlobError::Io { path, source: e }),
+        }
+    }
+
+    async fn size(&self, hash: &str) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(hash)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BlobError::Io { path, source: e }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(parts: Vec<&'static [u8]>) -> ByteStream {
+        futures_util::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from_static(p)))).boxed()
+    }
+
+    #[tokio::test]
+    async fn stores_verifies_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskBlobStore::open(dir.path().join("blobs")).unwrap();
+        let hash = crate::ids::sha256_hex(b"hello world");
+
+        let out = store.put_stream(&hash, stream(vec![b"hello ", b"world"]), 100).await.unwrap();
+        assert_eq!(out, PutOutcome { size_bytes: 11, created: true });
+        assert!(dir.path().join("blobs").join(&hash[..2]).join(&hash[2..]).is_file());
+        let again = store.put_stream(&hash, stream(vec![b"hello world"]), 100).await.unwrap();
+        assert!(!again.created);
+        assert_eq!(store.get(&hash).await.unwrap().unwrap(), Bytes::from_static(b"hello world"));
+        assert_eq!(store.size(&hash).await.unwrap(), Some(11));
+
+        let other = crate::ids::sha256_hex(b"other");
+        let err = store.put_stream(&other, stream(vec![b"not other"]), 100).await.unwrap_err();
+        assert!(matches!(err, BlobError::HashMismatch { .. }), "{err}");
+        let err = store.put_stream(&other, stream(vec![b"other"]), 4).await.unwrap_err();
+        assert!(matches!(err, BlobError::TooLarge { limit_bytes: 4 }), "{err}");
+        assert!(!store.has(&other).await.unwrap());
+        // Refused uploads leave no temp files behind.
+        assert_eq!(std::fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+
+        assert!(matches!(store.get("../../etc/passwd").await, Err(BlobError::BadHash(_))));
+        assert_eq!(store.put(Bytes::from_static(b"other")).await.unwrap(), other);
+    }
+}

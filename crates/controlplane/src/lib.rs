@@ -1,0 +1,315 @@
+//! The built-in control plane of isocloud: the store of projects, immutable
+//! deployments (files as content-addressed blobs), env vars, custom domains
+//! with their verification and certificates, logs and usage; the HTTP API
+//! of `docs/control-plane-api.md` under `/api/v1` with the dashboard at `/`;
+//! and the same store seen as an in-process [`isocloud_origin::Origin`], plus
+//! the host → deployment and SNI → certificate tables the runner's edge
+//! consults on every request (in memory, no database call on that path).
+//! State lives in SQLite (in the data dir) or PostgreSQL (several control
+//! plane nodes may share one), blobs in a [`BlobStore`].
+//!
+//! It must not start isolates or proxy public traffic: the runner (`pool`,
+//! `ingress`) does that and asks this crate only "which deployment is this
+//! host?", "which certificate for this name?" and the origin RPCs. Every API
+//! input is untrusted: each field is checked and refused with an error that
+//! names it, and every mutation is one transaction.
+
+mod api;
+pub mod blobs;
+mod certs;
+mod dashboard;
+mod error;
+mod git;
+mod ids;
+mod origin;
+mod routing;
+mod store;
+mod time;
+mod validate;
+mod verify;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub use blobs::{BlobError, BlobStore, DiskBlobStore};
+pub use error::{ApiError, ControlPlaneError};
+pub use routing::ResolvedHost;
+pub use store::StoreError;
+
+use certs::CertTable;
+use routing::{ProjectRoute, RoutingTable};
+use store::Store;
+
+/// How the control plane is set up. Units are in the names.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Created on first start: `isocloud.db` (SQLite), `blobs/`, `git/`,
+    /// `admin-token`.
+    pub data_dir: PathBuf,
+    /// `postgres://…`; `None` keeps SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// Projects are `<name>.<base_domain>`.
+    pub base_domain: String,
+    /// The public HTTP port, for URLs shown to users (`:80` is left out).
+    pub public_http_port: u16,
+    /// The public HTTPS port, if any. Not shown in URLs yet: the API shows
+    /// only base-domain URLs, which stay `http` (certificates are uploaded
+    /// for custom domains).
+    pub public_https_port: Option<u16>,
+    pub log_retention: Duration,
+    pub usage_retention: Duration,
+    pub max_blob_bytes: u64,
+    /// The port of the HTTP-token domain verification (80 in production).
+    pub domain_verify_http_port: u16,
+    /// The nameserver for domain verification (TXT, and the domain's address
+    /// for the HTTP check); `None` uses the system's.
+    pub dns_resolver: Option<SocketAddr>,
+}
+
+impl ControlPlaneOptions {
+    /// The documented defaults, with SQLite in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            database_url: None,
+            base_domain: "localhost".into(),
+            public_http_port: 8080,
+            public_https_port: None,
+            log_retention: Duration::from_secs(72 * 3600),
+            usage_retention: Duration::from_secs(30 * 24 * 3600),
+            max_blob_bytes: 64 * 1024 * 1024,
+            domain_verify_http_port: 80,
+            dns_resolver: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ControlPlaneError> {
+        let base = &self.base_domain;
+        let base_ok = !base.is_empty()
+            && base.len() <= 200
+            && base.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            });
+        if !base_ok {
+            return Err(ControlPlaneError::Options(format!("base domain {base:?} is not a lowercase DNS name")));
+        }
+        if self.max_blob_bytes == 0 {
+            return Err(ControlPlaneError::Options("the blob bound must be above 0 bytes".into()));
+        }
+        Ok(())
+    }
+}
+
+/// How often `run_background` checks whether another node changed routing.
+const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// How often old logs, usage and batch ids are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+pub struct ControlPlane {
+    options: ControlPlaneOptions,
+    store: Store,
+    blobs: Arc<dyn BlobStore>,
+    routing: RwLock<Arc<RoutingTable>>,
+    certs: RwLock<Arc<CertTable>>,
+    /// Serialises table reloads; holds the routing generation last loaded.
+    reload: tokio::sync::Mutex<i64>,
+    created_admin_token: Option<PathBuf>,
+    verifier: verify::Verifier,
+    /// Woken when a webhook queued a git build.
+    builds: tokio::sync::Notify,
+    /// One git mirror is updated by one build at a time.
+    git_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    log_follows: AtomicUsize,
+}
+
+impl ControlPlane {
+    /// Opens (creating) the data dir and the database, brings the schema up
+    /// to date, creates the admin token on a fresh store and loads the
+    /// routing and certificate tables.
+    pub async fn open(options: ControlPlaneOptions) -> Result<Arc<ControlPlane>, ControlPlaneError> {
+        options.validate()?;
+        let data_dir_error = |source| ControlPlaneError::DataDir { path: options.data_dir.clone(), source };
+        // It holds env var values and private keys: private when we make it.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&options.data_dir).map_err(data_dir_error)?;
+        let data_dir = std::fs::canonicalize(&options.data_dir).map_err(data_dir_error)?;
+        let options = ControlPlaneOptions { data_dir, ..options };
+
+        let blobs: Arc<dyn BlobStore> = Arc::new(DiskBlobStore::open(options.data_dir.join("blobs"))?);
+        let store = Store::open(options.database_url.as_deref(), &options.data_dir.join("isocloud.db")).await?;
+        let created_admin_token = create_admin_token(&store, &options.data_dir).await?;
+        let verifier = verify::Verifier::new(options.dns_resolver, options.domain_verify_http_port);
+        let cp = Arc::new(ControlPlane {
+            options,
+            store,
+            blobs,
+            routing: RwLock::new(Arc::new(RoutingTable::default())),
+            certs: RwLock::new(Arc::new(CertTable::default())),
+            reload: tokio::sync::Mutex::new(i64::MIN),
+            created_admin_token,
+            verifier,
+            builds: tokio::sync::Notify::new(),
+            git_locks: std::sync::Mutex::new(HashMap::new()),
+            log_follows: AtomicUsize::new(0),
+        });
+        cp.reload_routing(true).await?;
+        Ok(cp)
+    }
+
+    /// The admin token file, when this start created it.
+    pub fn created_admin_token(&self) -> Option<&Path> {
+        self.created_admin_token.as_deref()
+    }
+
+    /// `/api/v1/*` and the dashboard.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        api::router(Arc::clone(self)).merge(dashboard::router())
+    }
+
+    /// The store as the runner's origin.
+    pub fn origin(self: &Arc<Self>) -> Arc<dyn isocloud_origin::Origin> {
+        Arc::new(origin::ControlPlaneOrigin { control_plane: Arc::clone(self) })
+    }
+
+    /// The deployment serving `hostname` (lowercase, no port). In memory.
+    pub fn resolve_host(&self, hostname: &str) -> Option<ResolvedHost> {
+        let table = Arc::clone(&self.routing.read().unwrap_or_else(|p| p.into_inner()));
+        let deployment_id = table.resolve(hostname)?.to_owned();
+        Some(ResolvedHost { deployment_id, has_certificate: self.certificate_for(hostname).is_some() })
+    }
+
+    /// The certificate for an SNI server name: exact, then a one-label
+    /// wildcard. In memory.
+    pub fn certificate_for(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let table = Arc::clone(&self.certs.read().unwrap_or_else(|p| p.into_inner()));
+        table.lookup(server_name)
+    }
+
+    /// Log follow streams open now (they end when their client goes away).
+    pub fn active_log_follows(&self) -> usize {
+        self.log_follows.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs forever: git builds, reloading the routing and certificate
+    /// tables when another node changed them, and pruning old logs, usage
+    /// and batch ids. Dropping the future stops it (builds already running
+    /// finish on their own).
+    pub async fn run_background(self: Arc<Self>) {
+        let builds = Arc::clone(&self).build_loop();
+        let reload = async {
+            loop {
+                tokio::time::sleep(ROUTING_RELOAD_INTERVAL).await;
+                if let Err(e) = self.reload_routing(false).await {
+                    tracing::warn!(target: "isocloud::controlplane", error = %e, "reloading routing failed");
+                }
+            }
+        };
+        let prune = async {
+            loop {
+                if let Err(e) = self.prune().await {
+                    tracing::warn!(target: "isocloud::controlplane", error = %e, "pruning failed");
+                }
+                tokio::time::sleep(PRUNE_INTERVAL).await;
+            }
+        };
+        tokio::join!(builds, reload, prune);
+    }
+
+    /// Deletes what is past its retention now.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        let now = time::now_ms();
+        let logs_before = now - time::duration_ms(self.options.log_retention);
+        let usage_before = now - time::duration_ms(self.options.usage_retention);
+        // A batch id must be remembered as long as its events are kept.
+        let batches_before = logs_before.min(usage_before);
+        let deleted = store::activity::prune(&self.store, logs_before, usage_before, batches_before).await?;
+        if deleted > 0 {
+            tracing::info!(target: "isocloud::controlplane", rows = deleted, "pruned old logs and usage");
+        }
+        Ok(deleted)
+    }
+
+    /// Rebuilds the routing and certificate tables from the database; with
+    /// `force` false only when the routing generation moved.
+    pub(crate) async fn reload_routing(&self, force: bool) -> Result<(), StoreError> {
+        let mut loaded = self.reload.lock().await;
+        let mut conn = self.store.read().await?;
+        // The generation is read before the rows: a change committed in
+        // between is loaded now and again next time, never missed.
+        let generation = store::routing_generation(&mut conn).await?;
+        if !force && generation == *loaded {
+            return Ok(());
+        }
+        let projects = store::projects::routing_rows(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(id, name, production_deployment_id)| ProjectRoute { id, name, production_deployment_id })
+            .collect();
+        let deployments = store::deployments::routing_rows(&mut conn).await?;
+        let domains = store::domains::routing_rows(&mut conn).await?;
+        let cert_rows = store::domains::certificate_rows(&mut conn).await?;
+        drop(conn);
+        let routing = RoutingTable::build(&self.options.base_domain, projects, deployments, domains);
+        let certs = CertTable::build(&cert_rows, &self.options.base_domain);
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+        *self.certs.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(certs);
+        *loaded = generation;
+        Ok(())
+    }
+
+    /// After a mutation: the change is committed, so a failure here is only
+    /// logged (the periodic reload catches up).
+    pub(crate) async fn reload_routing_logged(&self) {
+        if let Err(e) = self.reload_routing(true).await {
+            tracing::warn!(target: "isocloud::controlplane", error = %e, "reloading routing after a change failed");
+        }
+    }
+}
+
+/// On a store without tokens: writes a new admin token to
+/// `<data dir>/admin-token` (mode 0600), then stores its hash. Two nodes
+/// racing on a fresh database: one insert wins, the loser removes its file.
+async fn create_admin_token(store: &Store, data_dir: &Path) -> Result<Option<PathBuf>, ControlPlaneError> {
+    let mut conn = store.read().await?;
+    if store::tokens::count(&mut conn).await? > 0 {
+        return Ok(None);
+    }
+    drop(conn);
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let token = ids::secret_token();
+    write_secret_file(&path, &token).map_err(|source| ControlPlaneError::AdminToken { path: path.clone(), source })?;
+    let mut tx = store.write().await?;
+    let inserted = store::tokens::insert_if_absent(
+        &mut tx,
+        store::tokens::ADMIN_TOKEN_NAME,
+        &ids::sha256_hex(token.as_bytes()),
+        time::now_ms(),
+    )
+    .await?;
+    tx.commit().await?;
+    if inserted {
+        Ok(Some(path))
+    } else {
+        let _ = std::fs::remove_file(&path);
+        Ok(None)
+    }
+}
+
+/// Writes `content` to `path` with mode 0600: a temp file, fsynced, renamed.
+fn write_secret_file(path: &Path, content: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    file.write_all(format!("{content}\n").as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}

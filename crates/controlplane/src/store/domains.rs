@@ -1,0 +1,184 @@
+//! Custom domains, their verification state and their certificates.
+
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+
+use super::{Result, StoreError, bump_routing_generation, col, conflict_on_unique};
+
+#[derive(Debug, Clone)]
+pub struct DomainRow {
+    pub domain: String,
+    pub project_name: Option<String>,
+    pub created_at_ms: i64,
+    pub token: String,
+    pub verified_at_ms: Option<i64>,
+    pub certificate: Option<CertSummary>,
+}
+
+/// What may be shown of a certificate (never its PEMs).
+#[derive(Debug, Clone)]
+pub struct CertSummary {
+    pub not_after_ms: i64,
+    pub names: Vec<String>,
+}
+
+/// A stored certificate, PEMs included (for the SNI table only).
+#[derive(Debug, Clone)]
+pub struct CertRow {
+    pub domain: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub names: Vec<String>,
+}
+
+const COLUMNS: &str = "d.domain, d.project_id, p.name AS project_name, d.created_at_ms, d.token, d.verified_at_ms, \
+     c.not_after_ms, c.names_json";
+const FROM: &str =
+    "FROM domains d LEFT JOIN projects p ON p.id = d.project_id LEFT JOIN certificates c ON c.domain = d.domain";
+
+fn names_from_json(json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("names_json: {e}")))
+}
+
+fn from_row(row: &AnyRow) -> Result<DomainRow> {
+    let not_after_ms: Option<i64> = col(row, "not_after_ms")?;
+    let certificate = match not_after_ms {
+        Some(not_after_ms) => {
+            let names_json: Option<String> = col(row, "names_json")?;
+            Some(CertSummary { not_after_ms, names: names_from_json(names_json.as_deref().unwrap_or("[]"))? })
+        }
+        None => None,
+    };
+    Ok(DomainRow {
+        domain: col(row, "domain")?,
+        project_name: col(row, "project_name")?,
+        created_at_ms: col(row, "created_at_ms")?,
+        token: col(row, "token")?,
+        verified_at_ms: col(row, "verified_at_ms")?,
+        certificate,
+    })
+}
+
+pub async fn list(conn: &mut AnyConnection) -> Result<Vec<DomainRow>> {
+    let rows = sqlx::query(&format!("SELECT {COLUMNS} {FROM} ORDER BY d.domain")).fetch_all(conn).await?;
+    rows.iter().map(from_row).collect()
+}
+
+pub async fn get(conn: &mut AnyConnection, domain: &str) -> Result<Option<DomainRow>> {
+    let row =
+        sqlx::query(&format!("SELECT {COLUMNS} {FROM} WHERE d.domain = $1")).bind(domain).fetch_optional(conn).await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+pub async fn insert(
+    conn: &mut AnyConnection,
+    domain: &str,
+    project_id: Option<&str>,
+    token: &str,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query("INSERT INTO domains (domain, project_id, created_at_ms, token) VALUES ($1, $2, $3, $4)")
+        .bind(domain)
+        .bind(project_id)
+        .bind(now_ms)
+        .bind(token)
+        .execute(conn)
+        .await
+        .map_err(conflict_on_unique(|| format!("the domain {domain:?} is already added")))?;
+    Ok(())
+}
+
+pub async fn set_project(conn: &mut AnyConnection, domain: &str, project_id: Option<&str>) -> Result<()> {
+    sqlx::query("UPDATE domains SET project_id = $2 WHERE domain = $1")
+        .bind(domain)
+        .bind(project_id)
+        .execute(&mut *conn)
+        .await?;
+    bump_routing_generation(conn).await
+}
+
+/// Marks the domain verified (unless it already is); returns whether it
+/// changed.
+pub async fn set_verified(conn: &mut AnyConnection, domain: &str, now_ms: i64) -> Result<bool> {
+    let result = sqlx::query("UPDATE domains SET verified_at_ms = $2 WHERE domain = $1 AND verified_at_ms IS NULL")
+        .bind(domain)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+    if result.rows_affected() > 0 {
+        bump_routing_generation(conn).await?;
+    }
+    Ok(result.rows_affected() > 0)
+}
+
+pub async fn delete(conn: &mut AnyConnection, domain: &str) -> Result<bool> {
+    // Explicitly, not only by cascade: the certificate must go in this
+    // transaction on every back end.
+    sqlx::query("DELETE FROM certificates WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
+    let result = sqlx::query("DELETE FROM domains WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
+    bump_routing_generation(conn).await?;
+    Ok(result.rows_affected() > 0)
+}
+
+pub async fn put_certificate(
+    conn: &mut AnyConnection,
+    domain: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    names: &[String],
+    not_after_ms: i64,
+    now_ms: i64,
+) -> Result<()> {
+    let names_json = serde_json::to_string(names).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO certificates (domain, cert_pem, key_pem, names_json, not_after_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (domain) DO UPDATE SET cert_pem = excluded.cert_pem, \
+         key_pem = excluded.key_pem, names_json = excluded.names_json, not_after_ms = excluded.not_after_ms, \
+         updated_at_ms = excluded.updated_at_ms",
+    )
+    .bind(domain)
+    .bind(cert_pem)
+    .bind(key_pem)
+    .bind(names_json)
+    .bind(not_after_ms)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    bump_routing_generation(conn).await
+}
+
+pub async fn delete_certificate(conn: &mut AnyConnection, domain: &str) -> Result<bool> {
+    let result = sqlx::query("DELETE FROM certificates WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
+    bump_routing_generation(conn).await?;
+    Ok(result.rows_affected() > 0)
+}
+
+/// Verified domains attached to a project: `(domain, project id)`.
+pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, String)>> {
+    let rows = sqlx::query(
+        "SELECT domain, project_id FROM domains WHERE verified_at_ms IS NOT NULL AND project_id IS NOT NULL",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|row| Ok((col(row, "domain")?, col(row, "project_id")?))).collect()
+}
+
+/// Certificates of verified domains, for the SNI table.
+pub async fn certificate_rows(conn: &mut AnyConnection) -> Result<Vec<CertRow>> {
+    let rows = sqlx::query(
+        "SELECT c.domain, c.cert_pem, c.key_pem, c.names_json FROM certificates c \
+         JOIN domains d ON d.domain = c.domain WHERE d.verified_at_ms IS NOT NULL ORDER BY c.domain",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CertRow {
+                domain: col(row, "domain")?,
+                cert_pem: col(row, "cert_pem")?,
+                key_pem: col(row, "key_pem")?,
+                names: names_from_json(&col::<String>(row, "names_json")?)?,
+            })
+        })
+        .collect()
+}

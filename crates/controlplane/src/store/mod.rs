@@ -1,0 +1,242 @@
+//! The database: one schema and one set of queries for SQLite and
+//! PostgreSQL through sqlx's `Any` driver (`$n` placeholders, TEXT and
+//! BIGINT only, epoch-millisecond times, ids made here).
+//!
+//! Writes go through [`Store::write`], one transaction per API mutation. On
+//! SQLite a write transaction starts with `BEGIN IMMEDIATE` and writers of
+//! this process queue on an async mutex first, so two writers never meet in
+//! SQLite's lock (where a deferred transaction upgrading to a writer fails
+//! instead of waiting). PostgreSQL runs at READ COMMITTED; races that matter
+//! are settled by unique keys (mapped to [`StoreError::Conflict`]) and row
+//! locks taken by the first `UPDATE` of a transaction.
+
+pub mod activity;
+pub mod deployments;
+pub mod domains;
+pub mod env;
+pub mod projects;
+pub mod tokens;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A unique key was already taken (two requests raced, or a name is used).
+    #[error("{0}")]
+    Conflict(String),
+    /// A row holds something this code never writes.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// SQLite only: this process's writers queue here.
+    write_lock: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction. Dropped without [`WriteTx::commit`], it rolls back.
+pub struct WriteTx {
+    // Declared before the guard so the transaction is given back first.
+    tx: Transaction<'static, Any>,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Connects to `database_url` (`postgres://…`), or to the SQLite file at
+    /// `sqlite_path` when it is `None`, and brings the schema up to date.
+    pub async fn open(database_url: Option<&str>, sqlite_path: &Path) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = match database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                (url.to_owned(), Backend::Postgres)
+            }
+            Some(url) => {
+                return Err(StoreError::Database(sqlx::Error::Configuration(
+                    format!("unsupported database URL scheme in {:?} (expected postgres://)", redact(url)).into(),
+                )));
+            }
+            None => (sqlite_url(sqlite_path)?, Backend::Sqlite),
+        };
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // sqlx sets foreign_keys=ON and a 5 s busy timeout
+                        // already; say so here so it never silently changes.
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        if backend == Backend::Sqlite {
+            // Persistent in the file; readers then never block the writer.
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL").fetch_one(&pool).await?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(target: "isocloud::controlplane", mode, "SQLite refused WAL mode");
+            }
+        }
+        MIGRATOR.run(&pool).await?;
+        let write_lock = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Ok(Self { pool, backend, write_lock })
+    }
+
+    /// Starts a write transaction.
+    pub async fn write(&self) -> Result<WriteTx> {
+        let guard = match &self.write_lock {
+            Some(lock) => Some(Arc::clone(lock).lock_owned().await),
+            None => None,
+        };
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// A connection for reads.
+    pub async fn read(&self) -> Result<sqlx::pool::PoolConnection<Any>> {
+        Ok(self.pool.acquire().await?)
+    }
+}
+
+/// `sqlite://<percent-encoded absolute path>?mode=rwc`.
+fn sqlite_url(path: &Path) -> Result<String> {
+    let url = url::Url::from_file_path(path).map_err(|()| {
+        StoreError::Database(sqlx::Error::Configuration(
+            format!("the SQLite path {} must be absolute", path.display()).into(),
+        ))
+    })?;
+    Ok(format!("sqlite://{}?mode=rwc", url.path()))
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Was this a unique-key violation (someone else took the name first)?
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Maps a unique-key violation to a [`StoreError::Conflict`] saying `what`.
+pub fn conflict_on_unique(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| if is_unique_violation(&e) { StoreError::Conflict(what()) } else { StoreError::Database(e) }
+}
+
+/// Marks a change to routing or certificates so every node reloads.
+pub async fn bump_routing_generation(conn: &mut AnyConnection) -> Result<()> {
+    sqlx::query("UPDATE meta SET routing_generation = routing_generation + 1 WHERE id = 1").execute(conn).await?;
+    Ok(())
+}
+
+pub async fn routing_generation(conn: &mut AnyConnection) -> Result<i64> {
+    let row = sqlx::query("SELECT routing_generation FROM meta WHERE id = 1").fetch_one(conn).await?;
+    Ok(row.try_get::<i64, _>(0)?)
+}
+
+/// A value bound into a dynamically built statement.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// SQL put together from optional filters, with `$n` placeholders (the only
+/// style both SQLite and PostgreSQL read).
+#[derive(Debug, Default)]
+pub struct Sql {
+    pub text: String,
+    pub args: Vec<Arg>,
+}
+
+impl Sql {
+    pub fn new(text: &str) -> Self {
+        Self { text: text.to_owned(), args: Vec::new() }
+    }
+
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Appends a placeholder bound to `arg`.
+    pub fn bind(&mut self, arg: Arg) -> &mut Self {
+        self.args.push(arg);
+        self.text.push_str(&format!("${}", self.args.len()));
+        self
+    }
+
+    pub fn query(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
+        let mut query = sqlx::query(&self.text);
+        for arg in &self.args {
+            query = match arg {
+                Arg::Text(s) => query.bind(s.as_str()),
+                Arg::Int(i) => query.bind(*i),
+            };
+        }
+        query
+    }
+}
+
+/// Reads a column, naming it when the row does not fit.
+pub fn col<'r, T>(row: &'r sqlx::any::AnyRow, name: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+{
+    row.try_get::<T, _>(name).map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}

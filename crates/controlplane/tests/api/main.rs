@@ -1,0 +1,15 @@
+//! The control plane's API, driven over real HTTP against a real store.
+//! Every test runs twice: on SQLite (`…::sqlite::…`) and on PostgreSQL
+//! (`…::postgres::…`, a throwaway cluster per test binary).
+
+mod support;
+
+mod activity;
+mod deployments;
+mod domains;
+mod env;
+mod errors;
+mod git;
+mod origin;
+mod projects;
+mod restart;
