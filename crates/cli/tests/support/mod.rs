@@ -704,6 +704,8 @@ impl Runner {
 pub struct ControlPlaneServe {
     pub runner: Runner,
     pub control: SocketAddr,
+    /// The public HTTPS listener, when started with `--tls-listen`.
+    pub tls: Option<SocketAddr>,
     pub data_dir: tempfile::TempDir,
     pub base_domain: String,
 }
@@ -712,16 +714,25 @@ impl ControlPlaneServe {
     /// Starts `isocloud serve --data DIR --control-listen 127.0.0.1:0
     /// --base-domain localhost <extra…>` on a fresh data dir.
     pub fn start(extra: &[&str]) -> ControlPlaneServe {
-        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// [`ControlPlaneServe::start`] on a given data dir (a restart keeps it).
+    /// With `--tls-listen` in `extra`, also waits for the TLS listener.
+    pub fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> ControlPlaneServe {
         let data = data_dir.path().to_str().unwrap().to_owned();
         let base_domain = "localhost".to_owned();
         let mut args =
             vec!["serve", "--data", &data, "--control-listen", "127.0.0.1:0", "--base-domain", base_domain.as_str()];
         args.extend_from_slice(extra);
-        let (runner, lines) =
-            Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &["isocloud: control plane on http://"]);
+        let mut prefixes = vec!["isocloud: control plane on http://"];
+        if extra.contains(&"--tls-listen") {
+            prefixes.push("isocloud: tls on https://");
+        }
+        let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
         let control = lines[0].trim().parse().expect("the control plane's address");
-        let serve = ControlPlaneServe { runner, control, data_dir, base_domain };
+        let tls = lines.get(1).map(|line| line.trim().parse().expect("the TLS listener's address"));
+        let serve = ControlPlaneServe { runner, control, tls, data_dir, base_domain };
         let token_file = serve.admin_token_file();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !token_file.is_file() {

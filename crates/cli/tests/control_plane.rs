@@ -1,0 +1,235 @@
+//! The built-in control plane end to end: the CLI against the real
+//! `isocloud serve`, through the runner to real isolates. Deploy, hit the
+//! deployment URL, promote, hit the production URL, roll back, change an env
+//! var and see it in a new deployment (and not in the old one), see logs and
+//! usage arrive, restart and lose nothing; a custom domain verified by a DNS
+//! TXT record, with a certificate, reached over HTTPS by SNI (HTTP/2 by ALPN)
+//! and redirected from HTTP.
+
+mod support;
+
+// The control plane's own test responder; this test sets TXT records only.
+#[path = "../../controlplane/tests/api/support/dns.rs"]
+#[allow(dead_code)]
+mod dns;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::ControlPlaneServe;
+
+/// Runs the `isocloud` client against `serve` with its own config dir;
+/// returns stdout, panicking with both streams on failure.
+fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+        .args(args)
+        .env("ISOCLOUD_CONFIG_DIR", config)
+        .env("ISOCLOUD_URL", serve.control_url())
+        .env("ISOCLOUD_TOKEN", serve.admin_token())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the isocloud client");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "isocloud {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The app of version `v`: answers its version, the GREETING env var and the
+/// URL it was asked for; logs each request.
+fn write_app(dir: &Path, version: &str) {
+    std::fs::create_dir_all(dir.join("static")).unwrap();
+    std::fs::write(
+        dir.join("main.ts"),
+        format!(
+            "Deno.serve((req) => {{\n  console.log(`{version} served ${{new URL(req.url).pathname}}`);\n  \
+             return new Response(`{version} ${{Deno.env.get(\"GREETING\") ?? \"none\"}} ${{req.url}}`);\n}});\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("static/about.txt"), format!("about {version}")).unwrap();
+}
+
+/// The deployment URL is the last line `deploy` prints.
+fn deployment_host(deploy_output: &str) -> String {
+    let url = deploy_output.lines().last().expect("deploy printed a URL").trim();
+    url.strip_prefix("http://").unwrap().split(':').next().unwrap().to_owned()
+}
+
+/// GET through the runner's public listener with `Host: <host>:<port>`, as
+/// a browser sends it.
+async fn get(serve: &ControlPlaneServe, host: &str, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("{}{path}", serve.public_url()))
+        .header("host", format!("{host}:{}", serve.runner.addr.port()))
+        .send()
+        .await
+        .expect("request to the runner");
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+async fn api(serve: &ControlPlaneServe, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}/api/v1{path}", serve.control_url()))
+        .bearer_auth(serve.admin_token());
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn deploy_promote_roll_back_and_restart_through_the_runner() {
+    let serve = ControlPlaneServe::start(&["--usage-interval-s", "1", "--cpu-limit-ms", "5000"]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    let port = serve.runner.addr.port();
+
+    cli(&serve, &config, &["projects", "create", "shop"]);
+    cli(&serve, &config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
+    let app = work.path().join("app");
+    write_app(&app, "v1");
+    let v1 = deployment_host(&cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]));
+    assert!(v1.starts_with("shop-") && v1.ends_with(".localhost"), "{v1}");
+
+    let (status, body) = get(&serve, "shop.localhost", "/first").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, format!("v1 hello http://shop.localhost:{port}/first"), "production serves v1");
+    assert_eq!(get(&serve, &v1, "/").await.1, format!("v1 hello http://{v1}:{port}/"));
+
+    write_app(&app, "v2");
+    let v2 = deployment_host(&cli(&serve, &config, &["deploy", "--project", "shop", app.to_str().unwrap()]));
+    assert_eq!(get(&serve, &v2, "/").await.1, format!("v2 hello http://{v2}:{port}/"), "its own URL at once");
+    assert!(get(&serve, "shop.localhost", "/").await.1.starts_with("v1 "), "not production until promoted");
+
+    let v2_id = v2.strip_prefix("shop-").unwrap().strip_suffix(".localhost").unwrap();
+    cli(&serve, &config, &["promote", "--project", "shop", v2_id]);
+    assert!(get(&serve, "shop.localhost", "/").await.1.starts_with("v2 "), "promoted");
+    cli(&serve, &config, &["rollback", "--project", "shop"]);
+    assert!(get(&serve, "shop.localhost", "/").await.1.starts_with("v1 "), "rolled back");
+
+    // An env var change reaches the next deployment only: deployments are
+    // immutable.
+    cli(&serve, &config, &["env", "set", "GREETING", "bye", "--project", "shop"]);
+    write_app(&app, "v3");
+    let v3 = deployment_host(&cli(&serve, &config, &["deploy", "--project", "shop", app.to_str().unwrap()]));
+    assert!(get(&serve, &v3, "/").await.1.starts_with("v3 bye "));
+    assert!(get(&serve, &v1, "/").await.1.starts_with("v1 hello "));
+    assert_eq!(get(&serve, "nope.localhost", "/").await.0, 404);
+
+    // Logs and usage arrive from the runner's activity reports.
+    eventually("the console line in `isocloud logs`", Duration::from_secs(20), async || {
+        cli(&serve, &config, &["logs", "--project", "shop"]).contains("v1 served /first")
+    })
+    .await;
+    eventually("usage with the requests", Duration::from_secs(20), async || {
+        let (_, usage) = api(&serve, reqwest::Method::GET, "/projects/shop/usage", None).await;
+        let requests: u64 = usage.as_array().into_iter().flatten().map(|u| u["requests"].as_u64().unwrap_or(0)).sum();
+        requests >= 6
+    })
+    .await;
+
+    // A restart on the same data dir loses nothing.
+    let ControlPlaneServe { mut runner, data_dir, .. } = serve;
+    assert!(runner.terminate(Duration::from_secs(15)).success());
+    let serve = ControlPlaneServe::start_in(data_dir, &["--cpu-limit-ms", "5000"]);
+    let port = serve.runner.addr.port();
+    assert_eq!(get(&serve, "shop.localhost", "/again").await.1, format!("v1 hello http://shop.localhost:{port}/again"));
+    assert!(get(&serve, &v3, "/").await.1.starts_with("v3 bye "));
+    let (_, deployments) = api(&serve, reqwest::Method::GET, "/projects/shop/deployments", None).await;
+    assert_eq!(deployments.as_array().map(Vec::len), Some(3), "{deployments}");
+    let listed = cli(&serve, &config, &["logs", "--project", "shop"]);
+    assert!(listed.contains("v1 served /first"), "logs survive the restart: {listed}");
+}
+
+fn self_signed(names: &[&str]) -> (String, String) {
+    let cert = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+    (cert.cert.pem(), cert.key_pair.serialize_pem())
+}
+
+fn https_client(cert_pem: &str, name: &str, tls: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve(name, tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_custom_domain_with_a_certificate_is_served_over_https_by_sni() {
+    let dns = dns::DnsResponder::start().await;
+    let dns_addr = dns.addr.to_string();
+    let serve = ControlPlaneServe::start(&["--tls-listen", "127.0.0.1:0", "--dns-resolver", &dns_addr]);
+    let tls = serve.tls.expect("the TLS listener");
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    cli(&serve, &config, &["projects", "create", "shop"]);
+    let app = work.path().join("app");
+    write_app(&app, "v1");
+    cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
+
+    let (status, domain) =
+        api(&serve, reqwest::Method::POST, "/domains", Some(json!({ "domain": "www.shop.test", "project": "shop" })))
+            .await;
+    assert_eq!(status, 201, "{domain}");
+    assert_eq!(get(&serve, "www.shop.test", "/").await.0, 404, "an unverified domain does not route");
+    dns.set_txt(
+        domain["verification"]["txt_name"].as_str().unwrap(),
+        domain["verification"]["txt_value"].as_str().unwrap(),
+    );
+    let (_, verified) = api(&serve, reqwest::Method::POST, "/domains/www.shop.test/verify", None).await;
+    assert_eq!(verified["verified"], true, "{verified}");
+    let (status, body) = get(&serve, "www.shop.test", "/plain").await;
+    assert_eq!((status, body.starts_with("v1 none http://www.shop.test:")), (200, true), "{body}");
+
+    let (cert_pem, key_pem) = self_signed(&["www.shop.test"]);
+    let (status, answer) = api(
+        &serve,
+        reqwest::Method::PUT,
+        "/domains/www.shop.test/certificate",
+        Some(json!({ "cert_pem": cert_pem, "key_pem": key_pem })),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // HTTPS by SNI, HTTP/2 by ALPN; the isolate sees the https URL.
+    let client = https_client(&cert_pem, "www.shop.test", tls);
+    let response = client.get(format!("https://www.shop.test:{}/secure?x=1", tls.port())).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.unwrap(), format!("v1 none https://www.shop.test:{}/secure?x=1", tls.port()));
+
+    // Plain HTTP to a host with a certificate is sent to HTTPS.
+    let plain = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let response =
+        plain.get(format!("{}/path?q=1", serve.public_url())).header("host", "www.shop.test").send().await.unwrap();
+    assert_eq!(response.status(), 308);
+    assert_eq!(
+        response.headers()["location"].to_str().unwrap(),
+        format!("https://www.shop.test:{}/path?q=1", tls.port())
+    );
+
+    // A name without a certificate gets no handshake (never another
+    // domain's certificate).
+    let other = https_client(&cert_pem, "shop.localhost", tls);
+    assert!(other.get(format!("https://shop.localhost:{}/", tls.port())).send().await.is_err());
+}
