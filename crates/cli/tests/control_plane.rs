@@ -233,3 +233,34 @@ async fn a_custom_domain_with_a_certificate_is_served_over_https_by_sni() {
     let other = https_client(&cert_pem, "shop.localhost", tls);
     assert!(other.get(format!("https://shop.localhost:{}/", tls.port())).send().await.is_err());
 }
+
+#[tokio::test]
+async fn an_eszip_built_by_the_deno_toolchain_deploys_and_serves() {
+    let serve = ControlPlaneServe::start(&["--cpu-limit-ms", "5000"]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("greet.ts"),
+        "export const greet = (who: string): string => `hello ${who} from an eszip`;\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("main.ts"),
+        "import { greet } from \"./greet.ts\";\nDeno.serve(() => new Response(greet(\"isocloud\")));\n",
+    )
+    .unwrap();
+    let archive = work.path().join("app.eszip");
+    std::fs::write(&archive, support::build_eszip(&src, "main.ts", None)).unwrap();
+
+    cli(&serve, &config, &["projects", "create", "packed"]);
+    let out = cli(
+        &serve,
+        &config,
+        &["deploy", "--project", "packed", "--prod", "--eszip", archive.to_str().unwrap(), "--entrypoint", "main.ts"],
+    );
+    let host = deployment_host(&out);
+    assert_eq!(get(&serve, &host, "/").await, (200, "hello isocloud from an eszip".to_owned()));
+    assert_eq!(get(&serve, "packed.localhost", "/").await.1, "hello isocloud from an eszip");
+}
