@@ -28,11 +28,18 @@ const {
 // first fetch: make that happen now, while the runner's egress proxy is still
 // in the environment. The proxy answers this probe itself.
 if (egressProbe) {
-  try {
-    const probe = await fetch(egressProbe);
-    await probe.body?.cancel();
-  } catch {
-    // Outbound calls will fail and say why; serving needs no proxy.
+  // In its own network namespace the isolate reaches the proxy once the
+  // runner has put a listener there, right after the spawn: retry briefly.
+  for (let attempt = 1; attempt <= 20; attempt++) {
+    try {
+      const probe = await fetch(egressProbe);
+      await probe.body?.cancel();
+      break;
+    } catch (e) {
+      // Outbound calls will fail and say why; serving needs no proxy.
+      if (e instanceof Deno.errors.NotCapable || attempt === 20) break;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
   }
 }
 

@@ -40,6 +40,10 @@ pub fn policy(
         IsolateUid::Id(uid) => anyhow::bail!("--isolate-uid {uid} needs a root runner (or --isolate-uid off)"),
     };
 
+    if settings.network_namespace && !root {
+        anyhow::bail!("--network-namespace on needs a root runner (or --network-namespace off)");
+    }
+
     let landlock = match settings.landlock {
         Toggle::Off => None,
         mode => match LandlockPolicy::new(deno) {
@@ -79,6 +83,7 @@ pub fn policy(
         deno_dir,
         v8_heap_limit_mb: Some(settings.memory_limit_mb),
         mount_namespace,
+        network_namespace: settings.network_namespace,
         isolate_ids,
         landlock,
         seccomp,

@@ -129,6 +129,11 @@ pub struct CommonFlags {
     /// [default: on].
     #[arg(long, value_name = "MODE")]
     pub egress_proxy: Option<String>,
+    /// Give each isolate its own network namespace where only the egress
+    /// proxy listens, so raw TCP (`Deno.connect`) cannot leave: on or off;
+    /// on needs a root runner and --egress-proxy on [default: off].
+    #[arg(long, value_name = "MODE")]
+    pub network_namespace: Option<String>,
     /// A call that passed through more isolates of this cloud than this is a
     /// loop: 508 LOOP_DETECTED [default: 10].
     #[arg(long, value_name = "N")]
@@ -220,6 +225,7 @@ struct FileConfig {
     isolate_uid: Option<UidValue>,
     isolate_gid: Option<u32>,
     egress_proxy: Option<String>,
+    network_namespace: Option<String>,
     max_hops: Option<u32>,
     usage_interval_s: Option<u64>,
     apps: Option<PathBuf>,
@@ -336,6 +342,7 @@ pub struct Settings {
     pub isolate_uid: IsolateUid,
     pub isolate_gid: u32,
     pub egress_proxy: bool,
+    pub network_namespace: bool,
     pub max_hops: u32,
     pub usage_interval: Duration,
 }
@@ -408,9 +415,17 @@ impl Settings {
             "off" => Toggle::Off,
             other => return Err(invalid("landlock", format!("{other:?} is not auto, on or off"))),
         };
-        let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp))?;
-        let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits))?;
-        let egress_proxy = on_off("egress_proxy", common.egress_proxy.or(file.egress_proxy))?;
+        let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp), true)?;
+        let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits), true)?;
+        let egress_proxy = on_off("egress_proxy", common.egress_proxy.or(file.egress_proxy), true)?;
+        let network_namespace =
+            on_off("network_namespace", common.network_namespace.or(file.network_namespace), false)?;
+        if network_namespace && !egress_proxy {
+            return Err(invalid(
+                "network_namespace",
+                "--network-namespace on needs --egress-proxy on: the proxy is the isolates' only way out",
+            ));
+        }
         let max_hops = within("max_hops", common.max_hops.or(file.max_hops).unwrap_or(10), 1..=100)?;
         let usage_interval = seconds("usage_interval_s", common.usage_interval_s, file.usage_interval_s, 10, 1)?;
         let uid_text = common.isolate_uid.or(file.isolate_uid.map(|v| match v {
@@ -503,18 +518,20 @@ impl Settings {
             isolate_uid,
             isolate_gid,
             egress_proxy,
+            network_namespace,
             max_hops,
             usage_interval,
         })
     }
 }
 
-/// A layer that is on unless the operator turns it off.
-fn on_off(field: &'static str, value: Option<String>) -> Result<bool, SettingsError> {
-    match value.as_deref().unwrap_or("on") {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        other => Err(invalid(field, format!("{other:?} is neither \"on\" nor \"off\""))),
+/// A switch, `default` unless the operator says otherwise.
+fn on_off(field: &'static str, value: Option<String>, default: bool) -> Result<bool, SettingsError> {
+    match value.as_deref() {
+        None => Ok(default),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(invalid(field, format!("{other:?} is neither \"on\" nor \"off\""))),
     }
 }
 

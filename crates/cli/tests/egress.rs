@@ -268,3 +268,55 @@ async fn hosts_outside_the_allow_list_are_refused_by_name_and_by_ip() {
     }
     assert_eq!(heads.lock().unwrap().len(), 1, "only the allowed call reached the upstream");
 }
+
+/// Fetches `target` (through the proxy) and opens a raw TCP connection to
+/// `host:port` (which no proxy sees), and says how each went.
+const RAW_AND_FETCH: &str = r#"
+Deno.serve(async (req) => {
+  const params = new URL(req.url).searchParams;
+  const out = {};
+  try {
+    const res = await fetch(params.get("target"));
+    out.fetch = { status: res.status, bytes: (await res.arrayBuffer()).byteLength };
+  } catch (e) {
+    out.fetch = { error: `${e.name}: ${e.message}` };
+  }
+  try {
+    const conn = await Deno.connect({ hostname: params.get("host"), port: Number(params.get("port")) });
+    conn.close();
+    out.connect = "connected";
+  } catch (e) {
+    out.connect = `${e.name}: ${e.message}`;
+  }
+  return Response.json(out);
+});
+"#;
+
+#[tokio::test]
+async fn a_network_namespace_leaves_only_the_egress_proxy() {
+    let (up, heads) = upstream().await;
+    let origin = TestOrigin::start().await;
+    origin.deploy("raw", TestDeployment::inline_js(RAW_AND_FETCH).with(|c| c["permissions"] = json!({ "net": true })));
+    let path = format!("/?target=http://{up}/big&host=127.0.0.1&port={}", up.port());
+
+    // Without the flag, raw TCP reaches the upstream: the namespace is what
+    // stops it below, not deno's permissions.
+    let runner = origin.runner(&["--cpu-limit-ms", "5000"]);
+    runner.wait_for_log("netns=off");
+    let answer: Value = runner.subhost_get("raw", &path).await.json().await.unwrap();
+    assert_eq!(answer["fetch"]["bytes"], BIG_BYTES, "{answer}");
+    assert_eq!(answer["connect"], "connected", "{answer}");
+    drop(runner);
+
+    let runner = origin.runner(&["--network-namespace", "on", "--cpu-limit-ms", "5000", "--usage-interval-s", "1"]);
+    runner.wait_for_log("netns=on");
+    let calls_before = heads.lock().unwrap().len();
+    let answer: Value = runner.subhost_get("raw", &path).await.json().await.unwrap();
+    assert_eq!(answer["fetch"]["status"], 200, "fetch leaves through the proxy: {answer}");
+    assert_eq!(answer["fetch"]["bytes"], BIG_BYTES, "{answer}");
+    let head = heads.lock().unwrap().last().cloned().expect("the upstream was called");
+    assert!(head.to_ascii_lowercase().contains("x-isocloud-hops: 1"), "through the egress proxy: {head}");
+    let connect = answer["connect"].as_str().unwrap_or_default();
+    assert!(connect.starts_with("ConnectionRefused"), "raw TCP cannot leave the namespace: {answer}");
+    assert_eq!(heads.lock().unwrap().len(), calls_before + 1, "only the fetch reached the upstream");
+}

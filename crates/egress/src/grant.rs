@@ -1,5 +1,6 @@
 //! One isolate's permission to use the proxy, and what it has used.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -47,13 +48,18 @@ impl GrantState {
     }
 }
 
-/// An isolate's credentials for the egress proxy. Dropping it revokes them
-/// and closes the isolate's open tunnels.
+/// An isolate's credentials for the egress proxy. Dropping it revokes them,
+/// closes the isolate's open tunnels and stops serving the proxy inside its
+/// network namespace.
 pub struct EgressGrant {
     pub(crate) state: Arc<GrantState>,
     pub(crate) proxy: Weak<Shared>,
+    proxy_addr: SocketAddr,
     proxy_url: String,
     proxy_authority: String,
+    /// The accept loop on the listener inside the isolate's network
+    /// namespace ([`EgressGrant::serve_inside`]).
+    inside: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl EgressGrant {
@@ -62,8 +68,9 @@ impl EgressGrant {
         deployment: String,
         net: NetPermission,
         proxy: Weak<Shared>,
-        proxy_authority: String,
+        proxy_addr: SocketAddr,
     ) -> Self {
+        let proxy_authority = proxy_addr.to_string();
         let proxy_url = format!("http://isolate:{token}@{proxy_authority}");
         let state = Arc::new(GrantState {
             token,
@@ -77,7 +84,25 @@ impl EgressGrant {
             in_flight_hops: Mutex::new(Vec::new()),
             revoked: CancellationToken::new(),
         });
-        Self { state, proxy, proxy_url, proxy_authority }
+        Self { state, proxy, proxy_addr, proxy_url, proxy_authority, inside: None }
+    }
+
+    /// The proxy's address; inside an isolate's network namespace its
+    /// listener has the same one ([`EgressGrant::serve_inside`]).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// Serves the proxy on `listener` (nonblocking, bound inside the
+    /// isolate's network namespace) for as long as this grant lives. Needs
+    /// a tokio runtime.
+    pub fn serve_inside(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let task = tokio::spawn(crate::proxy::accept_loop(listener, self.proxy.clone()));
+        if let Some(previous) = self.inside.replace(task) {
+            previous.abort();
+        }
+        Ok(())
     }
 
     /// `http://isolate:<token>@127.0.0.1:<port>`, for `HTTP_PROXY`/`HTTPS_PROXY`.
@@ -112,6 +137,9 @@ impl EgressGrant {
 
 impl Drop for EgressGrant {
     fn drop(&mut self) {
+        if let Some(inside) = &self.inside {
+            inside.abort();
+        }
         self.state.revoked.cancel();
         if let Some(proxy) = self.proxy.upgrade() {
             proxy.revoke(&self.state.token);

@@ -96,13 +96,8 @@ impl EgressProxy {
     /// Credentials for one isolate of `deployment`, allowed `net`.
     pub fn grant(&self, deployment: &str, net: NetPermission) -> EgressGrant {
         let token = format!("{:032x}", rand::random::<u128>());
-        let grant = EgressGrant::new(
-            token.clone(),
-            deployment.to_owned(),
-            net,
-            Arc::downgrade(&self.shared),
-            self.shared.addr.to_string(),
-        );
+        let grant =
+            EgressGrant::new(token.clone(), deployment.to_owned(), net, Arc::downgrade(&self.shared), self.shared.addr);
         self.shared.grants.lock().expect("grants poisoned").insert(token, Arc::downgrade(&grant.state));
         grant
     }
@@ -118,7 +113,9 @@ impl EgressProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Weak<Shared>) {
+/// Serves the proxy on `listener` (its own, or one inside an isolate's
+/// network namespace) until the proxy is gone or the task is aborted.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Weak<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,

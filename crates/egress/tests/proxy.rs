@@ -270,3 +270,34 @@ async fn the_ingress_can_tell_its_own_proxy_connections() {
     assert_eq!(asked.await.unwrap(), Some(3));
     assert_eq!(proxy.hops_of_peer("127.0.0.1:1".parse().unwrap()), None);
 }
+
+#[tokio::test]
+async fn a_grant_serves_the_proxy_on_a_listener_of_its_own_until_it_ends() {
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let (up, seen) = upstream().await;
+    let mut grant = proxy.grant("d1", NetPermission::All);
+    assert_eq!(grant.proxy_addr(), proxy.local_addr());
+    let token = token_of(&grant);
+    // Stands in for the listener inside an isolate's network namespace.
+    let inside = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inside_addr = inside.local_addr().unwrap();
+    inside.set_nonblocking(true).unwrap();
+    grant.serve_inside(inside).unwrap();
+
+    let answer = exchange(inside_addr, get(&format!("http://{up}/"), Some(&token), "")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let head = seen.lock().unwrap()[0].0.to_ascii_lowercase();
+    assert!(head.contains(&format!("{HOPS_HEADER}: 1")), "the same proxy served it: {head}");
+
+    drop(grant);
+    // The abort lands on the runtime's next turn.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(inside_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the listener closes with the grant");
+}

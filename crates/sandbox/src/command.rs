@@ -24,6 +24,10 @@ pub struct SandboxPolicy {
     /// Give each isolate its own mount namespace and root (`/src` is the
     /// deployment, no host path shows). Needs CAP_SYS_ADMIN (a root runner).
     pub mount_namespace: bool,
+    /// Give each isolate its own network namespace, where only the egress
+    /// proxy listens ([`crate::netns`]): raw TCP cannot leave. Needs
+    /// CAP_SYS_ADMIN (a root runner).
+    pub network_namespace: bool,
     /// Run each isolate as this uid/gid (needs a root runner); `None` keeps
     /// the runner's own.
     pub isolate_ids: Option<IsolateIds>,
@@ -38,7 +42,7 @@ pub struct SandboxPolicy {
 
 impl SandboxPolicy {
     /// Every layer, for the start-up line: `mount-namespace=on landlock=on
-    /// seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on`.
+    /// seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off`.
     pub fn summary(&self) -> String {
         let on = |yes: bool| if yes { "on" } else { "off" };
         let (uid, gid) = match self.isolate_ids {
@@ -46,11 +50,12 @@ impl SandboxPolicy {
             None => ("off".to_owned(), "off".to_owned()),
         };
         format!(
-            "mount-namespace={} landlock={} seccomp={} no-new-privs=on uid={uid} gid={gid} rlimits={}",
+            "mount-namespace={} landlock={} seccomp={} no-new-privs=on uid={uid} gid={gid} rlimits={} netns={}",
             on(self.mount_namespace),
             on(self.landlock.is_some()),
             on(self.seccomp.is_some()),
             on(self.rlimits),
+            on(self.network_namespace),
         )
     }
 }
@@ -67,6 +72,7 @@ pub struct SandboxedCommand {
     /// uid must be able to connect to it.
     control: PathBuf,
     ids: Option<IsolateIds>,
+    network_namespace: bool,
 }
 
 impl SandboxedCommand {
@@ -167,12 +173,25 @@ impl SandboxedCommand {
             }
             Err(e) => Some(e),
         };
-        Self { command, args, plan_error, control: files.control.clone(), ids: policy.isolate_ids }
+        Self {
+            command,
+            args,
+            plan_error,
+            control: files.control.clone(),
+            ids: policy.isolate_ids,
+            network_namespace: policy.network_namespace,
+        }
     }
 
     /// The arguments deno is started with, for logs and tests.
     pub fn args(&self) -> &[String] {
         &self.args
+    }
+
+    /// Whether the isolate gets its own network namespace: then the runner
+    /// must put the egress proxy's listener in it ([`crate::netns::listen_inside`]).
+    pub fn network_namespace(&self) -> bool {
+        self.network_namespace
     }
 
     pub fn spawn(mut self) -> std::io::Result<tokio::process::Child> {

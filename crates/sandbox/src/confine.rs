@@ -8,7 +8,8 @@
 //! values — no allocation, no locks — in this order:
 //!
 //! 1. die with the runner (`PR_SET_PDEATHSIG`), and check it is still there;
-//! 2. the jail: own mount namespace and root (needs CAP_SYS_ADMIN, so first);
+//! 2. the jail: own mount namespace and root (needs CAP_SYS_ADMIN, so first),
+//!    then its own network namespace when the policy asks (the same);
 //! 3. rlimits (while still root: they may be lowered, never raised after);
 //! 4. Landlock's `/proc/self` rule (the child's pid exists only now);
 //! 5. its own uid: `setgroups([])`, `setresgid`, `setresuid` — this drops
@@ -25,6 +26,7 @@ use crate::{IsolateFiles, IsolateIds, SandboxPolicy};
 pub(crate) struct Confinement {
     runner_pid: libc::pid_t,
     jail: Option<Jail>,
+    network_namespace: bool,
     rlimits: bool,
     landlock: Option<PreparedRuleset>,
     ids: Option<IsolateIds>,
@@ -42,6 +44,7 @@ impl Confinement {
             // SAFETY: getpid has no preconditions.
             runner_pid: unsafe { libc::getpid() },
             jail,
+            network_namespace: policy.network_namespace,
             rlimits: policy.rlimits,
             landlock,
             ids: policy.isolate_ids,
@@ -61,6 +64,12 @@ impl Confinement {
         self.die_with_runner().map_err(|e| failed(e, "PR_SET_PDEATHSIG"))?;
         if let Some(jail) = &self.jail {
             jail.enter().map_err(|e| failed(e, "the jail (mount namespace, pivot_root)"))?;
+        }
+        // Only `lo`, down: the runner puts the egress proxy's listener there
+        // (`netns::listen_inside`) once the process exists.
+        // SAFETY: unshare takes integer flags only.
+        if self.network_namespace && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(failed(std::io::Error::last_os_error(), "unshare(CLONE_NEWNET)"));
         }
         if self.rlimits {
             crate::rlimits::apply().map_err(|e| failed(e, "setrlimit"))?;

@@ -7,7 +7,8 @@
 //! `permissions.net`, env exactly the configured names), a cleared
 //! environment, its own process group, and death with the runner — and,
 //! under them, the operating system's layers ([`SandboxPolicy`]): its own
-//! mount namespace and root (`jail`), rlimits (`rlimits`), its own
+//! mount namespace and root (`jail`), optionally its own network namespace
+//! where only the egress proxy listens (`netns`), rlimits (`rlimits`), its own
 //! unprivileged uid (`identity`), `PR_SET_NO_NEW_PRIVS`, Landlock
 //! (`landlock`) and a seccomp denylist (`seccomp_policy`), entered in that
 //! order between fork and exec (`confine`). Policies are data: each rule,
@@ -25,6 +26,7 @@ mod files;
 pub mod identity;
 mod jail;
 pub mod landlock;
+pub mod netns;
 pub mod rlimits;
 mod seccomp;
 pub mod seccomp_policy;

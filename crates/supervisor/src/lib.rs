@@ -201,11 +201,26 @@ impl Isolate {
         start_timeout: Duration,
         limits: IsolateLimits,
         cgroup: Option<IsolateCgroup>,
-        egress: Option<EgressGrant>,
+        mut egress: Option<EgressGrant>,
     ) -> Result<Arc<Isolate>, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
+        let network_namespace = command.network_namespace();
         let mut child = command.spawn().map_err(StartError::Spawn)?;
         let pid = child.id().ok_or_else(|| StartError::Spawn(std::io::Error::other("no pid")))?;
+        // In its own network namespace the isolate reaches the egress proxy
+        // only through a listener the runner puts there, at the proxy's own
+        // address. Right away: the harness probes the proxy first thing (and
+        // retries briefly).
+        if network_namespace && let Some(grant) = &mut egress {
+            let inside = isocloud_sandbox::netns::listen_inside(pid, grant.proxy_addr())
+                .and_then(|listener| grant.serve_inside(listener));
+            if let Err(e) = inside {
+                let _ = signal_process_group(pid, SIGKILL);
+                return Err(StartError::Spawn(std::io::Error::other(format!(
+                    "cannot serve the egress proxy in the isolate's network namespace: {e}"
+                ))));
+            }
+        }
         // Before any tenant code runs: deno spends its first milliseconds
         // loading itself and the harness.
         if let Some(cgroup) = &cgroup

@@ -190,3 +190,29 @@ fn spool_bound_from_flag_or_file() {
     let args = ["serve", "--apps", apps, "--state-dir", "/tmp/x", "--config", config.to_str().unwrap()];
     assert_eq!(parse(&args).unwrap().spool_max_bytes, 5 * 1024 * 1024);
 }
+
+#[test]
+fn the_network_namespace_is_off_unless_asked_and_needs_the_egress_proxy() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x"]).unwrap();
+    assert!(!settings.network_namespace);
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--network-namespace", "on"]).unwrap();
+    assert!(settings.network_namespace && settings.egress_proxy);
+
+    let config = apps.path().join("isocloud.toml");
+    std::fs::write(&config, "network_namespace = \"on\"\n").unwrap();
+    let settings =
+        parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--config", config.to_str().unwrap()]).unwrap();
+    assert!(settings.network_namespace);
+
+    assert_eq!(field_of(&["serve", "--apps", dir, "--network-namespace", "auto"]), "network_namespace");
+    let without_proxy = ["serve", "--apps", dir, "--network-namespace", "on", "--egress-proxy", "off"];
+    match parse(&without_proxy) {
+        Ok(_) => panic!("accepted without the egress proxy"),
+        Err(e) => {
+            assert_eq!(e.field, "network_namespace");
+            assert!(e.message.contains("--egress-proxy on"), "{}", e.message);
+        }
+    }
+}

@@ -63,6 +63,7 @@ impl Sandbox {
             deno_dir,
             v8_heap_limit_mb: None,
             mount_namespace: true,
+            network_namespace: false,
             isolate_ids: ids,
             landlock: layers.landlock.then(|| LandlockPolicy::new(deno).expect("this kernel has Landlock")),
             seccomp: layers.seccomp.then(|| SeccompFilters::compile().unwrap()),
@@ -236,6 +237,6 @@ fn the_start_up_probe_passes_with_every_layer() {
     probe_sandbox(&sandbox.policy).expect("deno --version runs under every layer");
     assert_eq!(
         sandbox.policy.summary(),
-        "mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on"
+        "mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off"
     );
 }

@@ -13,6 +13,7 @@ fn policy(dir: &Path) -> SandboxPolicy {
         deno_dir: dir.join("deno-dir"),
         v8_heap_limit_mb: None,
         mount_namespace: false,
+        network_namespace: false,
         isolate_ids: None,
         landlock: None,
         seccomp: None,
