@@ -153,9 +153,10 @@ impl Drop for Cgroups {
 }
 
 impl IsolateCgroup {
-    /// Moves `pid` (and its future threads and children) into the cgroup.
-    pub fn add(&self, pid: u32) -> std::io::Result<()> {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+    /// `cgroup.procs`, open for writing (close-on-exec): an isolate joins
+    /// with it between fork and exec ([`crate::SandboxedCommand::join_cgroup`]).
+    pub fn procs_file(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(std::fs::OpenOptions::new().write(true).open(self.dir.join("cgroup.procs"))?.into())
     }
 
     /// Whether the kernel's OOM killer ended a process of this cgroup.

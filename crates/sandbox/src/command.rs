@@ -65,9 +65,10 @@ impl SandboxPolicy {
 pub struct SandboxedCommand {
     command: tokio::process::Command,
     args: Vec<String>,
-    /// Planning the confinement failed; [`SandboxedCommand::spawn`] says so
-    /// instead of starting an unconfined process.
-    plan_error: Option<LandlockError>,
+    /// The planned confinement, entered by the child in `spawn`; planning
+    /// failed: [`SandboxedCommand::spawn`] says so instead of starting an
+    /// unconfined process.
+    confinement: Result<Confinement, LandlockError>,
     /// The runner binds the control socket before the spawn; the isolate's
     /// uid must be able to connect to it.
     control: PathBuf,
@@ -161,22 +162,11 @@ impl SandboxedCommand {
         }
         // Everything that allocates or opens files happens here, before the
         // fork; the child only enters what was planned (see `confine`).
-        let plan_error = match Confinement::plan(policy, Some(files)) {
-            Ok(confinement) => {
-                // SAFETY: the hook runs in the child between fork and exec and
-                // makes only async-signal-safe syscalls on values prepared
-                // here: no allocation, no locks (see `Confinement::enter`).
-                unsafe {
-                    command.pre_exec(confinement.into_hook());
-                }
-                None
-            }
-            Err(e) => Some(e),
-        };
+        let confinement = Confinement::plan(policy, Some(files));
         Self {
             command,
             args,
-            plan_error,
+            confinement,
             control: files.control.clone(),
             ids: policy.isolate_ids,
             network_namespace: policy.network_namespace,
@@ -194,9 +184,22 @@ impl SandboxedCommand {
         self.network_namespace
     }
 
+    /// The child joins this memory cgroup (`cgroup.procs` of an
+    /// [`crate::IsolateCgroup`], open for writing) before it execs deno, so
+    /// deno's start-up is charged to the isolate too.
+    pub fn join_cgroup(&mut self, procs: std::os::fd::OwnedFd) {
+        if let Ok(confinement) = &mut self.confinement {
+            confinement.cgroup_procs = Some(procs);
+        }
+    }
+
     pub fn spawn(mut self) -> std::io::Result<tokio::process::Child> {
-        if let Some(e) = self.plan_error {
-            return Err(std::io::Error::other(e));
+        let confinement = self.confinement.map_err(std::io::Error::other)?;
+        // SAFETY: the hook runs in the child between fork and exec and makes
+        // only async-signal-safe syscalls on values prepared before the fork:
+        // no allocation, no locks (see `Confinement::enter`).
+        unsafe {
+            self.command.pre_exec(confinement.into_hook());
         }
         if let Some(ids) = self.ids {
             match std::os::unix::fs::lchown(&self.control, Some(ids.uid), Some(ids.gid)) {

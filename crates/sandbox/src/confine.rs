@@ -8,6 +8,9 @@
 //! values — no allocation, no locks — in this order:
 //!
 //! 1. die with the runner (`PR_SET_PDEATHSIG`), and check it is still there;
+//!    join the isolate's memory cgroup (its pid into `cgroup.procs`, through
+//!    a descriptor the runner opened), so every page deno touches from its
+//!    first instruction is charged to the isolate;
 //! 2. the jail: own mount namespace and root (needs CAP_SYS_ADMIN, so first),
 //!    then its own network namespace when the policy asks (the same);
 //! 3. rlimits (while still root: they may be lowered, never raised after);
@@ -25,6 +28,8 @@ use crate::{IsolateFiles, IsolateIds, SandboxPolicy};
 
 pub(crate) struct Confinement {
     runner_pid: libc::pid_t,
+    /// The isolate's `cgroup.procs`, opened for writing by the runner.
+    pub(crate) cgroup_procs: Option<std::os::fd::OwnedFd>,
     jail: Option<Jail>,
     network_namespace: bool,
     rlimits: bool,
@@ -43,6 +48,7 @@ impl Confinement {
         Ok(Self {
             // SAFETY: getpid has no preconditions.
             runner_pid: unsafe { libc::getpid() },
+            cgroup_procs: None,
             jail,
             network_namespace: policy.network_namespace,
             rlimits: policy.rlimits,
@@ -62,6 +68,9 @@ impl Confinement {
     /// errno, which is all std passes back to the runner.
     fn enter(&self) -> std::io::Result<()> {
         self.die_with_runner().map_err(|e| failed(e, "PR_SET_PDEATHSIG"))?;
+        if let Some(procs) = &self.cgroup_procs {
+            join_cgroup(procs).map_err(|e| failed(e, "joining the memory cgroup"))?;
+        }
         if let Some(jail) = &self.jail {
             jail.enter().map_err(|e| failed(e, "the jail (mount namespace, pivot_root)"))?;
         }
@@ -109,6 +118,32 @@ impl Confinement {
         }
         Ok(())
     }
+}
+
+/// Writes this process's pid, in decimal, into `cgroup.procs`: formatted
+/// on the stack (no allocation between fork and exec).
+fn join_cgroup(procs: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getpid has no preconditions.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let text = &digits[start..];
+    // SAFETY: write(2) of a valid stack buffer to a descriptor the runner
+    // opened and this process owns until exec (CLOEXEC).
+    let written = unsafe { libc::write(procs.as_raw_fd(), text.as_ptr().cast(), text.len()) };
+    if written != text.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Drops supplementary groups, then the gid, then the uid (real, effective

@@ -195,7 +195,7 @@ impl Isolate {
     /// Spawns `command` and waits until the harness serves, for at most
     /// `start_timeout`.
     pub async fn start(
-        command: SandboxedCommand,
+        mut command: SandboxedCommand,
         files: IsolateFiles,
         hooks: Arc<dyn IsolateHooks>,
         start_timeout: Duration,
@@ -205,6 +205,14 @@ impl Isolate {
     ) -> Result<Arc<Isolate>, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
         let network_namespace = command.network_namespace();
+        // The child joins its cgroup before exec: deno's own start-up is
+        // charged to the isolate, not to the runner.
+        if let Some(cgroup) = &cgroup {
+            let procs = cgroup
+                .procs_file()
+                .map_err(|e| StartError::Spawn(std::io::Error::other(format!("cannot open the memory cgroup: {e}"))))?;
+            command.join_cgroup(procs);
+        }
         let mut child = command.spawn().map_err(StartError::Spawn)?;
         let pid = child.id().ok_or_else(|| StartError::Spawn(std::io::Error::other("no pid")))?;
         // In its own network namespace the isolate reaches the egress proxy
@@ -220,14 +228,6 @@ impl Isolate {
                     "cannot serve the egress proxy in the isolate's network namespace: {e}"
                 ))));
             }
-        }
-        // Before any tenant code runs: deno spends its first milliseconds
-        // loading itself and the harness.
-        if let Some(cgroup) = &cgroup
-            && let Err(e) = cgroup.add(pid)
-        {
-            let _ = signal_process_group(pid, SIGKILL);
-            return Err(StartError::Spawn(std::io::Error::other(format!("cannot join the memory cgroup: {e}"))));
         }
         tracing::debug!(pid, dir = %files.dir.display(), "isolate process spawned");
 
