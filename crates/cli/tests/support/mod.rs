@@ -53,57 +53,7 @@ impl Runner {
     /// Like [`Runner::start`], on a given state dir (an earlier runner's,
     /// from [`Runner::take_state_dir`], to test a restart).
     pub fn start_with_state(args: &[&str], state_dir: tempfile::TempDir) -> Runner {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_isocloud"))
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state_dir.path())
-            .arg("--deno")
-            .arg(deno_path())
-            .env("ISOCLOUD_LOG", "info,isocloud::tenant=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn isocloud");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stderr_pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
-                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
-                    eprintln!("[runner] {line}");
-                }
-                let mut sink = sink.lock().unwrap();
-                sink.push_str(&line);
-                sink.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut addr = None;
-        let mut admin = None;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while addr.is_none() {
-            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("isocloud did not start listening; stderr:\n{}", stderr.lock().unwrap());
-                }
-            };
-            if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
-                admin = Some(rest.parse().unwrap());
-            }
-            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
-                addr = Some(rest.parse().unwrap());
-            }
-        }
-        Runner { child: Some(child), addr: addr.unwrap(), admin: admin.unwrap(), state_dir, stderr }
+        Self::start_with_lines(args, state_dir, &[]).0
     }
 
     pub fn pid(&self) -> u32 {
