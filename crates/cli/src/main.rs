@@ -160,6 +160,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let pool = Pool::new(pool_options, policy, cache, pool_metrics)
         .context("cannot prepare the isolate directory or the activity spool")?;
+    pool.build_deno_template().await;
 
     let router = match &settings.mode {
         Mode::Apps(dir) => Router::new(Some(Arc::new(AppsOrigin::new(dir.clone())) as Arc<dyn Origin>), None),

@@ -14,6 +14,7 @@ mod boot;
 mod deployment_metrics;
 mod metrics;
 mod pool;
+mod template;
 
 pub use activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
 pub use boot::BootError;

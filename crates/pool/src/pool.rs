@@ -112,6 +112,18 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Boots one runner-owned isolate and keeps its deno cache as the
+    /// template every new deployment cache dir starts from, so a first boot
+    /// does not compile the harness again. Call before serving; on failure
+    /// (logged) deployments start from empty caches.
+    pub async fn build_deno_template(&self) {
+        let started = std::time::Instant::now();
+        match crate::template::build(&self.inner.ctx).await {
+            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "deno cache template ready"),
+            Err(e) => tracing::warn!(error = %e, "no deno cache template: first boots compile the harness"),
+        }
+    }
+
     /// The running isolate of `deployment_id`, booting it if needed.
     /// Concurrent callers for one deployment share one boot.
     pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Arc<Isolate>, BootError> {

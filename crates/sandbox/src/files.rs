@@ -109,14 +109,48 @@ pub struct EgressRoute {
     pub proxy_authority: String,
 }
 
-/// Creates (or keeps) a deployment's deno cache dir, marks it used now (for
+/// Where the runner keeps the deno cache every new deployment cache dir
+/// starts from: the harness compiled once, nothing a tenant wrote (see
+/// `isocloud_pool`'s template).
+pub fn deno_template_dir(policy: &SandboxPolicy) -> PathBuf {
+    policy.deno_dir.with_file_name("deno-template")
+}
+
+/// Creates (or keeps) a deployment's deno cache dir — a new one as a copy of
+/// the template, when there is one — marks it used now (for
 /// [`prune_deno_dirs`]) and hands it to the isolate uid.
 fn prepare_deno_dir(deno_dir: &Path, policy: &SandboxPolicy) -> std::io::Result<()> {
+    if !deno_dir.exists() {
+        let template = deno_template_dir(policy);
+        if template.is_dir() {
+            // Into a temp name, then renamed: a half copy is never used.
+            let partial = deno_dir.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            copy_tree(&template, &partial)?;
+            std::fs::rename(&partial, deno_dir)?;
+        }
+    }
     std::fs::create_dir_all(deno_dir)?;
     let now = std::time::SystemTime::now();
     std::fs::File::open(deno_dir)?.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))?;
     if let Some(ids) = policy.isolate_ids {
         crate::identity::hand_over_dir(deno_dir, ids)?;
+    }
+    Ok(())
+}
+
+/// Copies regular files and folders (no links: the template has none).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
     }
     Ok(())
 }

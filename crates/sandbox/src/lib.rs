@@ -36,7 +36,7 @@ pub use command::{
     ProbeError, SandboxPolicy, SandboxedCommand, probe_mount_namespace, probe_sandbox, signal_process_group,
 };
 pub use cpu::process_cpu_time;
-pub use files::{EgressRoute, GuestPaths, IsolateFiles, SandboxError, prune_deno_dirs};
+pub use files::{EgressRoute, GuestPaths, IsolateFiles, SandboxError, deno_template_dir, prune_deno_dirs};
 pub use identity::IsolateIds;
 pub use landlock::{LandlockError, LandlockPolicy};
 pub use libc::{SIGKILL, SIGTERM};
