@@ -29,6 +29,18 @@ pub enum LogLevel {
     Error,
 }
 
+impl LogLevel {
+    /// The name on the wire (`"warning"`), as serde writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ActivityKind {

@@ -2,8 +2,7 @@
 //! usage in `usage_records`, and the batch ids already stored (so a batch
 //! delivered twice is stored once).
 
-use isocloud_protocol::{ActivityBatch, ActivityEvent};
-use serde::Deserialize;
+use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind};
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
@@ -17,67 +16,6 @@ const MAX_FUTURE_MS: i64 = 3_600_000;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 const MAX_REQUEST_ID_BYTES: usize = 128;
 const MAX_BATCH_ID_BYTES: usize = 256;
-
-/// An activity event as this store reads it: from the event's JSON, so
-/// fields the runner adds later (usage `errors`) are taken when present.
-#[derive(Debug, Deserialize)]
-struct EventJson {
-    timestamp: String,
-    #[serde(flatten)]
-    kind: EventKind,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum EventKind {
-    Boot {
-        boot_ms: u64,
-    },
-    BootFailure {
-        message: String,
-    },
-    Log {
-        level: String,
-        message: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    UncaughtException {
-        message: String,
-    },
-    CpuTimeLimit {
-        limit: u64,
-        used: u64,
-    },
-    MemoryLimit {
-        limit: u64,
-        used: u64,
-    },
-    Terminated {
-        reason: String,
-    },
-    Usage {
-        requests: u64,
-        /// Responses with a 5xx status; older runners do not send it.
-        #[serde(default)]
-        errors: u64,
-        cpu_ms: u64,
-        wall_ms: u64,
-        ingress_bytes: u64,
-        egress_bytes: u64,
-        peak_memory_bytes: u64,
-        #[serde(default)]
-        fetch_requests: u64,
-        #[serde(default)]
-        fetch_sent_bytes: u64,
-        #[serde(default)]
-        fetch_received_bytes: u64,
-        interval_start: String,
-        interval_end: String,
-    },
-    #[serde(other)]
-    Unknown,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogInsert {
@@ -125,10 +63,8 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
             tracing::warn!(target: "isocloud::controlplane", deployment_id, other = event.deployment_id, "activity event for another deployment dropped");
             continue;
         }
-        let parsed = serde_json::to_value(event).and_then(serde_json::from_value::<EventJson>);
-        let Ok(parsed) = parsed else { continue };
         let now = now_ms();
-        let timestamp_ms = match parse_rfc3339_ms(&parsed.timestamp) {
+        let timestamp_ms = match parse_rfc3339_ms(&event.timestamp) {
             Ok(ms) if ms <= now + MAX_FUTURE_MS => ms,
             _ => now,
         };
@@ -139,25 +75,27 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
             message: bounded(&message, MAX_MESSAGE_BYTES),
             request_id: None,
         };
-        match parsed.kind {
-            EventKind::Log { level, message, request_id } => logs.push(LogInsert {
-                level: Some(bounded(&level, 16)),
-                request_id: request_id.map(|r| bounded(&r, MAX_REQUEST_ID_BYTES)),
-                ..log("log", message)
+        match &event.kind {
+            ActivityKind::Log { level, message, request_id } => logs.push(LogInsert {
+                level: Some(level.as_str().to_owned()),
+                request_id: request_id.as_deref().map(|r| bounded(r, MAX_REQUEST_ID_BYTES)),
+                ..log("log", message.clone())
             }),
-            EventKind::Boot { boot_ms } => logs.push(log("boot", format!("isolate booted in {boot_ms} ms"))),
-            EventKind::BootFailure { message } => logs.push(log("boot_failure", message)),
-            EventKind::UncaughtException { message } => logs.push(log("uncaught_exception", message)),
-            EventKind::CpuTimeLimit { limit, used } => logs.push(log(
+            ActivityKind::Boot { boot_ms } => logs.push(log("boot", format!("isolate booted in {boot_ms} ms"))),
+            ActivityKind::BootFailure { message } => logs.push(log("boot_failure", message.clone())),
+            ActivityKind::UncaughtException { message } => logs.push(log("uncaught_exception", message.clone())),
+            ActivityKind::CpuTimeLimit { limit, used } => logs.push(log(
                 "cpu_time_limit",
                 format!("isolate terminated: CPU time limit exceeded ({used} ms used, limit {limit} ms)"),
             )),
-            EventKind::MemoryLimit { limit, used } => logs.push(log(
+            ActivityKind::MemoryLimit { limit, used } => logs.push(log(
                 "memory_limit",
                 format!("isolate terminated: memory limit exceeded ({used} bytes used, limit {limit} bytes)"),
             )),
-            EventKind::Terminated { reason } => logs.push(log("terminated", format!("isolate terminated: {reason}"))),
-            EventKind::Usage {
+            ActivityKind::Terminated { reason } => {
+                logs.push(log("terminated", format!("isolate terminated: {reason}")))
+            }
+            ActivityKind::Usage {
                 requests,
                 errors,
                 cpu_ms,
@@ -171,27 +109,24 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
                 interval_start,
                 interval_end,
             } => {
-                let interval_end_ms = parse_rfc3339_ms(&interval_end)
-                    .ok()
-                    .filter(|&ms| ms <= now + MAX_FUTURE_MS)
-                    .unwrap_or(timestamp_ms);
+                let interval_end_ms =
+                    parse_rfc3339_ms(interval_end).ok().filter(|&ms| ms <= now + MAX_FUTURE_MS).unwrap_or(timestamp_ms);
                 usage.push(UsageRow {
                     deployment_id: deployment_id.to_owned(),
-                    interval_start_ms: parse_rfc3339_ms(&interval_start).unwrap_or(interval_end_ms),
+                    interval_start_ms: parse_rfc3339_ms(interval_start).unwrap_or(interval_end_ms),
                     interval_end_ms,
-                    requests: clamp(requests),
-                    errors: clamp(errors),
-                    cpu_ms: clamp(cpu_ms),
-                    wall_ms: clamp(wall_ms),
-                    ingress_bytes: clamp(ingress_bytes),
-                    egress_bytes: clamp(egress_bytes),
-                    peak_memory_bytes: clamp(peak_memory_bytes),
-                    fetch_requests: clamp(fetch_requests),
-                    fetch_sent_bytes: clamp(fetch_sent_bytes),
-                    fetch_received_bytes: clamp(fetch_received_bytes),
+                    requests: clamp(*requests),
+                    errors: clamp(*errors),
+                    cpu_ms: clamp(*cpu_ms),
+                    wall_ms: clamp(*wall_ms),
+                    ingress_bytes: clamp(*ingress_bytes),
+                    egress_bytes: clamp(*egress_bytes),
+                    peak_memory_bytes: clamp(*peak_memory_bytes),
+                    fetch_requests: clamp(*fetch_requests),
+                    fetch_sent_bytes: clamp(*fetch_sent_bytes),
+                    fetch_received_bytes: clamp(*fetch_received_bytes),
                 })
             }
-            EventKind::Unknown => {}
         }
     }
     (logs, usage)
@@ -487,7 +422,7 @@ pub async fn prune(store: &Store, logs_before_ms: i64, usage_before_ms: i64, bat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isocloud_protocol::{ActivityKind, LogLevel};
+    use isocloud_protocol::LogLevel;
 
     fn event(deployment_id: &str, kind: ActivityKind) -> ActivityEvent {
         ActivityEvent { deployment_id: deployment_id.into(), timestamp: "2024-05-01T00:00:01Z".into(), kind }
@@ -510,7 +445,7 @@ mod tests {
             ),
             event("d", ActivityKind::CpuTimeLimit { limit: 50, used: 80 }),
             event("other", ActivityKind::Boot { boot_ms: 3 }),
-            // Built from JSON: the protocol type grows fields over time.
+            // Built from JSON: usage from an older runner, without the later fields.
             serde_json::from_value(serde_json::json!({
                 "deployment_id": "d", "timestamp": "2024-05-01T00:00:10Z", "type": "usage",
                 "requests": 3, "cpu_ms": 4, "wall_ms": 5, "ingress_bytes": 6, "egress_bytes": 7,
