@@ -11,6 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 
+use crate::grant::GrantState;
+
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 
@@ -18,22 +20,24 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Adds every data frame's length to `counter`; keeps `keep` (the upstream
-/// connection, the hop link) alive until the body is done or dropped.
+/// Adds every data frame's length to one counter of `grant` (`counter`
+/// picks which); keeps `keep` (the upstream connection, the hop link) alive
+/// until the body is done or dropped.
 pub(crate) struct Counted<B> {
     inner: B,
-    counter: Arc<dyn CounterOwner>,
+    grant: Arc<GrantState>,
+    counter: fn(&GrantState) -> &AtomicU64,
     keep: Option<Box<dyn Any + Send + Sync>>,
 }
 
-/// Which counter of a grant a body adds to.
-pub(crate) trait CounterOwner: Send + Sync {
-    fn counter(&self) -> &AtomicU64;
-}
-
 impl<B> Counted<B> {
-    pub(crate) fn new(inner: B, counter: Arc<dyn CounterOwner>, keep: Option<Box<dyn Any + Send + Sync>>) -> Self {
-        Self { inner, counter, keep }
+    pub(crate) fn new(
+        inner: B,
+        grant: Arc<GrantState>,
+        counter: fn(&GrantState) -> &AtomicU64,
+        keep: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Self {
+        Self { inner, grant, counter, keep }
     }
 }
 
@@ -53,7 +57,7 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.counter.counter().fetch_add(data.remaining() as u64, Ordering::Relaxed);
+                    (self.counter)(&self.grant).fetch_add(data.remaining() as u64, Ordering::Relaxed);
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.keep = None,

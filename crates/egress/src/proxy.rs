@@ -18,7 +18,7 @@ use isocloud_protocol::{ErrorCode, NetPermission};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::HOPS_HEADER;
-use crate::body::{Counted, CounterOwner, ProxyBody, full};
+use crate::body::{Counted, ProxyBody, full};
 use crate::grant::{EgressGrant, GrantState, allows, split_host_port};
 use crate::links::Links;
 
@@ -277,19 +277,6 @@ fn tunnel(
     Response::new(full(Bytes::new()))
 }
 
-struct Sent(Arc<GrantState>);
-impl CounterOwner for Sent {
-    fn counter(&self) -> &AtomicU64 {
-        &self.0.bytes_sent
-    }
-}
-struct Received(Arc<GrantState>);
-impl CounterOwner for Received {
-    fn counter(&self) -> &AtomicU64 {
-        &self.0.bytes_received
-    }
-}
-
 async fn forward(
     grant: Arc<GrantState>,
     request: Request<Incoming>,
@@ -310,7 +297,7 @@ async fn forward(
     // Origin-form on the wire: the upstream is a server, not a proxy.
     parts.uri = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").parse().unwrap_or_default();
     parts.version = http::Version::HTTP_11;
-    let body = Counted::new(body, Arc::new(Sent(grant.clone())), None);
+    let body = Counted::new(body, grant.clone(), |g| &g.bytes_sent, None);
     let request = Request::from_parts(parts, body);
 
     let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
@@ -327,7 +314,8 @@ async fn forward(
     match sender.send_request(request).await {
         Ok(response) => {
             let keep: Box<dyn std::any::Any + Send + Sync> = Box::new((link, AbortOnDrop(driver)));
-            response.map(|body| Counted::new(body, Arc::new(Received(grant)), Some(keep)).map_err(Into::into).boxed())
+            response
+                .map(|body| Counted::new(body, grant, |g| &g.bytes_received, Some(keep)).map_err(Into::into).boxed())
         }
         Err(e) => refuse(StatusCode::BAD_GATEWAY, ErrorCode::EgressDenied, format!("upstream: {e}")),
     }
