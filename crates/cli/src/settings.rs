@@ -651,16 +651,7 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
     }
     let base_domain = flags.base_domain.or_else(|| file.base_domain.clone()).unwrap_or_else(|| "localhost".into());
     let base_domain = base_domain.trim_end_matches('.').to_ascii_lowercase();
-    let base_ok = !base_domain.is_empty()
-        && base_domain.len() <= 200
-        && base_domain.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        });
-    if !base_ok {
+    if !isocloud_controlplane::is_base_domain(&base_domain) {
         return Err(invalid("base_domain", format!("{base_domain:?} is not a DNS name")));
     }
     let control_listen = parse_addr(

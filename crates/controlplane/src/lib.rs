@@ -90,15 +90,8 @@ impl ControlPlaneOptions {
     }
 
     fn validate(&self) -> Result<(), ControlPlaneError> {
-        let base = &self.base_domain;
-        let base_ok = !base.is_empty()
-            && base.len() <= 200
-            && base.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            });
-        if !base_ok {
+        if !is_base_domain(&self.base_domain) {
+            let base = &self.base_domain;
             return Err(ControlPlaneError::Options(format!("base domain {base:?} is not a lowercase DNS name")));
         }
         if self.max_blob_bytes == 0 {
@@ -106,6 +99,21 @@ impl ControlPlaneOptions {
         }
         Ok(())
     }
+}
+
+/// Whether `domain` can be the base domain: a lowercase DNS name (labels of
+/// 1–63 of `a-z0-9-`, not starting or ending with `-`, 200 bytes at most,
+/// so `<project>-<id>.` still fits in a name).
+pub fn is_base_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 200
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// How often `run_background` checks whether another node changed routing.
