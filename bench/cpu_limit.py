@@ -14,12 +14,11 @@ import http.client
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
+from common import ROOT, start_apps_runner
+
 APP = 'Deno.serve((req) => { if (new URL(req.url).pathname === "/loop") { while (true) {} } return new Response("ok"); });\n'
 
 
@@ -44,19 +43,10 @@ def main():
         os.makedirs(os.path.join(apps, f"loop{i}"))
         with open(os.path.join(apps, f"loop{i}", "main.ts"), "w") as f:
             f.write(APP)
-    runner = subprocess.Popen(
-        [args.binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(work, "state"),
-         "--deno", DENO, "--cpu-limit-ms", str(args.cpu_limit_ms)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "ISOCLOUD_LOG": "warn"},
-    )
+    runner, port = start_apps_runner(
+        args.binary, apps, os.path.join(work, "state"), ["--cpu-limit-ms", str(args.cpu_limit_ms)])
     past_limit = []
     try:
-        line = ""
-        while "listening on" not in line:
-            line = runner.stdout.readline()
-            if not line:
-                raise SystemExit("the runner did not start")
-        port = int(line.rsplit(":", 1)[1])
         for i in range(args.runs):
             host = f"loop{i}.localhost"
             status, _, _ = request(port, host, "/")

@@ -17,12 +17,11 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import threading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
+from common import ROOT, start_apps_runner
+
 APP = """
 Deno.serve(async (req) => {
   const target = new URL(req.url).searchParams.get("target");
@@ -54,17 +53,8 @@ def start_runner(binary, work, name, proxy):
     os.makedirs(os.path.join(apps, "egress"))
     with open(os.path.join(apps, "egress", "main.ts"), "w") as f:
         f.write(APP)
-    runner = subprocess.Popen(
-        [binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(work, f"state-{name}"),
-         "--deno", DENO, "--cpu-limit-ms", "60000", "--egress-proxy", proxy],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "ISOCLOUD_LOG": "warn"},
-    )
-    line = ""
-    while "listening on" not in line:
-        line = runner.stdout.readline()
-        if not line:
-            raise SystemExit(f"the runner ({name}) did not start")
-    return runner, int(line.rsplit(":", 1)[1])
+    return start_apps_runner(
+        binary, apps, os.path.join(work, f"state-{name}"), ["--cpu-limit-ms", "60000", "--egress-proxy", proxy])
 
 
 def download(port, target):

@@ -25,21 +25,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
-HANDLER = 'Deno.serve({ port: Number(Deno.env.get("PORT") ?? 8000), onListen() {} }, () => new Response("Hello, world!"));\n'
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(samples, p):
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
+from common import DENO, HANDLER, ROOT, free_port, percentile, start_apps_runner
 
 
 def get(conn, host, path="/"):
@@ -117,21 +103,8 @@ def main():
         with open(os.path.join(apps, f"app{i}", "main.ts"), "w") as f:
             f.write(HANDLER)
 
-    runner = subprocess.Popen(
-        [args.binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(work, "state"),
-         "--deno", DENO, *args.runner_arg],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "ISOCLOUD_LOG": "warn"},
-    )
+    runner, port = start_apps_runner(args.binary, apps, os.path.join(work, "state"), args.runner_arg)
     try:
-        line = ""
-        while "listening on" not in line:
-            line = runner.stdout.readline()
-            if not line:
-                raise SystemExit("the runner did not start")
-        port = int(line.rsplit(":", 1)[1])
 
         # Cold: first request to a deployment never seen (origin on the same
         # machine: the apps folder), one fresh connection each.

@@ -22,8 +22,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
+from common import ROOT, start_apps_runner
+
 APP = """
 Deno.serve(async (req) => {
   const kind = new URL(req.url).pathname.slice(1);
@@ -60,22 +60,13 @@ def main():
         f.write(APP)
     rows = []
     for limit in [int(x) for x in args.limits.split(",")]:
-        runner = subprocess.Popen(
-            [args.binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir",
-             os.path.join(work, f"state-{limit}"), "--deno", DENO, "--memory-limit-mb", str(limit),
-             "--cpu-limit-ms", "600000", "--request-timeout-s", "120"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "ISOCLOUD_LOG": "info,isocloud::tenant=info", "NO_COLOR": "1"},
-        )
+        runner, port = start_apps_runner(
+            args.binary, apps, os.path.join(work, f"state-{limit}"),
+            ["--memory-limit-mb", str(limit), "--cpu-limit-ms", "600000", "--request-timeout-s", "120"],
+            log="info,isocloud::tenant=info", stderr=subprocess.PIPE)
         log = []
         threading.Thread(target=lambda: log.extend(iter(runner.stderr.readline, "")), daemon=True).start()
         try:
-            line = ""
-            while "listening on" not in line:
-                line = runner.stdout.readline()
-                if not line:
-                    raise SystemExit("the runner did not start")
-            port = int(line.rsplit(":", 1)[1])
             for kind in ("arraybuffer", "heap"):
                 del log[:]
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)

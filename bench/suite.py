@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,9 @@ import tempfile
 import threading
 import time
 
+from common import DENO, HANDLER, ROOT, free_port, percentile, start_apps_runner
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
-HANDLER = 'Deno.serve({ port: Number(Deno.env.get("PORT") ?? 8000), onListen() {} }, () => new Response("Hello, world!"));\n'
 WORKER = 'export default { fetch() { return new Response("Hello, world!"); } };\n'
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -41,18 +39,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(samples, p):
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def med(xs):
@@ -280,18 +266,10 @@ class Wrk:
 class Runner:
     def __init__(self, procs, binary, apps, state, max_isolates):
         self.procs = procs
-        self.proc = procs.start(
-            [binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", state,
-             "--deno", DENO, "--cpu-limit-ms", "1000", "--max-isolates", str(max_isolates),
-             "--idle-timeout-s", "3600"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "ISOCLOUD_LOG": "warn"})
-        line = ""
-        while "listening on" not in line:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit("the runner did not start")
-        self.port = int(line.strip().rsplit(":", 1)[1])
+        self.proc, self.port = start_apps_runner(
+            binary, apps, state,
+            ["--cpu-limit-ms", "1000", "--max-isolates", str(max_isolates), "--idle-timeout-s", "3600"],
+            spawn=procs.start)
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
 
     def isolates(self):
@@ -595,7 +573,7 @@ def main():
                      f"≈ {24 * 1024 / med(mem):,.0f} would fit in 24 GiB by private memory alone"))
         rows.append((f"warm request with {idle['all']} isolates resident (wrk 1 conn, sequential)",
                      f"p50 {idle['warm']['p50_us'] / 1000:.2f} / p99 {wp:.2f} ms", "—",
-                     f"target p99 ≤ 5 ms with 1,000 resident: "
+                     "target p99 ≤ 5 ms with 1,000 resident: "
                      + ("met" if wp <= 5 and idle["all"] >= 1000 else f"{'p99 ok' if wp <= 5 else 'p99 NOT met'} at {idle['all']} (1,000 only in the full run)")))
     rcpu = [x["runner_cpu_s"] / x["requests"] * 1e6 for x in warm["runner"]]
     icpu = [x["isolate_cpu_s"] / x["requests"] * 1e6 for x in warm["runner"]]
