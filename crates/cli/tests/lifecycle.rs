@@ -217,3 +217,29 @@ async fn usage_measured_by_the_runner_reaches_the_origin() {
         assert!(event["interval_end"].as_str().unwrap() >= event["interval_start"].as_str().unwrap(), "{event}");
     }
 }
+
+#[tokio::test]
+async fn a_deployments_first_cache_starts_from_the_runners_template() {
+    let apps = AppsDir::new();
+    apps.app("fresh", &[("main.ts", PID_APP)]);
+    let runner = apps.serve(&[]);
+    runner.wait_for_log("deno cache template ready");
+    // The template is the runner's warm-up isolate's cache: the harness's
+    // compiled code, outside the per-deployment folders.
+    let template = runner.state_dir.path().join("deno-template");
+    let code_cache = |dir: &std::path::Path| {
+        ["v8_code_cache_v2", "v8_code_cache_v2-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(code_cache(&template) > 0, "no code cache in {}", template.display());
+    let deno_dirs = || std::fs::read_dir(runner.state_dir.path().join("deno-dir")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(deno_dirs(), 0, "the warm-up leaves no cache dir of its own");
+
+    pid_of(&runner, "fresh.localhost").await;
+    let dirs: Vec<_> =
+        std::fs::read_dir(runner.state_dir.path().join("deno-dir")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert!(code_cache(&dirs[0]) > 0);
+}
