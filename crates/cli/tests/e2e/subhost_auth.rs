@@ -2,16 +2,14 @@
 //! is refused with 401 before any origin call, kid selection, `rpc_root` claims, secret files and the TOML
 //! config file — against a real origin on loopback and real deno isolates.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use jsonwebtoken::Algorithm;
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
-use support::*;
 
 /// Answers with what the isolate saw: its URL, its headers and its pid.
 const ECHO: &str = r#"

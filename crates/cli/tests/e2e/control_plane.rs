@@ -6,10 +6,8 @@
 //! TXT record, with a certificate, reached over HTTPS by SNI (HTTP/2 by ALPN)
 //! and redirected from HTTP.
 
-mod support;
-
 // The control plane's own test responder; this test sets TXT records only.
-#[path = "../../controlplane/tests/api/support/dns.rs"]
+#[path = "../../../controlplane/tests/api/support/dns.rs"]
 #[allow(dead_code)]
 mod dns;
 
@@ -18,8 +16,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::ControlPlaneServe;
 use serde_json::{Value, json};
-use support::ControlPlaneServe;
 
 /// Runs the `isocloud` client against `serve` with its own config dir;
 /// returns stdout, panicking with both streams on failure.
@@ -252,7 +250,7 @@ async fn an_eszip_built_by_the_deno_toolchain_deploys_and_serves() {
     )
     .unwrap();
     let archive = work.path().join("app.eszip");
-    std::fs::write(&archive, support::build_eszip(&src, "main.ts", None)).unwrap();
+    std::fs::write(&archive, crate::support::build_eszip(&src, "main.ts", None)).unwrap();
 
     cli(&serve, &config, &["projects", "create", "packed"]);
     let out = cli(

@@ -3,12 +3,10 @@
 //! isolates. Each attack must fail for the attacker, be recorded, and leave a
 //! neighbour deployment serving.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 const NEIGHBOUR: &str = "Deno.serve(() => new Response(String(Deno.pid)));";
 

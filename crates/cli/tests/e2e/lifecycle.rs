@@ -2,12 +2,10 @@
 //! graceful shutdown, console capture with request ids, and the admin
 //! listener's health and metrics.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 const PID_APP: &str = r#"
 Deno.serve(async (req) => {

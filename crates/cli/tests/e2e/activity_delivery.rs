@@ -5,13 +5,11 @@
 //! runner on the same state dir delivers them; a full spool drops the oldest
 //! logs, and counts and reports what it dropped.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 const CHATTY: &str = r#"
 console.log("booted");

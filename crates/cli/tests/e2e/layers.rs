@@ -3,12 +3,10 @@
 //! `@deno/eszip`, the on-disk layer cache, one boot for concurrent first
 //! requests, and lazily fetched assets of a `read_tree` manifest.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// A relay's request for `deployment_id` at this runner.
 async fn subhost_get(runner: &Runner, deployment_id: &str, path: &str) -> reqwest::Response {

@@ -9,13 +9,11 @@
 //! `scripts/test` runs it. `ISOCLOUD_E2E_SCREENSHOT=/path.png` keeps a
 //! screenshot of the final page; a failure always saves one and names it.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{ControlPlaneServe, repo_root, run_with_timeout};
+use crate::support::{ControlPlaneServe, repo_root, run_with_timeout};
 
 #[test]
 fn dashboard_in_a_browser() {

@@ -1,10 +1,8 @@
 //! `isocloud serve --apps DIR`: Host routing, handler styles, isolate.json,
 //! envs, assets — real deno isolates behind the real binary.
 
-mod support;
-
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 #[tokio::test]
 async fn routes_by_host_and_serves_each_handler_style() {

@@ -3,8 +3,6 @@
 //! sent, big bodies arrive intact, WebSockets echo, and one isolate serves
 //! many requests at once.
 
-mod support;
-
 /// Moving tens of megabytes through an isolate (and hashing them) costs more
 /// CPU than the default 50 ms budget; these tests are about streaming, the
 /// CPU limit has its own (hostile_limits.rs).
@@ -12,10 +10,10 @@ const STREAMING_LIMITS: &[&str] = &["--cpu-limit-ms", "5000"];
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

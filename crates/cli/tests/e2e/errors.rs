@@ -2,12 +2,10 @@
 //! the JSON body and in `x-isocloud-error`, a message naming the problem, and a runner that keeps serving
 //! its healthy deployments — plus the tenant's own 5xx answers, which must pass through untouched.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const HEALTHY: &str = "Deno.serve(() => new Response('healthy'));";
 

@@ -2,14 +2,12 @@
 //! runner's proxy, counted in the usage reports, and a tenant calling back
 //! into the cloud in a loop cut off at the hop bound.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

@@ -3,15 +3,13 @@
 //! subhosting mode, checked with `fetch` and `Deno.connect` against real
 //! servers on loopback that count who reached them.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A tiny HTTP server on 127.0.0.1:0 answering every request with

@@ -11,8 +11,6 @@
 //! with *every* deno permission and FFI, is proven in `crates/sandbox`
 //! (`command::tests`).
 
-mod support;
-
 /// One attack request runs dozens of failing probes, each throwing with a
 /// stack trace through code compiled cold: more CPU than the default 50 ms
 /// budget on a loaded machine. These tests are about the sandbox; the CPU
@@ -22,8 +20,8 @@ const PROBE_LIMITS: &[&str] = &["--cpu-limit-ms", "5000"];
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 const FULL_SANDBOX: &str =
     "sandbox: mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on";

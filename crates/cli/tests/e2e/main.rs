@@ -1,0 +1,23 @@
+//! The runner end to end: the real `isocloud` binary, real deno isolates,
+//! real HTTP on loopback, a real origin server started by each test. One test
+//! binary with a module per area, so the workspace links it once instead of
+//! once per file (each link costs seconds and tens of megabytes).
+//!
+//! Run one area with `cargo test -p isocloud --test e2e egress::`.
+
+mod support;
+
+mod activity_delivery;
+mod apps_mode;
+mod client_cli;
+mod control_plane;
+mod dashboard;
+mod egress;
+mod errors;
+mod hostile_limits;
+mod hostile_sandbox;
+mod layers;
+mod lifecycle;
+mod net_permissions;
+mod streaming;
+mod subhost_auth;
