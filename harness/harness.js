@@ -13,16 +13,11 @@
 import { AsyncLocalStorage } from "node:async_hooks";
 
 const bootstrap = JSON.parse(Deno.readTextFileSync(Deno.args[0]));
-const {
-  socket_path: socketPath,
-  control_path: controlPath,
-  entrypoint,
-  src_root: srcRoot,
-  tree_path: treePath,
-  env_names: envNames,
-  egress_probe: egressProbe,
-  proxy_env: proxyEnv,
-} = bootstrap;
+const { socket_path: socketPath, control_path: controlPath, egress_probe: egressProbe } = bootstrap;
+// A pre-started isolate runs this far (deno up, harness evaluated, proxy
+// probed) before the runner picks its deployment, then waits on the control
+// socket for the rest of the bootstrap: entrypoint, asset tree, envs.
+const prestarted = bootstrap.prestart === true;
 
 // deno reads HTTP_PROXY/HTTPS_PROXY when it builds its HTTP client, on the
 // first fetch: make that happen now, while the runner's egress proxy is still
@@ -45,12 +40,17 @@ if (egressProbe) {
 
 // The tenant sees exactly its configured envs: not the variables the runner
 // sets for deno (DENO_DIR, the proxy, …), nor those deno adds to its own
-// environment (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE).
-const configuredEnv = new Set(envNames);
-for (const name of Object.keys(Deno.env.toObject())) {
-  if (!configuredEnv.has(name)) Deno.env.delete(name);
+// environment (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE). `values`:
+// what to set afterwards (the tenant's own proxy variables, or, for a
+// pre-started isolate, every configured env).
+function scrubEnv(envNames, values) {
+  const configuredEnv = new Set(envNames);
+  for (const name of Object.keys(Deno.env.toObject())) {
+    if (!configuredEnv.has(name)) Deno.env.delete(name);
+  }
+  for (const [name, value] of Object.entries(values ?? {})) Deno.env.set(name, value);
 }
-for (const [name, value] of Object.entries(proxyEnv ?? {})) Deno.env.set(name, value);
+if (!prestarted) scrubEnv(bootstrap.env_names, bootstrap.proxy_env);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -67,6 +67,9 @@ function send(message) {
   }).catch(() => {});
   return controlQueue;
 }
+
+let resolveAssignment = () => {};
+const assignment = new Promise((resolve) => (resolveAssignment = resolve));
 
 let nextCallId = 1;
 const pendingCalls = new Map();
@@ -97,6 +100,10 @@ function call(message) {
     while ((newline = buffered.indexOf("\n")) >= 0) {
       const reply = JSON.parse(buffered.slice(0, newline));
       buffered = buffered.slice(newline + 1);
+      if (reply.op === "assign") {
+        resolveAssignment(reply);
+        continue;
+      }
       const pending = pendingCalls.get(reply.id);
       if (!pending) continue;
       pendingCalls.delete(reply.id);
@@ -127,6 +134,15 @@ for (const [method, level] of Object.entries(levels)) {
     send({ op: "log", level, message: format(args), request_id: requestContext.getStore() ?? null });
   };
 }
+
+// ---------------------------------------------------------------- assignment
+
+if (prestarted) {
+  send({ op: "waiting" });
+  Object.assign(bootstrap, await assignment);
+  scrubEnv(bootstrap.env_names, bootstrap.envs);
+}
+const { entrypoint, src_root: srcRoot, tree_path: treePath } = bootstrap;
 
 // ---------------------------------------------------------------- assets
 

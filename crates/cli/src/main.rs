@@ -157,7 +157,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         usage_interval: settings.usage_interval,
         egress: egress.clone(),
         max_deno_dirs: MAX_DENO_DIRS,
+        prestarted_per_profile: settings.prestarted_isolates,
     };
+    match (settings.prestarted_isolates, policy.mount_namespace) {
+        (0, _) => tracing::info!("pre-started isolates: off"),
+        (n, true) => tracing::info!(per_profile = n, "pre-started isolates: on"),
+        (_, false) => tracing::warn!("pre-started isolates: off (they need --mount-namespace on)"),
+    }
     let pool = Pool::new(pool_options, policy, cache, pool_metrics)
         .context("cannot prepare the isolate directory or the activity spool")?;
     pool.build_deno_template().await;

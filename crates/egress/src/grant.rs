@@ -27,7 +27,9 @@ pub struct EgressUsage {
 
 pub(crate) struct GrantState {
     pub(crate) token: String,
-    pub(crate) deployment: String,
+    /// For the runner's log; a pre-started isolate's grant is named when
+    /// the isolate gets its deployment.
+    deployment: Mutex<String>,
     pub(crate) net: NetPermission,
     pub(crate) requests: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
@@ -42,6 +44,10 @@ pub(crate) struct GrantState {
 }
 
 impl GrantState {
+    pub(crate) fn deployment(&self) -> String {
+        self.deployment.lock().expect("deployment poisoned").clone()
+    }
+
     pub(crate) fn outbound_hops(&self) -> u32 {
         let in_flight = self.in_flight_hops.lock().expect("hops poisoned");
         in_flight.iter().copied().max().unwrap_or(0).saturating_add(1)
@@ -74,7 +80,7 @@ impl EgressGrant {
         let proxy_url = format!("http://isolate:{token}@{proxy_authority}");
         let state = Arc::new(GrantState {
             token,
-            deployment,
+            deployment: Mutex::new(deployment),
             net,
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
@@ -116,6 +122,12 @@ impl EgressGrant {
         &self.proxy_authority
     }
 
+    /// Names the deployment the isolate now runs (a pre-started isolate's
+    /// grant is made before there is one).
+    pub fn name_deployment(&self, deployment: &str) {
+        *self.state.deployment.lock().expect("deployment poisoned") = deployment.to_owned();
+    }
+
     /// Marks a request with `hops` as being served by this isolate until the
     /// guard drops; calls the isolate makes meanwhile carry `hops + 1`.
     pub fn enter(&self, hops: u32) -> HopGuard {
@@ -150,7 +162,7 @@ impl Drop for EgressGrant {
 impl std::fmt::Debug for EgressGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token: it is a credential.
-        f.debug_struct("EgressGrant").field("deployment", &self.state.deployment).finish_non_exhaustive()
+        f.debug_struct("EgressGrant").field("deployment", &self.state.deployment()).finish_non_exhaustive()
     }
 }
 

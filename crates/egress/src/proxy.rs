@@ -201,7 +201,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
     }
     if !allows(&grant.net, &host, port) {
         grant.denied.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(deployment_id = grant.deployment, host, port, "egress proxy: host outside permissions.net");
+        tracing::info!(deployment_id = grant.deployment(), host, port, "egress proxy: host outside permissions.net");
         return refuse(
             StatusCode::FORBIDDEN,
             ErrorCode::EgressDenied,
@@ -211,7 +211,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
     let hops = grant.outbound_hops();
     if hops > shared.options.max_hops {
         grant.loops.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(deployment_id = grant.deployment, hops, "egress proxy: loop refused");
+        tracing::info!(deployment_id = grant.deployment(), hops, "egress proxy: loop refused");
         return refuse(
             StatusCode::LOOP_DETECTED,
             ErrorCode::LoopDetected,

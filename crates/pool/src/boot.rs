@@ -12,6 +12,7 @@ use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxError, Sandbox
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
 
 use crate::ActivitySink;
+use crate::warm::Warm;
 
 /// Why a deployment could not be booted. Cloneable: every request waiting on
 /// one boot gets the same answer.
@@ -56,19 +57,44 @@ pub(crate) struct BootContext {
     /// The runner's egress proxy; `None`: isolates call out directly
     /// (deno's allow-list is then the only check).
     pub egress: Option<EgressProxy>,
+    /// Pre-started isolates; `None`: every boot starts its own process.
+    pub warm: Option<Arc<Warm>>,
+    pub metrics: crate::PoolMetrics,
 }
 
+/// `warm`: take a pre-started isolate when one fits (the runner's own
+/// template isolate does not).
 pub(crate) async fn boot(
     ctx: &BootContext,
     origin: Arc<dyn Origin>,
     deployment_id: String,
     instance: u64,
+    warm: bool,
 ) -> Result<(Arc<Isolate>, u64), BootError> {
     let started = Instant::now();
     let deployment = load_deployment(origin.as_ref(), &ctx.cache, &deployment_id)
         .await
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
-
+    if let Some(pool) = ctx.warm.as_ref().filter(|_| warm) {
+        let net = deployment.config.net.clone();
+        let (result, fitting) = match pool.take(&net) {
+            None => ("miss", None),
+            Some(prestarted) => match prestarted.files().fits_blank(&deployment) {
+                Ok(()) => ("hit", Some(prestarted)),
+                Err(reason) => {
+                    tracing::debug!(deployment_id, reason, "booting without a pre-started isolate");
+                    pool.give_back(&net, prestarted);
+                    ("unfit", None)
+                }
+            },
+        };
+        pool.refill(&net);
+        ctx.metrics.prestarted_boots.get_or_create(&vec![("result", result)]).inc();
+        if let Some(prestarted) = fitting {
+            let isolate = boot_prestarted(ctx, prestarted, origin, deployment_id, deployment).await?;
+            return Ok((isolate, started.elapsed().as_millis() as u64));
+        }
+    }
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
     // No network, no proxy: nothing to count, and one probe less at start.
     let grant = match (&ctx.egress, &deployment.config.net) {
@@ -126,6 +152,44 @@ pub(crate) async fn boot(
             Err(BootError::Start(Arc::new(e)))
         }
     }
+}
+
+/// Gives `deployment` to a pre-started isolate: its modules and asset tree
+/// into the isolate's `/src`, its envs and entrypoint to the harness.
+async fn boot_prestarted(
+    ctx: &BootContext,
+    prestarted: isocloud_supervisor::Prestarted,
+    origin: Arc<dyn Origin>,
+    deployment_id: String,
+    deployment: isocloud_origin::Deployment,
+) -> Result<Arc<Isolate>, BootError> {
+    let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
+    if let Some(grant) = prestarted.egress() {
+        grant.name_deployment(&format!("{}/{deployment_id}", origin.name()));
+    }
+    let blank = prestarted.files().clone();
+    let deployment = Arc::new(deployment);
+    let filled = {
+        let deployment = deployment.clone();
+        tokio::task::spawn_blocking(move || blank.fill(&deployment, &deno_dir))
+            .await
+            .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?
+    };
+    // On failure `prestarted` drops: killed, its files removed.
+    let files = filled.map_err(|e| BootError::Sandbox(Arc::new(e)))?;
+    let assignment = files.assignment(&deployment);
+    let hooks = Arc::new(DeploymentHooks {
+        origin,
+        deployment_id,
+        tree: Arc::new(deployment.tree.clone()),
+        files: files.clone(),
+        cache: ctx.cache.clone(),
+        activity: ctx.activity.clone(),
+    });
+    prestarted
+        .assign(files, hooks, assignment, ctx.start_timeout, ctx.limits)
+        .await
+        .map_err(|e| BootError::Start(Arc::new(e)))
 }
 
 /// A deployment's deno cache folder: one per (origin, deployment), so no

@@ -15,6 +15,7 @@ mod deployment_metrics;
 mod metrics;
 mod pool;
 mod template;
+mod warm;
 
 pub use activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
 pub use boot::BootError;

@@ -9,6 +9,11 @@ use prometheus_client::registry::Registry;
 pub struct PoolMetrics {
     pub boots: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub boot_seconds: Histogram,
+    /// Boots by whether a pre-started isolate served them: `hit`, `miss`
+    /// (none waiting), `unfit` (the deployment needs a process of its own).
+    pub prestarted_boots: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Pre-started isolates waiting for a deployment.
+    pub prestarted_waiting: Gauge,
     pub live_isolates: Gauge,
     pub terminations: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Activity events dropped undelivered, by `kind` (the event's `type`).
@@ -22,6 +27,8 @@ impl PoolMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self {
             boots: Family::default(),
+            prestarted_boots: Family::default(),
+            prestarted_waiting: Gauge::default(),
             boot_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             live_isolates: Gauge::default(),
             terminations: Family::default(),
@@ -36,6 +43,16 @@ impl PoolMetrics {
             "isocloud_boot_duration_seconds",
             "Boot latency, origin to first byte served",
             metrics.boot_seconds.clone(),
+        );
+        registry.register(
+            "isocloud_prestarted_boots",
+            "Boots by whether a pre-started isolate served them (hit, miss, unfit)",
+            metrics.prestarted_boots.clone(),
+        );
+        registry.register(
+            "isocloud_prestarted_waiting",
+            "Pre-started isolates waiting for a deployment",
+            metrics.prestarted_waiting.clone(),
         );
         registry.register("isocloud_live_isolates", "Isolates running now", metrics.live_isolates.clone());
         registry.register("isocloud_isolate_terminations", "Isolates ended, by reason", metrics.terminations.clone());

@@ -15,6 +15,7 @@ use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
 
 use crate::boot::{BootContext, boot};
 use crate::deployment_metrics::Ending;
+use crate::warm::{Warm, WarmOptions};
 use crate::{ActivitySink, BootError, PoolMetrics};
 
 #[derive(Debug, Clone)]
@@ -39,6 +40,10 @@ pub struct PoolOptions {
     pub egress: Option<isocloud_egress::EgressProxy>,
     /// Deployment deno cache dirs kept (most recently booted first).
     pub max_deno_dirs: usize,
+    /// Isolates kept pre-started per sandbox profile (see `warm`); 0: none.
+    /// Needs the mount namespace (a pre-started isolate's `/src` is its own
+    /// before it has anything in it).
+    pub prestarted_per_profile: usize,
 }
 
 /// Deployments are named by origin and id: two subhosters may both have a
@@ -61,7 +66,7 @@ struct Inner {
     ctx: BootContext,
     options: PoolOptions,
     metrics: PoolMetrics,
-    next_instance: AtomicU64,
+    next_instance: Arc<AtomicU64>,
     closed: AtomicBool,
     /// Start of the current usage interval (RFC 3339).
     usage_since: Mutex<String>,
@@ -86,6 +91,20 @@ impl Pool {
         }
         std::fs::create_dir_all(&options.instances_dir)?;
         let activity = ActivitySink::start(options.activity.clone(), metrics.clone())?;
+        let next_instance = Arc::new(AtomicU64::new(1));
+        let warm = (options.prestarted_per_profile > 0 && policy.mount_namespace).then(|| {
+            Warm::new(WarmOptions {
+                per_profile: options.prestarted_per_profile,
+                policy: policy.clone(),
+                instances_dir: options.instances_dir.clone(),
+                start_timeout: options.start_timeout,
+                limits: options.limits,
+                cgroups: options.cgroups.clone(),
+                egress: options.egress.clone(),
+                next_instance: next_instance.clone(),
+                waiting: metrics.prestarted_waiting.clone(),
+            })
+        });
         let ctx = BootContext {
             cache,
             policy,
@@ -95,6 +114,8 @@ impl Pool {
             cgroups: options.cgroups.clone(),
             activity,
             egress: options.egress.clone(),
+            warm,
+            metrics: metrics.clone(),
         };
         let pool = Self {
             inner: Arc::new(Inner {
@@ -103,7 +124,7 @@ impl Pool {
                 ctx,
                 options,
                 metrics,
-                next_instance: AtomicU64::new(1),
+                next_instance,
                 closed: AtomicBool::new(false),
                 usage_since: Mutex::new(crate::activity::now_rfc3339()),
             }),
@@ -122,6 +143,11 @@ impl Pool {
             Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "deno cache template ready"),
             Err(e) => tracing::warn!(error = %e, "no deno cache template: first boots compile the harness"),
         }
+        // Pre-started isolates copy the template: start them after it, for
+        // the profile of the protocol's default config (all of the network).
+        if let Some(warm) = &self.inner.ctx.warm {
+            warm.refill(&isocloud_protocol::NetPermission::All);
+        }
     }
 
     /// The running isolate of `deployment_id`, booting it if needed.
@@ -134,7 +160,11 @@ impl Pool {
                 return Err(BootError::ShuttingDown);
             }
             match slots.get(&key) {
-                Some(Slot::Ready(isolate)) if isolate.is_running() => return Ok(isolate.clone()),
+                // One the runner has condemned (a limit) is dead already, even
+                // if the kernel has not reaped it yet.
+                Some(Slot::Ready(isolate)) if isolate.is_running() && isolate.termination().is_none() => {
+                    return Ok(isolate.clone());
+                }
                 Some(Slot::Ready(isolate)) => {
                     // It died since the last request: report it, then boot anew.
                     let isolate = isolate.clone();
@@ -162,7 +192,7 @@ impl Pool {
         // A task, so a boot finishes (and is cached) even if every request
         // that waited for it went away.
         let task = tokio::spawn(async move {
-            let result = boot(&inner.ctx, origin.clone(), key.1.clone(), instance).await;
+            let result = boot(&inner.ctx, origin.clone(), key.1.clone(), instance, true).await;
             let mut slots = inner.slots.lock().expect("pool poisoned");
             match result {
                 Ok((isolate, boot_ms)) => {
@@ -267,6 +297,9 @@ impl Pool {
     /// after the grace period). Call after in-flight requests have drained.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        if let Some(warm) = &self.inner.ctx.warm {
+            warm.close();
+        }
         let isolates: Vec<(Key, Arc<Isolate>)> = {
             let mut slots = self.inner.slots.lock().expect("pool poisoned");
             slots

@@ -63,7 +63,7 @@ pub(crate) async fn build(ctx: &BootContext) -> Result<(), String> {
     let warm_dir = ctx.policy.deno_dir.join(deno_dir_name(WARMUP_ORIGIN, WARMUP_DEPLOYMENT));
     let _ = std::fs::remove_dir_all(&warm_dir);
     let origin: Arc<dyn Origin> = Arc::new(WarmupOrigin);
-    let (isolate, _) = boot(ctx, origin, WARMUP_DEPLOYMENT.to_owned(), 0).await.map_err(|e| e.to_string())?;
+    let (isolate, _) = boot(ctx, origin, WARMUP_DEPLOYMENT.to_owned(), 0, false).await.map_err(|e| e.to_string())?;
     // deno writes its code cache as modules load; a clean exit closes its
     // databases before the copy.
     isolate.terminate(Duration::from_secs(5)).await;

@@ -86,6 +86,29 @@ impl SandboxedCommand {
         config: &IsolateConfig,
         egress: Option<&EgressRoute>,
     ) -> Self {
+        Self::build(policy, files, &config.net, &config.envs, egress)
+    }
+
+    /// An isolate started before it has a deployment
+    /// ([`IsolateFiles::prepare_blank`]): `net` is fixed now (deno's
+    /// permissions cannot grow later), the tenant's environment comes with
+    /// its assignment.
+    pub fn blank(
+        policy: &SandboxPolicy,
+        files: &IsolateFiles,
+        net: &NetPermission,
+        egress: Option<&EgressRoute>,
+    ) -> Self {
+        Self::build(policy, files, net, &std::collections::BTreeMap::new(), egress)
+    }
+
+    fn build(
+        policy: &SandboxPolicy,
+        files: &IsolateFiles,
+        net: &NetPermission,
+        envs: &std::collections::BTreeMap<String, String>,
+        egress: Option<&EgressRoute>,
+    ) -> Self {
         let guest = &files.guest;
         let socket = guest.socket.clone();
         let control = guest.control.clone();
@@ -104,7 +127,7 @@ impl SandboxedCommand {
         if let Some(route) = egress {
             unix.push(route.proxy_authority.clone());
         }
-        let net = match &config.net {
+        let net = match net {
             NetPermission::All => "--allow-net".to_owned(),
             NetPermission::None => format!("--allow-net={}", unix.join(",")),
             NetPermission::Allow(hosts) => {
@@ -138,7 +161,7 @@ impl SandboxedCommand {
             .args(&args)
             .current_dir(&files.src)
             .env_clear()
-            .envs(&config.envs)
+            .envs(envs)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -148,7 +171,7 @@ impl SandboxedCommand {
         for (name, value) in
             [(RUNNER_ENV[0], guest.deno_dir.clone()), (RUNNER_ENV[1], "1".to_owned()), (RUNNER_ENV[2], "1".to_owned())]
         {
-            if !config.envs.contains_key(name) {
+            if !envs.contains_key(name) {
                 command.env(name, value);
             }
         }

@@ -189,6 +189,151 @@ impl IsolateFiles {
         deno_dir: &Path,
         egress: Option<&EgressRoute>,
     ) -> Result<Self, SandboxError> {
+        let mut files = Self::layout(dir, policy, deno_dir)?;
+        files.entrypoint = deployment.config.entrypoint.clone();
+
+        let mut imports: BTreeMap<String, String> = BTreeMap::new();
+        if files.root.is_none() {
+            // Without its own root, `/src` is reached through the import map.
+            imports.insert("file:///src/".into(), file_url_dir(&files.src));
+        }
+        let mut locations: BTreeMap<&Url, PathBuf> = BTreeMap::new();
+        for (specifier, module) in &deployment.modules {
+            let (path, mapping) = files.place(specifier, module.kind)?;
+            write_module(&path, &module.source)?;
+            match mapping {
+                Mapping::Covered => {}
+                Mapping::Prefix(from, to) => {
+                    imports.insert(from, file_url_dir(&files.guest_path(&to)));
+                }
+                Mapping::Exact => {
+                    imports.insert(specifier.to_string(), file_url(&files.guest_path(&path)));
+                }
+            }
+            locations.insert(specifier, path);
+        }
+        for (from, to) in &deployment.redirects {
+            if let Some(path) = locations.get(to) {
+                imports.insert(from.to_string(), file_url(&files.guest_path(path)));
+            }
+        }
+        let import_map = serde_json::json!({ "imports": imports });
+        std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
+        std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
+
+        let env_names: Vec<&str> = deployment.config.envs.keys().map(String::as_str).collect();
+        let bootstrap = serde_json::json!({
+            "socket_path": files.guest.socket,
+            "control_path": files.guest.control,
+            "entrypoint": deployment.config.entrypoint.as_str(),
+            "src_root": files.guest.src,
+            "tree_path": files.guest.tree,
+            "env_names": env_names,
+            // The harness fetches this through the proxy before it scrubs
+            // the environment: deno reads the proxy variables when it builds
+            // its HTTP client, which it does on the first fetch.
+            "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
+            // The tenant's own values of the proxy variables, which the
+            // runner's take the place of in the process environment.
+            "proxy_env": deployment.config.envs.iter()
+                .filter(|(name, _)| PROXY_ENV.contains(&name.as_str()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
+        Ok(files)
+    }
+
+    /// Lays out a fresh directory `dir` for an isolate started before it is
+    /// given a deployment (the pool's pre-started isolates): an empty `/src`,
+    /// an empty import map, and a bootstrap that makes the harness wait for
+    /// its assignment on the control socket. Its deno cache dir is its own,
+    /// inside `dir`, started from the template; [`IsolateFiles::fill`] may
+    /// hand it to the deployment.
+    pub fn prepare_blank(
+        dir: &Path,
+        policy: &SandboxPolicy,
+        egress: Option<&EgressRoute>,
+    ) -> Result<Self, SandboxError> {
+        let files = Self::layout(dir, policy, &dir.join("deno-dir"))?;
+        std::fs::write(&files.import_map, br#"{"imports":{}}"#)?;
+        std::fs::write(&files.tree, br#"{"entries":{}}"#)?;
+        let bootstrap = serde_json::json!({
+            "prestart": true,
+            "socket_path": files.guest.socket,
+            "control_path": files.guest.control,
+            "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
+        });
+        std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
+        Ok(files)
+    }
+
+    /// Whether `deployment` can run in an isolate laid out by
+    /// [`IsolateFiles::prepare_blank`], and if not, why. Such an isolate
+    /// read its import map and its environment when it started, so the
+    /// deployment must need neither: every module under `file:///src/` where
+    /// deno finds it unmapped (its own root: a mount namespace), and none of
+    /// the names the runner sets for deno at start-up.
+    pub fn fits_blank(&self, deployment: &Deployment) -> Result<(), &'static str> {
+        if self.root.is_none() {
+            return Err("isolates have no mount namespace");
+        }
+        if !deployment.redirects.is_empty() {
+            return Err("the module graph has redirects");
+        }
+        if deployment.config.envs.keys().any(|name| RUNNER_ENV.contains(&name.as_str())) {
+            return Err("the deployment sets one of deno's own variables");
+        }
+        for (specifier, module) in &deployment.modules {
+            match self.place(specifier, module.kind) {
+                Ok((_, Mapping::Covered)) => {}
+                _ => return Err("a module needs the import map"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `deployment` into an isolate laid out by
+    /// [`IsolateFiles::prepare_blank`] (after [`IsolateFiles::fits_blank`]
+    /// said yes), and returns its files as they now are, with what the
+    /// harness is told ([`IsolateFiles::assignment`]). When the deployment
+    /// has no deno cache dir yet (`deployment_deno_dir`), the isolate's own
+    /// becomes it: later boots find what this one compiles.
+    pub fn fill(&self, deployment: &Deployment, deployment_deno_dir: &Path) -> Result<Self, SandboxError> {
+        let mut files = self.clone();
+        files.entrypoint = deployment.config.entrypoint.clone();
+        for (specifier, module) in &deployment.modules {
+            match files.place(specifier, module.kind)? {
+                (path, Mapping::Covered) => write_module(&path, &module.source)?,
+                _ => return Err(SandboxError::BadSpecifier(specifier.to_string())),
+            }
+        }
+        let partial = files.tree.with_extension("partial");
+        std::fs::write(&partial, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
+        std::fs::rename(&partial, &files.tree)?;
+        if !deployment_deno_dir.exists() && std::fs::rename(&self.deno_dir, deployment_deno_dir).is_ok() {
+            let now = std::time::SystemTime::now();
+            std::fs::File::open(deployment_deno_dir)?
+                .set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))?;
+            files.deno_dir = deployment_deno_dir.to_owned();
+        }
+        Ok(files)
+    }
+
+    /// What the harness of a pre-started isolate is told when it gets
+    /// `deployment`: where to start, and the environment the tenant sees.
+    pub fn assignment(&self, deployment: &Deployment) -> serde_json::Value {
+        serde_json::json!({
+            "entrypoint": deployment.config.entrypoint.as_str(),
+            "src_root": self.guest.src,
+            "tree_path": self.guest.tree,
+            "env_names": deployment.config.envs.keys().collect::<Vec<_>>(),
+            "envs": deployment.config.envs,
+        })
+    }
+
+    /// The directories of a fresh isolate instance, its deno cache dir
+    /// included; no deployment in them yet.
+    fn layout(dir: &Path, policy: &SandboxPolicy, deno_dir: &Path) -> Result<Self, SandboxError> {
         std::fs::create_dir_all(dir)?;
         prepare_deno_dir(deno_dir, policy)?;
         let meta = dir.join("meta");
@@ -236,7 +381,7 @@ impl IsolateFiles {
             meta,
             run,
             root: policy.mount_namespace.then(|| dir.join("root")),
-            entrypoint: deployment.config.entrypoint.clone(),
+            entrypoint: Url::parse("file:///src/").expect("static url"),
             guest,
         };
         std::fs::create_dir(&files.meta)?;
@@ -252,58 +397,6 @@ impl IsolateFiles {
         }
         std::fs::create_dir(&files.src)?;
         std::fs::create_dir(&files.modules)?;
-
-        let mut imports: BTreeMap<String, String> = BTreeMap::new();
-        if files.root.is_none() {
-            // Without its own root, `/src` is reached through the import map.
-            imports.insert("file:///src/".into(), file_url_dir(&files.src));
-        }
-        let mut locations: BTreeMap<&Url, PathBuf> = BTreeMap::new();
-        for (specifier, module) in &deployment.modules {
-            let (path, mapping) = files.place(specifier, module.kind)?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(&path, &module.source)?;
-            match mapping {
-                Mapping::Covered => {}
-                Mapping::Prefix(from, to) => {
-                    imports.insert(from, file_url_dir(&files.guest_path(&to)));
-                }
-                Mapping::Exact => {
-                    imports.insert(specifier.to_string(), file_url(&files.guest_path(&path)));
-                }
-            }
-            locations.insert(specifier, path);
-        }
-        for (from, to) in &deployment.redirects {
-            if let Some(path) = locations.get(to) {
-                imports.insert(from.to_string(), file_url(&files.guest_path(path)));
-            }
-        }
-        let import_map = serde_json::json!({ "imports": imports });
-        std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
-        std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
-
-        let env_names: Vec<&str> = deployment.config.envs.keys().map(String::as_str).collect();
-        let bootstrap = serde_json::json!({
-            "socket_path": files.guest.socket,
-            "control_path": files.guest.control,
-            "entrypoint": deployment.config.entrypoint.as_str(),
-            "src_root": files.guest.src,
-            "tree_path": files.guest.tree,
-            "env_names": env_names,
-            // The harness fetches this through the proxy before it scrubs
-            // the environment: deno reads the proxy variables when it builds
-            // its HTTP client, which it does on the first fetch.
-            "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
-            // The tenant's own values of the proxy variables, which the
-            // runner's take the place of in the process environment.
-            "proxy_env": deployment.config.envs.iter()
-                .filter(|(name, _)| PROXY_ENV.contains(&name.as_str()))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        });
-        std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
         Ok(files)
     }
 
@@ -450,6 +543,13 @@ fn make_mount_points(root: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn write_module(path: &Path, source: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, source)
 }
 
 enum Mapping {

@@ -3,7 +3,9 @@
 //!
 //! This crate owns an isolate from spawn to exit: it starts the
 //! [`SandboxedCommand`] the sandbox built, waits until the harness says it
-//! serves (or why it cannot), forwards requests over keep-alive HTTP/1.1
+//! serves (or why it cannot) — or, for a pre-started isolate, until the
+//! harness waits for its deployment, which [`Prestarted::assign`] hands it
+//! over the control socket — forwards requests over keep-alive HTTP/1.1
 //! connections on the isolate's unix socket, relays the harness's reports
 //! (console output with request ids, asset reads) to [`IsolateHooks`], and
 //! notices when the process exits. It must not decide which deployment runs
@@ -186,23 +188,45 @@ pub struct Isolate {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum ControlMessage {
     Ready,
-    StartError { code: String, message: String },
-    Log { level: String, message: String, request_id: Option<String> },
-    Materialize { id: u64, path: String },
+    /// A pre-started harness waits for its deployment on this connection.
+    Waiting,
+    StartError {
+        code: String,
+        message: String,
+    },
+    Log {
+        level: String,
+        message: String,
+        request_id: Option<String>,
+    },
+    Materialize {
+        id: u64,
+        path: String,
+    },
 }
 
-impl Isolate {
-    /// Spawns `command` and waits until the harness serves, for at most
-    /// `start_timeout`.
-    pub async fn start(
+/// An isolate process between spawn and serving.
+struct Spawned {
+    pid: u32,
+    termination: Arc<Mutex<Option<Termination>>>,
+    state: watch::Receiver<IsolateState>,
+    egress: Option<EgressGrant>,
+    started_rx: oneshot::Receiver<Result<(), (ErrorCode, String)>>,
+    /// The harness's control connection, once it waits for an assignment
+    /// (pre-started isolates only).
+    waiting_rx: Option<oneshot::Receiver<mpsc::Sender<Vec<u8>>>>,
+    stderr_tail: Arc<Mutex<String>>,
+}
+
+impl Spawned {
+    fn spawn(
         mut command: SandboxedCommand,
-        files: IsolateFiles,
+        files: &IsolateFiles,
         hooks: Arc<dyn IsolateHooks>,
-        start_timeout: Duration,
         limits: IsolateLimits,
         cgroup: Option<IsolateCgroup>,
         mut egress: Option<EgressGrant>,
-    ) -> Result<Arc<Isolate>, StartError> {
+    ) -> Result<Spawned, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
         let network_namespace = command.network_namespace();
         // The child joins its cgroup before exec: deno's own start-up is
@@ -240,7 +264,8 @@ impl Isolate {
         }
 
         let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
-        tokio::spawn(accept_control(listener, hooks, started_tx));
+        let (waiting_tx, waiting_rx) = oneshot::channel::<mpsc::Sender<Vec<u8>>>();
+        tokio::spawn(accept_control(listener, hooks, started_tx, waiting_tx));
 
         let (state_tx, state_rx) = watch::channel(IsolateState::Running);
         let termination: Arc<Mutex<Option<Termination>>> = Arc::default();
@@ -269,23 +294,31 @@ impl Isolate {
             tracing::debug!(pid, %status, "isolate process exited");
             let _ = state_tx.send(IsolateState::Exited(status));
         });
+        Ok(Spawned { pid, termination, state: state_rx, egress, started_rx, waiting_rx: Some(waiting_rx), stderr_tail })
+    }
 
+    /// Becomes the [`Isolate`] of `files` and waits until the harness serves.
+    async fn serve(
+        self,
+        files: IsolateFiles,
+        start_timeout: Duration,
+        limits: IsolateLimits,
+    ) -> Result<Arc<Isolate>, StartError> {
+        let Spawned { pid, termination, state, egress, mut started_rx, stderr_tail, .. } = self;
         let isolate = Arc::new(Isolate {
             pid,
             files,
             idle: Mutex::new(Vec::new()),
-            termination: termination.clone(),
+            termination,
             meter: Meter::default(),
             egress,
             requests_started: AtomicU64::new(0),
-            state: state_rx,
+            state,
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
             last_active_ms: AtomicU64::new(0),
         });
-
-        let mut exited = isolate.state.clone();
-        let mut started_rx = started_rx;
+        let exited = isolate.state.clone();
         let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
             Ok(Ok(())) => Ok(()),
             Ok(Err((code, message))) => Err(StartError::Failed { code, message }),
@@ -294,12 +327,7 @@ impl Isolate {
         let outcome = tokio::time::timeout(start_timeout, async {
             tokio::select! {
                 message = &mut started_rx => started(message),
-                status = async {
-                    match exited.wait_for(|s| matches!(s, IsolateState::Exited(_))).await.as_deref() {
-                        Ok(IsolateState::Exited(status)) => status.clone(),
-                        _ => String::new(),
-                    }
-                } => {
+                status = exit_status(exited) => {
                     // The harness reports why it cannot start and exits right
                     // away; the exit may be seen first. Its reason is better.
                     match tokio::time::timeout(Duration::from_millis(250), &mut started_rx).await {
@@ -323,6 +351,163 @@ impl Isolate {
                     // Give the stderr pump a moment to drain what deno printed.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     *stderr = strip_ansi(&stderr_tail.lock().expect("stderr tail poisoned"));
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Resolves with the exit status once the process has exited.
+async fn exit_status(mut state: watch::Receiver<IsolateState>) -> String {
+    match state.wait_for(|s| matches!(s, IsolateState::Exited(_))).await.as_deref() {
+        Ok(IsolateState::Exited(status)) => status.clone(),
+        _ => String::new(),
+    }
+}
+
+/// An isolate process started before a deployment was chosen for it: deno
+/// is up, the harness evaluated and waiting on its control socket. The
+/// pool keeps a few per sandbox profile, so a boot skips the process start.
+/// Dropped unassigned, it is killed and its files removed.
+pub struct Prestarted {
+    spawned: Option<Spawned>,
+    control: Option<mpsc::Sender<Vec<u8>>>,
+    hooks: Arc<LateHooks>,
+    files: IsolateFiles,
+}
+
+impl Prestarted {
+    /// Its blank files ([`IsolateFiles::prepare_blank`]).
+    pub fn files(&self) -> &IsolateFiles {
+        &self.files
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.spawned.as_ref().map(|s| s.pid)
+    }
+
+    /// Still waiting (not exited meanwhile).
+    pub fn is_running(&self) -> bool {
+        self.spawned.as_ref().is_some_and(|s| matches!(*s.state.borrow(), IsolateState::Running))
+    }
+
+    /// Its egress proxy credentials, to be named after the deployment.
+    pub fn egress(&self) -> Option<&EgressGrant> {
+        self.spawned.as_ref().and_then(|s| s.egress.as_ref())
+    }
+
+    /// Gives it a deployment: `files` are its files filled with the
+    /// deployment ([`IsolateFiles::fill`]), `assignment` what the harness
+    /// is told ([`IsolateFiles::assignment`]). Waits, for at most
+    /// `start_timeout`, until the tenant's code serves.
+    pub async fn assign(
+        mut self,
+        files: IsolateFiles,
+        hooks: Arc<dyn IsolateHooks>,
+        assignment: serde_json::Value,
+        start_timeout: Duration,
+        limits: IsolateLimits,
+    ) -> Result<Arc<Isolate>, StartError> {
+        let _ = self.hooks.0.set(hooks);
+        let mut message = assignment;
+        message["op"] = "assign".into();
+        let mut line = serde_json::to_vec(&message).expect("json value");
+        line.push(b'\n');
+        let control = self.control.take().expect("a prestarted isolate has its control connection");
+        let spawned = self.spawned.take().expect("assigned once");
+        if control.send(line).await.is_err() {
+            let _ = signal_process_group(spawned.pid, SIGKILL);
+            let _ = std::fs::remove_dir_all(&files.dir);
+            return Err(StartError::Exited { status: "control channel closed".into(), stderr: String::new() });
+        }
+        // From here the isolate (and its Drop) own the process and its files.
+        spawned.serve(files, start_timeout, limits).await
+    }
+}
+
+impl Drop for Prestarted {
+    fn drop(&mut self) {
+        if let Some(spawned) = &self.spawned {
+            let _ = signal_process_group(spawned.pid, SIGKILL);
+            let _ = std::fs::remove_dir_all(&self.files.dir);
+        }
+    }
+}
+
+/// The hooks of a pre-started isolate, known once it is assigned. Before,
+/// only the harness runs, and what it prints goes to the runner's log.
+#[derive(Default)]
+struct LateHooks(std::sync::OnceLock<Arc<dyn IsolateHooks>>);
+
+impl IsolateHooks for LateHooks {
+    fn log(&self, level: LogLevel, message: String, request_id: Option<String>) {
+        match self.0.get() {
+            Some(hooks) => hooks.log(level, message, request_id),
+            None => tracing::debug!(target: "isocloud::prestart", ?level, "{message}"),
+        }
+    }
+
+    fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>> {
+        match self.0.get() {
+            Some(hooks) => hooks.materialize(tree_path),
+            None => Box::pin(async { Err("no deployment yet".to_owned()) }),
+        }
+    }
+}
+
+impl Isolate {
+    /// Spawns `command` and waits until the harness serves, for at most
+    /// `start_timeout`.
+    pub async fn start(
+        command: SandboxedCommand,
+        files: IsolateFiles,
+        hooks: Arc<dyn IsolateHooks>,
+        start_timeout: Duration,
+        limits: IsolateLimits,
+        cgroup: Option<IsolateCgroup>,
+        egress: Option<EgressGrant>,
+    ) -> Result<Arc<Isolate>, StartError> {
+        let spawned = Spawned::spawn(command, &files, hooks, limits, cgroup, egress)?;
+        spawned.serve(files, start_timeout, limits).await
+    }
+
+    /// Spawns `command` (of [`SandboxedCommand::blank`] files) and waits, for
+    /// at most `start_timeout`, until its harness waits for a deployment:
+    /// deno has started, the harness is compiled and evaluated. What is left
+    /// for [`Prestarted::assign`] is the tenant's own code.
+    pub async fn prestart(
+        command: SandboxedCommand,
+        files: IsolateFiles,
+        start_timeout: Duration,
+        limits: IsolateLimits,
+        cgroup: Option<IsolateCgroup>,
+        egress: Option<EgressGrant>,
+    ) -> Result<Prestarted, StartError> {
+        let hooks = Arc::new(LateHooks::default());
+        let mut spawned = Spawned::spawn(command, &files, hooks.clone(), limits, cgroup, egress)?;
+        let mut waiting_rx = spawned.waiting_rx.take().expect("a fresh spawn has its waiting slot");
+        let outcome = tokio::time::timeout(start_timeout, async {
+            tokio::select! {
+                control = &mut waiting_rx => control.map_err(|_| StartError::Exited {
+                    status: "control channel closed".into(),
+                    stderr: String::new(),
+                }),
+                status = exit_status(spawned.state.clone()) => Err(StartError::Exited { status, stderr: String::new() }),
+            }
+        })
+        .await
+        .unwrap_or(Err(StartError::Timeout(start_timeout)));
+        let mut prestarted = Prestarted { spawned: Some(spawned), control: None, hooks, files };
+        match outcome {
+            Ok(control) => {
+                prestarted.control = Some(control);
+                Ok(prestarted)
+            }
+            Err(mut error) => {
+                if let (StartError::Exited { stderr, .. }, Some(spawned)) = (&mut error, &prestarted.spawned) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *stderr = strip_ansi(&spawned.stderr_tail.lock().expect("stderr tail poisoned"));
                 }
                 Err(error)
             }
@@ -665,18 +850,23 @@ async fn accept_control(
     listener: UnixListener,
     hooks: Arc<dyn IsolateHooks>,
     started: oneshot::Sender<Result<(), (ErrorCode, String)>>,
+    waiting: oneshot::Sender<mpsc::Sender<Vec<u8>>>,
 ) {
     let started = Arc::new(Mutex::new(Some(started)));
+    let waiting = Arc::new(Mutex::new(Some(waiting)));
     // The harness opens one connection, its sync-read worker a second; a
     // tenant could open more, each costs it only its own file descriptors.
     while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(serve_control(stream, hooks.clone(), started.clone()));
+        tokio::spawn(serve_control(stream, hooks.clone(), started.clone(), waiting.clone()));
     }
 }
 
 type StartedSlot = Arc<Mutex<Option<oneshot::Sender<Result<(), (ErrorCode, String)>>>>>;
+/// Taken by the first connection that says it waits: the harness, before
+/// any tenant code ran.
+type WaitingSlot = Arc<Mutex<Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>>>;
 
-async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started: StartedSlot) {
+async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started: StartedSlot, waiting: WaitingSlot) {
     let (read, mut write) = stream.into_split();
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
     tokio::spawn(async move {
@@ -703,6 +893,11 @@ async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started
             }
         };
         match message {
+            ControlMessage::Waiting => {
+                if let Some(tx) = waiting.lock().expect("waiting slot poisoned").take() {
+                    let _ = tx.send(reply_tx.clone());
+                }
+            }
             ControlMessage::Ready => {
                 if let Some(tx) = started.lock().expect("started slot poisoned").take() {
                     let _ = tx.send(Ok(()));

@@ -19,5 +19,6 @@ mod hostile_sandbox;
 mod layers;
 mod lifecycle;
 mod net_permissions;
+mod prestarted;
 mod streaming;
 mod subhost_auth;

@@ -52,8 +52,16 @@ impl Runner {
 
     /// Like [`Runner::start`], on a given state dir (an earlier runner's,
     /// from [`Runner::take_state_dir`], to test a restart).
+    ///
+    /// Without pre-started isolates unless `args` ask for them: most tests
+    /// count the runner's deno processes, one per deployment
+    /// (`prestarted.rs` tests them, the control plane tests run with them).
     pub fn start_with_state(args: &[&str], state_dir: tempfile::TempDir) -> Runner {
-        Self::start_with_lines(args, state_dir, &[]).0
+        let mut args = args.to_vec();
+        if matches!(args.first(), Some(&"serve" | &"runner")) && !args.contains(&"--prestarted-isolates") {
+            args.extend(["--prestarted-isolates", "0"]);
+        }
+        Self::start_with_lines(&args, state_dir, &[]).0
     }
 
     pub fn pid(&self) -> u32 {

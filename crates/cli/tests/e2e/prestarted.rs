@@ -1,0 +1,140 @@
+//! Pre-started isolates: deno processes the runner starts before it knows
+//! their deployment, kept per sandbox profile (`permissions.net`). A cold
+//! boot takes one, and the tenant's code then runs in it with exactly what
+//! an isolate started for it would have: its files, its envs and nothing
+//! else, the same sandbox, its own deno cache dir.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Answers with what the isolate sees of itself.
+const INTROSPECT: &str = r#"
+Deno.serve(async () => {
+  let passwd = "readable";
+  try { await Deno.readTextFile("/etc/passwd"); } catch (e) { passwd = e.name; }
+  return Response.json({
+    pid: Deno.pid,
+    env: Deno.env.toObject(),
+    cwd: Deno.cwd(),
+    asset: await Deno.readTextFile("./greeting.txt"),
+    passwd,
+  });
+});
+"#;
+
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or(0)
+}
+
+async fn introspect(runner: &Runner, host: &str) -> Value {
+    let response = runner.get(host, "/").await;
+    assert_eq!(response.status(), 200, "{host}");
+    response.json().await.unwrap()
+}
+
+/// Waits until the runner has `children` deno processes, `waiting` of them
+/// pre-started and unassigned; returns the children.
+async fn settle(runner: &Runner, children: usize, waiting: u64) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while runner.isolate_pids().len() != children {
+        let stderr = runner.stderr();
+        let log = &stderr[stderr.len().saturating_sub(3000)..];
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} are not {children} processes; log:\n{log}",
+            runner.isolate_pids()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = runner.metrics().await;
+        if metric(&metrics, "isocloud_prestarted_waiting") == waiting {
+            return runner.isolate_pids();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("isocloud_prestarted_waiting never reached {waiting}:\n{metrics}");
+}
+
+#[tokio::test]
+async fn a_cold_boot_takes_a_prestarted_isolate_that_then_is_the_deployments_alone() {
+    let apps = AppsDir::new();
+    apps.app(
+        "hello",
+        &[
+            ("main.ts", INTROSPECT),
+            ("greeting.txt", "hello from the tree"),
+            ("isolate.json", r#"{"envs":{"GREETING":"hi","HTTP_PROXY":"http://tenant.example:1"}}"#),
+        ],
+    );
+    let runner = apps.serve(&["--prestarted-isolates", "1"]);
+    let prestarted = settle(&runner, 1, 1).await;
+
+    let seen = introspect(&runner, "hello.localhost").await;
+    assert_eq!(seen["pid"].as_u64(), Some(u64::from(prestarted[0])), "the boot took the waiting isolate: {seen}");
+    // Exactly its configured envs (its own proxy value, not the runner's),
+    // nothing the runner set for deno.
+    assert_eq!(seen["env"], serde_json::json!({"GREETING": "hi", "HTTP_PROXY": "http://tenant.example:1"}));
+    assert_eq!(seen["cwd"], "/src");
+    assert_eq!(seen["asset"], "hello from the tree");
+    assert_eq!(seen["passwd"], "NotCapable", "{seen}");
+
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    // The deployment's deno cache dir is the one the isolate started with:
+    // a re-boot finds what it compiled.
+    let deno_dirs: Vec<_> = std::fs::read_dir(runner.state_dir.path().join("deno-dir")).unwrap().collect();
+    assert_eq!(deno_dirs.len(), 1, "{deno_dirs:?}");
+
+    // The pool refills in the background: a new process, not the one
+    // given away.
+    let refilled = settle(&runner, 2, 1).await;
+    let fresh: Vec<u32> = refilled.into_iter().filter(|pid| *pid != prestarted[0]).collect();
+    assert_eq!(fresh.len(), 1);
+    // The same deployment is served by the same isolate from now on.
+    assert_eq!(introspect(&runner, "hello.localhost").await["pid"].as_u64(), Some(u64::from(prestarted[0])));
+}
+
+#[tokio::test]
+async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_one() {
+    let apps = AppsDir::new();
+    let files = |config: &'static str| [("main.ts", INTROSPECT), ("greeting.txt", "hi"), ("isolate.json", config)];
+    // Sets one of the variables deno reads at start-up: needs its own process.
+    apps.app("own-deno-dir", &files(r#"{"envs":{"NO_COLOR":"0"}}"#));
+    // Another profile: no network at all.
+    apps.app("offline-a", &files(r#"{"permissions":{"net":false}}"#));
+    apps.app("offline-b", &files(r#"{"permissions":{"net":false}}"#));
+    let runner = apps.serve(&["--prestarted-isolates", "1"]);
+    let waiting = settle(&runner, 1, 1).await;
+
+    let seen = introspect(&runner, "own-deno-dir.localhost").await;
+    assert!(!waiting.contains(&(seen["pid"].as_u64().unwrap() as u32)), "{seen}");
+    assert_eq!(seen["env"], serde_json::json!({"NO_COLOR": "0"}));
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="unfit"}"#), 1, "{metrics}");
+    assert!(runner.isolate_pids().contains(&waiting[0]), "the unfit boot left the waiting isolate waiting");
+
+    // The first boot of a new profile finds none waiting, and teaches the
+    // pool the profile: the next one of that profile takes a waiting isolate.
+    let a = introspect(&runner, "offline-a.localhost").await;
+    assert!(!waiting.contains(&(a["pid"].as_u64().unwrap() as u32)));
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="miss"}"#), 1, "{metrics}");
+    // own-deno-dir, offline-a, and one waiting for each profile.
+    let waiting_now = settle(&runner, 4, 2).await;
+    let b = introspect(&runner, "offline-b.localhost").await;
+    let b_pid = b["pid"].as_u64().unwrap() as u32;
+    assert!(waiting_now.contains(&b_pid), "offline-b took the isolate waiting for its profile");
+    assert_ne!(b_pid, waiting[0], "not the one of the other profile");
+    assert_eq!(b["passwd"], "NotCapable");
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+}

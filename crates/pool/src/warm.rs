@@ -1,0 +1,291 @@
+//! Pre-started isolates: deno processes started before any deployment is
+//! chosen for them, kept a few per sandbox profile and refilled in the
+//! background, so a boot skips the process start (the larger part of a cold
+//! start) and pays only for loading the tenant's own code.
+//!
+//! A profile is what deno fixes when it starts and a deployment decides:
+//! `permissions.net` (deno's permissions cannot grow later). Everything else
+//! a deployment brings (modules, assets, envs, the deno cache dir) reaches
+//! the pre-started isolate when it is assigned. Deployments that need an
+//! import map (remote modules, redirects) or set deno's own variables boot
+//! the ordinary way ([`isocloud_sandbox::IsolateFiles::fits_blank`]).
+//!
+//! Pre-started isolates are outside `--max-isolates`: they are few (per
+//! profile, times at most [`MAX_PROFILES`]) and hold no tenant code.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use isocloud_egress::EgressProxy;
+use isocloud_protocol::NetPermission;
+use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxPolicy, SandboxedCommand};
+use isocloud_supervisor::{Isolate, IsolateLimits, Prestarted};
+use prometheus_client::metrics::gauge::Gauge;
+
+/// Profiles kept warm at once; the least recently used one goes first.
+pub(crate) const MAX_PROFILES: usize = 4;
+
+/// How long after a failed pre-start a profile is not refilled: a host
+/// that cannot start isolates should not be made to try in a loop.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
+
+pub(crate) struct Warm {
+    per_profile: usize,
+    policy: SandboxPolicy,
+    instances_dir: PathBuf,
+    start_timeout: Duration,
+    limits: IsolateLimits,
+    cgroups: Option<Arc<Cgroups>>,
+    egress: Option<EgressProxy>,
+    next_instance: Arc<AtomicU64>,
+    profiles: Mutex<HashMap<String, Profile>>,
+    closed: AtomicBool,
+    waiting: Gauge,
+}
+
+struct Profile {
+    net: NetPermission,
+    ready: VecDeque<Prestarted>,
+    filling: usize,
+    last_used: Instant,
+    failed_at: Option<Instant>,
+}
+
+pub(crate) struct WarmOptions {
+    pub per_profile: usize,
+    pub policy: SandboxPolicy,
+    pub instances_dir: PathBuf,
+    pub start_timeout: Duration,
+    pub limits: IsolateLimits,
+    pub cgroups: Option<Arc<Cgroups>>,
+    pub egress: Option<EgressProxy>,
+    pub next_instance: Arc<AtomicU64>,
+    /// `isocloud_prestarted_waiting`.
+    pub waiting: Gauge,
+}
+
+/// The profile's name: deno's `--allow-net` as the runner would write it.
+fn profile_key(net: &NetPermission) -> String {
+    match net {
+        NetPermission::All => "net=*".to_owned(),
+        NetPermission::None => "net=-".to_owned(),
+        NetPermission::Allow(hosts) => {
+            let mut hosts = hosts.clone();
+            hosts.sort();
+            hosts.dedup();
+            format!("net={}", hosts.join(","))
+        }
+    }
+}
+
+impl Warm {
+    pub(crate) fn new(options: WarmOptions) -> Arc<Self> {
+        Arc::new(Self {
+            per_profile: options.per_profile,
+            policy: options.policy,
+            instances_dir: options.instances_dir,
+            start_timeout: options.start_timeout,
+            limits: options.limits,
+            cgroups: options.cgroups,
+            egress: options.egress,
+            next_instance: options.next_instance,
+            profiles: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            waiting: options.waiting,
+        })
+    }
+
+    /// A pre-started isolate of `net`'s profile, if one is waiting. Then
+    /// [`Warm::refill`] (after [`Warm::give_back`], if it did not fit).
+    pub(crate) fn take(&self, net: &NetPermission) -> Option<Prestarted> {
+        let mut profiles = self.profiles.lock().expect("warm pool poisoned");
+        let profile = self.profile(&mut profiles, net);
+        let mut taken = None;
+        while let Some(prestarted) = profile.ready.pop_front() {
+            if prestarted.is_running() {
+                taken = Some(prestarted);
+                break;
+            }
+        }
+        self.count(&profiles);
+        taken
+    }
+
+    /// Gives back an isolate [`Warm::take`] returned and the deployment
+    /// did not fit.
+    pub(crate) fn give_back(&self, net: &NetPermission, prestarted: Prestarted) {
+        let mut profiles = self.profiles.lock().expect("warm pool poisoned");
+        if let Some(profile) = profiles.get_mut(&profile_key(net))
+            && !self.closed.load(Ordering::Acquire)
+        {
+            profile.ready.push_front(prestarted);
+        }
+        self.count(&profiles);
+    }
+
+    /// Pre-starts isolates in the background until `net`'s profile has its
+    /// share (learning the profile if it is new).
+    pub(crate) fn refill(self: &Arc<Self>, net: &NetPermission) {
+        {
+            let mut profiles = self.profiles.lock().expect("warm pool poisoned");
+            self.profile(&mut profiles, net);
+        }
+        self.fill(&profile_key(net));
+    }
+
+    /// `net`'s profile, made the most recently used (created if new, the
+    /// least recently used one going if there are too many).
+    fn profile<'a>(&self, profiles: &'a mut HashMap<String, Profile>, net: &NetPermission) -> &'a mut Profile {
+        let key = profile_key(net);
+        if !profiles.contains_key(&key) {
+            profiles.insert(
+                key.clone(),
+                Profile {
+                    net: net.clone(),
+                    ready: VecDeque::new(),
+                    filling: 0,
+                    last_used: Instant::now(),
+                    failed_at: None,
+                },
+            );
+            evict_beyond(profiles, MAX_PROFILES, &key);
+        }
+        let profile = profiles.get_mut(&key).expect("inserted above");
+        profile.last_used = Instant::now();
+        profile
+    }
+
+    /// Publishes how many isolates wait now, over every profile.
+    fn count(&self, profiles: &HashMap<String, Profile>) {
+        self.waiting.set(profiles.values().map(|p| p.ready.len() as i64).sum());
+    }
+
+    /// Kills every waiting isolate; none is started again.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let drained: Vec<Profile> =
+            self.profiles.lock().expect("warm pool poisoned").drain().map(|(_, profile)| profile).collect();
+        drop(drained);
+    }
+
+    fn fill(self: &Arc<Self>, key: &str) {
+        let net = {
+            let mut profiles = self.profiles.lock().expect("warm pool poisoned");
+            let Some(profile) = profiles.get_mut(key) else { return };
+            if self.closed.load(Ordering::Acquire)
+                || profile.failed_at.is_some_and(|at| at.elapsed() < FAILURE_BACKOFF)
+                || profile.ready.len() + profile.filling >= self.per_profile
+            {
+                return;
+            }
+            profile.filling += 1;
+            profile.net.clone()
+        };
+        let warm = self.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let result = warm.prestart(&net).await;
+            let mut profiles = warm.profiles.lock().expect("warm pool poisoned");
+            let Some(profile) = profiles.get_mut(&key) else { return };
+            profile.filling = profile.filling.saturating_sub(1);
+            match result {
+                Ok(prestarted) if !warm.closed.load(Ordering::Acquire) => {
+                    profile.failed_at = None;
+                    profile.ready.push_back(prestarted);
+                    warm.count(&profiles);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(profile = key, error = %e, "cannot pre-start an isolate; boots start their own");
+                    profile.failed_at = Some(Instant::now());
+                    return;
+                }
+            }
+            drop(profiles);
+            warm.fill(&key);
+        });
+    }
+
+    async fn prestart(&self, net: &NetPermission) -> Result<Prestarted, String> {
+        let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        let dir = self.instances_dir.join(format!("{instance}-prestarted"));
+        // Named after its deployment when it gets one.
+        let grant = match (&self.egress, net) {
+            (Some(proxy), net) if !matches!(net, NetPermission::None) => {
+                Some(proxy.grant("(pre-started)", net.clone()))
+            }
+            _ => None,
+        };
+        let route = grant.as_ref().map(|grant| EgressRoute {
+            proxy_url: grant.proxy_url().to_owned(),
+            proxy_authority: grant.proxy_authority().to_owned(),
+        });
+        let files = {
+            let dir = dir.clone();
+            let policy = self.policy.clone();
+            let route = route.clone();
+            tokio::task::spawn_blocking(move || IsolateFiles::prepare_blank(&dir, &policy, route.as_ref()))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let files = match files {
+            Ok(files) => files,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.to_string());
+            }
+        };
+        let command = SandboxedCommand::blank(&self.policy, &files, net, route.as_ref());
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => match cgroups.create(&instance.to_string(), self.limits.memory_limit_bytes) {
+                Ok(cgroup) => Some(cgroup),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(format!("cannot create the memory cgroup: {e}"));
+                }
+            },
+            None => None,
+        };
+        match Isolate::prestart(command, files, self.start_timeout, self.limits, cgroup, grant).await {
+            Ok(prestarted) => Ok(prestarted),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// Drops the least recently used profiles but `keep` (killing their
+/// isolates) until at most `max` remain.
+fn evict_beyond(profiles: &mut HashMap<String, Profile>, max: usize, keep: &str) {
+    while profiles.len() > max {
+        let Some(oldest) = profiles
+            .iter()
+            .filter(|(key, _)| *key != keep)
+            .min_by_key(|(_, p)| p.last_used)
+            .map(|(key, _)| key.clone())
+        else {
+            return;
+        };
+        profiles.remove(&oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_are_named_by_net_permission_whatever_the_order() {
+        assert_eq!(profile_key(&NetPermission::All), "net=*");
+        assert_eq!(profile_key(&NetPermission::None), "net=-");
+        let a = NetPermission::Allow(vec!["b.example:443".into(), "a.example".into()]);
+        let b = NetPermission::Allow(vec!["a.example".into(), "b.example:443".into(), "a.example".into()]);
+        assert_eq!(profile_key(&a), profile_key(&b));
+        assert_ne!(profile_key(&a), profile_key(&NetPermission::All));
+    }
+}
