@@ -310,6 +310,9 @@ impl IsolateFiles {
         let partial = files.tree.with_extension("partial");
         std::fs::write(&partial, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
         std::fs::rename(&partial, &files.tree)?;
+        if let Some(root) = deployment_deno_dir.parent() {
+            std::fs::create_dir_all(root)?;
+        }
         if !deployment_deno_dir.exists() && std::fs::rename(&self.deno_dir, deployment_deno_dir).is_ok() {
             let now = std::time::SystemTime::now();
             std::fs::File::open(deployment_deno_dir)?

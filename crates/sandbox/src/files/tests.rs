@@ -86,3 +86,65 @@ fn refuses_asset_paths_that_escape() {
     let written = files.materialize_asset("/static/a.txt", b"hello").unwrap();
     assert_eq!(std::fs::read(written).unwrap(), b"hello");
 }
+
+fn jailed_policy(dir: &Path) -> SandboxPolicy {
+    SandboxPolicy { mount_namespace: true, ..policy(dir) }
+}
+
+#[test]
+fn a_blank_isolate_takes_a_deployment_whose_modules_all_live_in_src() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = jailed_policy(dir.path());
+    let blank = IsolateFiles::prepare_blank(&dir.path().join("i1"), &policy, None).unwrap();
+    assert_eq!(import_map(&blank), BTreeMap::new());
+    let bootstrap: serde_json::Value = serde_json::from_slice(&std::fs::read(&blank.bootstrap).unwrap()).unwrap();
+    assert_eq!(bootstrap["prestart"], true);
+    assert!(blank.deno_dir.starts_with(&blank.dir), "its own cache dir until it has a deployment");
+
+    let mut d = deployment(
+        &[
+            ("file:///src/main.ts", ModuleKind::JavaScript, "main"),
+            ("file:///src/lib/data.json", ModuleKind::Json, "{}"),
+        ],
+        &[],
+    );
+    d.config.envs.insert("GREETING".into(), "hi".into());
+    assert_eq!(blank.fits_blank(&d), Ok(()));
+    let deployment_deno_dir = policy.deno_dir.join("abc");
+    let filled = blank.fill(&d, &deployment_deno_dir).unwrap();
+    assert_eq!(std::fs::read_to_string(filled.src.join("main.ts")).unwrap(), "main");
+    assert_eq!(std::fs::read_to_string(filled.src.join("lib/data.json")).unwrap(), "{}");
+    // The isolate's cache dir became the deployment's.
+    assert_eq!(filled.deno_dir, deployment_deno_dir);
+    assert!(deployment_deno_dir.is_dir() && !blank.deno_dir.exists());
+    let assignment = filled.assignment(&d);
+    assert_eq!(assignment["entrypoint"], "file:///src/main.ts");
+    assert_eq!(assignment["envs"], serde_json::json!({"GREETING": "hi"}));
+    assert_eq!(assignment["env_names"], serde_json::json!(["GREETING"]));
+
+    // A second isolate of the same deployment keeps its own cache dir: the
+    // deployment's exists already.
+    let other = IsolateFiles::prepare_blank(&dir.path().join("i2"), &policy, None).unwrap();
+    let filled = other.fill(&d, &deployment_deno_dir).unwrap();
+    assert_eq!(filled.deno_dir, other.deno_dir);
+}
+
+#[test]
+fn a_blank_isolate_refuses_what_needs_the_import_map_or_deno_s_own_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let jailed = IsolateFiles::prepare_blank(&dir.path().join("i1"), &jailed_policy(dir.path()), None).unwrap();
+    let src_only = [("file:///src/main.ts", ModuleKind::JavaScript, "main")];
+    let remote = deployment(&[src_only[0], ("https://deno.land/x/mod.ts", ModuleKind::JavaScript, "r")], &[]);
+    assert_eq!(jailed.fits_blank(&remote), Err("a module needs the import map"));
+    let query = deployment(&[src_only[0], ("file:///src/a.ts?v=1", ModuleKind::JavaScript, "q")], &[]);
+    assert_eq!(jailed.fits_blank(&query), Err("a module needs the import map"));
+    let redirected = deployment(&src_only, &[("file:///src/old.ts", "file:///src/main.ts")]);
+    assert_eq!(jailed.fits_blank(&redirected), Err("the module graph has redirects"));
+    let mut own_dir = deployment(&src_only, &[]);
+    own_dir.config.envs.insert("DENO_DIR".into(), "/tmp/x".into());
+    assert_eq!(jailed.fits_blank(&own_dir), Err("the deployment sets one of deno's own variables"));
+    assert!(jailed.fill(&remote, &dir.path().join("deno-dir/x")).is_err(), "fill checks again");
+
+    let unjailed = IsolateFiles::prepare_blank(&dir.path().join("i2"), &policy(dir.path()), None).unwrap();
+    assert_eq!(unjailed.fits_blank(&deployment(&src_only, &[])), Err("isolates have no mount namespace"));
+}
