@@ -96,17 +96,8 @@ pub(crate) async fn boot(
         }
     }
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
-    // No network, no proxy: nothing to count, and one probe less at start.
-    let grant = match (&ctx.egress, &deployment.config.net) {
-        (Some(proxy), net) if !matches!(net, NetPermission::None) => {
-            Some(proxy.grant(&format!("{}/{deployment_id}", origin.name()), net.clone()))
-        }
-        _ => None,
-    };
-    let route = grant.as_ref().map(|grant| EgressRoute {
-        proxy_url: grant.proxy_url().to_owned(),
-        proxy_authority: grant.proxy_authority().to_owned(),
-    });
+    let (grant, route) =
+        egress_grant(ctx.egress.as_ref(), &format!("{}/{deployment_id}", origin.name()), &deployment.config.net);
     let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
     let prepared = {
         let deployment = deployment.clone();
@@ -190,6 +181,25 @@ async fn boot_prestarted(
         .assign(files, hooks, assignment, ctx.start_timeout, ctx.limits)
         .await
         .map_err(|e| BootError::Start(Arc::new(e)))
+}
+
+/// An isolate's egress proxy credentials and the route its process is
+/// given; none without a proxy or without network (nothing to count, and
+/// one probe less at start).
+pub(crate) fn egress_grant(
+    proxy: Option<&EgressProxy>,
+    name: &str,
+    net: &NetPermission,
+) -> (Option<isocloud_egress::EgressGrant>, Option<EgressRoute>) {
+    let grant = match proxy {
+        Some(proxy) if !matches!(net, NetPermission::None) => Some(proxy.grant(name, net.clone())),
+        _ => None,
+    };
+    let route = grant.as_ref().map(|grant| EgressRoute {
+        proxy_url: grant.proxy_url().to_owned(),
+        proxy_authority: grant.proxy_authority().to_owned(),
+    });
+    (grant, route)
 }
 
 /// A deployment's deno cache folder: one per (origin, deployment), so no

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use isocloud_egress::EgressProxy;
 use isocloud_protocol::NetPermission;
-use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxPolicy, SandboxedCommand};
+use isocloud_sandbox::{Cgroups, IsolateFiles, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateLimits, Prestarted};
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -213,16 +213,7 @@ impl Warm {
         let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
         let dir = self.instances_dir.join(format!("{instance}-prestarted"));
         // Named after its deployment when it gets one.
-        let grant = match (&self.egress, net) {
-            (Some(proxy), net) if !matches!(net, NetPermission::None) => {
-                Some(proxy.grant("(pre-started)", net.clone()))
-            }
-            _ => None,
-        };
-        let route = grant.as_ref().map(|grant| EgressRoute {
-            proxy_url: grant.proxy_url().to_owned(),
-            proxy_authority: grant.proxy_authority().to_owned(),
-        });
+        let (grant, route) = crate::boot::egress_grant(self.egress.as_ref(), "(pre-started)", net);
         let files = {
             let dir = dir.clone();
             let policy = self.policy.clone();
