@@ -268,12 +268,12 @@ class Wrk:
 # ---------------------------------------------------------------- targets
 
 class Runner:
-    def __init__(self, procs, binary, apps, state, max_isolates, idle_timeout_s=3600):
+    def __init__(self, procs, binary, apps, state, max_isolates, idle_timeout_s=3600, extra=()):
         self.procs = procs
         self.proc, self.port = start_apps_runner(
             binary, apps, state,
             ["--cpu-limit-ms", "1000", "--max-isolates", str(max_isolates), "--idle-timeout-s", str(idle_timeout_s),
-             "--prestarted-isolates", str(PRESTARTED)],
+             "--prestarted-isolates", str(PRESTARTED), *extra],
             spawn=procs.start)
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
 

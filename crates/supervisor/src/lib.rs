@@ -29,6 +29,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod monitor;
+use monitor::{MonitorLink, monitor};
+
 /// What the runner does with an isolate's reports. Implemented by the pool,
 /// which knows the deployment and its origin.
 pub trait IsolateHooks: Send + Sync + 'static {
@@ -111,8 +114,9 @@ pub const CPU_BUDGET_CAP_PERCENT: u64 = 150;
 /// at most (1.5 + this) × `cpu_limit_ms`; later ones after 1.5 ×.
 pub const CPU_WARM_UP_REQUESTS: u64 = 3;
 
-/// How often the CPU clock is read while requests are in flight (the slack
-/// of the CPU limit) and while the isolate rests.
+/// The CPU clock is read at most this often (the slack of the CPU limit)
+/// and at least this often (the resolution of the usage figures); see
+/// `monitor` for the plan in between.
 pub const CPU_SAMPLE_BUSY: Duration = Duration::from_millis(5);
 pub const CPU_SAMPLE_IDLE: Duration = Duration::from_millis(100);
 
@@ -182,6 +186,7 @@ pub struct Isolate {
     last_active_ms: AtomicU64,
     /// Its credentials for the egress proxy; dropped (revoked) with it.
     egress: Option<EgressGrant>,
+    monitor: Arc<MonitorLink>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +322,7 @@ impl Spawned {
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
             last_active_ms: AtomicU64::new(0),
+            monitor: Arc::default(),
         });
         let exited = isolate.state.clone();
         let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
@@ -555,8 +561,9 @@ impl Isolate {
     /// `hops`: how many isolates of this cloud the request has passed
     /// through already; calls the isolate makes meanwhile carry one more.
     pub fn begin_request(self: &Arc<Self>, hops: u32) -> InFlight {
-        self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests_started.fetch_add(1, Ordering::SeqCst);
+        self.monitor.request_started();
         self.touch();
         let hop = self.egress.as_ref().map(|grant| grant.enter(hops));
         InFlight { isolate: self.clone(), started: Instant::now(), _hop: hop }
@@ -758,75 +765,6 @@ impl Drop for InFlight {
         self.isolate.meter.wall_us.fetch_add(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.isolate.touch();
         self.isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Charges the isolate's CPU clock against a budget its requests fill:
-/// each request adds `cpu_limit_ms`, the budget holds at most that much per
-/// request in flight plus the savings `CPU_BUDGET_CAP_PERCENT` allows, and CPU used at any time (handlers,
-/// timers, work left running after a response) is taken from it. Below zero,
-/// the isolate is terminated. Module evaluation before `ready` is free.
-async fn monitor(isolate: std::sync::Weak<Isolate>, limits: IsolateLimits) {
-    let limit_ns = i128::from(limits.cpu_limit_ms) * 1_000_000;
-    // What an isolate may keep from requests that are done: half a request.
-    let savings_ns = limit_ns * (i128::from(CPU_BUDGET_CAP_PERCENT) - 100) / 100;
-    let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
-    let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
-    let mut credit_ns = savings_ns + limit_ns * i128::from(CPU_WARM_UP_REQUESTS);
-    let mut last_requests = 0u64;
-    // CPU burned since the isolate last had nothing to do: what a runaway
-    // request used, for the report.
-    let mut busy_ns: i128 = 0;
-    loop {
-        let pause = match isolate.upgrade() {
-            Some(i) if i.in_flight() > 0 || i.idle_for() < Duration::from_secs(1) => CPU_SAMPLE_BUSY,
-            Some(_) => CPU_SAMPLE_IDLE,
-            None => return,
-        };
-        tokio::time::sleep(pause).await;
-        let Some(isolate) = isolate.upgrade() else { return };
-        if !isolate.is_running() {
-            return;
-        }
-        let Ok(cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
-        let used_ns = (cpu.as_nanos() as i128) - (last_cpu.as_nanos() as i128);
-        isolate.meter.cpu_ns.fetch_add(used_ns.max(0) as u64, Ordering::Relaxed);
-        last_cpu = cpu;
-        let requests = isolate.requests_started.load(Ordering::Relaxed);
-        // Charge first, then cap: requests that came and went between two
-        // samples still brought their allowance. The cap only bounds what is
-        // saved: every request in flight keeps its own limit, so a thousand
-        // concurrent cheap requests are not mistaken for one expensive one.
-        let in_flight = isolate.in_flight() as i128;
-        // Until a first request has finished, V8 is still compiling the
-        // tenant's code lazily: that request may use the warm-up allowance.
-        let warming = requests == in_flight as u64;
-        let warm_up_ns = if warming { limit_ns * i128::from(CPU_WARM_UP_REQUESTS) } else { 0 };
-        credit_ns = (credit_ns + i128::from(requests - last_requests) * limit_ns - used_ns)
-            .min(savings_ns + in_flight * limit_ns + warm_up_ns);
-        last_requests = requests;
-        busy_ns = if isolate.in_flight() == 0 && used_ns < 1_000_000 { 0 } else { busy_ns + used_ns };
-        if credit_ns < 0 {
-            isolate.terminate_for(Termination::CpuTimeLimit {
-                limit_ms: limits.cpu_limit_ms,
-                used_ms: (busy_ns / 1_000_000) as u64,
-            });
-            return;
-        }
-        let resident = isocloud_sandbox::resident_bytes(pid);
-        if let Some(resident) = resident {
-            isolate.note_memory(resident);
-        }
-        if limits.watch_rss
-            && let Some(resident) = resident
-            && resident > limits.memory_limit_bytes
-        {
-            isolate.terminate_for(Termination::MemoryLimit {
-                limit_bytes: limits.memory_limit_bytes,
-                used_bytes: resident,
-            });
-            return;
-        }
     }
 }
 
