@@ -290,6 +290,41 @@ def deno_direct(procs, app_dir, deno_dir):
     return p, port
 
 
+def deno_fleet(procs, app_dir, work, n, seconds):
+    """`n` bare deno processes serving the same handler; one client sends
+    sequential requests round-robin over one keep-alive connection to each.
+    Returns deno's CPU per request (all n processes) and the request rate."""
+    fleet = [deno_direct(procs, app_dir, os.path.join(work, "deno-fleet")) for _ in range(n)]
+    try:
+        for _, port in fleet:
+            first_response(port)
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _, port in fleet]
+
+        def one(conn):
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"deno answered {response.status}")
+
+        for conn in conns:
+            one(conn)
+        before = sum(cpu_ticks(p.pid) for p, _ in fleet)
+        start, served = time.time(), 0
+        while time.time() - start < seconds:
+            for conn in conns:
+                one(conn)
+            served += len(conns)
+        elapsed = time.time() - start
+        used = sum(cpu_ticks(p.pid) for p, _ in fleet) - before
+        for conn in conns:
+            conn.close()
+        return {"us": used / CLK_TCK / served * 1e6, "rps": served / elapsed}
+    finally:
+        for p, _ in fleet:
+            procs.stop(p, sig=signal.SIGKILL)
+
+
 def workerd_config(work, port):
     path = os.path.join(work, f"workerd-{port}.capnp")
     with open(path, "w") as f:
@@ -388,6 +423,7 @@ def main():
         "per_size": 3 if q else 10,
         "tenants": [1, 10, 100] if q else [1, 10, 100, 1000],
         "tenant_rounds": 1 if q else 3,
+        "fleet_seconds": 3 if q else 6,
     }
     if not os.path.exists(args.binary):
         raise SystemExit(f"{args.binary} is missing: cargo build --release -p isocloud")
@@ -548,10 +584,22 @@ def main():
                 idle_p = wrk.run(runner.port, ["t0.localhost"], cfg["seconds"], threads=1, conns=1)
                 idle = {"n": len(pids), "all": len(runner.isolates()), "mem_kib": mem, "warm": idle_p}
             hosts = [f"t{i}.localhost" for i in range(n)]
-            tenants[n] = [wrk.run(runner.port, hosts, cfg["seconds"]) for _ in range(cfg["tenant_rounds"])]
+            tenants[n] = []
+            for _ in range(cfg["tenant_rounds"]):
+                isolates = [p for p in runner.isolates()]
+                res = wrk.run(runner.port, hosts, cfg["seconds"], watch=[runner.proc.pid, *isolates])
+                res["runner_us"] = res["cpu_s"][runner.proc.pid] / res["requests"] * 1e6
+                res["isolates_us"] = sum(res["cpu_s"][p] for p in isolates) / res["requests"] * 1e6
+                tenants[n].append(res)
         pool.shutdown()
         raw["tenants"] = tenants
         raw["idle"] = idle
+        procs.stop(runner.proc)
+
+        # ---- 4b. the same taking of turns without the runner: deno alone
+        log("bare deno processes taking turns")
+        fleet = {n: deno_fleet(procs, os.path.join(apps, "t0"), work, n, cfg["fleet_seconds"]) for n in (1, 100)}
+        raw["fleet"] = fleet
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -596,8 +644,17 @@ def main():
             note += f" (target ≥ 0.7x: {'met' if t[0] / base[0] >= 0.7 else 'NOT met'})"
         if t[3]:
             note += f"; {t[3]} errors"
+        note += (f"; CPU per request: runner {med([x['runner_us'] for x in tenants[n]]):.0f} µs, "
+                 f"isolates {med([x['isolates_us'] for x in tenants[n]]):.0f} µs")
         rows.append((f"throughput, {n} active deployment{'s' if n > 1 else ''} (Host rotated)",
                      f"{t[0]:,.0f} req/s, p99 {t[2]:.2f} ms", f"1 deployment: {base[0]:,.0f} req/s, p99 {base[2]:.2f} ms", note))
+    f1, f100 = fleet[1], fleet[100]
+    rows.append(("reference: bare `deno run` processes taking turns, no runner (one client, sequential requests "
+                 "round-robin over keep-alive connections)",
+                 f"100 processes: {f100['us']:.0f} µs of deno CPU per request ({f100['rps']:,.0f} req/s)",
+                 f"1 process: {f1['us']:.0f} µs ({f1['rps']:,.0f} req/s)",
+                 f"a request costs deno {f100['us'] / f1['us']:.1f}x more when 100 processes take turns: "
+                 "the floor of one process per deployment"))
     if idle:
         mem = [k / 1024 for k in idle["mem_kib"]]
         wp = idle["warm"]["p99_us"] / 1000

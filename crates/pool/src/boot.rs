@@ -75,6 +75,7 @@ pub(crate) async fn boot(
     let deployment = load_deployment(origin.as_ref(), &ctx.cache, &deployment_id)
         .await
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
+    tracing::debug!(deployment_id, origin_us = started.elapsed().as_micros() as u64, "deployment loaded");
     if let Some(pool) = ctx.warm.as_ref().filter(|_| warm) {
         let net = deployment.config.net.clone();
         let (result, fitting) = match pool.take(&net) {
@@ -88,12 +89,15 @@ pub(crate) async fn boot(
                 }
             },
         };
-        pool.refill(&net);
         ctx.metrics.prestarted_boots.get_or_create(&vec![("result", result)]).inc();
         if let Some(prestarted) = fitting {
-            let isolate = boot_prestarted(ctx, prestarted, origin, deployment_id, deployment).await?;
-            return Ok((isolate, started.elapsed().as_millis() as u64));
+            let booted = boot_prestarted(ctx, prestarted, origin, deployment_id, deployment).await;
+            // Only now: starting the next deno (tens of ms of CPU) must not
+            // compete with this deployment's module evaluation.
+            pool.refill(&net);
+            return booted.map(|isolate| (isolate, started.elapsed().as_millis() as u64));
         }
+        pool.refill(&net);
     }
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
     let (grant, route) =
@@ -154,6 +158,7 @@ async fn boot_prestarted(
     deployment_id: String,
     deployment: isocloud_origin::Deployment,
 ) -> Result<Arc<Isolate>, BootError> {
+    let started = Instant::now();
     let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
     if let Some(grant) = prestarted.egress() {
         grant.name_deployment(&format!("{}/{deployment_id}", origin.name()));
@@ -168,6 +173,7 @@ async fn boot_prestarted(
     };
     // On failure `prestarted` drops: killed, its files removed.
     let files = filled.map_err(|e| BootError::Sandbox(Arc::new(e)))?;
+    let filled_at = Instant::now();
     let assignment = files.assignment(&deployment);
     let hooks = Arc::new(DeploymentHooks {
         origin,
@@ -177,10 +183,16 @@ async fn boot_prestarted(
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
     });
-    prestarted
+    let isolate = prestarted
         .assign(files, hooks, assignment, ctx.start_timeout, ctx.limits)
         .await
-        .map_err(|e| BootError::Start(Arc::new(e)))
+        .map_err(|e| BootError::Start(Arc::new(e)))?;
+    tracing::debug!(
+        fill_us = (filled_at - started).as_micros() as u64,
+        assign_us = filled_at.elapsed().as_micros() as u64,
+        "pre-started isolate assigned"
+    );
+    Ok(isolate)
 }
 
 /// An isolate's egress proxy credentials and the route its process is
