@@ -22,8 +22,8 @@ use crate::{
     CPU_BUDGET_CAP_PERCENT, CPU_SAMPLE_BUSY, CPU_SAMPLE_IDLE, CPU_WARM_UP_REQUESTS, Isolate, IsolateLimits, Termination,
 };
 
-/// How often resident memory is read for the usage report's peak when a
-/// cgroup enforces the cap (the kernel does that; this is only a figure).
+/// How often, at most, resident memory is read for the usage report's peak
+/// when a cgroup enforces the cap (the kernel does that; this is a figure).
 const RSS_SAMPLE: Duration = Duration::from_millis(100);
 
 /// Below this share of one core over a read's interval, with nothing in
@@ -140,6 +140,8 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
     let mut budget = CpuBudget::new(limits.cpu_limit_ms);
     let mut last_read = Instant::now();
     let mut last_rss_read: Option<Instant> = None;
+    let mut ran_since_rss_read = false;
+    let mut requests_at_rss_read = 0u64;
     let mut pause = CPU_SAMPLE_BUSY;
     let mut quiet = false;
     loop {
@@ -181,8 +183,17 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
         }
 
         let resting = is_quiet(used_ns, interval, in_flight);
-        if limits.watch_rss || (!resting && last_rss_read.is_none_or(|at| at.elapsed() >= RSS_SAMPLE)) {
+        // Memory only grows while the isolate runs: read it again once it
+        // has run since the last reading (and at least once).
+        ran_since_rss_read |= used_ns > 0 || requests != requests_at_rss_read;
+        let rss_due = match last_rss_read {
+            None => true,
+            Some(at) => ran_since_rss_read && now - at >= RSS_SAMPLE,
+        };
+        if limits.watch_rss || rss_due {
             last_rss_read = Some(now);
+            ran_since_rss_read = false;
+            requests_at_rss_read = requests;
             let resident = isocloud_sandbox::resident_bytes(pid);
             if let Some(resident) = resident {
                 isolate.note_memory(resident);
