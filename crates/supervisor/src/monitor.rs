@@ -134,18 +134,16 @@ pub(crate) fn is_quiet(used_ns: i128, interval: Duration, in_flight: u64) -> boo
 /// without a cgroup, against the memory limit). Module evaluation before
 /// `ready` is free.
 pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
-    let Some(pid) = isolate.upgrade().map(|i| i.pid) else { return };
+    let Some((pid, link)) = isolate.upgrade().map(|i| (i.pid, i.monitor.clone())) else { return };
     let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
     let cores = parallelism();
     let mut budget = CpuBudget::new(limits.cpu_limit_ms);
     let mut last_read = Instant::now();
     let mut last_rss_read: Option<Instant> = None;
     let mut ran_since_rss_read = false;
-    let mut requests_at_rss_read = 0u64;
     let mut pause = CPU_SAMPLE_BUSY;
     let mut quiet = false;
     loop {
-        let Some(link) = isolate.upgrade().map(|i| i.monitor.clone()) else { return };
         let mut due = last_read + pause;
         if quiet {
             let woken = tokio::select! {
@@ -162,7 +160,6 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
         } else {
             tokio::time::sleep_until(due).await;
         }
-        drop(link);
 
         let Some(isolate) = isolate.upgrade() else { return };
         if !isolate.is_running() {
@@ -184,8 +181,8 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
 
         let resting = is_quiet(used_ns, interval, in_flight);
         // Memory only grows while the isolate runs: read it again once it
-        // has run since the last reading (and at least once).
-        ran_since_rss_read |= used_ns > 0 || requests != requests_at_rss_read;
+        // has used CPU since the last reading (and at least once).
+        ran_since_rss_read |= used_ns > 0;
         let rss_due = match last_rss_read {
             None => true,
             Some(at) => ran_since_rss_read && now - at >= RSS_SAMPLE,
@@ -193,7 +190,6 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
         if limits.watch_rss || rss_due {
             last_rss_read = Some(now);
             ran_since_rss_read = false;
-            requests_at_rss_read = requests;
             let resident = isocloud_sandbox::resident_bytes(pid);
             if let Some(resident) = resident {
                 isolate.note_memory(resident);
@@ -214,10 +210,10 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
             // Say "quiet" before the last look at the request count: either
             // this sees a request that started meanwhile, or that request
             // sees the flag and wakes the monitor.
-            isolate.monitor.quiet.store(true, Ordering::SeqCst);
+            link.quiet.store(true, Ordering::SeqCst);
             let unchanged = isolate.requests_started.load(Ordering::SeqCst) == requests;
             if !unchanged {
-                isolate.monitor.quiet.store(false, Ordering::SeqCst);
+                link.quiet.store(false, Ordering::SeqCst);
             }
             unchanged
         };
