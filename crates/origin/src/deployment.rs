@@ -1,10 +1,11 @@
 //! From `boot` to a complete module graph: fetch every layer (cache first, in
-//! parallel), decode it, merge with the earlier layer winning.
+//! parallel, and beside the asset tree), decode it, merge with the earlier
+//! layer winning.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use futures_util::future::try_join_all;
+use futures_util::future::{Either, select, try_join_all};
 use isocloud_eszip::{Entry, ModuleKind};
 use isocloud_protocol::{ConfigError, IsolateConfig, LayerSpec};
 use url::Url;
@@ -37,12 +38,20 @@ pub async fn load_deployment(
     cache: &DiskCache,
     deployment_id: &str,
 ) -> Result<Deployment, OriginError> {
-    let boot = origin.boot(deployment_id).await?;
+    // read_tree needs only the id: it runs beside boot, and the layers beside
+    // whatever of it is left, so a remote origin costs two round trips, not
+    // three. boot's error wins: it says why better than the tree's would.
+    let boot = std::pin::pin!(origin.boot(deployment_id));
+    let tree = std::pin::pin!(origin.read_tree(deployment_id));
+    let (boot, tree) = match select(boot, tree).await {
+        Either::Left((boot, tree)) => (boot?, Either::Left(tree)),
+        Either::Right((tree, boot)) => (boot.await?, Either::Right(std::future::ready(tree))),
+    };
     let config = boot.config;
     let layers = try_join_all(
         config.layers.iter().map(|spec| fetch_layer(origin, cache, deployment_id, spec, &config, &boot.inline_layer)),
     );
-    let (layers, tree) = tokio::try_join!(layers, origin.read_tree(deployment_id))?;
+    let (layers, tree) = tokio::try_join!(layers, tree)?;
 
     let mut modules = BTreeMap::new();
     let mut redirects = BTreeMap::new();

@@ -46,7 +46,7 @@ impl PoolMetrics {
         );
         registry.register(
             "isocloud_prestarted_boots",
-            "Boots by whether a pre-started isolate served them (hit, miss, unfit)",
+            "Boots by whether a pre-started isolate served them (hit, miss, unfit, code_cache: a re-boot that starts its own deno to use its compiled code)",
             metrics.prestarted_boots.clone(),
         );
         registry.register(

@@ -84,6 +84,37 @@ async fn an_inline_layer_is_the_boot_body_and_never_fetched() {
     assert_eq!(origin.calls_to("layer"), 0, "{:?}", origin.calls());
 }
 
+#[tokio::test]
+async fn the_asset_tree_is_asked_for_while_boot_is_still_answering() {
+    let origin = TestOrigin::start().await;
+    origin.deploy("slow-boot", TestDeployment::inline_js("Deno.serve(() => new Response('booted'));"));
+    *origin.state.boot_delay.lock().unwrap() = Some(Duration::from_millis(500));
+    let runner = origin.runner(&[]);
+
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "slow-boot", "/").await).await, "booted");
+    // read_tree needs only the deployment id: a remote origin's round trips
+    // overlap instead of adding up.
+    let timeline = origin.state.timeline.lock().unwrap().clone();
+    let at = |event: &str| timeline.iter().position(|e| e == event).unwrap_or_else(|| panic!("{event}: {timeline:?}"));
+    assert!(at("read_tree slow-boot") < at("boot answered slow-boot"), "{timeline:?}");
+}
+
+#[tokio::test]
+async fn when_boot_and_the_tree_both_fail_the_user_hears_boots_reason() {
+    let origin = TestOrigin::start().await;
+    *origin.state.tree_status.lock().unwrap() = Some(500);
+    // The tree fails at once; boot fails later, and says why better.
+    *origin.state.boot_delay.lock().unwrap() = Some(Duration::from_millis(300));
+    let runner = origin.runner(&[]);
+
+    let message = expect_error(subhost_get(&runner, "no-such-deployment", "/").await, 502, "BOOT_FAILED").await;
+    assert_eq!(message, "origin answered boot with HTTP 404");
+    // A deployment that does boot still fails on its tree, with its own code.
+    origin.deploy("treeless", TestDeployment::inline_js("Deno.serve(() => new Response('never'));"));
+    let message = expect_error(subhost_get(&runner, "treeless", "/").await, 502, "ORIGIN_UNREACHABLE").await;
+    assert!(message.contains("read_tree"), "{message}");
+}
+
 /// A TS app with a JS module, a JSON module and a remote module, as files.
 fn eszip_app() -> (tempfile::TempDir, tempfile::TempDir) {
     let app = tempfile::tempdir().unwrap();

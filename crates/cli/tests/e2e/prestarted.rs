@@ -138,3 +138,78 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
 }
+
+/// About `bytes` of plain JS, the way a bundler emits it.
+fn big_module(bytes: usize) -> String {
+    let mut code = String::with_capacity(bytes + 200);
+    let mut i = 0;
+    while code.len() < bytes {
+        code.push_str(&format!("export function f{i}(x) {{ return x + {i} * \"s{i}-lorem ipsum\".length; }}\n"));
+        i += 1;
+    }
+    code
+}
+
+#[tokio::test]
+async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestarted_isolate() {
+    let apps = AppsDir::new();
+    let big = big_module(300 * 1024);
+    apps.app(
+        "big",
+        &[
+            ("main.ts", "import { f7 } from './big.js';\nDeno.serve(() => new Response(`big ${Deno.pid} ${f7(1)}`));"),
+            ("big.js", &big),
+        ],
+    );
+    apps.app("small", &[("main.ts", "Deno.serve(() => new Response(`small ${Deno.pid}`));")]);
+    let runner = apps.serve(&["--prestarted-isolates", "1", "--idle-timeout-s", "1"]);
+    let pid_of = |body: String, name: &str| -> u32 {
+        let mut words = body.split(' ');
+        assert_eq!(words.next(), Some(name), "{body}");
+        words.next().unwrap().parse().unwrap()
+    };
+    let serve = |host: &'static str| {
+        let runner = &runner;
+        async move {
+            let response = runner.get(host, "/").await;
+            assert_eq!(response.status(), 200, "{host}: {}", runner.stderr());
+            response.text().await.unwrap()
+        }
+    };
+
+    for (name, host) in [("big", "big.localhost"), ("small", "small.localhost")] {
+        let waiting = settle(&runner, 1, 1).await;
+        let first = pid_of(serve(host).await, name);
+        assert_eq!(first, waiting[0], "{name}'s first boot took the pre-started isolate");
+        wait_until(&format!("{name}'s isolate idles out"), Duration::from_secs(20), || !process_alive(first)).await;
+    }
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 2, "{metrics}");
+    // What the first boots compiled is in their deployments' cache dirs.
+    let deno_dirs: Vec<_> =
+        std::fs::read_dir(runner.state_dir.path().join("deno-dir")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(deno_dirs.len(), 2, "{deno_dirs:?}");
+    let code_cache_bytes: Vec<u64> = deno_dirs
+        .iter()
+        .map(|dir| {
+            ["v8_code_cache_v2", "v8_code_cache_v2-wal"]
+                .iter()
+                .filter_map(|f| dir.join(f).metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .collect();
+    assert!(code_cache_bytes.iter().any(|bytes| *bytes as usize > big.len() / 4), "{code_cache_bytes:?}");
+
+    // The big one's re-boot starts its own deno on its cache (a pre-started
+    // one would compile everything again); the small one's takes the pool's.
+    let waiting = settle(&runner, 1, 1).await;
+    let big_again = pid_of(serve("big.localhost").await, "big");
+    assert_ne!(big_again, waiting[0], "the big deployment's re-boot left the pre-started isolate waiting");
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="code_cache"}"#), 1, "{metrics}");
+    let small_again = pid_of(serve("small.localhost").await, "small");
+    assert_eq!(small_again, waiting[0], "the small deployment's re-boot took the pre-started isolate");
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 3, "{metrics}");
+}

@@ -511,3 +511,67 @@ fn a_config_file_with_an_unknown_key_is_refused_at_startup() {
     let runner = Runner::start(&["runner", "--config", config.to_str().unwrap()]);
     assert!(runner.addr.port() != 0);
 }
+
+/// A relay keeps one h2c connection (HTTP/2 with prior knowledge, no TLS)
+/// to the runner and multiplexes every tenant's requests over it: each
+/// stream carries its own token and reaches its own deployment, bodies
+/// stream both ways, and a refused stream does not end the connection.
+#[tokio::test]
+async fn a_relay_multiplexes_tenants_over_one_h2c_connection() {
+    use http_body_util::{BodyExt, Full};
+
+    let origin = TestOrigin::start().await;
+    let handler = |name: &str| {
+        format!(
+            "Deno.serve(async (req) => new Response(`{name} ${{req.method}} ${{new URL(req.url).pathname}} \
+             ${{req.headers.has('x-deno-subhost')}} ${{(await req.text()).length}}`));"
+        )
+    };
+    origin.deploy("alpha", TestDeployment::inline_js(&handler("alpha")));
+    origin.deploy("beta", TestDeployment::inline_js(&handler("beta")));
+    let runner = origin.runner(&[]);
+
+    let stream = tokio::net::TcpStream::connect(runner.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("the runner speaks h2c");
+    let connection = tokio::spawn(connection);
+
+    let send = |deployment: &'static str, i: usize, token: String| {
+        let mut sender = sender.clone();
+        async move {
+            let body = "x".repeat(i * 1000);
+            let request = hyper::Request::post(format!("http://{deployment}.example/r{i}"))
+                .header("x-deno-subhost", token)
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let response = sender.send_request(request).await.expect("a stream of the shared connection");
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            let status = response.status().as_u16();
+            let code = response.headers().get("x-isocloud-error").map(|v| v.to_str().unwrap().to_owned());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, code, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let answers = futures_util::future::join_all((0..24).map(|i| {
+        let deployment = if i % 2 == 0 { "alpha" } else { "beta" };
+        send(deployment, i, subhost_token(claims_for(deployment)))
+    }))
+    .await;
+    for (i, (status, code, body)) in answers.into_iter().enumerate() {
+        let deployment = if i % 2 == 0 { "alpha" } else { "beta" };
+        assert_eq!((status, code), (200, None), "{body}");
+        assert_eq!(body, format!("{deployment} POST /r{i} false {}", i * 1000));
+    }
+
+    // A bad token on one stream is that stream's 401; the connection lives on.
+    let (status, code, _) = send("alpha", 1, "not.a.token".to_owned()).await;
+    assert_eq!((status, code.as_deref()), (401, Some("UNAUTHORIZED")));
+    let (status, _, body) = send("beta", 2, subhost_token(claims_for("beta"))).await;
+    assert_eq!((status, body.as_str()), (200, "beta POST /r2 false 2000"));
+    assert!(!connection.is_finished(), "one connection carried every stream");
+    assert_eq!(origin.calls_to("boot"), 2, "{:?}", origin.calls());
+}
