@@ -8,9 +8,10 @@ only, and the script stops by itself and kills everything it started. It
 prints one Markdown table and writes it to bench/results/latest.md.
 
 Needs: the release binary (cargo build --release -p isocloud), the pinned deno
-(./scripts/install-deno), wrk (Debian package; installed here when root), node
-and npm (workerd is installed from bench/package-lock.json into
-bench/node_modules with `npm ci --prefix bench`). See docs/benchmarks.md.
+(./scripts/install-deno), wrk and h2load (Debian packages wrk and
+nghttp2-client; installed here when root), node and npm (workerd is installed
+from bench/package-lock.json into bench/node_modules with `npm ci --prefix
+bench`, @deno/eszip into tools/eszip). See docs/benchmarks.md.
 """
 import argparse
 import concurrent.futures
@@ -29,6 +30,7 @@ import threading
 import time
 
 from common import DENO, HANDLER, ROOT, free_port, percentile, start_apps_runner
+from subhost import Origin, build_eszip, start_subhost_runner, subhost_get
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 WORKER = 'export default { fetch() { return new Response("Hello, world!"); } };\n'
@@ -419,7 +421,6 @@ def main():
         "cold": 10 if q else 40,
         "burst": 10 if q else 20,
         "bare": 10 if q else 20,
-        "sizes": [("10 KB", 10_000), ("1 MB", 1_000_000), ("10 MB", 10_000_000)],
         "per_size": 3 if q else 10,
         "tenants": [1, 10, 100] if q else [1, 10, 100, 1000],
         "tenant_rounds": 1 if q else 3,
@@ -441,8 +442,7 @@ def main():
         wrk = Wrk(wrk_bin, work)
         apps = os.path.join(work, "apps")
         max_tenants = max(cfg["tenants"])
-        # hello apps t0..t{N-1} (the tenants; t0 is the warm one), cold apps c*,
-        # code-size apps s*
+        # hello apps t0..t{N-1} (the tenants; t0 is the warm one), cold apps c*
         for i in range(max_tenants):
             os.makedirs(os.path.join(apps, f"t{i}"))
             with open(os.path.join(apps, f"t{i}", "main.ts"), "w") as f:
@@ -451,16 +451,6 @@ def main():
             os.makedirs(os.path.join(apps, name))
             with open(os.path.join(apps, name, "main.ts"), "w") as f:
                 f.write(HANDLER)
-        for si, (label, size) in enumerate(cfg["sizes"]):
-            code, nfun = big_module(size)
-            for j in range(cfg["per_size"]):
-                d = os.path.join(apps, f"s{si}x{j}")
-                os.makedirs(d)
-                with open(os.path.join(d, "big.js"), "w") as f:
-                    f.write(code.replace("lorem", f"l{j}rem"))  # distinct files per deployment
-                with open(os.path.join(d, "main.ts"), "w") as f:
-                    f.write(f'import {{ f{nfun - 1} }} from "./big.js";\n'
-                            f'Deno.serve(() => new Response("Hello, world! " + f{nfun - 1}(1)));\n')
         with open(os.path.join(work, "worker.js"), "w") as f:
             f.write(WORKER)
 
@@ -507,13 +497,17 @@ def main():
             procs.stop(p, signal.SIGKILL)
         raw["cold"] = {"runner": cold, "cached": cached, "burst": burst, "deno": bare, "workerd": wcold}
 
-        # ---- 3. boot time vs code size
-        log("boot vs code size")
-        size_rows = []
-        for si, (label, size) in enumerate(cfg["sizes"]):
-            samples = [get(runner.port, f"s{si}x{j}.localhost") for j in range(cfg["per_size"])]
-            size_rows.append((label, samples))
-        raw["code_size"] = {label: s for label, s in size_rows}
+        # ---- 3. boot time vs code size: ESZIPs from a subhoster's origin
+        log("boot vs code size (ESZIP, subhosting mode)")
+        import eszip_boot  # here: it imports this module
+        origin = Origin()
+        try:
+            eszips = eszip_boot.build_sizes(work, log=log)
+            sizes = eszip_boot.measure(procs, [args.binary], origin, eszips, cfg["per_size"], COLD_GAP_S, work)[0]
+            bare_sizes = eszip_boot.bare_deno(procs, work, eszips, cfg["per_size"])
+        finally:
+            origin.stop()
+        raw["code_size"] = {"runner": sizes, "deno": bare_sizes, "bytes": {k: len(v) for k, v in eszips.items()}}
 
         # ---- 1. warm throughput + 6. runner CPU per request
         log("warm throughput")
@@ -536,6 +530,36 @@ def main():
             warm["deno"].append(res)
             warm["workerd"].append(wrk.run(wport, ["localhost"], cfg["seconds"], watch=[wproc.pid]))
         raw["warm"] = warm
+
+        # ---- relay connections: HTTP/1.1 against h2c, subhosting mode
+        log("relay → runner: HTTP/1.1 and h2c")
+        import relay as relay_bench  # here: it imports this module
+        h2load_bin = relay_bench.ensure_h2load()
+        origin = Origin()
+        try:
+            hello_src = os.path.join(work, "relay-src")
+            os.makedirs(hello_src)
+            with open(os.path.join(hello_src, "main.ts"), "w") as f:
+                f.write(relay_bench.HELLO)
+            origin.layers["hello"] = build_eszip(hello_src, "main.ts", os.path.join(work, "hello.eszip"))
+            origin.deployments["hello"] = "hello"
+            sproc, sport = start_subhost_runner(args.binary, origin, os.path.join(work, "state-relay"),
+                                                spawn=procs.start, extra=["--cpu-limit-ms", "1000"])
+            subhost_get(sport, "hello")
+            sisolates = [pid for pid, comm in descendants(sproc.pid) if comm == "deno"]
+            runs = {"HTTP/1.1": [], "h2c": []}
+            for _ in range(cfg["rounds"]):
+                for label, h1, conns_, streams in (("HTTP/1.1", True, 32, 1), ("h2c", False, 2, 16)):
+                    r = relay_bench.h2load(h2load_bin, sport, "hello", cfg["seconds"], conns_, streams, h1, work,
+                                           [sproc.pid, *sisolates])
+                    r["runner_us"] = r["cpu_s"][sproc.pid] / (r["rps"] * cfg["seconds"]) * 1e6
+                    runs[label].append(r)
+            procs.stop(sproc)
+        finally:
+            origin.stop()
+        relay = {label: {key: med([r[key] for r in rs]) for key in ("rps", "p50", "p99", "runner_us")}
+                 for label, rs in runs.items()}
+        raw["relay"] = relay
 
         # p99 at half of saturation: paced connections (each waits D ms after
         # each answer), same rate for runner and deno
@@ -633,9 +657,23 @@ def main():
     rows.append((f"cold start: burst of {len(burst)} new deployments back to back",
                  dist(burst), f"bare `deno run`: {dist(bare)}",
                  f"the pool ({PRESTARTED} per profile) runs dry: later boots start their own deno"))
-    for label, samples in size_rows:
-        rows.append((f"boot time vs code size: {label} module (apps mode, not ESZIP)", dist(samples), "—",
-                     f"vs hello world cold p50 {fmt_ms(med(cold))} ms"))
+    for label, figures in sizes.items():
+        first, again = bare_sizes[label]
+        rows.append((f"boot time vs code size: {label} ESZIP ({raw['code_size']['bytes'][label]:,} bytes), "
+                     "subhosting origin, first request",
+                     f"never seen: {dist(figures['never seen'])}; layer cached: {dist(figures['layer cached'])}; "
+                     f"re-boot (isolate gone): {dist(figures['re-boot'])}",
+                     f"bare `deno run` of the same code: first start {dist(first)}; second start {dist(again)}",
+                     f"never seen {med(figures['never seen']) - med(first):+.1f} ms, re-boot "
+                     f"{med(figures['re-boot']) - med(again):+.1f} ms vs bare deno (p50)"))
+    rl = {label: relay[label] for label in relay}
+    h1, h2 = rl["HTTP/1.1"], rl["h2c"]
+    rows.append(("relay → runner in subhosting mode (signed token per request, 32 in flight, h2load): "
+                 "h2c on 2 connections",
+                 f"{h2['rps']:,.0f} req/s, p50 {h2['p50']:.2f} / p99 {h2['p99']:.2f} ms, runner {h2['runner_us']:.1f} µs/req",
+                 f"HTTP/1.1 on 32 connections: {h1['rps']:,.0f} req/s, p50 {h1['p50']:.2f} / p99 {h1['p99']:.2f} ms, "
+                 f"runner {h1['runner_us']:.1f} µs/req",
+                 f"{h2['rps'] / h1['rps']:.2f}x the requests/s of HTTP/1.1"))
     base = wsum(tenants[1])
     for n in cfg["tenants"]:
         t = wsum(tenants[n])

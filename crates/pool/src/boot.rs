@@ -203,10 +203,10 @@ async fn boot_prestarted(
 /// Code past which a re-boot starts its own deno on the deployment's cache
 /// dir rather than taking a pre-started isolate. A pre-started deno opened
 /// its own (empty) caches when it started, so it compiles every module
-/// again; from about this much code on, that costs more than the deno start
-/// the pool saves (~15 ms; V8 compiles ~130 ms per MB here, and a cached
-/// 10 MB deployment re-boots in ~0.2 s instead of ~1.4 s: bench/eszip_boot.py).
-pub(crate) const CODE_CACHE_WINS_BYTES: usize = 128 * 1024;
+/// again (~130 ms per MB here); a deno of its own starts slower (~30 ms more)
+/// but compiles nothing. They break even near 250 KB (bench/eszip_boot.py:
+/// a 10 MB deployment re-boots in ~0.19 s instead of ~1.4 s).
+pub(crate) const CODE_CACHE_WINS_BYTES: usize = 256 * 1024;
 
 /// Whether `deployment` has compiled before (its deno cache dir exists) and
 /// has enough code for that cache to beat a pre-started isolate.

@@ -153,7 +153,7 @@ fn big_module(bytes: usize) -> String {
 #[tokio::test]
 async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestarted_isolate() {
     let apps = AppsDir::new();
-    let big = big_module(300 * 1024);
+    let big = big_module(400 * 1024);
     apps.app(
         "big",
         &[
