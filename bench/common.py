@@ -1,9 +1,11 @@
 """What every benchmark script shares: where deno is, the hello-world handler
-deno serves directly, percentiles, a free port, and starting the runner on a
-folder of apps (waiting for its `listening on` line)."""
+deno serves directly, percentiles, a free port, one timed request, and
+starting the runner (waiting for its `listening on` line)."""
+import http.client
 import os
 import socket
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
@@ -22,16 +24,28 @@ def percentile(samples, p):
     return ordered[index]
 
 
-def start_apps_runner(binary, apps, state_dir, extra=(), log="warn", stderr=subprocess.DEVNULL,
-                      spawn=subprocess.Popen):
-    """`isocloud serve --apps APPS` on a free port; returns (process, port).
-    `spawn` lets a caller track the process (the suite kills its groups)."""
-    runner = spawn(
-        [binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", state_dir, "--deno", DENO,
-         *extra],
-        stdout=subprocess.PIPE, stderr=stderr, text=True,
-        env={**os.environ, "ISOCLOUD_LOG": log, "NO_COLOR": "1"},
-    )
+def get(port, host, path="/", timeout=60, headers=None):
+    """One request on a fresh connection; ms to the end of the body."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    elapsed = (time.perf_counter() - start) * 1000
+    if response.status != 200:
+        raise RuntimeError(f"unexpected {response.status} from {host}: {body[:300]!r}")
+    return elapsed
+
+
+def start_runner(argv, log="warn", stderr=subprocess.DEVNULL, spawn=subprocess.Popen):
+    """`argv` (an isocloud command listening on port 0); returns (process,
+    port) once it printed `listening on`. `spawn` lets a caller track the
+    process (the suite kills its groups)."""
+    runner = spawn(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                   env={**os.environ, "ISOCLOUD_LOG": log, "NO_COLOR": "1"})
     line = ""
     while "listening on" not in line:
         line = runner.stdout.readline()
@@ -39,3 +53,12 @@ def start_apps_runner(binary, apps, state_dir, extra=(), log="warn", stderr=subp
             runner.kill()
             raise SystemExit("the runner did not start")
     return runner, int(line.rsplit(":", 1)[1])
+
+
+def start_apps_runner(binary, apps, state_dir, extra=(), log="warn", stderr=subprocess.DEVNULL,
+                      spawn=subprocess.Popen):
+    """`isocloud serve --apps APPS` on a free port; returns (process, port)."""
+    return start_runner(
+        [binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", state_dir, "--deno", DENO,
+         *extra],
+        log=log, stderr=stderr, spawn=spawn)

@@ -11,7 +11,6 @@ origin), and keeps the `boot_ms` of every boot event the runner reports.
 import base64
 import hashlib
 import hmac
-import http.client
 import http.server
 import json
 import os
@@ -20,7 +19,7 @@ import threading
 import time
 import urllib.parse
 
-from common import DENO, ROOT
+from common import DENO, ROOT, get, start_runner
 
 KID = "bench"
 SECRET = "bench-secret-of-at-least-32-bytes!"
@@ -126,34 +125,15 @@ class Origin:
 def start_subhost_runner(binary, origin, state_dir, extra=(), spawn=subprocess.Popen):
     """`isocloud runner` on a free port with `origin` as the default RPC root;
     returns (process, port)."""
-    runner = spawn(
+    runner, port = start_runner(
         [binary, "runner", "--listen", "127.0.0.1:0", "--state-dir", state_dir, "--deno", DENO,
          "--rpc-root", origin.rpc_root, "--subhost-secret", f"{KID}={SECRET}", "--usage-interval-s", "1",
          *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "ISOCLOUD_LOG": "warn", "NO_COLOR": "1"},
-    )
-    line = ""
-    while "listening on" not in line:
-        line = runner.stdout.readline()
-        if not line:
-            runner.kill()
-            raise SystemExit("the runner did not start")
+        spawn=spawn)
     threading.Thread(target=runner.stdout.read, daemon=True).start()  # drain
-    return runner, int(line.rsplit(":", 1)[1])
+    return runner, port
 
 
 def subhost_get(port, deployment_id, timeout=60):
     """One relay-signed request on a fresh connection; ms to the end of the body."""
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Host": "bench.example", "x-deno-subhost": token(deployment_id)})
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    elapsed = (time.perf_counter() - start) * 1000
-    if response.status != 200:
-        raise RuntimeError(f"unexpected {response.status} from {deployment_id}: {body[:300]!r}")
-    return elapsed
+    return get(port, "bench.example", timeout=timeout, headers={"x-deno-subhost": token(deployment_id)})

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 
-from common import DENO, HANDLER, ROOT, free_port, percentile, start_apps_runner
+from common import DENO, HANDLER, ROOT, free_port, get, percentile, start_apps_runner
 from subhost import Origin, build_eszip, start_subhost_runner, subhost_get
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -49,22 +49,6 @@ def log(msg):
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
-
-
-def get(port, host, path="/", timeout=60):
-    """One request on a fresh connection; ms to the end of the body."""
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    elapsed = (time.perf_counter() - start) * 1000
-    if response.status != 200:
-        raise RuntimeError(f"unexpected {response.status} from {host}: {body[:200]!r}")
-    return elapsed
 
 
 def first_response(port, deadline_s=30):
