@@ -58,6 +58,12 @@ def build_sizes(work, labels=None, log=print):
     return built
 
 
+def layer_name(tag, label, j, k):
+    """The layer id of deployment j of size `label` on binary k (its
+    deployments are `<layer>-n`, never seen, and `<layer>-l`, layer cached)."""
+    return f"{tag}{label}-{j}-{k}".replace(" ", "")
+
+
 def measure(procs, binaries, origin, eszips, n, gap_s, work, tag=""):
     """Per binary: {label: {"never seen" | "layer cached" | "re-boot" | "boot_ms": [ms]}}."""
     runners = [start_subhost_runner(b, origin, os.path.join(work, f"state{tag}{k}"), spawn=procs.start,
@@ -70,7 +76,7 @@ def measure(procs, binaries, origin, eszips, n, gap_s, work, tag=""):
         for j in range(n):
             for kind in ("never seen", "layer cached"):
                 for k, port in enumerate(runners):
-                    layer_id = f"{tag}{label}-{j}-{k}".replace(" ", "")
+                    layer_id = layer_name(tag, label, j, k)
                     origin.layers[layer_id] = eszip
                     deployment_id = f"{layer_id}-{kind[0]}"
                     origin.deployments[deployment_id] = layer_id
@@ -80,14 +86,12 @@ def measure(procs, binaries, origin, eszips, n, gap_s, work, tag=""):
     for label in eszips:
         for j in range(n):
             for k, port in enumerate(runners):
-                layer_id = f"{tag}{label}-{j}-{k}".replace(" ", "")
-                results[k][label]["re-boot"].append(subhost_get(port, f"{layer_id}-n"))
+                results[k][label]["re-boot"].append(subhost_get(port, f"{layer_name(tag, label, j, k)}-n"))
                 time.sleep(gap_s)
     for k in range(len(binaries)):
         for label in eszips:
             for j in range(n):
-                layer_id = f"{tag}{label}-{j}-{k}".replace(" ", "")
-                boot_ms = origin.boot_ms.get(f"{layer_id}-n")
+                boot_ms = origin.boot_ms.get(f"{layer_name(tag, label, j, k)}-n")
                 if boot_ms is not None:
                     results[k][label]["boot_ms"].append(boot_ms)
     return results

@@ -72,6 +72,43 @@ def h2load(binary, port, deployment_id, seconds, conns, streams, h1, work, watch
     }
 
 
+def measure(procs, binaries, origin, work, seconds, rounds, concurrency=32, h2_connections=2):
+    """Each binary on its own subhosting runner serving a hello-world ESZIP
+    from `origin`; `rounds` alternating h2load runs per binary and protocol.
+    Returns {(binary index, "HTTP/1.1" | "h2c"): medians of req/s, p50, p99
+    (ms), runner_us and isolate_us (CPU per request)}; stops its runners."""
+    h2load_bin = ensure_h2load()
+    src = os.path.join(work, "relay-src")
+    os.makedirs(src)
+    with open(os.path.join(src, "main.ts"), "w") as f:
+        f.write(HELLO)
+    origin.layers["hello"] = build_eszip(src, "main.ts", os.path.join(work, "hello.eszip"))
+    origin.deployments["hello"] = "hello"
+    runners = []
+    for k, binary in enumerate(binaries):
+        proc, port = start_subhost_runner(binary, origin, os.path.join(work, f"state-relay{k}"), spawn=procs.start,
+                                          extra=["--cpu-limit-ms", "1000"])
+        subhost_get(port, "hello")
+        runners.append((proc, port))
+    modes = [("HTTP/1.1", True, concurrency, 1), ("h2c", False, h2_connections, concurrency // h2_connections)]
+    samples = {(k, mode[0]): [] for k in range(len(binaries)) for mode in modes}
+    for _ in range(rounds):
+        for k, (proc, port) in enumerate(runners):
+            isolates = [pid for pid, comm in descendants(proc.pid) if comm == "deno"]
+            for label, h1, conns, streams in modes:
+                r = h2load(h2load_bin, port, "hello", seconds, conns, streams, h1, work, [proc.pid, *isolates])
+                requests = r["rps"] * seconds
+                r["runner_us"] = r["cpu_s"][proc.pid] / requests * 1e6
+                r["isolate_us"] = sum(r["cpu_s"][pid] for pid in isolates) / requests * 1e6
+                samples[(k, label)].append(r)
+                time.sleep(1)
+    for proc, _ in runners:
+        procs.stop(proc)
+    return {key: {figure: statistics.median(r[figure] for r in runs)
+                  for figure in ("rps", "p50", "p99", "runner_us", "isolate_us")}
+            for key, runs in samples.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", action="append", help="a runner binary (repeat to compare)")
@@ -81,49 +118,20 @@ def main():
     parser.add_argument("--h2-connections", type=int, default=2, help="h2c connections the streams share")
     args = parser.parse_args()
     binaries = args.binary or [os.path.join(ROOT, "target/release/isocloud")]
-    h2load_bin = ensure_h2load()
     procs = Procs()
     work = tempfile.mkdtemp(prefix="isocloud-relay-")
     origin = Origin()
     try:
-        src = os.path.join(work, "src")
-        os.makedirs(src)
-        with open(os.path.join(src, "main.ts"), "w") as f:
-            f.write(HELLO)
-        origin.layers["hello"] = build_eszip(src, "main.ts", os.path.join(work, "hello.eszip"))
-        origin.deployments["hello"] = "hello"
-        runners = []
-        for k, binary in enumerate(binaries):
-            proc, port = start_subhost_runner(binary, origin, os.path.join(work, f"state{k}"), spawn=procs.start,
-                                              extra=["--cpu-limit-ms", "1000"])
-            subhost_get(port, "hello")
-            runners.append((proc, port))
-        h2c_conns = args.h2_connections
-        modes = [("HTTP/1.1", True, args.concurrency, 1),
-                 (f"h2c, {h2c_conns} connections", False, h2c_conns, args.concurrency // h2c_conns)]
-        samples = {(k, mode[0]): [] for k in range(len(binaries)) for mode in modes}
-        for _ in range(args.rounds):
-            for k, (proc, port) in enumerate(runners):
-                isolates = [pid for pid, comm in descendants(proc.pid) if comm == "deno"]
-                for label, h1, conns, streams in modes:
-                    r = h2load(h2load_bin, port, "hello", args.seconds, conns, streams, h1, work,
-                               [proc.pid, *isolates])
-                    requests = r["rps"] * args.seconds
-                    r["runner_us"] = r["cpu_s"][proc.pid] / requests * 1e6
-                    r["isolate_us"] = sum(r["cpu_s"][pid] for pid in isolates) / requests * 1e6
-                    samples[(k, label)].append(r)
-                    time.sleep(1)
-        print(f"\nrelay → runner, hello-world ESZIP, {args.concurrency} requests in flight, h2load, "
-              f"{args.rounds} × {args.seconds} s, medians\n")
+        medians = measure(procs, binaries, origin, work, args.seconds, args.rounds, args.concurrency,
+                          args.h2_connections)
+        print(f"\nrelay → runner, hello-world ESZIP, {args.concurrency} requests in flight (HTTP/1.1: as many "
+              f"connections; h2c: {args.h2_connections} connections), h2load, {args.rounds} × {args.seconds} s, "
+              "medians\n")
         print("| runner | protocol | req/s | p50 ms | p99 ms | runner CPU µs/req | isolate CPU µs/req |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        for k, binary in enumerate(binaries):
-            for label, *_ in modes:
-                runs = samples[(k, label)]
-                m = {key: statistics.median(r[key] for r in runs)
-                     for key in ("rps", "p50", "p99", "runner_us", "isolate_us")}
-                print(f"| {k}: {os.path.relpath(binary, ROOT)} | {label} | {m['rps']:,.0f} | {m['p50']:.2f} "
-                      f"| {m['p99']:.2f} | {m['runner_us']:.1f} | {m['isolate_us']:.1f} |")
+        for (k, label), m in medians.items():
+            print(f"| {k}: {os.path.relpath(binaries[k], ROOT)} | {label} | {m['rps']:,.0f} | {m['p50']:.2f} "
+                  f"| {m['p99']:.2f} | {m['runner_us']:.1f} | {m['isolate_us']:.1f} |")
     finally:
         procs.stop_all()
         origin.stop()

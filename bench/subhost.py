@@ -59,7 +59,6 @@ class Origin:
         self.layers = {}
         self.delay_s = delay_ms / 1000
         self.boot_ms = {}
-        self.calls = {}
         origin = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -83,7 +82,6 @@ class Origin:
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
                 rpc = url.path.rsplit("/", 1)[-1]
-                origin.calls[rpc] = origin.calls.get(rpc, 0) + 1
                 deployment = query.get("deployment_id", "")
                 layer_id = origin.deployments.get(deployment)
                 if origin.delay_s:

@@ -30,7 +30,7 @@ import threading
 import time
 
 from common import DENO, HANDLER, ROOT, free_port, get, percentile, start_apps_runner
-from subhost import Origin, build_eszip, start_subhost_runner, subhost_get
+from subhost import Origin
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 WORKER = 'export default { fetch() { return new Response("Hello, world!"); } };\n'
@@ -518,31 +518,12 @@ def main():
         # ---- relay connections: HTTP/1.1 against h2c, subhosting mode
         log("relay → runner: HTTP/1.1 and h2c")
         import relay as relay_bench  # here: it imports this module
-        h2load_bin = relay_bench.ensure_h2load()
         origin = Origin()
         try:
-            hello_src = os.path.join(work, "relay-src")
-            os.makedirs(hello_src)
-            with open(os.path.join(hello_src, "main.ts"), "w") as f:
-                f.write(relay_bench.HELLO)
-            origin.layers["hello"] = build_eszip(hello_src, "main.ts", os.path.join(work, "hello.eszip"))
-            origin.deployments["hello"] = "hello"
-            sproc, sport = start_subhost_runner(args.binary, origin, os.path.join(work, "state-relay"),
-                                                spawn=procs.start, extra=["--cpu-limit-ms", "1000"])
-            subhost_get(sport, "hello")
-            sisolates = [pid for pid, comm in descendants(sproc.pid) if comm == "deno"]
-            runs = {"HTTP/1.1": [], "h2c": []}
-            for _ in range(cfg["rounds"]):
-                for label, h1, conns_, streams in (("HTTP/1.1", True, 32, 1), ("h2c", False, 2, 16)):
-                    r = relay_bench.h2load(h2load_bin, sport, "hello", cfg["seconds"], conns_, streams, h1, work,
-                                           [sproc.pid, *sisolates])
-                    r["runner_us"] = r["cpu_s"][sproc.pid] / (r["rps"] * cfg["seconds"]) * 1e6
-                    runs[label].append(r)
-            procs.stop(sproc)
+            relay = {label: figures for (_, label), figures in
+                     relay_bench.measure(procs, [args.binary], origin, work, cfg["seconds"], cfg["rounds"]).items()}
         finally:
             origin.stop()
-        relay = {label: {key: med([r[key] for r in rs]) for key in ("rps", "p50", "p99", "runner_us")}
-                 for label, rs in runs.items()}
         raw["relay"] = relay
 
         # p99 at half of saturation: paced connections (each waits D ms after
@@ -650,8 +631,7 @@ def main():
                      f"bare `deno run` of the same code: first start {dist(first)}; second start {dist(again)}",
                      f"never seen {med(figures['never seen']) - med(first):+.1f} ms, re-boot "
                      f"{med(figures['re-boot']) - med(again):+.1f} ms vs bare deno (p50)"))
-    rl = {label: relay[label] for label in relay}
-    h1, h2 = rl["HTTP/1.1"], rl["h2c"]
+    h1, h2 = relay["HTTP/1.1"], relay["h2c"]
     rows.append(("relay → runner in subhosting mode (signed token per request, 32 in flight, h2load): "
                  "h2c on 2 connections",
                  f"{h2['rps']:,.0f} req/s, p50 {h2['p50']:.2f} / p99 {h2['p99']:.2f} ms, runner {h2['runner_us']:.1f} µs/req",

@@ -342,12 +342,16 @@ fn the_client_commands_against_the_control_plane() {
 
 /// Log lines as the runner reports them, through the in-process origin.
 fn report(server: &Server, deployment_id: &str, batch_id: &str, lines: &[(&str, &str, Option<&str>)]) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let events: Vec<serde_json::Value> = lines
         .iter()
         .map(|(level, message, request_id)| {
             let mut event = serde_json::json!({
-                "deployment_id": deployment_id, "timestamp": format_rfc3339(now),
+                "deployment_id": deployment_id, "timestamp": now,
                 "type": "log", "level": level, "message": message,
             });
             if let Some(id) = request_id {
@@ -390,21 +394,4 @@ fn follow_logs_until_interrupted(cli: &Cli, server: &Server, deployment_id: &str
     assert!(output.status.success(), "Ctrl-C ends a follow with 0 ({}):\n{stderr}", output.status);
     assert!(stdout.contains("hello from the isolate"), "earlier lines first:\n{stdout}\n{stderr}");
     assert!(stdout.contains("live line"), "then new ones:\n{stdout}\n{stderr}");
-}
-
-/// Seconds since the epoch → `YYYY-MM-DDTHH:MM:SSZ`.
-fn format_rfc3339(seconds: u64) -> String {
-    let days = (seconds / 86_400) as i64;
-    let of_day = seconds % 86_400;
-    // H. Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 };
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", of_day / 3600, of_day % 3600 / 60, of_day % 60)
 }

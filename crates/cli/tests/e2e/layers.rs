@@ -94,9 +94,11 @@ async fn the_asset_tree_is_asked_for_while_boot_is_still_answering() {
     assert_eq!(ok_text(&runner, subhost_get(&runner, "slow-boot", "/").await).await, "booted");
     // read_tree needs only the deployment id: a remote origin's round trips
     // overlap instead of adding up.
-    let timeline = origin.state.timeline.lock().unwrap().clone();
-    let at = |event: &str| timeline.iter().position(|e| e == event).unwrap_or_else(|| panic!("{event}: {timeline:?}"));
-    assert!(at("read_tree slow-boot") < at("boot answered slow-boot"), "{timeline:?}");
+    let calls = origin.calls();
+    let tree_at = calls.iter().position(|call| call == "read_tree slow-boot").expect("read_tree was called");
+    let answered = origin.state.boot_answered.lock().unwrap().clone();
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    assert!(tree_at < answered[0].1, "read_tree came after boot's answer: {calls:?} {answered:?}");
 }
 
 #[tokio::test]

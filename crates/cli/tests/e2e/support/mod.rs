@@ -299,9 +299,9 @@ pub struct OriginState {
     pub layer_status: Mutex<Option<u16>>,
     /// read_tree answers with this status instead.
     pub tree_status: Mutex<Option<u16>>,
-    /// Every RPC's arrival (`rpc deployment_id`) and every boot answer's
-    /// departure (`boot answered deployment_id`), in order.
-    pub timeline: Mutex<Vec<String>>,
+    /// Per boot answer: its deployment id and how many `calls` had arrived
+    /// when it left (what the runner asked for while it waited).
+    pub boot_answered: Mutex<Vec<(String, usize)>>,
     /// Deployments whose boot answer carries no `x-deno-config` header at all.
     pub omit_config_header: Mutex<HashSet<String>>,
     /// Subhosters besides `KID`/`SECRET` whose RPC JWTs verify: kid → secret.
@@ -477,7 +477,6 @@ async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) ->
     let rpc = request.uri().path().strip_prefix("/v0/").unwrap_or("").to_owned();
     let detail = query.get("layer_id").or(query.get("file_id")).cloned().unwrap_or_default();
     state.calls.lock().unwrap().push(format!("{rpc} {deployment_id} {detail}").trim_end().to_owned());
-    state.timeline.lock().unwrap().push(format!("{rpc} {deployment_id}"));
     match verify_rpc_jwt(state, &request, &deployment_id) {
         Ok(kid) => state.rpc_kids.lock().unwrap().push(kid),
         Err(e) => {
@@ -491,7 +490,8 @@ async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) ->
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
-            state.timeline.lock().unwrap().push(format!("boot answered {deployment_id}"));
+            let arrived = state.calls.lock().unwrap().len();
+            state.boot_answered.lock().unwrap().push((deployment_id.clone(), arrived));
             let Some(d) = state.deployments.lock().unwrap().get(&deployment_id).cloned() else {
                 return reply(404, "no such deployment");
             };
