@@ -43,6 +43,10 @@ use crate::PoolMetrics;
 /// output) new log events are dropped, counted and noted; other kinds are
 /// always taken.
 const QUEUE_EVENTS: usize = 16_384;
+/// The same bound in bytes of log events: a line may be up to
+/// `MAX_LOG_MESSAGE_BYTES`, so a count alone would let a flood of long
+/// lines hold hundreds of megabytes.
+const QUEUE_LOG_BYTES: usize = 16 * 1024 * 1024;
 const MAX_BATCH_EVENTS: usize = 500;
 /// Upper bound of a batch (estimated before it is written; one event may
 /// exceed it alone). Small batches make "drop the oldest" fine-grained.
@@ -127,6 +131,8 @@ struct Shared {
 struct State {
     pending: HashMap<(String, String, Tier), Pending>,
     pending_events: usize,
+    /// Estimated bytes of the log events in `pending`.
+    pending_log_bytes: usize,
     /// Dropped events not yet reported, per (origin, deployment).
     drops: HashMap<(String, String), Unreported>,
     /// (origin, deployment) pairs whose drop note waits in the spool: further
@@ -213,7 +219,7 @@ impl ActivitySink {
         let event = ActivityEvent { deployment_id: deployment_id.to_owned(), timestamp: now_rfc3339(), kind };
         let size = estimated_bytes(&event);
         let mut state = self.shared.lock_state();
-        if tier == Tier::Log && state.pending_events >= QUEUE_EVENTS {
+        if tier == Tier::Log && (state.pending_events >= QUEUE_EVENTS || state.pending_log_bytes >= QUEUE_LOG_BYTES) {
             let dropped = Dropped {
                 origin: origin.name().to_owned(),
                 deployment_id: deployment_id.to_owned(),
@@ -223,6 +229,9 @@ impl ActivitySink {
             return;
         }
         state.pending_events += 1;
+        if tier == Tier::Log {
+            state.pending_log_bytes += size;
+        }
         let key = (origin.name().to_owned(), deployment_id.to_owned(), tier);
         let slot = state.pending.entry(key).or_insert_with(|| Pending {
             origin: origin.clone(),
@@ -333,6 +342,7 @@ impl Shared {
         let state = &mut *guard;
         let mut out = Vec::new();
         state.pending_events = 0;
+        state.pending_log_bytes = 0;
         for ((name, deployment_id, tier), pending) in state.pending.drain() {
             for events in split(pending.events, self.batch_bytes) {
                 out.push(NewBatch {

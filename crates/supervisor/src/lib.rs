@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use std::collections::HashMap;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
@@ -29,7 +31,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod lifetime;
 mod monitor;
+pub use lifetime::{Held, held};
+use lifetime::{Count, HELD, Lifetime, LifetimeOwner, breach};
 use monitor::{MonitorLink, monitor};
 
 /// What the runner does with an isolate's reports. Implemented by the pool,
@@ -139,8 +144,22 @@ const CONNECT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many idle keep-alive connections into one isolate are kept.
 const MAX_IDLE_CONNECTIONS: usize = 32;
-/// Control lines longer than this are a broken or hostile harness.
-const MAX_CONTROL_LINE_BYTES: usize = 1024 * 1024;
+/// Control lines longer than this are a broken or hostile harness: the
+/// line is skipped (and the tenant told), the connection lives on. With
+/// [`MAX_CONTROL_CONNECTIONS`] it bounds what one isolate's control socket
+/// makes the runner buffer.
+const MAX_CONTROL_LINE_BYTES: usize = 256 * 1024;
+/// The harness opens one control connection and its sync-read worker a
+/// second; more are refused, so a tenant cannot make the runner hold
+/// descriptors and buffers for connections of its own.
+const MAX_CONTROL_CONNECTIONS: usize = 4;
+/// Distinct assets one isolate may have the runner fetch at once; a request
+/// for a path already being fetched waits for that fetch.
+const MAX_MATERIALIZING: usize = 16;
+/// A console line or output line longer than this is cut, and says so:
+/// one line must not become megabytes in the activity queue and the
+/// origin's store.
+pub const MAX_LOG_MESSAGE_BYTES: usize = 32 * 1024;
 const STDERR_TAIL_BYTES: usize = 4096;
 
 /// Counters of one isolate since it started; `take_usage` reads deltas.
@@ -187,6 +206,8 @@ pub struct Isolate {
     /// Its credentials for the egress proxy; dropped (revoked) with it.
     egress: Option<EgressGrant>,
     monitor: Arc<MonitorLink>,
+    /// Ends every task of the isolate when it goes (see `lifetime`).
+    _lifetime: LifetimeOwner,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +242,9 @@ struct Spawned {
     /// (pre-started isolates only).
     waiting_rx: Option<oneshot::Receiver<mpsc::Sender<Vec<u8>>>>,
     stderr_tail: Arc<Mutex<String>>,
+    /// Dropping it (a failed start, an unassigned pre-started isolate, the
+    /// isolate's end) kills the process and ends its tasks.
+    lifetime: LifetimeOwner,
 }
 
 impl Spawned {
@@ -233,6 +257,7 @@ impl Spawned {
         mut egress: Option<EgressGrant>,
     ) -> Result<Spawned, StartError> {
         let listener = UnixListener::bind(&files.control).map_err(StartError::Spawn)?;
+        let listener_count = Count::new(&HELD.control_listeners);
         let network_namespace = command.network_namespace();
         // The child joins its cgroup before exec: deno's own start-up is
         // charged to the isolate, not to the runner.
@@ -244,6 +269,9 @@ impl Spawned {
         }
         let mut child = command.spawn().map_err(StartError::Spawn)?;
         let pid = child.id().ok_or_else(|| StartError::Spawn(std::io::Error::other("no pid")))?;
+        // From here every end path goes through the lifetime: its owner's
+        // drop kills the process group, its end stops the isolate's tasks.
+        let (lifetime, owner) = Lifetime::new();
         // In its own network namespace the isolate reaches the egress proxy
         // only through a listener the runner puts there, at the proxy's own
         // address. Right away: the harness probes the proxy first thing (and
@@ -262,22 +290,40 @@ impl Spawned {
 
         let stderr_tail = Arc::new(Mutex::new(String::new()));
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(pump_output(stdout, LogLevel::Info, hooks.clone(), None));
+            lifetime.spawn_draining(pump_output(stdout, LogLevel::Info, hooks.clone(), None));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(pump_output(stderr, LogLevel::Error, hooks.clone(), Some(stderr_tail.clone())));
+            lifetime.spawn_draining(pump_output(stderr, LogLevel::Error, hooks.clone(), Some(stderr_tail.clone())));
         }
 
         let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
         let (waiting_tx, waiting_rx) = oneshot::channel::<mpsc::Sender<Vec<u8>>>();
-        tokio::spawn(accept_control(listener, hooks, started_tx, waiting_tx));
+        let control = ControlContext {
+            hooks,
+            started: Arc::new(Mutex::new(Some(started_tx))),
+            waiting: Arc::new(Mutex::new(Some(waiting_tx))),
+            materializing: Arc::default(),
+            lifetime: lifetime.clone(),
+        };
+        lifetime.spawn(accept_control(listener, listener_count, control));
 
         let (state_tx, state_rx) = watch::channel(IsolateState::Running);
         let termination: Arc<Mutex<Option<Termination>>> = Arc::default();
         let exit_termination = termination.clone();
         let exit_stderr = stderr_tail.clone();
+        // Not a task of the lifetime: it ends the lifetime, when the process
+        // is gone — and when the lifetime ends first (its owner dropped), it
+        // kills the process and still reaps it.
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            let _count = Count::new(&HELD.tasks);
+            let waited = tokio::select! {
+                waited = child.wait() => waited,
+                () = lifetime.ended() => {
+                    let _ = signal_process_group(pid, SIGKILL);
+                    child.wait().await
+                }
+            };
+            let status = match waited {
                 Ok(status) => status.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
@@ -298,8 +344,18 @@ impl Spawned {
             drop(cgroup);
             tracing::debug!(pid, %status, "isolate process exited");
             let _ = state_tx.send(IsolateState::Exited(status));
+            lifetime.end();
         });
-        Ok(Spawned { pid, termination, state: state_rx, egress, started_rx, waiting_rx: Some(waiting_rx), stderr_tail })
+        Ok(Spawned {
+            pid,
+            termination,
+            state: state_rx,
+            egress,
+            started_rx,
+            waiting_rx: Some(waiting_rx),
+            stderr_tail,
+            lifetime: owner,
+        })
     }
 
     /// Becomes the [`Isolate`] of `files` and waits until the harness serves.
@@ -309,7 +365,7 @@ impl Spawned {
         start_timeout: Duration,
         limits: IsolateLimits,
     ) -> Result<Arc<Isolate>, StartError> {
-        let Spawned { pid, termination, state, egress, mut started_rx, stderr_tail, .. } = self;
+        let Spawned { pid, termination, state, egress, mut started_rx, stderr_tail, lifetime, .. } = self;
         let isolate = Arc::new(Isolate {
             pid,
             files,
@@ -323,6 +379,7 @@ impl Spawned {
             started: Instant::now(),
             last_active_ms: AtomicU64::new(0),
             monitor: Arc::default(),
+            _lifetime: lifetime,
         });
         let exited = isolate.state.clone();
         let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
@@ -784,18 +841,41 @@ fn parse_code(code: &str) -> ErrorCode {
     }
 }
 
-async fn accept_control(
-    listener: UnixListener,
+/// What every control connection of one isolate shares.
+#[derive(Clone)]
+struct ControlContext {
     hooks: Arc<dyn IsolateHooks>,
-    started: oneshot::Sender<Result<(), (ErrorCode, String)>>,
-    waiting: oneshot::Sender<mpsc::Sender<Vec<u8>>>,
-) {
-    let started = Arc::new(Mutex::new(Some(started)));
-    let waiting = Arc::new(Mutex::new(Some(waiting)));
-    // The harness opens one connection, its sync-read worker a second; a
-    // tenant could open more, each costs it only its own file descriptors.
+    started: StartedSlot,
+    waiting: WaitingSlot,
+    /// Assets being fetched for this isolate, by path: a second request for
+    /// one waits for the same fetch.
+    materializing: Arc<Mutex<HashMap<String, Materializing>>>,
+    lifetime: Lifetime,
+}
+
+type Materializing = Shared<BoxFuture<'static, Result<(), String>>>;
+
+async fn accept_control(listener: UnixListener, _listener_count: Count, control: ControlContext) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(serve_control(stream, hooks.clone(), started.clone(), waiting.clone()));
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            breach(&HELD.control_connections_refused);
+            control.hooks.log(
+                LogLevel::Warning,
+                format!(
+                    "[isocloud] a control connection was refused: an isolate may hold at most \
+                     {MAX_CONTROL_CONNECTIONS}"
+                ),
+                None,
+            );
+            continue;
+        };
+        let context = control.clone();
+        control.lifetime.spawn(async move {
+            let _permit = permit;
+            serve_control(stream, context).await;
+        });
     }
 }
 
@@ -804,10 +884,41 @@ type StartedSlot = Arc<Mutex<Option<oneshot::Sender<Result<(), (ErrorCode, Strin
 /// any tenant code ran.
 type WaitingSlot = Arc<Mutex<Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>>>;
 
-async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started: StartedSlot, waiting: WaitingSlot) {
+/// Reads one control line into `line`, at most [`MAX_CONTROL_LINE_BYTES`].
+/// `Ok(false)`: the connection ended. A longer line is skipped to its end
+/// and reported as `Err(skipped bytes)`.
+async fn read_control_line(reader: &mut (impl AsyncBufReadExt + Unpin), line: &mut Vec<u8>) -> Result<bool, usize> {
+    line.clear();
+    match reader.take(MAX_CONTROL_LINE_BYTES as u64).read_until(b'\n', line).await {
+        Ok(0) | Err(_) => return Ok(false),
+        Ok(_) if line.ends_with(b"\n") => return Ok(true),
+        Ok(n) if n < MAX_CONTROL_LINE_BYTES => return Ok(false),
+        Ok(_) => {}
+    }
+    // Over the bound: skip to the end of the line without holding it.
+    let mut skipped = line.len();
+    loop {
+        let (done, used) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => return Ok(false),
+            Ok(buffer) => match buffer.iter().position(|b| *b == b'\n') {
+                Some(at) => (true, at + 1),
+                None => (false, buffer.len()),
+            },
+        };
+        reader.consume(used);
+        skipped += used;
+        if done {
+            line.clear();
+            return Err(skipped);
+        }
+    }
+}
+
+async fn serve_control(stream: UnixStream, control: ControlContext) {
+    let _count = Count::new(&HELD.control_connections);
     let (read, mut write) = stream.into_split();
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
-    tokio::spawn(async move {
+    control.lifetime.spawn(async move {
         while let Some(line) = reply_rx.recv().await {
             if write.write_all(&line).await.is_err() {
                 break;
@@ -817,11 +928,21 @@ async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
     loop {
-        line.clear();
-        match (&mut reader).take(MAX_CONTROL_LINE_BYTES as u64).read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) if !line.ends_with(b"\n") => break,
-            Ok(_) => {}
+        match read_control_line(&mut reader, &mut line).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(skipped) => {
+                breach(&HELD.control_messages_dropped);
+                control.hooks.log(
+                    LogLevel::Warning,
+                    format!(
+                        "[isocloud] a control message of {skipped} bytes was dropped: the bound is \
+                         {MAX_CONTROL_LINE_BYTES} bytes"
+                    ),
+                    None,
+                );
+                continue;
+            }
         }
         let message = match serde_json::from_slice::<ControlMessage>(&line) {
             Ok(message) => message,
@@ -832,25 +953,28 @@ async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started
         };
         match message {
             ControlMessage::Waiting => {
-                if let Some(tx) = waiting.lock().expect("waiting slot poisoned").take() {
+                if let Some(tx) = control.waiting.lock().expect("waiting slot poisoned").take() {
                     let _ = tx.send(reply_tx.clone());
                 }
             }
             ControlMessage::Ready => {
-                if let Some(tx) = started.lock().expect("started slot poisoned").take() {
+                if let Some(tx) = control.started.lock().expect("started slot poisoned").take() {
                     let _ = tx.send(Ok(()));
                 }
             }
             ControlMessage::StartError { code, message } => {
-                if let Some(tx) = started.lock().expect("started slot poisoned").take() {
-                    let _ = tx.send(Err((parse_code(&code), message)));
+                if let Some(tx) = control.started.lock().expect("started slot poisoned").take() {
+                    let _ = tx.send(Err((parse_code(&code), truncate_log(message))));
                 }
             }
-            ControlMessage::Log { level, message, request_id } => hooks.log(parse_level(&level), message, request_id),
+            ControlMessage::Log { level, message, request_id } => {
+                let request_id = request_id.filter(|id| id.len() <= 128);
+                control.hooks.log(parse_level(&level), truncate_log(message), request_id)
+            }
             ControlMessage::Materialize { id, path } => {
-                let job = hooks.materialize(path);
+                let job = materialize_once(&control, path);
                 let reply_tx = reply_tx.clone();
-                tokio::spawn(async move {
+                control.lifetime.spawn(async move {
                     let reply = match job.await {
                         Ok(()) => serde_json::json!({ "id": id, "ok": true }),
                         Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
@@ -862,6 +986,49 @@ async fn serve_control(stream: UnixStream, hooks: Arc<dyn IsolateHooks>, started
             }
         }
     }
+}
+
+/// The fetch of `path` for this isolate: the one already running, a new one
+/// while fewer than [`MAX_MATERIALIZING`] run, else a refusal.
+fn materialize_once(control: &ControlContext, path: String) -> Materializing {
+    let mut running = control.materializing.lock().expect("materializing poisoned");
+    if let Some(job) = running.get(&path) {
+        return job.clone();
+    }
+    if running.len() >= MAX_MATERIALIZING || path.len() > 4096 {
+        breach(&HELD.materialize_refused);
+        let refusal = format!("too many asset reads at once (at most {MAX_MATERIALIZING}); try again");
+        return futures_util::future::ready(Err(refusal)).boxed().shared();
+    }
+    let fetch = control.hooks.materialize(path.clone());
+    let table = control.materializing.clone();
+    let key = path.clone();
+    let job = async move {
+        let _count = Count::new(&HELD.materializing);
+        let result = fetch.await;
+        table.lock().expect("materializing poisoned").remove(&key);
+        result
+    }
+    .boxed()
+    .shared();
+    running.insert(path, job.clone());
+    job
+}
+
+/// Cuts `message` to [`MAX_LOG_MESSAGE_BYTES`] (on a character boundary),
+/// saying how much was cut.
+pub fn truncate_log(mut message: String) -> String {
+    if message.len() <= MAX_LOG_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut cut = MAX_LOG_MESSAGE_BYTES;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(&format!(" … [isocloud: truncated, {total} bytes in all]"));
+    message
 }
 
 async fn pump_output(
@@ -878,7 +1045,7 @@ async fn pump_output(
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        let text = truncate_log(String::from_utf8_lossy(&line).trim_end().to_owned());
         if let Some(tail) = &tail {
             let mut tail = tail.lock().expect("stderr tail poisoned");
             tail.push_str(&text);
@@ -908,4 +1075,39 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_overlong_control_line_is_skipped_and_the_next_one_read() {
+        let mut input = vec![b'x'; MAX_CONTROL_LINE_BYTES * 3];
+        input.extend_from_slice(b"\n{\"op\":\"ready\"}\n");
+        let mut reader = BufReader::new(&input[..]);
+        let mut line = Vec::new();
+        let skipped = read_control_line(&mut reader, &mut line).await.unwrap_err();
+        assert_eq!(skipped, MAX_CONTROL_LINE_BYTES * 3 + 1);
+        assert_eq!(read_control_line(&mut reader, &mut line).await, Ok(true));
+        assert_eq!(line, b"{\"op\":\"ready\"}\n");
+        assert_eq!(read_control_line(&mut reader, &mut line).await, Ok(false));
+    }
+
+    #[tokio::test]
+    async fn a_line_cut_off_by_the_end_of_the_connection_is_not_a_message() {
+        let mut reader = BufReader::new(&b"{\"op\":\"rea"[..]);
+        let mut line = Vec::new();
+        assert_eq!(read_control_line(&mut reader, &mut line).await, Ok(false));
+    }
+
+    #[test]
+    fn long_log_lines_are_cut_on_a_character_boundary_and_say_so() {
+        let short = "é".repeat(10);
+        assert_eq!(truncate_log(short.clone()), short);
+        let long = "é".repeat(MAX_LOG_MESSAGE_BYTES);
+        let cut = truncate_log(long);
+        assert!(cut.len() < MAX_LOG_MESSAGE_BYTES + 64);
+        assert!(cut.ends_with(&format!("[isocloud: truncated, {} bytes in all]", MAX_LOG_MESSAGE_BYTES * 2)), "{cut}");
+    }
 }
