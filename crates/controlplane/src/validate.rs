@@ -51,7 +51,9 @@ pub fn project_name(name: &str) -> Rule {
     Ok(())
 }
 
-/// `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes.
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes, and none of the names that
+/// change deno, V8 or the loader (`isocloud_protocol::env_policy`: the
+/// runner would refuse the deployment's config anyway).
 pub fn env_name(name: &str) -> Rule {
     let mut bytes = name.bytes();
     let Some(first) = bytes.next() else { return Err("must not be empty".into()) };
@@ -61,7 +63,7 @@ pub fn env_name(name: &str) -> Rule {
     if !(first.is_ascii_alphabetic() || first == b'_') || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!("{name:?} must match [A-Za-z_][A-Za-z0-9_]*"));
     }
-    Ok(())
+    isocloud_protocol::env_policy::check_env_name(name)
 }
 
 /// At most 32 KiB, no NUL.
@@ -323,6 +325,8 @@ mod tests {
         for bad in ["", "1A", "A-B", "A=B", "A B", "é", &"A".repeat(257)] {
             assert!(env_name(bad).is_err(), "{bad}");
         }
+        assert!(env_name("LD_PRELOAD").unwrap_err().contains("may not be set by a tenant"));
+        assert!(env_name("NODE_ENV").is_ok());
         assert!(env_value("").is_ok());
         assert!(env_value(&"v".repeat(32 * 1024)).is_ok());
         assert!(env_value(&"v".repeat(32 * 1024 + 1)).unwrap_err().contains("32768"));

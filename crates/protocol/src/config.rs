@@ -31,7 +31,9 @@ pub struct IsolateConfig {
     pub layers: Vec<LayerSpec>,
     /// Id of the layer carried in `boot`'s body, if any.
     pub inline_layer: Option<String>,
-    /// Exactly the environment the isolate sees.
+    /// Exactly the environment the tenant's code sees (`Deno.env`); none of
+    /// it is in deno's process environment, and no name of
+    /// [`crate::env_policy::DENIED_ENV`] is here.
     pub envs: BTreeMap<String, String>,
     pub net: NetPermission,
 }
@@ -183,6 +185,7 @@ impl RawConfig {
         let envs = self.envs.unwrap_or_default();
         for name in envs.keys() {
             validate_env_name(name).map_err(|m| ConfigError::new(format!("envs.{name}"), m))?;
+            crate::env_policy::check_env_name(name).map_err(|m| ConfigError::new(format!("envs.{name}"), m))?;
         }
         for (name, value) in &envs {
             if value.contains('\0') {

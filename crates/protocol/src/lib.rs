@@ -4,11 +4,13 @@
 //!
 //! This crate owns parsing and validation of those shapes — a value of
 //! [`IsolateConfig`] has passed every rule of `subhosting-protocol.md` §3 that
-//! can be checked without the layers' bytes. It does no I/O and must not know
+//! can be checked without the layers' bytes, including which env names a
+//! tenant may set ([`env_policy`]). It does no I/O and must not know
 //! about HTTP servers, processes or caches.
 
 mod activity;
 mod config;
+pub mod env_policy;
 mod error_code;
 
 pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};

@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::backend_tests;
 use crate::support::{Backend, TestServer};
 
-backend_tests!(env_vars_crud, env_rules);
+backend_tests!(env_vars_crud, env_rules, env_names_that_change_deno_or_the_loader_are_refused);
 
 async fn env_vars_crud(backend: Backend) {
     let s = TestServer::start(backend).await;
@@ -65,4 +65,25 @@ async fn env_rules(backend: Backend) {
     s.put("/api/v1/projects/p/env/ONE_TOO_MANY", json!({"value": "v"})).await.assert_error(409, "CONFLICT", None);
     // Replacing one that exists is still fine.
     assert_eq!(s.put("/api/v1/projects/p/env/A", json!({"value": "w"})).await.status, 200);
+}
+
+/// `isocloud env set LD_PRELOAD=…` and friends: a 400 naming the field and
+/// why, and nothing stored; the same call with an ordinary name (and the
+/// allowed `NODE_ENV`) succeeds.
+async fn env_names_that_change_deno_or_the_loader_are_refused(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create_project("p").await;
+    for allowed in ["GREETING", "NODE_ENV"] {
+        let set = s.put(&format!("/api/v1/projects/p/env/{allowed}"), json!({"value": "/src/x.wasm"})).await;
+        assert_eq!(set.status, 200, "{allowed}: {}", set.text);
+    }
+    for denied in ["LD_PRELOAD", "DENO_V8_FLAGS", "NODE_OPTIONS", "GCONV_PATH", "ld_preload"] {
+        let reply = s.put(&format!("/api/v1/projects/p/env/{denied}"), json!({"value": "/src/x.wasm"})).await;
+        reply.assert_error(400, "INVALID_FIELD", Some("name"));
+        assert!(reply.text.contains("may not be set by a tenant"), "{denied}: {}", reply.text);
+        assert!(reply.text.contains(denied), "{denied}: {}", reply.text);
+    }
+    let listed = s.get("/api/v1/projects/p/env").await.json();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["GREETING", "NODE_ENV"]);
 }

@@ -331,6 +331,21 @@ fn bad_env_names_are_refused() {
 }
 
 #[test]
+fn env_names_that_change_deno_or_the_loader_are_refused_with_the_reason() {
+    for name in ["LD_PRELOAD", "DENO_V8_FLAGS", "NODE_OPTIONS", "GCONV_PATH", "MALLOC_ARENA_MAX", "ld_audit"] {
+        let err = parse(&with_envs(&format!(r#"{{"OK":"fine","{name}":"/src/x.wasm"}}"#))).unwrap_err();
+        assert_eq!(err.field, format!("envs.{name}"));
+        assert!(err.message.contains("may not be set by a tenant"), "{err}");
+        let entry = crate::env_policy::denied_env(name).unwrap();
+        assert!(err.message.contains(entry.reason), "{err}");
+        assert!(err.to_string().contains(&format!("envs.{name}")), "{err}");
+    }
+    // The allowed exception and ordinary names pass.
+    let c = parse(&with_envs(r#"{"NODE_ENV":"production","GREETING":"hi","HTTP_PROXY":"http://p:1"}"#)).unwrap();
+    assert_eq!(c.envs.len(), 3);
+}
+
+#[test]
 fn env_value_with_nul_is_refused() {
     assert_eq!(refused(&with_envs(r#"{"OK":"fine","BAD":"a\u0000b"}"#)), "envs.BAD");
 }
@@ -544,6 +559,7 @@ proptest! {
             prop_assert_eq!(ids.len(), c.layers.len());
             prop_assert!(c.inline_layer.as_deref().is_none_or(|id| ids.contains(id)));
             prop_assert!(c.envs.keys().all(|k| validate_env_name(k).is_ok()));
+            prop_assert!(c.envs.keys().all(|k| crate::env_policy::check_env_name(k).is_ok()));
         }
     }
 }
