@@ -40,17 +40,17 @@ if (egressProbe) {
 
 // The tenant sees exactly its configured envs: not the variables the runner
 // sets for deno (DENO_DIR, the proxy, …), nor those deno adds to its own
-// environment (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE). `values`:
-// what to set afterwards (the tenant's own proxy variables, or, for a
-// pre-started isolate, every configured env).
-function scrubEnv(envNames, values) {
-  const configuredEnv = new Set(envNames);
+// environment (a PATH to its node shims, DENO_NODE_SHIM_ACTIVE). deno starts
+// with none of the tenant's (the loader and V8 read theirs at exec): they
+// come in the bootstrap record, or for a pre-started isolate with its
+// assignment, and are set here, before tenant code runs.
+function installEnv(envs) {
   for (const name of Object.keys(Deno.env.toObject())) {
-    if (!configuredEnv.has(name)) Deno.env.delete(name);
+    if (!Object.hasOwn(envs, name)) Deno.env.delete(name);
   }
-  for (const [name, value] of Object.entries(values ?? {})) Deno.env.set(name, value);
+  for (const [name, value] of Object.entries(envs)) Deno.env.set(name, value);
 }
-if (!prestarted) scrubEnv(bootstrap.env_names, bootstrap.proxy_env);
+if (!prestarted) installEnv(bootstrap.envs);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -140,7 +140,7 @@ for (const [method, level] of Object.entries(levels)) {
 if (prestarted) {
   send({ op: "waiting" });
   Object.assign(bootstrap, await assignment);
-  scrubEnv(bootstrap.env_names, bootstrap.envs);
+  installEnv(bootstrap.envs);
 }
 const { entrypoint, src_root: srcRoot, tree_path: treePath } = bootstrap;
 

@@ -79,6 +79,9 @@ pub async fn load_deployment(
     Ok(Deployment { deployment_id: deployment_id.to_owned(), config, modules, redirects, tree })
 }
 
+/// The first four bytes of every WebAssembly binary.
+const WASM_MAGIC: &[u8] = b"\0asm";
+
 struct DecodedLayer {
     modules: Vec<(Url, ModuleFile)>,
     redirects: Vec<(Url, Url)>,
@@ -131,6 +134,15 @@ async fn decode_layer(spec: &LayerSpec, bytes: Bytes) -> Result<DecodedLayer, Or
                     Entry::Module(m) => {
                         let specifier = Url::parse(&m.specifier)
                             .map_err(|e| layer_error(format!("module specifier {:?}: {e}", m.specifier)))?;
+                        // Written to disk under the name the tenant chose,
+                        // a `.wasm` must be WebAssembly, not some other
+                        // binary (a shared object) in its clothes.
+                        if m.kind == ModuleKind::Wasm && !m.source.starts_with(WASM_MAGIC) {
+                            return Err(layer_error(format!(
+                                "module {specifier} is declared WebAssembly but does not start with the Wasm magic \
+                                 bytes (\\0asm)"
+                            )));
+                        }
                         decoded
                             .modules
                             .push((specifier.clone(), ModuleFile { specifier, kind: m.kind, source: m.source }));

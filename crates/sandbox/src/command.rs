@@ -6,8 +6,6 @@ use std::process::Stdio;
 use isocloud_protocol::{IsolateConfig, NetPermission};
 
 use crate::confine::Confinement;
-use crate::files::PROXY_ENV;
-use crate::files::RUNNER_ENV;
 use crate::{EgressRoute, IsolateFiles, IsolateIds, LandlockError, LandlockPolicy, SeccompFilters};
 
 /// What the operator decided for every isolate of this runner.
@@ -80,13 +78,15 @@ impl SandboxedCommand {
     /// `egress`: route the isolate's outbound HTTP(S) through the runner's
     /// egress proxy (its address joins `--allow-net`, since deno checks the
     /// proxy too when the harness probes it).
+    /// The tenant's envs (`config.envs`) are not passed: they are in the
+    /// bootstrap record ([`IsolateFiles::prepare`]), for the harness.
     pub fn new(
         policy: &SandboxPolicy,
         files: &IsolateFiles,
         config: &IsolateConfig,
         egress: Option<&EgressRoute>,
     ) -> Self {
-        Self::build(policy, files, &config.net, &config.envs, egress)
+        Self::build(policy, files, &config.net, egress)
     }
 
     /// An isolate started before it has a deployment
@@ -99,16 +99,10 @@ impl SandboxedCommand {
         net: &NetPermission,
         egress: Option<&EgressRoute>,
     ) -> Self {
-        Self::build(policy, files, net, &std::collections::BTreeMap::new(), egress)
+        Self::build(policy, files, net, egress)
     }
 
-    fn build(
-        policy: &SandboxPolicy,
-        files: &IsolateFiles,
-        net: &NetPermission,
-        envs: &std::collections::BTreeMap<String, String>,
-        egress: Option<&EgressRoute>,
-    ) -> Self {
+    fn build(policy: &SandboxPolicy, files: &IsolateFiles, net: &NetPermission, egress: Option<&EgressRoute>) -> Self {
         let guest = &files.guest;
         let socket = guest.socket.clone();
         let control = guest.control.clone();
@@ -146,8 +140,8 @@ impl SandboxedCommand {
             format!("--allow-read={}", readable.join(",")),
             format!("--allow-write={socket},{control}"),
             net,
-            // The process environment is exactly the configured envs plus
-            // RUNNER_ENV, which the harness deletes before tenant code runs.
+            // The harness replaces the runner's environment with the
+            // tenant's envs, and the tenant may change its own.
             "--allow-env".to_owned(),
         ];
         if let Some(mb) = policy.v8_heap_limit_mb {
@@ -161,28 +155,13 @@ impl SandboxedCommand {
             .args(&args)
             .current_dir(&files.src)
             .env_clear()
-            .envs(envs)
+            .envs(runner_env(&guest.deno_dir, egress))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             // Its own process group, so a kill reaches whatever it started.
             .process_group(0);
-        for (name, value) in
-            [(RUNNER_ENV[0], guest.deno_dir.clone()), (RUNNER_ENV[1], "1".to_owned()), (RUNNER_ENV[2], "1".to_owned())]
-        {
-            if !envs.contains_key(name) {
-                command.env(name, value);
-            }
-        }
-        if let Some(route) = egress {
-            for name in PROXY_ENV {
-                command.env_remove(name);
-            }
-            for name in ["HTTP_PROXY", "HTTPS_PROXY"] {
-                command.env(name, &route.proxy_url);
-            }
-        }
         // Everything that allocates or opens files happens here, before the
         // fork; the child only enters what was planned (see `confine`).
         let confinement = Confinement::plan(policy, Some(files));
@@ -233,6 +212,27 @@ impl SandboxedCommand {
         }
         self.command.spawn()
     }
+}
+
+/// The whole environment deno starts with, of the runner's choosing: the
+/// dynamic loader, the C library, V8 and deno read theirs at exec and
+/// start-up, so no tenant value may be there (the harness installs the
+/// tenant's envs before tenant code runs, and removes these).
+fn runner_env(deno_dir: &str, egress: Option<&EgressRoute>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        // The deployment's own cache (V8 code cache), not one under $HOME.
+        ("DENO_DIR", deno_dir.to_owned()),
+        // deno never calls home from an isolate.
+        ("DENO_NO_UPDATE_CHECK", "1".to_owned()),
+        // Plain text in what deno itself writes to stderr (the runner logs it).
+        ("NO_COLOR", "1".to_owned()),
+    ];
+    if let Some(route) = egress {
+        // deno reads these when it builds its HTTP client, on the harness's
+        // probe: every outbound call then goes through the egress proxy.
+        env.extend([("HTTP_PROXY", route.proxy_url.clone()), ("HTTPS_PROXY", route.proxy_url.clone())]);
+    }
+    env
 }
 
 /// Signals the whole process group of an isolate started by

@@ -1,7 +1,8 @@
 //! The files of one isolate: its module graph written out where deno will
 //! load it, an import map that keeps every specifier pointing into the
 //! layers (a remote `https:` module is never fetched), the asset manifest,
-//! and the bootstrap record the harness reads first.
+//! and the bootstrap record the harness reads first (with the tenant's envs,
+//! which never reach deno's process environment).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -90,15 +91,6 @@ pub(crate) mod jail {
     /// Top-level names that are symlinks into /usr on merged-usr systems.
     pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 }
-
-/// Names deno reads at start-up that the runner sets unless the tenant
-/// configured them; the harness removes every name the tenant did not configure.
-pub(crate) const RUNNER_ENV: [&str; 3] = ["DENO_DIR", "DENO_NO_UPDATE_CHECK", "NO_COLOR"];
-
-/// The proxy variables deno honours. With the egress proxy the runner's
-/// values win over the tenant's (the harness shows the tenant its own).
-pub(crate) const PROXY_ENV: [&str; 6] =
-    ["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"];
 
 /// How an isolate reaches the runner's egress proxy.
 #[derive(Debug, Clone)]
@@ -221,25 +213,22 @@ impl IsolateFiles {
         std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
         std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
 
-        let env_names: Vec<&str> = deployment.config.envs.keys().map(String::as_str).collect();
         let bootstrap = serde_json::json!({
             "socket_path": files.guest.socket,
             "control_path": files.guest.control,
             "entrypoint": deployment.config.entrypoint.as_str(),
             "src_root": files.guest.src,
             "tree_path": files.guest.tree,
-            "env_names": env_names,
-            // The harness fetches this through the proxy before it scrubs
-            // the environment: deno reads the proxy variables when it builds
-            // its HTTP client, which it does on the first fetch.
+            // The harness fetches this through the proxy before it installs
+            // the tenant's envs: deno reads the proxy variables when it
+            // builds its HTTP client, which it does on the first fetch.
             "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
-            // The tenant's own values of the proxy variables, which the
-            // runner's take the place of in the process environment.
-            "proxy_env": deployment.config.envs.iter()
-                .filter(|(name, _)| PROXY_ENV.contains(&name.as_str()))
-                .collect::<std::collections::BTreeMap<_, _>>(),
+            // The tenant's envs: never in deno's process environment (the
+            // loader, V8 and deno read theirs at exec), the harness sets them
+            // before tenant code runs.
+            "envs": deployment.config.envs,
         });
-        std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
+        files.write_bootstrap(&bootstrap, policy)?;
         Ok(files)
     }
 
@@ -263,25 +252,35 @@ impl IsolateFiles {
             "control_path": files.guest.control,
             "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
         });
-        std::fs::write(&files.bootstrap, serde_json::to_vec(&bootstrap).expect("json value"))?;
+        files.write_bootstrap(&bootstrap, policy)?;
         Ok(files)
+    }
+
+    /// The bootstrap record holds the tenant's envs (its secrets): readable
+    /// by the isolate's uid alone, whatever the runner's umask.
+    fn write_bootstrap(&self, bootstrap: &serde_json::Value, policy: &SandboxPolicy) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&self.bootstrap)?;
+        file.write_all(&serde_json::to_vec(bootstrap).expect("json value"))?;
+        if let Some(ids) = policy.isolate_ids {
+            std::os::unix::fs::fchown(&file, Some(ids.uid), Some(ids.gid))?;
+        }
+        Ok(())
     }
 
     /// Whether `deployment` can run in an isolate laid out by
     /// [`IsolateFiles::prepare_blank`], and if not, why. Such an isolate
-    /// read its import map and its environment when it started, so the
-    /// deployment must need neither: every module under `file:///src/` where
-    /// deno finds it unmapped (its own root: a mount namespace), and none of
-    /// the names the runner sets for deno at start-up.
+    /// read its import map when it started, so the deployment must not need
+    /// one: every module under `file:///src/` where deno finds it unmapped
+    /// (its own root: a mount namespace). Its envs do not matter: no isolate
+    /// starts with the tenant's envs, the harness installs them on either path.
     pub fn fits_blank(&self, deployment: &Deployment) -> Result<(), &'static str> {
         if self.root.is_none() {
             return Err("isolates have no mount namespace");
         }
         if !deployment.redirects.is_empty() {
             return Err("the module graph has redirects");
-        }
-        if deployment.config.envs.keys().any(|name| RUNNER_ENV.contains(&name.as_str())) {
-            return Err("the deployment sets one of deno's own variables");
         }
         for (specifier, module) in &deployment.modules {
             match self.place(specifier, module.kind) {
@@ -329,7 +328,6 @@ impl IsolateFiles {
             "entrypoint": deployment.config.entrypoint.as_str(),
             "src_root": self.guest.src,
             "tree_path": self.guest.tree,
-            "env_names": deployment.config.envs.keys().collect::<Vec<_>>(),
             "envs": deployment.config.envs,
         })
     }

@@ -4,10 +4,11 @@
 //! (its module graph and lazily-fetched assets under one deployment root,
 //! [`IsolateFiles`]), and the command that starts it ([`SandboxedCommand`]):
 //! deno's permission flags (read only its own files, write nothing, net per
-//! `permissions.net`, env exactly the configured names), a cleared
-//! environment, its own process group, and death with the runner — and,
-//! under them, the operating system's layers ([`SandboxPolicy`]): its own
-//! mount namespace and root (`jail`), optionally its own network namespace
+//! `permissions.net`), an environment of the runner's choosing only (the
+//! tenant's envs reach the harness in the bootstrap record, never the exec),
+//! its own process group, and death with the runner — and, under them, the
+//! operating system's layers ([`SandboxPolicy`]): its own mount namespace and
+//! root, the tenant's mounts `noexec` (`jail`), optionally its own network namespace
 //! where only the egress proxy listens (`netns`), rlimits (`rlimits`), its own
 //! unprivileged uid (`identity`), `PR_SET_NO_NEW_PRIVS`, Landlock
 //! (`landlock`) and a seccomp denylist (`seccomp_policy`), entered in that

@@ -15,6 +15,7 @@ mod dashboard;
 mod egress;
 mod errors;
 mod hostile_limits;
+mod hostile_native;
 mod hostile_sandbox;
 mod layers;
 mod lifecycle;

@@ -107,15 +107,18 @@ async fn a_cold_boot_takes_a_prestarted_isolate_that_then_is_the_deployments_alo
 async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_one() {
     let apps = AppsDir::new();
     let files = |config: &'static str| [("main.ts", INTROSPECT), ("greeting.txt", "hi"), ("isolate.json", config)];
-    // Sets one of the variables deno reads at start-up: needs its own process.
-    apps.app("own-deno-dir", &files(r#"{"envs":{"NO_COLOR":"0"}}"#));
+    // A module deno finds only through the import map (a `.json` file is
+    // loaded as `data.json.js`), which a pre-started deno read empty: needs
+    // its own process. (Envs never do: no deno starts with a tenant's.)
+    apps.app("needs-import-map", &files(r#"{"envs":{"NO_COLOR":"0"}}"#))
+        .app("needs-import-map", &[("data.json", "{}")]);
     // Another profile: no network at all.
     apps.app("offline-a", &files(r#"{"permissions":{"net":false}}"#));
     apps.app("offline-b", &files(r#"{"permissions":{"net":false}}"#));
     let runner = apps.serve(&["--prestarted-isolates", "1"]);
     let waiting = settle(&runner, 1, 1).await;
 
-    let seen = introspect(&runner, "own-deno-dir.localhost").await;
+    let seen = introspect(&runner, "needs-import-map.localhost").await;
     assert!(!waiting.contains(&(seen["pid"].as_u64().unwrap() as u32)), "{seen}");
     assert_eq!(seen["env"], serde_json::json!({"NO_COLOR": "0"}));
     let metrics = runner.metrics().await;
@@ -128,7 +131,7 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
     assert!(!waiting.contains(&(a["pid"].as_u64().unwrap() as u32)));
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="miss"}"#), 1, "{metrics}");
-    // own-deno-dir, offline-a, and one waiting for each profile.
+    // needs-import-map, offline-a, and one waiting for each profile.
     let waiting_now = settle(&runner, 4, 2).await;
     let b = introspect(&runner, "offline-b.localhost").await;
     let b_pid = b["pid"].as_u64().unwrap() as u32;

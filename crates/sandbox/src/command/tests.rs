@@ -240,3 +240,140 @@ fn the_start_up_probe_passes_with_every_layer() {
         "mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off"
     );
 }
+
+#[test]
+fn deno_starts_with_the_runners_environment_only() {
+    // Only planned here, never spawned: no root or deno needed.
+    let sandbox = Sandbox::new(
+        Path::new("/nonexistent/deno"),
+        Layers { landlock: false, seccomp: false, ids: false, rlimits: false },
+    );
+    let config = IsolateConfig::from_json(
+        br#"{"entrypoint":"file:///src/main.ts","layers":[{"kind":"bundle","id":"x","specifier":"file:///src/main.ts"}],
+             "envs":{"GREETING":"tenant-value-1","NODE_ENV":"tenant-value-2","HTTP_PROXY":"http://tenant.example:1"}}"#,
+    )
+    .unwrap();
+    let egress = EgressRoute {
+        proxy_url: "http://isolate:credential@127.0.0.1:9".into(),
+        proxy_authority: "127.0.0.1:9".into(),
+    };
+    for (route, names) in [
+        (None, vec!["DENO_DIR", "DENO_NO_UPDATE_CHECK", "NO_COLOR"]),
+        (Some(&egress), vec!["DENO_DIR", "DENO_NO_UPDATE_CHECK", "HTTPS_PROXY", "HTTP_PROXY", "NO_COLOR"]),
+    ] {
+        let command = SandboxedCommand::new(&sandbox.policy, &sandbox.files, &config, route);
+        let mut env: Vec<(String, String)> = command
+            .command
+            .as_std()
+            .get_envs()
+            .map(|(name, value)| {
+                let value = value.expect("set, not removed").to_string_lossy().into_owned();
+                (name.to_string_lossy().into_owned(), value)
+            })
+            .collect();
+        env.sort();
+        assert_eq!(env.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), names);
+        assert!(!format!("{env:?}").contains("tenant"), "no tenant value reaches the exec: {env:?}");
+        if route.is_some() {
+            assert!(env.contains(&("HTTP_PROXY".into(), egress.proxy_url.clone())), "the runner's proxy: {env:?}");
+        }
+    }
+    let blank = SandboxedCommand::blank(&sandbox.policy, &sandbox.files, &config.net, None);
+    assert_eq!(blank.command.as_std().get_envs().count(), 3);
+}
+
+/// A shared object exporting `int probe(void)` (42), built with `cc`.
+fn shared_object(dir: &Path) -> PathBuf {
+    let source = dir.join("probe.c");
+    std::fs::write(&source, "int probe(void) { return 42; }\n").unwrap();
+    let out = dir.join("probe.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("cc is installed");
+    assert!(status.success(), "cc failed");
+    out
+}
+
+/// Maps `/src/x.so` executable (dlopen, and a bare mmap), reads its own
+/// mount table and writes where a shared object could be dropped.
+const MAP_TENANT_CODE: &str = r#"
+const attempt = (f) => { try { const v = f(); return v === undefined ? "ok" : v; } catch (e) { return "error:" + e.message; } };
+const libc = Deno.dlopen("libc.so.6", {
+  open: { parameters: ["buffer", "i32"], result: "i32" },
+  mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "isize" },
+  __errno_location: { parameters: [], result: "pointer" },
+}).symbols;
+const errno = () => -new Deno.UnsafePointerView(libc.__errno_location()).getInt32();
+const fd = libc.open(new TextEncoder().encode("/src/x.so\0"), 0);
+// PROT_READ = 1, PROT_EXEC = 4, MAP_PRIVATE = 2.
+const map = (prot) => Number(libc.mmap(null, 4096, prot, 2, fd, 0)) === -1 ? errno() : "ok";
+console.log(JSON.stringify({
+  fd,
+  mapRead: map(1),
+  mapExec: map(1 | 4),
+  dlopen: attempt(() => Deno.dlopen("/src/x.so", { probe: { parameters: [], result: "i32" } }).symbols.probe()),
+  mountinfo: Deno.readTextFileSync("/proc/self/mountinfo"),
+  writeShm: attempt(() => Deno.writeTextFileSync("/dev/shm/x.so", "x")),
+  writeDev: attempt(() => Deno.writeTextFileSync("/dev/x.so", "x")),
+  writeRunThenMap: attempt(() => {
+    Deno.copyFileSync("/src/x.so", "/isocloud/run/y.so");
+    return Deno.dlopen("/isocloud/run/y.so", { probe: { parameters: [], result: "i32" } }).symbols.probe();
+  }),
+}));
+"#;
+
+#[test]
+fn tenant_bytes_cannot_be_mapped_executable() {
+    let Some(deno) = requirements("tenant_bytes_cannot_be_mapped_executable") else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let so = shared_object(scratch.path());
+    // Control: the very same object loads and runs in a plain deno.
+    let output = std::process::Command::new(&deno)
+        .args(["eval", "--quiet"])
+        .arg(format!(
+            "console.log(Deno.dlopen({:?}, {{ probe: {{ parameters: [], result: \"i32\" }} }}).symbols.probe())",
+            so.to_str().unwrap()
+        ))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42", "{}", String::from_utf8_lossy(&output.stderr));
+
+    // The jail alone (no Landlock, no seccomp): every deno permission and FFI.
+    let sandbox = Sandbox::new(&deno, Layers { landlock: false, seccomp: false, ids: true, rlimits: false });
+    std::fs::copy(&so, sandbox.files.src.join("x.so")).unwrap();
+    let out = sandbox.eval(MAP_TENANT_CODE);
+    assert!(out["fd"].as_i64().unwrap() >= 0, "it may read the file: {out}");
+    assert_eq!(out["mapRead"], "ok", "control: mapping it readable works: {out}");
+    assert_eq!(out["mapExec"], -libc::EPERM, "mapping it executable does not: {out}");
+    let dlopen = out["dlopen"].as_str().unwrap();
+    assert!(dlopen.starts_with("error:") && dlopen.contains("failed to map segment"), "{out}");
+    let run = out["writeRunThenMap"].as_str().unwrap();
+    assert!(run.starts_with("error:") && run.contains("failed to map segment"), "written by itself: {out}");
+    for key in ["writeShm", "writeDev"] {
+        assert!(out[key].as_str().unwrap().contains("Read-only file system"), "{key}: {out}");
+    }
+
+    let mountinfo = out["mountinfo"].as_str().unwrap();
+    let options = |point: &str| -> Vec<String> {
+        let line = mountinfo
+            .lines()
+            .find(|line| line.split(' ').nth(4) == Some(point))
+            .unwrap_or_else(|| panic!("no mount at {point}:\n{mountinfo}"));
+        line.split(' ').nth(5).unwrap().split(',').map(str::to_owned).collect()
+    };
+    for point in
+        ["/src", "/isocloud/modules", "/isocloud/meta", "/isocloud/run", "/isocloud/deno-dir", "/isocloud/harness"]
+    {
+        let options = options(point);
+        for flag in ["noexec", "nosuid", "nodev"] {
+            assert!(options.iter().any(|o| o == flag), "{point} lacks {flag}: {options:?}");
+        }
+    }
+    assert!(options("/dev").iter().any(|o| o == "noexec") && options("/dev").iter().any(|o| o == "ro"));
+    assert!(!options("/isocloud/bin/deno").iter().any(|o| o == "noexec"), "deno itself runs");
+    assert!(!mountinfo.lines().any(|line| line.split(' ').nth(4) == Some("/dev/shm")), "{mountinfo}");
+}

@@ -120,7 +120,6 @@ fn a_blank_isolate_takes_a_deployment_whose_modules_all_live_in_src() {
     let assignment = filled.assignment(&d);
     assert_eq!(assignment["entrypoint"], "file:///src/main.ts");
     assert_eq!(assignment["envs"], serde_json::json!({"GREETING": "hi"}));
-    assert_eq!(assignment["env_names"], serde_json::json!(["GREETING"]));
 
     // A second isolate of the same deployment keeps its own cache dir: the
     // deployment's exists already.
@@ -130,7 +129,7 @@ fn a_blank_isolate_takes_a_deployment_whose_modules_all_live_in_src() {
 }
 
 #[test]
-fn a_blank_isolate_refuses_what_needs_the_import_map_or_deno_s_own_variables() {
+fn a_blank_isolate_refuses_what_needs_the_import_map() {
     let dir = tempfile::tempdir().unwrap();
     let jailed = IsolateFiles::prepare_blank(&dir.path().join("i1"), &jailed_policy(dir.path()), None).unwrap();
     let src_only = [("file:///src/main.ts", ModuleKind::JavaScript, "main")];
@@ -140,11 +139,37 @@ fn a_blank_isolate_refuses_what_needs_the_import_map_or_deno_s_own_variables() {
     assert_eq!(jailed.fits_blank(&query), Err("a module needs the import map"));
     let redirected = deployment(&src_only, &[("file:///src/old.ts", "file:///src/main.ts")]);
     assert_eq!(jailed.fits_blank(&redirected), Err("the module graph has redirects"));
-    let mut own_dir = deployment(&src_only, &[]);
-    own_dir.config.envs.insert("DENO_DIR".into(), "/tmp/x".into());
-    assert_eq!(jailed.fits_blank(&own_dir), Err("the deployment sets one of deno's own variables"));
+    // Envs never matter: no isolate starts with the tenant's.
+    let mut with_envs = deployment(&src_only, &[]);
+    with_envs.config.envs.insert("NO_COLOR".into(), "0".into());
+    with_envs.config.envs.insert("HTTP_PROXY".into(), "http://tenant.example:1".into());
+    assert_eq!(jailed.fits_blank(&with_envs), Ok(()));
     assert!(jailed.fill(&remote, &dir.path().join("deno-dir/x")).is_err(), "fill checks again");
 
     let unjailed = IsolateFiles::prepare_blank(&dir.path().join("i2"), &policy(dir.path()), None).unwrap();
     assert_eq!(unjailed.fits_blank(&deployment(&src_only, &[])), Err("isolates have no mount namespace"));
+}
+
+#[test]
+fn the_bootstrap_carries_the_tenants_envs_readable_by_the_isolate_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "main")], &[]);
+    d.config.envs.insert("GREETING".into(), "hi".into());
+    d.config.envs.insert("HTTP_PROXY".into(), "http://tenant.example:1".into());
+    let egress =
+        EgressRoute { proxy_url: "http://isolate:secret@127.0.0.1:9".into(), proxy_authority: "127.0.0.1:9".into() };
+    let files = IsolateFiles::prepare(
+        &dir.path().join("i"),
+        &d,
+        &policy(dir.path()),
+        &dir.path().join("deno-dir/d"),
+        Some(&egress),
+    )
+    .unwrap();
+    let bootstrap: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.bootstrap).unwrap()).unwrap();
+    assert_eq!(bootstrap["envs"], serde_json::json!({"GREETING": "hi", "HTTP_PROXY": "http://tenant.example:1"}));
+    assert_eq!(bootstrap["egress_probe"], "http://127.0.0.1:9/");
+    assert!(!bootstrap.to_string().contains("secret"), "the proxy credential is only in deno's environment");
+    assert_eq!(std::fs::metadata(&files.bootstrap).unwrap().mode() & 0o777, 0o600);
 }
