@@ -61,9 +61,10 @@ pub struct Subhoster {
     /// Where the runner sends this subhoster's RPCs when a token carries no
     /// `rpc_root` claim: an absolute http(s) URL ending in `/`.
     pub rpc_root: Url,
-    /// An `rpc_root` claim is honoured only when its normalised form starts
-    /// with one of these. Each must be a normalised absolute http(s) URL (so it
-    /// pins scheme, host and port); empty means claims are always refused.
+    /// An `rpc_root` claim is honoured only when it is `rpc_root` itself or
+    /// its normalised form starts with one of these. Each must be a normalised
+    /// absolute http(s) URL (so it pins scheme, host and port). They are this
+    /// subhoster's own: another subhoster's prefixes never admit its claims.
     pub allowed_rpc_root_prefixes: Vec<String>,
 }
 
@@ -109,9 +110,12 @@ impl Subhoster {
         Ok(())
     }
 
-    /// Whether an (already normalised) `rpc_root` claim may be honoured.
-    pub(crate) fn allows_rpc_root(&self, rpc_root: &Url) -> bool {
-        self.allowed_rpc_root_prefixes.iter().any(|p| rpc_root.as_str().starts_with(p.as_str()))
+    /// Whether this subhoster's RPCs may go to `rpc_root` (a parsed, so
+    /// normalised, URL): its own default, or under one of its own prefixes.
+    /// The one rule for token claims and for spooled batches alike.
+    pub fn may_use_rpc_root(&self, rpc_root: &Url) -> bool {
+        *rpc_root == self.rpc_root
+            || self.allowed_rpc_root_prefixes.iter().any(|p| rpc_root.as_str().starts_with(p.as_str()))
     }
 }
 

@@ -464,14 +464,37 @@ fn invalid_rpc_root_is_refused() {
     }
 }
 
+fn globex_token(claims: &Value) -> String {
+    sign_subhost_token(Some("globex"), &Secret::from(GLOBEX_SECRET), claims)
+}
+
 #[test]
-fn a_subhoster_without_prefixes_refuses_every_rpc_root_claim() {
-    let token = sign_subhost_token(
-        Some("globex"),
-        &Secret::from(GLOBEX_SECRET),
-        &with("rpc_root", json!("https://globex.example/")),
-    );
-    assert!(matches!(err(&two(), &token), TokenError::RpcRootNotAllowed(_)));
+fn a_subhoster_without_prefixes_may_name_only_its_own_default() {
+    // Naming the default is what an absent claim means anyway.
+    let verified = two().verify(&globex_token(&with("rpc_root", json!("https://globex.example/"))), NOW).unwrap();
+    assert_eq!(verified.rpc_root().as_str(), "https://globex.example/");
+    // The default is not a prefix: nothing under it, nothing else.
+    for claim in ["https://globex.example/other/", "https://globex.example:8443/", "https://evil.example/"] {
+        let token = globex_token(&with("rpc_root", json!(claim)));
+        assert!(matches!(err(&two(), &token), TokenError::RpcRootNotAllowed(_)), "{claim}");
+    }
+}
+
+/// Prefixes are per subhoster (`subhosting-protocol.md` §1): one subhoster's
+/// token can never aim the runner's RPCs, signed as that subhoster, at an
+/// origin another subhoster was allowed.
+#[test]
+fn one_subhosters_prefixes_never_admit_anothers_claims() {
+    for claim in
+        ["https://origin.acme.example/tenants/t1/", "http://127.0.0.1:8080/", "https://origin.acme.example/rpc/"]
+    {
+        let token = globex_token(&with("rpc_root", json!(claim)));
+        assert!(matches!(err(&two(), &token), TokenError::RpcRootNotAllowed(_)), "globex → acme's {claim}");
+        // The probe: acme's own token may name it.
+        assert!(two().verify(&acme_token(&with("rpc_root", json!(claim))), NOW).is_ok(), "acme → {claim}");
+    }
+    let token = acme_token(&with("rpc_root", json!("https://globex.example/")));
+    assert!(matches!(err(&two(), &token), TokenError::RpcRootNotAllowed(_)), "acme → globex's default");
 }
 
 // ---- garbage ---------------------------------------------------------------

@@ -186,7 +186,7 @@ impl SubhostVerifier {
                 }
                 // Checked on the normalised URL, so `..` segments, case and
                 // default ports cannot dodge the prefix.
-                if !entry.subhoster.allows_rpc_root(&url) {
+                if !entry.subhoster.may_use_rpc_root(&url) {
                     return Err(TokenError::RpcRootNotAllowed(clip(url.as_str())));
                 }
                 url

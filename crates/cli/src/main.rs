@@ -15,7 +15,9 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
 use isocloud_egress::{EgressOptions, EgressProxy};
-use isocloud_ingress::{EdgeLimits, EdgeMetrics, HostRouting, Listener, Proxy, Router, ServeOptions, SubhostRouting};
+use isocloud_ingress::{
+    EdgeLimits, EdgeMetrics, HostRouting, Listener, Proxy, Router, ServeOptions, StreamLimits, SubhostRouting,
+};
 use isocloud_origin::{AppsOrigin, DiskCache, Origin};
 use isocloud_pool::{ActivityOptions, IsolateLimits, Pool, PoolMetrics, PoolOptions};
 use prometheus_client::registry::Registry;
@@ -194,6 +196,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             request_timeout: settings.request_timeout,
             max_request_body_bytes: settings.max_request_body_bytes,
             max_hops: settings.max_hops,
+            streams: StreamLimits {
+                idle_timeout: settings.stream_idle_timeout,
+                max_lifetime: settings.stream_max_lifetime,
+            },
         },
     );
     if let Some(egress) = egress {

@@ -39,10 +39,8 @@ pub fn resolver(mode: &Mode, options: RemoteOriginOptions, control_plane: Option
                 subhosters.iter().find_map(|subhoster| {
                     let root = name.strip_prefix(subhoster.kid.as_str())?.strip_prefix('@')?;
                     let url = Url::parse(root).ok()?;
-                    // The same prefix rule as `Subhoster::allows_rpc_root` (crate-private in auth).
-                    let allowed = url == subhoster.rpc_root
-                        || subhoster.allowed_rpc_root_prefixes.iter().any(|p| url.as_str().starts_with(p.as_str()));
-                    if !allowed || url.as_str() != root {
+                    // The rule token verification applies: this subhoster's own roots only.
+                    if !subhoster.may_use_rpc_root(&url) || url.as_str() != root {
                         return None;
                     }
                     let origin = RemoteOrigin::new(

@@ -83,6 +83,14 @@ pub struct CommonFlags {
     /// A client must send its request head within this time [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub header_timeout_s: Option<u64>,
+    /// An upgraded connection (WebSocket) or a response body with no bytes
+    /// either way for this long is closed [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub stream_idle_timeout_s: Option<u64>,
+    /// An upgraded connection or a response body is closed this long after
+    /// its response's headers, however busy [default: 3600].
+    #[arg(long, value_name = "SECONDS")]
+    pub stream_max_lifetime_s: Option<u64>,
     /// Request line plus headers larger than this get 431 [default: 64].
     #[arg(long, value_name = "KB")]
     pub max_header_kb: Option<u64>,
@@ -195,8 +203,9 @@ pub struct SubhostFlags {
     /// A subhoster's shared secret read from a file, KID=PATH (repeatable).
     #[arg(long, value_name = "KID=PATH")]
     pub subhost_secret_file: Vec<String>,
-    /// An `rpc_root` claim prefix the runner honours (repeatable).
-    #[arg(long, value_name = "PREFIX")]
+    /// A prefix subhoster KID's tokens may aim their `rpc_root` claim at,
+    /// KID=PREFIX (repeatable; per subhoster, never shared).
+    #[arg(long, value_name = "KID=PREFIX")]
     pub allow_rpc_root: Vec<String>,
 }
 
@@ -219,6 +228,8 @@ struct FileConfig {
     max_request_body_mb: Option<u64>,
     max_header_kb: Option<u64>,
     header_timeout_s: Option<u64>,
+    stream_idle_timeout_s: Option<u64>,
+    stream_max_lifetime_s: Option<u64>,
     cache_max_mb: Option<u64>,
     spool_max_mb: Option<u64>,
     log_format: Option<String>,
@@ -337,6 +348,11 @@ pub struct Settings {
     pub max_request_body_bytes: usize,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// No byte either way through an upgraded connection or a response body
+    /// for this long: closed.
+    pub stream_idle_timeout: Duration,
+    /// An upgraded connection or a response body lasts at most this long.
+    pub stream_max_lifetime: Duration,
     pub cache_max_bytes: u64,
     pub spool_max_bytes: u64,
     pub log_format: LogFormat,
@@ -396,6 +412,26 @@ impl Settings {
             1..=65_536,
         )?;
         let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
+        // Idle 60 s: what nginx (proxy_read_timeout) and AWS load balancers
+        // allow by default, so clients already ping inside it (WebSocket
+        // libraries every 20–30 s, SSE keep-alive comments). Lifetime 1 h: a
+        // busy stream keeps its isolate's slot, so it must end some time;
+        // an hour outlasts any download or session a client would not
+        // resume anyway (AWS API Gateway allows 2 h).
+        let stream_idle_timeout =
+            seconds("stream_idle_timeout_s", common.stream_idle_timeout_s, file.stream_idle_timeout_s, 60, 1)?;
+        let stream_max_lifetime =
+            seconds("stream_max_lifetime_s", common.stream_max_lifetime_s, file.stream_max_lifetime_s, 3600, 1)?;
+        if stream_idle_timeout > stream_max_lifetime {
+            return Err(invalid(
+                "stream_idle_timeout_s",
+                format!(
+                    "{} s is longer than stream_max_lifetime_s ({} s): a stream could never idle out",
+                    stream_idle_timeout.as_secs(),
+                    stream_max_lifetime.as_secs()
+                ),
+            ));
+        }
         let max_header_kb =
             within("max_header_kb", common.max_header_kb.or(file.max_header_kb).unwrap_or(64), 8..=1024)?;
         let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
@@ -519,6 +555,8 @@ impl Settings {
             max_request_body_bytes: (max_request_body_mb * 1024 * 1024) as usize,
             max_header_bytes: (max_header_kb * 1024) as usize,
             header_timeout,
+            stream_idle_timeout,
+            stream_max_lifetime,
             cache_max_bytes: cache_max_mb * 1024 * 1024,
             spool_max_bytes: spool_max_mb * 1024 * 1024,
             log_format,
@@ -622,7 +660,7 @@ fn subhosters(
             kid: kid.to_owned(),
             secret: Secret::new(secret),
             rpc_root: rpc_root.clone(),
-            allowed_rpc_root_prefixes: allowed.to_vec(),
+            allowed_rpc_root_prefixes: Vec::new(),
         });
         Ok(())
     };
@@ -645,7 +683,38 @@ fn subhosters(
             "runner needs at least one --subhost-secret KID=SECRET or --subhost-secret-file KID=PATH",
         ));
     }
+    for spec in allowed {
+        let (kid, prefix) = allowed_prefix(spec)?;
+        let subhoster = out.iter_mut().find(|s| s.kid == kid).ok_or_else(|| {
+            invalid("allow_rpc_root", format!("{spec:?} names subhoster {kid:?}, which has no --subhost-secret(-file)"))
+        })?;
+        subhoster.allowed_rpc_root_prefixes.push(prefix.to_owned());
+    }
+    // The verifier's own checks (prefix form, …), here so they name the setting.
+    isocloud_auth::SubhostVerifier::new(out.clone()).map_err(|e| match e {
+        isocloud_auth::AuthConfigError::InvalidRpcRootPrefix { .. } => invalid("allow_rpc_root", e.to_string()),
+        isocloud_auth::AuthConfigError::InvalidRpcRoot { .. } => invalid("rpc_root", e.to_string()),
+        _ => invalid("subhost_secret", e.to_string()),
+    })?;
     Ok(out)
+}
+
+/// `KID=PREFIX` of `--allow-rpc-root`. A bare prefix (the shared form of
+/// earlier versions) is refused rather than granted to every subhoster: one
+/// subhoster's token could then aim RPCs signed as that subhoster at another
+/// subhoster's origin, and guessing which subhoster was meant would silently
+/// widen or narrow a grant.
+fn allowed_prefix(spec: &str) -> Result<(&str, &str), SettingsError> {
+    match spec.split_once('=') {
+        Some((kid, prefix)) if !kid.is_empty() && !prefix.is_empty() && !kid.contains(['/', ':']) => Ok((kid, prefix)),
+        _ => Err(invalid(
+            "allow_rpc_root",
+            format!(
+                "{spec:?}: expected KID=PREFIX, e.g. acme=https://origin.example/ (prefixes are per subhoster; \
+                 a bare PREFIX is no longer accepted)"
+            ),
+        )),
+    }
 }
 
 /// The control plane's options, flags over file, validated.

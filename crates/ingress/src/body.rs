@@ -10,57 +10,75 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use isocloud_pool::{InFlight, Isolate};
+use isocloud_pool::Isolate;
 
-pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
+use crate::streams::{Activity, StreamCut, Watch};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: Bytes) -> ResponseBody {
     http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// A body that keeps its request counted as in flight until it is done, so
-/// an isolate streaming a long answer is never mistaken for idle.
+/// A response body that keeps its request counted as in flight until it is
+/// done (its [`Watch`] holds the guard), so an isolate streaming a long
+/// answer is never mistaken for idle; and that ends with an error when a
+/// stream bound cuts it.
 pub struct Tracked<B> {
-    inner: B,
-    guard: Option<InFlight>,
+    /// `None` once cut: the isolate's side is dropped at once.
+    inner: Option<B>,
+    isolate: Arc<Isolate>,
+    watch: Arc<Watch>,
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, guard: InFlight) -> Self {
-        Self { inner, guard: Some(guard) }
+    pub fn new(inner: B, isolate: Arc<Isolate>, watch: Arc<Watch>) -> Self {
+        Self { inner: Some(inner), isolate, watch }
     }
 }
 
 impl<B: Body + Unpin> Body for Tracked<B>
 where
     B::Data: Buf,
+    B::Error: Into<BoxError>,
 {
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(guard)) = (frame.data_ref(), &self.guard) {
-                    guard.isolate().count_egress(data.remaining() as u64);
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.guard = None,
-            Poll::Pending => {}
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        if let Poll::Ready(bound) = this.watch.poll_cut(cx) {
+            this.inner = None;
+            return Poll::Ready(Some(Err(Box::new(StreamCut(bound)))));
         }
-        polled
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.isolate.count_egress(data.remaining() as u64);
+                    this.watch.activity().touch();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.watch.finish();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.watch.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|inner| inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(|inner| inner.size_hint()).unwrap_or_default()
     }
 }
 
@@ -72,12 +90,20 @@ pub struct Counted<B> {
     isolate: Arc<Isolate>,
     remaining_bytes: usize,
     exceeded: Arc<AtomicBool>,
+    /// Bytes still coming in keep a streaming response from idling out.
+    activity: Arc<Activity>,
 }
 
 impl<B> Counted<B> {
     /// `exceeded` is set if the body passes `limit_bytes`.
-    pub fn new(inner: B, isolate: Arc<Isolate>, limit_bytes: usize, exceeded: Arc<AtomicBool>) -> Self {
-        Self { inner, isolate, remaining_bytes: limit_bytes, exceeded }
+    pub fn new(
+        inner: B,
+        isolate: Arc<Isolate>,
+        limit_bytes: usize,
+        exceeded: Arc<AtomicBool>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Self { inner, isolate, remaining_bytes: limit_bytes, exceeded, activity }
     }
 }
 
@@ -107,6 +133,7 @@ where
                     }
                     self.remaining_bytes -= len;
                     self.isolate.count_ingress(len as u64);
+                    self.activity.touch();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

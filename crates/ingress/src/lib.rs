@@ -5,9 +5,12 @@
 //! HTTP/2, decides which deployment serves a request ([`Router`]: by Host, or
 //! by a verified `x-deno-subhost` token), asks the pool for that deployment's
 //! isolate, streams the request in and the response out (WebSocket upgrades
-//! included), and maps every failure — once, here — to a status and a stable
-//! code ([`EdgeError`]). It must not boot isolates or talk to origins itself;
-//! errors never leak internals to the client, only to the log.
+//! included, each bounded in idle time and lifetime: [`StreamLimits`]), and
+//! maps every failure — once, here — to a status and a stable code
+//! ([`EdgeError`]). A request whose host is ambiguous (two `Host`s, a `Host`
+//! that disagrees with the target or `:authority`) is 400 before routing. It
+//! must not boot isolates or talk to origins itself; errors never leak
+//! internals to the client, only to the log.
 
 mod admin;
 mod body;
@@ -16,6 +19,7 @@ mod metrics;
 mod proxy;
 mod routing;
 mod server;
+mod streams;
 mod tls;
 
 pub use admin::serve_admin;
@@ -24,4 +28,5 @@ pub use metrics::EdgeMetrics;
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
 pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting};
 pub use server::{Listener, ServeOptions, serve};
+pub use streams::StreamLimits;
 pub use tls::{Certificates, tls_acceptor};

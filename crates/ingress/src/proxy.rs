@@ -18,6 +18,7 @@ use crate::Routed;
 use crate::body::{Counted, ResponseBody, Tracked, full};
 use crate::error::ERROR_HEADER;
 use crate::routing::SUBHOST_HEADER;
+use crate::streams::{Active, Activity, StreamKind, StreamLimits, Streams};
 use crate::{EdgeError, EdgeMetrics, Router};
 
 pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
@@ -44,6 +45,8 @@ pub struct EdgeLimits {
     /// already (`x-isocloud-hops`, or the egress proxy's own connection
     /// table) is a loop: 508 `LOOP_DETECTED`.
     pub max_hops: u32,
+    /// Upgraded connections and response bodies: idle and total lifetime.
+    pub streams: StreamLimits,
 }
 
 pub struct Proxy {
@@ -57,13 +60,16 @@ pub struct Proxy {
     egress: Option<EgressProxy>,
     pool: Pool,
     metrics: EdgeMetrics,
+    streams: Streams,
     request_id_prefix: String,
     request_seq: AtomicU64,
 }
 
 impl Proxy {
+    /// Call on a tokio runtime (the stream bounds' sweeper starts here).
     pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics, limits: EdgeLimits) -> Self {
         let request_id_prefix = format!("{:08x}", rand::random::<u32>());
+        let streams = Streams::new(limits.streams, metrics.clone());
         Self {
             router,
             request_timeout: limits.request_timeout,
@@ -72,6 +78,7 @@ impl Proxy {
             egress: None,
             pool,
             metrics,
+            streams,
             request_id_prefix,
             request_seq: AtomicU64::new(0),
         }
@@ -146,7 +153,7 @@ impl Proxy {
                 format!("the request body is larger than {} bytes", self.max_request_body_bytes),
             ));
         }
-        let route = match self.router.route(request.headers(), request.uri(), connection.secure)? {
+        let route = match self.router.route(&request, connection.secure)? {
             Routed::Serve(route) => route,
             Routed::RedirectToHttps(location) => {
                 let mut response = Response::new(full(Bytes::new()));
@@ -194,8 +201,10 @@ impl Proxy {
         // undeclared one is cut off where it passes it (the isolate then
         // sees a body error).
         let body_too_large = Arc::new(AtomicBool::new(false));
+        let activity = Activity::new();
         let body: RequestBody =
-            Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone()).boxed();
+            Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone(), activity.clone())
+                .boxed();
         let guard = isolate.begin_request(hops);
         let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
         let outcome = forwarded.await;
@@ -239,25 +248,34 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let isolate_upgrade = hyper::upgrade::on(&mut response);
+                let watch =
+                    self.streams.watch(StreamKind::Upgrade, guard, activity.clone(), &route.deployment_id, &request_id);
                 tokio::spawn(async move {
-                    let _guard = guard;
-                    match tokio::try_join!(client_upgrade, isolate_upgrade) {
-                        Ok((client, isolate)) => {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(isolate))
-                                    .await;
+                    let relay = async {
+                        match tokio::try_join!(client_upgrade, isolate_upgrade) {
+                            Ok((client, isolate)) => {
+                                let mut client = Active::new(TokioIo::new(client), activity.clone());
+                                let mut isolate = Active::new(TokioIo::new(isolate), activity);
+                                let _ = tokio::io::copy_bidirectional(&mut client, &mut isolate).await;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                         }
-                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    };
+                    // A cut drops both connections here, which closes them.
+                    tokio::select! {
+                        () = relay => watch.finish(),
+                        _ = watch.cut_signal() => {}
                     }
                 });
             }
-            return Ok(response.map(|body| body.boxed()));
+            return Ok(response.map(|body| body.map_err(Into::into).boxed()));
         }
 
         for name in HOP_BY_HOP {
             response.headers_mut().remove(name);
         }
-        Ok(response.map(|body| Tracked::new(body, guard).boxed()))
+        let watch = self.streams.watch(StreamKind::Body, guard, activity, &route.deployment_id, &request_id);
+        Ok(response.map(|body| Tracked::new(body, isolate, watch).boxed()))
     }
 }
 

@@ -112,13 +112,15 @@ impl Router {
         self
     }
 
-    /// `secure`: the request came over TLS.
-    pub fn route(&self, headers: &HeaderMap, uri: &http::Uri, secure: bool) -> Result<Routed, EdgeError> {
+    /// `secure`: the request came over TLS. A request whose host is
+    /// ambiguous (see [`request_authority`]) is 400 before anything else.
+    pub fn route<B>(&self, request: &http::Request<B>, secure: bool) -> Result<Routed, EdgeError> {
+        let (headers, uri) = (request.headers(), request.uri());
+        let authority = request_authority(request.version(), headers, uri)?;
         if let Some(token) = headers.get(SUBHOST_HEADER) {
-            return self.route_subhost(token, headers, uri).map(Routed::Serve);
+            return self.route_subhost(token, headers, authority).map(Routed::Serve);
         }
-        let host = request_host(headers, uri)
-            .ok_or_else(|| EdgeError::new(ErrorCode::BadRequest, "the request names no host"))?;
+        let host = authority.ok_or_else(|| EdgeError::new(ErrorCode::BadRequest, "the request names no host"))?;
         let not_found = || EdgeError::new(ErrorCode::DeploymentNotFound, format!("no deployment serves {host}"));
         let scheme = if secure { "https" } else { "http" };
         if let Some(hosts) = &self.hosts
@@ -147,11 +149,12 @@ impl Router {
         Ok(Routed::Serve(Route { origin, deployment_id: name, public_scheme: scheme, public_host: host }))
     }
 
+    /// `authority`: the request's own, already checked ([`request_authority`]).
     fn route_subhost(
         &self,
         token: &http::HeaderValue,
         headers: &HeaderMap,
-        uri: &http::Uri,
+        authority: Option<String>,
     ) -> Result<Route, EdgeError> {
         let unauthorized = |message: String| EdgeError::new(ErrorCode::Unauthorized, message);
         let Some(subhost) = &self.subhost else {
@@ -170,7 +173,7 @@ impl Router {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(',').next().unwrap_or(v).trim().to_owned())
             .filter(|v| !v.is_empty())
-            .or_else(|| request_host(headers, uri))
+            .or(authority)
             .ok_or_else(|| EdgeError::new(ErrorCode::BadRequest, "the request names no host"))?;
         let public_scheme = match headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
             Some(p) if p.eq_ignore_ascii_case("https") => "https",
@@ -181,17 +184,74 @@ impl Router {
     }
 }
 
-/// The host the client asked for: `:authority` (HTTP/2) or `Host`.
-fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
-    let host = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))?;
-    let host = host.trim().to_ascii_lowercase();
+/// The one host a request names, lowercase: the request target's authority
+/// (HTTP/2 `:authority`, or an HTTP/1.1 absolute-form target) or else `Host`.
+/// Where two sources could disagree, the request is refused (400) rather
+/// than routed by one while a proxy in front of the runner looked at the
+/// other:
+/// - more than one `Host`, or a `Host` that is not a host (RFC 9112 §3.2);
+/// - an HTTP/1.1 request without `Host` (RFC 9112 §3.2);
+/// - a `Host` that names another authority than the target (RFC 9112 §3.2.2
+///   makes the client send them identical; RFC 9113 §8.3.1 for HTTP/2).
+///
+/// `Ok(None)`: the request names no host at all (HTTP/1.0, or HTTP/2 without
+/// `:authority` or `Host`).
+pub(crate) fn request_authority(
+    version: http::Version,
+    headers: &HeaderMap,
+    uri: &http::Uri,
+) -> Result<Option<String>, EdgeError> {
+    let bad = |message: String| EdgeError::new(ErrorCode::BadRequest, message);
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("the request has more than one Host header".into()));
+    }
+    let host = match host_header {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(valid_host)
+                .ok_or_else(|| bad("the Host header does not name a host".into()))?,
+        ),
+        None if version == http::Version::HTTP_11 => {
+            return Err(bad("an HTTP/1.1 request must carry a Host header".into()));
+        }
+        None => None,
+    };
+    let Some(authority) = uri.authority() else {
+        return Ok(host);
+    };
+    let target = valid_host(authority.as_str())
+        .ok_or_else(|| bad("the request target's authority does not name a host".into()))?;
+    if let Some(host) = host {
+        let default_port = match uri.scheme_str() {
+            Some("https") => "443",
+            _ => "80",
+        };
+        if without_port(&host, default_port) != without_port(&target, default_port) {
+            return Err(bad(format!(
+                "the Host header ({host}) disagrees with the request target's authority ({target})"
+            )));
+        }
+    }
+    Ok(Some(target))
+}
+
+/// `text` lowercased, if it can be a host with an optional port (no user
+/// info, path or list).
+fn valid_host(text: &str) -> Option<String> {
+    let host = text.trim().to_ascii_lowercase();
     let valid = !host.is_empty()
         && host.len() <= 255
         && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
     valid.then_some(host)
+}
+
+/// `host:<default port>` and `host` are one authority.
+fn without_port<'a>(host: &'a str, default_port: &str) -> &'a str {
+    host.strip_suffix(default_port).and_then(|h| h.strip_suffix(':')).unwrap_or(host)
 }
 
 /// `host:port` → `host` (IPv6 literals keep their brackets).
@@ -213,12 +273,57 @@ mod tests {
         assert_eq!(hostname("[::1]:80"), "[::1]");
     }
 
-    #[test]
-    fn request_host_refuses_garbage() {
+    use http::Version;
+
+    fn authority(version: Version, hosts: &[&str], uri: &str) -> Result<Option<String>, ErrorCode> {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::HOST, "Hello.LOCALHOST:1".parse().unwrap());
-        assert_eq!(request_host(&headers, &"/".parse().unwrap()).as_deref(), Some("hello.localhost:1"));
-        headers.insert(http::header::HOST, "a/b".parse().unwrap());
-        assert_eq!(request_host(&headers, &"/".parse().unwrap()), None);
+        for host in hosts {
+            headers.append(http::header::HOST, host.parse().unwrap());
+        }
+        request_authority(version, &headers, &uri.parse().unwrap()).map_err(|e| e.code)
+    }
+
+    #[test]
+    fn the_host_header_names_the_host() {
+        let host = authority(Version::HTTP_11, &["Hello.LOCALHOST:1"], "/").unwrap();
+        assert_eq!(host.as_deref(), Some("hello.localhost:1"));
+        assert_eq!(authority(Version::HTTP_10, &[], "/"), Ok(None));
+        assert_eq!(authority(Version::HTTP_2, &[], "/"), Ok(None));
+    }
+
+    #[test]
+    fn the_target_authority_wins_only_when_host_agrees() {
+        let uri = "http://a.localhost:8080/p";
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(authority(version, &["A.localhost:8080"], uri).unwrap().as_deref(), Some("a.localhost:8080"));
+            assert_eq!(authority(version, &["b.localhost:8080"], uri), Err(ErrorCode::BadRequest));
+            assert_eq!(authority(version, &["a.localhost:8081"], uri), Err(ErrorCode::BadRequest));
+            assert_eq!(authority(version, &["a.localhost"], uri), Err(ErrorCode::BadRequest));
+        }
+        // HTTP/2 without Host: :authority alone.
+        assert_eq!(authority(Version::HTTP_2, &[], uri).unwrap().as_deref(), Some("a.localhost:8080"));
+        // The default port is no disagreement.
+        let host = authority(Version::HTTP_2, &["a.localhost:80"], "http://a.localhost/").unwrap();
+        assert_eq!(host.as_deref(), Some("a.localhost"));
+        let host = authority(Version::HTTP_2, &["a.localhost"], "https://a.localhost:443/").unwrap();
+        assert_eq!(host.as_deref(), Some("a.localhost:443"));
+        assert_eq!(authority(Version::HTTP_2, &["a.localhost:80"], "https://a.localhost/"), Err(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn ambiguous_or_garbage_hosts_are_bad_requests() {
+        let cases: [(Version, &[&str], &str); 7] = [
+            (Version::HTTP_11, &["a.localhost", "b.localhost"], "/"),
+            (Version::HTTP_11, &["a.localhost", "a.localhost"], "/"),
+            (Version::HTTP_2, &["a.localhost", "a.localhost"], "http://a.localhost/"),
+            (Version::HTTP_11, &[], "/"),
+            (Version::HTTP_11, &[], "http://a.localhost/"),
+            (Version::HTTP_11, &["a/b"], "/"),
+            (Version::HTTP_11, &["a.localhost, b.localhost"], "/"),
+        ];
+        for (version, hosts, uri) in cases {
+            assert_eq!(authority(version, hosts, uri), Err(ErrorCode::BadRequest), "{version:?} {hosts:?} {uri}");
+        }
+        assert_eq!(authority(Version::HTTP_11, &["a.localhost"], "http://u@a.localhost/"), Err(ErrorCode::BadRequest));
     }
 }

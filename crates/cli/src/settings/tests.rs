@@ -84,7 +84,7 @@ fn config_file_is_read_and_flags_win() {
         &config,
         format!(
             "listen = \"127.0.0.1:9000\"\nidle_timeout_s = 7\nrpc_root = \"http://origin/v0/\"\n\
-             subhost_secret_file = [\"acme={}\"]\nallow_rpc_root = [\"http://origin/\"]\n",
+             subhost_secret_file = [\"acme={}\"]\nallow_rpc_root = [\"acme=http://origin/\"]\n",
             secret.display()
         ),
     )
@@ -96,6 +96,60 @@ fn config_file_is_read_and_flags_win() {
     let Mode::Subhost(subhosters) = settings.mode else { panic!("runner mode") };
     assert_eq!(subhosters[0].kid, "acme");
     assert_eq!(subhosters[0].allowed_rpc_root_prefixes, vec!["http://origin/".to_owned()]);
+}
+
+#[test]
+fn stream_bounds_default_and_are_validated() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.stream_idle_timeout, Duration::from_secs(60));
+    assert_eq!(settings.stream_max_lifetime, Duration::from_secs(3600));
+    let args = ["serve", "--apps", dir, "--stream-idle-timeout-s", "2", "--stream-max-lifetime-s", "5"];
+    let settings = parse(&[&args[..], &["--state-dir", "/tmp/x"]].concat()).unwrap();
+    assert_eq!(settings.stream_idle_timeout, Duration::from_secs(2));
+    assert_eq!(settings.stream_max_lifetime, Duration::from_secs(5));
+    assert_eq!(field_of(&["serve", "--apps", dir, "--stream-idle-timeout-s", "0"]), "stream_idle_timeout_s");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--stream-max-lifetime-s", "0"]), "stream_max_lifetime_s");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--stream-max-lifetime-s", "30"]), "stream_idle_timeout_s");
+
+    let config = apps.path().join("isocloud.toml");
+    std::fs::write(&config, "stream_idle_timeout_s = 3\nstream_max_lifetime_s = 4\n").unwrap();
+    let settings =
+        parse(&["serve", "--apps", dir, "--config", config.to_str().unwrap(), "--state-dir", "/tmp/x"]).unwrap();
+    assert_eq!(settings.stream_idle_timeout, Duration::from_secs(3));
+    assert_eq!(settings.stream_max_lifetime, Duration::from_secs(4));
+}
+
+#[test]
+fn allowed_rpc_root_prefixes_are_per_subhoster() {
+    let base = ["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "a=s1", "--subhost-secret", "b=s2"];
+    let with = |extra: &[&'static str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        args.extend(["--state-dir", "/tmp/x"]);
+        args
+    };
+    let settings =
+        parse(&with(&["--allow-rpc-root", "a=http://a.test/", "--allow-rpc-root", "a=http://a2.test/t/"])).unwrap();
+    let Mode::Subhost(subhosters) = settings.mode else { panic!("runner mode") };
+    let prefixes = |kid: &str| subhosters.iter().find(|s| s.kid == kid).unwrap().allowed_rpc_root_prefixes.clone();
+    assert_eq!(prefixes("a"), vec!["http://a.test/".to_owned(), "http://a2.test/t/".to_owned()]);
+    assert_eq!(prefixes("b"), Vec::<String>::new(), "a's prefixes are not b's");
+
+    for (bad, why) in [
+        ("http://a.test/", "a bare prefix: the old shared form"),
+        ("=http://a.test/", "no kid"),
+        ("a=", "no prefix"),
+        ("c=http://c.test/", "an unknown subhoster"),
+        ("a=http://a.test", "not normalised: no '/' after the host"),
+        ("a=ftp://a.test/", "not http(s)"),
+    ] {
+        let err = parse(&with(&["--allow-rpc-root", bad])).err().unwrap();
+        assert_eq!(err.field, "allow_rpc_root", "{bad} ({why}): {err}");
+    }
+    let err = parse(&with(&["--allow-rpc-root", "http://a.test/"])).err().unwrap();
+    assert!(err.message.contains("KID=PREFIX"), "the error names the new form: {err}");
 }
 
 #[test]

@@ -74,15 +74,9 @@ async fn an_unreachable_origin_is_502_origin_unreachable() {
     origin.deploy("healthy", TestDeployment::inline_js(HEALTHY));
     let secret = format!("{KID}={SECRET}");
     let live_root = origin.rpc_root();
-    let runner = Runner::start(&[
-        "runner",
-        "--rpc-root",
-        &dead_root,
-        "--subhost-secret",
-        &secret,
-        "--allow-rpc-root",
-        &live_root,
-    ]);
+    let allowed = format!("{KID}={live_root}");
+    let runner =
+        Runner::start(&["runner", "--rpc-root", &dead_root, "--subhost-secret", &secret, "--allow-rpc-root", &allowed]);
 
     let started = Instant::now();
     let message = control_plane_error(&runner, "anything", "ORIGIN_UNREACHABLE").await;

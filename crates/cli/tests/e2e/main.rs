@@ -14,6 +14,7 @@ mod control_plane;
 mod dashboard;
 mod egress;
 mod errors;
+mod hostile_http;
 mod hostile_limits;
 mod hostile_native;
 mod hostile_sandbox;

@@ -123,7 +123,7 @@ async fn a_valid_token_routes_to_the_deployment_and_the_isolate_never_sees_it() 
 async fn every_bad_token_is_refused_with_401_before_any_origin_call() {
     let origin = TestOrigin::start().await;
     origin.deploy("hello", TestDeployment::inline_js(ECHO));
-    let allowed = origin.rpc_root();
+    let allowed = format!("{KID}={}", origin.rpc_root());
     let runner = origin.runner(&["--allow-rpc-root", &allowed]);
     let now = now_s();
     let good_claims = claims_for("hello");
@@ -319,16 +319,24 @@ async fn with_one_subhoster_a_token_without_kid_falls_back_to_it() {
     let forged = token_with(Algorithm::HS256, None, "not-the-secret-0123456789abcdef", claims_for("hello"));
     let message = expect_error(with_token(&runner, forged.as_str(), "/").await, 401, "UNAUTHORIZED").await;
     assert!(message.contains("signature"), "{message}");
-    // No --allow-rpc-root: an rpc_root claim is refused, even one naming the configured origin.
+    // No --allow-rpc-root: an rpc_root claim may name the configured origin
+    // (what an absent claim means), and nothing else.
     let now = now_s();
-    let aimed = token_with(
-        Algorithm::HS256,
-        None,
-        SECRET,
-        json!({ "deployment_id": "hello", "iat": now, "exp": now + 300, "rpc_root": origin.rpc_root() }),
-    );
-    let message = expect_error(with_token(&runner, aimed.as_str(), "/").await, 401, "UNAUTHORIZED").await;
+    let aimed_at = |rpc_root: String| {
+        token_with(
+            Algorithm::HS256,
+            None,
+            SECRET,
+            json!({ "deployment_id": "hello", "iat": now, "exp": now + 300, "rpc_root": rpc_root }),
+        )
+    };
+    let seen = json_with_token(&runner, &aimed_at(origin.rpc_root()), "/default-root").await;
+    assert!(seen["url"].as_str().unwrap().ends_with("/default-root"), "{seen}");
+    let calls = origin.calls().len();
+    let elsewhere = aimed_at(format!("http://{}/other/", origin.addr));
+    let message = expect_error(with_token(&runner, elsewhere.as_str(), "/").await, 401, "UNAUTHORIZED").await;
     assert!(message.contains("rpc_root"), "{message}");
+    assert_eq!(origin.calls().len(), calls, "a refused claim made an origin call");
     // RPCs are signed as the subhoster the fallback picked.
     assert_eq!(*origin.state.auth_failures.lock().unwrap(), Vec::<String>::new());
     assert!(!origin.state.rpc_kids.lock().unwrap().is_empty());
@@ -378,7 +386,8 @@ async fn an_allowed_rpc_root_claim_sends_the_rpcs_to_that_origin() {
     first.deploy("hello", TestDeployment::inline_js("Deno.serve(() => new Response('served by the first origin'));"));
     second.deploy("hello", TestDeployment::inline_js("Deno.serve(() => new Response('served by the second origin'));"));
     let second_root = second.rpc_root();
-    let runner = first.runner(&["--allow-rpc-root", &second_root]);
+    let allowed = format!("{KID}={second_root}");
+    let runner = first.runner(&["--allow-rpc-root", &allowed]);
 
     let now = now_s();
     let aimed =
@@ -393,6 +402,95 @@ async fn an_allowed_rpc_root_claim_sends_the_rpcs_to_that_origin() {
     assert_eq!(first.calls_to("boot"), 1, "{:?}", first.calls());
     assert_eq!(second.calls_to("boot"), 1, "{:?}", second.calls());
     assert_eq!(*first.state.auth_failures.lock().unwrap(), Vec::<String>::new());
+}
+
+/// Issue 11 row 10: `--allow-rpc-root` prefixes are per subhoster. `other`
+/// may aim its RPCs at origin B, `acme` at origin C; acme's token naming B is
+/// refused with 401 before any call reaches B (which would otherwise get a
+/// `boot` signed as acme), and the other way round.
+#[tokio::test]
+async fn a_subhosters_rpc_root_claim_cannot_aim_at_another_subhosters_origin() {
+    let home = TestOrigin::start().await;
+    let b = TestOrigin::start().await;
+    let c = TestOrigin::start().await;
+    for origin in [&home, &b, &c] {
+        origin.accept_subhoster(OTHER_KID, OTHER_SECRET);
+    }
+    b.deploy("hello", TestDeployment::inline_js("Deno.serve(() => new Response('served by B'));"));
+    c.deploy("hello", TestDeployment::inline_js("Deno.serve(() => new Response('served by C'));"));
+    let root = home.rpc_root();
+    let acme = format!("{KID}={SECRET}");
+    let other = format!("{OTHER_KID}={OTHER_SECRET}");
+    let other_b = format!("{OTHER_KID}={}", b.rpc_root());
+    let acme_c = format!("{KID}={}", c.rpc_root());
+    let runner = Runner::start(&[
+        "runner",
+        "--rpc-root",
+        &root,
+        "--subhost-secret",
+        &acme,
+        "--subhost-secret",
+        &other,
+        "--allow-rpc-root",
+        &other_b,
+        "--allow-rpc-root",
+        &acme_c,
+    ]);
+    let now = now_s();
+    let aimed = |kid: &str, secret: &str, rpc_root: String| {
+        token_with(
+            Algorithm::HS256,
+            Some(kid),
+            secret,
+            json!({ "deployment_id": "hello", "iat": now, "exp": now + 300, "rpc_root": rpc_root }),
+        )
+    };
+
+    // The probe: each subhoster reaches its own allowed origin.
+    assert_eq!(text_with_token(&runner, &aimed(OTHER_KID, OTHER_SECRET, b.rpc_root()), "/").await, "served by B");
+    let signed_as = |origin: &TestOrigin, kid: &str| {
+        let kids = origin.state.rpc_kids.lock().unwrap().clone();
+        !kids.is_empty() && kids.iter().all(|k| k == kid)
+    };
+    assert!(signed_as(&b, OTHER_KID), "{:?}", b.state.rpc_kids.lock().unwrap());
+    assert_eq!(text_with_token(&runner, &aimed(KID, SECRET, c.rpc_root()), "/").await, "served by C");
+    assert!(signed_as(&c, KID), "{:?}", c.state.rpc_kids.lock().unwrap());
+    let (b_calls, c_calls) = (b.calls().len(), c.calls().len());
+
+    // Crossed: refused, and neither origin hears of it.
+    for (kid, secret, target) in [(KID, SECRET, b.rpc_root()), (OTHER_KID, OTHER_SECRET, c.rpc_root())] {
+        let crossed = aimed(kid, secret, target.clone());
+        let message = expect_error(with_token(&runner, crossed.as_str(), "/").await, 401, "UNAUTHORIZED").await;
+        assert!(message.contains("rpc_root") && message.contains("not allowed"), "{kid} → {target}: {message}");
+        // Under the other's prefix is no better than the prefix itself.
+        let deeper = aimed(kid, secret, format!("{target}t1/"));
+        expect_error(with_token(&runner, deeper.as_str(), "/").await, 401, "UNAUTHORIZED").await;
+    }
+    assert_eq!(b.calls().len(), b_calls, "B got a call for acme: {:?}", b.calls());
+    assert_eq!(c.calls().len(), c_calls, "C got a call for other: {:?}", c.calls());
+    assert!(signed_as(&b, OTHER_KID) && signed_as(&c, KID), "an RPC signed as the wrong subhoster");
+    assert_eq!(home.calls(), Vec::<String>::new(), "nothing fell back to the default origin");
+}
+
+#[test]
+fn a_bare_allow_rpc_root_prefix_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("{KID}={SECRET}");
+    let (status, stdout, stderr) = run_to_exit(
+        &[
+            "runner",
+            "--rpc-root",
+            "http://127.0.0.1:9/v0/",
+            "--subhost-secret",
+            &secret,
+            "--allow-rpc-root",
+            "http://127.0.0.1:9/",
+        ],
+        dir.path(),
+    );
+    assert!(!status.success(), "exit status {status}");
+    assert!(stderr.contains("allow_rpc_root") && stderr.contains("KID=PREFIX"), "stderr:\n{stderr}");
+    assert!(!stdout.contains("listening"), "it started listening:\n{stdout}");
 }
 
 #[tokio::test]
@@ -434,7 +532,7 @@ async fn a_config_file_sets_the_same_options() {
             first.rpc_root(),
             format!("{KID}={SECRET}"),
             format!("{OTHER_KID}={}", secret_file.display()),
-            second.rpc_root(),
+            format!("{KID}={}", second.rpc_root()),
         ),
     )
     .unwrap();
