@@ -72,7 +72,31 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let edge_metrics = EdgeMetrics::new(&mut registry);
     register_cache_metrics(&mut registry, cache.clone());
 
-    let policy = sandbox::policy(&settings, &deno, &state_dir, harness_dir)?;
+    // Before the sandbox policy: Landlock's TCP rules name the proxy's port.
+    let egress = if settings.egress_proxy {
+        let mut options = EgressOptions::new(settings.max_hops);
+        options.allow_private = settings.egress_allow_private.clone();
+        let proxy = EgressProxy::start((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
+            .await
+            .context("cannot start the egress proxy")?;
+        let allow_private: Vec<String> = settings.egress_allow_private.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            addr = %proxy.local_addr(),
+            max_hops = settings.max_hops,
+            max_connections_per_isolate = isocloud_egress::MAX_CONNECTIONS_PER_ISOLATE,
+            allow_private = ?allow_private,
+            "egress: isolates' HTTP(S) goes through the runner's proxy, to public addresses only"
+        );
+        register_egress_metrics(&mut registry, proxy.clone());
+        Some(proxy)
+    } else {
+        tracing::warn!(
+            "egress: proxy off (--egress-proxy off): isolates call out directly, checked by deno's allow-list only"
+        );
+        None
+    };
+    let egress_port = egress.as_ref().map(|proxy| proxy.local_addr().port());
+    let policy = sandbox::policy(&settings, &deno, &state_dir, harness_dir, egress_port)?;
     let cgroups = match isocloud_sandbox::Cgroups::detect(&format!("isocloud-{}", std::process::id())) {
         Ok(cgroups) => {
             tracing::info!(
@@ -93,24 +117,21 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
-    let egress = if settings.egress_proxy {
-        let options =
-            EgressOptions { max_hops: settings.max_hops, connect_timeout: std::time::Duration::from_secs(10) };
-        let proxy = EgressProxy::start((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
-            .await
-            .context("cannot start the egress proxy")?;
-        tracing::info!(addr = %proxy.local_addr(), max_hops = settings.max_hops, "egress: isolates' HTTP(S) goes through the runner's proxy");
-        Some(proxy)
-    } else {
-        tracing::warn!(
-            "egress: proxy off (--egress-proxy off): isolates call out directly, checked by deno's allow-list only"
-        );
-        None
-    };
     // Bound before anything that reports URLs: `…:0` picks the ports.
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
     let public = listener.local_addr()?;
+    // Isolates may call other deployments by the public listeners (with hop
+    // counting), never the runner's other listeners.
+    if let Some(egress) = &egress {
+        egress.add_public_listener(public, "public listener");
+        if let Mode::ControlPlane(control) = &settings.mode {
+            egress.add_private_listener(control.control_listen, "control plane listener");
+        }
+        if let Some(admin) = settings.admin_listen {
+            egress.add_private_listener(admin, "admin listener");
+        }
+    }
     let mut listeners = vec![Listener { tcp: listener, tls: None }];
     let control_plane = match &settings.mode {
         Mode::ControlPlane(control) => {
@@ -124,6 +145,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             let control_plane = control_plane::start(control, public.port(), https_port).await?;
             if let Some(tcp) = tls {
                 let tls_addr = tcp.local_addr()?;
+                if let Some(egress) = &egress {
+                    egress.add_public_listener(tls_addr, "TLS listener");
+                }
                 let acceptor = isocloud_ingress::tls_acceptor(Arc::new(control_plane::Certs(control_plane.clone())))
                     .context("cannot set up TLS")?;
                 listeners.push(Listener { tcp, tls: Some(acceptor) });
@@ -202,7 +226,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             },
         },
     );
-    if let Some(egress) = egress {
+    if let Some(egress) = egress.clone() {
         proxy = proxy.with_egress(egress);
     }
     let proxy = Arc::new(proxy);
@@ -210,6 +234,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(addr) = settings.admin_listen {
         let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
         let admin_addr = admin.local_addr()?;
+        if let Some(egress) = &egress {
+            // Its port, where `--admin-listen` said 0.
+            egress.add_private_listener(admin_addr, "admin listener");
+        }
         tokio::spawn(isocloud_ingress::serve_admin(admin, Arc::new(registry)));
         println!("isocloud: admin on http://{admin_addr}");
     }
@@ -235,6 +263,46 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     isocloud_ingress::serve(listeners, proxy, options, shutdown_signal()).await;
     Ok(())
+}
+
+/// The egress proxy's own figures: calls refused for an internal address or
+/// a connection bound, and client connections held now.
+fn register_egress_metrics(registry: &mut Registry, egress: EgressProxy) {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    #[derive(Debug)]
+    struct EgressCollector(EgressProxy);
+    impl Collector for EgressCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let refusals = self.0.refusals();
+            let mut family = encoder.encode_descriptor(
+                "isocloud_egress_refused",
+                "Egress proxy refusals: internal destinations, and connections past a bound",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, count) in [
+                ("internal_address", refusals.internal_address),
+                ("isolate_connections", refusals.isolate_connections),
+                ("shared_connections", refusals.shared_connections),
+            ] {
+                let labels = [("reason", reason)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+            let open = ConstGauge::new(self.0.open_connections() as i64);
+            open.encode(encoder.encode_descriptor(
+                "isocloud_egress_open_connections",
+                "Client connections the egress proxy holds (tunnels included)",
+                None,
+                open.metric_type(),
+            )?)?;
+            Ok(())
+        }
+    }
+    registry.register_collector(Box::new(EgressCollector(egress)));
 }
 
 /// Deployments whose deno cache dir (V8 code cache) is kept between boots.

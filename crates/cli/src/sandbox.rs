@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use isocloud_sandbox::landlock::TcpRules;
 use isocloud_sandbox::{IsolateIds, LandlockError, LandlockPolicy, SandboxPolicy, SeccompFilters, identity};
 
 use crate::settings::{IsolateUid, Settings, Toggle};
@@ -16,6 +17,7 @@ pub fn policy(
     deno: &Path,
     state_dir: &Path,
     harness_dir: PathBuf,
+    egress_proxy_port: Option<u16>,
 ) -> anyhow::Result<SandboxPolicy> {
     let mount_namespace = match (settings.mount_namespace, isocloud_sandbox::probe_mount_namespace(deno)) {
         (Toggle::Off, _) => false,
@@ -40,14 +42,34 @@ pub fn policy(
         IsolateUid::Id(uid) => anyhow::bail!("--isolate-uid {uid} needs a root runner (or --isolate-uid off)"),
     };
 
-    if settings.network_namespace && !root {
-        anyhow::bail!("--network-namespace on needs a root runner (or --network-namespace off)");
-    }
+    // The proxy is the way out of a network namespace: without it, none.
+    let network_namespace = match (settings.network_namespace, egress_proxy_port) {
+        (Toggle::Off, _) => false,
+        (Toggle::Auto, None) => {
+            tracing::info!("no network namespace for isolates: the egress proxy is off");
+            false
+        }
+        (mode, _) => match isocloud_sandbox::netns::probe() {
+            Ok(()) => true,
+            Err(e) if mode == Toggle::On => {
+                anyhow::bail!("--network-namespace on, but this runner cannot make one (needs root): {e}")
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "no network namespace for isolates (needs root): raw TCP is held by Landlock's TCP rules only"
+                );
+                false
+            }
+        },
+    };
 
     let landlock = match settings.landlock {
         Toggle::Off => None,
         mode => match LandlockPolicy::new(deno) {
-            Ok(landlock) => Some(landlock),
+            // Bind nothing, connect only to the egress proxy: the second
+            // layer under the network namespace, the only one without it.
+            Ok(landlock) => Some(landlock.with_tcp(TcpRules { proxy_port: egress_proxy_port })),
             Err(LandlockError::Unsupported) if mode == Toggle::Auto => {
                 tracing::warn!("this kernel has no Landlock: isolates' file access rests on deno and the jail");
                 None
@@ -83,7 +105,7 @@ pub fn policy(
         deno_dir,
         v8_heap_limit_mb: Some(settings.memory_limit_mb),
         mount_namespace,
-        network_namespace: settings.network_namespace,
+        network_namespace,
         isolate_ids,
         landlock,
         seccomp,
@@ -94,6 +116,7 @@ pub fn policy(
          (turn a layer off explicitly: --landlock off, --seccomp off, --rlimits off, --isolate-uid off)",
     )?;
     let landlock_abi = policy.landlock.as_ref().map(LandlockPolicy::abi);
-    tracing::info!(landlock_abi, "sandbox: {}", policy.summary());
+    let landlock_tcp = policy.landlock.as_ref().map_or_else(|| "off".to_owned(), LandlockPolicy::tcp_summary);
+    tracing::info!(landlock_abi, "sandbox: {} landlock-tcp={landlock_tcp}", policy.summary());
     Ok(policy)
 }

@@ -138,10 +138,16 @@ pub struct CommonFlags {
     #[arg(long, value_name = "MODE")]
     pub egress_proxy: Option<String>,
     /// Give each isolate its own network namespace where only the egress
-    /// proxy listens, so raw TCP (`Deno.connect`) cannot leave: on or off;
-    /// on needs a root runner and --egress-proxy on [default: off].
+    /// proxy listens, so raw TCP (`Deno.connect`, `Deno.listen`) cannot
+    /// leave: auto (when the runner is root and --egress-proxy is on), on
+    /// (refuse to start without), off [default: auto].
     #[arg(long, value_name = "MODE")]
     pub network_namespace: Option<String>,
+    /// An internal range (CIDR, e.g. 10.20.0.0/16) isolates may reach
+    /// through the egress proxy, which otherwise refuses loopback, private,
+    /// link-local, CGNAT and other internal addresses (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub egress_allow_private: Vec<String>,
     /// A call that passed through more isolates of this cloud than this is a
     /// loop: 508 LOOP_DETECTED [default: 10].
     #[arg(long, value_name = "N")]
@@ -241,6 +247,8 @@ struct FileConfig {
     isolate_gid: Option<u32>,
     egress_proxy: Option<String>,
     network_namespace: Option<String>,
+    #[serde(default)]
+    egress_allow_private: Vec<String>,
     max_hops: Option<u32>,
     usage_interval_s: Option<u64>,
     prestarted_isolates: Option<usize>,
@@ -363,7 +371,10 @@ pub struct Settings {
     pub isolate_uid: IsolateUid,
     pub isolate_gid: u32,
     pub egress_proxy: bool,
-    pub network_namespace: bool,
+    /// Auto: on when the runner can make one (root) and the egress proxy is on.
+    pub network_namespace: Toggle,
+    /// Internal ranges the egress proxy may reach.
+    pub egress_allow_private: Vec<isocloud_egress::Cidr>,
     pub max_hops: u32,
     pub usage_interval: Duration,
     pub prestarted_isolates: usize,
@@ -460,12 +471,30 @@ impl Settings {
         let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp), true)?;
         let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits), true)?;
         let egress_proxy = on_off("egress_proxy", common.egress_proxy.or(file.egress_proxy), true)?;
-        let network_namespace =
-            on_off("network_namespace", common.network_namespace.or(file.network_namespace), false)?;
-        if network_namespace && !egress_proxy {
+        let network_namespace = match common.network_namespace.or(file.network_namespace).as_deref().unwrap_or("auto") {
+            "auto" => Toggle::Auto,
+            "on" => Toggle::On,
+            "off" => Toggle::Off,
+            other => return Err(invalid("network_namespace", format!("{other:?} is not auto, on or off"))),
+        };
+        if network_namespace == Toggle::On && !egress_proxy {
             return Err(invalid(
                 "network_namespace",
                 "--network-namespace on needs --egress-proxy on: the proxy is the isolates' only way out",
+            ));
+        }
+        let egress_allow_private = pick(common.egress_allow_private, file.egress_allow_private)
+            .iter()
+            .map(|text| {
+                text.trim()
+                    .parse()
+                    .map_err(|e: isocloud_egress::CidrError| invalid("egress_allow_private", e.to_string()))
+            })
+            .collect::<Result<Vec<isocloud_egress::Cidr>, _>>()?;
+        if !egress_allow_private.is_empty() && !egress_proxy {
+            return Err(invalid(
+                "egress_allow_private",
+                "the ranges are the egress proxy's rule: it needs --egress-proxy on",
             ));
         }
         let max_hops = within("max_hops", common.max_hops.or(file.max_hops).unwrap_or(10), 1..=100)?;
@@ -568,6 +597,7 @@ impl Settings {
             isolate_gid,
             egress_proxy,
             network_namespace,
+            egress_allow_private,
             max_hops,
             usage_interval,
             prestarted_isolates,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use isocloud_protocol::NetPermission;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Shared;
@@ -23,6 +24,12 @@ pub struct EgressUsage {
     pub denied: u64,
     /// Calls refused by the hop bound.
     pub loops: u64,
+    /// Calls refused because the destination is internal (loopback,
+    /// private, link-local, …) or one of the runner's private listeners.
+    pub internal_denied: u64,
+    /// Connections refused past the per-isolate bound
+    /// ([`crate::EgressOptions::max_connections_per_isolate`]).
+    pub over_limit: u64,
 }
 
 pub(crate) struct GrantState {
@@ -36,6 +43,10 @@ pub(crate) struct GrantState {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) denied: AtomicU64,
     pub(crate) loops: AtomicU64,
+    pub(crate) internal_denied: AtomicU64,
+    pub(crate) over_limit: AtomicU64,
+    /// Outbound connections and tunnels it may still open.
+    pub(crate) upstream_slots: Arc<Semaphore>,
     /// Hop counts of the requests the isolate is serving now; an outbound
     /// call is one more than the largest. A multiset: few entries, linear.
     in_flight_hops: Mutex<Vec<u32>>,
@@ -75,6 +86,7 @@ impl EgressGrant {
         net: NetPermission,
         proxy: Weak<Shared>,
         proxy_addr: SocketAddr,
+        max_connections: usize,
     ) -> Self {
         let proxy_authority = proxy_addr.to_string();
         let proxy_url = format!("http://isolate:{token}@{proxy_authority}");
@@ -87,6 +99,9 @@ impl EgressGrant {
             bytes_received: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             loops: AtomicU64::new(0),
+            internal_denied: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
+            upstream_slots: Arc::new(Semaphore::new(max_connections)),
             in_flight_hops: Mutex::new(Vec::new()),
             revoked: CancellationToken::new(),
         });
@@ -100,11 +115,15 @@ impl EgressGrant {
     }
 
     /// Serves the proxy on `listener` (nonblocking, bound inside the
-    /// isolate's network namespace) for as long as this grant lives. Needs
-    /// a tokio runtime.
+    /// isolate's network namespace) for as long as this grant lives, at most
+    /// [`crate::EgressOptions::max_connections_per_isolate`] connections at
+    /// once (past that each is refused and closed). Needs a tokio runtime.
     pub fn serve_inside(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let task = tokio::spawn(crate::proxy::accept_loop(listener, self.proxy.clone()));
+        let proxy = self.proxy.upgrade().ok_or_else(|| std::io::Error::other("the egress proxy is gone"))?;
+        let slots = Arc::new(Semaphore::new(proxy.options.max_connections_per_isolate));
+        let bound = crate::proxy::Bound::Isolate(Arc::downgrade(&self.state));
+        let task = tokio::spawn(crate::proxy::accept_loop(listener, self.proxy.clone(), slots, bound));
         if let Some(previous) = self.inside.replace(task) {
             previous.abort();
         }
@@ -143,6 +162,8 @@ impl EgressGrant {
             bytes_received: take(&self.state.bytes_received),
             denied: take(&self.state.denied),
             loops: take(&self.state.loops),
+            internal_denied: take(&self.state.internal_denied),
+            over_limit: take(&self.state.over_limit),
         }
     }
 }

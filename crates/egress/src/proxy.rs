@@ -1,10 +1,21 @@
 //! The proxy listener: `CONNECT` tunnels (HTTPS, and anything else deno
 //! tunnels) and absolute-form plain-HTTP requests, HTTP/1.1 on loopback.
+//!
+//! Bounded: the shared listener holds at most
+//! [`EgressOptions::max_shared_connections`] client connections, a listener
+//! inside an isolate's network namespace and each grant's outbound
+//! connections at most [`EgressOptions::max_connections_per_isolate`]; a
+//! client connection must send each request head within
+//! [`EgressOptions::header_timeout`] (idle keep-alive ones close then too).
+//! Each bound holds a slot for as long as the descriptor it guards lives
+//! ([`Held`]), tunnels included.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
@@ -15,18 +26,63 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use isocloud_protocol::{ErrorCode, NetPermission};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::HOPS_HEADER;
+use crate::address::{Cidr, Destinations, parse_ipv4_loosely};
 use crate::body::{Counted, ProxyBody, full};
 use crate::grant::{EgressGrant, GrantState, allows, split_host_port};
 use crate::links::Links;
 
-#[derive(Debug, Clone, Copy)]
+/// Outbound connections and tunnels one isolate may hold at once, and
+/// client connections its network namespace's listener serves at once.
+pub const MAX_CONNECTIONS_PER_ISOLATE: usize = 256;
+/// Client connections the shared listener (the one isolates without a
+/// network namespace reach) serves at once, all isolates together.
+pub const MAX_SHARED_CONNECTIONS: usize = 4096;
+/// A client connection must send each request head within this time; an
+/// idle keep-alive connection is closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
 pub struct EgressOptions {
     /// Calls may pass through isolates this many times; one more is a loop.
     pub max_hops: u32,
     pub connect_timeout: Duration,
+    /// Internal ranges the operator opened (`--egress-allow-private`).
+    pub allow_private: Vec<Cidr>,
+    pub max_connections_per_isolate: usize,
+    pub max_shared_connections: usize,
+    pub header_timeout: Duration,
+}
+
+impl EgressOptions {
+    /// The documented bounds, no internal range open.
+    pub fn new(max_hops: u32) -> Self {
+        Self {
+            max_hops,
+            connect_timeout: Duration::from_secs(10),
+            allow_private: Vec::new(),
+            max_connections_per_isolate: MAX_CONNECTIONS_PER_ISOLATE,
+            max_shared_connections: MAX_SHARED_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+        }
+    }
+}
+
+/// Calls the proxy refused for a bound or an internal address, since it
+/// started (for the runner's metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EgressRefusals {
+    /// Destinations in an internal range, or the runner's own private listeners.
+    pub internal_address: u64,
+    /// Past [`EgressOptions::max_connections_per_isolate`] (client
+    /// connections inside a namespace, or outbound connections of a grant).
+    pub isolate_connections: u64,
+    /// Past [`EgressOptions::max_shared_connections`].
+    pub shared_connections: u64,
 }
 
 /// Headers that describe the hop between the isolate and the proxy.
@@ -35,11 +91,15 @@ const HOP_BY_HOP: [&str; 7] =
 
 pub(crate) struct Shared {
     addr: SocketAddr,
-    options: EgressOptions,
+    pub(crate) options: EgressOptions,
     grants: Mutex<HashMap<String, Weak<GrantState>>>,
     links: Arc<Links>,
-    /// Connections the proxy serves now, for metrics and tests.
+    destinations: Destinations,
+    /// Client connections the proxy holds now, for metrics and tests.
     open_connections: AtomicU64,
+    refused_internal: AtomicU64,
+    refused_isolate: AtomicU64,
+    refused_shared: AtomicU64,
 }
 
 impl Shared {
@@ -74,14 +134,21 @@ impl EgressProxy {
     /// runtime ends.
     pub async fn start(addr: SocketAddr, options: EgressOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
+        let slots = Arc::new(Semaphore::new(options.max_shared_connections));
         let shared = Arc::new(Shared {
             addr: listener.local_addr()?,
+            destinations: Destinations::new(options.allow_private.clone()),
             options,
             grants: Mutex::new(HashMap::new()),
             links: Arc::new(Links::default()),
             open_connections: AtomicU64::new(0),
+            refused_internal: AtomicU64::new(0),
+            refused_isolate: AtomicU64::new(0),
+            refused_shared: AtomicU64::new(0),
         });
-        tokio::spawn(accept_loop(listener, Arc::downgrade(&shared)));
+        // Calls through the proxy back to the proxy: never.
+        shared.destinations.add_private(shared.addr, "egress proxy");
+        tokio::spawn(accept_loop(listener, Arc::downgrade(&shared), slots, Bound::Shared));
         Ok(Self { shared })
     }
 
@@ -93,11 +160,30 @@ impl EgressProxy {
         self.shared.options.max_hops
     }
 
+    /// A public listener of this runner (`--listen`, `--tls-listen`):
+    /// isolates may call it, as they would from outside, with hop counting;
+    /// on 0.0.0.0 or :: it is reached at any loopback or local address.
+    pub fn add_public_listener(&self, addr: SocketAddr, name: &'static str) {
+        self.shared.destinations.add_public(addr, name);
+    }
+
+    /// A listener of this runner isolates never reach (the admin listener,
+    /// the control plane's), whatever `--egress-allow-private` opens.
+    pub fn add_private_listener(&self, addr: SocketAddr, name: &'static str) {
+        self.shared.destinations.add_private(addr, name);
+    }
+
     /// Credentials for one isolate of `deployment`, allowed `net`.
     pub fn grant(&self, deployment: &str, net: NetPermission) -> EgressGrant {
         let token = format!("{:032x}", rand::random::<u128>());
-        let grant =
-            EgressGrant::new(token.clone(), deployment.to_owned(), net, Arc::downgrade(&self.shared), self.shared.addr);
+        let grant = EgressGrant::new(
+            token.clone(),
+            deployment.to_owned(),
+            net,
+            Arc::downgrade(&self.shared),
+            self.shared.addr,
+            self.shared.options.max_connections_per_isolate,
+        );
         self.shared.grants.lock().expect("grants poisoned").insert(token, Arc::downgrade(&grant.state));
         grant
     }
@@ -108,27 +194,107 @@ impl EgressProxy {
         self.shared.links.hops_of(peer)
     }
 
+    /// Client connections held now (all listeners, tunnels included).
     pub fn open_connections(&self) -> u64 {
         self.shared.open_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn refusals(&self) -> EgressRefusals {
+        EgressRefusals {
+            internal_address: self.shared.refused_internal.load(Ordering::Relaxed),
+            isolate_connections: self.shared.refused_isolate.load(Ordering::Relaxed),
+            shared_connections: self.shared.refused_shared.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Which bound a listener's connections count against.
+pub(crate) enum Bound {
+    /// The proxy's own listener, shared by every isolate without a network
+    /// namespace.
+    Shared,
+    /// A listener inside one isolate's network namespace.
+    Isolate(Weak<GrantState>),
+}
+
+/// A descriptor and the slot it takes: the slot is free again when the
+/// descriptor closes, wherever it went (a tunnel keeps the client connection
+/// after its HTTP exchange ended).
+pub(crate) struct Held<S> {
+    io: S,
+    _slot: Slot,
+}
+
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// Counted in [`Shared::open_connections`] (client connections only).
+    open: Option<Arc<Shared>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.open {
+            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
 /// Serves the proxy on `listener` (its own, or one inside an isolate's
-/// network namespace) until the proxy is gone or the task is aborted.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Weak<Shared>) {
+/// network namespace) until the proxy is gone or the task is aborted, at
+/// most `slots` connections at once; past that a connection is answered
+/// with a refusal and closed at once, so it holds no descriptor.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Weak<Shared>, slots: Arc<Semaphore>, bound: Bound) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
                 tracing::warn!(error = %e, "egress proxy: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let Some(shared) = shared.upgrade() else { return };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refuse_connection(&shared, &bound, stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        let stream = Held { io: stream, _slot: Slot { _permit: permit, open: Some(shared.clone()) } };
         tokio::spawn(async move {
-            shared.open_connections.fetch_add(1, Ordering::Relaxed);
             let service = {
                 let shared = shared.clone();
                 service_fn(move |request| {
@@ -138,20 +304,57 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Weak<Shared>) {
             };
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(shared.options.header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "egress proxy: connection ended with an error");
             }
-            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
+/// Answers a connection past its listener's bound with a short HTTP
+/// refusal (if the socket takes it without waiting) and closes it.
+fn refuse_connection(shared: &Shared, bound: &Bound, stream: TcpStream) {
+    let (status, message) = match bound {
+        Bound::Shared => {
+            shared.refused_shared.fetch_add(1, Ordering::Relaxed);
+            (
+                "503 Service Unavailable",
+                format!("the egress proxy holds {} connections", shared.options.max_shared_connections),
+            )
+        }
+        Bound::Isolate(grant) => {
+            shared.refused_isolate.fetch_add(1, Ordering::Relaxed);
+            if let Some(grant) = grant.upgrade() {
+                grant.over_limit.fetch_add(1, Ordering::Relaxed);
+            }
+            (
+                "429 Too Many Requests",
+                format!(
+                    "this isolate holds {} connections to the egress proxy",
+                    shared.options.max_connections_per_isolate
+                ),
+            )
+        }
+    };
+    let body = error_body(ErrorCode::EgressDenied, &message);
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-isocloud-error: {}\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        ErrorCode::EgressDenied.as_str(),
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+}
+
+fn error_body(code: ErrorCode, message: &str) -> String {
+    serde_json::json!({ "error": { "code": code.as_str(), "message": message } }).to_string()
+}
+
 fn refuse(status: StatusCode, code: ErrorCode, message: String) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": { "code": code.as_str(), "message": message } });
-    let mut response = Response::new(full(body.to_string()));
+    let mut response = Response::new(full(error_body(code, &message)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -218,13 +421,42 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
             format!("this call would be hop {hops}; the bound is {}", shared.options.max_hops),
         );
     }
-    let upstream = match connect(&host, port, shared.options.connect_timeout).await {
+    let Ok(permit) = grant.upstream_slots.clone().try_acquire_owned() else {
+        grant.over_limit.fetch_add(1, Ordering::Relaxed);
+        shared.refused_isolate.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(deployment_id = grant.deployment(), "egress proxy: outbound connections at the bound");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::EgressDenied,
+            format!(
+                "this isolate holds {} outbound connections, the bound; close some first",
+                shared.options.max_connections_per_isolate
+            ),
+        );
+    };
+    let upstream = match connect(shared, &host, port).await {
         Ok(stream) => stream,
-        Err(message) => {
+        Err(Unreachable::Internal(why)) => {
+            grant.internal_denied.fetch_add(1, Ordering::Relaxed);
+            shared.refused_internal.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                deployment_id = grant.deployment(),
+                host,
+                port,
+                why,
+                "egress proxy: internal address refused"
+            );
+            // `why` names the address connected to; the name too if it was one.
+            let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            let message = if why.starts_with(&target) { why } else { format!("{target}: {why}") };
+            return refuse(StatusCode::FORBIDDEN, ErrorCode::EgressDenied, message);
+        }
+        Err(Unreachable::Failed(message)) => {
             return refuse(StatusCode::BAD_GATEWAY, ErrorCode::EgressDenied, format!("{host}:{port}: {message}"));
         }
     };
     let link = upstream.local_addr().ok().map(|local| shared.links.register(local, hops));
+    let upstream = Held { io: upstream, _slot: Slot { _permit: permit, open: None } };
     grant.requests.fetch_add(1, Ordering::Relaxed);
     if request.method() == Method::CONNECT {
         tunnel(grant, request, upstream, link)
@@ -233,31 +465,74 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
     }
 }
 
-/// `*.localhost` is loopback (RFC 6761) whatever the resolver says.
-async fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+enum Unreachable {
+    /// Every address the host stands for is internal: the reason for the first.
+    Internal(String),
+    Failed(String),
+}
+
+/// The addresses `host` stands for: an IP address in any spelling, the
+/// loopback addresses for `localhost` and `*.localhost` (RFC 6761, whatever
+/// the resolver says), else what the system resolver answers.
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Ok(vec![(Ipv4Addr::LOCALHOST, port).into(), (Ipv6Addr::LOCALHOST, port).into()]);
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![(ip, port).into()]);
+    }
+    if let Some(ip) = parse_ipv4_loosely(host) {
+        return Ok(vec![(ip, port).into()]);
+    }
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => Ok(addrs.collect()),
+        Err(e) => Err(format!("cannot resolve: {e}")),
+    }
+}
+
+/// Resolves `host`, checks every address, and connects to the first
+/// allowed one that answers: exactly the address checked, never a second
+/// lookup.
+async fn connect(shared: &Shared, host: &str, port: u16) -> Result<TcpStream, Unreachable> {
+    let timeout = shared.options.connect_timeout;
     let connecting = async {
-        if host == "localhost" || host.ends_with(".localhost") {
-            TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await
-        } else if let Ok(ip) = host.parse::<IpAddr>() {
-            TcpStream::connect(SocketAddr::from((ip, port))).await
-        } else {
-            TcpStream::connect((host, port)).await
+        let addrs = resolve(host, port).await.map_err(Unreachable::Failed)?;
+        let mut first_refusal = None;
+        let mut last_error = None;
+        for addr in addrs {
+            let addr = match shared.destinations.check(addr) {
+                Ok(addr) => addr,
+                Err(why) => {
+                    first_refusal.get_or_insert(why);
+                    continue;
+                }
+            };
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(format!("cannot connect to {addr}: {e}")),
+            }
         }
+        Err(match (last_error, first_refusal) {
+            (Some(error), _) => Unreachable::Failed(error),
+            (None, Some(why)) => Unreachable::Internal(why),
+            (None, None) => Unreachable::Failed("the name has no addresses".into()),
+        })
     };
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
-        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-        Err(_) => Err(format!("no connection within {} s", timeout.as_secs())),
+        Ok(Err(unreachable)) => Err(unreachable),
+        Err(_) => Err(Unreachable::Failed(format!("no connection within {} s", timeout.as_secs()))),
     }
 }
 
 fn tunnel(
     grant: Arc<GrantState>,
     mut request: Request<Incoming>,
-    mut upstream: TcpStream,
+    mut upstream: Held<TcpStream>,
     link: Option<crate::links::LinkGuard>,
 ) -> Response<ProxyBody> {
     let upgrade = hyper::upgrade::on(&mut request);
@@ -280,7 +555,7 @@ fn tunnel(
 async fn forward(
     grant: Arc<GrantState>,
     request: Request<Incoming>,
-    upstream: TcpStream,
+    upstream: Held<TcpStream>,
     link: Option<crate::links::LinkGuard>,
     hops: u32,
 ) -> Response<ProxyBody> {
@@ -328,3 +603,6 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,14 @@ use isocloud_protocol::NetPermission;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const OPTIONS: EgressOptions = EgressOptions { max_hops: 3, connect_timeout: Duration::from_secs(5) };
+/// The upstreams here listen on loopback, which the proxy refuses unless
+/// the operator opened it (`--egress-allow-private`): these tests open it.
+fn options() -> EgressOptions {
+    let mut options = EgressOptions::new(3);
+    options.connect_timeout = Duration::from_secs(5);
+    options.allow_private = vec!["127.0.0.0/8".parse().unwrap()];
+    options
+}
 
 /// An upstream HTTP server that records each request head and its peer
 /// address, and answers `hello` (`Connection: close`).
@@ -103,7 +110,7 @@ fn get(target: &str, token: Option<&str>, body: &str) -> String {
 
 #[tokio::test]
 async fn credentials_are_required_and_revoked_with_the_grant() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let (up, seen) = upstream().await;
     let target = format!("http://{up}/");
 
@@ -126,7 +133,7 @@ async fn credentials_are_required_and_revoked_with_the_grant() {
 
 #[tokio::test]
 async fn the_allow_list_is_enforced_again() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let (up, seen) = upstream().await;
     let grant = proxy.grant("d1", NetPermission::Allow(vec![format!("allowed.localhost:{}", up.port())]));
     let token = token_of(&grant);
@@ -154,7 +161,7 @@ async fn the_allow_list_is_enforced_again() {
 
 #[tokio::test]
 async fn plain_http_is_forwarded_with_a_hop_count_and_counted() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let (up, seen) = upstream().await;
     let grant = proxy.grant("d1", NetPermission::All);
     let token = token_of(&grant);
@@ -179,13 +186,13 @@ async fn plain_http_is_forwarded_with_a_hop_count_and_counted() {
 
 #[tokio::test]
 async fn calls_past_the_hop_bound_are_loops() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let (up, seen) = upstream().await;
     let grant = proxy.grant("d1", NetPermission::All);
     let token = token_of(&grant);
 
     let _low = grant.enter(0);
-    let deep = grant.enter(OPTIONS.max_hops);
+    let deep = grant.enter(options().max_hops);
     let answer = exchange(proxy.local_addr(), get(&format!("http://{up}/"), Some(&token), "")).await;
     assert!(answer.starts_with("HTTP/1.1 508"), "{answer}");
     assert!(answer.contains("LOOP_DETECTED"), "{answer}");
@@ -199,7 +206,7 @@ async fn calls_past_the_hop_bound_are_loops() {
 
 #[tokio::test]
 async fn tunnels_carry_bytes_both_ways_and_close_with_the_grant() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let echo = echo().await;
     let grant = proxy.grant("d1", NetPermission::All);
     let token = token_of(&grant);
@@ -231,7 +238,7 @@ async fn tunnels_carry_bytes_both_ways_and_close_with_the_grant() {
 
 #[tokio::test]
 async fn the_probe_answers_without_leaving_the_proxy() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let grant = proxy.grant("d1", NetPermission::None);
     let token = token_of(&grant);
     let request = format!(
@@ -246,7 +253,7 @@ async fn the_probe_answers_without_leaving_the_proxy() {
 
 #[tokio::test]
 async fn the_ingress_can_tell_its_own_proxy_connections() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     // An "ingress" that holds the request open while it asks the proxy.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ingress = listener.local_addr().unwrap();
@@ -273,7 +280,7 @@ async fn the_ingress_can_tell_its_own_proxy_connections() {
 
 #[tokio::test]
 async fn a_grant_serves_the_proxy_on_a_listener_of_its_own_until_it_ends() {
-    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), OPTIONS).await.unwrap();
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options()).await.unwrap();
     let (up, seen) = upstream().await;
     let mut grant = proxy.grant("d1", NetPermission::All);
     assert_eq!(grant.proxy_addr(), proxy.local_addr());

@@ -18,7 +18,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use landlock::{ABI, Access, AccessFs, BitFlags, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope};
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, Ruleset, RulesetAttr, RulesetCreated,
+    RulesetCreatedAttr, Scope,
+};
 
 use crate::{IsolateFiles, SandboxPolicy};
 
@@ -106,11 +109,61 @@ pub static RULES: &[Rule] = &[
     Rule { place: Place::DenoDir, grant: Grant::ReadWrite, reason: "deno's cache: transpiled modules, V8 code cache" },
 ];
 
+/// A TCP port an isolate may use ([`TCP_RULES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TcpPlace {
+    /// The runner's egress proxy (in a network namespace: its listener
+    /// there, on the same port).
+    EgressProxy,
+}
+
+#[derive(Debug)]
+pub struct TcpRule {
+    pub place: TcpPlace,
+    pub access: AccessNet,
+    pub reason: &'static str,
+}
+
+/// Landlock's TCP rules (ABI 4+): every `bind` and `connect` is denied but
+/// these. Denied, and why: `bind` — `Deno.listen` would serve clients on the
+/// host directly, around routing and metering; `connect` — `Deno.connect`
+/// and `Deno.createHttpClient` would reach the host and its network around
+/// the egress proxy (its internal-address rule, hop bound and counters).
+/// Landlock rules name ports, not addresses: the proxy's port is open on
+/// every address, which a network namespace (where only the proxy listens)
+/// closes. UDP is not Landlock's to rule.
+pub static TCP_RULES: &[TcpRule] = &[TcpRule {
+    place: TcpPlace::EgressProxy,
+    access: AccessNet::ConnectTcp,
+    reason: "outbound HTTP(S) leaves through the runner's egress proxy (HTTP_PROXY), and nothing else",
+}];
+
+/// Which of [`TCP_RULES`] apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRules {
+    /// The egress proxy's port; `None` (no proxy: isolates call out
+    /// directly, checked by deno only): `connect` is not ruled, `bind` is.
+    pub proxy_port: Option<u16>,
+}
+
+impl TcpRules {
+    fn handled(&self) -> BitFlags<AccessNet> {
+        match self.proxy_port {
+            Some(_) => AccessNet::BindTcp | AccessNet::ConnectTcp,
+            None => AccessNet::BindTcp.into(),
+        }
+    }
+}
+
+/// The first Landlock ABI with TCP rules.
+const ABI_TCP: i32 = 4;
+
 /// Landlock as the operator turned it on: checked against the kernel once.
 #[derive(Debug, Clone)]
 pub struct LandlockPolicy {
     abi: i32,
     interpreter: Option<PathBuf>,
+    tcp: Option<TcpRules>,
 }
 
 impl LandlockPolicy {
@@ -125,12 +178,36 @@ impl LandlockPolicy {
         let interpreter = elf_interpreter(deno)
             .map_err(|source| LandlockError::Interpreter { path: deno.to_owned(), source })?
             .map(|p| p.canonicalize().unwrap_or(p));
-        Ok(Self { abi, interpreter })
+        Ok(Self { abi, interpreter, tcp: None })
     }
 
     /// The kernel's Landlock ABI version.
     pub fn abi(&self) -> i32 {
         self.abi
+    }
+
+    /// Adds [`TCP_RULES`] (a kernel older than ABI 4 has none:
+    /// [`LandlockPolicy::tcp_summary`] says so).
+    pub fn with_tcp(mut self, rules: TcpRules) -> Self {
+        self.tcp = Some(rules);
+        self
+    }
+
+    /// The TCP rules in force, for the start-up line: `connect-proxy-only`
+    /// (no bind, connect only to the proxy), `no-bind`, `off`, or
+    /// `unsupported-abi-N`.
+    pub fn tcp_summary(&self) -> String {
+        match self.tcp {
+            None => "off".to_owned(),
+            Some(_) if self.abi < ABI_TCP => format!("unsupported-abi-{}", self.abi),
+            Some(TcpRules { proxy_port: Some(_) }) => "connect-proxy-only".to_owned(),
+            Some(TcpRules { proxy_port: None }) => "no-bind".to_owned(),
+        }
+    }
+
+    /// The TCP rules this kernel enforces.
+    fn tcp_in_force(&self) -> Option<TcpRules> {
+        self.tcp.filter(|_| self.abi >= ABI_TCP)
     }
 
     /// The ruleset of one isolate (or, without `files`, of the start-up
@@ -140,12 +217,19 @@ impl LandlockPolicy {
         policy: &SandboxPolicy,
         files: Option<&IsolateFiles>,
     ) -> Result<PreparedRuleset, LandlockError> {
-        let mut ruleset = Ruleset::default()
-            .handle_access(AccessFs::from_all(ABI_USED))?
+        let mut handled = Ruleset::default().handle_access(AccessFs::from_all(ABI_USED))?;
+        let tcp = self.tcp_in_force();
+        if let Some(tcp) = tcp {
+            handled = handled.handle_access(tcp.handled())?;
+        }
+        let mut ruleset = handled
             // No signals to, and no abstract sockets of, anything outside
             // the isolate (the runner, other isolates).
             .scope(Scope::from_all(ABI_USED))?
             .create()?;
+        if let Some(tcp) = tcp {
+            ruleset = add_tcp_rules(ruleset, tcp)?;
+        }
         for rule in RULES {
             let path = match rule.place {
                 Place::Host(path) => Some(PathBuf::from(path)),
@@ -175,6 +259,19 @@ impl LandlockPolicy {
         let fd: Option<OwnedFd> = ruleset.into();
         Ok(PreparedRuleset { fd: fd.ok_or(LandlockError::Unsupported)? })
     }
+}
+
+/// [`TCP_RULES`] on a ruleset that handles `rules.handled()`.
+fn add_tcp_rules(mut ruleset: RulesetCreated, rules: TcpRules) -> Result<RulesetCreated, LandlockError> {
+    for rule in TCP_RULES {
+        let port = match rule.place {
+            TcpPlace::EgressProxy => rules.proxy_port,
+        };
+        if let Some(port) = port {
+            ruleset = ruleset.add_rule(NetPort::new(port, rule.access))?;
+        }
+    }
+    Ok(ruleset)
 }
 
 fn access(grant: Grant, is_dir: bool) -> BitFlags<AccessFs> {
@@ -324,6 +421,63 @@ mod tests {
                 assert!(!["/etc/passwd", "/etc/shadow", "/etc/group"].contains(&path));
             }
         }
+    }
+
+    #[test]
+    fn every_tcp_rule_has_a_reason_and_appears_once() {
+        let mut seen = HashSet::new();
+        for rule in TCP_RULES {
+            assert!(rule.reason.trim().len() >= 10, "{:?} needs a real reason", rule.place);
+            assert!(seen.insert(rule.place), "{:?} is listed twice", rule.place);
+            assert_eq!(rule.access, AccessNet::ConnectTcp, "nothing may bind");
+        }
+    }
+
+    /// Binds and connects from a thread restricted by the TCP rules alone
+    /// (Landlock and no_new_privs hold for the calling thread only).
+    fn tcp_from_restricted_thread(rules: TcpRules, proxy: SocketAddr, other: SocketAddr) -> [std::io::Result<()>; 3] {
+        std::thread::spawn(move || {
+            let ruleset = Ruleset::default().handle_access(rules.handled()).unwrap().create().unwrap();
+            let ruleset = add_tcp_rules(ruleset, rules).unwrap();
+            // SAFETY: prctl with integer arguments, on this thread only.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, 0);
+            let status = ruleset.restrict_self().unwrap();
+            assert_eq!(status.ruleset, landlock::RulesetStatus::FullyEnforced);
+            [
+                TcpStream::connect(proxy).map(drop),
+                TcpStream::connect(other).map(drop),
+                TcpListener::bind("127.0.0.1:0").map(drop),
+            ]
+        })
+        .join()
+        .unwrap()
+    }
+
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    #[test]
+    fn tcp_rules_leave_only_the_proxy_port() {
+        if kernel_abi() < ABI_TCP {
+            assert!(std::env::var("CI").is_err(), "CI runs on a kernel with Landlock ABI 4+ (here {})", kernel_abi());
+            eprintln!("skipped: Landlock ABI {} has no TCP rules", kernel_abi());
+            return;
+        }
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (proxy, other) = (proxy.local_addr().unwrap(), other.local_addr().unwrap());
+        // The probe: unrestricted, all three work.
+        assert!(TcpStream::connect(other).is_ok() && TcpListener::bind("127.0.0.1:0").is_ok());
+
+        let [to_proxy, to_other, bind] =
+            tcp_from_restricted_thread(TcpRules { proxy_port: Some(proxy.port()) }, proxy, other);
+        assert!(to_proxy.is_ok(), "{to_proxy:?}");
+        assert_eq!(to_other.unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(bind.unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+
+        // Without a proxy, connecting is deno's business; binding still not.
+        let [to_proxy, to_other, bind] = tcp_from_restricted_thread(TcpRules { proxy_port: None }, proxy, other);
+        assert!(to_proxy.is_ok() && to_other.is_ok());
+        assert_eq!(bind.unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
     }
 
     #[test]

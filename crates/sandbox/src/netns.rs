@@ -42,6 +42,26 @@ pub(crate) fn inside<T: Send + 'static>(pid: u32, f: impl FnOnce() -> io::Result
         .map_err(|_| io::Error::other("the network namespace thread panicked"))?
 }
 
+/// Whether this runner can give isolates their own network namespace: a
+/// thread of its own unshares one, brings `lo` up and binds a listener
+/// there, as [`listen_inside`] will (needs CAP_SYS_ADMIN and CAP_NET_ADMIN,
+/// a root runner in practice). The namespace ends with the thread.
+pub fn probe() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("isocloud-netns-probe".into())
+        .spawn(|| {
+            // SAFETY: unshare takes integer flags only; CLONE_NEWNET moves
+            // only this thread, which ends right after.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            loopback_up()?;
+            TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).map(drop)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the network namespace probe panicked"))?
+}
+
 /// `ip link set lo up`, in the calling thread's network namespace.
 fn loopback_up() -> io::Result<()> {
     // SAFETY: socket takes integers only.
@@ -76,6 +96,18 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn the_probe_needs_root() {
+        match probe() {
+            Ok(()) => assert!(crate::identity::runner_is_root(), "a network namespace without root?"),
+            Err(e) if crate::identity::runner_is_root() => panic!("a root runner cannot make a network namespace: {e}"),
+            Err(_) => {}
+        }
+        // The probe moved only its own thread.
+        let here = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        assert_eq!(here, std::fs::read_link("/proc/self/ns/net").unwrap());
+    }
 
     /// A child in a fresh network namespace gets a listener on an address
     /// the runner's own namespace already uses, and a connection made from

@@ -246,21 +246,26 @@ fn spool_bound_from_flag_or_file() {
 }
 
 #[test]
-fn the_network_namespace_is_off_unless_asked_and_needs_the_egress_proxy() {
+fn the_network_namespace_is_auto_unless_asked_and_on_needs_the_egress_proxy() {
     let apps = tempfile::tempdir().unwrap();
     let dir = apps.path().to_str().unwrap();
     let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x"]).unwrap();
-    assert!(!settings.network_namespace);
+    assert_eq!(settings.network_namespace, Toggle::Auto);
     let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--network-namespace", "on"]).unwrap();
-    assert!(settings.network_namespace && settings.egress_proxy);
+    assert!(settings.network_namespace == Toggle::On && settings.egress_proxy);
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--network-namespace", "off"]).unwrap();
+    assert_eq!(settings.network_namespace, Toggle::Off);
+    // Auto without the proxy is simply off (sandbox.rs decides).
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--egress-proxy", "off"]).unwrap();
+    assert_eq!(settings.network_namespace, Toggle::Auto);
 
     let config = apps.path().join("isocloud.toml");
-    std::fs::write(&config, "network_namespace = \"on\"\n").unwrap();
+    std::fs::write(&config, "network_namespace = \"off\"\n").unwrap();
     let settings =
         parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--config", config.to_str().unwrap()]).unwrap();
-    assert!(settings.network_namespace);
+    assert_eq!(settings.network_namespace, Toggle::Off);
 
-    assert_eq!(field_of(&["serve", "--apps", dir, "--network-namespace", "auto"]), "network_namespace");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--network-namespace", "yes"]), "network_namespace");
     let without_proxy = ["serve", "--apps", dir, "--network-namespace", "on", "--egress-proxy", "off"];
     match parse(&without_proxy) {
         Ok(_) => panic!("accepted without the egress proxy"),
@@ -269,4 +274,38 @@ fn the_network_namespace_is_off_unless_asked_and_needs_the_egress_proxy() {
             assert!(e.message.contains("--egress-proxy on"), "{}", e.message);
         }
     }
+}
+
+#[test]
+fn egress_allow_private_takes_cidrs_from_flags_or_file_and_names_a_bad_one() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    let base = ["serve", "--apps", dir, "--state-dir", "/tmp/x"];
+    assert!(parse(&base).unwrap().egress_allow_private.is_empty(), "nothing internal by default");
+    let mut args = base.to_vec();
+    args.extend(["--egress-allow-private", "10.20.0.0/16", "--egress-allow-private", "fd00:1::/32"]);
+    let ranges: Vec<String> = parse(&args).unwrap().egress_allow_private.iter().map(|c| c.to_string()).collect();
+    assert_eq!(ranges, ["10.20.0.0/16", "fd00:1::/32"]);
+
+    let config = apps.path().join("isocloud.toml");
+    std::fs::write(&config, "egress_allow_private = [\"192.168.7.0/24\"]\n").unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
+    let ranges: Vec<String> = parse(&args).unwrap().egress_allow_private.iter().map(|c| c.to_string()).collect();
+    assert_eq!(ranges, ["192.168.7.0/24"]);
+
+    for bad in ["10.20.0.1/16", "intranet", "10.0.0.0/40"] {
+        let mut args = base.to_vec();
+        args.extend(["--egress-allow-private", bad]);
+        match parse(&args) {
+            Ok(_) => panic!("{bad} accepted"),
+            Err(e) => {
+                assert_eq!(e.field, "egress_allow_private");
+                assert!(e.message.contains(bad), "names itself: {}", e.message);
+            }
+        }
+    }
+    let mut args = base.to_vec();
+    args.extend(["--egress-allow-private", "10.0.0.0/8", "--egress-proxy", "off"]);
+    assert_eq!(field_of(&args), "egress_allow_private");
 }

@@ -13,6 +13,10 @@ use tokio::net::TcpListener;
 
 const BIG_BYTES: usize = 1 << 20;
 
+/// The upstreams these tests start listen on loopback, which the proxy
+/// refuses unless the operator opens it (hostile_network.rs tests that).
+const OPEN_LOOPBACK: [&str; 2] = ["--egress-allow-private", "127.0.0.0/8"];
+
 /// A plain HTTP server on loopback that records each request head and
 /// answers `/big` with 1 MiB, anything else with `upstream`.
 async fn upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
@@ -75,7 +79,7 @@ async fn outbound_http_goes_through_the_proxy_and_is_counted() {
     let (up, heads) = upstream().await;
     let origin = TestOrigin::start().await;
     origin.deploy("caller", TestDeployment::inline_js(CALLER));
-    let runner = origin.runner(&["--usage-interval-s", "1", "--cpu-limit-ms", "5000"]);
+    let runner = origin.runner(&[&["--usage-interval-s", "1", "--cpu-limit-ms", "5000"][..], &OPEN_LOOPBACK].concat());
 
     let target = format!("http://{up}/big");
     let response = runner.subhost_get("caller", &format!("/?target={target}")).await;
@@ -125,7 +129,7 @@ async fn https_is_tunnelled_through_the_proxy() {
     });
     let origin = TestOrigin::start().await;
     origin.deploy("caller", TestDeployment::inline_js(CALLER));
-    let runner = origin.runner(&["--usage-interval-s", "1", "--cpu-limit-ms", "5000"]);
+    let runner = origin.runner(&[&["--usage-interval-s", "1", "--cpu-limit-ms", "5000"][..], &OPEN_LOOPBACK].concat());
 
     let response = runner.subhost_get("caller", &format!("/?target=https://127.0.0.1:{tls_port}/")).await;
     let answer: Value = response.json().await.unwrap();
@@ -245,7 +249,7 @@ async fn hosts_outside_the_allow_list_are_refused_by_name_and_by_ip() {
     let allowed = format!("allowed.localhost:{}", up.port());
     origin
         .deploy("guarded", TestDeployment::inline_js(GUARDED).with(|c| c["permissions"] = json!({ "net": [allowed] })));
-    let runner = origin.runner(&["--cpu-limit-ms", "5000"]);
+    let runner = origin.runner(&["--cpu-limit-ms", "5000", OPEN_LOOPBACK[0], OPEN_LOOPBACK[1]]);
 
     let get = |target: String| {
         let path = format!("/?target={target}");
@@ -297,16 +301,20 @@ async fn a_network_namespace_leaves_only_the_egress_proxy() {
     origin.deploy("raw", TestDeployment::inline_js(RAW_AND_FETCH).with(|c| c["permissions"] = json!({ "net": true })));
     let path = format!("/?target=http://{up}/big&host=127.0.0.1&port={}", up.port());
 
-    // Without the flag, raw TCP reaches the upstream: the namespace is what
+    // Without the namespace (and Landlock's TCP rules, the other layer
+    // that stops raw TCP), it reaches the upstream: the namespace is what
     // stops it below, not deno's permissions.
-    let runner = origin.runner(&["--cpu-limit-ms", "5000"]);
+    let layers_off = ["--network-namespace", "off", "--landlock", "off", "--cpu-limit-ms", "5000"];
+    let runner = origin.runner(&[&layers_off[..], &OPEN_LOOPBACK].concat());
     runner.wait_for_log("netns=off");
     let answer: Value = runner.subhost_get("raw", &path).await.json().await.unwrap();
     assert_eq!(answer["fetch"]["bytes"], BIG_BYTES, "{answer}");
     assert_eq!(answer["connect"], "connected", "{answer}");
     drop(runner);
 
-    let runner = origin.runner(&["--network-namespace", "on", "--cpu-limit-ms", "5000", "--usage-interval-s", "1"]);
+    // Landlock off: the namespace alone (hostile_network.rs tests each layer).
+    let namespace_only = ["--network-namespace", "on", "--landlock", "off", "--usage-interval-s", "1"];
+    let runner = origin.runner(&[&namespace_only[..], &["--cpu-limit-ms", "5000"], &OPEN_LOOPBACK].concat());
     runner.wait_for_log("netns=on");
     let calls_before = heads.lock().unwrap().len();
     let answer: Value = runner.subhost_get("raw", &path).await.json().await.unwrap();

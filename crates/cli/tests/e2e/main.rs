@@ -16,6 +16,7 @@ mod egress;
 mod errors;
 mod hostile_http;
 mod hostile_limits;
+mod hostile_network;
 mod hostile_native;
 mod hostile_sandbox;
 mod layers;

@@ -64,6 +64,14 @@ impl TargetServer {
     }
 }
 
+/// deno's own permission layer, alone: the layers under it that also stop
+/// these calls — the egress proxy's refusal of internal addresses (the
+/// target servers listen on loopback), the network namespace and Landlock's
+/// TCP rules (which stop `Deno.connect` whatever deno allows) — are off
+/// here, and tested in hostile_network.rs.
+const DENO_PERMISSIONS_ONLY: [&str; 6] =
+    ["--egress-allow-private", "127.0.0.0/8", "--network-namespace", "off", "--landlock", "off"];
+
 /// Tries `fetch` (or `Deno.connect` with `?op=connect`) to `?target=HOST:PORT`
 /// and answers `{"ok": …}` or `{"error": <name>, "message": …}`.
 const PROBE: &str = r#"
@@ -118,7 +126,7 @@ async fn apps_mode_net_permissions_from_isolate_json() {
         .app("empty", &[("main.js", PROBE), ("isolate.json", r#"{ "permissions": { "net": [] } }"#)])
         .app("only-a", &[("main.js", PROBE), ("isolate.json", &only_a)])
         .app("host", &[("main.js", PROBE), ("isolate.json", &host_only)]);
-    let runner = apps.serve(&[]);
+    let runner = apps.serve(&DENO_PERMISSIONS_ONLY);
     let ask = |app: &str, op: &str, target: &TargetServer| {
         let host = format!("{app}.localhost");
         let path = probe_path(op, target);
@@ -158,7 +166,7 @@ async fn subhosting_net_permissions_from_the_isolate_config() {
     origin.deploy("closed", TestDeployment::inline_js(PROBE).with(|c| c["permissions"] = json!({ "net": false })));
     let only_a = a.addr.to_string();
     origin.deploy("only-a", TestDeployment::inline_js(PROBE).with(|c| c["permissions"] = json!({ "net": [only_a] })));
-    let runner = origin.runner(&[]);
+    let runner = origin.runner(&DENO_PERMISSIONS_ONLY);
     let ask = |deployment: &str, op: &str, target: &TargetServer| {
         let request = reqwest::Client::new()
             .get(format!("http://{}{}", runner.addr, probe_path(op, target)))
