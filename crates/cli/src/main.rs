@@ -19,7 +19,9 @@ use isocloud_ingress::{
     EdgeLimits, EdgeMetrics, HostRouting, Listener, Proxy, Router, ServeOptions, StreamLimits, SubhostRouting,
 };
 use isocloud_origin::{AppsOrigin, DiskCache, Origin};
-use isocloud_pool::{ActivityOptions, IsolateLimits, Pool, PoolMetrics, PoolOptions};
+use isocloud_pool::{
+    ActivityOptions, AdmissionOptions, BOOT_MEMORY_BYTES, IsolateLimits, Pool, PoolMetrics, PoolOptions,
+};
 use prometheus_client::registry::Registry;
 use settings::{Cli, Command, LogFormat, Mode, Settings};
 use tokio::net::TcpListener;
@@ -171,6 +173,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             watch_rss: cgroups.is_none(),
         },
         cgroups,
+        max_isolates_per_tenant: settings.max_isolates_per_tenant,
+        admission: admission_options(&settings),
         activity: ActivityOptions {
             spool_dir: state_dir.join("spool"),
             spool_max_bytes: settings.spool_max_bytes,
@@ -272,6 +276,40 @@ fn register_egress_metrics(registry: &mut Registry, egress: EgressProxy) {
     use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
     use prometheus_client::metrics::counter::ConstCounter;
     use prometheus_client::metrics::gauge::ConstGauge;
+/// Boot admission as set, or from this machine's cores and memory (logged:
+/// the operator sees what the defaults came to). A boot waits for its turn
+/// at most the request timeout: a client would not wait longer for a
+/// running isolate's answer either.
+fn admission_options(settings: &Settings) -> AdmissionOptions {
+    let (concurrent, why) = match settings.max_concurrent_boots {
+        Some(n) => (n, "set".to_owned()),
+        None => {
+            let (n, cores, available) = AdmissionOptions::default_concurrency_here();
+            let mb = available.map_or("unknown".to_owned(), |bytes| (bytes >> 20).to_string());
+            (
+                n,
+                format!(
+                    "2 per core ({cores}), within half of {mb} MB available at {} MB a start",
+                    BOOT_MEMORY_BYTES >> 20
+                ),
+            )
+        }
+    };
+    let queue = settings.max_boot_queue.unwrap_or(concurrent.saturating_mul(settings::BOOT_QUEUE_PER_CONCURRENT_BOOT));
+    tracing::info!(
+        max_concurrent_boots = concurrent,
+        max_boot_queue = queue,
+        max_queue_wait_s = settings.request_timeout.as_secs(),
+        max_isolates_per_tenant = settings.max_isolates_per_tenant,
+        "boot admission: {why}"
+    );
+    AdmissionOptions {
+        max_concurrent_boots: concurrent,
+        max_boot_queue: queue,
+        max_queue_wait: settings.request_timeout,
+    }
+}
+
 
     #[derive(Debug)]
     struct EgressCollector(EgressProxy);

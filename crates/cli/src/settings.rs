@@ -168,6 +168,22 @@ pub struct ControlPlaneFlags {
     pub data: Option<PathBuf>,
     /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
     #[arg(long, value_name = "URL")]
+    /// Deno processes starting at once; other boots wait their turn, first
+    /// come first served [default: 2 per core, at least 2, at most what half
+    /// the available memory holds at 64 MB a start].
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_boots: Option<usize>,
+    /// Boots waiting for their turn, at most; one more gets 503 CAPACITY
+    /// with Retry-After [default: 64 per concurrent boot].
+    #[arg(long, value_name = "N")]
+    pub max_boot_queue: Option<usize>,
+    /// Isolates one tenant (a subhoster; a project of the control plane)
+    /// may hold at once; at its cap its least recently used idle isolate is
+    /// evicted, or its new boot gets 503 CAPACITY [default: --max-isolates
+    /// shared by the tenants configured, up to 4: all of it in apps mode or
+    /// with one subhoster, a quarter with the control plane].
+    #[arg(long, value_name = "N")]
+    pub max_isolates_per_tenant: Option<usize>,
     pub database_url: Option<String>,
     /// Deployments are served at <project>-<id>.DOMAIN, production at <project>.DOMAIN [default: localhost].
     #[arg(long, value_name = "DOMAIN")]
@@ -262,6 +278,9 @@ struct FileConfig {
     usage_retention_d: Option<u64>,
     max_blob_mb: Option<u64>,
     domain_verify_http_port: Option<u16>,
+    max_concurrent_boots: Option<usize>,
+    max_boot_queue: Option<usize>,
+    max_isolates_per_tenant: Option<usize>,
     dns_resolver: Option<String>,
     public_http_port: Option<u16>,
     rpc_root: Option<String>,
@@ -392,6 +411,25 @@ impl Settings {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
+    /// `None`: from the machine ([`isocloud_pool::default_concurrency`]).
+    pub max_concurrent_boots: Option<usize>,
+    /// `None`: [`BOOT_QUEUE_PER_CONCURRENT_BOOT`] per concurrent boot.
+    pub max_boot_queue: Option<usize>,
+    pub max_isolates_per_tenant: usize,
+}
+
+/// The default boot queue per concurrent boot: the last in line waits about
+/// this many boot times (a few seconds), well inside the request timeout
+/// that bounds a wait; past it a client is better told to retry.
+pub const BOOT_QUEUE_PER_CONCURRENT_BOOT: usize = 64;
+
+/// The default per-tenant cap: `max_isolates` shared by the tenants known
+/// at start (`None`: open-ended, the control plane's projects), counted up
+/// to four. One tenant (apps mode, one subhoster) may use every slot; with
+/// two, each half; with four or more, each a quarter. Busy together, the
+/// tenants' caps add up to the whole runner; alone, one cannot hold the rest.
+pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usize>) -> usize {
+    (max_isolates / tenants.unwrap_or(4).clamp(1, 4)).max(1)
         // `serve` without an apps folder runs the control plane.
         let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
         let control_flags_given =
@@ -431,6 +469,21 @@ impl Settings {
         // resume anyway (AWS API Gateway allows 2 h).
         let stream_idle_timeout =
             seconds("stream_idle_timeout_s", common.stream_idle_timeout_s, file.stream_idle_timeout_s, 60, 1)?;
+        let max_concurrent_boots = common
+            .max_concurrent_boots
+            .or(file.max_concurrent_boots)
+            .map(|n| within("max_concurrent_boots", n, 1..=10_000))
+            .transpose()?;
+        let max_boot_queue = common
+            .max_boot_queue
+            .or(file.max_boot_queue)
+            .map(|n| within("max_boot_queue", n, 0..=1_000_000))
+            .transpose()?;
+        let max_isolates_per_tenant = common
+            .max_isolates_per_tenant
+            .or(file.max_isolates_per_tenant)
+            .map(|n| within("max_isolates_per_tenant", n, 1..=100_000))
+            .transpose()?;
         let stream_max_lifetime =
             seconds("stream_max_lifetime_s", common.stream_max_lifetime_s, file.stream_max_lifetime_s, 3600, 1)?;
         if stream_idle_timeout > stream_max_lifetime {
@@ -598,6 +651,14 @@ impl Settings {
             egress_proxy,
             network_namespace,
             egress_allow_private,
+        let max_isolates_per_tenant = max_isolates_per_tenant.unwrap_or_else(|| {
+            let tenants = match &mode {
+                Mode::Apps(_) => Some(1),
+                Mode::Subhost(subhosters) => Some(subhosters.len()),
+                Mode::ControlPlane(_) => None,
+            };
+            default_max_isolates_per_tenant(max_isolates, tenants)
+        });
             max_hops,
             usage_interval,
             prestarted_isolates,
@@ -632,6 +693,9 @@ where
 {
     if range.contains(&value) {
         Ok(value)
+            max_concurrent_boots,
+            max_boot_queue,
+            max_isolates_per_tenant,
     } else {
         Err(invalid(field, format!("{value} is out of range ({}..={})", range.start(), range.end())))
     }

@@ -145,6 +145,17 @@ impl Origin for ControlPlaneOrigin {
         ORIGIN_NAME
     }
 
+    /// The deployment's project, from the in-memory routing table (every
+    /// ready deployment is in it); one the table does not know cannot boot,
+    /// and counts as the control plane's own meanwhile.
+    fn tenant_of(&self, deployment_id: &str) -> String {
+        let table = Arc::clone(&self.control_plane.routing.read().unwrap_or_else(|p| p.into_inner()));
+        match table.project_of(deployment_id) {
+            Some(project) => format!("{ORIGIN_NAME}/{project}"),
+            None => ORIGIN_NAME.to_owned(),
+        }
+    }
+
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError> {
         let deployment = self.ready_deployment(deployment_id).await?;
         let files = {

@@ -85,6 +85,11 @@ impl RoutingTable {
         }
         self.custom_domains.get(host).map(String::as_str)
     }
+
+    /// The name of the project a ready deployment belongs to.
+    pub fn project_of(&self, deployment_id: &str) -> Option<&str> {
+        self.project_of_deployment.get(deployment_id).map(String::as_str)
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +133,14 @@ mod tests {
         // The project name comes first.
         assert_eq!(t.resolve("hello-bbbbbbbbbbbb.localhost"), Some("cccccccccccc"));
         assert_eq!(t.resolve("www.example.com"), Some("aaaaaaaaaaaa"));
+    }
+
+    #[test]
+    fn knows_each_ready_deployments_project() {
+        let t = table();
+        assert_eq!(t.project_of("bbbbbbbbbbbb"), Some("hello"));
+        assert_eq!(t.project_of("dddddddddddd"), Some("my-app"));
+        assert_eq!(t.project_of("zzzzzzzzzzzz"), None);
     }
 
     #[test]

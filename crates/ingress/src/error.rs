@@ -10,6 +10,10 @@ use crate::body::{ResponseBody, full};
 /// proxy removes it from isolates' responses.
 pub const ERROR_HEADER: &str = "x-isocloud-error";
 
+/// `Retry-After` of a 503 `CAPACITY` (the runner's slots or boot queue are
+/// full), in seconds.
+pub const CAPACITY_RETRY_AFTER_S: &str = "1";
+
 /// A failure answered by the runner itself (never the tenant's own response).
 #[derive(Debug, Clone)]
 pub struct EdgeError {
@@ -34,6 +38,10 @@ impl EdgeError {
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code.as_str()));
         headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.code == ErrorCode::Capacity {
+            // Full now, not for long: an isolate goes idle or a boot's turn comes.
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static(CAPACITY_RETRY_AFTER_S));
+        }
         response
     }
 }

@@ -43,6 +43,16 @@ pub trait Origin: Send + Sync + 'static {
     /// A stable name for logs, metrics and cache keys (`apps`, or the
     /// subhoster's kid and rpc root).
     fn name(&self) -> &str;
+    /// Who pays for `deployment_id`'s isolates: the runner caps the
+    /// isolates one tenant holds at once (`--max-isolates-per-tenant`), so
+    /// no tenant takes every slot. By default the origin is one tenant (a
+    /// subhoster); an origin serving several tenants (the control plane's
+    /// projects) names each. Called on the boot path, before any RPC: it
+    /// must answer from memory.
+    fn tenant_of(&self, deployment_id: &str) -> String {
+        let _ = deployment_id;
+        self.name().to_owned()
+    }
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError>;
     async fn layer(&self, deployment_id: &str, layer_id: &str) -> Result<Bytes, OriginError>;
     async fn read_tree(&self, deployment_id: &str) -> Result<AssetTree, OriginError>;

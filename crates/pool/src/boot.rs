@@ -12,6 +12,7 @@ use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxError, Sandbox
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
 
 use crate::ActivitySink;
+use crate::admission::Admission;
 use crate::warm::Warm;
 
 /// Why a deployment could not be booted. Cloneable: every request waiting on
@@ -28,6 +29,12 @@ pub enum BootError {
     ShuttingDown,
     #[error("every isolate slot is busy ({0} isolates run); try again shortly")]
     Capacity(usize),
+    #[error("too many deployments are starting ({0} wait their turn); try again shortly")]
+    BootQueueFull(usize),
+    #[error("the deployment waited {0} s for its turn to start; try again shortly")]
+    BootQueueTimeout(u64),
+    #[error("this tenant's share of the runner is busy ({0} isolates run); try again shortly")]
+    TenantCapacity(usize),
 }
 
 impl BootError {
@@ -40,7 +47,10 @@ impl BootError {
             },
             BootError::Start(e) => e.code(),
             BootError::ShuttingDown => ErrorCode::ShuttingDown,
-            BootError::Capacity(_) => ErrorCode::Capacity,
+            BootError::Capacity(_)
+            | BootError::BootQueueFull(_)
+            | BootError::BootQueueTimeout(_)
+            | BootError::TenantCapacity(_) => ErrorCode::Capacity,
         }
     }
 }
@@ -59,50 +69,105 @@ pub(crate) struct BootContext {
     pub egress: Option<EgressProxy>,
     /// Pre-started isolates; `None`: every boot starts its own process.
     pub warm: Option<Arc<Warm>>,
+    /// Turns to start a deno process (see `admission`).
+    pub admission: Arc<Admission>,
     pub metrics: crate::PoolMetrics,
 }
 
-/// `warm`: take a pre-started isolate when one fits (the runner's own
-/// template isolate does not).
+/// What the pre-started pool had for a boot.
+enum Prestart {
+    /// No pre-started isolates, or not for this boot (the runner's own).
+    Off,
+    /// Its code cache beats a pre-started isolate (see [`code_cache_wins`]).
+    CodeCache,
+    /// None waiting for its profile.
+    Miss,
+    /// The deployment needs a process of its own.
+    Unfit,
+    Hit(Box<isocloud_supervisor::Prestarted>),
+}
+
+impl Prestart {
+    fn label(&self) -> &'static str {
+        match self {
+            Prestart::Off => "off",
+            Prestart::CodeCache => "code_cache",
+            Prestart::Miss => "miss",
+            Prestart::Unfit => "unfit",
+            Prestart::Hit(_) => "hit",
+        }
+    }
+}
+
+/// Takes a pre-started isolate for `deployment` if one waits and fits.
+fn take_prestarted(
+    ctx: &BootContext,
+    tenant: bool,
+    deployment_id: &str,
+    deployment: &isocloud_origin::Deployment,
+    deno_dir: &std::path::Path,
+) -> Prestart {
+    let Some(pool) = ctx.warm.as_ref().filter(|_| tenant) else { return Prestart::Off };
+    if code_cache_wins(deployment, deno_dir) {
+        return Prestart::CodeCache;
+    }
+    let net = &deployment.config.net;
+    match pool.take(net) {
+        None => Prestart::Miss,
+        Some(prestarted) => match prestarted.files().fits_blank(deployment) {
+            Ok(()) => Prestart::Hit(Box::new(prestarted)),
+            Err(reason) => {
+                tracing::debug!(deployment_id, reason, "booting without a pre-started isolate");
+                pool.give_back(net, prestarted);
+                Prestart::Unfit
+            }
+        },
+    }
+}
+
+/// `tenant`: a deployment's boot, which takes a pre-started isolate when
+/// one fits and else waits for its turn to start a deno process; the
+/// runner's own template isolate does neither.
 pub(crate) async fn boot(
     ctx: &BootContext,
     origin: Arc<dyn Origin>,
     deployment_id: String,
     instance: u64,
-    warm: bool,
+    tenant: bool,
 ) -> Result<(Arc<Isolate>, u64), BootError> {
     let started = Instant::now();
+    // Network I/O, not CPU: before admission.
     let deployment = load_deployment(origin.as_ref(), &ctx.cache, &deployment_id)
         .await
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
     tracing::debug!(deployment_id, origin_us = started.elapsed().as_micros() as u64, "deployment loaded");
     let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
-    if let Some(pool) = ctx.warm.as_ref().filter(|_| warm) {
-        let net = deployment.config.net.clone();
-        let (result, fitting) = if code_cache_wins(&deployment, &deno_dir) {
-            ("code_cache", None)
-        } else {
-            match pool.take(&net) {
-                None => ("miss", None),
-                Some(prestarted) => match prestarted.files().fits_blank(&deployment) {
-                    Ok(()) => ("hit", Some(prestarted)),
-                    Err(reason) => {
-                        tracing::debug!(deployment_id, reason, "booting without a pre-started isolate");
-                        pool.give_back(&net, prestarted);
-                        ("unfit", None)
-                    }
-                },
-            }
-        };
-        ctx.metrics.prestarted_boots.get_or_create(&vec![("result", result)]).inc();
-        if let Some(prestarted) = fitting {
-            let booted = boot_prestarted(ctx, prestarted, origin, deployment_id, deployment, &deno_dir).await;
-            // Only now: starting the next deno (tens of ms of CPU) must not
-            // compete with this deployment's module evaluation.
+    let net = deployment.config.net.clone();
+    let mut prestart = take_prestarted(ctx, tenant, &deployment_id, &deployment, &deno_dir);
+    let mut turn = None;
+    if tenant && !matches!(prestart, Prestart::Hit(_)) {
+        if let Some(pool) = &ctx.warm {
+            // Learns the profile, and may have one ready by our turn.
             pool.refill(&net);
-            return booted.map(|isolate| (isolate, started.elapsed().as_millis() as u64));
         }
-        pool.refill(&net);
+        turn = Some(ctx.admission.turn().await?);
+        if matches!(prestart, Prestart::Miss) {
+            prestart = take_prestarted(ctx, tenant, &deployment_id, &deployment, &deno_dir);
+        }
+    }
+    if !matches!(prestart, Prestart::Off) {
+        ctx.metrics.prestarted_boots.get_or_create(&vec![("result", prestart.label())]).inc();
+    }
+    if let Prestart::Hit(prestarted) = prestart {
+        // Costs milliseconds: the turn goes to the next in the queue.
+        drop(turn);
+        let booted = boot_prestarted(ctx, *prestarted, origin, deployment_id, deployment, &deno_dir).await;
+        // Only now: starting the next deno (tens of ms of CPU) must not
+        // compete with this deployment's module evaluation.
+        if let Some(pool) = &ctx.warm {
+            pool.refill(&net);
+        }
+        return booted.map(|isolate| (isolate, started.elapsed().as_millis() as u64));
     }
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
     let (grant, route) =
@@ -144,7 +209,10 @@ pub(crate) async fn boot(
         },
         None => None,
     };
-    match Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits, cgroup, grant).await {
+    // `start_timeout` counts from here: the wait for a turn is behind us.
+    let result = Isolate::start(command, files, hooks, ctx.start_timeout, ctx.limits, cgroup, grant).await;
+    drop(turn);
+    match result {
         Ok(isolate) => Ok((isolate, started.elapsed().as_millis() as u64)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);

@@ -3,13 +3,15 @@
 //!
 //! This crate owns the map from deployment to isolate, the boot sequence
 //! (origin → module graph → isolate files → sandboxed process), single-flight
-//! boots (concurrent first requests boot once), the idle reaper, graceful
+//! boots (concurrent first requests boot once), boot admission (a bounded
+//! queue of deno starts) and the per-tenant cap, the idle reaper, graceful
 //! shutdown, and the activity reports sent back to each origin (through a
 //! bounded on-disk spool that outlives outages and restarts). It must not
 //! parse HTTP requests or decide routing; the ingress hands it an origin and
 //! a deployment id, and it hands back a running [`Isolate`].
 
 mod activity;
+mod admission;
 mod boot;
 mod deployment_metrics;
 mod metrics;
@@ -18,6 +20,7 @@ mod template;
 mod warm;
 
 pub use activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
+pub use admission::{AdmissionOptions, BOOT_MEMORY_BYTES, default_concurrency};
 pub use boot::BootError;
 pub use isocloud_supervisor::{
     CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, RequestBody, Termination, UsageTotals,

@@ -21,6 +21,19 @@ pub struct PoolMetrics {
     pub activity_spool_bytes: Gauge,
     pub activity_spool_batches: Gauge,
     pub deployments: crate::deployment_metrics::DeploymentMetrics,
+    /// Boots waiting for a turn to start their deno process.
+    pub boot_queue_length: Gauge,
+    /// Deno processes starting now under admission (holding a turn).
+    pub boots_starting: Gauge,
+    /// From asking for a turn to getting it.
+    pub boot_queue_wait_seconds: Histogram,
+    /// Boots that had to wait for a turn.
+    pub boots_queued: Counter,
+    /// Boots refused, by `reason`: `max_isolates`, `tenant_cap`,
+    /// `queue_full`, `queue_timeout`.
+    pub boot_refusals: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// `--max-concurrent-boots` in force.
+    pub boot_concurrency_limit: Gauge,
 }
 
 impl PoolMetrics {
@@ -36,6 +49,14 @@ impl PoolMetrics {
             activity_spool_bytes: Gauge::default(),
             activity_spool_batches: Gauge::default(),
             deployments: Default::default(),
+            boot_queue_length: Gauge::default(),
+            boots_starting: Gauge::default(),
+            boot_queue_wait_seconds: Histogram::new([
+                0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            boots_queued: Counter::default(),
+            boot_refusals: Family::default(),
+            boot_concurrency_limit: Gauge::default(),
         };
         registry.register_collector(Box::new(metrics.deployments.clone()));
         registry.register("isocloud_boots", "Isolate boots by result", metrics.boots.clone());
@@ -71,6 +92,42 @@ impl PoolMetrics {
             "Activity batches waiting in the on-disk spool",
             metrics.activity_spool_batches.clone(),
         );
+        registry.register(
+            "isocloud_boot_queue_length",
+            "Boots waiting for a turn to start their deno process",
+            metrics.boot_queue_length.clone(),
+        );
+        registry.register(
+            "isocloud_boots_starting",
+            "Deno processes starting now under boot admission",
+            metrics.boots_starting.clone(),
+        );
+        registry.register(
+            "isocloud_boot_queue_wait_seconds",
+            "How long each admitted boot waited for its turn (0 when one was free)",
+            metrics.boot_queue_wait_seconds.clone(),
+        );
+        registry.register("isocloud_boots_queued", "Boots that had to wait for a turn", metrics.boots_queued.clone());
+        registry.register(
+            "isocloud_boot_refusals",
+            "Boots refused with 503 CAPACITY, by reason (max_isolates, tenant_cap, queue_full, queue_timeout)",
+            metrics.boot_refusals.clone(),
+        );
+        registry.register(
+            "isocloud_boot_concurrency_limit",
+            "Deno processes allowed to start at once (--max-concurrent-boots)",
+            metrics.boot_concurrency_limit.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn admission(&self) -> crate::admission::AdmissionMetrics {
+        crate::admission::AdmissionMetrics {
+            queue_length: self.boot_queue_length.clone(),
+            running: self.boots_starting.clone(),
+            wait_seconds: self.boot_queue_wait_seconds.clone(),
+            queued: self.boots_queued.clone(),
+            refusals: self.boot_refusals.clone(),
+        }
     }
 }

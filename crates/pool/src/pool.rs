@@ -13,6 +13,7 @@ use isocloud_protocol::{ActivityKind, LogLevel};
 use isocloud_sandbox::SandboxPolicy;
 use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
 
+use crate::admission::{Admission, AdmissionOptions};
 use crate::boot::{BootContext, boot};
 use crate::deployment_metrics::Ending;
 use crate::warm::{Warm, WarmOptions};
@@ -30,6 +31,12 @@ pub struct PoolOptions {
     pub instances_dir: PathBuf,
     /// Isolates running or booting at once, at most.
     pub max_isolates: usize,
+    /// Isolates running or booting at once for one tenant
+    /// ([`Origin::tenant_of`]), at most: at its cap a tenant's new boot
+    /// evicts its own least recently used idle isolate, or is refused.
+    pub max_isolates_per_tenant: usize,
+    /// How many deno processes start at once, and the queue of the rest.
+    pub admission: AdmissionOptions,
     pub limits: IsolateLimits,
     pub cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
     /// The activity spool: where, how big, and how to find origins again.
@@ -59,8 +66,14 @@ enum Slot {
     Ready(Arc<Isolate>),
 }
 
+/// A deployment's place in the pool, and whose it is.
+struct Entry {
+    tenant: Arc<str>,
+    slot: Slot,
+}
+
 struct Inner {
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<HashMap<Key, Entry>>,
     /// Which origin each running isolate came from, for its reports.
     origins: Mutex<HashMap<Key, Arc<dyn Origin>>>,
     ctx: BootContext,
@@ -105,6 +118,8 @@ impl Pool {
                 waiting: metrics.prestarted_waiting.clone(),
             })
         });
+        metrics.boot_concurrency_limit.set(options.admission.max_concurrent_boots as i64);
+        let admission = Arc::new(Admission::new(options.admission, metrics.admission()));
         let ctx = BootContext {
             cache,
             policy,
@@ -115,6 +130,7 @@ impl Pool {
             activity,
             egress: options.egress.clone(),
             warm,
+            admission,
             metrics: metrics.clone(),
         };
         let pool = Self {
@@ -159,7 +175,7 @@ impl Pool {
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(BootError::ShuttingDown);
             }
-            match slots.get(&key) {
+            match slots.get(&key).map(|entry| &entry.slot) {
                 // One the runner has condemned (a limit) is dead already, even
                 // if the kernel has not reaped it yet.
                 Some(Slot::Ready(isolate)) if isolate.is_running() && isolate.termination().is_none() => {
@@ -177,16 +193,18 @@ impl Pool {
             }
             .map(Ok)
             .unwrap_or_else(|| {
-                self.make_room(&mut slots)?;
-                let future = self.boot_future(key.clone(), origin.clone());
-                slots.insert(key, Slot::Booting(future.clone()));
+                // From memory (the trait's contract), so fine under the lock.
+                let tenant: Arc<str> = origin.tenant_of(deployment_id).into();
+                self.make_room(&mut slots, &tenant)?;
+                let future = self.boot_future(key.clone(), origin.clone(), tenant.clone());
+                slots.insert(key, Entry { tenant, slot: Slot::Booting(future.clone()) });
                 Ok(future)
             })
         };
         boot_future?.await
     }
 
-    fn boot_future(&self, key: Key, origin: Arc<dyn Origin>) -> BootFuture {
+    fn boot_future(&self, key: Key, origin: Arc<dyn Origin>, tenant: Arc<str>) -> BootFuture {
         let inner = self.inner.clone();
         let instance = inner.next_instance.fetch_add(1, Ordering::Relaxed);
         // A task, so a boot finishes (and is cached) even if every request
@@ -213,7 +231,7 @@ impl Pool {
                         return Err(BootError::ShuttingDown);
                     }
                     inner.origins.lock().expect("pool poisoned").insert(key.clone(), origin);
-                    slots.insert(key, Slot::Ready(isolate.clone()));
+                    slots.insert(key, Entry { tenant, slot: Slot::Ready(isolate.clone()) });
                     Ok(isolate)
                 }
                 Err(e) => {
@@ -236,29 +254,43 @@ impl Pool {
         .shared()
     }
 
-    /// Keeps the number of isolates under `max_isolates`: evicts the least
-    /// recently used idle one, or refuses the boot when none is idle.
-    fn make_room(&self, slots: &mut HashMap<Key, Slot>) -> Result<(), BootError> {
-        let max = self.inner.options.max_isolates;
-        if slots.len() < max {
-            return Ok(());
-        }
-        let victim = slots
-            .iter()
-            .filter_map(|(key, slot)| match slot {
-                Slot::Ready(isolate) if isolate.in_flight() == 0 => Some((key.clone(), isolate.idle_for())),
+    /// Makes room for a new boot of `tenant`'s: under its own cap by
+    /// evicting its least recently used idle isolate, then under
+    /// `max_isolates` by evicting anyone's; or refuses the boot when no
+    /// isolate that would make room is idle.
+    fn make_room(&self, slots: &mut HashMap<Key, Entry>, tenant: &str) -> Result<(), BootError> {
+        let occupants = slots.iter().map(|(key, entry)| Occupant {
+            key,
+            tenant: &entry.tenant,
+            idle_for: match &entry.slot {
+                Slot::Ready(isolate) if isolate.in_flight() == 0 => Some(isolate.idle_for()),
                 _ => None,
-            })
-            .max_by_key(|(_, idle)| *idle)
-            .map(|(key, _)| key);
-        let Some(key) = victim else {
-            return Err(BootError::Capacity(slots.len()));
+            },
+        });
+        let options = &self.inner.options;
+        let (key, reason) = match plan_room(occupants, tenant, options.max_isolates, options.max_isolates_per_tenant) {
+            Room::Free => return Ok(()),
+            Room::Refuse(refusal) => {
+                let reason = match refusal {
+                    BootError::TenantCapacity(_) => "tenant_cap",
+                    _ => "max_isolates",
+                };
+                self.inner.metrics.boot_refusals.get_or_create(&vec![("reason", reason)]).inc();
+                tracing::info!(tenant, reason, "boot refused: no idle isolate to make room");
+                return Err(refusal);
+            }
+            Room::Evict(key, reason) => (key, reason),
         };
-        if let Some(Slot::Ready(isolate)) = slots.remove(&key) {
+        if let Some(Entry { slot: Slot::Ready(isolate), .. }) = slots.remove(&key) {
             self.inner.metrics.live_isolates.dec();
-            self.inner.metrics.terminations.get_or_create(&vec![("reason", "evicted")]).inc();
+            self.inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
             self.inner.metrics.deployments.ended(&key.1, Ending::Evicted);
-            tracing::info!(deployment_id = key.1, pid = isolate.pid(), "evicting the least recently used idle isolate");
+            tracing::info!(
+                deployment_id = key.1,
+                pid = isolate.pid(),
+                reason,
+                "evicting the least recently used idle isolate"
+            );
             if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
                 report_usage(&self.inner, &origin, &key.1, &isolate);
                 self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "evicted".into() });
@@ -276,7 +308,7 @@ impl Pool {
 
     /// How many isolates run now.
     pub fn live(&self) -> usize {
-        self.inner.slots.lock().expect("pool poisoned").values().filter(|s| matches!(s, Slot::Ready(_))).count()
+        self.inner.slots.lock().expect("pool poisoned").values().filter(|e| matches!(e.slot, Slot::Ready(_))).count()
     }
 
     /// The pids of running isolates (operations and tests).
@@ -286,7 +318,7 @@ impl Pool {
             .lock()
             .expect("pool poisoned")
             .values()
-            .filter_map(|s| match s {
+            .filter_map(|e| match &e.slot {
                 Slot::Ready(isolate) => Some(isolate.pid()),
                 Slot::Booting(_) => None,
             })
@@ -300,11 +332,13 @@ impl Pool {
         if let Some(warm) = &self.inner.ctx.warm {
             warm.close();
         }
+        // Queued boots end now (ShuttingDown), not after their turn.
+        self.inner.ctx.admission.close();
         let isolates: Vec<(Key, Arc<Isolate>)> = {
             let mut slots = self.inner.slots.lock().expect("pool poisoned");
             slots
                 .drain()
-                .filter_map(|(key, slot)| match slot {
+                .filter_map(|(key, entry)| match entry.slot {
                     Slot::Ready(isolate) => Some((key, isolate)),
                     Slot::Booting(_) => None,
                 })
@@ -446,7 +480,7 @@ async fn reap(inner: std::sync::Weak<Inner>) {
                 .lock()
                 .expect("pool poisoned")
                 .iter()
-                .filter_map(|(key, slot)| match slot {
+                .filter_map(|(key, entry)| match &entry.slot {
                     Slot::Ready(isolate) => Some((key.clone(), isolate.clone())),
                     Slot::Booting(_) => None,
                 })
@@ -465,8 +499,8 @@ async fn reap(inner: std::sync::Weak<Inner>) {
         let mut dead = Vec::new();
         {
             let mut slots = inner.slots.lock().expect("pool poisoned");
-            slots.retain(|key, slot| {
-                let Slot::Ready(isolate) = slot else { return true };
+            slots.retain(|key, entry| {
+                let Slot::Ready(isolate) = &entry.slot else { return true };
                 if !isolate.is_running() {
                     dead.push((key.clone(), isolate.clone()));
                     false
@@ -492,5 +526,122 @@ async fn reap(inner: std::sync::Weak<Inner>) {
             let grace = inner.options.kill_grace;
             tokio::spawn(async move { isolate.terminate(grace).await });
         }
+    }
+}
+
+/// One isolate (running or booting) as [`plan_room`] sees it.
+struct Occupant<'a> {
+    key: &'a Key,
+    tenant: &'a str,
+    /// How long it has been idle; `None`: booting or serving (not evictable).
+    idle_for: Option<Duration>,
+}
+
+/// What a new boot needs done first.
+#[derive(Debug)]
+enum Room {
+    Free,
+    /// Evict this idle isolate (the `reason` for the terminations metric).
+    Evict(Key, &'static str),
+    Refuse(BootError),
+}
+
+/// A new boot of `tenant`'s, among `occupants`: at its own cap it evicts
+/// its own least recently used idle isolate (never another tenant's: its
+/// cap is its own business) or is refused; under its cap but at
+/// `max_isolates` it evicts anyone's least recently used idle isolate, or
+/// is refused.
+fn plan_room<'a>(
+    occupants: impl Iterator<Item = Occupant<'a>>,
+    tenant: &str,
+    max_isolates: usize,
+    max_per_tenant: usize,
+) -> Room {
+    let (mut total, mut own) = (0, 0);
+    // The longest idle of all, and of the tenant's own.
+    let mut oldest: Option<(&Key, Duration)> = None;
+    let mut own_oldest: Option<(&Key, Duration)> = None;
+    for occupant in occupants {
+        total += 1;
+        let mine = occupant.tenant == tenant;
+        own += usize::from(mine);
+        if let Some(idle) = occupant.idle_for {
+            if oldest.is_none_or(|(_, longest)| idle > longest) {
+                oldest = Some((occupant.key, idle));
+            }
+            if mine && own_oldest.is_none_or(|(_, longest)| idle > longest) {
+                own_oldest = Some((occupant.key, idle));
+            }
+        }
+    }
+    // A cap as large as the runner is no cap: the runner's own bound binds first.
+    if max_per_tenant < max_isolates && own >= max_per_tenant {
+        return match own_oldest {
+            Some((key, _)) => Room::Evict(key.clone(), "evicted_tenant_cap"),
+            None => Room::Refuse(BootError::TenantCapacity(own)),
+        };
+    }
+    if total >= max_isolates {
+        return match oldest {
+            Some((key, _)) => Room::Evict(key.clone(), "evicted"),
+            None => Room::Refuse(BootError::Capacity(total)),
+        };
+    }
+    Room::Free
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> Key {
+        ("origin".to_owned(), id.to_owned())
+    }
+
+    /// `(id, tenant, idle seconds or None for busy)`.
+    fn plan(occupants: &[(&str, &str, Option<u64>)], tenant: &str, max: usize, per_tenant: usize) -> Room {
+        let keys: Vec<Key> = occupants.iter().map(|(id, _, _)| key(id)).collect();
+        let iter = occupants.iter().zip(&keys).map(|((_, tenant, idle), key)| Occupant {
+            key,
+            tenant,
+            idle_for: idle.map(Duration::from_secs),
+        });
+        plan_room(iter, tenant, max, per_tenant)
+    }
+
+    fn evicts(room: Room) -> (String, &'static str) {
+        match room {
+            Room::Evict(key, reason) => (key.1, reason),
+            other => panic!("expected an eviction, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn under_both_caps_there_is_room() {
+        assert!(matches!(plan(&[], "a", 1, 1), Room::Free));
+        assert!(matches!(plan(&[("a1", "a", None), ("b1", "b", None)], "a", 4, 2), Room::Free));
+    }
+
+    #[test]
+    fn a_tenant_at_its_cap_evicts_its_own_least_recently_used_idle_isolate_only() {
+        // b1 has been idle longest, but it is not a's to evict.
+        let occupants = [("a1", "a", Some(5)), ("a2", "a", Some(9)), ("b1", "b", Some(60))];
+        assert_eq!(evicts(plan(&occupants, "a", 10, 2)), ("a2".to_owned(), "evicted_tenant_cap"));
+        // Every one of a's busy or booting: a is refused, however free the runner is.
+        let busy = [("a1", "a", None), ("a2", "a", None), ("b1", "b", Some(60))];
+        assert!(matches!(plan(&busy, "a", 10, 2), Room::Refuse(BootError::TenantCapacity(2))));
+        // ...while b, under its own cap, still boots.
+        assert!(matches!(plan(&busy, "b", 10, 2), Room::Free));
+    }
+
+    #[test]
+    fn a_full_runner_evicts_anyones_least_recently_used_idle_isolate_or_refuses() {
+        let occupants = [("a1", "a", Some(5)), ("b1", "b", Some(60)), ("b2", "b", None)];
+        assert_eq!(evicts(plan(&occupants, "c", 3, 3)), ("b1".to_owned(), "evicted"));
+        let busy = [("a1", "a", None), ("b1", "b", None), ("b2", "b", None)];
+        assert!(matches!(plan(&busy, "c", 3, 3), Room::Refuse(BootError::Capacity(3))));
+        // One tenant with every slot (apps mode): the runner's bound, not a tenant's.
+        let alone = [("a1", "a", Some(5)), ("a2", "a", None)];
+        assert_eq!(evicts(plan(&alone, "a", 2, 2)), ("a1".to_owned(), "evicted"));
     }
 }

@@ -309,3 +309,42 @@ fn egress_allow_private_takes_cidrs_from_flags_or_file_and_names_a_bad_one() {
     args.extend(["--egress-allow-private", "10.0.0.0/8", "--egress-proxy", "off"]);
     assert_eq!(field_of(&args), "egress_allow_private");
 }
+
+#[test]
+fn boot_admission_and_the_per_tenant_cap_default_by_mode_and_come_from_flags_or_file() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    // Apps mode: one operator's apps, one tenant, every slot.
+    let settings = parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--max-isolates", "40"]).unwrap();
+    assert_eq!(settings.max_isolates_per_tenant, 40);
+    assert_eq!(settings.max_concurrent_boots, None, "from the machine, in main");
+    assert_eq!(settings.max_boot_queue, None);
+    // One subhoster: all of it; two: half each; the control plane's projects: a quarter.
+    let one = ["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "a=b", "--state-dir", "/tmp/x"];
+    assert_eq!(parse(&one).unwrap().max_isolates_per_tenant, 1000);
+    let two = [&one[..], &["--subhost-secret", "c=d", "--max-isolates", "10"]].concat();
+    assert_eq!(parse(&two).unwrap().max_isolates_per_tenant, 5);
+    let data = tempfile::tempdir().unwrap();
+    let control = ["serve", "--data", data.path().to_str().unwrap(), "--state-dir", "/tmp/x"];
+    assert_eq!(parse(&control).unwrap().max_isolates_per_tenant, 250);
+    assert_eq!(default_max_isolates_per_tenant(2, None), 1, "never 0");
+    assert_eq!(default_max_isolates_per_tenant(1000, Some(9)), 250);
+
+    let flags = ["--max-concurrent-boots", "3", "--max-boot-queue", "0", "--max-isolates-per-tenant", "7"];
+    let settings = parse(&[&["serve", "--apps", dir, "--state-dir", "/tmp/x"][..], &flags].concat()).unwrap();
+    assert_eq!(
+        (settings.max_concurrent_boots, settings.max_boot_queue, settings.max_isolates_per_tenant),
+        (Some(3), Some(0), 7)
+    );
+    let config = apps.path().join("isocloud.toml");
+    std::fs::write(&config, "max_concurrent_boots = 5\nmax_boot_queue = 9\nmax_isolates_per_tenant = 2\n").unwrap();
+    let settings =
+        parse(&["serve", "--apps", dir, "--state-dir", "/tmp/x", "--config", config.to_str().unwrap()]).unwrap();
+    assert_eq!(
+        (settings.max_concurrent_boots, settings.max_boot_queue, settings.max_isolates_per_tenant),
+        (Some(5), Some(9), 2)
+    );
+    assert_eq!(field_of(&["serve", "--apps", dir, "--max-concurrent-boots", "0"]), "max_concurrent_boots");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--max-isolates-per-tenant", "0"]), "max_isolates_per_tenant");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--max-boot-queue", "2000000"]), "max_boot_queue");
+}

@@ -8,6 +8,7 @@
 mod support;
 
 mod activity_delivery;
+mod admission;
 mod apps_mode;
 mod client_cli;
 mod control_plane;

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::backend_tests;
 use crate::support::{Backend, TestServer, sha256_hex};
 
-backend_tests!(origin_answers, origin_refuses_foreign_hashes, hosts_resolve);
+backend_tests!(origin_answers, origin_refuses_foreign_hashes, origin_names_each_deployments_project, hosts_resolve);
 
 const MAIN: &str = "import { greet } from './lib/greet.ts';\nexport default { fetch: () => new Response(greet()) };\n";
 const GREET: &str = "export function greet() { return 'hi'; }\n";
@@ -94,6 +94,24 @@ async fn origin_answers(backend: Backend) {
     assert!(matches!(origin.boot("zzzzzzzzzzzz").await, Err(OriginError::DeploymentNotFound)));
     assert!(matches!(origin.boot("../../etc").await, Err(OriginError::DeploymentNotFound)));
     assert!(matches!(origin.read_tree("zzzzzzzzzzzz").await, Err(OriginError::DeploymentNotFound)));
+}
+
+/// The runner caps isolates per tenant; for the control plane a tenant is
+/// a project, whichever of its deployments runs.
+async fn origin_names_each_deployments_project(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create_project("one").await;
+    s.create_project("two").await;
+    let first = s.deploy("one", &[("main.ts", "// first")], "main.ts", false).await;
+    let second = s.deploy("one", &[("main.ts", "// second")], "main.ts", false).await;
+    let theirs = s.deploy("two", &[("main.ts", "// theirs")], "main.ts", false).await;
+    let origin = s.cp.origin();
+    let tenant = |d: &serde_json::Value| origin.tenant_of(d["id"].as_str().unwrap());
+    assert_eq!(tenant(&first), "controlplane/one");
+    assert_eq!(tenant(&second), "controlplane/one");
+    assert_eq!(tenant(&theirs), "controlplane/two");
+    // Unknown to the routing table: it cannot boot, and is nobody's project.
+    assert_eq!(origin.tenant_of("zzzzzzzzzzzz"), "controlplane");
 }
 
 async fn origin_refuses_foreign_hashes(backend: Backend) {
