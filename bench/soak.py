@@ -273,7 +273,8 @@ def report(binary, load, samples, final, seconds):
         first = warm[0][1][key] if warm else None
         last = warm[-1][1][key] if warm else None
         slope = slope_per_hour([(t, s[key]) for t, s in warm])
-        print(f"| {key} | {first} | {last} | {final[key]} | {slope:+.1f} |")
+        shown = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+        print(f"| {key} | {shown(first)} | {shown(last)} | {shown(final[key])} | {slope:+.1f} |")
     tenth = seconds / 10
     t0 = min((t for t, _ in load.ok_times), default=0)
     first = sum(1 for t, _ in load.ok_times if t - t0 < tenth) / tenth

@@ -124,10 +124,15 @@ const levels = {
   warn: "warning",
   error: "error",
 };
+// The runner cuts a console line at 32 KiB and drops a control message
+// over 256 KiB; cutting here keeps a long line's start instead of losing it.
+const MAX_LOG_CHARS = 32 * 1024;
 function format(args) {
-  return args
+  const text = args
     .map((a) => (typeof a === "string" ? a : Deno.inspect(a, { colors: false, depth: 4 })))
     .join(" ");
+  if (text.length <= MAX_LOG_CHARS) return text;
+  return `${text.slice(0, MAX_LOG_CHARS)} … [isocloud: truncated, ${text.length} characters in all]`;
 }
 for (const [method, level] of Object.entries(levels)) {
   console[method] = (...args) => {

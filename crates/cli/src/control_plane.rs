@@ -13,12 +13,13 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use crate::settings::ControlPlaneSettings;
 
 /// Opens the control plane (migrations, first admin token) and serves its
-/// API and dashboard on `control_listen`.
+/// API and dashboard on `control_listen`; returns it and the address it
+/// listens on (the port of `…:0` picked).
 pub async fn start(
     settings: &ControlPlaneSettings,
     public_http_port: u16,
     public_https_port: Option<u16>,
-) -> anyhow::Result<Arc<ControlPlane>> {
+) -> anyhow::Result<(Arc<ControlPlane>, std::net::SocketAddr)> {
     let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
     options.database_url = settings.database_url.clone();
     options.base_domain = settings.base_domain.clone();
@@ -51,7 +52,7 @@ pub async fn start(
     tracing::info!(%addr, store, base_domain = settings.base_domain, "control plane: API at /api/v1, dashboard at /");
     // Tests and scripts read this line to learn the port of `…:0`.
     println!("isocloud: control plane on http://{addr}");
-    Ok(control_plane)
+    Ok((control_plane, addr))
 }
 
 /// The control plane's host table, as the ingress asks it.
