@@ -1,14 +1,17 @@
 //! Turns the operator's sandbox settings into the `SandboxPolicy` every
 //! isolate is started with: probes what `auto` layers the machine supports,
-//! refuses to start when an `on` layer is missing, hands deno's cache to the
-//! isolate uid, proves the whole policy on a throw-away `deno --version`, and
+//! refuses to start when an `on` layer is missing, sets up the isolate uids
+//! (a uid per isolate from a range no account or subordinate range of this
+//! host uses), proves the whole policy on a throw-away `deno --version`, and
 //! reports every layer in one start-up line.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use isocloud_sandbox::landlock::TcpRules;
-use isocloud_sandbox::{IsolateIds, LandlockError, LandlockPolicy, SandboxPolicy, SeccompFilters, identity};
+use isocloud_sandbox::{
+    IsolateIds, IsolateUids, LandlockError, LandlockPolicy, SandboxPolicy, SeccompFilters, UidPool, UidRange, identity,
+};
 
 use crate::settings::{IsolateUid, Settings, Toggle};
 
@@ -30,16 +33,19 @@ pub fn policy(
     };
 
     let root = identity::runner_is_root();
-    let ids = |uid| IsolateIds { uid, gid: settings.isolate_gid };
-    let isolate_ids = match settings.isolate_uid {
+    let isolate_uids = match settings.isolate_uid {
         IsolateUid::Off => None,
-        IsolateUid::Auto if root => Some(ids(IsolateIds::NOBODY.uid)),
+        IsolateUid::Auto if root => Some(uid_per_isolate(settings, UidRange::DEFAULT)?),
         IsolateUid::Auto => {
             tracing::warn!("the runner is not root: isolates run as its own uid");
             None
         }
-        IsolateUid::Id(uid) if root => Some(ids(uid)),
+        IsolateUid::Id(uid) if root => Some(IsolateUids::Shared(IsolateIds { uid, gid: settings.isolate_gid })),
         IsolateUid::Id(uid) => anyhow::bail!("--isolate-uid {uid} needs a root runner (or --isolate-uid off)"),
+        IsolateUid::Range(range) if root => Some(uid_per_isolate(settings, range)?),
+        IsolateUid::Range(range) => {
+            anyhow::bail!("--isolate-uid-range {range} needs a root runner (or --isolate-uid off)")
+        }
     };
 
     // The proxy is the way out of a network namespace: without it, none.
@@ -81,7 +87,7 @@ pub fn policy(
 
     let deno_dir = state_dir.join("deno-dir");
     std::fs::create_dir_all(&deno_dir)?;
-    if isolate_ids.is_some() {
+    if isolate_uids.is_some() {
         let umask = identity::normalize_umask();
         if umask & 0o055 != 0 {
             tracing::info!(umask = format!("{umask:03o}"), "umask relaxed to 022: isolates must read their files");
@@ -106,7 +112,7 @@ pub fn policy(
         v8_heap_limit_mb: Some(settings.memory_limit_mb),
         mount_namespace,
         network_namespace,
-        isolate_ids,
+        isolate_uids,
         landlock,
         seccomp,
         rlimits: settings.rlimits,
@@ -119,4 +125,34 @@ pub fn policy(
     let landlock_tcp = policy.landlock.as_ref().map_or_else(|| "off".to_owned(), LandlockPolicy::tcp_summary);
     tracing::info!(landlock_abi, "sandbox: {} landlock-tcp={landlock_tcp}", policy.summary());
     Ok(policy)
+}
+
+/// A uid per live isolate from `range`, all in `--isolate-gid`. Refuses a
+/// range an account or a subordinate range (a rootless container's user
+/// namespace) of this host uses: its processes would share uids with
+/// isolates, and a new isolate kills whatever runs as its uid.
+fn uid_per_isolate(settings: &Settings, range: UidRange) -> anyhow::Result<IsolateUids> {
+    let conflicts = isocloud_sandbox::uids::range_conflicts(range, Path::new("/etc"));
+    if !conflicts.is_empty() {
+        anyhow::bail!(
+            "the isolate uid range {range} is in use on this host: {}; pick a range no account uses \
+             (--isolate-uid-range FIRST-LAST)",
+            conflicts.join(", ")
+        );
+    }
+    // Live isolates, pre-started ones (a few per profile) and isolates
+    // still ending each hold one.
+    let wanted = settings.max_isolates as u64 + 4 * settings.prestarted_isolates as u64 + 1;
+    if range.len() < wanted {
+        tracing::warn!(
+            range = %range,
+            uids = range.len(),
+            max_isolates = settings.max_isolates,
+            "the isolate uid range is smaller than the isolates this runner may hold: boots past it fail"
+        );
+    }
+    let claims = Path::new(isocloud_sandbox::uids::CLAIMS_DIR);
+    let pool = UidPool::new(range, settings.isolate_gid, claims)
+        .with_context(|| format!("cannot prepare {} (isolate uid claims)", claims.display()))?;
+    Ok(IsolateUids::PerIsolate(pool))
 }

@@ -125,11 +125,20 @@ pub struct CommonFlags {
     /// isolate: on or off [default: on].
     #[arg(long, value_name = "MODE")]
     pub rlimits: Option<String>,
-    /// The uid isolates run as, or off (the runner's own); needs a root
-    /// runner [default: 65534 when the runner is root, else off].
+    /// One uid every isolate runs as (shared: isolates are kept apart by
+    /// the other layers alone), or off (the runner's own); needs a root
+    /// runner. Excludes --isolate-uid-range [default: a uid per isolate from
+    /// --isolate-uid-range when the runner is root, else off].
     #[arg(long, value_name = "UID")]
     pub isolate_uid: Option<String>,
-    /// The gid isolates run as [default: 65534].
+    /// The uids isolates run as, one per live isolate, never shared; the
+    /// range must hold no real account, subordinate range (/etc/subuid) or
+    /// other service's uid. Needs a root runner. Excludes --isolate-uid
+    /// [default: 1900000000-1900099999].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub isolate_uid_range: Option<String>,
+    /// The gid isolates run as, shared by all (nothing of an isolate's is
+    /// group-accessible) [default: 65534].
     #[arg(long, value_name = "GID")]
     pub isolate_gid: Option<u32>,
     /// Route isolates' outbound HTTP(S) through the runner's egress proxy
@@ -260,6 +269,7 @@ struct FileConfig {
     seccomp: Option<String>,
     rlimits: Option<String>,
     isolate_uid: Option<UidValue>,
+    isolate_uid_range: Option<String>,
     isolate_gid: Option<u32>,
     egress_proxy: Option<String>,
     network_namespace: Option<String>,
@@ -314,10 +324,14 @@ enum UidValue {
 /// Who isolates run as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IsolateUid {
-    /// 65534 when the runner is root, else the runner's own uid.
+    /// A uid per isolate from the default range when the runner is root,
+    /// else the runner's own uid.
     Auto,
     Off,
+    /// One uid, shared by every isolate.
     Id(u32),
+    /// A uid per live isolate from this range.
+    Range(isocloud_sandbox::UidRange),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,14 +571,31 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
             common.prestarted_isolates.or(file.prestarted_isolates).unwrap_or(2),
             0..=64,
         )?;
-        let uid_text = common.isolate_uid.or(file.isolate_uid.map(|v| match v {
-            UidValue::Id(id) => id.to_string(),
-            UidValue::Text(text) => text,
-        }));
-        let isolate_uid = match uid_text.as_deref() {
-            None => IsolateUid::Auto,
-            Some("off") => IsolateUid::Off,
-            Some(text) => IsolateUid::Id(parse_id("isolate_uid", text)?),
+        // The flags, if either is given, else the file's: a uid from one
+        // source never meets a range from the other.
+        let (uid_text, uid_range) = if common.isolate_uid.is_some() || common.isolate_uid_range.is_some() {
+            (common.isolate_uid, common.isolate_uid_range)
+        } else {
+            let uid = file.isolate_uid.map(|v| match v {
+                UidValue::Id(id) => id.to_string(),
+                UidValue::Text(text) => text,
+            });
+            (uid, file.isolate_uid_range.clone())
+        };
+        let isolate_uid = match (uid_text.as_deref(), uid_range.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "isolate_uid_range",
+                    "--isolate-uid and --isolate-uid-range exclude each other: one uid shared by every isolate, \
+                     or a uid per isolate from the range",
+                ));
+            }
+            (None, Some(text)) => {
+                IsolateUid::Range(isocloud_sandbox::UidRange::parse(text).map_err(|e| invalid("isolate_uid_range", e))?)
+            }
+            (None, None) => IsolateUid::Auto,
+            (Some("off"), None) => IsolateUid::Off,
+            (Some(text), None) => IsolateUid::Id(parse_id("isolate_uid", text)?),
         };
         let isolate_gid = match common.isolate_gid.or(file.isolate_gid) {
             Some(gid) => parse_id("isolate_gid", &gid.to_string())?,

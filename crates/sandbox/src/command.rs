@@ -2,11 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use isocloud_protocol::{IsolateConfig, NetPermission};
 
 use crate::confine::Confinement;
-use crate::{EgressRoute, IsolateFiles, IsolateIds, LandlockError, LandlockPolicy, SeccompFilters};
+use crate::uids::{UidError, UidLease};
+use crate::{EgressRoute, IsolateFiles, IsolateIds, IsolateUids, LandlockError, LandlockPolicy, SeccompFilters};
 
 /// What the operator decided for every isolate of this runner.
 #[derive(Debug, Clone)]
@@ -26,9 +28,9 @@ pub struct SandboxPolicy {
     /// proxy listens ([`crate::netns`]): raw TCP cannot leave. Needs
     /// CAP_SYS_ADMIN (a root runner).
     pub network_namespace: bool,
-    /// Run each isolate as this uid/gid (needs a root runner); `None` keeps
-    /// the runner's own.
-    pub isolate_ids: Option<IsolateIds>,
+    /// Who isolates run as (needs a root runner): a uid of its own each,
+    /// or one shared; `None` keeps the runner's own.
+    pub isolate_uids: Option<IsolateUids>,
     /// Landlock's file system rules ([`crate::landlock::RULES`]); `None`: off.
     pub landlock: Option<LandlockPolicy>,
     /// The compiled seccomp denylist ([`crate::seccomp_policy::DENYLIST`]);
@@ -40,11 +42,12 @@ pub struct SandboxPolicy {
 
 impl SandboxPolicy {
     /// Every layer, for the start-up line: `mount-namespace=on landlock=on
-    /// seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off`.
+    /// seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534
+    /// rlimits=on netns=off` (a range: a uid per isolate; one number: shared).
     pub fn summary(&self) -> String {
         let on = |yes: bool| if yes { "on" } else { "off" };
-        let (uid, gid) = match self.isolate_ids {
-            Some(ids) => (ids.uid.to_string(), ids.gid.to_string()),
+        let (uid, gid) = match &self.isolate_uids {
+            Some(uids) => (uids.uid_summary(), uids.gid().to_string()),
             None => ("off".to_owned(), "off".to_owned()),
         };
         format!(
@@ -71,6 +74,9 @@ pub struct SandboxedCommand {
     /// uid must be able to connect to it.
     control: PathBuf,
     ids: Option<IsolateIds>,
+    /// The isolate's own uid: learns the process it runs, so the uid is not
+    /// given back before that process exits.
+    uid_lease: Option<Arc<UidLease>>,
     network_namespace: bool,
 }
 
@@ -164,13 +170,14 @@ impl SandboxedCommand {
             .process_group(0);
         // Everything that allocates or opens files happens here, before the
         // fork; the child only enters what was planned (see `confine`).
-        let confinement = Confinement::plan(policy, Some(files));
+        let confinement = Confinement::plan(policy, Some(files), files.ids);
         Self {
             command,
             args,
             confinement,
             control: files.control.clone(),
-            ids: policy.isolate_ids,
+            ids: files.ids,
+            uid_lease: files.uid_lease().cloned(),
             network_namespace: policy.network_namespace,
         }
     }
@@ -210,7 +217,11 @@ impl SandboxedCommand {
                 Err(e) => return Err(e),
             }
         }
-        self.command.spawn()
+        let child = self.command.spawn()?;
+        if let (Some(lease), Some(pid)) = (&self.uid_lease, child.id()) {
+            lease.track(pid);
+        }
+        Ok(child)
     }
 }
 
@@ -279,6 +290,8 @@ pub fn probe_mount_namespace(deno: &Path) -> std::io::Result<()> {
 pub enum ProbeError {
     #[error(transparent)]
     Landlock(#[from] LandlockError),
+    #[error(transparent)]
+    Uid(#[from] UidError),
     #[error(
         "cannot start {} under the sandbox: {error}{stderr} (with --mount-namespace off, the isolate uid must be \
          able to reach it by that path)",
@@ -318,7 +331,15 @@ pub fn probe_sandbox(policy: &SandboxPolicy) -> Result<(), ProbeError> {
     let mut command = std::process::Command::new(&program);
     command.arg("--version").env_clear().env("NO_COLOR", "1").stdin(Stdio::null()).stdout(Stdio::null());
     command.stderr(writer);
-    let confinement = Confinement::plan(policy, None)?;
+    // A uid like an isolate's (its own, held until `status` has reaped it).
+    let (ids, _lease) = match &policy.isolate_uids {
+        Some(uids) => {
+            let (ids, lease) = uids.take()?;
+            (Some(ids), lease)
+        }
+        None => (None, None),
+    };
+    let confinement = Confinement::plan(policy, None, ids)?;
     // SAFETY: as in `SandboxedCommand::new`: the hook only makes
     // async-signal-safe syscalls on values prepared before the fork.
     unsafe {

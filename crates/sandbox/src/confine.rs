@@ -17,14 +17,16 @@
 //! 4. Landlock's `/proc/self` rule (the child's pid exists only now);
 //! 5. its own uid: `setgroups([])`, `setresgid`, `setresuid` — this drops
 //!    every capability — then the death signal again (a credential change
-//!    clears it);
+//!    clears it); with a uid per isolate, `kill(-1, SIGKILL)` as that uid:
+//!    whatever an earlier holder of the uid left running dies before this
+//!    isolate's deno starts (see `uids`);
 //! 6. `PR_SET_NO_NEW_PRIVS` (always; Landlock and seccomp need it);
 //! 7. `landlock_restrict_self`;
 //! 8. the seccomp filters, last, so nothing above is denied by them.
 
 use crate::jail::Jail;
 use crate::landlock::{LandlockError, PreparedRuleset};
-use crate::{IsolateFiles, IsolateIds, SandboxPolicy};
+use crate::{IsolateFiles, IsolateIds, IsolateUids, SandboxPolicy};
 
 pub(crate) struct Confinement {
     runner_pid: libc::pid_t,
@@ -35,14 +37,21 @@ pub(crate) struct Confinement {
     rlimits: bool,
     landlock: Option<PreparedRuleset>,
     ids: Option<IsolateIds>,
+    /// The uid is this isolate's alone: kill what else runs as it.
+    sweep_uid: bool,
     seccomp: Option<crate::SeccompFilters>,
 }
 
 impl Confinement {
     /// The confinement `policy` asks for. `files`: the isolate's instance
     /// (its jail and Landlock paths); `None` plans the start-up probe, which
-    /// runs without a jail.
-    pub(crate) fn plan(policy: &SandboxPolicy, files: Option<&IsolateFiles>) -> Result<Self, LandlockError> {
+    /// runs without a jail. `ids`: who it runs as (the isolate's own,
+    /// [`IsolateFiles::ids`]; `None`: the runner's).
+    pub(crate) fn plan(
+        policy: &SandboxPolicy,
+        files: Option<&IsolateFiles>,
+        ids: Option<IsolateIds>,
+    ) -> Result<Self, LandlockError> {
         let jail = files.and_then(|f| f.root.as_ref().map(|root| Jail::plan(root, policy, f)));
         let landlock = policy.landlock.as_ref().map(|l| l.prepare(policy, files)).transpose()?;
         Ok(Self {
@@ -53,7 +62,8 @@ impl Confinement {
             network_namespace: policy.network_namespace,
             rlimits: policy.rlimits,
             landlock,
-            ids: policy.isolate_ids,
+            ids,
+            sweep_uid: ids.is_some() && policy.isolate_uids.as_ref().is_some_and(IsolateUids::per_isolate),
             seccomp: policy.seccomp.clone(),
         })
     }
@@ -89,6 +99,14 @@ impl Confinement {
         if let Some(ids) = self.ids {
             become_ids(ids).map_err(|e| failed(e, "setgroups/setresgid/setresuid"))?;
             self.die_with_runner().map_err(|e| failed(e, "PR_SET_PDEATHSIG after setuid"))?;
+            if self.sweep_uid {
+                // Every process this uid may signal but this one (Linux
+                // spares the caller and init): none, unless an earlier
+                // holder left one behind. ESRCH when there is none.
+                // SAFETY: kill takes integers only; without capabilities
+                // it reaches processes of this uid alone.
+                unsafe { libc::kill(-1, libc::SIGKILL) };
+            }
         }
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use isocloud_eszip::ModuleKind;
 
-use crate::SandboxPolicy;
+use crate::uids::UidLease;
+use crate::{IsolateIds, SandboxPolicy};
 use isocloud_origin::Deployment;
 use sha2::{Digest, Sha256};
 use url::Url;
@@ -23,6 +25,15 @@ pub enum SandboxError {
     BadSpecifier(String),
     #[error("asset path {0:?} is not inside the deployment root")]
     BadAssetPath(String),
+    #[error(transparent)]
+    Uid(#[from] crate::UidError),
+}
+
+impl SandboxError {
+    /// The runner is full (no isolate uid free): retry later, not a fault.
+    pub fn is_capacity(&self) -> bool {
+        matches!(self, SandboxError::Uid(e) if e.is_capacity())
+    }
 }
 
 /// The on-disk layout of one isolate instance, under its own directory.
@@ -55,6 +66,11 @@ pub struct IsolateFiles {
     pub root: Option<PathBuf>,
     pub entrypoint: Url,
     pub guest: GuestPaths,
+    /// The uid and gid the isolate runs as; `None`: the runner's own.
+    pub ids: Option<IsolateIds>,
+    /// Its own uid (per-isolate uids), held until the last clone of these
+    /// files is gone and its process has exited.
+    uid_lease: Option<Arc<UidLease>>,
 }
 
 /// Where things are from inside the isolate. In mount-namespace mode the
@@ -110,8 +126,14 @@ pub fn deno_template_dir(policy: &SandboxPolicy) -> PathBuf {
 
 /// Creates (or keeps) a deployment's deno cache dir — a new one as a copy of
 /// the template, when there is one — marks it used now (for
-/// [`prune_deno_dirs`]) and hands it to the isolate uid.
-fn prepare_deno_dir(deno_dir: &Path, policy: &SandboxPolicy) -> std::io::Result<()> {
+/// [`prune_deno_dirs`]) and hands it to the isolate's uid (`lease`: which
+/// takes it back when the uid goes back to the pool).
+fn prepare_deno_dir(
+    deno_dir: &Path,
+    policy: &SandboxPolicy,
+    ids: Option<IsolateIds>,
+    lease: Option<&UidLease>,
+) -> std::io::Result<()> {
     if !deno_dir.exists() {
         let template = deno_template_dir(policy);
         if template.is_dir() {
@@ -125,8 +147,11 @@ fn prepare_deno_dir(deno_dir: &Path, policy: &SandboxPolicy) -> std::io::Result<
     std::fs::create_dir_all(deno_dir)?;
     let now = std::time::SystemTime::now();
     std::fs::File::open(deno_dir)?.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))?;
-    if let Some(ids) = policy.isolate_ids {
+    if let Some(ids) = ids {
         crate::identity::hand_over_dir(deno_dir, ids)?;
+    }
+    if let Some(lease) = lease {
+        lease.hold_deno_dir(deno_dir)?;
     }
     Ok(())
 }
@@ -228,7 +253,7 @@ impl IsolateFiles {
             // before tenant code runs.
             "envs": deployment.config.envs,
         });
-        files.write_bootstrap(&bootstrap, policy)?;
+        files.write_bootstrap(&bootstrap)?;
         Ok(files)
     }
 
@@ -252,18 +277,18 @@ impl IsolateFiles {
             "control_path": files.guest.control,
             "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
         });
-        files.write_bootstrap(&bootstrap, policy)?;
+        files.write_bootstrap(&bootstrap)?;
         Ok(files)
     }
 
     /// The bootstrap record holds the tenant's envs (its secrets): readable
     /// by the isolate's uid alone, whatever the runner's umask.
-    fn write_bootstrap(&self, bootstrap: &serde_json::Value, policy: &SandboxPolicy) -> std::io::Result<()> {
+    fn write_bootstrap(&self, bootstrap: &serde_json::Value) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&self.bootstrap)?;
         file.write_all(&serde_json::to_vec(bootstrap).expect("json value"))?;
-        if let Some(ids) = policy.isolate_ids {
+        if let Some(ids) = self.ids {
             std::os::unix::fs::fchown(&file, Some(ids.uid), Some(ids.gid))?;
         }
         Ok(())
@@ -333,10 +358,18 @@ impl IsolateFiles {
     }
 
     /// The directories of a fresh isolate instance, its deno cache dir
-    /// included; no deployment in them yet.
+    /// included; no deployment in them yet. Takes the isolate's uid (its
+    /// own, per-isolate uids) first: everything it writes to is handed to it.
     fn layout(dir: &Path, policy: &SandboxPolicy, deno_dir: &Path) -> Result<Self, SandboxError> {
+        let (ids, uid_lease) = match &policy.isolate_uids {
+            Some(uids) => {
+                let (ids, lease) = uids.take()?;
+                (Some(ids), lease)
+            }
+            None => (None, None),
+        };
         std::fs::create_dir_all(dir)?;
-        prepare_deno_dir(deno_dir, policy)?;
+        prepare_deno_dir(deno_dir, policy, ids, uid_lease.as_deref())?;
         let meta = dir.join("meta");
         let run = dir.join("run");
         let host = |p: &Path| p.to_string_lossy().into_owned();
@@ -384,10 +417,12 @@ impl IsolateFiles {
             root: policy.mount_namespace.then(|| dir.join("root")),
             entrypoint: Url::parse("file:///src/").expect("static url"),
             guest,
+            ids,
+            uid_lease,
         };
         std::fs::create_dir(&files.meta)?;
         std::fs::create_dir(&files.run)?;
-        if let Some(ids) = policy.isolate_ids {
+        if let Some(ids) = files.ids {
             // The isolate creates its socket here; nobody else but the runner
             // (root) may enter.
             std::os::unix::fs::lchown(&files.run, Some(ids.uid), Some(ids.gid))?;
@@ -399,6 +434,11 @@ impl IsolateFiles {
         std::fs::create_dir(&files.src)?;
         std::fs::create_dir(&files.modules)?;
         Ok(files)
+    }
+
+    /// Its own uid's lease (per-isolate uids), for the command that starts it.
+    pub(crate) fn uid_lease(&self) -> Option<&Arc<UidLease>> {
+        self.uid_lease.as_ref()
     }
 
     /// The isolate's name for a host path under the instance directory.

@@ -10,7 +10,7 @@
 //! operating system's layers ([`SandboxPolicy`]): its own mount namespace and
 //! root, the tenant's mounts `noexec` (`jail`), optionally its own network namespace
 //! where only the egress proxy listens (`netns`), rlimits (`rlimits`), its own
-//! unprivileged uid (`identity`), `PR_SET_NO_NEW_PRIVS`, Landlock
+//! unprivileged uid, one per live isolate (`identity`, `uids`), `PR_SET_NO_NEW_PRIVS`, Landlock
 //! (`landlock`) and a seccomp denylist (`seccomp_policy`), entered in that
 //! order between fork and exec (`confine`). Policies are data: each rule,
 //! limit and denied syscall sits in one table with its reason.
@@ -31,6 +31,7 @@ pub mod netns;
 pub mod rlimits;
 mod seccomp;
 pub mod seccomp_policy;
+pub mod uids;
 
 pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, resident_bytes};
 pub use command::{
@@ -38,10 +39,11 @@ pub use command::{
 };
 pub use cpu::process_cpu_time;
 pub use files::{EgressRoute, GuestPaths, IsolateFiles, SandboxError, deno_template_dir, prune_deno_dirs};
-pub use identity::IsolateIds;
+pub use identity::{IsolateIds, IsolateUids};
 pub use landlock::{LandlockError, LandlockPolicy};
 pub use libc::{SIGKILL, SIGTERM};
 pub use seccomp::{SeccompError, SeccompFilters};
+pub use uids::{UidError, UidPool, UidRange};
 
 /// The harness every isolate runs first, embedded so a runner binary is
 /// self-contained.

@@ -348,3 +348,48 @@ fn boot_admission_and_the_per_tenant_cap_default_by_mode_and_come_from_flags_or_
     assert_eq!(field_of(&["serve", "--apps", dir, "--max-isolates-per-tenant", "0"]), "max_isolates_per_tenant");
     assert_eq!(field_of(&["serve", "--apps", dir, "--max-boot-queue", "2000000"]), "max_boot_queue");
 }
+
+#[test]
+fn a_uid_per_isolate_from_a_range_or_one_shared_uid_never_both() {
+    use isocloud_sandbox::UidRange;
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    fn with<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        [&["serve", "--apps", dir, "--state-dir", "/tmp/x"][..], extra].concat()
+    }
+    assert_eq!(
+        parse(&with(dir, &[])).unwrap().isolate_uid,
+        IsolateUid::Auto,
+        "a root runner's default: the default range"
+    );
+    let settings = parse(&with(dir, &["--isolate-uid-range", "3000000-3000099"])).unwrap();
+    assert_eq!(settings.isolate_uid, IsolateUid::Range(UidRange { first: 3_000_000, last: 3_000_099 }));
+    for bad in ["0-100", "60000-70000", "9-3", "100", "1-4294967295"] {
+        assert_eq!(field_of(&with(dir, &["--isolate-uid-range", bad])), "isolate_uid_range", "{bad}");
+    }
+    // One uid for all, or one each: the operator says which.
+    assert_eq!(
+        field_of(&with(dir, &["--isolate-uid", "65534", "--isolate-uid-range", "3000000-3000099"])),
+        "isolate_uid_range"
+    );
+    assert_eq!(
+        field_of(&with(dir, &["--isolate-uid", "off", "--isolate-uid-range", "3000000-3000099"])),
+        "isolate_uid_range"
+    );
+
+    // The file the same; flags, when given, replace the file's choice whole.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("isocloud.toml");
+    let from_file = with(dir, &["--config", config.to_str().unwrap()]);
+    std::fs::write(&config, "isolate_uid_range = \"3000000-3000009\"\n").unwrap();
+    assert_eq!(
+        parse(&from_file).unwrap().isolate_uid,
+        IsolateUid::Range(UidRange { first: 3_000_000, last: 3_000_009 })
+    );
+    let flag_wins = [&from_file[..], &["--isolate-uid", "4321"]].concat();
+    assert_eq!(parse(&flag_wins).unwrap().isolate_uid, IsolateUid::Id(4321));
+    std::fs::write(&config, "isolate_uid = 4321\nisolate_uid_range = \"3000000-3000009\"\n").unwrap();
+    assert_eq!(field_of(&from_file), "isolate_uid_range");
+    std::fs::write(&config, "isolate_uid_range = \"0-9\"\n").unwrap();
+    assert_eq!(field_of(&from_file), "isolate_uid_range");
+}

@@ -24,7 +24,15 @@ use crate::support::*;
 use serde_json::Value;
 
 const FULL_SANDBOX: &str =
-    "sandbox: mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on";
+    "sandbox: mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 rlimits=on";
+
+/// The uid of `pid`, one of the default range's (a uid per isolate), the
+/// same as real, effective, saved and file system uid.
+fn isolate_uid(pid: u32) -> u32 {
+    let ids: Vec<u32> = status_field(pid, "Uid").split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]) && (1_900_000_000..=1_900_099_999).contains(&ids[0]), "{ids:?}");
+    ids[0]
+}
 
 const NEIGHBOUR_SECRET: &str = "neighbour-secret-5d1f0c";
 
@@ -219,7 +227,7 @@ async fn every_layer_is_on_and_the_isolate_runs_unprivileged() {
 
     let pid = pid_of(&runner, "attacker.localhost", "/pid").await;
     assert!(runner.isolate_pids().contains(&pid));
-    assert_eq!(status_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    let uid = isolate_uid(pid);
     assert_eq!(status_field(pid, "Gid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(pid, "Groups"), "");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -234,7 +242,7 @@ async fn every_layer_is_on_and_the_isolate_runs_unprivileged() {
     let run = instance_dir(&runner, "attacker").join("run");
     let meta = std::fs::metadata(&run).unwrap();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o777), (65534, 65534, 0o700));
+    assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o777), (uid, 65534, 0o700));
 }
 
 #[tokio::test]
@@ -279,8 +287,10 @@ async fn another_deployments_files_are_out_of_reach() {
     assert!(!report.to_string().contains(NEIGHBOUR_SECRET), "{report}");
 
     // Each deployment has its own deno cache dir (the V8 code cache deno
-    // writes), the isolate uid's alone: no cache is shared between tenants.
+    // writes), its isolate's uid's alone: no cache is shared between tenants.
     use std::os::unix::fs::MetadataExt;
+    let uids = [isolate_uid(neighbour_pid), isolate_uid(pid_of(&runner, "attacker.localhost", "/pid").await)];
+    assert_ne!(uids[0], uids[1], "a uid per isolate");
     let deno_dirs: Vec<PathBuf> = std::fs::read_dir(runner.state_dir.path().join("deno-dir"))
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -288,7 +298,7 @@ async fn another_deployments_files_are_out_of_reach() {
     assert_eq!(deno_dirs.len(), 2, "one per deployment: {deno_dirs:?}");
     for dir in &deno_dirs {
         let meta = std::fs::metadata(dir).unwrap();
-        assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o700), "{}", dir.display());
+        assert!(uids.contains(&meta.uid()) && meta.mode() & 0o777 == 0o700, "{}", dir.display());
     }
     assert_unharmed(&runner, neighbour_pid).await;
 }
@@ -405,10 +415,11 @@ async fn each_layer_is_switched_off_only_by_its_flag() {
     // Without the mount namespace, every other layer still works on host
     // paths (the isolate uid reaches its files through the state dir).
     let runner = apps.serve(&["--mount-namespace", "off", PROBE_LIMITS[0], PROBE_LIMITS[1]]);
-    let line = "sandbox: mount-namespace=off landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on";
+    let line = "sandbox: mount-namespace=off landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 \
+                rlimits=on";
     runner.wait_for_log(line);
     let pid = pid_of(&runner, "attacker.localhost", "/pid").await;
-    assert_eq!(status_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    isolate_uid(pid);
     let neighbour_pid = pid_of(&runner, "neighbour.localhost", "/").await;
     let neighbour_main = instance_dir(&runner, "neighbour").join("src/main.ts");
     let report = get_json(&runner, &format!("/read?path={}", neighbour_main.display())).await;

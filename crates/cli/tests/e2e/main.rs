@@ -20,6 +20,7 @@ mod hostile_limits;
 mod hostile_network;
 mod hostile_native;
 mod hostile_sandbox;
+mod isolate_uids;
 mod layers;
 mod lifecycle;
 mod net_permissions;

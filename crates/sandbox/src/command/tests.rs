@@ -64,7 +64,7 @@ impl Sandbox {
             v8_heap_limit_mb: None,
             mount_namespace: true,
             network_namespace: false,
-            isolate_ids: ids,
+            isolate_uids: ids.map(IsolateUids::Shared),
             landlock: layers.landlock.then(|| LandlockPolicy::new(deno).expect("this kernel has Landlock")),
             seccomp: layers.seccomp.then(|| SeccompFilters::compile().unwrap()),
             rlimits: layers.rlimits,
@@ -95,7 +95,7 @@ impl Sandbox {
     /// Runs `script` with `deno eval` (all deno permissions) inside the
     /// isolate's confinement; the script prints one JSON value.
     fn eval(&self, script: &str) -> Value {
-        let confinement = Confinement::plan(&self.policy, Some(&self.files)).unwrap();
+        let confinement = Confinement::plan(&self.policy, Some(&self.files), self.files.ids).unwrap();
         let mut command = std::process::Command::new(&self.files.guest.deno);
         command
             .args(["eval", "--quiet", script])
