@@ -189,6 +189,7 @@ impl UidPool {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(claims_dir)?;
         std::fs::set_permissions(claims_dir, std::fs::Permissions::from_mode(0o700))?;
+        reap_stale_claims(claims_dir);
         Ok(Arc::new(UidPool {
             range,
             gid,
@@ -323,6 +324,20 @@ impl PoolState {
     fn free(&mut self, claim: Claim) {
         self.held.remove(&claim.uid);
         drop(claim);
+    }
+}
+
+/// Removes the claim files nobody holds: those of runners that died
+/// (SIGKILL leaves the file, unlocked; its isolates died with it). A file
+/// some runner holds stays; taking the lock first makes the removal safe.
+fn reap_stale_claims(claims_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(claims_dir) else { return };
+    for entry in entries.flatten() {
+        if let Some(uid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+            && let Ok(Some(claim)) = Claim::take(claims_dir, uid)
+        {
+            drop(claim);
+        }
     }
 }
 

@@ -419,6 +419,20 @@ fn run_confined(policy: &SandboxPolicy, ids: IsolateIds) {
 }
 
 #[test]
+fn a_dead_runners_claims_are_cleared_and_a_live_ones_kept() {
+    let claims = tempfile::tempdir().unwrap();
+    let range = test_range(85, 2);
+    let live = pool(range, &claims);
+    let held = live.lease().unwrap();
+    // A runner killed by SIGKILL leaves its file, unlocked.
+    let stale = claims.path().join(range.last.to_string());
+    std::fs::write(&stale, "").unwrap();
+    let _next = pool(range, &claims);
+    assert!(!stale.exists(), "a dead runner's claim is cleared at start-up");
+    assert!(claims.path().join(held.ids().uid.to_string()).exists(), "a live runner's stays");
+}
+
+#[test]
 fn claims_live_in_a_folder_of_roots_alone() {
     let parent = tempfile::tempdir().unwrap();
     let claims = parent.path().join("run/isocloud/isolate-uids");
