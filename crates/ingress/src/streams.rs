@@ -251,18 +251,27 @@ impl Watch {
     fn cut(&self, bound: Bound) {
         let Some(guard) = self.guard.lock().expect("watch poisoned").take() else { return };
         self.cut.store(bound.to_u8(), Ordering::Release);
+        let limits = &self.registry.limits;
+        let (limit_s, why) = match bound {
+            Bound::Idle => (
+                limits.idle_timeout.as_secs_f64(),
+                "no bytes either way for the idle timeout (--stream-idle-timeout-s)",
+            ),
+            Bound::Lifetime => {
+                (limits.max_lifetime.as_secs_f64(), "open for the maximum lifetime (--stream-max-lifetime-s)")
+            }
+        };
+        // The tenant learns it in its own logs, with the request's id.
+        guard.isolate().note(
+            isocloud_protocol::LogLevel::Warning,
+            format!("[isocloud] {} closed by the runner after {limit_s} s: {why}", self.kind.as_str()),
+            Some(self.request_id.clone()),
+        );
         // The isolate may be idle (reaped, evicted) from here on, even if the
         // stream's client never reads again and so never lets it close.
         drop(guard);
         self.waker.wake();
-        let limits = &self.registry.limits;
         self.registry.metrics.count_stream_cut(self.kind.as_str(), bound.as_str());
-        let limit_s = match bound {
-            Bound::Idle => limits.idle_timeout.as_secs_f64(),
-            Bound::Lifetime => limits.max_lifetime.as_secs_f64(),
-        };
-        // No route from the edge into the deployment's activity log yet
-        // (the pool keeps its sink to itself): the runner's log says it.
         tracing::warn!(
             deployment_id = self.deployment_id,
             request_id = self.request_id,
@@ -270,11 +279,7 @@ impl Watch {
             bound = bound.as_str(),
             limit_s,
             lived_s = self.started.elapsed().as_secs_f64(),
-            "stream closed by the runner: {}",
-            match bound {
-                Bound::Idle => "no bytes either way for the idle timeout (--stream-idle-timeout-s)",
-                Bound::Lifetime => "open for the maximum lifetime (--stream-max-lifetime-s)",
-            }
+            "stream closed by the runner: {why}"
         );
     }
 }

@@ -43,6 +43,8 @@ impl BootError {
             BootError::Origin(e) => e.code(),
             BootError::Sandbox(e) => match **e {
                 SandboxError::BadSpecifier(_) => ErrorCode::LayerFailed,
+                // Every isolate uid of the range is held: a full runner.
+                ref e if e.is_capacity() => ErrorCode::Capacity,
                 _ => ErrorCode::Internal,
             },
             BootError::Start(e) => e.code(),

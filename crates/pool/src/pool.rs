@@ -397,11 +397,18 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
     let used = isolate.take_usage();
     let fetch = used.fetch;
     inner.metrics.deployments.usage(deployment_id, used.requests, used.cpu_ms, used.peak_memory_bytes);
-    inner.metrics.deployments.fetch(deployment_id, fetch.bytes_sent + fetch.bytes_received, fetch.denied, fetch.loops);
+    inner.metrics.deployments.fetch(
+        deployment_id,
+        fetch.bytes_sent + fetch.bytes_received,
+        fetch.denied + fetch.internal_denied + fetch.over_limit,
+        fetch.loops,
+    );
     // Refused calls are the tenant's business to know about: its fetch
     // failed, and its logs say why.
     for (count, why) in [
         (fetch.denied, "outside permissions.net (EGRESS_DENIED)"),
+        (fetch.internal_denied, "to an internal address: loopback, private, link-local or the runner's own (EGRESS_DENIED)"),
+        (fetch.over_limit, "past the bound of connections one isolate may hold through the proxy"),
         (fetch.loops, "past the hop bound: a loop back into the cloud (LOOP_DETECTED)"),
     ] {
         if count > 0 {

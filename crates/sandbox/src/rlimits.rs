@@ -98,26 +98,6 @@ pub(crate) fn apply() -> std::io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::HashSet;
-
-    use super::*;
-
-    #[test]
-    fn every_limit_has_a_reason_and_appears_once() {
-        let mut seen = HashSet::new();
-        for limit in RLIMITS {
-            assert!(limit.name.starts_with("RLIMIT_"), "{}", limit.name);
-            assert!(limit.reason.trim().len() >= 10, "{} needs a real reason", limit.name);
-            assert!(seen.insert(limit.resource), "{} is listed twice", limit.name);
-        }
-        for never in [libc::RLIMIT_NPROC, libc::RLIMIT_AS, libc::RLIMIT_DATA, libc::RLIMIT_STACK] {
-            assert!(!seen.contains(&never), "see the module doc for why {never} is not limited here");
-        }
-    }
-}
-
 /// The runner's own descriptor limit: raises the soft limit to the hard one
 /// (every client connection, isolate socket and pipe is one) and returns
 /// `(soft before, soft now)`.
@@ -147,4 +127,24 @@ pub fn descriptor_limit() -> u64 {
         return 0;
     }
     limit.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_limit_has_a_reason_and_appears_once() {
+        let mut seen = HashSet::new();
+        for limit in RLIMITS {
+            assert!(limit.name.starts_with("RLIMIT_"), "{}", limit.name);
+            assert!(limit.reason.trim().len() >= 10, "{} needs a real reason", limit.name);
+            assert!(seen.insert(limit.resource), "{} is listed twice", limit.name);
+        }
+        for never in [libc::RLIMIT_NPROC, libc::RLIMIT_AS, libc::RLIMIT_DATA, libc::RLIMIT_STACK] {
+            assert!(!seen.contains(&never), "see the module doc for why {never} is not limited here");
+        }
+    }
 }

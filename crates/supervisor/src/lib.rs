@@ -208,6 +208,8 @@ pub struct Isolate {
     monitor: Arc<MonitorLink>,
     /// Ends every task of the isolate when it goes (see `lifetime`).
     _lifetime: LifetimeOwner,
+    /// Where its reports go: the deployment's activity.
+    hooks: Arc<dyn IsolateHooks>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +247,7 @@ struct Spawned {
     /// Dropping it (a failed start, an unassigned pre-started isolate, the
     /// isolate's end) kills the process and ends its tasks.
     lifetime: LifetimeOwner,
+    hooks: Arc<dyn IsolateHooks>,
 }
 
 impl Spawned {
@@ -299,7 +302,7 @@ impl Spawned {
         let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
         let (waiting_tx, waiting_rx) = oneshot::channel::<mpsc::Sender<Vec<u8>>>();
         let control = ControlContext {
-            hooks,
+            hooks: hooks.clone(),
             started: Arc::new(Mutex::new(Some(started_tx))),
             waiting: Arc::new(Mutex::new(Some(waiting_tx))),
             materializing: Arc::default(),
@@ -355,6 +358,7 @@ impl Spawned {
             waiting_rx: Some(waiting_rx),
             stderr_tail,
             lifetime: owner,
+            hooks,
         })
     }
 
@@ -365,7 +369,7 @@ impl Spawned {
         start_timeout: Duration,
         limits: IsolateLimits,
     ) -> Result<Arc<Isolate>, StartError> {
-        let Spawned { pid, termination, state, egress, mut started_rx, stderr_tail, lifetime, .. } = self;
+        let Spawned { pid, termination, state, egress, mut started_rx, stderr_tail, lifetime, hooks, .. } = self;
         let isolate = Arc::new(Isolate {
             pid,
             files,
@@ -380,6 +384,7 @@ impl Spawned {
             last_active_ms: AtomicU64::new(0),
             monitor: Arc::default(),
             _lifetime: lifetime,
+            hooks,
         });
         let exited = isolate.state.clone();
         let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
@@ -624,6 +629,12 @@ impl Isolate {
         self.touch();
         let hop = self.egress.as_ref().map(|grant| grant.enter(hops));
         InFlight { isolate: self.clone(), started: Instant::now(), _hop: hop }
+    }
+
+    /// A note of the runner's about this isolate (a stream it cut, a bound
+    /// it hit) into the deployment's own logs, beside its console output.
+    pub fn note(&self, level: LogLevel, message: String, request_id: Option<String>) {
+        self.hooks.log(level, message, request_id);
     }
 
     /// The isolate's egress proxy credentials, when it has any.

@@ -310,6 +310,9 @@ async fn an_idle_websocket_is_closed_after_the_idle_timeout_and_frees_its_slot()
     let metrics = runner.metrics().await;
     assert!(has_metric(&metrics, "isocloud_streams_cut_total{kind=\"upgrade\",bound=\"idle\"} 1"), "{metrics}");
     runner.wait_for_log("stream closed by the runner");
+    // The tenant is told too, in its own logs (apps mode: the runner's log,
+    // as `isocloud::tenant`).
+    runner.wait_for_log("[isocloud] upgrade closed by the runner after 1 s");
 }
 
 /// Reads `path` until the body ends; returns the text, whether it ended with
