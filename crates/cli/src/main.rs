@@ -6,6 +6,7 @@ mod client;
 mod control_plane;
 mod deno;
 mod origins;
+mod resources;
 mod sandbox;
 mod settings;
 
@@ -61,6 +62,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    resources::raise_descriptor_limit();
     let (deno, deno_version) = deno::find_deno(settings.deno.as_deref())?;
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state dir {}", settings.state_dir.display()))?;
@@ -144,7 +146,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 None => None,
             };
             let https_port = tls.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| a.port());
-            let control_plane = control_plane::start(control, public.port(), https_port).await?;
+            let (control_plane, control_addr) = control_plane::start(control, public.port(), https_port).await?;
+            // Its real address: `--control-listen …:0` picks the port now.
+            if let Some(egress) = &egress {
+                egress.add_private_listener(control_addr, "control plane listener");
+            }
             if let Some(tcp) = tls {
                 let tls_addr = tcp.local_addr()?;
                 if let Some(egress) = &egress {
@@ -167,14 +173,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         kill_grace: std::time::Duration::from_secs(1),
         instances_dir: state_dir.join(format!("isolates-{}", std::process::id())),
         max_isolates: settings.max_isolates,
+        max_isolates_per_tenant: settings.max_isolates_per_tenant,
+        admission: admission_options(&settings),
         limits: IsolateLimits {
             cpu_limit_ms: settings.cpu_limit_ms,
             memory_limit_bytes: settings.memory_limit_mb * 1024 * 1024,
             watch_rss: cgroups.is_none(),
         },
         cgroups,
-        max_isolates_per_tenant: settings.max_isolates_per_tenant,
-        admission: admission_options(&settings),
         activity: ActivityOptions {
             spool_dir: state_dir.join("spool"),
             spool_max_bytes: settings.spool_max_bytes,
@@ -189,6 +195,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         max_deno_dirs: MAX_DENO_DIRS,
         prestarted_per_profile: settings.prestarted_isolates,
     };
+    resources::register(&mut registry, pool_options.cgroups.clone(), pool_options.instances_dir.clone());
     match (settings.prestarted_isolates, policy.mount_namespace) {
         (0, _) => tracing::info!("pre-started isolates: off"),
         (n, true) => tracing::info!(per_profile = n, "pre-started isolates: on"),
@@ -269,13 +276,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The egress proxy's own figures: calls refused for an internal address or
-/// a connection bound, and client connections held now.
-fn register_egress_metrics(registry: &mut Registry, egress: EgressProxy) {
-    use prometheus_client::collector::Collector;
-    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-    use prometheus_client::metrics::counter::ConstCounter;
-    use prometheus_client::metrics::gauge::ConstGauge;
 /// Boot admission as set, or from this machine's cores and memory (logged:
 /// the operator sees what the defaults came to). A boot waits for its turn
 /// at most the request timeout: a client would not wait longer for a
@@ -310,6 +310,13 @@ fn admission_options(settings: &Settings) -> AdmissionOptions {
     }
 }
 
+/// The egress proxy's own figures: calls refused for an internal address or
+/// a connection bound, and client connections held now.
+fn register_egress_metrics(registry: &mut Registry, egress: EgressProxy) {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
 
     #[derive(Debug)]
     struct EgressCollector(EgressProxy);

@@ -168,15 +168,6 @@ pub struct CommonFlags {
     /// boot skips deno's start; 0: none. Needs --mount-namespace on [default: 2].
     #[arg(long, value_name = "N")]
     pub prestarted_isolates: Option<usize>,
-}
-
-#[derive(Args, Debug, Default)]
-pub struct ControlPlaneFlags {
-    /// The control plane's data: database, blobs, admin token [default: $XDG_DATA_HOME/isocloud or ~/.local/share/isocloud].
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
-    #[arg(long, value_name = "URL")]
     /// Deno processes starting at once; other boots wait their turn, first
     /// come first served [default: 2 per core, at least 2, at most what half
     /// the available memory holds at 64 MB a start].
@@ -193,6 +184,15 @@ pub struct ControlPlaneFlags {
     /// with one subhoster, a quarter with the control plane].
     #[arg(long, value_name = "N")]
     pub max_isolates_per_tenant: Option<usize>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ControlPlaneFlags {
+    /// The control plane's data: database, blobs, admin token [default: $XDG_DATA_HOME/isocloud or ~/.local/share/isocloud].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
+    #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
     /// Deployments are served at <project>-<id>.DOMAIN, production at <project>.DOMAIN [default: localhost].
     #[arg(long, value_name = "DOMAIN")]
@@ -278,6 +278,9 @@ struct FileConfig {
     max_hops: Option<u32>,
     usage_interval_s: Option<u64>,
     prestarted_isolates: Option<usize>,
+    max_concurrent_boots: Option<usize>,
+    max_boot_queue: Option<usize>,
+    max_isolates_per_tenant: Option<usize>,
     apps: Option<PathBuf>,
     data: Option<PathBuf>,
     database_url: Option<String>,
@@ -288,9 +291,6 @@ struct FileConfig {
     usage_retention_d: Option<u64>,
     max_blob_mb: Option<u64>,
     domain_verify_http_port: Option<u16>,
-    max_concurrent_boots: Option<usize>,
-    max_boot_queue: Option<usize>,
-    max_isolates_per_tenant: Option<usize>,
     dns_resolver: Option<String>,
     public_http_port: Option<u16>,
     rpc_root: Option<String>,
@@ -411,20 +411,6 @@ pub struct Settings {
     pub max_hops: u32,
     pub usage_interval: Duration,
     pub prestarted_isolates: usize,
-}
-
-impl Settings {
-    pub fn from_cli(command: Command) -> Result<Self, SettingsError> {
-        let (common, apps, subhost, control) = match command {
-            Command::Serve { common, apps, control } => (common, Some(apps), None, Some(control)),
-            Command::Runner { common, subhost } => (common, None, Some(subhost), None),
-            // main.rs dispatches client commands before settings are built.
-            Command::Client(_) => return Err(invalid("command", "a client command has no runner settings")),
-        };
-        let file = match &common.config {
-            Some(path) => read_file_config(path)?,
-            None => FileConfig::default(),
-        };
     /// `None`: from the machine ([`isocloud_pool::default_concurrency`]).
     pub max_concurrent_boots: Option<usize>,
     /// `None`: [`BOOT_QUEUE_PER_CONCURRENT_BOOT`] per concurrent boot.
@@ -444,6 +430,20 @@ pub const BOOT_QUEUE_PER_CONCURRENT_BOOT: usize = 64;
 /// tenants' caps add up to the whole runner; alone, one cannot hold the rest.
 pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usize>) -> usize {
     (max_isolates / tenants.unwrap_or(4).clamp(1, 4)).max(1)
+}
+
+impl Settings {
+    pub fn from_cli(command: Command) -> Result<Self, SettingsError> {
+        let (common, apps, subhost, control) = match command {
+            Command::Serve { common, apps, control } => (common, Some(apps), None, Some(control)),
+            Command::Runner { common, subhost } => (common, None, Some(subhost), None),
+            // main.rs dispatches client commands before settings are built.
+            Command::Client(_) => return Err(invalid("command", "a client command has no runner settings")),
+        };
+        let file = match &common.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
         // `serve` without an apps folder runs the control plane.
         let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
         let control_flags_given =
@@ -469,20 +469,6 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
         let request_timeout = seconds("request_timeout_s", common.request_timeout_s, file.request_timeout_s, 60, 1)?;
         let max_isolates =
             within("max_isolates", common.max_isolates.or(file.max_isolates).unwrap_or(1000), 1..=100_000)?;
-        let max_request_body_mb = within(
-            "max_request_body_mb",
-            common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100),
-            1..=65_536,
-        )?;
-        let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
-        // Idle 60 s: what nginx (proxy_read_timeout) and AWS load balancers
-        // allow by default, so clients already ping inside it (WebSocket
-        // libraries every 20–30 s, SSE keep-alive comments). Lifetime 1 h: a
-        // busy stream keeps its isolate's slot, so it must end some time;
-        // an hour outlasts any download or session a client would not
-        // resume anyway (AWS API Gateway allows 2 h).
-        let stream_idle_timeout =
-            seconds("stream_idle_timeout_s", common.stream_idle_timeout_s, file.stream_idle_timeout_s, 60, 1)?;
         let max_concurrent_boots = common
             .max_concurrent_boots
             .or(file.max_concurrent_boots)
@@ -498,6 +484,20 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
             .or(file.max_isolates_per_tenant)
             .map(|n| within("max_isolates_per_tenant", n, 1..=100_000))
             .transpose()?;
+        let max_request_body_mb = within(
+            "max_request_body_mb",
+            common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100),
+            1..=65_536,
+        )?;
+        let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
+        // Idle 60 s: what nginx (proxy_read_timeout) and AWS load balancers
+        // allow by default, so clients already ping inside it (WebSocket
+        // libraries every 20–30 s, SSE keep-alive comments). Lifetime 1 h: a
+        // busy stream keeps its isolate's slot, so it must end some time;
+        // an hour outlasts any download or session a client would not
+        // resume anyway (AWS API Gateway allows 2 h).
+        let stream_idle_timeout =
+            seconds("stream_idle_timeout_s", common.stream_idle_timeout_s, file.stream_idle_timeout_s, 60, 1)?;
         let stream_max_lifetime =
             seconds("stream_max_lifetime_s", common.stream_max_lifetime_s, file.stream_max_lifetime_s, 3600, 1)?;
         if stream_idle_timeout > stream_max_lifetime {
@@ -651,6 +651,14 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
             }
             (None, None) => unreachable!("clap makes every command one of the two"),
         };
+        let max_isolates_per_tenant = max_isolates_per_tenant.unwrap_or_else(|| {
+            let tenants = match &mode {
+                Mode::Apps(_) => Some(1),
+                Mode::Subhost(subhosters) => Some(subhosters.len()),
+                Mode::ControlPlane(_) => None,
+            };
+            default_max_isolates_per_tenant(max_isolates, tenants)
+        });
         Ok(Settings {
             mode,
             listen,
@@ -682,17 +690,12 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
             egress_proxy,
             network_namespace,
             egress_allow_private,
-        let max_isolates_per_tenant = max_isolates_per_tenant.unwrap_or_else(|| {
-            let tenants = match &mode {
-                Mode::Apps(_) => Some(1),
-                Mode::Subhost(subhosters) => Some(subhosters.len()),
-                Mode::ControlPlane(_) => None,
-            };
-            default_max_isolates_per_tenant(max_isolates, tenants)
-        });
             max_hops,
             usage_interval,
             prestarted_isolates,
+            max_concurrent_boots,
+            max_boot_queue,
+            max_isolates_per_tenant,
         })
     }
 }
@@ -724,9 +727,6 @@ where
 {
     if range.contains(&value) {
         Ok(value)
-            max_concurrent_boots,
-            max_boot_queue,
-            max_isolates_per_tenant,
     } else {
         Err(invalid(field, format!("{value} is out of range ({}..={})", range.start(), range.end())))
     }

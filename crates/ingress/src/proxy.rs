@@ -166,7 +166,8 @@ impl Proxy {
         };
         let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
-        let isolate = self.pool.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
+        let reserved = self.pool.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
+        let isolate = reserved.isolate().clone();
 
         let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let public_uri: Uri = format!("{}://{}{path}", route.public_scheme, route.public_host)
@@ -205,7 +206,7 @@ impl Proxy {
         let body: RequestBody =
             Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone(), activity.clone())
                 .boxed();
-        let guard = isolate.begin_request(hops);
+        let guard = reserved.begin_request(hops);
         let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
         let outcome = forwarded.await;
         // Errors in the usage reports: the tenant's own 5xx and the runner's

@@ -11,7 +11,7 @@ use futures_util::future::{BoxFuture, Shared};
 use isocloud_origin::{DiskCache, Origin};
 use isocloud_protocol::{ActivityKind, LogLevel};
 use isocloud_sandbox::SandboxPolicy;
-use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Termination};
+use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Reserved, Termination};
 
 use crate::admission::{Admission, AdmissionOptions};
 use crate::boot::{BootContext, boot};
@@ -168,7 +168,31 @@ impl Pool {
 
     /// The running isolate of `deployment_id`, booting it if needed.
     /// Concurrent callers for one deployment share one boot.
-    pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Arc<Isolate>, BootError> {
+    /// The isolate comes reserved ([`Isolate::reserve`], taken under the
+    /// pool's lock): no idle stop or eviction can end it before its request.
+    pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Reserved, BootError> {
+        // A boot's isolate is reserved when its waiter gets the lock; should
+        // it have been evicted in between (another boot needed the slot),
+        // the request goes round again rather than to a dying isolate.
+        for _ in 0..3 {
+            let isolate = self.isolate_unreserved(origin, deployment_id).await?;
+            let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
+            let slots = self.inner.slots.lock().expect("pool poisoned");
+            let still_ready = slots
+                .get(&key)
+                .is_some_and(|entry| matches!(&entry.slot, Slot::Ready(ready) if Arc::ptr_eq(ready, &isolate)));
+            if still_ready && isolate.is_running() && isolate.termination().is_none() {
+                return Ok(isolate.reserve());
+            }
+        }
+        Err(BootError::Capacity(self.inner.options.max_isolates))
+    }
+
+    async fn isolate_unreserved(
+        &self,
+        origin: &Arc<dyn Origin>,
+        deployment_id: &str,
+    ) -> Result<Arc<Isolate>, BootError> {
         let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
         let boot_future = {
             let mut slots = self.inner.slots.lock().expect("pool poisoned");

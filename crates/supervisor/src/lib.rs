@@ -618,12 +618,26 @@ impl Isolate {
         self.last_active_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Holds the isolate busy (so no idle stop or eviction picks it) from
+    /// now until the reservation becomes a request ([`Reserved::begin_request`])
+    /// or drops. The pool reserves under its lock, so an isolate it hands
+    /// out cannot be ended between the lookup and the request.
+    pub fn reserve(self: &Arc<Self>) -> Reserved {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Reserved { isolate: Some(self.clone()) }
+    }
+
     /// Marks a request as in flight until the returned guard drops (when the
     /// response body has been fully sent, not merely the headers).
     /// `hops`: how many isolates of this cloud the request has passed
     /// through already; calls the isolate makes meanwhile carry one more.
     pub fn begin_request(self: &Arc<Self>, hops: u32) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started_request(hops)
+    }
+
+    /// [`Isolate::begin_request`] with `in_flight` already counted.
+    fn started_request(self: &Arc<Self>, hops: u32) -> InFlight {
         self.requests_started.fetch_add(1, Ordering::SeqCst);
         self.monitor.request_started();
         self.touch();
@@ -812,6 +826,40 @@ impl Drop for Isolate {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.files.dir);
+    }
+}
+
+/// An isolate held busy for a request about to be sent
+/// ([`Isolate::reserve`]).
+pub struct Reserved {
+    isolate: Option<Arc<Isolate>>,
+}
+
+impl Reserved {
+    pub fn isolate(&self) -> &Arc<Isolate> {
+        self.isolate.as_ref().expect("a reservation holds its isolate until used")
+    }
+
+    /// The reservation becomes the request's [`InFlight`] guard.
+    pub fn begin_request(mut self, hops: u32) -> InFlight {
+        let isolate = self.isolate.take().expect("a reservation is used once");
+        isolate.started_request(hops)
+    }
+}
+
+impl std::ops::Deref for Reserved {
+    type Target = Arc<Isolate>;
+    fn deref(&self) -> &Arc<Isolate> {
+        self.isolate()
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(isolate) = self.isolate.take() {
+            isolate.touch();
+            isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
