@@ -16,7 +16,7 @@
 //! cost milliseconds).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -108,6 +108,8 @@ pub(crate) struct Admission {
     permits: Arc<Semaphore>,
     options: AdmissionOptions,
     waiting: AtomicUsize,
+    /// How long a turn is held, on average lately (µs; 0: none yet).
+    held_us: Arc<AtomicU64>,
     metrics: AdmissionMetrics,
 }
 
@@ -116,11 +118,19 @@ pub(crate) struct Admission {
 pub(crate) struct Turn {
     _permit: OwnedSemaphorePermit,
     running: Gauge,
+    since: Instant,
+    held_us: Arc<AtomicU64>,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
         self.running.dec();
+        // An exponential average over the last few dozen turns; races between
+        // turns ending together lose a sample, which an average can spare.
+        let sample = self.since.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        let average = self.held_us.load(Ordering::Relaxed);
+        let next = if average == 0 { sample.max(1) } else { (average * 15 + sample) / 16 };
+        self.held_us.store(next.max(1), Ordering::Relaxed);
     }
 }
 
@@ -137,13 +147,16 @@ impl Drop for Place<'_> {
 impl Admission {
     pub(crate) fn new(options: AdmissionOptions, metrics: AdmissionMetrics) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_concurrent_boots.max(1)));
-        Self { permits, options, waiting: AtomicUsize::new(0), metrics }
+        Self { permits, options, waiting: AtomicUsize::new(0), held_us: Arc::new(AtomicU64::new(0)), metrics }
     }
 
     /// Waits for a turn: at once if one is free, else behind every boot that
     /// asked earlier (tokio's semaphore is fair: a free permit goes to the
-    /// longest waiter, and `try_acquire` cannot overtake one). Refused when
-    /// the queue is full or the wait passes `max_queue_wait`.
+    /// longest waiter, and `try_acquire` cannot overtake one). Refused at
+    /// once when the queue is full or when, at the pace turns have been
+    /// taking lately, this one would come after `max_queue_wait` (a client
+    /// is better told to retry now than after waiting for nothing); refused
+    /// too when the wait passes `max_queue_wait` all the same.
     pub(crate) async fn turn(&self) -> Result<Turn, BootError> {
         let asked = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -155,6 +168,11 @@ impl Admission {
                 if ahead >= self.options.max_boot_queue {
                     drop(place);
                     self.refuse("queue_full");
+                    return Err(BootError::BootQueueFull(ahead));
+                }
+                if self.expected_wait(ahead) > self.options.max_queue_wait {
+                    drop(place);
+                    self.refuse("queue_too_slow");
                     return Err(BootError::BootQueueFull(ahead));
                 }
                 self.metrics.queue_length.set(ahead as i64 + 1);
@@ -174,7 +192,19 @@ impl Admission {
         };
         self.metrics.wait_seconds.observe(asked.elapsed().as_secs_f64());
         self.metrics.running.inc();
-        Ok(Turn { _permit: permit, running: self.metrics.running.clone() })
+        Ok(Turn {
+            _permit: permit,
+            running: self.metrics.running.clone(),
+            since: Instant::now(),
+            held_us: self.held_us.clone(),
+        })
+    }
+
+    /// When a boot with `ahead` boots waiting before it would get its turn,
+    /// if turns go on being held as long as lately (zero before the first).
+    fn expected_wait(&self, ahead: usize) -> Duration {
+        let held = Duration::from_micros(self.held_us.load(Ordering::Relaxed));
+        held.saturating_mul((ahead + 1) as u32) / self.options.max_concurrent_boots.max(1) as u32
     }
 
     fn refuse(&self, reason: &'static str) {
@@ -284,6 +314,41 @@ mod tests {
         let started = Instant::now();
         drop(admission.turn().await.unwrap());
         assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_boot_that_would_wait_past_the_bound_at_the_recent_pace_is_refused_at_once() {
+        let admission = admission(1, 100, Duration::from_millis(250));
+        // Turns held 100 ms each: the pace the queue has been going at.
+        for _ in 0..3 {
+            let turn = admission.turn().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(turn);
+        }
+        let pace = admission.expected_wait(0);
+        assert!(pace >= Duration::from_millis(100) && pace < Duration::from_millis(125), "{pace:?}");
+        let first = admission.turn().await.unwrap();
+        // The first two in line come within the bound (~100 and ~200 ms)...
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.turn().await.map(drop) })
+            })
+            .collect();
+        while admission.waiting() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ...a third would not (~300 ms): refused now, not after 250 ms.
+        let asked = Instant::now();
+        for _ in 0..10 {
+            assert!(matches!(admission.turn().await, Err(BootError::BootQueueFull(2))));
+        }
+        assert!(asked.elapsed() < Duration::from_millis(50));
+        assert_eq!(admission.metrics.refusals.get_or_create(&vec![("reason", "queue_too_slow")]).get(), 10);
+        drop(first);
+        for waiter in waiters {
+            waiter.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]
