@@ -28,9 +28,7 @@ fn count_entries(dir: &std::path::Path) -> usize {
 fn threads() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| {
-            status.lines().find_map(|l| l.strip_prefix("Threads:").and_then(|n| n.trim().parse().ok()))
-        })
+        .and_then(|status| status.lines().find_map(|l| l.strip_prefix("Threads:").and_then(|n| n.trim().parse().ok())))
         .unwrap_or(0)
 }
 
@@ -50,14 +48,30 @@ impl Collector for ResourceCollector {
         let held = isocloud_supervisor::held();
         let tasks = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_alive_tasks()).unwrap_or(0);
         let gauges: [(&str, &str, i64); 11] = [
-            ("isocloud_process_open_fds", "Descriptors the runner holds open", count_entries("/proc/self/fd".as_ref()) as i64),
-            ("isocloud_process_max_fds", "The runner's soft descriptor limit", isocloud_sandbox::rlimits::descriptor_limit() as i64),
+            (
+                "isocloud_process_open_fds",
+                "Descriptors the runner holds open",
+                count_entries("/proc/self/fd".as_ref()) as i64,
+            ),
+            (
+                "isocloud_process_max_fds",
+                "The runner's soft descriptor limit",
+                isocloud_sandbox::rlimits::descriptor_limit() as i64,
+            ),
             ("isocloud_process_threads", "Threads of the runner process", threads() as i64),
             ("isocloud_runtime_alive_tasks", "Tasks alive in the runner's async runtime", tasks as i64),
-            ("isocloud_isolate_lifetimes", "Isolate lifetimes not yet ended (live, starting, pre-started)", held.lifetimes),
+            (
+                "isocloud_isolate_lifetimes",
+                "Isolate lifetimes not yet ended (live, starting, pre-started)",
+                held.lifetimes,
+            ),
             ("isocloud_isolate_control_listeners", "Isolate control sockets bound", held.control_listeners),
             ("isocloud_isolate_control_connections", "Isolate control connections open", held.control_connections),
-            ("isocloud_isolate_tasks", "Per-isolate tasks running (accept loops, control connections, output pumps, exit watchers, asset reads)", held.tasks),
+            (
+                "isocloud_isolate_tasks",
+                "Per-isolate tasks running (accept loops, control connections, output pumps, exit watchers, asset reads)",
+                held.tasks,
+            ),
             ("isocloud_isolate_materializing", "Asset reads being served for isolates", held.materializing),
             (
                 "isocloud_isolate_cgroups",

@@ -431,7 +431,10 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
     // failed, and its logs say why.
     for (count, why) in [
         (fetch.denied, "outside permissions.net (EGRESS_DENIED)"),
-        (fetch.internal_denied, "to an internal address: loopback, private, link-local or the runner's own (EGRESS_DENIED)"),
+        (
+            fetch.internal_denied,
+            "to an internal address: loopback, private, link-local or the runner's own (EGRESS_DENIED)",
+        ),
         (fetch.over_limit, "past the bound of connections one isolate may hold through the proxy"),
         (fetch.loops, "past the hop bound: a loop back into the cloud (LOOP_DETECTED)"),
     ] {

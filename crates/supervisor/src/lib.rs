@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use std::collections::HashMap;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
@@ -27,14 +26,15 @@ use isocloud_egress::{EgressGrant, EgressUsage, HopGuard};
 use isocloud_protocol::{ErrorCode, LogLevel};
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
 use serde::Deserialize;
+use std::collections::HashMap;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod lifetime;
 mod monitor;
-pub use lifetime::{Held, held};
 use lifetime::{Count, HELD, Lifetime, LifetimeOwner, breach};
+pub use lifetime::{Held, held};
 use monitor::{MonitorLink, monitor};
 
 /// What the runner does with an isolate's reports. Implemented by the pool,

@@ -219,10 +219,7 @@ async fn churn(runner: &Runner, get: Get<'_>) {
     assert!(after.fds <= baseline.fds + 8, "descriptors grew: {baseline:?} -> {after:?}");
     assert!(after.tasks <= baseline.tasks + 16, "tasks grew: {baseline:?} -> {after:?}");
     assert!(after.isolate_tasks <= baseline.isolate_tasks + 4, "isolate tasks grew: {baseline:?} -> {after:?}");
-    assert!(
-        after.control_listeners <= baseline.control_listeners,
-        "control listeners grew: {baseline:?} -> {after:?}"
-    );
+    assert!(after.control_listeners <= baseline.control_listeners, "control listeners grew: {baseline:?} -> {after:?}");
     assert!(after.cgroups <= baseline.cgroups, "cgroups grew: {baseline:?} -> {after:?}");
     assert!(after.isolate_dirs <= baseline.isolate_dirs, "isolate folders grew: {baseline:?} -> {after:?}");
     let refused = gauge(&runner.metrics().await, "isocloud_isolate_control_connections_refused_total");
