@@ -14,9 +14,15 @@
 //! I/O, before the queue), and boots that take a pre-started isolate (their
 //! number is bounded by the isolates waiting, a few per profile, and they
 //! cost milliseconds).
+//!
+//! The queue is shared, so each tenant may hold only its share of it (the
+//! share of the isolate slots `--max-isolates-per-tenant` gives it): one
+//! tenant's flood of new deployments cannot fill the queue and turn every
+//! other tenant's boot away.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -28,9 +34,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::BootError;
 
 /// What one deno start costs in memory while it starts, for the default
-/// concurrency: the private memory (USS) of a hello-world isolate when it
-/// starts serving is ~28 MiB here (deno 2, harness loaded; bench/burst.py
-/// prints it), rounded up for tenant code that does more at start.
+/// concurrency: a hello-world isolate's resident memory peaks at ~44 MiB
+/// when it starts serving (VmHWM; ~12 MiB of it its own, the rest deno's
+/// shared pages; bench/burst.py prints the latter), counted whole and
+/// rounded up for tenant code that does more at start.
 pub const BOOT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How the queue behaves; see `--max-concurrent-boots`, `--max-boot-queue`.
@@ -108,6 +115,10 @@ pub(crate) struct Admission {
     permits: Arc<Semaphore>,
     options: AdmissionOptions,
     waiting: AtomicUsize,
+    /// Boots one tenant may have waiting, at most.
+    max_waiting_per_tenant: usize,
+    /// Boots waiting now, per tenant (none listed: none waiting).
+    waiting_by_tenant: Mutex<HashMap<String, usize>>,
     /// How long a turn is held, on average lately (µs; 0: none yet).
     held_us: Arc<AtomicU64>,
     metrics: AdmissionMetrics,
@@ -144,10 +155,34 @@ impl Drop for Place<'_> {
     }
 }
 
+/// Takes a tenant's place in its share of the queue back.
+struct TenantPlace<'a>(&'a Admission, &'a str);
+
+impl Drop for TenantPlace<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.0.waiting_by_tenant.lock().expect("admission poisoned");
+        if let Some(count) = waiting.get_mut(self.1) {
+            *count -= 1;
+            if *count == 0 {
+                waiting.remove(self.1);
+            }
+        }
+    }
+}
+
 impl Admission {
-    pub(crate) fn new(options: AdmissionOptions, metrics: AdmissionMetrics) -> Self {
+    /// `max_waiting_per_tenant`: a tenant's share of `max_boot_queue`.
+    pub(crate) fn new(options: AdmissionOptions, max_waiting_per_tenant: usize, metrics: AdmissionMetrics) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_concurrent_boots.max(1)));
-        Self { permits, options, waiting: AtomicUsize::new(0), held_us: Arc::new(AtomicU64::new(0)), metrics }
+        Self {
+            permits,
+            options,
+            waiting: AtomicUsize::new(0),
+            max_waiting_per_tenant,
+            waiting_by_tenant: Mutex::new(HashMap::new()),
+            held_us: Arc::new(AtomicU64::new(0)),
+            metrics,
+        }
     }
 
     /// Waits for a turn: at once if one is free, else behind every boot that
@@ -157,7 +192,7 @@ impl Admission {
     /// taking lately, this one would come after `max_queue_wait` (a client
     /// is better told to retry now than after waiting for nothing); refused
     /// too when the wait passes `max_queue_wait` all the same.
-    pub(crate) async fn turn(&self) -> Result<Turn, BootError> {
+    pub(crate) async fn turn(&self, tenant: &str) -> Result<Turn, BootError> {
         let asked = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -175,10 +210,24 @@ impl Admission {
                     self.refuse("queue_too_slow");
                     return Err(BootError::BootQueueFull(ahead));
                 }
+                let tenant_place = {
+                    let mut waiting = self.waiting_by_tenant.lock().expect("admission poisoned");
+                    let mine = waiting.entry(tenant.to_owned()).or_default();
+                    if *mine >= self.max_waiting_per_tenant {
+                        let mine = *mine;
+                        drop(waiting);
+                        drop(place);
+                        self.refuse("tenant_queue_full");
+                        return Err(BootError::TenantBootQueueFull(mine));
+                    }
+                    *mine += 1;
+                    TenantPlace(self, tenant)
+                };
                 self.metrics.queue_length.set(ahead as i64 + 1);
                 self.metrics.queued.inc();
                 let acquired = tokio::time::timeout(self.options.max_queue_wait, self.permits.clone().acquire_owned());
                 let result = acquired.await;
+                drop(tenant_place);
                 drop(place);
                 match result {
                     Ok(Ok(permit)) => permit,
@@ -240,6 +289,7 @@ mod tests {
     fn admission(concurrent: usize, queue: usize, wait: Duration) -> Arc<Admission> {
         Arc::new(Admission::new(
             AdmissionOptions { max_concurrent_boots: concurrent, max_boot_queue: queue, max_queue_wait: wait },
+            queue,
             metrics(),
         ))
     }
@@ -267,7 +317,7 @@ mod tests {
         for i in 0..12 {
             let (admission, order, running, peak) = (admission.clone(), order.clone(), running.clone(), peak.clone());
             tasks.push(tokio::spawn(async move {
-                let turn = admission.turn().await.unwrap();
+                let turn = admission.turn("t").await.unwrap();
                 order.lock().unwrap().push(i);
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
@@ -291,17 +341,17 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_at_once_and_a_long_wait_is_refused() {
         let admission = admission(1, 2, Duration::from_millis(300));
-        let first = admission.turn().await.unwrap();
+        let first = admission.turn("t").await.unwrap();
         let queued: Vec<_> = (0..2)
             .map(|_| {
                 let admission = admission.clone();
-                tokio::spawn(async move { admission.turn().await.map(drop) })
+                tokio::spawn(async move { admission.turn("t").await.map(drop) })
             })
             .collect();
         while admission.waiting() < 2 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert!(matches!(admission.turn().await, Err(BootError::BootQueueFull(2))));
+        assert!(matches!(admission.turn("t").await, Err(BootError::BootQueueFull(2))));
         assert_eq!(admission.metrics.refusals.get_or_create(&vec![("reason", "queue_full")]).get(), 1);
         // The turn is held past the wait bound: both waiters give up.
         for task in queued {
@@ -312,7 +362,7 @@ mod tests {
         drop(first);
         // Free again: the next boot starts at once.
         let started = Instant::now();
-        drop(admission.turn().await.unwrap());
+        drop(admission.turn("t").await.unwrap());
         assert!(started.elapsed() < Duration::from_millis(100));
     }
 
@@ -321,18 +371,18 @@ mod tests {
         let admission = admission(1, 100, Duration::from_millis(250));
         // Turns held 100 ms each: the pace the queue has been going at.
         for _ in 0..3 {
-            let turn = admission.turn().await.unwrap();
+            let turn = admission.turn("t").await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(turn);
         }
         let pace = admission.expected_wait(0);
         assert!(pace >= Duration::from_millis(100) && pace < Duration::from_millis(125), "{pace:?}");
-        let first = admission.turn().await.unwrap();
+        let first = admission.turn("t").await.unwrap();
         // The first two in line come within the bound (~100 and ~200 ms)...
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let admission = admission.clone();
-                tokio::spawn(async move { admission.turn().await.map(drop) })
+                tokio::spawn(async move { admission.turn("t").await.map(drop) })
             })
             .collect();
         while admission.waiting() < 2 {
@@ -341,7 +391,7 @@ mod tests {
         // ...a third would not (~300 ms): refused now, not after 250 ms.
         let asked = Instant::now();
         for _ in 0..10 {
-            assert!(matches!(admission.turn().await, Err(BootError::BootQueueFull(2))));
+            assert!(matches!(admission.turn("t").await, Err(BootError::BootQueueFull(2))));
         }
         assert!(asked.elapsed() < Duration::from_millis(50));
         assert_eq!(admission.metrics.refusals.get_or_create(&vec![("reason", "queue_too_slow")]).get(), 10);
@@ -352,17 +402,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_tenant_cannot_fill_the_queue() {
+        let admission = Arc::new(Admission::new(
+            AdmissionOptions { max_concurrent_boots: 1, max_boot_queue: 8, max_queue_wait: Duration::from_secs(10) },
+            2,
+            metrics(),
+        ));
+        let first = admission.turn("a").await.unwrap();
+        let wait = |tenant: &'static str| {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.turn(tenant).await.map(drop) })
+        };
+        let waiters = vec![wait("a"), wait("a")];
+        while admission.waiting() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // a's share (2) is taken; the queue (8) is not.
+        assert!(matches!(admission.turn("a").await, Err(BootError::TenantBootQueueFull(2))));
+        assert_eq!(admission.metrics.refusals.get_or_create(&vec![("reason", "tenant_queue_full")]).get(), 1);
+        let others = vec![wait("b"), wait("b")];
+        while admission.waiting() < 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(first);
+        for waiter in waiters.into_iter().chain(others) {
+            waiter.await.unwrap().unwrap();
+        }
+        // Every place given back: a may queue again.
+        assert!(admission.waiting_by_tenant.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_queue_of_zero_starts_at_once_or_refuses_and_closing_ends_waits() {
         let admission = admission(1, 0, Duration::from_secs(10));
-        let turn = admission.turn().await.unwrap();
-        assert!(matches!(admission.turn().await, Err(BootError::BootQueueFull(0))));
+        let turn = admission.turn("t").await.unwrap();
+        assert!(matches!(admission.turn("t").await, Err(BootError::BootQueueFull(0))));
         drop(turn);
 
         let admission = self::admission(1, 10, Duration::from_secs(10));
-        let turn = admission.turn().await.unwrap();
+        let turn = admission.turn("t").await.unwrap();
         let waiter = {
             let admission = admission.clone();
-            tokio::spawn(async move { admission.turn().await.map(drop) })
+            tokio::spawn(async move { admission.turn("t").await.map(drop) })
         };
         while admission.waiting() < 1 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -370,6 +451,6 @@ mod tests {
         admission.close();
         assert!(matches!(waiter.await.unwrap(), Err(BootError::ShuttingDown)));
         drop(turn);
-        assert!(matches!(admission.turn().await, Err(BootError::ShuttingDown)));
+        assert!(matches!(admission.turn("t").await, Err(BootError::ShuttingDown)));
     }
 }

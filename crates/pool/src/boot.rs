@@ -35,6 +35,8 @@ pub enum BootError {
     BootQueueTimeout(u64),
     #[error("this tenant's share of the runner is busy ({0} isolates run); try again shortly")]
     TenantCapacity(usize),
+    #[error("this tenant's share of the boot queue is full ({0} of its deployments wait to start); try again shortly")]
+    TenantBootQueueFull(usize),
 }
 
 impl BootError {
@@ -52,7 +54,8 @@ impl BootError {
             BootError::Capacity(_)
             | BootError::BootQueueFull(_)
             | BootError::BootQueueTimeout(_)
-            | BootError::TenantCapacity(_) => ErrorCode::Capacity,
+            | BootError::TenantCapacity(_)
+            | BootError::TenantBootQueueFull(_) => ErrorCode::Capacity,
         }
     }
 }
@@ -152,7 +155,7 @@ pub(crate) async fn boot(
             // Learns the profile, and may have one ready by our turn.
             pool.refill(&net);
         }
-        turn = Some(ctx.admission.turn().await?);
+        turn = Some(ctx.admission.turn(&origin.tenant_of(&deployment_id)).await?);
         if matches!(prestart, Prestart::Miss) {
             prestart = take_prestarted(ctx, tenant, &deployment_id, &deployment, &deno_dir);
         }

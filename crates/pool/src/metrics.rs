@@ -30,8 +30,9 @@ pub struct PoolMetrics {
     /// Boots that had to wait for a turn.
     pub boots_queued: Counter,
     /// Boots refused, by `reason`: `max_isolates`, `tenant_cap`,
-    /// `queue_full`, `queue_too_slow` (the wait at the recent pace would pass
-    /// the bound), `queue_timeout`.
+    /// `queue_full`, `tenant_queue_full` (the tenant's share of the queue),
+    /// `queue_too_slow` (the wait at the recent pace would pass the bound),
+    /// `queue_timeout`.
     pub boot_refusals: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// `--max-concurrent-boots` in force.
     pub boot_concurrency_limit: Gauge,
@@ -111,7 +112,7 @@ impl PoolMetrics {
         registry.register("isocloud_boots_queued", "Boots that had to wait for a turn", metrics.boots_queued.clone());
         registry.register(
             "isocloud_boot_refusals",
-            "Boots refused with 503 CAPACITY, by reason (max_isolates, tenant_cap, queue_full, queue_too_slow, queue_timeout)",
+            "Boots refused with 503 CAPACITY, by reason (max_isolates, tenant_cap, queue_full, tenant_queue_full, queue_too_slow, queue_timeout)",
             metrics.boot_refusals.clone(),
         );
         registry.register(

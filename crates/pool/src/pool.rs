@@ -119,7 +119,11 @@ impl Pool {
             })
         });
         metrics.boot_concurrency_limit.set(options.admission.max_concurrent_boots as i64);
-        let admission = Arc::new(Admission::new(options.admission, metrics.admission()));
+        // A tenant's share of the queue is its share of the isolate slots.
+        let share = options.max_isolates_per_tenant.min(options.max_isolates);
+        let queue_per_tenant =
+            options.admission.max_boot_queue.saturating_mul(share).div_ceil(options.max_isolates.max(1)).max(1);
+        let admission = Arc::new(Admission::new(options.admission, queue_per_tenant, metrics.admission()));
         let ctx = BootContext {
             cache,
             policy,
