@@ -147,6 +147,12 @@ impl Origin for RemoteOrigin {
         &self.name
     }
 
+    /// The subhoster, whichever of its allowed rpc roots a token named: one
+    /// share of the runner however many roots it spreads over.
+    fn tenant_of(&self, _deployment_id: &str) -> String {
+        format!("subhoster:{}", self.kid)
+    }
+
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError> {
         let response = self.get_ok("boot", deployment_id, &[("deployment_id", deployment_id)]).await?;
         let Some(header) = response.headers().get("x-deno-config") else {
