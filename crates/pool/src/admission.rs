@@ -313,21 +313,32 @@ mod tests {
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
+        // The first two hold their turns until every boot has asked, so the
+        // other ten must queue, whatever the machine's pace.
+        let (gate, opened) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        for i in 0..12 {
-            let (admission, order, running, peak) = (admission.clone(), order.clone(), running.clone(), peak.clone());
+        for i in 0..12usize {
+            let (admission_, order, running, peak) = (admission.clone(), order.clone(), running.clone(), peak.clone());
+            let mut opened = opened.clone();
             tasks.push(tokio::spawn(async move {
-                let turn = admission.turn("t").await.unwrap();
+                let turn = admission_.turn("t").await.unwrap();
                 order.lock().unwrap().push(i);
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
+                let _ = opened.wait_for(|open| *open).await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 running.fetch_sub(1, Ordering::SeqCst);
                 drop(turn);
             }));
-            // Each asks after the one before is queued.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Each asks only once the one before holds a turn or is queued.
+            let expected_queue = i.saturating_sub(1) as i64;
+            while admission.metrics.running.get() + admission.metrics.queue_length.get() < (i + 1) as i64
+                || (i >= 2 && admission.metrics.queue_length.get() < expected_queue)
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
+        gate.send(true).unwrap();
         for task in tasks {
             task.await.unwrap();
         }
@@ -335,7 +346,7 @@ mod tests {
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         assert_eq!(admission.metrics.running.get(), 0);
         assert_eq!(admission.metrics.queue_length.get(), 0);
-        assert!(admission.metrics.queued.get() >= 9, "{}", admission.metrics.queued.get());
+        assert_eq!(admission.metrics.queued.get(), 10);
     }
 
     #[tokio::test]
