@@ -13,7 +13,6 @@ mod dns;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::ControlPlaneServe;
@@ -22,21 +21,7 @@ use serde_json::{Value, json};
 /// Runs the `isocloud` client against `serve` with its own config dir;
 /// returns stdout, panicking with both streams on failure.
 fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
-        .args(args)
-        .env("ISOCLOUD_CONFIG_DIR", config)
-        .env("ISOCLOUD_URL", serve.control_url())
-        .env("ISOCLOUD_TOKEN", serve.admin_token())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the isocloud client");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "isocloud {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    crate::support::isocloud_cli(&serve.control_url(), &serve.admin_token(), config, args)
 }
 
 /// The app of version `v`: answers its version, the GREETING env var and the

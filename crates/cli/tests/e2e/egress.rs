@@ -144,15 +144,6 @@ async fn https_is_tunnelled_through_the_proxy() {
     }
 }
 
-/// Calls itself, through the relay path, with the token it was given.
-const LOOPER: &str = r#"
-Deno.serve(async (req) => {
-  const res = await fetch(req.url, { headers: { "x-deno-subhost": Deno.env.get("TOKEN") } });
-  const inner = await res.text();
-  return new Response(`${res.status}:${res.headers.get("x-isocloud-error") ?? ""}|${inner}`);
-});
-"#;
-
 #[tokio::test]
 async fn a_loop_back_into_the_cloud_stops_at_the_hop_bound() {
     let origin = TestOrigin::start().await;

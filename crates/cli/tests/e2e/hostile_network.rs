@@ -8,8 +8,6 @@
 //! proxy bounded per isolate.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -394,16 +392,6 @@ async fn deno_listen_is_not_reachable_from_the_host() {
     }
 }
 
-/// Calls itself through the public listener with the token it was given;
-/// the chain of answers says how far the hops went.
-const LOOPER: &str = r#"
-Deno.serve(async (req) => {
-  const res = await fetch(req.url, { headers: { "x-deno-subhost": Deno.env.get("TOKEN") } });
-  const inner = await res.text();
-  return new Response(`${res.status}:${res.headers.get("x-isocloud-error") ?? ""}|${inner}`);
-});
-"#;
-
 #[tokio::test]
 async fn the_admin_listener_is_never_reachable_and_the_public_one_is_hop_counted() {
     let service = Service::start("127.0.0.1:0").await;
@@ -526,25 +514,6 @@ async fn a_connection_flood_to_the_proxy_is_bounded_per_isolate() {
     eprintln!("connection flood of {N}: runner descriptors +{rise} (bound {BOUND}): {answer}");
 }
 
-/// Runs the `isocloud` client against a control plane; returns stdout.
-fn cli(control_url: &str, token: &str, config: &Path, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
-        .args(args)
-        .env("ISOCLOUD_CONFIG_DIR", config)
-        .env("ISOCLOUD_URL", control_url)
-        .env("ISOCLOUD_TOKEN", token)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the isocloud client");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "isocloud {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 #[tokio::test]
 async fn the_control_plane_listener_is_never_reachable_even_with_loopback_open() {
     let service = Service::start("127.0.0.1:0").await;
@@ -576,11 +545,11 @@ async fn the_control_plane_listener_is_never_reachable_even_with_loopback_open()
     let control_url = format!("http://{control}");
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
-    cli(&control_url, &token, &config, &["projects", "create", "probe"]);
+    isocloud_cli(&control_url, &token, &config, &["projects", "create", "probe"]);
     let app = work.path().join("app");
     std::fs::create_dir_all(&app).unwrap();
     std::fs::write(app.join("main.ts"), PROBE).unwrap();
-    cli(&control_url, &token, &config, &["deploy", "--project", "probe", "--prod", app.to_str().unwrap()]);
+    isocloud_cli(&control_url, &token, &config, &["deploy", "--project", "probe", "--prod", app.to_str().unwrap()]);
 
     let ask_app = async |query: String| -> Value {
         let response = reqwest::Client::new()

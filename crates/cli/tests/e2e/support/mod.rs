@@ -767,3 +767,34 @@ pub fn run_with_timeout(
     };
     (status, out.join().unwrap(), err.join().unwrap())
 }
+
+/// Runs the `isocloud` client against the control plane at `control_url`
+/// with its own config dir; returns stdout, panicking with both streams on
+/// failure.
+pub fn isocloud_cli(control_url: &str, token: &str, config: &Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+        .args(args)
+        .env("ISOCLOUD_CONFIG_DIR", config)
+        .env("ISOCLOUD_URL", control_url)
+        .env("ISOCLOUD_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the isocloud client");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "isocloud {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A deployment that calls itself (its own `request.url`) with the subhost
+/// token in its `TOKEN` env; the chain of answers says how far the hops went.
+pub const LOOPER: &str = r#"
+Deno.serve(async (req) => {
+  const res = await fetch(req.url, { headers: { "x-deno-subhost": Deno.env.get("TOKEN") } });
+  const inner = await res.text();
+  return new Response(`${res.status}:${res.headers.get("x-isocloud-error") ?? ""}|${inner}`);
+});
+"#;
