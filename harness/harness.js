@@ -13,6 +13,12 @@
 import { AsyncLocalStorage } from "node:async_hooks";
 
 const bootstrap = JSON.parse(Deno.readTextFileSync(Deno.args[0]));
+
+// In its own PID namespace deno is pid 1, and the kernel hands a namespace's
+// pid 1 only the signals it handles: the runner's SIGTERM means "stop now",
+// as its default action would (SIGKILL, after a grace, always reaches it).
+const exitNow = Deno.exit;
+Deno.addSignalListener("SIGTERM", () => exitNow(143));
 const { socket_path: socketPath, control_path: controlPath, egress_probe: egressProbe } = bootstrap;
 // A pre-started isolate runs this far (deno up, harness evaluated, proxy
 // probed) before the runner picks its deployment, then waits on the control

@@ -225,7 +225,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let mut proxy = Proxy::new(
         router,
-        pool,
+        pool.clone(),
         edge_metrics,
         EdgeLimits {
             request_timeout: settings.request_timeout,
@@ -249,7 +249,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             // Its port, where `--admin-listen` said 0.
             egress.add_private_listener(admin_addr, "admin listener");
         }
-        tokio::spawn(isocloud_ingress::serve_admin(admin, Arc::new(registry)));
+        tokio::spawn(isocloud_ingress::serve_admin(admin, Arc::new(registry), pool.clone()));
         println!("isocloud: admin on http://{admin_addr}");
     }
     match &settings.mode {

@@ -32,6 +32,17 @@ pub fn policy(
         }
     };
 
+    // Same privilege as the mount namespace, and its /proc is a procfs of
+    // the isolate's own namespace only inside the jail: on with it.
+    let pid_namespace = mount_namespace
+        && match isocloud_sandbox::pidns::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "no PID namespace for isolates: they see the runner's pid as their parent");
+                false
+            }
+        };
+
     let root = identity::runner_is_root();
     let isolate_uids = match settings.isolate_uid {
         IsolateUid::Off => None,
@@ -112,6 +123,7 @@ pub fn policy(
         v8_heap_limit_mb: Some(settings.memory_limit_mb),
         mount_namespace,
         network_namespace,
+        pid_namespace,
         isolate_uids,
         landlock,
         seccomp,

@@ -1,4 +1,6 @@
-//! The admin listener: health and Prometheus metrics, apart from tenant traffic.
+//! The admin listener: health, Prometheus metrics and the running isolates,
+//! apart from tenant traffic (never reachable from an isolate: the egress
+//! proxy refuses its address).
 
 use std::sync::Arc;
 
@@ -12,14 +14,17 @@ use tokio::net::TcpListener;
 
 use crate::body::full;
 
-/// Serves `/healthz` and `/metrics` until the task is dropped.
-pub async fn serve_admin(listener: TcpListener, registry: Arc<Registry>) {
+/// Serves `/healthz`, `/metrics` and `/isolates` (a JSON array of
+/// [`isocloud_pool::IsolateView`]) until the task is dropped.
+pub async fn serve_admin(listener: TcpListener, registry: Arc<Registry>, pool: isocloud_pool::Pool) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let registry = registry.clone();
+        let pool = pool.clone();
         let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let registry = registry.clone();
+            let pool = pool.clone();
             async move {
                 let (status, content_type, body) = match request.uri().path() {
                     "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
@@ -32,6 +37,10 @@ pub async fn serve_admin(listener: TcpListener, registry: Arc<Registry>) {
                             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding failed\n".into()),
                         }
                     }
+                    "/isolates" => match serde_json::to_string(&pool.isolates()) {
+                        Ok(json) => (StatusCode::OK, "application/json", json),
+                        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding failed\n".into()),
+                    },
                     _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
                 };
                 let mut response = Response::new(full(Bytes::from(body)));

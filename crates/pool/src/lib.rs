@@ -26,4 +26,4 @@ pub use isocloud_supervisor::{
     CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, RequestBody, Termination, UsageTotals,
 };
 pub use metrics::PoolMetrics;
-pub use pool::{Pool, PoolOptions};
+pub use pool::{IsolateView, Pool, PoolOptions};

@@ -66,6 +66,16 @@ enum Slot {
     Ready(Arc<Isolate>),
 }
 
+/// One running isolate, as the admin listener lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IsolateView {
+    /// On the host (the isolate itself sees pid 1).
+    pub pid: u32,
+    pub origin: String,
+    pub deployment_id: String,
+    pub tenant: String,
+}
+
 /// A deployment's place in the pool, and whose it is.
 struct Entry {
     tenant: Arc<str>,
@@ -351,6 +361,31 @@ impl Pool {
                 Slot::Booting(_) => None,
             })
             .collect()
+    }
+
+    /// Every running isolate: its host pid, whose deployment it serves and
+    /// the tenant it counts under (the admin listener's `/isolates`). In its
+    /// own PID namespace an isolate knows itself only as pid 1: this is where
+    /// an operator finds which process is which deployment.
+    pub fn isolates(&self) -> Vec<IsolateView> {
+        let mut views: Vec<IsolateView> = self
+            .inner
+            .slots
+            .lock()
+            .expect("pool poisoned")
+            .iter()
+            .filter_map(|((origin, deployment_id), entry)| match &entry.slot {
+                Slot::Ready(isolate) => Some(IsolateView {
+                    pid: isolate.pid(),
+                    origin: origin.clone(),
+                    deployment_id: deployment_id.clone(),
+                    tenant: entry.tenant.to_string(),
+                }),
+                Slot::Booting(_) => None,
+            })
+            .collect();
+        views.sort_by(|a, b| (&a.origin, &a.deployment_id).cmp(&(&b.origin, &b.deployment_id)));
+        views
     }
 
     /// Refuses new boots and terminates every isolate (SIGTERM, then SIGKILL

@@ -36,12 +36,16 @@ pub struct SandboxPolicy {
     /// The compiled seccomp denylist ([`crate::seccomp_policy::DENYLIST`]);
     /// `None`: off.
     pub seccomp: Option<SeccompFilters>,
+    /// Make each isolate pid 1 of its own PID namespace ([`crate::pidns`]):
+    /// it sees no other process. Needs CAP_SYS_ADMIN (a root runner); with
+    /// the mount namespace its `/proc` is that namespace's alone.
+    pub pid_namespace: bool,
     /// Apply [`crate::rlimits::RLIMITS`].
     pub rlimits: bool,
 }
 
 impl SandboxPolicy {
-    /// Every layer, for the start-up line: `mount-namespace=on landlock=on
+    /// Every layer, for the start-up line: `mount-namespace=on pid-namespace=on landlock=on
     /// seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534
     /// rlimits=on netns=off` (a range: a uid per isolate; one number: shared).
     pub fn summary(&self) -> String {
@@ -51,8 +55,9 @@ impl SandboxPolicy {
             None => ("off".to_owned(), "off".to_owned()),
         };
         format!(
-            "mount-namespace={} landlock={} seccomp={} no-new-privs=on uid={uid} gid={gid} rlimits={} netns={}",
+            "mount-namespace={} pid-namespace={} landlock={} seccomp={} no-new-privs=on uid={uid} gid={gid} rlimits={} netns={}",
             on(self.mount_namespace),
+            on(self.pid_namespace),
             on(self.landlock.is_some()),
             on(self.seccomp.is_some()),
             on(self.rlimits),
@@ -78,6 +83,7 @@ pub struct SandboxedCommand {
     /// given back before that process exits.
     uid_lease: Option<Arc<UidLease>>,
     network_namespace: bool,
+    pid_namespace: bool,
 }
 
 impl SandboxedCommand {
@@ -179,6 +185,7 @@ impl SandboxedCommand {
             ids: files.ids,
             uid_lease: files.uid_lease().cloned(),
             network_namespace: policy.network_namespace,
+            pid_namespace: policy.pid_namespace,
         }
     }
 
@@ -217,7 +224,15 @@ impl SandboxedCommand {
                 Err(e) => return Err(e),
             }
         }
-        let child = self.command.spawn()?;
+        let child = if self.pid_namespace {
+            // Bracketed on this thread, with nothing in between but the fork.
+            let namespace = crate::pidns::ChildrenInNewPidNamespace::enter()?;
+            let child = self.command.spawn();
+            namespace.leave()?;
+            child?
+        } else {
+            self.command.spawn()?
+        };
         if let (Some(lease), Some(pid)) = (&self.uid_lease, child.id()) {
             lease.track(pid);
         }
@@ -345,7 +360,15 @@ pub fn probe_sandbox(policy: &SandboxPolicy) -> Result<(), ProbeError> {
     unsafe {
         command.pre_exec(confinement.into_hook());
     }
-    let status = command.status();
+    let status = if policy.pid_namespace {
+        crate::pidns::ChildrenInNewPidNamespace::enter().and_then(|namespace| {
+            let status = command.status();
+            namespace.leave()?;
+            status
+        })
+    } else {
+        command.status()
+    };
     // The command holds the pipe's write end: drop it so the read ends.
     drop(command);
     drop(deno_file);

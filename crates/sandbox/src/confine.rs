@@ -7,6 +7,8 @@
 //! ([`Confinement::enter`]) then only makes syscalls on those prepared
 //! values — no allocation, no locks — in this order:
 //!
+//! 0. (in the runner, around the fork) a PID namespace of its own when the
+//!    policy asks: the child is its pid 1 (`pidns`);
 //! 1. die with the runner (`PR_SET_PDEATHSIG`), and check it is still there;
 //!    join the isolate's memory cgroup (its pid into `cgroup.procs`, through
 //!    a descriptor the runner opened), so every page deno touches from its
@@ -19,7 +21,8 @@
 //!    every capability — then the death signal again (a credential change
 //!    clears it); with a uid per isolate, `kill(-1, SIGKILL)` as that uid:
 //!    whatever an earlier holder of the uid left running dies before this
-//!    isolate's deno starts (see `uids`);
+//!    isolate's deno starts (see `uids`; in a PID namespace there is none:
+//!    a namespace's processes die with its pid 1);
 //! 6. `PR_SET_NO_NEW_PRIVS` (always; Landlock and seccomp need it);
 //! 7. `landlock_restrict_self`;
 //! 8. the seccomp filters, last, so nothing above is denied by them.
@@ -30,6 +33,9 @@ use crate::{IsolateFiles, IsolateIds, IsolateUids, SandboxPolicy};
 
 pub(crate) struct Confinement {
     runner_pid: libc::pid_t,
+    /// In its own PID namespace the child's parent is pid 0 to it: the
+    /// runner's pidfd says whether the runner is still there.
+    runner_pidfd: Option<libc::c_int>,
     /// The isolate's `cgroup.procs`, opened for writing by the runner.
     pub(crate) cgroup_procs: Option<std::os::fd::OwnedFd>,
     jail: Option<Jail>,
@@ -54,7 +60,11 @@ impl Confinement {
     ) -> Result<Self, LandlockError> {
         let jail = files.and_then(|f| f.root.as_ref().map(|root| Jail::plan(root, policy, f)));
         let landlock = policy.landlock.as_ref().map(|l| l.prepare(policy, files)).transpose()?;
+        // Without a pidfd (Linux < 5.3) the check is skipped: the death
+        // signal still covers all but a runner dying within the fork.
+        let runner_pidfd = if policy.pid_namespace { Some(crate::pidns::runner_pidfd().unwrap_or(-1)) } else { None };
         Ok(Self {
+            runner_pidfd,
             // SAFETY: getpid has no preconditions.
             runner_pid: unsafe { libc::getpid() },
             cgroup_procs: None,
@@ -122,17 +132,22 @@ impl Confinement {
     }
 
     fn die_with_runner(&self) -> std::io::Result<()> {
-        // SAFETY: prctl and getppid take integers only.
+        // SAFETY: prctl takes integers only.
         unsafe {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The runner may have died before the signal was armed (then the
-            // child was re-parented; comparing with 1 would break a runner
-            // that is itself pid 1 in a container).
-            if libc::getppid() != self.runner_pid {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
+        }
+        // The runner may have died before the signal was armed (then the
+        // child was re-parented; comparing with 1 would break a runner that
+        // is itself pid 1 in a container).
+        let runner_gone = match self.runner_pidfd {
+            Some(pidfd) => pidfd >= 0 && crate::pidns::has_exited(pidfd),
+            // SAFETY: getppid has no preconditions.
+            None => (unsafe { libc::getppid() }) != self.runner_pid,
+        };
+        if runner_gone {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
         }
         Ok(())
     }

@@ -75,6 +75,9 @@ struct Bind {
 pub(crate) struct Jail {
     root: CString,
     binds: Vec<Bind>,
+    /// In its own PID namespace, a procfs of that namespace here instead of
+    /// a bind of the host's `/proc`: the isolate sees only itself.
+    fresh_proc: Option<CString>,
     src: CString,
 }
 
@@ -104,7 +107,6 @@ impl Jail {
         }
         binds.extend([
             bind(Path::new("/dev"), inside("/dev"), false, DEV),
-            bind(Path::new("/proc"), inside("/proc"), true, PROC),
             bind(&policy.deno, inside(jail::DENO), false, SYSTEM),
             bind(&policy.harness_dir, inside(jail::HARNESS), false, TENANT_READ_ONLY),
             bind(&files.deno_dir, inside(jail::DENO_DIR), false, TENANT_WRITABLE),
@@ -113,7 +115,13 @@ impl Jail {
             bind(&files.meta, inside(jail::META), false, TENANT_READ_ONLY),
             bind(&files.run, inside(jail::RUN), false, TENANT_WRITABLE),
         ]);
-        Self { root: cstring(root), binds, src: CString::new(jail::SRC).expect("no NUL") }
+        let fresh_proc = if policy.pid_namespace {
+            Some(inside("/proc"))
+        } else {
+            binds.push(bind(Path::new("/proc"), inside("/proc"), true, PROC));
+            None
+        };
+        Self { root: cstring(root), binds, fresh_proc, src: CString::new(jail::SRC).expect("no NUL") }
     }
 
     /// In the child: a private mount namespace whose root holds only the
@@ -153,6 +161,11 @@ impl Jail {
             // SAFETY: as above.
             check(unsafe { libc::mount(bind.source.as_ptr(), bind.target.as_ptr(), none, flags, std::ptr::null()) })?;
             remount(&bind.target, bind.flags)?;
+        }
+        if let Some(proc) = &self.fresh_proc {
+            // SAFETY: as above; the child is already in its PID namespace
+            // (forked there), so this procfs shows that namespace.
+            check(unsafe { libc::mount(c"proc".as_ptr(), proc.as_ptr(), c"proc".as_ptr(), PROC.flags, std::ptr::null()) })?;
         }
         // SAFETY: as above.
         unsafe {

@@ -8,7 +8,8 @@
 //! tenant's envs reach the harness in the bootstrap record, never the exec),
 //! its own process group, and death with the runner — and, under them, the
 //! operating system's layers ([`SandboxPolicy`]): its own mount namespace and
-//! root, the tenant's mounts `noexec` (`jail`), optionally its own network namespace
+//! root, the tenant's mounts `noexec` (`jail`), its own PID namespace where it is
+//! pid 1 and sees no other process (`pidns`), optionally its own network namespace
 //! where only the egress proxy listens (`netns`), rlimits (`rlimits`), its own
 //! unprivileged uid, one per live isolate (`identity`, `uids`), `PR_SET_NO_NEW_PRIVS`, Landlock
 //! (`landlock`) and a seccomp denylist (`seccomp_policy`), entered in that
@@ -28,6 +29,7 @@ pub mod identity;
 mod jail;
 pub mod landlock;
 pub mod netns;
+pub mod pidns;
 pub mod rlimits;
 mod seccomp;
 pub mod seccomp_policy;

@@ -24,7 +24,7 @@ use crate::support::*;
 use serde_json::Value;
 
 const FULL_SANDBOX: &str =
-    "sandbox: mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 rlimits=on";
+    "sandbox: mount-namespace=on pid-namespace=on landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 rlimits=on";
 
 /// The uid of `pid`, one of the default range's (a uid per isolate), the
 /// same as real, effective, saved and file system uid.
@@ -403,7 +403,7 @@ async fn each_layer_is_switched_off_only_by_its_flag() {
         PROBE_LIMITS[1],
     ];
     let runner = apps.serve(&off);
-    let line = "sandbox: mount-namespace=on landlock=off seccomp=off no-new-privs=on uid=off gid=off rlimits=off";
+    let line = "sandbox: mount-namespace=on pid-namespace=on landlock=off seccomp=off no-new-privs=on uid=off gid=off rlimits=off";
     runner.wait_for_log(line);
     let pid = pid_of(&runner, "attacker.localhost", "/pid").await;
     assert_eq!(status_field(pid, "Seccomp"), "0");

@@ -16,10 +16,13 @@ Deno.serve(async (req) => {
 });
 "#;
 
+/// The host pid of the isolate serving `host` (`<app>.localhost`), after a
+/// request that shows it serves; inside its PID namespace it is pid 1.
 async fn pid_of(runner: &Runner, host: &str) -> u32 {
     let response = runner.get(host, "/").await;
     assert_eq!(response.status(), 200);
-    response.text().await.unwrap().parse().unwrap()
+    assert_eq!(response.text().await.unwrap(), "1", "deno is pid 1 of its own namespace");
+    runner.isolate_pid(host.strip_suffix(".localhost").unwrap()).await
 }
 
 #[tokio::test]

@@ -38,9 +38,10 @@ struct Layers {
     seccomp: bool,
     ids: bool,
     rlimits: bool,
+    pid_namespace: bool,
 }
 
-const ALL: Layers = Layers { landlock: true, seccomp: true, ids: true, rlimits: true };
+const ALL: Layers = Layers { landlock: true, seccomp: true, ids: true, rlimits: true, pid_namespace: false };
 
 struct Sandbox {
     _dir: tempfile::TempDir,
@@ -64,6 +65,7 @@ impl Sandbox {
             v8_heap_limit_mb: None,
             mount_namespace: true,
             network_namespace: false,
+            pid_namespace: layers.pid_namespace,
             isolate_uids: ids.map(IsolateUids::Shared),
             landlock: layers.landlock.then(|| LandlockPolicy::new(deno).expect("this kernel has Landlock")),
             seccomp: layers.seccomp.then(|| SeccompFilters::compile().unwrap()),
@@ -108,7 +110,15 @@ impl Sandbox {
         unsafe {
             command.pre_exec(confinement.into_hook());
         }
-        let output = command.output().expect("deno starts under the confinement");
+        let output = if self.policy.pid_namespace {
+            let namespace = crate::pidns::ChildrenInNewPidNamespace::enter().unwrap();
+            let output = command.output();
+            namespace.leave().unwrap();
+            output
+        } else {
+            command.output()
+        };
+        let output = output.expect("deno starts under the confinement");
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
@@ -192,12 +202,40 @@ fn every_layer_holds_against_a_process_with_all_deno_permissions() {
     assert_eq!(limit("Max realtime priority"), ["0", "0"]);
 }
 
+/// What a tenant learns of the other processes on the machine.
+const PROCESSES: &str = r#"
+const entries = [...Deno.readDirSync("/proc")].map((e) => e.name).filter((n) => /^[0-9]+$/.test(n));
+console.log(JSON.stringify({ pid: Deno.pid, ppid: Deno.ppid, processes: entries.length }));
+"#;
+
+#[test]
+fn in_its_own_pid_namespace_an_isolate_sees_only_itself() {
+    let Some(deno) = requirements("pid_namespace") else { return };
+    let layers = Layers { landlock: false, seccomp: true, ids: true, rlimits: true, pid_namespace: false };
+    // The probe works: without the namespace the runner's pid shows, and
+    // every process of the host is listed in /proc.
+    let outside = Sandbox::new(&deno, layers).eval(PROCESSES);
+    assert_eq!(outside["ppid"], std::process::id(), "{outside}");
+    assert!(outside["processes"].as_u64().unwrap() > 2, "{outside}");
+
+    let inside = Sandbox::new(&deno, Layers { pid_namespace: true, ..layers }).eval(PROCESSES);
+    assert_eq!(inside["pid"], 1, "{inside}");
+    assert_eq!(inside["ppid"], 0, "the runner is not in its namespace: {inside}");
+    assert_eq!(inside["processes"], 1, "its /proc lists itself alone: {inside}");
+
+    // With every layer on it still starts and still holds.
+    let all = Sandbox::new(&deno, Layers { pid_namespace: true, ..ALL }).eval(ATTACKS);
+    assert_eq!(all["passwd"], "error:PermissionDenied", "{all}");
+    assert_eq!(all["unshare"], -libc::EPERM, "{all}");
+    assert_eq!(all["ptrace"], -libc::EPERM, "{all}");
+}
+
 #[test]
 fn landlock_alone_denies_what_deno_and_the_file_modes_would_allow() {
     let Some(deno) = requirements("landlock_alone") else { return };
     // /etc/passwd is world-readable and inside the jail; deno may read
     // anything: only Landlock stands in the way.
-    let only_landlock = Layers { landlock: true, seccomp: false, ids: true, rlimits: false };
+    let only_landlock = Layers { landlock: true, seccomp: false, ids: true, rlimits: false, pid_namespace: false };
     let out = Sandbox::new(&deno, only_landlock).eval(ATTACKS);
     assert_eq!(out["passwd"], "error:PermissionDenied", "{out}");
     assert_eq!(out["command"], "error:PermissionDenied", "nothing but deno may be executed: {out}");
@@ -212,7 +250,7 @@ fn landlock_alone_denies_what_deno_and_the_file_modes_would_allow() {
 #[test]
 fn seccomp_alone_denies_ptrace_unshare_and_fork_through_ffi() {
     let Some(deno) = requirements("seccomp_alone") else { return };
-    let only_seccomp = Layers { landlock: false, seccomp: true, ids: true, rlimits: false };
+    let only_seccomp = Layers { landlock: false, seccomp: true, ids: true, rlimits: false, pid_namespace: false };
     let out = Sandbox::new(&deno, only_seccomp).eval(ATTACKS);
     assert_eq!(out["unshare"], -libc::EPERM, "{out}");
     assert_eq!(out["ptrace"], -libc::EPERM, "{out}");
@@ -233,11 +271,11 @@ fn seccomp_alone_denies_ptrace_unshare_and_fork_through_ffi() {
 #[test]
 fn the_start_up_probe_passes_with_every_layer() {
     let Some(deno) = requirements("the_start_up_probe") else { return };
-    let sandbox = Sandbox::new(&deno, ALL);
+    let sandbox = Sandbox::new(&deno, Layers { pid_namespace: true, ..ALL });
     probe_sandbox(&sandbox.policy).expect("deno --version runs under every layer");
     assert_eq!(
         sandbox.policy.summary(),
-        "mount-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off"
+        "mount-namespace=on pid-namespace=on landlock=on seccomp=on no-new-privs=on uid=65534 gid=65534 rlimits=on netns=off"
     );
 }
 
@@ -246,7 +284,7 @@ fn deno_starts_with_the_runners_environment_only() {
     // Only planned here, never spawned: no root or deno needed.
     let sandbox = Sandbox::new(
         Path::new("/nonexistent/deno"),
-        Layers { landlock: false, seccomp: false, ids: false, rlimits: false },
+        Layers { landlock: false, seccomp: false, ids: false, rlimits: false, pid_namespace: false },
     );
     let config = IsolateConfig::from_json(
         br#"{"entrypoint":"file:///src/main.ts","layers":[{"kind":"bundle","id":"x","specifier":"file:///src/main.ts"}],
@@ -343,7 +381,7 @@ fn tenant_bytes_cannot_be_mapped_executable() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42", "{}", String::from_utf8_lossy(&output.stderr));
 
     // The jail alone (no Landlock, no seccomp): every deno permission and FFI.
-    let sandbox = Sandbox::new(&deno, Layers { landlock: false, seccomp: false, ids: true, rlimits: false });
+    let sandbox = Sandbox::new(&deno, Layers { landlock: false, seccomp: false, ids: true, rlimits: false, pid_namespace: false });
     std::fs::copy(&so, sandbox.files.src.join("x.so")).unwrap();
     let out = sandbox.eval(MAP_TENANT_CODE);
     assert!(out["fd"].as_i64().unwrap() >= 0, "it may read the file: {out}");

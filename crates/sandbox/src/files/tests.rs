@@ -14,6 +14,7 @@ fn policy(dir: &Path) -> SandboxPolicy {
         v8_heap_limit_mb: None,
         mount_namespace: false,
         network_namespace: false,
+        pid_namespace: false,
         isolate_uids: None,
         landlock: None,
         seccomp: None,

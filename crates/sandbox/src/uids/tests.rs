@@ -267,6 +267,7 @@ fn policy(dir: &Path, uids: Option<IsolateUids>, mount_namespace: bool) -> Sandb
         v8_heap_limit_mb: None,
         mount_namespace,
         network_namespace: false,
+        pid_namespace: false,
         isolate_uids: uids,
         landlock: None,
         seccomp: None,

@@ -119,6 +119,24 @@ impl Runner {
             .expect("request to the runner")
     }
 
+    /// The running isolates as the admin listener lists them (`/isolates`):
+    /// `{pid, origin, deployment_id, tenant}` each, `pid` on the host.
+    pub async fn isolates(&self) -> Vec<Value> {
+        let response = reqwest::get(format!("http://{}/isolates", self.admin)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// The host pid of the one running isolate of `deployment_id` (in apps
+    /// mode, the app's name). Isolates live in PID namespaces of their own,
+    /// where `Deno.pid` is 1: this is how a test names the process.
+    pub async fn isolate_pid(&self, deployment_id: &str) -> u32 {
+        let isolates = self.isolates().await;
+        let mine: Vec<&Value> = isolates.iter().filter(|i| i["deployment_id"] == deployment_id).collect();
+        assert_eq!(mine.len(), 1, "one running isolate of {deployment_id}: {isolates:?}");
+        mine[0]["pid"].as_u64().unwrap() as u32
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
     }
