@@ -19,6 +19,7 @@ pub async fn start(
     settings: &ControlPlaneSettings,
     public_http_port: u16,
     public_https_port: Option<u16>,
+    deno: &std::path::Path,
 ) -> anyhow::Result<(Arc<ControlPlane>, std::net::SocketAddr)> {
     let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
     options.database_url = settings.database_url.clone();
@@ -30,6 +31,15 @@ pub async fn start(
     options.max_blob_bytes = settings.max_blob_bytes;
     options.domain_verify_http_port = settings.domain_verify_http_port;
     options.dns_resolver = settings.dns_resolver;
+    options.build = Some(isocloud_controlplane::BuildOptions {
+        deno: deno.to_owned(),
+        npm_registry: settings.npm_registry.clone(),
+        jsr_registry: settings.jsr_registry.clone(),
+        allow_import: settings.build_allow_import.clone(),
+        timeout: settings.build_timeout,
+        max_concurrent: 2,
+        confinement: isocloud_sandbox::BuildConfinement::available(),
+    });
     let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
     let control_plane = ControlPlane::open(options)
         .await

@@ -146,7 +146,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 None => None,
             };
             let https_port = tls.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| a.port());
-            let (control_plane, control_addr) = control_plane::start(control, public.port(), https_port).await?;
+            let (control_plane, control_addr) = control_plane::start(control, public.port(), https_port, &deno).await?;
             // Its real address: `--control-listen …:0` picks the port now.
             if let Some(egress) = &egress {
                 egress.add_private_listener(control_addr, "control plane listener");

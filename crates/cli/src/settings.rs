@@ -221,6 +221,18 @@ pub struct ControlPlaneFlags {
     /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
     #[arg(long, value_name = "PORT")]
     pub public_http_port: Option<u16>,
+    /// The npm registry builds download packages from [default: https://registry.npmjs.org/].
+    #[arg(long, value_name = "URL")]
+    pub npm_registry: Option<String>,
+    /// The JSR registry builds resolve jsr: imports from [default: https://jsr.io/].
+    #[arg(long, value_name = "URL")]
+    pub jsr_registry: Option<String>,
+    /// A build (deno install at deploy time) may take this long [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    pub build_timeout_s: Option<u64>,
+    /// A host remote https: imports may also come from, beyond deno's default list (repeatable).
+    #[arg(long, value_name = "HOST")]
+    pub build_allow_import: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -293,6 +305,11 @@ struct FileConfig {
     domain_verify_http_port: Option<u16>,
     dns_resolver: Option<String>,
     public_http_port: Option<u16>,
+    npm_registry: Option<String>,
+    jsr_registry: Option<String>,
+    build_timeout_s: Option<u64>,
+    #[serde(default)]
+    build_allow_import: Vec<String>,
     rpc_root: Option<String>,
     #[serde(default)]
     subhost_secret: Vec<String>,
@@ -369,6 +386,11 @@ pub struct ControlPlaneSettings {
     pub dns_resolver: Option<SocketAddr>,
     /// `None`: the public listener's own port.
     pub public_http_port: Option<u16>,
+    /// `None`: the public registries.
+    pub npm_registry: Option<url::Url>,
+    pub jsr_registry: Option<url::Url>,
+    pub build_timeout: Duration,
+    pub build_allow_import: Vec<String>,
 }
 
 /// Validated settings: the only form the rest of the binary sees.
@@ -879,6 +901,28 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
     let dns_resolver =
         flags.dns_resolver.or_else(|| file.dns_resolver.clone()).map(|a| parse_addr("dns_resolver", &a)).transpose()?;
     let public_http_port = flags.public_http_port.or(file.public_http_port);
+    let registry = |field: &'static str, given: Option<String>| -> Result<Option<url::Url>, SettingsError> {
+        let Some(given) = given else { return Ok(None) };
+        let mut url = url::Url::parse(&given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(field, format!("{given:?} is not an http(s) URL")));
+        }
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        Ok(Some(url))
+    };
+    let npm_registry = registry("npm_registry", flags.npm_registry.or_else(|| file.npm_registry.clone()))?;
+    let jsr_registry = registry("jsr_registry", flags.jsr_registry.or_else(|| file.jsr_registry.clone()))?;
+    let build_timeout_s =
+        within("build_timeout_s", flags.build_timeout_s.or(file.build_timeout_s).unwrap_or(300), 5..=3600)?;
+    let build_allow_import =
+        if flags.build_allow_import.is_empty() { file.build_allow_import.clone() } else { flags.build_allow_import };
+    for host in &build_allow_import {
+        if host.is_empty() || host.contains(['/', ',', ' ', '@']) {
+            return Err(invalid("build_allow_import", format!("{host:?} is not a host or host:port")));
+        }
+    }
     Ok(ControlPlaneSettings {
         data_dir,
         database_url,
@@ -891,6 +935,10 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
         domain_verify_http_port,
         dns_resolver,
         public_http_port,
+        npm_registry,
+        jsr_registry,
+        build_timeout: Duration::from_secs(build_timeout_s),
+        build_allow_import,
     })
 }
 

@@ -184,13 +184,29 @@ impl ControlPlane {
             Ok(outcome) => outcome,
             Err(_) => Err(failed(format!("the build took longer than {} s", BUILD_TIMEOUT.as_secs()))),
         };
+        // Then the build step, as for an uploaded deployment.
+        let outcome = match (outcome, &self.builder) {
+            (Ok(mut files), Some(builder)) => {
+                let entry = deployment.entrypoint.strip_prefix("file:///src/").unwrap_or(&deployment.entrypoint);
+                match builder.build(&self.blobs, &files, entry).await {
+                    Ok(output) => {
+                        files.retain(|f| !crate::build::is_output_path(&f.path));
+                        files.extend(output.files);
+                        Ok((files, Some(output.log)))
+                    }
+                    Err(failure) => Err((failure.error, Some(failure.log))),
+                }
+            }
+            (Ok(files), None) => Ok((files, None)),
+            (Err(e), _) => Err((e.to_string(), None)),
+        };
         let result = match outcome {
-            Ok(files) => self.finish_build(&deployment, &files).await,
-            Err(e) => {
-                tracing::info!(target: "isocloud::controlplane", deployment = id, error = %e, "git build failed");
+            Ok((files, log)) => self.finish_build(&deployment, &files, log.as_deref()).await,
+            Err((error, log)) => {
+                tracing::info!(target: "isocloud::controlplane", deployment = id, error, "git build failed");
                 async {
                     let mut tx = self.store.write().await?;
-                    deployments::fail_build(&mut tx, &id, &e.to_string()).await?;
+                    deployments::fail_build(&mut tx, &id, &error, log.as_deref()).await?;
                     tx.commit().await
                 }
                 .await
@@ -202,12 +218,17 @@ impl ControlPlane {
         self.reload_routing_logged().await;
     }
 
-    async fn finish_build(&self, deployment: &DeploymentRow, files: &[FileRow]) -> crate::store::Result<()> {
+    async fn finish_build(
+        &self,
+        deployment: &DeploymentRow,
+        files: &[FileRow],
+        log: Option<&str>,
+    ) -> crate::store::Result<()> {
         let now = now_ms();
         let mut tx = self.store.write().await?;
         let project = projects::by_id(&mut tx, &deployment.project_id).await?;
         let Some(project) = project else { return Ok(()) };
-        if !deployments::finish_build(&mut tx, &deployment.id, files).await? {
+        if !deployments::finish_build(&mut tx, &deployment.id, files, log).await? {
             return Ok(());
         }
         if deployment.build_promote {
@@ -332,11 +353,7 @@ impl ControlPlane {
                 .put(Bytes::from(content))
                 .await
                 .map_err(|e| failed(format!("storing {}: {e}", blob.path)))?;
-            files.push(FileRow {
-                path: blob.path.clone(),
-                sha256: hash,
-                size_bytes: i64::try_from(blob.size_bytes).unwrap_or(i64::MAX),
-            });
+            files.push(FileRow::file(blob.path.clone(), hash, i64::try_from(blob.size_bytes).unwrap_or(i64::MAX)));
         }
         let _ = writer.await;
         let _ = child.wait().await;

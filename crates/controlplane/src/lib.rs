@@ -16,6 +16,7 @@
 
 mod api;
 pub mod blobs;
+mod build;
 mod certs;
 mod dashboard;
 mod error;
@@ -38,6 +39,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use blobs::{BlobError, BlobStore, DiskBlobStore};
+pub use build::{BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
 pub use routing::ResolvedHost;
 pub use store::StoreError;
@@ -70,6 +72,9 @@ pub struct ControlPlaneOptions {
     /// The nameserver for domain verification (TXT, and the domain's address
     /// for the HTTP check); `None` uses the system's.
     pub dns_resolver: Option<SocketAddr>,
+    /// The build step of deployments made from files (`build`); `None`
+    /// keeps them as uploaded.
+    pub build: Option<BuildOptions>,
 }
 
 impl ControlPlaneOptions {
@@ -86,6 +91,7 @@ impl ControlPlaneOptions {
             max_blob_bytes: 64 * 1024 * 1024,
             domain_verify_http_port: 80,
             dns_resolver: None,
+            build: None,
         }
     }
 
@@ -137,6 +143,7 @@ pub struct ControlPlane {
     /// One git mirror is updated by one build at a time.
     git_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     log_follows: AtomicUsize,
+    builder: Option<build::Builder>,
 }
 
 impl ControlPlane {
@@ -155,6 +162,12 @@ impl ControlPlane {
         let store = Store::open(options.database_url.as_deref(), &options.data_dir.join("isocloud.db")).await?;
         let created_admin_token = create_admin_token(&store, &options.data_dir).await?;
         let verifier = verify::Verifier::new(options.dns_resolver, options.domain_verify_http_port);
+        let builder = match &options.build {
+            Some(build) => Some(build::Builder::new(build.clone(), &options.data_dir).map_err(|source| {
+                ControlPlaneError::DataDir { path: options.data_dir.join("builds"), source }
+            })?),
+            None => None,
+        };
         let cp = Arc::new(ControlPlane {
             options,
             store,
@@ -167,6 +180,7 @@ impl ControlPlane {
             builds: tokio::sync::Notify::new(),
             git_locks: std::sync::Mutex::new(HashMap::new()),
             log_follows: AtomicUsize::new(0),
+            builder,
         });
         cp.reload_routing(true).await?;
         Ok(cp)

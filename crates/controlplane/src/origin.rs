@@ -70,7 +70,12 @@ pub fn isolate_config(deployment: &DeploymentRow, files: &[FileRow]) -> Result<I
     if let Some(eszip) = &deployment.eszip_sha256 {
         layers.push(serde_json::json!({ "kind": "eszip", "id": eszip }));
     }
-    let code: Vec<&FileRow> = files.iter().filter(|f| validate::is_code_path(&f.path)).collect();
+    // A build's output (node_modules, vendor) is read by deno from disk,
+    // where the runner lays it out from the tree: not a layer per file.
+    let code: Vec<&FileRow> = files
+        .iter()
+        .filter(|f| f.symlink_target.is_none() && validate::is_code_path(&f.path) && !crate::build::is_output_path(&f.path))
+        .collect();
     for (file, id) in code.iter().zip(layer_ids(deployment.eszip_sha256.as_deref(), &code)) {
         layers.push(serde_json::json!({
             "kind": "bundle",
@@ -104,10 +109,11 @@ pub fn asset_tree(files: &[FileRow]) -> AssetTree {
             dir.push_str(segment);
             entries.entry(dir.clone()).or_insert(AssetEntry::Directory);
         }
-        entries.insert(
-            format!("/{}", file.path),
-            AssetEntry::File { size: u64::try_from(file.size_bytes).unwrap_or(0), hash: file.sha256.clone() },
-        );
+        let entry = match &file.symlink_target {
+            Some(target) => AssetEntry::Symlink { target: target.clone() },
+            None => AssetEntry::File { size: u64::try_from(file.size_bytes).unwrap_or(0), hash: file.sha256.clone() },
+        };
+        entries.insert(format!("/{}", file.path), entry);
     }
     AssetTree { entries }
 }
@@ -194,7 +200,7 @@ mod tests {
     use super::*;
 
     fn file(path: &str, hash: char) -> FileRow {
-        FileRow { path: path.into(), sha256: hash.to_string().repeat(64), size_bytes: 3 }
+        FileRow::file(path, hash.to_string().repeat(64), 3)
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{AssetEntry, AssetTree, BootAnswer, Origin, OriginError};
 
 /// Entrypoints tried in order when `isolate.json` names none.
-pub const DEFAULT_ENTRYPOINTS: [&str; 5] = ["main.ts", "main.js", "mod.ts", "index.ts", "index.js"];
+pub use isocloud_protocol::DEFAULT_ENTRYPOINTS;
 /// Extensions loaded as modules (bundle layers); everything else is only an asset.
 const MODULE_EXTENSIONS: [&str; 10] = ["ts", "tsx", "mts", "cts", "js", "jsx", "mjs", "cjs", "json", "jsonc"];
 const MAX_FILES: usize = 20_000;

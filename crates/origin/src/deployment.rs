@@ -123,7 +123,10 @@ async fn decode_layer(spec: &LayerSpec, bytes: Bytes) -> Result<DecodedLayer, Or
             if std::str::from_utf8(&bytes).is_err() {
                 return Err(layer_error("a bundle layer must be UTF-8 JavaScript".into()));
             }
-            let module = ModuleFile { specifier: specifier.clone(), kind: ModuleKind::JavaScript, source: bytes };
+            // A `.json` file is a JSON module (`import x from "./x.json" with
+            // { type: "json" }`); every other bundle is JavaScript or TypeScript.
+            let kind = if specifier.path().ends_with(".json") { ModuleKind::Json } else { ModuleKind::JavaScript };
+            let module = ModuleFile { specifier: specifier.clone(), kind, source: bytes };
             Ok(DecodedLayer { modules: vec![(specifier.clone(), module)], redirects: Vec::new() })
         }
         LayerSpec::Eszip { .. } => {

@@ -24,7 +24,7 @@ pub use apps::AppsOrigin;
 pub use cache::{CacheKind, DiskCache};
 pub use deployment::{Deployment, ModuleFile, load_deployment};
 pub use error::OriginError;
-pub use isocloud_protocol::{ActivityBatch, IsolateConfig};
+pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
 pub use tree::{AssetEntry, AssetTree};
 

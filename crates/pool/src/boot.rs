@@ -61,6 +61,8 @@ impl BootError {
 }
 
 pub(crate) struct BootContext {
+    /// Built deployments' packages, laid out once per set.
+    pub packages: Arc<crate::packages::PackageStore>,
     pub cache: Arc<DiskCache>,
     pub policy: SandboxPolicy,
     pub instances_dir: PathBuf,
@@ -177,13 +179,23 @@ pub(crate) async fn boot(
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
     let (grant, route) =
         egress_grant(ctx.egress.as_ref(), &format!("{}/{deployment_id}", origin.name()), &deployment.config.net);
+    // A built deployment's packages and deno.json: on disk before deno starts.
+    let project_error = |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));
+    let packages = ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await.map_err(project_error)?;
+    let configs = crate::packages::project_configs(&deployment.tree, &origin, &ctx.cache, &deployment_id)
+        .await
+        .map_err(project_error)?;
     let prepared = {
         let deployment = deployment.clone();
         let dir = dir.clone();
         let policy = ctx.policy.clone();
         let route = route.clone();
         tokio::task::spawn_blocking(move || {
-            IsolateFiles::prepare(&dir, &deployment, &policy, &deno_dir, route.as_ref())
+            let mut files = IsolateFiles::prepare(&dir, &deployment, &policy, &deno_dir, route.as_ref())?;
+            if packages.is_some() || !configs.is_empty() {
+                files.add_project(packages.as_deref(), &configs)?;
+            }
+            Ok(files)
         })
         .await
         .map_err(|e| BootError::Sandbox(Arc::new(SandboxError::Io(std::io::Error::other(e)))))?

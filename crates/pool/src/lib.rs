@@ -15,6 +15,7 @@ mod admission;
 mod boot;
 mod deployment_metrics;
 mod metrics;
+mod packages;
 mod pool;
 mod template;
 mod warm;

@@ -134,7 +134,11 @@ impl Pool {
         let queue_per_tenant =
             options.admission.max_boot_queue.saturating_mul(share).div_ceil(options.max_isolates.max(1)).max(1);
         let admission = Arc::new(Admission::new(options.admission, queue_per_tenant, metrics.admission()));
+        let packages = Arc::new(crate::packages::PackageStore::new(
+            options.instances_dir.parent().unwrap_or(&options.instances_dir).join("packages"),
+        )?);
         let ctx = BootContext {
+            packages,
             cache,
             policy,
             instances_dir: options.instances_dir.clone(),

@@ -16,3 +16,23 @@ mod error_code;
 pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
 pub use config::{ConfigError, IsolateConfig, LayerSpec, NetPermission, validate_env_name};
 pub use error_code::ErrorCode;
+
+/// The files a deployment starts from when none is named, first found wins
+/// (`isocloud deploy`, apps mode, builds): the names Deno Deploy users give
+/// their entrypoints, TSX and JSX included.
+pub const DEFAULT_ENTRYPOINTS: [&str; 14] = [
+    "main.ts",
+    "main.tsx",
+    "main.js",
+    "main.jsx",
+    "main.mjs",
+    "mod.ts",
+    "index.ts",
+    "index.tsx",
+    "index.js",
+    "index.jsx",
+    "index.mjs",
+    "server.ts",
+    "server.tsx",
+    "server.js",
+];

@@ -140,22 +140,53 @@ impl SandboxedCommand {
                 format!("--allow-net={},{}", hosts.join(","), unix.join(","))
             }
         };
-        let mut args = vec![
-            "run".to_owned(),
-            "--no-config".to_owned(),
+        let mut args = vec!["run".to_owned()];
+        match &files.project {
+            // A built deployment: deno reads its deno.json, node_modules and
+            // vendor from /src, from disk only (never the network).
+            Some(project) => {
+                match &project.config {
+                    Some(config) => args.push(format!("--config={config}")),
+                    None => {
+                        args.push("--no-config".to_owned());
+                        args.push(format!("--import-map={}", guest.import_map));
+                    }
+                }
+                args.push("--cached-only".to_owned());
+                if project.node_modules {
+                    args.push("--node-modules-dir=manual".to_owned());
+                } else {
+                    args.push("--no-npm".to_owned());
+                }
+                if project.vendor {
+                    args.push("--vendor".to_owned());
+                }
+            }
+            None => args.extend([
+                "--no-config".to_owned(),
+                "--no-remote".to_owned(),
+                "--no-npm".to_owned(),
+                format!("--import-map={}", guest.import_map),
+            ]),
+        }
+        let mut readable = readable.to_vec();
+        if files.root.is_none()
+            && let Some(packages) = files.project.as_ref().and_then(|p| p.packages.as_ref())
+        {
+            // Without its own root, /src/node_modules is a link into the store.
+            readable.push(packages.to_string_lossy().into_owned());
+        }
+        args.extend([
             "--no-lock".to_owned(),
             "--no-prompt".to_owned(),
-            "--no-remote".to_owned(),
-            "--no-npm".to_owned(),
             "--quiet".to_owned(),
-            format!("--import-map={}", guest.import_map),
             format!("--allow-read={}", readable.join(",")),
             format!("--allow-write={socket},{control}"),
             net,
             // The harness replaces the runner's environment with the
             // tenant's envs, and the tenant may change its own.
             "--allow-env".to_owned(),
-        ];
+        ]);
         if let Some(mb) = policy.v8_heap_limit_mb {
             args.push(format!("--v8-flags=--max-old-space-size={mb}"));
         }

@@ -183,7 +183,7 @@ fn join_cgroup(procs: &std::os::fd::OwnedFd) -> std::io::Result<()> {
 /// and saved: no way back). Raw syscalls: glibc's wrappers go through its
 /// all-threads "setxid" machinery, whose state the fork copied from the
 /// multi-threaded runner.
-fn become_ids(ids: IsolateIds) -> std::io::Result<()> {
+pub(crate) fn become_ids(ids: IsolateIds) -> std::io::Result<()> {
     // SAFETY: setgroups with size 0 reads no memory; the id calls take
     // integers only.
     unsafe {

@@ -71,7 +71,27 @@ pub struct IsolateFiles {
     /// Its own uid (per-isolate uids), held until the last clone of these
     /// files is gone and its process has exited.
     uid_lease: Option<Arc<UidLease>>,
+    /// What a build left for deno to read from disk ([`IsolateFiles::add_project`]).
+    pub project: Option<Project>,
 }
+
+/// A built deployment as deno reads it: its packages (a folder of the
+/// runner's package store holding `node_modules/` and/or `vendor/`, bound
+/// read-only at `/src/node_modules` and `/src/vendor`) and its `deno.json`.
+#[derive(Debug, Clone, Default)]
+pub struct Project {
+    /// The package store folder, when the build wrote packages.
+    pub packages: Option<PathBuf>,
+    pub node_modules: bool,
+    pub vendor: bool,
+    /// `/src/deno.json` (or `.jsonc`) as deno is pointed at it, when the
+    /// deployment has one (and its own root: mount-namespace mode).
+    pub config: Option<String>,
+}
+
+/// The deployment-root files deno reads itself at start-up (not through the
+/// harness): written into `/src` before the spawn.
+pub const PROJECT_CONFIG_FILES: [&str; 3] = ["deno.json", "deno.jsonc", "package.json"];
 
 /// Where things are from inside the isolate. In mount-namespace mode the
 /// isolate's root is its own: `/src` is the deployment root and no host path
@@ -301,6 +321,12 @@ impl IsolateFiles {
     /// (its own root: a mount namespace). Its envs do not matter: no isolate
     /// starts with the tenant's envs, the harness installs them on either path.
     pub fn fits_blank(&self, deployment: &Deployment) -> Result<(), &'static str> {
+        let built = deployment.tree.entries.keys().any(|path| {
+            path == "/node_modules" || path == "/vendor" || PROJECT_CONFIG_FILES.iter().any(|f| path[1.min(path.len())..] == **f)
+        });
+        if built {
+            return Err("a built deployment starts deno with its packages and deno.json");
+        }
         if self.root.is_none() {
             return Err("isolates have no mount namespace");
         }
@@ -419,6 +445,7 @@ impl IsolateFiles {
             guest,
             ids,
             uid_lease,
+            project: None,
         };
         std::fs::create_dir(&files.meta)?;
         std::fs::create_dir(&files.run)?;
@@ -434,6 +461,47 @@ impl IsolateFiles {
         std::fs::create_dir(&files.src)?;
         std::fs::create_dir(&files.modules)?;
         Ok(files)
+    }
+
+    /// Makes this a built deployment's isolate: `packages` (a package store
+    /// folder) shows at `/src/node_modules` and `/src/vendor`, and `configs`
+    /// (name → bytes, of [`PROJECT_CONFIG_FILES`]) are written into `/src`.
+    pub fn add_project(&mut self, packages: Option<&Path>, configs: &[(String, Vec<u8>)]) -> Result<(), SandboxError> {
+        let mut project = Project::default();
+        if let Some(packages) = packages {
+            project.node_modules = packages.join("node_modules").is_dir();
+            project.vendor = packages.join("vendor").is_dir();
+            for (present, name) in [(project.node_modules, "node_modules"), (project.vendor, "vendor")] {
+                if !present {
+                    continue;
+                }
+                let target = self.src.join(name);
+                if self.root.is_some() {
+                    // A mount point: the jail binds the store's folder here.
+                    std::fs::create_dir_all(&target)?;
+                } else {
+                    std::os::unix::fs::symlink(packages.join(name), &target)?;
+                }
+            }
+            project.packages = Some(packages.to_owned());
+        }
+        for (name, bytes) in configs {
+            if !PROJECT_CONFIG_FILES.contains(&name.as_str()) {
+                return Err(SandboxError::BadAssetPath(name.clone()));
+            }
+            self.materialize_asset(&format!("/{name}"), bytes)?;
+        }
+        // deno reads deno.json's imports and compiler options; the runner's
+        // import map would override them, so only an isolate of its own root
+        // (no import map needed for /src) uses it.
+        if self.root.is_some() {
+            project.config = ["deno.json", "deno.jsonc"]
+                .iter()
+                .find(|name| configs.iter().any(|(n, _)| n == *name))
+                .map(|name| format!("{}/{name}", jail::SRC));
+        }
+        self.project = Some(project);
+        Ok(())
     }
 
     /// Its own uid's lease (per-isolate uids), for the command that starts it.

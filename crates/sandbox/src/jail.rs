@@ -115,6 +115,15 @@ impl Jail {
             bind(&files.meta, inside(jail::META), false, TENANT_READ_ONLY),
             bind(&files.run, inside(jail::RUN), false, TENANT_WRITABLE),
         ]);
+        if let Some(packages) = files.project.as_ref().and_then(|p| p.packages.as_ref()) {
+            // A build's packages, shared read-only by every isolate of
+            // deployments with the same ones.
+            for name in ["node_modules", "vendor"] {
+                if packages.join(name).is_dir() {
+                    binds.push(bind(&packages.join(name), inside(&format!("{}/{name}", jail::SRC)), false, TENANT_READ_ONLY));
+                }
+            }
+        }
         let fresh_proc = if policy.pid_namespace {
             Some(inside("/proc"))
         } else {

@@ -20,6 +20,7 @@
 //! origin, or proxy requests. Unsafe code for process control lives here and
 //! nowhere else.
 
+mod build;
 mod cgroup;
 mod command;
 mod confine;
@@ -35,12 +36,15 @@ mod seccomp;
 pub mod seccomp_policy;
 pub mod uids;
 
+pub use build::BuildConfinement;
 pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, resident_bytes};
 pub use command::{
     ProbeError, SandboxPolicy, SandboxedCommand, probe_mount_namespace, probe_sandbox, signal_process_group,
 };
 pub use cpu::process_cpu_time;
-pub use files::{EgressRoute, GuestPaths, IsolateFiles, SandboxError, deno_template_dir, prune_deno_dirs};
+pub use files::{
+    EgressRoute, GuestPaths, IsolateFiles, PROJECT_CONFIG_FILES, Project, SandboxError, deno_template_dir, prune_deno_dirs,
+};
 pub use identity::{IsolateIds, IsolateUids};
 pub use landlock::{LandlockError, LandlockPolicy};
 pub use libc::{SIGKILL, SIGTERM};

@@ -174,8 +174,7 @@ pub fn hash_files(files: Vec<LocalFile>) -> Result<Vec<HashedFile>, WalkError> {
 }
 
 /// The files an entrypoint is looked for among when none is given, in order.
-pub const DEFAULT_ENTRYPOINTS: [&str; 7] =
-    ["main.ts", "main.js", "mod.ts", "index.ts", "index.js", "server.ts", "server.js"];
+pub use isocloud_origin::DEFAULT_ENTRYPOINTS;
 
 /// The entrypoint to deploy: the one given (checked against the files,
 /// unless an ESZIP may hold it), else the first default that exists.

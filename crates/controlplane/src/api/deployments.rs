@@ -208,15 +208,29 @@ pub(crate) async fn create(
         return Err(ApiError::field("entrypoint", why));
     }
 
-    let files: Vec<FileRow> = body
+    let mut files: Vec<FileRow> = body
         .files
         .iter()
-        .map(|(path, spec)| FileRow {
-            path: path.clone(),
-            sha256: spec.hash.clone(),
-            size_bytes: i64::try_from(spec.size).unwrap_or(i64::MAX),
-        })
+        .map(|(path, spec)| FileRow::file(path.clone(), spec.hash.clone(), i64::try_from(spec.size).unwrap_or(i64::MAX)))
         .collect();
+
+    // The build step (when this node runs builds and the entrypoint is one
+    // of the files): dependencies resolved once, now; a failure is kept.
+    let entry_path = entrypoint.trim_start_matches("./");
+    let (status, error, build_log) = match &cp.builder {
+        Some(builder) if !entrypoint.contains("://") && body.files.contains_key(entry_path) => {
+            match builder.build(&cp.blobs, &files, entry_path).await {
+                Ok(output) => {
+                    files.retain(|f| !crate::build::is_output_path(&f.path));
+                    files.extend(output.files);
+                    (Status::Ready, None, Some(output.log))
+                }
+                Err(failure) => (Status::Failed, Some(failure.error), Some(failure.log)),
+            }
+        }
+        _ => (Status::Ready, None, None),
+    };
+
     let now = now_ms();
     let mut tx = cp.store.write().await?;
     let project = if body.production {
@@ -229,7 +243,7 @@ pub(crate) async fn create(
         id: ids::deployment_id(),
         project_id: project.id.clone(),
         created_at_ms: now,
-        status: Status::Ready,
+        status,
         entrypoint: specifier,
         eszip_sha256: body.eszip.clone(),
         permissions_json,
@@ -237,9 +251,12 @@ pub(crate) async fn create(
         git,
         files,
         build_promote: false,
+        error,
+        build_log,
     };
     deployments::insert(&mut tx, &new).await?;
-    if body.production {
+    // A failed build is kept (its error and log) but never serves.
+    if body.production && new.status == Status::Ready {
         projects::promote(&mut tx, &project.id, &new.id, now).await?;
     }
     let deployment =
@@ -264,6 +281,24 @@ pub(crate) async fn list(
 
 pub(crate) fn deployment_not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("deployment {:?} not found", validate::truncate(id, 80)))
+}
+
+/// `GET /deployments/{id}/build`: the build step's outcome and log.
+pub(crate) async fn build_log(
+    State(cp): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !validate::is_deployment_id(&id) {
+        return Err(deployment_not_found(&id));
+    }
+    let mut conn = cp.store.read().await?;
+    let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+    Ok(Json(serde_json::json!({
+        "id": deployment.id,
+        "status": deployment.status.as_str(),
+        "error": deployment.error,
+        "log": deployment.build_log,
+    })))
 }
 
 pub(crate) async fn get(State(cp): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {

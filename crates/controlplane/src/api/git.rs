@@ -179,6 +179,8 @@ pub(crate) async fn webhook(
         git: Some(GitInfo { commit: push.after.clone(), message, branch: branch.to_owned() }),
         files: Vec::new(),
         build_promote: true,
+        error: None,
+        build_log: None,
     };
     deployments::insert(&mut tx, &new).await?;
     let deployment =

@@ -61,6 +61,8 @@ pub struct DeploymentRow {
     pub file_count: i64,
     pub size_bytes: i64,
     pub build_promote: bool,
+    /// What the build step printed (deno's output, cleaned), when one ran.
+    pub build_log: Option<String>,
 }
 
 impl DeploymentRow {
@@ -72,8 +74,18 @@ impl DeploymentRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRow {
     pub path: String,
+    /// Empty for a symlink.
     pub sha256: String,
     pub size_bytes: i64,
+    /// A symlink a build made (npm's `node_modules` layout): relative, and
+    /// inside the deployment (checked when the build collects it).
+    pub symlink_target: Option<String>,
+}
+
+impl FileRow {
+    pub fn file(path: impl Into<String>, sha256: impl Into<String>, size_bytes: i64) -> Self {
+        Self { path: path.into(), sha256: sha256.into(), size_bytes, symlink_target: None }
+    }
 }
 
 /// What [`insert`] writes.
@@ -90,11 +102,14 @@ pub struct NewDeployment {
     pub git: Option<GitInfo>,
     pub files: Vec<FileRow>,
     pub build_promote: bool,
+    /// Why it failed (`status` failed: its build did).
+    pub error: Option<String>,
+    pub build_log: Option<String>,
 }
 
 const COLUMNS: &str = "d.id, d.project_id, p.name AS project_name, p.production_deployment_id, d.created_at_ms, \
      d.status, d.error, d.entrypoint, d.eszip_sha256, d.permissions_json, d.envs_json, d.git_commit, d.git_message, \
-     d.git_branch, d.file_count, d.size_bytes, d.build_promote";
+     d.git_branch, d.file_count, d.size_bytes, d.build_promote, d.build_log";
 
 fn from_row(row: &AnyRow) -> Result<DeploymentRow> {
     let envs_json: String = col(row, "envs_json")?;
@@ -124,6 +139,7 @@ fn from_row(row: &AnyRow) -> Result<DeploymentRow> {
         file_count: col(row, "file_count")?,
         size_bytes: col(row, "size_bytes")?,
         build_promote: col::<i64>(row, "build_promote")? != 0,
+        build_log: col(row, "build_log")?,
     })
 }
 
@@ -133,13 +149,18 @@ const FILES_PER_INSERT: usize = 200;
 
 async fn insert_files(conn: &mut AnyConnection, deployment_id: &str, files: &[FileRow]) -> Result<()> {
     for chunk in files.chunks(FILES_PER_INSERT) {
-        let mut sql = Sql::new("INSERT INTO deployment_files (deployment_id, path, sha256, size_bytes) VALUES ");
+        let mut sql =
+            Sql::new("INSERT INTO deployment_files (deployment_id, path, sha256, size_bytes, symlink_target) VALUES ");
         for (i, file) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
             sql.bind(Arg::Text(deployment_id.to_owned())).push(", ");
             sql.bind(Arg::Text(file.path.clone())).push(", ");
             sql.bind(Arg::Text(file.sha256.clone())).push(", ");
-            sql.bind(Arg::Int(file.size_bytes)).push(")");
+            sql.bind(Arg::Int(file.size_bytes)).push(", ");
+            match &file.symlink_target {
+                Some(target) => sql.bind(Arg::Text(target.clone())).push(")"),
+                None => sql.push("NULL)"),
+            };
         }
         sql.query().execute(&mut *conn).await?;
     }
@@ -151,8 +172,8 @@ pub async fn insert(conn: &mut AnyConnection, new: &NewDeployment) -> Result<()>
     let size_bytes: i64 = new.files.iter().map(|f| f.size_bytes).sum();
     sqlx::query(
         "INSERT INTO deployments (id, project_id, created_at_ms, status, error, entrypoint, eszip_sha256, \
-         permissions_json, envs_json, git_commit, git_message, git_branch, file_count, size_bytes, build_promote) \
-         VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         permissions_json, envs_json, git_commit, git_message, git_branch, file_count, size_bytes, build_promote, \
+         build_log) VALUES ($1, $2, $3, $4, $15, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $16)",
     )
     .bind(&new.id)
     .bind(&new.project_id)
@@ -168,6 +189,8 @@ pub async fn insert(conn: &mut AnyConnection, new: &NewDeployment) -> Result<()>
     .bind(new.files.len() as i64)
     .bind(size_bytes)
     .bind(i64::from(new.build_promote))
+    .bind(new.error.as_deref())
+    .bind(new.build_log.as_deref())
     .execute(&mut *conn)
     .await?;
     insert_files(conn, &new.id, &new.files).await?;
@@ -203,13 +226,20 @@ pub async fn list_by_project(conn: &mut AnyConnection, project_id: &str, limit: 
 
 pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<FileRow>> {
     let rows =
-        sqlx::query("SELECT path, sha256, size_bytes FROM deployment_files WHERE deployment_id = $1 ORDER BY path")
-            .bind(deployment_id)
-            .fetch_all(conn)
-            .await?;
+        sqlx::query(
+            "SELECT path, sha256, size_bytes, symlink_target FROM deployment_files WHERE deployment_id = $1 ORDER BY path",
+        )
+        .bind(deployment_id)
+        .fetch_all(conn)
+        .await?;
     rows.iter()
         .map(|row| {
-            Ok(FileRow { path: col(row, "path")?, sha256: col(row, "sha256")?, size_bytes: col(row, "size_bytes")? })
+            Ok(FileRow {
+                path: col(row, "path")?,
+                sha256: col(row, "sha256")?,
+                size_bytes: col(row, "size_bytes")?,
+                symlink_target: col(row, "symlink_target")?,
+            })
         })
         .collect()
 }
@@ -263,15 +293,16 @@ pub async fn claim_build(conn: &mut AnyConnection, now_ms: i64, stale_before_ms:
 }
 
 /// A finished build's files. Only a deployment still `building` changes.
-pub async fn finish_build(conn: &mut AnyConnection, id: &str, files: &[FileRow]) -> Result<bool> {
+pub async fn finish_build(conn: &mut AnyConnection, id: &str, files: &[FileRow], log: Option<&str>) -> Result<bool> {
     let size_bytes: i64 = files.iter().map(|f| f.size_bytes).sum();
     let updated = sqlx::query(
-        "UPDATE deployments SET status = 'ready', file_count = $2, size_bytes = $3, build_claimed_at_ms = NULL \
-         WHERE id = $1 AND status = 'building'",
+        "UPDATE deployments SET status = 'ready', file_count = $2, size_bytes = $3, build_claimed_at_ms = NULL, \
+         build_log = $4 WHERE id = $1 AND status = 'building'",
     )
     .bind(id)
     .bind(files.len() as i64)
     .bind(size_bytes)
+    .bind(log)
     .execute(&mut *conn)
     .await?;
     if updated.rows_affected() != 1 {
@@ -282,12 +313,14 @@ pub async fn finish_build(conn: &mut AnyConnection, id: &str, files: &[FileRow])
     Ok(true)
 }
 
-pub async fn fail_build(conn: &mut AnyConnection, id: &str, error: &str) -> Result<()> {
+pub async fn fail_build(conn: &mut AnyConnection, id: &str, error: &str, log: Option<&str>) -> Result<()> {
     sqlx::query(
-        "UPDATE deployments SET status = 'failed', error = $2, build_claimed_at_ms = NULL WHERE id = $1 AND status = 'building'",
+        "UPDATE deployments SET status = 'failed', error = $2, build_claimed_at_ms = NULL, build_log = $3 \
+         WHERE id = $1 AND status = 'building'",
     )
     .bind(id)
     .bind(error)
+    .bind(log)
     .execute(conn)
     .await?;
     Ok(())
