@@ -41,6 +41,7 @@ impl Server {
             max_blob_bytes: 64 * 1024 * 1024,
             domain_verify_http_port: 80,
             dns_resolver: None,
+            build: None,
         };
         let (control_plane, addr) = runtime.block_on(async {
             let control_plane = ControlPlane::open(options).await.expect("open the control plane");

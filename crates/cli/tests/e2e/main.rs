@@ -10,6 +10,7 @@ mod support;
 mod activity_delivery;
 mod admission;
 mod apps_mode;
+mod builds;
 mod churn;
 mod client_cli;
 mod control_plane;

@@ -1,0 +1,224 @@
+//! Builds end to end: `isocloud deploy` of real Deno apps through the real
+//! `isocloud serve`, whose build step runs the pinned deno (`deno install`)
+//! against the npm registry, and the runner then starts the isolate offline
+//! from the build's output. An npm app with a `deno.json` import map, TSX
+//! with `jsxImportSource` and a JSON import serves; a second deployment of
+//! the same app stores no new blob; a syntax error, a missing package, a
+//! loopback `https:` import and a registry that is down each fail the build
+//! with the reason and the place, and the CLI exits non-zero.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::support::ControlPlaneServe;
+use serde_json::Value;
+
+/// Hono (npm) behind a `deno.json` import map (bare and `@/` specifiers),
+/// server-side JSX from TSX, a JSON module, JSON request bodies.
+fn write_hono_app(dir: &Path) {
+    std::fs::create_dir_all(dir.join("lib")).unwrap();
+    std::fs::write(
+        dir.join("deno.json"),
+        r#"{
+  "imports": { "hono": "npm:hono@4", "hono/": "npm:/hono@4/", "@/": "./" },
+  "compilerOptions": { "jsx": "react-jsx", "jsxImportSource": "hono/jsx" }
+}
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("lib/who.ts"), "export const who = \"lib\";\n").unwrap();
+    std::fs::write(dir.join("conf.json"), "{\"greeting\":\"hello\"}\n").unwrap();
+    std::fs::write(
+        dir.join("main.tsx"),
+        r#"import { Hono } from "hono";
+import { who } from "@/lib/who.ts";
+import conf from "./conf.json" with { type: "json" };
+const app = new Hono();
+const Page = (props: { name: string }) => <h1>{conf.greeting} {props.name}</h1>;
+app.get("/hello/:name", (c) => c.html(<Page name={c.req.param("name")} />));
+app.post("/echo", async (c) => c.json({ who, got: await c.req.json() }));
+Deno.serve(app.fetch);
+"#,
+    )
+    .unwrap();
+}
+
+/// Runs the client; (success, stdout, stderr).
+fn client(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+        .args(args)
+        .env("ISOCLOUD_CONFIG_DIR", config)
+        .env("ISOCLOUD_URL", serve.control_url())
+        .env("ISOCLOUD_TOKEN", serve.admin_token())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the isocloud client");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn deployment_host(stdout: &str) -> String {
+    let url = stdout.lines().last().expect("deploy printed a URL").trim();
+    url.strip_prefix("http://").unwrap().split(':').next().unwrap().to_owned()
+}
+
+async fn request(
+    serve: &ControlPlaneServe,
+    method: reqwest::Method,
+    host: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}{path}", serve.public_url()))
+        .header("host", host)
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request to the runner");
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+async fn api_get(serve: &ControlPlaneServe, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/api/v1{path}", serve.control_url()))
+        .bearer_auth(serve.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn count_files(dir: &Path) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            count += count_files(&entry.path());
+        } else {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test]
+async fn an_npm_app_with_deno_json_tsx_and_json_deploys_and_serves() {
+    let serve = ControlPlaneServe::start(&[]);
+    let config = tempfile::tempdir().unwrap();
+    let app = tempfile::tempdir().unwrap();
+    write_hono_app(app.path());
+    let (ok, _, stderr) = client(&serve, config.path(), &["projects", "create", "hono"]);
+    assert!(ok, "{stderr}");
+
+    // main.tsx is found as the entrypoint; the build resolves Hono.
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "hono", app.path().to_str().unwrap()]);
+    assert!(ok, "the deploy failed:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("is ready"), "{stderr}");
+    let host = deployment_host(&stdout);
+    let (status, body) = request(&serve, reqwest::Method::GET, &host, "/hello/bob", "").await;
+    assert_eq!((status, body.as_str()), (200, "<h1>hello bob</h1>"), "server-side JSX from TSX, a JSON import");
+    let (status, body) = request(&serve, reqwest::Method::POST, &host, "/echo", r#"{"n":[1,2]}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed, serde_json::json!({ "who": "lib", "got": { "n": [1, 2] } }), "@/ mapped by deno.json");
+
+    // The build's output is part of the deployment: npm's files and links.
+    let id = host.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned();
+    let deployment = api_get(&serve, &format!("/deployments/{id}")).await;
+    assert_eq!(deployment["status"], "ready");
+    assert!(deployment["files"].as_i64().unwrap() > 50, "node_modules is in the deployment: {deployment}");
+    let build = api_get(&serve, &format!("/deployments/{id}/build")).await;
+    assert_eq!(build["status"], "ready", "{build}");
+    assert!(build["log"].is_string(), "a build log is kept: {build}");
+
+    // The same app again: a new deployment, not one new blob.
+    let blobs = serve.data_dir.path().join("blobs");
+    let before = count_files(&blobs);
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "hono", app.path().to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(count_files(&blobs), before, "the packages are stored once");
+    let again = deployment_host(&stdout);
+    assert_ne!(again, host);
+    assert_eq!(request(&serve, reqwest::Method::GET, &again, "/hello/ann", "").await.1, "<h1>hello ann</h1>");
+}
+
+#[tokio::test]
+async fn a_broken_app_fails_its_build_with_the_reason_and_never_serves() {
+    let serve = ControlPlaneServe::start(&[]);
+    let config = tempfile::tempdir().unwrap();
+    assert!(client(&serve, config.path(), &["projects", "create", "broken"]).0);
+    let app = tempfile::tempdir().unwrap();
+    let deploy = |source: &str| {
+        std::fs::write(app.path().join("main.ts"), source).unwrap();
+        client(&serve, config.path(), &["deploy", "--project", "broken", "--prod", app.path().to_str().unwrap()])
+    };
+
+    // The probe works: a good app deploys and serves.
+    let (ok, stdout, stderr) = deploy("Deno.serve(() => new Response(\"good\"));\n");
+    assert!(ok, "{stdout}\n{stderr}");
+    let good = deployment_host(&stdout);
+    assert_eq!(request(&serve, reqwest::Method::GET, &good, "/", "").await, (200, "good".to_owned()));
+
+    for (source, expected) in [
+        ("const x = ;\nDeno.serve(() => new Response(\"x\"));\n", vec!["SyntaxError", "file:///src/main.ts:1:11"]),
+        (
+            "import x from \"npm:isocloud-no-such-package-zz@1\";\nDeno.serve(() => new Response(String(x)));\n",
+            vec!["isocloud-no-such-package-zz", "does not exist", "file:///src/main.ts:1"],
+        ),
+        (
+            // A tenant's import must not reach the control plane's network.
+            &format!(
+                "import x from \"{}/api/v1/whoami\";\nDeno.serve(() => new Response(String(x)));\n",
+                serve.control_url()
+            ),
+            vec!["Requires import access", "--build-allow-import"],
+        ),
+    ] {
+        let (ok, stdout, stderr) = deploy(source);
+        assert!(!ok, "a broken build must fail the deploy: {stdout}\n{stderr}");
+        for needle in expected {
+            assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
+        }
+        assert!(!stderr.contains("run again with"), "deno's flag advice leaked: {stderr}");
+        assert!(!stderr.contains("/builds/"), "a host path leaked: {stderr}");
+    }
+
+    // Failed deployments are listed as such, and production never moved.
+    let list = api_get(&serve, "/projects/broken/deployments").await;
+    let failed = list.as_array().unwrap().iter().filter(|d| d["status"] == "failed").count();
+    assert_eq!(failed, 3, "{list}");
+    let project = api_get(&serve, "/projects/broken").await;
+    let production = project["production_deployment_id"].as_str().unwrap();
+    assert!(good.contains(production), "production stays on the good deployment: {project}");
+    assert_eq!(request(&serve, reqwest::Method::GET, "broken.localhost", "/", "").await.1, "good");
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_fails_the_build_with_that_reason() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let registry = format!("http://{closed}/");
+    let serve = ControlPlaneServe::start(&["--npm-registry", &registry]);
+    let config = tempfile::tempdir().unwrap();
+    assert!(client(&serve, config.path(), &["projects", "create", "offline"]).0);
+    let app = tempfile::tempdir().unwrap();
+    std::fs::write(
+        app.path().join("main.ts"),
+        "import { Hono } from \"npm:hono@4\";\nDeno.serve(new Hono().get(\"/\", (c) => c.text(\"x\")).fetch);\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "offline", app.path().to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&closed.to_string()) && stderr.contains("hono"),
+        "the registry and package are named:\n{stderr}"
+    );
+}
