@@ -338,7 +338,8 @@ fn strip_work_paths(log: &str) -> String {
 /// where), with what to do instead of a deno flag to pass.
 pub(crate) fn explain(log: &str, entrypoint: &str) -> String {
     let start = log.lines().position(|l| l.starts_with("error:")).unwrap_or(0);
-    let paragraph: Vec<&str> = log.lines().skip(start).take_while(|l| !l.trim().is_empty() || l.starts_with(' ')).take(12).collect();
+    let paragraph: Vec<&str> =
+        log.lines().skip(start).take_while(|l| !l.trim().is_empty() || l.starts_with(' ')).take(12).collect();
     let mut message = paragraph.join("\n").trim().to_owned();
     if message.is_empty() {
         message = format!("deno could not build the module graph of {entrypoint}");
@@ -360,14 +361,8 @@ const FLAG_ADVICE: [(&str, &str); 4] = [
          cdn.jsdelivr.net, …) and those the operator adds with --build-allow-import; use a jsr: or npm: \
          specifier, or deploy the module as a file",
     ),
-    (
-        "run again with --allow-scripts",
-        "isocloud does not run npm lifecycle scripts: use a package that needs none",
-    ),
-    (
-        "Run `deno install` to update",
-        "update deno.lock (run `deno install` locally) and deploy again",
-    ),
+    ("run again with --allow-scripts", "isocloud does not run npm lifecycle scripts: use a package that needs none"),
+    ("Run `deno install` to update", "update deno.lock (run `deno install` locally) and deploy again"),
     (
         "Run again with `--frozen=false`",
         "the committed deno.lock does not match the imports: run `deno install` locally and commit deno.lock",
@@ -399,7 +394,9 @@ async fn collect_output(src: &Path, blobs: &Arc<dyn BlobStore>) -> Result<Vec<Fi
                 let bytes = tokio::fs::read(&host).await.map_err(|e| format!("reading {path}: {e}"))?;
                 total += bytes.len() as u64;
                 if total > MAX_OUTPUT_BYTES {
-                    return Err(format!("the build wrote more than {MAX_OUTPUT_BYTES} bytes (node_modules and vendor)"));
+                    return Err(format!(
+                        "the build wrote more than {MAX_OUTPUT_BYTES} bytes (node_modules and vendor)"
+                    ));
                 }
                 let size = bytes.len() as i64;
                 let hash = blobs.put(Bytes::from(bytes)).await.map_err(|e| format!("storing {path}: {e}"))?;

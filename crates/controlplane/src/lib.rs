@@ -163,9 +163,10 @@ impl ControlPlane {
         let created_admin_token = create_admin_token(&store, &options.data_dir).await?;
         let verifier = verify::Verifier::new(options.dns_resolver, options.domain_verify_http_port);
         let builder = match &options.build {
-            Some(build) => Some(build::Builder::new(build.clone(), &options.data_dir).map_err(|source| {
-                ControlPlaneError::DataDir { path: options.data_dir.join("builds"), source }
-            })?),
+            Some(build) => Some(
+                build::Builder::new(build.clone(), &options.data_dir)
+                    .map_err(|source| ControlPlaneError::DataDir { path: options.data_dir.join("builds"), source })?,
+            ),
             None => None,
         };
         let cp = Arc::new(ControlPlane {

@@ -74,7 +74,9 @@ pub fn isolate_config(deployment: &DeploymentRow, files: &[FileRow]) -> Result<I
     // where the runner lays it out from the tree: not a layer per file.
     let code: Vec<&FileRow> = files
         .iter()
-        .filter(|f| f.symlink_target.is_none() && validate::is_code_path(&f.path) && !crate::build::is_output_path(&f.path))
+        .filter(|f| {
+            f.symlink_target.is_none() && validate::is_code_path(&f.path) && !crate::build::is_output_path(&f.path)
+        })
         .collect();
     for (file, id) in code.iter().zip(layer_ids(deployment.eszip_sha256.as_deref(), &code)) {
         layers.push(serde_json::json!({

@@ -180,8 +180,10 @@ pub(crate) async fn boot(
     let (grant, route) =
         egress_grant(ctx.egress.as_ref(), &format!("{}/{deployment_id}", origin.name()), &deployment.config.net);
     // A built deployment's packages and deno.json: on disk before deno starts.
-    let project_error = |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));
-    let packages = ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await.map_err(project_error)?;
+    let project_error =
+        |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));
+    let packages =
+        ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await.map_err(project_error)?;
     let configs = crate::packages::project_configs(&deployment.tree, &origin, &ctx.cache, &deployment_id)
         .await
         .map_err(project_error)?;

@@ -182,7 +182,10 @@ async fn fetch(
     if bytes.len() as u64 != size {
         return Err(format!("{path}: the origin sent {} bytes, the manifest says {size}", bytes.len()));
     }
-    if file_id.len() == 64 && file_id.bytes().all(|b| b.is_ascii_hexdigit()) && hex::encode(Sha256::digest(&bytes)) != file_id {
+    if file_id.len() == 64
+        && file_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && hex::encode(Sha256::digest(&bytes)) != file_id
+    {
         return Err(format!("{path}: the origin's bytes do not hash to {file_id}"));
     }
     if let Err(e) = cache.put(CacheKind::Blob, origin.name(), file_id, &bytes).await {

@@ -322,7 +322,9 @@ impl IsolateFiles {
     /// starts with the tenant's envs, the harness installs them on either path.
     pub fn fits_blank(&self, deployment: &Deployment) -> Result<(), &'static str> {
         let built = deployment.tree.entries.keys().any(|path| {
-            path == "/node_modules" || path == "/vendor" || PROJECT_CONFIG_FILES.iter().any(|f| path[1.min(path.len())..] == **f)
+            path == "/node_modules"
+                || path == "/vendor"
+                || PROJECT_CONFIG_FILES.iter().any(|f| path[1.min(path.len())..] == **f)
         });
         if built {
             return Err("a built deployment starts deno with its packages and deno.json");

@@ -120,7 +120,12 @@ impl Jail {
             // deployments with the same ones.
             for name in ["node_modules", "vendor"] {
                 if packages.join(name).is_dir() {
-                    binds.push(bind(&packages.join(name), inside(&format!("{}/{name}", jail::SRC)), false, TENANT_READ_ONLY));
+                    binds.push(bind(
+                        &packages.join(name),
+                        inside(&format!("{}/{name}", jail::SRC)),
+                        false,
+                        TENANT_READ_ONLY,
+                    ));
                 }
             }
         }
@@ -174,7 +179,9 @@ impl Jail {
         if let Some(proc) = &self.fresh_proc {
             // SAFETY: as above; the child is already in its PID namespace
             // (forked there), so this procfs shows that namespace.
-            check(unsafe { libc::mount(c"proc".as_ptr(), proc.as_ptr(), c"proc".as_ptr(), PROC.flags, std::ptr::null()) })?;
+            check(unsafe {
+                libc::mount(c"proc".as_ptr(), proc.as_ptr(), c"proc".as_ptr(), PROC.flags, std::ptr::null())
+            })?;
         }
         // SAFETY: as above.
         unsafe {

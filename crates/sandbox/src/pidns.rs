@@ -130,7 +130,9 @@ pub fn probe() -> io::Result<()> {
                 namespace.leave()?;
                 let status = status?;
                 if !status.success() {
-                    return Err(io::Error::other(format!("the first process of a new PID namespace was not pid 1 ({status})")));
+                    return Err(io::Error::other(format!(
+                        "the first process of a new PID namespace was not pid 1 ({status})"
+                    )));
                 }
             }
             let after = std::process::Command::new("/bin/sh").args(["-c", "echo $$"]).output()?;

@@ -211,7 +211,9 @@ pub(crate) async fn create(
     let mut files: Vec<FileRow> = body
         .files
         .iter()
-        .map(|(path, spec)| FileRow::file(path.clone(), spec.hash.clone(), i64::try_from(spec.size).unwrap_or(i64::MAX)))
+        .map(|(path, spec)| {
+            FileRow::file(path.clone(), spec.hash.clone(), i64::try_from(spec.size).unwrap_or(i64::MAX))
+        })
         .collect();
 
     // The build step (when this node runs builds and the entrypoint is one

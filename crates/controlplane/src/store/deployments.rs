@@ -225,13 +225,12 @@ pub async fn list_by_project(conn: &mut AnyConnection, project_id: &str, limit: 
 }
 
 pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<FileRow>> {
-    let rows =
-        sqlx::query(
-            "SELECT path, sha256, size_bytes, symlink_target FROM deployment_files WHERE deployment_id = $1 ORDER BY path",
-        )
-        .bind(deployment_id)
-        .fetch_all(conn)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT path, sha256, size_bytes, symlink_target FROM deployment_files WHERE deployment_id = $1 ORDER BY path",
+    )
+    .bind(deployment_id)
+    .fetch_all(conn)
+    .await?;
     rows.iter()
         .map(|row| {
             Ok(FileRow {

@@ -381,7 +381,10 @@ fn tenant_bytes_cannot_be_mapped_executable() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42", "{}", String::from_utf8_lossy(&output.stderr));
 
     // The jail alone (no Landlock, no seccomp): every deno permission and FFI.
-    let sandbox = Sandbox::new(&deno, Layers { landlock: false, seccomp: false, ids: true, rlimits: false, pid_namespace: false });
+    let sandbox = Sandbox::new(
+        &deno,
+        Layers { landlock: false, seccomp: false, ids: true, rlimits: false, pid_namespace: false },
+    );
     std::fs::copy(&so, sandbox.files.src.join("x.so")).unwrap();
     let out = sandbox.eval(MAP_TENANT_CODE);
     assert!(out["fd"].as_i64().unwrap() >= 0, "it may read the file: {out}");
