@@ -28,7 +28,7 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         apps: Option<PathBuf>,
         #[command(flatten)]
-        control: ControlPlaneFlags,
+        control: Box<ControlPlaneFlags>,
     },
     /// Run as a subhosting runner: relays sign requests, origins describe deployments.
     Runner {
@@ -471,7 +471,7 @@ impl Settings {
         let control_flags_given =
             control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
         let mut control_plane = match control {
-            Some(control) if !apps_given => Some(control_plane_settings(control, &file)?),
+            Some(control) if !apps_given => Some(control_plane_settings(*control, &file)?),
             _ => None,
         };
         let listen = parse_addr("listen", common.listen.or(file.listen).as_deref().unwrap_or("127.0.0.1:8080"))?;
