@@ -179,10 +179,19 @@ async fn get_as(runner: &Runner, kid: &str, secret: &str, deployment: &str, path
         .expect("an answer")
 }
 
+/// The host pid of `kid`'s isolate of `deployment` (two subhosters may each
+/// have one of the same id), after it served: it answers 1, the pid it has
+/// in its own PID namespace.
 async fn pid_as(runner: &Runner, kid: &str, secret: &str, deployment: &str) -> u32 {
     let response = get_as(runner, kid, secret, deployment, "/").await;
     assert_eq!(response.status(), 200, "{kid}/{deployment}");
-    response.text().await.unwrap().parse().unwrap()
+    assert_eq!(response.text().await.unwrap(), "1", "{kid}/{deployment}: deno is pid 1 of its own namespace");
+    let isolates = runner.isolates().await;
+    let tenant = format!("subhoster:{kid}");
+    let mine: Vec<&serde_json::Value> =
+        isolates.iter().filter(|i| i["deployment_id"] == deployment && i["tenant"] == tenant.as_str()).collect();
+    assert_eq!(mine.len(), 1, "one running isolate of {tenant}/{deployment}: {isolates:?}");
+    mine[0]["pid"].as_u64().unwrap() as u32
 }
 
 /// Holds `deployments` of `kid` busy with `/slow` requests until they end.

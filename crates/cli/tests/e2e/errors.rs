@@ -26,6 +26,13 @@ async fn text(runner: &Runner, deployment: &str, path: &str) -> String {
     body
 }
 
+/// The host pid of `deployment`'s isolate, after `path` showed it serves and
+/// answers `Deno.pid`: 1, in its own PID namespace.
+async fn host_pid(runner: &Runner, deployment: &str, path: &str) -> u32 {
+    assert_eq!(text(runner, deployment, path).await, "1", "deno is pid 1 of its own namespace");
+    runner.isolate_pid(deployment).await
+}
+
 /// The 502 of a control-plane failure; returns the message.
 async fn control_plane_error(runner: &Runner, deployment: &str, code: &str) -> String {
     let message = expect_error(get(runner, deployment, "/").await, 502, code).await;
@@ -308,7 +315,7 @@ Deno.serve((req) => {
 "#,
         ),
     );
-    let first: u32 = text(&runner, "crashy", "/pid").await.parse().unwrap();
+    let first = host_pid(&runner, "crashy", "/pid").await;
     assert!(runner.isolate_pids().contains(&first));
 
     let message = expect_error(get(&runner, "crashy", "/exit").await, 502, "ISOLATE_CRASHED").await;
@@ -316,7 +323,7 @@ Deno.serve((req) => {
     assert_no_host_paths(&runner, &message);
     wait_until("the crashed isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
 
-    let second: u32 = text(&runner, "crashy", "/pid").await.parse().unwrap();
+    let second = host_pid(&runner, "crashy", "/pid").await;
     assert_ne!(first, second, "the crashed isolate served again");
     assert!(runner.isolate_pids().contains(&second));
     let crashy_boots = origin.calls().iter().filter(|c| *c == "boot crashy").count();
@@ -355,7 +362,7 @@ Deno.serve((req) => {
 "#,
         ),
     );
-    let pid: u32 = text(&runner, "tenant", "/").await.parse().unwrap();
+    let pid = host_pid(&runner, "tenant", "/").await;
 
     let response = get(&runner, "tenant", "/500").await;
     assert_eq!(response.status(), 500);
@@ -393,7 +400,7 @@ Deno.serve((req) => {
         assert!(response.headers().get("x-isocloud-error").is_none(), "{path}");
         let body = response.text().await.unwrap();
         assert!(!body.contains("ISOLATE_CRASHED"), "{path}: {body}");
-        assert_eq!(text(&runner, "tenant", "/").await, pid.to_string(), "{path}: the isolate was replaced");
+        assert_eq!(host_pid(&runner, "tenant", "/").await, pid, "{path}: the isolate was replaced");
     }
     assert_eq!(origin.calls_to("boot"), 1, "the tenant booted once: {:?}", origin.calls());
     assert_still_serving(&runner).await;

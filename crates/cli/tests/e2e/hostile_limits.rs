@@ -8,11 +8,16 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use serde_json::Value;
 
-const NEIGHBOUR: &str = "Deno.serve(() => new Response(String(Deno.pid)));";
+/// Each handler here answers `<Deno.pid> <ISOLATE>`: its pid in its own PID
+/// namespace (1) and a random identity of the isolate, which tells requests
+/// served by one isolate from those of a replacement ([`isolate_of`]).
+const NEIGHBOUR: &str =
+    "const ISOLATE = crypto.randomUUID();\nDeno.serve(() => new Response(`${Deno.pid} ${ISOLATE}`));";
 
-/// A handler that spins for `?ms=N` of CPU, answers its pid on `/`, and on
-/// `/loop` never returns.
+/// A handler that spins for `?ms=N` of CPU, answers its pid and identity on
+/// `/`, and on `/loop` never returns.
 const BURNER: &str = r#"
+const ISOLATE = crypto.randomUUID();
 Deno.serve((req) => {
   const url = new URL(req.url);
   if (url.pathname === "/loop") { while (true) {} }
@@ -23,14 +28,34 @@ Deno.serve((req) => {
   const ms = Number(url.searchParams.get("ms") ?? 0);
   const end = performance.now() + ms;
   while (performance.now() < end) {}
-  return new Response(String(Deno.pid));
+  return new Response(`${Deno.pid} ${ISOLATE}`);
 });
 "#;
 
+/// The identity in an answer `<Deno.pid> <ISOLATE>`, after checking deno is
+/// pid 1 of its own namespace.
+fn isolate_of(body: &str) -> String {
+    let (pid, isolate) = body.split_once(' ').unwrap_or_else(|| panic!("not `<pid> <isolate>`: {body:?}"));
+    assert_eq!(pid, "1", "deno is pid 1 of its own namespace: {body:?}");
+    assert_eq!(isolate.len(), 36, "{body:?}");
+    isolate.to_owned()
+}
+
+/// The host pid of the isolate of `host` (`<app>.localhost`), after `path`
+/// showed it serves.
 async fn pid(runner: &Runner, host: &str, path: &str) -> u32 {
     let response = runner.get(host, path).await;
     assert_eq!(response.status(), 200, "{host}{path}");
-    response.text().await.unwrap().parse().unwrap()
+    isolate_of(&response.text().await.unwrap());
+    runner.isolate_pid(host.strip_suffix(".localhost").unwrap()).await
+}
+
+/// The same for deployment `id` of a subhosting runner: `path`'s answer's
+/// identity, and the host pid.
+async fn subhost_pid(runner: &Runner, id: &str, path: &str) -> (String, u32) {
+    let response = runner.subhost_get(id, path).await;
+    assert_eq!(response.status(), 200, "{id}{path}");
+    (isolate_of(&response.text().await.unwrap()), runner.isolate_pid(id).await)
 }
 
 #[tokio::test]
@@ -40,8 +65,8 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     origin.deploy("neighbour", TestDeployment::inline_js(NEIGHBOUR));
     let runner = origin.runner(&["--cpu-limit-ms", "50"]);
     let get = |id: &'static str, path: &'static str| runner.subhost_get(id, path);
-    let neighbour_pid = get("neighbour", "/").await.text().await.unwrap();
-    let first: u32 = get("burner", "/").await.text().await.unwrap().parse().unwrap();
+    let (neighbour_isolate, _) = subhost_pid(&runner, "neighbour", "/").await;
+    let (_, first) = subhost_pid(&runner, "burner", "/").await;
 
     // The neighbour keeps answering while the loop spins.
     let neighbour = async {
@@ -49,7 +74,7 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
         for _ in 0..10 {
             let response = get("neighbour", "/").await;
             assert_eq!(response.status(), 200);
-            assert_eq!(response.text().await.unwrap(), neighbour_pid);
+            assert_eq!(isolate_of(&response.text().await.unwrap()), neighbour_isolate);
             answered += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -65,7 +90,7 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     assert!(elapsed < Duration::from_secs(2), "the loop lived {elapsed:?}");
     wait_until("the runaway isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
 
-    let second: u32 = get("burner", "/").await.text().await.unwrap().parse().unwrap();
+    let (_, second) = subhost_pid(&runner, "burner", "/").await;
     assert_ne!(second, first, "the next request boots a fresh isolate");
 
     let mut events = Vec::new();
@@ -145,7 +170,7 @@ async fn a_request_that_never_answers_gets_504() {
 #[tokio::test]
 async fn a_full_runner_evicts_the_least_recently_used_idle_isolate_or_refuses() {
     let apps = AppsDir::new();
-    let slow = "Deno.serve(async (req) => { if (new URL(req.url).pathname === '/slow') await new Promise((r) => setTimeout(r, 1500)); return new Response(String(Deno.pid)); });";
+    let slow = "const ISOLATE = crypto.randomUUID();\nDeno.serve(async (req) => { if (new URL(req.url).pathname === '/slow') await new Promise((r) => setTimeout(r, 1500)); return new Response(`${Deno.pid} ${ISOLATE}`); });";
     for name in ["a", "b", "c"] {
         apps.app(name, &[("main.ts", slow)]);
     }
@@ -174,6 +199,7 @@ async fn a_full_runner_evicts_the_least_recently_used_idle_isolate_or_refuses() 
 }
 
 const MEMORY_BOMBS: &str = r#"
+const ISOLATE = crypto.randomUUID();
 const kept = [];
 Deno.serve((req) => {
   const url = new URL(req.url);
@@ -185,7 +211,7 @@ Deno.serve((req) => {
   if (url.pathname === "/heap") {
     while (true) { kept.push({ a: Math.random(), b: "x".repeat(64) + Math.random(), c: [1, 2, 3] }); }
   }
-  return new Response(String(Deno.pid));
+  return new Response(`${Deno.pid} ${ISOLATE}`);
 });
 "#;
 
@@ -198,16 +224,16 @@ async fn memory_bombs_are_stopped_and_reported() {
     let runner = origin.runner(&["--memory-limit-mb", "128", "--cpu-limit-ms", "20000"]);
     runner.wait_for_log("limits: memory=128 MB");
     let get = |id: &'static str, path: &'static str| runner.subhost_get(id, path);
-    let neighbour_pid = get("neighbour", "/").await.text().await.unwrap();
+    let neighbour = subhost_pid(&runner, "neighbour", "/").await;
 
     for bomb in ["/buffers", "/heap"] {
-        let first: u32 = get("bomb", "/").await.text().await.unwrap().parse().unwrap();
+        let (_, first) = subhost_pid(&runner, "bomb", "/").await;
         let message = expect_error(get("bomb", bomb).await, 502, "MEMORY_LIMIT").await;
         assert!(message.contains("memory"), "{bomb}: {message}");
         wait_until("the bomb's isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
-        assert_eq!(get("neighbour", "/").await.text().await.unwrap(), neighbour_pid);
+        assert_eq!(subhost_pid(&runner, "neighbour", "/").await, neighbour, "the neighbour was replaced");
     }
-    let second: u32 = get("bomb", "/").await.text().await.unwrap().parse().unwrap();
+    let (_, second) = subhost_pid(&runner, "bomb", "/").await;
     assert!(process_alive(second));
 
     let mut events = Vec::new();
@@ -292,12 +318,21 @@ async fn thousands_of_concurrent_requests_to_one_isolate_leave_the_runner_servin
     let apps = AppsDir::new();
     apps.app(
         "flooded",
-        &[("main.ts", "Deno.serve(async () => { await new Promise((r) => setTimeout(r, 20)); return new Response(String(Deno.pid)); });")],
+        &[(
+            "main.ts",
+            "const ISOLATE = crypto.randomUUID();\n\
+             Deno.serve(async () => { await new Promise((r) => setTimeout(r, 20)); return new Response(`${Deno.pid} ${ISOLATE}`); });",
+        )],
     )
     .app("n", &[("main.ts", NEIGHBOUR)]);
     let runner = apps.serve(&[]);
     let neighbour = pid(&runner, "n.localhost", "/").await;
-    let flooded = pid(&runner, "flooded.localhost", "/").await;
+    let flooded = {
+        let response = runner.get("flooded.localhost", "/").await;
+        assert_eq!(response.status(), 200);
+        isolate_of(&response.text().await.unwrap())
+    };
+    let flooded_pid = runner.isolate_pid("flooded").await;
 
     // 2,000 requests at once, over many connections.
     let client = reqwest::Client::builder()
@@ -323,7 +358,7 @@ async fn thousands_of_concurrent_requests_to_one_isolate_leave_the_runner_servin
     for result in results {
         let (status, body) = result.unwrap().expect("every request gets an answer");
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body, flooded.to_string(), "one isolate serves them all");
+        assert_eq!(isolate_of(&body), flooded, "one isolate serves them all");
         served += 1;
     }
     assert_eq!(served, 2000);
@@ -331,4 +366,5 @@ async fn thousands_of_concurrent_requests_to_one_isolate_leave_the_runner_servin
     // The neighbour was never disturbed, and the flood left one isolate.
     assert_eq!(pid(&runner, "n.localhost", "/").await, neighbour);
     assert_eq!(runner.isolate_pids().len(), 2);
+    assert_eq!(runner.isolate_pid("flooded").await, flooded_pid);
 }

@@ -23,8 +23,7 @@ use std::time::Duration;
 use crate::support::*;
 use serde_json::Value;
 
-const FULL_SANDBOX: &str =
-    "sandbox: mount-namespace=on pid-namespace=on landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 rlimits=on";
+const FULL_SANDBOX: &str = "sandbox: mount-namespace=on pid-namespace=on landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 rlimits=on";
 
 /// The uid of `pid`, one of the default range's (a uid per isolate), the
 /// same as real, effective, saved and file system uid.
@@ -88,10 +87,22 @@ async function write(path) {
 Deno.serve(async (req) => {
   const url = new URL(req.url);
   const path = url.searchParams.get("path") ?? "";
-  const pid = url.searchParams.get("pid") ?? "1";
+  // Host pids the test passes, as an attacker who guessed them would name
+  // them: `?pid=` the neighbour's, `?runner=` the runner's. In its own PID
+  // namespace the isolate knows neither (`Deno.ppid` is 0), and 0 must never
+  // get through: `kill(0, …)` signals the attacker's own process group.
+  const hostPid = (name) => {
+    const pid = Number(url.searchParams.get(name));
+    if (!Number.isInteger(pid) || pid <= 0) throw new Error(`?${name}= is not a host pid`);
+    return pid;
+  };
   switch (url.pathname) {
     case "/pid":
       return new Response(String(Deno.pid));
+    case "/whoami": {
+      const process = (await import("node:process")).default;
+      return Response.json({ pid: Deno.pid, ppid: Deno.ppid, nodePid: process.pid, nodePpid: process.ppid });
+    }
     case "/read":
       return Response.json(await read(path));
     case "/write": {
@@ -100,21 +111,24 @@ Deno.serve(async (req) => {
       out.tempFile = { makeTempFile: await attempt(() => Deno.makeTempFile()) };
       return Response.json(out);
     }
-    case "/environ":
+    case "/environ": {
+      const [neighbour, runner] = [hostPid("pid"), hostPid("runner")];
       return Response.json({
         self: await read("/proc/self/environ"),
         init: await read("/proc/1/environ"),
-        runner: await read(`/proc/${Deno.ppid}/environ`),
-        neighbour: await read(`/proc/${pid}/environ`),
-        neighbourMem: await read(`/proc/${pid}/mem`),
+        runner: await read(`/proc/${runner}/environ`),
+        neighbour: await read(`/proc/${neighbour}/environ`),
+        neighbourMem: await read(`/proc/${neighbour}/mem`),
       });
+    }
     case "/env":
       return Response.json({
         env: Deno.env.toObject(),
         home: Deno.env.get("HOME") ?? null,
         processEnv: Object.keys((await import("node:process")).env),
       });
-    case "/spawn":
+    case "/spawn": {
+      const [neighbour, runner] = [hostPid("pid"), hostPid("runner")];
       return Response.json({
         commandOutput: await attempt(async () => (await new Deno.Command("/bin/sh", { args: ["-c", "id"] }).output()).code),
         commandSpawn: await attempt(() => new Deno.Command("/usr/bin/unshare", { args: ["-U", "true"] }).spawn().pid),
@@ -129,11 +143,12 @@ Deno.serve(async (req) => {
           }
           return result.status;
         }),
-        killRunner: await attempt(() => Deno.kill(Deno.ppid, "SIGKILL")),
-        killNeighbour: await attempt(() => Deno.kill(Number(pid), "SIGKILL")),
+        killRunner: await attempt(() => Deno.kill(runner, "SIGKILL")),
+        killNeighbour: await attempt(() => Deno.kill(neighbour, "SIGKILL")),
         killEveryone: await attempt(() => Deno.kill(-1, "SIGKILL")),
-        nodeKill: await attempt(async () => (await import("node:process")).kill(Deno.ppid, "SIGKILL")),
+        nodeKill: await attempt(async () => (await import("node:process")).kill(runner, "SIGKILL")),
       });
+    }
     case "/ffi":
       return Response.json({
         dlopen: await attempt(() => Deno.dlopen("libc.so.6", { unshare: { parameters: ["i32"], result: "i32" } })),
@@ -171,10 +186,33 @@ async fn get_json(runner: &Runner, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-async fn pid_of(runner: &Runner, host: &str, path: &str) -> u32 {
+/// What `host`'s isolate answered on `path` (its `Deno.pid`), and its host
+/// pid from the runner's admin listener.
+async fn answer_and_pid(runner: &Runner, host: &str, path: &str) -> (String, u32) {
     let response = runner.get(host, path).await;
     assert_eq!(response.status(), 200, "{host}");
-    response.text().await.unwrap().parse().unwrap()
+    (response.text().await.unwrap(), runner.isolate_pid(host.strip_suffix(".localhost").unwrap()).await)
+}
+
+/// The host pid of `host`'s isolate, which is pid 1 of its own PID namespace.
+async fn pid_of(runner: &Runner, host: &str, path: &str) -> u32 {
+    let (answer, pid) = answer_and_pid(runner, host, path).await;
+    assert_eq!(answer, "1", "{host}: deno is pid 1 of its own namespace (host pid {pid})");
+    pid
+}
+
+/// The attacker's `/environ` or `/spawn` probes, aimed at the neighbour's
+/// and the runner's real host pids — after showing, from the test (root on
+/// the host), that both processes exist there with environments to steal
+/// (the variables each was started with; the neighbour's own envs are set
+/// later, in its memory, which `/mem` aims at).
+async fn aimed_at_host_pids(runner: &Runner, probes: &str, neighbour_pid: u32) -> Value {
+    for (pid, variable) in [(neighbour_pid, "DENO_DIR="), (runner.pid(), "ISOCLOUD_LOG=")] {
+        assert!(process_alive(pid), "{pid} does not run");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(String::from_utf8_lossy(&environ).contains(variable), "{pid} was started without {variable}");
+    }
+    get_json(runner, &format!("/{probes}?pid={neighbour_pid}&runner={}", runner.pid())).await
 }
 
 /// Every probe of `report` (nested one level) failed.
@@ -190,11 +228,13 @@ fn assert_all_failed(report: &Value, what: &str) {
     }
 }
 
-/// The runner still runs and the neighbour (same isolate, same pid) still
-/// answers.
+/// The runner still runs and the neighbour (same isolate, same host pid)
+/// still answers.
 async fn assert_unharmed(runner: &Runner, neighbour_pid: u32) {
     assert!(process_alive(runner.pid()), "the runner died");
-    assert_eq!(pid_of(runner, "neighbour.localhost", "/").await, neighbour_pid, "the neighbour was replaced");
+    let (_, pid) = answer_and_pid(runner, "neighbour.localhost", "/").await;
+    assert_eq!(pid, neighbour_pid, "the neighbour was replaced");
+    assert!(process_alive(neighbour_pid), "the neighbour died");
     assert_eq!(runner.get("attacker.localhost", "/").await.text().await.unwrap(), "attacker");
 }
 
@@ -233,6 +273,24 @@ async fn every_layer_is_on_and_the_isolate_runs_unprivileged() {
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "Seccomp"), "2");
+    // Its own PID namespace: pid 1 there, no parent, and its /proc (the
+    // jail's, seen from the host through its root) lists itself alone —
+    // though the runner and the neighbour do run on the host.
+    assert_eq!(status_field(pid, "NSpid"), format!("{pid}\t1"));
+    let whoami = get_json(&runner, "/whoami").await;
+    assert_eq!(whoami, serde_json::json!({ "pid": 1, "ppid": 0, "nodePid": 1, "nodePpid": 0 }));
+    let neighbour_pid = pid_of(&runner, "neighbour.localhost", "/").await;
+    let processes = |proc_dir: &str| -> Vec<u32> {
+        let mut pids: Vec<u32> = std::fs::read_dir(proc_dir)
+            .unwrap()
+            .filter_map(|entry| entry.unwrap().file_name().to_str()?.parse().ok())
+            .collect();
+        pids.sort();
+        pids
+    };
+    let on_host = processes("/proc");
+    assert!(on_host.contains(&runner.pid()) && on_host.contains(&neighbour_pid) && on_host.contains(&pid));
+    assert_eq!(processes(&format!("/proc/{pid}/root/proc")), [1], "the isolate's /proc shows other processes");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     assert_eq!(open_files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(), ["8192", "8192"]);
@@ -282,7 +340,7 @@ async fn another_deployments_files_are_out_of_reach() {
         assert_all_failed(&report, &path);
         assert!(!report.to_string().contains(NEIGHBOUR_SECRET), "{path}: {report}");
     }
-    let report = get_json(&runner, &format!("/environ?pid={neighbour_pid}")).await;
+    let report = aimed_at_host_pids(&runner, "environ", neighbour_pid).await;
     assert_all_failed(&report, "environ");
     assert!(!report.to_string().contains(NEIGHBOUR_SECRET), "{report}");
 
@@ -314,7 +372,7 @@ async fn the_runners_environment_stays_hidden() {
     assert_eq!(seen["processEnv"], serde_json::json!(["ONLY"]), "{seen}");
     // The runner's environment (it has ISOCLOUD_LOG, PATH, HOME, CARGO_*),
     // init's, and the isolate's own through /proc.
-    let report = get_json(&runner, &format!("/environ?pid={neighbour_pid}")).await;
+    let report = aimed_at_host_pids(&runner, "environ", neighbour_pid).await;
     assert_all_failed(&report, "environ");
     let text = report.to_string();
     for leak in ["ISOCLOUD_LOG", "PATH=", "CARGO", NEIGHBOUR_SECRET] {
@@ -369,7 +427,7 @@ async fn starting_processes_and_signalling_fail() {
     let runner = apps.serve(PROBE_LIMITS);
     let neighbour_pid = pid_of(&runner, "neighbour.localhost", "/").await;
     let attacker_pid = pid_of(&runner, "attacker.localhost", "/pid").await;
-    let report = get_json(&runner, &format!("/spawn?pid={neighbour_pid}")).await;
+    let report = aimed_at_host_pids(&runner, "spawn", neighbour_pid).await;
     assert_all_failed(&report, "spawn");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(children_of(attacker_pid).is_empty(), "the attacker started {:?}", children_of(attacker_pid));
@@ -413,14 +471,17 @@ async fn each_layer_is_switched_off_only_by_its_flag() {
     drop(runner);
 
     // Without the mount namespace, every other layer still works on host
-    // paths (the isolate uid reaches its files through the state dir).
+    // paths (the isolate uid reaches its files through the state dir). The
+    // PID namespace goes with it (its /proc is the jail's): deno sees its
+    // host pid.
     let runner = apps.serve(&["--mount-namespace", "off", PROBE_LIMITS[0], PROBE_LIMITS[1]]);
-    let line = "sandbox: mount-namespace=off landlock=on seccomp=on no-new-privs=on uid=1900000000-1900099999 gid=65534 \
-                rlimits=on";
+    let line = "sandbox: mount-namespace=off pid-namespace=off landlock=on seccomp=on no-new-privs=on \
+                uid=1900000000-1900099999 gid=65534 rlimits=on";
     runner.wait_for_log(line);
-    let pid = pid_of(&runner, "attacker.localhost", "/pid").await;
+    let (answer, pid) = answer_and_pid(&runner, "attacker.localhost", "/pid").await;
+    assert_eq!(answer, pid.to_string(), "without a PID namespace deno sees its host pid");
     isolate_uid(pid);
-    let neighbour_pid = pid_of(&runner, "neighbour.localhost", "/").await;
+    let (_, neighbour_pid) = answer_and_pid(&runner, "neighbour.localhost", "/").await;
     let neighbour_main = instance_dir(&runner, "neighbour").join("src/main.ts");
     let report = get_json(&runner, &format!("/read?path={}", neighbour_main.display())).await;
     assert_all_failed(&report, "neighbour's module by host path");

@@ -14,7 +14,8 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// Answers its pid and a file of its deployment.
+/// Answers its pid (as it sees it: 1 in its own PID namespace) and a file
+/// of its deployment.
 const MAIN: &str = r#"
 Deno.serve(async () => Response.json({ pid: Deno.pid, greeting: await Deno.readTextFile("./greeting.txt") }));
 "#;
@@ -41,13 +42,21 @@ fn apps(names: &[&str]) -> AppsDir {
     apps
 }
 
-/// The pid of `app`'s isolate, after checking it serves and reads its file.
+/// The host pid of `app`'s isolate, after checking it serves and reads its file.
 async fn serve(runner: &Runner, app: &str) -> u32 {
     let response = runner.get(&format!("{app}.localhost"), "/").await;
     assert_eq!(response.status(), 200, "{app}: {}", runner.stderr());
-    let seen: Value = response.json().await.unwrap();
+    checked_pid(runner, app, response.json().await.unwrap()).await
+}
+
+/// The host pid of `app`'s isolate, which answered `seen`: its own file, and
+/// the pid it has in its innermost PID namespace (1 in one of its own).
+async fn checked_pid(runner: &Runner, app: &str, seen: Value) -> u32 {
     assert_eq!(seen["greeting"], format!("hello from {app}"), "{app} reads its own files");
-    seen["pid"].as_u64().unwrap() as u32
+    let pid = runner.isolate_pid(app).await;
+    let inside = status_field(pid, "NSpid").split_whitespace().last().unwrap().to_owned();
+    assert_eq!(seen["pid"].to_string(), inside, "{app}: host pid {pid}");
+    pid
 }
 
 fn status_field(pid: u32, name: &str) -> String {
@@ -188,10 +197,67 @@ async fn a_uid_goes_to_a_new_isolate_only_after_its_last_one_is_gone() {
     }
     // Two uids of its own (outside the default range other tests' runners
     // take from): two isolates at a time, whatever --max-isolates says.
-    let first = DEFAULT_LAST + 100_000;
+    uid_goes_only_after_its_last_process(DEFAULT_LAST + 100_000, &[]).await;
+}
+
+#[tokio::test]
+async fn without_a_pid_namespace_a_uid_goes_only_after_its_last_process_too() {
+    if !root("without_a_pid_namespace_a_uid_goes_only_after_its_last_process_too") {
+        return;
+    }
+    // The PID namespace goes with the mount namespace: a's leftover is then
+    // a process on the host, which c's start kills (`kill(-1)` as its uid).
+    uid_goes_only_after_its_last_process(DEFAULT_LAST + 100_010, &["--mount-namespace", "off"]).await;
+}
+
+/// `/bin/sleep 60` as `uid` (gid 65534, no groups) in a session of its own,
+/// in the PID namespace of process `namespace_of` when given: a process an
+/// isolate forked out of its process group, were seccomp off.
+fn stray_as(uid: u32, namespace_of: Option<u32>) -> std::process::Child {
+    use std::os::fd::AsRawFd;
+    let namespace = namespace_of.map(|pid| std::fs::File::open(format!("/proc/{pid}/ns/pid")).unwrap());
+    // On a thread of its own: after setns its next child is in that namespace.
+    std::thread::spawn(move || {
+        if let Some(namespace) = namespace {
+            // SAFETY: setns on a namespace descriptor this thread holds open;
+            // CLONE_NEWPID moves only the children this thread forks next.
+            let joined = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWPID) };
+            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+        }
+        let mut stray = std::process::Command::new("/bin/sleep");
+        stray.arg("60");
+        // SAFETY: between fork and exec only raw syscalls on integers.
+        unsafe {
+            stray.pre_exec(move || {
+                if libc::setsid() < 0
+                    || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                    || libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        stray.spawn().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A runner with two isolate uids from `first`: a third isolate waits for
+/// one, and gets a's only once a and whatever a left running as its uid are
+/// gone. With a PID namespace (unless `extra` switches it off) the leftover
+/// is in a's namespace and dies with a's deno; without, on the host, and c's
+/// start kills it.
+async fn uid_goes_only_after_its_last_process(first: u32, extra: &[&str]) {
+    let pid_namespace = extra.is_empty();
     let range = format!("{first}-{}", first + 1);
     let apps = apps(&["a", "b", "c"]);
-    let runner = apps.serve(&["--isolate-uid-range", &range, "--max-isolates", "4"]);
+    let runner = apps.serve(&[&["--isolate-uid-range", range.as_str(), "--max-isolates", "4"], extra].concat());
+    let namespaces =
+        if pid_namespace { "mount-namespace=on pid-namespace=on" } else { "mount-namespace=off pid-namespace=off" };
+    runner.wait_for_log(namespaces);
     runner.wait_for_log(&format!("uid={range} gid=65534"));
     let (a, b) = (serve(&runner, "a").await, serve(&runner, "b").await);
     let (a_uid, b_uid) = (uid_of(a), uid_of(b));
@@ -207,24 +273,17 @@ async fn a_uid_goes_to_a_new_isolate_only_after_its_last_one_is_gone() {
     runner.wait_for_log(&format!("every isolate uid of {range} is taken"));
     assert_eq!(children(&runner, 2).await.len(), 2);
 
-    // A process of a's uid that is not a's deno (one an isolate forked out
-    // of its process group, were seccomp off), then a's end.
-    let mut stray = std::process::Command::new("/bin/sleep");
-    stray.arg("60");
-    // SAFETY: between fork and exec only raw syscalls on integers.
-    unsafe {
-        stray.pre_exec(move || {
-            if libc::setsid() < 0
-                || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
-                || libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534) != 0
-                || libc::syscall(libc::SYS_setresuid, a_uid, a_uid, a_uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut stray = stray.spawn().unwrap();
+    // A process of a's uid that is not a's deno, then a's end.
+    let mut stray = stray_as(a_uid, pid_namespace.then_some(a));
+    let stray_pid = stray.id();
+    assert_eq!(uid_of(stray_pid), a_uid);
+    let namespace = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    assert_eq!(namespace(stray_pid), namespace(a), "the stray is where a's leftover would be");
+    assert_eq!(namespace(a) != namespace(std::process::id()), pid_namespace, "a's own PID namespace");
+    assert!(process_alive(stray_pid));
+    // Reaped as soon as it ends, the way a's deno would reap it: a namespace's
+    // pid 1 finishes exiting only once every other process of it is reaped.
+    let stray = std::thread::spawn(move || stray.wait().unwrap());
     signal(a, libc::SIGKILL);
 
     // c boots once a is gone, as a's uid: the only one free.
@@ -232,7 +291,7 @@ async fn a_uid_goes_to_a_new_isolate_only_after_its_last_one_is_gone() {
     let c = loop {
         let response = runner.get("c.localhost", "/").await;
         if response.status() == 200 {
-            break response.json::<Value>().await.unwrap()["pid"].as_u64().unwrap() as u32;
+            break checked_pid(&runner, "c", response.json().await.unwrap()).await;
         }
         assert!(Instant::now() < deadline, "c never booted:\n{}", runner.stderr());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -241,7 +300,7 @@ async fn a_uid_goes_to_a_new_isolate_only_after_its_last_one_is_gone() {
     assert_eq!(uid_of(c), a_uid);
     // What a left running as its uid died before c's deno started.
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(stray.wait().unwrap().signal(), Some(libc::SIGKILL), "the stray was killed");
+    assert_eq!(stray.join().unwrap().signal(), Some(libc::SIGKILL), "the stray was killed");
     // b kept its uid and serves on.
     assert_eq!(uid_of(b), b_uid);
     assert_eq!(serve(&runner, "b").await, b);

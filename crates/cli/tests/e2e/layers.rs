@@ -236,6 +236,9 @@ async fn layers_are_cached_by_id_across_deployments_and_reboots() {
 
     let first: Value = serde_json::from_str(&ok_text(&runner, subhost_get(&runner, "one", "/").await).await).unwrap();
     assert_eq!(first["lib"], "shared lib v1");
+    // In its own PID namespace deno is pid 1; the runner knows its host pid.
+    assert_eq!(first["pid"], 1, "{first}");
+    let first_pid = runner.isolate_pid("one").await;
     let second: Value = serde_json::from_str(&ok_text(&runner, subhost_get(&runner, "two", "/").await).await).unwrap();
     assert_eq!(second["id"], "two");
     assert_eq!(second["lib"], "shared lib v1");
@@ -247,7 +250,8 @@ async fn layers_are_cached_by_id_across_deployments_and_reboots() {
         .await;
     let again: Value = serde_json::from_str(&ok_text(&runner, subhost_get(&runner, "one", "/").await).await).unwrap();
     assert_eq!(again["lib"], "shared lib v1");
-    assert_ne!(again["pid"], first["pid"], "a new isolate serves after the idle termination");
+    assert_eq!(again["pid"], 1, "{again}");
+    assert_ne!(runner.isolate_pid("one").await, first_pid, "a new isolate serves after the idle termination");
     assert_eq!(calls_matching(&origin, "boot one"), 2, "{:?}", origin.calls());
     assert_eq!(shared_lib_fetches(), 1, "{:?}", origin.calls());
     assert_eq!(origin.calls_to("layer"), 1, "the inline layers are never fetched: {:?}", origin.calls());
@@ -259,7 +263,9 @@ async fn concurrent_first_requests_share_one_boot() {
     origin.deploy(
         "popular",
         TestDeployment::inline_js(
-            "Deno.serve((req) => Response.json({ pid: Deno.pid, path: new URL(req.url).pathname }));",
+            // Which isolate answers: each is pid 1 of its own PID namespace.
+            "const ISOLATE = crypto.randomUUID();\n\
+             Deno.serve((req) => Response.json({ isolate: ISOLATE, pid: Deno.pid, path: new URL(req.url).pathname }));",
         ),
     );
     // A slow origin keeps the boot open while all requests arrive.
@@ -277,7 +283,8 @@ async fn concurrent_first_requests_share_one_boot() {
     assert_eq!(answers.len(), 20);
     for (i, answer) in answers.iter().enumerate() {
         assert_eq!(answer["path"], format!("/r{i}"));
-        assert_eq!(answer["pid"], answers[0]["pid"], "one isolate serves them all");
+        assert_eq!(answer["isolate"], answers[0]["isolate"], "one isolate serves them all");
+        assert_eq!(answer["pid"], 1, "deno is pid 1 of its own namespace: {answer}");
     }
     assert_eq!(origin.calls_to("boot"), 1, "{:?}", origin.calls());
     assert_eq!(runner.isolate_pids().len(), 1);

@@ -33,10 +33,14 @@ fn metric(metrics: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn introspect(runner: &Runner, host: &str) -> Value {
+/// What `host`'s isolate sees of itself, and its host pid: in its own PID
+/// namespace it is pid 1 (a pre-started one too, once it serves).
+async fn introspect(runner: &Runner, host: &str) -> (Value, u32) {
     let response = runner.get(host, "/").await;
     assert_eq!(response.status(), 200, "{host}");
-    response.json().await.unwrap()
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["pid"], 1, "deno is pid 1 of its own namespace: {seen}");
+    (seen, runner.isolate_pid(host.strip_suffix(".localhost").unwrap()).await)
 }
 
 /// Waits until the runner has `children` deno processes, `waiting` of them
@@ -78,8 +82,8 @@ async fn a_cold_boot_takes_a_prestarted_isolate_that_then_is_the_deployments_alo
     let runner = apps.serve(&["--prestarted-isolates", "1"]);
     let prestarted = settle(&runner, 1, 1).await;
 
-    let seen = introspect(&runner, "hello.localhost").await;
-    assert_eq!(seen["pid"].as_u64(), Some(u64::from(prestarted[0])), "the boot took the waiting isolate: {seen}");
+    let (seen, pid) = introspect(&runner, "hello.localhost").await;
+    assert_eq!(pid, prestarted[0], "the boot took the waiting isolate: {seen}");
     // Exactly its configured envs (its own proxy value, not the runner's),
     // nothing the runner set for deno.
     assert_eq!(seen["env"], serde_json::json!({"GREETING": "hi", "HTTP_PROXY": "http://tenant.example:1"}));
@@ -100,26 +104,27 @@ async fn a_cold_boot_takes_a_prestarted_isolate_that_then_is_the_deployments_alo
     let fresh: Vec<u32> = refilled.into_iter().filter(|pid| *pid != prestarted[0]).collect();
     assert_eq!(fresh.len(), 1);
     // The same deployment is served by the same isolate from now on.
-    assert_eq!(introspect(&runner, "hello.localhost").await["pid"].as_u64(), Some(u64::from(prestarted[0])));
+    assert_eq!(introspect(&runner, "hello.localhost").await.1, prestarted[0]);
 }
 
 #[tokio::test]
 async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_one() {
     let apps = AppsDir::new();
     let files = |config: &'static str| [("main.ts", INTROSPECT), ("greeting.txt", "hi"), ("isolate.json", config)];
-    // A module deno finds only through the import map (a `.json` file is
-    // loaded as `data.json.js`), which a pre-started deno read empty: needs
+    // A module deno finds only through the import map (a `.jsonc` file is
+    // loaded as `data.jsonc.js`; a `.json` one is a JSON module, in place
+    // since JSON modules came), which a pre-started deno read empty: needs
     // its own process. (Envs never do: no deno starts with a tenant's.)
     apps.app("needs-import-map", &files(r#"{"envs":{"NO_COLOR":"0"}}"#))
-        .app("needs-import-map", &[("data.json", "{}")]);
+        .app("needs-import-map", &[("data.jsonc", "{}")]);
     // Another profile: no network at all.
     apps.app("offline-a", &files(r#"{"permissions":{"net":false}}"#));
     apps.app("offline-b", &files(r#"{"permissions":{"net":false}}"#));
     let runner = apps.serve(&["--prestarted-isolates", "1"]);
     let waiting = settle(&runner, 1, 1).await;
 
-    let seen = introspect(&runner, "needs-import-map.localhost").await;
-    assert!(!waiting.contains(&(seen["pid"].as_u64().unwrap() as u32)), "{seen}");
+    let (seen, pid) = introspect(&runner, "needs-import-map.localhost").await;
+    assert!(!waiting.contains(&pid), "{pid} {seen}");
     assert_eq!(seen["env"], serde_json::json!({"NO_COLOR": "0"}));
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="unfit"}"#), 1, "{metrics}");
@@ -127,14 +132,13 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
 
     // The first boot of a new profile finds none waiting, and teaches the
     // pool the profile: the next one of that profile takes a waiting isolate.
-    let a = introspect(&runner, "offline-a.localhost").await;
-    assert!(!waiting.contains(&(a["pid"].as_u64().unwrap() as u32)));
+    let (_, a_pid) = introspect(&runner, "offline-a.localhost").await;
+    assert!(!waiting.contains(&a_pid));
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="miss"}"#), 1, "{metrics}");
     // needs-import-map, offline-a, and one waiting for each profile.
     let waiting_now = settle(&runner, 4, 2).await;
-    let b = introspect(&runner, "offline-b.localhost").await;
-    let b_pid = b["pid"].as_u64().unwrap() as u32;
+    let (b, b_pid) = introspect(&runner, "offline-b.localhost").await;
     assert!(waiting_now.contains(&b_pid), "offline-b took the isolate waiting for its profile");
     assert_ne!(b_pid, waiting[0], "not the one of the other profile");
     assert_eq!(b["passwd"], "NotCapable");
@@ -166,23 +170,24 @@ async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestar
     );
     apps.app("small", &[("main.ts", "Deno.serve(() => new Response(`small ${Deno.pid}`));")]);
     let runner = apps.serve(&["--prestarted-isolates", "1", "--idle-timeout-s", "1"]);
-    let pid_of = |body: String, name: &str| -> u32 {
-        let mut words = body.split(' ');
-        assert_eq!(words.next(), Some(name), "{body}");
-        words.next().unwrap().parse().unwrap()
-    };
-    let serve = |host: &'static str| {
+    // The host pid of `name`'s isolate, once it answered (as pid 1).
+    let serve = |name: &'static str| {
         let runner = &runner;
         async move {
-            let response = runner.get(host, "/").await;
+            let host = format!("{name}.localhost");
+            let response = runner.get(&host, "/").await;
             assert_eq!(response.status(), 200, "{host}: {}", runner.stderr());
-            response.text().await.unwrap()
+            let body = response.text().await.unwrap();
+            let mut words = body.split(' ');
+            assert_eq!(words.next(), Some(name), "{body}");
+            assert_eq!(words.next(), Some("1"), "deno is pid 1 of its own namespace: {body}");
+            runner.isolate_pid(name).await
         }
     };
 
-    for (name, host) in [("big", "big.localhost"), ("small", "small.localhost")] {
+    for name in ["big", "small"] {
         let waiting = settle(&runner, 1, 1).await;
-        let first = pid_of(serve(host).await, name);
+        let first = serve(name).await;
         assert_eq!(first, waiting[0], "{name}'s first boot took the pre-started isolate");
         wait_until(&format!("{name}'s isolate idles out"), Duration::from_secs(20), || !process_alive(first)).await;
     }
@@ -207,11 +212,11 @@ async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestar
     // The big one's re-boot starts its own deno on its cache (a pre-started
     // one would compile everything again); the small one's takes the pool's.
     let waiting = settle(&runner, 1, 1).await;
-    let big_again = pid_of(serve("big.localhost").await, "big");
+    let big_again = serve("big").await;
     assert_ne!(big_again, waiting[0], "the big deployment's re-boot left the pre-started isolate waiting");
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="code_cache"}"#), 1, "{metrics}");
-    let small_again = pid_of(serve("small.localhost").await, "small");
+    let small_again = serve("small").await;
     assert_eq!(small_again, waiting[0], "the small deployment's re-boot took the pre-started isolate");
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 3, "{metrics}");

@@ -269,15 +269,19 @@ async fn one_isolate_serves_concurrent_requests() {
         &[(
             "main.ts",
             r#"
+// Which isolate answers: each is pid 1 of its own PID namespace.
+const ISOLATE = crypto.randomUUID();
 Deno.serve(async (req) => {
   await new Promise((r) => setTimeout(r, 500));
-  return Response.json({ pid: Deno.pid, path: new URL(req.url).pathname });
+  return Response.json({ isolate: ISOLATE, pid: Deno.pid, path: new URL(req.url).pathname });
 });
 "#,
         )],
     );
     let runner = apps.serve(STREAMING_LIMITS);
     let warm: Value = runner.get("slow.localhost", "/warm").await.json().await.unwrap();
+    assert_eq!(warm["pid"], 1, "deno is pid 1 of its own namespace: {warm}");
+    assert!(warm["isolate"].as_str().is_some_and(|id| id.len() == 36), "{warm}");
 
     let client = runner.client_for("slow.localhost");
     let started = Instant::now();
@@ -296,7 +300,8 @@ Deno.serve(async (req) => {
     assert!(elapsed < Duration::from_millis(2500), "20 requests of 500 ms took {elapsed:?}");
     for (i, answer) in answers.iter().enumerate() {
         assert_eq!(answer["path"], format!("/r{i}"));
-        assert_eq!(answer["pid"], warm["pid"], "all served by the one isolate");
+        assert_eq!(answer["isolate"], warm["isolate"], "all served by the one isolate");
+        assert_eq!(answer["pid"], 1);
     }
     assert_eq!(runner.isolate_pids().len(), 1);
 }

@@ -11,13 +11,16 @@ use jsonwebtoken::Algorithm;
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
-/// Answers with what the isolate saw: its URL, its headers and its pid.
+/// Answers with what the isolate saw: its URL, its headers and its pid (1,
+/// in its own PID namespace), and which isolate it is.
 const ECHO: &str = r#"
+const ISOLATE = crypto.randomUUID();
 Deno.serve((req) => Response.json({
   url: req.url,
   method: req.method,
   headers: Object.fromEntries(req.headers),
   pid: Deno.pid,
+  isolate: ISOLATE,
 }));
 "#;
 
@@ -96,21 +99,25 @@ async fn a_valid_token_routes_to_the_deployment_and_the_isolate_never_sees_it() 
     let headers = seen["headers"].as_object().unwrap();
     assert!(!headers.contains_key("x-deno-subhost"), "{seen}");
     assert!(!seen.to_string().contains(&token), "the token leaked into the isolate: {seen}");
-    let pid = seen["pid"].as_u64().unwrap() as u32;
+    assert_eq!(seen["pid"], 1, "deno is pid 1 of its own namespace: {seen}");
+    let pid = runner.isolate_pid("hello").await;
     assert!(runner.isolate_pids().contains(&pid), "the isolate is a child of the runner");
+    let isolate = seen["isolate"].clone();
+    assert!(isolate.as_str().is_some_and(|id| id.len() == 36), "{seen}");
 
     // Without x-forwarded-host, the isolate sees the host the relay connected to.
     let seen = json_with_token(&runner, &token, "/p").await;
     assert_eq!(seen["url"], format!("http://127.0.0.1:{}/p", runner.addr.port()), "{seen}");
-    assert_eq!(seen["pid"], pid, "the same isolate serves the deployment");
+    assert_eq!(seen["isolate"], isolate, "the same isolate serves the deployment");
 
     // Tokens inside the small clock leeway are still good.
     let now = now_s();
     let slightly_expired = subhost_token(json!({ "deployment_id": "hello", "iat": now - 60, "exp": now - 3 }));
-    assert_eq!(json_with_token(&runner, &slightly_expired, "/").await["pid"], pid);
+    assert_eq!(json_with_token(&runner, &slightly_expired, "/").await["isolate"], isolate);
     let slightly_early =
         subhost_token(json!({ "deployment_id": "hello", "iat": now + 3, "nbf": now + 3, "exp": now + 60 }));
-    assert_eq!(json_with_token(&runner, &slightly_early, "/").await["pid"], pid);
+    assert_eq!(json_with_token(&runner, &slightly_early, "/").await["isolate"], isolate);
+    assert_eq!(runner.isolate_pid("hello").await, pid);
 
     // The runner's RPC JWTs verified at the origin, and it booted once.
     assert_eq!(*origin.state.auth_failures.lock().unwrap(), Vec::<String>::new());
@@ -372,7 +379,15 @@ async fn with_several_subhosters_the_kid_picks_the_secret() {
     assert_eq!(origin.state.rpc_kids.lock().unwrap().first().map(String::as_str), Some(OTHER_KID));
     // kid `acme` with acme's secret works too; the two subhosters' "hello" are separate isolates.
     let seen_acme = json_with_token(&runner, &token_for("hello"), "/").await;
-    assert_ne!(seen_acme["pid"], seen_other["pid"], "two subhosters' deployments share an isolate");
+    assert_ne!(seen_acme["isolate"], seen_other["isolate"], "two subhosters' deployments share an isolate");
+    let hellos: Vec<u64> = runner
+        .isolates()
+        .await
+        .iter()
+        .filter(|i| i["deployment_id"] == "hello")
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert!(hellos.len() == 2 && hellos[0] != hellos[1], "two processes serve the two \"hello\"s: {hellos:?}");
     assert_eq!(origin.calls_to("boot"), 2, "{:?}", origin.calls());
     let kids = origin.state.rpc_kids.lock().unwrap().clone();
     assert!(kids.contains(&KID.to_owned()) && kids.contains(&OTHER_KID.to_owned()), "{kids:?}");
