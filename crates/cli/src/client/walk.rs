@@ -324,7 +324,9 @@ mod tests {
         let files = file_map(&["server.js", "index.js"]);
         assert_eq!(choose_entrypoint(None, &files, false).unwrap(), "index.js");
         let error = choose_entrypoint(None, &file_map(&["lib/main.ts", "app.ts"]), false).unwrap_err().to_string();
-        assert!(error.contains("main.ts, main.js, mod.ts, index.ts, index.js, server.ts, server.js"), "{error}");
+        assert!(error.contains("main.ts, main.tsx, main.js, main.jsx, main.mjs, mod.ts, index.ts"), "{error}");
+        let files = file_map(&["index.tsx", "server.ts"]);
+        assert_eq!(choose_entrypoint(None, &files, false).unwrap(), "index.tsx", "TSX entrypoints are found");
         assert_eq!(
             choose_entrypoint(Some("./lib/main.ts"), &file_map(&["lib/main.ts"]), false).unwrap(),
             "lib/main.ts"
