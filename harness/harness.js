@@ -449,6 +449,51 @@ class FetchEvent extends Event {
   }
 }
 
+// Node-style servers (`node:http` `createServer(...).listen(port)`, and so
+// Express, Koa, Fastify): when the runner says the deployment may start one
+// (it has npm packages or names node:http), listen() is taken over before
+// tenant code runs. The server is remembered, told it listens on the port
+// it asked for, and, once the entrypoint has run, really listens on the
+// isolate's socket. Only then: loading node:http costs a cold start 10-30 ms.
+let nodeServer = null;
+let nodeListen = null;
+if (bootstrap.node_servers === true) {
+  const http = await import("node:http");
+  nodeListen = http.Server.prototype.listen;
+  http.Server.prototype.listen = function (...args) {
+    const callback = typeof args[args.length - 1] === "function" ? args.pop() : null;
+    const first = args[0];
+    const port = typeof first === "number" || typeof first === "string" ? Number(first) : Number(first?.port ?? 0);
+    if (nodeServer !== null && nodeServer !== this) {
+      console.warn("a second node:http server called listen(); the first one serves");
+    } else {
+      nodeServer = this;
+    }
+    const address = { address: "0.0.0.0", family: "IPv4", port: port || 8000 };
+    this.address = () => address;
+    if (callback) this.once("listening", callback);
+    return this;
+  };
+}
+
+function serveNodeServer(server) {
+  const emit = server.emit;
+  server.emit = function (event, request, response) {
+    if (event !== "request") return emit.apply(this, arguments);
+    // The runner sends the absolute form (http://host/path?q); Node
+    // handlers expect the path, as Node gives it for an origin-form target.
+    const url = request.url;
+    if (typeof url === "string" && /^https?:\/\//.test(url)) {
+      const slash = url.indexOf("/", url.indexOf("//") + 2);
+      request.url = slash < 0 ? "/" : url.slice(slash);
+    }
+    const requestId = request.headers["x-isocloud-request-id"] ?? null;
+    return requestContext.run(requestId, () => emit.call(this, event, request, response));
+  };
+  server.once("listening", () => send({ op: "ready" }));
+  nodeListen.call(server, { path: socketPath });
+}
+
 function dispatchFetchEvent(request) {
   return new Promise((resolve, reject) => {
     let responded = false;
@@ -488,10 +533,12 @@ if (!handler && mod?.default && typeof mod.default.fetch === "function") {
 if (!handler && fetchListeners.length > 0) {
   handler = (request) => dispatchFetchEvent(request);
 }
-if (!handler) {
+if (!handler && nodeServer !== null) {
+  serveNodeServer(nodeServer);
+} else if (!handler) {
   await startFailure(
     "ISOLATE_START_FAILED",
-    "the entrypoint registered no handler: call Deno.serve(handler), export default { fetch }, or addEventListener(\"fetch\", ...)",
+    "the entrypoint registered no handler: call Deno.serve(handler), export default { fetch }, addEventListener(\"fetch\", ...), or listen() on a node:http server",
   );
 }
 
@@ -500,7 +547,7 @@ function internalError(e) {
   return new Response("Internal Server Error", { status: 500 });
 }
 
-originalServe(
+if (handler) originalServe(
   {
     path: socketPath,
     onListen() {

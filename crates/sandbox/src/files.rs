@@ -272,6 +272,7 @@ impl IsolateFiles {
             // loader, V8 and deno read theirs at exec), the harness sets them
             // before tenant code runs.
             "envs": deployment.config.envs,
+            "node_servers": may_start_node_servers(deployment),
         });
         files.write_bootstrap(&bootstrap)?;
         Ok(files)
@@ -382,6 +383,7 @@ impl IsolateFiles {
             "src_root": self.guest.src,
             "tree_path": self.guest.tree,
             "envs": deployment.config.envs,
+            "node_servers": may_start_node_servers(deployment),
         })
     }
 
@@ -615,6 +617,18 @@ impl IsolateFiles {
         std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
+}
+
+/// Whether the harness must take over `node:http`'s `listen()` before the
+/// tenant's code runs (it costs the cold start the loading of node:http):
+/// the deployment has npm packages, or one of its modules names the module.
+fn may_start_node_servers(deployment: &Deployment) -> bool {
+    const NEEDLES: [&[u8]; 4] = [b"node:http", b"\"http\"", b"'http'", b"express"];
+    deployment.tree.entries.contains_key("/node_modules")
+        || deployment
+            .modules
+            .values()
+            .any(|module| NEEDLES.iter().any(|needle| memchr::memmem::find(&module.source, needle).is_some()))
 }
 
 /// The empty root the isolate's mounts go onto: every mount point, and the

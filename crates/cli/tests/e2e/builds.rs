@@ -222,3 +222,56 @@ async fn a_registry_that_is_down_fails_the_build_with_that_reason() {
         "the registry and package are named:\n{stderr}"
     );
 }
+
+#[tokio::test]
+async fn express_and_node_http_servers_serve_through_the_runner() {
+    let serve = ControlPlaneServe::start(&[]);
+    let config = tempfile::tempdir().unwrap();
+    assert!(client(&serve, config.path(), &["projects", "create", "node"]).0);
+    let (ok, _, stderr) = client(&serve, config.path(), &["env", "set", "--project", "node", "GREETING=hej"]);
+    assert!(ok, "{stderr}");
+
+    // Express from npm: app.listen(3000) and server.address() as Node apps
+    // use them, JSON bodies, route params, process.env.
+    let express = tempfile::tempdir().unwrap();
+    std::fs::write(
+        express.path().join("main.ts"),
+        r#"import express from "npm:express@4";
+const app = express();
+app.use(express.json());
+app.get("/users/:id", (req, res) => res.json({ id: req.params.id, url: req.url, greeting: process.env.GREETING ?? null }));
+app.post("/echo", (req, res) => res.json(req.body));
+const server = app.listen(3000, () => console.log(`express on ${server.address().port}`));
+"#,
+    )
+    .unwrap();
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "node", express.path().to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let host = deployment_host(&stdout);
+    let (status, body) = request(&serve, reqwest::Method::GET, &host, "/users/42?x=1", "").await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body, serde_json::json!({ "id": "42", "url": "/users/42?x=1", "greeting": "hej" }));
+    let response = reqwest::Client::new()
+        .post(format!("{}/echo", serve.public_url()))
+        .header("host", &host)
+        .json(&serde_json::json!({ "list": [1, 2] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), serde_json::json!({ "list": [1, 2] }));
+
+    // A bare node:http server, no npm at all.
+    let plain = tempfile::tempdir().unwrap();
+    std::fs::write(
+        plain.path().join("main.ts"),
+        "import { createServer } from \"node:http\";\ncreateServer((req, res) => { res.writeHead(201, { \"content-type\": \"text/plain\" }); res.end(`node ${req.method} ${req.url}`); }).listen(8080);\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "node", plain.path().to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let host = deployment_host(&stdout);
+    assert_eq!(request(&serve, reqwest::Method::GET, &host, "/a?b", "").await, (201, "node GET /a?b".to_owned()));
+}
