@@ -12,11 +12,28 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 
 use crate::settings::ControlPlaneSettings;
 
+/// How builds run on this node (control-plane deployments, apps mode).
+pub fn build_options(
+    build: &crate::settings::BuildSettings,
+    deno: &std::path::Path,
+) -> isocloud_controlplane::BuildOptions {
+    isocloud_controlplane::BuildOptions {
+        deno: deno.to_owned(),
+        npm_registry: build.npm_registry.clone(),
+        jsr_registry: build.jsr_registry.clone(),
+        allow_import: build.allow_import.clone(),
+        timeout: build.timeout,
+        max_concurrent: 2,
+        confinement: isocloud_sandbox::BuildConfinement::available(),
+    }
+}
+
 /// Opens the control plane (migrations, first admin token) and serves its
 /// API and dashboard on `control_listen`; returns it and the address it
 /// listens on (the port of `…:0` picked).
 pub async fn start(
     settings: &ControlPlaneSettings,
+    build: &crate::settings::BuildSettings,
     public_http_port: u16,
     public_https_port: Option<u16>,
     deno: &std::path::Path,
@@ -31,15 +48,7 @@ pub async fn start(
     options.max_blob_bytes = settings.max_blob_bytes;
     options.domain_verify_http_port = settings.domain_verify_http_port;
     options.dns_resolver = settings.dns_resolver;
-    options.build = Some(isocloud_controlplane::BuildOptions {
-        deno: deno.to_owned(),
-        npm_registry: settings.npm_registry.clone(),
-        jsr_registry: settings.jsr_registry.clone(),
-        allow_import: settings.build_allow_import.clone(),
-        timeout: settings.build_timeout,
-        max_concurrent: 2,
-        confinement: isocloud_sandbox::BuildConfinement::available(),
-    });
+    options.build = Some(build_options(build, deno));
     let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
     let control_plane = ControlPlane::open(options)
         .await

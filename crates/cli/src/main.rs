@@ -146,7 +146,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 None => None,
             };
             let https_port = tls.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| a.port());
-            let (control_plane, control_addr) = control_plane::start(control, public.port(), https_port, &deno).await?;
+            let (control_plane, control_addr) =
+                control_plane::start(control, &settings.build, public.port(), https_port, &deno).await?;
             // Its real address: `--control-listen …:0` picks the port now.
             if let Some(egress) = &egress {
                 egress.add_private_listener(control_addr, "control plane listener");
@@ -206,7 +207,20 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     pool.build_deno_template().await;
 
     let router = match &settings.mode {
-        Mode::Apps(dir) => Router::new(Some(Arc::new(AppsOrigin::new(dir.clone())) as Arc<dyn Origin>), None),
+        Mode::Apps(dir) => {
+            // Dev mode builds apps that import packages, as `serve` builds
+            // deployments: the same step, on a copy of the folder.
+            let options = control_plane::build_options(&settings.build, &deno);
+            if options.confinement.ids.is_some() {
+                // The build's uid reaches its work folders below the state dir.
+                isocloud_sandbox::identity::allow_traversal(&state_dir)?;
+            }
+            let builder = isocloud_controlplane::AppFolderBuilder::new(options, &state_dir.join("app-builds"))
+                .context("cannot prepare the apps' build folders")?;
+            let work_root = builder.work_root();
+            let apps = AppsOrigin::new(dir.clone()).with_builder(Arc::new(builder), work_root);
+            Router::new(Some(Arc::new(apps) as Arc<dyn Origin>), None)
+        }
         Mode::Subhost(subhosters) => {
             let verifier = SubhostVerifier::new(subhosters.clone()).context("invalid subhoster configuration")?;
             Router::new(None, Some(SubhostRouting::new(verifier, origins::remote_options(&settings))))

@@ -386,16 +386,24 @@ pub struct ControlPlaneSettings {
     pub dns_resolver: Option<SocketAddr>,
     /// `None`: the public listener's own port.
     pub public_http_port: Option<u16>,
+}
+
+/// The build step's settings (`serve`: the control plane's deployments, or
+/// apps mode's folders).
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
     /// `None`: the public registries.
     pub npm_registry: Option<url::Url>,
     pub jsr_registry: Option<url::Url>,
-    pub build_timeout: Duration,
-    pub build_allow_import: Vec<String>,
+    pub timeout: Duration,
+    pub allow_import: Vec<String>,
 }
 
 /// Validated settings: the only form the rest of the binary sees.
 pub struct Settings {
     pub mode: Mode,
+    /// `serve`'s build step (the control plane's deployments, apps mode).
+    pub build: BuildSettings,
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub deno: Option<PathBuf>,
@@ -470,6 +478,7 @@ impl Settings {
         let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
         let control_flags_given =
             control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
+        let build = build_settings(control.as_deref(), &file)?;
         let mut control_plane = match control {
             Some(control) if !apps_given => Some(control_plane_settings(*control, &file)?),
             _ => None,
@@ -683,6 +692,7 @@ impl Settings {
         });
         Ok(Settings {
             mode,
+            build,
             listen,
             admin_listen,
             deno: common.deno.or(file.deno),
@@ -901,28 +911,6 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
     let dns_resolver =
         flags.dns_resolver.or_else(|| file.dns_resolver.clone()).map(|a| parse_addr("dns_resolver", &a)).transpose()?;
     let public_http_port = flags.public_http_port.or(file.public_http_port);
-    let registry = |field: &'static str, given: Option<String>| -> Result<Option<url::Url>, SettingsError> {
-        let Some(given) = given else { return Ok(None) };
-        let mut url = url::Url::parse(&given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(invalid(field, format!("{given:?} is not an http(s) URL")));
-        }
-        if !url.path().ends_with('/') {
-            url.set_path(&format!("{}/", url.path()));
-        }
-        Ok(Some(url))
-    };
-    let npm_registry = registry("npm_registry", flags.npm_registry.or_else(|| file.npm_registry.clone()))?;
-    let jsr_registry = registry("jsr_registry", flags.jsr_registry.or_else(|| file.jsr_registry.clone()))?;
-    let build_timeout_s =
-        within("build_timeout_s", flags.build_timeout_s.or(file.build_timeout_s).unwrap_or(300), 5..=3600)?;
-    let build_allow_import =
-        if flags.build_allow_import.is_empty() { file.build_allow_import.clone() } else { flags.build_allow_import };
-    for host in &build_allow_import {
-        if host.is_empty() || host.contains(['/', ',', ' ', '@']) {
-            return Err(invalid("build_allow_import", format!("{host:?} is not a host or host:port")));
-        }
-    }
     Ok(ControlPlaneSettings {
         data_dir,
         database_url,
@@ -935,10 +923,45 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
         domain_verify_http_port,
         dns_resolver,
         public_http_port,
+    })
+}
+
+/// The build step's settings, flags over file, validated.
+fn build_settings(flags: Option<&ControlPlaneFlags>, file: &FileConfig) -> Result<BuildSettings, SettingsError> {
+    let registry = |field: &'static str, given: Option<String>| -> Result<Option<url::Url>, SettingsError> {
+        let Some(given) = given else { return Ok(None) };
+        let mut url = url::Url::parse(&given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(field, format!("{given:?} is not an http(s) URL")));
+        }
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        Ok(Some(url))
+    };
+    let npm_registry =
+        registry("npm_registry", flags.and_then(|f| f.npm_registry.clone()).or_else(|| file.npm_registry.clone()))?;
+    let jsr_registry =
+        registry("jsr_registry", flags.and_then(|f| f.jsr_registry.clone()).or_else(|| file.jsr_registry.clone()))?;
+    let build_timeout_s = within(
+        "build_timeout_s",
+        flags.and_then(|f| f.build_timeout_s).or(file.build_timeout_s).unwrap_or(300),
+        5..=3600,
+    )?;
+    let build_allow_import = match flags {
+        Some(flags) if !flags.build_allow_import.is_empty() => flags.build_allow_import.clone(),
+        _ => file.build_allow_import.clone(),
+    };
+    for host in &build_allow_import {
+        if host.is_empty() || host.contains(['/', ',', ' ', '@']) {
+            return Err(invalid("build_allow_import", format!("{host:?} is not a host or host:port")));
+        }
+    }
+    Ok(BuildSettings {
         npm_registry,
         jsr_registry,
-        build_timeout: Duration::from_secs(build_timeout_s),
-        build_allow_import,
+        timeout: Duration::from_secs(build_timeout_s),
+        allow_import: build_allow_import,
     })
 }
 

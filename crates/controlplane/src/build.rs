@@ -141,6 +141,15 @@ impl Builder {
             }
             tokio::fs::write(&path, &bytes).await.map_err(BuildFailure::internal)?;
         }
+        let log = self.run_install(work, entrypoint).await?;
+        let files = collect_output(&src, blobs).await.map_err(|error| BuildFailure { error, log: log.clone() })?;
+        Ok(BuildOutput { files, log })
+    }
+
+    /// Runs `deno install` in `work/src` (the files already there), under
+    /// the build's confinement and bound; deno's output, cleaned.
+    async fn run_install(&self, work: &Path, entrypoint: &str) -> Result<String, BuildFailure> {
+        let src = work.join("src");
         if let Some(ids) = self.options.confinement.ids {
             chown_tree(work, ids.uid, ids.gid).map_err(BuildFailure::internal)?;
         }
@@ -212,8 +221,170 @@ impl Builder {
         if !status.success() {
             return Err(BuildFailure { error: explain(&log, entrypoint), log });
         }
-        let files = collect_output(&src, blobs).await.map_err(|error| BuildFailure { error, log: log.clone() })?;
-        Ok(BuildOutput { files, log })
+        if let Some(registry) = &self.options.jsr_registry {
+            let vendor = src.join("vendor");
+            let moved = tokio::task::spawn_blocking({
+                let registry = registry.clone();
+                move || vendor_jsr_as_public(&vendor, &registry)
+            })
+            .await;
+            match moved {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(BuildFailure { error, log }),
+                Err(e) => return Err(BuildFailure::internal(e)),
+            }
+        }
+        Ok(log)
+    }
+}
+
+/// The public JSR, where an isolate looks for `jsr:` packages.
+const PUBLIC_JSR: &str = "https://jsr.io/";
+
+/// deno names a vendored module's folder after its URL, so a build against
+/// `--jsr-registry` vendors JSR packages under that registry's host
+/// (`vendor/http_127.0.0.1_port_4873/@std/…`), while the isolate — started
+/// offline from the deployment alone, without `JSR_URL` — resolves `jsr:`
+/// against the public JSR and looks in `vendor/jsr.io/`. Moving them there
+/// (and the URLs in `vendor/manifest.json` with them) makes the deployment
+/// run the same wherever it was built.
+fn vendor_jsr_as_public(vendor: &Path, registry: &url::Url) -> Result<(), String> {
+    if registry.as_str() == PUBLIC_JSR {
+        return Ok(());
+    }
+    let Some(folder) = vendor_folder_of(registry) else {
+        tracing::warn!(
+            target: "isocloud::controlplane", %registry,
+            "deno hashes a segment of the JSR registry's path: its packages stay where deno put them"
+        );
+        return Ok(());
+    };
+    let from = vendor.join(&folder);
+    if !from.is_dir() {
+        return Ok(());
+    }
+    let error = |e: std::io::Error| format!("moving the JSR packages in vendor/: {e}");
+    merge_into(&from, &vendor.join("jsr.io")).map_err(error)?;
+    // The registry's host folder, now empty when the URL had a path.
+    let mut parent = from.parent();
+    while let Some(dir) = parent.filter(|d| *d != vendor) {
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+        parent = dir.parent();
+    }
+    let manifest = vendor.join("manifest.json");
+    if let Ok(text) = std::fs::read_to_string(&manifest) {
+        let rewritten = rewrite_vendor_manifest(&text, registry.as_str(), &folder)
+            .map_err(|e| format!("vendor/manifest.json: {e}"))?;
+        std::fs::write(&manifest, rewritten).map_err(error)?;
+    }
+    Ok(())
+}
+
+/// The folder under `vendor/` deno (2.9) puts `registry`'s files in:
+/// `http_` unless https, the host (`_` as `%5f`), `_port_N`, then the path's
+/// segments; `None` when a segment is one deno would hash.
+fn vendor_folder_of(registry: &url::Url) -> Option<String> {
+    let host = registry.host_str()?.replace('_', "%5f");
+    let mut folder = match registry.scheme() {
+        "https" => host,
+        "http" => format!("http_{host}"),
+        _ => return None,
+    };
+    if let Some(port) = registry.port() {
+        folder.push_str(&format!("_port_{port}"));
+    }
+    for segment in registry.path().split('/').filter(|s| !s.is_empty()) {
+        let verbatim = segment.len() <= 30
+            && segment.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && !["con", "prn", "aux", "nul"].contains(&segment)
+            && !(segment.len() == 4 && (segment.starts_with("com") || segment.starts_with("lpt")));
+        if !verbatim {
+            return None;
+        }
+        folder.push('/');
+        folder.push_str(segment);
+    }
+    Some(folder)
+}
+
+/// Moves `from` to `to`, merging folders that both have; on a clash of
+/// files, `from`'s wins (what `jsr:` resolved to).
+fn merge_into(from: &Path, to: &Path) -> std::io::Result<()> {
+    let from_dir = std::fs::symlink_metadata(from)?.is_dir();
+    match std::fs::symlink_metadata(to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(from, to)
+        }
+        Err(e) => Err(e),
+        Ok(meta) if meta.is_dir() && from_dir => {
+            for entry in std::fs::read_dir(from)? {
+                let entry = entry?;
+                merge_into(&entry.path(), &to.join(entry.file_name()))?;
+            }
+            std::fs::remove_dir(from)
+        }
+        Ok(meta) => {
+            if meta.is_dir() {
+                std::fs::remove_dir_all(to)?;
+            } else {
+                std::fs::remove_file(to)?;
+            }
+            std::fs::rename(from, to)
+        }
+    }
+}
+
+/// `vendor/manifest.json` with the registry's URLs (`modules` and `folders`
+/// keys) and local folders (`folders` values) moved to the public JSR's.
+fn rewrite_vendor_manifest(text: &str, registry: &str, folder: &str) -> Result<String, serde_json::Error> {
+    let mut manifest: serde_json::Value = serde_json::from_str(text)?;
+    let local = format!("{folder}/");
+    for section in ["modules", "folders"] {
+        let Some(map) = manifest.get_mut(section).and_then(|m| m.as_object_mut()) else { continue };
+        *map = std::mem::take(map)
+            .into_iter()
+            .map(|(url, mut value)| {
+                if let Some(path) = value.as_str().and_then(|p| p.strip_prefix(&local)) {
+                    value = serde_json::Value::String(format!("jsr.io/{path}"));
+                }
+                match url.strip_prefix(registry) {
+                    Some(rest) => (format!("{PUBLIC_JSR}{rest}"), value),
+                    None => (url, value),
+                }
+            })
+            .collect();
+    }
+    serde_json::to_string_pretty(&manifest)
+}
+
+/// The build step of apps mode (dev mode): the same `deno install`, under
+/// the same confinement, on a copy of an app folder the apps origin made.
+pub struct AppFolderBuilder {
+    builder: Builder,
+}
+
+impl AppFolderBuilder {
+    /// Its download cache and work folders live under `dir`.
+    pub fn new(options: BuildOptions, dir: &Path) -> std::io::Result<Self> {
+        Ok(Self { builder: Builder::new(options, dir)? })
+    }
+
+    /// Where the apps origin makes its work folders (emptied at start).
+    pub fn work_root(&self) -> PathBuf {
+        self.builder.root.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl isocloud_origin::AppBuilder for AppFolderBuilder {
+    async fn build(&self, work: &Path, entrypoint: &str) -> Result<(), String> {
+        let _slot = self.builder.slots.acquire().await.map_err(|e| e.to_string())?;
+        self.builder.run_install(work, entrypoint).await.map(drop).map_err(|failure| failure.error)
     }
 }
 
@@ -309,7 +480,8 @@ fn strip_work_paths(log: &str) -> String {
     while let Some(at) = rest.find("/builds/") {
         let after = &rest[at + "/builds/".len()..];
         let Some(src) = after.find("/src/") else { break };
-        if !after[..src].bytes().all(|b| b.is_ascii_hexdigit()) {
+        let folder = &after[..src];
+        if folder.is_empty() || folder.contains(['/', ' ', '"', '\'']) {
             out.push_str(&rest[..at + 1]);
             rest = &rest[at + 1..];
             continue;
@@ -496,6 +668,52 @@ mod tests {
         let log = clean_log(raw);
         assert_eq!(log, "error: SyntaxError: Expression expected\n    at file:///src/main.ts:1:11\n");
         assert_eq!(explain(&log, "main.ts"), "SyntaxError: Expression expected\n    at file:///src/main.ts:1:11");
+    }
+
+    #[test]
+    fn a_jsr_registry_maps_to_deno_s_vendor_folder() {
+        let folder = |url: &str| vendor_folder_of(&url::Url::parse(url).unwrap());
+        assert_eq!(folder("http://127.0.0.1:4873/").as_deref(), Some("http_127.0.0.1_port_4873"));
+        assert_eq!(folder("https://jsr.example.com/").as_deref(), Some("jsr.example.com"));
+        assert_eq!(folder("https://mirror.example:8443/api/jsr/").as_deref(), Some("mirror.example_port_8443/api/jsr"));
+        assert_eq!(folder("http://my_host/").as_deref(), Some("http_my%5fhost"));
+        // deno hashes these segments: not mapped.
+        assert_eq!(folder("https://mirror.example/JSR/"), None);
+        assert_eq!(folder("https://mirror.example/jsr.v1/"), None);
+    }
+
+    #[test]
+    fn jsr_packages_move_to_the_public_jsr_s_folder() {
+        let vendor = tempfile::tempdir().unwrap();
+        let v = vendor.path();
+        let put = |path: &str, text: &str| {
+            let full = v.join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, text).unwrap();
+        };
+        put("http_localhost_port_4873/jsr/@a/b/meta.json", "mirror meta");
+        put("http_localhost_port_4873/jsr/@a/b/1.0.0/mod.ts", "mirror mod");
+        put("jsr.io/@std/x/meta.json", "an https: import of jsr.io");
+        put("deno.land/x/y.ts", "another host");
+        put(
+            "manifest.json",
+            r#"{"folders":{"http://localhost:4873/jsr/@a/b/1.0.0/LIB/":"http_localhost_port_4873/jsr/@a/b/1.0.0/#lib_12345"},"modules":{"http://localhost:4873/jsr/@a/b/1.0.0/m":{"headers":{"content-type":"application/typescript"}},"https://deno.land/x/y":{}}}"#,
+        );
+        let registry = url::Url::parse("http://localhost:4873/jsr/").unwrap();
+        vendor_jsr_as_public(v, &registry).unwrap();
+        let read = |path: &str| std::fs::read_to_string(v.join(path)).unwrap();
+        assert_eq!(read("jsr.io/@a/b/meta.json"), "mirror meta");
+        assert_eq!(read("jsr.io/@a/b/1.0.0/mod.ts"), "mirror mod");
+        assert_eq!(read("jsr.io/@std/x/meta.json"), "an https: import of jsr.io");
+        assert_eq!(read("deno.land/x/y.ts"), "another host");
+        assert!(!v.join("http_localhost_port_4873").exists(), "the registry's folder is gone");
+        let manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")).unwrap();
+        assert_eq!(manifest["folders"]["https://jsr.io/@a/b/1.0.0/LIB/"], "jsr.io/@a/b/1.0.0/#lib_12345");
+        assert!(manifest["modules"]["https://jsr.io/@a/b/1.0.0/m"].is_object(), "{manifest}");
+        assert!(manifest["modules"]["https://deno.land/x/y"].is_object(), "{manifest}");
+        // The public JSR itself: nothing to move.
+        vendor_jsr_as_public(v, &url::Url::parse(PUBLIC_JSR).unwrap()).unwrap();
+        assert_eq!(read("jsr.io/@a/b/meta.json"), "mirror meta");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use blobs::{BlobError, BlobStore, DiskBlobStore};
-pub use build::{BuildFailure, BuildOptions, BuildOutput};
+pub use build::{AppFolderBuilder, BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
 pub use routing::ResolvedHost;
 pub use store::StoreError;

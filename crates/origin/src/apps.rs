@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,11 +38,120 @@ pub struct AppsOrigin {
     /// Layer ids and file ids handed out by `boot`/`read_tree`, to the files
     /// they name. Ids are content hashes, so an entry never changes meaning.
     files_by_id: Mutex<HashMap<String, PathBuf>>,
+    /// Builds apps that import packages (`npm:`, `jsr:`, `https:`) or have a
+    /// `deno.json`/`package.json`, into folders under the path.
+    builder: Option<(Arc<dyn AppBuilder>, PathBuf)>,
+    /// Per app: its current build (by the hash of its modules), as tree
+    /// entries of `node_modules`/`vendor`; or why it failed.
+    builds: tokio::sync::Mutex<HashMap<String, (String, Result<Arc<Vec<(String, AssetEntry)>>, String>)>>,
 }
+
+/// The build step for apps mode (dev mode), as the binary wires it: the same
+/// `deno install` as a control-plane deployment's, on a copy of the app.
+#[async_trait]
+pub trait AppBuilder: Send + Sync + 'static {
+    /// Runs the build in `work/src` (a copy of the app's files the builder
+    /// may write), starting at `entrypoint` (a path in it); on success
+    /// `node_modules/` and `vendor/` are there. The error is deno's reason
+    /// in isocloud's words.
+    async fn build(&self, work: &Path, entrypoint: &str) -> Result<(), String>;
+}
+
+/// The folders a build writes; an app's own copies are not served.
+const BUILD_OUTPUT_DIRS: [&str; 2] = ["node_modules", "vendor"];
+/// Builds kept per app folder (older ones are removed).
+const KEEP_BUILDS: usize = 2;
 
 impl AppsOrigin {
     pub fn new(root: PathBuf) -> Self {
-        Self { root, files_by_id: Mutex::new(HashMap::new()) }
+        Self { root, files_by_id: Mutex::new(HashMap::new()), builder: None, builds: Default::default() }
+    }
+
+    /// Apps that need it are built (`builder`) into folders under `work_root`.
+    pub fn with_builder(mut self, builder: Arc<dyn AppBuilder>, work_root: PathBuf) -> Self {
+        self.builder = Some((builder, work_root));
+        self
+    }
+
+    /// Builds app `name` (files `files`, modules hashing to `key`) unless its
+    /// current build is of the same key; the build's entries.
+    async fn ensure_built(
+        &self,
+        name: &str,
+        files: &[AppFile],
+        key: &str,
+        entrypoint: &str,
+    ) -> Result<Arc<Vec<(String, AssetEntry)>>, OriginError> {
+        let Some((builder, work_root)) = &self.builder else { return Ok(Arc::new(Vec::new())) };
+        let mut builds = self.builds.lock().await;
+        if let Some((built_key, result)) = builds.get(name)
+            && built_key == key
+        {
+            return result.clone().map_err(OriginError::BuildFailed);
+        }
+        let work = work_root.join(format!("{name}-{}", &key[..16]));
+        let result = async {
+            let _ = std::fs::remove_dir_all(&work);
+            let src = work.join("src");
+            for file in files {
+                let to = src.join(file.tree_path.trim_start_matches('/'));
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                std::fs::copy(&file.disk_path, &to).map_err(|e| e.to_string())?;
+            }
+            builder.build(&work, entrypoint).await?;
+            let mut entries = Vec::new();
+            for dir in BUILD_OUTPUT_DIRS {
+                let out = src.join(dir);
+                if out.is_dir() {
+                    let (built_files, built_entries) = walk(&out).map_err(|e| e.to_string())?;
+                    entries.push((format!("/{dir}"), AssetEntry::Directory));
+                    for (path, entry) in built_entries.into_iter().filter(|(p, _)| !p.is_empty()) {
+                        entries.push((format!("/{dir}{path}"), entry));
+                    }
+                    for file in built_files {
+                        let bytes = std::fs::read(&file.disk_path).map_err(|e| e.to_string())?;
+                        // A plain SHA-256: the runner's package store checks it.
+                        let hash = hex::encode(Sha256::digest(&bytes));
+                        self.remember(&hash, &file.disk_path);
+                        entries.push((
+                            format!("/{dir}{}", file.tree_path),
+                            AssetEntry::File { size: bytes.len() as u64, hash },
+                        ));
+                    }
+                }
+            }
+            Ok::<_, String>(Arc::new(entries))
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        // The app's older builds go; the last few stay for boots in flight.
+        if let Ok(listing) = std::fs::read_dir(work_root) {
+            let prefix = format!("{name}-");
+            let mut own: Vec<(std::time::SystemTime, PathBuf)> = listing
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path() != work)
+                .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                .collect();
+            own.sort();
+            let excess = own.len().saturating_sub(KEEP_BUILDS - 1);
+            for (_, path) in own.into_iter().take(excess) {
+                let _ = std::fs::remove_dir_all(path);
+            }
+        }
+        builds.insert(name.to_owned(), (key.to_owned(), result.clone()));
+        result.map_err(OriginError::BuildFailed)
+    }
+
+    /// The current build's entries of app `name`, if it has one.
+    async fn built_entries(&self, name: &str) -> Vec<(String, AssetEntry)> {
+        match self.builds.lock().await.get(name) {
+            Some((_, Ok(entries))) => entries.as_ref().clone(),
+            _ => Vec::new(),
+        }
     }
 
     /// The app folder for `name`, if `name` is a plain folder name that exists.
@@ -84,6 +193,11 @@ struct AppFile {
 
 /// Lists the app's files and folders (not following symlinks), bounded.
 fn walk(dir: &Path) -> Result<(Vec<AppFile>, BTreeMap<String, AssetEntry>), OriginError> {
+    walk_skipping(dir, &[])
+}
+
+/// [`walk`], leaving out the top-level folders named in `skip`.
+fn walk_skipping(dir: &Path, skip: &[&str]) -> Result<(Vec<AppFile>, BTreeMap<String, AssetEntry>), OriginError> {
     let mut files = Vec::new();
     let mut entries = BTreeMap::from([(String::new(), AssetEntry::Directory)]);
     let mut stack = vec![(dir.to_owned(), String::new(), 0usize)];
@@ -92,7 +206,7 @@ fn walk(dir: &Path) -> Result<(Vec<AppFile>, BTreeMap<String, AssetEntry>), Orig
         for item in listing {
             let item = item.map_err(OriginError::Cache)?;
             let Some(name) = item.file_name().to_str().map(str::to_owned) else { continue };
-            if name == ".git" || (depth == 0 && name == CONFIG_FILE) {
+            if name == ".git" || (depth == 0 && (name == CONFIG_FILE || skip.contains(&name.as_str()))) {
                 continue;
             }
             let tree_path = format!("{tree}/{name}");
@@ -129,6 +243,19 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// An app with one of these at its root is built (apps mode with a builder).
+const PROJECT_FILES: [&str; 4] = ["deno.json", "deno.jsonc", "package.json", "deno.lock"];
+/// A module naming one of these imports something a build must fetch.
+const BUILD_MARKERS: [&[u8]; 4] = [b"npm:", b"jsr:", b"https://", b"http://"];
+
+impl AppsOrigin {
+    /// The app's own files: with a builder, its `node_modules`/`vendor` are
+    /// the build's, not whatever the folder holds.
+    fn walk_app(&self, dir: &Path) -> Result<(Vec<AppFile>, BTreeMap<String, AssetEntry>), OriginError> {
+        if self.builder.is_some() { walk_skipping(dir, &BUILD_OUTPUT_DIRS) } else { walk(dir) }
+    }
+}
+
 fn is_module(path: &str) -> bool {
     path.rsplit_once('.').is_some_and(|(_, ext)| MODULE_EXTENSIONS.contains(&ext))
 }
@@ -142,7 +269,7 @@ impl Origin for AppsOrigin {
     async fn boot(&self, name: &str) -> Result<BootAnswer, OriginError> {
         let dir = self.app_dir(name)?;
         let app = read_app_config(&dir)?;
-        let (files, _) = walk(&dir)?;
+        let (files, _) = self.walk_app(&dir)?;
 
         let entrypoint = match &app.entrypoint {
             Some(e) if e.contains("://") => e.clone(),
@@ -158,15 +285,30 @@ impl Origin for AppsOrigin {
             }
         };
         let mut layers = Vec::new();
+        let mut needs_build = false;
+        let mut key = Sha256::new();
         for file in files.iter().filter(|f| is_module(&f.tree_path)) {
             let source = std::fs::read(&file.disk_path).map_err(OriginError::Cache)?;
             let id = format!("apps:{}", sha256_hex(&[file.tree_path.as_bytes(), &source]));
             self.remember(&id, &file.disk_path);
+            key.update(id.as_bytes());
+            needs_build = needs_build
+                || PROJECT_FILES.iter().any(|f| file.tree_path.strip_prefix('/') == Some(*f))
+                || BUILD_MARKERS.iter().any(|marker| memchr::memmem::find(&source, marker).is_some());
             layers.push(serde_json::json!({
                 "kind": "bundle",
                 "id": id,
                 "specifier": format!("file:///src{}", file.tree_path),
             }));
+        }
+        if needs_build && self.builder.is_some() {
+            key.update(entrypoint.as_bytes());
+            let key = hex::encode(key.finalize());
+            let entry = entrypoint.strip_prefix("file:///src/").unwrap_or(&entrypoint).to_owned();
+            self.ensure_built(name, &files, &key, &entry).await?;
+        } else if self.builder.is_some() {
+            // No build any more (its imports went): the app is as it is.
+            self.builds.lock().await.remove(name);
         }
         let mut config = serde_json::json!({ "entrypoint": entrypoint, "layers": layers, "envs": app.envs });
         if let Some(permissions) = app.permissions {
@@ -189,10 +331,13 @@ impl Origin for AppsOrigin {
 
     async fn read_tree(&self, name: &str) -> Result<AssetTree, OriginError> {
         let dir = self.app_dir(name)?;
-        let (files, mut entries) = walk(&dir)?;
+        let (files, mut entries) = self.walk_app(&dir)?;
+        entries.extend(self.built_entries(name).await);
         for file in files {
             let bytes = std::fs::read(&file.disk_path).map_err(OriginError::Cache)?;
-            let hash = sha256_hex(&[&bytes]);
+            // The plain SHA-256 of the bytes, as every origin's file ids are
+            // checked by the runner's package store.
+            let hash = hex::encode(Sha256::digest(&bytes));
             self.remember(&hash, &file.disk_path);
             entries.insert(file.tree_path, AssetEntry::File { size: bytes.len() as u64, hash });
         }
@@ -202,8 +347,9 @@ impl Origin for AppsOrigin {
     async fn read_blob(&self, _name: &str, file_id: &str) -> Result<Bytes, OriginError> {
         let path = self.lookup(file_id).ok_or_else(|| OriginError::AssetNotFound(file_id.to_owned()))?;
         let bytes = tokio::fs::read(&path).await.map_err(|_| OriginError::AssetNotFound(file_id.to_owned()))?;
-        // The file may have changed since read_tree; a content address must not lie.
-        if sha256_hex(&[&bytes]) != file_id {
+        // The file may have changed since read_tree; a content address must
+        // not lie.
+        if hex::encode(Sha256::digest(&bytes)) != file_id {
             return Err(OriginError::AssetNotFound(file_id.to_owned()));
         }
         Ok(Bytes::from(bytes))

@@ -27,6 +27,9 @@ pub enum OriginError {
     AssetNotFound(String),
     #[error("cache i/o: {0}")]
     Cache(#[from] std::io::Error),
+    /// Apps mode: the app's build (deno install) failed; deno's reason.
+    #[error("the app's build failed: {0}")]
+    BuildFailed(String),
 }
 
 impl OriginError {
@@ -38,7 +41,7 @@ impl OriginError {
             | OriginError::Malformed { .. }
             | OriginError::TooLarge { .. }
             | OriginError::BadStatus { .. } => ErrorCode::OriginUnreachable,
-            OriginError::BootRefused { .. } => ErrorCode::BootFailed,
+            OriginError::BootRefused { .. } | OriginError::BuildFailed(_) => ErrorCode::BootFailed,
             OriginError::InvalidConfig(_) => ErrorCode::InvalidIsolateConfig,
             OriginError::Layer { .. } => ErrorCode::LayerFailed,
             OriginError::ModuleNotFound { .. } => ErrorCode::ModuleNotFound,

@@ -20,7 +20,7 @@ mod tree;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use apps::AppsOrigin;
+pub use apps::{AppBuilder, AppsOrigin};
 pub use cache::{CacheKind, DiskCache};
 pub use deployment::{Deployment, ModuleFile, load_deployment};
 pub use error::OriginError;

@@ -393,3 +393,34 @@ fn a_uid_per_isolate_from_a_range_or_one_shared_uid_never_both() {
     std::fs::write(&config, "isolate_uid_range = \"0-9\"\n").unwrap();
     assert_eq!(field_of(&from_file), "isolate_uid_range");
 }
+
+#[test]
+fn build_settings_take_registries_a_timeout_and_hosts_in_both_serve_modes() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    let settings = parse(&["serve", "--apps", dir]).unwrap();
+    assert_eq!(settings.build.npm_registry, None, "the public registry by default");
+    assert_eq!(settings.build.timeout, Duration::from_secs(300));
+    let settings = parse(&[
+        "serve",
+        "--apps",
+        dir,
+        "--npm-registry",
+        "http://127.0.0.1:4873",
+        "--jsr-registry",
+        "https://jsr.example/base",
+        "--build-timeout-s",
+        "60",
+        "--build-allow-import",
+        "deno.example:8443",
+    ])
+    .unwrap();
+    assert_eq!(settings.build.npm_registry.unwrap().as_str(), "http://127.0.0.1:4873/");
+    assert_eq!(settings.build.jsr_registry.unwrap().as_str(), "https://jsr.example/base/", "a folder URL");
+    assert_eq!(settings.build.timeout, Duration::from_secs(60));
+    assert_eq!(settings.build.allow_import, ["deno.example:8443"]);
+    assert_eq!(field_of(&["serve", "--apps", dir, "--npm-registry", "ftp://x/"]), "npm_registry");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--jsr-registry", "not a url"]), "jsr_registry");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--build-timeout-s", "1"]), "build_timeout_s");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--build-allow-import", "a/b"]), "build_allow_import");
+}

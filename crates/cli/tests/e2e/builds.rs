@@ -275,3 +275,31 @@ const server = app.listen(3000, () => console.log(`express on ${server.address()
     let host = deployment_host(&stdout);
     assert_eq!(request(&serve, reqwest::Method::GET, &host, "/a?b", "").await, (201, "node GET /a?b".to_owned()));
 }
+
+#[tokio::test]
+async fn apps_mode_builds_apps_that_import_packages_and_an_edit_fixes_a_broken_one() {
+    let apps = crate::support::AppsDir::new();
+    write_hono_app(&Path::new(apps.path()).join("hono"));
+    apps.app("plain", &[("main.ts", "Deno.serve(() => new Response(\"plain\"));\n")]);
+    apps.app("broken", &[("main.ts", "import { Hono } from \"npm:hono@4\";\nconst x = ;\n")]);
+    let runner = apps.serve(&[]);
+
+    // The probe: an app with nothing to build serves as before.
+    assert_eq!(runner.get("plain.localhost", "/").await.text().await.unwrap(), "plain");
+    // deno.json, npm, TSX: built on its first boot, then served.
+    let response = runner.get("hono.localhost", "/hello/dev").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "<h1>hello dev</h1>");
+
+    // A broken app answers with its build error, in the app's own names.
+    let message = crate::support::expect_error(runner.get("broken.localhost", "/").await, 502, "BOOT_FAILED").await;
+    assert!(message.contains("SyntaxError") && message.contains("file:///src/main.ts:2:11"), "{message}");
+    assert!(!message.contains("app-builds"), "a host path leaked: {message}");
+    // The fix takes effect on the next request: a new build, then it serves.
+    std::fs::write(
+        Path::new(apps.path()).join("broken/main.ts"),
+        "import { Hono } from \"npm:hono@4\";\nDeno.serve(new Hono().get(\"/*\", (c) => c.text(\"fixed\")).fetch);\n",
+    )
+    .unwrap();
+    assert_eq!(runner.get("broken.localhost", "/").await.text().await.unwrap(), "fixed");
+}
