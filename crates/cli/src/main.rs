@@ -194,6 +194,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         usage_interval: settings.usage_interval,
         egress: egress.clone(),
         max_deno_dirs: MAX_DENO_DIRS,
+        package_store_max_bytes: settings.package_store_max_bytes,
         prestarted_per_profile: settings.prestarted_isolates,
     };
     resources::register(&mut registry, pool_options.cgroups.clone(), pool_options.instances_dir.clone());

@@ -103,6 +103,9 @@ pub struct CommonFlags {
     /// Size bound of the on-disk layer and blob cache [default: 1024].
     #[arg(long, value_name = "MB")]
     pub cache_max_mb: Option<u64>,
+    /// Bound on built deployments' package sets no isolate uses [default: 4096].
+    #[arg(long, value_name = "MB")]
+    pub package_store_max_mb: Option<u64>,
     /// Size bound of the activity spool, where reports wait for their origin
     /// (oldest logs are dropped first; usage never) [default: 64].
     #[arg(long, value_name = "MB")]
@@ -274,6 +277,7 @@ struct FileConfig {
     stream_idle_timeout_s: Option<u64>,
     stream_max_lifetime_s: Option<u64>,
     cache_max_mb: Option<u64>,
+    package_store_max_mb: Option<u64>,
     spool_max_mb: Option<u64>,
     log_format: Option<String>,
     mount_namespace: Option<String>,
@@ -425,6 +429,7 @@ pub struct Settings {
     /// An upgraded connection or a response body lasts at most this long.
     pub stream_max_lifetime: Duration,
     pub cache_max_bytes: u64,
+    pub package_store_max_bytes: u64,
     pub spool_max_bytes: u64,
     pub log_format: LogFormat,
     pub mount_namespace: Toggle,
@@ -543,6 +548,11 @@ impl Settings {
         }
         let max_header_kb =
             within("max_header_kb", common.max_header_kb.or(file.max_header_kb).unwrap_or(64), 8..=1024)?;
+        let package_store_max_mb = within(
+            "package_store_max_mb",
+            common.package_store_max_mb.or(file.package_store_max_mb).unwrap_or(4096),
+            1..=1024 * 1024,
+        )?;
         let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
         if cache_max_mb == 0 {
             return Err(invalid("cache_max_mb", "must be at least 1"));
@@ -711,6 +721,7 @@ impl Settings {
             stream_idle_timeout,
             stream_max_lifetime,
             cache_max_bytes: cache_max_mb * 1024 * 1024,
+            package_store_max_bytes: package_store_max_mb * 1024 * 1024,
             spool_max_bytes: spool_max_mb * 1024 * 1024,
             log_format,
             mount_namespace,

@@ -43,8 +43,11 @@ pub struct AppsOrigin {
     builder: Option<(Arc<dyn AppBuilder>, PathBuf)>,
     /// Per app: its current build (by the hash of its modules), as tree
     /// entries of `node_modules`/`vendor`; or why it failed.
-    builds: tokio::sync::Mutex<HashMap<String, (String, Result<Arc<Vec<(String, AssetEntry)>>, String>)>>,
+    builds: tokio::sync::Mutex<HashMap<String, (String, BuildResult)>>,
 }
+
+/// A build's tree entries (`node_modules`, `vendor`), or why it failed.
+type BuildResult = Result<Arc<Vec<(String, AssetEntry)>>, String>;
 
 /// The build step for apps mode (dev mode), as the binary wires it: the same
 /// `deno install` as a control-plane deployment's, on a copy of the app.

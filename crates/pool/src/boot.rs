@@ -182,8 +182,11 @@ pub(crate) async fn boot(
     // A built deployment's packages and deno.json: on disk before deno starts.
     let project_error =
         |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));
-    let packages =
-        ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await.map_err(project_error)?;
+    let (packages, lease) = match ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await {
+        Ok(Some((dir, lease))) => (Some(dir), Some(lease)),
+        Ok(None) => (None, None),
+        Err(e) => return Err(project_error(e)),
+    };
     let configs = crate::packages::project_configs(&deployment.tree, &origin, &ctx.cache, &deployment_id)
         .await
         .map_err(project_error)?;
@@ -196,6 +199,10 @@ pub(crate) async fn boot(
             let mut files = IsolateFiles::prepare(&dir, &deployment, &policy, &deno_dir, route.as_ref())?;
             if packages.is_some() || !configs.is_empty() {
                 files.add_project(packages.as_deref(), &configs)?;
+            }
+            if let (Some(project), Some(lease)) = (files.project.as_mut(), lease) {
+                // Held by the isolate's files: its set stays while it runs.
+                project.lease = Some(Arc::new(lease));
             }
             Ok(files)
         })

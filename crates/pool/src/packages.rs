@@ -29,18 +29,115 @@ pub(crate) struct PackageStore {
     root: PathBuf,
     /// One layout per set at a time; others wait for it.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Every complete set: its size, when a boot last used it, and how many
+    /// isolates hold it now (bound into their root: never removed then).
+    sets: Arc<Mutex<HashMap<String, SetUse>>>,
+    max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SetUse {
+    bytes: u64,
+    last_used: std::time::SystemTime,
+    holders: usize,
+}
+
+/// A set of packages an isolate has bound: it stays on disk while any
+/// lease of it lives (the isolate's files hold it until the isolate ends).
+pub(crate) struct PackageLease {
+    sets: Arc<Mutex<HashMap<String, SetUse>>>,
+    key: String,
+}
+
+impl Drop for PackageLease {
+    fn drop(&mut self) {
+        if let Some(set) = self.sets.lock().expect("package store poisoned").get_mut(&self.key) {
+            set.holders = set.holders.saturating_sub(1);
+        }
+    }
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(listing) = std::fs::read_dir(&dir) else { continue };
+        for entry in listing.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(kind) if kind.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 impl PackageStore {
-    pub(crate) fn new(root: PathBuf) -> std::io::Result<Self> {
+    /// The store at `root`, holding at most about `max_bytes` of sets no
+    /// isolate uses (the least recently used go first; a set in use stays).
+    pub(crate) fn new(root: PathBuf, max_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(&root)?;
-        // Half-built sets of a runner that died.
+        let mut sets = HashMap::new();
         for entry in std::fs::read_dir(&root)?.flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".partial") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".partial") {
+                // Half-built sets of a runner that died.
                 let _ = std::fs::remove_dir_all(entry.path());
+            } else if entry.file_type().is_ok_and(|k| k.is_dir()) {
+                let last_used = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                sets.insert(name, SetUse { bytes: tree_bytes(&entry.path()), last_used, holders: 0 });
             }
         }
-        Ok(Self { root, building: Mutex::new(HashMap::new()) })
+        Ok(Self { root, building: Mutex::new(HashMap::new()), sets: Arc::new(Mutex::new(sets)), max_bytes })
+    }
+
+    /// Bytes of all complete sets (metrics, tests).
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
+        self.sets.lock().expect("package store poisoned").values().map(|s| s.bytes).sum()
+    }
+
+    fn lease(&self, key: &str, bytes: Option<u64>) -> PackageLease {
+        let mut sets = self.sets.lock().expect("package store poisoned");
+        let set = sets.entry(key.to_owned()).or_insert(SetUse {
+            bytes: bytes.unwrap_or(0),
+            last_used: std::time::SystemTime::now(),
+            holders: 0,
+        });
+        set.holders += 1;
+        set.last_used = std::time::SystemTime::now();
+        PackageLease { sets: Arc::clone(&self.sets), key: key.to_owned() }
+    }
+
+    /// Removes the least recently used sets no isolate holds until the
+    /// store is within its bound; returns how many went.
+    fn evict(&self) -> usize {
+        let victims: Vec<String> = {
+            let mut sets = self.sets.lock().expect("package store poisoned");
+            let mut total: u64 = sets.values().map(|s| s.bytes).sum();
+            let mut idle: Vec<(std::time::SystemTime, String, u64)> =
+                sets.iter().filter(|(_, s)| s.holders == 0).map(|(k, s)| (s.last_used, k.clone(), s.bytes)).collect();
+            idle.sort();
+            let mut victims = Vec::new();
+            for (_, key, bytes) in idle {
+                if total <= self.max_bytes {
+                    break;
+                }
+                total = total.saturating_sub(bytes);
+                sets.remove(&key);
+                victims.push(key);
+            }
+            victims
+        };
+        for key in &victims {
+            // Renamed first: a boot that looks for it now lays it out anew.
+            let doomed = self.root.join(format!("{key}.{:08x}.partial", rand::random::<u32>()));
+            if std::fs::rename(self.root.join(key), &doomed).is_ok() {
+                let _ = std::fs::remove_dir_all(&doomed);
+            }
+        }
+        victims.len()
     }
 
     /// The store folder holding `tree`'s packages, laid out if missing;
@@ -51,7 +148,7 @@ impl PackageStore {
         origin: &Arc<dyn Origin>,
         cache: &Arc<DiskCache>,
         deployment_id: &str,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<(PathBuf, PackageLease)>, String> {
         let entries: Vec<(&String, &AssetEntry)> = tree.entries.iter().filter(|(p, _)| is_package_path(p)).collect();
         if entries.is_empty() {
             return Ok(None);
@@ -67,13 +164,15 @@ impl PackageStore {
         }
         let key = hex::encode(listing.finalize());
         let dir = self.root.join(&key);
+        // Leased before the check: eviction never takes a set being handed out.
+        let lease = self.lease(&key, None);
         if dir.is_dir() {
-            return Ok(Some(dir));
+            return Ok(Some((dir, lease)));
         }
         let lock = Arc::clone(self.building.lock().expect("package store poisoned").entry(key.clone()).or_default());
         let _held = lock.lock().await;
         if dir.is_dir() {
-            return Ok(Some(dir));
+            return Ok(Some((dir, lease)));
         }
         let partial = self.root.join(format!("{key}.{:08x}.partial", rand::random::<u32>()));
         let result = lay_out(&partial, &entries, origin, cache, deployment_id).await;
@@ -85,7 +184,16 @@ impl PackageStore {
             let _ = std::fs::remove_dir_all(&partial);
         }
         self.building.lock().expect("package store poisoned").remove(&key);
-        result.map(|()| Some(dir))
+        result?;
+        let bytes = tree_bytes(&dir);
+        if let Some(set) = self.sets.lock().expect("package store poisoned").get_mut(&key) {
+            set.bytes = bytes;
+        }
+        let evicted = self.evict();
+        if evicted > 0 {
+            tracing::info!(evicted, "package store over its bound: least recently used sets removed");
+        }
+        Ok(Some((dir, lease)))
     }
 }
 
@@ -224,5 +332,32 @@ mod tests {
         assert!(!link_stays_inside("/node_modules/hono", "../../../etc"));
         assert!(!link_stays_inside("/node_modules/hono", "/etc"));
         assert!(place(Path::new("/s"), "/node_modules/../../x").is_err());
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_sets_go_and_leased_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("a", 400), ("b", 400), ("c", 400)] {
+            std::fs::create_dir_all(dir.path().join(name).join("node_modules")).unwrap();
+            std::fs::write(dir.path().join(name).join("node_modules/f"), vec![0u8; bytes]).unwrap();
+        }
+        let store = PackageStore::new(dir.path().to_owned(), 1000).unwrap();
+        assert_eq!(store.bytes(), 1200);
+        // "a" is oldest but in use; "b" is the least recently used idle one.
+        let held = store.lease("a", None);
+        drop(store.lease("b", None));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        drop(store.lease("c", None));
+        {
+            let mut sets = store.sets.lock().unwrap();
+            sets.get_mut("a").unwrap().last_used = std::time::UNIX_EPOCH;
+        }
+        assert_eq!(store.evict(), 1);
+        assert!(dir.path().join("a").is_dir(), "a leased set is never removed");
+        assert!(!dir.path().join("b").exists(), "the least recently used idle set went");
+        assert!(dir.path().join("c").is_dir());
+        drop(held);
+        assert_eq!(store.evict(), 0, "within the bound now");
+        assert_eq!(store.bytes(), 800);
     }
 }

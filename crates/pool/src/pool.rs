@@ -47,6 +47,8 @@ pub struct PoolOptions {
     pub egress: Option<isocloud_egress::EgressProxy>,
     /// Deployment deno cache dirs kept (most recently booted first).
     pub max_deno_dirs: usize,
+    /// The package store's bound on sets no isolate uses (`packages.rs`).
+    pub package_store_max_bytes: u64,
     /// Isolates kept pre-started per sandbox profile (see `warm`); 0: none.
     /// Needs the mount namespace (a pre-started isolate's `/src` is its own
     /// before it has anything in it).
@@ -136,6 +138,7 @@ impl Pool {
         let admission = Arc::new(Admission::new(options.admission, queue_per_tenant, metrics.admission()));
         let packages = Arc::new(crate::packages::PackageStore::new(
             options.instances_dir.parent().unwrap_or(&options.instances_dir).join("packages"),
+            options.package_store_max_bytes,
         )?);
         let ctx = BootContext {
             packages,

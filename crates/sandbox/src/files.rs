@@ -78,7 +78,7 @@ pub struct IsolateFiles {
 /// A built deployment as deno reads it: its packages (a folder of the
 /// runner's package store holding `node_modules/` and/or `vendor/`, bound
 /// read-only at `/src/node_modules` and `/src/vendor`) and its `deno.json`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Project {
     /// The package store folder, when the build wrote packages.
     pub packages: Option<PathBuf>,
@@ -87,6 +87,19 @@ pub struct Project {
     /// `/src/deno.json` (or `.jsonc`) as deno is pointed at it, when the
     /// deployment has one (and its own root: mount-namespace mode).
     pub config: Option<String>,
+    /// Keeps `packages` on disk while these files (the isolate) live.
+    pub lease: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Project {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Project")
+            .field("packages", &self.packages)
+            .field("node_modules", &self.node_modules)
+            .field("vendor", &self.vendor)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The deployment-root files deno reads itself at start-up (not through the
