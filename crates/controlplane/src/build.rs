@@ -526,7 +526,7 @@ pub(crate) fn explain(log: &str, entrypoint: &str) -> String {
 }
 
 /// deno's advice names its own flags; a deployment cannot pass flags.
-const FLAG_ADVICE: [(&str, &str); 4] = [
+const FLAG_ADVICE: [(&str, &str); 6] = [
     (
         ", run again with the --allow-import flag",
         ": remote imports come only from the hosts deno allows by default (jsr.io, deno.land, esm.sh, \
@@ -538,6 +538,19 @@ const FLAG_ADVICE: [(&str, &str); 4] = [
     (
         "Run again with `--frozen=false`",
         "the committed deno.lock does not match the imports: run `deno install` locally and commit deno.lock",
+    ),
+    // deno 2.9's wording of the same.
+    (
+        "Run `deno install --frozen=false`",
+        "The committed deno.lock does not match the imports: run `deno install` locally and commit deno.lock",
+    ),
+    // Not a flag, but deno blames the registry when the expected integrity
+    // is the one deno.lock recorded.
+    (
+        "Tarball checksum did not match what was provided by npm registry",
+        "The package's bytes do not match the integrity deno.lock records for it (without a deno.lock, the \
+         registry's own): it changed since it was locked. If that is expected, run `deno install` locally and \
+         commit deno.lock",
     ),
 ];
 
@@ -723,5 +736,19 @@ mod tests {
         assert!(!message.contains("--allow-import flag"), "{message}");
         assert!(message.contains("127.0.0.1:8765"), "{message}");
         assert!(message.contains("--build-allow-import"), "{message}");
+
+        let log = "error: The lockfile is out of date. Run `deno install --frozen=false`, or rerun with `--frozen=false` to update it.\nchanges:\n 5 | +    \"npm:extra@1\": \"1.0.0\",";
+        let message = explain(log, "main.ts");
+        assert!(!message.contains("--frozen"), "{message}");
+        assert!(
+            message.starts_with("The lockfile is out of date. The committed deno.lock does not match"),
+            "{message}"
+        );
+        assert!(message.contains("npm:extra@1"), "the change is shown: {message}");
+
+        let log = "error: Failed caching npm package 'a@1.0.0'\n    0: Tarball checksum did not match what was provided by npm registry for a@1.0.0.\n       \n       Expected: x\n       Actual: y";
+        let message = explain(log, "main.ts");
+        assert!(message.starts_with("Failed caching npm package 'a@1.0.0'"), "{message}");
+        assert!(message.contains("deno.lock records") && message.contains("Actual: y"), "{message}");
     }
 }

@@ -11,6 +11,7 @@ mod activity_delivery;
 mod admission;
 mod apps_mode;
 mod builds;
+mod builds_registry;
 mod churn;
 mod client_cli;
 mod control_plane;

@@ -19,6 +19,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
+pub mod registry;
+
 pub const KID: &str = "acme";
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
