@@ -358,6 +358,32 @@ async function run() {
     await expectProd(v2.id, [v1.id]);
   });
 
+  const broken = await step("deploying a broken app through the API: its build fails", async () => {
+    const d = await deploy({ "main.ts": "const x = ;\nDeno.serve(() => new Response(\"x\"));\n" });
+    if (d.status !== "failed" || !String(d.error ?? "").includes("SyntaxError")) {
+      throw new Expectation("status failed with a SyntaxError", d);
+    }
+    return d;
+  });
+
+  await step("the failed deployment shows a red failed badge, its error, no Promote, and its build log", async () => {
+    await until(`${broken.id} listed as failed`, async () => {
+      const rows = await deploymentRows();
+      const row = rows.find((r) => r.id === broken.id);
+      return { ok: row?.status === "failed" && !row.promote, seen: row ?? rows };
+    }, 30_000);
+    const error = await page.textContent(`[data-deployment-id="${broken.id}"] ${byTestId("deployment-error")}`);
+    if (!error?.includes("file:///src/main.ts:1:11")) throw new Expectation("the error names main.ts:1:11", error);
+    await page.click(`[data-deployment-id="${broken.id}"] ${byTestId("build-log-button")}`);
+    const logText = await until("the build log under the deployment", async () => {
+      const text = await page.textContent(`[data-deployment-id="${broken.id}"] ${byTestId("build-log")}`).catch(() => null);
+      return { ok: Boolean(text?.includes("SyntaxError")), seen: text };
+    });
+    if (String(logText).includes("/builds/")) throw new Expectation("no host path in the build log", logText);
+    await expectProd(v2.id, [v1.id]);
+    await shot("02b-failed-build");
+  });
+
   const host = `${project}.${baseDomain}`;
   await step(`${REQUESTS} requests to ${host} reach v2 through the runner`, async () => {
     for (let i = 0; i < REQUESTS; i++) {

@@ -447,7 +447,7 @@ function renderDeployments(ctx, list, deployments, reload) {
         await reload();
       }));
     }
-    return h("article", {
+    const card = h("article", {
       class: prod ? "card deployment production" : "card deployment", testid: "deployment-row",
       "data-deployment-id": d.id, "data-production": String(prod), "data-status": d.status,
     },
@@ -468,8 +468,35 @@ function renderDeployments(ctx, list, deployments, reload) {
       h("span", { class: "muted small" }, `${d.files ?? 0} file${d.files === 1 ? "" : "s"} · ${formatBytes(d.size_bytes)}`),
       h("div", { class: "row-actions" },
         h("a", { class: "button subtle", href: `#/projects/${enc(ctx.name)}/logs?deployment=${enc(d.id)}`, testid: "deployment-logs" }, "Logs"),
+        buildLogButton(d),
         promote)));
+    // A build log stays open across the list's refreshes.
+    if (openBuildLogs.has(d.id)) card.append(buildLogBlock(openBuildLogs.get(d.id)));
+    return card;
   }));
+}
+
+/** Build logs the user opened, by deployment id (the list re-renders every few seconds). */
+const openBuildLogs = new Map();
+
+function buildLogBlock(text) {
+  return h("pre", { class: "build-log", testid: "build-log" }, text);
+}
+
+/** "Build log": what deno printed when the deployment was built, shown under it. */
+function buildLogButton(d) {
+  const button = h("button", { type: "button", class: "button subtle", testid: "build-log-button" }, "Build log");
+  button.addEventListener("click", () => act(button, async () => {
+    const card = button.closest("article");
+    const shown = card.querySelector(".build-log");
+    if (shown) { shown.remove(); openBuildLogs.delete(d.id); return; }
+    const build = await api("GET", `/deployments/${enc(d.id)}/build`);
+    const text = build.log == null ? "(no build: this deployment was not made from files)"
+      : (build.log.trim() === "" ? "(the build printed nothing)" : build.log);
+    openBuildLogs.set(d.id, text);
+    card.append(buildLogBlock(text));
+  }));
+  return button;
 }
 
 // ------------------------------------------------------------------ analytics

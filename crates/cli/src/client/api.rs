@@ -131,6 +131,16 @@ pub struct CreateDeployment {
     pub production: bool,
 }
 
+/// A deployment's build, as `GET /deployments/{id}/build` answers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BuildLog {
+    pub id: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub log: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Deployment {
@@ -350,6 +360,11 @@ impl Api {
     pub async fn deployments(&self, project: &str, limit: u32) -> Result<Vec<Deployment>, ClientError> {
         let request = self.request(Method::GET, &["projects", project, "deployments"])?.query(&[("limit", limit)]);
         self.json(request).await
+    }
+
+    /// `GET /deployments/{id}/build`: the build step's status, error and log.
+    pub async fn build_log(&self, deployment_id: &str) -> Result<BuildLog, ClientError> {
+        self.json(self.request(Method::GET, &["deployments", deployment_id, "build"])?).await
     }
 
     pub async fn promote(&self, project: &str, deployment_id: &str) -> Result<Project, ClientError> {

@@ -147,9 +147,10 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let deployment = create(&api, &args.project, &request, &blobs).await?;
     if deployment.status == "failed" {
         bail!(
-            "deployment {} failed: {}",
+            "deployment {} failed: {}\n(its whole build log: isocloud logs --build {})",
             deployment.id,
-            sanitize(deployment.error.as_deref().unwrap_or("no reason given"))
+            sanitize(deployment.error.as_deref().unwrap_or("no reason given")),
+            deployment.id
         );
     }
     let production_url = if args.prod { production_url(&api, &args.project).await } else { None };

@@ -20,8 +20,11 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 pub struct LogsArgs {
     #[command(flatten)]
     pub connection: ConnectionFlags,
-    #[arg(long, short = 'p', value_name = "NAME")]
-    pub project: String,
+    #[arg(long, short = 'p', value_name = "NAME", required_unless_present = "build")]
+    pub project: Option<String>,
+    /// The build log of this deployment (what deno printed at deploy time) instead.
+    #[arg(long, value_name = "DEPLOYMENT_ID", conflicts_with_all = ["deployment", "since", "limit", "follow"])]
+    pub build: Option<String>,
     /// Only this deployment's logs.
     #[arg(long, value_name = "ID")]
     pub deployment: Option<String>,
@@ -43,9 +46,26 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
     let since = args.since.as_deref().map(|s| time::parse_since(s, SystemTime::now())).transpose();
     let since = since.map_err(anyhow::Error::msg)?;
     let api = connect(&args.connection)?;
+    if let Some(id) = &args.build {
+        let build = api.build_log(id).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&build)?);
+            return Ok(());
+        }
+        match build.log.as_deref().map(str::trim_end) {
+            Some("") => println!("(the build printed nothing)"),
+            Some(log) => println!("{}", sanitize_multiline(log)),
+            None => println!("(no build: the deployment was not built from files)"),
+        }
+        if build.status == "failed" {
+            bail!("deployment {} failed: {}", build.id, sanitize(build.error.as_deref().unwrap_or("no reason given")));
+        }
+        return Ok(());
+    }
+    let Some(project) = args.project.as_deref() else { bail!("--project NAME is required") };
     let query = LogQuery { deployment: args.deployment.clone(), since, limit: args.limit };
     if !args.follow {
-        let mut entries = api.logs(&args.project, &query).await?;
+        let mut entries = api.logs(project, &query).await?;
         // Oldest first, as a terminal reads them, whatever the server's order.
         entries.sort_by_key(|e| e.id);
         for entry in &entries {
@@ -54,9 +74,14 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     tokio::select! {
-        result = follow(&api, &args.project, query, args.json) => result,
+        result = follow(&api, project, query, args.json) => result,
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
+}
+
+/// Each line of a multi-line text, sanitized (no terminal control codes).
+fn sanitize_multiline(text: &str) -> String {
+    text.lines().map(sanitize).collect::<Vec<_>>().join("\n")
 }
 
 /// Streams until Ctrl-C. A dropped stream is picked up again from the

@@ -165,6 +165,9 @@ async fn a_broken_app_fails_its_build_with_the_reason_and_never_serves() {
     assert!(ok, "{stdout}\n{stderr}");
     let good = deployment_host(&stdout);
     assert_eq!(request(&serve, reqwest::Method::GET, &good, "/", "").await, (200, "good".to_owned()));
+    let good_id = good.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned();
+    let (ok, _, stderr) = client(&serve, config.path(), &["logs", "--build", &good_id]);
+    assert!(ok, "a good build's log prints and exits 0: {stderr}");
 
     for (source, expected) in [
         ("const x = ;\nDeno.serve(() => new Response(\"x\"));\n", vec!["SyntaxError", "file:///src/main.ts:1:11"]),
@@ -183,11 +186,17 @@ async fn a_broken_app_fails_its_build_with_the_reason_and_never_serves() {
     ] {
         let (ok, stdout, stderr) = deploy(source);
         assert!(!ok, "a broken build must fail the deploy: {stdout}\n{stderr}");
-        for needle in expected {
+        for needle in &expected {
             assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
         }
         assert!(!stderr.contains("run again with"), "deno's flag advice leaked: {stderr}");
         assert!(!stderr.contains("/builds/"), "a host path leaked: {stderr}");
+        // The whole log, by the command the failure names.
+        let id = stderr.split("deployment ").nth(1).and_then(|rest| rest.split(' ').next()).unwrap().to_owned();
+        assert!(stderr.contains(&format!("isocloud logs --build {id}")), "{stderr}");
+        let (ok, log, why) = client(&serve, config.path(), &["logs", "--build", &id]);
+        assert!(!ok, "a failed build's log exits non-zero");
+        assert!(log.contains(expected[0]) && why.contains("failed"), "{log}\n{why}");
     }
 
     // Failed deployments are listed as such, and production never moved.
