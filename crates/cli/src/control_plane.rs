@@ -24,7 +24,7 @@ pub fn build_options(
         allow_import: build.allow_import.clone(),
         timeout: build.timeout,
         max_concurrent: 2,
-        confinement: isocloud_sandbox::BuildConfinement::available(),
+        confinement: isocloud_sandbox::BuildConfinement::available(deno),
     }
 }
 

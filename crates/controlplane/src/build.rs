@@ -154,7 +154,25 @@ impl Builder {
             chown_tree(work, ids.uid, ids.gid).map_err(BuildFailure::internal)?;
         }
 
-        let mut command = tokio::process::Command::new(&self.options.deno);
+        // In its own root (when the machine allows): deno, the system
+        // folders, the work copy at /src and the cache; no other host path.
+        let paths = isocloud_sandbox::BuildRoot {
+            root: work.join("root"),
+            deno: self.options.deno.clone(),
+            src: src.clone(),
+            cache: self.cache.clone(),
+        };
+        let jailed = self.options.confinement.mount_namespace;
+        let (program, cache, home) = if jailed {
+            (
+                PathBuf::from(isocloud_sandbox::BuildRoot::DENO),
+                PathBuf::from(isocloud_sandbox::BuildRoot::CACHE),
+                PathBuf::from(isocloud_sandbox::BuildRoot::CACHE),
+            )
+        } else {
+            (self.options.deno.clone(), self.cache.clone(), work.to_owned())
+        };
+        let mut command = tokio::process::Command::new(program);
         command.arg("install").arg("--entrypoint").arg(entrypoint);
         command.args(["--node-modules-dir=auto", "--vendor", "--quiet"]);
         if src.join("deno.lock").is_file() {
@@ -164,11 +182,14 @@ impl Builder {
         if !self.options.allow_import.is_empty() {
             command.arg(format!("--allow-import={}", self.options.allow_import.join(",")));
         }
+        if !jailed {
+            // A jail starts in its /src by itself.
+            command.current_dir(&src);
+        }
         command
-            .current_dir(&src)
             .env_clear()
-            .env("DENO_DIR", &self.cache)
-            .env("HOME", work)
+            .env("DENO_DIR", cache)
+            .env("HOME", home)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("NO_COLOR", "1")
             .env("DENO_NO_UPDATE_CHECK", "1")
@@ -190,7 +211,7 @@ impl Builder {
         if let Some(registry) = &self.options.jsr_registry {
             command.env("JSR_URL", registry.as_str());
         }
-        let mut child = self.options.confinement.spawn(command).map_err(BuildFailure::internal)?;
+        let mut child = self.options.confinement.spawn(command, &paths).map_err(BuildFailure::internal)?;
         let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(BuildFailure::internal("no pipes"));
         };

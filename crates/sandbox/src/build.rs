@@ -23,6 +23,29 @@ pub struct BuildConfinement {
     pub seccomp: Option<SeccompFilters>,
     /// Start it as pid 1 of its own PID namespace.
     pub pid_namespace: bool,
+    /// Give it its own mount namespace and root ([`BuildRoot`]).
+    pub mount_namespace: bool,
+    /// Landlock's [`crate::landlock::BUILD_RULES`]: deno, the system, its
+    /// work copy and cache — the layer that also holds without a root.
+    pub landlock: Option<crate::LandlockPolicy>,
+}
+
+/// Where a jailed build step finds its files: deno runs as
+/// [`BuildRoot::DENO`], in [`BuildRoot::SRC`] (its working directory),
+/// with its download cache at [`BuildRoot::CACHE`].
+#[derive(Debug, Clone)]
+pub struct BuildRoot {
+    /// An empty folder the root's mount points are made in.
+    pub root: std::path::PathBuf,
+    pub deno: std::path::PathBuf,
+    pub src: std::path::PathBuf,
+    pub cache: std::path::PathBuf,
+}
+
+impl BuildRoot {
+    pub const DENO: &str = crate::files::jail::DENO;
+    pub const SRC: &str = crate::files::jail::SRC;
+    pub const CACHE: &str = crate::files::jail::DENO_DIR;
 }
 
 impl BuildConfinement {
@@ -30,12 +53,15 @@ impl BuildConfinement {
     /// (nobody: a build runs no tenant code, only deno's own, so the
     /// isolates' per-isolate range is not needed), the seccomp denylist and
     /// a PID namespace.
-    pub fn available() -> Self {
+    pub fn available(deno: &std::path::Path) -> Self {
         let root = crate::identity::runner_is_root();
+        let deno_free = std::path::Path::new("/bin/true");
         Self {
             ids: root.then_some(IsolateIds { uid: 65534, gid: 65534 }),
             seccomp: SeccompFilters::compile().ok(),
             pid_namespace: root && crate::pidns::probe().is_ok(),
+            mount_namespace: root && crate::probe_mount_namespace(deno_free).is_ok(),
+            landlock: crate::LandlockPolicy::new(deno).ok(),
         }
     }
 
@@ -43,7 +69,24 @@ impl BuildConfinement {
     /// environment, its work folder) under this confinement, in a process
     /// group of its own that `kill_on_drop` and [`crate::signal_process_group`]
     /// reach.
-    pub fn spawn(&self, mut command: tokio::process::Command) -> io::Result<tokio::process::Child> {
+    /// `paths`: its files on the host. With
+    /// [`BuildConfinement::mount_namespace`] it enters a root of its own
+    /// made there (the command then names deno and its files by their
+    /// [`BuildRoot`] paths, and has no working directory of its own: the
+    /// jail's is `/src`).
+    pub fn spawn(&self, mut command: tokio::process::Command, paths: &BuildRoot) -> io::Result<tokio::process::Child> {
+        let jail = if self.mount_namespace {
+            crate::files::make_mount_points(&paths.root)?;
+            Some(crate::jail::Jail::for_build(&paths.root, &paths.deno, &paths.src, &paths.cache, self.pid_namespace))
+        } else {
+            None
+        };
+        let landlock = match &self.landlock {
+            Some(policy) => {
+                Some(policy.prepare_build(&paths.deno, &paths.src, &paths.cache).map_err(io::Error::other)?)
+            }
+            None => None,
+        };
         let ids = self.ids;
         let seccomp = self.seccomp.clone();
         // SAFETY: getpid has no preconditions.
@@ -61,6 +104,9 @@ impl BuildConfinement {
                 if !pid_namespace && libc::getppid() != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                if let Some(jail) = &jail {
+                    jail.enter()?;
+                }
                 crate::rlimits::apply()?;
                 if let Some(ids) = ids {
                     crate::confine::become_ids(ids)?;
@@ -68,8 +114,14 @@ impl BuildConfinement {
                         return Err(io::Error::last_os_error());
                     }
                 }
+                if let Some(landlock) = &landlock {
+                    landlock.allow_proc_self()?;
+                }
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(landlock) = &landlock {
+                    landlock.restrict_self()?;
                 }
                 if let Some(seccomp) = &seccomp {
                     seccomp.install()?;
@@ -85,5 +137,74 @@ impl BuildConfinement {
         } else {
             command.spawn()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    fn deno() -> Option<PathBuf> {
+        let deno = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.isocloud/deno/bin/deno");
+        if !crate::identity::runner_is_root() || !deno.is_file() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs this as root with the pinned deno");
+            return None;
+        }
+        Some(deno.canonicalize().unwrap())
+    }
+
+    /// Runs `deno eval SCRIPT` under `confinement` in a fresh work copy;
+    /// its stdout.
+    fn eval(confinement: &BuildConfinement, deno: &Path, work: &Path, script: &str) -> String {
+        let paths = BuildRoot {
+            root: work.join("root"),
+            deno: deno.to_owned(),
+            src: work.join("src"),
+            cache: work.join("cache"),
+        };
+        for dir in [&paths.src, &paths.cache] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        }
+        crate::identity::allow_traversal(work).unwrap();
+        let mut command = tokio::process::Command::new(deno);
+        command
+            .args(["eval", "--quiet", script])
+            .current_dir(&paths.src)
+            .env_clear()
+            .env("DENO_DIR", &paths.cache)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let child = confinement.spawn(command, &paths).unwrap();
+            let output = child.wait_with_output().await.unwrap();
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        })
+    }
+
+    #[test]
+    fn without_its_root_landlock_still_keeps_a_build_to_its_work_copy() {
+        let Some(deno) = deno() else { return };
+        let outside = tempfile::tempdir().unwrap();
+        let planted = outside.path().join("planted.txt");
+        std::fs::write(&planted, "host secret").unwrap();
+        crate::identity::allow_traversal(outside.path()).unwrap();
+        let script = format!(
+            "let read; try {{ read = Deno.readTextFileSync({planted:?}); }} catch (e) {{ read = e.name; }} \
+             Deno.writeTextFileSync('own.txt', 'x'); console.log(read + ' ' + Deno.readTextFileSync('own.txt'));"
+        );
+        let nobody = Some(IsolateIds { uid: 65534, gid: 65534 });
+        // The probe: as nobody, without Landlock, the file is read.
+        let plain = BuildConfinement { ids: nobody, ..BuildConfinement::default() };
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(eval(&plain, &deno, work.path(), &script), "host secret x");
+        // With Landlock's build rules: denied; its own work copy is writable.
+        let landlock = crate::LandlockPolicy::new(&deno).expect("this kernel has Landlock");
+        let confined = BuildConfinement { ids: nobody, landlock: Some(landlock), ..BuildConfinement::default() };
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(eval(&confined, &deno, work.path(), &script), "PermissionDenied x");
     }
 }

@@ -646,7 +646,7 @@ fn may_start_node_servers(deployment: &Deployment) -> bool {
 
 /// The empty root the isolate's mounts go onto: every mount point, and the
 /// merged-usr symlinks of the host.
-fn make_mount_points(root: &Path) -> std::io::Result<()> {
+pub(crate) fn make_mount_points(root: &Path) -> std::io::Result<()> {
     for dir in [
         jail::SRC,
         jail::MODULES,

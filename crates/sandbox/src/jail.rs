@@ -86,6 +86,44 @@ fn cstring(path: &Path) -> CString {
 }
 
 impl Jail {
+    /// A build step's root (see [`crate::BuildConfinement`]): the system
+    /// folders and deno as an isolate has them, the deployment's work copy
+    /// at `/src` and deno's download cache at `/isocloud/deno-dir`, both
+    /// writable and `noexec`; nothing else of the host.
+    pub(crate) fn for_build(root: &Path, deno: &Path, src: &Path, cache: &Path, pid_namespace: bool) -> Self {
+        use crate::files::jail;
+        let inside = |guest: &str| cstring(&root.join(&guest[1..]));
+        let bind = |source: &Path, target: CString, recursive: bool, flags: MountFlags| Bind {
+            source: cstring(source),
+            target,
+            recursive,
+            flags,
+        };
+        let mut binds = Vec::new();
+        for dir in jail::SHARED_DIRS {
+            binds.push(bind(Path::new(dir), inside(dir), true, SYSTEM));
+        }
+        for name in jail::USR_LINKS {
+            let host = Path::new("/").join(name);
+            if std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
+                binds.push(bind(&host, cstring(&root.join(name)), true, SYSTEM));
+            }
+        }
+        binds.extend([
+            bind(Path::new("/dev"), inside("/dev"), false, DEV),
+            bind(deno, inside(jail::DENO), false, SYSTEM),
+            bind(src, inside(jail::SRC), false, TENANT_WRITABLE),
+            bind(cache, inside(jail::DENO_DIR), false, TENANT_WRITABLE),
+        ]);
+        let fresh_proc = if pid_namespace {
+            Some(inside("/proc"))
+        } else {
+            binds.push(bind(Path::new("/proc"), inside("/proc"), true, PROC));
+            None
+        };
+        Self { root: cstring(root), binds, fresh_proc, src: CString::new(jail::SRC).expect("no NUL") }
+    }
+
     pub(crate) fn plan(root: &Path, policy: &SandboxPolicy, files: &IsolateFiles) -> Self {
         use crate::files::jail;
         let inside = |guest: &str| cstring(&root.join(&guest[1..]));

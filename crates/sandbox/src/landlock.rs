@@ -51,6 +51,8 @@ pub enum Grant {
     /// Read, create, write, remove files and sockets (no execute, no devices,
     /// no symlinks or fifos).
     ReadWrite,
+    /// [`Grant::ReadWrite`] and symlinks (a build writes npm's layout).
+    ReadWriteLinks,
 }
 
 /// Where a rule applies.
@@ -107,6 +109,40 @@ pub static RULES: &[Rule] = &[
     Rule { place: Place::Meta, grant: Grant::Read, reason: "import map, asset manifest, bootstrap record" },
     Rule { place: Place::Run, grant: Grant::ReadWrite, reason: "its own sockets: isolate.sock, control.sock" },
     Rule { place: Place::DenoDir, grant: Grant::ReadWrite, reason: "deno's cache: transpiled modules, V8 code cache" },
+];
+
+/// Everything a build step (`deno install`, [`crate::BuildConfinement`])
+/// may reach: deno and the system as an isolate has them, its work copy
+/// (`Src`) and the download cache (`DenoDir`) read-write; no other host
+/// path (the control plane's data dir, its database, other tenants' blobs).
+pub static BUILD_RULES: &[Rule] = &[
+    Rule { place: Place::Deno, grant: Grant::Execute, reason: "the build's program" },
+    Rule { place: Place::Interpreter, grant: Grant::Execute, reason: "the dynamic loader execve runs deno with" },
+    Rule { place: Place::Host("/usr"), grant: Grant::Read, reason: "shared libraries" },
+    Rule { place: Place::Host("/lib"), grant: Grant::Read, reason: "shared libraries where /lib is not /usr/lib" },
+    Rule { place: Place::Host("/lib64"), grant: Grant::Read, reason: "shared libraries where /lib64 is a dir" },
+    Rule { place: Place::Host("/etc/ld.so.cache"), grant: Grant::Read, reason: "the dynamic loader's library index" },
+    Rule { place: Place::Host("/etc/resolv.conf"), grant: Grant::Read, reason: "DNS, to reach the registries" },
+    Rule { place: Place::Host("/etc/hosts"), grant: Grant::Read, reason: "static host names (getaddrinfo)" },
+    Rule { place: Place::Host("/etc/nsswitch.conf"), grant: Grant::Read, reason: "how getaddrinfo resolves" },
+    Rule { place: Place::Host("/etc/host.conf"), grant: Grant::Read, reason: "resolver options" },
+    Rule { place: Place::Host("/etc/gai.conf"), grant: Grant::Read, reason: "getaddrinfo address ordering" },
+    Rule { place: Place::Host("/etc/services"), grant: Grant::Read, reason: "service names in getaddrinfo" },
+    Rule { place: Place::Host("/etc/ssl"), grant: Grant::Read, reason: "CA certificates of the registries" },
+    Rule { place: Place::Host("/etc/ca-certificates"), grant: Grant::Read, reason: "CA certificates (Debian)" },
+    Rule { place: Place::Host("/etc/pki"), grant: Grant::Read, reason: "CA certificates (RPM systems)" },
+    Rule { place: Place::Host("/dev/null"), grant: Grant::ReadWrite, reason: "its stdin; a sink" },
+    Rule { place: Place::Host("/dev/urandom"), grant: Grant::Read, reason: "randomness" },
+    Rule {
+        place: Place::Src,
+        grant: Grant::ReadWriteLinks,
+        reason: "the deployment's work copy, where node_modules (npm's symlinked layout) and vendor are written",
+    },
+    Rule {
+        place: Place::DenoDir,
+        grant: Grant::ReadWrite,
+        reason: "deno's download cache (registry answers, packages)",
+    },
 ];
 
 /// A TCP port an isolate may use ([`TCP_RULES`]).
@@ -230,19 +266,57 @@ impl LandlockPolicy {
         if let Some(tcp) = tcp {
             ruleset = add_tcp_rules(ruleset, tcp)?;
         }
-        for rule in RULES {
-            let path = match rule.place {
-                Place::Host(path) => Some(PathBuf::from(path)),
-                Place::Deno => Some(policy.deno.clone()),
-                Place::Interpreter => self.interpreter.clone(),
-                Place::Harness => Some(policy.harness_dir.clone()),
-                Place::DenoDir => Some(files.map_or_else(|| policy.deno_dir.clone(), |f| f.deno_dir.clone())),
-                Place::Src => files.map(|f| f.src.clone()),
-                Place::Modules => files.map(|f| f.modules.clone()),
-                Place::Meta => files.map(|f| f.meta.clone()),
-                Place::Run => files.map(|f| f.run.clone()),
-            };
-            let Some(path) = path else { continue };
+        let ruleset = add_rules(ruleset, RULES, |place| match place {
+            Place::Host(path) => Some(PathBuf::from(path)),
+            Place::Deno => Some(policy.deno.clone()),
+            Place::Interpreter => self.interpreter.clone(),
+            Place::Harness => Some(policy.harness_dir.clone()),
+            Place::DenoDir => Some(files.map_or_else(|| policy.deno_dir.clone(), |f| f.deno_dir.clone())),
+            Place::Src => files.map(|f| f.src.clone()),
+            Place::Modules => files.map(|f| f.modules.clone()),
+            Place::Meta => files.map(|f| f.meta.clone()),
+            Place::Run => files.map(|f| f.run.clone()),
+        })?;
+        let fd: Option<OwnedFd> = ruleset.into();
+        Ok(PreparedRuleset { fd: fd.ok_or(LandlockError::Unsupported)? })
+    }
+
+    /// The ruleset of a build step ([`BUILD_RULES`]): `deno`, its work copy
+    /// `src` and the download cache `cache` (host paths; the same inodes
+    /// inside its jail). No TCP rules: it reaches the registries.
+    pub(crate) fn prepare_build(
+        &self,
+        deno: &Path,
+        src: &Path,
+        cache: &Path,
+    ) -> Result<PreparedRuleset, LandlockError> {
+        let ruleset = Ruleset::default()
+            .handle_access(AccessFs::from_all(ABI_USED))?
+            .scope(Scope::from_all(ABI_USED))?
+            .create()?;
+        let ruleset = add_rules(ruleset, BUILD_RULES, |place| match place {
+            Place::Host(path) => Some(PathBuf::from(path)),
+            Place::Deno => Some(deno.to_owned()),
+            Place::Interpreter => self.interpreter.clone(),
+            Place::Src => Some(src.to_owned()),
+            Place::DenoDir => Some(cache.to_owned()),
+            Place::Harness | Place::Modules | Place::Meta | Place::Run => None,
+        })?;
+        let fd: Option<OwnedFd> = ruleset.into();
+        Ok(PreparedRuleset { fd: fd.ok_or(LandlockError::Unsupported)? })
+    }
+}
+
+/// `rules` on `ruleset`, each at the path `place_of` gives (a missing host
+/// path is skipped; any other missing path is an error).
+fn add_rules(
+    mut ruleset: RulesetCreated,
+    rules: &[Rule],
+    place_of: impl Fn(Place) -> Option<PathBuf>,
+) -> Result<RulesetCreated, LandlockError> {
+    {
+        for rule in rules {
+            let Some(path) = place_of(rule.place) else { continue };
             let is_dir = match std::fs::metadata(&path) {
                 Ok(meta) => meta.is_dir(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(rule.place, Place::Host(_)) => continue,
@@ -256,9 +330,8 @@ impl LandlockPolicy {
                 .into();
             ruleset = ruleset.add_rule(PathBeneath::new(fd, access(rule.grant, is_dir)))?;
         }
-        let fd: Option<OwnedFd> = ruleset.into();
-        Ok(PreparedRuleset { fd: fd.ok_or(LandlockError::Unsupported)? })
     }
+    Ok(ruleset)
 }
 
 /// [`TCP_RULES`] on a ruleset that handles `rules.handled()`.
@@ -278,6 +351,7 @@ fn access(grant: Grant, is_dir: bool) -> BitFlags<AccessFs> {
     let wanted = match grant {
         Grant::Read => AccessFs::ReadFile | AccessFs::ReadDir,
         Grant::Execute => AccessFs::ReadFile | AccessFs::Execute,
+        Grant::ReadWriteLinks => access(Grant::ReadWrite, true) | AccessFs::MakeSym,
         Grant::ReadWrite => {
             AccessFs::ReadFile
                 | AccessFs::ReadDir

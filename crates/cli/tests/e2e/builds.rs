@@ -312,3 +312,43 @@ async fn apps_mode_builds_apps_that_import_packages_and_an_edit_fixes_a_broken_o
     .unwrap();
     assert_eq!(runner.get("broken.localhost", "/").await.text().await.unwrap(), "fixed");
 }
+
+#[tokio::test]
+async fn a_build_reads_no_host_file_outside_its_work_copy() {
+    let serve = ControlPlaneServe::start(&[]);
+    let config = tempfile::tempdir().unwrap();
+    assert!(client(&serve, config.path(), &["projects", "create", "snoop"]).0);
+    // A file of the control plane's data dir (beside its database and
+    // every tenant's blobs), readable by anyone who can reach it; deno's
+    // syntax error would quote its line.
+    let secret = format!("SECRET-{}", std::process::id());
+    let planted = serve.data_dir.path().join("planted.ts");
+    std::fs::write(&planted, format!("const token = \"{secret}\" +;\n")).unwrap();
+    let app = tempfile::tempdir().unwrap();
+    let import = format!("file://{}", planted.display());
+    std::fs::write(
+        app.path().join("main.ts"),
+        format!("import \"{import}\";\nDeno.serve(() => new Response(\"x\"));\n"),
+    )
+    .unwrap();
+
+    // The probe: an unconfined `deno install` of the same app reads it.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::copy(app.path().join("main.ts"), work.path().join("main.ts")).unwrap();
+    let output = Command::new(crate::support::repo_root().join(".isocloud/deno/bin/deno"))
+        .args(["install", "--entrypoint", "main.ts"])
+        .current_dir(work.path())
+        .env("DENO_DIR", work.path().join("deno-dir"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&secret), "the probe must read the planted file");
+
+    // The build cannot: the file is not in its root (and Landlock allows
+    // nothing of the host's beyond the system folders).
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "snoop", app.path().to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(!stderr.contains(&secret), "the build read a host file: {stderr}");
+    assert!(stderr.contains("planted.ts"), "the failure names the import: {stderr}");
+}
