@@ -10,6 +10,7 @@
 
 mod activity;
 mod config;
+pub mod deno_words;
 pub mod env_policy;
 mod error_code;
 

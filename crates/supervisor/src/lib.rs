@@ -1075,8 +1075,14 @@ fn materialize_once(control: &ControlContext, path: String) -> Materializing {
 }
 
 /// Cuts `message` to [`MAX_LOG_MESSAGE_BYTES`] (on a character boundary),
-/// saying how much was cut.
-pub fn truncate_log(mut message: String) -> String {
+/// saying how much was cut, with deno's command-line advice in isocloud's
+/// words (`isocloud_protocol::deno_words`): every line and error an isolate
+/// reports goes through here.
+pub fn truncate_log(message: String) -> String {
+    let mut message = match isocloud_protocol::deno_words::in_isocloud_words(&message) {
+        std::borrow::Cow::Borrowed(_) => message,
+        std::borrow::Cow::Owned(rewritten) => rewritten,
+    };
     if message.len() <= MAX_LOG_MESSAGE_BYTES {
         return message;
     }

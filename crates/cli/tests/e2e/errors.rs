@@ -428,3 +428,32 @@ async fn without_a_token_a_subhosting_runner_routes_by_host_and_finds_nothing() 
     assert_eq!(origin.calls_to("boot"), boots, "a request without a token reached the origin");
     assert_still_serving(&runner).await;
 }
+
+#[tokio::test]
+async fn logs_and_start_errors_say_what_isocloud_allows_not_which_deno_flag_to_pass() {
+    let apps = AppsDir::new();
+    // A denied fetch, uncaught: deno's message names --allow-net.
+    apps.app(
+        "denied",
+        &[
+            ("isolate.json", r#"{"permissions":{"net":false}}"#),
+            ("main.ts", "Deno.serve(async () => { await fetch('http://example.com/'); return new Response('no'); });"),
+        ],
+    );
+    // An npm import in a deployment that was not built: deno names --no-npm.
+    apps.app(
+        "unbuilt",
+        &[("main.js", "const m = 'npm:left-pad@1'; await import(m); Deno.serve(() => new Response('x'));")],
+    );
+    let runner = apps.serve(&[]);
+
+    let response = runner.get("denied.localhost", "/").await;
+    assert_eq!(response.status(), 500);
+    let line = runner.wait_for_log("Requires net access");
+    assert!(line.contains("not allowed by the deployment's permissions.net"), "{line}");
+    assert!(!runner.stderr().contains("--allow-net"), "deno's flag leaked into the logs");
+
+    let message = expect_error(runner.get("unbuilt.localhost", "/").await, 502, "ISOLATE_START_FAILED").await;
+    assert!(!message.contains("--no-npm"), "deno's flag leaked into the answer: {message}");
+    assert!(message.contains("installed when a deployment is built"), "{message}");
+}
