@@ -298,7 +298,16 @@ async fn assert_envs_reach_the_tenant_only(runner: &Runner) {
     assert_eq!(response.status(), 200, "{}", runner.stderr());
     let seen: Value = response.json().await.unwrap();
     assert_eq!(seen["env"], json!({ "GREETING": TENANT_GREETING, "NODE_ENV": TENANT_NODE_ENV }));
-    let pids = descendants(runner.pid());
+    // Only processes that are deno by now: a child the runner is forking
+    // this instant (a pre-started isolate's refill) still shows the
+    // runner's own image and environment until its exec.
+    let pids: Vec<u32> = descendants(runner.pid())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.file_name().is_some_and(|name| name.to_string_lossy().starts_with("deno")))
+        })
+        .collect();
     assert!(!pids.is_empty());
     for pid in pids {
         let env = exec_environment(pid);
