@@ -521,7 +521,7 @@ let mod;
 try {
   mod = await import(entrypoint);
 } catch (e) {
-  const notFound = e instanceof TypeError && /Module not found|Cannot resolve module|Import .* not a dependency|Relative import path/.test(String(e.message));
+  const notFound = e instanceof TypeError && /Module not found|Cannot resolve module|Import .* not a dependency|Relative import path|--no-npm is specified|--no-remote is specified|--cached-only is specified|not found in cache/.test(String(e.message));
   await startFailure(notFound ? "MODULE_NOT_FOUND" : "ISOLATE_START_FAILED", e);
 }
 

@@ -43,7 +43,7 @@ pub struct AppsOrigin {
     builder: Option<(Arc<dyn AppBuilder>, PathBuf)>,
     /// Per app: its current build (by the hash of its modules), as tree
     /// entries of `node_modules`/`vendor`; or why it failed.
-    builds: tokio::sync::Mutex<HashMap<String, (String, BuildResult)>>,
+    builds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(String, BuildResult)>>>>>,
 }
 
 /// A build's tree entries (`node_modules`, `vendor`), or why it failed.
@@ -86,8 +86,10 @@ impl AppsOrigin {
         entrypoint: &str,
     ) -> Result<Arc<Vec<(String, AssetEntry)>>, OriginError> {
         let Some((builder, work_root)) = &self.builder else { return Ok(Arc::new(Vec::new())) };
-        let mut builds = self.builds.lock().await;
-        if let Some((built_key, result)) = builds.get(name)
+        // One build at a time per app; other apps' boots never wait for it.
+        let slot = Arc::clone(self.builds.lock().expect("apps builds poisoned").entry(name.to_owned()).or_default());
+        let mut current = slot.lock().await;
+        if let Some((built_key, result)) = current.as_ref()
             && built_key == key
         {
             return result.clone().map_err(OriginError::BuildFailed);
@@ -145,13 +147,15 @@ impl AppsOrigin {
                 let _ = std::fs::remove_dir_all(path);
             }
         }
-        builds.insert(name.to_owned(), (key.to_owned(), result.clone()));
+        *current = Some((key.to_owned(), result.clone()));
         result.map_err(OriginError::BuildFailed)
     }
 
     /// The current build's entries of app `name`, if it has one.
     async fn built_entries(&self, name: &str) -> Vec<(String, AssetEntry)> {
-        match self.builds.lock().await.get(name) {
+        let slot = self.builds.lock().expect("apps builds poisoned").get(name).cloned();
+        let Some(slot) = slot else { return Vec::new() };
+        match slot.lock().await.as_ref() {
             Some((_, Ok(entries))) => entries.as_ref().clone(),
             _ => Vec::new(),
         }
@@ -311,7 +315,7 @@ impl Origin for AppsOrigin {
             self.ensure_built(name, &files, &key, &entry).await?;
         } else if self.builder.is_some() {
             // No build any more (its imports went): the app is as it is.
-            self.builds.lock().await.remove(name);
+            self.builds.lock().expect("apps builds poisoned").remove(name);
         }
         let mut config = serde_json::json!({ "entrypoint": entrypoint, "layers": layers, "envs": app.envs });
         if let Some(permissions) = app.permissions {

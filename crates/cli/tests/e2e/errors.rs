@@ -453,7 +453,7 @@ async fn logs_and_start_errors_say_what_isocloud_allows_not_which_deno_flag_to_p
     assert!(line.contains("not allowed by the deployment's permissions.net"), "{line}");
     assert!(!runner.stderr().contains("--allow-net"), "deno's flag leaked into the logs");
 
-    let message = expect_error(runner.get("unbuilt.localhost", "/").await, 502, "ISOLATE_START_FAILED").await;
+    let message = expect_error(runner.get("unbuilt.localhost", "/").await, 502, "MODULE_NOT_FOUND").await;
     assert!(!message.contains("--no-npm"), "deno's flag leaked into the answer: {message}");
     assert!(message.contains("installed when a deployment is built"), "{message}");
 }
