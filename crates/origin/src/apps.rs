@@ -43,11 +43,14 @@ pub struct AppsOrigin {
     builder: Option<(Arc<dyn AppBuilder>, PathBuf)>,
     /// Per app: its current build (by the hash of its modules), as tree
     /// entries of `node_modules`/`vendor`; or why it failed.
-    builds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(String, BuildResult)>>>>>,
+    builds: Mutex<HashMap<String, Arc<BuildSlot>>>,
 }
 
 /// A build's tree entries (`node_modules`, `vendor`), or why it failed.
 type BuildResult = Result<Arc<Vec<(String, AssetEntry)>>, String>;
+/// An app's current build: the key of the modules it was made from, and
+/// its result; locked while a build of the app runs.
+type BuildSlot = tokio::sync::Mutex<Option<(String, BuildResult)>>;
 
 /// The build step for apps mode (dev mode), as the binary wires it: the same
 /// `deno install` as a control-plane deployment's, on a copy of the app.
