@@ -457,7 +457,15 @@ class FetchEvent extends Event {
 // isolate's socket. Only then: loading node:http costs a cold start 10-30 ms.
 let nodeServer = null;
 let nodeListen = null;
-if (bootstrap.node_servers === true) {
+function packagesUseNodeHttp() {
+  try {
+    Deno.statSync(`${srcRoot}/node_modules/.isocloud-uses-node-http`);
+    return true;
+  } catch {
+    return false;
+  }
+}
+if (bootstrap.node_servers === true || (bootstrap.node_servers === "if-packages-use-it" && packagesUseNodeHttp())) {
   const http = await import("node:http");
   nodeListen = http.Server.prototype.listen;
   http.Server.prototype.listen = function (...args) {

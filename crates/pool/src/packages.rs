@@ -255,24 +255,57 @@ async fn lay_out(
             AssetEntry::File { hash, size } => files.push((host, (*path).clone(), hash.clone(), *size)),
         }
     }
+    let uses_node_http = std::sync::atomic::AtomicBool::new(false);
     futures_util::stream::iter(files)
-        .map(|(host, path, hash, size)| async move {
-            let bytes = fetch(origin, cache, deployment_id, &path, &hash, size).await?;
-            tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::PermissionsExt;
-                if let Some(parent) = host.parent() {
-                    std::fs::create_dir_all(parent)?;
+        .map(|(host, path, hash, size)| {
+            let uses_node_http = &uses_node_http;
+            async move {
+                let bytes = fetch(origin, cache, deployment_id, &path, &hash, size).await?;
+                if is_script(&path) && names_node_http(&bytes) {
+                    uses_node_http.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                std::fs::write(&host, &bytes)?;
-                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o444))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(io)
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Some(parent) = host.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&host, &bytes)?;
+                    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o444))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(io)
+            }
         })
         .buffer_unordered(PARALLEL_FETCHES)
         .try_collect::<()>()
-        .await
+        .await?;
+    if uses_node_http.into_inner() && dir.join("node_modules").is_dir() {
+        // The harness loads node:http (10-65 ms of a cold start) only for
+        // packages that may start a Node server (Express, Koa, Fastify, …).
+        std::fs::write(dir.join(NODE_HTTP_MARKER), b"").map_err(io)?;
+    }
+    Ok(())
+}
+
+/// In a set's folder: its packages use `node:http` (see the harness).
+pub const NODE_HTTP_MARKER: &str = "node_modules/.isocloud-uses-node-http";
+
+fn is_script(path: &str) -> bool {
+    path.rsplit_once('.').is_some_and(|(_, ext)| matches!(ext, "js" | "cjs" | "mjs"))
+}
+
+/// Whether a package file imports or requires Node's `http` module.
+fn names_node_http(source: &[u8]) -> bool {
+    const NEEDLES: [&[u8]; 6] = [
+        b"require(\"http\")",
+        b"require('http')",
+        b"require(\"node:http\")",
+        b"require('node:http')",
+        b"\"node:http\"",
+        b"'node:http'",
+    ];
+    NEEDLES.iter().any(|needle| memchr::memmem::find(source, needle).is_some())
 }
 
 async fn fetch(
@@ -322,6 +355,14 @@ pub(crate) async fn project_configs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_http_is_found_in_package_sources() {
+        assert!(names_node_http(b"var http = require('http');"));
+        assert!(names_node_http(b"import { createServer } from \"node:http\";"));
+        assert!(!names_node_http(b"export const Hono = class {};"));
+        assert!(is_script("/node_modules/.deno/a@1/node_modules/a/index.cjs") && !is_script("/x/README.md"));
+    }
 
     #[test]
     fn package_paths_and_links() {

@@ -634,14 +634,22 @@ impl IsolateFiles {
 
 /// Whether the harness must take over `node:http`'s `listen()` before the
 /// tenant's code runs (it costs the cold start the loading of node:http):
-/// the deployment has npm packages, or one of its modules names the module.
-fn may_start_node_servers(deployment: &Deployment) -> bool {
+/// `true` when one of its modules names the module, `"if-packages-use-it"`
+/// when it has npm packages (the harness checks the package store's mark,
+/// `node_modules/.isocloud-uses-node-http`), else `false`.
+fn may_start_node_servers(deployment: &Deployment) -> serde_json::Value {
     const NEEDLES: [&[u8]; 4] = [b"node:http", b"\"http\"", b"'http'", b"express"];
-    deployment.tree.entries.contains_key("/node_modules")
-        || deployment
-            .modules
-            .values()
-            .any(|module| NEEDLES.iter().any(|needle| memchr::memmem::find(&module.source, needle).is_some()))
+    let named = deployment
+        .modules
+        .values()
+        .any(|module| NEEDLES.iter().any(|needle| memchr::memmem::find(&module.source, needle).is_some()));
+    if named {
+        serde_json::Value::Bool(true)
+    } else if deployment.tree.entries.contains_key("/node_modules") {
+        serde_json::Value::from("if-packages-use-it")
+    } else {
+        serde_json::Value::Bool(false)
+    }
 }
 
 /// The empty root the isolate's mounts go onto: every mount point, and the

@@ -271,6 +271,20 @@ const server = app.listen(3000, () => console.log(`express on ${server.address()
         .unwrap();
     assert_eq!(response.json::<Value>().await.unwrap(), serde_json::json!({ "list": [1, 2] }));
 
+    // Koa: its own code never names http (its package does): the runner's
+    // package store marks the set, and the harness takes listen() over.
+    let koa = tempfile::tempdir().unwrap();
+    std::fs::write(
+        koa.path().join("main.ts"),
+        "import Koa from \"npm:koa@2\";\nconst app = new Koa();\napp.use((ctx) => { ctx.body = `koa ${ctx.path}`; });\napp.listen(3000);\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) =
+        client(&serve, config.path(), &["deploy", "--project", "node", koa.path().to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let host = deployment_host(&stdout);
+    assert_eq!(request(&serve, reqwest::Method::GET, &host, "/k", "").await, (200, "koa /k".to_owned()));
+
     // A bare node:http server, no npm at all.
     let plain = tempfile::tempdir().unwrap();
     std::fs::write(
