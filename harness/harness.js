@@ -517,11 +517,20 @@ function dispatchFetchEvent(request) {
   });
 }
 
+const DENO1_GLOBALS = [
+  ["window", "use globalThis"],
+  ["Deno.run", "use new Deno.Command(...)"],
+];
+
 function startFailure(code, error) {
   let message = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
   // Without its own root the isolate's files live under a host path; the
   // tenant should read its own names (file:///src/...) in the message.
   if (srcRoot !== "/src") message = message.replaceAll(`file://${srcRoot}/`, "file:///src/");
+  // Deno 1's globals, gone in Deno 2: say what replaces them.
+  for (const [gone, instead] of DENO1_GLOBALS) {
+    if (message.includes(`${gone} is not defined`)) message += ` (Deno 2 has no ${gone}: ${instead})`;
+  }
   return send({ op: "start_error", code, message }).then(() => Deno.exit(1));
 }
 

@@ -457,3 +457,21 @@ async fn logs_and_start_errors_say_what_isocloud_allows_not_which_deno_flag_to_p
     assert!(!message.contains("--no-npm"), "deno's flag leaked into the answer: {message}");
     assert!(message.contains("installed when a deployment is built"), "{message}");
 }
+
+#[tokio::test]
+async fn a_deno_1_global_at_start_names_its_replacement() {
+    let apps = AppsDir::new();
+    apps.app(
+        "old",
+        &[("main.ts", "window.addEventListener('load', () => {});\nDeno.serve(() => new Response('x'));\n")],
+    );
+    apps.app(
+        "new",
+        &[("main.ts", "globalThis.addEventListener('load', () => {});\nDeno.serve(() => new Response('ok'));\n")],
+    );
+    let runner = apps.serve(&[]);
+    // The probe: the same app with globalThis starts.
+    assert_eq!(runner.get("new.localhost", "/").await.text().await.unwrap(), "ok");
+    let message = expect_error(runner.get("old.localhost", "/").await, 502, "ISOLATE_START_FAILED").await;
+    assert!(message.contains("window is not defined") && message.contains("use globalThis"), "{message}");
+}
