@@ -30,6 +30,10 @@ pub struct Deployment {
     /// `specifier → target` redirects carried by ESZIP layers.
     pub redirects: BTreeMap<Url, Url>,
     pub tree: AssetTree,
+    /// Why the origin's `read_tree` failed, when it did: boot is the only
+    /// required RPC (the protocol says so), so the deployment runs with no
+    /// files instead, and the runner reports this as an event.
+    pub tree_error: Option<String>,
 }
 
 /// Asks `origin` for deployment `deployment_id` and assembles it.
@@ -51,7 +55,15 @@ pub async fn load_deployment(
     let layers = try_join_all(
         config.layers.iter().map(|spec| fetch_layer(origin, cache, deployment_id, spec, &config, &boot.inline_layer)),
     );
-    let (layers, tree) = tokio::try_join!(layers, tree)?;
+    // A failed read_tree never fails the boot: the files are unavailable,
+    // what does not read them still serves.
+    let tree = async {
+        Ok::<_, OriginError>(match tree.await {
+            Ok(tree) => (tree, None),
+            Err(e) => (AssetTree::default(), Some(e.to_string())),
+        })
+    };
+    let (layers, (tree, tree_error)) = tokio::try_join!(layers, tree)?;
 
     let mut modules = BTreeMap::new();
     let mut redirects = BTreeMap::new();
@@ -76,7 +88,7 @@ pub async fn load_deployment(
             message: format!("{} is not in any layer", config.entrypoint),
         }));
     }
-    Ok(Deployment { deployment_id: deployment_id.to_owned(), config, modules, redirects, tree })
+    Ok(Deployment { deployment_id: deployment_id.to_owned(), config, modules, redirects, tree, tree_error })
 }
 
 /// The first four bytes of every WebAssembly binary.

@@ -148,6 +148,16 @@ pub(crate) async fn boot(
         .await
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
     tracing::debug!(deployment_id, origin_us = started.elapsed().as_micros() as u64, "deployment loaded");
+    if let Some(error) = &deployment.tree_error {
+        // Boot is the only required RPC: the isolate runs without files.
+        tracing::warn!(deployment_id, error, "read_tree failed: the deployment runs without its files");
+        let message = format!("isocloud: the origin's read_tree failed ({error}); this isolate has no files");
+        ctx.activity.report(
+            &origin,
+            &deployment_id,
+            ActivityKind::Log { level: LogLevel::Error, message, request_id: None },
+        );
+    }
     let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
     let net = deployment.config.net.clone();
     let mut prestart = take_prestarted(ctx, tenant, &deployment_id, &deployment, &deno_dir);

@@ -87,6 +87,7 @@ impl Sandbox {
             modules: [(specifier, module)].into(),
             redirects: Default::default(),
             tree: AssetTree::default(),
+            tree_error: None,
         };
         let files =
             IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy, &policy.deno_dir.join("d"), None)

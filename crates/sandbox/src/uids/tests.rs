@@ -256,6 +256,7 @@ fn deployment() -> Deployment {
         modules: [(specifier, module)].into(),
         redirects: Default::default(),
         tree: AssetTree::default(),
+        tree_error: None,
     }
 }
 
