@@ -11,7 +11,9 @@
    deployment, but all Hono copies share one package set: the runner lays
    it out once, and the first Hono start is reported apart. For the
    breakdown: bare starts on an empty deno dir, with and without
-   `import "node:http"` first (what the harness adds for npm deployments),
+   `import "node:http"` first (what the harness added for every npm
+   deployment before 19b8671; now only when the deployment's modules name
+   it or the package store marked its set, which the run reports),
    a second pass that re-boots every deployment once its isolate idled out
    (`--idle-timeout-s 2`), and each boot's phases from the runner's log.
 2. build time: `isocloud deploy` of the Hono app on a fresh data dir (empty
@@ -153,11 +155,12 @@ class Serve:
         return out
 
     def phases(self):
-        """deployment id -> [(ms from loaded to spawned, ms from spawned to
-        ready)] for each boot that spawned a deno of its own, from the
-        `deployment loaded`, `isolate process spawned` and `isolate booted`
-        lines (a pre-started isolate was spawned long before)."""
-        loaded, spawned, out = {}, {}, {}
+        """deployment id -> [(ms loading the deployment from the origin, ms
+        from loaded to spawned, ms from spawned to ready)] for each boot that
+        spawned a deno of its own, from the `deployment loaded` (origin_us),
+        `isolate process spawned` and `isolate booted` lines (a pre-started
+        isolate was spawned long before)."""
+        loaded, origin, spawned, out = {}, {}, {}, {}
         with open(self.log_path) as f:
             for line in f:
                 if "isocloud::tenant" in line:
@@ -171,12 +174,14 @@ class Serve:
                 pid = re.search(r"pid=(\d+)", line)
                 if "deployment loaded" in line and d:
                     loaded[d.group(1)] = ts
+                    o = re.search(r"origin_us=(\d+)", line)
+                    origin[d.group(1)] = int(o.group(1)) / 1000 if o else float("nan")
                 elif "isolate process spawned" in line and pid:
                     spawned[pid.group(1)] = ts
                 elif "isolate booted" in line and d and pid:
                     dep, t0, t1 = d.group(1), loaded.get(d.group(1)), spawned.get(pid.group(1))
                     if t0 is not None and t1 is not None and t1 >= t0:
-                        out.setdefault(dep, []).append((t1 - t0, ts - t1))
+                        out.setdefault(dep, []).append((origin.get(dep, float("nan")), t1 - t0, ts - t1))
         return out
 
     def stop(self):
@@ -255,7 +260,8 @@ def main():
         # --- the bare deno reference: node_modules installed, cache warm
         bare_app = write_app(os.path.join(work, "bare-hono"), HONO, "bare")
         with open(os.path.join(bare_app, "node_http.ts"), "w") as f:
-            # What the harness loads first for a deployment with npm packages.
+            # What the harness loaded first for every deployment with npm
+            # packages before 19b8671 (now: only when needed).
             f.write('import "node:http";\nimport "./main.ts";\n')
         bare_hello = write_app(os.path.join(work, "bare-hello"), HELLO, "bare")
         bare_dir = os.path.join(work, "bare-deno-dir")
@@ -313,7 +319,11 @@ def main():
             x["reboot_hello"].append(get(serve.port, hello[i]))
             time.sleep(gap)
         packages = os.path.join(serve.state, "packages")
-        package_sets = len([d for d in os.listdir(packages) if not d.startswith(".")]) if os.path.isdir(packages) else 0
+        sets = [d for d in os.listdir(packages) if not d.startswith(".")] if os.path.isdir(packages) else []
+        package_sets = len(sets)
+        # The package store's mark: the harness loads node:http for this set.
+        marked_http = sum(os.path.exists(os.path.join(packages, d, "node_modules/.isocloud-uses-node-http"))
+                          for d in sets)
         metrics = serve.metrics()
         boots_all = serve.boot_ms(every=True)
         phases = serve.phases()
@@ -353,7 +363,7 @@ def main():
         row("cold start, hello world", x["hello"], boot["hello"])
         row("bare `deno run` of the Hono app, warm cache, spawn → first 200", x["bare_hono"])
         row("bare `deno run` of the Hono app, empty deno dir (no code cache)", x["bare_hono_cold"])
-        row("… and `import \"node:http\"` first (as the harness does for npm), empty deno dir",
+        row("… and `import \"node:http\"` first (the harness for npm before 19b8671), empty deno dir",
             x["bare_hono_http_cold"])
         row("bare `deno run` of the hello world, warm cache", x["bare_hello"])
         row(f"re-boot, Hono (its isolate idled out after {idle_s} s; own code cache)", x["reboot_hono"],
@@ -367,21 +377,24 @@ def main():
         print(f"| blobs after {n} Hono deployments | {fmt_bytes(blobs_n[0])}, {blobs_n[1]} files "
               f"(+{(blobs_n[0] - blobs_1[0]) / max(1, n - 1):.0f} bytes, "
               f"+{(blobs_n[1] - blobs_1[1]) / max(1, n - 1):.1f} files per deployment) | | | |")
-        print(f"| package sets laid out on the runner | {package_sets} | | | |")
+        print(f"| package sets laid out on the runner | {package_sets} "
+              f"({marked_http} marked as using node:http) | | | |")
         m = statistics.median
         print(f"\nHono p50 / hello world p50: {m(hono_rest) / m(x['hello']):.2f}x (target ≤ 1.5x); "
               f"Hono p50 / bare deno (warm cache) p50: {m(hono_rest) / m(x['bare_hono']):.2f}x (target < 1)")
         hono_ids = ids(hono)
         print("\nHono boots that spawn their own deno, from the runner's log (p50 ms):\n")
-        print("| boot | deployment loaded → deno spawned (package set, files, cgroup) | deno spawned → ready | n |")
-        print("| --- | --- | --- | --- |")
+        print("| boot | loading the deployment (origin) | loaded → deno spawned (package set, files, cgroup) "
+              "| deno spawned → ready | n |")
+        print("| --- | --- | --- | --- | --- |")
         for label, picked in [
             ("never seen, the first", [phases[i][0] for i in hono_ids[:1] if phases.get(i)]),
             ("never seen, the others", [phases[i][0] for i in hono_ids[1:] if phases.get(i)]),
             ("re-boot", [phases[i][1] for i in hono_ids if len(phases.get(i, [])) > 1]),
         ]:
             if picked:
-                print(f"| {label} | {m(p[0] for p in picked):.1f} | {m(p[1] for p in picked):.1f} | {len(picked)} |")
+                print(f"| {label} | {m(p[0] for p in picked):.1f} | {m(p[1] for p in picked):.1f} "
+                      f"| {m(p[2] for p in picked):.1f} | {len(picked)} |")
         print(f"pre-started boots: {json.dumps(prestarted)}; reasons for none: {reasons}")
         print(f"load average at the start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f}")
     finally:
