@@ -159,7 +159,27 @@ const { entrypoint, src_root: srcRoot, tree_path: treePath } = bootstrap;
 
 // The asset tree, read lazily: a file's bytes are fetched by the runner the
 // first time the tenant reads it; stat and readDir answer from the manifest.
-const tree = JSON.parse(Deno.readTextFileSync(treePath)).entries;
+// A remote origin's manifest itself is asked for on the first file
+// operation inside /src (`read_tree` is optional and may be slow); if the
+// origin cannot give it, the deployment has no files.
+let tree = bootstrap.tree_deferred === true ? null : JSON.parse(Deno.readTextFileSync(treePath)).entries;
+let treeLoading = null;
+function takeTree(ok) {
+  try {
+    tree = ok ? JSON.parse(fs.readTextFileSync(treePath)).entries : {};
+  } catch {
+    tree = {};
+  }
+}
+async function treeReady(path) {
+  if (tree !== null || treePathOf(path) === null) return;
+  treeLoading ??= call({ op: "tree" }).then(() => takeTree(true), () => takeTree(false));
+  await treeLoading;
+}
+function treeReadySync(path) {
+  if (tree !== null || treePathOf(path) === null) return;
+  takeTree(askSync({ op: "tree" }));
+}
 const materialized = new Set();
 const fs = {
   readFile: Deno.readFile,
@@ -237,6 +257,7 @@ function diskPath(path) {
 }
 
 async function ensure(path) {
+  await treeReady(path);
   const resolved = needsFetch(path);
   if (resolved === null) return;
   await call({ op: "materialize", path: resolved });
@@ -246,17 +267,24 @@ async function ensure(path) {
 // Sync reads cannot await the runner; a worker does the asking while this
 // thread waits on a shared flag.
 let syncWorker = null;
-function ensureSync(path) {
-  const resolved = needsFetch(path);
-  if (resolved === null) return;
+/** Sends `message` to the runner from the worker and blocks until it answers: whether it said ok. */
+function askSync(message) {
   if (!syncWorker) {
     syncWorker = new Worker(new URL("./sync_worker.js", import.meta.url), { type: "module" });
     syncWorker.postMessage({ controlPath });
   }
   const flag = new Int32Array(new SharedArrayBuffer(8));
-  syncWorker.postMessage({ path: resolved, flag });
+  syncWorker.postMessage({ message, flag });
   Atomics.wait(flag, 0, 0, 30_000);
-  if (Atomics.load(flag, 0) !== 1) throw new Deno.errors.NotFound(`asset ${resolved} could not be loaded`);
+  return Atomics.load(flag, 0) === 1;
+}
+function ensureSync(path) {
+  treeReadySync(path);
+  const resolved = needsFetch(path);
+  if (resolved === null) return;
+  if (!askSync({ op: "materialize", path: resolved })) {
+    throw new Deno.errors.NotFound(`asset ${resolved} could not be loaded`);
+  }
   materialized.add(resolved);
 }
 
@@ -327,6 +355,7 @@ Deno.open = async (path, options) => (await ensure(path), fs.open(diskPath(path)
 Deno.openSync = (path, options) => (ensureSync(path), fs.openSync(diskPath(path), options));
 for (const [name, follow] of [["stat", true], ["lstat", false]]) {
   Deno[name] = async (path) => {
+    await treeReady(path);
     try {
       return await fs[name](path);
     } catch (e) {
@@ -336,6 +365,7 @@ for (const [name, follow] of [["stat", true], ["lstat", false]]) {
     }
   };
   Deno[name + "Sync"] = (path) => {
+    treeReadySync(path);
     try {
       return fs[name + "Sync"](path);
     } catch (e) {
@@ -346,6 +376,7 @@ for (const [name, follow] of [["stat", true], ["lstat", false]]) {
   };
 }
 Deno.readDir = async function* (path) {
+  await treeReady(path);
   let disk = [];
   try {
     for await (const e of fs.readDir(path)) disk.push(e);
@@ -355,6 +386,7 @@ Deno.readDir = async function* (path) {
   yield* virtualDir(path, disk) ?? disk;
 };
 Deno.readDirSync = function (path) {
+  treeReadySync(path);
   let disk = [];
   try {
     disk = [...fs.readDirSync(path)];

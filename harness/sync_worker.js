@@ -1,5 +1,6 @@
 // Serves the harness's synchronous file reads: the main thread blocks on a
-// shared flag while this worker asks the runner to fetch the asset.
+// shared flag while this worker asks the runner (fetch an asset, or the
+// asset manifest) and waits for its answer.
 // flag[0]: 0 = pending, 1 = done, 2 = failed.
 
 const encoder = new TextEncoder();
@@ -42,7 +43,7 @@ self.onmessage = async ({ data }) => {
   while (!connection) await new Promise((r) => setTimeout(r, 1));
   const id = nextId++;
   pending.set(id, data.flag);
-  const line = encoder.encode(JSON.stringify({ op: "materialize", path: data.path, id }) + "\n");
+  const line = encoder.encode(JSON.stringify({ ...data.message, id }) + "\n");
   let written = 0;
   while (written < line.length) written += await connection.write(line.subarray(written));
 };

@@ -34,6 +34,9 @@ pub struct Deployment {
     /// required RPC (the protocol says so), so the deployment runs with no
     /// files instead, and the runner reports this as an event.
     pub tree_error: Option<String>,
+    /// The tree was not asked for (see [`Origin::tree_at_boot`]): `tree` is
+    /// empty until the isolate asks for it.
+    pub tree_deferred: bool,
 }
 
 /// Asks `origin` for deployment `deployment_id` and assembles it.
@@ -45,8 +48,11 @@ pub async fn load_deployment(
     // read_tree needs only the id: it runs beside boot, and the layers beside
     // whatever of it is left, so a remote origin costs two round trips, not
     // three. boot's error wins: it says why better than the tree's would.
+    let tree_deferred = !origin.tree_at_boot();
     let boot = std::pin::pin!(origin.boot(deployment_id));
-    let tree = std::pin::pin!(origin.read_tree(deployment_id));
+    let tree = std::pin::pin!(async move {
+        if tree_deferred { Ok(AssetTree::default()) } else { origin.read_tree(deployment_id).await }
+    });
     let (boot, tree) = match select(boot, tree).await {
         Either::Left((boot, tree)) => (boot?, Either::Left(tree)),
         Either::Right((tree, boot)) => (boot.await?, Either::Right(std::future::ready(tree))),
@@ -88,7 +94,15 @@ pub async fn load_deployment(
             message: format!("{} is not in any layer", config.entrypoint),
         }));
     }
-    Ok(Deployment { deployment_id: deployment_id.to_owned(), config, modules, redirects, tree, tree_error })
+    Ok(Deployment {
+        deployment_id: deployment_id.to_owned(),
+        config,
+        modules,
+        redirects,
+        tree,
+        tree_error,
+        tree_deferred,
+    })
 }
 
 /// The first four bytes of every WebAssembly binary.

@@ -56,6 +56,13 @@ pub trait Origin: Send + Sync + 'static {
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError>;
     async fn layer(&self, deployment_id: &str, layer_id: &str) -> Result<Bytes, OriginError>;
     async fn read_tree(&self, deployment_id: &str) -> Result<AssetTree, OriginError>;
+    /// Whether the tree is asked for at boot. An origin of this process
+    /// answers at once, and a built deployment's packages come from it;
+    /// a remote origin's tree waits until the isolate first touches a file
+    /// (`read_tree` is optional in the protocol, and may be slow).
+    fn tree_at_boot(&self) -> bool {
+        true
+    }
     async fn read_blob(&self, deployment_id: &str, file_id: &str) -> Result<Bytes, OriginError>;
     async fn report_activity(&self, deployment_id: &str, batch: &ActivityBatch) -> Result<(), OriginError>;
 }

@@ -143,6 +143,11 @@ impl RemoteOrigin {
 
 #[async_trait]
 impl Origin for RemoteOrigin {
+    /// The tree is fetched when the isolate first needs a file.
+    fn tree_at_boot(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

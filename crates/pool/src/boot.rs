@@ -230,7 +230,7 @@ pub(crate) async fn boot(
     let hooks = Arc::new(DeploymentHooks {
         origin,
         deployment_id,
-        tree: Arc::new(deployment.tree),
+        tree: tree_cell(&deployment),
         files: files.clone(),
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
@@ -287,7 +287,7 @@ async fn boot_prestarted(
     let hooks = Arc::new(DeploymentHooks {
         origin,
         deployment_id,
-        tree: Arc::new(deployment.tree.clone()),
+        tree: tree_cell(&deployment),
         files: files.clone(),
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
@@ -356,16 +356,66 @@ fn sanitize(id: &str) -> String {
     out
 }
 
+/// A deployment's asset manifest for one isolate: given at boot, or fetched
+/// once when the harness first needs it (a failure is kept: no files).
+type TreeCell = tokio::sync::OnceCell<Result<Arc<AssetTree>, String>>;
+
 struct DeploymentHooks {
     origin: Arc<dyn Origin>,
     deployment_id: String,
-    tree: Arc<AssetTree>,
+    tree: Arc<TreeCell>,
     files: IsolateFiles,
     cache: Arc<DiskCache>,
     activity: ActivitySink,
 }
 
+/// The manifest cell of a boot: filled now unless the tree was deferred.
+fn tree_cell(deployment: &isocloud_origin::Deployment) -> Arc<TreeCell> {
+    if deployment.tree_deferred {
+        Arc::new(TreeCell::new())
+    } else {
+        Arc::new(TreeCell::new_with(Some(Ok(Arc::new(deployment.tree.clone())))))
+    }
+}
+
+impl DeploymentHooks {
+    /// The manifest: the one given at boot, or `read_tree` (once; a failure
+    /// is reported to the origin as an event and kept).
+    fn tree(&self) -> BoxFuture<'static, Result<Arc<AssetTree>, String>> {
+        let (cell, origin, deployment_id, activity) =
+            (self.tree.clone(), self.origin.clone(), self.deployment_id.clone(), self.activity.clone());
+        Box::pin(async move {
+            cell.get_or_init(|| async {
+                match origin.read_tree(&deployment_id).await {
+                    Ok(tree) => Ok(Arc::new(tree)),
+                    Err(e) => {
+                        tracing::warn!(deployment_id, error = %e, "read_tree failed: the isolate runs without its files");
+                        let message = format!("isocloud: the origin's read_tree failed ({e}); this isolate has no files");
+                        let kind = ActivityKind::Log { level: LogLevel::Error, message, request_id: None };
+                        activity.report(&origin, &deployment_id, kind);
+                        Err(format!("the deployment's files are unavailable: {e}"))
+                    }
+                }
+            })
+            .await
+            .clone()
+        })
+    }
+}
+
 impl IsolateHooks for DeploymentHooks {
+    fn load_tree(&self) -> BoxFuture<'static, Result<(), String>> {
+        let tree = self.tree();
+        let files = self.files.clone();
+        Box::pin(async move {
+            let tree = tree.await?;
+            tokio::task::spawn_blocking(move || files.write_tree(&tree))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn log(&self, level: LogLevel, message: String, request_id: Option<String>) {
         tracing::debug!(target: "isocloud::tenant", deployment_id = %self.deployment_id, request_id = request_id.as_deref().unwrap_or(""), ?level, "{message}");
         self.activity.report(&self.origin, &self.deployment_id, ActivityKind::Log { level, message, request_id });
@@ -374,10 +424,11 @@ impl IsolateHooks for DeploymentHooks {
     fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>> {
         let origin = self.origin.clone();
         let deployment_id = self.deployment_id.clone();
-        let tree = self.tree.clone();
+        let tree = self.tree();
         let files = self.files.clone();
         let cache = self.cache.clone();
         Box::pin(async move {
+            let tree = tree.await?;
             let Some((path, size, file_id)) = tree.resolve_file(&tree_path) else {
                 return Err(format!("no such asset: {tree_path}"));
             };

@@ -269,7 +269,9 @@ impl IsolateFiles {
         }
         let import_map = serde_json::json!({ "imports": imports });
         std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
-        std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
+        if !deployment.tree_deferred {
+            std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
+        }
 
         let bootstrap = serde_json::json!({
             "socket_path": files.guest.socket,
@@ -277,6 +279,8 @@ impl IsolateFiles {
             "entrypoint": deployment.config.entrypoint.as_str(),
             "src_root": files.guest.src,
             "tree_path": files.guest.tree,
+            // The runner writes the tree when the harness first asks for it.
+            "tree_deferred": deployment.tree_deferred,
             // The harness fetches this through the proxy before it installs
             // the tenant's envs: deno reads the proxy variables when it
             // builds its HTTP client, which it does on the first fetch.
@@ -373,9 +377,7 @@ impl IsolateFiles {
                 _ => return Err(SandboxError::BadSpecifier(specifier.to_string())),
             }
         }
-        let partial = files.tree.with_extension("partial");
-        std::fs::write(&partial, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
-        std::fs::rename(&partial, &files.tree)?;
+        files.write_tree(&deployment.tree)?;
         if let Some(root) = deployment_deno_dir.parent() {
             std::fs::create_dir_all(root)?;
         }
@@ -395,6 +397,7 @@ impl IsolateFiles {
             "entrypoint": deployment.config.entrypoint.as_str(),
             "src_root": self.guest.src,
             "tree_path": self.guest.tree,
+            "tree_deferred": deployment.tree_deferred,
             "envs": deployment.config.envs,
             "node_servers": may_start_node_servers(deployment),
         })
@@ -602,6 +605,14 @@ impl IsolateFiles {
             (false, None) => Mapping::Exact,
         };
         Ok((path, mapping))
+    }
+
+    /// The asset manifest the harness reads (atomically: it never sees half
+    /// of one): at boot, or when the harness first asks for a deferred one.
+    pub fn write_tree(&self, tree: &isocloud_origin::AssetTree) -> std::io::Result<()> {
+        let partial = self.tree.with_extension("partial");
+        std::fs::write(&partial, serde_json::to_vec(tree).expect("tree serializes"))?;
+        std::fs::rename(&partial, &self.tree)
     }
 
     /// Writes an asset's bytes at its manifest path (atomically: a reader

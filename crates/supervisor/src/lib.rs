@@ -45,6 +45,11 @@ pub trait IsolateHooks: Send + Sync + 'static {
     fn log(&self, level: LogLevel, message: String, request_id: Option<String>);
     /// Fetches the asset at `tree_path` into the isolate's deployment root.
     fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>>;
+    /// Writes the deployment's asset manifest where the harness reads it,
+    /// fetching it first when it was deferred at boot; once per isolate.
+    fn load_tree(&self) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +235,10 @@ enum ControlMessage {
     Materialize {
         id: u64,
         path: String,
+    },
+    /// The harness needs the asset manifest (deferred at boot).
+    Tree {
+        id: u64,
     },
 }
 
@@ -1030,6 +1039,21 @@ async fn serve_control(stream: UnixStream, control: ControlContext) {
                 let request_id = request_id.filter(|id| id.len() <= 128);
                 control.hooks.log(parse_level(&level), truncate_log(message), request_id)
             }
+            ControlMessage::Tree { id } => {
+                // Deduplicated and bounded like asset reads (a path can
+                // never be empty, so the key is the tree's own).
+                let job = materialize_once(&control, String::new());
+                let reply_tx = reply_tx.clone();
+                control.lifetime.spawn(async move {
+                    let reply = match job.await {
+                        Ok(()) => serde_json::json!({ "id": id, "ok": true }),
+                        Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
+                    };
+                    let mut line = serde_json::to_vec(&reply).expect("json value");
+                    line.push(b'\n');
+                    let _ = reply_tx.send(line).await;
+                });
+            }
             ControlMessage::Materialize { id, path } => {
                 let job = materialize_once(&control, path);
                 let reply_tx = reply_tx.clone();
@@ -1049,6 +1073,7 @@ async fn serve_control(stream: UnixStream, control: ControlContext) {
 
 /// The fetch of `path` for this isolate: the one already running, a new one
 /// while fewer than [`MAX_MATERIALIZING`] run, else a refusal.
+/// `""`: the asset manifest itself ([`IsolateHooks::load_tree`]).
 fn materialize_once(control: &ControlContext, path: String) -> Materializing {
     let mut running = control.materializing.lock().expect("materializing poisoned");
     if let Some(job) = running.get(&path) {
@@ -1059,7 +1084,7 @@ fn materialize_once(control: &ControlContext, path: String) -> Materializing {
         let refusal = format!("too many asset reads at once (at most {MAX_MATERIALIZING}); try again");
         return futures_util::future::ready(Err(refusal)).boxed().shared();
     }
-    let fetch = control.hooks.materialize(path.clone());
+    let fetch = if path.is_empty() { control.hooks.load_tree() } else { control.hooks.materialize(path.clone()) };
     let table = control.materializing.clone();
     let key = path.clone();
     let job = async move {

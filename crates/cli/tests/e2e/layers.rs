@@ -85,20 +85,23 @@ async fn an_inline_layer_is_the_boot_body_and_never_fetched() {
 }
 
 #[tokio::test]
-async fn the_asset_tree_is_asked_for_while_boot_is_still_answering() {
+async fn a_deployment_that_reads_no_file_never_waits_for_the_tree() {
     let origin = TestOrigin::start().await;
-    origin.deploy("slow-boot", TestDeployment::inline_js("Deno.serve(() => new Response('booted'));"));
-    *origin.state.boot_delay.lock().unwrap() = Some(Duration::from_millis(500));
+    origin.deploy("fileless", TestDeployment::inline_js("Deno.serve(() => new Response('booted'));"));
+    // An origin whose read_tree takes 3 s (or never matches the path).
+    *origin.state.tree_delay.lock().unwrap() = Some(Duration::from_secs(3));
     let runner = origin.runner(&[]);
 
-    assert_eq!(ok_text(&runner, subhost_get(&runner, "slow-boot", "/").await).await, "booted");
-    // read_tree needs only the deployment id: a remote origin's round trips
-    // overlap instead of adding up.
-    let calls = origin.calls();
-    let tree_at = calls.iter().position(|call| call == "read_tree slow-boot").expect("read_tree was called");
-    let answered = origin.state.boot_answered.lock().unwrap().clone();
-    assert_eq!(answered.len(), 1, "{answered:?}");
-    assert!(tree_at < answered[0].1, "read_tree came after boot's answer: {calls:?} {answered:?}");
+    let started = std::time::Instant::now();
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "fileless", "/").await).await, "booted");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the first request waited for the tree: {:?}",
+        started.elapsed()
+    );
+    // Boot is the only RPC a deployment that touches no file needs.
+    assert_eq!(origin.calls_to("read_tree"), 0, "{:?}", origin.calls());
+    assert_eq!(origin.calls_to("boot"), 1, "{:?}", origin.calls());
 }
 
 #[tokio::test]
@@ -348,7 +351,7 @@ Deno.serve(async (req) => {
     let blob_reads = |id: &str| calls_matching(&origin, &format!("read_blob assets {id}"));
 
     assert_eq!(ok_text(&runner, subhost_get(&runner, "assets", "/ping").await).await, "pong");
-    assert_eq!(origin.calls_to("read_tree"), 1, "{:?}", origin.calls());
+    assert_eq!(origin.calls_to("read_tree"), 0, "the tree waits for a file operation: {:?}", origin.calls());
     assert_eq!(origin.calls_to("read_blob"), 0, "nothing is read at boot: {:?}", origin.calls());
 
     for _ in 0..2 {
@@ -357,6 +360,7 @@ Deno.serve(async (req) => {
         assert_eq!(read, json!({ "relative": "alpha", "viaUrl": "alpha" }));
         assert_eq!(blob_reads("blob-a"), 1, "fetched once, on the first read: {:?}", origin.calls());
         assert_eq!(blob_reads("blob-b"), 0, "{:?}", origin.calls());
+        assert_eq!(origin.calls_to("read_tree"), 1, "the tree, once, at the first file read: {:?}", origin.calls());
     }
 
     let link: Value =

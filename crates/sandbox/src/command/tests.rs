@@ -88,6 +88,7 @@ impl Sandbox {
             redirects: Default::default(),
             tree: AssetTree::default(),
             tree_error: None,
+            tree_deferred: false,
         };
         let files =
             IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy, &policy.deno_dir.join("d"), None)

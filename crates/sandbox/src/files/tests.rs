@@ -39,6 +39,7 @@ fn deployment(modules: &[(&str, ModuleKind, &str)], redirects: &[(&str, &str)]) 
         redirects: redirects.iter().map(|(a, b)| (Url::parse(a).unwrap(), Url::parse(b).unwrap())).collect(),
         tree: AssetTree::default(),
         tree_error: None,
+        tree_deferred: false,
     }
 }
 

@@ -257,6 +257,7 @@ fn deployment() -> Deployment {
         redirects: Default::default(),
         tree: AssetTree::default(),
         tree_error: None,
+        tree_deferred: false,
     }
 }
 

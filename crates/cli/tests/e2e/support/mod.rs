@@ -319,6 +319,8 @@ pub struct OriginState {
     pub layer_status: Mutex<Option<u16>>,
     /// read_tree answers with this status instead.
     pub tree_status: Mutex<Option<u16>>,
+    /// read_tree waits this long before answering.
+    pub tree_delay: Mutex<Option<Duration>>,
     /// Per boot answer: its deployment id and how many `calls` had arrived
     /// when it left (what the runner asked for while it waited).
     pub boot_answered: Mutex<Vec<(String, usize)>>,
@@ -534,6 +536,10 @@ async fn answer(state: &OriginState, request: Request<hyper::body::Incoming>) ->
             }
         }
         "read_tree" => {
+            let delay = *state.tree_delay.lock().unwrap();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             if let Some(status) = *state.tree_status.lock().unwrap() {
                 return reply(status, "tree refused");
             }
