@@ -566,9 +566,47 @@ function startFailure(code, error) {
   return send({ op: "start_error", code, message }).then(() => Deno.exit(1));
 }
 
+// Deploy-era servers: `Deno.listen({ port })` (and `Deno.listenTls`, TLS
+// being the runner's) with `Deno.serveHttp(conn)` or old std/http's serve.
+// The first TCP listener the tenant opens before it has any other handler
+// becomes the isolate's server: it is the isolate's own socket (any port
+// number, for every tenant; nothing binds in the host's network), and the
+// runner's requests arrive on it as they did on Deploy.
+const originalListen = Deno.listen;
+let tenantListener = null;
+let resolveTenantListener = () => {};
+const tenantListening = new Promise((resolve) => (resolveTenantListener = resolve));
+function listenAsTheServer(options) {
+  const transport = options?.transport ?? "tcp";
+  if (tenantListener !== null || serveHandler !== null || transport !== "tcp") return null;
+  const inner = originalListen({ transport: "unix", path: socketPath });
+  const addr = { transport: "tcp", hostname: options?.hostname ?? "0.0.0.0", port: Number(options?.port ?? 0) || 8000 };
+  // The tenant sees the address it asked for; the connections are the runner's.
+  tenantListener = new Proxy(inner, {
+    get(target, key) {
+      if (key === "addr") return addr;
+      const value = Reflect.get(target, key, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  resolveTenantListener();
+  return tenantListener;
+}
+Deno.listen = function (options) {
+  return listenAsTheServer(options) ?? originalListen.call(Deno, options);
+};
+const originalListenTls = Deno.listenTls;
+Deno.listenTls = function (options) {
+  return listenAsTheServer({ ...options, transport: "tcp" }) ?? originalListenTls.call(Deno, options);
+};
+
 let mod;
+// A Deploy-era entrypoint may never finish evaluating (a top-level `for
+// await (const conn of listener)`): its listener is enough to serve.
+const loading = import(entrypoint);
 try {
-  mod = await import(entrypoint);
+  const first = await Promise.race([loading.then((m) => ({ m })), tenantListening.then(() => null)]);
+  if (first) mod = first.m;
 } catch (e) {
   const notFound = e instanceof TypeError && /Module not found|Cannot resolve module|Import .* not a dependency|Relative import path|--no-npm is specified|--no-remote is specified|--cached-only is specified|not found in cache/.test(String(e.message));
   await startFailure(notFound ? "MODULE_NOT_FOUND" : "ISOLATE_START_FAILED", e);
@@ -582,12 +620,16 @@ if (!handler && mod?.default && typeof mod.default.fetch === "function") {
 if (!handler && fetchListeners.length > 0) {
   handler = (request) => dispatchFetchEvent(request);
 }
-if (!handler && nodeServer !== null) {
+if (!handler && tenantListener !== null) {
+  // The tenant accepts on it; an error later in its module is its own.
+  loading.catch((e) => console.error("Uncaught", e));
+  send({ op: "ready" });
+} else if (!handler && nodeServer !== null) {
   serveNodeServer(nodeServer);
 } else if (!handler) {
   await startFailure(
     "ISOLATE_START_FAILED",
-    "the entrypoint registered no handler: call Deno.serve(handler), export default { fetch }, addEventListener(\"fetch\", ...), or listen() on a node:http server",
+    "the entrypoint registered no handler: call Deno.serve(handler), export default { fetch }, addEventListener(\"fetch\", ...), Deno.listen({ port }), or listen() on a node:http server",
   );
 }
 

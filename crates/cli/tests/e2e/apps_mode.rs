@@ -1,6 +1,8 @@
 //! `isocloud serve --apps DIR`: Host routing, handler styles, isolate.json,
 //! envs, assets — real deno isolates behind the real binary.
 
+use std::time::Duration;
+
 use crate::support::*;
 use serde_json::Value;
 
@@ -165,4 +167,58 @@ Deno.serve(async () => {
     for leak in [state, apps_dir] {
         assert!(!text.contains(leak), "host path {leak} visible in {text}");
     }
+}
+
+/// A Deploy-era server: a TCP listener and `Deno.serveHttp`, in a top-level
+/// `for await` that never ends.
+fn deploy_era_app(port: u16, name: &str) -> String {
+    format!(
+        r#"const listener = Deno.listen({{ port: {port} }});
+console.log("listening on", listener.addr.port);
+for await (const conn of listener) {{
+  (async () => {{
+    for await (const event of Deno.serveHttp(conn)) {{
+      event.respondWith(new Response(`{name} ${{new URL(event.request.url).pathname}} ${{listener.addr.port}}`));
+    }}
+  }})();
+}}
+"#
+    )
+}
+
+#[tokio::test]
+async fn deploy_era_listeners_receive_the_runners_requests_and_bind_nothing_on_the_host() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // The probe: the same app under a plain deno binds the host's port.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("main.ts"), deploy_era_app(port, "plain")).unwrap();
+    let mut plain = std::process::Command::new(repo_root().join(".isocloud/deno/bin/deno"))
+        .args(["run", "--allow-net", "main.ts"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bound = wait_until("plain deno to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    bound.await;
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+
+    // Two tenants on the same port, each served through the runner.
+    let apps = AppsDir::new();
+    apps.app("one", &[("main.ts", &deploy_era_app(port, "one"))]);
+    apps.app("two", &[("main.ts", &deploy_era_app(port, "two"))]);
+    let runner = apps.serve(&[]);
+    for (host, name) in [("one.localhost", "one"), ("two.localhost", "two")] {
+        let response = runner.get(host, "/path").await;
+        assert_eq!(response.status(), 200, "{}", runner.stderr());
+        assert_eq!(response.text().await.unwrap(), format!("{name} /path {port}"));
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on the host's port {port} while both serve"
+    );
 }
