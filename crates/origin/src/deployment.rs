@@ -37,6 +37,9 @@ pub struct Deployment {
     /// The tree was not asked for (see [`Origin::tree_at_boot`]): `tree` is
     /// empty until the isolate asks for it.
     pub tree_deferred: bool,
+    /// The import maps the ESZIP layers carry, by URL, in layer order: bare
+    /// imports resolve through them at run time, as Deno's ESZIP loader does.
+    pub import_maps: Vec<(Url, serde_json::Value)>,
 }
 
 /// Asks `origin` for deployment `deployment_id` and assembles it.
@@ -73,7 +76,9 @@ pub async fn load_deployment(
 
     let mut modules = BTreeMap::new();
     let mut redirects = BTreeMap::new();
+    let mut import_maps = Vec::new();
     for decoded in layers {
+        import_maps.extend(decoded.import_map);
         for (specifier, module) in decoded.modules {
             modules.entry(specifier).or_insert(module);
         }
@@ -102,6 +107,7 @@ pub async fn load_deployment(
         tree,
         tree_error,
         tree_deferred,
+        import_maps,
     })
 }
 
@@ -111,6 +117,9 @@ const WASM_MAGIC: &[u8] = b"\0asm";
 struct DecodedLayer {
     modules: Vec<(Url, ModuleFile)>,
     redirects: Vec<(Url, Url)>,
+    /// The import map an ESZIP carries (its writer puts it first, a JSON
+    /// module with `imports` or `scopes`), by its own URL.
+    import_map: Option<(Url, serde_json::Value)>,
 }
 
 async fn fetch_layer(
@@ -153,11 +162,21 @@ async fn decode_layer(spec: &LayerSpec, bytes: Bytes) -> Result<DecodedLayer, Or
             // { type: "json" }`); every other bundle is JavaScript or TypeScript.
             let kind = if specifier.path().ends_with(".json") { ModuleKind::Json } else { ModuleKind::JavaScript };
             let module = ModuleFile { specifier: specifier.clone(), kind, source: bytes };
-            Ok(DecodedLayer { modules: vec![(specifier.clone(), module)], redirects: Vec::new() })
+            Ok(DecodedLayer { modules: vec![(specifier.clone(), module)], redirects: Vec::new(), import_map: None })
         }
         LayerSpec::Eszip { .. } => {
             let graph = isocloud_eszip::parse(bytes).await.map_err(|e| layer_error(format!("invalid ESZIP: {e}")))?;
-            let mut decoded = DecodedLayer { modules: Vec::new(), redirects: Vec::new() };
+            let mut decoded = DecodedLayer { modules: Vec::new(), redirects: Vec::new(), import_map: None };
+            if let Some(Entry::Module(first)) = graph.entries.first()
+                && first.kind == ModuleKind::Json
+                && let Ok(specifier) = Url::parse(&first.specifier)
+                && let Ok(map @ serde_json::Value::Object(_)) =
+                    serde_json::from_slice::<serde_json::Value>(&first.source)
+                && (map.get("imports").is_some_and(serde_json::Value::is_object)
+                    || map.get("scopes").is_some_and(serde_json::Value::is_object))
+            {
+                decoded.import_map = Some((specifier, map));
+            }
             for entry in graph.entries {
                 match entry {
                     Entry::Module(m) => {

@@ -267,7 +267,55 @@ impl IsolateFiles {
                 imports.insert(from.to_string(), file_url(&files.guest_path(path)));
             }
         }
-        let import_map = serde_json::json!({ "imports": imports });
+        // The import maps ESZIP layers carry: their bare (and relative)
+        // keys resolve as Deno's ESZIP loader would, onto where each target
+        // module was written; the runner's own mappings win.
+        let mut scopes: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (base, map) in &deployment.import_maps {
+            let target_of = |value: &str| -> Option<String> {
+                let url = base.join(value).ok()?;
+                if let Some(path) = locations.get(&url) {
+                    return Some(file_url(&files.guest_path(path)));
+                }
+                match url.path().strip_prefix("/src/") {
+                    Some(rest) if url.scheme() == "file" && url.host().is_none() => {
+                        Some(format!("{}/{rest}", file_url_dir(Path::new(&files.guest.src)).trim_end_matches('/')))
+                    }
+                    _ => Some(url.to_string()),
+                }
+            };
+            let key_of = |key: &str| -> String {
+                if key.starts_with("./") || key.starts_with("../") || key.starts_with('/') {
+                    base.join(key).map(String::from).unwrap_or_else(|_| key.to_owned())
+                } else {
+                    key.to_owned()
+                }
+            };
+            let entries_of = |value: &serde_json::Value| -> Vec<(String, String)> {
+                value
+                    .as_object()
+                    .map(|object| {
+                        object
+                            .iter()
+                            .filter_map(|(key, target)| Some((key_of(key), target_of(target.as_str()?)?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            for (key, target) in entries_of(&map["imports"]) {
+                imports.entry(key).or_insert(target);
+            }
+            if let Some(map_scopes) = map["scopes"].as_object() {
+                for (scope, entries) in map_scopes {
+                    let Some(scope) = target_of(scope) else { continue };
+                    let scope = scopes.entry(scope).or_default();
+                    for (key, target) in entries_of(entries) {
+                        scope.entry(key).or_insert(target);
+                    }
+                }
+            }
+        }
+        let import_map = serde_json::json!({ "imports": imports, "scopes": scopes });
         std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
         if !deployment.tree_deferred {
             std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
@@ -352,6 +400,9 @@ impl IsolateFiles {
         }
         if !deployment.redirects.is_empty() {
             return Err("the module graph has redirects");
+        }
+        if !deployment.import_maps.is_empty() {
+            return Err("its ESZIP carries an import map");
         }
         for (specifier, module) in &deployment.modules {
             match self.place(specifier, module.kind) {

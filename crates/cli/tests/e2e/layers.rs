@@ -390,3 +390,33 @@ Deno.serve(async (req) => {
     assert_eq!(missing, json!({ "error": "NotFound" }));
     assert_eq!(origin.calls_to("read_blob"), 2, "{:?}", origin.calls());
 }
+
+#[tokio::test]
+async fn an_eszip_built_with_an_import_map_resolves_its_bare_imports_at_run_time() {
+    let app = tempfile::tempdir().unwrap();
+    let write = |path: &str, text: &str| {
+        let full = app.path().join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, text).unwrap();
+    };
+    write("import_map.json", r#"{ "imports": { "greeting": "./greeting.ts", "lib/": "./lib/" } }"#);
+    write("greeting.ts", "export const greeting = \"hello\";\n");
+    write("lib/who.ts", "export const who = \"from lib\";\n");
+    write(
+        "main.ts",
+        "import { greeting } from \"greeting\";\nimport { who } from \"lib/who.ts\";\n\
+         Deno.serve(() => new Response(`${greeting} ${who}`));\n",
+    );
+    let with_map = build_eszip_with_import_map(app.path(), "main.ts", None, Some("file:///src/import_map.json"));
+    let origin = TestOrigin::start().await;
+    origin.layer("mapped", with_map);
+    origin.deploy(
+        "mapped",
+        TestDeployment::config(json!({
+            "entrypoint": "file:///src/main.ts",
+            "layers": [{ "kind": "eszip", "id": "mapped" }],
+        })),
+    );
+    let runner = origin.runner(&[]);
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "mapped", "/").await).await, "hello from lib");
+}

@@ -89,6 +89,7 @@ impl Sandbox {
             tree: AssetTree::default(),
             tree_error: None,
             tree_deferred: false,
+            import_maps: Vec::new(),
         };
         let files =
             IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy, &policy.deno_dir.join("d"), None)

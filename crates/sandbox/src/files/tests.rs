@@ -40,6 +40,7 @@ fn deployment(modules: &[(&str, ModuleKind, &str)], redirects: &[(&str, &str)]) 
         tree: AssetTree::default(),
         tree_error: None,
         tree_deferred: false,
+        import_maps: Vec::new(),
     }
 }
 

@@ -258,6 +258,7 @@ fn deployment() -> Deployment {
         tree: AssetTree::default(),
         tree_error: None,
         tree_deferred: false,
+        import_maps: Vec::new(),
     }
 }
 

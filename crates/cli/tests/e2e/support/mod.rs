@@ -573,6 +573,17 @@ fn url_pairs(query: &str) -> HashMap<String, String> {
 /// Builds an ESZIP of the app in `dir` (served as `file:///src/…`) with the
 /// npm package `@deno/eszip`, run by node.
 pub fn build_eszip(dir: &Path, entry: &str, remote: Option<&Path>) -> Vec<u8> {
+    build_eszip_with_import_map(dir, entry, remote, None)
+}
+
+/// [`build_eszip`], resolving with the import map at `import_map` (a
+/// specifier, as `@deno/eszip`'s third argument): the archive carries it.
+pub fn build_eszip_with_import_map(
+    dir: &Path,
+    entry: &str,
+    remote: Option<&Path>,
+    import_map: Option<&str>,
+) -> Vec<u8> {
     let root = repo_root();
     let script = root.join("tools/eszip/build.mjs");
     assert!(
@@ -584,6 +595,9 @@ pub fn build_eszip(dir: &Path, entry: &str, remote: Option<&Path>) -> Vec<u8> {
     command.arg(&script).arg("--root").arg(dir).arg("--out").arg(&out);
     if let Some(remote) = remote {
         command.arg("--remote").arg(remote);
+    }
+    if let Some(import_map) = import_map {
+        command.arg("--import-map").arg(import_map);
     }
     let output = command.arg(entry).output().expect("node runs");
     assert!(output.status.success(), "eszip build failed: {}", String::from_utf8_lossy(&output.stderr));
