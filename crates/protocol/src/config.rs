@@ -210,10 +210,18 @@ pub fn validate_env_name(name: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Schemes with a meaning of their own: never a module's name.
+const RESERVED_SCHEMES: [&str; 10] =
+    ["javascript", "vbscript", "blob", "about", "mailto", "ws", "wss", "ftp", "filesystem", "ext"];
+
 fn parse_specifier(text: &str, field: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text).map_err(|e| ConfigError::new(field, format!("{text:?} is not an absolute URL: {e}")))?;
     match url.scheme() {
         "file" | "http" | "https" | "data" | "jsr" | "npm" | "node" => Ok(url),
+        // A bundler's own name for a module (`netlify:bootstrap-stage2`):
+        // opaque, never fetched, reached only through the runner's import
+        // map. Not a scheme a browser or deno gives a meaning.
+        other if url.cannot_be_a_base() && !RESERVED_SCHEMES.contains(&other) => Ok(url),
         other => Err(ConfigError::new(field, format!("unsupported URL scheme {other:?}"))),
     }
 }

@@ -595,10 +595,18 @@ impl IsolateFiles {
         let (root, segments, prefix) = match specifier.scheme() {
             "file" => {
                 let segments = decoded_segments(specifier).ok_or_else(bad)?;
-                if segments.first().map(String::as_str) == Some("src") && segments.len() > 1 {
-                    (self.src.clone(), segments[1..].to_vec(), None)
-                } else {
-                    (self.modules.join("file"), segments, None)
+                match specifier.host_str().filter(|h| !h.is_empty()) {
+                    // `file://<slug>/v1/…`, as some subhosters' bundlers write
+                    // them: a root per host, so two hosts never collide.
+                    Some(host) => {
+                        check_segment(host).ok_or_else(bad)?;
+                        let root = self.modules.join("file-host").join(host);
+                        (root.clone(), segments, Some((format!("file://{host}/"), root)))
+                    }
+                    None if segments.first().map(String::as_str) == Some("src") && segments.len() > 1 => {
+                        (self.src.clone(), segments[1..].to_vec(), None)
+                    }
+                    None => (self.modules.join("file"), segments, None),
                 }
             }
             "http" | "https" => {
@@ -612,6 +620,12 @@ impl IsolateFiles {
                 let authority = &specifier[url::Position::BeforeHost..url::Position::AfterPort];
                 let prefix = format!("{}://{authority}/", specifier.scheme());
                 (root.clone(), decoded_segments(specifier).ok_or_else(bad)?, Some((prefix, root)))
+            }
+            // A custom scheme (`netlify:bootstrap-stage2`): one file per
+            // specifier, reached through the import map by its exact name.
+            scheme if specifier.cannot_be_a_base() && check_segment(scheme).is_some() => {
+                let digest = hex::encode(&Sha256::digest(specifier.as_str().as_bytes())[..12]);
+                (self.modules.join("scheme").join(scheme), vec![digest], None)
             }
             _ => return Err(bad()),
         };

@@ -420,3 +420,60 @@ async fn an_eszip_built_with_an_import_map_resolves_its_bare_imports_at_run_time
     let runner = origin.runner(&[]);
     assert_eq!(ok_text(&runner, subhost_get(&runner, "mapped", "/").await).await, "hello from lib");
 }
+
+#[tokio::test]
+async fn eszips_whose_modules_live_under_file_urls_with_a_host_serve_and_never_collide() {
+    let origin = TestOrigin::start().await;
+    for version in ["v1", "v2"] {
+        let app = tempfile::tempdir().unwrap();
+        std::fs::write(app.path().join("util.ts"), format!("export const who = \"slug {version}\";\n")).unwrap();
+        std::fs::write(
+            app.path().join("main.ts"),
+            "import { who } from \"./util.ts\";\nDeno.serve(() => new Response(who));\n",
+        )
+        .unwrap();
+        let base = format!("file://slug-{version}/{version}/");
+        origin.layer(&format!("eszip-{version}"), build_eszip_at(app.path(), "main.ts", None, None, &base));
+        origin.deploy(
+            &format!("hosted-{version}"),
+            TestDeployment::config(json!({
+                "entrypoint": format!("{base}main.ts"),
+                "layers": [{ "kind": "eszip", "id": format!("eszip-{version}") }],
+            })),
+        );
+    }
+    // Two layers in one deployment whose modules differ only by host.
+    origin.deploy(
+        "both",
+        TestDeployment::config(json!({
+            "entrypoint": "file://slug-v2/v2/main.ts",
+            "layers": [{ "kind": "eszip", "id": "eszip-v1" }, { "kind": "eszip", "id": "eszip-v2" }],
+        })),
+    );
+    let runner = origin.runner(&[]);
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "hosted-v1", "/").await).await, "slug v1");
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "hosted-v2", "/").await).await, "slug v2");
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "both", "/").await).await, "slug v2");
+}
+
+#[tokio::test]
+async fn a_module_with_a_custom_scheme_is_the_entrypoint_it_names() {
+    let origin = TestOrigin::start().await;
+    origin.layer(
+        "stage2",
+        "import { who } from \"file:///root/who.js\";\nDeno.serve(() => new Response(`stage2 ${who}`));\n",
+    );
+    origin.layer("who", "export const who = \"from /root\";\n");
+    origin.deploy(
+        "custom",
+        TestDeployment::config(json!({
+            "entrypoint": "netlify:bootstrap-stage2",
+            "layers": [
+                { "kind": "bundle", "id": "stage2", "specifier": "netlify:bootstrap-stage2" },
+                { "kind": "bundle", "id": "who", "specifier": "file:///root/who.js" },
+            ],
+        })),
+    );
+    let runner = origin.runner(&[]);
+    assert_eq!(ok_text(&runner, subhost_get(&runner, "custom", "/").await).await, "stage2 from /root");
+}

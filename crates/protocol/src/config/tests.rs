@@ -359,9 +359,18 @@ fn env_values_may_hold_anything_else() {
 
 #[test]
 fn entrypoint_not_a_url_is_refused() {
-    for entrypoint in
-        ["main.js", "./main.js", "/src/main.js", "", "file", "://x", "ftp://x/main.js", "javascript:alert(1)"]
-    {
+    for entrypoint in [
+        "main.js",
+        "./main.js",
+        "/src/main.js",
+        "",
+        "file",
+        "://x",
+        "ftp://x/main.js",
+        "javascript:alert(1)",
+        "blob:x",
+        "ext:core/mod.js",
+    ] {
         let json = format!(r#"{{"entrypoint":"{entrypoint}","layers":{ESZIP_LAYER}}}"#);
         assert_eq!(refused(&json), "entrypoint", "{entrypoint:?}");
     }
@@ -370,6 +379,7 @@ fn entrypoint_not_a_url_is_refused() {
 #[test]
 fn entrypoint_schemes_deno_loads_are_accepted() {
     for entrypoint in [
+        "netlify:bootstrap-stage2",
         "file:///src/main.js",
         "https://example.com/mod.ts",
         "http://localhost:8000/mod.ts",

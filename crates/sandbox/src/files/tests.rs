@@ -79,6 +79,30 @@ fn places_src_and_remote_modules_and_maps_them() {
 }
 
 #[test]
+fn custom_schemes_and_file_urls_with_a_host_get_places_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = deployment(
+        &[
+            ("netlify:bootstrap-stage2", ModuleKind::JavaScript, "bootstrap"),
+            ("file://slug/v1/main.ts", ModuleKind::JavaScript, "slug main"),
+            ("file:///v1/main.ts", ModuleKind::JavaScript, "hostless main"),
+        ],
+        &[],
+    );
+    let files =
+        IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path()), &dir.path().join("deno-dir/d"), None)
+            .unwrap();
+    let map = import_map(&files);
+    let bootstrap = Url::parse(&map["netlify:bootstrap-stage2"]).unwrap().to_file_path().unwrap();
+    assert!(bootstrap.starts_with(files.modules.join("scheme/netlify")), "{bootstrap:?}");
+    assert_eq!(std::fs::read_to_string(bootstrap).unwrap(), "bootstrap");
+    // The host is kept: file://slug/v1/main.ts and file:///v1/main.ts are two modules.
+    assert_eq!(map["file://slug/"], Url::from_directory_path(files.modules.join("file-host/slug")).unwrap().as_str());
+    assert_eq!(std::fs::read_to_string(files.modules.join("file-host/slug/v1/main.ts")).unwrap(), "slug main");
+    assert_eq!(std::fs::read_to_string(files.modules.join("file/v1/main.ts")).unwrap(), "hostless main");
+}
+
+#[test]
 fn refuses_asset_paths_that_escape() {
     let dir = tempfile::tempdir().unwrap();
     let d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "")], &[]);

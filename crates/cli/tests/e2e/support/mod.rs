@@ -584,6 +584,12 @@ pub fn build_eszip_with_import_map(
     remote: Option<&Path>,
     import_map: Option<&str>,
 ) -> Vec<u8> {
+    build_eszip_at(dir, entry, remote, import_map, "file:///src/")
+}
+
+/// [`build_eszip_with_import_map`] with the app's files at `base` (e.g.
+/// `file://<slug>/v1/`, as some subhosters' bundlers name them).
+pub fn build_eszip_at(dir: &Path, entry: &str, remote: Option<&Path>, import_map: Option<&str>, base: &str) -> Vec<u8> {
     let root = repo_root();
     let script = root.join("tools/eszip/build.mjs");
     assert!(
@@ -599,6 +605,8 @@ pub fn build_eszip_with_import_map(
     if let Some(import_map) = import_map {
         command.arg("--import-map").arg(import_map);
     }
+    command.arg("--base").arg(base);
+    command.arg("--base").arg(base);
     let output = command.arg(entry).output().expect("node runs");
     assert!(output.status.success(), "eszip build failed: {}", String::from_utf8_lossy(&output.stderr));
     std::fs::read(out).unwrap()
