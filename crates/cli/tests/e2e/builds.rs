@@ -136,6 +136,8 @@ async fn an_npm_app_with_deno_json_tsx_and_json_deploys_and_serves() {
     let build = api_get(&serve, &format!("/deployments/{id}/build")).await;
     assert_eq!(build["status"], "ready", "{build}");
     assert!(build["log"].is_string(), "a build log is kept: {build}");
+    let packages: Vec<&str> = build["npm_packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(packages.len() == 1 && packages[0].starts_with("hono@4."), "the resolved npm packages: {build}");
 
     // The same app again: a new deployment, not one new blob.
     let blobs = serve.data_dir.path().join("blobs");

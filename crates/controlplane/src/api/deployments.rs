@@ -295,12 +295,31 @@ pub(crate) async fn build_log(
     }
     let mut conn = cp.store.read().await?;
     let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+    let files = deployments::files(&mut conn, &id).await?;
     Ok(Json(serde_json::json!({
         "id": deployment.id,
         "status": deployment.status.as_str(),
         "error": deployment.error,
         "log": deployment.build_log,
+        "npm_packages": npm_packages(&files),
     })))
+}
+
+/// The npm packages a build installed, `name@version`, from npm's layout
+/// (`node_modules/.deno/<name>@<version>/…`; a scope's `/` is `+` there).
+fn npm_packages(files: &[FileRow]) -> Vec<String> {
+    let mut packages: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.path.strip_prefix("node_modules/.deno/")?.split('/').next())
+        .filter(|folder| folder.contains('@') && *folder != "node_modules")
+        .map(|folder| match folder.strip_prefix('@') {
+            Some(scoped) => format!("@{}", scoped.replacen('+', "/", 1)),
+            None => folder.to_owned(),
+        })
+        .collect();
+    packages.sort();
+    packages.dedup();
+    packages
 }
 
 pub(crate) async fn get(State(cp): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
