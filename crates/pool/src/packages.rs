@@ -153,16 +153,7 @@ impl PackageStore {
         if entries.is_empty() {
             return Ok(None);
         }
-        let mut listing = Sha256::new();
-        for (path, entry) in &entries {
-            listing.update(path.as_bytes());
-            match entry {
-                AssetEntry::Directory => listing.update(b"\0d\0"),
-                AssetEntry::File { hash, size } => listing.update(format!("\0f\0{hash}\0{size}\0").as_bytes()),
-                AssetEntry::Symlink { target } => listing.update(format!("\0l\0{target}\0").as_bytes()),
-            }
-        }
-        let key = hex::encode(listing.finalize());
+        let Some(key) = isocloud_sandbox::package_set_key(tree) else { return Ok(None) };
         let dir = self.root.join(&key);
         // Leased before the check: eviction never takes a set being handed out.
         let lease = self.lease(&key, None);

@@ -89,6 +89,8 @@ pub struct Project {
     pub config: Option<String>,
     /// Keeps `packages` on disk while these files (the isolate) live.
     pub lease: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    /// Which set `packages` is ([`package_set_key`]).
+    pub packages_key: Option<String>,
 }
 
 impl std::fmt::Debug for Project {
@@ -98,8 +100,37 @@ impl std::fmt::Debug for Project {
             .field("node_modules", &self.node_modules)
             .field("vendor", &self.vendor)
             .field("config", &self.config)
+            .field("packages_key", &self.packages_key)
             .finish_non_exhaustive()
     }
+}
+
+/// The tree folders a build writes, which the runner's package store lays out.
+pub const PACKAGE_DIRS: [&str; 2] = ["/node_modules", "/vendor"];
+
+/// Whether `path` (a tree path) is inside one of [`PACKAGE_DIRS`].
+pub fn is_package_path(path: &str) -> bool {
+    PACKAGE_DIRS.iter().any(|dir| path == *dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
+}
+
+/// The name of a deployment's package set: the SHA-256 of its listing
+/// (paths, kinds, file ids and sizes, link targets); `None` without one.
+/// Two deployments with the same set share its layout on the runner, and
+/// its pre-started isolates.
+pub fn package_set_key(tree: &isocloud_origin::AssetTree) -> Option<String> {
+    use isocloud_origin::AssetEntry;
+    let mut listing = Sha256::new();
+    let mut any = false;
+    for (path, entry) in tree.entries.iter().filter(|(p, _)| is_package_path(p)) {
+        any = true;
+        listing.update(path.as_bytes());
+        match entry {
+            AssetEntry::Directory => listing.update(b"\0d\0"),
+            AssetEntry::File { hash, size } => listing.update(format!("\0f\0{hash}\0{size}\0").as_bytes()),
+            AssetEntry::Symlink { target } => listing.update(format!("\0l\0{target}\0").as_bytes()),
+        }
+    }
+    any.then(|| hex::encode(listing.finalize()))
 }
 
 /// The deployment-root files deno reads itself at start-up (not through the
@@ -387,13 +418,18 @@ impl IsolateFiles {
     /// (its own root: a mount namespace). Its envs do not matter: no isolate
     /// starts with the tenant's envs, the harness installs them on either path.
     pub fn fits_blank(&self, deployment: &Deployment) -> Result<(), &'static str> {
-        let built = deployment.tree.entries.keys().any(|path| {
-            path == "/node_modules"
-                || path == "/vendor"
-                || PROJECT_CONFIG_FILES.iter().any(|f| path[1.min(path.len())..] == **f)
-        });
-        if built {
-            return Err("a built deployment starts deno with its packages and deno.json");
+        if deployment
+            .tree
+            .entries
+            .keys()
+            .any(|path| PROJECT_CONFIG_FILES.iter().any(|f| path.strip_prefix('/') == Some(*f)))
+        {
+            return Err("deno reads deno.json and package.json when it starts");
+        }
+        // A built deployment fits only an isolate started with its package set.
+        let blank_set = self.project.as_ref().and_then(|p| p.packages_key.as_deref());
+        if package_set_key(&deployment.tree).as_deref() != blank_set {
+            return Err("it needs a pre-started isolate of its own package set");
         }
         if self.root.is_none() {
             return Err("isolates have no mount namespace");

@@ -43,8 +43,8 @@ pub use command::{
 };
 pub use cpu::process_cpu_time;
 pub use files::{
-    EgressRoute, GuestPaths, IsolateFiles, PROJECT_CONFIG_FILES, Project, SandboxError, deno_template_dir,
-    prune_deno_dirs,
+    EgressRoute, GuestPaths, IsolateFiles, PACKAGE_DIRS, PROJECT_CONFIG_FILES, Project, SandboxError,
+    deno_template_dir, is_package_path, package_set_key, prune_deno_dirs,
 };
 pub use identity::{IsolateIds, IsolateUids};
 pub use landlock::{LandlockError, LandlockPolicy};

@@ -47,9 +47,9 @@ pub trait IsolateHooks: Send + Sync + 'static {
     fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>>;
     /// Writes the deployment's asset manifest where the harness reads it,
     /// fetching it first when it was deferred at boot; once per isolate.
-    fn load_tree(&self) -> BoxFuture<'static, Result<(), String>> {
-        Box::pin(async { Ok(()) })
-    }
+    /// (No default: a wrapper that forgot to pass it on would answer with
+    /// whatever manifest is on disk.)
+    fn load_tree(&self) -> BoxFuture<'static, Result<(), String>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -528,6 +528,13 @@ impl IsolateHooks for LateHooks {
     fn materialize(&self, tree_path: String) -> BoxFuture<'static, Result<(), String>> {
         match self.0.get() {
             Some(hooks) => hooks.materialize(tree_path),
+            None => Box::pin(async { Err("no deployment yet".to_owned()) }),
+        }
+    }
+
+    fn load_tree(&self) -> BoxFuture<'static, Result<(), String>> {
+        match self.0.get() {
+            Some(hooks) => hooks.load_tree(),
             None => Box::pin(async { Err("no deployment yet".to_owned()) }),
         }
     }

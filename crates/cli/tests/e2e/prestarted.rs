@@ -221,3 +221,25 @@ async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestar
     let metrics = runner.metrics().await;
     assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 3, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_prestarted_isolate_of_a_remote_origin_asks_for_the_tree_when_it_reads_a_file() {
+    let origin = TestOrigin::start().await;
+    let mut deployment =
+        TestDeployment::inline_js("Deno.serve(async () => new Response(await Deno.readTextFile('./data.txt')));");
+    deployment.tree = Some(serde_json::json!({ "entries": {
+        "": { "kind": "directory" },
+        "/data.txt": { "kind": "file", "size": 9, "hash": "blob-data" },
+    }}));
+    origin.deploy("reader", deployment);
+    origin.blob("blob-data", "from tree");
+    let runner = origin.runner(&["--prestarted-isolates", "1"]);
+    settle(&runner, 1, 1).await;
+
+    let response = runner.subhost_get("reader", "/").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "from tree", "the deferred tree reached the pre-started isolate");
+    let metrics = runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    assert_eq!(origin.calls_to("read_tree"), 1, "{:?}", origin.calls());
+}
