@@ -119,17 +119,37 @@ fn take_prestarted(
         return Prestart::CodeCache;
     }
     let net = &deployment.config.net;
-    match pool.take(net) {
+    let set = isocloud_sandbox::package_set_key(&deployment.tree);
+    match pool.take(net, set.as_deref()) {
         None => Prestart::Miss,
         Some(prestarted) => match prestarted.files().fits_blank(deployment) {
             Ok(()) => Prestart::Hit(Box::new(prestarted)),
             Err(reason) => {
                 tracing::debug!(deployment_id, reason, "booting without a pre-started isolate");
-                pool.give_back(net, prestarted);
+                pool.give_back(net, set.as_deref(), prestarted);
                 Prestart::Unfit
             }
         },
     }
+}
+
+/// Refills the profile `deployment` boots with: its permissions, and its
+/// package set once one boot has laid the set out.
+fn refill_for(pool: &Arc<crate::warm::Warm>, deployment: &isocloud_origin::Deployment) {
+    match isocloud_sandbox::package_set_key(&deployment.tree) {
+        Some(set) => pool.refill_packages(&deployment.config.net, &set, None),
+        None => pool.refill(&deployment.config.net),
+    }
+}
+
+/// A built deployment with no file deno reads at start (deno.json,
+/// package.json) can run on an isolate pre-started with its package set.
+fn prestartable_with_packages(deployment: &isocloud_origin::Deployment) -> bool {
+    !deployment
+        .tree
+        .entries
+        .keys()
+        .any(|path| isocloud_sandbox::PROJECT_CONFIG_FILES.iter().any(|f| path.strip_prefix('/') == Some(*f)))
 }
 
 /// `tenant`: a deployment's boot, which takes a pre-started isolate when
@@ -165,7 +185,7 @@ pub(crate) async fn boot(
     if tenant && !matches!(prestart, Prestart::Hit(_)) {
         if let Some(pool) = &ctx.warm {
             // Learns the profile, and may have one ready by our turn.
-            pool.refill(&net);
+            refill_for(pool, &deployment);
         }
         turn = Some(ctx.admission.turn(&origin.tenant_of(&deployment_id)).await?);
         if matches!(prestart, Prestart::Miss) {
@@ -178,11 +198,12 @@ pub(crate) async fn boot(
     if let Prestart::Hit(prestarted) = prestart {
         // Costs milliseconds: the turn goes to the next in the queue.
         drop(turn);
+        let refill = ctx.warm.clone().map(|pool| (pool, deployment.clone()));
         let booted = boot_prestarted(ctx, *prestarted, origin, deployment_id, deployment, &deno_dir).await;
         // Only now: starting the next deno (tens of ms of CPU) must not
         // compete with this deployment's module evaluation.
-        if let Some(pool) = &ctx.warm {
-            pool.refill(&net);
+        if let Some((pool, deployment)) = refill {
+            refill_for(&pool, &deployment);
         }
         return booted.map(|isolate| (isolate, started.elapsed().as_millis() as u64));
     }
@@ -197,6 +218,15 @@ pub(crate) async fn boot(
         Ok(None) => (None, None),
         Err(e) => return Err(project_error(e)),
     };
+    // The set is on disk now: the next never-seen deployment of it may find
+    // an isolate started with it.
+    if let (Some(pool), Some(dir), Some(set)) =
+        (ctx.warm.as_ref().filter(|_| tenant), &packages, isocloud_sandbox::package_set_key(&deployment.tree))
+        && prestartable_with_packages(&deployment)
+    {
+        let lease = Arc::new(ctx.packages.lease(&set, None)) as Arc<dyn std::any::Any + Send + Sync>;
+        pool.refill_packages(&net, &set, Some(crate::warm::WarmPackages { key: set.clone(), dir: dir.clone(), lease }));
+    }
     let configs = crate::packages::project_configs(&deployment.tree, &origin, &ctx.cache, &deployment_id)
         .await
         .map_err(project_error)?;

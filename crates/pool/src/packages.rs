@@ -98,7 +98,8 @@ impl PackageStore {
         self.sets.lock().expect("package store poisoned").values().map(|s| s.bytes).sum()
     }
 
-    fn lease(&self, key: &str, bytes: Option<u64>) -> PackageLease {
+    /// A hold on set `key` (while it lives, the set is never removed).
+    pub(crate) fn lease(&self, key: &str, bytes: Option<u64>) -> PackageLease {
         let mut sets = self.sets.lock().expect("package store poisoned");
         let set = sets.entry(key.to_owned()).or_insert(SetUse {
             bytes: bytes.unwrap_or(0),

@@ -46,8 +46,18 @@ pub(crate) struct Warm {
     waiting: Gauge,
 }
 
+/// A package set pre-started isolates are started with (its folder in the
+/// runner's package store, held while the profile is kept).
+#[derive(Clone)]
+pub(crate) struct WarmPackages {
+    pub key: String,
+    pub dir: PathBuf,
+    pub lease: Arc<dyn std::any::Any + Send + Sync>,
+}
+
 struct Profile {
     net: NetPermission,
+    packages: Option<WarmPackages>,
     ready: VecDeque<Prestarted>,
     filling: usize,
     last_used: Instant,
@@ -67,8 +77,17 @@ pub(crate) struct WarmOptions {
     pub waiting: Gauge,
 }
 
-/// The profile's name: deno's `--allow-net` as the runner would write it.
-fn profile_key(net: &NetPermission) -> String {
+/// The profile's name: deno's `--allow-net` as the runner would write it,
+/// and the package set it starts with, if any.
+fn profile_key(net: &NetPermission, packages: Option<&str>) -> String {
+    let net = net_key(net);
+    match packages {
+        Some(set) => format!("{net} packages={set}"),
+        None => net,
+    }
+}
+
+fn net_key(net: &NetPermission) -> String {
     match net {
         NetPermission::All => "net=*".to_owned(),
         NetPermission::None => "net=-".to_owned(),
@@ -100,9 +119,13 @@ impl Warm {
 
     /// A pre-started isolate of `net`'s profile, if one is waiting. Then
     /// [`Warm::refill`] (after [`Warm::give_back`], if it did not fit).
-    pub(crate) fn take(&self, net: &NetPermission) -> Option<Prestarted> {
+    pub(crate) fn take(&self, net: &NetPermission, packages: Option<&str>) -> Option<Prestarted> {
         let mut profiles = self.profiles.lock().expect("warm pool poisoned");
-        let profile = self.profile(&mut profiles, net);
+        // A package set's profile exists only once a boot laid the set out.
+        if packages.is_some() && !profiles.contains_key(&profile_key(net, packages)) {
+            return None;
+        }
+        let profile = self.profile(&mut profiles, net, None, packages);
         let mut taken = None;
         while let Some(prestarted) = profile.ready.pop_front() {
             if prestarted.is_running() {
@@ -116,9 +139,9 @@ impl Warm {
 
     /// Gives back an isolate [`Warm::take`] returned and the deployment
     /// did not fit.
-    pub(crate) fn give_back(&self, net: &NetPermission, prestarted: Prestarted) {
+    pub(crate) fn give_back(&self, net: &NetPermission, packages: Option<&str>, prestarted: Prestarted) {
         let mut profiles = self.profiles.lock().expect("warm pool poisoned");
-        if let Some(profile) = profiles.get_mut(&profile_key(net))
+        if let Some(profile) = profiles.get_mut(&profile_key(net, packages))
             && !self.closed.load(Ordering::Acquire)
         {
             profile.ready.push_front(prestarted);
@@ -131,20 +154,42 @@ impl Warm {
     pub(crate) fn refill(self: &Arc<Self>, net: &NetPermission) {
         {
             let mut profiles = self.profiles.lock().expect("warm pool poisoned");
-            self.profile(&mut profiles, net);
+            self.profile(&mut profiles, net, None, None);
         }
-        self.fill(&profile_key(net));
+        self.fill(&profile_key(net, None));
+    }
+
+    /// [`Warm::refill`] for built deployments of a package set (learned
+    /// once a boot has laid the set out), or, with `packages` `None`, only if
+    /// that set's profile is known already.
+    pub(crate) fn refill_packages(self: &Arc<Self>, net: &NetPermission, key: &str, packages: Option<WarmPackages>) {
+        let profile = profile_key(net, Some(key));
+        {
+            let mut profiles = self.profiles.lock().expect("warm pool poisoned");
+            if packages.is_none() && !profiles.contains_key(&profile) {
+                return;
+            }
+            self.profile(&mut profiles, net, packages, Some(key));
+        }
+        self.fill(&profile);
     }
 
     /// `net`'s profile, made the most recently used (created if new, the
     /// least recently used one going if there are too many).
-    fn profile<'a>(&self, profiles: &'a mut HashMap<String, Profile>, net: &NetPermission) -> &'a mut Profile {
-        let key = profile_key(net);
+    fn profile<'a>(
+        &self,
+        profiles: &'a mut HashMap<String, Profile>,
+        net: &NetPermission,
+        packages: Option<WarmPackages>,
+        packages_key: Option<&str>,
+    ) -> &'a mut Profile {
+        let key = profile_key(net, packages_key);
         if !profiles.contains_key(&key) {
             profiles.insert(
                 key.clone(),
                 Profile {
                     net: net.clone(),
+                    packages,
                     ready: VecDeque::new(),
                     filling: 0,
                     last_used: Instant::now(),
@@ -172,7 +217,7 @@ impl Warm {
     }
 
     fn fill(self: &Arc<Self>, key: &str) {
-        let net = {
+        let (net, packages) = {
             let mut profiles = self.profiles.lock().expect("warm pool poisoned");
             let Some(profile) = profiles.get_mut(key) else { return };
             if self.closed.load(Ordering::Acquire)
@@ -182,12 +227,12 @@ impl Warm {
                 return;
             }
             profile.filling += 1;
-            profile.net.clone()
+            (profile.net.clone(), profile.packages.clone())
         };
         let warm = self.clone();
         let key = key.to_owned();
         tokio::spawn(async move {
-            let result = warm.prestart(&net).await;
+            let result = warm.prestart(&net, packages.as_ref()).await;
             let mut profiles = warm.profiles.lock().expect("warm pool poisoned");
             let Some(profile) = profiles.get_mut(&key) else { return };
             profile.filling = profile.filling.saturating_sub(1);
@@ -209,7 +254,7 @@ impl Warm {
         });
     }
 
-    async fn prestart(&self, net: &NetPermission) -> Result<Prestarted, String> {
+    async fn prestart(&self, net: &NetPermission, packages: Option<&WarmPackages>) -> Result<Prestarted, String> {
         let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
         let dir = self.instances_dir.join(format!("{instance}-prestarted"));
         // Named after its deployment when it gets one.
@@ -218,9 +263,22 @@ impl Warm {
             let dir = dir.clone();
             let policy = self.policy.clone();
             let route = route.clone();
-            tokio::task::spawn_blocking(move || IsolateFiles::prepare_blank(&dir, &policy, route.as_ref()))
-                .await
-                .map_err(|e| e.to_string())?
+            let packages = packages.cloned();
+            tokio::task::spawn_blocking(move || {
+                let mut files = IsolateFiles::prepare_blank(&dir, &policy, route.as_ref())?;
+                // Started with the set bound and deno's flags for it: a
+                // built deployment of that set then loads only its own code.
+                if let Some(packages) = packages {
+                    files.add_project(Some(&packages.dir), &[])?;
+                    if let Some(project) = files.project.as_mut() {
+                        project.packages_key = Some(packages.key);
+                        project.lease = Some(packages.lease);
+                    }
+                }
+                Ok::<_, isocloud_sandbox::SandboxError>(files)
+            })
+            .await
+            .map_err(|e| e.to_string())?
         };
         let files = match files {
             Ok(files) => files,
@@ -272,11 +330,12 @@ mod tests {
 
     #[test]
     fn profiles_are_named_by_net_permission_whatever_the_order() {
-        assert_eq!(profile_key(&NetPermission::All), "net=*");
-        assert_eq!(profile_key(&NetPermission::None), "net=-");
+        assert_eq!(profile_key(&NetPermission::All, None), "net=*");
+        assert_eq!(profile_key(&NetPermission::None, None), "net=-");
+        assert_eq!(profile_key(&NetPermission::None, Some("ab12")), "net=- packages=ab12");
         let a = NetPermission::Allow(vec!["b.example:443".into(), "a.example".into()]);
         let b = NetPermission::Allow(vec!["a.example".into(), "b.example:443".into(), "a.example".into()]);
-        assert_eq!(profile_key(&a), profile_key(&b));
-        assert_ne!(profile_key(&a), profile_key(&NetPermission::All));
+        assert_eq!(profile_key(&a, None), profile_key(&b, None));
+        assert_ne!(profile_key(&a, None), profile_key(&NetPermission::All, None));
     }
 }

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::support::ControlPlaneServe;
 use serde_json::Value;
@@ -367,4 +368,50 @@ async fn a_build_reads_no_host_file_outside_its_work_copy() {
     assert!(!ok, "{stdout}");
     assert!(!stderr.contains(&secret), "the build read a host file: {stderr}");
     assert!(stderr.contains("planted.ts"), "the failure names the import: {stderr}");
+}
+
+#[tokio::test]
+async fn a_never_seen_deployment_of_a_known_package_set_boots_on_an_isolate_started_with_it() {
+    let serve = ControlPlaneServe::start(&["--prestarted-isolates", "1"]);
+    let config = tempfile::tempdir().unwrap();
+    assert!(client(&serve, config.path(), &["projects", "create", "warm"]).0);
+    let mut hosts = Vec::new();
+    for version in ["one", "two", "three"] {
+        let app = tempfile::tempdir().unwrap();
+        std::fs::write(
+            app.path().join("main.ts"),
+            format!("import {{ Hono }} from \"npm:hono@4\";\nDeno.serve(new Hono().get(\"/\", (c) => c.text(\"{version}\")).fetch);\n"),
+        )
+        .unwrap();
+        let (ok, stdout, stderr) =
+            client(&serve, config.path(), &["deploy", "--project", "warm", app.path().to_str().unwrap()]);
+        assert!(ok, "{stdout}\n{stderr}");
+        hosts.push((deployment_host(&stdout), version));
+    }
+    let series = |metrics: &str, name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0) as u64
+    };
+    let hits = |metrics: &str| series(metrics, r#"isocloud_prestarted_boots_total{result="hit"} "#);
+    let waiting = |metrics: &str| series(metrics, "isocloud_prestarted_waiting ");
+    // Isolates of other profiles (no packages) may wait already.
+    let others = waiting(&serve.runner.metrics().await);
+    // The first lays the set out and teaches the pool the profile.
+    assert_eq!(request(&serve, reqwest::Method::GET, &hosts[0].0, "/", "").await, (200, "one".to_owned()));
+    let before = hits(&serve.runner.metrics().await);
+    // The others take isolates started with the set bound, once one waits.
+    for (host, version) in &hosts[1..] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while waiting(&serve.runner.metrics().await) <= others {
+            if std::time::Instant::now() > deadline {
+                let stderr = serve.runner.stderr();
+                panic!(
+                    "no isolate of the package set was pre-started:\n{}",
+                    &stderr[stderr.len().saturating_sub(4000)..]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(request(&serve, reqwest::Method::GET, host, "/", "").await, (200, version.to_string()));
+    }
+    assert_eq!(hits(&serve.runner.metrics().await), before + 2, "both took a pre-started isolate of the set");
 }
