@@ -16,6 +16,10 @@
    it or the package store marked its set, which the run reports),
    a second pass that re-boots every deployment once its isolate idled out
    (`--idle-timeout-s 2`), and each boot's phases from the runner's log.
+   Which boots took a pre-started isolate (since 31f325d, an isolate
+   started with Hono's package set bound, for a built deployment with no
+   deno.json/package.json, as this Hono app is) comes from the metrics
+   read after each request.
 2. build time: `isocloud deploy` of the Hono app on a fresh data dir (empty
    build cache) vs a redeploy of a changed copy (registry cache warm),
    `--rounds` rounds, each on its own fresh `serve`.
@@ -137,6 +141,11 @@ class Serve:
         with urllib.request.urlopen(f"{self.admin}/metrics", timeout=10) as r:
             return r.read().decode()
 
+    def prestarted(self):
+        """isocloud_prestarted_boots_total by result (hit, unfit, miss, …)."""
+        return {m.group(1): int(float(m.group(2))) for m in
+                re.finditer(r'isocloud_prestarted_boots_total\{result="(\w+)"\} (\S+)', self.metrics())}
+
     def boot_ms(self, every=False):
         """deployment id -> boot_ms from the `isolate booted` lines (the
         first boot's; `every`: a list of every boot's)."""
@@ -155,12 +164,17 @@ class Serve:
         return out
 
     def phases(self):
-        """deployment id -> [(ms loading the deployment from the origin, ms
-        from loaded to spawned, ms from spawned to ready)] for each boot that
-        spawned a deno of its own, from the `deployment loaded` (origin_us),
-        `isolate process spawned` and `isolate booted` lines (a pre-started
-        isolate was spawned long before)."""
-        loaded, origin, spawned, out = {}, {}, {}, {}
+        """deployment id -> each of its boots in order, as (kind, ms loading
+        the deployment from the origin, a, b): kind "spawn" for a boot that
+        spawned a deno of its own (a: ms from loaded to spawned, b: from
+        spawned to ready), from the `deployment loaded` (origin_us),
+        `isolate process spawned` and `isolate booted` lines; "hit" for one
+        that took a pre-started isolate (a: ms filling its files, b: ms
+        assigning it until ready), from the `pre-started isolate assigned`
+        line, which names no deployment: it is the one loaded last (this
+        bench boots one deployment at a time)."""
+        loaded, origin, spawned, hit, out = {}, {}, {}, {}, {}
+        last = None
         with open(self.log_path) as f:
             for line in f:
                 if "isocloud::tenant" in line:
@@ -173,15 +187,26 @@ class Serve:
                 d = re.search(r'deployment_id="?([^"\s]+)', line)
                 pid = re.search(r"pid=(\d+)", line)
                 if "deployment loaded" in line and d:
-                    loaded[d.group(1)] = ts
+                    last = d.group(1)
+                    loaded[last] = ts
                     o = re.search(r"origin_us=(\d+)", line)
-                    origin[d.group(1)] = int(o.group(1)) / 1000 if o else float("nan")
+                    origin[last] = int(o.group(1)) / 1000 if o else float("nan")
                 elif "isolate process spawned" in line and pid:
                     spawned[pid.group(1)] = ts
+                elif "pre-started isolate assigned" in line and last is not None:
+                    fill = re.search(r"fill_us=(\d+)", line)
+                    assign = re.search(r"assign_us=(\d+)", line)
+                    if fill and assign:
+                        hit[last] = (int(fill.group(1)) / 1000, int(assign.group(1)) / 1000)
                 elif "isolate booted" in line and d and pid:
                     dep, t0, t1 = d.group(1), loaded.get(d.group(1)), spawned.get(pid.group(1))
-                    if t0 is not None and t1 is not None and t1 >= t0:
-                        out.setdefault(dep, []).append((origin.get(dep, float("nan")), t1 - t0, ts - t1))
+                    o = origin.get(dep, float("nan"))
+                    if dep in hit:
+                        out.setdefault(dep, []).append(("hit", o, *hit.pop(dep)))
+                    elif t0 is not None and t1 is not None and t1 >= t0:
+                        out.setdefault(dep, []).append(("spawn", o, t1 - t0, ts - t1))
+                    else:
+                        out.setdefault(dep, []).append(("other", o, float("nan"), float("nan")))
         return out
 
     def stop(self):
@@ -299,6 +324,16 @@ def main():
         names = ["hono", "hello", "bare_hono", "bare_hono_cold", "bare_hono_http_cold", "bare_hello",
                  "reboot_hono", "reboot_hello"]
         x = {k: [] for k in names}
+        # Per request to the runner, the pre-started result its boot counted.
+        results = {k: [] for k in ["hono", "hello", "reboot_hono", "reboot_hello"]}
+        counted = [serve.prestarted()]
+
+        def attribute(name):
+            now = serve.prestarted()
+            diff = [k for k, v in now.items() if v > counted[0].get(k, 0)]
+            results[name].append(",".join(sorted(diff)) or "none")
+            counted[0] = now
+
         for i in range(args.n):
             for name, measure in [
                 ("hono", lambda: get(serve.port, hono[i])),
@@ -309,14 +344,19 @@ def main():
                 ("bare_hello", lambda: bare_deno(procs, bare_hello, bare_dir)),
             ]:
                 x[name].append(measure())
+                if name in results:
+                    attribute(name)
                 time.sleep(gap)
         boots_first = serve.boot_ms()
         time.sleep(idle_s + 3)  # every isolate idled out
         log("re-boots")
+        counted[0] = serve.prestarted()
         for i in range(args.n):
             x["reboot_hono"].append(get(serve.port, hono[i]))
+            attribute("reboot_hono")
             time.sleep(gap)
             x["reboot_hello"].append(get(serve.port, hello[i]))
+            attribute("reboot_hello")
             time.sleep(gap)
         packages = os.path.join(serve.state, "packages")
         sets = [d for d in os.listdir(packages) if not d.startswith(".")] if os.path.isdir(packages) else []
@@ -366,7 +406,7 @@ def main():
         row("… and `import \"node:http\"` first (the harness for npm before 19b8671), empty deno dir",
             x["bare_hono_http_cold"])
         row("bare `deno run` of the hello world, warm cache", x["bare_hello"])
-        row(f"re-boot, Hono (its isolate idled out after {idle_s} s; own code cache)", x["reboot_hono"],
+        row(f"re-boot, Hono (its isolate idled out after {idle_s} s)", x["reboot_hono"],
             boot["reboot_hono"])
         row("re-boot, hello world", x["reboot_hello"], boot["reboot_hello"])
         row("build: Hono, first deploy (fresh data dir, empty build cache)", first, p99=False)
@@ -382,20 +422,37 @@ def main():
         m = statistics.median
         print(f"\nHono p50 / hello world p50: {m(hono_rest) / m(x['hello']):.2f}x (target ≤ 1.5x); "
               f"Hono p50 / bare deno (warm cache) p50: {m(hono_rest) / m(x['bare_hono']):.2f}x (target < 1)")
-        hono_ids = ids(hono)
-        print("\nHono boots that spawn their own deno, from the runner's log (p50 ms):\n")
-        print("| boot | loading the deployment (origin) | loaded → deno spawned (package set, files, cgroup) "
-              "| deno spawned → ready | n |")
-        print("| --- | --- | --- | --- | --- |")
-        for label, picked in [
-            ("never seen, the first", [phases[i][0] for i in hono_ids[:1] if phases.get(i)]),
-            ("never seen, the others", [phases[i][0] for i in hono_ids[1:] if phases.get(i)]),
-            ("re-boot", [phases[i][1] for i in hono_ids if len(phases.get(i, [])) > 1]),
+        hono_ids, hello_ids = ids(hono), ids(hello)
+        print("\nBoots from the runner's log (p50 ms); spawn: a deno of its own (a = loaded → deno spawned: "
+              "package set, files, cgroup; b = deno spawned → ready); hit: a pre-started isolate "
+              "(a = filling its files; b = assigned → ready):\n")
+        print("| boot | kind | loading the deployment (origin) | a | b | n |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for label, nth, picked_ids in [
+            ("Hono, never seen, the first", 0, hono_ids[:1]),
+            ("Hono, never seen, the others", 0, hono_ids[1:]),
+            ("Hono, re-boot", 1, hono_ids),
+            ("hello world, never seen", 0, hello_ids),
+            ("hello world, re-boot", 1, hello_ids),
         ]:
-            if picked:
-                print(f"| {label} | {m(p[0] for p in picked):.1f} | {m(p[1] for p in picked):.1f} "
-                      f"| {m(p[2] for p in picked):.1f} | {len(picked)} |")
-        print(f"pre-started boots: {json.dumps(prestarted)}; reasons for none: {reasons}")
+            boots = [phases[i][nth] for i in picked_ids if len(phases.get(i, [])) > nth]
+            for kind in ["spawn", "hit", "other"]:
+                picked = [p for p in boots if p[0] == kind]
+                if picked:
+                    print(f"| {label} | {kind} | {m(p[1] for p in picked):.1f} | {m(p[2] for p in picked):.1f} "
+                          f"| {m(p[3] for p in picked):.1f} | {len(picked)} |")
+
+        def tally(labels):
+            return ", ".join(f"{count} {label}" for label, count in
+                             sorted({lb: labels.count(lb) for lb in labels}.items()))
+
+        print("\npre-started result per boot (from the metrics after each request):\n")
+        print(f"- Hono, the first: {tally(results['hono'][:1])}")
+        print(f"- Hono, the others: {tally(results['hono'][1:])}")
+        print(f"- hello world: {tally(results['hello'])}")
+        print(f"- re-boot, Hono: {tally(results['reboot_hono'])}")
+        print(f"- re-boot, hello world: {tally(results['reboot_hello'])}")
+        print(f"\npre-started boots: {json.dumps(prestarted)}; reasons for none: {reasons}")
         print(f"load average at the start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f}")
     finally:
         if serve is not None:
