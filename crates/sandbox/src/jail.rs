@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libc::{MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, c_ulong};
 
@@ -92,39 +92,39 @@ impl Jail {
     /// writable and `noexec`; nothing else of the host.
     pub(crate) fn for_build(root: &Path, deno: &Path, src: &Path, cache: &Path, pid_namespace: bool) -> Self {
         use crate::files::jail;
-        let inside = |guest: &str| cstring(&root.join(&guest[1..]));
-        let bind = |source: &Path, target: CString, recursive: bool, flags: MountFlags| Bind {
-            source: cstring(source),
-            target,
-            recursive,
-            flags,
-        };
-        let mut binds = Vec::new();
-        for dir in jail::SHARED_DIRS {
-            binds.push(bind(Path::new(dir), inside(dir), true, SYSTEM));
-        }
-        for name in jail::USR_LINKS {
-            let host = Path::new("/").join(name);
-            if std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-                binds.push(bind(&host, cstring(&root.join(name)), true, SYSTEM));
-            }
-        }
-        binds.extend([
-            bind(Path::new("/dev"), inside("/dev"), false, DEV),
-            bind(deno, inside(jail::DENO), false, SYSTEM),
-            bind(src, inside(jail::SRC), false, TENANT_WRITABLE),
-            bind(cache, inside(jail::DENO_DIR), false, TENANT_WRITABLE),
-        ]);
-        let fresh_proc = if pid_namespace {
-            Some(inside("/proc"))
-        } else {
-            binds.push(bind(Path::new("/proc"), inside("/proc"), true, PROC));
-            None
-        };
-        Self { root: cstring(root), binds, fresh_proc, src: CString::new(jail::SRC).expect("no NUL") }
+        let own = vec![
+            (src.to_owned(), jail::SRC.to_owned(), TENANT_WRITABLE),
+            (cache.to_owned(), jail::DENO_DIR.to_owned(), TENANT_WRITABLE),
+        ];
+        Self::assemble(root, deno, pid_namespace, own)
     }
 
     pub(crate) fn plan(root: &Path, policy: &SandboxPolicy, files: &IsolateFiles) -> Self {
+        use crate::files::jail;
+        let mut own = vec![
+            (policy.harness_dir.clone(), jail::HARNESS.to_owned(), TENANT_READ_ONLY),
+            (files.deno_dir.clone(), jail::DENO_DIR.to_owned(), TENANT_WRITABLE),
+            (files.src.clone(), jail::SRC.to_owned(), TENANT_READ_ONLY),
+            (files.modules.clone(), jail::MODULES.to_owned(), TENANT_READ_ONLY),
+            (files.meta.clone(), jail::META.to_owned(), TENANT_READ_ONLY),
+            (files.run.clone(), jail::RUN.to_owned(), TENANT_WRITABLE),
+        ];
+        if let Some(packages) = files.project.as_ref().and_then(|p| p.packages.as_ref()) {
+            // A build's packages, shared read-only by every isolate of
+            // deployments with the same ones (after /src: mounted onto it).
+            for name in ["node_modules", "vendor"] {
+                if packages.join(name).is_dir() {
+                    own.push((packages.join(name), format!("{}/{name}", jail::SRC), TENANT_READ_ONLY));
+                }
+            }
+        }
+        Self::assemble(root, &policy.deno, policy.pid_namespace, own)
+    }
+
+    /// The binds every jail has — the host's system folders, `/dev`, deno —
+    /// then `own` (source, path inside, flags) in order, then `/proc`: a
+    /// procfs of its own in a PID namespace, else the host's.
+    fn assemble(root: &Path, deno: &Path, pid_namespace: bool, own: Vec<(PathBuf, String, MountFlags)>) -> Self {
         use crate::files::jail;
         let inside = |guest: &str| cstring(&root.join(&guest[1..]));
         let bind = |source: &Path, target: CString, recursive: bool, flags: MountFlags| Bind {
@@ -143,31 +143,12 @@ impl Jail {
                 binds.push(bind(&host, cstring(&root.join(name)), true, SYSTEM));
             }
         }
-        binds.extend([
-            bind(Path::new("/dev"), inside("/dev"), false, DEV),
-            bind(&policy.deno, inside(jail::DENO), false, SYSTEM),
-            bind(&policy.harness_dir, inside(jail::HARNESS), false, TENANT_READ_ONLY),
-            bind(&files.deno_dir, inside(jail::DENO_DIR), false, TENANT_WRITABLE),
-            bind(&files.src, inside(jail::SRC), false, TENANT_READ_ONLY),
-            bind(&files.modules, inside(jail::MODULES), false, TENANT_READ_ONLY),
-            bind(&files.meta, inside(jail::META), false, TENANT_READ_ONLY),
-            bind(&files.run, inside(jail::RUN), false, TENANT_WRITABLE),
-        ]);
-        if let Some(packages) = files.project.as_ref().and_then(|p| p.packages.as_ref()) {
-            // A build's packages, shared read-only by every isolate of
-            // deployments with the same ones.
-            for name in ["node_modules", "vendor"] {
-                if packages.join(name).is_dir() {
-                    binds.push(bind(
-                        &packages.join(name),
-                        inside(&format!("{}/{name}", jail::SRC)),
-                        false,
-                        TENANT_READ_ONLY,
-                    ));
-                }
-            }
+        binds.push(bind(Path::new("/dev"), inside("/dev"), false, DEV));
+        binds.push(bind(deno, inside(jail::DENO), false, SYSTEM));
+        for (source, target, flags) in &own {
+            binds.push(bind(source, inside(target), false, *flags));
         }
-        let fresh_proc = if policy.pid_namespace {
+        let fresh_proc = if pid_namespace {
             Some(inside("/proc"))
         } else {
             binds.push(bind(Path::new("/proc"), inside("/proc"), true, PROC));
