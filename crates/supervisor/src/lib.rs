@@ -1046,40 +1046,32 @@ async fn serve_control(stream: UnixStream, control: ControlContext) {
                 let request_id = request_id.filter(|id| id.len() <= 128);
                 control.hooks.log(parse_level(&level), truncate_log(message), request_id)
             }
-            ControlMessage::Tree { id } => {
-                // Deduplicated and bounded like asset reads (a path can
-                // never be empty, so the key is the tree's own).
-                let job = materialize_once(&control, String::new());
-                let reply_tx = reply_tx.clone();
-                control.lifetime.spawn(async move {
-                    let reply = match job.await {
-                        Ok(()) => serde_json::json!({ "id": id, "ok": true }),
-                        Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
-                    };
-                    let mut line = serde_json::to_vec(&reply).expect("json value");
-                    line.push(b'\n');
-                    let _ = reply_tx.send(line).await;
-                });
-            }
-            ControlMessage::Materialize { id, path } => {
-                let job = materialize_once(&control, path);
-                let reply_tx = reply_tx.clone();
-                control.lifetime.spawn(async move {
-                    let reply = match job.await {
-                        Ok(()) => serde_json::json!({ "id": id, "ok": true }),
-                        Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
-                    };
-                    let mut line = serde_json::to_vec(&reply).expect("json value");
-                    line.push(b'\n');
-                    let _ = reply_tx.send(line).await;
-                });
-            }
+            // The manifest is deduplicated and bounded like asset reads (a
+            // path is never empty, so "" is the tree's own key).
+            ControlMessage::Tree { id } => answer(&control, &reply_tx, id, String::new()),
+            ControlMessage::Materialize { id, path } => answer(&control, &reply_tx, id, path),
         }
     }
 }
 
 /// The fetch of `path` for this isolate: the one already running, a new one
 /// while fewer than [`MAX_MATERIALIZING`] run, else a refusal.
+/// Fetches `path` (`""`: the manifest) for the harness and sends it the
+/// answer to its call `id`, in a task of the isolate's lifetime.
+fn answer(control: &ControlContext, reply_tx: &mpsc::Sender<Vec<u8>>, id: u64, path: String) {
+    let job = materialize_once(control, path);
+    let reply_tx = reply_tx.clone();
+    control.lifetime.spawn(async move {
+        let reply = match job.await {
+            Ok(()) => serde_json::json!({ "id": id, "ok": true }),
+            Err(error) => serde_json::json!({ "id": id, "ok": false, "error": error }),
+        };
+        let mut line = serde_json::to_vec(&reply).expect("json value");
+        line.push(b'\n');
+        let _ = reply_tx.send(line).await;
+    });
+}
+
 /// `""`: the asset manifest itself ([`IsolateHooks::load_tree`]).
 fn materialize_once(control: &ControlContext, path: String) -> Materializing {
     let mut running = control.materializing.lock().expect("materializing poisoned");
