@@ -45,7 +45,7 @@ Deno.serve(app.fetch);
 }
 
 /// Runs the client; (success, stdout, stderr).
-fn client(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> (bool, String, String) {
+pub(crate) fn client(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
         .args(args)
         .env("ISOCLOUD_CONFIG_DIR", config)
@@ -61,9 +61,15 @@ fn client(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> (bool, Str
     )
 }
 
-fn deployment_host(stdout: &str) -> String {
+/// The deployment URL's host: `deploy` prints the URL as its last line.
+pub(crate) fn deployment_host(stdout: &str) -> String {
     let url = stdout.lines().last().expect("deploy printed a URL").trim();
     url.strip_prefix("http://").unwrap().split(':').next().unwrap().to_owned()
+}
+
+/// The deployment id in a deployment host (`<project>-<id>.localhost`).
+pub(crate) fn deployment_id(host: &str) -> String {
+    host.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned()
 }
 
 async fn request(
@@ -83,7 +89,7 @@ async fn request(
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-async fn api_get(serve: &ControlPlaneServe, path: &str) -> Value {
+pub(crate) async fn api_get(serve: &ControlPlaneServe, path: &str) -> Value {
     reqwest::Client::new()
         .get(format!("{}/api/v1{path}", serve.control_url()))
         .bearer_auth(serve.admin_token())
@@ -95,7 +101,8 @@ async fn api_get(serve: &ControlPlaneServe, path: &str) -> Value {
         .unwrap()
 }
 
-fn count_files(dir: &Path) -> usize {
+/// Files under `dir`, at any depth.
+pub(crate) fn count_files(dir: &Path) -> usize {
     let mut count = 0;
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         if entry.file_type().unwrap().is_dir() {
@@ -130,7 +137,7 @@ async fn an_npm_app_with_deno_json_tsx_and_json_deploys_and_serves() {
     assert_eq!(echoed, serde_json::json!({ "who": "lib", "got": { "n": [1, 2] } }), "@/ mapped by deno.json");
 
     // The build's output is part of the deployment: npm's files and links.
-    let id = host.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned();
+    let id = deployment_id(&host);
     let deployment = api_get(&serve, &format!("/deployments/{id}")).await;
     assert_eq!(deployment["status"], "ready");
     assert!(deployment["files"].as_i64().unwrap() > 50, "node_modules is in the deployment: {deployment}");
@@ -168,7 +175,7 @@ async fn a_broken_app_fails_its_build_with_the_reason_and_never_serves() {
     assert!(ok, "{stdout}\n{stderr}");
     let good = deployment_host(&stdout);
     assert_eq!(request(&serve, reqwest::Method::GET, &good, "/", "").await, (200, "good".to_owned()));
-    let good_id = good.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned();
+    let good_id = deployment_id(&good);
     let (ok, _, stderr) = client(&serve, config.path(), &["logs", "--build", &good_id]);
     assert!(ok, "a good build's log prints and exits 0: {stderr}");
 

@@ -8,9 +8,10 @@
 //! the build; and two projects with the same packages store them once.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use crate::builds::{api_get, client, count_files, deployment_host, deployment_id};
 use crate::support::ControlPlaneServe;
 use crate::support::registry::{JsrPackage, NpmPackage, TestRegistry};
 use serde_json::{Value, json};
@@ -20,33 +21,11 @@ fn serve_with(registry: &TestRegistry) -> ControlPlaneServe {
     ControlPlaneServe::start(&["--npm-registry", &registry.npm_url(), "--jsr-registry", &registry.jsr_url()])
 }
 
-/// Runs the client; (success, stdout, stderr).
-fn client(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_isocloud"))
-        .args(args)
-        .env("ISOCLOUD_CONFIG_DIR", config)
-        .env("ISOCLOUD_URL", serve.control_url())
-        .env("ISOCLOUD_TOKEN", serve.admin_token())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the isocloud client");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// `isocloud deploy --project P DIR`, which must succeed; the deployment's host.
 fn deploy_ok(serve: &ControlPlaneServe, config: &Path, project: &str, dir: &Path) -> String {
     let (ok, stdout, stderr) = client(serve, config, &["deploy", "--project", project, dir.to_str().unwrap()]);
     assert!(ok, "the deploy failed:\n{stdout}\n{stderr}\nrunner:\n{}", serve.runner.stderr());
     deployment_host(&stdout)
-}
-
-fn deployment_host(stdout: &str) -> String {
-    let url = stdout.lines().last().expect("deploy printed a URL").trim();
-    url.strip_prefix("http://").unwrap().split(':').next().unwrap().to_owned()
 }
 
 /// GET `path` on `host` through the runner: (status, body).
@@ -61,36 +40,12 @@ async fn get(serve: &ControlPlaneServe, host: &str, path: &str) -> (u16, String)
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-async fn api_get(serve: &ControlPlaneServe, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("{}/api/v1{path}", serve.control_url()))
-        .bearer_auth(serve.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 fn write(dir: &Path, files: &[(&str, &str)]) {
     for (path, text) in files {
         let full = dir.join(path);
         std::fs::create_dir_all(full.parent().unwrap()).unwrap();
         std::fs::write(full, text).unwrap();
     }
-}
-
-fn count_files(dir: &Path) -> usize {
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        if entry.file_type().unwrap().is_dir() {
-            count += count_files(&entry.path());
-        } else {
-            count += 1;
-        }
-    }
-    count
 }
 
 /// `deno install` in `dir` as a developer runs it before committing:
@@ -365,8 +320,4 @@ async fn two_projects_with_the_same_packages_store_them_once() {
     let deployment = api_get(&serve, &format!("/deployments/{}", deployment_id(&hosts[1]))).await;
     assert!(deployment["files"].as_i64().unwrap() > 5, "the packages are files of the deployment: {deployment}");
     assert_eq!(counts[1], counts[0] + 1, "only main.ts is new ({counts:?})");
-}
-
-fn deployment_id(host: &str) -> String {
-    host.split('.').next().unwrap().rsplit('-').next().unwrap().to_owned()
 }
