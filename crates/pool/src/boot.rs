@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use isocloud_egress::EgressProxy;
-use isocloud_origin::{AssetTree, CacheKind, DiskCache, Origin, OriginError, load_deployment};
+use isocloud_origin::{AssetTree, DiskCache, Origin, OriginError, load_deployment};
 use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel, NetPermission};
 use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
@@ -462,25 +462,8 @@ impl IsolateHooks for DeploymentHooks {
             let Some((path, size, file_id)) = tree.resolve_file(&tree_path) else {
                 return Err(format!("no such asset: {tree_path}"));
             };
-            let bytes = match cache.get(CacheKind::Blob, origin.name(), file_id).await {
-                Some(bytes) => bytes,
-                None => {
-                    let bytes = origin.read_blob(&deployment_id, file_id).await.map_err(|e| {
-                        tracing::warn!(deployment_id, file_id, error = %e, "read_blob failed");
-                        format!("cannot load {tree_path}: {e}")
-                    })?;
-                    if bytes.len() as u64 != size {
-                        return Err(format!(
-                            "{tree_path}: the origin sent {} bytes, the manifest says {size}",
-                            bytes.len()
-                        ));
-                    }
-                    if let Err(e) = cache.put(CacheKind::Blob, origin.name(), file_id, &bytes).await {
-                        tracing::warn!(error = %e, "could not cache blob");
-                    }
-                    bytes
-                }
-            };
+            let bytes =
+                crate::packages::fetch_file(&origin, &cache, &deployment_id, &tree_path, file_id, size, false).await?;
             let path = path.to_owned();
             tokio::task::spawn_blocking(move || files.materialize_asset(&path, &bytes))
                 .await
