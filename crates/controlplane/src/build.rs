@@ -25,11 +25,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
+use isocloud_origin::link_stays_inside;
+
 use crate::blobs::BlobStore;
 use crate::store::deployments::FileRow;
 
-/// Folders a build writes: a deployment's own files there are replaced.
-pub const OUTPUT_DIRS: [&str; 2] = ["node_modules", "vendor"];
 /// Bounds on what one build may add to a deployment.
 const MAX_OUTPUT_FILES: usize = 60_000;
 const MAX_OUTPUT_BYTES: u64 = 1024 * 1024 * 1024;
@@ -425,8 +425,15 @@ async fn read_bounded(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::
 }
 
 /// Whether a deployment path is one a build writes.
+/// (The folders are the runner's package dirs, `isocloud_sandbox::PACKAGE_DIRS`:
+/// a deployment's own files there are replaced.)
 pub fn is_output_path(path: &str) -> bool {
-    OUTPUT_DIRS.iter().any(|dir| path == *dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
+    output_dirs().any(|dir| path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
+}
+
+/// `node_modules`, `vendor`: the build's output folders, relative.
+fn output_dirs() -> impl Iterator<Item = &'static str> {
+    isocloud_sandbox::PACKAGE_DIRS.iter().map(|dir| dir.trim_start_matches('/'))
 }
 
 fn inside(root: &Path, relative: &str) -> Option<PathBuf> {
@@ -579,7 +586,7 @@ const FLAG_ADVICE: [(&str, &str); 6] = [
 /// blob store, symlinks kept when they stay inside the deployment.
 async fn collect_output(src: &Path, blobs: &Arc<dyn BlobStore>) -> Result<Vec<FileRow>, String> {
     let mut found = Vec::new();
-    for dir in OUTPUT_DIRS {
+    for dir in output_dirs() {
         let root = src.join(dir);
         if tokio::fs::symlink_metadata(&root).await.is_ok() {
             let src = src.to_owned();
@@ -650,28 +657,6 @@ fn walk(src: &Path, dir: &Path) -> Result<Vec<Walked>, String> {
         }
     }
     Ok(out)
-}
-
-/// A relative target that, joined to the link's folder, stays inside the
-/// deployment root.
-pub(crate) fn link_stays_inside(link: &str, target: &str) -> bool {
-    if target.starts_with('/') || target.contains('\0') || target.is_empty() {
-        return false;
-    }
-    let mut depth: Vec<&str> = link.split('/').collect();
-    depth.pop();
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if depth.pop().is_none() {
-                    return false;
-                }
-            }
-            other => depth.push(other),
-        }
-    }
-    true
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub use deployment::{Deployment, ModuleFile, load_deployment};
 pub use error::OriginError;
 pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
-pub use tree::{AssetEntry, AssetTree};
+pub use tree::{AssetEntry, AssetTree, link_stays_inside};
 
 /// The answer to `boot`: the validated config and the inline layer's bytes
 /// (empty when the config names none).

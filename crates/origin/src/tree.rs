@@ -64,6 +64,29 @@ impl AssetTree {
     }
 }
 
+/// Whether a symlink at `link` (a tree path, with or without its leading
+/// `/`) pointing at `target` stays inside the tree: relative, and never
+/// more `..` than the link's folder is deep.
+pub fn link_stays_inside(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    let mut parts: Vec<&str> = link.split('/').filter(|s| !s.is_empty()).collect();
+    parts.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return false;
+                }
+            }
+            other => parts.push(other),
+        }
+    }
+    true
+}
+
 /// Joins a symlink target onto the link's directory, staying inside the tree.
 fn resolve_link(link: &str, target: &str) -> Option<String> {
     let base: Vec<&str> = if target.starts_with('/') {

@@ -13,17 +13,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use isocloud_origin::{AssetEntry, AssetTree, CacheKind, DiskCache, Origin};
+use isocloud_origin::{AssetEntry, AssetTree, CacheKind, DiskCache, Origin, link_stays_inside};
+use isocloud_sandbox::is_package_path;
 use sha2::{Digest, Sha256};
 
-/// The tree folders a build writes, laid out here.
-pub const PACKAGE_DIRS: [&str; 2] = ["/node_modules", "/vendor"];
 /// Files fetched at once when a set is laid out.
 const PARALLEL_FETCHES: usize = 16;
-
-fn is_package_path(path: &str) -> bool {
-    PACKAGE_DIRS.iter().any(|dir| path == *dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
-}
 
 pub(crate) struct PackageStore {
     root: PathBuf,
@@ -198,27 +193,6 @@ fn place(root: &Path, tree_path: &str) -> Result<PathBuf, String> {
         }
     }
     Ok(path)
-}
-
-/// A relative symlink target that stays inside the tree.
-fn link_stays_inside(link: &str, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') {
-        return false;
-    }
-    let mut parts: Vec<&str> = link.split('/').filter(|s| !s.is_empty()).collect();
-    parts.pop();
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return false;
-                }
-            }
-            other => parts.push(other),
-        }
-    }
-    true
 }
 
 async fn lay_out(
