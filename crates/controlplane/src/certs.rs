@@ -1,6 +1,8 @@
 //! TLS certificates of custom domains: checked on upload (parses, the key
-//! matches, it covers the domain, it has not expired) and served by SNI from
-//! an in-memory table. The PEMs are stored, never shown.
+//! matches, it covers the domain, it is valid now) and served by SNI from an
+//! in-memory table, each for the one domain it was uploaded for: never for
+//! the other names it lists, which may be other projects' domains. The PEMs
+//! are stored, never shown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,9 +41,18 @@ pub struct CheckedCertificate {
     pub not_after_ms: i64,
 }
 
+/// A parsed pair whose key matches, names and dates not yet looked at.
+pub struct ParsedCertificate {
+    pub key: CertifiedKey,
+    /// DNS names of the leaf's subject alternative names, lowercase.
+    pub names: Vec<String>,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
 /// Parses a PEM chain (leaf first) and its key into a [`CertifiedKey`]
 /// whose public key matches, without looking at names or dates.
-pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<(CertifiedKey, Vec<String>, i64), CertError> {
+pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<ParsedCertificate, CertError> {
     if cert_pem.len() > MAX_CERT_PEM_BYTES {
         return Err(cert_error(format!("must be at most {MAX_CERT_PEM_BYTES} bytes")));
     }
@@ -56,6 +67,7 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<(CertifiedKey, Vec
     };
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| cert_error(format!("is not an X.509 certificate: {e}")))?;
+    let not_before_ms = parsed.validity().not_before.timestamp().saturating_mul(1000);
     let not_after_ms = parsed.validity().not_after.timestamp().saturating_mul(1000);
     let mut names = Vec::new();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
@@ -71,12 +83,12 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<(CertifiedKey, Vec
         .map_err(|e| key_error(format!("is not a supported key type (RSA, ECDSA P-256/P-384, Ed25519): {e}")))?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().map_err(|e| key_error(format!("does not match the certificate: {e}")))?;
-    Ok((certified, names, not_after_ms))
+    Ok(ParsedCertificate { key: certified, names, not_before_ms, not_after_ms })
 }
 
 /// Every check of an upload for `domain` at time `now_ms`.
 pub fn check(cert_pem: &str, key_pem: &str, domain: &str, now_ms: i64) -> Result<CheckedCertificate, CertError> {
-    let (_, names, not_after_ms) = certified_key(cert_pem, key_pem)?;
+    let ParsedCertificate { names, not_before_ms, not_after_ms, .. } = certified_key(cert_pem, key_pem)?;
     if names.is_empty() {
         return Err(cert_error("has no DNS subject alternative names"));
     }
@@ -85,6 +97,9 @@ pub fn check(cert_pem: &str, key_pem: &str, domain: &str, now_ms: i64) -> Result
     }
     if not_after_ms <= now_ms {
         return Err(cert_error(format!("expired at {}", crate::time::format_ms(not_after_ms))));
+    }
+    if not_before_ms > now_ms {
+        return Err(cert_error(format!("is not valid before {}", crate::time::format_ms(not_before_ms))));
     }
     Ok(CheckedCertificate { names, not_after_ms })
 }
@@ -99,51 +114,45 @@ pub fn covers(name: &str, host: &str) -> bool {
     }
 }
 
-/// The SNI table: server name → certified key.
+/// The SNI table: verified domain → the certificate uploaded for it.
 #[derive(Debug, Default)]
 pub struct CertTable {
-    by_name: HashMap<String, Arc<CertifiedKey>>,
+    by_domain: HashMap<String, Arc<CertifiedKey>>,
 }
 
 impl CertTable {
-    /// Each verified domain's own certificate under the domain's name first,
-    /// then under every name the certificate lists (a wildcard certificate
-    /// on one domain serves its siblings too), never under the base domain.
+    /// Each verified domain's own certificate under the domain's name only:
+    /// the other names a certificate lists (another project's domain, a
+    /// wildcard's siblings) get nothing from it. Rows at or under the base
+    /// domain (stored before `--base-domain` changed) and rows whose
+    /// certificate does not cover their domain are left out and logged.
     pub fn build(rows: &[CertRow], base_domain: &str) -> Self {
-        let mut by_name = HashMap::new();
-        let mut loaded = Vec::new();
+        let mut by_domain = HashMap::new();
         for row in rows {
+            if crate::validate::is_at_or_under(&row.domain, base_domain) {
+                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, base_domain, "stored certificate is for a name under the base domain; not served");
+                continue;
+            }
             match certified_key(&row.cert_pem, &row.key_pem) {
-                Ok((key, _, _)) => {
-                    let key = Arc::new(key);
-                    by_name.insert(row.domain.clone(), Arc::clone(&key));
-                    loaded.push((row, key));
+                Ok(parsed) if parsed.names.iter().any(|name| covers(name, &row.domain)) => {
+                    by_domain.insert(row.domain.clone(), Arc::new(parsed.key));
+                }
+                Ok(_) => {
+                    tracing::warn!(target: "isocloud::controlplane", domain = row.domain, "stored certificate does not cover its domain; not served")
                 }
                 Err(e) => {
                     tracing::warn!(target: "isocloud::controlplane", domain = row.domain, error = %e, "stored certificate does not load")
                 }
             }
         }
-        for (row, key) in loaded {
-            for name in &row.names {
-                let zone = name.strip_prefix("*.").unwrap_or(name);
-                let under_base = zone == base_domain || zone.ends_with(&format!(".{base_domain}"));
-                if !under_base {
-                    by_name.entry(name.clone()).or_insert_with(|| Arc::clone(&key));
-                }
-            }
-        }
-        Self { by_name }
+        Self { by_domain }
     }
 
-    /// Exact name first, then the one-label wildcard.
+    /// The certificate of exactly this domain (case and a trailing dot
+    /// aside); no wildcard reading.
     pub fn lookup(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
         let name = server_name.strip_suffix('.').unwrap_or(server_name).to_ascii_lowercase();
-        if let Some(key) = self.by_name.get(&name) {
-            return Some(Arc::clone(key));
-        }
-        let (_, zone) = name.split_once('.')?;
-        self.by_name.get(&format!("*.{zone}")).cloned()
+        self.by_domain.get(&name).cloned()
     }
 }
 
@@ -189,9 +198,13 @@ mod tests {
         let err = check(&cert, "", "www.example.com", now).unwrap_err();
         assert_eq!(err.field, "key_pem");
 
-        // Far in the future, the certificate has expired.
+        // Far in the future, the certificate has expired; in 1970 it was
+        // not valid yet (rcgen's default validity starts in 1975).
         let err = check(&cert, &key, "www.example.com", i64::MAX / 2).unwrap_err();
         assert!(err.message.contains("expired"), "{err}");
+        let err = check(&cert, &key, "www.example.com", 0).unwrap_err();
+        assert_eq!(err.field, "cert_pem");
+        assert!(err.message.contains("is not valid before 1975-01-01"), "{err}");
 
         let huge = "x".repeat(MAX_CERT_PEM_BYTES + 1);
         assert!(check(&huge, &key, "www.example.com", now).unwrap_err().message.contains("at most"));
@@ -208,35 +221,48 @@ mod tests {
     }
 
     #[test]
-    fn table_looks_up_exact_then_wildcard() {
+    fn table_serves_each_certificate_for_its_own_domain_only() {
         let (wild_cert, wild_key) = self_signed(&["*.example.com"]);
-        let (own_cert, own_key) = self_signed(&["api.example.com"]);
+        let (own_cert, own_key) = self_signed(&["api.example.com", "victim.example.net"]);
         let (base_cert, base_key) = self_signed(&["shop.example.org", "*.localhost"]);
-        let row = |domain: &str, cert: &str, key: &str, names: &[&str]| CertRow {
+        let (old_cert, old_key) = self_signed(&["old.localhost"]);
+        let row = |domain: &str, cert: &str, key: &str| CertRow {
             domain: domain.into(),
             cert_pem: cert.into(),
             key_pem: key.into(),
-            names: names.iter().map(|n| (*n).to_owned()).collect(),
         };
         let table = CertTable::build(
             &[
-                row("www.example.com", &wild_cert, &wild_key, &["*.example.com"]),
-                row("api.example.com", &own_cert, &own_key, &["api.example.com"]),
-                row("shop.example.org", &base_cert, &base_key, &["shop.example.org", "*.localhost"]),
-                row("broken.example.net", "garbage", "garbage", &["broken.example.net"]),
+                row("www.example.com", &wild_cert, &wild_key),
+                row("api.example.com", &own_cert, &own_key),
+                row("shop.example.org", &base_cert, &base_key),
+                row("broken.example.net", "garbage", "garbage"),
+                // Stored data the API refuses: not covering its domain, and
+                // a domain under the base domain.
+                row("other.example.net", &own_cert, &own_key),
+                row("old.localhost", &old_cert, &old_key),
             ],
             "localhost",
         );
         let wild = table.lookup("www.example.com").unwrap();
-        assert!(Arc::ptr_eq(&wild, &table.lookup("other.example.com").unwrap()));
-        assert!(Arc::ptr_eq(&wild, &table.lookup("OTHER.example.com.").unwrap()));
+        assert!(Arc::ptr_eq(&wild, &table.lookup("WWW.example.com.").unwrap()));
         let own = table.lookup("api.example.com").unwrap();
         assert!(!Arc::ptr_eq(&wild, &own));
-        assert!(table.lookup("example.com").is_none());
-        assert!(table.lookup("a.b.example.com").is_none());
-        assert!(table.lookup("broken.example.net").is_none());
-        // A certificate's names never take over hosts of the base domain.
         assert!(table.lookup("shop.example.org").is_some());
-        assert!(table.lookup("hello.localhost").is_none());
+        // Nothing by the certificates' other names: not a wildcard's
+        // siblings, not another domain a certificate lists, not the base
+        // domain's hosts.
+        for name in [
+            "other.example.com",
+            "example.com",
+            "a.b.example.com",
+            "victim.example.net",
+            "other.example.net",
+            "hello.localhost",
+            "old.localhost",
+            "broken.example.net",
+        ] {
+            assert!(table.lookup(name).is_none(), "{name}");
+        }
     }
 }

@@ -48,6 +48,14 @@ pub fn project_name(name: &str) -> Rule {
     if RESERVED_PROJECT_NAMES.contains(&name) {
         return Err(format!("{name:?} is reserved"));
     }
+    // `<project>-<deployment id>.<base>` is a deployment's immutable URL: a
+    // name of that shape could take one over, so none has it.
+    if name.rsplit_once('-').is_some_and(|(_, last)| is_deployment_id(last)) {
+        return Err(format!(
+            "{name:?} must not end in '-' and 12 characters of a-z0-9: that is the shape of a deployment's host \
+             (<project>-<deployment id>), which no project name may take"
+        ));
+    }
     Ok(())
 }
 
@@ -170,10 +178,15 @@ pub fn domain(domain: &str, base_domain: &str) -> Rule {
     if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
         return Err(format!("{domain:?} is an IP address, not a domain"));
     }
-    if domain == base_domain || domain.strip_suffix(base_domain).is_some_and(|rest| rest.ends_with('.')) {
+    if is_at_or_under(domain, base_domain) {
         return Err(format!("{domain:?} is under the base domain {base_domain:?}, whose names isocloud assigns"));
     }
     Ok(())
+}
+
+/// `host` is `base` or a name under it (`x.base`, not `xbase`).
+pub fn is_at_or_under(host: &str, base: &str) -> bool {
+    host == base || host.strip_suffix(base).is_some_and(|rest| rest.ends_with('.'))
 }
 
 /// A git object id: 40 (SHA-1) or 64 (SHA-256) lowercase hex characters.
@@ -296,7 +309,11 @@ mod tests {
 
     #[test]
     fn project_names() {
-        for good in ["a", "hello", "my-app-2", &"a".repeat(50)] {
+        // The last segment of 11 or 13 characters, or with a character a
+        // deployment id lacks, is not a deployment id; nor is a name alone.
+        for good in
+            ["a", "hello", "my-app-2", &"a".repeat(50), "applications", "my-application", "my-applications1", "a-b"]
+        {
             assert!(project_name(good).is_ok(), "{good}");
         }
         for (bad, says) in [
@@ -311,6 +328,9 @@ mod tests {
             ("admin", "reserved"),
             ("dashboard", "reserved"),
             (&"a".repeat(51), "at most 50"),
+            ("alpha-abc123def456", "deployment's host"),
+            ("alpha-applications", "deployment's host"),
+            ("a-b-000000000000", "deployment's host"),
         ] {
             let err = project_name(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

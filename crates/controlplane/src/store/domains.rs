@@ -22,13 +22,13 @@ pub struct CertSummary {
     pub names: Vec<String>,
 }
 
-/// A stored certificate, PEMs included (for the SNI table only).
+/// A stored certificate, PEMs included (for the SNI table only, which
+/// serves it for `domain` alone).
 #[derive(Debug, Clone)]
 pub struct CertRow {
     pub domain: String,
     pub cert_pem: String,
     pub key_pem: String,
-    pub names: Vec<String>,
 }
 
 const COLUMNS: &str = "d.domain, d.project_id, p.name AS project_name, d.created_at_ms, d.token, d.verified_at_ms, \
@@ -166,19 +166,14 @@ pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, Strin
 /// Certificates of verified domains, for the SNI table.
 pub async fn certificate_rows(conn: &mut AnyConnection) -> Result<Vec<CertRow>> {
     let rows = sqlx::query(
-        "SELECT c.domain, c.cert_pem, c.key_pem, c.names_json FROM certificates c \
+        "SELECT c.domain, c.cert_pem, c.key_pem FROM certificates c \
          JOIN domains d ON d.domain = c.domain WHERE d.verified_at_ms IS NOT NULL ORDER BY c.domain",
     )
     .fetch_all(conn)
     .await?;
     rows.iter()
         .map(|row| {
-            Ok(CertRow {
-                domain: col(row, "domain")?,
-                cert_pem: col(row, "cert_pem")?,
-                key_pem: col(row, "key_pem")?,
-                names: names_from_json(&col::<String>(row, "names_json")?)?,
-            })
+            Ok(CertRow { domain: col(row, "domain")?, cert_pem: col(row, "cert_pem")?, key_pem: col(row, "key_pem")? })
         })
         .collect()
 }

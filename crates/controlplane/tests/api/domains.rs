@@ -1,6 +1,7 @@
 //! Custom domains: adding, attaching, verification by DNS TXT (a real UDP
 //! DNS responder) and by HTTP token (a real HTTP server), routing of
-//! verified domains only, and certificates served by SNI.
+//! verified domains only, and certificates served by SNI, each for the one
+//! domain it was uploaded for.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -18,7 +19,9 @@ backend_tests!(
     verification_by_dns_txt,
     verification_by_http_token,
     unverified_domains_do_not_route,
-    certificates
+    certificates,
+    a_certificate_serves_only_the_domain_it_was_uploaded_for,
+    an_upload_that_is_not_valid_now_is_refused_naming_why
 );
 
 async fn server_with_dns(backend: Backend, dns: &DnsResponder, http_port: u16) -> TestServer {
@@ -53,6 +56,17 @@ fn same(a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>) -> bool {
 fn self_signed(names: &[&str]) -> (String, String) {
     let cert = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
     (cert.cert.pem(), cert.key_pair.serialize_pem())
+}
+
+/// A self-signed certificate for `names`, valid from the start of
+/// `from_year` to the start of `to_year`.
+fn dated(names: &[&str], from_year: i32, to_year: i32) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+    params.not_before = rcgen::date_time_ymd(from_year, 1, 1);
+    params.not_after = rcgen::date_time_ymd(to_year, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
 }
 
 async fn domains_crud(backend: Backend) {
@@ -232,30 +246,106 @@ async fn certificates(backend: Backend) {
     assert!(s.cp.resolve_host("www.example.com").unwrap().has_certificate);
     assert!(s.cp.certificate_for("api.example.com").is_none());
 
-    // A wildcard certificate on one domain serves its siblings, one label deep.
+    // A wildcard certificate serves the one domain it was uploaded for, not
+    // its other names.
     let (wild_cert, wild_key) = self_signed(&["*.example.com"]);
     assert_eq!(put("api.example.com", &wild_cert, &wild_key).await.status, 200);
     let wild = s.cp.certificate_for("api.example.com").unwrap();
-    assert!(same(&wild, &s.cp.certificate_for("other.example.com").unwrap()));
-    assert!(!same(&wild, &s.cp.certificate_for("www.example.com").unwrap()), "a domain's own certificate first");
+    assert!(s.cp.certificate_for("other.example.com").is_none());
+    assert!(!same(&wild, &s.cp.certificate_for("www.example.com").unwrap()));
     assert!(s.cp.certificate_for("example.com").is_none());
     assert!(s.cp.certificate_for("a.b.example.com").is_none());
     // Base-domain hosts never get a custom domain's certificate.
     assert!(!s.cp.resolve_host("hello.localhost").unwrap().has_certificate);
 
-    // Stored for an unverified domain, but not served: the name still gets
-    // the wildcard of a verified one.
+    // Stored for an unverified domain, but not served, by its own
+    // certificate nor by the wildcard.
     let (pending_cert, pending_key) = self_signed(&["pending.example.com"]);
     assert_eq!(put("pending.example.com", &pending_cert, &pending_key).await.status, 200);
-    assert!(same(&s.cp.certificate_for("pending.example.com").unwrap(), &wild));
+    assert!(s.cp.certificate_for("pending.example.com").is_none());
 
     let removed = s.delete("/api/v1/domains/www.example.com/certificate").await;
     assert_eq!(removed.status, 200, "{}", removed.text);
     assert_eq!(removed.json()["certificate"], Value::Null);
     s.delete("/api/v1/domains/www.example.com/certificate").await.assert_error(404, "NOT_FOUND", None);
-    // Now the wildcard of api.example.com covers www.
-    assert!(same(&s.cp.certificate_for("www.example.com").unwrap(), &wild));
-    s.delete("/api/v1/domains/api.example.com").await;
+    // The wildcard of api.example.com does not stand in for it.
     assert!(s.cp.certificate_for("www.example.com").is_none());
+    assert!(!s.cp.resolve_host("www.example.com").unwrap().has_certificate);
+    assert!(same(&s.cp.certificate_for("api.example.com").unwrap(), &wild));
+    s.delete("/api/v1/domains/api.example.com").await;
     assert!(s.cp.certificate_for("api.example.com").is_none());
+}
+
+/// Project A's owner uploads, for A's verified domain, a certificate whose
+/// names also cover project B's verified domains (by name and by
+/// wildcard). It serves A's domain, and nothing of B's: no TLS, no redirect
+/// to HTTPS.
+async fn a_certificate_serves_only_the_domain_it_was_uploaded_for(backend: Backend) {
+    let dns = DnsResponder::start().await;
+    let s = server_with_dns(backend, &dns, 9).await;
+    for project in ["a", "b"] {
+        s.create_project(project).await;
+        s.deploy(project, &[("main.ts", &format!("// {project}"))], "main.ts", true).await;
+    }
+    verified(&s, &dns, "x.a-corp.com", "a").await;
+    verified(&s, &dns, "y.a-corp.com", "b").await;
+    verified(&s, &dns, "shop.b-corp.com", "b").await;
+    let put = async |domain: &str, cert: &str, key: &str| {
+        s.put(&format!("/api/v1/domains/{domain}/certificate"), json!({"cert_pem": cert, "key_pem": key})).await
+    };
+
+    // It covers A's domain, so the upload is taken (a certificate may name
+    // more than one domain: www and the apex, say).
+    let (cert, key) = self_signed(&["x.a-corp.com", "shop.b-corp.com", "*.a-corp.com"]);
+    let stored = put("x.a-corp.com", &cert, &key).await;
+    assert_eq!(stored.status, 200, "{}", stored.text);
+    // Probe: A's domain is served with it, and HTTP to it goes to HTTPS.
+    let served = s.cp.certificate_for("x.a-corp.com").expect("A's domain by SNI");
+    assert!(served.keys_match().is_ok());
+    assert!(s.cp.resolve_host("x.a-corp.com").unwrap().has_certificate);
+    // B's domains, named exactly and by the wildcard: nothing.
+    for b_domain in ["shop.b-corp.com", "y.a-corp.com"] {
+        assert!(s.cp.certificate_for(b_domain).is_none(), "{b_domain}");
+        let routed = s.cp.resolve_host(b_domain).expect("B's domain still routes to B");
+        assert!(!routed.has_certificate, "{b_domain} must not be redirected to HTTPS");
+    }
+
+    // B's own certificate serves B's domain, and only it.
+    let (b_cert, b_key) = self_signed(&["shop.b-corp.com"]);
+    assert_eq!(put("shop.b-corp.com", &b_cert, &b_key).await.status, 200);
+    let b_served = s.cp.certificate_for("shop.b-corp.com").unwrap();
+    assert!(!same(&b_served, &served));
+    assert!(same(&s.cp.certificate_for("x.a-corp.com").unwrap(), &served));
+    assert!(s.cp.certificate_for("y.a-corp.com").is_none());
+}
+
+async fn an_upload_that_is_not_valid_now_is_refused_naming_why(backend: Backend) {
+    let dns = DnsResponder::start().await;
+    let s = server_with_dns(backend, &dns, 9).await;
+    s.create_project("hello").await;
+    verified(&s, &dns, "www.example.com", "hello").await;
+    let put = async |cert: &str, key: &str| {
+        s.put("/api/v1/domains/www.example.com/certificate", json!({"cert_pem": cert, "key_pem": key})).await
+    };
+    let refused = |reply: crate::support::Reply, field: &str, says: &str| {
+        reply.assert_error(400, "INVALID_FIELD", Some(field));
+        assert!(reply.message().contains(says), "{says}: {}", reply.text);
+    };
+    // Probe: a pair valid now, for this domain, is taken.
+    let (cert, key) = dated(&["www.example.com"], 2000, 3000);
+    assert_eq!(put(&cert, &key).await.status, 200);
+
+    let (expired, expired_key) = dated(&["www.example.com"], 2000, 2001);
+    refused(put(&expired, &expired_key).await, "cert_pem", "expired at 2001-01-01");
+    let (future, future_key) = dated(&["www.example.com"], 2999, 3000);
+    refused(put(&future, &future_key).await, "cert_pem", "is not valid before 2999-01-01");
+    let (other, other_key) = dated(&["shop.example.com"], 2000, 3000);
+    refused(put(&other, &other_key).await, "cert_pem", "does not cover www.example.com");
+    let (wild, wild_key) = dated(&["*.www.example.com", "example.com"], 2000, 3000);
+    refused(put(&wild, &wild_key).await, "cert_pem", "does not cover www.example.com");
+    let (_, foreign_key) = dated(&["www.example.com"], 2000, 3000);
+    refused(put(&cert, &foreign_key).await, "key_pem", "does not match");
+    // Still the first certificate.
+    let shown = s.get("/api/v1/domains/www.example.com").await.json();
+    assert!(shown["certificate"]["not_after"].as_str().unwrap().starts_with("3000-01-01"), "{shown}");
 }

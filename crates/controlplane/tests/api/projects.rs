@@ -1,5 +1,7 @@
 //! Projects: create, read, rename, delete (with its cascade), production
-//! promotion and rollback.
+//! promotion and rollback; one namespace for hosts (no project name takes a
+//! deployment's host, and stored data that collides routes to the
+//! deployment).
 
 use serde_json::json;
 
@@ -11,7 +13,9 @@ backend_tests!(
     project_names_are_checked,
     rename_conflict_changes_nothing,
     promote_and_rollback,
-    delete_cascades
+    delete_cascades,
+    a_name_of_a_deployment_host_is_refused_on_create_and_rename,
+    a_stored_name_colliding_with_a_deployment_host_loses_to_the_deployment
 );
 
 fn is_rfc3339(value: &serde_json::Value) -> bool {
@@ -63,7 +67,7 @@ async fn projects_crud(backend: Backend) {
 
 async fn project_names_are_checked(backend: Backend) {
     let s = TestServer::start(backend).await;
-    for bad in ["Hello", "api", "www", "admin", "dashboard", "-a", "a-", "a_b", "", &"a".repeat(51)] {
+    for bad in ["Hello", "api", "www", "admin", "dashboard", "-a", "a-", "a_b", "", &"a".repeat(51), "a-0123456789ab"] {
         let reply = s.post("/api/v1/projects", json!({ "name": bad })).await;
         reply.assert_error(400, "INVALID_FIELD", Some("name"));
     }
@@ -192,4 +196,75 @@ async fn delete_cascades(backend: Backend) {
     assert_eq!(s.get("/api/v1/projects/doomed/env").await.json(), json!([]));
     assert_eq!(s.get("/api/v1/projects/doomed/deployments").await.json(), json!([]));
     assert_eq!(s.get("/api/v1/projects/doomed/logs").await.json(), json!([]));
+}
+
+async fn a_name_of_a_deployment_host_is_refused_on_create_and_rename(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create_project("alpha").await;
+    let id = s.deploy("alpha", &[("main.ts", "// alpha")], "main.ts", true).await["id"].as_str().unwrap().to_owned();
+    let deployment_host = format!("alpha-{id}.localhost");
+    // Probe: alpha's deployment URL serves alpha, and names with '-' are
+    // fine, this one included when it is not of the deployment-host shape.
+    assert_eq!(s.cp.resolve_host(&deployment_host).unwrap().deployment_id, id);
+    s.create_project("alpha-beta").await;
+    s.create_project("beta").await;
+    let beta = s.get("/api/v1/projects/beta").await.json();
+
+    let taken = format!("alpha-{id}");
+    let refused = s.post("/api/v1/projects", json!({ "name": taken })).await;
+    refused.assert_error(400, "INVALID_FIELD", Some("name"));
+    assert!(refused.message().contains("shape of a deployment's host"), "{}", refused.text);
+    let refused = s.patch("/api/v1/projects/beta", json!({ "name": taken })).await;
+    refused.assert_error(400, "INVALID_FIELD", Some("name"));
+    assert!(refused.message().contains("shape of a deployment's host"), "{}", refused.text);
+    // Any deployment id, existing or not: the shape alone is refused, so
+    // no later deployment can collide either.
+    s.post("/api/v1/projects", json!({"name": "alpha-zzzzzzzzzzzz"})).await.assert_error(
+        400,
+        "INVALID_FIELD",
+        Some("name"),
+    );
+
+    assert_eq!(s.get("/api/v1/projects/beta").await.json(), beta);
+    s.get(&format!("/api/v1/projects/{taken}")).await.assert_error(404, "NOT_FOUND", None);
+    assert_eq!(s.cp.resolve_host(&deployment_host).unwrap().deployment_id, id);
+}
+
+/// Data from before the rule (written here straight into the database): a
+/// project named `alpha-<alpha's deployment id>`. After a restart the host
+/// is alpha's deployment's, and the project can be renamed out of the way.
+async fn a_stored_name_colliding_with_a_deployment_host_loses_to_the_deployment(backend: Backend) {
+    use sqlx::Connection;
+
+    let s = TestServer::start(backend.clone()).await;
+    s.create_project("alpha").await;
+    let id = s.deploy("alpha", &[("main.ts", "// alpha")], "main.ts", true).await["id"].as_str().unwrap().to_owned();
+    s.create_project("beta").await;
+    let beta_id = s.deploy("beta", &[("main.ts", "// beta")], "main.ts", true).await["id"].as_str().unwrap().to_owned();
+    let taken = format!("alpha-{id}");
+    let host = format!("{taken}.localhost");
+    assert_eq!(s.cp.resolve_host(&host).unwrap().deployment_id, id);
+
+    let url = match &backend {
+        Backend::Sqlite => format!("sqlite://{}", s.options.data_dir.join("isocloud.db").display()),
+        Backend::Postgres { url } => url.clone(),
+    };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let updated =
+        sqlx::query("UPDATE projects SET name = $1 WHERE name = 'beta'").bind(&taken).execute(&mut conn).await;
+    assert_eq!(updated.unwrap().rows_affected(), 1);
+    conn.close().await.unwrap();
+
+    let (s, _) = s.restart().await;
+    assert_eq!(s.get(&format!("/api/v1/projects/{taken}")).await.json()["production_deployment_id"], beta_id.as_str());
+    // The deployment wins: an immutable URL is never taken over.
+    assert_eq!(s.cp.resolve_host(&host).unwrap().deployment_id, id);
+    assert_eq!(s.cp.resolve_host("alpha.localhost").unwrap().deployment_id, id);
+    assert_eq!(s.cp.resolve_host(&format!("{taken}-{beta_id}.localhost")).unwrap().deployment_id, beta_id);
+    // Its owner renames it to a name that is its own.
+    let renamed = s.patch(&format!("/api/v1/projects/{taken}"), json!({"name": "beta"})).await;
+    assert_eq!(renamed.status, 200, "{}", renamed.text);
+    assert_eq!(s.cp.resolve_host("beta.localhost").unwrap().deployment_id, beta_id);
+    assert_eq!(s.cp.resolve_host(&host).unwrap().deployment_id, id);
 }
