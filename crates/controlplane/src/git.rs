@@ -8,6 +8,10 @@
 //! `git` runs with no terminal prompts, only the transports that cannot run
 //! commands, and a deadline per step; a repository is never checked out, so
 //! no hook or filter of the repository runs.
+//!
+//! A push is built only while its commit is still the branch's head once the
+//! mirror is fetched: a late or replayed delivery of an older commit fails
+//! saying so, builds nothing and never moves production.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -37,12 +41,53 @@ const MAX_TREE_BYTES: u64 = 1024 * 1024 * 1024;
 /// How much of git's stderr an error message keeps.
 const MAX_STDERR_BYTES: usize = 2048;
 
+/// The public webhook's bodies are read before they are authenticated
+/// (the signature covers the whole body), so what an outsider can make the
+/// control plane hold is bounded: at most this many bodies at once (more
+/// are answered 503 at once, unread) ...
+pub const MAX_WEBHOOK_BODIES_AT_ONCE: usize = 16;
+/// ... of at most this many bytes each (a larger declared length is
+/// answered 413 unread): 16 × 4 MiB = 64 MiB at worst. A push payload is a
+/// few KB; one listing thousands of changed paths about 1 MB (GitHub caps
+/// each list at 5,000 paths and drops payloads over 25 MB; a push this
+/// refuses can be deployed with `isocloud deploy`) ...
+pub const MAX_WEBHOOK_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// ... each read within this long from the request head (GitHub gives up
+/// on a delivery after 10 s too).
+pub const WEBHOOK_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What bounds the public webhook's unauthenticated bodies (read by
+/// `api::git::webhook`): one per control plane.
+pub(crate) struct WebhookGate {
+    /// Bodies being read before their signature is known; past it, 503.
+    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// The key a delivery to a project without git settings (or to no
+    /// project) is checked against, so it costs the same HMAC as any other.
+    pub unknown_project_key: [u8; 32],
+}
+
+impl WebhookGate {
+    pub fn new() -> Self {
+        use rand::Rng;
+        Self {
+            bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOK_BODIES_AT_ONCE)),
+            unknown_project_key: rand::rng().random(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{0}")]
     Failed(String),
     #[error("git {step} timed out after {seconds} s")]
     Timeout { step: &'static str, seconds: u64 },
+    /// The pushed commit is not the branch's head any more (a later push, a
+    /// late delivery, or a replay of an old one).
+    #[error(
+        "commit {commit} is not the head of branch {branch} (the head is {head}): a late or replayed push builds nothing and production is unchanged"
+    )]
+    NotHead { commit: String, branch: String, head: String },
 }
 
 fn failed(message: impl Into<String>) -> BuildError {
@@ -198,6 +243,8 @@ impl ControlPlane {
                 }
             }
             (Ok(files), None) => Ok((files, None)),
+            // Said in the build log too, where a build's story is read.
+            (Err(e @ BuildError::NotHead { .. }), _) => Err((e.to_string(), Some(e.to_string()))),
             (Err(e), _) => Err((e.to_string(), None)),
         };
         let result = match outcome {
@@ -284,6 +331,18 @@ impl ControlPlane {
         run("cat-file", exists, STEP_TIMEOUT)
             .await
             .map_err(|_| failed(format!("commit {commit} is not in {}", settings.repository)))?;
+        // The branch as the fetch left it: only its head deploys.
+        let mut branch_head = git(Some(&dir));
+        branch_head
+            .args(["rev-parse", "--verify", "--quiet"])
+            .arg(format!("refs/heads/{}^{{commit}}", settings.branch));
+        let head = run("rev-parse", branch_head, STEP_TIMEOUT)
+            .await
+            .map_err(|_| failed(format!("branch {} is not in {}", settings.branch, settings.repository)))?;
+        let head = String::from_utf8_lossy(&head).trim().to_ascii_lowercase();
+        if head != commit {
+            return Err(BuildError::NotHead { commit, branch: settings.branch, head });
+        }
 
         let mut ls_tree = git(Some(&dir));
         ls_tree.args(["ls-tree", "-r", "-l", "-z", "--full-tree"]).arg(&commit);

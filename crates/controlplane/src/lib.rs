@@ -144,6 +144,8 @@ pub struct ControlPlane {
     git_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     log_follows: AtomicUsize,
     builder: Option<build::Builder>,
+    /// Bounds what the public git webhook reads before it is authenticated.
+    webhook_gate: git::WebhookGate,
 }
 
 impl ControlPlane {
@@ -182,6 +184,7 @@ impl ControlPlane {
             git_locks: std::sync::Mutex::new(HashMap::new()),
             log_follows: AtomicUsize::new(0),
             builder,
+            webhook_gate: git::WebhookGate::new(),
         });
         cp.reload_routing(true).await?;
         Ok(cp)

@@ -25,7 +25,7 @@ use crate::{ControlPlane, ids, validate};
 pub(crate) struct CreateDeployment {
     entrypoint: String,
     #[serde(default)]
-    files: BTreeMap<String, FileSpec>,
+    files: Manifest,
     #[serde(default)]
     eszip: Option<String>,
     #[serde(default)]
@@ -52,13 +52,62 @@ pub(crate) struct GitBody {
     branch: String,
 }
 
-/// Checks the files' paths, hashes and sizes, and that no file is also
-/// another file's directory.
-pub(crate) fn check_files(files: &BTreeMap<String, FileSpec>, max_blob_bytes: u64) -> Result<(), ApiError> {
+/// A deployment's `files`: path → blob. JSON lets an object name a key
+/// twice (and a map keeps one of them silently); a path named twice is
+/// kept here so [`check_files`] refuses it, naming it.
+#[derive(Default)]
+pub(crate) struct Manifest {
+    files: BTreeMap<String, FileSpec>,
+    named_twice: Option<String>,
+}
+
+impl std::ops::Deref for Manifest {
+    type Target = BTreeMap<String, FileSpec>;
+    fn deref(&self) -> &Self::Target {
+        &self.files
+    }
+}
+
+impl<'de> Deserialize<'de> for Manifest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Manifest;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of path → {\"hash\", \"size\"}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Manifest, A::Error> {
+                let mut manifest = Manifest::default();
+                while let Some((path, spec)) = map.next_entry::<String, FileSpec>()? {
+                    match manifest.files.entry(path) {
+                        std::collections::btree_map::Entry::Occupied(taken) => {
+                            manifest.named_twice.get_or_insert_with(|| taken.key().clone());
+                        }
+                        std::collections::btree_map::Entry::Vacant(free) => {
+                            free.insert(spec);
+                        }
+                    }
+                }
+                Ok(manifest)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Checks the files' paths (each named once), hashes and sizes, and that no
+/// file is also another file's directory.
+pub(crate) fn check_files(files: &Manifest, max_blob_bytes: u64) -> Result<(), ApiError> {
+    if let Some(path) = &files.named_twice {
+        return Err(ApiError::field(
+            format!("files.{path}"),
+            format!("the path {path:?} is named twice; a deployment names each path once"),
+        ));
+    }
     if files.len() > validate::MAX_FILES {
         return Err(ApiError::field("files", format!("at most {} files per deployment", validate::MAX_FILES)));
     }
-    for (path, spec) in files {
+    for (path, spec) in files.iter() {
         let field = format!("files.{path}");
         check(&field, validate::file_path(path))?;
         if validate::is_code_path(path) {
@@ -182,7 +231,7 @@ pub(crate) async fn create(
     if !missing.is_empty() {
         return Err(ApiError::MissingBlobs { missing });
     }
-    for (path, spec) in &body.files {
+    for (path, spec) in body.files.iter() {
         let stored = sizes.get(spec.hash.as_str()).copied().unwrap_or(0);
         if stored != spec.size {
             return Err(ApiError::field(

@@ -1,31 +1,44 @@
 //! `/projects/{name}/git`: a project's repository settings, and the push
 //! webhook that turns a push to its branch into a deployment (built in the
 //! background by `crate::git`).
+//!
+//! The webhook is public: it reads its body into the HMAC as it arrives,
+//! with a bounded number of bodies at once, each bounded in bytes and time
+//! (`crate::git::MAX_WEBHOOK_*`); answers every unsigned delivery the same
+//! 401; and builds a delivery once (`store::deliveries`).
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::projects::{not_found, project_or_404};
-use super::{ApiJson, ApiPath, AppState, check, parse_json, read_body, views};
+use super::{ApiJson, ApiPath, AppState, check, parse_json, views};
 use crate::error::ApiError;
+use crate::git::{MAX_WEBHOOK_BODIES_AT_ONCE, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_BODY_TIMEOUT};
 use crate::origin::file_specifier;
+use crate::store::StoreError;
+use crate::store::deliveries;
 use crate::store::deployments::{self, GitInfo, NewDeployment, Status};
 use crate::store::env;
 use crate::store::projects::{self, GitSettings};
 use crate::time::now_ms;
 use crate::{ids, validate};
 
-/// The webhook is reachable without a token and its body must be read
-/// before the signature can be checked, so the bound is kept well below
-/// GitHub's 25 MB cap (push payloads are a few KB to a few MB).
-const MAX_WEBHOOK_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
+/// Where a forge puts its id of a delivery, first found wins.
+const DELIVERY_HEADERS: [&str; 3] = ["x-github-delivery", "x-gitea-delivery", "x-gogs-delivery"];
+const MAX_DELIVERY_ID_BYTES: usize = 128;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,45 +112,130 @@ struct HeadCommit {
     message: Option<String>,
 }
 
-/// `sha256=<hex HMAC-SHA256 of the body>`, compared in constant time.
-pub fn signature_matches(secret: &str, body: &[u8], header: Option<&str>) -> bool {
-    let Some(signature) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else { return false };
-    let Ok(signature) = hex::decode(signature) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
-    mac.update(body);
-    mac.verify_slice(&signature).is_ok()
+/// A fresh HMAC-SHA256 keyed with `key` (HMAC takes a key of any length).
+fn mac_for(key: &[u8]) -> Option<Hmac<Sha256>> {
+    Hmac::<Sha256>::new_from_slice(key).ok()
 }
 
-fn ignored(why: String) -> (StatusCode, Json<Value>) {
-    (StatusCode::OK, Json(json!({ "ignored": why })))
+/// The 32 bytes of `sha256=<hex>`, or `None` for anything else.
+fn parse_signature(header: Option<&str>) -> Option<Vec<u8>> {
+    let signature = hex::decode(header?.trim().strip_prefix("sha256=")?).ok()?;
+    (signature.len() == 32).then_some(signature)
 }
 
-pub(crate) async fn webhook(
-    State(cp): State<AppState>,
-    ApiPath(name): ApiPath<String>,
-    headers: HeaderMap,
-    request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    // Only a project with git settings reads a body at all.
-    let project = {
-        let mut conn = cp.store.read().await?;
-        project_or_404(&mut conn, &name).await?
+/// The one answer to every delivery that is not signed with the project's
+/// secret, whether the project exists, has git settings, or not: an
+/// outsider learns nothing of which projects there are.
+fn unauthorized() -> ApiError {
+    ApiError::Unauthorized(format!(
+        "missing or wrong {SIGNATURE_HEADER} (sha256=<hex HMAC-SHA256 of the body with the project's webhook secret>)"
+    ))
+}
+
+/// A delivery that builds nothing, and why.
+fn ignored(why: String) -> Response {
+    (StatusCode::OK, Json(json!({ "status": "ignored", "reason": why }))).into_response()
+}
+
+/// An error of the API's shape that [`ApiError`] has no variant for.
+fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+}
+
+pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<String>, request: Request) -> Response {
+    // Past the bound the body is not read at all.
+    let Ok(permit) = Arc::clone(&cp.webhook_gate.bodies).try_acquire_owned() else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "CAPACITY",
+            format!("{MAX_WEBHOOK_BODIES_AT_ONCE} webhook deliveries are being read already; try again shortly"),
+        );
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
     };
-    let Some(git) = &project.git else {
-        return Err(ApiError::NotFound(format!("project {:?} has no git settings", project.name)));
-    };
-    let body = read_body(request, MAX_WEBHOOK_BODY_BYTES).await?;
-    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    if !signature_matches(&git.secret, &body, signature) {
-        return Err(ApiError::Unauthorized(format!(
-            "missing or wrong {SIGNATURE_HEADER} (sha256=<hex HMAC-SHA256 of the body with the project's webhook secret>)"
-        )));
+    match receive(&cp, &name, request, permit).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
     }
+}
+
+/// Why reading a webhook body stopped.
+enum BodyError {
+    TooSlow,
+    Api(ApiError),
+}
+
+/// Reads the body into `mac` as it arrives, at most
+/// [`MAX_WEBHOOK_BODY_BYTES`].
+async fn read_signed_body(request: Request, mac: &mut Hmac<Sha256>) -> Result<Vec<u8>, ApiError> {
+    let too_large = || ApiError::PayloadTooLarge(format!("the body is larger than {MAX_WEBHOOK_BODY_BYTES} bytes"));
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut stream = request.into_body().into_data_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::request(format!("reading the body failed: {e}")))?;
+        if body.len() + chunk.len() > MAX_WEBHOOK_BODY_BYTES {
+            return Err(too_large());
+        }
+        mac.update(&chunk);
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn receive(
+    cp: &AppState,
+    name: &str,
+    request: Request,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    let deadline = tokio::time::Instant::now() + WEBHOOK_BODY_TIMEOUT;
+    let headers = request.headers().clone();
+    let Some(signature) = parse_signature(headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok())) else {
+        return Err(unauthorized());
+    };
+    // Every delivery reads its body into an HMAC, with a random key when
+    // the project has no secret, so the answer and its time are the same
+    // for a project with git settings, one without, and none.
+    let project = if name.len() <= validate::MAX_PROJECT_NAME_BYTES {
+        let mut conn = cp.store.read().await?;
+        projects::by_name(&mut conn, name).await?
+    } else {
+        None
+    };
+    let secret = project.as_ref().and_then(|p| p.git.as_ref()).map(|git| git.secret.as_bytes());
+    let mut mac = mac_for(secret.unwrap_or(&cp.webhook_gate.unknown_project_key)).ok_or_else(unauthorized)?;
+    let body = match tokio::time::timeout_at(deadline, read_signed_body(request, &mut mac)).await {
+        Ok(body) => body.map_err(BodyError::Api),
+        Err(_) => Err(BodyError::TooSlow),
+    };
+    // The body is held now only if it is signed.
+    drop(permit);
+    let body = match body {
+        Ok(body) => body,
+        Err(BodyError::Api(e)) => return Err(e),
+        Err(BodyError::TooSlow) => {
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                format!("the body did not arrive within {} s", WEBHOOK_BODY_TIMEOUT.as_secs()),
+            );
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
+    };
+    let signed = mac.verify_slice(&signature).is_ok();
+    let (true, Some(_)) = (signed, secret) else { return Err(unauthorized()) };
+
     let event = headers.get(EVENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("push");
     if event != "push" {
         return Ok(ignored(format!("{} events do not deploy", validate::truncate(event, 40))));
     }
     let push: PushEvent = parse_json(&body)?;
+    let git = project.as_ref().and_then(|p| p.git.as_ref()).ok_or_else(unauthorized)?;
     if push.deleted {
         return Ok(ignored(format!("{} was deleted", validate::truncate(&push.git_ref, 300))));
     }
@@ -158,14 +256,25 @@ pub(crate) async fn webhook(
         .and_then(|h| h.message.as_deref())
         .map(validate::first_line)
         .unwrap_or_default();
+    // A delivery is known by its signed body (which a replay cannot change)
+    // and by the forge's id for it.
+    let mut keys = vec![format!("body:{}", ids::sha256_hex(&body))];
+    if let Some(delivery) = delivery_id(&headers)? {
+        keys.push(format!("id:{delivery}"));
+    }
 
     let now = now_ms();
     let mut tx = cp.store.write().await?;
     // The project may have changed since it was read; use it as it is now.
-    let project = project_or_404(&mut tx, &name).await?;
-    let Some(git) = project.git.clone() else {
-        return Err(ApiError::NotFound(format!("project {:?} has no git settings", project.name)));
-    };
+    let project = project_or_404(&mut tx, name).await?;
+    let Some(git) = project.git.clone() else { return Err(unauthorized()) };
+    if let Some(seen) = deliveries::seen(&mut tx, &project.id, &keys).await? {
+        return Ok(ignored(format!(
+            "this delivery was received before, at {}, and made deployment {}; a delivery builds once",
+            crate::time::format_ms(seen.received_at_ms),
+            seen.deployment_id
+        )));
+    }
     let envs = env::snapshot(&mut tx, &project.id).await?;
     let new = NewDeployment {
         id: ids::deployment_id(),
@@ -183,16 +292,48 @@ pub(crate) async fn webhook(
         build_log: None,
     };
     deployments::insert(&mut tx, &new).await?;
+    match deliveries::record(&mut tx, &project.id, &keys, &new.id, now).await {
+        Ok(()) => {}
+        // The same delivery, at the same moment, on another node.
+        Err(StoreError::Conflict(why)) => return Ok(ignored(why)),
+        Err(e) => return Err(e.into()),
+    }
     let deployment =
         deployments::get(&mut tx, &new.id).await?.ok_or_else(|| ApiError::internal("deployment vanished"))?;
     tx.commit().await?;
     cp.builds.notify_one();
-    Ok((StatusCode::ACCEPTED, Json(views::deployment(&cp, &deployment))))
+    Ok((StatusCode::ACCEPTED, Json(views::deployment(cp, &deployment))).into_response())
+}
+
+/// The forge's id of this delivery: GitHub's header, or Gitea's or Gogs'
+/// own (they send GitHub's signature and event headers too).
+fn delivery_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some((name, value)) = DELIVERY_HEADERS.iter().find_map(|name| Some((*name, headers.get(*name)?))) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(id) if !id.is_empty() && id.len() <= MAX_DELIVERY_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(id.to_owned()))
+        }
+        _ => Err(ApiError::field(name, format!("must be 1–{MAX_DELIVERY_ID_BYTES} printable ASCII characters"))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sha256=<hex HMAC-SHA256 of the body>`, compared in constant time,
+    /// as the webhook does it (there in pieces, as the body arrives).
+    fn signature_matches(secret: &str, body: &[u8], header: Option<&str>) -> bool {
+        let (Some(signature), Some(mut mac)) = (parse_signature(header), mac_for(secret.as_bytes())) else {
+            return false;
+        };
+        for piece in body.chunks(3) {
+            mac.update(piece);
+        }
+        mac.verify_slice(&signature).is_ok()
+    }
 
     #[test]
     fn signatures() {

@@ -11,6 +11,7 @@
 //! locks taken by the first `UPDATE` of a transaction.
 
 pub mod activity;
+pub mod deliveries;
 pub mod deployments;
 pub mod domains;
 pub mod env;

@@ -10,6 +10,8 @@ mod domains;
 mod env;
 mod errors;
 mod git;
+mod manifests;
 mod origin;
 mod projects;
 mod restart;
+mod webhook_bounds;
