@@ -8,6 +8,7 @@
 //! sees a partial blob. A blob that no deployment references is harmless.
 
 use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -31,6 +32,13 @@ pub enum BlobError {
     Body(String),
     #[error("blob store i/o at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+}
+
+impl BlobError {
+    /// Whether a write failed for want of space (`ENOSPC`, `EDQUOT`).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, BlobError::Io { source, .. } if crate::store::is_io_storage_full(source))
+    }
 }
 
 /// What [`BlobStore::put_stream`] stored.
@@ -83,7 +91,9 @@ impl DiskBlobStore {
             let path = path.to_owned();
             move |source| BlobError::Io { path, source }
         };
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        // Blobs are tenants' code: private (0700 dirs, 0600 files) whatever
+        // the umask, like the rest of the data dir.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&tmp).map_err(io(&tmp))?;
         for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
             let entry = entry.map_err(io(&tmp))?;
             // A leftover is garbage from an interrupted upload; losing the
@@ -120,7 +130,13 @@ impl BlobStore for DiskBlobStore {
         let final_path = self.path_of(hash)?;
         let tmp_path = self.root.join("tmp").join(crate::ids::base36(24));
         let mut guard = TempFile(Some(tmp_path.clone()));
-        let mut file = tokio::fs::File::create(&tmp_path).await.map_err(Self::io(&tmp_path))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)
+            .await
+            .map_err(Self::io(&tmp_path))?;
         let mut hasher = Sha256::new();
         let mut size_bytes = 0u64;
         while let Some(chunk) = body.next().await {
@@ -142,7 +158,7 @@ impl BlobStore for DiskBlobStore {
         file.sync_all().await.map_err(Self::io(&tmp_path))?;
         drop(file);
         let shard = final_path.parent().unwrap_or(&self.root);
-        tokio::fs::create_dir_all(shard).await.map_err(Self::io(shard))?;
+        tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(shard).await.map_err(Self::io(shard))?;
         tokio::fs::rename(&tmp_path, &final_path).await.map_err(Self::io(&final_path))?;
         guard.0 = None;
         Ok(PutOutcome { size_bytes, created: true })
@@ -197,6 +213,13 @@ mod tests {
         assert!(!store.has(&other).await.unwrap());
         // Refused uploads leave no temp files behind.
         assert_eq!(std::fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+
+        // Private whatever the umask: tenants' code.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("blobs").join(&hash[..2]).join(&hash[2..])), 0o600);
+        assert_eq!(mode(&dir.path().join("blobs").join(&hash[..2])), 0o700);
+        assert_eq!(mode(&dir.path().join("blobs/tmp")), 0o700);
 
         assert!(matches!(store.get("../../etc/passwd").await, Err(BlobError::BadHash(_))));
         assert_eq!(store.put(Bytes::from_static(b"other")).await.unwrap(), other);

@@ -23,6 +23,9 @@ pub enum ControlPlaneError {
     Blobs(#[from] BlobError),
     #[error("control plane options: {0}")]
     Options(String),
+    /// The data dir (or a file in it) could not be made private.
+    #[error("{0}")]
+    NotPrivate(#[from] crate::private::NotPrivate),
 }
 
 /// A failed API request. Every variant but `Internal` is the client's to
@@ -47,6 +50,11 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A write failed for want of space (the disk of the data dir or of
+    /// PostgreSQL). Logged with the data dir and its free space by
+    /// [`crate::ControlPlane::router`]; the client is told only that.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,6 +82,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             ApiError::Conflict(_) => "CONFLICT",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::StorageFull(_) => "STORAGE_FULL",
             ApiError::Internal(_) => "INTERNAL",
         }
     }
@@ -88,6 +97,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +107,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(message) => ApiError::Conflict(message),
+            full if full.is_storage_full() => ApiError::StorageFull(full.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -113,6 +124,7 @@ impl From<BlobError> for ApiError {
             }
             BlobError::BadHash(message) => ApiError::field("hash", message),
             BlobError::Body(message) => ApiError::request(format!("reading the body failed: {message}")),
+            BlobError::Io { .. } if e.is_storage_full() => ApiError::StorageFull(e.to_string()),
             BlobError::Io { .. } => ApiError::Internal(e.to_string()),
         }
     }
@@ -125,6 +137,13 @@ impl IntoResponse for ApiError {
             ApiError::Internal(detail) => {
                 tracing::error!(target: "isocloud::controlplane", error = %detail, "API request failed");
                 error["message"] = "internal error; the control plane's log has the details".into();
+            }
+            ApiError::StorageFull(detail) => {
+                // The router's layer logs it again with the data dir and its
+                // free space; this line keeps the failing write's detail.
+                tracing::error!(target: "isocloud::controlplane", error = %detail, "API write failed: storage full");
+                error["message"] =
+                    "the control plane's storage is full; nothing was written (the operator must free space)".into();
             }
             other => error["message"] = other.to_string().into(),
         }

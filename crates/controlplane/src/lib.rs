@@ -23,7 +23,9 @@ mod error;
 mod git;
 mod ids;
 mod origin;
+pub mod private;
 mod routing;
+mod storage;
 mod store;
 mod time;
 mod validate;
@@ -32,7 +34,7 @@ mod verify;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
@@ -42,6 +44,7 @@ pub use blobs::{BlobError, BlobStore, DiskBlobStore};
 pub use build::{AppFolderBuilder, BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
 pub use routing::ResolvedHost;
+pub use storage::StorageFigures;
 pub use store::StoreError;
 
 use certs::CertTable;
@@ -127,6 +130,19 @@ const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often old logs, usage and batch ids are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// What an earlier start (or an older version, under a loose umask) may
+/// have left readable in the data dir, tightened at every start. Blob
+/// files and git mirrors sit in directories made `0700` here.
+const PRIVATE_ENTRIES: [(&str, &str); 8] = [
+    ("isocloud.db", "database"),
+    ("isocloud.db-wal", "database WAL"),
+    ("isocloud.db-shm", "database shared memory"),
+    ("admin-token", "admin token"),
+    ("admin-token.tmp", "admin token"),
+    ("blobs", "blob store"),
+    ("blobs/tmp", "blob store"),
+    ("git", "git mirrors dir"),
+];
 
 pub struct ControlPlane {
     options: ControlPlaneOptions,
@@ -144,6 +160,7 @@ pub struct ControlPlane {
     git_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     log_follows: AtomicUsize,
     builder: Option<build::Builder>,
+    storage: storage::Gauges,
     /// Bounds what the public git webhook reads before it is authenticated.
     webhook_gate: git::WebhookGate,
 }
@@ -155,10 +172,16 @@ impl ControlPlane {
     pub async fn open(options: ControlPlaneOptions) -> Result<Arc<ControlPlane>, ControlPlaneError> {
         options.validate()?;
         let data_dir_error = |source| ControlPlaneError::DataDir { path: options.data_dir.clone(), source };
-        // It holds env var values and private keys: private when we make it.
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&options.data_dir).map_err(data_dir_error)?;
+        // It holds env var values, private keys and tenants' code: private
+        // whatever it was (what an earlier start or a package left open is
+        // tightened; see `private`).
+        private::ensure_dir(&options.data_dir, "data dir")?;
         let data_dir = std::fs::canonicalize(&options.data_dir).map_err(data_dir_error)?;
         let options = ControlPlaneOptions { data_dir, ..options };
+        for (entry, what) in PRIVATE_ENTRIES {
+            private::tighten_existing(&options.data_dir.join(entry), what)?;
+        }
+        private::ensure_dir(&options.data_dir.join("git"), "git mirrors dir")?;
 
         let blobs: Arc<dyn BlobStore> = Arc::new(DiskBlobStore::open(options.data_dir.join("blobs"))?);
         let store = Store::open(options.database_url.as_deref(), &options.data_dir.join("isocloud.db")).await?;
@@ -184,9 +207,11 @@ impl ControlPlane {
             git_locks: std::sync::Mutex::new(HashMap::new()),
             log_follows: AtomicUsize::new(0),
             builder,
+            storage: storage::Gauges::default(),
             webhook_gate: git::WebhookGate::new(),
         });
         cp.reload_routing(true).await?;
+        cp.measure_storage().await;
         Ok(cp)
     }
 
@@ -197,7 +222,9 @@ impl ControlPlane {
 
     /// `/api/v1/*` and the dashboard.
     pub fn router(self: &Arc<Self>) -> axum::Router {
-        api::router(Arc::clone(self)).merge(dashboard::router())
+        api::router(Arc::clone(self))
+            .merge(dashboard::router())
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(self), storage::log_storage_full))
     }
 
     /// The store as the runner's origin.
@@ -246,7 +273,13 @@ impl ControlPlane {
                 tokio::time::sleep(PRUNE_INTERVAL).await;
             }
         };
-        tokio::join!(builds, reload, prune);
+        let measure = async {
+            loop {
+                tokio::time::sleep(storage::REFRESH_INTERVAL).await;
+                self.measure_storage().await;
+            }
+        };
+        tokio::join!(builds, reload, prune, measure);
     }
 
     /// Deletes what is past its retention now.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
+use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -19,7 +20,7 @@ use super::{ApiPath, ApiQuery, AppState};
 use crate::ControlPlane;
 use crate::error::ApiError;
 use crate::store::activity::{self, Bucket, LogFilter, LogRow, UsageRow};
-use crate::store::deployments;
+use crate::store::{deployments, limits};
 use crate::time::{format_ms, now_ms};
 use crate::validate;
 
@@ -97,11 +98,24 @@ pub(crate) async fn project_logs(
     let mut conn = cp.store.read().await?;
     let project = project_or_404(&mut conn, &name).await?;
     let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
+    let bounds = limits::get(&mut conn, &project.id).await?;
     drop(conn);
     let filter =
         LogFilter { project_id: Some(project.id), deployment_id, since_ms: query.time_ms("since")?, after_id: None };
-    logs_response(cp, filter, &query).await
+    let mut response = logs_response(cp, filter, &query).await?;
+    // What the project's bounds dropped, beside the lines: over the rate
+    // (also an entry of type "dropped" in the lines, once a minute) and
+    // removed oldest-first for the total (`GET …/limits` has the rest).
+    let headers = response.headers_mut();
+    headers.insert(DROPPED_HEADER, HeaderValue::from(bounds.dropped_lines));
+    headers.insert(EVICTED_HEADER, HeaderValue::from(bounds.evicted_lines));
+    Ok(response)
 }
+
+/// Log lines a project's rate bound dropped, since it was first bounded.
+pub const DROPPED_HEADER: &str = "x-isocloud-log-lines-dropped";
+/// Log lines its total bound removed, oldest first.
+pub const EVICTED_HEADER: &str = "x-isocloud-log-lines-evicted";
 
 pub(crate) async fn deployment_logs(
     State(cp): State<AppState>,

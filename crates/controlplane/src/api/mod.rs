@@ -7,6 +7,7 @@ mod deployments;
 mod domains;
 mod env;
 mod git;
+mod limits;
 mod logs;
 mod projects;
 mod views;
@@ -48,6 +49,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/projects/{name}/env", get(env::list))
         .route("/projects/{name}/env/{env_name}", put(env::put).delete(env::delete))
         .route("/projects/{name}/logs", get(logs::project_logs))
+        .route("/projects/{name}/limits", get(limits::get).put(limits::put))
         .route("/projects/{name}/usage", get(logs::usage))
         .route("/projects/{name}/analytics", get(logs::analytics))
         .route("/projects/{name}/git", put(git::put_settings).delete(git::delete_settings))

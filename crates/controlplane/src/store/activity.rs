@@ -2,20 +2,31 @@
 //! usage in `usage_records`, and the batch ids already stored (so a batch
 //! delivered twice is stored once).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind};
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
+use super::limits::{self, Limits, ProjectState};
 use super::{Arg, Result, Sql, Store, col};
-use crate::time::{now_ms, parse_rfc3339_ms};
+use crate::time::{format_ms, now_ms, parse_rfc3339_ms};
 
 /// Event times further ahead than this are taken as "now": a runner's
 /// clock gone wrong must not keep rows past their retention.
 const MAX_FUTURE_MS: i64 = 3_600_000;
-/// Bounds on what one event may put into a row.
-const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+/// Bounds on what one event may put into a row, whatever the project's
+/// own line bound (which is at most this; see [`limits::RULES`]).
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 const MAX_REQUEST_ID_BYTES: usize = 128;
 const MAX_BATCH_ID_BYTES: usize = 256;
+/// What a log row weighs beyond its message and request id: the other
+/// columns and the three indexes, roughly (migration 0004 uses the same).
+const LOG_ROW_OVERHEAD_BYTES: i64 = 96;
+/// The rate bound's window.
+const RATE_WINDOW_MS: i64 = 60_000;
+/// The `type` of the entry that says how many lines were dropped.
+pub const DROPPED_KIND: &str = "dropped";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogInsert {
@@ -24,6 +35,25 @@ pub struct LogInsert {
     pub level: Option<String>,
     pub message: String,
     pub request_id: Option<String>,
+}
+
+impl LogInsert {
+    /// The bytes this row counts for against its project's bounds.
+    pub fn size_bytes(&self) -> i64 {
+        (self.message.len() + self.request_id.as_ref().map_or(0, String::len)) as i64 + LOG_ROW_OVERHEAD_BYTES
+    }
+
+    /// Cuts the message to `max_bytes`, saying how much went. Returns
+    /// whether it was cut.
+    fn cut_to(&mut self, max_bytes: usize) -> bool {
+        if self.message.len() <= max_bytes {
+            return false;
+        }
+        let cut = crate::validate::truncate(&self.message, max_bytes);
+        let more = self.message.len() - cut.len();
+        self.message = format!("{cut}… [{more} more bytes cut: the line bound is {max_bytes} bytes]");
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,8 +162,17 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
     (logs, usage)
 }
 
-/// Stores a batch in one transaction. Returns `false` when the batch id was
-/// stored before (nothing is written again).
+/// Lines dropped over a project's rate bound and removed oldest-first for
+/// its total bound, by this process (for `/metrics`; the per-project counts
+/// are in the store).
+pub static LOG_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+pub static LOG_LINES_EVICTED: AtomicU64 = AtomicU64::new(0);
+
+/// Stores a batch in one transaction, within the project's bounds (see
+/// [`admit`] and [`evict_logs`]). Returns `false` when the batch id was
+/// stored before (nothing is written again). A batch over a bound is still
+/// taken whole (the runner must not resend it): what does not fit is
+/// dropped and counted.
 pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBatch) -> Result<bool> {
     let batch_id = bounded(&batch.batch_id, MAX_BATCH_ID_BYTES);
     let (logs, usage) = rows_from_batch(deployment_id, &batch.events);
@@ -160,7 +199,21 @@ pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBat
         return Ok(true);
     };
     let project_id: String = col(&project, "project_id")?;
+    if logs.is_empty() && usage.is_empty() {
+        tx.commit().await?;
+        return Ok(true);
+    }
+    // Batches of one project queue on its row from here to the commit.
+    let mut state = limits::lock(&mut tx, &project_id, now).await?;
+    let limits = state.overrides.limits();
+    let dropped_before = state.dropped_lines;
+    let mut logs = admit(&mut state, &limits, logs, now);
+    if state.dropped_lines > dropped_before {
+        note_dropped(&mut tx, &mut state, &limits, &mut logs, now).await?;
+        LOG_LINES_DROPPED.fetch_add((state.dropped_lines - dropped_before) as u64, Ordering::Relaxed);
+    }
     if !logs.is_empty() {
+        let average_bytes = logs.iter().map(|(log, _)| log.size_bytes()).sum::<i64>() / logs.len() as i64;
         // Late in the transaction: the meta row stays locked until commit.
         let row = sqlx::query("UPDATE meta SET next_log_id = next_log_id + $1 WHERE id = 1 RETURNING next_log_id")
             .bind(logs.len() as i64)
@@ -171,11 +224,16 @@ pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBat
         for chunk_start in (0..logs.len()).step_by(100) {
             let chunk = &logs[chunk_start..logs.len().min(chunk_start + 100)];
             let mut sql = Sql::new(
-                "INSERT INTO logs (id, project_id, deployment_id, timestamp_ms, kind, level, message, request_id) VALUES ",
+                "INSERT INTO logs (id, project_id, deployment_id, timestamp_ms, kind, level, message, request_id, \
+                 size_bytes) VALUES ",
             );
-            for (i, log) in chunk.iter().enumerate() {
+            for (i, (log, is_note)) in chunk.iter().enumerate() {
+                let id = first_id + (chunk_start + i) as i64;
+                if *is_note {
+                    state.window_dropped_log_id = Some(id);
+                }
                 sql.push(if i == 0 { "(" } else { ", (" });
-                sql.bind(Arg::Int(first_id + (chunk_start + i) as i64)).push(", ");
+                sql.bind(Arg::Int(id)).push(", ");
                 sql.bind(Arg::Text(project_id.clone())).push(", ");
                 sql.bind(Arg::Text(deployment_id.to_owned())).push(", ");
                 sql.bind(Arg::Int(log.timestamp_ms)).push(", ");
@@ -190,10 +248,16 @@ pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBat
                     Some(id) => sql.bind(Arg::Text(id.clone())),
                     None => sql.push("NULL"),
                 };
+                sql.push(", ");
+                sql.bind(Arg::Int(log.size_bytes()));
                 sql.push(")");
+                state.log_bytes += log.size_bytes();
             }
             sql.query().execute(&mut *tx).await?;
         }
+        let evicted_before = state.evicted_lines;
+        evict_logs(&mut tx, &mut state, limits.log_bytes_total, average_bytes).await?;
+        LOG_LINES_EVICTED.fetch_add((state.evicted_lines - evicted_before) as u64, Ordering::Relaxed);
     }
     for row in &usage {
         sqlx::query(
@@ -219,9 +283,152 @@ pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBat
         .bind(row.fetch_received_bytes)
         .execute(&mut *tx)
         .await?;
+        state.usage_row_count += 1;
     }
+    evict_usage(&mut tx, &mut state, limits.usage_rows).await?;
+    limits::save(&mut tx, &state).await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// The line and rate bounds, on one batch's lines in order: each line is
+/// cut to the line bound; a line that would take this minute's bytes past
+/// the rate bound is dropped and counted (so past the bound the newest
+/// lines go, and a short line may still fit after a long one went). The
+/// lines to store come back, none of them the "dropped" entry (`false`).
+fn admit(state: &mut ProjectState, limits: &Limits, logs: Vec<LogInsert>, now_ms: i64) -> Vec<(LogInsert, bool)> {
+    if now_ms < state.window_start_ms || now_ms - state.window_start_ms >= RATE_WINDOW_MS {
+        state.window_start_ms = now_ms;
+        state.window_bytes = 0;
+        state.window_dropped_log_id = None;
+        state.window_dropped_lines = 0;
+        state.window_dropped_bytes = 0;
+    }
+    let line_bytes = usize::try_from(limits.log_line_bytes).unwrap_or(usize::MAX);
+    let mut kept = Vec::with_capacity(logs.len());
+    for mut log in logs {
+        if log.cut_to(line_bytes) {
+            state.truncated_lines += 1;
+        }
+        let size = log.size_bytes();
+        if state.window_bytes + size > limits.log_bytes_per_minute {
+            state.window_dropped_lines += 1;
+            state.window_dropped_bytes += size;
+            state.dropped_lines += 1;
+            state.dropped_bytes += size;
+            continue;
+        }
+        state.window_bytes += size;
+        kept.push((log, false));
+    }
+    kept
+}
+
+fn dropped_message(state: &ProjectState, limits: &Limits) -> String {
+    format!(
+        "{} log lines ({} bytes) dropped since {}: this project logged more than its bound of {} bytes a minute",
+        state.window_dropped_lines,
+        state.window_dropped_bytes,
+        format_ms(state.window_start_ms),
+        limits.log_bytes_per_minute
+    )
+}
+
+/// Says in the logs themselves that lines were dropped: one entry of type
+/// [`DROPPED_KIND`] a minute, its count brought up to date as more drop
+/// (a new entry when this minute has none yet, or it was removed).
+async fn note_dropped(
+    conn: &mut AnyConnection,
+    state: &mut ProjectState,
+    limits: &Limits,
+    logs: &mut Vec<(LogInsert, bool)>,
+    now_ms: i64,
+) -> Result<()> {
+    let message = dropped_message(state, limits);
+    if let Some(id) = state.window_dropped_log_id {
+        let old = sqlx::query("SELECT size_bytes FROM logs WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+        if let Some(old) = old {
+            let old_bytes: i64 = col(&old, "size_bytes")?;
+            let new_bytes = message.len() as i64 + LOG_ROW_OVERHEAD_BYTES;
+            sqlx::query("UPDATE logs SET message = $2, size_bytes = $3 WHERE id = $1")
+                .bind(id)
+                .bind(&message)
+                .bind(new_bytes)
+                .execute(&mut *conn)
+                .await?;
+            state.log_bytes += new_bytes - old_bytes;
+            return Ok(());
+        }
+    }
+    let note = LogInsert {
+        timestamp_ms: now_ms,
+        kind: DROPPED_KIND,
+        level: Some("warning".to_owned()),
+        message,
+        request_id: None,
+    };
+    logs.push((note, true));
+    Ok(())
+}
+
+/// The total bound: while the project holds more log bytes than
+/// `total_bytes`, its oldest lines go (down to 15/16 of the bound, so a
+/// project at its bound does not delete on every batch), counted.
+async fn evict_logs(
+    conn: &mut AnyConnection,
+    state: &mut ProjectState,
+    total_bytes: i64,
+    average_bytes: i64,
+) -> Result<()> {
+    if state.log_bytes <= total_bytes {
+        return Ok(());
+    }
+    let target = total_bytes - total_bytes / 16;
+    while state.log_bytes > target {
+        let rows_wanted = ((state.log_bytes - target) / average_bytes.max(LOG_ROW_OVERHEAD_BYTES) + 1).clamp(1, 2_000);
+        let rows = sqlx::query(
+            "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE project_id = $1 ORDER BY id LIMIT $2) \
+             RETURNING size_bytes",
+        )
+        .bind(&state.project_id)
+        .bind(rows_wanted)
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            // Nothing left: the count had drifted (rows gone another way).
+            state.log_bytes = 0;
+            break;
+        }
+        for row in &rows {
+            let size: i64 = col(row, "size_bytes")?;
+            state.log_bytes -= size;
+            state.evicted_lines += 1;
+            state.evicted_bytes += size;
+        }
+    }
+    Ok(())
+}
+
+/// The usage bound: past `max_rows`, the oldest intervals go (down to
+/// 15/16 of the bound), counted.
+async fn evict_usage(conn: &mut AnyConnection, state: &mut ProjectState, max_rows: i64) -> Result<()> {
+    if state.usage_row_count <= max_rows {
+        return Ok(());
+    }
+    let excess = state.usage_row_count - (max_rows - max_rows / 16);
+    let deleted = sqlx::query(
+        "DELETE FROM usage_records WHERE id IN \
+         (SELECT id FROM usage_records WHERE project_id = $1 ORDER BY interval_start_ms, id LIMIT $2)",
+    )
+    .bind(&state.project_id)
+    .bind(excess)
+    .execute(conn)
+    .await?
+    .rows_affected() as i64;
+    state.evicted_usage_rows += deleted;
+    // Fewer than asked: the project had no more rows (the count had drifted).
+    state.usage_row_count = if deleted < excess { 0 } else { state.usage_row_count - deleted };
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,28 +595,48 @@ pub async fn analytics(
 /// the write lock for long.
 const PRUNE_CHUNK_ROWS: i64 = 5_000;
 
-/// Deletes logs, usage and seen batch ids older than their retention.
-/// Returns how many rows went.
+/// Deletes logs, usage and seen batch ids older than their retention,
+/// taking them off their projects' counts. Returns how many rows went.
 pub async fn prune(store: &Store, logs_before_ms: i64, usage_before_ms: i64, batches_before_ms: i64) -> Result<u64> {
+    // (statement, cutoff, what a returned row takes off its project's count)
     let statements = [
-        ("DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE timestamp_ms < $1 LIMIT $2)", logs_before_ms),
         (
-            "DELETE FROM usage_records WHERE id IN (SELECT id FROM usage_records WHERE interval_end_ms < $1 LIMIT $2)",
+            "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE timestamp_ms < $1 LIMIT $2) \
+             RETURNING project_id, size_bytes",
+            logs_before_ms,
+            Some(true),
+        ),
+        (
+            "DELETE FROM usage_records WHERE id IN (SELECT id FROM usage_records WHERE interval_end_ms < $1 LIMIT $2) \
+             RETURNING project_id",
             usage_before_ms,
+            Some(false),
         ),
         (
             "DELETE FROM activity_batches WHERE batch_id IN \
-             (SELECT batch_id FROM activity_batches WHERE received_at_ms < $1 LIMIT $2)",
+             (SELECT batch_id FROM activity_batches WHERE received_at_ms < $1 LIMIT $2) RETURNING batch_id",
             batches_before_ms,
+            None,
         ),
     ];
     let mut total = 0;
-    for (statement, before_ms) in statements {
+    for (statement, before_ms, counts) in statements {
         loop {
             let mut tx = store.write().await?;
-            let deleted =
-                sqlx::query(statement).bind(before_ms).bind(PRUNE_CHUNK_ROWS).execute(&mut *tx).await?.rows_affected();
+            let rows = sqlx::query(statement).bind(before_ms).bind(PRUNE_CHUNK_ROWS).fetch_all(&mut *tx).await?;
+            if let Some(logs) = counts {
+                let mut by_project = std::collections::HashMap::<String, i64>::new();
+                for row in &rows {
+                    let weight = if logs { col::<i64>(row, "size_bytes")? } else { 1 };
+                    *by_project.entry(col(row, "project_id")?).or_default() += weight;
+                }
+                for (project_id, weight) in by_project {
+                    let (log_bytes, usage_rows) = if logs { (weight, 0) } else { (0, weight) };
+                    limits::forget(&mut tx, &project_id, log_bytes, usage_rows).await?;
+                }
+            }
             tx.commit().await?;
+            let deleted = rows.len() as u64;
             total += deleted;
             if deleted < PRUNE_CHUNK_ROWS as u64 {
                 break;
@@ -473,5 +700,46 @@ mod tests {
         let events = vec![event("d", ActivityKind::BootFailure { message: long })];
         let (logs, _) = rows_from_batch("d", &events);
         assert!(logs[0].message.len() <= MAX_MESSAGE_BYTES + 3 && logs[0].message.ends_with('…'));
+    }
+
+    fn line(message: &str) -> LogInsert {
+        LogInsert {
+            timestamp_ms: 0,
+            kind: "log",
+            level: Some("info".into()),
+            message: message.into(),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn lines_are_cut_to_the_line_bound_with_a_marker() {
+        let limits = Limits { log_line_bytes: 128, ..limits::DEFAULT_LIMITS };
+        let mut state = ProjectState::default();
+        let kept = admit(&mut state, &limits, vec![line(&"é".repeat(100)), line("short")], 1_000);
+        assert_eq!(state.truncated_lines, 1);
+        let cut = &kept[0].0.message;
+        assert!(cut.starts_with(&"é".repeat(64)) && !cut.starts_with(&"é".repeat(65)), "{cut}");
+        assert!(cut.ends_with("… [72 more bytes cut: the line bound is 128 bytes]"), "{cut}");
+        assert_eq!(kept[1].0.message, "short");
+    }
+
+    #[test]
+    fn the_rate_bound_drops_the_newest_lines_and_counts_them() {
+        let limits = Limits { log_bytes_per_minute: 10 * (LOG_ROW_OVERHEAD_BYTES + 4), ..limits::DEFAULT_LIMITS };
+        let mut state = ProjectState { window_start_ms: 1_000, ..ProjectState::default() };
+        let lines = (0..25).map(|i| line(&format!("{i:04}"))).collect();
+        let kept = admit(&mut state, &limits, lines, 2_000);
+        assert_eq!(kept.iter().map(|(l, _)| l.message.as_str()).collect::<Vec<_>>().last(), Some(&"0009"));
+        assert_eq!((state.window_dropped_lines, state.dropped_lines), (15, 15));
+        assert_eq!(state.dropped_bytes, 15 * (LOG_ROW_OVERHEAD_BYTES + 4));
+        // Within the minute, nothing more fits; a minute later it does.
+        assert!(admit(&mut state, &limits, vec![line("0025")], 30_000).is_empty());
+        assert_eq!(state.dropped_lines, 16);
+        assert_eq!(admit(&mut state, &limits, vec![line("0026")], 61_000).len(), 1);
+        assert_eq!((state.window_dropped_lines, state.dropped_lines, state.window_start_ms), (0, 16, 61_000));
+        assert!(
+            dropped_message(&ProjectState { window_dropped_lines: 3, ..state }, &limits).starts_with("3 log lines")
+        );
     }
 }

@@ -15,9 +15,11 @@ pub mod deliveries;
 pub mod deployments;
 pub mod domains;
 pub mod env;
+pub mod limits;
 pub mod projects;
 pub mod tokens;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,37 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether the write failed for want of space: SQLite's `SQLITE_FULL`,
+    /// PostgreSQL's `disk_full` (53100), or `ENOSPC`/`EDQUOT` from a file.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Database(e) => sqlx_is_storage_full(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => sqlx_is_storage_full(e),
+            _ => false,
+        }
+    }
+}
+
+fn sqlx_is_storage_full(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            // SQLite answers its primary code (13) or, with extended codes
+            // on, the same low byte; PostgreSQL the SQLSTATE.
+            let sqlite_full = code.as_deref().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 13);
+            sqlite_full || code.as_deref() == Some("53100") || db.message().contains("database or disk is full")
+        }
+        sqlx::Error::Io(io) => is_io_storage_full(io),
+        _ => false,
+    }
+}
+
+/// `ENOSPC` (no space left) or `EDQUOT` (a quota reached).
+pub fn is_io_storage_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +86,8 @@ pub struct Store {
     backend: Backend,
     /// SQLite only: this process's writers queue here.
     write_lock: Option<Arc<Mutex<()>>>,
+    /// SQLite only: the database file.
+    sqlite_path: Option<std::path::PathBuf>,
 }
 
 /// A write transaction. Dropped without [`WriteTx::commit`], it rolls back.
@@ -98,7 +133,17 @@ impl Store {
                     format!("unsupported database URL scheme in {:?} (expected postgres://)", redact(url)).into(),
                 )));
             }
-            None => (sqlite_url(sqlite_path)?, Backend::Sqlite),
+            None => {
+                // Made here, 0600, before SQLite makes it under the process
+                // umask: its -wal and -shm take the database file's mode.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(sqlite_path)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                (sqlite_url(sqlite_path)?, Backend::Sqlite)
+            }
         };
         let options: AnyConnectOptions = url.parse()?;
         let pool = AnyPoolOptions::new()
@@ -126,7 +171,30 @@ impl Store {
         }
         MIGRATOR.run(&pool).await?;
         let write_lock = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
-        Ok(Self { pool, backend, write_lock })
+        let sqlite_path = (backend == Backend::Sqlite).then(|| sqlite_path.to_owned());
+        Ok(Self { pool, backend, write_lock, sqlite_path })
+    }
+
+    /// What the database takes: SQLite's file with its WAL and shared
+    /// memory, or PostgreSQL's `pg_database_size`.
+    pub async fn size_bytes(&self) -> Result<u64> {
+        match &self.sqlite_path {
+            Some(path) => {
+                let mut total = 0;
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    total += tokio::fs::metadata(&file).await.map_or(0, |m| m.len());
+                }
+                Ok(total)
+            }
+            None => {
+                let row = sqlx::query("SELECT CAST(pg_database_size(current_database()) AS BIGINT) AS size")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(u64::try_from(col::<i64>(&row, "size")?).unwrap_or(0))
+            }
+        }
     }
 
     /// Starts a write transaction.

@@ -10,6 +10,7 @@ mod domains;
 mod env;
 mod errors;
 mod git;
+mod limits;
 mod manifests;
 mod origin;
 mod projects;
