@@ -23,6 +23,7 @@ mod hostile_limits;
 mod hostile_native;
 mod hostile_network;
 mod hostile_sandbox;
+mod hostile_webhooks;
 mod isolate_uids;
 mod layers;
 mod lifecycle;
