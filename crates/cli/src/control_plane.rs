@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use isocloud_controlplane::{ControlPlane, ControlPlaneOptions};
-use isocloud_ingress::{Certificates, HostRoute, HostRoutes};
+use isocloud_ingress::{Certificates, HostRoute, HostRoutes, ListenerBounds, ListenerMetrics};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::sign::CertifiedKey;
 
@@ -28,15 +28,23 @@ pub fn build_options(
     }
 }
 
+/// How the control plane's listener is served: its bounds (head timeout,
+/// body bound, connection caps) and where their breaches are counted.
+pub struct ControlListener {
+    pub bounds: ListenerBounds,
+    pub metrics: ListenerMetrics,
+}
+
 /// Opens the control plane (migrations, first admin token) and serves its
-/// API and dashboard on `control_listen`; returns it and the address it
-/// listens on (the port of `…:0` picked).
+/// API and dashboard on `control_listen` within `listener`'s bounds; returns
+/// it and the address it listens on (the port of `…:0` picked).
 pub async fn start(
     settings: &ControlPlaneSettings,
     build: &crate::settings::BuildSettings,
     public_http_port: u16,
     public_https_port: Option<u16>,
     deno: &std::path::Path,
+    listener: ControlListener,
 ) -> anyhow::Result<(Arc<ControlPlane>, std::net::SocketAddr)> {
     let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
     options.database_url = settings.database_url.clone();
@@ -58,16 +66,14 @@ pub async fn start(
     }
     tokio::spawn(control_plane.clone().run_background());
 
-    let listener = TcpListener::bind(settings.control_listen)
+    let tcp = TcpListener::bind(settings.control_listen)
         .await
         .with_context(|| format!("cannot listen on {} (control plane)", settings.control_listen))?;
-    let addr = listener.local_addr()?;
-    let router = control_plane.router();
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "the control plane listener failed");
-        }
-    });
+    let addr = tcp.local_addr()?;
+    // Not `axum::serve`: it has no head timeout, body bound or connection
+    // caps. The router is served like every other listener of the runner.
+    let service = hyper_util::service::TowerToHyperService::new(control_plane.router());
+    tokio::spawn(isocloud_ingress::serve_bounded(tcp, listener.bounds, listener.metrics, service));
     tracing::info!(%addr, store, base_domain = settings.base_domain, "control plane: API at /api/v1, dashboard at /");
     // Tests and scripts read this line to learn the port of `…:0`.
     println!("isocloud: control plane on http://{addr}");

@@ -17,7 +17,8 @@ use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
 use isocloud_egress::{EgressOptions, EgressProxy};
 use isocloud_ingress::{
-    EdgeLimits, EdgeMetrics, HostRouting, Listener, Proxy, Router, ServeOptions, StreamLimits, SubhostRouting,
+    EdgeLimits, EdgeMetrics, HostRouting, Listener, ListenerMetrics, Proxy, Router, ServeOptions, StreamLimits,
+    SubhostRouting,
 };
 use isocloud_origin::{AppsOrigin, DiskCache, Origin};
 use isocloud_pool::{
@@ -74,6 +75,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let pool_metrics = PoolMetrics::new(&mut registry);
     let edge_metrics = EdgeMetrics::new(&mut registry);
+    let listener_metrics = ListenerMetrics::new(&mut registry);
+    log_listener_bounds(&settings);
     register_cache_metrics(&mut registry, cache.clone());
 
     // Before the sandbox policy: Landlock's TCP rules name the proxy's port.
@@ -136,7 +139,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             egress.add_private_listener(admin, "admin listener");
         }
     }
-    let mut listeners = vec![Listener { tcp: listener, tls: None }];
+    let mut listeners = vec![Listener { tcp: listener, tls: None, bounds: settings.listeners.public.clone() }];
     let control_plane = match &settings.mode {
         Mode::ControlPlane(control) => {
             let tls = match control.tls_listen {
@@ -146,8 +149,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 None => None,
             };
             let https_port = tls.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| a.port());
+            let control_listener = control_plane::ControlListener {
+                bounds: settings.listeners.control.clone(),
+                metrics: listener_metrics.clone(),
+            };
             let (control_plane, control_addr) =
-                control_plane::start(control, &settings.build, public.port(), https_port, &deno).await?;
+                control_plane::start(control, &settings.build, public.port(), https_port, &deno, control_listener)
+                    .await?;
             // Its real address: `--control-listen …:0` picks the port now.
             if let Some(egress) = &egress {
                 egress.add_private_listener(control_addr, "control plane listener");
@@ -159,7 +167,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 let acceptor = isocloud_ingress::tls_acceptor(Arc::new(control_plane::Certs(control_plane.clone())))
                     .context("cannot set up TLS")?;
-                listeners.push(Listener { tcp, tls: Some(acceptor) });
+                listeners.push(Listener { tcp, tls: Some(acceptor), bounds: settings.listeners.tls.clone() });
                 println!("isocloud: tls on https://{tls_addr}");
             }
             Some((control_plane, https_port))
@@ -264,7 +272,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             // Its port, where `--admin-listen` said 0.
             egress.add_private_listener(admin_addr, "admin listener");
         }
-        tokio::spawn(isocloud_ingress::serve_admin(admin, Arc::new(registry), pool.clone()));
+        tokio::spawn(isocloud_ingress::serve_admin(
+            admin,
+            settings.listeners.admin.clone(),
+            listener_metrics.clone(),
+            Arc::new(registry),
+            pool.clone(),
+        ));
         println!("isocloud: admin on http://{admin_addr}");
     }
     match &settings.mode {
@@ -285,10 +299,26 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let options = ServeOptions {
         drain_timeout: settings.drain_timeout,
         max_header_bytes: settings.max_header_bytes,
-        header_timeout: settings.header_timeout,
+        metrics: listener_metrics,
     };
     isocloud_ingress::serve(listeners, proxy, options, shutdown_signal()).await;
     Ok(())
+}
+
+/// Every listener's bounds, once at start: what the defaults came to.
+fn log_listener_bounds(settings: &Settings) {
+    let set = &settings.listeners;
+    let (body_timeout_s, min_body_rate_kb_s) =
+        set.control.body.map_or((0, 0), |body| (body.timeout.as_secs(), body.min_rate_bytes_per_s / 1024));
+    tracing::info!(
+        header_timeout_s = settings.header_timeout.as_secs(),
+        body_timeout_s,
+        min_body_rate_kb_s,
+        public = format!("{}/{}", set.public.max_connections_per_peer, set.public.max_connections),
+        control = format!("{}/{}", set.control.max_connections_per_peer, set.control.max_connections),
+        admin = format!("{}/{}", set.admin.max_connections_per_peer, set.admin.max_connections),
+        "listener bounds (connections per peer/in all; public includes TLS, each its own)"
+    );
 }
 
 /// Boot admission as set, or from this machine's cores and memory (logged:

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use isocloud_auth::{Secret, Subhoster};
+use isocloud_ingress::{BodyBound, ListenerBounds, ListenerKind};
 use serde::Deserialize;
 use url::Url;
 
@@ -80,9 +81,35 @@ pub struct CommonFlags {
     /// Request bodies larger than this get 413 [default: 100].
     #[arg(long, value_name = "MB")]
     pub max_request_body_mb: Option<u64>,
-    /// A client must send its request head within this time [default: 10].
+    /// A client must send its request head within this time, on every
+    /// listener: from the connection's accept (TLS handshake included) or
+    /// its last response's end [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub header_timeout_s: Option<u64>,
+    /// A request body on the control and admin listeners must arrive within
+    /// this of its head, plus 1 s per --min-body-rate-kb-s received [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub body_timeout_s: Option<u64>,
+    /// The slowest rate a request body on the control and admin listeners
+    /// may keep up after --body-timeout-s; 0: the timeout is the whole
+    /// body's [default: 16].
+    #[arg(long, value_name = "KB")]
+    pub min_body_rate_kb_s: Option<u64>,
+    /// Connections one peer (an IPv4 address, an IPv6 /64) may hold on each
+    /// public listener (HTTP, TLS); one more is closed at once; 0: no cap.
+    /// Behind a relay or CDN, raise it [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Connections each public listener (HTTP, TLS) holds at once; one more
+    /// is closed at once [default: 16384].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Connections one peer may hold on the admin listener; 0: no cap [default: 16].
+    #[arg(long, value_name = "N")]
+    pub admin_max_connections_per_peer: Option<usize>,
+    /// Connections the admin listener holds at once [default: 64].
+    #[arg(long, value_name = "N")]
+    pub admin_max_connections: Option<usize>,
     /// An upgraded connection (WebSocket) or a response body with no bytes
     /// either way for this long is closed [default: 60].
     #[arg(long, value_name = "SECONDS")]
@@ -206,6 +233,12 @@ pub struct ControlPlaneFlags {
     /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
+    /// Connections one peer may hold on the control listener; 0: no cap [default: 64].
+    #[arg(long, value_name = "N")]
+    pub control_max_connections_per_peer: Option<usize>,
+    /// Connections the control listener holds at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub control_max_connections: Option<usize>,
     /// Keep logs this many hours [default: 72].
     #[arg(long, value_name = "HOURS")]
     pub log_retention_h: Option<u64>,
@@ -274,6 +307,14 @@ struct FileConfig {
     max_request_body_mb: Option<u64>,
     max_header_kb: Option<u64>,
     header_timeout_s: Option<u64>,
+    body_timeout_s: Option<u64>,
+    min_body_rate_kb_s: Option<u64>,
+    max_connections_per_peer: Option<usize>,
+    max_connections: Option<usize>,
+    admin_max_connections_per_peer: Option<usize>,
+    admin_max_connections: Option<usize>,
+    control_max_connections_per_peer: Option<usize>,
+    control_max_connections: Option<usize>,
     stream_idle_timeout_s: Option<u64>,
     stream_max_lifetime_s: Option<u64>,
     cache_max_mb: Option<u64>,
@@ -423,6 +464,8 @@ pub struct Settings {
     pub max_request_body_bytes: usize,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// Every listener's head timeout, body bound and connection caps.
+    pub listeners: ListenerBoundsSet,
     /// No byte either way through an upgraded connection or a response body
     /// for this long: closed.
     pub stream_idle_timeout: Duration,
@@ -451,6 +494,69 @@ pub struct Settings {
     /// `None`: [`BOOT_QUEUE_PER_CONCURRENT_BOOT`] per concurrent boot.
     pub max_boot_queue: Option<usize>,
     pub max_isolates_per_tenant: usize,
+}
+
+/// The bounds of each listener the runner may open (the control plane's
+/// only in `serve`'s control-plane mode, the admin one only with
+/// `--admin-listen`): the one place they are configured.
+#[derive(Debug, Clone)]
+pub struct ListenerBoundsSet {
+    pub public: ListenerBounds,
+    pub tls: ListenerBounds,
+    pub control: ListenerBounds,
+    pub admin: ListenerBounds,
+}
+
+/// A listener's caps as given (flag over file): per peer, in all.
+type GivenCaps = (Option<usize>, Option<usize>);
+
+/// The listeners' bounds from what was given (flags over file) and
+/// `isocloud_ingress::LISTENER_DEFAULTS`, validated.
+fn listener_bounds(
+    header_timeout: Duration,
+    body_timeout_s: Option<u64>,
+    min_body_rate_kb_s: Option<u64>,
+    [public, control, admin]: [GivenCaps; 3],
+) -> Result<ListenerBoundsSet, SettingsError> {
+    let body_timeout_s =
+        within("body_timeout_s", body_timeout_s.unwrap_or(isocloud_ingress::DEFAULT_BODY_TIMEOUT_S), 1..=3600)?;
+    let min_body_rate_kb_s = within(
+        "min_body_rate_kb_s",
+        min_body_rate_kb_s.unwrap_or(isocloud_ingress::DEFAULT_MIN_BODY_RATE_KB_S),
+        0..=1024 * 1024,
+    )?;
+    let body =
+        BodyBound { timeout: Duration::from_secs(body_timeout_s), min_rate_bytes_per_s: min_body_rate_kb_s * 1024 };
+    let caps = |kind: ListenerKind, (per_peer, total): GivenCaps| -> Result<ListenerBounds, SettingsError> {
+        let (per_peer_field, total_field) = match kind {
+            ListenerKind::Public | ListenerKind::Tls => ("max_connections_per_peer", "max_connections"),
+            ListenerKind::Control => ("control_max_connections_per_peer", "control_max_connections"),
+            ListenerKind::Admin => ("admin_max_connections_per_peer", "admin_max_connections"),
+        };
+        let mut bounds = ListenerBounds::defaults(kind, header_timeout, body);
+        if let Some(n) = per_peer {
+            bounds.max_connections_per_peer = within(per_peer_field, n, 0..=1_000_000)?;
+        }
+        if let Some(n) = total {
+            bounds.max_connections = within(total_field, n, 1..=1_000_000)?;
+        }
+        if bounds.max_connections_per_peer > bounds.max_connections {
+            return Err(invalid(
+                per_peer_field,
+                format!(
+                    "{} is more than {total_field} ({}): it could never apply (0 turns it off)",
+                    bounds.max_connections_per_peer, bounds.max_connections
+                ),
+            ));
+        }
+        Ok(bounds)
+    };
+    Ok(ListenerBoundsSet {
+        public: caps(ListenerKind::Public, public)?,
+        tls: caps(ListenerKind::Tls, public)?,
+        control: caps(ListenerKind::Control, control)?,
+        admin: caps(ListenerKind::Admin, admin)?,
+    })
 }
 
 /// The default boot queue per concurrent boot: the last in line waits about
@@ -484,6 +590,8 @@ impl Settings {
         let control_flags_given =
             control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
         let build = build_settings(control.as_deref(), &file)?;
+        let control_caps =
+            control.as_ref().map_or((None, None), |c| (c.control_max_connections_per_peer, c.control_max_connections));
         let mut control_plane = match control {
             Some(control) if !apps_given => Some(control_plane_settings(*control, &file)?),
             _ => None,
@@ -526,6 +634,25 @@ impl Settings {
             1..=65_536,
         )?;
         let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
+        let listeners = listener_bounds(
+            header_timeout,
+            common.body_timeout_s.or(file.body_timeout_s),
+            common.min_body_rate_kb_s.or(file.min_body_rate_kb_s),
+            [
+                (
+                    common.max_connections_per_peer.or(file.max_connections_per_peer),
+                    common.max_connections.or(file.max_connections),
+                ),
+                (
+                    control_caps.0.or(file.control_max_connections_per_peer),
+                    control_caps.1.or(file.control_max_connections),
+                ),
+                (
+                    common.admin_max_connections_per_peer.or(file.admin_max_connections_per_peer),
+                    common.admin_max_connections.or(file.admin_max_connections),
+                ),
+            ],
+        )?;
         // Idle 60 s: what nginx (proxy_read_timeout) and AWS load balancers
         // allow by default, so clients already ping inside it (WebSocket
         // libraries every 20–30 s, SSE keep-alive comments). Lifetime 1 h: a
@@ -718,6 +845,7 @@ impl Settings {
             max_request_body_bytes: (max_request_body_mb * 1024 * 1024) as usize,
             max_header_bytes: (max_header_kb * 1024) as usize,
             header_timeout,
+            listeners,
             stream_idle_timeout,
             stream_max_lifetime,
             cache_max_bytes: cache_max_mb * 1024 * 1024,

@@ -11,9 +11,16 @@
 //! that disagrees with the target or `:authority`) is 400 before routing. It
 //! must not boot isolates or talk to origins itself; errors never leak
 //! internals to the client, only to the log.
+//!
+//! Every listener of the runner — public, TLS, and the control plane's and
+//! admin listeners, which serve through [`serve_bounded`] — holds to one
+//! set of [`ListenerBounds`]: head timeout, body bound, connection caps per
+//! peer and in all, each breach counted ([`ListenerMetrics`]).
 
 mod admin;
 mod body;
+mod bounds;
+mod connection;
 mod error;
 mod metrics;
 mod proxy;
@@ -23,8 +30,13 @@ mod streams;
 mod tls;
 
 pub use admin::serve_admin;
+pub use bounds::{
+    BodyBound, Breach, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE_KB_S, LISTENER_DEFAULTS, ListenerBounds,
+    ListenerDefaults, ListenerKind,
+};
+pub use connection::{BodyTooSlow, BoundedBody, serve_bounded};
 pub use error::EdgeError;
-pub use metrics::EdgeMetrics;
+pub use metrics::{EdgeMetrics, ListenerMetrics};
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
 pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting};
 pub use server::{Listener, ServeOptions, serve};

@@ -1,6 +1,9 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::bounds::{Breach, ListenerKind};
 
 /// The edge's share of the runner's Prometheus metrics.
 #[derive(Clone)]
@@ -34,5 +37,50 @@ impl EdgeMetrics {
             labels.push(("code", code.to_owned()));
         }
         self.requests.get_or_create(&labels).inc();
+    }
+}
+
+/// What every listener's bounds did: breaches by listener and reason, and
+/// the connections each listener holds now.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    breaches: Family<[(&'static str, &'static str); 2], Counter>,
+    open: Family<[(&'static str, &'static str); 1], Gauge>,
+}
+
+impl ListenerMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self { breaches: Family::default(), open: Family::default() };
+        registry.register(
+            "isocloud_listener_breaches",
+            "Connections cut or refused by a listener's bounds, by listener and reason \
+             (head_timeout, body_timeout, per_peer_cap, total_cap)",
+            metrics.breaches.clone(),
+        );
+        registry.register(
+            "isocloud_listener_connections",
+            "Connections each listener holds open",
+            metrics.open.clone(),
+        );
+        metrics
+    }
+
+    /// Shows a listener's series at 0 from the start (alerts see a rise,
+    /// not a series appearing).
+    pub(crate) fn prepare(&self, listener: ListenerKind, body_bound: bool) {
+        for breach in Breach::ALL {
+            if breach != Breach::BodyTimeout || body_bound {
+                let _ = self.breaches.get_or_create(&[("listener", listener.label()), ("reason", breach.label())]);
+            }
+        }
+        let _ = self.open.get_or_create(&[("listener", listener.label())]);
+    }
+
+    pub(crate) fn count_breach(&self, listener: ListenerKind, breach: Breach) {
+        self.breaches.get_or_create(&[("listener", listener.label()), ("reason", breach.label())]).inc();
+    }
+
+    pub(crate) fn set_open(&self, listener: ListenerKind, open: usize) {
+        self.open.get_or_create(&[("listener", listener.label())]).set(open as i64);
     }
 }

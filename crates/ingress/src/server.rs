@@ -1,19 +1,21 @@
 //! Accepting connections (plain and TLS), and draining them on shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Proxy;
+use crate::bounds::{Gate, ListenerBounds};
+use crate::connection::{self, Accepted};
+use crate::metrics::ListenerMetrics;
 use crate::proxy::ConnectionInfo;
 
 #[derive(Debug, Clone)]
@@ -22,19 +24,21 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Request line plus headers, at most; past it HTTP/1.1 clients get 431.
     pub max_header_bytes: usize,
-    /// A client must send its whole head within this (slowloris).
-    pub header_timeout: Duration,
+    /// Where the listeners' breaches are counted.
+    pub metrics: ListenerMetrics,
 }
 
 /// One public listener; with an acceptor, it speaks TLS (ALPN h2 and
-/// http/1.1).
+/// http/1.1). Its head timeout and connection caps are `bounds`'.
 pub struct Listener {
     pub tcp: TcpListener,
     pub tls: Option<TlsAcceptor>,
+    pub bounds: ListenerBounds,
 }
 
-/// A TLS client must finish its handshake within this.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection on its way to its task, with its listener's TLS, gate and
+/// connection builder.
+type Admitted = (Accepted, Option<TlsAcceptor>, Arc<Gate>, auto::Builder<TokioExecutor>);
 
 /// Serves `proxy` on `listeners` until `shutdown` resolves, then stops
 /// accepting, lets in-flight requests finish for at most the drain timeout,
@@ -46,60 +50,37 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 itself when the head does not fit (HTTP/1.1), and
-    // refuses an oversized header list (HTTP/2).
-    builder
-        .http1()
-        .max_buf_size(options.max_header_bytes.max(8192))
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_timeout);
-    builder.http2().max_header_list_size(options.max_header_bytes as u32);
-
-    let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr, Option<TlsAcceptor>)>(64);
-    let acceptors: Vec<_> =
-        listeners.into_iter().map(|listener| tokio::spawn(accept_loop(listener, accepted_tx.clone()))).collect();
+    let (accepted_tx, mut accepted) = mpsc::channel::<Admitted>(64);
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let builder = connection::builder(&listener.bounds, Some(options.max_header_bytes));
+            let gate = Gate::new(listener.bounds, options.metrics.clone());
+            tokio::spawn(accept_loop(listener.tcp, listener.tls, gate, builder, accepted_tx.clone()))
+        })
+        .collect();
     drop(accepted_tx);
 
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             next = accepted.recv() => {
-                let Some((stream, peer, tls)) = next else { break };
+                let Some((accepted, tls, gate, builder)) = next else { break };
                 let proxy = proxy.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let connection = ConnectionInfo { peer, secure: tls.is_some() };
-                    let service = service_fn(move |request| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) }
-                    });
-                    let result = match tls {
-                        None => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => {
-                            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::trace!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                let connection = ConnectionInfo { peer: accepted.peer, secure: tls.is_some() };
+                tokio::spawn(connection::serve_connection(
+                    accepted,
+                    tls,
+                    gate,
+                    builder,
+                    Some(graceful.watcher()),
+                    move |_: &Arc<connection::ConnState>| {
+                        service_fn(move |request| {
+                            let proxy = proxy.clone();
+                            async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) }
+                        })
+                    },
+                ));
             }
             () = &mut shutdown => break,
         }
@@ -115,12 +96,19 @@ pub async fn serve(
     tracing::info!("every isolate has ended");
 }
 
-async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(TcpStream, SocketAddr, Option<TlsAcceptor>)>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    gate: Arc<Gate>,
+    builder: auto::Builder<TokioExecutor>,
+    accepted: mpsc::Sender<Admitted>,
+) {
     loop {
-        match listener.tcp.accept().await {
+        match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                if accepted.send((stream, peer, listener.tls.clone())).await.is_err() {
+                // Past a cap the stream is dropped here, unread.
+                let Some(admitted) = connection::admit(&gate, stream, peer) else { continue };
+                if accepted.send((admitted, tls.clone(), gate.clone(), builder.clone())).await.is_err() {
                     return;
                 }
             }

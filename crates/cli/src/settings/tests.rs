@@ -424,3 +424,71 @@ fn build_settings_take_registries_a_timeout_and_hosts_in_both_serve_modes() {
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-timeout-s", "1"]), "build_timeout_s");
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-allow-import", "a/b"]), "build_allow_import");
 }
+
+#[test]
+fn listener_bounds_default_per_listener_come_from_flags_or_file_and_are_validated() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    fn with<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        [&["serve", "--data", dir, "--state-dir", "/tmp/x"][..], extra].concat()
+    }
+    let serve = |extra: &[&'static str]| with(dir, extra);
+    let settings = parse(&serve(&[])).unwrap();
+    let set = &settings.listeners;
+    assert_eq!((set.public.max_connections_per_peer, set.public.max_connections), (256, 16_384));
+    assert_eq!((set.tls.max_connections_per_peer, set.tls.max_connections), (256, 16_384));
+    assert_eq!((set.control.max_connections_per_peer, set.control.max_connections), (64, 1024));
+    assert_eq!((set.admin.max_connections_per_peer, set.admin.max_connections), (16, 64));
+    // One head timeout for every listener: the public one's flag.
+    for bounds in [&set.public, &set.tls, &set.control, &set.admin] {
+        assert_eq!(bounds.header_timeout, Duration::from_secs(10));
+    }
+    assert_eq!(set.public.body, None, "public bodies stream to tenants untimed");
+    let body = isocloud_ingress::BodyBound { timeout: Duration::from_secs(30), min_rate_bytes_per_s: 16 * 1024 };
+    assert_eq!((set.control.body, set.admin.body), (Some(body), Some(body)));
+
+    let settings = parse(&serve(&[
+        "--header-timeout-s",
+        "2",
+        "--body-timeout-s",
+        "5",
+        "--min-body-rate-kb-s",
+        "0",
+        "--max-connections-per-peer",
+        "0",
+        "--max-connections",
+        "100",
+        "--control-max-connections-per-peer",
+        "3",
+        "--control-max-connections",
+        "7",
+        "--admin-max-connections-per-peer",
+        "1",
+        "--admin-max-connections",
+        "2",
+    ]))
+    .unwrap();
+    let set = &settings.listeners;
+    assert_eq!(set.control.header_timeout, Duration::from_secs(2));
+    assert_eq!(
+        set.admin.body,
+        Some(isocloud_ingress::BodyBound { timeout: Duration::from_secs(5), min_rate_bytes_per_s: 0 })
+    );
+    assert_eq!((set.public.max_connections_per_peer, set.public.max_connections), (0, 100));
+    assert_eq!((set.tls.max_connections_per_peer, set.tls.max_connections), (0, 100));
+    assert_eq!((set.control.max_connections_per_peer, set.control.max_connections), (3, 7));
+    assert_eq!((set.admin.max_connections_per_peer, set.admin.max_connections), (1, 2));
+
+    let config = data.path().join("isocloud.toml");
+    std::fs::write(&config, "control_max_connections_per_peer = 9\nbody_timeout_s = 12\nmax_connections = 500\n")
+        .unwrap();
+    let settings = parse(&with(dir, &["--config", config.to_str().unwrap(), "--max-connections", "600"])).unwrap();
+    assert_eq!(settings.listeners.control.max_connections_per_peer, 9);
+    assert_eq!(settings.listeners.control.body.unwrap().timeout, Duration::from_secs(12));
+    assert_eq!(settings.listeners.public.max_connections, 600, "the flag wins");
+
+    assert_eq!(field_of(&serve(&["--max-connections", "0"])), "max_connections");
+    assert_eq!(field_of(&serve(&["--body-timeout-s", "0"])), "body_timeout_s");
+    assert_eq!(field_of(&serve(&["--control-max-connections", "10"])), "control_max_connections_per_peer");
+    assert_eq!(field_of(&serve(&["--admin-max-connections-per-peer", "65"])), "admin_max_connections_per_peer");
+}

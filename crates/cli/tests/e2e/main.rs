@@ -20,6 +20,7 @@ mod egress;
 mod errors;
 mod hostile_http;
 mod hostile_limits;
+mod hostile_listeners;
 mod hostile_names;
 mod hostile_native;
 mod hostile_network;

@@ -1,0 +1,443 @@
+//! One connection on a bounded listener, from its accept to its close: the
+//! head watchdog (no complete request head within the head timeout of the
+//! accept or of the last response's end: closed), request bodies timed by
+//! their [`BodyBound`], and the per-peer and total caps (by the
+//! [`Permit`] it holds for as long as its socket lives, upgrades included).
+//!
+//! The watchdog is ours, not only hyper's `header_read_timeout`: hyper's
+//! starts once it reads a head, but the version sniffing before it (HTTP/1
+//! or the HTTP/2 preface) waits for bytes untimed, and HTTP/2 has no head
+//! timeout at all. hyper's stays set for HTTP/1 as a second line.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::{Service, service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::BoxError;
+use crate::bounds::{BodyBound, Breach, Gate, ListenerBounds, Permit};
+use crate::metrics::ListenerMetrics;
+
+/// A TLS client must finish its handshake within this (and within the head
+/// timeout, which counts from the accept).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection's shared state: its permit, what it has read, and its
+/// requests in flight (from head to the response body's end).
+pub(crate) struct ConnState {
+    _permit: Permit,
+    bytes_read: AtomicU64,
+    /// `bytes_read` when the last request in flight ended.
+    bytes_at_idle: AtomicU64,
+    requests: AtomicU64,
+    in_flight: watch::Sender<usize>,
+    /// A bound cut the connection (a body too slow): close it now.
+    cut: Notify,
+}
+
+impl ConnState {
+    fn new(permit: Permit) -> Arc<Self> {
+        Arc::new(Self {
+            _permit: permit,
+            bytes_read: AtomicU64::new(0),
+            bytes_at_idle: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            in_flight: watch::Sender::new(0),
+            cut: Notify::new(),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// A keep-alive connection between requests that has sent nothing since
+    /// its last one: closing it at the head timeout is ordinary, not a breach.
+    fn idle_keep_alive(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.bytes_read.load(Ordering::Relaxed) == self.bytes_at_idle.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the connection has had no request in flight for
+    /// `timeout` (from its accept, or from its last response's end).
+    async fn head_watchdog(&self, timeout: Duration) {
+        let mut in_flight = self.in_flight.subscribe();
+        loop {
+            // The sender lives in `self`: these never fail.
+            let _ = in_flight.wait_for(|n| *n == 0).await;
+            if tokio::time::timeout(timeout, in_flight.wait_for(|n| *n > 0)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One request, from its head to its response body's end.
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let conn = &self.0;
+        conn.in_flight.send_modify(|n| {
+            *n -= 1;
+            if *n == 0 {
+                conn.bytes_at_idle.store(conn.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+/// The socket, counting what it reads (see [`ConnState::idle_keep_alive`])
+/// and holding the connection's state, permit included, as long as it lives.
+struct CountingIo<T> {
+    inner: T,
+    conn: Arc<ConnState>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            this.conn.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+pub(crate) struct InFlightBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body on a listener whose bodies are timed (control, admin):
+/// past its [`BodyBound`] it ends with an error and the connection is cut.
+pub struct BoundedBody {
+    inner: Incoming,
+    timer: Option<BodyTimer>,
+    /// The bound was broken: the connection is being cut.
+    cut: bool,
+}
+
+struct BodyTimer {
+    bound: BodyBound,
+    started: tokio::time::Instant,
+    received: u64,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    gate: Arc<Gate>,
+    conn: Arc<ConnState>,
+}
+
+/// What a request body that broke its bound ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body arrived too slowly")]
+pub struct BodyTooSlow;
+
+impl BoundedBody {
+    fn new(inner: Incoming, gate: &Arc<Gate>, conn: &Arc<ConnState>) -> Self {
+        let timer = match gate.bounds.body {
+            Some(bound) if !inner.is_end_stream() => {
+                let started = tokio::time::Instant::now();
+                Some(BodyTimer {
+                    bound,
+                    started,
+                    received: 0,
+                    sleep: Box::pin(tokio::time::sleep_until(started + bound.allowed(0))),
+                    gate: gate.clone(),
+                    conn: conn.clone(),
+                })
+            }
+            _ => None,
+        };
+        Self { inner, timer, cut: false }
+    }
+}
+
+impl Body for BoundedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.cut {
+            return Poll::Ready(Some(Err(Box::new(BodyTooSlow))));
+        }
+        // The bytes first: a body that has arrived is never cut for the
+        // handler's slowness in reading it.
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(timer), Some(data)) = (this.timer.as_mut(), frame.data_ref()) {
+                    timer.received += data.len() as u64;
+                    let deadline = timer.started + timer.bound.allowed(timer.received);
+                    timer.sleep.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                this.timer = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some(timer) = this.timer.as_mut()
+                    && timer.sleep.as_mut().poll(cx).is_ready()
+                {
+                    timer.gate.breach(Breach::BodyTimeout);
+                    tracing::debug!(listener = timer.gate.bounds.listener.label(), "request body too slow: cut");
+                    timer.conn.cut.notify_one();
+                    this.timer = None;
+                    this.cut = true;
+                    // Not the error yet: on HTTP/1 the handler would answer
+                    // it (axum: 400) in this very poll. The connection's
+                    // task drops the connection first (its select is
+                    // biased to the cut); on HTTP/2, where the handler has
+                    // a task of its own, the next poll ends the body.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.cut && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection builder with the listener's head timeout (HTTP/1's second
+/// line, see the module's note) and head size bound.
+pub(crate) fn builder(bounds: &ListenerBounds, max_header_bytes: Option<usize>) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(bounds.header_timeout);
+    if let Some(max) = max_header_bytes {
+        // hyper answers 431 itself when the head does not fit (HTTP/1.1),
+        // and refuses an oversized header list (HTTP/2).
+        builder.http1().max_buf_size(max.max(8192));
+        builder.http2().max_header_list_size(max as u32);
+    }
+    builder
+}
+
+/// A connection admitted under its listener's caps.
+pub(crate) struct Accepted {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    permit: Permit,
+}
+
+/// Admits a just-accepted connection through `gate`, or closes it (the
+/// breach is counted).
+pub(crate) fn admit(gate: &Arc<Gate>, stream: TcpStream, peer: SocketAddr) -> Option<Accepted> {
+    match gate.admit(peer.ip()) {
+        Ok(permit) => {
+            let _ = stream.set_nodelay(true);
+            Some(Accepted { stream, peer, permit })
+        }
+        Err(breach) => {
+            // Debug, not warn: a flood of these must not flood the log too.
+            tracing::debug!(listener = gate.bounds.listener.label(), %peer, reason = breach.label(), "connection refused");
+            None
+        }
+    }
+}
+
+type ServeResult = Result<(), BoxError>;
+
+/// Serves one admitted connection with `make_service`'s service until it
+/// ends, the head watchdog fires or a bound cuts it.
+pub(crate) async fn serve_connection<F, S, B>(
+    accepted: Accepted,
+    tls: Option<TlsAcceptor>,
+    gate: Arc<Gate>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Option<Watcher>,
+    make_service: F,
+) where
+    F: FnOnce(&Arc<ConnState>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let Accepted { stream, peer, permit } = accepted;
+    let conn = ConnState::new(permit);
+    let inner = make_service(&conn);
+    let tracked = conn.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let in_flight = tracked.begin();
+        let answer = inner.call(request);
+        async move {
+            let response = answer.await?;
+            Ok::<_, S::Error>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
+        }
+    });
+    let io = CountingIo { inner: stream, conn: conn.clone() };
+    let serve = async move {
+        match tls {
+            None => Some(run(builder, TokioIo::new(io), service, watcher).await),
+            Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(stream)) => Some(run(builder, TokioIo::new(stream), service, watcher).await),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    Some(Ok(()))
+                }
+                Err(_) => None,
+            },
+        }
+    };
+    let head_timeout = gate.bounds.header_timeout;
+    let timed_out = tokio::select! {
+        // A cut first: see `BoundedBody::poll_frame`.
+        biased;
+        () = conn.cut.notified() => false,
+        () = conn.head_watchdog(head_timeout) => true,
+        result = serve => match result {
+            // The TLS handshake's own bound.
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(e)) => {
+                let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                if !timed_out {
+                    tracing::trace!(%peer, error = %e, "connection ended with an error");
+                }
+                timed_out
+            }
+        },
+    };
+    if timed_out && !conn.idle_keep_alive() {
+        tracing::debug!(listener = gate.bounds.listener.label(), %peer, "no request head within the head timeout: cut");
+        gate.breach(Breach::HeadTimeout);
+    }
+}
+
+async fn run<I, S, B>(builder: auto::Builder<TokioExecutor>, io: I, service: S, watcher: Option<Watcher>) -> ServeResult
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    match watcher {
+        Some(watcher) => watcher.watch(connection.into_owned()).await,
+        None => connection.await,
+    }
+}
+
+/// Serves `service` on `listener` within `bounds` until the task is
+/// dropped: the control plane's and the admin listener's loop. Request
+/// bodies reach the service as [`BoundedBody`].
+pub async fn serve_bounded<S, B>(listener: TcpListener, bounds: ListenerBounds, metrics: ListenerMetrics, service: S)
+where
+    S: Service<Request<BoundedBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builder = builder(&bounds, None);
+    let gate = Gate::new(bounds, metrics);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = gate.bounds.listener.label(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(accepted) = admit(&gate, stream, peer) else { continue };
+        let service = service.clone();
+        let for_bodies = gate.clone();
+        tokio::spawn(serve_connection(
+            accepted,
+            None,
+            gate.clone(),
+            builder.clone(),
+            None,
+            move |conn: &Arc<ConnState>| {
+                let conn = conn.clone();
+                service_fn(move |request: Request<Incoming>| {
+                    service.call(request.map(|body| BoundedBody::new(body, &for_bodies, &conn)))
+                })
+            },
+        ));
+    }
+}
