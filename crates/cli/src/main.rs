@@ -9,6 +9,7 @@ mod origins;
 mod resources;
 mod sandbox;
 mod settings;
+mod webhook_metrics;
 
 use std::sync::Arc;
 
@@ -175,6 +176,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         _ => None,
     };
     let control_plane_origin = control_plane.as_ref().map(|(cp, _)| cp.origin());
+    if let Some((control_plane, _)) = &control_plane {
+        webhook_metrics::register(&mut registry, control_plane.clone());
+    }
 
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,

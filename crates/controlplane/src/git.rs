@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,6 +65,34 @@ pub(crate) struct WebhookGate {
     /// The key a delivery to a project without git settings (or to no
     /// project) is checked against, so it costs the same HMAC as any other.
     pub unknown_project_key: [u8; 32],
+    /// Deliveries refused, by why, for `/metrics`.
+    pub refused: [AtomicU64; WebhookRefusal::ALL.len()],
+}
+
+/// Why the webhook refused a delivery before it was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookRefusal {
+    /// [`MAX_WEBHOOK_BODIES_AT_ONCE`] bodies were being read (503).
+    Busy,
+    /// The body took longer than [`WEBHOOK_BODY_TIMEOUT`] (408).
+    BodyTimeout,
+    /// The body was over [`MAX_WEBHOOK_BODY_BYTES`] (413).
+    TooLarge,
+    /// Not signed with the project's secret (401).
+    Unsigned,
+}
+
+impl WebhookRefusal {
+    pub const ALL: [WebhookRefusal; 4] = [Self::Busy, Self::BodyTimeout, Self::TooLarge, Self::Unsigned];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::BodyTimeout => "body_timeout",
+            Self::TooLarge => "too_large",
+            Self::Unsigned => "unsigned",
+        }
+    }
 }
 
 impl WebhookGate {
@@ -72,7 +101,21 @@ impl WebhookGate {
         Self {
             bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOK_BODIES_AT_ONCE)),
             unknown_project_key: rand::rng().random(),
+            refused: Default::default(),
         }
+    }
+
+    pub fn count(&self, refusal: WebhookRefusal) {
+        self.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl ControlPlane {
+    /// How many webhook deliveries this process refused before they were
+    /// authenticated, by reason (`busy`, `body_timeout`, `too_large`,
+    /// `unsigned`), for `/metrics`.
+    pub fn webhook_refusals(&self) -> [(&'static str, u64); WebhookRefusal::ALL.len()] {
+        WebhookRefusal::ALL.map(|r| (r.label(), self.webhook_gate.refused[r as usize].load(Ordering::Relaxed)))
     }
 }
 

@@ -304,6 +304,16 @@ async fn stalled_webhook_bodies_are_bounded() {
     }
     assert!(started.elapsed() >= Duration::from_millis(9500), "cut after {:?}", started.elapsed());
     assert_eq!(ping(&serve).await.0, 200, "the webhook answers again");
+
+    // Each refusal is counted in /metrics (24 + the signed ping's busy).
+    let metrics = serve.runner.metrics().await;
+    for sample in [
+        r#"isocloud_webhook_refused_total{reason="busy"} 25"#,
+        r#"isocloud_webhook_refused_total{reason="body_timeout"} 16"#,
+        r#"isocloud_webhook_refused_total{reason="too_large"} 1"#,
+    ] {
+        assert!(metrics.contains(sample), "no {sample} in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

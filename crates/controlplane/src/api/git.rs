@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::projects::{not_found, project_or_404};
 use super::{ApiJson, ApiPath, AppState, check, parse_json, views};
 use crate::error::ApiError;
-use crate::git::{MAX_WEBHOOK_BODIES_AT_ONCE, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_BODY_TIMEOUT};
+use crate::git::{MAX_WEBHOOK_BODIES_AT_ONCE, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_BODY_TIMEOUT, WebhookRefusal};
 use crate::origin::file_specifier;
 use crate::store::StoreError;
 use crate::store::deliveries;
@@ -145,6 +145,7 @@ fn error_response(status: StatusCode, code: &str, message: String) -> Response {
 pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<String>, request: Request) -> Response {
     // Past the bound the body is not read at all.
     let Ok(permit) = Arc::clone(&cp.webhook_gate.bodies).try_acquire_owned() else {
+        cp.webhook_gate.count(WebhookRefusal::Busy);
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "CAPACITY",
@@ -155,7 +156,14 @@ pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<S
     };
     match receive(&cp, &name, request, permit).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            match &e {
+                ApiError::Unauthorized(_) => cp.webhook_gate.count(WebhookRefusal::Unsigned),
+                ApiError::PayloadTooLarge(_) => cp.webhook_gate.count(WebhookRefusal::TooLarge),
+                _ => {}
+            }
+            e.into_response()
+        }
     }
 }
 
@@ -218,6 +226,7 @@ async fn receive(
         Ok(body) => body,
         Err(BodyError::Api(e)) => return Err(e),
         Err(BodyError::TooSlow) => {
+            cp.webhook_gate.count(WebhookRefusal::BodyTimeout);
             let mut response = error_response(
                 StatusCode::REQUEST_TIMEOUT,
                 "REQUEST_TIMEOUT",
