@@ -9,6 +9,7 @@ mod origins;
 mod resources;
 mod sandbox;
 mod settings;
+mod store_metrics;
 mod webhook_metrics;
 
 use std::sync::Arc;
@@ -66,9 +67,14 @@ fn init_tracing(format: LogFormat) {
 async fn run(settings: Settings) -> anyhow::Result<()> {
     resources::raise_descriptor_limit();
     let (deno, deno_version) = deno::find_deno(settings.deno.as_deref())?;
-    std::fs::create_dir_all(&settings.state_dir)
-        .with_context(|| format!("cannot create the state dir {}", settings.state_dir.display()))?;
+    set_umask();
+    // Tenants' logs on their way (the spool) and code (the cache) live
+    // here: private whatever the directory was (#21).
+    isocloud_controlplane::private::ensure_dir(&settings.state_dir, "state dir")?;
     let state_dir = settings.state_dir.canonicalize()?;
+    for (dir, what) in [("spool", "activity spool"), ("cache", "cache")] {
+        isocloud_controlplane::private::ensure_dir(&state_dir.join(dir), what)?;
+    }
     let harness_dir = isocloud_sandbox::install_harness(&state_dir).context("cannot install the isolate harness")?;
     let cache =
         Arc::new(DiskCache::open(&state_dir.join("cache"), settings.cache_max_bytes).context("cannot open the cache")?);
@@ -176,6 +182,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         _ => None,
     };
     let control_plane_origin = control_plane.as_ref().map(|(cp, _)| cp.origin());
+    if let Some((control_plane, _)) = &control_plane {
+        store_metrics::register(&mut registry, control_plane.clone());
+    }
     if let Some((control_plane, _)) = &control_plane {
         webhook_metrics::register(&mut registry, control_plane.clone());
     }
@@ -323,6 +332,19 @@ fn log_listener_bounds(settings: &Settings) {
         admin = format!("{}/{}", set.admin.max_connections_per_peer, set.admin.max_connections),
         "listener bounds (connections per peer/in all; public includes TLS, each its own)"
     );
+}
+
+/// The server's own umask, whatever it was started with: nothing it makes
+/// is open to other users unless made so on purpose. The sandbox relaxes it
+/// to `022` when isolates run as other uids and must read the files made
+/// for them; what must stay private (the data dir, the state dir, the
+/// spool) is made `0700`/`0600` with explicit modes either way.
+fn set_umask() {
+    // Before any other thread makes files.
+    let inherited = isocloud_controlplane::private::set_private_umask();
+    if inherited != 0o077 {
+        tracing::info!(inherited = format!("{inherited:03o}"), "umask set to 077");
+    }
 }
 
 /// Boot admission as set, or from this machine's cores and memory (logged:

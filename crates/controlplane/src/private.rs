@@ -101,6 +101,14 @@ fn tighten(path: &Path, meta: &std::fs::Metadata, what: &str, private_mode: u32)
     Ok(())
 }
 
+/// Sets the process's umask to `077` (the server's own, whatever it was
+/// started with) and returns the one it had. Call once at start, before
+/// other threads make files.
+pub fn set_private_umask() -> u32 {
+    // SAFETY: umask has no preconditions and cannot fail.
+    (unsafe { libc::umask(0o077) }) as u32
+}
+
 /// Free bytes for an unprivileged writer on the file system of `path`.
 pub fn free_bytes(path: &Path) -> Option<u64> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;

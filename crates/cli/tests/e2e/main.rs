@@ -25,6 +25,7 @@ mod hostile_names;
 mod hostile_native;
 mod hostile_network;
 mod hostile_sandbox;
+mod hostile_store;
 mod hostile_webhooks;
 mod isolate_uids;
 mod layers;
