@@ -39,10 +39,9 @@ use crate::metrics::ListenerMetrics;
 /// timeout, which counts from the accept).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection's shared state: its permit, what it has read, and its
-/// requests in flight (from head to the response body's end).
+/// A connection's shared state: what it has read, and its requests in
+/// flight (from head to the response body's end).
 pub(crate) struct ConnState {
-    _permit: Permit,
     bytes_read: AtomicU64,
     /// `bytes_read` when the last request in flight ended.
     bytes_at_idle: AtomicU64,
@@ -53,9 +52,8 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
-    fn new(permit: Permit) -> Arc<Self> {
+    fn new() -> Arc<Self> {
         Arc::new(Self {
-            _permit: permit,
             bytes_read: AtomicU64::new(0),
             bytes_at_idle: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -107,8 +105,12 @@ impl Drop for InFlight {
 }
 
 /// The socket, counting what it reads (see [`ConnState::idle_keep_alive`])
-/// and holding the connection's state, permit included, as long as it lives.
+/// and holding the connection's permit as long as it lives (through an
+/// upgrade too).
 struct CountingIo<T> {
+    // Dropped before the socket: once a peer sees its connection closed,
+    // its place is free again.
+    _permit: Permit,
     inner: T,
     conn: Arc<ConnState>,
 }
@@ -332,7 +334,7 @@ pub(crate) async fn serve_connection<F, S, B>(
     B::Error: Into<BoxError>,
 {
     let Accepted { stream, peer, permit } = accepted;
-    let conn = ConnState::new(permit);
+    let conn = ConnState::new();
     let inner = make_service(&conn);
     let tracked = conn.clone();
     let service = service_fn(move |request: Request<Incoming>| {
@@ -343,7 +345,7 @@ pub(crate) async fn serve_connection<F, S, B>(
             Ok::<_, S::Error>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
         }
     });
-    let io = CountingIo { inner: stream, conn: conn.clone() };
+    let io = CountingIo { _permit: permit, inner: stream, conn: conn.clone() };
     let serve = async move {
         match tls {
             None => Some(run(builder, TokioIo::new(io), service, watcher).await),
