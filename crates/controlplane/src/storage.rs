@@ -81,8 +81,9 @@ impl ControlPlane {
         self.storage.figures()
     }
 
-    /// Measures the storage figures now.
-    pub(crate) async fn measure_storage(&self) {
+    /// Measures the storage figures now (the background does it every
+    /// [`REFRESH_INTERVAL`]).
+    pub async fn measure_storage(&self) {
         match self.store.size_bytes().await {
             Ok(bytes) => self.storage.database_bytes.store(bytes, Ordering::Relaxed),
             Err(e) => tracing::warn!(target: "isocloud::controlplane", error = %e, "measuring the database failed"),

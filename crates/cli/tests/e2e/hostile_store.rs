@@ -392,6 +392,11 @@ async fn a_full_disk_is_507_storage_full_and_recovers() {
     std::fs::remove_file(filler).unwrap();
     let (status, text) = upload(&serve, &blob(2)).await;
     assert_eq!(status, 201, "{text}");
+    for i in 0..12 {
+        let response =
+            api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": format!("after-{i}")}))).await;
+        assert_eq!(response.status().as_u16(), 201, "{}", response.text().await.unwrap());
+    }
     assert_eq!(get(&serve, "app").await, (200, "still serving".to_owned()));
     drop(serve);
 }

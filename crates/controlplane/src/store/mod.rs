@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Row, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +158,17 @@ impl Store {
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
                     }
                     Ok(())
+                })
+            })
+            .before_acquire(move |conn, _| {
+                Box::pin(async move {
+                    // A write that SQLite refused mid-transaction (SQLITE_FULL
+                    // rolls back by itself) leaves sqlx's own transaction count
+                    // at one, as its ROLLBACK then fails: every later
+                    // `BEGIN IMMEDIATE` on that connection would fail too.
+                    // Such a connection is closed and replaced (the rollback
+                    // was flushed when it was released, so the count is true).
+                    Ok(backend != Backend::Sqlite || !conn.is_in_transaction())
                 })
             })
             .connect_with(options)

@@ -15,4 +15,5 @@ mod manifests;
 mod origin;
 mod projects;
 mod restart;
+mod storage;
 mod webhook_bounds;
