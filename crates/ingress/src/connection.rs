@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +25,6 @@ use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -46,6 +45,9 @@ pub(crate) struct ConnState {
     /// `bytes_read` when the last request in flight ended.
     bytes_at_idle: AtomicU64,
     requests: AtomicU64,
+    /// HTTP/2: control frames (window updates, pings, settings) may arrive
+    /// between requests, so bytes read say nothing of a head under way.
+    http2: AtomicBool,
     in_flight: watch::Sender<usize>,
     /// A bound cut the connection (a body too slow): close it now.
     cut: Notify,
@@ -57,34 +59,45 @@ impl ConnState {
             bytes_read: AtomicU64::new(0),
             bytes_at_idle: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
             in_flight: watch::Sender::new(0),
             cut: Notify::new(),
         })
     }
 
-    fn begin(self: &Arc<Self>) -> InFlight {
+    fn begin(self: &Arc<Self>, version: http::Version) -> InFlight {
+        if version == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.send_modify(|n| *n += 1);
         InFlight(self.clone())
     }
 
     /// A keep-alive connection between requests that has sent nothing since
-    /// its last one: closing it at the head timeout is ordinary, not a breach.
+    /// its last one (HTTP/1; any HTTP/2 one that has had a request):
+    /// closing it at the head timeout is ordinary, not a breach. An HTTP/2
+    /// peer trickling a new stream's headers is still closed within the
+    /// graceful close's grace.
     fn idle_keep_alive(&self) -> bool {
         self.requests.load(Ordering::Relaxed) > 0
-            && self.bytes_read.load(Ordering::Relaxed) == self.bytes_at_idle.load(Ordering::Relaxed)
+            && (self.http2.load(Ordering::Relaxed)
+                || self.bytes_read.load(Ordering::Relaxed) == self.bytes_at_idle.load(Ordering::Relaxed))
     }
 
-    /// Returns once the connection has had no request in flight for
-    /// `timeout` (from its accept, or from its last response's end).
-    async fn head_watchdog(&self, timeout: Duration) {
+    /// Returns once the connection has had no request in flight until
+    /// `first_deadline` (the first head's), or for `timeout` since its last
+    /// request ended.
+    async fn head_watchdog(&self, first_deadline: tokio::time::Instant, timeout: Duration) {
         let mut in_flight = self.in_flight.subscribe();
+        let mut deadline = first_deadline;
         loop {
             // The sender lives in `self`: these never fail.
-            let _ = in_flight.wait_for(|n| *n == 0).await;
-            if tokio::time::timeout(timeout, in_flight.wait_for(|n| *n > 0)).await.is_err() {
+            if tokio::time::timeout_at(deadline, in_flight.wait_for(|n| *n > 0)).await.is_err() {
                 return;
             }
+            let _ = in_flight.wait_for(|n| *n == 0).await;
+            deadline = tokio::time::Instant::now() + timeout;
         }
     }
 }
@@ -313,16 +326,33 @@ pub(crate) fn admit(gate: &Arc<Gate>, stream: TcpStream, peer: SocketAddr) -> Op
     }
 }
 
-type ServeResult = Result<(), BoxError>;
+/// How a connection ended, for the breach count.
+enum Outcome {
+    /// Its own way: closed by the peer, an error, an upgrade, a drain.
+    Done(Result<(), BoxError>),
+    /// No complete head within the head timeout (or TLS handshake bound).
+    HeadTimeout,
+    /// Idle between requests at the head timeout: closed gracefully
+    /// (HTTP/2: GOAWAY), no breach.
+    Idle,
+    /// A body bound cut it (counted where it broke).
+    Cut,
+}
+
+/// How long an idle connection's graceful close may take before it is
+/// dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves one admitted connection with `make_service`'s service until it
-/// ends, the head watchdog fires or a bound cuts it.
+/// ends, the head watchdog fires or a bound cuts it. `drain`: the runner's
+/// shutdown (the connection then closes gracefully, and the runner waits
+/// for the receiver to drop).
 pub(crate) async fn serve_connection<F, S, B>(
     accepted: Accepted,
     tls: Option<TlsAcceptor>,
     gate: Arc<Gate>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: Option<Watcher>,
+    drain: Option<watch::Receiver<()>>,
     make_service: F,
 ) where
     F: FnOnce(&Arc<ConnState>) -> S,
@@ -333,12 +363,13 @@ pub(crate) async fn serve_connection<F, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let accepted_at = tokio::time::Instant::now();
     let Accepted { stream, peer, permit } = accepted;
     let conn = ConnState::new();
     let inner = make_service(&conn);
     let tracked = conn.clone();
     let service = service_fn(move |request: Request<Incoming>| {
-        let in_flight = tracked.begin();
+        let in_flight = tracked.begin(request.version());
         let answer = inner.call(request);
         async move {
             let response = answer.await?;
@@ -346,37 +377,44 @@ pub(crate) async fn serve_connection<F, S, B>(
         }
     });
     let io = CountingIo { _permit: permit, inner: stream, conn: conn.clone() };
-    let serve = async move {
+    let head_timeout = gate.bounds.header_timeout;
+    // The first head is due this long after the accept, TLS handshake included.
+    let first_deadline = accepted_at + head_timeout;
+    let serve = async {
         match tls {
-            None => Some(run(builder, TokioIo::new(io), service, watcher).await),
-            Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                Ok(Ok(stream)) => Some(run(builder, TokioIo::new(stream), service, watcher).await),
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    Some(Ok(()))
+            None => run(builder, TokioIo::new(io), service, drain, &conn, first_deadline, head_timeout).await,
+            Some(acceptor) => {
+                let handshake_deadline = first_deadline.min(accepted_at + TLS_HANDSHAKE_TIMEOUT);
+                match tokio::time::timeout_at(handshake_deadline, acceptor.accept(io)).await {
+                    Ok(Ok(stream)) => {
+                        run(builder, TokioIo::new(stream), service, drain, &conn, first_deadline, head_timeout).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        Outcome::Done(Ok(()))
+                    }
+                    Err(_) => Outcome::HeadTimeout,
                 }
-                Err(_) => None,
-            },
+            }
         }
     };
-    let head_timeout = gate.bounds.header_timeout;
-    let timed_out = tokio::select! {
+    let outcome = tokio::select! {
         // A cut first: see `BoundedBody::poll_frame`.
         biased;
-        () = conn.cut.notified() => false,
-        () = conn.head_watchdog(head_timeout) => true,
-        result = serve => match result {
-            // The TLS handshake's own bound.
-            None => true,
-            Some(Ok(())) => false,
-            Some(Err(e)) => {
-                let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-                if !timed_out {
-                    tracing::trace!(%peer, error = %e, "connection ended with an error");
-                }
-                timed_out
+        () = conn.cut.notified() => Outcome::Cut,
+        outcome = serve => outcome,
+    };
+    let timed_out = match outcome {
+        Outcome::HeadTimeout => true,
+        Outcome::Idle | Outcome::Cut | Outcome::Done(Ok(())) => false,
+        // hyper's own HTTP/1 head timeout (the second line).
+        Outcome::Done(Err(e)) => {
+            let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+            if !timed_out {
+                tracing::trace!(%peer, error = %e, "connection ended with an error");
             }
-        },
+            timed_out
+        }
     };
     if timed_out && !conn.idle_keep_alive() {
         tracing::debug!(listener = gate.bounds.listener.label(), %peer, "no request head within the head timeout: cut");
@@ -384,7 +422,17 @@ pub(crate) async fn serve_connection<F, S, B>(
     }
 }
 
-async fn run<I, S, B>(builder: auto::Builder<TokioExecutor>, io: I, service: S, watcher: Option<Watcher>) -> ServeResult
+/// Runs the connection until it ends; at the head timeout, drops it when
+/// a head was under way (or never came), else closes it gracefully.
+async fn run<I, S, B>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    drain: Option<watch::Receiver<()>>,
+    conn: &ConnState,
+    first_deadline: tokio::time::Instant,
+    head_timeout: Duration,
+) -> Outcome
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -395,9 +443,45 @@ where
     B::Error: Into<BoxError>,
 {
     let connection = builder.serve_connection_with_upgrades(io, service);
-    match watcher {
-        Some(watcher) => watcher.watch(connection.into_owned()).await,
-        None => connection.await,
+    tokio::pin!(connection);
+    let watchdog = conn.head_watchdog(first_deadline, head_timeout);
+    tokio::pin!(watchdog);
+    // The receiver lives until the connection ends: the runner's drain
+    // waits for every one to drop.
+    let mut drain = drain;
+    let drain_signal = async {
+        match drain.as_mut() {
+            // Sent at shutdown (or its sender gone): either way, drain.
+            Some(drain) => {
+                let _ = drain.changed().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(drain_signal);
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
+    let (mut draining, mut closing_idle) = (false, false);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                return if closing_idle { Outcome::Idle } else { Outcome::Done(result) };
+            }
+            () = &mut drain_signal, if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            () = &mut watchdog, if !closing_idle && !draining => {
+                if !conn.idle_keep_alive() {
+                    // A head under way, or never one: dropped unanswered.
+                    return Outcome::HeadTimeout;
+                }
+                connection.as_mut().graceful_shutdown();
+                grace.as_mut().reset(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                closing_idle = true;
+            }
+            () = &mut grace, if closing_idle => return Outcome::Idle,
+        }
     }
 }
 

@@ -7,9 +7,8 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Proxy;
@@ -49,7 +48,9 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver; at shutdown the value is sent (they
+    // close gracefully) and the drain waits for every receiver to drop.
+    let (drain_tx, drain_rx) = watch::channel(());
     let (accepted_tx, mut accepted) = mpsc::channel::<Admitted>(64);
     let acceptors: Vec<_> = listeners
         .into_iter()
@@ -73,7 +74,7 @@ pub async fn serve(
                     tls,
                     gate,
                     builder,
-                    Some(graceful.watcher()),
+                    Some(drain_rx.clone()),
                     move |_: &Arc<connection::ConnState>| {
                         service_fn(move |request| {
                             let proxy = proxy.clone();
@@ -89,7 +90,9 @@ pub async fn serve(
         acceptor.abort();
     }
     tracing::info!(drain_timeout_s = options.drain_timeout.as_secs_f64(), "shutting down: draining in-flight requests");
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await.is_err() {
+    drop(drain_rx);
+    let _ = drain_tx.send(());
+    if tokio::time::timeout(options.drain_timeout, drain_tx.closed()).await.is_err() {
         tracing::warn!("drain timeout reached; ending the remaining requests");
     }
     proxy.pool().shutdown().await;

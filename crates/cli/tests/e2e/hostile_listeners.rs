@@ -321,3 +321,31 @@ async fn a_listener_at_its_total_cap_closes_the_next_connection_from_anyone() {
     assert_eq!(breaches(&metrics, "control", "total_cap"), 1);
     assert_eq!(breaches(&metrics, "control", "per_peer_cap"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_idle_after_its_request_is_closed_at_the_head_timeout_without_a_breach() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let serve = ControlPlaneServe::start(&["--header-timeout-s", "1"]);
+    let stream = TcpStream::connect(serve.runner.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    // The probe: an h2c request is answered on it.
+    let request = hyper::Request::get(format!("http://nothing.localhost:{}/", serve.runner.addr.port()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("an answer over h2c");
+    assert_eq!(response.status(), 404);
+    drop(response);
+    // Then idle: HTTP/2 has no head timeout of its own (before the bound it
+    // stayed open for ever); closed (GOAWAY) at the runner's.
+    let idle_since = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "the idle h2c connection was still open after 5 s");
+    let after = idle_since.elapsed();
+    assert!(after >= Duration::from_millis(900), "closed after {after:?}, before the head timeout");
+
+    let metrics = serve.runner.metrics().await;
+    assert_eq!(breaches(&metrics, "public", "head_timeout"), 0, "an idle connection is no breach");
+}
