@@ -17,6 +17,10 @@ use crate::ControlPlane;
 
 /// How often the figures are measured.
 pub(crate) const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Below this much free space on the data dir's disk, a warning is logged
+/// (once, and once more when there is space again): a few minutes of
+/// uploads at the blob bound, before writes start failing.
+const LOW_FREE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The storage figures, as last measured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,6 +46,7 @@ pub(crate) struct Gauges {
     /// `u64::MAX`: unknown.
     free_bytes: AtomicU64,
     storage_full_errors: AtomicU64,
+    low_on_space: std::sync::atomic::AtomicBool,
 }
 
 impl Gauges {
@@ -96,6 +101,18 @@ impl ControlPlane {
         if let Ok((blob_bytes, free)) = measured {
             self.storage.blob_bytes.store(blob_bytes, Ordering::Relaxed);
             self.storage.free_bytes.store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+            let Some(free) = free else { return };
+            let low = free < LOW_FREE_BYTES;
+            if self.storage.low_on_space.swap(low, Ordering::Relaxed) != low {
+                let data_dir = self.options.data_dir.display().to_string();
+                if low {
+                    tracing::warn!(target: "isocloud::controlplane", data_dir, data_disk_free_bytes = free,
+                        "the data dir's disk is nearly full: writes will be refused with 507 STORAGE_FULL");
+                } else {
+                    tracing::info!(target: "isocloud::controlplane", data_dir, data_disk_free_bytes = free,
+                        "the data dir's disk has space again");
+                }
+            }
         }
     }
 }

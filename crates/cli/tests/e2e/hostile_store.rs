@@ -363,6 +363,9 @@ async fn a_full_disk_is_507_storage_full_and_recovers() {
         .unwrap();
     assert!(free > 0.0 && free <= 48.0 * 1024.0 * 1024.0, "{free}");
 
+    // A disk this small is "nearly full" from the start: the operator is told.
+    serve.runner.wait_for_log("the data dir's disk is nearly full");
+
     let filler = tmpfs.fill();
     let (status, text) = upload(&serve, &blob(2)).await;
     assert_eq!(status, 507, "{text}");
