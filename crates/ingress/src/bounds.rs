@@ -107,6 +107,9 @@ pub struct ListenerBounds {
     /// Connections one peer (an IPv4 address, an IPv6 /64) may hold; 0: no
     /// per-peer cap.
     pub max_connections_per_peer: usize,
+    /// Loopback peers are not capped per peer (only in all): see
+    /// [`ListenerDefaults::loopback_exempt`].
+    pub loopback_exempt: bool,
     /// Connections the listener holds at once.
     pub max_connections: usize,
 }
@@ -119,6 +122,12 @@ pub struct ListenerDefaults {
     pub max_connections: usize,
     /// Whether request bodies are timed (see [`ListenerBounds::body`]).
     pub body_bound: bool,
+    /// Whether loopback peers escape the per-peer cap. On the public
+    /// listeners they are the runner's own egress proxy (every isolate's
+    /// calls to other deployments, bounded per isolate and in all by the
+    /// proxy, and one tenant's must never use up another's) or a reverse
+    /// proxy on the host (which bounds its own clients).
+    pub loopback_exempt: bool,
     pub why: &'static str,
 }
 
@@ -131,6 +140,7 @@ pub const LISTENER_DEFAULTS: [ListenerDefaults; 4] = [
         max_connections_per_peer: 256,
         max_connections: 16_384,
         body_bound: false,
+        loopback_exempt: true,
         why: "browsers open about 6 connections per host, so 256 is ~40 busy browsers behind one NAT; a relay or CDN \
               in front connects from few addresses: raise it (or 0) there",
     },
@@ -139,6 +149,7 @@ pub const LISTENER_DEFAULTS: [ListenerDefaults; 4] = [
         max_connections_per_peer: 256,
         max_connections: 16_384,
         body_bound: false,
+        loopback_exempt: true,
         why: "the public listener's traffic over TLS: the same caps",
     },
     ListenerDefaults {
@@ -146,6 +157,7 @@ pub const LISTENER_DEFAULTS: [ListenerDefaults; 4] = [
         max_connections_per_peer: 64,
         max_connections: 1_024,
         body_bound: true,
+        loopback_exempt: false,
         why: "the CLI uploads 4 files at once and a dashboard tab opens ~6 connections, so 64 is a dozen CI jobs and \
               users behind one address; the API is for operators and CI, not for crowds",
     },
@@ -154,6 +166,7 @@ pub const LISTENER_DEFAULTS: [ListenerDefaults; 4] = [
         max_connections_per_peer: 16,
         max_connections: 64,
         body_bound: true,
+        loopback_exempt: false,
         why: "Prometheus and health checkers hold a connection or two each",
     },
 ];
@@ -168,6 +181,7 @@ impl ListenerBounds {
             header_timeout,
             body: row.body_bound.then_some(body),
             max_connections_per_peer: row.max_connections_per_peer,
+            loopback_exempt: row.loopback_exempt,
             max_connections: row.max_connections,
         }
     }
@@ -218,17 +232,21 @@ impl Gate {
     /// A permit for one more connection from `peer`, or the cap it would
     /// break (counted).
     pub(crate) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Breach> {
-        let key = PeerKey::of(peer);
+        let capped = self.bounds.max_connections_per_peer != 0
+            && !(self.bounds.loopback_exempt && peer.to_canonical().is_loopback());
+        let key = capped.then(|| PeerKey::of(peer));
         let result = {
             let mut held = self.held.lock().expect("gate lock");
-            let of_peer = held.per_peer.get(&key).copied().unwrap_or(0);
+            let of_peer = key.and_then(|key| held.per_peer.get(&key).copied()).unwrap_or(0);
             if held.total >= self.bounds.max_connections {
                 Err(Breach::TotalCap)
-            } else if self.bounds.max_connections_per_peer != 0 && of_peer >= self.bounds.max_connections_per_peer {
+            } else if key.is_some() && of_peer >= self.bounds.max_connections_per_peer {
                 Err(Breach::PerPeerCap)
             } else {
                 held.total += 1;
-                held.per_peer.insert(key, of_peer + 1);
+                if let Some(key) = key {
+                    held.per_peer.insert(key, of_peer + 1);
+                }
                 Ok(held.total)
             }
         };
@@ -258,7 +276,8 @@ impl Gate {
 /// One admitted connection; dropping it gives its place back.
 pub(crate) struct Permit {
     gate: Arc<Gate>,
-    key: PeerKey,
+    /// `None`: not counted per peer.
+    key: Option<PeerKey>,
 }
 
 impl Drop for Permit {
@@ -266,10 +285,12 @@ impl Drop for Permit {
         let total = {
             let mut held = self.gate.held.lock().expect("gate lock");
             held.total -= 1;
-            if let Some(n) = held.per_peer.get_mut(&self.key) {
+            if let Some(key) = self.key
+                && let Some(n) = held.per_peer.get_mut(&key)
+            {
                 *n -= 1;
                 if *n == 0 {
-                    held.per_peer.remove(&self.key);
+                    held.per_peer.remove(&key);
                 }
             }
             held.total

@@ -326,19 +326,6 @@ pub(crate) fn admit(gate: &Arc<Gate>, stream: TcpStream, peer: SocketAddr) -> Op
     }
 }
 
-/// How a connection ended, for the breach count.
-enum Outcome {
-    /// Its own way: closed by the peer, an error, an upgrade, a drain.
-    Done(Result<(), BoxError>),
-    /// No complete head within the head timeout (or TLS handshake bound).
-    HeadTimeout,
-    /// Idle between requests at the head timeout: closed gracefully
-    /// (HTTP/2: GOAWAY), no breach.
-    Idle,
-    /// A body bound cut it (counted where it broke).
-    Cut,
-}
-
 /// How long an idle connection's graceful close may take before it is
 /// dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -346,7 +333,8 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Serves one admitted connection with `make_service`'s service until it
 /// ends, the head watchdog fires or a bound cuts it. `drain`: the runner's
 /// shutdown (the connection then closes gracefully, and the runner waits
-/// for the receiver to drop).
+/// for the receiver to drop). Breaches are counted before the socket
+/// closes: a peer that sees the close finds it in `/metrics`.
 pub(crate) async fn serve_connection<F, S, B>(
     accepted: Accepted,
     tls: Option<TlsAcceptor>,
@@ -377,48 +365,60 @@ pub(crate) async fn serve_connection<F, S, B>(
         }
     });
     let io = CountingIo { _permit: permit, inner: stream, conn: conn.clone() };
-    let head_timeout = gate.bounds.header_timeout;
-    // The first head is due this long after the accept, TLS handshake included.
-    let first_deadline = accepted_at + head_timeout;
+    let head = HeadBound {
+        gate: &gate,
+        conn: &conn,
+        peer,
+        // The first head is due this long after the accept, TLS handshake included.
+        first_deadline: accepted_at + gate.bounds.header_timeout,
+    };
     let serve = async {
         match tls {
-            None => run(builder, TokioIo::new(io), service, drain, &conn, first_deadline, head_timeout).await,
+            None => run(builder, TokioIo::new(io), service, drain, &head).await,
             Some(acceptor) => {
-                let handshake_deadline = first_deadline.min(accepted_at + TLS_HANDSHAKE_TIMEOUT);
-                match tokio::time::timeout_at(handshake_deadline, acceptor.accept(io)).await {
-                    Ok(Ok(stream)) => {
-                        run(builder, TokioIo::new(stream), service, drain, &conn, first_deadline, head_timeout).await
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        Outcome::Done(Ok(()))
-                    }
-                    Err(_) => Outcome::HeadTimeout,
+                let handshake_deadline = head.first_deadline.min(accepted_at + TLS_HANDSHAKE_TIMEOUT);
+                // Pinned here so the socket outlives a timed-out handshake
+                // until its breach is counted; the timeout (and its timer)
+                // ends with the `let`.
+                let handshake = acceptor.accept(io);
+                tokio::pin!(handshake);
+                let shaken = tokio::time::timeout_at(handshake_deadline, handshake.as_mut()).await;
+                match shaken {
+                    Ok(Ok(stream)) => run(builder, TokioIo::new(stream), service, drain, &head).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => head.timed_out(),
                 }
             }
         }
     };
-    let outcome = tokio::select! {
-        // A cut first: see `BoundedBody::poll_frame`.
+    tokio::select! {
+        // A cut first (counted where the bound broke): see `BoundedBody::poll_frame`.
         biased;
-        () = conn.cut.notified() => Outcome::Cut,
-        outcome = serve => outcome,
-    };
-    let timed_out = match outcome {
-        Outcome::HeadTimeout => true,
-        Outcome::Idle | Outcome::Cut | Outcome::Done(Ok(())) => false,
-        // hyper's own HTTP/1 head timeout (the second line).
-        Outcome::Done(Err(e)) => {
-            let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-            if !timed_out {
-                tracing::trace!(%peer, error = %e, "connection ended with an error");
-            }
-            timed_out
+        () = conn.cut.notified() => {}
+        () = serve => {}
+    }
+}
+
+/// A connection's head timeout, and where its breach is counted.
+struct HeadBound<'a> {
+    gate: &'a Gate,
+    conn: &'a ConnState,
+    peer: SocketAddr,
+    first_deadline: tokio::time::Instant,
+}
+
+impl HeadBound<'_> {
+    /// The head timeout passed: a breach unless the connection was merely
+    /// idle between requests.
+    fn timed_out(&self) {
+        if !self.conn.idle_keep_alive() {
+            tracing::debug!(
+                listener = self.gate.bounds.listener.label(),
+                peer = %self.peer,
+                "no request head within the head timeout: cut"
+            );
+            self.gate.breach(Breach::HeadTimeout);
         }
-    };
-    if timed_out && !conn.idle_keep_alive() {
-        tracing::debug!(listener = gate.bounds.listener.label(), %peer, "no request head within the head timeout: cut");
-        gate.breach(Breach::HeadTimeout);
     }
 }
 
@@ -429,11 +429,8 @@ async fn run<I, S, B>(
     io: I,
     service: S,
     drain: Option<watch::Receiver<()>>,
-    conn: &ConnState,
-    first_deadline: tokio::time::Instant,
-    head_timeout: Duration,
-) -> Outcome
-where
+    head: &HeadBound<'_>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -444,7 +441,7 @@ where
 {
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let watchdog = conn.head_watchdog(first_deadline, head_timeout);
+    let watchdog = head.conn.head_watchdog(head.first_deadline, head.gate.bounds.header_timeout);
     tokio::pin!(watchdog);
     // The receiver lives until the connection ends: the runner's drain
     // waits for every one to drop.
@@ -465,22 +462,33 @@ where
     loop {
         tokio::select! {
             result = connection.as_mut() => {
-                return if closing_idle { Outcome::Idle } else { Outcome::Done(result) };
+                if let Err(e) = result {
+                    // hyper's own HTTP/1 head timeout (the second line).
+                    if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                        if !closing_idle {
+                            head.timed_out();
+                        }
+                    } else {
+                        tracing::trace!(peer = %head.peer, error = %e, "connection ended with an error");
+                    }
+                }
+                return;
             }
             () = &mut drain_signal, if !draining => {
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
             () = &mut watchdog, if !closing_idle && !draining => {
-                if !conn.idle_keep_alive() {
-                    // A head under way, or never one: dropped unanswered.
-                    return Outcome::HeadTimeout;
+                if !head.conn.idle_keep_alive() {
+                    // A head under way, or never one: counted, then dropped unanswered.
+                    head.timed_out();
+                    return;
                 }
                 connection.as_mut().graceful_shutdown();
                 grace.as_mut().reset(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                 closing_idle = true;
             }
-            () = &mut grace, if closing_idle => return Outcome::Idle,
+            () = &mut grace, if closing_idle => return,
         }
     }
 }

@@ -11,6 +11,7 @@ fn bounds(per_peer: usize, total: usize) -> ListenerBounds {
         header_timeout: Duration::from_secs(10),
         body: None,
         max_connections_per_peer: per_peer,
+        loopback_exempt: false,
         max_connections: total,
     }
 }
@@ -118,4 +119,33 @@ fn a_listeners_series_show_zero_from_the_start() {
         );
     }
     assert!(!text.contains(r#"reason="body_timeout""#), "no body bound, no body series: {text}");
+}
+
+#[test]
+fn loopback_peers_escape_the_per_peer_cap_only_where_exempt_and_never_the_total() {
+    let mut registry = Registry::default();
+    let metrics = ListenerMetrics::new(&mut registry);
+    let public = Gate::new(ListenerBounds { loopback_exempt: true, ..bounds(1, 4) }, metrics.clone());
+    let loopback: Vec<Permit> = ["127.0.0.1", "127.0.0.1", "::1", "::ffff:127.0.0.1"]
+        .iter()
+        .map(|peer| public.admit(ip(peer)).expect("loopback is not capped per peer here"))
+        .collect();
+    assert_eq!(public.held(), (4, 0), "counted in all, not per peer");
+    assert_eq!(public.admit(ip("127.0.0.1")).err(), Some(Breach::TotalCap));
+    drop(loopback);
+    let _remote = public.admit(ip("10.0.0.1")).unwrap();
+    assert_eq!(public.admit(ip("10.0.0.1")).err(), Some(Breach::PerPeerCap), "remote peers still are");
+
+    let (control, _registry) = gate(1, 4);
+    let _held = control.admit(ip("127.0.0.1")).unwrap();
+    assert_eq!(control.admit(ip("127.0.0.1")).err(), Some(Breach::PerPeerCap), "not exempt: capped");
+    let defaults = |kind| {
+        ListenerBounds::defaults(
+            kind,
+            Duration::from_secs(1),
+            BodyBound { timeout: Duration::from_secs(1), min_rate_bytes_per_s: 0 },
+        )
+    };
+    assert!(defaults(ListenerKind::Public).loopback_exempt && defaults(ListenerKind::Tls).loopback_exempt);
+    assert!(!defaults(ListenerKind::Control).loopback_exempt && !defaults(ListenerKind::Admin).loopback_exempt);
 }
