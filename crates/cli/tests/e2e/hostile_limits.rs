@@ -325,9 +325,7 @@ async fn thousands_of_concurrent_requests_to_one_isolate_leave_the_runner_servin
         )],
     )
     .app("n", &[("main.ts", NEIGHBOUR)]);
-    // Thousands of connections from one address stand for thousands of
-    // clients here: no per-peer cap (hostile_listeners tests that one).
-    let runner = apps.serve(&["--max-connections-per-peer", "0"]);
+    let runner = apps.serve(&[]);
     let neighbour = pid(&runner, "n.localhost", "/").await;
     let flooded = {
         let response = runner.get("flooded.localhost", "/").await;
