@@ -4,7 +4,7 @@
 //
 //   node tools/eszip/build.mjs --root DIR --out FILE.eszip
 //        [--base file:///src/] [--remote DIR2] [--import-map SPECIFIER]
-//        ENTRY_SPECIFIER...
+//        [--rename-ts-to-tsx] ENTRY_SPECIFIER...
 //
 // Loading rules (the loader handed to `build(roots, loader)`):
 //   * `<base><path>` (default base `file:///src/`) is read from `DIR/<path>`.
@@ -15,6 +15,10 @@
 //     exists, its first line is the URL the request redirects to (this is
 //     how tests get redirect entries into an archive). Without `--remote`,
 //     remote imports are an error: this tool never uses the network.
+//   * With `--rename-ts-to-tsx`, a local `<base><path>.ts` is read from
+//     `DIR/<path>.ts` but answered as `<base><path>.tsx`, as a subhoster's
+//     loader that renamed its modules did: the archive holds a redirect
+//     from each `.ts` specifier to its `.tsx`.
 //   * `node:` imports are left external (not in the archive).
 //   * Anything else, or a missing file, fails the build.
 //
@@ -31,7 +35,7 @@ import process from "node:process";
 const USAGE =
   "usage: node tools/eszip/build.mjs --root DIR --out FILE.eszip " +
   "[--base file:///src/] [--remote DIR2] [--import-map SPECIFIER] " +
-  "ENTRY_SPECIFIER...";
+  "[--rename-ts-to-tsx] ENTRY_SPECIFIER...";
 
 const MAX_REDIRECTS = 10;
 
@@ -44,6 +48,7 @@ function parseArgs(argv) {
     base: "file:///src/",
     remote: undefined,
     importMap: undefined,
+    renameTsToTsx: false,
     entries: [],
   };
   const takesValue = {
@@ -60,7 +65,9 @@ function parseArgs(argv) {
       process.exit(0);
     }
     const key = takesValue[arg];
-    if (key !== undefined) {
+    if (arg === "--rename-ts-to-tsx") {
+      opts.renameTsToTsx = true;
+    } else if (key !== undefined) {
       const value = argv[++i];
       if (value === undefined) throw new UsageError(`${arg} needs a value`);
       opts[key] = value;
@@ -141,6 +148,9 @@ function makeLoader(opts) {
     const content = await readIfFile(file);
     if (content === undefined) {
       throw new Error(`${specifier}: no file ${file}`);
+    }
+    if (opts.renameTsToTsx && specifier.endsWith(".ts")) {
+      return { kind: "module", specifier: `${specifier}x`, content };
     }
     return { kind: "module", specifier, content };
   };

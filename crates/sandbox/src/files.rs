@@ -281,7 +281,8 @@ impl IsolateFiles {
         let mut locations: BTreeMap<&Url, PathBuf> = BTreeMap::new();
         for (specifier, module) in &deployment.modules {
             let (path, mapping) = files.place(specifier, module.kind)?;
-            write_module(&path, &module.source)?;
+            let written_as = file_url(&files.guest_path(&path));
+            write_module(&path, &with_origin_meta(specifier, &written_as, module.kind, &module.source))?;
             match mapping {
                 Mapping::Covered => {}
                 Mapping::Prefix(from, to) => {
@@ -295,7 +296,11 @@ impl IsolateFiles {
         }
         for (from, to) in &deployment.redirects {
             if let Some(path) = locations.get(to) {
-                imports.insert(from.to_string(), file_url(&files.guest_path(path)));
+                let target = file_url(&files.guest_path(path));
+                if let Some(neighbours_see) = files.neighbour_url(from) {
+                    imports.entry(neighbours_see).or_insert_with(|| target.clone());
+                }
+                imports.insert(from.to_string(), target);
             }
         }
         // The import maps ESZIP layers carry: their bare (and relative)
@@ -625,10 +630,11 @@ impl IsolateFiles {
             .unwrap_or_else(|| host.to_owned())
     }
 
-    /// Where a module goes on disk and how the import map reaches it.
-    fn place(&self, specifier: &Url, kind: ModuleKind) -> Result<(PathBuf, Mapping), SandboxError> {
+    /// The root a specifier's module is written under, the path segments
+    /// below it, and the import-map prefix that reaches the root (if any).
+    fn root_of(&self, specifier: &Url) -> Result<(PathBuf, Vec<String>, Option<(String, PathBuf)>), SandboxError> {
         let bad = || SandboxError::BadSpecifier(specifier.to_string());
-        let (root, segments, prefix) = match specifier.scheme() {
+        Ok(match specifier.scheme() {
             "file" => {
                 let segments = decoded_segments(specifier).ok_or_else(bad)?;
                 match specifier.host_str().filter(|h| !h.is_empty()) {
@@ -664,7 +670,27 @@ impl IsolateFiles {
                 (self.modules.join("scheme").join(scheme), vec![digest], None)
             }
             _ => return Err(bad()),
-        };
+        })
+    }
+
+    /// The URL a module's neighbour reaches when it imports `specifier`
+    /// relatively: the neighbour runs from where it was written, so the
+    /// import resolves under that root. A redirect's source has no file
+    /// there; the import map must send this URL to the redirect's target.
+    fn neighbour_url(&self, specifier: &Url) -> Option<String> {
+        if specifier.cannot_be_a_base() || specifier.query().is_some() {
+            return None;
+        }
+        let (root, segments, _) = self.root_of(specifier).ok()?;
+        let path = segments.iter().fold(root, |path, segment| path.join(segment));
+        let url = file_url(&self.guest_path(&path));
+        (url != specifier.as_str()).then_some(url)
+    }
+
+    /// Where a module goes on disk and how the import map reaches it.
+    fn place(&self, specifier: &Url, kind: ModuleKind) -> Result<(PathBuf, Mapping), SandboxError> {
+        let bad = || SandboxError::BadSpecifier(specifier.to_string());
+        let (root, segments, prefix) = self.root_of(specifier)?;
         let mut path = root.clone();
         for segment in &segments {
             path.push(segment);
@@ -801,6 +827,59 @@ pub(crate) fn make_mount_points(root: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A module's `import.meta` as the origin named it: Deno's ESZIP loader runs
+/// a module under its specifier (`file://slug/v1/main.ts`, `https://…`,
+/// `netlify:…`), while this isolate loads it from where it was written.
+/// Only a module that reads `import.meta` gets the one-line prelude (on the
+/// first line, so stack traces keep their line numbers); a file that does
+/// not mention it may be CommonJS, where `import.meta` is a syntax error.
+fn with_origin_meta<'a>(
+    specifier: &Url,
+    written_as: &str,
+    kind: ModuleKind,
+    source: &'a [u8],
+) -> std::borrow::Cow<'a, [u8]> {
+    use std::borrow::Cow;
+    if kind != ModuleKind::JavaScript
+        || specifier.as_str() == written_as
+        || memchr::memmem::find(source, b"import.meta").is_none()
+    {
+        return Cow::Borrowed(source);
+    }
+    let url = serde_json::to_string(specifier.as_str()).expect("a string serializes");
+    let local_path = (specifier.scheme() == "file" && specifier.host_str().is_none_or(str::is_empty))
+        .then(|| specifier.to_file_path().ok())
+        .flatten();
+    let (filename, dirname) = match &local_path {
+        Some(path) => (
+            serde_json::to_string(&path.to_string_lossy()).expect("a string serializes"),
+            serde_json::to_string(&path.parent().unwrap_or(Path::new("/")).to_string_lossy())
+                .expect("a string serializes"),
+        ),
+        None => ("undefined".to_owned(), "undefined".to_owned()),
+    };
+    // Relative specifiers resolve against the origin's URL, as in Deno's
+    // loader; bare ones through the import map, as before.
+    let prelude = format!(
+        "{{const m=import.meta,r=m.resolve;m.url={url};m.filename={filename};m.dirname={dirname};\
+         m.resolve=(s)=>/^\\.{{0,2}}\\//.test(s)?new URL(s,{url}).href:r(s);}}"
+    );
+    // A hashbang must stay the first line.
+    let at = if source.starts_with(b"#!") {
+        memchr::memchr(b'\n', source).map_or(source.len(), |newline| newline + 1)
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(source.len() + prelude.len() + 1);
+    out.extend_from_slice(&source[..at]);
+    if at == source.len() && at > 0 && !source.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out.extend_from_slice(prelude.as_bytes());
+    out.extend_from_slice(&source[at..]);
+    Cow::Owned(out)
 }
 
 fn write_module(path: &Path, source: &[u8]) -> std::io::Result<()> {

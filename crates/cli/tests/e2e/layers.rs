@@ -461,9 +461,14 @@ async fn a_module_with_a_custom_scheme_is_the_entrypoint_it_names() {
     let origin = TestOrigin::start().await;
     origin.layer(
         "stage2",
-        "import { who } from \"file:///root/who.js\";\nDeno.serve(() => new Response(`stage2 ${who}`));\n",
+        "import { who, whoUrl, whoFile } from \"file:///root/who.js\";\n\
+         Deno.serve(() => new Response(`stage2 ${who} ${import.meta.url} ${whoUrl} ${whoFile}`));\n",
     );
-    origin.layer("who", "export const who = \"from /root\";\n");
+    origin.layer(
+        "who",
+        "export const who = \"from /root\";\n\
+         export const whoUrl = import.meta.url, whoFile = import.meta.filename;\n",
+    );
     origin.deploy(
         "custom",
         TestDeployment::config(json!({
@@ -475,5 +480,45 @@ async fn a_module_with_a_custom_scheme_is_the_entrypoint_it_names() {
         })),
     );
     let runner = origin.runner(&[]);
-    assert_eq!(ok_text(&runner, subhost_get(&runner, "custom", "/").await).await, "stage2 from /root");
+    // `import.meta` is what the origin named, never where the runner wrote it.
+    assert_eq!(
+        ok_text(&runner, subhost_get(&runner, "custom", "/").await).await,
+        "stage2 from /root netlify:bootstrap-stage2 file:///root/who.js /root/who.js"
+    );
+}
+
+#[tokio::test]
+async fn a_renaming_loaders_redirects_resolve_under_a_host_and_import_meta_is_the_origins() {
+    let app = tempfile::tempdir().unwrap();
+    std::fs::write(app.path().join("util.ts"), "export const utilUrl: string = import.meta.url;\n").unwrap();
+    std::fs::write(
+        app.path().join("main.ts"),
+        "import { utilUrl } from \"./util.ts\";\n\
+         const resolved = import.meta.resolve(\"./assets/logo.svg\");\n\
+         Deno.serve(() => new Response([import.meta.url, utilUrl, resolved, String(import.meta.filename)].join(\" \")));\n",
+    )
+    .unwrap();
+    let base = "file://zipper-app/v3/";
+    let archive = build_eszip_with_args(app.path(), "main.ts", &["--base", base, "--rename-ts-to-tsx"]);
+    assert!(
+        String::from_utf8_lossy(&archive).contains("file://zipper-app/v3/util.tsx"),
+        "the probe: the loader renamed the modules, so the archive holds redirects"
+    );
+    let origin = TestOrigin::start().await;
+    origin.layer("renamed", archive);
+    origin.deploy(
+        "renamed",
+        TestDeployment::config(json!({
+            "entrypoint": format!("{base}main.ts"),
+            "layers": [{ "kind": "eszip", "id": "renamed" }],
+        })),
+    );
+    let runner = origin.runner(&[]);
+    // As under Deno's ESZIP loader: a redirected module runs under its final
+    // specifier, relative URLs resolve against it, and a file URL with a host
+    // has no local file name.
+    assert_eq!(
+        ok_text(&runner, subhost_get(&runner, "renamed", "/").await).await,
+        "file://zipper-app/v3/main.tsx file://zipper-app/v3/util.tsx file://zipper-app/v3/assets/logo.svg undefined"
+    );
 }

@@ -201,3 +201,41 @@ fn the_bootstrap_carries_the_tenants_envs_readable_by_the_isolate_alone() {
     assert!(!bootstrap.to_string().contains("secret"), "the proxy credential is only in deno's environment");
     assert_eq!(std::fs::metadata(&files.bootstrap).unwrap().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn a_module_reading_import_meta_gets_the_origins_specifier_on_its_first_line() {
+    let url = |s: &str| Url::parse(s).unwrap();
+    let text = |c: std::borrow::Cow<'_, [u8]>| String::from_utf8(c.into_owned()).unwrap();
+    let origin = url("file://slug/v1/main.ts");
+    let written = "file:///isocloud/modules/file-host/slug/v1/main.ts";
+
+    let source = b"console.log(import.meta.url);\nexport {};\n";
+    let out = text(with_origin_meta(&origin, written, ModuleKind::JavaScript, source));
+    let first = out.lines().next().unwrap();
+    assert!(first.contains(r#"m.url="file://slug/v1/main.ts""#), "{first}");
+    assert!(first.contains("m.filename=undefined"), "a file URL with a host names no local file: {first}");
+    assert!(first.ends_with("console.log(import.meta.url);"), "the line numbers stay: {first}");
+    assert_eq!(out.lines().count(), 2);
+
+    let local = text(with_origin_meta(&url("file:///root/who.js"), written, ModuleKind::JavaScript, source));
+    assert!(local.contains(r#"m.filename="/root/who.js";m.dirname="/root""#), "{local}");
+
+    let hashbang = text(with_origin_meta(
+        &origin,
+        written,
+        ModuleKind::JavaScript,
+        b"#!/usr/bin/env -S deno run\nimport.meta.url;\n",
+    ));
+    assert!(hashbang.starts_with("#!/usr/bin/env -S deno run\n{const m=import.meta"), "{hashbang}");
+
+    // Left alone: a module that never reads it (it may be CommonJS), JSON,
+    // and a module that already runs under its own specifier.
+    let plain = b"module.exports = 1;\n";
+    assert!(matches!(with_origin_meta(&origin, written, ModuleKind::JavaScript, plain), std::borrow::Cow::Borrowed(_)));
+    assert!(matches!(with_origin_meta(&origin, written, ModuleKind::Json, source), std::borrow::Cow::Borrowed(_)));
+    let src = url("file:///src/main.ts");
+    assert!(matches!(
+        with_origin_meta(&src, "file:///src/main.ts", ModuleKind::JavaScript, source),
+        std::borrow::Cow::Borrowed(_)
+    ));
+}

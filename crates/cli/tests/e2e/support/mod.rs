@@ -590,6 +590,20 @@ pub fn build_eszip_with_import_map(
 /// [`build_eszip_with_import_map`] with the app's files at `base` (e.g.
 /// `file://<slug>/v1/`, as some subhosters' bundlers name them).
 pub fn build_eszip_at(dir: &Path, entry: &str, remote: Option<&Path>, import_map: Option<&str>, base: &str) -> Vec<u8> {
+    let mut args = vec!["--base", base];
+    let remote = remote.map(|r| r.to_string_lossy().into_owned());
+    if let Some(remote) = &remote {
+        args.extend(["--remote", remote]);
+    }
+    if let Some(import_map) = import_map {
+        args.extend(["--import-map", import_map]);
+    }
+    build_eszip_with_args(dir, entry, &args)
+}
+
+/// `tools/eszip/build.mjs --root dir … entry` with `args` (its options,
+/// e.g. `--rename-ts-to-tsx`): the archive's bytes.
+pub fn build_eszip_with_args(dir: &Path, entry: &str, args: &[&str]) -> Vec<u8> {
     let root = repo_root();
     let script = root.join("tools/eszip/build.mjs");
     assert!(
@@ -597,17 +611,16 @@ pub fn build_eszip_at(dir: &Path, entry: &str, remote: Option<&Path>, import_map
         "tools/eszip/node_modules is missing: run `npm ci --prefix tools/eszip` (scripts/test does)"
     );
     let out = dir.join("out.eszip2");
-    let mut command = Command::new("node");
-    command.arg(&script).arg("--root").arg(dir).arg("--out").arg(&out);
-    if let Some(remote) = remote {
-        command.arg("--remote").arg(remote);
-    }
-    if let Some(import_map) = import_map {
-        command.arg("--import-map").arg(import_map);
-    }
-    command.arg("--base").arg(base);
-    command.arg("--base").arg(base);
-    let output = command.arg(entry).output().expect("node runs");
+    let output = Command::new("node")
+        .arg(&script)
+        .arg("--root")
+        .arg(dir)
+        .arg("--out")
+        .arg(&out)
+        .args(args)
+        .arg(entry)
+        .output()
+        .expect("node runs");
     assert!(output.status.success(), "eszip build failed: {}", String::from_utf8_lossy(&output.stderr));
     std::fs::read(out).unwrap()
 }
