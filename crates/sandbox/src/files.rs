@@ -309,7 +309,16 @@ impl IsolateFiles {
         let mut scopes: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for (base, map) in &deployment.import_maps {
             let target_of = |value: &str| -> Option<String> {
-                let url = base.join(value).ok()?;
+                let mut url = base.join(value).ok()?;
+                // An import map does not chain: a target that the archive
+                // redirects (a renaming loader's `.ts` → `.tsx`) must name
+                // where the redirect ends.
+                for _ in 0..MAX_REDIRECT_HOPS {
+                    match deployment.redirects.get(&url) {
+                        Some(next) => url = next.clone(),
+                        None => break,
+                    }
+                }
                 if let Some(path) = locations.get(&url) {
                     return Some(file_url(&files.guest_path(path)));
                 }
@@ -828,6 +837,10 @@ pub(crate) fn make_mount_points(root: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Redirect chains longer than this are left unresolved (Deno's own loader
+/// gives up after 10 as well).
+const MAX_REDIRECT_HOPS: usize = 10;
 
 /// A module's `import.meta` as the origin named it: Deno's ESZIP loader runs
 /// a module under its specifier (`file://slug/v1/main.ts`, `https://…`,

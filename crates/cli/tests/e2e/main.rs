@@ -16,6 +16,7 @@ mod churn;
 mod client_cli;
 mod control_plane;
 mod dashboard;
+mod deno_relay;
 mod egress;
 mod errors;
 mod hostile_http;
