@@ -28,13 +28,13 @@
 //!
 //! What is kept: modules (JavaScript — already transpiled by the toolchain
 //! when built from TypeScript —, JSON, Wasm) and redirects, in archive
-//! order, with specifiers as stored. Specifiers must be absolute URLs and
-//! unique; JavaScript and JSON sources must be UTF-8. What is skipped: source
-//! maps, and the ESZIP2.1+ npm section and npm specifier entries: the npm
-//! snapshot is still bounds-checked, decoded by the `eszip` crate and, with
-//! a checksum, verified (so a corrupt one refuses the archive), but its
-//! packages are not returned; isocloud does not run npm packages from
-//! archives. What is refused: `jsonc` and `opaque data` modules
+//! order, with specifiers as stored, and the ESZIP2.1+ npm snapshot
+//! ([`NpmSnapshot`]: the resolved packages and what each `npm:` request
+//! resolved to; bounds-checked, decoded by the `eszip` crate and, with a
+//! checksum, verified). The snapshot names packages, never their files:
+//! the runner fetches those from its npm registry. Specifiers must be
+//! absolute URLs and unique; JavaScript and JSON sources must be UTF-8. What
+//! is skipped: source maps. What is refused: `jsonc` and `opaque data` modules
 //! ([`EszipError::UnsupportedModuleKind`]); an isolate cannot import them.
 //! Redirect targets are not resolved here: a target may live in another
 //! layer of the same deployment.
@@ -67,6 +67,31 @@ pub struct ModuleGraph {
     /// The entries in archive order. For v2 that is the toolchain's order
     /// (roots first); for v1 it is the order of the JSON object.
     pub entries: Vec<Entry>,
+    /// The npm packages the modules' `npm:` imports resolved to (ESZIP2.1+).
+    pub npm: Option<NpmSnapshot>,
+}
+
+/// An ESZIP's npm section: what Deno's resolver decided when the archive was
+/// written. Names and versions only; no files, no integrity (the format has
+/// neither).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NpmSnapshot {
+    /// Each `npm:` request of the modules (`hono@^4`) → the package id it
+    /// resolved to (`hono@4.6.3`).
+    pub root_packages: std::collections::BTreeMap<String, String>,
+    /// Every package of the resolution, by id.
+    pub packages: std::collections::BTreeMap<String, NpmPackage>,
+}
+
+/// One resolved npm package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NpmPackage {
+    /// `name@version`, with `_peer@version` suffixes when peers shaped it.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    /// The name it requires another package by → that package's id.
+    pub dependencies: std::collections::BTreeMap<String, String>,
 }
 
 /// One entry of an archive.

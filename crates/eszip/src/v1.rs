@@ -70,7 +70,7 @@ pub(crate) fn decode(input: &[u8]) -> Result<ModuleGraph, EszipError> {
             }
         });
     }
-    Ok(ModuleGraph { entries })
+    Ok(ModuleGraph { entries, npm: None })
 }
 
 /// v1 records carry the HTTP content type; everything but JSON was emitted

@@ -10,7 +10,7 @@ use futures_util::io::BufReader;
 
 use crate::error::EszipError;
 use crate::layout::{self, RawEntry};
-use crate::{Entry, Module, ModuleGraph, ModuleKind, check_specifier};
+use crate::{Entry, Module, ModuleGraph, ModuleKind, NpmPackage, NpmSnapshot, check_specifier};
 
 /// Decodes a v2 archive. Completes without yielding: the reader is an
 /// in-memory slice, so every read the `eszip` crate awaits is ready at once,
@@ -20,7 +20,38 @@ use crate::{Entry, Module, ModuleGraph, ModuleKind, check_specifier};
 pub(crate) fn decode(input: &[u8]) -> Result<ModuleGraph, EszipError> {
     let layout = layout::walk(input)?;
 
-    let (eszip, rest) = eszip::EszipV2::parse(BufReader::new(input)).now_or_never().ok_or_else(not_synchronous)??;
+    let (mut eszip, rest) =
+        eszip::EszipV2::parse(BufReader::new(input)).now_or_never().ok_or_else(not_synchronous)??;
+    let npm = eszip.take_npm_snapshot().map(|snapshot| {
+        let snapshot = snapshot.into_serialized();
+        NpmSnapshot {
+            root_packages: snapshot
+                .root_packages
+                .iter()
+                .map(|(request, id)| (request.to_string(), id.as_serialized().to_string()))
+                .collect(),
+            packages: snapshot
+                .packages
+                .iter()
+                .map(|package| {
+                    let id = package.id.as_serialized().to_string();
+                    let dependencies = package
+                        .dependencies
+                        .iter()
+                        .map(|(name, dep)| (name.to_string(), dep.as_serialized().to_string()))
+                        .collect();
+                    let package = NpmPackage {
+                        id: id.clone(),
+                        name: package.id.nv.name.to_string(),
+                        version: package.id.nv.version.to_string(),
+                        dependencies,
+                    };
+                    (id, package)
+                })
+                .collect(),
+        }
+    })
+    .filter(|snapshot| !snapshot.packages.is_empty() || !snapshot.root_packages.is_empty());
     // Reads all sources and source maps and verifies their checksums.
     rest.now_or_never().ok_or_else(not_synchronous)??;
 
@@ -41,7 +72,7 @@ pub(crate) fn decode(input: &[u8]) -> Result<ModuleGraph, EszipError> {
             }
         });
     }
-    Ok(ModuleGraph { entries })
+    Ok(ModuleGraph { entries, npm })
 }
 
 fn not_synchronous() -> EszipError {

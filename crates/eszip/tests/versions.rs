@@ -132,14 +132,24 @@ fn npm_archive(version: Version, checksum: Checksum) -> Archive {
 }
 
 #[test]
-fn npm_sections_are_skipped_not_refused() {
+fn npm_sections_are_returned_as_the_snapshot() {
     for version in [Version::V2_1, Version::V2_2, Version::V2_3] {
         for checksum in version.checksums() {
             let bytes = npm_archive(version, *checksum).encode();
             let graph = parse(&bytes).unwrap_or_else(|e| panic!("{version:?} {checksum:?}: {e}"));
             assert_eq!(summary(&graph), sample_summary(), "{version:?} {checksum:?}");
+            let npm = graph.npm.expect("the snapshot");
+            assert_eq!(npm.root_packages.into_iter().collect::<Vec<_>>(), [("chalk@^5".into(), "chalk@5.3.0".into())]);
+            let chalk = &npm.packages["chalk@5.3.0"];
+            assert_eq!((chalk.name.as_str(), chalk.version.as_str()), ("chalk", "5.3.0"));
+            assert_eq!(
+                chalk.dependencies.iter().collect::<Vec<_>>(),
+                [(&"ansi-styles".to_owned(), &"ansi-styles@6.2.1".to_owned())]
+            );
+            assert!(npm.packages["ansi-styles@6.2.1"].dependencies.is_empty());
         }
     }
+    assert_eq!(parse(&Archive::new(Version::V2_3, Checksum::None, sample_items()).encode()).unwrap().npm, None);
 }
 
 #[test]
@@ -180,7 +190,13 @@ fn older_toolchain_archives_decode() {
     let with = parse(&fixture("deno/npm_packages.eszip2_1")).unwrap();
     let without = parse(&fixture("deno/no_npm_packages.eszip2_1")).unwrap();
     assert!(!with.entries.is_empty());
-    assert_eq!(with, without, "the npm snapshot is skipped");
+    assert_eq!(with.entries, without.entries);
+    assert_eq!(without.npm, None, "an empty npm section is no snapshot");
+    let npm = with.npm.expect("the toolchain's npm snapshot");
+    assert_eq!(npm.root_packages["package@^1.2"], "package@1.2.2");
+    assert_eq!(npm.root_packages["d@5"], "d@5.0.0");
+    assert_eq!(npm.packages["b@1.2.3"].dependencies["someotherspecifier"], "c@1.1.1");
+    assert_eq!(npm.packages.len(), 5);
 
     // ESZIP2.1 with one byte of the npm snapshot changed.
     assert_eq!(
