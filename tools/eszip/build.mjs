@@ -4,7 +4,7 @@
 //
 //   node tools/eszip/build.mjs --root DIR --out FILE.eszip
 //        [--base file:///src/] [--remote DIR2] [--import-map SPECIFIER]
-//        [--rename-ts-to-tsx] ENTRY_SPECIFIER...
+//        [--rename-ts-to-tsx] [--npm-snapshot FILE.json] ENTRY_SPECIFIER...
 //
 // Loading rules (the loader handed to `build(roots, loader)`):
 //   * `<base><path>` (default base `file:///src/`) is read from `DIR/<path>`.
@@ -19,7 +19,12 @@
 //     `DIR/<path>.ts` but answered as `<base><path>.tsx`, as a subhoster's
 //     loader that renamed its modules did: the archive holds a redirect
 //     from each `.ts` specifier to its `.tsx`.
-//   * `node:` imports are left external (not in the archive).
+//   * `node:` and `npm:` imports are left external (not in the archive).
+//   * `--npm-snapshot FILE.json` adds an npm section, as the `eszip` crate
+//     (and `deno compile`) write one, to the archive @deno/eszip wrote:
+//     `{ "roots": { "<request>": "<id>" }, "packages": { "<id>":
+//     { "<name required by>": "<id>" } } }` — requests like `hono@^4`, ids
+//     like `hono@4.6.3`; packages are indexed in id order.
 //   * Anything else, or a missing file, fails the build.
 //
 // ENTRY_SPECIFIERs may be absolute URLs or paths relative to `--base`.
@@ -35,7 +40,7 @@ import process from "node:process";
 const USAGE =
   "usage: node tools/eszip/build.mjs --root DIR --out FILE.eszip " +
   "[--base file:///src/] [--remote DIR2] [--import-map SPECIFIER] " +
-  "[--rename-ts-to-tsx] ENTRY_SPECIFIER...";
+  "[--rename-ts-to-tsx] [--npm-snapshot FILE.json] ENTRY_SPECIFIER...";
 
 const MAX_REDIRECTS = 10;
 
@@ -49,6 +54,7 @@ function parseArgs(argv) {
     remote: undefined,
     importMap: undefined,
     renameTsToTsx: false,
+    npmSnapshot: undefined,
     entries: [],
   };
   const takesValue = {
@@ -57,6 +63,7 @@ function parseArgs(argv) {
     "--base": "base",
     "--remote": "remote",
     "--import-map": "importMap",
+    "--npm-snapshot": "npmSnapshot",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -196,7 +203,9 @@ function makeLoader(opts) {
     if (protocol === "https:" || protocol === "http:") {
       return await loadRemote(specifier, hops);
     }
-    if (protocol === "node:") return { kind: "external", specifier };
+    if (protocol === "node:" || protocol === "npm:") {
+      return { kind: "external", specifier };
+    }
     throw new Error(
       `${specifier}: not under --base ${opts.base} and not a remote URL`,
     );
@@ -227,7 +236,11 @@ async function main() {
     );
   }
 
-  const bytes = await build(opts.entries, makeLoader(opts), opts.importMap);
+  let bytes = await build(opts.entries, makeLoader(opts), opts.importMap);
+  if (opts.npmSnapshot !== undefined) {
+    const snapshot = JSON.parse(await readFile(opts.npmSnapshot, "utf8"));
+    bytes = withNpmSnapshot(bytes, snapshot);
+  }
   const out = path.resolve(opts.out);
   await mkdir(path.dirname(out), { recursive: true });
   const tmp = `${out}.tmp-${process.pid}`;
@@ -235,6 +248,70 @@ async function main() {
   await rename(tmp, out);
   const magic = Buffer.from(bytes.subarray(0, 8)).toString("latin1");
   process.stdout.write(`wrote ${bytes.length} bytes (${magic}) to ${out}\n`);
+}
+
+// The archive @deno/eszip writes (ESZIP2.3 without checksums: options
+// `[0, 0, 1, 0]`, empty npm section) with the npm specifier entries appended
+// to its modules header and the snapshot in its npm section. Sources keep
+// their offsets: they follow the sections and are not touched.
+function withNpmSnapshot(bytes, snapshot) {
+  const input = Buffer.from(bytes);
+  const magic = input.subarray(0, 8).toString("latin1");
+  if (magic !== "ESZIP2.3") throw new Error(`unexpected magic ${magic}`);
+  let at = 8;
+  const section = () => {
+    const len = input.readUInt32BE(at);
+    const body = input.subarray(at + 4, at + 4 + len);
+    at += 4 + len;
+    return body;
+  };
+  const options = section();
+  if (!options.equals(Buffer.from([0, 0, 1, 0]))) {
+    throw new Error("--npm-snapshot needs an archive without checksums");
+  }
+  const header = section();
+  const npm = section();
+  if (npm.length !== 0) throw new Error("the archive already has npm packages");
+  const rest = input.subarray(at);
+
+  const u32 = (n) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(n);
+    return b;
+  };
+  const str = (s) => {
+    const b = Buffer.from(s, "utf8");
+    return Buffer.concat([u32(b.length), b]);
+  };
+  const ids = Object.keys(snapshot.packages).sort();
+  const index = (id) => {
+    const i = ids.indexOf(id);
+    if (i < 0) throw new Error(`the snapshot names ${id} but does not list it`);
+    return i;
+  };
+  const entries = Object.keys(snapshot.roots).sort().map((req) =>
+    Buffer.concat([str(req), Buffer.from([2]), u32(index(snapshot.roots[req]))])
+  );
+  const packages = ids.map((id) => {
+    const deps = Object.entries(snapshot.packages[id]).sort();
+    return Buffer.concat([
+      str(id),
+      u32(deps.length),
+      ...deps.map(([name, dep]) => Buffer.concat([str(name), u32(index(dep))])),
+    ]);
+  });
+  const newHeader = Buffer.concat([header, ...entries]);
+  const newNpm = Buffer.concat(packages);
+  return Buffer.concat([
+    input.subarray(0, 8),
+    u32(options.length),
+    options,
+    u32(newHeader.length),
+    newHeader,
+    u32(newNpm.length),
+    newNpm,
+    rest,
+  ]);
 }
 
 main().catch((err) => {

@@ -216,6 +216,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         egress: egress.clone(),
         max_deno_dirs: MAX_DENO_DIRS,
         package_store_max_bytes: settings.package_store_max_bytes,
+        npm_registry: match &settings.build.npm_registry {
+            Some(url) => isocloud_pool::NpmRegistry::new(url.clone(), settings.origin_timeout),
+            None => isocloud_pool::NpmRegistry::public(settings.origin_timeout),
+        },
         prestarted_per_profile: settings.prestarted_isolates,
     };
     resources::register(&mut registry, pool_options.cgroups.clone(), pool_options.instances_dir.clone());

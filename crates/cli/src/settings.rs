@@ -57,6 +57,9 @@ pub struct CommonFlags {
     /// The deno binary isolates run on.
     #[arg(long, value_name = "PATH")]
     pub deno: Option<PathBuf>,
+    /// The npm registry builds, and ESZIPs' npm snapshots, take packages from [default: https://registry.npmjs.org/].
+    #[arg(long, value_name = "URL")]
+    pub npm_registry: Option<String>,
     /// Caches and isolate files [default: $XDG_STATE_HOME/isocloud or ~/.local/state/isocloud].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -257,9 +260,6 @@ pub struct ControlPlaneFlags {
     /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
     #[arg(long, value_name = "PORT")]
     pub public_http_port: Option<u16>,
-    /// The npm registry builds download packages from [default: https://registry.npmjs.org/].
-    #[arg(long, value_name = "URL")]
-    pub npm_registry: Option<String>,
     /// The JSR registry builds resolve jsr: imports from [default: https://jsr.io/].
     #[arg(long, value_name = "URL")]
     pub jsr_registry: Option<String>,
@@ -589,7 +589,7 @@ impl Settings {
         let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
         let control_flags_given =
             control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
-        let build = build_settings(control.as_deref(), &file)?;
+        let build = build_settings(common.npm_registry.clone(), control.as_deref(), &file)?;
         let control_caps =
             control.as_ref().map_or((None, None), |c| (c.control_max_connections_per_peer, c.control_max_connections));
         let mut control_plane = match control {
@@ -1066,7 +1066,11 @@ fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result
 }
 
 /// The build step's settings, flags over file, validated.
-fn build_settings(flags: Option<&ControlPlaneFlags>, file: &FileConfig) -> Result<BuildSettings, SettingsError> {
+fn build_settings(
+    npm_registry_flag: Option<String>,
+    flags: Option<&ControlPlaneFlags>,
+    file: &FileConfig,
+) -> Result<BuildSettings, SettingsError> {
     let registry = |field: &'static str, given: Option<String>| -> Result<Option<url::Url>, SettingsError> {
         let Some(given) = given else { return Ok(None) };
         let mut url = url::Url::parse(&given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
@@ -1078,8 +1082,7 @@ fn build_settings(flags: Option<&ControlPlaneFlags>, file: &FileConfig) -> Resul
         }
         Ok(Some(url))
     };
-    let npm_registry =
-        registry("npm_registry", flags.and_then(|f| f.npm_registry.clone()).or_else(|| file.npm_registry.clone()))?;
+    let npm_registry = registry("npm_registry", npm_registry_flag.or_else(|| file.npm_registry.clone()))?;
     let jsr_registry =
         registry("jsr_registry", flags.and_then(|f| f.jsr_registry.clone()).or_else(|| file.jsr_registry.clone()))?;
     let build_timeout_s = within(

@@ -22,36 +22,38 @@ pub(crate) fn decode(input: &[u8]) -> Result<ModuleGraph, EszipError> {
 
     let (mut eszip, rest) =
         eszip::EszipV2::parse(BufReader::new(input)).now_or_never().ok_or_else(not_synchronous)??;
-    let npm = eszip.take_npm_snapshot().map(|snapshot| {
-        let snapshot = snapshot.into_serialized();
-        NpmSnapshot {
-            root_packages: snapshot
-                .root_packages
-                .iter()
-                .map(|(request, id)| (request.to_string(), id.as_serialized().to_string()))
-                .collect(),
-            packages: snapshot
-                .packages
-                .iter()
-                .map(|package| {
-                    let id = package.id.as_serialized().to_string();
-                    let dependencies = package
-                        .dependencies
-                        .iter()
-                        .map(|(name, dep)| (name.to_string(), dep.as_serialized().to_string()))
-                        .collect();
-                    let package = NpmPackage {
-                        id: id.clone(),
-                        name: package.id.nv.name.to_string(),
-                        version: package.id.nv.version.to_string(),
-                        dependencies,
-                    };
-                    (id, package)
-                })
-                .collect(),
-        }
-    })
-    .filter(|snapshot| !snapshot.packages.is_empty() || !snapshot.root_packages.is_empty());
+    let npm = eszip
+        .take_npm_snapshot()
+        .map(|snapshot| {
+            let snapshot = snapshot.into_serialized();
+            NpmSnapshot {
+                root_packages: snapshot
+                    .root_packages
+                    .iter()
+                    .map(|(request, id)| (request.to_string(), id.as_serialized().to_string()))
+                    .collect(),
+                packages: snapshot
+                    .packages
+                    .iter()
+                    .map(|package| {
+                        let id = package.id.as_serialized().to_string();
+                        let dependencies = package
+                            .dependencies
+                            .iter()
+                            .map(|(name, dep)| (name.to_string(), dep.as_serialized().to_string()))
+                            .collect();
+                        let package = NpmPackage {
+                            id: id.clone(),
+                            name: package.id.nv.name.to_string(),
+                            version: package.id.nv.version.to_string(),
+                            dependencies,
+                        };
+                        (id, package)
+                    })
+                    .collect(),
+            }
+        })
+        .filter(|snapshot| !snapshot.packages.is_empty() || !snapshot.root_packages.is_empty());
     // Reads all sources and source maps and verifies their checksums.
     rest.now_or_never().ok_or_else(not_synchronous)??;
 

@@ -233,3 +233,22 @@ fn garbage_is_an_error() {
         }
     }
 }
+
+#[test]
+fn an_npm_snapshot_beside_the_toolchains_modules_decodes() {
+    let snapshot = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        snapshot.path(),
+        r#"{"roots":{"greet@^1":"greet@1.0.0"},"packages":{"greet@1.0.0":{"shout":"shout@2.0.0"},"shout@2.0.0":{}}}"#,
+    )
+    .unwrap();
+    let app = App::new().file("main.ts", "import { hi } from \"npm:greet@^1\";\nconsole.log(hi);\n");
+    let graph = parse(&app.build(&["--npm-snapshot", snapshot.path().to_str().unwrap(), "main.ts"])).unwrap();
+    assert!(source_text(&graph, "file:///src/main.ts", ModuleKind::JavaScript).contains("npm:greet@^1"));
+    let npm = graph.npm.expect("the snapshot");
+    assert_eq!(npm.root_packages["greet@^1"], "greet@1.0.0");
+    assert_eq!(npm.packages["greet@1.0.0"].dependencies["shout"], "shout@2.0.0");
+    assert_eq!(npm.packages["shout@2.0.0"].name, "shout");
+    // Without it, the toolchain's archive has none.
+    assert_eq!(parse(&app.build(&["main.ts"])).unwrap().npm, None);
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use futures_util::future::{Either, select, try_join_all};
-use isocloud_eszip::{Entry, ModuleKind};
+use isocloud_eszip::{Entry, ModuleKind, NpmSnapshot};
 use isocloud_protocol::{ConfigError, IsolateConfig, LayerSpec};
 use url::Url;
 
@@ -40,6 +40,10 @@ pub struct Deployment {
     /// The import maps the ESZIP layers carry, by URL, in layer order: bare
     /// imports resolve through them at run time, as Deno's ESZIP loader does.
     pub import_maps: Vec<(Url, serde_json::Value)>,
+    /// The npm packages the ESZIP layers' `npm:` imports resolved to, merged
+    /// (the earlier layer wins a request both name): the runner lays them
+    /// out from its npm registry before deno starts.
+    pub npm: Option<NpmSnapshot>,
 }
 
 /// Asks `origin` for deployment `deployment_id` and assembles it.
@@ -77,8 +81,18 @@ pub async fn load_deployment(
     let mut modules = BTreeMap::new();
     let mut redirects = BTreeMap::new();
     let mut import_maps = Vec::new();
+    let mut npm: Option<NpmSnapshot> = None;
     for decoded in layers {
         import_maps.extend(decoded.import_map);
+        if let Some(snapshot) = decoded.npm {
+            let merged = npm.get_or_insert_with(NpmSnapshot::default);
+            for (request, id) in snapshot.root_packages {
+                merged.root_packages.entry(request).or_insert(id);
+            }
+            for (id, package) in snapshot.packages {
+                merged.packages.entry(id).or_insert(package);
+            }
+        }
         for (specifier, module) in decoded.modules {
             modules.entry(specifier).or_insert(module);
         }
@@ -108,6 +122,7 @@ pub async fn load_deployment(
         tree_error,
         tree_deferred,
         import_maps,
+        npm,
     })
 }
 
@@ -120,6 +135,7 @@ struct DecodedLayer {
     /// The import map an ESZIP carries (its writer puts it first, a JSON
     /// module with `imports` or `scopes`), by its own URL.
     import_map: Option<(Url, serde_json::Value)>,
+    npm: Option<NpmSnapshot>,
 }
 
 async fn fetch_layer(
@@ -162,11 +178,17 @@ async fn decode_layer(spec: &LayerSpec, bytes: Bytes) -> Result<DecodedLayer, Or
             // { type: "json" }`); every other bundle is JavaScript or TypeScript.
             let kind = if specifier.path().ends_with(".json") { ModuleKind::Json } else { ModuleKind::JavaScript };
             let module = ModuleFile { specifier: specifier.clone(), kind, source: bytes };
-            Ok(DecodedLayer { modules: vec![(specifier.clone(), module)], redirects: Vec::new(), import_map: None })
+            Ok(DecodedLayer {
+                modules: vec![(specifier.clone(), module)],
+                redirects: Vec::new(),
+                import_map: None,
+                npm: None,
+            })
         }
         LayerSpec::Eszip { .. } => {
             let graph = isocloud_eszip::parse(bytes).await.map_err(|e| layer_error(format!("invalid ESZIP: {e}")))?;
-            let mut decoded = DecodedLayer { modules: Vec::new(), redirects: Vec::new(), import_map: None };
+            let mut decoded =
+                DecodedLayer { modules: Vec::new(), redirects: Vec::new(), import_map: None, npm: graph.npm };
             if let Some(Entry::Module(first)) = graph.entries.first()
                 && first.kind == ModuleKind::Json
                 && let Ok(specifier) = Url::parse(&first.specifier)

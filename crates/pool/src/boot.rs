@@ -63,6 +63,7 @@ impl BootError {
 pub(crate) struct BootContext {
     /// Built deployments' packages, laid out once per set.
     pub packages: Arc<crate::packages::PackageStore>,
+    pub npm_registry: crate::NpmRegistry,
     pub cache: Arc<DiskCache>,
     pub policy: SandboxPolicy,
     pub instances_dir: PathBuf,
@@ -215,7 +216,14 @@ pub(crate) async fn boot(
         |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));
     let (packages, lease) = match ctx.packages.ensure(&deployment.tree, &origin, &ctx.cache, &deployment_id).await {
         Ok(Some((dir, lease))) => (Some(dir), Some(lease)),
-        Ok(None) => (None, None),
+        Ok(None) => match &deployment.npm {
+            // An ESZIP's npm snapshot: its packages from the runner's registry.
+            Some(snapshot) => match ctx.packages.ensure_npm(snapshot, &ctx.npm_registry).await {
+                Ok((dir, lease)) => (Some(dir), Some(lease)),
+                Err(e) => return Err(BootError::Origin(Arc::new(npm_boot_error(e)))),
+            },
+            None => (None, None),
+        },
         Err(e) => return Err(project_error(e)),
     };
     // The set is on disk now: the next never-seen deployment of it may find
@@ -471,5 +479,23 @@ impl IsolateHooks for DeploymentHooks {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+/// How a snapshot's packages that cannot be laid out reach the visitor: a
+/// package the registry lacks is the deployment's `MODULE_NOT_FOUND`, a bad
+/// snapshot or tarball its layer's fault, a registry that is down the
+/// runner's `ORIGIN_UNREACHABLE`.
+fn npm_boot_error(error: crate::npm::NpmError) -> isocloud_origin::OriginError {
+    use crate::npm::NpmError;
+    use isocloud_origin::OriginError;
+    match error {
+        NpmError::Missing { ref package, .. } => {
+            OriginError::ModuleNotFound { specifier: format!("npm:{package}"), context: error.to_string() }
+        }
+        NpmError::BadSnapshot(_) | NpmError::BadPackage { .. } => {
+            OriginError::Layer { layer_id: "npm snapshot".into(), message: error.to_string() }
+        }
+        NpmError::Registry { .. } | NpmError::Io(_) => OriginError::Unreachable(error.to_string()),
     }
 }

@@ -15,6 +15,7 @@ mod admission;
 mod boot;
 mod deployment_metrics;
 mod metrics;
+mod npm;
 mod packages;
 mod pool;
 mod template;
@@ -27,4 +28,5 @@ pub use isocloud_supervisor::{
     CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, RequestBody, Termination, UsageTotals,
 };
 pub use metrics::PoolMetrics;
+pub use npm::NpmRegistry;
 pub use pool::{IsolateView, Pool, PoolOptions};

@@ -150,37 +150,77 @@ impl PackageStore {
             return Ok(None);
         }
         let Some(key) = isocloud_sandbox::package_set_key(tree) else { return Ok(None) };
-        let dir = self.root.join(&key);
+        let io = |e: std::io::Error| format!("package store: {e}");
+        self.ensure_set(
+            &key,
+            io,
+            |partial| async move { lay_out(&partial, &entries, origin, cache, deployment_id).await },
+        )
+        .await
+        .map(Some)
+    }
+
+    /// The store folder holding an ESZIP's npm snapshot, fetched from
+    /// `registry` if missing.
+    pub(crate) async fn ensure_npm(
+        &self,
+        snapshot: &isocloud_eszip::NpmSnapshot,
+        registry: &crate::npm::NpmRegistry,
+    ) -> Result<(PathBuf, PackageLease), crate::npm::NpmError> {
+        let key = crate::npm::set_key(snapshot);
+        self.ensure_set(&key, crate::npm::NpmError::Io, |partial| async move {
+            let uses_node_http = crate::npm::lay_out(&partial, snapshot, registry).await?;
+            if uses_node_http {
+                std::fs::write(partial.join(NODE_HTTP_MARKER), b"")?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Set `key`'s folder, laid out by `lay_out` into a fresh folder beside
+    /// it (renamed into place only when complete) if missing; one layout per
+    /// set at a time.
+    async fn ensure_set<E, F, Fut>(
+        &self,
+        key: &str,
+        io: impl Fn(std::io::Error) -> E,
+        lay_out: F,
+    ) -> Result<(PathBuf, PackageLease), E>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let dir = self.root.join(key);
         // Leased before the check: eviction never takes a set being handed out.
-        let lease = self.lease(&key, None);
+        let lease = self.lease(key, None);
         if dir.is_dir() {
-            return Ok(Some((dir, lease)));
+            return Ok((dir, lease));
         }
-        let lock = Arc::clone(self.building.lock().expect("package store poisoned").entry(key.clone()).or_default());
+        let lock = Arc::clone(self.building.lock().expect("package store poisoned").entry(key.to_owned()).or_default());
         let _held = lock.lock().await;
         if dir.is_dir() {
-            return Ok(Some((dir, lease)));
+            return Ok((dir, lease));
         }
         let partial = self.root.join(format!("{key}.{:08x}.partial", rand::random::<u32>()));
-        let result = lay_out(&partial, &entries, origin, cache, deployment_id).await;
-        let result = match result {
-            Ok(()) => std::fs::rename(&partial, &dir).map_err(|e| format!("package store: {e}")),
+        let result = match lay_out(partial.clone()).await {
+            Ok(()) => std::fs::rename(&partial, &dir).map_err(&io),
             Err(e) => Err(e),
         };
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&partial);
         }
-        self.building.lock().expect("package store poisoned").remove(&key);
+        self.building.lock().expect("package store poisoned").remove(key);
         result?;
         let bytes = tree_bytes(&dir);
-        if let Some(set) = self.sets.lock().expect("package store poisoned").get_mut(&key) {
+        if let Some(set) = self.sets.lock().expect("package store poisoned").get_mut(key) {
             set.bytes = bytes;
         }
         let evicted = self.evict();
         if evicted > 0 {
             tracing::info!(evicted, "package store over its bound: least recently used sets removed");
         }
-        Ok(Some((dir, lease)))
+        Ok((dir, lease))
     }
 }
 
@@ -257,12 +297,12 @@ async fn lay_out(
 /// In a set's folder: its packages use `node:http` (see the harness).
 pub const NODE_HTTP_MARKER: &str = "node_modules/.isocloud-uses-node-http";
 
-fn is_script(path: &str) -> bool {
+pub(crate) fn is_script(path: &str) -> bool {
     path.rsplit_once('.').is_some_and(|(_, ext)| matches!(ext, "js" | "cjs" | "mjs"))
 }
 
 /// Whether a package file imports or requires Node's `http` module.
-fn names_node_http(source: &[u8]) -> bool {
+pub(crate) fn names_node_http(source: &[u8]) -> bool {
     const NEEDLES: [&[u8]; 6] = [
         b"require(\"http\")",
         b"require('http')",

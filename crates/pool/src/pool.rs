@@ -49,6 +49,8 @@ pub struct PoolOptions {
     pub max_deno_dirs: usize,
     /// The package store's bound on sets no isolate uses (`packages.rs`).
     pub package_store_max_bytes: u64,
+    /// Where an ESZIP's npm snapshot packages come from (`npm.rs`).
+    pub npm_registry: crate::NpmRegistry,
     /// Isolates kept pre-started per sandbox profile (see `warm`); 0: none.
     /// Needs the mount namespace (a pre-started isolate's `/src` is its own
     /// before it has anything in it).
@@ -142,6 +144,7 @@ impl Pool {
         )?);
         let ctx = BootContext {
             packages,
+            npm_registry: options.npm_registry.clone(),
             cache,
             policy,
             instances_dir: options.instances_dir.clone(),

@@ -448,6 +448,9 @@ impl IsolateFiles {
         if self.root.is_none() {
             return Err("isolates have no mount namespace");
         }
+        if deployment.npm.is_some() {
+            return Err("its ESZIP's npm packages are bound before deno starts");
+        }
         if !deployment.redirects.is_empty() {
             return Err("the module graph has redirects");
         }
@@ -641,9 +644,9 @@ impl IsolateFiles {
 
     /// The root a specifier's module is written under, the path segments
     /// below it, and the import-map prefix that reaches the root (if any).
-    fn root_of(&self, specifier: &Url) -> Result<(PathBuf, Vec<String>, Option<(String, PathBuf)>), SandboxError> {
+    fn root_of(&self, specifier: &Url) -> Result<Placement, SandboxError> {
         let bad = || SandboxError::BadSpecifier(specifier.to_string());
-        Ok(match specifier.scheme() {
+        let (root, segments, prefix) = match specifier.scheme() {
             "file" => {
                 let segments = decoded_segments(specifier).ok_or_else(bad)?;
                 match specifier.host_str().filter(|h| !h.is_empty()) {
@@ -679,7 +682,8 @@ impl IsolateFiles {
                 (self.modules.join("scheme").join(scheme), vec![digest], None)
             }
             _ => return Err(bad()),
-        })
+        };
+        Ok(Placement { root, segments, prefix })
     }
 
     /// The URL a module's neighbour reaches when it imports `specifier`
@@ -690,7 +694,7 @@ impl IsolateFiles {
         if specifier.cannot_be_a_base() || specifier.query().is_some() {
             return None;
         }
-        let (root, segments, _) = self.root_of(specifier).ok()?;
+        let Placement { root, segments, .. } = self.root_of(specifier).ok()?;
         let path = segments.iter().fold(root, |path, segment| path.join(segment));
         let url = file_url(&self.guest_path(&path));
         (url != specifier.as_str()).then_some(url)
@@ -699,7 +703,7 @@ impl IsolateFiles {
     /// Where a module goes on disk and how the import map reaches it.
     fn place(&self, specifier: &Url, kind: ModuleKind) -> Result<(PathBuf, Mapping), SandboxError> {
         let bad = || SandboxError::BadSpecifier(specifier.to_string());
-        let (root, segments, prefix) = self.root_of(specifier)?;
+        let Placement { root, segments, prefix } = self.root_of(specifier)?;
         let mut path = root.clone();
         for segment in &segments {
             path.push(segment);
@@ -900,6 +904,14 @@ fn write_module(path: &Path, source: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(path, source)
+}
+
+/// Where a specifier's module is written: a root, the path segments below
+/// it, and the import-map prefix that reaches the root (if any).
+struct Placement {
+    root: PathBuf,
+    segments: Vec<String>,
+    prefix: Option<(String, PathBuf)>,
 }
 
 enum Mapping {

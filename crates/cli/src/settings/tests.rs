@@ -420,6 +420,17 @@ fn build_settings_take_registries_a_timeout_and_hosts_in_both_serve_modes() {
     assert_eq!(settings.build.timeout, Duration::from_secs(60));
     assert_eq!(settings.build.allow_import, ["deno.example:8443"]);
     assert_eq!(field_of(&["serve", "--apps", dir, "--npm-registry", "ftp://x/"]), "npm_registry");
+    // A runner takes an ESZIP's npm snapshot packages from the same setting.
+    let runner = parse(&[
+        "runner",
+        "--rpc-root",
+        "http://127.0.0.1:1/",
+        "--subhost-secret",
+        "acme=0123456789abcdef0123456789abcdef",
+        "--npm-registry",
+        "http://127.0.0.1:4873",
+    ]);
+    assert_eq!(runner.unwrap().build.npm_registry.unwrap().as_str(), "http://127.0.0.1:4873/");
     assert_eq!(field_of(&["serve", "--apps", dir, "--jsr-registry", "not a url"]), "jsr_registry");
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-timeout-s", "1"]), "build_timeout_s");
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-allow-import", "a/b"]), "build_allow_import");

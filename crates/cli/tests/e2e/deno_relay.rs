@@ -398,3 +398,90 @@ async fn a_slow_read_tree_delays_no_request_that_reads_no_file() {
     assert_eq!(relay.get_text("zipper", "/file").await, "file error: NotFound");
     assert_eq!(origin.calls_to("read_tree", "zipper"), 1);
 }
+
+/// An ESZIP whose modules import `npm:` packages, with the npm snapshot the
+/// `eszip` crate writes (names and versions, no files), under `base`.
+fn npm_eszip(base: &str, main: &str, snapshot: serde_json::Value) -> Vec<u8> {
+    let app = tempfile::tempdir().unwrap();
+    std::fs::write(app.path().join("main.ts"), main).unwrap();
+    let snapshot_file = app.path().join("snapshot.json");
+    std::fs::write(&snapshot_file, snapshot.to_string()).unwrap();
+    build_eszip_with_args(app.path(), "main.ts", &["--base", base, "--npm-snapshot", snapshot_file.to_str().unwrap()])
+}
+
+/// Issue 12 item 5: the runner lays out an ESZIP's npm snapshot from its
+/// `--npm-registry` (checked against the registry's integrity) into the
+/// package store, once per distinct set.
+#[tokio::test]
+async fn an_eszip_with_an_npm_snapshot_boots_with_packages_from_the_runners_registry() {
+    use crate::support::registry::{NpmPackage, TestRegistry};
+    let registry = TestRegistry::start();
+    registry.publish_npm(
+        NpmPackage::new("b", "1.2.0")
+            .field("main", json!("index.js"))
+            .file("index.js", "module.exports = { shout: (s) => s.toUpperCase() + \"!\" };\n"),
+    );
+    registry.publish_npm(
+        NpmPackage::new("a", "1.0.0").dependency("b", "^1.0.0").field("main", json!("lib/a.js")).file(
+            "lib/a.js",
+            "const { shout } = require(\"b\");\nmodule.exports = function greet(n) { return shout(\"hi \" + n); };\n",
+        ),
+    );
+    registry.publish_npm(
+        NpmPackage::new("@isocloud/scoped", "0.1.0")
+            .field("type", json!("module"))
+            .field("main", json!("index.js"))
+            .file("index.js", "export const scoped = \"scoped ok\";\n"),
+    );
+    let main = "import greet from \"npm:a@^1\";\nimport { scoped } from \"npm:@isocloud/scoped@0.1\";\n\
+                Deno.serve(() => new Response(`${greet(\"eszip\")} ${scoped}`));\n";
+    let snapshot = json!({
+        "roots": { "a@^1": "a@1.0.0", "@isocloud/scoped@0.1": "@isocloud/scoped@0.1.0" },
+        "packages": { "a@1.0.0": { "b": "b@1.2.0" }, "b@1.2.0": {}, "@isocloud/scoped@0.1.0": {} },
+    });
+    let origin = ZipperOrigin::start().await;
+    for (id, base) in [("npm-app", "file://npm-app/v1/"), ("npm-app-again", "file:///src/")] {
+        let bytes = npm_eszip(base, main, snapshot.clone());
+        origin.app(id, App { entrypoint: format!("{base}main.ts"), eszip: true, bytes: bytes.into() });
+    }
+    let ghost = json!({ "roots": { "ghost@^1": "ghost@1.0.0" }, "packages": { "ghost@1.0.0": {} } });
+    let bytes = npm_eszip("file:///src/", "import \"npm:ghost@^1\";\nDeno.serve(() => new Response(\"x\"));\n", ghost);
+    origin.app("ghost", App { entrypoint: "file:///src/main.ts".into(), eszip: true, bytes: bytes.into() });
+
+    let rpc_root = origin.rpc_root();
+    let secret = format!("{KID}={SECRET}");
+    let npm_registry = registry.npm_url();
+    let runner = Runner::start(&[
+        "runner",
+        "--rpc-root",
+        &rpc_root,
+        "--subhost-secret",
+        &secret,
+        "--npm-registry",
+        &npm_registry,
+    ]);
+    let relay = Relay::start(&runner, &rpc_root);
+
+    // CommonJS with a dependency, a scoped ES module: as `deno run` gives them.
+    assert_eq!(relay.get_text("npm-app", "/").await, "HI ESZIP! scoped ok");
+    let fetched = registry.requests();
+    assert_eq!(fetched.iter().filter(|r| r.contains(".tgz")).count(), 3, "one tarball per package: {fetched:?}");
+
+    // The same snapshot in another deployment, and a reboot: the set is laid
+    // out once and shared; the registry is not asked again.
+    assert_eq!(relay.get_text("npm-app-again", "/").await, "HI ESZIP! scoped ok");
+    let pid = runner.isolate_pid("npm-app").await;
+    signal(pid, libc::SIGKILL);
+    wait_until("the killed isolate is gone", Duration::from_secs(10), || !process_alive(pid)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.request(reqwest::Method::GET, "npm-app", "/").send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "no reboot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registry.requests(), fetched, "the package store served the second deployment and the reboot");
+
+    // A package the registry lacks: the visitor hears which.
+    let response = relay.request(reqwest::Method::GET, "ghost", "/").send().await.unwrap();
+    let message = expect_error(response, 502, "MODULE_NOT_FOUND").await;
+    assert!(message.contains("npm:ghost@1.0.0"), "{message}");
+}

@@ -90,6 +90,7 @@ impl Sandbox {
             tree_error: None,
             tree_deferred: false,
             import_maps: Vec::new(),
+            npm: None,
         };
         let files =
             IsolateFiles::prepare(&dir.path().join("instance"), &deployment, &policy, &policy.deno_dir.join("d"), None)

@@ -41,6 +41,7 @@ fn deployment(modules: &[(&str, ModuleKind, &str)], redirects: &[(&str, &str)]) 
         tree_error: None,
         tree_deferred: false,
         import_maps: Vec::new(),
+        npm: None,
     }
 }
 

@@ -259,6 +259,7 @@ fn deployment() -> Deployment {
         tree_error: None,
         tree_deferred: false,
         import_maps: Vec::new(),
+        npm: None,
     }
 }
 
