@@ -16,7 +16,11 @@ use crate::settings::ControlPlaneSettings;
 pub fn build_options(
     build: &crate::settings::BuildSettings,
     deno: &std::path::Path,
+    cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
 ) -> isocloud_controlplane::BuildOptions {
+    let mut confinement = isocloud_sandbox::BuildConfinement::available(deno);
+    confinement.memory =
+        cgroups.map(|cgroups| isocloud_sandbox::BuildMemory { cgroups, limit_bytes: build.memory_limit_bytes });
     isocloud_controlplane::BuildOptions {
         deno: deno.to_owned(),
         npm_registry: build.npm_registry.clone(),
@@ -24,7 +28,7 @@ pub fn build_options(
         allow_import: build.allow_import.clone(),
         timeout: build.timeout,
         max_concurrent: 2,
-        confinement: isocloud_sandbox::BuildConfinement::available(deno),
+        confinement,
     }
 }
 
@@ -44,6 +48,7 @@ pub async fn start(
     public_http_port: u16,
     public_https_port: Option<u16>,
     deno: &std::path::Path,
+    cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
     listener: ControlListener,
 ) -> anyhow::Result<(Arc<ControlPlane>, std::net::SocketAddr)> {
     let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
@@ -56,7 +61,7 @@ pub async fn start(
     options.max_blob_bytes = settings.max_blob_bytes;
     options.domain_verify_http_port = settings.domain_verify_http_port;
     options.dns_resolver = settings.dns_resolver;
-    options.build = Some(build_options(build, deno));
+    options.build = Some(build_options(build, deno, cgroups));
     let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
     let control_plane = ControlPlane::open(options)
         .await

@@ -160,9 +160,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 bounds: settings.listeners.control.clone(),
                 metrics: listener_metrics.clone(),
             };
-            let (control_plane, control_addr) =
-                control_plane::start(control, &settings.build, public.port(), https_port, &deno, control_listener)
-                    .await?;
+            let (control_plane, control_addr) = control_plane::start(
+                control,
+                &settings.build,
+                public.port(),
+                https_port,
+                &deno,
+                cgroups.clone(),
+                control_listener,
+            )
+            .await?;
             // Its real address: `--control-listen …:0` picks the port now.
             if let Some(egress) = &egress {
                 egress.add_private_listener(control_addr, "control plane listener");
@@ -202,7 +209,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             memory_limit_bytes: settings.memory_limit_mb * 1024 * 1024,
             watch_rss: cgroups.is_none(),
         },
-        cgroups,
+        cgroups: cgroups.clone(),
         activity: ActivityOptions {
             spool_dir: state_dir.join("spool"),
             spool_max_bytes: settings.spool_max_bytes,
@@ -236,7 +243,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         Mode::Apps(dir) => {
             // Dev mode builds apps that import packages, as `serve` builds
             // deployments: the same step, on a copy of the folder.
-            let options = control_plane::build_options(&settings.build, &deno);
+            let options = control_plane::build_options(&settings.build, &deno, cgroups.clone());
             if options.confinement.ids.is_some() {
                 // The build's uid reaches its work folders below the state dir.
                 isocloud_sandbox::identity::allow_traversal(&state_dir)?;

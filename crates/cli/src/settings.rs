@@ -266,6 +266,9 @@ pub struct ControlPlaneFlags {
     /// A build (deno install at deploy time) may take this long [default: 300].
     #[arg(long, value_name = "SECONDS")]
     pub build_timeout_s: Option<u64>,
+    /// A build's memory cgroup cap [default: 2048].
+    #[arg(long, value_name = "MB")]
+    pub build_memory_mb: Option<u64>,
     /// A host remote https: imports may also come from, beyond deno's default list (repeatable).
     #[arg(long, value_name = "HOST")]
     pub build_allow_import: Vec<String>,
@@ -353,6 +356,7 @@ struct FileConfig {
     npm_registry: Option<String>,
     jsr_registry: Option<String>,
     build_timeout_s: Option<u64>,
+    build_memory_mb: Option<u64>,
     #[serde(default)]
     build_allow_import: Vec<String>,
     rpc_root: Option<String>,
@@ -441,6 +445,7 @@ pub struct BuildSettings {
     pub npm_registry: Option<url::Url>,
     pub jsr_registry: Option<url::Url>,
     pub timeout: Duration,
+    pub memory_limit_bytes: u64,
     pub allow_import: Vec<String>,
 }
 
@@ -1090,6 +1095,11 @@ fn build_settings(
         flags.and_then(|f| f.build_timeout_s).or(file.build_timeout_s).unwrap_or(300),
         5..=3600,
     )?;
+    let build_memory_mb = within(
+        "build_memory_mb",
+        flags.and_then(|f| f.build_memory_mb).or(file.build_memory_mb).unwrap_or(2048),
+        64..=65_536,
+    )?;
     let build_allow_import = match flags {
         Some(flags) if !flags.build_allow_import.is_empty() => flags.build_allow_import.clone(),
         _ => file.build_allow_import.clone(),
@@ -1103,6 +1113,7 @@ fn build_settings(
         npm_registry,
         jsr_registry,
         timeout: Duration::from_secs(build_timeout_s),
+        memory_limit_bytes: build_memory_mb * 1024 * 1024,
         allow_import: build_allow_import,
     })
 }

@@ -211,7 +211,7 @@ impl Builder {
         if let Some(registry) = &self.options.jsr_registry {
             command.env("JSR_URL", registry.as_str());
         }
-        let mut child = self.options.confinement.spawn(command, &paths).map_err(BuildFailure::internal)?;
+        let (mut child, cgroup) = self.options.confinement.spawn(command, &paths).map_err(BuildFailure::internal)?;
         let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(BuildFailure::internal("no pipes"));
         };
@@ -239,6 +239,19 @@ impl Builder {
             }
         };
         let log = clean_log(&output);
+        if let (Some(cgroup), Some(memory)) = (&cgroup, &self.options.confinement.memory)
+            && !status.success()
+            && cgroup.oom_killed()
+        {
+            return Err(BuildFailure {
+                error: format!(
+                    "the build ran out of memory ({} MiB, --build-memory-mb): a graph too large to resolve here",
+                    memory.limit_bytes >> 20
+                ),
+                log,
+            });
+        }
+        drop(cgroup);
         if !status.success() {
             return Err(BuildFailure { error: explain(&log, entrypoint), log });
         }

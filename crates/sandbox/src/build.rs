@@ -28,6 +28,19 @@ pub struct BuildConfinement {
     /// Landlock's [`crate::landlock::BUILD_RULES`]: deno, the system, its
     /// work copy and cache — the layer that also holds without a root.
     pub landlock: Option<crate::LandlockPolicy>,
+    /// A memory cgroup of its own per build, capped (`None`: no usable
+    /// memory controller; the wall-clock bound still holds).
+    pub memory: Option<BuildMemory>,
+}
+
+/// Names builds' cgroups apart (the folder is this runner's alone).
+static NEXT_BUILD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Where builds' memory cgroups go and their cap.
+#[derive(Debug, Clone)]
+pub struct BuildMemory {
+    pub cgroups: std::sync::Arc<crate::Cgroups>,
+    pub limit_bytes: u64,
 }
 
 /// Where a jailed build step finds its files: deno runs as
@@ -62,6 +75,7 @@ impl BuildConfinement {
             pid_namespace: root && crate::pidns::probe().is_ok(),
             mount_namespace: root && crate::probe_mount_namespace(deno_free).is_ok(),
             landlock: crate::LandlockPolicy::new(deno).ok(),
+            memory: None,
         }
     }
 
@@ -74,7 +88,14 @@ impl BuildConfinement {
     /// made there (the command then names deno and its files by their
     /// [`BuildRoot`] paths, and has no working directory of its own: the
     /// jail's is `/src`).
-    pub fn spawn(&self, mut command: tokio::process::Command, paths: &BuildRoot) -> io::Result<tokio::process::Child> {
+    /// The build's memory cgroup comes back beside the child: keep it until
+    /// the child has been waited for ([`crate::IsolateCgroup::oom_killed`]
+    /// says whether the cap ended it).
+    pub fn spawn(
+        &self,
+        mut command: tokio::process::Command,
+        paths: &BuildRoot,
+    ) -> io::Result<(tokio::process::Child, Option<crate::IsolateCgroup>)> {
         let jail = if self.mount_namespace {
             crate::files::make_mount_points(&paths.root)?;
             Some(crate::jail::Jail::for_build(&paths.root, &paths.deno, &paths.src, &paths.cache, self.pid_namespace))
@@ -87,6 +108,14 @@ impl BuildConfinement {
             }
             None => None,
         };
+        let cgroup = match &self.memory {
+            Some(memory) => Some(memory.cgroups.create(
+                &format!("build-{}", NEXT_BUILD.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+                memory.limit_bytes,
+            )?),
+            None => None,
+        };
+        let cgroup_procs = cgroup.as_ref().map(crate::IsolateCgroup::procs_file).transpose()?;
         let ids = self.ids;
         let seccomp = self.seccomp.clone();
         // SAFETY: getpid has no preconditions.
@@ -99,6 +128,9 @@ impl BuildConfinement {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(procs) = &cgroup_procs {
+                    crate::confine::join_cgroup(procs)?;
                 }
                 // In its own PID namespace the parent is pid 0 to it.
                 if !pid_namespace && libc::getppid() != parent {
@@ -129,14 +161,15 @@ impl BuildConfinement {
                 Ok(())
             });
         }
-        if self.pid_namespace {
+        let child = if self.pid_namespace {
             let namespace = crate::pidns::ChildrenInNewPidNamespace::enter()?;
             let child = command.spawn();
             namespace.leave()?;
             child
         } else {
             command.spawn()
-        }
+        }?;
+        Ok((child, cgroup))
     }
 }
 
@@ -158,6 +191,11 @@ mod tests {
     /// Runs `deno eval SCRIPT` under `confinement` in a fresh work copy;
     /// its stdout.
     fn eval(confinement: &BuildConfinement, deno: &Path, work: &Path, script: &str) -> String {
+        eval_in_cgroup(confinement, deno, work, script).0
+    }
+
+    /// [`eval`], and whether its memory cgroup's cap ended it.
+    fn eval_in_cgroup(confinement: &BuildConfinement, deno: &Path, work: &Path, script: &str) -> (String, bool) {
         let paths = BuildRoot {
             root: work.join("root"),
             deno: deno.to_owned(),
@@ -179,9 +217,10 @@ mod tests {
             .stdout(std::process::Stdio::piped());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let child = confinement.spawn(command, &paths).unwrap();
+            let (child, cgroup) = confinement.spawn(command, &paths).unwrap();
             let output = child.wait_with_output().await.unwrap();
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+            let oom_killed = cgroup.is_some_and(|cgroup| cgroup.oom_killed());
+            (String::from_utf8_lossy(&output.stdout).trim().to_owned(), oom_killed)
         })
     }
 
@@ -206,5 +245,28 @@ mod tests {
         let confined = BuildConfinement { ids: nobody, landlock: Some(landlock), ..BuildConfinement::default() };
         let work = tempfile::tempdir().unwrap();
         assert_eq!(eval(&confined, &deno, work.path(), &script), "PermissionDenied x");
+    }
+
+    #[test]
+    fn a_build_lives_in_a_memory_cgroup_of_its_own() {
+        let Some(deno) = deno() else { return };
+        let cgroups = std::sync::Arc::new(
+            crate::Cgroups::detect(&format!("isocloud-build-test-{}", std::process::id())).expect("a memory cgroup"),
+        );
+        // 256 MiB outside V8's heap: only the cgroup sees it.
+        let script = "const b = new Uint8Array(256 << 20); b.fill(1); console.log('allocated ' + b[b.length - 1]);";
+        // The probe: without a cap, the allocation succeeds.
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(
+            eval_in_cgroup(&BuildConfinement::default(), &deno, work.path(), script),
+            ("allocated 1".into(), false)
+        );
+        let capped = BuildConfinement {
+            memory: Some(BuildMemory { cgroups: cgroups.clone(), limit_bytes: 128 << 20 }),
+            ..BuildConfinement::default()
+        };
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(eval_in_cgroup(&capped, &deno, work.path(), script), (String::new(), true));
+        assert_eq!(cgroups.isolate_count(), 0, "each build's cgroup goes with it");
     }
 }

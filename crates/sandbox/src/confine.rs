@@ -155,7 +155,7 @@ impl Confinement {
 
 /// Writes this process's pid, in decimal, into `cgroup.procs`: formatted
 /// on the stack (no allocation between fork and exec).
-fn join_cgroup(procs: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+pub(crate) fn join_cgroup(procs: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: getpid has no preconditions.
     let mut pid = unsafe { libc::getpid() } as u32;

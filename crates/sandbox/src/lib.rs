@@ -36,7 +36,7 @@ mod seccomp;
 pub mod seccomp_policy;
 pub mod uids;
 
-pub use build::{BuildConfinement, BuildRoot};
+pub use build::{BuildConfinement, BuildMemory, BuildRoot};
 pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, resident_bytes};
 pub use command::{
     ProbeError, SandboxPolicy, SandboxedCommand, probe_mount_namespace, probe_sandbox, signal_process_group,

@@ -401,6 +401,7 @@ fn build_settings_take_registries_a_timeout_and_hosts_in_both_serve_modes() {
     let settings = parse(&["serve", "--apps", dir]).unwrap();
     assert_eq!(settings.build.npm_registry, None, "the public registry by default");
     assert_eq!(settings.build.timeout, Duration::from_secs(300));
+    assert_eq!(settings.build.memory_limit_bytes, 2048 << 20);
     let settings = parse(&[
         "serve",
         "--apps",
@@ -433,6 +434,9 @@ fn build_settings_take_registries_a_timeout_and_hosts_in_both_serve_modes() {
     assert_eq!(runner.unwrap().build.npm_registry.unwrap().as_str(), "http://127.0.0.1:4873/");
     assert_eq!(field_of(&["serve", "--apps", dir, "--jsr-registry", "not a url"]), "jsr_registry");
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-timeout-s", "1"]), "build_timeout_s");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--build-memory-mb", "8"]), "build_memory_mb");
+    let settings = parse(&["serve", "--apps", dir, "--build-memory-mb", "512"]).unwrap();
+    assert_eq!(settings.build.memory_limit_bytes, 512 << 20);
     assert_eq!(field_of(&["serve", "--apps", dir, "--build-allow-import", "a/b"]), "build_allow_import");
 }
 
