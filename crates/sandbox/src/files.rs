@@ -363,7 +363,7 @@ impl IsolateFiles {
         let import_map = serde_json::json!({ "imports": imports, "scopes": scopes });
         std::fs::write(&files.import_map, serde_json::to_vec_pretty(&import_map).expect("json value"))?;
         if !deployment.tree_deferred {
-            std::fs::write(&files.tree, serde_json::to_vec(&deployment.tree).expect("tree serializes"))?;
+            std::fs::write(&files.tree, harness_tree(&deployment.tree))?;
         }
 
         let bootstrap = serde_json::json!({
@@ -751,7 +751,7 @@ impl IsolateFiles {
     /// of one): at boot, or when the harness first asks for a deferred one.
     pub fn write_tree(&self, tree: &isocloud_origin::AssetTree) -> std::io::Result<()> {
         let partial = self.tree.with_extension("partial");
-        std::fs::write(&partial, serde_json::to_vec(tree).expect("tree serializes"))?;
+        std::fs::write(&partial, harness_tree(tree))?;
         std::fs::rename(&partial, &self.tree)
     }
 
@@ -781,6 +781,19 @@ impl IsolateFiles {
         std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
+}
+
+/// The manifest the harness reads, without the package folders: those are
+/// on the isolate's disk (bound from the package store), where the harness
+/// looks first, so a Hono app's 600 package entries cost no boot a parse.
+fn harness_tree(tree: &isocloud_origin::AssetTree) -> Vec<u8> {
+    let entries: serde_json::Map<String, serde_json::Value> = tree
+        .entries
+        .iter()
+        .filter(|(path, _)| !is_package_path(path))
+        .map(|(path, entry)| (path.clone(), serde_json::to_value(entry).expect("an entry serializes")))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "entries": entries })).expect("tree serializes")
 }
 
 /// Whether the harness must take over `node:http`'s `listen()` before the
