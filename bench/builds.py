@@ -49,8 +49,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DENO, ROOT, free_port, get, percentile  # noqa: E402
-from suite import Procs, first_response, log  # noqa: E402
+from common import DENO, Procs, ROOT, first_response, free_port, get, log, percentile  # noqa: E402
 
 HONO = """import { Hono } from "npm:hono@4";
 

@@ -33,8 +33,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, percentile, start_apps_runner  # noqa: E402
-from suite import CLK_TCK, Procs, cpu_ticks, descendants, private_kib  # noqa: E402
+from common import (CLK_TCK, Procs, ROOT, cpu_ticks, descendants,  # noqa: E402
+                    percentile, private_kib, start_apps_runner)
 
 
 def pss_kib(pid):

@@ -19,8 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, percentile  # noqa: E402
-from suite import Procs, Runner, get  # noqa: E402
+from common import Procs, ROOT, Runner, get, percentile  # noqa: E402
 
 
 def main():

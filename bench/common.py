@@ -1,14 +1,26 @@
 """What every benchmark script shares: where deno is, the hello-world handler
-deno serves directly, percentiles, a free port, one timed request, and
-starting the runner (waiting for its `listening on` line)."""
+deno serves directly, percentiles, a free port, one timed request, starting
+the runner (waiting for its `listening on` line), the process groups a script
+starts and kills, CPU and memory read from /proc, wrk runs, and bare deno.
+Every script imports its helpers from here (and subhost.py's origin), never
+from `suite.py`, which only orchestrates the suite."""
 import http.client
+import json
 import os
+import shutil
+import signal
 import socket
+import statistics
 import subprocess
+import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DENO = os.path.join(ROOT, ".isocloud/deno/bin/deno")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Pre-started isolates per sandbox profile (the runner's default).
+PRESTARTED = 2
 HANDLER = 'Deno.serve({ port: Number(Deno.env.get("PORT") ?? 8000), onListen() {} }, () => new Response("Hello, world!"));\n'
 
 
@@ -62,3 +74,222 @@ def start_apps_runner(binary, apps, state_dir, extra=(), log="warn", stderr=subp
         [binary, "serve", "--apps", apps, "--listen", "127.0.0.1:0", "--state-dir", state_dir, "--deno", DENO,
          *extra],
         log=log, stderr=stderr, spawn=spawn)
+
+
+# ---------------------------------------------------------------- processes
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def first_response(port, deadline_s=30):
+    """Poll until something answers 200 on port; used for process-start timings."""
+    end = time.time() + deadline_s
+    while time.time() < end:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/")
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            if r.status == 200:
+                return
+        except OSError:
+            time.sleep(0.001)
+    raise RuntimeError(f"nothing answered on {port}")
+
+
+class Procs:
+    """Every process a script starts, each in its own process group, so
+    that everything is killed at the end whatever happens."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, argv, **kw):
+        p = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=15):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # whatever is left of the group (children that outlived it)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self):
+        for p in list(self.procs):
+            self.stop(p)
+
+
+def proc_table():
+    """pid -> (ppid, comm) for every process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        rest = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (int(rest[1]), comm)
+    return table
+
+
+def descendants(pid):
+    table = proc_table()
+    children = {}
+    for p, (pp, _) in table.items():
+        children.setdefault(pp, []).append(p)
+    out, stack = [], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append((c, table[c][1]))
+            stack.append(c)
+    return out
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    rest = stat[stat.rindex(")") + 2:].split()
+    return int(rest[11]) + int(rest[12])  # utime + stime
+
+
+def private_kib(pid):
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1])
+    except OSError:
+        return None
+    return total
+
+
+# ---------------------------------------------------------------- load
+
+def ensure_wrk():
+    if shutil.which("wrk"):
+        return shutil.which("wrk")
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing wrk (Debian package)")
+        if subprocess.call(["apt-get", "install", "-y", "wrk"], stdout=subprocess.DEVNULL) != 0:
+            subprocess.call(["apt-get", "update"], stdout=subprocess.DEVNULL)
+            subprocess.check_call(["apt-get", "install", "-y", "wrk"], stdout=subprocess.DEVNULL)
+        return shutil.which("wrk")
+    raise SystemExit("wrk is missing: sudo apt-get install -y wrk (or run bench/install.sh)")
+
+
+WRK_LUA = """
+local hosts = {%(hosts)s}
+local reqs = {}
+local idx = 0
+local delay_ms = %(delay)d
+function init(args)
+  for i, h in ipairs(hosts) do reqs[i] = wrk.format("GET", "/", {Host = h}) end
+  idx = math.random(#reqs) - 1
+end
+function request()
+  idx = idx %% #reqs + 1
+  return reqs[idx]
+end
+if delay_ms > 0 then
+  function delay() return delay_ms end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCHJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"max_us":%%d,"errors":%%d,"status_errors":%%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+class Wrk:
+    def __init__(self, binary, work):
+        self.binary = binary
+        self.work = work
+        self.n = 0
+
+    def run(self, port, hosts, seconds, threads=2, conns=32, delay_ms=0, watch=()):
+        """One wrk run; returns its figures plus the CPU ticks each pid of
+        `watch` used during it."""
+        self.n += 1
+        script = os.path.join(self.work, f"wrk{self.n}.lua")
+        with open(script, "w") as f:
+            f.write(WRK_LUA % {"hosts": ", ".join(json.dumps(h) for h in hosts), "delay": delay_ms})
+        before = {pid: cpu_ticks(pid) for pid in watch}
+        out = subprocess.run(
+            [self.binary, f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
+             "-s", script, f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, timeout=seconds + 60)
+        after = {pid: cpu_ticks(pid) for pid in watch}
+        line = [l for l in out.stdout.splitlines() if l.startswith("BENCHJSON ")]
+        if not line:
+            raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+        r = json.loads(line[0][len("BENCHJSON "):])
+        r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+        r["cpu_s"] = {pid: (after[pid] - before[pid]) / CLK_TCK for pid in watch}
+        return r
+
+
+# ---------------------------------------------------------------- targets
+
+class Runner:
+    def __init__(self, procs, binary, apps, state, max_isolates, idle_timeout_s=3600, extra=()):
+        self.procs = procs
+        self.proc, self.port = start_apps_runner(
+            binary, apps, state,
+            ["--cpu-limit-ms", "1000", "--max-isolates", str(max_isolates), "--idle-timeout-s", str(idle_timeout_s),
+             "--prestarted-isolates", str(PRESTARTED), *extra],
+            spawn=procs.start)
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
+
+    def isolates(self):
+        return [pid for pid, comm in descendants(self.proc.pid) if comm == "deno"]
+
+
+def deno_direct(procs, app_dir, deno_dir):
+    port = free_port()
+    p = procs.start(
+        [DENO, "run", "--no-config", "--allow-net", "--allow-env", os.path.join(app_dir, "main.ts")],
+        env={"PORT": str(port), "DENO_DIR": deno_dir, "NO_COLOR": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, port
+
+
+def big_module(size):
+    """Plain JS of about `size` bytes: functions and data a bundler would emit."""
+    parts, total, i = [], 0, 0
+    while total < size:
+        chunk = (f"export function f{i}(x) {{ const t = [{i}, {i * 7 % 13}, \"s{i}-lorem ipsum dolor sit amet\"]; "
+                 f"return x + t[0] * t[1] + t[2].length; }}\n")
+        parts.append(chunk)
+        total += len(chunk)
+        i += 1
+    return "".join(parts), i

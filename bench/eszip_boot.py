@@ -30,9 +30,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, percentile  # noqa: E402
+from common import Procs, ROOT, big_module, deno_direct, first_response, percentile  # noqa: E402
 from subhost import Origin, build_eszip, start_subhost_runner, subhost_get  # noqa: E402
-from suite import Procs, big_module, deno_direct, first_response  # noqa: E402
 
 SIZES = [("10 KB", 10_000), ("1 MB", 1_000_000), ("10 MB", 10_000_000)]
 IDLE_TIMEOUT_S = 2

@@ -22,9 +22,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, percentile  # noqa: E402
+from common import CLK_TCK, Procs, ROOT, cpu_ticks, descendants, percentile  # noqa: E402
 from subhost import Origin, build_eszip, start_subhost_runner, subhost_get, token  # noqa: E402
-from suite import CLK_TCK, Procs, cpu_ticks, descendants  # noqa: E402
 
 HELLO = 'Deno.serve(() => new Response("Hello, world!"));\n'
 

@@ -24,8 +24,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HANDLER, percentile  # noqa: E402
-from suite import Procs, Runner, Wrk, cpu_ticks, deno_direct, ensure_wrk, first_response  # noqa: E402
+from common import (HANDLER, Procs, Runner, Wrk, cpu_ticks,  # noqa: E402
+                    deno_direct, ensure_wrk, first_response, percentile)
 
 DELAY_MS = 4  # wrk's pause after each answer, per connection
 TASK = re.compile(r"^(?P<comm>.*)\[(?P<tid>\d+)(?:/(?P<pid>\d+))?\]$")

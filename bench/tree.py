@@ -35,9 +35,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, percentile  # noqa: E402
+from common import Procs, ROOT, percentile  # noqa: E402
 from subhost import build_eszip, start_subhost_runner, token  # noqa: E402
-from suite import Procs  # noqa: E402
 
 IDLE_TIMEOUT_S = 2
 FILE_ID = "blob-data"

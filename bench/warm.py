@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HANDLER, ROOT  # noqa: E402
-from suite import Procs, Runner, Wrk, deno_direct, ensure_wrk, first_response, get, log, med  # noqa: E402
+from common import (HANDLER, Procs, ROOT, Runner, Wrk, deno_direct,  # noqa: E402
+                    ensure_wrk, first_response, get, log, med)
 
 
 def main():
