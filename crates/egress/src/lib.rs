@@ -16,7 +16,9 @@
 //! refused with 403 `EGRESS_DENIED` after resolution, in every spelling),
 //! besides the runner's own public listeners and ranges the operator opened.
 //! Bounded: connections per isolate and on the shared listener, with a short
-//! header timeout (`proxy`).
+//! header timeout (`proxy`). Its refusals are answered as the ingress's are,
+//! by [`isocloud_protocol::ErrorCode::response`]: an allowed host it cannot
+//! reach is 502 `UPSTREAM_UNREACHABLE`, never a denial.
 //!
 //! This crate must not decide which deployment serves a request or start
 //! processes; it never trusts what an isolate says about itself beyond the

@@ -317,11 +317,11 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Weak<Shared>, slo
 /// Answers a connection past its listener's bound with a short HTTP
 /// refusal (if the socket takes it without waiting) and closes it.
 fn refuse_connection(shared: &Shared, bound: &Bound, stream: TcpStream) {
-    let (status, message) = match bound {
+    let (code, message) = match bound {
         Bound::Shared => {
             shared.refused_shared.fetch_add(1, Ordering::Relaxed);
             (
-                "503 Service Unavailable",
+                ErrorCode::Capacity,
                 format!("the egress proxy holds {} connections", shared.options.max_shared_connections),
             )
         }
@@ -331,7 +331,7 @@ fn refuse_connection(shared: &Shared, bound: &Bound, stream: TcpStream) {
                 grant.over_limit.fetch_add(1, Ordering::Relaxed);
             }
             (
-                "429 Too Many Requests",
+                ErrorCode::EgressConnectionLimit,
                 format!(
                     "this isolate holds {} connections to the egress proxy",
                     shared.options.max_connections_per_isolate
@@ -339,30 +339,28 @@ fn refuse_connection(shared: &Shared, bound: &Bound, stream: TcpStream) {
             )
         }
     };
-    let body = error_body(ErrorCode::EgressDenied, &message);
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-isocloud-error: {}\r\nconnection: close\r\n\
-         content-length: {}\r\n\r\n{body}",
-        ErrorCode::EgressDenied.as_str(),
-        body.len()
-    );
-    let _ = stream.try_write(response.as_bytes());
+    let _ = stream.try_write(&closing_http1(code.response(&message)));
 }
 
-fn error_body(code: ErrorCode, message: &str) -> String {
-    serde_json::json!({ "error": { "code": code.as_str(), "message": message } }).to_string()
-}
-
-fn refuse(status: StatusCode, code: ErrorCode, message: String) -> Response<ProxyBody> {
-    let mut response = Response::new(full(error_body(code, &message)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert("x-isocloud-error", HeaderValue::from_static(code.as_str()));
-    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        headers.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"isocloud egress\""));
+/// `response` as HTTP/1.1 bytes for a socket hyper does not serve, with
+/// `connection: close` and its length.
+fn closing_http1(response: Response<Bytes>) -> Vec<u8> {
+    let status = response.status();
+    let mut out = format!("HTTP/1.1 {} {}\r\n", status.as_str(), status.canonical_reason().unwrap_or("")).into_bytes();
+    for (name, value) in response.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    response
+    out.extend_from_slice(format!("connection: close\r\ncontent-length: {}\r\n\r\n", response.body().len()).as_bytes());
+    out.extend_from_slice(response.body());
+    out
+}
+
+/// The proxy's own answer for `code`, rendered as the ingress renders its own.
+fn refuse(code: ErrorCode, message: String) -> Response<ProxyBody> {
+    code.response(&message).map(full)
 }
 
 /// The target of a proxied call: `CONNECT host:port` or `GET http://host:port/…`.
@@ -384,15 +382,11 @@ fn target_of(request: &Request<Incoming>) -> Result<(String, u16), String> {
 
 async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<ProxyBody> {
     let Some(grant) = shared.grant_for(&request) else {
-        return refuse(
-            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            ErrorCode::EgressDenied,
-            "the egress proxy serves live isolates only".into(),
-        );
+        return refuse(ErrorCode::EgressAuthRequired, "the egress proxy serves live isolates only".into());
     };
     let (host, port) = match target_of(&request) {
         Ok(target) => target,
-        Err(message) => return refuse(StatusCode::BAD_REQUEST, ErrorCode::EgressDenied, message),
+        Err(message) => return refuse(ErrorCode::BadRequest, message),
     };
     // The harness's probe at start-up: it makes deno build its HTTP client
     // with the proxy settings before the environment is scrubbed.
@@ -405,18 +399,13 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
     if !allows(&grant.net, &host, port) {
         grant.denied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(deployment_id = grant.deployment(), host, port, "egress proxy: host outside permissions.net");
-        return refuse(
-            StatusCode::FORBIDDEN,
-            ErrorCode::EgressDenied,
-            format!("{host}:{port} is not in this deployment's permissions.net"),
-        );
+        return refuse(ErrorCode::EgressDenied, format!("{host}:{port} is not in this deployment's permissions.net"));
     }
     let hops = grant.outbound_hops();
     if hops > shared.options.max_hops {
         grant.loops.fetch_add(1, Ordering::Relaxed);
         tracing::info!(deployment_id = grant.deployment(), hops, "egress proxy: loop refused");
         return refuse(
-            StatusCode::LOOP_DETECTED,
             ErrorCode::LoopDetected,
             format!("this call would be hop {hops}; the bound is {}", shared.options.max_hops),
         );
@@ -426,8 +415,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
         shared.refused_isolate.fetch_add(1, Ordering::Relaxed);
         tracing::info!(deployment_id = grant.deployment(), "egress proxy: outbound connections at the bound");
         return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::EgressDenied,
+            ErrorCode::EgressConnectionLimit,
             format!(
                 "this isolate holds {} outbound connections, the bound; close some first",
                 shared.options.max_connections_per_isolate
@@ -449,10 +437,10 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Pr
             // `why` names the address connected to; the name too if it was one.
             let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
             let message = if why.starts_with(&target) { why } else { format!("{target}: {why}") };
-            return refuse(StatusCode::FORBIDDEN, ErrorCode::EgressDenied, message);
+            return refuse(ErrorCode::EgressDenied, message);
         }
         Err(Unreachable::Failed(message)) => {
-            return refuse(StatusCode::BAD_GATEWAY, ErrorCode::EgressDenied, format!("{host}:{port}: {message}"));
+            return refuse(ErrorCode::UpstreamUnreachable, format!("{host}:{port}: {message}"));
         }
     };
     let link = upstream.local_addr().ok().map(|local| shared.links.register(local, hops));
@@ -577,7 +565,8 @@ async fn forward(
 
     let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
         Ok(handshake) => handshake,
-        Err(e) => return refuse(StatusCode::BAD_GATEWAY, ErrorCode::EgressDenied, format!("upstream: {e}")),
+        // Nothing was written yet: as good as never connected.
+        Err(e) => return refuse(ErrorCode::UpstreamUnreachable, format!("upstream: {e}")),
     };
     let revoked = grant.revoked.clone();
     let driver = tokio::spawn(async move {
@@ -586,13 +575,19 @@ async fn forward(
             () = revoked.cancelled() => {}
         }
     });
-    match sender.send_request(request).await {
+    match sender.try_send_request(request).await {
         Ok(response) => {
             let keep: Box<dyn std::any::Any + Send + Sync> = Box::new((link, AbortOnDrop(driver)));
             response
                 .map(|body| Counted::new(body, grant, |g| &g.bytes_received, Some(keep)).map_err(Into::into).boxed())
         }
-        Err(e) => refuse(StatusCode::BAD_GATEWAY, ErrorCode::EgressDenied, format!("upstream: {e}")),
+        Err(mut e) => {
+            // hyper hands the request back only if none of it was written;
+            // otherwise the upstream may have acted on it: not retryable.
+            let code =
+                if e.take_message().is_some() { ErrorCode::UpstreamUnreachable } else { ErrorCode::UpstreamFailed };
+            refuse(code, format!("upstream: {}", e.into_error()))
+        }
     }
 }
 

@@ -116,7 +116,7 @@ async fn credentials_are_required_and_revoked_with_the_grant() {
 
     let answer = exchange(proxy.local_addr(), get(&target, None, "")).await;
     assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
-    assert!(answer.contains("EGRESS_DENIED"), "{answer}");
+    assert!(answer.contains("EGRESS_AUTH_REQUIRED"), "{answer}");
     let answer = exchange(proxy.local_addr(), get(&target, Some("not-a-token"), "")).await;
     assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
 

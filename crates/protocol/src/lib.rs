@@ -6,7 +6,9 @@
 //! [`IsolateConfig`] has passed every rule of `subhosting-protocol.md` §3 that
 //! can be checked without the layers' bytes, including which env names a
 //! tenant may set ([`env_policy`]). It does no I/O and must not know
-//! about HTTP servers, processes or caches.
+//! about HTTP servers, processes or caches: of HTTP it knows the `http`
+//! crate's types only, to render an [`ErrorCode`] as the one answer both
+//! edges (the ingress and the egress proxy) send for it.
 
 mod activity;
 mod config;
@@ -16,7 +18,7 @@ mod error_code;
 
 pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
 pub use config::{ConfigError, IsolateConfig, LayerSpec, NetPermission, validate_env_name};
-pub use error_code::ErrorCode;
+pub use error_code::{CAPACITY_RETRY_AFTER_S, CodeSpec, EGRESS_PROXY_CHALLENGE, ERROR_HEADER, ErrorCode};
 
 /// The files a deployment starts from when none is named, first found wins
 /// (`isocloud deploy`, apps mode, builds): the names Deno Deploy users give

@@ -63,6 +63,12 @@ async fn ask(proxy: SocketAddr, token: &str, method: &str, target: &str) -> (u16
 }
 
 async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let (head, body) = read_head_and_body(stream).await;
+    (head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), body)
+}
+
+/// One response: its head, lowercased, and its body.
+async fn read_head_and_body(stream: &mut TcpStream) -> (String, String) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -72,7 +78,6 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let length = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
@@ -80,7 +85,7 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (head, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Names in /etc/hosts that stand for a loopback address but are not
@@ -232,7 +237,7 @@ async fn a_grants_outbound_connections_are_bounded() {
     assert_eq!((first, second), (200, 200));
     let (status, body, _) = ask(proxy.local_addr(), &token, "CONNECT", &target).await;
     assert_eq!(status, 429, "{body}");
-    assert!(body.contains("EGRESS_DENIED") && body.contains("2 outbound connections"), "{body}");
+    assert!(body.contains("EGRESS_CONNECTION_LIMIT") && body.contains("2 outbound connections"), "{body}");
     assert_eq!(grant.take_usage().over_limit, 1);
     assert_eq!(proxy.refusals().isolate_connections, 1);
 
@@ -272,9 +277,10 @@ async fn the_shared_listener_is_bounded_and_idle_connections_time_out() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut fifth = TcpStream::connect(proxy.local_addr()).await.unwrap();
-    let (status, body) = read_response(&mut fifth).await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("EGRESS_DENIED"), "{body}");
+    let (head, body) = read_head_and_body(&mut fifth).await;
+    assert!(head.starts_with("http/1.1 503 "), "{head}");
+    assert!(head.contains("x-isocloud-error: capacity\r\n") && head.contains("retry-after: 1\r\n"), "{head}");
+    assert!(body.contains("CAPACITY"), "{body}");
     assert!(is_closed(&mut fifth).await);
     assert_eq!(proxy.open_connections(), 4, "the refused one holds nothing");
     assert_eq!(proxy.refusals().shared_connections, 1);
@@ -311,7 +317,7 @@ async fn a_listener_inside_a_namespace_is_bounded_per_isolate() {
     let mut fourth = TcpStream::connect(inside_addr).await.unwrap();
     let (status, body) = read_response(&mut fourth).await;
     assert_eq!(status, 429, "{body}");
-    assert!(body.contains("3 connections"), "{body}");
+    assert!(body.contains("EGRESS_CONNECTION_LIMIT") && body.contains("3 connections"), "{body}");
     assert_eq!(grant.take_usage().over_limit, 1);
     assert_eq!(proxy.refusals().isolate_connections, 1);
     assert_eq!(proxy.open_connections(), 3);
@@ -327,4 +333,73 @@ async fn a_listener_inside_a_namespace_is_bounded_per_isolate() {
     let mut again = TcpStream::connect(inside_addr).await.unwrap();
     again.write_all(b"GET http://10.0.0.1/ HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     assert_eq!(read_response(&mut again).await.0, 407, "served again (no credentials: 407)");
+}
+
+/// A service on 127.0.0.1:0 that reads a request and closes without an answer.
+async fn silent_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that cannot be reached is not a denial: 502
+/// `UPSTREAM_UNREACHABLE` (retryable, nothing was sent); one that took the
+/// request and failed is 502 `UPSTREAM_FAILED` (not retryable).
+#[tokio::test]
+async fn an_unreachable_or_failing_upstream_is_told_from_a_denial() {
+    let service = internal_service().await;
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options(&["127.0.0.0/8"])).await.unwrap();
+    let grant = proxy.grant("tenant", NetPermission::All);
+    let token = token_of(&grant);
+    // The probe: an allowed upstream that answers is reached both ways.
+    assert_eq!(ask(proxy.local_addr(), &token, "CONNECT", &service.addr.to_string()).await.0, 200);
+    let (status, body, _) = ask(proxy.local_addr(), &token, "GET", &format!("http://{}/", service.addr)).await;
+    assert_eq!((status, body.as_str()), (200, "internal"));
+
+    // Nobody listens on a port just freed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for (method, target) in [("CONNECT", closed.to_string()), ("GET", format!("http://{closed}/"))] {
+        let (status, body, _) = ask(proxy.local_addr(), &token, method, &target).await;
+        assert_eq!(status, 502, "{method} {target}: {body}");
+        assert!(body.contains("UPSTREAM_UNREACHABLE") && body.contains("cannot connect"), "{body}");
+    }
+
+    let silent = silent_service().await;
+    let (status, body, _) = ask(proxy.local_addr(), &token, "GET", &format!("http://{silent}/")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("UPSTREAM_FAILED"), "{body}");
+    assert_eq!(grant.take_usage().denied, 0, "none of them was a denial");
+}
+
+/// The proxy's own protocol errors: a request it cannot proxy is 400
+/// `BAD_REQUEST`; no credentials is 407 with the challenge HTTP requires.
+#[tokio::test]
+async fn a_malformed_proxy_request_is_400_and_no_credentials_407_with_a_challenge() {
+    let service = internal_service().await;
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), options(&["127.0.0.0/8"])).await.unwrap();
+    let grant = proxy.grant("tenant", NetPermission::All);
+    let token = token_of(&grant);
+    let (status, _, _) = ask(proxy.local_addr(), &token, "GET", &format!("http://{}/", service.addr)).await;
+    assert_eq!(status, 200, "the probe: an absolute-form http URL is proxied");
+    let (status, body, _) = ask(proxy.local_addr(), &token, "GET", &format!("https://{}/", service.addr)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("BAD_REQUEST") && body.contains("CONNECT"), "{body}");
+
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let request = format!("CONNECT {0} HTTP/1.1\r\nhost: {0}\r\n\r\n", service.addr);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_head_and_body(&mut stream).await;
+    assert!(head.starts_with("http/1.1 407 "), "{head}");
+    assert!(head.contains("proxy-authenticate: basic realm=\"isocloud egress\"\r\n"), "{head}");
+    assert!(head.contains("x-isocloud-error: egress_auth_required\r\n"), "{head}");
+    assert!(body.contains("EGRESS_AUTH_REQUIRED"), "{body}");
 }
