@@ -2,7 +2,6 @@
 //! deno, wires origin, pool and ingress together, and turns SIGTERM/SIGINT
 //! into a graceful shutdown. It holds no logic of its own beyond that wiring.
 
-mod client;
 mod control_plane;
 mod deno;
 mod origins;
@@ -12,11 +11,17 @@ mod settings;
 mod store_metrics;
 mod webhook_metrics;
 
+#[cfg(test)]
+mod client_dispatch_tests;
+
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use isocloud_auth::SubhostVerifier;
+// The client commands are a crate of their own; settings.rs names them as
+// `crate::client::ClientCommand`.
+use isocloud_client as client;
 use isocloud_egress::{EgressOptions, EgressProxy};
 use isocloud_ingress::{
     EdgeLimits, EdgeMetrics, HostRouting, Listener, ListenerMetrics, Proxy, Router, ServeOptions, StreamLimits,

@@ -204,7 +204,7 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
-    use crate::client::api::FileRef;
+    use crate::api::FileRef;
 
     fn write(root: &Path, path: &str, content: &str) {
         let path = root.join(path);

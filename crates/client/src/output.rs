@@ -93,7 +93,7 @@ pub fn render_error(error: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::api::ApiError;
+    use crate::api::ApiError;
 
     #[test]
     fn tables_pad_all_but_the_last_column() {
