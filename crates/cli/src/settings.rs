@@ -1,15 +1,22 @@
 //! Command-line flags and the TOML config file: merged (flags win), then
-//! validated once into [`Settings`]. Nothing else reads raw options.
+//! validated once into [`Settings`]. Nothing else reads raw options. Each
+//! option is declared once, in `settings/options.rs`.
+
+mod options;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use isocloud_auth::{Secret, Subhoster};
 use isocloud_ingress::{BodyBound, ListenerBounds, ListenerKind};
 use serde::Deserialize;
 use url::Url;
+
+pub use options::{CommonFlags, ServeFlags, SubhostFlags};
+use options::{FileConfig, Given};
 
 #[derive(Parser, Debug)]
 #[command(name = "isocloud", version, about = "A self-hostable isolate cloud: the runner and its embedded origins.")]
@@ -25,11 +32,8 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         common: CommonFlags,
-        /// Dev mode: DIR/<name>/ is served at Host <name>.localhost, no control plane.
-        #[arg(long, value_name = "DIR")]
-        apps: Option<PathBuf>,
         #[command(flatten)]
-        control: Box<ControlPlaneFlags>,
+        serve: Box<ServeFlags>,
     },
     /// Run as a subhosting runner: relays sign requests, origins describe deployments.
     Runner {
@@ -43,331 +47,6 @@ pub enum Command {
     Client(crate::client::ClientCommand),
 }
 
-#[derive(Args, Debug, Default)]
-pub struct CommonFlags {
-    /// TOML file with any of these options (flags win).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Public listener, e.g. 127.0.0.1:8080 (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Admin listener for /healthz and /metrics; off unless given.
-    #[arg(long, value_name = "ADDR")]
-    pub admin_listen: Option<String>,
-    /// The deno binary isolates run on.
-    #[arg(long, value_name = "PATH")]
-    pub deno: Option<PathBuf>,
-    /// The npm registry builds, and ESZIPs' npm snapshots, take packages from [default: https://registry.npmjs.org/].
-    #[arg(long, value_name = "URL")]
-    pub npm_registry: Option<String>,
-    /// Caches and isolate files [default: $XDG_STATE_HOME/isocloud or ~/.local/state/isocloud].
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Terminate an isolate after this many seconds without requests [default: 300].
-    #[arg(long, value_name = "SECONDS")]
-    pub idle_timeout_s: Option<u64>,
-    /// Give up on an isolate that does not serve within this time [default: 30].
-    #[arg(long, value_name = "SECONDS")]
-    pub boot_timeout_s: Option<u64>,
-    /// Cut off an origin RPC after this time [default: 10].
-    #[arg(long, value_name = "SECONDS")]
-    pub origin_timeout_s: Option<u64>,
-    /// On SIGTERM/SIGINT, let in-flight requests finish for this long [default: 10].
-    #[arg(long, value_name = "SECONDS")]
-    pub drain_timeout_s: Option<u64>,
-    /// CPU time each request may use, measured by the kernel [default: 50].
-    #[arg(long, value_name = "MS")]
-    pub cpu_limit_ms: Option<u64>,
-    /// Wall-clock limit from forwarding a request to its response's headers [default: 60].
-    #[arg(long, value_name = "SECONDS")]
-    pub request_timeout_s: Option<u64>,
-    /// Request bodies larger than this get 413 [default: 100].
-    #[arg(long, value_name = "MB")]
-    pub max_request_body_mb: Option<u64>,
-    /// A client must send its request head within this time, on every
-    /// listener: from the connection's accept (TLS handshake included) or
-    /// its last response's end [default: 10].
-    #[arg(long, value_name = "SECONDS")]
-    pub header_timeout_s: Option<u64>,
-    /// A request body on the control and admin listeners must arrive within
-    /// this of its head, plus 1 s per --min-body-rate-kb-s received [default: 30].
-    #[arg(long, value_name = "SECONDS")]
-    pub body_timeout_s: Option<u64>,
-    /// The slowest rate a request body on the control and admin listeners
-    /// may keep up after --body-timeout-s; 0: the timeout is the whole
-    /// body's [default: 16].
-    #[arg(long, value_name = "KB")]
-    pub min_body_rate_kb_s: Option<u64>,
-    /// Connections one peer (an IPv4 address, an IPv6 /64) may hold on each
-    /// public listener (HTTP, TLS); one more is closed at once; 0: no cap.
-    /// Behind a relay or CDN, raise it [default: 256].
-    #[arg(long, value_name = "N")]
-    pub max_connections_per_peer: Option<usize>,
-    /// Connections each public listener (HTTP, TLS) holds at once; one more
-    /// is closed at once [default: 16384].
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Connections one peer may hold on the admin listener; 0: no cap [default: 16].
-    #[arg(long, value_name = "N")]
-    pub admin_max_connections_per_peer: Option<usize>,
-    /// Connections the admin listener holds at once [default: 64].
-    #[arg(long, value_name = "N")]
-    pub admin_max_connections: Option<usize>,
-    /// An upgraded connection (WebSocket) or a response body with no bytes
-    /// either way for this long is closed [default: 60].
-    #[arg(long, value_name = "SECONDS")]
-    pub stream_idle_timeout_s: Option<u64>,
-    /// An upgraded connection or a response body is closed this long after
-    /// its response's headers, however busy [default: 3600].
-    #[arg(long, value_name = "SECONDS")]
-    pub stream_max_lifetime_s: Option<u64>,
-    /// Request line plus headers larger than this get 431 [default: 64].
-    #[arg(long, value_name = "KB")]
-    pub max_header_kb: Option<u64>,
-    /// Isolates running at once; when full the least recently used idle one is evicted [default: 1000].
-    #[arg(long, value_name = "N")]
-    pub max_isolates: Option<usize>,
-    /// V8 heap limit of each isolate [default: 512].
-    #[arg(long, value_name = "MB")]
-    pub memory_limit_mb: Option<u64>,
-    /// Size bound of the on-disk layer and blob cache [default: 1024].
-    #[arg(long, value_name = "MB")]
-    pub cache_max_mb: Option<u64>,
-    /// Bound on built deployments' package sets no isolate uses [default: 4096].
-    #[arg(long, value_name = "MB")]
-    pub package_store_max_mb: Option<u64>,
-    /// Size bound of the activity spool, where reports wait for their origin
-    /// (oldest logs are dropped first; usage never) [default: 64].
-    #[arg(long, value_name = "MB")]
-    pub spool_max_mb: Option<u64>,
-    /// Log format: text or json [default: text].
-    #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-    /// Give each isolate its own mount namespace and root: auto (when the
-    /// runner may), on (refuse to start without), off [default: auto].
-    #[arg(long, value_name = "MODE")]
-    pub mount_namespace: Option<String>,
-    /// Confine each isolate's file system with Landlock: auto (when the
-    /// kernel has it), on (refuse to start without), off [default: auto].
-    #[arg(long, value_name = "MODE")]
-    pub landlock: Option<String>,
-    /// The seccomp denylist on every isolate: on or off [default: on].
-    #[arg(long, value_name = "MODE")]
-    pub seccomp: Option<String>,
-    /// Resource limits (open files, file size, core dumps, …) on every
-    /// isolate: on or off [default: on].
-    #[arg(long, value_name = "MODE")]
-    pub rlimits: Option<String>,
-    /// One uid every isolate runs as (shared: isolates are kept apart by
-    /// the other layers alone), or off (the runner's own); needs a root
-    /// runner. Excludes --isolate-uid-range [default: a uid per isolate from
-    /// --isolate-uid-range when the runner is root, else off].
-    #[arg(long, value_name = "UID")]
-    pub isolate_uid: Option<String>,
-    /// The uids isolates run as, one per live isolate, never shared; the
-    /// range must hold no real account, subordinate range (/etc/subuid) or
-    /// other service's uid. Needs a root runner. Excludes --isolate-uid
-    /// [default: 1900000000-1900099999].
-    #[arg(long, value_name = "FIRST-LAST")]
-    pub isolate_uid_range: Option<String>,
-    /// The gid isolates run as, shared by all (nothing of an isolate's is
-    /// group-accessible) [default: 65534].
-    #[arg(long, value_name = "GID")]
-    pub isolate_gid: Option<u32>,
-    /// Route isolates' outbound HTTP(S) through the runner's egress proxy
-    /// (allow-list enforced again, bytes counted, loops bounded): on or off
-    /// [default: on].
-    #[arg(long, value_name = "MODE")]
-    pub egress_proxy: Option<String>,
-    /// Give each isolate its own network namespace where only the egress
-    /// proxy listens, so raw TCP (`Deno.connect`, `Deno.listen`) cannot
-    /// leave: auto (when the runner is root and --egress-proxy is on), on
-    /// (refuse to start without), off [default: auto].
-    #[arg(long, value_name = "MODE")]
-    pub network_namespace: Option<String>,
-    /// An internal range (CIDR, e.g. 10.20.0.0/16) isolates may reach
-    /// through the egress proxy, which otherwise refuses loopback, private,
-    /// link-local, CGNAT and other internal addresses (repeatable).
-    #[arg(long, value_name = "CIDR")]
-    pub egress_allow_private: Vec<String>,
-    /// A call that passed through more isolates of this cloud than this is a
-    /// loop: 508 LOOP_DETECTED [default: 10].
-    #[arg(long, value_name = "N")]
-    pub max_hops: Option<u32>,
-    /// How often usage of running isolates is reported to origins [default: 10].
-    #[arg(long, value_name = "SECONDS")]
-    pub usage_interval_s: Option<u64>,
-    /// Isolates kept started ahead of demand, per sandbox profile, so a cold
-    /// boot skips deno's start; 0: none. Needs --mount-namespace on [default: 2].
-    #[arg(long, value_name = "N")]
-    pub prestarted_isolates: Option<usize>,
-    /// Deno processes starting at once; other boots wait their turn, first
-    /// come first served [default: 2 per core, at least 2, at most what half
-    /// the available memory holds at 64 MB a start].
-    #[arg(long, value_name = "N")]
-    pub max_concurrent_boots: Option<usize>,
-    /// Boots waiting for their turn, at most; one more gets 503 CAPACITY
-    /// with Retry-After [default: 64 per concurrent boot].
-    #[arg(long, value_name = "N")]
-    pub max_boot_queue: Option<usize>,
-    /// Isolates one tenant (a subhoster; a project of the control plane)
-    /// may hold at once; at its cap its least recently used idle isolate is
-    /// evicted, or its new boot gets 503 CAPACITY [default: --max-isolates
-    /// shared by the tenants configured, up to 4: all of it in apps mode or
-    /// with one subhoster, a quarter with the control plane].
-    #[arg(long, value_name = "N")]
-    pub max_isolates_per_tenant: Option<usize>,
-}
-
-#[derive(Args, Debug, Default)]
-pub struct ControlPlaneFlags {
-    /// The control plane's data: database, blobs, admin token [default: $XDG_DATA_HOME/isocloud or ~/.local/share/isocloud].
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
-    #[arg(long, value_name = "URL")]
-    pub database_url: Option<String>,
-    /// Deployments are served at <project>-<id>.DOMAIN, production at <project>.DOMAIN [default: localhost].
-    #[arg(long, value_name = "DOMAIN")]
-    pub base_domain: Option<String>,
-    /// The API (/api/v1) and dashboard listener [default: 127.0.0.1:8081].
-    #[arg(long, value_name = "ADDR")]
-    pub control_listen: Option<String>,
-    /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
-    #[arg(long, value_name = "ADDR")]
-    pub tls_listen: Option<String>,
-    /// Connections one peer may hold on the control listener; 0: no cap [default: 64].
-    #[arg(long, value_name = "N")]
-    pub control_max_connections_per_peer: Option<usize>,
-    /// Connections the control listener holds at once [default: 1024].
-    #[arg(long, value_name = "N")]
-    pub control_max_connections: Option<usize>,
-    /// Keep logs this many hours [default: 72].
-    #[arg(long, value_name = "HOURS")]
-    pub log_retention_h: Option<u64>,
-    /// Keep usage this many days [default: 30].
-    #[arg(long, value_name = "DAYS")]
-    pub usage_retention_d: Option<u64>,
-    /// The largest file a deployment may upload [default: 64].
-    #[arg(long, value_name = "MB")]
-    pub max_blob_mb: Option<u64>,
-    /// The port domain verification fetches the HTTP token from [default: 80].
-    #[arg(long, value_name = "PORT")]
-    pub domain_verify_http_port: Option<u16>,
-    /// The nameserver for domain verification (TXT records) [default: the system's].
-    #[arg(long, value_name = "ADDR")]
-    pub dns_resolver: Option<String>,
-    /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
-    #[arg(long, value_name = "PORT")]
-    pub public_http_port: Option<u16>,
-    /// The JSR registry builds resolve jsr: imports from [default: https://jsr.io/].
-    #[arg(long, value_name = "URL")]
-    pub jsr_registry: Option<String>,
-    /// A build (deno install at deploy time) may take this long [default: 300].
-    #[arg(long, value_name = "SECONDS")]
-    pub build_timeout_s: Option<u64>,
-    /// A build's memory cgroup cap [default: 2048].
-    #[arg(long, value_name = "MB")]
-    pub build_memory_mb: Option<u64>,
-    /// A host remote https: imports may also come from, beyond deno's default list (repeatable).
-    #[arg(long, value_name = "HOST")]
-    pub build_allow_import: Vec<String>,
-}
-
-#[derive(Args, Debug, Default)]
-pub struct SubhostFlags {
-    /// Default origin RPC root for subhosters (absolute http(s) URL ending in '/').
-    #[arg(long, value_name = "URL")]
-    pub rpc_root: Option<String>,
-    /// A subhoster's shared secret, KID=SECRET (repeatable).
-    #[arg(long, value_name = "KID=SECRET")]
-    pub subhost_secret: Vec<String>,
-    /// A subhoster's shared secret read from a file, KID=PATH (repeatable).
-    #[arg(long, value_name = "KID=PATH")]
-    pub subhost_secret_file: Vec<String>,
-    /// A prefix subhoster KID's tokens may aim their `rpc_root` claim at,
-    /// KID=PREFIX (repeatable; per subhoster, never shared).
-    #[arg(long, value_name = "KID=PREFIX")]
-    pub allow_rpc_root: Vec<String>,
-}
-
-/// The TOML file: the same options as the flags, snake_case.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    deno: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    idle_timeout_s: Option<u64>,
-    boot_timeout_s: Option<u64>,
-    origin_timeout_s: Option<u64>,
-    drain_timeout_s: Option<u64>,
-    memory_limit_mb: Option<u64>,
-    cpu_limit_ms: Option<u64>,
-    request_timeout_s: Option<u64>,
-    max_isolates: Option<usize>,
-    max_request_body_mb: Option<u64>,
-    max_header_kb: Option<u64>,
-    header_timeout_s: Option<u64>,
-    body_timeout_s: Option<u64>,
-    min_body_rate_kb_s: Option<u64>,
-    max_connections_per_peer: Option<usize>,
-    max_connections: Option<usize>,
-    admin_max_connections_per_peer: Option<usize>,
-    admin_max_connections: Option<usize>,
-    control_max_connections_per_peer: Option<usize>,
-    control_max_connections: Option<usize>,
-    stream_idle_timeout_s: Option<u64>,
-    stream_max_lifetime_s: Option<u64>,
-    cache_max_mb: Option<u64>,
-    package_store_max_mb: Option<u64>,
-    spool_max_mb: Option<u64>,
-    log_format: Option<String>,
-    mount_namespace: Option<String>,
-    landlock: Option<String>,
-    seccomp: Option<String>,
-    rlimits: Option<String>,
-    isolate_uid: Option<UidValue>,
-    isolate_uid_range: Option<String>,
-    isolate_gid: Option<u32>,
-    egress_proxy: Option<String>,
-    network_namespace: Option<String>,
-    #[serde(default)]
-    egress_allow_private: Vec<String>,
-    max_hops: Option<u32>,
-    usage_interval_s: Option<u64>,
-    prestarted_isolates: Option<usize>,
-    max_concurrent_boots: Option<usize>,
-    max_boot_queue: Option<usize>,
-    max_isolates_per_tenant: Option<usize>,
-    apps: Option<PathBuf>,
-    data: Option<PathBuf>,
-    database_url: Option<String>,
-    base_domain: Option<String>,
-    control_listen: Option<String>,
-    tls_listen: Option<String>,
-    log_retention_h: Option<u64>,
-    usage_retention_d: Option<u64>,
-    max_blob_mb: Option<u64>,
-    domain_verify_http_port: Option<u16>,
-    dns_resolver: Option<String>,
-    public_http_port: Option<u16>,
-    npm_registry: Option<String>,
-    jsr_registry: Option<String>,
-    build_timeout_s: Option<u64>,
-    build_memory_mb: Option<u64>,
-    #[serde(default)]
-    build_allow_import: Vec<String>,
-    rpc_root: Option<String>,
-    #[serde(default)]
-    subhost_secret: Vec<String>,
-    #[serde(default)]
-    subhost_secret_file: Vec<String>,
-    #[serde(default)]
-    allow_rpc_root: Vec<String>,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting `{field}`: {message}")]
 pub struct SettingsError {
@@ -379,12 +58,80 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SettingsError {
     SettingsError { field, message: message.into() }
 }
 
-/// `isolate_uid` in the TOML file: a number or `"off"`.
-#[derive(Deserialize, Debug)]
+/// A sandbox layer: on where the runner can have it, on or refuse to
+/// start, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+/// A layer that is always there unless turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// As the help and the README show a default: the value's name.
+macro_rules! display_as_value_name {
+    ($($ty:ty),*) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.to_possible_value().expect("no value is skipped").get_name())
+            }
+        }
+    )*};
+}
+display_as_value_name!(Toggle, Switch, LogFormat);
+
+/// `--isolate-uid` as given: a number or `off`; `isolate_uid` in the TOML
+/// file: a number or `"off"`. Whether the number may be a uid is
+/// [`Settings::from_cli`]'s to say, naming the setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "UidValue")]
+pub enum UidChoice {
+    Off,
+    Id(u32),
+}
+
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum UidValue {
     Id(u32),
     Text(String),
+}
+
+impl FromStr for UidChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "off" => Ok(UidChoice::Off),
+            _ => text.parse().map(UidChoice::Id).map_err(|_| format!("{text:?} is neither a number nor \"off\"")),
+        }
+    }
+}
+
+impl TryFrom<UidValue> for UidChoice {
+    type Error = String;
+
+    fn try_from(value: UidValue) -> Result<Self, String> {
+        match value {
+            UidValue::Id(id) => Ok(UidChoice::Id(id)),
+            UidValue::Text(text) => text.parse(),
+        }
+    }
 }
 
 /// Who isolates run as.
@@ -398,19 +145,6 @@ pub enum IsolateUid {
     Id(u32),
     /// A uid per live isolate from this range.
     Range(isocloud_sandbox::UidRange),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Toggle {
-    Auto,
-    On,
-    Off,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 pub enum Mode {
@@ -512,55 +246,46 @@ pub struct ListenerBoundsSet {
     pub admin: ListenerBounds,
 }
 
-/// A listener's caps as given (flag over file): per peer, in all.
-type GivenCaps = (Option<usize>, Option<usize>);
-
-/// The listeners' bounds from what was given (flags over file) and
-/// `isocloud_ingress::LISTENER_DEFAULTS`, validated.
-fn listener_bounds(
-    header_timeout: Duration,
-    body_timeout_s: Option<u64>,
-    min_body_rate_kb_s: Option<u64>,
-    [public, control, admin]: [GivenCaps; 3],
-) -> Result<ListenerBoundsSet, SettingsError> {
-    let body_timeout_s =
-        within("body_timeout_s", body_timeout_s.unwrap_or(isocloud_ingress::DEFAULT_BODY_TIMEOUT_S), 1..=3600)?;
-    let min_body_rate_kb_s = within(
-        "min_body_rate_kb_s",
-        min_body_rate_kb_s.unwrap_or(isocloud_ingress::DEFAULT_MIN_BODY_RATE_KB_S),
-        0..=1024 * 1024,
-    )?;
-    let body =
-        BodyBound { timeout: Duration::from_secs(body_timeout_s), min_rate_bytes_per_s: min_body_rate_kb_s * 1024 };
-    let caps = |kind: ListenerKind, (per_peer, total): GivenCaps| -> Result<ListenerBounds, SettingsError> {
-        let (per_peer_field, total_field) = match kind {
-            ListenerKind::Public | ListenerKind::Tls => ("max_connections_per_peer", "max_connections"),
-            ListenerKind::Control => ("control_max_connections_per_peer", "control_max_connections"),
-            ListenerKind::Admin => ("admin_max_connections_per_peer", "admin_max_connections"),
+/// The listeners' bounds: `isocloud_ingress::LISTENER_DEFAULTS` with the
+/// caps given (flag, file or that default), validated.
+fn listener_bounds(given: &Given, header_timeout: Duration) -> Result<ListenerBoundsSet, SettingsError> {
+    let body = BodyBound {
+        timeout: Duration::from_secs(given.body_timeout_s),
+        min_rate_bytes_per_s: given.min_body_rate_kb_s * 1024,
+    };
+    let caps = |kind: ListenerKind| -> Result<ListenerBounds, SettingsError> {
+        let (per_peer_field, per_peer, total_field, total) = match kind {
+            ListenerKind::Public | ListenerKind::Tls => {
+                ("max_connections_per_peer", given.max_connections_per_peer, "max_connections", given.max_connections)
+            }
+            ListenerKind::Control => (
+                "control_max_connections_per_peer",
+                given.control_max_connections_per_peer,
+                "control_max_connections",
+                given.control_max_connections,
+            ),
+            ListenerKind::Admin => (
+                "admin_max_connections_per_peer",
+                given.admin_max_connections_per_peer,
+                "admin_max_connections",
+                given.admin_max_connections,
+            ),
         };
         let mut bounds = ListenerBounds::defaults(kind, header_timeout, body);
-        if let Some(n) = per_peer {
-            bounds.max_connections_per_peer = within(per_peer_field, n, 0..=1_000_000)?;
-        }
-        if let Some(n) = total {
-            bounds.max_connections = within(total_field, n, 1..=1_000_000)?;
-        }
-        if bounds.max_connections_per_peer > bounds.max_connections {
+        (bounds.max_connections_per_peer, bounds.max_connections) = (per_peer, total);
+        if per_peer > total {
             return Err(invalid(
                 per_peer_field,
-                format!(
-                    "{} is more than {total_field} ({}): it could never apply (0 turns it off)",
-                    bounds.max_connections_per_peer, bounds.max_connections
-                ),
+                format!("{per_peer} is more than {total_field} ({total}): it could never apply (0 turns it off)"),
             ));
         }
         Ok(bounds)
     };
     Ok(ListenerBoundsSet {
-        public: caps(ListenerKind::Public, public)?,
-        tls: caps(ListenerKind::Tls, public)?,
-        control: caps(ListenerKind::Control, control)?,
-        admin: caps(ListenerKind::Admin, admin)?,
+        public: caps(ListenerKind::Public)?,
+        tls: caps(ListenerKind::Tls)?,
+        control: caps(ListenerKind::Control)?,
+        admin: caps(ListenerKind::Admin)?,
     })
 }
 
@@ -580,150 +305,58 @@ pub fn default_max_isolates_per_tenant(max_isolates: usize, tenants: Option<usiz
 
 impl Settings {
     pub fn from_cli(command: Command) -> Result<Self, SettingsError> {
-        let (common, apps, subhost, control) = match command {
-            Command::Serve { common, apps, control } => (common, Some(apps), None, Some(control)),
-            Command::Runner { common, subhost } => (common, None, Some(subhost), None),
+        let (common, serve, subhost) = match command {
+            Command::Serve { common, serve } => (common, Some(*serve), None),
+            Command::Runner { common, subhost } => (common, None, Some(subhost)),
             // main.rs dispatches client commands before settings are built.
             Command::Client(_) => return Err(invalid("command", "a client command has no runner settings")),
         };
-        let file = match &common.config {
+        let mut file = match &common.config {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
-        // `serve` without an apps folder runs the control plane.
-        let apps_given = matches!(apps, Some(Some(_))) || (apps.is_some() && file.apps.is_some());
+        // The flags, if either is given, else the file's: a uid from one
+        // source never meets a range from the other.
+        if common.isolate_uid.is_some() || common.isolate_uid_range.is_some() {
+            (file.isolate_uid, file.isolate_uid_range) = (None, None);
+        }
+        // With --apps, these flags are a mistake (the file's are ignored).
         let control_flags_given =
-            control.as_ref().is_some_and(|c| c.data.is_some() || c.database_url.is_some() || c.tls_listen.is_some());
-        let build = build_settings(common.npm_registry.clone(), control.as_deref(), &file)?;
-        let control_caps =
-            control.as_ref().map_or((None, None), |c| (c.control_max_connections_per_peer, c.control_max_connections));
-        let mut control_plane = match control {
-            Some(control) if !apps_given => Some(control_plane_settings(*control, &file)?),
-            _ => None,
-        };
-        let listen = parse_addr("listen", common.listen.or(file.listen).as_deref().unwrap_or("127.0.0.1:8080"))?;
-        let admin_listen =
-            common.admin_listen.or(file.admin_listen).map(|a| parse_addr("admin_listen", &a)).transpose()?;
-        let seconds = |field: &'static str, flag: Option<u64>, file: Option<u64>, default: u64, min: u64| {
-            within(field, flag.or(file).unwrap_or(default), min..=86_400 * 365).map(Duration::from_secs)
-        };
-        let idle_timeout = seconds("idle_timeout_s", common.idle_timeout_s, file.idle_timeout_s, 300, 1)?;
-        let boot_timeout = seconds("boot_timeout_s", common.boot_timeout_s, file.boot_timeout_s, 30, 1)?;
-        let origin_timeout = seconds("origin_timeout_s", common.origin_timeout_s, file.origin_timeout_s, 10, 1)?;
-        let drain_timeout = seconds("drain_timeout_s", common.drain_timeout_s, file.drain_timeout_s, 10, 0)?;
-        let memory_limit_mb =
-            within("memory_limit_mb", common.memory_limit_mb.or(file.memory_limit_mb).unwrap_or(512), 16..=65_536)?;
-        let cpu_limit_ms =
-            within("cpu_limit_ms", common.cpu_limit_ms.or(file.cpu_limit_ms).unwrap_or(50), 1..=600_000)?;
-        let request_timeout = seconds("request_timeout_s", common.request_timeout_s, file.request_timeout_s, 60, 1)?;
-        let max_isolates =
-            within("max_isolates", common.max_isolates.or(file.max_isolates).unwrap_or(1000), 1..=100_000)?;
-        let max_concurrent_boots = common
-            .max_concurrent_boots
-            .or(file.max_concurrent_boots)
-            .map(|n| within("max_concurrent_boots", n, 1..=10_000))
-            .transpose()?;
-        let max_boot_queue = common
-            .max_boot_queue
-            .or(file.max_boot_queue)
-            .map(|n| within("max_boot_queue", n, 0..=1_000_000))
-            .transpose()?;
-        let max_isolates_per_tenant = common
-            .max_isolates_per_tenant
-            .or(file.max_isolates_per_tenant)
-            .map(|n| within("max_isolates_per_tenant", n, 1..=100_000))
-            .transpose()?;
-        let max_request_body_mb = within(
-            "max_request_body_mb",
-            common.max_request_body_mb.or(file.max_request_body_mb).unwrap_or(100),
-            1..=65_536,
-        )?;
-        let header_timeout = seconds("header_timeout_s", common.header_timeout_s, file.header_timeout_s, 10, 1)?;
-        let listeners = listener_bounds(
-            header_timeout,
-            common.body_timeout_s.or(file.body_timeout_s),
-            common.min_body_rate_kb_s.or(file.min_body_rate_kb_s),
-            [
-                (
-                    common.max_connections_per_peer.or(file.max_connections_per_peer),
-                    common.max_connections.or(file.max_connections),
-                ),
-                (
-                    control_caps.0.or(file.control_max_connections_per_peer),
-                    control_caps.1.or(file.control_max_connections),
-                ),
-                (
-                    common.admin_max_connections_per_peer.or(file.admin_max_connections_per_peer),
-                    common.admin_max_connections.or(file.admin_max_connections),
-                ),
-            ],
-        )?;
+            serve.as_ref().is_some_and(|s| s.data.is_some() || s.database_url.is_some() || s.tls_listen.is_some());
+        let is_serve = serve.is_some();
+        let given = Given::merge(common, serve.unwrap_or_default(), subhost.unwrap_or_default(), file)?;
+        // `serve` without an apps folder runs the control plane.
+        let apps_given = is_serve && given.apps.is_some();
+        let build = build_settings(&given)?;
+        let control_plane = if is_serve && !apps_given { Some(control_plane_settings(&given)?) } else { None };
+        let listen = parse_addr("listen", &given.listen)?;
+        let admin_listen = given.admin_listen.as_deref().map(|a| parse_addr("admin_listen", a)).transpose()?;
+        let header_timeout = Duration::from_secs(given.header_timeout_s);
+        let listeners = listener_bounds(&given, header_timeout)?;
         // Idle 60 s: what nginx (proxy_read_timeout) and AWS load balancers
         // allow by default, so clients already ping inside it (WebSocket
         // libraries every 20–30 s, SSE keep-alive comments). Lifetime 1 h: a
         // busy stream keeps its isolate's slot, so it must end some time;
         // an hour outlasts any download or session a client would not
         // resume anyway (AWS API Gateway allows 2 h).
-        let stream_idle_timeout =
-            seconds("stream_idle_timeout_s", common.stream_idle_timeout_s, file.stream_idle_timeout_s, 60, 1)?;
-        let stream_max_lifetime =
-            seconds("stream_max_lifetime_s", common.stream_max_lifetime_s, file.stream_max_lifetime_s, 3600, 1)?;
-        if stream_idle_timeout > stream_max_lifetime {
+        if given.stream_idle_timeout_s > given.stream_max_lifetime_s {
             return Err(invalid(
                 "stream_idle_timeout_s",
                 format!(
                     "{} s is longer than stream_max_lifetime_s ({} s): a stream could never idle out",
-                    stream_idle_timeout.as_secs(),
-                    stream_max_lifetime.as_secs()
+                    given.stream_idle_timeout_s, given.stream_max_lifetime_s
                 ),
             ));
         }
-        let max_header_kb =
-            within("max_header_kb", common.max_header_kb.or(file.max_header_kb).unwrap_or(64), 8..=1024)?;
-        let package_store_max_mb = within(
-            "package_store_max_mb",
-            common.package_store_max_mb.or(file.package_store_max_mb).unwrap_or(4096),
-            1..=1024 * 1024,
-        )?;
-        let cache_max_mb = common.cache_max_mb.or(file.cache_max_mb).unwrap_or(1024);
-        if cache_max_mb == 0 {
-            return Err(invalid("cache_max_mb", "must be at least 1"));
-        }
-        let spool_max_mb =
-            within("spool_max_mb", common.spool_max_mb.or(file.spool_max_mb).unwrap_or(64), 1..=1_048_576)?;
-        let log_format = match common.log_format.or(file.log_format).as_deref().unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => return Err(invalid("log_format", format!("{other:?} is neither \"text\" nor \"json\""))),
-        };
-        let mount_namespace = match common.mount_namespace.or(file.mount_namespace).as_deref().unwrap_or("auto") {
-            "auto" => Toggle::Auto,
-            "on" => Toggle::On,
-            "off" => Toggle::Off,
-            other => return Err(invalid("mount_namespace", format!("{other:?} is not auto, on or off"))),
-        };
-        let landlock = match common.landlock.or(file.landlock).as_deref().unwrap_or("auto") {
-            "auto" => Toggle::Auto,
-            "on" => Toggle::On,
-            "off" => Toggle::Off,
-            other => return Err(invalid("landlock", format!("{other:?} is not auto, on or off"))),
-        };
-        let seccomp = on_off("seccomp", common.seccomp.or(file.seccomp), true)?;
-        let rlimits = on_off("rlimits", common.rlimits.or(file.rlimits), true)?;
-        let egress_proxy = on_off("egress_proxy", common.egress_proxy.or(file.egress_proxy), true)?;
-        let network_namespace = match common.network_namespace.or(file.network_namespace).as_deref().unwrap_or("auto") {
-            "auto" => Toggle::Auto,
-            "on" => Toggle::On,
-            "off" => Toggle::Off,
-            other => return Err(invalid("network_namespace", format!("{other:?} is not auto, on or off"))),
-        };
-        if network_namespace == Toggle::On && !egress_proxy {
+        let egress_proxy = given.egress_proxy == Switch::On;
+        if given.network_namespace == Toggle::On && !egress_proxy {
             return Err(invalid(
                 "network_namespace",
                 "--network-namespace on needs --egress-proxy on: the proxy is the isolates' only way out",
             ));
         }
-        let egress_allow_private = pick(common.egress_allow_private, file.egress_allow_private)
+        let egress_allow_private = given
+            .egress_allow_private
             .iter()
             .map(|text| {
                 text.trim()
@@ -737,25 +370,7 @@ impl Settings {
                 "the ranges are the egress proxy's rule: it needs --egress-proxy on",
             ));
         }
-        let max_hops = within("max_hops", common.max_hops.or(file.max_hops).unwrap_or(10), 1..=100)?;
-        let usage_interval = seconds("usage_interval_s", common.usage_interval_s, file.usage_interval_s, 10, 1)?;
-        let prestarted_isolates = within(
-            "prestarted_isolates",
-            common.prestarted_isolates.or(file.prestarted_isolates).unwrap_or(2),
-            0..=64,
-        )?;
-        // The flags, if either is given, else the file's: a uid from one
-        // source never meets a range from the other.
-        let (uid_text, uid_range) = if common.isolate_uid.is_some() || common.isolate_uid_range.is_some() {
-            (common.isolate_uid, common.isolate_uid_range)
-        } else {
-            let uid = file.isolate_uid.map(|v| match v {
-                UidValue::Id(id) => id.to_string(),
-                UidValue::Text(text) => text,
-            });
-            (uid, file.isolate_uid_range.clone())
-        };
-        let isolate_uid = match (uid_text.as_deref(), uid_range.as_deref()) {
+        let isolate_uid = match (given.isolate_uid, given.isolate_uid_range.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "isolate_uid_range",
@@ -767,128 +382,108 @@ impl Settings {
                 IsolateUid::Range(isocloud_sandbox::UidRange::parse(text).map_err(|e| invalid("isolate_uid_range", e))?)
             }
             (None, None) => IsolateUid::Auto,
-            (Some("off"), None) => IsolateUid::Off,
-            (Some(text), None) => IsolateUid::Id(parse_id("isolate_uid", text)?),
+            (Some(UidChoice::Off), None) => IsolateUid::Off,
+            (Some(UidChoice::Id(id)), None) => IsolateUid::Id(check_id("isolate_uid", id)?),
         };
-        let isolate_gid = match common.isolate_gid.or(file.isolate_gid) {
-            Some(gid) => parse_id("isolate_gid", &gid.to_string())?,
-            None => 65534,
-        };
-        let state_dir = match common.state_dir.or(file.state_dir) {
-            Some(dir) => dir,
+        let isolate_gid = check_id("isolate_gid", given.isolate_gid)?;
+        let state_dir = match &given.state_dir {
+            Some(dir) => dir.clone(),
             None => default_state_dir()
                 .ok_or_else(|| invalid("state_dir", "no $XDG_STATE_HOME or $HOME; pass --state-dir"))?,
         };
+        let subhost_keys_given =
+            !given.subhost_secret.is_empty() || !given.subhost_secret_file.is_empty() || given.rpc_root.is_some();
 
-        let mode = match (apps, subhost) {
-            (Some(_), _) if let Some(control) = control_plane.take() => {
-                if !file.subhost_secret.is_empty() || !file.subhost_secret_file.is_empty() || file.rpc_root.is_some() {
-                    return Err(invalid(
-                        "subhost_secret",
-                        "subhosting options belong to `isocloud runner`, not `serve`",
-                    ));
-                }
-                Mode::ControlPlane(Box::new(control))
+        let mode = if let Some(control) = control_plane {
+            if subhost_keys_given {
+                return Err(invalid("subhost_secret", "subhosting options belong to `isocloud runner`, not `serve`"));
             }
-            (Some(apps), _) => {
-                let dir = apps.or(file.apps).expect("one of them, or the control plane's arm above");
-                if control_flags_given {
-                    return Err(invalid(
-                        "apps",
-                        "--apps serves a folder without the control plane: drop --data, --database-url and --tls-listen",
-                    ));
-                }
-                if !dir.is_dir() {
-                    return Err(invalid("apps", format!("{} is not a directory", dir.display())));
-                }
-                if !file.subhost_secret.is_empty() || !file.subhost_secret_file.is_empty() || file.rpc_root.is_some() {
-                    return Err(invalid(
-                        "subhost_secret",
-                        "subhosting options belong to `isocloud runner`, not `serve`",
-                    ));
-                }
-                Mode::Apps(dir.canonicalize().map_err(|e| invalid("apps", e.to_string()))?)
+            Mode::ControlPlane(Box::new(control))
+        } else if is_serve {
+            let dir = given.apps.as_ref().expect("apps given, or the control plane's branch above");
+            if control_flags_given {
+                return Err(invalid(
+                    "apps",
+                    "--apps serves a folder without the control plane: drop --data, --database-url and --tls-listen",
+                ));
             }
-            (None, Some(flags)) => {
-                if file.apps.is_some() {
-                    return Err(invalid("apps", "`apps` belongs to `isocloud serve`, not `runner`"));
-                }
-                let rpc_root = flags.rpc_root.or(file.rpc_root).ok_or_else(|| {
-                    invalid("rpc_root", "runner needs --rpc-root URL (or `rpc_root` in the config file)")
-                })?;
-                let rpc_root = parse_rpc_root(&rpc_root)?;
-                let secrets = pick(flags.subhost_secret, file.subhost_secret);
-                let secret_files = pick(flags.subhost_secret_file, file.subhost_secret_file);
-                let allowed = pick(flags.allow_rpc_root, file.allow_rpc_root);
-                Mode::Subhost(subhosters(&rpc_root, &secrets, &secret_files, &allowed)?)
+            if !dir.is_dir() {
+                return Err(invalid("apps", format!("{} is not a directory", dir.display())));
             }
-            (None, None) => unreachable!("clap makes every command one of the two"),
+            if subhost_keys_given {
+                return Err(invalid("subhost_secret", "subhosting options belong to `isocloud runner`, not `serve`"));
+            }
+            Mode::Apps(dir.canonicalize().map_err(|e| invalid("apps", e.to_string()))?)
+        } else {
+            if given.apps.is_some() {
+                return Err(invalid("apps", "`apps` belongs to `isocloud serve`, not `runner`"));
+            }
+            let rpc_root = given
+                .rpc_root
+                .as_deref()
+                .ok_or_else(|| invalid("rpc_root", "runner needs --rpc-root URL (or `rpc_root` in the config file)"))?;
+            let rpc_root = parse_rpc_root(rpc_root)?;
+            Mode::Subhost(subhosters(
+                &rpc_root,
+                &given.subhost_secret,
+                &given.subhost_secret_file,
+                &given.allow_rpc_root,
+            )?)
         };
-        let max_isolates_per_tenant = max_isolates_per_tenant.unwrap_or_else(|| {
+        let max_isolates_per_tenant = given.max_isolates_per_tenant.unwrap_or_else(|| {
             let tenants = match &mode {
                 Mode::Apps(_) => Some(1),
                 Mode::Subhost(subhosters) => Some(subhosters.len()),
                 Mode::ControlPlane(_) => None,
             };
-            default_max_isolates_per_tenant(max_isolates, tenants)
+            default_max_isolates_per_tenant(given.max_isolates, tenants)
         });
         Ok(Settings {
             mode,
             build,
             listen,
             admin_listen,
-            deno: common.deno.or(file.deno),
+            deno: given.deno,
             state_dir,
-            idle_timeout,
-            boot_timeout,
-            origin_timeout,
-            drain_timeout,
-            memory_limit_mb,
-            cpu_limit_ms,
-            request_timeout,
-            max_isolates,
-            max_request_body_bytes: (max_request_body_mb * 1024 * 1024) as usize,
-            max_header_bytes: (max_header_kb * 1024) as usize,
+            idle_timeout: Duration::from_secs(given.idle_timeout_s),
+            boot_timeout: Duration::from_secs(given.boot_timeout_s),
+            origin_timeout: Duration::from_secs(given.origin_timeout_s),
+            drain_timeout: Duration::from_secs(given.drain_timeout_s),
+            memory_limit_mb: given.memory_limit_mb,
+            cpu_limit_ms: given.cpu_limit_ms,
+            request_timeout: Duration::from_secs(given.request_timeout_s),
+            max_isolates: given.max_isolates,
+            max_request_body_bytes: (given.max_request_body_mb * 1024 * 1024) as usize,
+            max_header_bytes: (given.max_header_kb * 1024) as usize,
             header_timeout,
             listeners,
-            stream_idle_timeout,
-            stream_max_lifetime,
-            cache_max_bytes: cache_max_mb * 1024 * 1024,
-            package_store_max_bytes: package_store_max_mb * 1024 * 1024,
-            spool_max_bytes: spool_max_mb * 1024 * 1024,
-            log_format,
-            mount_namespace,
-            landlock,
-            seccomp,
-            rlimits,
+            stream_idle_timeout: Duration::from_secs(given.stream_idle_timeout_s),
+            stream_max_lifetime: Duration::from_secs(given.stream_max_lifetime_s),
+            cache_max_bytes: given.cache_max_mb * 1024 * 1024,
+            package_store_max_bytes: given.package_store_max_mb * 1024 * 1024,
+            spool_max_bytes: given.spool_max_mb * 1024 * 1024,
+            log_format: given.log_format,
+            mount_namespace: given.mount_namespace,
+            landlock: given.landlock,
+            seccomp: given.seccomp == Switch::On,
+            rlimits: given.rlimits == Switch::On,
             isolate_uid,
             isolate_gid,
             egress_proxy,
-            network_namespace,
+            network_namespace: given.network_namespace,
             egress_allow_private,
-            max_hops,
-            usage_interval,
-            prestarted_isolates,
-            max_concurrent_boots,
-            max_boot_queue,
+            max_hops: given.max_hops,
+            usage_interval: Duration::from_secs(given.usage_interval_s),
+            prestarted_isolates: given.prestarted_isolates,
+            max_concurrent_boots: given.max_concurrent_boots,
+            max_boot_queue: given.max_boot_queue,
             max_isolates_per_tenant,
         })
     }
 }
 
-/// A switch, `default` unless the operator says otherwise.
-fn on_off(field: &'static str, value: Option<String>, default: bool) -> Result<bool, SettingsError> {
-    match value.as_deref() {
-        None => Ok(default),
-        Some("on") => Ok(true),
-        Some("off") => Ok(false),
-        Some(other) => Err(invalid(field, format!("{other:?} is neither \"on\" nor \"off\""))),
-    }
-}
-
 /// An isolate uid or gid: never root's, never the "no id" value.
-fn parse_id(field: &'static str, text: &str) -> Result<u32, SettingsError> {
-    let id: u32 = text.parse().map_err(|_| invalid(field, format!("{text:?} is neither a number nor \"off\"")))?;
+fn check_id(field: &'static str, id: u32) -> Result<u32, SettingsError> {
     match id {
         0 => Err(invalid(field, "0 is root: isolates never run as root (\"off\" keeps the runner's own uid)")),
         u32::MAX => Err(invalid(field, "4294967295 is not an id")),
@@ -908,14 +503,10 @@ where
     }
 }
 
-fn pick(flags: Vec<String>, file: Vec<String>) -> Vec<String> {
-    if flags.is_empty() { file } else { flags }
-}
-
 fn read_file_config(path: &Path) -> Result<FileConfig, SettingsError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+    let file: FileConfig = toml::from_str(&text).map_err(|e| {
         // Name the line and its key, never quote the line: it may hold a secret.
         let place = e.span().map(|span| {
             let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
@@ -924,7 +515,11 @@ fn read_file_config(path: &Path) -> Result<FileConfig, SettingsError> {
             format!("line {line_number}, key `{key}`: ")
         });
         invalid("config", format!("{}: {}{}", path.display(), place.unwrap_or_default(), e.message()))
-    })
+    })?;
+    if file.config.is_some() {
+        return Err(invalid("config", format!("{}: `config` is a flag; a config file names no other", path.display())));
+    }
+    Ok(file)
 }
 
 fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {
@@ -1018,67 +613,45 @@ fn allowed_prefix(spec: &str) -> Result<(&str, &str), SettingsError> {
     }
 }
 
-/// The control plane's options, flags over file, validated.
-fn control_plane_settings(flags: ControlPlaneFlags, file: &FileConfig) -> Result<ControlPlaneSettings, SettingsError> {
-    let data_dir = match flags.data.or_else(|| file.data.clone()) {
-        Some(dir) => dir,
+/// The control plane's options, validated.
+fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, SettingsError> {
+    let data_dir = match &given.data {
+        Some(dir) => dir.clone(),
         None => default_data_dir().ok_or_else(|| invalid("data", "no $XDG_DATA_HOME or $HOME; pass --data DIR"))?,
     };
-    let database_url = flags.database_url.or_else(|| file.database_url.clone());
-    if let Some(url) = &database_url
+    if let Some(url) = &given.database_url
         && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
     {
         // Never quote it: it may hold a password.
         return Err(invalid("database_url", "must be a postgres:// or postgresql:// URL"));
     }
-    let base_domain = flags.base_domain.or_else(|| file.base_domain.clone()).unwrap_or_else(|| "localhost".into());
-    let base_domain = base_domain.trim_end_matches('.').to_ascii_lowercase();
+    let base_domain = given.base_domain.trim_end_matches('.').to_ascii_lowercase();
     if !isocloud_controlplane::is_base_domain(&base_domain) {
         return Err(invalid("base_domain", format!("{base_domain:?} is not a DNS name")));
     }
-    let control_listen = parse_addr(
-        "control_listen",
-        flags.control_listen.or_else(|| file.control_listen.clone()).as_deref().unwrap_or("127.0.0.1:8081"),
-    )?;
-    let tls_listen =
-        flags.tls_listen.or_else(|| file.tls_listen.clone()).map(|a| parse_addr("tls_listen", &a)).transpose()?;
-    let log_retention_h =
-        within("log_retention_h", flags.log_retention_h.or(file.log_retention_h).unwrap_or(72), 1..=24 * 3650)?;
-    let usage_retention_d =
-        within("usage_retention_d", flags.usage_retention_d.or(file.usage_retention_d).unwrap_or(30), 1..=3650)?;
-    let max_blob_mb = within("max_blob_mb", flags.max_blob_mb.or(file.max_blob_mb).unwrap_or(64), 1..=4096)?;
-    let domain_verify_http_port = within(
-        "domain_verify_http_port",
-        flags.domain_verify_http_port.or(file.domain_verify_http_port).unwrap_or(80),
-        1..=65535,
-    )?;
-    let dns_resolver =
-        flags.dns_resolver.or_else(|| file.dns_resolver.clone()).map(|a| parse_addr("dns_resolver", &a)).transpose()?;
-    let public_http_port = flags.public_http_port.or(file.public_http_port);
+    let control_listen = parse_addr("control_listen", &given.control_listen)?;
+    let tls_listen = given.tls_listen.as_deref().map(|a| parse_addr("tls_listen", a)).transpose()?;
+    let dns_resolver = given.dns_resolver.as_deref().map(|a| parse_addr("dns_resolver", a)).transpose()?;
     Ok(ControlPlaneSettings {
         data_dir,
-        database_url,
+        database_url: given.database_url.clone(),
         base_domain,
         control_listen,
         tls_listen,
-        log_retention: Duration::from_secs(log_retention_h * 3600),
-        usage_retention: Duration::from_secs(usage_retention_d * 86_400),
-        max_blob_bytes: max_blob_mb * 1024 * 1024,
-        domain_verify_http_port,
+        log_retention: Duration::from_secs(given.log_retention_h * 3600),
+        usage_retention: Duration::from_secs(given.usage_retention_d * 86_400),
+        max_blob_bytes: given.max_blob_mb * 1024 * 1024,
+        domain_verify_http_port: given.domain_verify_http_port,
         dns_resolver,
-        public_http_port,
+        public_http_port: given.public_http_port,
     })
 }
 
-/// The build step's settings, flags over file, validated.
-fn build_settings(
-    npm_registry_flag: Option<String>,
-    flags: Option<&ControlPlaneFlags>,
-    file: &FileConfig,
-) -> Result<BuildSettings, SettingsError> {
-    let registry = |field: &'static str, given: Option<String>| -> Result<Option<url::Url>, SettingsError> {
+/// The build step's settings, validated.
+fn build_settings(given: &Given) -> Result<BuildSettings, SettingsError> {
+    let registry = |field: &'static str, given: Option<&str>| -> Result<Option<url::Url>, SettingsError> {
         let Some(given) = given else { return Ok(None) };
-        let mut url = url::Url::parse(&given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
+        let mut url = url::Url::parse(given).map_err(|e| invalid(field, format!("{given:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid(field, format!("{given:?} is not an http(s) URL")));
         }
@@ -1087,24 +660,9 @@ fn build_settings(
         }
         Ok(Some(url))
     };
-    let npm_registry = registry("npm_registry", npm_registry_flag.or_else(|| file.npm_registry.clone()))?;
-    let jsr_registry =
-        registry("jsr_registry", flags.and_then(|f| f.jsr_registry.clone()).or_else(|| file.jsr_registry.clone()))?;
-    let build_timeout_s = within(
-        "build_timeout_s",
-        flags.and_then(|f| f.build_timeout_s).or(file.build_timeout_s).unwrap_or(300),
-        5..=3600,
-    )?;
-    let build_memory_mb = within(
-        "build_memory_mb",
-        flags.and_then(|f| f.build_memory_mb).or(file.build_memory_mb).unwrap_or(2048),
-        64..=65_536,
-    )?;
-    let build_allow_import = match flags {
-        Some(flags) if !flags.build_allow_import.is_empty() => flags.build_allow_import.clone(),
-        _ => file.build_allow_import.clone(),
-    };
-    for host in &build_allow_import {
+    let npm_registry = registry("npm_registry", given.npm_registry.as_deref())?;
+    let jsr_registry = registry("jsr_registry", given.jsr_registry.as_deref())?;
+    for host in &given.build_allow_import {
         if host.is_empty() || host.contains(['/', ',', ' ', '@']) {
             return Err(invalid("build_allow_import", format!("{host:?} is not a host or host:port")));
         }
@@ -1112,9 +670,9 @@ fn build_settings(
     Ok(BuildSettings {
         npm_registry,
         jsr_registry,
-        timeout: Duration::from_secs(build_timeout_s),
-        memory_limit_bytes: build_memory_mb * 1024 * 1024,
-        allow_import: build_allow_import,
+        timeout: Duration::from_secs(given.build_timeout_s),
+        memory_limit_bytes: given.build_memory_mb * 1024 * 1024,
+        allow_import: given.build_allow_import.clone(),
     })
 }
 

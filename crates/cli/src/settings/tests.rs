@@ -1,11 +1,25 @@
 use clap::Parser as _;
+use clap::error::{ContextKind, ContextValue};
 
+use super::options::OPTIONS;
 use super::*;
 
+/// The settings of a command line; a value clap refuses (a toggle's, a
+/// number's) is an error naming its option too, as clap's message does.
 fn parse(args: &[&str]) -> Result<Settings, SettingsError> {
     let mut argv = vec!["isocloud"];
     argv.extend_from_slice(args);
-    Settings::from_cli(Cli::try_parse_from(argv).expect("clap accepts the flags").command)
+    let cli = Cli::try_parse_from(argv).map_err(|e| {
+        let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+            panic!("clap refused {args:?} without naming an option: {e}")
+        };
+        // "--landlock <MODE>"
+        let flag = arg.trim_start_matches("--").split(' ').next().unwrap_or_default();
+        let spec = OPTIONS.iter().find(|spec| spec.key.replace('_', "-") == flag).expect("a declared option");
+        assert!(e.to_string().contains(&format!("--{flag}")), "clap's message names the flag: {e}");
+        invalid(spec.key, e.to_string())
+    })?;
+    Settings::from_cli(cli.command)
 }
 
 fn field_of(args: &[&str]) -> &'static str {
@@ -506,4 +520,125 @@ fn listener_bounds_default_per_listener_come_from_flags_or_file_and_are_validate
     assert_eq!(field_of(&serve(&["--body-timeout-s", "0"])), "body_timeout_s");
     assert_eq!(field_of(&serve(&["--control-max-connections", "10"])), "control_max_connections_per_peer");
     assert_eq!(field_of(&serve(&["--admin-max-connections-per-peer", "65"])), "admin_max_connections_per_peer");
+}
+
+#[test]
+fn a_bad_toggle_or_a_flag_only_key_in_the_file_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("isocloud.toml");
+    let args = ["serve", "--apps", dir.path().to_str().unwrap(), "--config", config.to_str().unwrap()];
+    std::fs::write(&config, "landlock = \"on\"\nlog_format = \"json\"\n").unwrap();
+    let settings = parse(&args).unwrap();
+    assert_eq!((settings.landlock, settings.log_format), (Toggle::On, LogFormat::Json));
+    for (text, key) in [
+        ("landlock = \"yes\"\n", "landlock"),
+        ("seccomp = \"auto\"\n", "seccomp"),
+        ("log_format = \"xml\"\n", "log_format"),
+        ("isolate_uid = \"nobody\"\n", "isolate_uid"),
+        ("config = \"other.toml\"\n", "config"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let err = parse(&args).err().unwrap();
+        assert_eq!(err.field, "config", "{text}");
+        assert!(err.message.contains(&format!("`{key}`")), "{text}: {err}");
+    }
+}
+
+#[test]
+fn every_flag_is_declared_and_its_help_shows_the_declared_default() {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let mut seen = Vec::new();
+    for command in ["serve", "runner"] {
+        let command = cli.find_subcommand(command).unwrap();
+        for arg in command.get_arguments() {
+            let Some(flag) = arg.get_long() else { continue };
+            if flag == "help" {
+                continue;
+            }
+            let spec = OPTIONS.iter().find(|spec| spec.key.replace('_', "-") == flag);
+            let spec = spec.unwrap_or_else(|| panic!("--{flag} is not declared in settings/options.rs"));
+            let help = arg.get_help().unwrap().to_string();
+            if spec.default != "none" {
+                assert!(help.ends_with(&format!("[default: {}]", spec.default)), "--{flag}: {help}");
+            }
+            seen.push(spec.key);
+        }
+    }
+    for spec in OPTIONS.iter() {
+        assert!(seen.contains(&spec.key), "`{}` is declared but no command takes it", spec.key);
+    }
+}
+
+/// The README's flag tables (`| flag | default | meaning |`), as
+/// flag name → default cell (`--a N` / `--b N` rows split in two).
+fn readme_flag_rows(readme: &str) -> Result<Vec<(String, String)>, String> {
+    // Cells split at `|` but not at an escaped `\|` (`--seccomp on\|off`).
+    fn cells(line: &str) -> Vec<String> {
+        let line = line.replace("\\|", "\u{0}");
+        let cells = line.trim().trim_matches('|').split('|');
+        cells.map(|cell| cell.replace('\u{0}', "|").trim().to_owned()).collect()
+    }
+    let mut rows = Vec::new();
+    let mut in_flag_table = false;
+    for line in readme.lines() {
+        if !line.starts_with('|') {
+            in_flag_table = false;
+            continue;
+        }
+        let cells = cells(line);
+        if cells.len() >= 2 && cells[0] == "flag" && cells[1] == "default" {
+            in_flag_table = true;
+            continue;
+        }
+        if !in_flag_table || cells[0].starts_with("---") {
+            continue;
+        }
+        let flags: Vec<&str> = cells[0].split(" / ").collect();
+        let defaults: Vec<&str> = if flags.len() > 1 { cells[1].split(" / ").collect() } else { vec![&cells[1]] };
+        if flags.len() != defaults.len() {
+            return Err(format!("{} flags but {} defaults: {line}", flags.len(), defaults.len()));
+        }
+        for (flag, default) in flags.iter().zip(defaults) {
+            let Some(name) = flag.trim_matches('`').strip_prefix("--") else {
+                return Err(format!("{flag:?} is not a `--flag`: {line}"));
+            };
+            let name = name.split(' ').next().unwrap_or_default().to_owned();
+            rows.push((name, default.replace('`', "").trim().to_owned()));
+        }
+    }
+    Ok(rows)
+}
+
+#[test]
+fn the_readme_option_tables_list_every_option_with_its_default() {
+    let readme = include_str!("../../../../README.md");
+    let rows = readme_flag_rows(readme).unwrap();
+    let mut wrong = Vec::new();
+    for spec in OPTIONS.iter() {
+        let flag = spec.key.replace('_', "-");
+        match rows.iter().filter(|(name, _)| *name == flag).collect::<Vec<_>>()[..] {
+            [] => wrong.push(format!("--{flag} has no row (default: {})", spec.default)),
+            [(_, default)] if *default != spec.default => {
+                wrong.push(format!("--{flag}: the README says {default:?}, the declaration {:?}", spec.default))
+            }
+            [_] => {}
+            _ => wrong.push(format!("--{flag} has more than one row")),
+        }
+    }
+    for (name, _) in &rows {
+        if !OPTIONS.iter().any(|spec| spec.key.replace('_', "-") == *name) {
+            wrong.push(format!("the README lists --{name}, which is no option"));
+        }
+    }
+    assert!(wrong.is_empty(), "README.md's option tables disagree with settings/options.rs:\n{}", wrong.join("\n"));
+
+    // The check itself sees a wrong default, a missing row and a row too many.
+    let table = "| flag | default | meaning |\n| --- | --- | --- |\n\
+                 | `--idle-timeout-s N` / `--no-such-flag N` | 30 / 1 | … |\n| `--log-format text\\|json` | `text` | … |\n";
+    assert_eq!(
+        readme_flag_rows(table).unwrap(),
+        [("idle-timeout-s", "30"), ("no-such-flag", "1"), ("log-format", "text")]
+            .map(|(flag, default)| (flag.to_owned(), default.to_owned()))
+    );
 }
