@@ -1,18 +1,27 @@
 //! `--since` values: an RFC 3339 time or a duration back from now (`10m`,
-//! `1h30m`, `2d`), both sent to the server as RFC 3339 UTC.
+//! `1h30m`, `2d`), both sent to the server as RFC 3339 UTC. Dates are the
+//! `time` crate's; only the duration syntax is ours.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
 
 /// Parses `--since` against `now`.
 pub fn parse_since(text: &str, now: SystemTime) -> Result<String, String> {
     let text = text.trim();
     if let Some(duration) = parse_duration(text) {
-        let at = now.checked_sub(duration).ok_or_else(|| format!("`{text}` reaches back before 1970"))?;
-        let since_epoch = at.duration_since(UNIX_EPOCH).map_err(|_| format!("`{text}` reaches back before 1970"))?;
-        return Ok(format_utc(since_epoch.as_secs() as i64, since_epoch.subsec_nanos()));
+        let before_1970 = || format!("`{text}` reaches back before 1970");
+        let at = now.checked_sub(duration).ok_or_else(before_1970)?;
+        let since_epoch = at.duration_since(UNIX_EPOCH).map_err(|_| before_1970())?;
+        let at = i128::try_from(since_epoch.as_nanos())
+            .ok()
+            .and_then(|nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).ok())
+            .ok_or_else(|| format!("`{text}` is out of range"))?;
+        return Ok(format_utc(at));
     }
     match parse_rfc3339(text) {
-        Some((seconds, nanos)) => Ok(format_utc(seconds, nanos)),
+        Some(at) => Ok(format_utc(at)),
         None => Err(format!(
             "`{text}` is neither an RFC 3339 time (2025-01-31T12:00:00Z) nor a duration (90s, 10m, 1h30m, 2d)"
         )),
@@ -48,112 +57,30 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs(total))
 }
 
-/// `YYYY-MM-DD[Tt ]HH:MM:SS[.frac](Z|±HH:MM)` → seconds since the epoch
-/// (UTC) and nanoseconds.
-fn parse_rfc3339(text: &str) -> Option<(i64, u32)> {
-    let b = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = b.get(range)?;
-        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(part).ok()?.parse().ok()
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+/// `YYYY-MM-DD[Tt ]HH:MM:SS[.frac](Z|±HH:MM)`, in UTC.
+fn parse_rfc3339(text: &str) -> Option<OffsetDateTime> {
+    // The time crate takes any byte between date and time; RFC 3339 names
+    // `T` (either case) and, in a note, a space.
+    if !matches!(text.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
         return None;
     }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return None;
-    }
-    // 60 allows a leap second; it lands on the next minute's first.
-    if hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut nanos = 0u32;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let end = fraction.find(|c: char| !c.is_ascii_digit()).unwrap_or(fraction.len());
-        if end == 0 {
-            return None;
-        }
-        let mut padded: String = fraction[..end].chars().take(9).collect();
-        while padded.len() < 9 {
-            padded.push('0');
-        }
-        nanos = padded.parse().ok()?;
-        rest = &fraction[end..];
-    }
-    let offset_seconds = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let ob = rest.as_bytes();
-            if ob.len() != 6 || ob[3] != b':' || ![1, 2, 4, 5].iter().all(|&i| ob[i].is_ascii_digit()) {
-                return None;
-            }
-            let sign = match ob[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let hours: i64 = rest.get(1..3)?.parse().ok()?;
-            let minutes: i64 = rest.get(4..6)?.parse().ok()?;
-            if hours > 23 || minutes > 59 {
-                return None;
-            }
-            sign * (hours * 3600 + minutes * 60)
-        }
-    };
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
-    Some((seconds, nanos))
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if month <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, month, day)
+    OffsetDateTime::parse(text, &Rfc3339).ok()?.checked_to_offset(UtcOffset::UTC)
 }
 
 /// RFC 3339 UTC, with milliseconds when there are any.
-pub fn format_utc(seconds: i64, nanos: u32) -> String {
-    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
-    let of_day = seconds.rem_euclid(86_400);
-    let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
-    let millis = nanos / 1_000_000;
-    if millis == 0 {
-        format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
-    } else {
-        format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+fn format_utc(at: OffsetDateTime) -> String {
+    let date = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    );
+    match at.millisecond() {
+        0 => format!("{date}Z"),
+        millis => format!("{date}.{millis:03}Z"),
     }
 }
 
@@ -178,6 +105,8 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_since("10m", now).unwrap(), "2023-11-14T22:03:20Z");
         assert!(parse_since("100000w", now).is_err(), "before 1970");
+        let with_millis = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_250_999_999);
+        assert_eq!(parse_since("0s", with_millis).unwrap(), "2023-11-14T22:13:20.250Z");
     }
 
     #[test]
@@ -186,12 +115,17 @@ mod tests {
         assert_eq!(parse_since("2025-01-31T12:00:00Z", now).unwrap(), "2025-01-31T12:00:00Z");
         assert_eq!(parse_since("2025-01-31t12:00:00.25+02:00", now).unwrap(), "2025-01-31T10:00:00.250Z");
         assert_eq!(parse_since("2024-02-29 23:30:00-01:00", now).unwrap(), "2024-03-01T00:30:00Z");
+        assert_eq!(parse_since("2025-01-31T12:00:00.1234567891z", now).unwrap(), "2025-01-31T12:00:00.123Z");
         for bad in [
             "2025-02-30T00:00:00Z",
             "2025-01-31",
             "2025-01-31T25:00:00Z",
             "2025-01-31T12:00:00",
             "2025-01-31T12:00:00+-1:00",
+            "2025-01-31T12:00:00+01:60",
+            "2025-01-31T12:00:00.Z",
+            "2025-01-31X12:00:00Z",
+            "2025-01-31T12:00:00Z ago",
             "yesterday",
         ] {
             let error = parse_since(bad, now).unwrap_err();
@@ -199,13 +133,29 @@ mod tests {
         }
     }
 
+    /// What the hand-written civil-date algorithm was checked on: the epoch,
+    /// a leap day, both ends of the days it round-tripped.
     #[test]
-    fn civil_dates_roundtrip() {
-        for days in [-719_468, -1, 0, 1, 11_016, 19_782, 2_932_896] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
-        assert_eq!(format_utc(0, 0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(951_782_400, 0), "2000-02-29T00:00:00Z");
+    fn civil_dates() {
+        let at = |seconds: i64| format_utc(OffsetDateTime::from_unix_timestamp(seconds).unwrap());
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(-719_468 * 86_400), "0000-03-01T00:00:00Z");
+        assert_eq!(at(-86_400), "1969-12-31T00:00:00Z");
+        assert_eq!(at(19_782 * 86_400), "2024-02-29T00:00:00Z");
+        assert_eq!(at(2_932_896 * 86_400), "9999-12-31T00:00:00Z");
+        let now = SystemTime::now();
+        assert_eq!(parse_since("0000-03-01T00:00:00Z", now).unwrap(), "0000-03-01T00:00:00Z");
+        assert_eq!(parse_since("9999-12-31T00:00:00Z", now).unwrap(), "9999-12-31T00:00:00Z");
+    }
+
+    /// The one change from the hand-written parser: a leap second is the
+    /// time crate's, the last nanosecond before the next minute, and only
+    /// where one can occur (the last second of a month, UTC).
+    #[test]
+    fn leap_seconds() {
+        let now = SystemTime::now();
+        assert_eq!(parse_since("2016-12-31T23:59:60Z", now).unwrap(), "2016-12-31T23:59:59.999Z");
+        assert!(parse_since("2025-01-31T12:00:60Z", now).is_err());
     }
 }
