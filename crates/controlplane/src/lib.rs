@@ -163,6 +163,8 @@ pub struct ControlPlane {
     storage: storage::Gauges,
     /// Bounds what the public git webhook reads before it is authenticated.
     webhook_gate: git::WebhookGate,
+    /// Recently booted deployments' file listings (see `origin`).
+    deployment_files: origin::FilesCache,
 }
 
 impl ControlPlane {
@@ -209,6 +211,7 @@ impl ControlPlane {
             builder,
             storage: storage::Gauges::default(),
             webhook_gate: git::WebhookGate::new(),
+            deployment_files: origin::FilesCache::default(),
         });
         cp.reload_routing(true).await?;
         cp.measure_storage().await;

@@ -5,8 +5,8 @@
 //! asset). Layer and file ids are blob hashes; a hash is served only to a
 //! deployment that has it.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -120,7 +120,56 @@ pub fn asset_tree(files: &[FileRow]) -> AssetTree {
     AssetTree { entries }
 }
 
+/// Deployments whose file listing is kept (a built one's is ~600 rows).
+const FILES_CACHE_DEPLOYMENTS: usize = 128;
+
+type Listing = Arc<tokio::sync::OnceCell<Arc<Vec<FileRow>>>>;
+
+/// The file listings of the deployments booted lately. A deployment is
+/// immutable, so its listing never changes: `boot` and `read_tree`, asked at
+/// once, share one query, and a re-boot makes none. Whether the deployment
+/// is still ready is asked every time.
+#[derive(Default)]
+pub(crate) struct FilesCache {
+    listings: Mutex<(HashMap<String, Listing>, VecDeque<String>)>,
+}
+
+impl FilesCache {
+    fn slot(&self, deployment_id: &str) -> Listing {
+        let mut guard = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        let (listings, order) = &mut *guard;
+        if let Some(listing) = listings.get(deployment_id) {
+            return Arc::clone(listing);
+        }
+        while order.len() >= FILES_CACHE_DEPLOYMENTS {
+            if let Some(oldest) = order.pop_front() {
+                listings.remove(&oldest);
+            }
+        }
+        let listing = Listing::default();
+        listings.insert(deployment_id.to_owned(), Arc::clone(&listing));
+        order.push_back(deployment_id.to_owned());
+        listing
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+    }
+}
+
 impl ControlPlaneOrigin {
+    /// The files of a ready deployment, from the cache or one query.
+    async fn files(&self, deployment_id: &str) -> Result<Arc<Vec<FileRow>>, OriginError> {
+        let slot = self.control_plane.deployment_files.slot(deployment_id);
+        slot.get_or_try_init(|| async {
+            let mut conn = self.control_plane.store.read().await.map_err(store_error)?;
+            Ok(Arc::new(deployments::files(&mut conn, deployment_id).await.map_err(store_error)?))
+        })
+        .await
+        .cloned()
+    }
+
     async fn ready_deployment(&self, deployment_id: &str) -> Result<DeploymentRow, OriginError> {
         if !validate::is_deployment_id(deployment_id) {
             return Err(OriginError::DeploymentNotFound);
@@ -166,10 +215,7 @@ impl Origin for ControlPlaneOrigin {
 
     async fn boot(&self, deployment_id: &str) -> Result<BootAnswer, OriginError> {
         let deployment = self.ready_deployment(deployment_id).await?;
-        let files = {
-            let mut conn = self.control_plane.store.read().await.map_err(store_error)?;
-            deployments::files(&mut conn, deployment_id).await.map_err(store_error)?
-        };
+        let files = self.files(deployment_id).await?;
         Ok(BootAnswer { config: isolate_config(&deployment, &files)?, inline_layer: Bytes::new() })
     }
 
@@ -180,9 +226,7 @@ impl Origin for ControlPlaneOrigin {
 
     async fn read_tree(&self, deployment_id: &str) -> Result<AssetTree, OriginError> {
         self.ready_deployment(deployment_id).await?;
-        let mut conn = self.control_plane.store.read().await.map_err(store_error)?;
-        let files = deployments::files(&mut conn, deployment_id).await.map_err(store_error)?;
-        Ok(asset_tree(&files))
+        Ok(asset_tree(&self.files(deployment_id).await?))
     }
 
     async fn read_blob(&self, deployment_id: &str, file_id: &str) -> Result<Bytes, OriginError> {
@@ -213,6 +257,18 @@ mod tests {
         let ids = layer_ids(Some(&"c".repeat(64)), &[&a, &b, &c]);
         assert_eq!(ids, vec!["a".repeat(64), format!("{}.1", "a".repeat(64)), format!("{}.1", "c".repeat(64))]);
         assert_eq!(hash_of_layer(&ids[1]), "a".repeat(64));
+    }
+
+    #[test]
+    fn the_files_cache_is_bounded_and_keeps_the_newest() {
+        let cache = FilesCache::default();
+        let first = cache.slot("d0");
+        assert!(Arc::ptr_eq(&first, &cache.slot("d0")), "one slot per deployment: boot and read_tree share it");
+        for n in 1..FILES_CACHE_DEPLOYMENTS + 10 {
+            cache.slot(&format!("d{n}"));
+        }
+        assert_eq!(cache.len(), FILES_CACHE_DEPLOYMENTS);
+        assert!(!Arc::ptr_eq(&first, &cache.slot("d0")), "the oldest went first");
     }
 
     #[test]
