@@ -9,6 +9,8 @@
 //! pass `now_unix_s`), and it must never put a secret into an error, a log line
 //! or a `Debug` output.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod sign;
 mod verify;

@@ -2,6 +2,8 @@
 //! deno, wires origin, pool and ingress together, and turns SIGTERM/SIGINT
 //! into a graceful shutdown. It holds no logic of its own beyond that wiring.
 
+#![forbid(unsafe_code)]
+
 mod control_plane;
 mod deno;
 mod origins;

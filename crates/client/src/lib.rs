@@ -7,6 +7,8 @@
 //! nor touch the runner: the binary parses `ClientCommand` beside its runner
 //! commands and hands it to [`run`] before any runner setting is read.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod credentials;
 mod deploy;

@@ -9,6 +9,8 @@
 //! another account (which could loosen it again, or swap what is inside) is
 //! refused, naming the path and the fix.
 
+#![allow(unsafe_code, reason = "geteuid, umask and statvfs have no safe std equivalent")]
+
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 

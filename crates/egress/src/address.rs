@@ -368,6 +368,7 @@ impl Destinations {
 
 /// Whether `ip` is an address of one of this host's interfaces. Asked only
 /// for calls to a port a runner listener on 0.0.0.0 or :: holds.
+#[allow(unsafe_code, reason = "getifaddrs: std has no list of the host's addresses")]
 fn is_local_address(ip: IpAddr) -> bool {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list it allocates into `list`, freed below.

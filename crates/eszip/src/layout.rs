@@ -107,9 +107,9 @@ pub(crate) enum RawEntry {
 /// What the walk learned.
 #[derive(Debug)]
 pub(crate) struct Layout {
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(test), allow(dead_code, reason = "read by the tests"))]
     pub(crate) version: Version,
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(test), allow(dead_code, reason = "read by the tests"))]
     pub(crate) checksum: Checksum,
     /// Module and redirect entries in header order; npm specifier entries
     /// are left out.

@@ -50,6 +50,8 @@
 //! without waiting, without a caught panic and without any allocation out
 //! of proportion to the input, and that what it accepts is well-formed.
 
+#![forbid(unsafe_code)]
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::Bytes;

@@ -38,6 +38,7 @@ fn note(size: usize) {
 // SAFETY: every method forwards to `System` with the caller's arguments
 // unchanged; the bookkeeping touches only a const-initialised thread-local
 // `Cell`, which never allocates.
+#[allow(unsafe_code, reason = "a global allocator that records the largest allocation")]
 unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());

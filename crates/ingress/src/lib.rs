@@ -17,6 +17,8 @@
 //! set of [`ListenerBounds`]: head timeout, body bound, connection caps per
 //! peer and in all, each breach counted ([`ListenerMetrics`]).
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod body;
 mod bounds;

@@ -10,6 +10,8 @@
 //! and nothing else. Every answer from an origin is untrusted input, bounded in
 //! size and time, and refused with an [`OriginError`] that names the problem.
 
+#![forbid(unsafe_code)]
+
 mod apps;
 mod cache;
 mod deployment;

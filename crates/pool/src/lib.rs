@@ -10,6 +10,8 @@
 //! parse HTTP requests or decide routing; the ingress hands it an origin and
 //! a deployment id, and it hands back a running [`Isolate`].
 
+#![forbid(unsafe_code)]
+
 mod activity;
 mod admission;
 mod boot;

@@ -10,6 +10,8 @@
 //! crate's types only, to render an [`ErrorCode`] as the one answer both
 //! edges (the ingress and the egress proxy) send for it.
 
+#![forbid(unsafe_code)]
+
 mod activity;
 mod config;
 pub mod deno_words;

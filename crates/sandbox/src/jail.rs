@@ -23,7 +23,7 @@ use crate::{IsolateFiles, SandboxPolicy};
 pub(crate) struct MountFlags {
     pub(crate) flags: c_ulong,
     /// Why these flags (read by the tests; the table is the documentation).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(test), allow(dead_code, reason = "read by the tests"))]
     pub(crate) reason: &'static str,
 }
 

@@ -18,6 +18,8 @@
 //! socket), `output` (stdout and stderr lines), `monitor` (CPU and memory
 //! limits), `lifetime` (what ends with an isolate), `error`.
 
+#![forbid(unsafe_code)]
+
 mod control;
 mod error;
 mod isolate;

@@ -8,7 +8,7 @@
 
 // The control plane's own test responder; this test sets TXT records only.
 #[path = "../../../controlplane/tests/api/support/dns.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, reason = "shared with the control plane's tests, which use more of it")]
 mod dns;
 
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@
 // The control plane's own test responder; these tests set TXT records only
 // (`control_plane` includes it too, privately).
 #[path = "../../../controlplane/tests/api/support/dns.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
+#[allow(dead_code, clippy::duplicate_mod, reason = "the control plane's tests use more of it")]
 mod dns;
 
 use std::net::SocketAddr;

@@ -5,6 +5,8 @@
 //!
 //! Run one area with `cargo test -p isocloud --test e2e egress::`.
 
+#![allow(unsafe_code, reason = "test code: geteuid, setns and pre_exec hooks on the processes the tests start")]
+
 mod support;
 
 mod activity_delivery;

@@ -3,7 +3,7 @@
 //! not produce, and small byte utilities.
 //!
 //! Each test binary includes this module and uses a different part of it.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub mod toolchain;
 pub mod writer;

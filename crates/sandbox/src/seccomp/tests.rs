@@ -46,6 +46,7 @@ fn leave_if_child(rc: libc::c_long) -> libc::c_long {
 
 // SAFETY (every call below): raw syscalls with null pointers or harmless
 // arguments; the kernel validates them and answers with an errno at worst.
+#[allow(clippy::undocumented_unsafe_blocks, reason = "the SAFETY comment above covers every entry")]
 const DENIED: &[(&str, Call, i32)] = &[
     ("unshare(CLONE_NEWUSER)", || unsafe { libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) }, libc::EPERM),
     (
@@ -107,6 +108,7 @@ fn denied_calls_are_denied_by_the_filter_and_only_by_it() {
 fn what_deno_needs_stays_allowed() {
     let filters = SeccompFilters::compile().expect("the denylist compiles");
     // SAFETY (every call): raw syscalls without pointers.
+    #[allow(clippy::undocumented_unsafe_blocks, reason = "the SAFETY comment above covers every entry")]
     let allowed: &[(&str, Call)] = &[
         ("getpid", || unsafe { libc::syscall(libc::SYS_getpid) }),
         ("socket(AF_UNIX)", || unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) }),

@@ -2,7 +2,7 @@
 //! state dir, a real origin server on loopback that verifies the runner's RPC
 //! JWTs, app folders, tokens minted by an independent JWT library, and
 //! helpers to look at the processes the runner started.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each area uses a different part")]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};

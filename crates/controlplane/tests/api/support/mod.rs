@@ -2,7 +2,7 @@
 //! 127.0.0.1:0, on SQLite in a temp dir or on a throwaway PostgreSQL
 //! cluster; plus a tiny DNS responder and HTTP server for domain checks.
 
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test module uses a different part")]
 
 pub mod dns;
 pub mod postgres;

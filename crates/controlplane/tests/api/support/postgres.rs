@@ -9,6 +9,8 @@
 //! process and asks for SIGINT (PostgreSQL's fast shutdown) when it goes
 //! (`PR_SET_PDEATHSIG`); an `atexit` hook stops it and removes the dir.
 
+#![allow(unsafe_code, reason = "signals, getpwnam and a pre_exec hook for the PostgreSQL the tests start")]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
