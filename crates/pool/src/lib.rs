@@ -17,6 +17,7 @@ mod admission;
 mod boot;
 mod deployment_metrics;
 mod metrics;
+mod node_http;
 mod npm;
 mod packages;
 mod pool;

@@ -366,7 +366,7 @@ fn unpack(tgz: &[u8], dest: &Path, budget: &Budget, uses_node_http: &AtomicBool)
         }
         let mut bytes = Vec::with_capacity(size.min(MAX_TARBALL_BYTES) as usize);
         entry.by_ref().take(size).read_to_end(&mut bytes).map_err(error)?;
-        if crate::packages::is_script(&relative.to_string_lossy()) && crate::packages::names_node_http(&bytes) {
+        if crate::node_http::is_script(&relative.to_string_lossy()) && crate::node_http::names_node_http(&bytes) {
             uses_node_http.store(true, Ordering::Relaxed);
         }
         // A tarball may name a file twice; the last one wins, as with npm.

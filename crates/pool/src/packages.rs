@@ -171,7 +171,7 @@ impl PackageStore {
         self.ensure_set(&key, crate::npm::NpmError::Io, |partial| async move {
             let uses_node_http = crate::npm::lay_out(&partial, snapshot, registry).await?;
             if uses_node_http {
-                std::fs::write(partial.join(NODE_HTTP_MARKER), b"")?;
+                std::fs::write(partial.join(crate::node_http::NODE_HTTP_MARKER), b"")?;
             }
             Ok(())
         })
@@ -267,7 +267,7 @@ async fn lay_out(
             let uses_node_http = &uses_node_http;
             async move {
                 let bytes = fetch_file(origin, cache, deployment_id, &path, &hash, size, true).await?;
-                if is_script(&path) && names_node_http(&bytes) {
+                if crate::node_http::is_script(&path) && crate::node_http::names_node_http(&bytes) {
                     uses_node_http.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::task::spawn_blocking(move || {
@@ -289,29 +289,9 @@ async fn lay_out(
     if uses_node_http.into_inner() && dir.join("node_modules").is_dir() {
         // The harness loads node:http (10-65 ms of a cold start) only for
         // packages that may start a Node server (Express, Koa, Fastify, …).
-        std::fs::write(dir.join(NODE_HTTP_MARKER), b"").map_err(io)?;
+        std::fs::write(dir.join(crate::node_http::NODE_HTTP_MARKER), b"").map_err(io)?;
     }
     Ok(())
-}
-
-/// In a set's folder: its packages use `node:http` (see the harness).
-pub const NODE_HTTP_MARKER: &str = "node_modules/.isocloud-uses-node-http";
-
-pub(crate) fn is_script(path: &str) -> bool {
-    path.rsplit_once('.').is_some_and(|(_, ext)| matches!(ext, "js" | "cjs" | "mjs"))
-}
-
-/// Whether a package file imports or requires Node's `http` module.
-pub(crate) fn names_node_http(source: &[u8]) -> bool {
-    const NEEDLES: [&[u8]; 6] = [
-        b"require(\"http\")",
-        b"require('http')",
-        b"require(\"node:http\")",
-        b"require('node:http')",
-        b"\"node:http\"",
-        b"'node:http'",
-    ];
-    NEEDLES.iter().any(|needle| memchr::memmem::find(source, needle).is_some())
 }
 
 /// A file of the deployment's tree (at `path`, for messages): from the blob
@@ -369,14 +349,6 @@ pub(crate) async fn project_configs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_http_is_found_in_package_sources() {
-        assert!(names_node_http(b"var http = require('http');"));
-        assert!(names_node_http(b"import { createServer } from \"node:http\";"));
-        assert!(!names_node_http(b"export const Hono = class {};"));
-        assert!(is_script("/node_modules/.deno/a@1/node_modules/a/index.cjs") && !is_script("/x/README.md"));
-    }
 
     #[test]
     fn package_paths_and_links() {
