@@ -9,6 +9,31 @@
 //
 // Trust: this runs inside the tenant's isolate, so nothing it says is trusted
 // by the runner beyond "this deployment's own business" (its logs, its files).
+//
+// Control protocol: one JSON object per line, tagged by `op`, declared once
+// on the runner's side in crates/protocol/src/harness.rs (keep the two in
+// step). The runner skips a line over 256 KiB (newline included) and ignores
+// one that is not a message below (unknown op, a field missing or of the
+// wrong type); unknown fields are ignored.
+//
+// The harness sends:
+//   { op: "ready" }                               the handler serves on socket_path
+//   { op: "waiting" }                             pre-started: waits for `assign` on this connection
+//   { op: "start_error", code, message }          code: "MODULE_NOT_FOUND" (anything else counts as
+//                                                 "ISOLATE_START_FAILED"); the harness exits after it
+//   { op: "log", level, message, request_id }     level: "debug" | "info" | "warning" | "error";
+//                                                 request_id: string (at most 128 bytes) | null
+//   { op: "materialize", id, path }               fetch the asset at tree path `path` (at most 4096
+//                                                 bytes) into src_root; answered by `id`
+//   { op: "tree", id }                            write the deferred asset manifest to tree_path;
+//                                                 answered by `id`
+// The runner sends:
+//   { op: "assign", entrypoint, src_root, tree_path, tree_deferred, envs, node_servers }
+//                                                 the rest of the bootstrap, to a pre-started
+//                                                 harness; node_servers: true | false |
+//                                                 "if-packages-use-it"
+//   { op: "answer", id, ok, error }               the outcome of call `id`; `error` only when !ok
+// Call ids are per connection: this one's (`call`) and the sync worker's.
 
 import { AsyncLocalStorage } from "node:async_hooks";
 

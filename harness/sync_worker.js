@@ -2,6 +2,11 @@
 // shared flag while this worker asks the runner (fetch an asset, or the
 // asset manifest) and waits for its answer.
 // flag[0]: 0 = pending, 1 = done, 2 = failed.
+//
+// On its own control connection it sends the harness's calls and reads their
+// answers (the full list of messages is at the top of harness.js):
+//   { op: "materialize", id, path }    { op: "tree", id }     (`id` added here)
+//   { op: "answer", id, ok, error }    `error` only when !ok
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

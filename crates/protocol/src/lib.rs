@@ -1,6 +1,7 @@
 //! The subhosting wire contract as data types: the isolate config that an
 //! origin's `boot` answer carries (`x-deno-config`), the stable error codes the
-//! runner answers with, and the activity events it reports back.
+//! runner answers with, and the activity events it reports back; and inside
+//! the runner, the messages its harness and it exchange ([`harness`]).
 //!
 //! This crate owns parsing and validation of those shapes — a value of
 //! [`IsolateConfig`] has passed every rule of `subhosting-protocol.md` §3 that
@@ -17,6 +18,7 @@ mod config;
 pub mod deno_words;
 pub mod env_policy;
 mod error_code;
+pub mod harness;
 
 pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
 pub use config::{ConfigError, IsolateConfig, LayerSpec, NetPermission, validate_env_name};

@@ -14,6 +14,7 @@ use isocloud_eszip::ModuleKind;
 use crate::uids::UidLease;
 use crate::{IsolateIds, SandboxPolicy};
 use isocloud_origin::Deployment;
+use isocloud_protocol::harness::{Assignment, NodeServers};
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -496,15 +497,15 @@ impl IsolateFiles {
 
     /// What the harness of a pre-started isolate is told when it gets
     /// `deployment`: where to start, and the environment the tenant sees.
-    pub fn assignment(&self, deployment: &Deployment) -> serde_json::Value {
-        serde_json::json!({
-            "entrypoint": deployment.config.entrypoint.as_str(),
-            "src_root": self.guest.src,
-            "tree_path": self.guest.tree,
-            "tree_deferred": deployment.tree_deferred,
-            "envs": deployment.config.envs,
-            "node_servers": may_start_node_servers(deployment),
-        })
+    pub fn assignment(&self, deployment: &Deployment) -> Assignment {
+        Assignment {
+            entrypoint: deployment.config.entrypoint.as_str().to_owned(),
+            src_root: self.guest.src.clone(),
+            tree_path: self.guest.tree.clone(),
+            tree_deferred: deployment.tree_deferred,
+            envs: deployment.config.envs.clone(),
+            node_servers: may_start_node_servers(deployment),
+        }
     }
 
     /// The directories of a fresh isolate instance, its deno cache dir
@@ -801,18 +802,18 @@ fn harness_tree(tree: &isocloud_origin::AssetTree) -> Vec<u8> {
 /// `true` when one of its modules names the module, `"if-packages-use-it"`
 /// when it has npm packages (the harness checks the package store's mark,
 /// `node_modules/.isocloud-uses-node-http`), else `false`.
-fn may_start_node_servers(deployment: &Deployment) -> serde_json::Value {
+fn may_start_node_servers(deployment: &Deployment) -> NodeServers {
     const NEEDLES: [&[u8]; 4] = [b"node:http", b"\"http\"", b"'http'", b"express"];
     let named = deployment
         .modules
         .values()
         .any(|module| NEEDLES.iter().any(|needle| memchr::memmem::find(&module.source, needle).is_some()));
     if named {
-        serde_json::Value::Bool(true)
+        NodeServers::Always
     } else if deployment.tree.entries.contains_key("/node_modules") {
-        serde_json::Value::from("if-packages-use-it")
+        NodeServers::IfPackagesUseIt
     } else {
-        serde_json::Value::Bool(false)
+        NodeServers::Never
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use isocloud_egress::EgressGrant;
 use isocloud_protocol::LogLevel;
+use isocloud_protocol::harness::{Assignment, RunnerMessage};
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SandboxedCommand, signal_process_group};
 use tokio::sync::mpsc;
 
@@ -53,15 +54,12 @@ impl Prestarted {
         mut self,
         files: IsolateFiles,
         hooks: Arc<dyn IsolateHooks>,
-        assignment: serde_json::Value,
+        assignment: Assignment,
         start_timeout: Duration,
         limits: IsolateLimits,
     ) -> Result<Arc<Isolate>, StartError> {
         let _ = self.hooks.0.set(hooks);
-        let mut message = assignment;
-        message["op"] = "assign".into();
-        let mut line = serde_json::to_vec(&message).expect("json value");
-        line.push(b'\n');
+        let line = RunnerMessage::Assign(assignment).to_line();
         let control = self.control.take().expect("a prestarted isolate has its control connection");
         let spawned = self.spawned.take().expect("assigned once");
         if control.send(line).await.is_err() {

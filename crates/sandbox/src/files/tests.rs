@@ -147,8 +147,8 @@ fn a_blank_isolate_takes_a_deployment_whose_modules_all_live_in_src() {
     assert_eq!(filled.deno_dir, deployment_deno_dir);
     assert!(deployment_deno_dir.is_dir() && !blank.deno_dir.exists());
     let assignment = filled.assignment(&d);
-    assert_eq!(assignment["entrypoint"], "file:///src/main.ts");
-    assert_eq!(assignment["envs"], serde_json::json!({"GREETING": "hi"}));
+    assert_eq!(assignment.entrypoint, "file:///src/main.ts");
+    assert_eq!(assignment.envs, [("GREETING".to_owned(), "hi".to_owned())].into());
 
     // A second isolate of the same deployment keeps its own cache dir: the
     // deployment's exists already.
