@@ -10,8 +10,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use isocloud_pool::Isolate;
 
+use crate::isolates::Upstream;
 use crate::streams::{Activity, StreamCut, Watch};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -28,12 +28,12 @@ pub fn full(bytes: Bytes) -> ResponseBody {
 pub struct Tracked<B> {
     /// `None` once cut: the isolate's side is dropped at once.
     inner: Option<B>,
-    isolate: Arc<Isolate>,
+    isolate: Arc<dyn Upstream>,
     watch: Arc<Watch>,
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, isolate: Arc<Isolate>, watch: Arc<Watch>) -> Self {
+    pub fn new(inner: B, isolate: Arc<dyn Upstream>, watch: Arc<Watch>) -> Self {
         Self { inner: Some(inner), isolate, watch }
     }
 }
@@ -87,7 +87,7 @@ where
 /// before; this catches bodies without one).
 pub struct Counted<B> {
     inner: B,
-    isolate: Arc<Isolate>,
+    isolate: Arc<dyn Upstream>,
     remaining_bytes: usize,
     exceeded: Arc<AtomicBool>,
     /// Bytes still coming in keep a streaming response from idling out.
@@ -98,7 +98,7 @@ impl<B> Counted<B> {
     /// `exceeded` is set if the body passes `limit_bytes`.
     pub fn new(
         inner: B,
-        isolate: Arc<Isolate>,
+        isolate: Arc<dyn Upstream>,
         limit_bytes: usize,
         exceeded: Arc<AtomicBool>,
         activity: Arc<Activity>,

@@ -24,6 +24,7 @@ mod body;
 mod bounds;
 mod connection;
 mod error;
+mod isolates;
 mod metrics;
 mod proxy;
 mod routing;
@@ -38,6 +39,7 @@ pub use bounds::{
 };
 pub use connection::{BodyTooSlow, BoundedBody, serve_bounded};
 pub use error::EdgeError;
+pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};
 pub use metrics::{EdgeMetrics, ListenerMetrics};
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
 pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting};

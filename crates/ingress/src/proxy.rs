@@ -8,15 +8,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use isocloud_egress::{EgressProxy, HOPS_HEADER};
-use isocloud_pool::{BootError, ForwardError, Pool, RequestBody};
+use isocloud_pool::{BootError, ForwardError, RequestBody};
 use isocloud_protocol::ErrorCode;
 
 use crate::Routed;
-use crate::body::{Counted, ResponseBody, Tracked, full};
+use crate::body::{BoxError, Counted, ResponseBody, Tracked, full};
 use crate::error::ERROR_HEADER;
+use crate::isolates::Isolates;
 use crate::routing::SUBHOST_HEADER;
 use crate::streams::{Active, Activity, StreamKind, StreamLimits, Streams};
 use crate::{EdgeError, EdgeMetrics, Router};
@@ -58,7 +58,8 @@ pub struct Proxy {
     /// The runner's egress proxy: connections it opened into this listener
     /// are isolates calling back into the cloud.
     egress: Option<EgressProxy>,
-    pool: Pool,
+    /// The pool ([`isocloud_pool::Pool`] in the runner).
+    isolates: Arc<dyn Isolates>,
     metrics: EdgeMetrics,
     streams: Streams,
     request_id_prefix: String,
@@ -67,7 +68,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Call on a tokio runtime (the stream bounds' sweeper starts here).
-    pub fn new(router: Router, pool: Pool, metrics: EdgeMetrics, limits: EdgeLimits) -> Self {
+    pub fn new(router: Router, isolates: impl Isolates, metrics: EdgeMetrics, limits: EdgeLimits) -> Self {
         let request_id_prefix = format!("{:08x}", rand::random::<u32>());
         let streams = Streams::new(limits.streams, metrics.clone());
         Self {
@@ -76,7 +77,7 @@ impl Proxy {
             max_request_body_bytes: limits.max_request_body_bytes,
             max_hops: limits.max_hops,
             egress: None,
-            pool,
+            isolates: Arc::new(isolates),
             metrics,
             streams,
             request_id_prefix,
@@ -90,12 +91,17 @@ impl Proxy {
         self
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    pub fn isolates(&self) -> &dyn Isolates {
+        &*self.isolates
     }
 
     /// Serves one request; never fails: every error becomes a response.
-    pub async fn handle(&self, request: Request<Incoming>, connection: ConnectionInfo) -> Response<ResponseBody> {
+    /// `B`: hyper's `Incoming` from a listener; any body in tests.
+    pub async fn handle<B>(&self, request: Request<B>, connection: ConnectionInfo) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         match self.forward(request, connection).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
@@ -119,7 +125,7 @@ impl Proxy {
     /// the egress proxy knows of its own connection, or the header it put on
     /// a call that came back by another way (a relay). A client can only
     /// make its own request look deeper, never a loop shallower.
-    fn hops_of(&self, request: &Request<Incoming>, peer: SocketAddr) -> u32 {
+    fn hops_of<B>(&self, request: &Request<B>, peer: SocketAddr) -> u32 {
         let declared = request
             .headers()
             .get(HOPS_HEADER)
@@ -130,11 +136,15 @@ impl Proxy {
         declared.max(linked)
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<B>,
         connection: ConnectionInfo,
-    ) -> Result<Response<ResponseBody>, EdgeError> {
+    ) -> Result<Response<ResponseBody>, EdgeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let hops = self.hops_of(&request, connection.peer);
         if hops > self.max_hops {
             return Err(EdgeError::new(
@@ -166,8 +176,8 @@ impl Proxy {
         };
         let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
-        let reserved = self.pool.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
-        let isolate = reserved.isolate().clone();
+        let reserved = self.isolates.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
+        let isolate = reserved.upstream();
 
         let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let public_uri: Uri = format!("{}://{}{path}", route.public_scheme, route.public_host)
@@ -207,7 +217,8 @@ impl Proxy {
             Counted::new(body, isolate.clone(), self.max_request_body_bytes, body_too_large.clone(), activity.clone())
                 .boxed();
         let guard = reserved.begin_request(hops);
-        let forwarded = tokio::time::timeout(self.request_timeout, isolate.forward(Request::from_parts(parts, body)));
+        let forwarded =
+            tokio::time::timeout(self.request_timeout, isolate.clone().forward(Request::from_parts(parts, body)));
         let outcome = forwarded.await;
         // Errors in the usage reports: the tenant's own 5xx and the runner's
         // answers for this isolate (limits, crashes, timeouts).
@@ -269,7 +280,7 @@ impl Proxy {
                     }
                 });
             }
-            return Ok(response.map(|body| body.map_err(Into::into).boxed()));
+            return Ok(response);
         }
 
         for name in HOP_BY_HOP {
@@ -280,7 +291,7 @@ impl Proxy {
     }
 }
 
-fn is_upgrade(request: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == http::Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
         && request

@@ -95,7 +95,7 @@ pub async fn serve(
     if tokio::time::timeout(options.drain_timeout, drain_tx.closed()).await.is_err() {
         tracing::warn!("drain timeout reached; ending the remaining requests");
     }
-    proxy.pool().shutdown().await;
+    proxy.isolates().shutdown().await;
     tracing::info!("every isolate has ended");
 }
 

@@ -1,5 +1,5 @@
 //! Bounds on what outlives a response's headers: upgraded connections
-//! (WebSockets) and response bodies. Each holds its request's [`InFlight`]
+//! (WebSockets) and response bodies. Each holds its request's [`InFlightGuard`]
 //! guard, so its isolate counts as busy and can be neither reaped nor
 //! evicted; without a bound, a few idle WebSockets would hold every
 //! `--max-isolates` slot forever (issue 11, row 9).
@@ -19,10 +19,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
-use isocloud_pool::InFlight;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::EdgeMetrics;
+use crate::isolates::InFlightGuard;
 
 /// How long a stream may last once its response's headers are sent.
 #[derive(Debug, Clone, Copy)]
@@ -137,7 +137,7 @@ impl Streams {
     pub(crate) fn watch(
         &self,
         kind: StreamKind,
-        guard: InFlight,
+        guard: InFlightGuard,
         activity: Arc<Activity>,
         deployment_id: &str,
         request_id: &str,
@@ -198,7 +198,7 @@ pub(crate) struct Watch {
     kind: StreamKind,
     started: Instant,
     activity: Arc<Activity>,
-    guard: Mutex<Option<InFlight>>,
+    guard: Mutex<Option<InFlightGuard>>,
     /// 0 while live, else the [`Bound`] that cut it.
     cut: AtomicU8,
     /// The stream's task, woken by a cut.
@@ -262,7 +262,7 @@ impl Watch {
             }
         };
         // The tenant learns it in its own logs, with the request's id.
-        guard.isolate().note(
+        guard.note(
             isocloud_protocol::LogLevel::Warning,
             format!("[isocloud] {} closed by the runner after {limit_s} s: {why}", self.kind.as_str()),
             Some(self.request_id.clone()),
