@@ -1,7 +1,9 @@
 //! A small typed client of the control plane's `/api/v1`
-//! (`docs/control-plane-api.md`). The types are this client's own reading
-//! of the documented JSON — deliberately not the server crate's — and accept
-//! fields they do not know, so a newer server does not break an older CLI.
+//! (`docs/control-plane-api.md`). The answers are the `isocloud-api` types
+//! the server writes: a field missing from one is a decode error naming it
+//! (the CLI reports it), while fields they do not know are ignored, so a
+//! newer server does not break an older CLI. The request bodies are this
+//! client's own.
 
 use std::time::Duration;
 
@@ -9,6 +11,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use url::Url;
+
+pub use isocloud_api::{Build, Deployment, Domain, EnvVar, LogEntry, MissingBlobs, Project, Whoami};
 
 use super::output::sanitize;
 
@@ -87,24 +91,6 @@ impl ClientError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Whoami {
-    pub token_name: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Project {
-    pub id: String,
-    pub name: String,
-    pub created_at: String,
-    pub updated_at: String,
-    pub production_deployment_id: Option<String>,
-    pub production_url: Option<String>,
-    pub git: Option<serde_json::Value>,
-}
-
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct GitInfo {
     pub commit: String,
@@ -131,81 +117,6 @@ pub struct CreateDeployment {
     pub production: bool,
 }
 
-/// A deployment's build, as `GET /deployments/{id}/build` answers.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct BuildLog {
-    pub id: String,
-    pub status: String,
-    pub error: Option<String>,
-    pub log: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Deployment {
-    pub id: String,
-    pub project: String,
-    pub created_at: String,
-    pub status: String,
-    pub error: Option<String>,
-    pub entrypoint: String,
-    pub url: String,
-    pub production: bool,
-    pub git: Option<GitInfo>,
-    pub env_names: Vec<String>,
-    pub files: u64,
-    pub size_bytes: u64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct EnvVar {
-    pub name: String,
-    pub updated_at: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Verification {
-    pub txt_name: String,
-    pub txt_value: String,
-    pub http_url: String,
-    pub http_body: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Certificate {
-    pub not_after: String,
-    pub names: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Domain {
-    pub domain: String,
-    pub project: Option<String>,
-    pub created_at: String,
-    pub verified: bool,
-    pub verified_at: Option<String>,
-    pub verification: Option<Verification>,
-    pub certificate: Option<Certificate>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct LogEntry {
-    pub id: i64,
-    pub deployment_id: Option<String>,
-    pub timestamp: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub level: Option<String>,
-    pub message: String,
-    pub request_id: Option<String>,
-}
-
 /// The filters of a log query.
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
@@ -219,11 +130,6 @@ struct ErrorEnvelope {
     error: ApiError,
     /// Accepted beside `error` too, in case a server puts it there.
     #[serde(default)]
-    missing: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Missing {
     missing: Vec<String>,
 }
 
@@ -299,7 +205,7 @@ impl Api {
         let url = response.url().to_string();
         let body =
             response.bytes().await.map_err(|e| ClientError::Decode { url: url.clone(), message: root_cause(&e) })?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+        decode(&body).map_err(|message| ClientError::Decode { url, message })
     }
 
     async fn empty(&self, builder: RequestBuilder) -> Result<(), ClientError> {
@@ -334,7 +240,7 @@ impl Api {
 
     pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, ClientError> {
         let body = serde_json::json!({ "hashes": hashes });
-        let answer: Missing = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
+        let answer: MissingBlobs = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
         Ok(answer.missing)
     }
 
@@ -363,7 +269,7 @@ impl Api {
     }
 
     /// `GET /deployments/{id}/build`: the build step's status, error and log.
-    pub async fn build_log(&self, deployment_id: &str) -> Result<BuildLog, ClientError> {
+    pub async fn build_log(&self, deployment_id: &str) -> Result<Build, ClientError> {
         self.json(self.request(Method::GET, &["deployments", deployment_id, "build"])?).await
     }
 
@@ -451,6 +357,12 @@ impl Api {
     }
 }
 
+/// Decodes an answer; the error names the field, with its path when it is
+/// nested (`[0].verification: missing field `txt_name``).
+pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)).map_err(|e| e.to_string())
+}
+
 /// The innermost cause (e.g. "Connection refused (os error 111)"): reqwest's
 /// own message ("error sending request for url …") says nothing new.
 fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
@@ -502,16 +414,30 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_nulls_are_accepted() {
-        let d: Deployment = serde_json::from_str(
-            r#"{"id":"abc","status":"ready","git":null,"error":null,"new_field":1,"url":"http://x"}"#,
+        let l: LogEntry = decode(
+            br#"{"id":1,"deployment_id":"d","timestamp":"t","type":"boot","level":null,"message":"m","request_id":null,"new_field":1}"#,
         )
         .unwrap();
-        assert_eq!(d.id, "abc");
-        assert!(d.git.is_none());
-        let l: LogEntry = serde_json::from_str(
-            r#"{"id":1,"deployment_id":"d","timestamp":"t","type":"boot","level":null,"message":"m","request_id":null}"#,
-        )
-        .unwrap();
-        assert_eq!(l.kind, "boot");
+        assert_eq!((l.kind.as_str(), l.level), ("boot", None));
+    }
+
+    /// What a server that renamed or dropped a field answers: refused,
+    /// naming the field (and where it is), not read as `""`.
+    #[test]
+    fn a_missing_field_is_a_decode_error_naming_it() {
+        let error =
+            decode::<Vec<Deployment>>(br#"[{"id":"abc","status":"ready","git":null,"error":null}]"#).unwrap_err();
+        assert!(error.starts_with("[0]: missing field `project`"), "{error}");
+        let domain = br#"{"domain":"a.test","project":null,"created_at":"t","verified":false,"verified_at":null,
+            "verification":{"txt_name":"n","txt_value":"v","http_url":"u"},"certificate":null}"#;
+        let error = decode::<Domain>(domain).unwrap_err();
+        assert!(error.starts_with("verification: missing field `http_body`"), "{error}");
+        // An `Option` field too: absent is not `null`.
+        let error = decode::<Whoami>(b"{}").unwrap_err();
+        assert!(error.starts_with("missing field `token_name`"), "{error}");
+        let project =
+            br#"{"id":"p","name":"n","created_at":"t","updated_at":"t","production_deployment_id":null,"git":null}"#;
+        let error = decode::<Project>(project).unwrap_err();
+        assert!(error.starts_with("missing field `production_url`"), "{error}");
     }
 }

@@ -152,10 +152,7 @@ fn normalize(domain: &str) -> String {
 
 fn print_instructions(domain: &Domain) {
     let name = sanitize(&domain.domain);
-    let Some(v) = &domain.verification else {
-        println!("{name} is not verified yet; run `isocloud domains verify {name}` once DNS points here");
-        return;
-    };
+    let v = &domain.verification;
     println!("Prove you control {name} with either:");
     println!("  a DNS TXT record:  {}  TXT  \"{}\"", sanitize(&v.txt_name), sanitize(&v.txt_value));
     println!("  or an HTTP answer: {}  with the body  {}", sanitize(&v.http_url), sanitize(&v.http_body));

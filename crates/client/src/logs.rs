@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 use futures_util::StreamExt as _;
 
-use super::api::{Api, LogEntry, LogQuery};
+use super::api::{Api, LogEntry, LogQuery, decode};
 use super::output::sanitize;
 use super::{ConnectionFlags, connect, time};
 
@@ -129,7 +129,7 @@ fn handle_line(line: &[u8], last: &mut Option<(i64, String)>, json: bool) {
     if text.is_empty() {
         return;
     }
-    match serde_json::from_str::<LogEntry>(text) {
+    match decode::<LogEntry>(text.as_bytes()) {
         Ok(entry) => {
             if last.as_ref().is_some_and(|(id, _)| entry.id <= *id) {
                 return;
@@ -137,7 +137,7 @@ fn handle_line(line: &[u8], last: &mut Option<(i64, String)>, json: bool) {
             print_entry(&entry, json);
             *last = Some((entry.id, entry.timestamp));
         }
-        Err(_) => eprintln!("warning: skipping a line that is not a log entry: {}", sanitize(text)),
+        Err(e) => eprintln!("warning: skipping a line that is not a log entry ({e}): {}", sanitize(text)),
     }
 }
 
@@ -166,7 +166,7 @@ mod tests {
     fn entry(kind: &str, level: Option<&str>, request_id: Option<&str>, message: &str) -> LogEntry {
         LogEntry {
             id: 1,
-            deployment_id: Some("abc".into()),
+            deployment_id: "abc".into(),
             timestamp: "2025-01-31T12:00:00.123Z".into(),
             kind: kind.into(),
             level: level.map(Into::into),
@@ -195,9 +195,15 @@ mod tests {
     #[test]
     fn followed_lines_skip_what_was_shown() {
         let mut last = None;
-        handle_line(br#"{"id":5,"timestamp":"t5","type":"log","message":"a"}"#, &mut last, false);
+        let line = |id: i64, message: &str| {
+            let entry = LogEntry { id, timestamp: format!("t{id}"), ..entry("log", Some("info"), None, message) };
+            serde_json::to_vec(&entry).unwrap()
+        };
+        handle_line(&line(5, "a"), &mut last, false);
         assert_eq!(last, Some((5, "t5".to_string())));
-        handle_line(br#"{"id":4,"timestamp":"t4","type":"log","message":"old"}"#, &mut last, false);
+        handle_line(&line(4, "old"), &mut last, false);
+        // An entry missing a field is skipped with a warning, not shown half.
+        handle_line(br#"{"id":9,"timestamp":"t9","type":"log","message":"a"}"#, &mut last, false);
         handle_line(b"\n", &mut last, false);
         handle_line(b"not json", &mut last, false);
         assert_eq!(last, Some((5, "t5".to_string())));

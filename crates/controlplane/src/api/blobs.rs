@@ -8,11 +8,11 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_LENGTH;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{ApiJson, ApiPath, AppState, check};
 use crate::error::ApiError;
 use crate::validate;
+use isocloud_api as wire;
 
 /// Hashes one `missing` call may ask about.
 const MAX_HASHES_PER_QUERY: usize = 100_000;
@@ -26,7 +26,7 @@ pub(crate) struct MissingBody {
 pub(crate) async fn missing(
     State(cp): State<AppState>,
     ApiJson(body): ApiJson<MissingBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::MissingBlobs>, ApiError> {
     if body.hashes.len() > MAX_HASHES_PER_QUERY {
         return Err(ApiError::field("hashes", format!("at most {MAX_HASHES_PER_QUERY} per request")));
     }
@@ -40,14 +40,14 @@ pub(crate) async fn missing(
             missing.push(hash.clone());
         }
     }
-    Ok(Json(json!({ "missing": missing })))
+    Ok(Json(wire::MissingBlobs { missing }))
 }
 
 pub(crate) async fn upload(
     State(cp): State<AppState>,
     ApiPath(hash): ApiPath<String>,
     request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<wire::StoredBlob>), ApiError> {
     check("hash", validate::sha256(&hash))?;
     let limit_bytes = cp.options.max_blob_bytes;
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -57,5 +57,5 @@ pub(crate) async fn upload(
     let body = request.into_body().into_data_stream().map_err(std::io::Error::other).boxed();
     let outcome = cp.blobs.put_stream(&hash, body, limit_bytes).await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({ "hash": hash, "size": outcome.size_bytes }))))
+    Ok((status, Json(wire::StoredBlob { hash, size: outcome.size_bytes })))
 }

@@ -19,6 +19,7 @@ use crate::store::deployments::{self, FileRow, GitInfo, NewDeployment, Status};
 use crate::store::{env, projects};
 use crate::time::now_ms;
 use crate::{ControlPlane, ids, validate};
+use isocloud_api as wire;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,7 +191,7 @@ pub(crate) async fn create(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<CreateDeployment>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<wire::Deployment>), ApiError> {
     // Everything that needs no database first.
     check_files(&body.files, cp.options.max_blob_bytes)?;
     if body.files.is_empty() && body.eszip.is_none() {
@@ -321,7 +322,7 @@ pub(crate) async fn list(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     query: ApiQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<wire::Deployment>>, ApiError> {
     query.only(&["limit"])?;
     let limit = query.int("limit", 50, 1, 1000)?;
     let mut conn = cp.store.read().await?;
@@ -338,20 +339,20 @@ pub(crate) fn deployment_not_found(id: &str) -> ApiError {
 pub(crate) async fn build_log(
     State(cp): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Build>, ApiError> {
     if !validate::is_deployment_id(&id) {
         return Err(deployment_not_found(&id));
     }
     let mut conn = cp.store.read().await?;
     let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
     let files = deployments::files(&mut conn, &id).await?;
-    Ok(Json(serde_json::json!({
-        "id": deployment.id,
-        "status": deployment.status.as_str(),
-        "error": deployment.error,
-        "log": deployment.build_log,
-        "npm_packages": npm_packages(&files),
-    })))
+    Ok(Json(wire::Build {
+        id: deployment.id,
+        status: deployment.status.as_str().to_owned(),
+        error: deployment.error,
+        log: deployment.build_log,
+        npm_packages: npm_packages(&files),
+    }))
 }
 
 /// The npm packages a build installed, `name@version`, from npm's layout
@@ -371,7 +372,10 @@ fn npm_packages(files: &[FileRow]) -> Vec<String> {
     packages
 }
 
-pub(crate) async fn get(State(cp): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn get(
+    State(cp): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<wire::Deployment>, ApiError> {
     if !validate::is_deployment_id(&id) {
         return Err(deployment_not_found(&id));
     }

@@ -15,6 +15,7 @@ use crate::store::domains::{self, DomainRow};
 use crate::time::now_ms;
 use crate::verify::Outcome;
 use crate::{certs, ids, validate};
+use isocloud_api as wire;
 
 fn not_found(domain: &str) -> ApiError {
     ApiError::NotFound(format!("domain {:?} not found", validate::truncate(domain, 100)))
@@ -46,13 +47,16 @@ pub(crate) struct CertificateBody {
     key_pem: String,
 }
 
-pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<Value>>, ApiError> {
+pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Domain>>, ApiError> {
     let mut conn = cp.store.read().await?;
     let rows = domains::list(&mut conn).await?;
     Ok(Json(rows.iter().map(|d| views::domain(&cp, d)).collect()))
 }
 
-pub(crate) async fn get(State(cp): State<AppState>, ApiPath(domain): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn get(
+    State(cp): State<AppState>,
+    ApiPath(domain): ApiPath<String>,
+) -> Result<Json<wire::Domain>, ApiError> {
     let mut conn = cp.store.read().await?;
     let row = domain_or_404(&mut conn, &domain).await?;
     Ok(Json(views::domain(&cp, &row)))
@@ -61,7 +65,7 @@ pub(crate) async fn get(State(cp): State<AppState>, ApiPath(domain): ApiPath<Str
 pub(crate) async fn create(
     State(cp): State<AppState>,
     ApiJson(body): ApiJson<CreateDomain>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<wire::Domain>), ApiError> {
     check("domain", validate::domain(&body.domain, &cp.options.base_domain))?;
     let mut tx = cp.store.write().await?;
     let project_id = match &body.project {
@@ -79,7 +83,7 @@ pub(crate) async fn attach(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
     ApiJson(body): ApiJson<AttachBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Domain>, ApiError> {
     let mut tx = cp.store.write().await?;
     domain_or_404(&mut tx, &domain).await?;
     let project_id = match &body.project {
@@ -97,7 +101,7 @@ pub(crate) async fn attach(
 pub(crate) async fn verify(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Domain>, ApiError> {
     let row = {
         let mut conn = cp.store.read().await?;
         domain_or_404(&mut conn, &domain).await?
@@ -127,7 +131,7 @@ pub(crate) async fn put_certificate(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
     ApiJson(body): ApiJson<CertificateBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Domain>, ApiError> {
     let row = {
         let mut conn = cp.store.read().await?;
         domain_or_404(&mut conn, &domain).await?
@@ -156,7 +160,7 @@ pub(crate) async fn put_certificate(
 pub(crate) async fn delete_certificate(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Domain>, ApiError> {
     let mut tx = cp.store.write().await?;
     domain_or_404(&mut tx, &domain).await?;
     if !domains::delete_certificate(&mut tx, &domain).await? {

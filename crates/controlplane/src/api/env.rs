@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::projects::project_or_404;
 use super::{ApiJson, ApiPath, AppState, check};
@@ -13,6 +12,7 @@ use crate::error::ApiError;
 use crate::store::env;
 use crate::time::{format_ms, now_ms};
 use crate::validate;
+use isocloud_api as wire;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,18 +23,20 @@ pub(crate) struct ValueBody {
 pub(crate) async fn list(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<wire::EnvVar>>, ApiError> {
     let mut conn = cp.store.read().await?;
     let project = project_or_404(&mut conn, &name).await?;
     let vars = env::list(&mut conn, &project.id).await?;
-    Ok(Json(vars.iter().map(|v| json!({ "name": v.name, "updated_at": format_ms(v.updated_at_ms) })).collect()))
+    Ok(Json(
+        vars.iter().map(|v| wire::EnvVar { name: v.name.clone(), updated_at: format_ms(v.updated_at_ms) }).collect(),
+    ))
 }
 
 pub(crate) async fn put(
     State(cp): State<AppState>,
     ApiPath((name, env_name)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<ValueBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::EnvVar>, ApiError> {
     check("name", validate::env_name(&env_name))?;
     check("value", validate::env_value(&body.value))?;
     let now = now_ms();
@@ -51,7 +53,7 @@ pub(crate) async fn put(
     }
     env::upsert(&mut tx, &project.id, &env_name, &body.value, now).await?;
     tx.commit().await?;
-    Ok(Json(json!({ "name": env_name, "updated_at": format_ms(now) })))
+    Ok(Json(wire::EnvVar { name: env_name, updated_at: format_ms(now) }))
 }
 
 pub(crate) async fn delete(

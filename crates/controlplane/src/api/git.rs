@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -33,6 +33,7 @@ use crate::store::env;
 use crate::store::projects::{self, GitSettings};
 use crate::time::now_ms;
 use crate::{ids, validate};
+use isocloud_api as wire;
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
@@ -53,7 +54,7 @@ pub(crate) async fn put_settings(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<SettingsBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Project>, ApiError> {
     check("repository", validate::git_repository(&body.repository))?;
     check("branch", validate::git_branch(&body.branch))?;
     let entrypoint = body.entrypoint.trim_start_matches("./");
@@ -83,7 +84,7 @@ pub(crate) async fn put_settings(
 pub(crate) async fn delete_settings(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Project>, ApiError> {
     let mut tx = cp.store.write().await?;
     let project = project_or_404(&mut tx, &name).await?;
     projects::set_git(&mut tx, &project.id, None, now_ms()).await?;

@@ -11,17 +11,17 @@ use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use isocloud_api as wire;
 use sqlx::AnyConnection;
 
 use super::deployments::deployment_not_found;
 use super::projects::project_or_404;
-use super::{ApiPath, ApiQuery, AppState};
+use super::{ApiPath, ApiQuery, AppState, views};
 use crate::ControlPlane;
 use crate::error::ApiError;
-use crate::store::activity::{self, Bucket, LogFilter, LogRow, UsageRow};
+use crate::store::activity::{self, Bucket, LogFilter, LogRow};
 use crate::store::{deployments, limits};
-use crate::time::{format_ms, now_ms};
+use crate::time::now_ms;
 use crate::validate;
 
 /// How often a follow stream asks the database for new entries. Polling
@@ -33,49 +33,6 @@ const FOLLOW_BATCH: i64 = 500;
 /// Follow streams one node serves at once.
 pub const MAX_LOG_FOLLOWS: usize = 256;
 const MAX_POINTS: i64 = 10_000;
-
-fn log_view(log: &LogRow) -> Value {
-    json!({
-        "id": log.id,
-        "deployment_id": log.deployment_id,
-        "timestamp": format_ms(log.timestamp_ms),
-        "type": log.kind,
-        "level": log.level,
-        "message": log.message,
-        "request_id": log.request_id,
-    })
-}
-
-fn usage_view(usage: &UsageRow) -> Value {
-    json!({
-        "deployment_id": usage.deployment_id,
-        "interval_start": format_ms(usage.interval_start_ms),
-        "interval_end": format_ms(usage.interval_end_ms),
-        "requests": usage.requests,
-        "errors": usage.errors,
-        "cpu_ms": usage.cpu_ms,
-        "wall_ms": usage.wall_ms,
-        "ingress_bytes": usage.ingress_bytes,
-        "egress_bytes": usage.egress_bytes,
-        "peak_memory_bytes": usage.peak_memory_bytes,
-        "fetch_requests": usage.fetch_requests,
-        "fetch_sent_bytes": usage.fetch_sent_bytes,
-        "fetch_received_bytes": usage.fetch_received_bytes,
-    })
-}
-
-fn point_view(bucket: &Bucket) -> Value {
-    json!({
-        "t": format_ms(bucket.bucket_start_ms),
-        "requests": bucket.requests,
-        "errors": bucket.errors,
-        "cpu_ms": bucket.cpu_ms,
-        "wall_ms": bucket.wall_ms,
-        "peak_memory_bytes": bucket.peak_memory_bytes,
-        "ingress_bytes": bucket.ingress_bytes,
-        "egress_bytes": bucket.egress_bytes,
-    })
-}
 
 /// The `deployment` query parameter: a deployment of this project.
 async fn deployment_filter(
@@ -143,7 +100,7 @@ async fn logs_response(cp: Arc<ControlPlane>, filter: LogFilter, query: &ApiQuer
         activity::logs(&mut conn, &filter, limit, true).await?
     };
     if !follow {
-        return Ok(Json(initial.iter().map(log_view).collect::<Vec<_>>()).into_response());
+        return Ok(Json(initial.iter().map(views::log).collect::<Vec<_>>()).into_response());
     }
     let guard = FollowGuard::new(&cp)?;
     let last_id = initial.last().map_or(0, |log| log.id);
@@ -193,7 +150,7 @@ impl Follow {
         loop {
             if let Some(log) = self.pending.pop_front() {
                 self.last_id = self.last_id.max(log.id);
-                return format!("{}\n", log_view(&log));
+                return ndjson_line(&views::log(&log));
             }
             tokio::time::sleep(FOLLOW_POLL_INTERVAL).await;
             let filter = LogFilter { after_id: Some(self.last_id), ..self.filter.clone() };
@@ -210,11 +167,19 @@ impl Follow {
     }
 }
 
+/// One line of a follow stream: the entry's JSON and a newline.
+fn ndjson_line(entry: &wire::LogEntry) -> String {
+    // A struct of strings and integers always serialises.
+    let mut line = serde_json::to_string(entry).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
 pub(crate) async fn usage(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     query: ApiQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<wire::Usage>>, ApiError> {
     query.only(&["deployment", "since", "limit"])?;
     let since_ms = query.time_ms("since")?;
     let limit = query.int("limit", 1000, 1, 10_000)?;
@@ -222,7 +187,7 @@ pub(crate) async fn usage(
     let project = project_or_404(&mut conn, &name).await?;
     let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
     let rows = activity::usage(&mut conn, &project.id, deployment_id.as_deref(), since_ms, limit).await?;
-    Ok(Json(rows.iter().map(usage_view).collect()))
+    Ok(Json(rows.iter().map(views::usage).collect()))
 }
 
 /// Bucket starts from `since` (rounded down to a step) to now, each with
@@ -242,7 +207,7 @@ pub(crate) async fn analytics(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     query: ApiQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Analytics>, ApiError> {
     query.only(&["deployment", "since", "step_s"])?;
     let step_s = query.int("step_s", 60, 10, 86_400)?;
     let step_ms = step_s * 1000;
@@ -264,7 +229,7 @@ pub(crate) async fn analytics(
         activity::analytics(&mut conn, &project.id, deployment_id.as_deref(), first_ms, last_ms + step_ms, step_ms)
             .await?;
     let points = fill_points(&buckets, first_ms, last_ms, step_ms);
-    Ok(Json(json!({ "step_s": step_s, "points": points.iter().map(point_view).collect::<Vec<_>>() })))
+    Ok(Json(wire::Analytics { step_s, points: points.iter().map(views::point).collect() }))
 }
 
 #[cfg(test)]

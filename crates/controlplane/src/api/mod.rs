@@ -108,8 +108,8 @@ async fn authenticate(State(cp): State<AppState>, mut request: Request, next: Ne
     }
 }
 
-async fn whoami(axum::Extension(TokenName(name)): axum::Extension<TokenName>) -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "token_name": name }))
+async fn whoami(axum::Extension(TokenName(name)): axum::Extension<TokenName>) -> axum::Json<isocloud_api::Whoami> {
+    axum::Json(isocloud_api::Whoami { token_name: name })
 }
 
 /// A JSON body: `content-type` JSON (or none), at most

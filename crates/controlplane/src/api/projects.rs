@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::Value;
 use sqlx::AnyConnection;
 
 use super::{ApiJson, ApiPath, AppState, OptionalJson, check, views};
@@ -14,6 +13,7 @@ use crate::store::deployments::{self, Status};
 use crate::store::projects::{self, ProjectRow};
 use crate::time::now_ms;
 use crate::{ids, validate};
+use isocloud_api as wire;
 
 pub(crate) fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("project {:?} not found", validate::truncate(name, 80)))
@@ -29,7 +29,7 @@ pub(crate) struct NameBody {
     name: String,
 }
 
-pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<Value>>, ApiError> {
+pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Project>>, ApiError> {
     let mut conn = cp.store.read().await?;
     let rows = projects::list(&mut conn).await?;
     Ok(Json(rows.iter().map(|p| views::project(&cp, p)).collect()))
@@ -49,7 +49,10 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(views::project(&cp, &project))))
 }
 
-pub(crate) async fn get(State(cp): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn get(
+    State(cp): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<wire::Project>, ApiError> {
     let mut conn = cp.store.read().await?;
     let project = project_or_404(&mut conn, &name).await?;
     Ok(Json(views::project(&cp, &project)))
@@ -59,7 +62,7 @@ pub(crate) async fn rename(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<NameBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Project>, ApiError> {
     check("name", validate::project_name(&body.name))?;
     let mut tx = cp.store.write().await?;
     let now = now_ms();
@@ -101,7 +104,7 @@ pub(crate) async fn promote(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<DeploymentIdBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Project>, ApiError> {
     check_deployment_id(&body.deployment_id)?;
     let mut tx = cp.store.write().await?;
     let now = now_ms();
@@ -132,7 +135,7 @@ pub(crate) async fn rollback(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     OptionalJson(body): OptionalJson<DeploymentIdBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Project>, ApiError> {
     if let Some(body) = &body {
         check_deployment_id(&body.deployment_id)?;
     }

@@ -17,3 +17,4 @@ mod projects;
 mod restart;
 mod storage;
 mod webhook_bounds;
+mod wire;

@@ -1,0 +1,213 @@
+//! The control plane's `/api/v1` wire shapes (`docs/control-plane-api.md`):
+//! what each route answers, as plain serde types. The server builds them from
+//! its store rows and serialises them; the client deserialises the very same
+//! types, so a field renamed on one side is a compile error on the other, and
+//! a field missing from an answer is a decode error naming it, not a silent
+//! `""`. This crate owns the shapes only: it must not do I/O, nor know HTTP
+//! frameworks, databases or clients (its one dependency is serde).
+//!
+//! Every field the server always sends is required when decoding, `Option`
+//! fields included (they may be `null`, not absent; see [`present`]). Fields
+//! the types do not know are ignored, so a newer server that adds one does not
+//! break an older CLI. Field order is the order on the wire.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Decodes a field as its type. On an `Option` field this makes the field
+/// required: serde's derive reads an absent `Option` as `None`, which would
+/// hide a renamed field; with this, `null` is `None` and absence an error.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    T::deserialize(deserializer)
+}
+
+/// `GET /whoami`: the name of the token the call was made with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    pub token_name: String,
+}
+
+/// A project, as every `/projects` route answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(deserialize_with = "present")]
+    pub production_deployment_id: Option<String>,
+    /// Set exactly when there is a production deployment.
+    #[serde(deserialize_with = "present")]
+    pub production_url: Option<String>,
+    #[serde(deserialize_with = "present")]
+    pub git: Option<ProjectGit>,
+}
+
+/// A project's repository settings (the webhook secret is never shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectGit {
+    pub repository: String,
+    pub branch: String,
+    pub entrypoint: String,
+}
+
+/// A deployment, as `/projects/{name}/deployments` and `/deployments/{id}`
+/// answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    /// The project's name.
+    pub project: String,
+    pub created_at: String,
+    /// `building`, `ready` or `failed` (a string, so a status a newer server
+    /// adds still decodes).
+    pub status: String,
+    #[serde(deserialize_with = "present")]
+    pub error: Option<String>,
+    /// A module specifier (`file:///src/main.ts`).
+    pub entrypoint: String,
+    /// This deployment's own URL (`<project>-<id>.<base domain>`).
+    pub url: String,
+    pub production: bool,
+    #[serde(deserialize_with = "present")]
+    pub git: Option<DeploymentGit>,
+    /// The names of the env vars copied into it (values are never shown).
+    pub env_names: Vec<String>,
+    pub files: u64,
+    pub size_bytes: u64,
+}
+
+/// The commit a deployment was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentGit {
+    pub commit: String,
+    /// Its first line.
+    pub message: String,
+    pub branch: String,
+}
+
+/// `GET /deployments/{id}/build`: the build step's outcome and log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Build {
+    /// The deployment's id.
+    pub id: String,
+    pub status: String,
+    #[serde(deserialize_with = "present")]
+    pub error: Option<String>,
+    /// What the build printed; `null` when no build ran.
+    #[serde(deserialize_with = "present")]
+    pub log: Option<String>,
+    /// `name@version` of each npm package the build installed, sorted.
+    pub npm_packages: Vec<String>,
+}
+
+/// An env var of a project, as `GET`/`PUT /projects/{name}/env…` answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    pub updated_at: String,
+}
+
+/// A custom domain, as every `/domains` route answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Domain {
+    pub domain: String,
+    /// The project it is attached to, if any.
+    #[serde(deserialize_with = "present")]
+    pub project: Option<String>,
+    pub created_at: String,
+    pub verified: bool,
+    #[serde(deserialize_with = "present")]
+    pub verified_at: Option<String>,
+    pub verification: Verification,
+    #[serde(deserialize_with = "present")]
+    pub certificate: Option<Certificate>,
+}
+
+/// How to prove a domain is yours: a DNS TXT record or an HTTP token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub txt_name: String,
+    pub txt_value: String,
+    pub http_url: String,
+    pub http_body: String,
+}
+
+/// What may be shown of a domain's certificate (never its PEMs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub not_after: String,
+    pub names: Vec<String>,
+}
+
+/// One log entry (`GET …/logs`; with `follow=true`, one NDJSON line each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub id: i64,
+    pub deployment_id: String,
+    pub timestamp: String,
+    /// `console`, `boot`, `dropped`, … (open-ended).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(deserialize_with = "present")]
+    pub level: Option<String>,
+    pub message: String,
+    #[serde(deserialize_with = "present")]
+    pub request_id: Option<String>,
+}
+
+/// `POST /blobs/missing`: the asked-for hashes the server lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingBlobs {
+    pub missing: Vec<String>,
+}
+
+/// `PUT /blobs/{hash}`: the blob as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBlob {
+    pub hash: String,
+    pub size: u64,
+}
+
+/// One usage record (`GET /projects/{name}/usage`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub deployment_id: String,
+    pub interval_start: String,
+    pub interval_end: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub cpu_ms: i64,
+    pub wall_ms: i64,
+    pub ingress_bytes: i64,
+    pub egress_bytes: i64,
+    pub peak_memory_bytes: i64,
+    pub fetch_requests: i64,
+    pub fetch_sent_bytes: i64,
+    pub fetch_received_bytes: i64,
+}
+
+/// `GET /projects/{name}/analytics`: usage summed per step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Analytics {
+    pub step_s: i64,
+    pub points: Vec<AnalyticsPoint>,
+}
+
+/// One step of [`Analytics`], starting at `t` (zeros when nothing ran).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnalyticsPoint {
+    pub t: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub cpu_ms: i64,
+    pub wall_ms: i64,
+    pub peak_memory_bytes: i64,
+    pub ingress_bytes: i64,
+    pub egress_bytes: i64,
+}
+
+#[cfg(test)]
+mod tests;

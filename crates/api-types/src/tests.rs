@@ -1,0 +1,218 @@
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::*;
+
+fn project() -> Project {
+    Project {
+        id: "p1".into(),
+        name: "hello".into(),
+        created_at: "2026-12-06T08:00:00.000Z".into(),
+        updated_at: "2026-12-06T08:01:00.000Z".into(),
+        production_deployment_id: Some("d1".into()),
+        production_url: Some("http://hello.example.test".into()),
+        git: Some(ProjectGit {
+            repository: "https://git.test/a.git".into(),
+            branch: "main".into(),
+            entrypoint: "main.ts".into(),
+        }),
+    }
+}
+
+fn deployment() -> Deployment {
+    Deployment {
+        id: "d1".into(),
+        project: "hello".into(),
+        created_at: "2026-12-06T08:00:00.000Z".into(),
+        status: "failed".into(),
+        error: Some("build failed".into()),
+        entrypoint: "file:///src/main.ts".into(),
+        url: "http://hello-d1.example.test".into(),
+        production: false,
+        git: Some(DeploymentGit { commit: "abc".into(), message: "fix".into(), branch: "main".into() }),
+        env_names: vec!["A".into(), "B".into()],
+        files: 3,
+        size_bytes: 1234,
+    }
+}
+
+fn build() -> Build {
+    Build {
+        id: "d1".into(),
+        status: "ready".into(),
+        error: None,
+        log: Some("installed".into()),
+        npm_packages: vec!["@scope/x@1.0.0".into(), "y@2.0.0".into()],
+    }
+}
+
+fn domain() -> Domain {
+    Domain {
+        domain: "shop.test".into(),
+        project: Some("hello".into()),
+        created_at: "2026-12-06T08:00:00.000Z".into(),
+        verified: true,
+        verified_at: Some("2026-12-06T08:02:00.000Z".into()),
+        verification: Verification {
+            txt_name: "_isocloud.shop.test".into(),
+            txt_value: "tok".into(),
+            http_url: "http://shop.test/.well-known/isocloud/tok".into(),
+            http_body: "tok".into(),
+        },
+        certificate: Some(Certificate {
+            not_after: "2027-01-01T00:00:00.000Z".into(),
+            names: vec!["shop.test".into()],
+        }),
+    }
+}
+
+fn log_entry() -> LogEntry {
+    LogEntry {
+        id: 7,
+        deployment_id: "d1".into(),
+        timestamp: "2026-12-06T08:00:00.000Z".into(),
+        kind: "console".into(),
+        level: Some("info".into()),
+        message: "hi".into(),
+        request_id: None,
+    }
+}
+
+fn usage() -> Usage {
+    Usage {
+        deployment_id: "d1".into(),
+        interval_start: "2026-12-06T08:00:00.000Z".into(),
+        interval_end: "2026-12-06T08:01:00.000Z".into(),
+        requests: 1,
+        errors: 2,
+        cpu_ms: 3,
+        wall_ms: 4,
+        ingress_bytes: 5,
+        egress_bytes: 6,
+        peak_memory_bytes: 7,
+        fetch_requests: 8,
+        fetch_sent_bytes: 9,
+        fetch_received_bytes: 10,
+    }
+}
+
+fn point() -> AnalyticsPoint {
+    AnalyticsPoint {
+        t: "2026-12-06T08:00:00.000Z".into(),
+        requests: 1,
+        errors: 0,
+        cpu_ms: 2,
+        wall_ms: 3,
+        peak_memory_bytes: 4,
+        ingress_bytes: 5,
+        egress_bytes: 6,
+    }
+}
+
+/// Serialises, decodes, and checks the value came back whole.
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
+    let text = serde_json::to_string(value).unwrap();
+    let back: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(&back, value);
+}
+
+/// Removes each top-level field in turn: decoding must fail, naming it.
+fn every_field_is_required<T: Serialize + DeserializeOwned>(value: &T) {
+    let Value::Object(full) = serde_json::to_value(value).unwrap() else { panic!("not an object") };
+    assert!(!full.is_empty());
+    for key in full.keys() {
+        let mut without = full.clone();
+        without.remove(key);
+        let error = match serde_json::from_value::<T>(Value::Object(without)) {
+            Ok(_) => panic!("decoded without `{key}`"),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(error, format!("missing field `{key}`"));
+    }
+}
+
+#[test]
+fn every_type_round_trips() {
+    round_trip(&Whoami { token_name: "ci".into() });
+    round_trip(&project());
+    round_trip(&Project { production_deployment_id: None, production_url: None, git: None, ..project() });
+    round_trip(&deployment());
+    round_trip(&Deployment { error: None, git: None, env_names: vec![], ..deployment() });
+    round_trip(&build());
+    round_trip(&Build { log: None, error: Some("no".into()), npm_packages: vec![], ..build() });
+    round_trip(&EnvVar { name: "API_KEY".into(), updated_at: "2026-12-06T08:00:00.000Z".into() });
+    round_trip(&domain());
+    round_trip(&Domain { project: None, verified: false, verified_at: None, certificate: None, ..domain() });
+    round_trip(&log_entry());
+    round_trip(&MissingBlobs { missing: vec!["ab".into()] });
+    round_trip(&StoredBlob { hash: "ab".into(), size: 9 });
+    round_trip(&usage());
+    round_trip(&Analytics { step_s: 60, points: vec![point(), point()] });
+}
+
+#[test]
+fn a_missing_field_is_an_error_naming_it() {
+    every_field_is_required(&Whoami { token_name: "ci".into() });
+    every_field_is_required(&project());
+    every_field_is_required(&project().git.unwrap());
+    every_field_is_required(&deployment());
+    every_field_is_required(&deployment().git.unwrap());
+    every_field_is_required(&build());
+    every_field_is_required(&EnvVar { name: "A".into(), updated_at: "t".into() });
+    every_field_is_required(&domain());
+    every_field_is_required(&domain().verification);
+    every_field_is_required(&domain().certificate.unwrap());
+    every_field_is_required(&log_entry());
+    every_field_is_required(&MissingBlobs { missing: vec![] });
+    every_field_is_required(&StoredBlob { hash: "ab".into(), size: 9 });
+    every_field_is_required(&usage());
+    every_field_is_required(&Analytics { step_s: 60, points: vec![] });
+    every_field_is_required(&point());
+}
+
+#[test]
+fn a_renamed_field_is_not_read_as_empty() {
+    // What a server that renamed `url` would send: the old reading of this
+    // answer gave `url: ""`; now it is refused, naming the field.
+    let mut value = serde_json::to_value(deployment()).unwrap();
+    let url = value.as_object_mut().unwrap().remove("url").unwrap();
+    value["public_url"] = url;
+    let error = serde_json::from_value::<Deployment>(value).unwrap_err();
+    assert_eq!(error.to_string(), "missing field `url`");
+}
+
+#[test]
+fn null_options_and_unknown_fields_decode() {
+    let text = r#"{"id":1,"deployment_id":"d","timestamp":"t","type":"boot","level":null,"message":"m",
+        "request_id":null,"added_later":{"x":1}}"#;
+    let entry: LogEntry = serde_json::from_str(text).unwrap();
+    assert_eq!((entry.kind.as_str(), entry.level, entry.request_id), ("boot", None, None));
+}
+
+/// The exact text the server's `json!()` views wrote before these types
+/// existed: the same names, shapes, nulls and order.
+#[test]
+fn the_wire_text_is_unchanged() {
+    let cases: [(String, &str); 4] = [
+        (
+            serde_json::to_string(&project()).unwrap(),
+            r#"{"id":"p1","name":"hello","created_at":"2026-12-06T08:00:00.000Z","updated_at":"2026-12-06T08:01:00.000Z","production_deployment_id":"d1","production_url":"http://hello.example.test","git":{"repository":"https://git.test/a.git","branch":"main","entrypoint":"main.ts"}}"#,
+        ),
+        (
+            serde_json::to_string(&Deployment { git: None, ..deployment() }).unwrap(),
+            r#"{"id":"d1","project":"hello","created_at":"2026-12-06T08:00:00.000Z","status":"failed","error":"build failed","entrypoint":"file:///src/main.ts","url":"http://hello-d1.example.test","production":false,"git":null,"env_names":["A","B"],"files":3,"size_bytes":1234}"#,
+        ),
+        (
+            serde_json::to_string(&Domain { certificate: None, ..domain() }).unwrap(),
+            r#"{"domain":"shop.test","project":"hello","created_at":"2026-12-06T08:00:00.000Z","verified":true,"verified_at":"2026-12-06T08:02:00.000Z","verification":{"txt_name":"_isocloud.shop.test","txt_value":"tok","http_url":"http://shop.test/.well-known/isocloud/tok","http_body":"tok"},"certificate":null}"#,
+        ),
+        (
+            serde_json::to_string(&log_entry()).unwrap(),
+            r#"{"id":7,"deployment_id":"d1","timestamp":"2026-12-06T08:00:00.000Z","type":"console","level":"info","message":"hi","request_id":null}"#,
+        ),
+    ];
+    for (written, before) in cases {
+        assert_eq!(written, before);
+    }
+}
