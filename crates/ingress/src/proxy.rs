@@ -310,3 +310,6 @@ fn boot_error(error: BootError) -> EdgeError {
     };
     EdgeError::new(code, message)
 }
+
+#[cfg(test)]
+mod tests;

@@ -263,7 +263,7 @@ fn hostname(host: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -325,5 +325,183 @@ mod tests {
             assert_eq!(authority(version, hosts, uri), Err(ErrorCode::BadRequest), "{version:?} {hosts:?} {uri}");
         }
         assert_eq!(authority(Version::HTTP_11, &["a.localhost"], "http://u@a.localhost/"), Err(ErrorCode::BadRequest));
+    }
+
+    // Routing decisions, in process: by Host (the apps folder, a control
+    // plane's table) and by a verified subhost token.
+
+    use isocloud_auth::{Secret, Subhoster, sign_subhost_token};
+    use isocloud_origin::AppsOrigin;
+
+    pub(crate) const KID: &str = "relay";
+    pub(crate) const RPC_ROOT: &str = "http://127.0.0.1:9/rpc/";
+
+    pub(crate) fn apps() -> Arc<dyn Origin> {
+        Arc::new(AppsOrigin::new("/nonexistent-apps".into()))
+    }
+
+    pub(crate) fn secret() -> Secret {
+        Secret::from("a subhoster's shared secret")
+    }
+
+    /// Routes subhost tokens of `KID` signed with `secret()`, and apps by Host.
+    pub(crate) fn subhost_router() -> Router {
+        let subhoster = Subhoster {
+            kid: KID.to_owned(),
+            secret: secret(),
+            rpc_root: RPC_ROOT.parse().unwrap(),
+            allowed_rpc_root_prefixes: Vec::new(),
+        };
+        let verifier = SubhostVerifier::new(vec![subhoster]).unwrap();
+        Router::new(Some(apps()), Some(SubhostRouting::new(verifier, RemoteOriginOptions::default())))
+    }
+
+    fn now_s() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    /// A relay token for `deployment_id`, valid for a minute.
+    pub(crate) fn token(deployment_id: &str) -> String {
+        let claims = serde_json::json!({ "deployment_id": deployment_id, "exp": now_s() + 60 });
+        sign_subhost_token(Some(KID), &secret(), &claims)
+    }
+
+    fn request(host: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut builder = http::Request::get("/path?q=1").header(http::header::HOST, host);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn served(routed: Result<Routed, EdgeError>) -> Route {
+        match routed {
+            Ok(Routed::Serve(route)) => route,
+            Ok(Routed::RedirectToHttps(location)) => panic!("expected a route, got a redirect to {location}"),
+            Err(e) => panic!("expected a route, got {:?}: {}", e.code, e.message),
+        }
+    }
+
+    fn refused(routed: Result<Routed, EdgeError>) -> ErrorCode {
+        match routed {
+            Err(e) => e.code,
+            Ok(_) => panic!("expected a refusal"),
+        }
+    }
+
+    #[test]
+    fn apps_route_by_the_host_s_first_label_under_localhost() {
+        let router = Router::new(Some(apps()), None);
+        let route = served(router.route(&request("Hello.localhost:8080", &[]), false));
+        assert_eq!((route.origin.name(), route.deployment_id.as_str()), ("apps", "hello"));
+        assert_eq!((route.public_scheme, route.public_host.as_str()), ("http", "hello.localhost:8080"));
+        assert_eq!(served(router.route(&request("hello.localhost", &[]), true)).public_scheme, "https");
+        for host in ["example.com", "a.b.localhost", ".localhost", "localhost"] {
+            assert_eq!(refused(router.route(&request(host, &[]), false)), ErrorCode::DeploymentNotFound, "{host}");
+        }
+        // Without an apps folder, nothing is served by Host.
+        let none = Router::default();
+        assert_eq!(refused(none.route(&request("hello.localhost", &[]), false)), ErrorCode::DeploymentNotFound);
+    }
+
+    /// A control plane's table: `app.example` (no certificate) and
+    /// `secure.example` (one), both to deployment `d1`.
+    struct Table;
+
+    impl HostRoutes for Table {
+        fn resolve(&self, hostname: &str) -> Option<HostRoute> {
+            let https_only = match hostname {
+                "app.example" => false,
+                "secure.example" => true,
+                _ => return None,
+            };
+            Some(HostRoute { deployment_id: "d1".into(), https_only })
+        }
+    }
+
+    fn table_router(https_port: Option<u16>) -> Router {
+        Router::new(Some(apps()), None).with_hosts(HostRouting { routes: Arc::new(Table), origin: apps(), https_port })
+    }
+
+    #[test]
+    fn a_control_plane_s_table_routes_first_and_redirects_plain_http_to_its_certificates() {
+        let router = table_router(Some(8443));
+        let route = served(router.route(&request("APP.example:8080", &[]), false));
+        assert_eq!((route.deployment_id.as_str(), route.public_host.as_str()), ("d1", "app.example:8080"));
+        // Over TLS, a host with a certificate is served ...
+        let route = served(router.route(&request("secure.example", &[]), true));
+        assert_eq!((route.deployment_id.as_str(), route.public_scheme), ("d1", "https"));
+        // ... and over plain HTTP sent there, on the public HTTPS port.
+        match router.route(&request("secure.example:8080", &[]), false) {
+            Ok(Routed::RedirectToHttps(location)) => assert_eq!(location, "https://secure.example:8443/path?q=1"),
+            _ => panic!("expected a redirect"),
+        }
+        match table_router(Some(443)).route(&request("secure.example", &[]), false) {
+            Ok(Routed::RedirectToHttps(location)) => assert_eq!(location, "https://secure.example/path?q=1"),
+            _ => panic!("expected a redirect"),
+        }
+        // Not in the table: the apps folder still answers for its hosts.
+        assert_eq!(served(router.route(&request("hello.localhost", &[]), false)).deployment_id, "hello");
+        assert_eq!(refused(router.route(&request("other.example", &[]), false)), ErrorCode::DeploymentNotFound);
+    }
+
+    #[test]
+    fn a_verified_subhost_token_routes_to_its_deployment_with_the_relay_s_host_and_scheme() {
+        let router = subhost_router();
+        let token = token("dep-1");
+        let headers = [
+            (SUBHOST_HEADER, token.as_str()),
+            ("x-forwarded-host", "shop.example, inner.example"),
+            ("x-forwarded-proto", "HTTPS"),
+        ];
+        let route = served(router.route(&request("runner.internal", &headers), false));
+        assert_eq!(route.deployment_id, "dep-1");
+        assert_eq!(route.origin.name(), format!("{KID}@{RPC_ROOT}"));
+        assert_eq!((route.public_scheme, route.public_host.as_str()), ("https", "shop.example"));
+        // Without forwarded headers: the request's own host, plain HTTP.
+        let route = served(router.route(&request("runner.internal", &headers[..1]), true));
+        assert_eq!((route.public_scheme, route.public_host.as_str()), ("http", "runner.internal"));
+        // One remote origin per (subhoster, rpc root), made once.
+        let again = served(router.route(&request("runner.internal", &headers[..1]), false));
+        assert!(Arc::ptr_eq(&route.origin, &again.origin));
+    }
+
+    #[test]
+    fn a_subhost_token_that_does_not_verify_is_refused_never_routed_by_host() {
+        let router = subhost_router();
+        // The probe: this host routes (apps), and a good token routes.
+        assert_eq!(served(router.route(&request("hello.localhost", &[]), false)).deployment_id, "hello");
+        let good = token("dep-1");
+        assert_eq!(
+            served(router.route(&request("hello.localhost", &[(SUBHOST_HEADER, &good)]), false)).deployment_id,
+            "dep-1"
+        );
+        let expired = sign_subhost_token(
+            Some(KID),
+            &secret(),
+            &serde_json::json!({ "deployment_id": "dep-1", "exp": now_s() - 3600 }),
+        );
+        let forged = sign_subhost_token(
+            Some(KID),
+            &Secret::from("not the secret"),
+            &serde_json::json!({ "deployment_id": "dep-1", "exp": now_s() + 60 }),
+        );
+        let unknown_kid = sign_subhost_token(
+            Some("nobody"),
+            &secret(),
+            &serde_json::json!({ "deployment_id": "dep-1", "exp": now_s() + 60 }),
+        );
+        let mut tampered = good.clone();
+        tampered.pop();
+        for bad in [expired.as_str(), forged.as_str(), unknown_kid.as_str(), tampered.as_str(), "garbage", ""] {
+            let routed = router.route(&request("hello.localhost", &[(SUBHOST_HEADER, bad)]), false);
+            assert_eq!(refused(routed), ErrorCode::Unauthorized, "{bad}");
+        }
+        // A runner without subhosters takes no token at all.
+        let apps_only = Router::new(Some(apps()), None);
+        assert_eq!(
+            refused(apps_only.route(&request("hello.localhost", &[(SUBHOST_HEADER, &good)]), false)),
+            ErrorCode::Unauthorized
+        );
     }
 }
