@@ -1,6 +1,8 @@
 //! The rules every input field must pass, as plain functions: each returns a
 //! message that reads after the field's name (`"name: must be …"`). The API
-//! attaches the field; the rules themselves know nothing of HTTP.
+//! attaches the field; the rules themselves know nothing of HTTP. A project
+//! name and a deployment id taken from a request come out as the newtypes
+//! [`ProjectName`] and [`DeploymentId`], so what passed is what gets used.
 
 /// Names a project may not take: they would shadow the control plane's own
 /// hosts under the base domain.
@@ -28,8 +30,33 @@ pub const CODE_EXTENSIONS: [&str; 9] = ["js", "mjs", "cjs", "jsx", "ts", "mts", 
 
 type Rule = Result<(), String>;
 
+/// A name that passed [`project_name`]: the store writes no other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectName(String);
+
+impl ProjectName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An id of [`deployment_id`]'s shape (which says nothing of whether it
+/// exists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentId(String);
+
+impl DeploymentId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 /// `a-z0-9-`, 1–50 bytes, no leading or trailing `-`, not reserved.
-pub fn project_name(name: &str) -> Rule {
+pub fn project_name(name: &str) -> Result<ProjectName, String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
@@ -56,7 +83,7 @@ pub fn project_name(name: &str) -> Rule {
              (<project>-<deployment id>), which no project name may take"
         ));
     }
-    Ok(())
+    Ok(ProjectName(name.to_owned()))
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes, and none of the names that
@@ -146,6 +173,11 @@ pub fn sha256(hash: &str) -> Rule {
 /// A deployment id: 12 of `a-z0-9`.
 pub fn is_deployment_id(id: &str) -> bool {
     id.len() == 12 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// `id` as a [`DeploymentId`] when it has the shape of one.
+pub fn deployment_id(id: &str) -> Option<DeploymentId> {
+    is_deployment_id(id).then(|| DeploymentId(id.to_owned()))
 }
 
 /// A lowercase DNS name of at least two labels, not the base domain nor
@@ -314,7 +346,7 @@ mod tests {
         for good in
             ["a", "hello", "my-app-2", &"a".repeat(50), "applications", "my-application", "my-applications1", "a-b"]
         {
-            assert!(project_name(good).is_ok(), "{good}");
+            assert_eq!(project_name(good).map(|name| name.0), Ok(good.to_owned()));
         }
         for (bad, says) in [
             ("", "empty"),
@@ -390,6 +422,8 @@ mod tests {
         assert!(sha256(&"g".repeat(64)).is_err());
         assert!(sha256("../../etc/passwd").is_err());
         assert!(is_deployment_id("abc123def456"));
+        assert_eq!(deployment_id("abc123def456").map(DeploymentId::into_string).as_deref(), Some("abc123def456"));
+        assert_eq!(deployment_id("abc123def45"), None);
         assert!(!is_deployment_id("abc123def45") && !is_deployment_id("ABC123DEF456"));
     }
 

@@ -340,12 +340,11 @@ pub(crate) async fn build_log(
     State(cp): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<wire::Build>, ApiError> {
-    if !validate::is_deployment_id(&id) {
-        return Err(deployment_not_found(&id));
-    }
+    let id = validate::deployment_id(&id).ok_or_else(|| deployment_not_found(&id))?;
     let mut conn = cp.store.read().await?;
-    let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
-    let files = deployments::files(&mut conn, &id).await?;
+    let deployment =
+        deployments::get(&mut conn, id.as_str()).await?.ok_or_else(|| deployment_not_found(id.as_str()))?;
+    let files = deployments::files(&mut conn, id.as_str()).await?;
     Ok(Json(wire::Build {
         id: deployment.id,
         status: deployment.status.as_str().to_owned(),
@@ -376,10 +375,9 @@ pub(crate) async fn get(
     State(cp): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<wire::Deployment>, ApiError> {
-    if !validate::is_deployment_id(&id) {
-        return Err(deployment_not_found(&id));
-    }
+    let id = validate::deployment_id(&id).ok_or_else(|| deployment_not_found(&id))?;
     let mut conn = cp.store.read().await?;
-    let deployment = deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+    let deployment =
+        deployments::get(&mut conn, id.as_str()).await?.ok_or_else(|| deployment_not_found(id.as_str()))?;
     Ok(Json(views::deployment(&cp, &deployment)))
 }

@@ -40,10 +40,10 @@ async fn deployment_filter(
     project_id: &str,
     query: &ApiQuery,
 ) -> Result<Option<String>, ApiError> {
-    let Some(id) = query.text("deployment") else { return Ok(None) };
-    let owned =
-        validate::is_deployment_id(id) && deployments::get(conn, id).await?.is_some_and(|d| d.project_id == project_id);
-    if owned { Ok(Some(id.to_owned())) } else { Err(deployment_not_found(id)) }
+    let Some(text) = query.text("deployment") else { return Ok(None) };
+    let Some(id) = validate::deployment_id(text) else { return Err(deployment_not_found(text)) };
+    let owned = deployments::get(conn, id.as_str()).await?.is_some_and(|d| d.project_id == project_id);
+    if owned { Ok(Some(id.into_string())) } else { Err(deployment_not_found(text)) }
 }
 
 pub(crate) async fn project_logs(
@@ -80,15 +80,13 @@ pub(crate) async fn deployment_logs(
     query: ApiQuery,
 ) -> Result<Response, ApiError> {
     query.only(&["since", "limit", "follow"])?;
-    if !validate::is_deployment_id(&id) {
-        return Err(deployment_not_found(&id));
-    }
+    let id = validate::deployment_id(&id).ok_or_else(|| deployment_not_found(&id))?;
     {
         let mut conn = cp.store.read().await?;
-        deployments::get(&mut conn, &id).await?.ok_or_else(|| deployment_not_found(&id))?;
+        deployments::get(&mut conn, id.as_str()).await?.ok_or_else(|| deployment_not_found(id.as_str()))?;
     }
-    let filter =
-        LogFilter { project_id: None, deployment_id: Some(id), since_ms: query.time_ms("since")?, after_id: None };
+    let deployment_id = Some(id.into_string());
+    let filter = LogFilter { project_id: None, deployment_id, since_ms: query.time_ms("since")?, after_id: None };
     logs_response(cp, filter, &query).await
 }
 

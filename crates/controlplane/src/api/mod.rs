@@ -282,7 +282,7 @@ impl ApiQuery {
     }
 }
 
-/// Runs a rule, attaching `field` to its message.
-pub(crate) fn check(field: impl Into<String>, rule: Result<(), String>) -> Result<(), ApiError> {
+/// Runs a rule, attaching `field` to its message; passes on what it made.
+pub(crate) fn check<T>(field: impl Into<String>, rule: Result<T, String>) -> Result<T, ApiError> {
     rule.map_err(|message| ApiError::field(field, message))
 }

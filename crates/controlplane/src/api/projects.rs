@@ -12,6 +12,7 @@ use crate::error::ApiError;
 use crate::store::deployments::{self, Status};
 use crate::store::projects::{self, ProjectRow};
 use crate::time::now_ms;
+use crate::validate::DeploymentId;
 use crate::{ids, validate};
 use isocloud_api as wire;
 
@@ -39,10 +40,10 @@ pub(crate) async fn create(
     State(cp): State<AppState>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    check("name", validate::project_name(&body.name))?;
+    let name = check("name", validate::project_name(&body.name))?;
     let id = ids::project_id();
     let mut tx = cp.store.write().await?;
-    projects::insert(&mut tx, &id, &body.name, now_ms()).await?;
+    projects::insert(&mut tx, &id, &name, now_ms()).await?;
     let project = projects::by_id(&mut tx, &id).await?.ok_or_else(|| ApiError::internal("project vanished"))?;
     tx.commit().await?;
     // A project without production routes nowhere yet: no table rebuild.
@@ -63,12 +64,12 @@ pub(crate) async fn rename(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
-    check("name", validate::project_name(&body.name))?;
+    let new_name = check("name", validate::project_name(&body.name))?;
     let mut tx = cp.store.write().await?;
     let now = now_ms();
     let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
-    if body.name != project.name {
-        projects::rename(&mut tx, &project.id, &body.name, now).await?;
+    if new_name.as_str() != project.name {
+        projects::rename(&mut tx, &project.id, &new_name, now).await?;
     }
     let project = projects::by_id(&mut tx, &project.id).await?.ok_or_else(|| not_found(&name))?;
     tx.commit().await?;
@@ -92,12 +93,10 @@ pub(crate) struct DeploymentIdBody {
     deployment_id: String,
 }
 
-fn check_deployment_id(id: &str) -> Result<(), ApiError> {
-    if validate::is_deployment_id(id) {
-        Ok(())
-    } else {
-        Err(ApiError::field("deployment_id", format!("{:?} is not a deployment id", validate::truncate(id, 80))))
-    }
+fn deployment_id_field(id: &str) -> Result<DeploymentId, ApiError> {
+    validate::deployment_id(id).ok_or_else(|| {
+        ApiError::field("deployment_id", format!("{:?} is not a deployment id", validate::truncate(id, 80)))
+    })
 }
 
 pub(crate) async fn promote(
@@ -105,15 +104,13 @@ pub(crate) async fn promote(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<DeploymentIdBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
-    check_deployment_id(&body.deployment_id)?;
+    let id = deployment_id_field(&body.deployment_id)?;
     let mut tx = cp.store.write().await?;
     let now = now_ms();
     let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
-    let deployment = deployments::get(&mut tx, &body.deployment_id)
-        .await?
-        .filter(|d| d.project_id == project.id)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("deployment {:?} not found in project {:?}", body.deployment_id, project.name))
+    let deployment =
+        deployments::get(&mut tx, id.as_str()).await?.filter(|d| d.project_id == project.id).ok_or_else(|| {
+            ApiError::NotFound(format!("deployment {:?} not found in project {:?}", id.as_str(), project.name))
         })?;
     if deployment.status != Status::Ready {
         return Err(ApiError::Conflict(format!(
@@ -136,34 +133,32 @@ pub(crate) async fn rollback(
     ApiPath(name): ApiPath<String>,
     OptionalJson(body): OptionalJson<DeploymentIdBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
-    if let Some(body) = &body {
-        check_deployment_id(&body.deployment_id)?;
-    }
+    let wanted = body.map(|body| deployment_id_field(&body.deployment_id)).transpose()?;
     let mut tx = cp.store.write().await?;
     let now = now_ms();
     let project = projects::lock_by_name(&mut tx, &name, now).await?.ok_or_else(|| not_found(&name))?;
     let history = projects::history(&mut tx, &project.id).await?;
     let current = project.production_deployment_id.as_deref();
-    let target = match &body {
+    let target = match &wanted {
         None => history.iter().find(|p| Some(p.deployment_id.as_str()) != current).ok_or_else(|| {
             ApiError::Conflict(format!(
                 "project {:?} has no earlier production deployment to roll back to",
                 project.name
             ))
         })?,
-        Some(body) => {
-            let owned =
-                deployments::get(&mut tx, &body.deployment_id).await?.is_some_and(|d| d.project_id == project.id);
+        Some(id) => {
+            let owned = deployments::get(&mut tx, id.as_str()).await?.is_some_and(|d| d.project_id == project.id);
             if !owned {
                 return Err(ApiError::NotFound(format!(
                     "deployment {:?} not found in project {:?}",
-                    body.deployment_id, project.name
+                    id.as_str(),
+                    project.name
                 )));
             }
-            history.iter().find(|p| p.deployment_id == body.deployment_id).ok_or_else(|| {
+            history.iter().find(|p| p.deployment_id == id.as_str()).ok_or_else(|| {
                 ApiError::field(
                     "deployment_id",
-                    format!("deployment {} was never production of project {:?}", body.deployment_id, project.name),
+                    format!("deployment {} was never production of project {:?}", id.as_str(), project.name),
                 )
             })?
         }

@@ -96,7 +96,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(None, &dir.path().join("test.db")).await.unwrap();
         let mut tx = store.write().await.unwrap();
-        crate::store::projects::insert(&mut tx, "p1", "app", 0).await.unwrap();
+        crate::store::projects::insert(&mut tx, "p1", &crate::validate::project_name("app").unwrap(), 0).await.unwrap();
         let keys = |n: i64| vec![format!("body:{n}"), format!("id:{n}")];
         record(&mut tx, "p1", &keys(1), "d1", 1_000).await.unwrap();
         assert_eq!(seen(&mut tx, "p1", &keys(1)).await.unwrap().unwrap().deployment_id, "d1");
@@ -109,7 +109,7 @@ mod tests {
 
         // Older than the window: forgotten when the next one is recorded.
         let mut tx = store.write().await.unwrap();
-        crate::store::projects::insert(&mut tx, "p1", "app", 0).await.unwrap();
+        crate::store::projects::insert(&mut tx, "p1", &crate::validate::project_name("app").unwrap(), 0).await.unwrap();
         record(&mut tx, "p1", &keys(1), "d1", 1_000).await.unwrap();
         record(&mut tx, "p1", &keys(2), "d2", 1_000 + KEEP_MS + 1).await.unwrap();
         assert!(seen(&mut tx, "p1", &keys(1)).await.unwrap().is_none(), "kept past {KEEP_MS} ms");

@@ -4,6 +4,7 @@ use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
 use super::{Result, bump_routing_generation, col, conflict_on_unique};
+use crate::validate::ProjectName;
 
 #[derive(Debug, Clone)]
 pub struct ProjectRow {
@@ -78,7 +79,8 @@ pub async fn lock_by_name(conn: &mut AnyConnection, name: &str, now_ms: i64) -> 
     row.as_ref().map(from_row).transpose()
 }
 
-pub async fn insert(conn: &mut AnyConnection, id: &str, name: &str, now_ms: i64) -> Result<()> {
+pub async fn insert(conn: &mut AnyConnection, id: &str, name: &ProjectName, now_ms: i64) -> Result<()> {
+    let name = name.as_str();
     sqlx::query("INSERT INTO projects (id, name, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $3)")
         .bind(id)
         .bind(name)
@@ -89,7 +91,8 @@ pub async fn insert(conn: &mut AnyConnection, id: &str, name: &str, now_ms: i64)
     Ok(())
 }
 
-pub async fn rename(conn: &mut AnyConnection, id: &str, new_name: &str, now_ms: i64) -> Result<()> {
+pub async fn rename(conn: &mut AnyConnection, id: &str, new_name: &ProjectName, now_ms: i64) -> Result<()> {
+    let new_name = new_name.as_str();
     sqlx::query("UPDATE projects SET name = $2, updated_at_ms = $3 WHERE id = $1")
         .bind(id)
         .bind(new_name)
