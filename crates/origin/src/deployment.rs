@@ -10,41 +10,7 @@ use isocloud_eszip::{Entry, ModuleKind, NpmSnapshot};
 use isocloud_protocol::{ConfigError, IsolateConfig, LayerSpec};
 use url::Url;
 
-use crate::{AssetTree, CacheKind, DiskCache, Origin, OriginError};
-
-/// One module of the merged graph.
-#[derive(Debug, Clone)]
-pub struct ModuleFile {
-    pub specifier: Url,
-    pub kind: ModuleKind,
-    pub source: Bytes,
-}
-
-/// Everything needed to start an isolate for one deployment.
-#[derive(Debug, Clone)]
-pub struct Deployment {
-    pub deployment_id: String,
-    pub config: IsolateConfig,
-    /// The merged module graph, by specifier.
-    pub modules: BTreeMap<Url, ModuleFile>,
-    /// `specifier → target` redirects carried by ESZIP layers.
-    pub redirects: BTreeMap<Url, Url>,
-    pub tree: AssetTree,
-    /// Why the origin's `read_tree` failed, when it did: boot is the only
-    /// required RPC (the protocol says so), so the deployment runs with no
-    /// files instead, and the runner reports this as an event.
-    pub tree_error: Option<String>,
-    /// The tree was not asked for (see [`Origin::tree_at_boot`]): `tree` is
-    /// empty until the isolate asks for it.
-    pub tree_deferred: bool,
-    /// The import maps the ESZIP layers carry, by URL, in layer order: bare
-    /// imports resolve through them at run time, as Deno's ESZIP loader does.
-    pub import_maps: Vec<(Url, serde_json::Value)>,
-    /// The npm packages the ESZIP layers' `npm:` imports resolved to, merged
-    /// (the earlier layer wins a request both name): the runner lays them
-    /// out from its npm registry before deno starts.
-    pub npm: Option<NpmSnapshot>,
-}
+use crate::{AssetTree, CacheKind, Deployment, DiskCache, ModuleFile, Origin, OriginError};
 
 /// Asks `origin` for deployment `deployment_id` and assembles it.
 pub async fn load_deployment(

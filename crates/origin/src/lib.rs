@@ -17,18 +17,17 @@ mod cache;
 mod deployment;
 mod error;
 mod remote;
-mod tree;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use apps::{AppBuilder, AppsOrigin};
 pub use cache::{CacheKind, DiskCache};
-pub use deployment::{Deployment, ModuleFile, load_deployment};
+pub use deployment::load_deployment;
 pub use error::OriginError;
+pub use isocloud_model::{AssetEntry, AssetTree, Deployment, ModuleFile, link_stays_inside};
 pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
-pub use tree::{AssetEntry, AssetTree, link_stays_inside};
 
 /// The answer to `boot`: the validated config and the inline layer's bytes
 /// (empty when the config names none).

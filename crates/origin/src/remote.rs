@@ -196,7 +196,7 @@ impl Origin for RemoteOrigin {
             return Err(OriginError::BadStatus { rpc: "read_tree", status: response.status().as_u16() });
         }
         let body = self.body("read_tree", response, MAX_TREE_BYTES).await?;
-        AssetTree::parse(&body)
+        AssetTree::parse(&body).map_err(|e| OriginError::Malformed { rpc: "read_tree", message: e.to_string() })
     }
 
     async fn read_blob(&self, deployment_id: &str, file_id: &str) -> Result<Bytes, OriginError> {

@@ -13,7 +13,7 @@ use isocloud_eszip::ModuleKind;
 
 use crate::uids::UidLease;
 use crate::{IsolateIds, SandboxPolicy};
-use isocloud_origin::Deployment;
+use isocloud_model::Deployment;
 use isocloud_protocol::harness::{Assignment, NodeServers};
 use sha2::{Digest, Sha256};
 use url::Url;
@@ -118,8 +118,8 @@ pub fn is_package_path(path: &str) -> bool {
 /// (paths, kinds, file ids and sizes, link targets); `None` without one.
 /// Two deployments with the same set share its layout on the runner, and
 /// its pre-started isolates.
-pub fn package_set_key(tree: &isocloud_origin::AssetTree) -> Option<String> {
-    use isocloud_origin::AssetEntry;
+pub fn package_set_key(tree: &isocloud_model::AssetTree) -> Option<String> {
+    use isocloud_model::AssetEntry;
     let mut listing = Sha256::new();
     let mut any = false;
     for (path, entry) in tree.entries.iter().filter(|(p, _)| is_package_path(p)) {
@@ -750,7 +750,7 @@ impl IsolateFiles {
 
     /// The asset manifest the harness reads (atomically: it never sees half
     /// of one): at boot, or when the harness first asks for a deferred one.
-    pub fn write_tree(&self, tree: &isocloud_origin::AssetTree) -> std::io::Result<()> {
+    pub fn write_tree(&self, tree: &isocloud_model::AssetTree) -> std::io::Result<()> {
         let partial = self.tree.with_extension("partial");
         std::fs::write(&partial, harness_tree(tree))?;
         std::fs::rename(&partial, &self.tree)
@@ -787,7 +787,7 @@ impl IsolateFiles {
 /// The manifest the harness reads, without the package folders: those are
 /// on the isolate's disk (bound from the package store), where the harness
 /// looks first, so a Hono app's 600 package entries cost no boot a parse.
-fn harness_tree(tree: &isocloud_origin::AssetTree) -> Vec<u8> {
+fn harness_tree(tree: &isocloud_model::AssetTree) -> Vec<u8> {
     let entries: serde_json::Map<String, serde_json::Value> = tree
         .entries
         .iter()

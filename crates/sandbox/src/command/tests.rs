@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use isocloud_origin::{AssetTree, Deployment, ModuleFile};
+use isocloud_model::{AssetTree, Deployment, ModuleFile};
 use isocloud_protocol::IsolateConfig;
 use serde_json::Value;
 

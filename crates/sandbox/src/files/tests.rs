@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use isocloud_origin::{AssetTree, Deployment, ModuleFile};
+use isocloud_model::{AssetTree, Deployment, ModuleFile};
 use isocloud_protocol::IsolateConfig;
 
 use super::*;

@@ -3,7 +3,7 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use isocloud_origin::{AssetTree, Deployment, ModuleFile};
+use isocloud_model::{AssetTree, Deployment, ModuleFile};
 use isocloud_protocol::IsolateConfig;
 
 use super::*;

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::OriginError;
+/// Why a manifest is refused (the origin names the RPC around it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TreeError(pub String);
 
 /// A deployment's read-only file tree. Paths are `""` (the root) or start with
 /// `/` and never contain `.`/`..` segments or NUL.
@@ -27,8 +30,8 @@ const MAX_ENTRIES: usize = 200_000;
 const MAX_PATH_BYTES: usize = 4096;
 
 impl AssetTree {
-    pub fn parse(json: &[u8]) -> Result<Self, OriginError> {
-        let malformed = |message: String| OriginError::Malformed { rpc: "read_tree", message };
+    pub fn parse(json: &[u8]) -> Result<Self, TreeError> {
+        let malformed = TreeError;
         let tree: AssetTree = serde_json::from_slice(json).map_err(|e| malformed(e.to_string()))?;
         if tree.entries.len() > MAX_ENTRIES {
             return Err(malformed(format!("more than {MAX_ENTRIES} entries")));
@@ -129,7 +132,7 @@ fn check_path(path: &str) -> Result<(), &'static str> {
 }
 
 /// File ids go into query strings and cache file names; keep them tame.
-pub(crate) fn is_valid_file_id(id: &str) -> bool {
+pub fn is_valid_file_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
