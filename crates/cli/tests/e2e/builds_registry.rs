@@ -85,7 +85,7 @@ fn greet_package(version: &str) -> JsrPackage {
 
 /// npm packages: `a` (CommonJS) requires `b` (CommonJS); `esm-pkg` is ESM;
 /// `@isocloud/scoped` is scoped ESM; `envpkg` reads `process.env.GREETING`.
-fn publish_npm_set(registry: &TestRegistry) {
+pub(crate) fn publish_npm_set(registry: &TestRegistry) {
     registry.publish_npm(
         NpmPackage::new("b", "1.2.0")
             .field("main", json!("index.js"))

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::ControlPlaneServe;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Runs the `isocloud` client against `serve` with its own config dir;
 /// returns stdout, panicking with both streams on failure.
@@ -55,19 +55,6 @@ async fn get(serve: &ControlPlaneServe, host: &str, path: &str) -> (u16, String)
         .await
         .expect("request to the runner");
     (response.status().as_u16(), response.text().await.unwrap())
-}
-
-async fn api(serve: &ControlPlaneServe, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{}/api/v1{path}", serve.control_url()))
-        .bearer_auth(serve.admin_token());
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
@@ -123,7 +110,7 @@ async fn deploy_promote_roll_back_and_restart_through_the_runner() {
     })
     .await;
     eventually("usage with the requests", Duration::from_secs(20), async || {
-        let (_, usage) = api(&serve, reqwest::Method::GET, "/projects/shop/usage", None).await;
+        let (_, usage) = serve.api(reqwest::Method::GET, "/projects/shop/usage", None).await;
         let requests: u64 = usage.as_array().into_iter().flatten().map(|u| u["requests"].as_u64().unwrap_or(0)).sum();
         requests >= 6
     })
@@ -136,7 +123,7 @@ async fn deploy_promote_roll_back_and_restart_through_the_runner() {
     let port = serve.runner.addr.port();
     assert_eq!(get(&serve, "shop.localhost", "/again").await.1, format!("v1 hello http://shop.localhost:{port}/again"));
     assert!(get(&serve, &v3, "/").await.1.starts_with("v3 bye "));
-    let (_, deployments) = api(&serve, reqwest::Method::GET, "/projects/shop/deployments", None).await;
+    let (_, deployments) = serve.api(reqwest::Method::GET, "/projects/shop/deployments", None).await;
     assert_eq!(deployments.as_array().map(Vec::len), Some(3), "{deployments}");
     let listed = cli(&serve, &config, &["logs", "--project", "shop"]);
     assert!(listed.contains("v1 served /first"), "logs survive the restart: {listed}");
@@ -170,28 +157,28 @@ async fn a_custom_domain_with_a_certificate_is_served_over_https_by_sni() {
     write_app(&app, "v1");
     cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
 
-    let (status, domain) =
-        api(&serve, reqwest::Method::POST, "/domains", Some(json!({ "domain": "www.shop.test", "project": "shop" })))
-            .await;
+    let (status, domain) = serve
+        .api(reqwest::Method::POST, "/domains", Some(json!({ "domain": "www.shop.test", "project": "shop" })))
+        .await;
     assert_eq!(status, 201, "{domain}");
     assert_eq!(get(&serve, "www.shop.test", "/").await.0, 404, "an unverified domain does not route");
     dns.set_txt(
         domain["verification"]["txt_name"].as_str().unwrap(),
         domain["verification"]["txt_value"].as_str().unwrap(),
     );
-    let (_, verified) = api(&serve, reqwest::Method::POST, "/domains/www.shop.test/verify", None).await;
+    let (_, verified) = serve.api(reqwest::Method::POST, "/domains/www.shop.test/verify", None).await;
     assert_eq!(verified["verified"], true, "{verified}");
     let (status, body) = get(&serve, "www.shop.test", "/plain").await;
     assert_eq!((status, body.starts_with("v1 none http://www.shop.test:")), (200, true), "{body}");
 
     let (cert_pem, key_pem) = self_signed(&["www.shop.test"]);
-    let (status, answer) = api(
-        &serve,
-        reqwest::Method::PUT,
-        "/domains/www.shop.test/certificate",
-        Some(json!({ "cert_pem": cert_pem, "key_pem": key_pem })),
-    )
-    .await;
+    let (status, answer) = serve
+        .api(
+            reqwest::Method::PUT,
+            "/domains/www.shop.test/certificate",
+            Some(json!({ "cert_pem": cert_pem, "key_pem": key_pem })),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
 
     // HTTPS by SNI, HTTP/2 by ALPN; the isolate sees the https URL.

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 use crate::support::*;
@@ -64,25 +62,9 @@ impl Drop for ZipperOrigin {
 
 impl ZipperOrigin {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(ZipperState::default());
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(zipper_answer(&state, request).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, task) =
+            serve_http(state.clone(), |state, request| async move { zipper_answer(&state, request).await }).await;
         Self { addr, state, task }
     }
 
@@ -414,25 +396,10 @@ fn npm_eszip(base: &str, main: &str, snapshot: serde_json::Value) -> Vec<u8> {
 /// package store, once per distinct set.
 #[tokio::test]
 async fn an_eszip_with_an_npm_snapshot_boots_with_packages_from_the_runners_registry() {
-    use crate::support::registry::{NpmPackage, TestRegistry};
+    use crate::support::registry::TestRegistry;
     let registry = TestRegistry::start();
-    registry.publish_npm(
-        NpmPackage::new("b", "1.2.0")
-            .field("main", json!("index.js"))
-            .file("index.js", "module.exports = { shout: (s) => s.toUpperCase() + \"!\" };\n"),
-    );
-    registry.publish_npm(
-        NpmPackage::new("a", "1.0.0").dependency("b", "^1.0.0").field("main", json!("lib/a.js")).file(
-            "lib/a.js",
-            "const { shout } = require(\"b\");\nmodule.exports = function greet(n) { return shout(\"hi \" + n); };\n",
-        ),
-    );
-    registry.publish_npm(
-        NpmPackage::new("@isocloud/scoped", "0.1.0")
-            .field("type", json!("module"))
-            .field("main", json!("index.js"))
-            .file("index.js", "export const scoped = \"scoped ok\";\n"),
-    );
+    // `a` (CommonJS) requires `b`; `@isocloud/scoped` is ES modules.
+    crate::builds_registry::publish_npm_set(&registry);
     let main = "import greet from \"npm:a@^1\";\nimport { scoped } from \"npm:@isocloud/scoped@0.1\";\n\
                 Deno.serve(() => new Response(`${greet(\"eszip\")} ${scoped}`));\n";
     let snapshot = json!({

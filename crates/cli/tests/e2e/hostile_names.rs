@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Connection;
 
 use crate::support::ControlPlaneServe;
@@ -49,38 +49,25 @@ async fn get(serve: &ControlPlaneServe, host: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-async fn api(serve: &ControlPlaneServe, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{}/api/v1{path}", serve.control_url()))
-        .bearer_auth(serve.admin_token());
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
 #[tokio::test]
 async fn a_project_name_never_takes_a_deployment_host() {
     let serve = ControlPlaneServe::start(&[]);
     let work = tempfile::tempdir().unwrap();
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "alpha"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "alpha"}))).await.0, 201);
     let id = deploy_naming(&serve, work.path(), "alpha");
     let taken = format!("alpha-{id}");
     let host = format!("{taken}.localhost");
     // Probe: alpha's immutable deployment URL serves alpha.
     assert_eq!(get(&serve, &host).await, (200, "alpha".to_owned()));
 
-    let (status, refused) = api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": taken}))).await;
+    let (status, refused) = serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": taken}))).await;
     assert_eq!((status, refused["error"]["field"].as_str()), (400, Some("name")), "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("shape of a deployment's host"), "{message}");
 
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "beta"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "beta"}))).await.0, 201);
     let beta_id = deploy_naming(&serve, work.path(), "beta");
-    let (status, refused) = api(&serve, reqwest::Method::PATCH, "/projects/beta", Some(json!({"name": taken}))).await;
+    let (status, refused) = serve.api(reqwest::Method::PATCH, "/projects/beta", Some(json!({"name": taken}))).await;
     assert_eq!((status, refused["error"]["field"].as_str()), (400, Some("name")), "{refused}");
     assert_eq!(get(&serve, &host).await, (200, "alpha".to_owned()), "the deployment URL still serves alpha");
     assert_eq!(get(&serve, "beta.localhost").await, (200, "beta".to_owned()));
@@ -124,13 +111,13 @@ async fn https_get(cert_pem: &str, name: &str, tls: SocketAddr) -> Result<String
 /// Adds `domain` to `project` and verifies it by DNS TXT.
 async fn verified(serve: &ControlPlaneServe, dns: &dns::DnsResponder, domain: &str, project: &str) {
     let (status, created) =
-        api(serve, reqwest::Method::POST, "/domains", Some(json!({"domain": domain, "project": project}))).await;
+        serve.api(reqwest::Method::POST, "/domains", Some(json!({"domain": domain, "project": project}))).await;
     assert_eq!(status, 201, "{created}");
     dns.set_txt(
         created["verification"]["txt_name"].as_str().unwrap(),
         created["verification"]["txt_value"].as_str().unwrap(),
     );
-    let (_, verified) = api(serve, reqwest::Method::POST, &format!("/domains/{domain}/verify"), None).await;
+    let (_, verified) = serve.api(reqwest::Method::POST, &format!("/domains/{domain}/verify"), None).await;
     assert_eq!(verified["verified"], true, "{verified}");
 }
 
@@ -142,7 +129,7 @@ async fn a_certificate_serves_only_the_domain_it_was_uploaded_for() {
     let tls = serve.tls.expect("the TLS listener");
     let work = tempfile::tempdir().unwrap();
     for project in ["a", "b"] {
-        assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": project}))).await.0, 201);
+        assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": project}))).await.0, 201);
         deploy_naming(&serve, work.path(), project);
     }
     verified(&serve, &dns, "www.a.test", "a").await;
@@ -152,13 +139,13 @@ async fn a_certificate_serves_only_the_domain_it_was_uploaded_for() {
     // A's certificate names B's domains too (exactly, and by wildcard); it
     // covers A's, so the upload is taken.
     let (a_cert, a_key) = self_signed(&["www.a.test", "www.b.test", "*.a.test"]);
-    let (status, answer) = api(
-        &serve,
-        reqwest::Method::PUT,
-        "/domains/www.a.test/certificate",
-        Some(json!({"cert_pem": a_cert, "key_pem": a_key})),
-    )
-    .await;
+    let (status, answer) = serve
+        .api(
+            reqwest::Method::PUT,
+            "/domains/www.a.test/certificate",
+            Some(json!({"cert_pem": a_cert, "key_pem": a_key})),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     // Probe: A's domain over TLS by SNI with A's certificate; its plain
     // HTTP goes to HTTPS.
@@ -175,13 +162,13 @@ async fn a_certificate_serves_only_the_domain_it_was_uploaded_for() {
 
     // B's own certificate serves B's domain; A's is not what it gets.
     let (b_cert, b_key) = self_signed(&["www.b.test"]);
-    let (status, answer) = api(
-        &serve,
-        reqwest::Method::PUT,
-        "/domains/www.b.test/certificate",
-        Some(json!({"cert_pem": b_cert, "key_pem": b_key})),
-    )
-    .await;
+    let (status, answer) = serve
+        .api(
+            reqwest::Method::PUT,
+            "/domains/www.b.test/certificate",
+            Some(json!({"cert_pem": b_cert, "key_pem": b_key})),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(https_get(&b_cert, "www.b.test", tls).await.as_deref(), Ok("b"));
     assert!(https_get(&a_cert, "www.b.test", tls).await.is_err());

@@ -61,19 +61,6 @@ fn push_body(commit: &str, message: &str) -> Vec<u8> {
     .unwrap()
 }
 
-async fn api(serve: &ControlPlaneServe, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{}/api/v1{path}", serve.control_url()))
-        .bearer_auth(serve.admin_token());
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
 /// POSTs a delivery; status and body text.
 async fn deliver(
     serve: &ControlPlaneServe,
@@ -98,7 +85,7 @@ async fn deliver(
 async fn wait_built(serve: &ControlPlaneServe, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, deployment) = api(serve, reqwest::Method::GET, &format!("/deployments/{id}"), None).await;
+        let (_, deployment) = serve.api(reqwest::Method::GET, &format!("/deployments/{id}"), None).await;
         if deployment["status"] != "building" {
             return deployment;
         }
@@ -127,7 +114,7 @@ async fn serves(serve: &ControlPlaneServe, want: &str) {
 }
 
 async fn deployment_count(serve: &ControlPlaneServe) -> usize {
-    api(serve, reqwest::Method::GET, "/projects/app/deployments", None).await.1.as_array().unwrap().len()
+    serve.api(reqwest::Method::GET, "/projects/app/deployments", None).await.1.as_array().unwrap().len()
 }
 
 fn id_of(text: &str) -> String {
@@ -140,11 +127,11 @@ async fn deliveries_build_once_and_old_commits_move_nothing() {
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("app");
     let v1 = commit_app(&repo, "v1");
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "plain"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "plain"}))).await.0, 201);
     let settings =
         json!({"repository": repo.to_str().unwrap(), "branch": "main", "entrypoint": "main.ts", "secret": SECRET});
-    assert_eq!(api(&serve, reqwest::Method::PUT, "/projects/app/git", Some(settings)).await.0, 200);
+    assert_eq!(serve.api(reqwest::Method::PUT, "/projects/app/git", Some(settings)).await.0, 200);
 
     // The probe: a signed delivery deploys, and production serves it.
     let v1_body = push_body(&v1, "v1");
@@ -184,9 +171,9 @@ async fn deliveries_build_once_and_old_commits_move_nothing() {
     let built = wait_built(&serve, &late_id).await;
     assert_eq!(built["status"], "failed", "{built}");
     assert!(built["error"].as_str().unwrap().contains("is not the head of branch main"), "{built}");
-    let (_, log) = api(&serve, reqwest::Method::GET, &format!("/deployments/{late_id}/build"), None).await;
+    let (_, log) = serve.api(reqwest::Method::GET, &format!("/deployments/{late_id}/build"), None).await;
     assert!(log["log"].as_str().unwrap_or_default().contains("production is unchanged"), "{log}");
-    let (_, project) = api(&serve, reqwest::Method::GET, "/projects/app", None).await;
+    let (_, project) = serve.api(reqwest::Method::GET, "/projects/app", None).await;
     assert_eq!(project["production_deployment_id"], v2_id.as_str(), "{project}");
     serves(&serve, "v2").await;
 
@@ -256,10 +243,10 @@ async fn ping(serve: &ControlPlaneServe) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_webhook_bodies_are_bounded() {
     let serve = ControlPlaneServe::start(&[]);
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
     let settings =
         json!({"repository": "/srv/git/app.git", "branch": "main", "entrypoint": "main.ts", "secret": SECRET});
-    assert_eq!(api(&serve, reqwest::Method::PUT, "/projects/app/git", Some(settings)).await.0, 200);
+    assert_eq!(serve.api(reqwest::Method::PUT, "/projects/app/git", Some(settings)).await.0, 200);
     let addr = serve.control.to_string();
 
     // The probe: a signed delivery is answered.
@@ -319,7 +306,7 @@ async fn stalled_webhook_bodies_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_naming_a_path_twice_is_refused() {
     let serve = ControlPlaneServe::start(&[]);
-    assert_eq!(api(&serve, reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
+    assert_eq!(serve.api(reqwest::Method::POST, "/projects", Some(json!({"name": "app"}))).await.0, 201);
     let client = reqwest::Client::new();
     let mut hashes = Vec::new();
     for content in ["Deno.serve(() => new Response('reviewed'));", "Deno.serve(() => new Response('smuggled'));"] {

@@ -352,25 +352,9 @@ impl Drop for TestOrigin {
 
 impl TestOrigin {
     pub async fn start() -> TestOrigin {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(OriginState::default());
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&state, request).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, task) =
+            serve_http(state.clone(), |state, request| async move { answer(&state, request).await }).await;
         TestOrigin { addr, state, task }
     }
 
@@ -450,6 +434,34 @@ impl TestOrigin {
         args.extend_from_slice(extra);
         Runner::start(&args)
     }
+}
+
+/// An HTTP/1.1 and h2c server on a free loopback port answering every
+/// request with `answer(state, request)`; aborting the task stops it.
+pub async fn serve_http<S, F, Fut>(state: Arc<S>, answer: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (state, answer) = (state.clone(), answer.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let reply = answer(state.clone(), request);
+                    async move { Ok::<_, std::convert::Infallible>(reply.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
 }
 
 fn reply(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -774,6 +786,22 @@ impl ControlPlaneServe {
             std::thread::sleep(Duration::from_millis(20));
         }
         serve
+    }
+
+    /// `method /api/v1<path>` with the admin token and an optional JSON
+    /// body: the status, and the answer as JSON (or as a string when it is
+    /// not JSON).
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
+            .request(method, format!("{}/api/v1{path}", self.control_url()))
+            .bearer_auth(self.admin_token());
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub fn admin_token_file(&self) -> PathBuf {
