@@ -788,13 +788,14 @@ impl IsolateFiles {
 /// on the isolate's disk (bound from the package store), where the harness
 /// looks first, so a Hono app's 600 package entries cost no boot a parse.
 fn harness_tree(tree: &isocloud_model::AssetTree) -> Vec<u8> {
-    let entries: serde_json::Map<String, serde_json::Value> = tree
-        .entries
-        .iter()
-        .filter(|(path, _)| !is_package_path(path))
-        .map(|(path, entry)| (path.clone(), serde_json::to_value(entry).expect("an entry serializes")))
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "entries": entries })).expect("tree serializes")
+    let entries: BTreeMap<&str, &isocloud_model::AssetEntry> =
+        tree.entries.iter().filter(|(path, _)| !is_package_path(path)).map(|(p, e)| (p.as_str(), e)).collect();
+    // `{"entries": …}`, the shape of `AssetTree`, written straight from the
+    // borrowed entries (no copy of the tree as JSON values first).
+    let mut out = br#"{"entries":"#.to_vec();
+    serde_json::to_writer(&mut out, &entries).expect("tree serializes");
+    out.push(b'}');
+    out
 }
 
 /// Whether the harness must take over `node:http`'s `listen()` before the

@@ -240,3 +240,25 @@ fn a_module_reading_import_meta_gets_the_origins_specifier_on_its_first_line() {
         std::borrow::Cow::Borrowed(_)
     ));
 }
+
+#[test]
+fn the_harness_manifest_leaves_out_the_package_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "main")], &[]);
+    d.tree = AssetTree::parse(
+        br#"{"entries": {"": {"kind":"directory"}, "/main.ts": {"kind":"file","size":4,"hash":"a"},
+            "/node_modules": {"kind":"directory"}, "/node_modules/hono": {"kind":"symlink","target":".deno/hono@4/node_modules/hono"},
+            "/vendor": {"kind":"directory"}, "/vendor/jsr.io/x.ts": {"kind":"file","size":1,"hash":"b"},
+            "/node_modules_not": {"kind":"file","size":1,"hash":"c"}}}"#,
+    )
+    .unwrap();
+    let files =
+        IsolateFiles::prepare(&dir.path().join("i"), &d, &policy(dir.path()), &dir.path().join("deno-dir/d"), None)
+            .unwrap();
+    let written = AssetTree::parse(&std::fs::read(&files.tree).unwrap()).expect("the harness reads an AssetTree");
+    let paths: Vec<&str> = written.entries.keys().map(String::as_str).collect();
+    assert_eq!(paths, ["", "/main.ts", "/node_modules_not"]);
+    // A deferred tree, written when the harness asks, is the same.
+    files.write_tree(&d.tree).unwrap();
+    assert_eq!(AssetTree::parse(&std::fs::read(&files.tree).unwrap()).unwrap(), written);
+}
