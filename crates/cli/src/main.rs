@@ -203,6 +203,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         webhook_metrics::register(&mut registry, control_plane.clone());
     }
 
+    // One registry for the router and the activity spool alike.
+    let remote_origins = origins::remote_origins(&settings);
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,
         start_timeout: settings.boot_timeout,
@@ -220,11 +222,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         activity: ActivityOptions {
             spool_dir: state_dir.join("spool"),
             spool_max_bytes: settings.spool_max_bytes,
-            resolver: origins::resolver(
-                &settings.mode,
-                origins::remote_options(&settings),
-                control_plane_origin.clone(),
-            ),
+            resolver: origins::resolver(&settings.mode, remote_origins.clone(), control_plane_origin.clone()),
         },
         usage_interval: settings.usage_interval,
         egress: egress.clone(),
@@ -263,7 +261,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         Mode::Subhost(subhosters) => {
             let verifier = SubhostVerifier::new(subhosters.clone()).context("invalid subhoster configuration")?;
-            Router::new(None, Some(SubhostRouting::new(verifier, origins::remote_options(&settings))))
+            let remote_origins = remote_origins.clone().expect("subhosting has its registry of remote origins");
+            Router::new(None, Some(SubhostRouting::new(verifier, remote_origins)))
         }
         Mode::ControlPlane(_) => {
             let (control_plane, https_port) = control_plane.clone().expect("opened above in this mode");

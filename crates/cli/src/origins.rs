@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use isocloud_origin::{AppsOrigin, Origin, RemoteOrigin, RemoteOriginOptions};
+#[cfg(doc)]
+use isocloud_origin::RemoteOrigin;
+use isocloud_origin::{AppsOrigin, Origin, RemoteOriginOptions, RemoteOrigins};
 use isocloud_pool::OriginResolver;
-use url::Url;
 
 use crate::settings::{Mode, Settings};
 
@@ -17,12 +18,14 @@ pub fn remote_options(settings: &Settings) -> RemoteOriginOptions {
 
 /// Finds the origin an earlier run's spooled batch names. Apps mode: `apps`.
 /// Subhosting: `<kid>@<rpc_root>` (what [`RemoteOrigin`] calls itself),
-/// honoured only for a subhoster configured now and an rpc root it may still
-/// use — its default, or under an allowed prefix, as token verification
-/// checks — so a batch never goes somewhere today's settings would not send
-/// that subhoster's RPCs. Its own instances: origins are stateless clients,
-/// and the sink keys deliveries by name.
-pub fn resolver(mode: &Mode, options: RemoteOriginOptions, control_plane: Option<Arc<dyn Origin>>) -> OriginResolver {
+/// through the router's own registry ([`RemoteOrigins::by_name`]): a
+/// subhoster configured now and a root it may still use, so a batch never
+/// goes where today's settings would not send that subhoster's RPCs.
+pub fn resolver(
+    mode: &Mode,
+    remote: Option<Arc<RemoteOrigins>>,
+    control_plane: Option<Arc<dyn Origin>>,
+) -> OriginResolver {
     match mode {
         Mode::ControlPlane(_) => {
             let origin = control_plane.expect("the control plane is open before the pool");
@@ -32,34 +35,26 @@ pub fn resolver(mode: &Mode, options: RemoteOriginOptions, control_plane: Option
             let apps: Arc<dyn Origin> = Arc::new(AppsOrigin::new(dir.clone()));
             OriginResolver::new(move |name| (name == apps.name()).then(|| apps.clone()))
         }
-        Mode::Subhost(subhosters) => {
-            let subhosters = subhosters.clone();
-            let client = RemoteOrigin::client(&options);
-            OriginResolver::new(move |name| {
-                subhosters.iter().find_map(|subhoster| {
-                    let root = name.strip_prefix(subhoster.kid.as_str())?.strip_prefix('@')?;
-                    let url = Url::parse(root).ok()?;
-                    // The rule token verification applies: this subhoster's own roots only.
-                    if !subhoster.may_use_rpc_root(&url) || url.as_str() != root {
-                        return None;
-                    }
-                    let origin = RemoteOrigin::new(
-                        subhoster.kid.clone(),
-                        subhoster.secret.clone(),
-                        url,
-                        client.clone(),
-                        options.clone(),
-                    );
-                    Some(Arc::new(origin) as Arc<dyn Origin>)
-                })
-            })
+        Mode::Subhost(_) => {
+            let remote = remote.expect("subhosting has its registry of remote origins");
+            OriginResolver::new(move |name| remote.by_name(name))
         }
+    }
+}
+
+/// The registry of remote origins a subhosting runner routes to (none in
+/// the other modes).
+pub fn remote_origins(settings: &Settings) -> Option<Arc<RemoteOrigins>> {
+    match &settings.mode {
+        Mode::Subhost(subhosters) => Some(Arc::new(RemoteOrigins::new(subhosters.clone(), remote_options(settings)))),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use isocloud_auth::{Secret, Subhoster};
+    use url::Url;
 
     use super::*;
 
@@ -73,7 +68,13 @@ mod tests {
     }
 
     fn resolve(mode: &Mode, name: &str) -> Option<String> {
-        let resolver = resolver(mode, RemoteOriginOptions::default(), None);
+        let remote = match mode {
+            Mode::Subhost(subhosters) => {
+                Some(Arc::new(RemoteOrigins::new(subhosters.clone(), RemoteOriginOptions::default())))
+            }
+            _ => None,
+        };
+        let resolver = resolver(mode, remote, None);
         resolver.resolve(name).map(|origin| origin.name().to_owned())
     }
 

@@ -1,12 +1,11 @@
 //! Which deployment serves a request: by a verified subhost token, or by Host.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 use isocloud_auth::{SubhostVerifier, TokenError};
-use isocloud_origin::{Origin, RemoteOrigin, RemoteOriginOptions};
+use isocloud_origin::{Origin, RemoteOrigins};
 use isocloud_protocol::ErrorCode;
 
 use crate::EdgeError;
@@ -51,44 +50,17 @@ pub struct Route {
     pub public_host: String,
 }
 
-/// Subhosting: tokens verified per subhoster, one remote origin per
-/// (subhoster, rpc root), created on first use.
+/// Subhosting: tokens verified per subhoster, the origin a token names
+/// from the runner's registry of remote origins.
 pub struct SubhostRouting {
     verifier: SubhostVerifier,
-    client: reqwest::Client,
-    options: RemoteOriginOptions,
-    origins: Mutex<HashMap<(String, String), Arc<dyn Origin>>>,
+    origins: Arc<RemoteOrigins>,
 }
 
-/// A bound on distinct (kid, rpc_root) origins kept; allowed prefixes limit
-/// them already, this keeps a misconfigured wide prefix from growing memory.
-const MAX_REMOTE_ORIGINS: usize = 4096;
-
 impl SubhostRouting {
-    pub fn new(verifier: SubhostVerifier, options: RemoteOriginOptions) -> Self {
-        let client = RemoteOrigin::client(&options);
-        Self { verifier, client, options, origins: Mutex::new(HashMap::new()) }
-    }
-
-    fn origin_for(&self, kid: &str, rpc_root: &url::Url) -> Arc<dyn Origin> {
-        let key = (kid.to_owned(), rpc_root.to_string());
-        let mut origins = self.origins.lock().expect("origins poisoned");
-        if let Some(origin) = origins.get(&key) {
-            return origin.clone();
-        }
-        let subhoster = self.verifier.subhoster(kid).expect("verified claims name a configured subhoster");
-        let origin: Arc<dyn Origin> = Arc::new(RemoteOrigin::new(
-            kid.to_owned(),
-            subhoster.secret.clone(),
-            rpc_root.clone(),
-            self.client.clone(),
-            self.options.clone(),
-        ));
-        if origins.len() >= MAX_REMOTE_ORIGINS {
-            origins.clear();
-        }
-        origins.insert(key, origin.clone());
-        origin
+    /// `origins` holds the same subhosters as `verifier`.
+    pub fn new(verifier: SubhostVerifier, origins: Arc<RemoteOrigins>) -> Self {
+        Self { verifier, origins }
     }
 }
 
@@ -179,7 +151,12 @@ impl Router {
             Some(p) if p.eq_ignore_ascii_case("https") => "https",
             _ => "http",
         };
-        let origin = subhost.origin_for(claims.kid(), claims.rpc_root());
+        // Verified claims name a configured subhoster and a root it may use,
+        // the rule the registry applies too.
+        let origin = subhost
+            .origins
+            .get(claims.kid(), claims.rpc_root())
+            .ok_or_else(|| unauthorized("the token's rpc_root is not one this subhoster may use".into()))?;
         Ok(Route { origin, deployment_id: claims.deployment_id().to_owned(), public_scheme, public_host })
     }
 }
@@ -331,7 +308,7 @@ pub(crate) mod tests {
     // plane's table) and by a verified subhost token.
 
     use isocloud_auth::{Secret, Subhoster, sign_subhost_token};
-    use isocloud_origin::AppsOrigin;
+    use isocloud_origin::{AppsOrigin, RemoteOriginOptions};
 
     pub(crate) const KID: &str = "relay";
     pub(crate) const RPC_ROOT: &str = "http://127.0.0.1:9/rpc/";
@@ -352,8 +329,9 @@ pub(crate) mod tests {
             rpc_root: RPC_ROOT.parse().unwrap(),
             allowed_rpc_root_prefixes: Vec::new(),
         };
-        let verifier = SubhostVerifier::new(vec![subhoster]).unwrap();
-        Router::new(Some(apps()), Some(SubhostRouting::new(verifier, RemoteOriginOptions::default())))
+        let verifier = SubhostVerifier::new(vec![subhoster.clone()]).unwrap();
+        let origins = Arc::new(RemoteOrigins::new([subhoster], RemoteOriginOptions::default()));
+        Router::new(Some(apps()), Some(SubhostRouting::new(verifier, origins)))
     }
 
     fn now_s() -> u64 {

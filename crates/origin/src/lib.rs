@@ -16,6 +16,7 @@ mod apps;
 mod cache;
 mod deployment;
 mod error;
+mod registry;
 mod remote;
 
 use async_trait::async_trait;
@@ -27,6 +28,7 @@ pub use deployment::load_deployment;
 pub use error::OriginError;
 pub use isocloud_model::{AssetEntry, AssetTree, Deployment, ModuleFile, link_stays_inside};
 pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
+pub use registry::{MAX_REMOTE_ORIGINS, RemoteOrigins};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
 
 /// The answer to `boot`: the validated config and the inline layer's bytes
