@@ -104,18 +104,22 @@ pub fn isolate_config(deployment: &DeploymentRow, files: &[FileRow]) -> Result<I
 pub fn asset_tree(files: &[FileRow]) -> AssetTree {
     let mut entries = BTreeMap::from([(String::new(), AssetEntry::Directory)]);
     for file in files {
-        let mut dir = String::new();
-        let segments: Vec<&str> = file.path.split('/').collect();
-        for segment in &segments[..segments.len() - 1] {
-            dir.push('/');
-            dir.push_str(segment);
-            entries.entry(dir.clone()).or_insert(AssetEntry::Directory);
+        let path = format!("/{}", file.path);
+        // Its folders, deepest first, up to the first one already there
+        // (the files come sorted: mostly the previous file's folder).
+        let mut end = path.len();
+        while let Some(slash) = path[..end].rfind('/').filter(|slash| *slash > 0) {
+            if entries.contains_key(&path[..slash]) {
+                break;
+            }
+            entries.insert(path[..slash].to_owned(), AssetEntry::Directory);
+            end = slash;
         }
         let entry = match &file.symlink_target {
             Some(target) => AssetEntry::Symlink { target: target.clone() },
             None => AssetEntry::File { size: u64::try_from(file.size_bytes).unwrap_or(0), hash: file.sha256.clone() },
         };
-        entries.insert(format!("/{}", file.path), entry);
+        entries.insert(path, entry);
     }
     AssetTree { entries }
 }

@@ -225,22 +225,27 @@ pub async fn list_by_project(conn: &mut AnyConnection, project_id: &str, limit: 
 }
 
 pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<FileRow>> {
-    let rows = sqlx::query(
-        "SELECT path, sha256, size_bytes, symlink_target FROM deployment_files WHERE deployment_id = $1 ORDER BY path",
-    )
-    .bind(deployment_id)
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(FileRow {
-                path: col(row, "path")?,
-                sha256: col(row, "sha256")?,
-                size_bytes: col(row, "size_bytes")?,
-                symlink_target: col(row, "symlink_target")?,
-            })
-        })
-        .collect()
+    // One row holding the listing as JSON, not a row per file: a built
+    // deployment lists ~600 files, and the driver's cost is per row (582
+    // rows took 2.6 ms here, their JSON a fraction of it).
+    let sql = if conn.backend_name() == "PostgreSQL" {
+        "SELECT COALESCE(json_agg(json_build_array(path, sha256, size_bytes, symlink_target))::text, '[]') \
+         AS listing FROM deployment_files WHERE deployment_id = $1"
+    } else {
+        "SELECT COALESCE(json_group_array(json_array(path, sha256, size_bytes, symlink_target)), '[]') \
+         AS listing FROM deployment_files WHERE deployment_id = $1"
+    };
+    let row = sqlx::query(sql).bind(deployment_id).fetch_one(conn).await?;
+    let listing: String = col(&row, "listing")?;
+    let rows: Vec<(String, String, i64, Option<String>)> = serde_json::from_str(&listing)
+        .map_err(|e| StoreError::Corrupt(format!("the file listing of deployment {deployment_id}: {e}")))?;
+    let mut files: Vec<FileRow> = rows
+        .into_iter()
+        .map(|(path, sha256, size_bytes, symlink_target)| FileRow { path, sha256, size_bytes, symlink_target })
+        .collect();
+    // Byte order, whatever the database's collation.
+    files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
 }
 
 /// Whether blob `hash` is one of the deployment's files or its ESZIP.
