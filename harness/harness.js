@@ -18,7 +18,9 @@
 //
 // The harness sends:
 //   { op: "ready" }                               the handler serves on socket_path
-//   { op: "waiting" }                             pre-started: waits for `assign` on this connection
+//   { op: "waiting", preloaded_packages }         pre-started: waits for `assign` on this connection;
+//                                                 preloaded_packages: how many of its bound set's
+//                                                 packages it loaded (not evaluated) before
 //   { op: "start_error", code, message }          code: "MODULE_NOT_FOUND" (anything else counts as
 //                                                 "ISOLATE_START_FAILED"); the harness exits after it
 //   { op: "log", level, message, request_id }     level: "debug" | "info" | "warning" | "error";
@@ -173,8 +175,104 @@ for (const [method, level] of Object.entries(levels)) {
 
 // ---------------------------------------------------------------- assignment
 
+// A pre-started isolate started with a package set bound loads its direct
+// dependencies' ES module entries while it waits: read, resolved and
+// compiled, never evaluated. Each is imported through a module that fails
+// to link (it asks an empty module for an export it lacks), so V8 stops
+// before evaluation and keeps the loaded modules, unevaluated, for the
+// tenant's own imports of the same files: they then evaluate in the
+// tenant's order, after its envs are set, exactly as without the preload.
+// What is not an ES module (CommonJS, a `main` without `.js`/`.mjs`), or
+// not found, is skipped; a package that fails to load fails the tenant's
+// import the same way later.
+const MAX_PRELOADED_PACKAGES = 64;
+const LINK_STOP = 'import { __isocloud_preload_stop__ } from "data:text/javascript,export{}";';
+const ENTRY_CONDITIONS = new Set(["deno", "node", "import", "default"]);
+
+function exportTarget(value) {
+  if (typeof value === "string") return value;
+  if (Array.isArray(value)) {
+    for (const item of value) {
+      const target = exportTarget(item);
+      if (target !== null) return target;
+    }
+    return null;
+  }
+  if (value !== null && typeof value === "object") {
+    for (const [condition, item] of Object.entries(value)) {
+      if (!ENTRY_CONDITIONS.has(condition)) continue;
+      const target = exportTarget(item);
+      if (target !== null) return target;
+    }
+  }
+  return null;
+}
+
+// The file URL an `import "<package>"` loads, when it is an ES module.
+function esmEntry(dir, packageDir) {
+  const manifest = JSON.parse(Deno.readTextFileSync(`${packageDir}/package.json`));
+  let target;
+  const exports = manifest.exports;
+  if (exports !== undefined && exports !== null) {
+    const sugar = typeof exports === "string" || Array.isArray(exports) ||
+      !Object.keys(exports).some((key) => key.startsWith("."));
+    target = exportTarget(sugar ? exports : exports["."]);
+  } else {
+    target = typeof manifest.main === "string" ? manifest.main : "index.js";
+  }
+  if (typeof target !== "string") return null;
+  const esm = target.endsWith(".mjs") || (target.endsWith(".js") && manifest.type === "module");
+  if (!esm) return null;
+  const path = Deno.realPathSync(`${packageDir}/${target.replace(/^\.\//, "")}`);
+  // Inside the set, and a path a URL holds as it is.
+  if (!path.startsWith(`${Deno.realPathSync(dir)}/`) || /[#?%\s\\]/.test(path)) return null;
+  return new URL(`file://${path}`).href;
+}
+
+function setPackages(dir) {
+  const names = [];
+  for (const entry of Deno.readDirSync(dir)) {
+    if (entry.name.startsWith(".")) continue;
+    if (entry.name.startsWith("@")) {
+      for (const scoped of Deno.readDirSync(`${dir}/${entry.name}`)) names.push(`${entry.name}/${scoped.name}`);
+    } else {
+      names.push(entry.name);
+    }
+  }
+  return names.sort().slice(0, MAX_PRELOADED_PACKAGES);
+}
+
+async function preloadPackages(dir) {
+  let names;
+  try {
+    names = setPackages(dir);
+  } catch {
+    return 0; // no set bound
+  }
+  const entries = [];
+  for (const name of names) {
+    try {
+      const entry = esmEntry(dir, `${dir}/${name}`);
+      if (entry !== null) entries.push(entry);
+    } catch {
+      // its own import will say what is wrong
+    }
+  }
+  const loaded = await Promise.all(entries.map(async (entry) => {
+    const source = `import ${JSON.stringify(entry)};\n${LINK_STOP}\n`;
+    try {
+      await import(`data:text/javascript,${encodeURIComponent(source)}`);
+      return false; // linked: cannot happen, the stop export does not exist
+    } catch (e) {
+      return e instanceof SyntaxError && String(e.message).includes("__isocloud_preload_stop__");
+    }
+  }));
+  return loaded.filter(Boolean).length;
+}
+
 if (prestarted) {
-  send({ op: "waiting" });
+  const preloaded = typeof bootstrap.packages_dir === "string" ? await preloadPackages(bootstrap.packages_dir) : 0;
+  send({ op: "waiting", preloaded_packages: preloaded });
   Object.assign(bootstrap, await assignment);
   installEnv(bootstrap.envs);
 }

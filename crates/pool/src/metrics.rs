@@ -14,6 +14,9 @@ pub struct PoolMetrics {
     pub prestarted_boots: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Pre-started isolates waiting for a deployment.
     pub prestarted_waiting: Gauge,
+    /// Packages whose entry modules pre-started isolates loaded (compiled,
+    /// not evaluated) before they waited, summed over the isolates.
+    pub prestarted_preloaded_packages: Counter,
     pub live_isolates: Gauge,
     pub terminations: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Activity events dropped undelivered, by `kind` (the event's `type`).
@@ -44,6 +47,7 @@ impl PoolMetrics {
             boots: Family::default(),
             prestarted_boots: Family::default(),
             prestarted_waiting: Gauge::default(),
+            prestarted_preloaded_packages: Counter::default(),
             boot_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             live_isolates: Gauge::default(),
             terminations: Family::default(),
@@ -76,6 +80,11 @@ impl PoolMetrics {
             "isocloud_prestarted_waiting",
             "Pre-started isolates waiting for a deployment",
             metrics.prestarted_waiting.clone(),
+        );
+        registry.register(
+            "isocloud_prestarted_preloaded_packages",
+            "Packages of a bound set whose entry modules pre-started isolates loaded (compiled, not evaluated) before they waited",
+            metrics.prestarted_preloaded_packages.clone(),
         );
         registry.register("isocloud_live_isolates", "Isolates running now", metrics.live_isolates.clone());
         registry.register("isocloud_isolate_terminations", "Isolates ended, by reason", metrics.terminations.clone());

@@ -130,6 +130,7 @@ impl Pool {
                 egress: options.egress.clone(),
                 next_instance: next_instance.clone(),
                 waiting: metrics.prestarted_waiting.clone(),
+                preloaded_packages: metrics.prestarted_preloaded_packages.clone(),
             })
         });
         metrics.boot_concurrency_limit.set(options.admission.max_concurrent_boots as i64);

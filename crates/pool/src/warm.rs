@@ -23,6 +23,7 @@ use isocloud_egress::EgressProxy;
 use isocloud_protocol::NetPermission;
 use isocloud_sandbox::{Cgroups, IsolateFiles, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateLimits, Prestarted};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// Profiles kept warm at once; the least recently used one goes first.
@@ -44,6 +45,7 @@ pub(crate) struct Warm {
     profiles: Mutex<HashMap<String, Profile>>,
     closed: AtomicBool,
     waiting: Gauge,
+    preloaded_packages: Counter,
 }
 
 /// A package set pre-started isolates are started with (its folder in the
@@ -75,6 +77,8 @@ pub(crate) struct WarmOptions {
     pub next_instance: Arc<AtomicU64>,
     /// `isocloud_prestarted_waiting`.
     pub waiting: Gauge,
+    /// `isocloud_prestarted_preloaded_packages_total`.
+    pub preloaded_packages: Counter,
 }
 
 /// The profile's name: deno's `--allow-net` as the runner would write it,
@@ -114,6 +118,7 @@ impl Warm {
             profiles: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             waiting: options.waiting,
+            preloaded_packages: options.preloaded_packages,
         })
     }
 
@@ -239,6 +244,7 @@ impl Warm {
             match result {
                 Ok(prestarted) if !warm.closed.load(Ordering::Acquire) => {
                     profile.failed_at = None;
+                    warm.preloaded_packages.inc_by(u64::from(prestarted.preloaded_packages()));
                     profile.ready.push_back(prestarted);
                     warm.count(&profiles);
                 }

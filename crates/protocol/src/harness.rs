@@ -54,8 +54,13 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub enum HarnessMessage {
     /// The tenant's handler serves on the isolate's socket.
     Ready,
-    /// A pre-started harness waits for its deployment on this connection.
-    Waiting,
+    /// A pre-started harness waits for its deployment on this connection,
+    /// having loaded (never evaluated) the entry modules of this many
+    /// packages of its bound set.
+    Waiting {
+        #[serde(default)]
+        preloaded_packages: u32,
+    },
     /// The tenant's code cannot start (the harness exits after it).
     StartError {
         #[serde(deserialize_with = "start_error_code")]
@@ -213,7 +218,12 @@ mod tests {
     #[test]
     fn every_harness_message_parses_as_the_harness_writes_it() {
         assert_eq!(parse(r#"{"op":"ready"}"#).unwrap(), HarnessMessage::Ready);
-        assert_eq!(parse(r#"{"op":"waiting"}"#).unwrap(), HarnessMessage::Waiting);
+        assert_eq!(parse(r#"{"op":"waiting"}"#).unwrap(), HarnessMessage::Waiting { preloaded_packages: 0 });
+        assert_eq!(
+            parse(r#"{"op":"waiting","preloaded_packages":3}"#).unwrap(),
+            HarnessMessage::Waiting { preloaded_packages: 3 }
+        );
+        assert!(parse(r#"{"op":"waiting","preloaded_packages":-1}"#).is_err());
         assert_eq!(
             parse(r#"{"op":"start_error","code":"MODULE_NOT_FOUND","message":"no main.ts"}"#).unwrap(),
             HarnessMessage::StartError { code: ErrorCode::ModuleNotFound, message: "no main.ts".into() }

@@ -408,6 +408,9 @@ impl IsolateFiles {
             "socket_path": files.guest.socket,
             "control_path": files.guest.control,
             "egress_probe": egress.map(|route| format!("http://{}/", route.proxy_authority)),
+            // Where a package set bound later (before deno starts) is seen:
+            // the harness loads its packages' entry modules while it waits.
+            "packages_dir": format!("{}/node_modules", files.guest.src),
         });
         files.write_bootstrap(&bootstrap)?;
         Ok(files)

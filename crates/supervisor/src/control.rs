@@ -71,7 +71,14 @@ pub(crate) async fn accept_control(listener: UnixListener, _listener_count: Coun
 pub(crate) type StartedSlot = Arc<Mutex<Option<oneshot::Sender<Result<(), (ErrorCode, String)>>>>>;
 /// Taken by the first connection that says it waits: the harness, before
 /// any tenant code ran.
-pub(crate) type WaitingSlot = Arc<Mutex<Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>>>;
+pub(crate) type WaitingSlot = Arc<Mutex<Option<oneshot::Sender<Waiting>>>>;
+
+/// A pre-started harness's `waiting`: where to send its assignment, and
+/// what it loaded before it waited.
+pub(crate) struct Waiting {
+    pub(crate) reply: mpsc::Sender<Vec<u8>>,
+    pub(crate) preloaded_packages: u32,
+}
 
 /// Reads one control line into `line`, at most [`MAX_LINE_BYTES`] (its
 /// newline included).
@@ -144,9 +151,9 @@ async fn serve_control(stream: UnixStream, control: ControlContext) {
             }
         };
         match message {
-            HarnessMessage::Waiting => {
+            HarnessMessage::Waiting { preloaded_packages } => {
                 if let Some(tx) = control.waiting.lock().expect("waiting slot poisoned").take() {
-                    let _ = tx.send(reply_tx.clone());
+                    let _ = tx.send(Waiting { reply: reply_tx.clone(), preloaded_packages });
                 }
             }
             HarnessMessage::Ready => {
@@ -277,7 +284,7 @@ mod tests {
         write: OwnedWriteHalf,
         replies: Lines<BufReader<OwnedReadHalf>>,
         started: oneshot::Receiver<Result<(), (ErrorCode, String)>>,
-        waiting: oneshot::Receiver<mpsc::Sender<Vec<u8>>>,
+        waiting: oneshot::Receiver<Waiting>,
         _owner: LifetimeOwner,
     }
 
@@ -540,12 +547,14 @@ mod tests {
         let mut harness = connect();
         harness.send(b"{\"op\":\"start_error\",\"code\":\"CPU_TIME_LIMIT\",\"message\":\"boom\"}\n").await;
         harness.send(b"{\"op\":\"ready\"}\n").await;
-        harness.send(b"{\"op\":\"waiting\"}\n{\"op\":\"waiting\"}\n").await;
+        harness.send(b"{\"op\":\"waiting\",\"preloaded_packages\":2}\n{\"op\":\"waiting\"}\n").await;
         harness.sync("done").await;
         // A harness cannot name a code of the runner's.
         assert_eq!((&mut harness.started).await.unwrap(), Err((ErrorCode::IsolateStartFailed, "boom".to_owned())));
         // The connection that waits is where the assignment goes.
-        let control = (&mut harness.waiting).await.unwrap();
+        let waiting = (&mut harness.waiting).await.unwrap();
+        assert_eq!(waiting.preloaded_packages, 2, "the first waiting is the one that counts");
+        let control = waiting.reply;
         let assignment = RunnerMessage::Assign(Assignment {
             entrypoint: "file:///src/main.ts".into(),
             src_root: "/src".into(),

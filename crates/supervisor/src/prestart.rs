@@ -24,12 +24,19 @@ pub struct Prestarted {
     control: Option<mpsc::Sender<Vec<u8>>>,
     hooks: Arc<LateHooks>,
     files: IsolateFiles,
+    preloaded_packages: u32,
 }
 
 impl Prestarted {
     /// Its blank files ([`IsolateFiles::prepare_blank`]).
     pub fn files(&self) -> &IsolateFiles {
         &self.files
+    }
+
+    /// Packages of its bound set whose entry modules the harness loaded
+    /// (read and compiled, not evaluated) before it waited.
+    pub fn preloaded_packages(&self) -> u32 {
+        self.preloaded_packages
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -136,10 +143,11 @@ impl Isolate {
         })
         .await
         .unwrap_or(Err(StartError::Timeout(start_timeout)));
-        let mut prestarted = Prestarted { spawned: Some(spawned), control: None, hooks, files };
+        let mut prestarted = Prestarted { spawned: Some(spawned), control: None, hooks, files, preloaded_packages: 0 };
         match outcome {
-            Ok(control) => {
-                prestarted.control = Some(control);
+            Ok(waiting) => {
+                prestarted.control = Some(waiting.reply);
+                prestarted.preloaded_packages = waiting.preloaded_packages;
                 Ok(prestarted)
             }
             Err(mut error) => {

@@ -9,7 +9,7 @@ use isocloud_egress::EgressGrant;
 use isocloud_protocol::{ErrorCode, LogLevel};
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SandboxedCommand, signal_process_group};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::control::{ControlContext, accept_control};
 use crate::isolate::Meter;
@@ -30,7 +30,7 @@ pub(crate) struct Spawned {
     pub(crate) started_rx: oneshot::Receiver<Result<(), (ErrorCode, String)>>,
     /// The harness's control connection, once it waits for an assignment
     /// (pre-started isolates only).
-    pub(crate) waiting_rx: Option<oneshot::Receiver<mpsc::Sender<Vec<u8>>>>,
+    pub(crate) waiting_rx: Option<oneshot::Receiver<crate::control::Waiting>>,
     pub(crate) stderr_tail: Arc<Mutex<String>>,
     /// Dropping it (a failed start, an unassigned pre-started isolate, the
     /// isolate's end) kills the process and ends its tasks.
@@ -88,7 +88,7 @@ impl Spawned {
         }
 
         let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
-        let (waiting_tx, waiting_rx) = oneshot::channel::<mpsc::Sender<Vec<u8>>>();
+        let (waiting_tx, waiting_rx) = oneshot::channel::<crate::control::Waiting>();
         let control = ControlContext {
             hooks: hooks.clone(),
             started: Arc::new(Mutex::new(Some(started_tx))),

@@ -321,3 +321,73 @@ async fn two_projects_with_the_same_packages_store_them_once() {
     assert!(deployment["files"].as_i64().unwrap() > 5, "the packages are files of the deployment: {deployment}");
     assert_eq!(counts[1], counts[0] + 1, "only main.ts is new ({counts:?})");
 }
+
+/// A runner metric's value (0 when the series is absent).
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_prestarted_isolate_loads_its_sets_packages_but_evaluates_them_for_the_tenant_in_its_order() {
+    let registry = TestRegistry::start();
+    // Reads an env and awaits at its top level: evaluated before the
+    // assignment, it would see no GREETING (a pre-started deno has none of
+    // the tenant's envs) and come before the tenant's first module.
+    registry.publish_npm(
+        NpmPackage::new("evalpkg", "1.0.0")
+            .field("type", json!("module"))
+            .field("exports", json!({ ".": { "import": "./index.js", "require": "./index.cjs" } }))
+            .file(
+                "index.js",
+                "import process from \"node:process\";\n\
+                 globalThis.order = [...(globalThis.order ?? []), \"evalpkg\"];\n\
+                 await Promise.resolve();\n\
+                 export const greeting = process.env.GREETING ?? \"unset\";\n\
+                 export const order = globalThis.order;\n",
+            )
+            .file("index.cjs", "module.exports = { greeting: \"cjs\" };\n"),
+    );
+    let serve = serve_with(&registry);
+    let config = tempfile::tempdir().unwrap();
+    let main = "import \"./first.ts\";\nimport { greeting, order } from \"npm:evalpkg@1\";\n\
+                Deno.serve(() => Response.json({ greeting, order }));\n";
+    let first = "globalThis.order = [\"tenant's first module\"];\n";
+    let mut hosts = Vec::new();
+    for project in ["one", "two"] {
+        assert!(client(&serve, config.path(), &["projects", "create", project]).0);
+        let greeting = format!("GREETING=hello {project}");
+        assert!(client(&serve, config.path(), &["env", "set", "--project", project, &greeting]).0);
+        let app = tempfile::tempdir().unwrap();
+        write(app.path(), &[("main.ts", main), ("first.ts", first)]);
+        hosts.push(deploy_ok(&serve, config.path(), project, app.path()));
+    }
+    let expected = |project: &str| json!({ "greeting": format!("hello {project}"), "order": ["tenant's first module", "evalpkg"] });
+
+    // The first boot of the set lays it out; from then on the pool keeps
+    // isolates started with it, which load evalpkg while they wait.
+    let (status, body) = get(&serve, &hosts[0], "/").await;
+    assert_eq!(status, 200, "{body}\nrunner:\n{}", serve.runner.stderr());
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected("one"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut metrics = serve.runner.metrics().await;
+    while metric(&metrics, "isocloud_prestarted_preloaded_packages_total") == 0
+        || metric(&metrics, "isocloud_prestarted_waiting") == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no pre-started isolate loaded the set:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = serve.runner.metrics().await;
+    }
+    let hits = metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#);
+
+    // The second project boots on one of them, and evalpkg runs for it:
+    // with its envs, after its first module.
+    let (status, body) = get(&serve, &hosts[1], "/").await;
+    assert_eq!(status, 200, "{body}\nrunner:\n{}", serve.runner.stderr());
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected("two"));
+    let metrics = serve.runner.metrics().await;
+    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), hits + 1, "{metrics}");
+}
