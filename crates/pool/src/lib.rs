@@ -5,14 +5,13 @@
 //! (origin → module graph → isolate files → sandboxed process), single-flight
 //! boots (concurrent first requests boot once), boot admission (a bounded
 //! queue of deno starts) and the per-tenant cap, the idle reaper, graceful
-//! shutdown, and the activity reports sent back to each origin (through a
-//! bounded on-disk spool that outlives outages and restarts). It must not
+//! shutdown, and handing each isolate's activity (logs, lifecycle, usage) to
+//! the sink that reports it to the origin (`isocloud-activity`). It must not
 //! parse HTTP requests or decide routing; the ingress hands it an origin and
 //! a deployment id, and it hands back a running [`Isolate`].
 
 #![forbid(unsafe_code)]
 
-mod activity;
 mod admission;
 mod boot;
 mod deployment_metrics;
@@ -24,9 +23,9 @@ mod pool;
 mod template;
 mod warm;
 
-pub use activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
 pub use admission::{AdmissionOptions, BOOT_MEMORY_BYTES, default_concurrency};
 pub use boot::BootError;
+pub use isocloud_activity::{ActivityOptions, ActivitySink, DROP_NOTE_PREFIX, OriginResolver, SpoolError};
 pub use isocloud_supervisor::{
     CPU_BUDGET_CAP_PERCENT, ForwardError, InFlight, Isolate, IsolateLimits, RequestBody, Termination, UsageTotals,
 };

@@ -20,9 +20,7 @@ pub struct PoolMetrics {
     pub live_isolates: Gauge,
     pub terminations: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Activity events dropped undelivered, by `kind` (the event's `type`).
-    pub activity_dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
-    pub activity_spool_bytes: Gauge,
-    pub activity_spool_batches: Gauge,
+    pub activity: isocloud_activity::ActivityMetrics,
     pub deployments: crate::deployment_metrics::DeploymentMetrics,
     /// Boots waiting for a turn to start their deno process.
     pub boot_queue_length: Gauge,
@@ -51,9 +49,7 @@ impl PoolMetrics {
             boot_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             live_isolates: Gauge::default(),
             terminations: Family::default(),
-            activity_dropped: Family::default(),
-            activity_spool_bytes: Gauge::default(),
-            activity_spool_batches: Gauge::default(),
+            activity: Default::default(),
             deployments: Default::default(),
             boot_queue_length: Gauge::default(),
             boots_starting: Gauge::default(),
@@ -91,17 +87,17 @@ impl PoolMetrics {
         registry.register(
             "isocloud_activity_events_dropped",
             "Activity events dropped undelivered (spool full, logs first; never usage), by kind",
-            metrics.activity_dropped.clone(),
+            metrics.activity.dropped.clone(),
         );
         registry.register(
             "isocloud_activity_spool_bytes",
             "Bytes of activity batches waiting in the on-disk spool",
-            metrics.activity_spool_bytes.clone(),
+            metrics.activity.spool_bytes.clone(),
         );
         registry.register(
             "isocloud_activity_spool_batches",
             "Activity batches waiting in the on-disk spool",
-            metrics.activity_spool_batches.clone(),
+            metrics.activity.spool_batches.clone(),
         );
         registry.register(
             "isocloud_boot_queue_length",

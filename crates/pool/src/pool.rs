@@ -117,7 +117,7 @@ impl Pool {
             std::fs::remove_dir_all(&options.instances_dir)?;
         }
         std::fs::create_dir_all(&options.instances_dir)?;
-        let activity = ActivitySink::start(options.activity.clone(), metrics.clone())?;
+        let activity = ActivitySink::start(options.activity.clone(), metrics.activity.clone())?;
         let next_instance = Arc::new(AtomicU64::new(1));
         let warm = (options.prestarted_per_profile > 0 && policy.mount_namespace).then(|| {
             Warm::new(WarmOptions {
@@ -167,7 +167,7 @@ impl Pool {
                 metrics,
                 next_instance,
                 closed: AtomicBool::new(false),
-                usage_since: Mutex::new(crate::activity::now_rfc3339()),
+                usage_since: Mutex::new(isocloud_activity::now_rfc3339()),
             }),
         };
         tokio::spawn(reap(Arc::downgrade(&pool.inner)));
@@ -525,7 +525,7 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
             fetch_sent_bytes: fetch.bytes_sent,
             fetch_received_bytes: fetch.bytes_received,
             interval_start: since,
-            interval_end: crate::activity::now_rfc3339(),
+            interval_end: isocloud_activity::now_rfc3339(),
         },
     );
 }
@@ -575,7 +575,7 @@ async fn reap(inner: std::sync::Weak<Inner>) {
                     report_usage(&inner, &origin, &key.1, &isolate);
                 }
             }
-            *inner.usage_since.lock().expect("pool poisoned") = crate::activity::now_rfc3339();
+            *inner.usage_since.lock().expect("pool poisoned") = isocloud_activity::now_rfc3339();
             last_usage = std::time::Instant::now();
         }
         let idle_timeout = inner.options.idle_timeout;

@@ -1,5 +1,9 @@
 //! Activity reports to origins (`subhosting-protocol.md` §5), delivered at
-//! least once.
+//! least once. This crate owns the way there — batching, the on-disk spool,
+//! per-origin delivery with backoff, what gives way when the spool is full —
+//! and nothing of isolates: the pool hands it events, origins receive them.
+//! It must not block its caller (events are queued, bounded) nor report
+//! activity from inside a resolver call.
 //!
 //! Events are gathered in memory per (origin, deployment, [`Tier`]) and cut
 //! into batches every 500 ms (sooner when one is full). Each batch gets its
@@ -37,7 +41,9 @@ use tokio::time::Instant;
 pub use spool::SpoolError;
 use spool::{Claimed, Dropped, Kinds, Spool, SpoolGauges, Tier, tier_of};
 
-use crate::PoolMetrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Events held in memory between cuts. Past it (the disk is slower than the
 /// output) new log events are dropped, counted and noted; other kinds are
@@ -103,6 +109,17 @@ pub struct ActivityOptions {
     pub resolver: OriginResolver,
 }
 
+/// The sink's share of the runner's metrics (registered by the caller).
+#[derive(Clone, Default)]
+pub struct ActivityMetrics {
+    /// Events dropped undelivered, by `kind` (the event's `type`):
+    /// `isocloud_activity_events_dropped_total`.
+    pub dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// What the spool holds now.
+    pub spool_bytes: Gauge,
+    pub spool_batches: Gauge,
+}
+
 /// Takes events from the pool and gets them to their origins. Cheap to
 /// clone; every clone is the same sink.
 #[derive(Clone)]
@@ -112,7 +129,7 @@ pub struct ActivitySink {
 
 struct Shared {
     spool: Arc<Spool>,
-    metrics: PoolMetrics,
+    metrics: ActivityMetrics,
     resolver: OriginResolver,
     batch_bytes: usize,
     state: Mutex<State>,
@@ -178,11 +195,8 @@ struct NewBatch {
 impl ActivitySink {
     /// Opens the spool (loading what an earlier run left and starting its
     /// delivery) and starts cutting batches.
-    pub fn start(options: ActivityOptions, metrics: PoolMetrics) -> Result<Self, SpoolError> {
-        let gauges = SpoolGauges {
-            bytes: metrics.activity_spool_bytes.clone(),
-            batches: metrics.activity_spool_batches.clone(),
-        };
+    pub fn start(options: ActivityOptions, metrics: ActivityMetrics) -> Result<Self, SpoolError> {
+        let gauges = SpoolGauges { bytes: metrics.spool_bytes.clone(), batches: metrics.spool_batches.clone() };
         let spool = Arc::new(Spool::open(&options.spool_dir, options.spool_max_bytes, gauges)?);
         let noted = spool.notes();
         let shared = Arc::new(Shared {
@@ -286,7 +300,7 @@ impl Shared {
     ) {
         for d in dropped {
             for (kind, n) in &d.kinds {
-                self.metrics.activity_dropped.get_or_create(&vec![("kind", *kind)]).inc_by(*n);
+                self.metrics.dropped.get_or_create(&vec![("kind", *kind)]).inc_by(*n);
             }
             let slot = state.drops.entry((d.origin, d.deployment_id)).or_default();
             if slot.origin.is_none() {
@@ -663,7 +677,7 @@ fn drop_note(deployment_id: &str, kinds: &Kinds) -> ActivityEvent {
 }
 
 /// RFC 3339 in UTC with millisecond precision, without a date crate.
-pub(crate) fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
