@@ -51,17 +51,20 @@ pub async fn start(
     cgroups: Option<Arc<isocloud_sandbox::Cgroups>>,
     listener: ControlListener,
 ) -> anyhow::Result<(Arc<ControlPlane>, std::net::SocketAddr)> {
-    let mut options = ControlPlaneOptions::new(settings.data_dir.clone());
-    options.database_url = settings.database_url.clone();
-    options.base_domain = settings.base_domain.clone();
-    options.public_http_port = settings.public_http_port.unwrap_or(public_http_port);
-    options.public_https_port = public_https_port;
-    options.log_retention = settings.log_retention;
-    options.usage_retention = settings.usage_retention;
-    options.max_blob_bytes = settings.max_blob_bytes;
-    options.domain_verify_http_port = settings.domain_verify_http_port;
-    options.dns_resolver = settings.dns_resolver;
-    options.build = Some(build_options(build, deno, cgroups));
+    // Every field from the settings, whose defaults are the control plane's own.
+    let options = ControlPlaneOptions {
+        data_dir: settings.data_dir.clone(),
+        database_url: settings.database_url.clone(),
+        base_domain: settings.base_domain.clone(),
+        public_http_port: settings.public_http_port.unwrap_or(public_http_port),
+        public_https_port,
+        log_retention: settings.log_retention,
+        usage_retention: settings.usage_retention,
+        max_blob_bytes: settings.max_blob_bytes,
+        domain_verify_http_port: settings.domain_verify_http_port,
+        dns_resolver: settings.dns_resolver,
+        build: Some(build_options(build, deno, cgroups)),
+    };
     let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
     let control_plane = ControlPlane::open(options)
         .await

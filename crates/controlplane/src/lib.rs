@@ -51,6 +51,18 @@ use certs::CertTable;
 use routing::{ProjectRoute, RoutingTable};
 use store::Store;
 
+/// The control plane's defaults, declared here once: the runner's option
+/// table (`isocloud serve --help`, the README) and [`ControlPlaneOptions::new`]
+/// both take them from here.
+pub mod defaults {
+    pub const BASE_DOMAIN: &str = "localhost";
+    pub const PUBLIC_HTTP_PORT: u16 = 8080;
+    pub const LOG_RETENTION_H: u64 = 72;
+    pub const USAGE_RETENTION_D: u64 = 30;
+    pub const MAX_BLOB_MB: u64 = 64;
+    pub const DOMAIN_VERIFY_HTTP_PORT: u16 = 80;
+}
+
 /// How the control plane is set up. Units are in the names.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneOptions {
@@ -81,18 +93,18 @@ pub struct ControlPlaneOptions {
 }
 
 impl ControlPlaneOptions {
-    /// The documented defaults, with SQLite in `data_dir`.
+    /// The documented defaults ([`defaults`]), with SQLite in `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
             database_url: None,
-            base_domain: "localhost".into(),
-            public_http_port: 8080,
+            base_domain: defaults::BASE_DOMAIN.into(),
+            public_http_port: defaults::PUBLIC_HTTP_PORT,
             public_https_port: None,
-            log_retention: Duration::from_secs(72 * 3600),
-            usage_retention: Duration::from_secs(30 * 24 * 3600),
-            max_blob_bytes: 64 * 1024 * 1024,
-            domain_verify_http_port: 80,
+            log_retention: Duration::from_secs(defaults::LOG_RETENTION_H * 3600),
+            usage_retention: Duration::from_secs(defaults::USAGE_RETENTION_D * 24 * 3600),
+            max_blob_bytes: defaults::MAX_BLOB_MB * 1024 * 1024,
+            domain_verify_http_port: defaults::DOMAIN_VERIFY_HTTP_PORT,
             dns_resolver: None,
             build: None,
         }

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
+use isocloud_controlplane::defaults as control_plane;
 use isocloud_ingress::{LISTENER_DEFAULTS, ListenerDefaults, ListenerKind};
 use isocloud_sandbox::UidRange;
 
@@ -288,7 +289,7 @@ options! {
         /// Keep the control plane's records in PostgreSQL (several control-plane nodes) instead of SQLite.
         database_url: String, "URL", shown("SQLite");
         /// Deployments are served at <project>-<id>.DOMAIN, production at <project>.DOMAIN.
-        base_domain: String, "DOMAIN", default("localhost".into());
+        base_domain: String, "DOMAIN", default(control_plane::BASE_DOMAIN.into());
         /// The API (/api/v1) and dashboard listener.
         control_listen: String, "ADDR", default("127.0.0.1:8081".into());
         /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
@@ -300,13 +301,13 @@ options! {
         control_max_connections: usize, "N",
             default(listener_default(ListenerKind::Control).max_connections), range(1..=1_000_000);
         /// Keep logs this many hours.
-        log_retention_h: u64, "HOURS", default(72), range(1..=24 * 3650);
+        log_retention_h: u64, "HOURS", default(control_plane::LOG_RETENTION_H), range(1..=24 * 3650);
         /// Keep usage this many days.
-        usage_retention_d: u64, "DAYS", default(30), range(1..=3650);
+        usage_retention_d: u64, "DAYS", default(control_plane::USAGE_RETENTION_D), range(1..=3650);
         /// The largest file a deployment may upload.
-        max_blob_mb: u64, "MB", default(64), range(1..=4096);
+        max_blob_mb: u64, "MB", default(control_plane::MAX_BLOB_MB), range(1..=4096);
         /// The port domain verification fetches the HTTP token from.
-        domain_verify_http_port: u16, "PORT", default(80), range(1..=65535);
+        domain_verify_http_port: u16, "PORT", default(control_plane::DOMAIN_VERIFY_HTTP_PORT), range(1..=65535);
         /// The nameserver for domain verification (TXT records).
         dns_resolver: String, "ADDR", shown("the system's");
         /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
