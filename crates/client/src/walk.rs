@@ -174,7 +174,7 @@ pub fn hash_files(files: Vec<LocalFile>) -> Result<Vec<HashedFile>, WalkError> {
 }
 
 /// The files an entrypoint is looked for among when none is given, in order.
-pub use isocloud_origin::DEFAULT_ENTRYPOINTS;
+pub use isocloud_protocol::DEFAULT_ENTRYPOINTS;
 
 /// The entrypoint to deploy: the one given (checked against the files,
 /// unless an ESZIP may hold it), else the first default that exists.
