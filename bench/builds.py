@@ -421,6 +421,15 @@ def main():
         m = statistics.median
         print(f"\nHono p50 / hello world p50: {m(hono_rest) / m(x['hello']):.2f}x (target ≤ 1.5x); "
               f"Hono p50 / bare deno (warm cache) p50: {m(hono_rest) / m(x['bare_hono']):.2f}x (target < 1)")
+        # What Hono itself costs over a hello world (evaluating its modules,
+        # building its router on the first request), as bare deno shows it,
+        # against what it costs through the runner: the runner's own share
+        # of the gap is the difference.
+        bare_gap = m(x["bare_hono"]) - m(x["bare_hello"])
+        runner_gap = m(hono_rest) - m(x["hello"])
+        print(f"Hono − hello world, p50: {runner_gap:.1f} ms through the runner, {bare_gap:.1f} ms under bare deno "
+              f"(a runner adding nothing of its own for Hono would be at "
+              f"{(m(x['hello']) + bare_gap) / m(x['hello']):.2f}x)")
         hono_ids, hello_ids = ids(hono), ids(hello)
         print("\nBoots from the runner's log (p50 ms); spawn: a deno of its own (a = loaded → deno spawned: "
               "package set, files, cgroup; b = deno spawned → ready); hit: a pre-started isolate "
