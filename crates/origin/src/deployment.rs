@@ -32,7 +32,7 @@ pub async fn load_deployment(
     };
     let config = boot.config;
     let layers = try_join_all(
-        config.layers.iter().map(|spec| fetch_layer(origin, cache, deployment_id, spec, &config, &boot.inline_layer)),
+        config.layers().iter().map(|spec| fetch_layer(origin, cache, deployment_id, spec, &config, &boot.inline_layer)),
     );
     // A failed read_tree never fails the boot: the files are unavailable,
     // what does not read them still serves.
@@ -66,7 +66,7 @@ pub async fn load_deployment(
             redirects.entry(from).or_insert(to);
         }
     }
-    let mut entry = config.entrypoint.clone();
+    let mut entry = config.entrypoint().clone();
     for _ in 0..16 {
         match redirects.get(&entry) {
             Some(target) => entry = Url::clone(target),
@@ -76,7 +76,7 @@ pub async fn load_deployment(
     if !modules.contains_key(&entry) {
         return Err(OriginError::InvalidConfig(ConfigError {
             field: "entrypoint".into(),
-            message: format!("{} is not in any layer", config.entrypoint),
+            message: format!("{} is not in any layer", config.entrypoint()),
         }));
     }
     Ok(Deployment {
@@ -113,7 +113,7 @@ async fn fetch_layer(
     inline: &Bytes,
 ) -> Result<DecodedLayer, OriginError> {
     let id = spec.id();
-    let bytes = if config.inline_layer.as_deref() == Some(id) {
+    let bytes = if config.inline_layer() == Some(id) {
         inline.clone()
     } else if let Some(bytes) = cache.get(CacheKind::Layer, origin.name(), id).await {
         bytes

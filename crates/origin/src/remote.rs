@@ -168,7 +168,7 @@ impl Origin for RemoteOrigin {
         };
         let config = IsolateConfig::from_header(header.as_bytes())?;
         let inline_layer = self.body("boot", response, self.options.max_body_bytes).await?;
-        if config.inline_layer.is_none() && !inline_layer.is_empty() {
+        if config.inline_layer().is_none() && !inline_layer.is_empty() {
             tracing::debug!(deployment_id, "boot body ignored: config names no inline layer");
         }
         Ok(BootAnswer { config, inline_layer })

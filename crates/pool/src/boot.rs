@@ -119,7 +119,7 @@ fn take_prestarted(
     if code_cache_wins(deployment, deno_dir) {
         return Prestart::CodeCache;
     }
-    let net = &deployment.config.net;
+    let net = deployment.config.net();
     let set = isocloud_sandbox::package_set_key(&deployment.tree);
     match pool.take(net, set.as_deref()) {
         None => Prestart::Miss,
@@ -138,8 +138,8 @@ fn take_prestarted(
 /// package set once one boot has laid the set out.
 fn refill_for(pool: &Arc<crate::warm::Warm>, deployment: &isocloud_origin::Deployment) {
     match isocloud_sandbox::package_set_key(&deployment.tree) {
-        Some(set) => pool.refill_packages(&deployment.config.net, &set, None),
-        None => pool.refill(&deployment.config.net),
+        Some(set) => pool.refill_packages(deployment.config.net(), &set, None),
+        None => pool.refill(deployment.config.net()),
     }
 }
 
@@ -180,7 +180,7 @@ pub(crate) async fn boot(
         );
     }
     let deno_dir = ctx.policy.deno_dir.join(deno_dir_name(origin.name(), &deployment_id));
-    let net = deployment.config.net.clone();
+    let net = deployment.config.net().clone();
     let mut prestart = take_prestarted(ctx, tenant, &deployment_id, &deployment, &deno_dir);
     let mut turn = None;
     if tenant && !matches!(prestart, Prestart::Hit(_)) {
@@ -210,7 +210,7 @@ pub(crate) async fn boot(
     }
     let dir = ctx.instances_dir.join(format!("{instance}-{}", sanitize(&deployment_id)));
     let (grant, route) =
-        egress_grant(ctx.egress.as_ref(), &format!("{}/{deployment_id}", origin.name()), &deployment.config.net);
+        egress_grant(ctx.egress.as_ref(), &format!("{}/{deployment_id}", origin.name()), deployment.config.net());
     // A built deployment's packages and deno.json: on disk before deno starts.
     let project_error =
         |message: String| BootError::Origin(Arc::new(isocloud_origin::OriginError::Unreachable(message)));

@@ -22,20 +22,15 @@ impl ConfigError {
     }
 }
 
-/// A validated isolate config.
+/// A validated isolate config. Its fields are private: a value exists only
+/// as [`IsolateConfig::from_json`] (or `from_header`) checked it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IsolateConfig {
-    /// Where module loading starts; an absolute URL.
-    pub entrypoint: Url,
-    /// Merged into one module graph; the earlier layer wins on duplicates.
-    pub layers: Vec<LayerSpec>,
-    /// Id of the layer carried in `boot`'s body, if any.
-    pub inline_layer: Option<String>,
-    /// Exactly the environment the tenant's code sees (`Deno.env`); none of
-    /// it is in deno's process environment, and no name of
-    /// [`crate::env_policy::DENIED_ENV`] is here.
-    pub envs: BTreeMap<String, String>,
-    pub net: NetPermission,
+    entrypoint: Url,
+    layers: Vec<LayerSpec>,
+    inline_layer: Option<String>,
+    envs: BTreeMap<String, String>,
+    net: NetPermission,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +124,33 @@ impl IsolateConfig {
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(json).map_err(json_error)?;
         raw.validate()
+    }
+
+    /// Where module loading starts; an absolute URL.
+    pub fn entrypoint(&self) -> &Url {
+        &self.entrypoint
+    }
+
+    /// Merged into one module graph; the earlier layer wins on duplicates.
+    /// Never empty, ids unique.
+    pub fn layers(&self) -> &[LayerSpec] {
+        &self.layers
+    }
+
+    /// Id of the layer carried in `boot`'s body, if any (one of `layers`).
+    pub fn inline_layer(&self) -> Option<&str> {
+        self.inline_layer.as_deref()
+    }
+
+    /// Exactly the environment the tenant's code sees (`Deno.env`); none of
+    /// it is in deno's process environment, and no name of
+    /// [`crate::env_policy::DENIED_ENV`] is here.
+    pub fn envs(&self) -> &BTreeMap<String, String> {
+        &self.envs
+    }
+
+    pub fn net(&self) -> &NetPermission {
+        &self.net
     }
 }
 

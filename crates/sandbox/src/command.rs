@@ -90,7 +90,7 @@ impl SandboxedCommand {
     /// `egress`: route the isolate's outbound HTTP(S) through the runner's
     /// egress proxy (its address joins `--allow-net`, since deno checks the
     /// proxy too when the harness probes it).
-    /// The tenant's envs (`config.envs`) are not passed: they are in the
+    /// The tenant's envs (`config.envs()`) are not passed: they are in the
     /// bootstrap record ([`IsolateFiles::prepare`]), for the harness.
     pub fn new(
         policy: &SandboxPolicy,
@@ -98,7 +98,7 @@ impl SandboxedCommand {
         config: &IsolateConfig,
         egress: Option<&EgressRoute>,
     ) -> Self {
-        Self::build(policy, files, &config.net, egress)
+        Self::build(policy, files, config.net(), egress)
     }
 
     /// An isolate started before it has a deployment

@@ -272,7 +272,7 @@ impl IsolateFiles {
         egress: Option<&EgressRoute>,
     ) -> Result<Self, SandboxError> {
         let mut files = Self::layout(dir, policy, deno_dir)?;
-        files.entrypoint = deployment.config.entrypoint.clone();
+        files.entrypoint = deployment.config.entrypoint().clone();
 
         let mut imports: BTreeMap<String, String> = BTreeMap::new();
         if files.root.is_none() {
@@ -370,7 +370,7 @@ impl IsolateFiles {
         let bootstrap = serde_json::json!({
             "socket_path": files.guest.socket,
             "control_path": files.guest.control,
-            "entrypoint": deployment.config.entrypoint.as_str(),
+            "entrypoint": deployment.config.entrypoint().as_str(),
             "src_root": files.guest.src,
             "tree_path": files.guest.tree,
             // The runner writes the tree when the harness first asks for it.
@@ -382,7 +382,7 @@ impl IsolateFiles {
             // The tenant's envs: never in deno's process environment (the
             // loader, V8 and deno read theirs at exec), the harness sets them
             // before tenant code runs.
-            "envs": deployment.config.envs,
+            "envs": deployment.config.envs(),
             "node_servers": may_start_node_servers(deployment),
         });
         files.write_bootstrap(&bootstrap)?;
@@ -478,7 +478,7 @@ impl IsolateFiles {
     /// becomes it: later boots find what this one compiles.
     pub fn fill(&self, deployment: &Deployment, deployment_deno_dir: &Path) -> Result<Self, SandboxError> {
         let mut files = self.clone();
-        files.entrypoint = deployment.config.entrypoint.clone();
+        files.entrypoint = deployment.config.entrypoint().clone();
         for (specifier, module) in &deployment.modules {
             match files.place(specifier, module.kind)? {
                 (path, Mapping::Covered) => write_module(&path, &module.source)?,
@@ -502,11 +502,11 @@ impl IsolateFiles {
     /// `deployment`: where to start, and the environment the tenant sees.
     pub fn assignment(&self, deployment: &Deployment) -> Assignment {
         Assignment {
-            entrypoint: deployment.config.entrypoint.as_str().to_owned(),
+            entrypoint: deployment.config.entrypoint().as_str().to_owned(),
             src_root: self.guest.src.clone(),
             tree_path: self.guest.tree.clone(),
             tree_deferred: deployment.tree_deferred,
-            envs: deployment.config.envs.clone(),
+            envs: deployment.config.envs().clone(),
             node_servers: may_start_node_servers(deployment),
         }
     }

@@ -229,11 +229,11 @@ async fn env_is_snapshotted(backend: Backend) {
     assert_eq!(second["env_names"], json!(["API_KEY", "GREETING"]));
     let origin = s.cp.origin();
     let boot = origin.boot(first["id"].as_str().unwrap()).await.unwrap();
-    assert_eq!(boot.config.envs.get("GREETING").map(String::as_str), Some("one"));
-    assert_eq!(boot.config.envs.len(), 1);
+    assert_eq!(boot.config.envs().get("GREETING").map(String::as_str), Some("one"));
+    assert_eq!(boot.config.envs().len(), 1);
     let boot = origin.boot(second["id"].as_str().unwrap()).await.unwrap();
-    assert_eq!(boot.config.envs.get("GREETING").map(String::as_str), Some("two"));
-    assert_eq!(boot.config.envs.get("API_KEY").map(String::as_str), Some("k"));
+    assert_eq!(boot.config.envs().get("GREETING").map(String::as_str), Some("two"));
+    assert_eq!(boot.config.envs().get("API_KEY").map(String::as_str), Some("k"));
     // Values never come back over the API.
     for path in ["/api/v1/projects/p/env", &format!("/api/v1/deployments/{}", second["id"].as_str().unwrap())] {
         let text = s.get(path).await.text;
@@ -268,7 +268,7 @@ async fn eszip_deployments(backend: Backend) {
     let cache = isocloud_origin::DiskCache::open(cache_dir.path(), 1 << 20).unwrap();
     let origin = s.cp.origin();
     let loaded = isocloud_origin::load_deployment(origin.as_ref(), &cache, &id).await.unwrap();
-    assert_eq!(loaded.config.layers[0].id(), eszip);
+    assert_eq!(loaded.config.layers()[0].id(), eszip);
     assert!(loaded.modules.keys().any(|u| u.as_str() == "file:///src/greet.js"));
     assert!(loaded.tree.resolve_file("/static/a.txt").is_some());
 

@@ -28,7 +28,7 @@ async fn env_vars_crud(backend: Backend) {
     assert_eq!(s.get("/api/v1/projects/p/env").await.json().as_array().unwrap().len(), 2);
     let d = s.deploy("p", &[("main.ts", "// x")], "main.ts", false).await;
     let boot = s.cp.origin().boot(d["id"].as_str().unwrap()).await.unwrap();
-    assert_eq!(boot.config.envs.get("API_KEY").map(String::as_str), Some("secret-value-2"));
+    assert_eq!(boot.config.envs().get("API_KEY").map(String::as_str), Some("secret-value-2"));
 
     assert_eq!(s.delete("/api/v1/projects/p/env/API_KEY").await.status, 204);
     s.delete("/api/v1/projects/p/env/API_KEY").await.assert_error(404, "NOT_FOUND", None);

@@ -200,7 +200,7 @@ async fn webhook_builds_and_promotes(backend: Backend) {
     routes_to(&s, "app.localhost", &id).await;
     let origin = s.cp.origin();
     let boot = origin.boot(&id).await.unwrap();
-    assert_eq!(boot.config.entrypoint.as_str(), "file:///src/main.ts");
+    assert_eq!(boot.config.entrypoint().as_str(), "file:///src/main.ts");
     let tree = origin.read_tree(&id).await.unwrap();
     let (_, _, hash) = tree.resolve_file("/static/a.txt").unwrap();
     assert_eq!(origin.read_blob(&id, hash).await.unwrap(), "asset".as_bytes());
@@ -212,7 +212,7 @@ async fn webhook_builds_and_promotes(backend: Backend) {
     let id2 = reply.json()["id"].as_str().unwrap().to_owned();
     assert_eq!(wait_built(&s, &id2).await["status"], "ready");
     routes_to(&s, "app.localhost", &id2).await;
-    let layer = origin.boot(&id2).await.unwrap().config.layers[0].id().to_owned();
+    let layer = origin.boot(&id2).await.unwrap().config.layers()[0].id().to_owned();
     assert!(String::from_utf8(origin.layer(&id2, &layer).await.unwrap().to_vec()).unwrap().contains("v2"));
     // Rollback works on git deployments like any other.
     let back = s.post_empty("/api/v1/projects/app/rollback").await.json();

@@ -44,11 +44,11 @@ async fn origin_answers(backend: Backend) {
     let boot = origin.boot(&id).await.unwrap();
     assert!(boot.inline_layer.is_empty());
     let config = boot.config;
-    assert_eq!(config.entrypoint.as_str(), "file:///src/main.ts");
-    assert_eq!(config.envs.get("GREETING").map(String::as_str), Some("hello"));
-    assert_eq!(config.net, NetPermission::Allow(vec!["api.example.com".into()]));
+    assert_eq!(config.entrypoint().as_str(), "file:///src/main.ts");
+    assert_eq!(config.envs().get("GREETING").map(String::as_str), Some("hello"));
+    assert_eq!(*config.net(), NetPermission::Allow(vec!["api.example.com".into()]));
     let bundles: Vec<(String, String)> = config
-        .layers
+        .layers()
         .iter()
         .map(|layer| match layer {
             LayerSpec::Bundle { id, specifier } => (id.clone(), specifier.to_string()),

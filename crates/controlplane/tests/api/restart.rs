@@ -62,7 +62,7 @@ async fn everything_survives_a_restart(backend: Backend) {
     assert!(s.cp.certificate_for("keep.example.com").is_some());
     // Blobs are still there, and the batch id still deduplicates.
     let boot = s.cp.origin().boot(&id).await.unwrap();
-    assert_eq!(boot.config.envs.get("A").map(String::as_str), Some("1"));
+    assert_eq!(boot.config.envs().get("A").map(String::as_str), Some("1"));
     s.cp.origin().report_activity(&id, &batch).await.unwrap();
     assert_eq!(s.get("/api/v1/projects/keep/logs").await.json().as_array().unwrap().len(), 1);
     let tree = s.cp.origin().read_tree(&id).await.unwrap();

@@ -323,7 +323,7 @@ fn deno_starts_with_the_runners_environment_only() {
             assert!(env.contains(&("HTTP_PROXY".into(), egress.proxy_url.clone())), "the runner's proxy: {env:?}");
         }
     }
-    let blank = SandboxedCommand::blank(&sandbox.policy, &sandbox.files, &config.net, None);
+    let blank = SandboxedCommand::blank(&sandbox.policy, &sandbox.files, config.net(), None);
     assert_eq!(blank.command.as_std().get_envs().count(), 3);
 }
 

@@ -45,6 +45,18 @@ fn deployment(modules: &[(&str, ModuleKind, &str)], redirects: &[(&str, &str)]) 
     }
 }
 
+/// `d` with `envs` as its config's envs (a config is made only by parsing).
+fn with_envs(mut d: Deployment, envs: &[(&str, &str)]) -> Deployment {
+    let envs: BTreeMap<&str, &str> = envs.iter().copied().collect();
+    let json = serde_json::json!({
+        "entrypoint": "file:///src/main.ts",
+        "layers": [{ "kind": "eszip", "id": "x" }],
+        "envs": envs,
+    });
+    d.config = IsolateConfig::from_json(json.to_string().as_bytes()).unwrap();
+    d
+}
+
 fn import_map(files: &IsolateFiles) -> BTreeMap<String, String> {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.import_map).unwrap()).unwrap();
     serde_json::from_value(json["imports"].clone()).unwrap()
@@ -130,14 +142,16 @@ fn a_blank_isolate_takes_a_deployment_whose_modules_all_live_in_src() {
     assert_eq!(bootstrap["prestart"], true);
     assert!(blank.deno_dir.starts_with(&blank.dir), "its own cache dir until it has a deployment");
 
-    let mut d = deployment(
-        &[
-            ("file:///src/main.ts", ModuleKind::JavaScript, "main"),
-            ("file:///src/lib/data.json", ModuleKind::Json, "{}"),
-        ],
-        &[],
+    let d = with_envs(
+        deployment(
+            &[
+                ("file:///src/main.ts", ModuleKind::JavaScript, "main"),
+                ("file:///src/lib/data.json", ModuleKind::Json, "{}"),
+            ],
+            &[],
+        ),
+        &[("GREETING", "hi")],
     );
-    d.config.envs.insert("GREETING".into(), "hi".into());
     assert_eq!(blank.fits_blank(&d), Ok(()));
     let deployment_deno_dir = policy.deno_dir.join("abc");
     let filled = blank.fill(&d, &deployment_deno_dir).unwrap();
@@ -169,10 +183,9 @@ fn a_blank_isolate_refuses_what_needs_the_import_map() {
     let redirected = deployment(&src_only, &[("file:///src/old.ts", "file:///src/main.ts")]);
     assert_eq!(jailed.fits_blank(&redirected), Err("the module graph has redirects"));
     // Envs never matter: no isolate starts with the tenant's.
-    let mut with_envs = deployment(&src_only, &[]);
-    with_envs.config.envs.insert("NO_COLOR".into(), "0".into());
-    with_envs.config.envs.insert("HTTP_PROXY".into(), "http://tenant.example:1".into());
-    assert_eq!(jailed.fits_blank(&with_envs), Ok(()));
+    let tenant_envs =
+        with_envs(deployment(&src_only, &[]), &[("NO_COLOR", "0"), ("HTTP_PROXY", "http://tenant.example:1")]);
+    assert_eq!(jailed.fits_blank(&tenant_envs), Ok(()));
     assert!(jailed.fill(&remote, &dir.path().join("deno-dir/x")).is_err(), "fill checks again");
 
     let unjailed = IsolateFiles::prepare_blank(&dir.path().join("i2"), &policy(dir.path()), None).unwrap();
@@ -183,9 +196,10 @@ fn a_blank_isolate_refuses_what_needs_the_import_map() {
 fn the_bootstrap_carries_the_tenants_envs_readable_by_the_isolate_alone() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "main")], &[]);
-    d.config.envs.insert("GREETING".into(), "hi".into());
-    d.config.envs.insert("HTTP_PROXY".into(), "http://tenant.example:1".into());
+    let d = with_envs(
+        deployment(&[("file:///src/main.ts", ModuleKind::JavaScript, "main")], &[]),
+        &[("GREETING", "hi"), ("HTTP_PROXY", "http://tenant.example:1")],
+    );
     let egress =
         EgressRoute { proxy_url: "http://isolate:secret@127.0.0.1:9".into(), proxy_authority: "127.0.0.1:9".into() };
     let files = IsolateFiles::prepare(
