@@ -127,25 +127,33 @@ impl CertTable {
     /// domain (stored before `--base-domain` changed) and rows whose
     /// certificate does not cover their domain are left out and logged.
     pub fn build(rows: &[CertRow], base_domain: &str) -> Self {
-        let mut by_domain = HashMap::new();
+        let mut table = Self::default();
         for row in rows {
-            if crate::validate::is_at_or_under(&row.domain, base_domain) {
-                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, base_domain, "stored certificate is for a name under the base domain; not served");
-                continue;
+            table.put(&row.domain, Some(row), base_domain);
+        }
+        table
+    }
+
+    /// Domain `domain`'s certificate is now `row` (`None`: none, or the
+    /// domain is not verified), under the rules of [`CertTable::build`].
+    pub fn put(&mut self, domain: &str, row: Option<&CertRow>, base_domain: &str) {
+        self.by_domain.remove(domain);
+        let Some(row) = row else { return };
+        if crate::validate::is_at_or_under(&row.domain, base_domain) {
+            tracing::warn!(target: "isocloud::controlplane", domain = row.domain, base_domain, "stored certificate is for a name under the base domain; not served");
+            return;
+        }
+        match certified_key(&row.cert_pem, &row.key_pem) {
+            Ok(parsed) if parsed.names.iter().any(|name| covers(name, &row.domain)) => {
+                self.by_domain.insert(row.domain.clone(), Arc::new(parsed.key));
             }
-            match certified_key(&row.cert_pem, &row.key_pem) {
-                Ok(parsed) if parsed.names.iter().any(|name| covers(name, &row.domain)) => {
-                    by_domain.insert(row.domain.clone(), Arc::new(parsed.key));
-                }
-                Ok(_) => {
-                    tracing::warn!(target: "isocloud::controlplane", domain = row.domain, "stored certificate does not cover its domain; not served")
-                }
-                Err(e) => {
-                    tracing::warn!(target: "isocloud::controlplane", domain = row.domain, error = %e, "stored certificate does not load")
-                }
+            Ok(_) => {
+                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, "stored certificate does not cover its domain; not served")
+            }
+            Err(e) => {
+                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, error = %e, "stored certificate does not load")
             }
         }
-        Self { by_domain }
     }
 
     /// The certificate of exactly this domain (case and a trailing dot

@@ -137,6 +137,12 @@ pub fn is_base_domain(domain: &str) -> bool {
         })
 }
 
+/// Past this many changes since the generation a node loaded, it reloads
+/// whole rather than change by change.
+const MAX_ROUTING_DELTA: i64 = 10_000;
+/// How long the routing change log is kept: a node further behind (down,
+/// or partitioned) reloads whole.
+const ROUTING_CHANGES_KEPT: Duration = Duration::from_secs(3600);
 /// How often `run_background` checks whether another node changed routing.
 const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often old logs, usage and batch ids are pruned.
@@ -160,8 +166,8 @@ pub struct ControlPlane {
     options: ControlPlaneOptions,
     store: Store,
     blobs: Arc<dyn BlobStore>,
-    routing: RwLock<Arc<RoutingTable>>,
-    certs: RwLock<Arc<CertTable>>,
+    routing: RwLock<RoutingTable>,
+    certs: RwLock<CertTable>,
     /// Serialises table reloads; holds the routing generation last loaded.
     reload: tokio::sync::Mutex<i64>,
     created_admin_token: Option<PathBuf>,
@@ -212,8 +218,8 @@ impl ControlPlane {
             options,
             store,
             blobs,
-            routing: RwLock::new(Arc::new(RoutingTable::default())),
-            certs: RwLock::new(Arc::new(CertTable::default())),
+            routing: RwLock::new(RoutingTable::default()),
+            certs: RwLock::new(CertTable::default()),
             reload: tokio::sync::Mutex::new(i64::MIN),
             created_admin_token,
             verifier,
@@ -249,16 +255,14 @@ impl ControlPlane {
 
     /// The deployment serving `hostname` (lowercase, no port). In memory.
     pub fn resolve_host(&self, hostname: &str) -> Option<ResolvedHost> {
-        let table = Arc::clone(&self.routing.read().unwrap_or_else(|p| p.into_inner()));
-        let deployment_id = table.resolve(hostname)?.to_owned();
+        let deployment_id = self.routing.read().unwrap_or_else(|p| p.into_inner()).resolve(hostname)?.to_owned();
         Some(ResolvedHost { deployment_id, has_certificate: self.certificate_for(hostname).is_some() })
     }
 
     /// The certificate for an SNI server name: exact, then a one-label
     /// wildcard. In memory.
     pub fn certificate_for(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let table = Arc::clone(&self.certs.read().unwrap_or_else(|p| p.into_inner()));
-        table.lookup(server_name)
+        self.certs.read().unwrap_or_else(|p| p.into_inner()).lookup(server_name)
     }
 
     /// Log follow streams open now (they end when their client goes away).
@@ -305,14 +309,19 @@ impl ControlPlane {
         // A batch id must be remembered as long as its events are kept.
         let batches_before = logs_before.min(usage_before);
         let deleted = store::activity::prune(&self.store, logs_before, usage_before, batches_before).await?;
+        let mut tx = self.store.write().await?;
+        store::prune_routing_changes(&mut tx, now - time::duration_ms(ROUTING_CHANGES_KEPT)).await?;
+        tx.commit().await?;
         if deleted > 0 {
             tracing::info!(target: "isocloud::controlplane", rows = deleted, "pruned old logs and usage");
         }
         Ok(deleted)
     }
 
-    /// Rebuilds the routing and certificate tables from the database; with
-    /// `force` false only when the routing generation moved.
+    /// Brings the routing and certificate tables up to the database: with
+    /// `force`, rebuilt whole (at start); otherwise only the projects,
+    /// deployments and domains the change log names past the generation
+    /// loaded, or whole when the log no longer reaches back that far.
     pub(crate) async fn reload_routing(&self, force: bool) -> Result<(), StoreError> {
         let mut loaded = self.reload.lock().await;
         let mut conn = self.store.read().await?;
@@ -321,6 +330,21 @@ impl ControlPlane {
         let generation = store::routing_generation(&mut conn).await?;
         if !force && generation == *loaded {
             return Ok(());
+        }
+        if !force && *loaded != i64::MIN {
+            let changes = store::routing_changes_since(&mut conn, *loaded, MAX_ROUTING_DELTA + 1).await?;
+            // Every generation up to the one read is in the log (none pruned,
+            // none bumped without a note), and not too many to apply one by one.
+            let contiguous = changes.first().is_some_and(|(first, _)| *first == *loaded + 1)
+                && changes.windows(2).all(|pair| pair[1].0 - pair[0].0 <= 1)
+                && changes.last().is_some_and(|(last, _)| *last >= generation);
+            if contiguous && changes.len() as i64 <= MAX_ROUTING_DELTA {
+                let newest = changes.last().map_or(generation, |(g, _)| *g);
+                let touched: std::collections::HashSet<store::Touched> = changes.into_iter().map(|(_, t)| t).collect();
+                self.apply_routing_changes(&mut conn, touched).await?;
+                *loaded = newest;
+                return Ok(());
+            }
         }
         let projects = store::projects::routing_rows(&mut conn)
             .await?
@@ -333,16 +357,73 @@ impl ControlPlane {
         drop(conn);
         let routing = RoutingTable::build(&self.options.base_domain, projects, deployments, domains);
         let certs = CertTable::build(&cert_rows, &self.options.base_domain);
-        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
-        *self.certs.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(certs);
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
+        *self.certs.write().unwrap_or_else(|p| p.into_inner()) = certs;
         *loaded = generation;
+        Ok(())
+    }
+
+    /// Reads what each touched subject is now, then patches the tables
+    /// (the reads first: no lock is held across the database).
+    async fn apply_routing_changes(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        touched: std::collections::HashSet<store::Touched>,
+    ) -> Result<(), StoreError> {
+        let mut projects = Vec::new();
+        let mut deployments = Vec::new();
+        let mut domains = Vec::new();
+        let mut project_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for subject in &touched {
+            match subject {
+                store::Touched::Project(id) => {
+                    project_ids.insert(id.clone());
+                }
+                store::Touched::Deployment(id) => {
+                    let project = store::deployments::routing_of(conn, id).await?;
+                    if let Some(project) = &project {
+                        // A project routing has not seen yet (new since).
+                        let known = self.routing.read().unwrap_or_else(|p| p.into_inner()).has_project(project);
+                        if !known {
+                            project_ids.insert(project.clone());
+                        }
+                    }
+                    deployments.push((id.clone(), project));
+                }
+                store::Touched::Domain(domain) => {
+                    domains.push((domain.clone(), store::domains::routing_of(conn, domain).await?))
+                }
+            }
+        }
+        for id in project_ids {
+            let route = store::projects::routing_of(conn, &id).await?.map(|(name, production_deployment_id)| {
+                ProjectRoute { id: id.clone(), name, production_deployment_id }
+            });
+            projects.push((id, route));
+        }
+        {
+            let mut routing = self.routing.write().unwrap_or_else(|p| p.into_inner());
+            for (id, route) in projects {
+                routing.put_project(&id, route);
+            }
+            for (id, project) in &deployments {
+                routing.put_deployment(id, project.as_deref());
+            }
+            for (domain, (project, _)) in &domains {
+                routing.put_domain(domain, project.as_deref());
+            }
+        }
+        let mut certs = self.certs.write().unwrap_or_else(|p| p.into_inner());
+        for (domain, (_, cert)) in &domains {
+            certs.put(domain, cert.as_ref(), &self.options.base_domain);
+        }
         Ok(())
     }
 
     /// After a mutation: the change is committed, so a failure here is only
     /// logged (the periodic reload catches up).
     pub(crate) async fn reload_routing_logged(&self) {
-        if let Err(e) = self.reload_routing(true).await {
+        if let Err(e) = self.reload_routing(false).await {
             tracing::warn!(target: "isocloud::controlplane", error = %e, "reloading routing after a change failed");
         }
     }
@@ -386,4 +467,81 @@ fn write_secret_file(path: &Path, content: &str) -> std::io::Result<()> {
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod routing_change_tests {
+    use super::*;
+    use crate::store::deployments::{NewDeployment, Status};
+
+    async fn ready(cp: &ControlPlane, project_id: &str, id: &str) {
+        let mut tx = cp.store.write().await.unwrap();
+        store::deployments::insert(
+            &mut tx,
+            &NewDeployment {
+                id: id.into(),
+                project_id: project_id.into(),
+                created_at_ms: 0,
+                status: Status::Ready,
+                entrypoint: "main.ts".into(),
+                eszip_sha256: None,
+                permissions_json: "null".into(),
+                envs: Default::default(),
+                git: None,
+                files: Vec::new(),
+                build_promote: false,
+                error: None,
+                build_log: None,
+            },
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_node_follows_the_change_log_and_reloads_whole_once_it_no_longer_reaches_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(ControlPlaneOptions::new(dir.path().to_owned())).await.unwrap();
+        let name = |n: &str| crate::validate::project_name(n).unwrap();
+        let mut tx = cp.store.write().await.unwrap();
+        store::projects::insert(&mut tx, "p1", &name("hello"), 0).await.unwrap();
+        tx.commit().await.unwrap();
+        ready(&cp, "p1", "aaaaaaaaaaaa").await;
+        // Another node's write: this node learns it from the log alone.
+        cp.reload_routing(false).await.unwrap();
+        assert_eq!(cp.resolve_host("hello-aaaaaaaaaaaa.localhost").unwrap().deployment_id, "aaaaaaaaaaaa");
+        assert_eq!(
+            *cp.reload.lock().await,
+            store::routing_generation(&mut cp.store.read().await.unwrap()).await.unwrap()
+        );
+
+        let mut tx = cp.store.write().await.unwrap();
+        store::projects::rename(&mut tx, "p1", &name("hi"), 1).await.unwrap();
+        tx.commit().await.unwrap();
+        ready(&cp, "p1", "bbbbbbbbbbbb").await;
+        // The log no longer reaches back to this node's generation.
+        let mut tx = cp.store.write().await.unwrap();
+        assert!(store::prune_routing_changes(&mut tx, i64::MAX).await.unwrap() >= 2);
+        tx.commit().await.unwrap();
+        cp.reload_routing(false).await.unwrap();
+        assert!(cp.resolve_host("hello-aaaaaaaaaaaa.localhost").is_none());
+        assert_eq!(cp.resolve_host("hi-aaaaaaaaaaaa.localhost").unwrap().deployment_id, "aaaaaaaaaaaa");
+        assert_eq!(cp.resolve_host("hi-bbbbbbbbbbbb.localhost").unwrap().deployment_id, "bbbbbbbbbbbb");
+
+        // Deleted: its hosts go, by the log again.
+        let mut tx = cp.store.write().await.unwrap();
+        store::projects::delete(&mut tx, "p1").await.unwrap();
+        tx.commit().await.unwrap();
+        let changes = store::routing_changes_since(&mut cp.store.read().await.unwrap(), *cp.reload.lock().await, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            changes.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+            vec![store::Touched::Project("p1".into())]
+        );
+        cp.reload_routing(false).await.unwrap();
+        assert!(cp.resolve_host("hi-aaaaaaaaaaaa.localhost").is_none());
+        assert!(cp.resolve_host("hi-bbbbbbbbbbbb.localhost").is_none());
+    }
 }

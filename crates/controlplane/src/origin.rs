@@ -210,7 +210,7 @@ impl Origin for ControlPlaneOrigin {
     /// ready deployment is in it); one the table does not know cannot boot,
     /// and counts as the control plane's own meanwhile.
     fn tenant_of(&self, deployment_id: &str) -> String {
-        let table = Arc::clone(&self.control_plane.routing.read().unwrap_or_else(|p| p.into_inner()));
+        let table = self.control_plane.routing.read().unwrap_or_else(|p| p.into_inner());
         match table.project_of(deployment_id) {
             Some(project) => format!("{ORIGIN_NAME}/{project}"),
             None => ORIGIN_NAME.to_owned(),

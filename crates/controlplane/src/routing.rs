@@ -1,9 +1,11 @@
 //! Which deployment serves a host: an in-memory table built from the
-//! database, so the request path never waits on it. Rebuilt after every
-//! change that moves routing and whenever another node bumped the routing
-//! generation (see `ControlPlane::run_background`).
+//! database at start, so the request path never waits on it, and then kept
+//! by deltas: each change that moves routing names what it touched (a
+//! project, a deployment, a domain) in the store's change log, and every
+//! node applies the changes it has not seen (see
+//! `ControlPlane::reload_routing`). A change costs the same at any size.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::validate;
 
@@ -24,18 +26,28 @@ pub struct ProjectRoute {
     pub production_deployment_id: Option<String>,
 }
 
+#[derive(Debug)]
+struct ProjectEntry {
+    name: String,
+    production: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     base_domain: String,
-    /// Project name → production deployment id.
-    production_by_name: HashMap<String, Option<String>>,
-    /// Ready deployment id → its project's name.
+    /// Project id → its name and production deployment.
+    projects: HashMap<String, ProjectEntry>,
+    /// Project name → project id.
+    project_by_name: HashMap<String, String>,
+    /// Ready deployment id → its project's id.
     project_of_deployment: HashMap<String, String>,
-    /// Verified custom domain → production deployment id of its project.
-    custom_domains: HashMap<String, String>,
+    /// Project id → its ready deployments (to drop them with the project).
+    deployments_of: HashMap<String, HashSet<String>>,
+    /// Verified, attached custom domain → its project's id.
+    domains: HashMap<String, String>,
     /// Verified, attached domains that are not served because they are
     /// the base domain's names (reported by [`RoutingTable::collisions`]).
-    shadowed_domains: Vec<String>,
+    shadowed_domains: BTreeSet<String>,
 }
 
 impl RoutingTable {
@@ -47,37 +59,75 @@ impl RoutingTable {
         deployments: Vec<(String, String)>,
         domains: Vec<(String, String)>,
     ) -> Self {
-        let name_by_id: HashMap<&str, &ProjectRoute> = projects.iter().map(|p| (p.id.as_str(), p)).collect();
-        let project_of_deployment = deployments
-            .into_iter()
-            .filter_map(|(deployment, project)| name_by_id.get(project.as_str()).map(|p| (deployment, p.name.clone())))
-            .collect();
-        // A custom domain at or under the base domain (possible only in data
-        // from before `--base-domain` changed) never routes: those names are
-        // the platform's.
-        let (shadowed, domains): (Vec<_>, Vec<_>) =
-            domains.into_iter().partition(|(domain, _)| validate::is_at_or_under(domain, base_domain));
-        let custom_domains = domains
-            .into_iter()
-            .filter_map(|(domain, project)| {
-                let production = name_by_id.get(project.as_str())?.production_deployment_id.clone()?;
-                Some((domain, production))
-            })
-            .collect();
-        let production_by_name =
-            projects.iter().map(|p| (p.name.clone(), p.production_deployment_id.clone())).collect();
-        let table = Self {
-            base_domain: base_domain.to_owned(),
-            production_by_name,
-            project_of_deployment,
-            custom_domains,
-            shadowed_domains: shadowed.into_iter().map(|(domain, _)| domain).collect(),
-        };
+        let mut table = Self { base_domain: base_domain.to_owned(), ..Self::default() };
+        for project in projects {
+            table.put_project(&project.id.clone(), Some(project));
+        }
+        for (deployment, project) in deployments {
+            table.put_deployment(&deployment, Some(&project));
+        }
+        for (domain, project) in domains {
+            table.put_domain(&domain, Some(&project));
+        }
         // Reported, not resolved: which one should go is the operator's call.
         for collision in table.collisions() {
             tracing::warn!(target: "isocloud::controlplane", "{collision}");
         }
         table
+    }
+
+    /// Project `id` is now `project` (`None`: deleted, with its deployments).
+    pub fn put_project(&mut self, id: &str, project: Option<ProjectRoute>) {
+        if let Some(old) = self.projects.remove(id)
+            && self.project_by_name.get(&old.name).is_some_and(|owner| owner == id)
+        {
+            self.project_by_name.remove(&old.name);
+        }
+        match project {
+            Some(project) => {
+                self.project_by_name.insert(project.name.clone(), id.to_owned());
+                self.projects.insert(
+                    id.to_owned(),
+                    ProjectEntry { name: project.name, production: project.production_deployment_id },
+                );
+            }
+            None => {
+                for deployment in self.deployments_of.remove(id).unwrap_or_default() {
+                    self.project_of_deployment.remove(&deployment);
+                }
+            }
+        }
+    }
+
+    /// Deployment `id` is ready in `project` (`None`: not ready, or gone).
+    pub fn put_deployment(&mut self, id: &str, project: Option<&str>) {
+        if let Some(old) = self.project_of_deployment.remove(id)
+            && let Some(set) = self.deployments_of.get_mut(&old)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.deployments_of.remove(&old);
+            }
+        }
+        if let Some(project) = project {
+            self.project_of_deployment.insert(id.to_owned(), project.to_owned());
+            self.deployments_of.entry(project.to_owned()).or_default().insert(id.to_owned());
+        }
+    }
+
+    /// Custom domain `domain` routes to `project`'s production (`None`: not
+    /// verified, not attached, or gone). One at or under the base domain
+    /// (possible only in data from before `--base-domain` changed) never
+    /// routes: those names are the platform's.
+    pub fn put_domain(&mut self, domain: &str, project: Option<&str>) {
+        self.domains.remove(domain);
+        self.shadowed_domains.remove(domain);
+        let Some(project) = project else { return };
+        if validate::is_at_or_under(domain, &self.base_domain) {
+            self.shadowed_domains.insert(domain.to_owned());
+        } else {
+            self.domains.insert(domain.to_owned(), project.to_owned());
+        }
     }
 
     /// Hosts that stored data gives two meanings: a project name of the
@@ -87,11 +137,11 @@ impl RoutingTable {
     /// before `--base-domain` changed). Sorted, one sentence each.
     pub fn collisions(&self) -> Vec<String> {
         let mut found: Vec<String> = self
-            .production_by_name
+            .project_by_name
             .keys()
             .filter_map(|name| {
                 let deployment = self.deployment_of_label(name)?;
-                let owner = self.project_of_deployment.get(deployment)?;
+                let owner = self.project_of(deployment)?;
                 Some(format!(
                     "host {name}.{base} is both project {name:?} and deployment {deployment} of project {owner:?}; \
                      the deployment is served (immutable URLs win): rename project {name:?}",
@@ -126,9 +176,13 @@ impl RoutingTable {
             if let Some(deployment) = self.deployment_of_label(label) {
                 return Some(deployment);
             }
-            return self.production_by_name.get(label).and_then(Option::as_deref);
+            return self.production_of(self.project_by_name.get(label)?);
         }
-        self.custom_domains.get(host).map(String::as_str)
+        self.production_of(self.domains.get(host)?)
+    }
+
+    fn production_of(&self, project_id: &str) -> Option<&str> {
+        self.projects.get(project_id)?.production.as_deref()
     }
 
     /// What `host` is under the base domain (`a.b` of `a.b.<base>`), if it
@@ -144,15 +198,18 @@ impl RoutingTable {
         if !validate::is_deployment_id(deployment) {
             return None;
         }
-        match self.project_of_deployment.get_key_value(deployment) {
-            Some((id, owner)) if owner == project => Some(id.as_str()),
-            _ => None,
-        }
+        let (id, owner) = self.project_of_deployment.get_key_value(deployment)?;
+        (self.projects.get(owner)?.name == project).then_some(id.as_str())
     }
 
     /// The name of the project a ready deployment belongs to.
     pub fn project_of(&self, deployment_id: &str) -> Option<&str> {
-        self.project_of_deployment.get(deployment_id).map(String::as_str)
+        let project = self.project_of_deployment.get(deployment_id)?;
+        self.projects.get(project).map(|p| p.name.as_str())
+    }
+
+    pub fn has_project(&self, id: &str) -> bool {
+        self.projects.contains_key(id)
     }
 }
 
@@ -257,5 +314,101 @@ mod tests {
         ] {
             assert_eq!(t.resolve(host), None, "{host}");
         }
+    }
+
+    /// Every host the tables below could answer, and some they must not.
+    fn hosts() -> Vec<String> {
+        let mut hosts: Vec<String> =
+            ["www.example.com", "shop.example.com", "old.localhost", "localhost", "new.example.com"]
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect();
+        for project in ["hello", "hi", "my-app", "hello-bbbbbbbbbbbb", "other-eeeeeeeeeeee"] {
+            hosts.push(format!("{project}.localhost"));
+            for deployment in
+                ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "ffffffffffff", "gggggggggggg"]
+            {
+                hosts.push(format!("{project}-{deployment}.localhost"));
+            }
+        }
+        hosts
+    }
+
+    #[test]
+    fn a_table_kept_by_deltas_answers_as_one_built_afresh() {
+        let mut kept = table();
+        // Renamed, promoted, deleted, a new deployment, a domain moved, one
+        // detached, one added: each applied as the change log names it.
+        kept.put_project(
+            "p1",
+            Some(ProjectRoute {
+                id: "p1".into(),
+                name: "hi".into(),
+                production_deployment_id: Some("bbbbbbbbbbbb".into()),
+            }),
+        );
+        kept.put_deployment("gggggggggggg", Some("p2"));
+        kept.put_project(
+            "p2",
+            Some(ProjectRoute {
+                id: "p2".into(),
+                name: "my-app".into(),
+                production_deployment_id: Some("gggggggggggg".into()),
+            }),
+        );
+        kept.put_project("p4", None);
+        kept.put_domain("www.example.com", Some("p2"));
+        kept.put_domain("shop.example.com", None);
+        kept.put_domain("new.example.com", Some("p1"));
+        kept.put_domain("old.localhost", None);
+
+        let fresh = RoutingTable::build(
+            "localhost",
+            vec![
+                ProjectRoute {
+                    id: "p1".into(),
+                    name: "hi".into(),
+                    production_deployment_id: Some("bbbbbbbbbbbb".into()),
+                },
+                ProjectRoute {
+                    id: "p2".into(),
+                    name: "my-app".into(),
+                    production_deployment_id: Some("gggggggggggg".into()),
+                },
+                ProjectRoute {
+                    id: "p3".into(),
+                    name: "hello-bbbbbbbbbbbb".into(),
+                    production_deployment_id: Some("cccccccccccc".into()),
+                },
+            ],
+            vec![
+                ("aaaaaaaaaaaa".into(), "p1".into()),
+                ("bbbbbbbbbbbb".into(), "p1".into()),
+                ("dddddddddddd".into(), "p2".into()),
+                ("gggggggggggg".into(), "p2".into()),
+                ("cccccccccccc".into(), "p3".into()),
+            ],
+            vec![
+                ("www.example.com".into(), "p2".into()),
+                ("new.example.com".into(), "p1".into()),
+                ("localhost".into(), "p1".into()),
+            ],
+        );
+        let mut answered = 0;
+        for host in hosts() {
+            assert_eq!(kept.resolve(&host), fresh.resolve(&host), "{host}");
+            answered += usize::from(fresh.resolve(&host).is_some());
+        }
+        assert!(answered >= 8, "the comparison covers routed hosts too ({answered})");
+        for deployment in
+            ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "ffffffffffff", "gggggggggggg"]
+        {
+            assert_eq!(kept.project_of(deployment), fresh.project_of(deployment), "{deployment}");
+        }
+        assert_eq!(kept.collisions(), fresh.collisions());
+        // The renamed project's old names are gone, its immutable URLs follow the new name.
+        assert_eq!(kept.resolve("hello.localhost"), None);
+        assert_eq!(kept.resolve("hi-aaaaaaaaaaaa.localhost"), Some("aaaaaaaaaaaa"));
+        assert_eq!(kept.resolve("other-eeeeeeeeeeee.localhost"), None, "the deleted project's");
     }
 }

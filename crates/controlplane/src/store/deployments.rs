@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Arg, Result, Sql, StoreError, bump_routing_generation, col};
+use super::{Arg, Result, Sql, StoreError, Touched, col, note_routing_change};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -196,7 +196,7 @@ pub async fn insert(conn: &mut AnyConnection, new: &NewDeployment) -> Result<()>
     insert_files(conn, &new.id, &new.files).await?;
     if new.status == Status::Ready {
         // A new deployment URL routes from now on.
-        bump_routing_generation(conn).await?;
+        note_routing_change(conn, &Touched::Deployment(new.id.clone())).await?;
     }
     Ok(())
 }
@@ -267,6 +267,15 @@ pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, Strin
     rows.iter().map(|row| Ok((col(row, "id")?, col(row, "project_id")?))).collect()
 }
 
+/// The project of deployment `id` when it is ready (routing's view of it).
+pub async fn routing_of(conn: &mut AnyConnection, id: &str) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT project_id FROM deployments WHERE id = $1 AND status = 'ready'")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(|row| col(row, "project_id")).transpose()
+}
+
 /// Claims the oldest git build no node is working on (or whose claim is
 /// older than `stale_before_ms`: its node died). Two nodes racing for one
 /// build: the conditional UPDATE lets exactly one win.
@@ -313,7 +322,7 @@ pub async fn finish_build(conn: &mut AnyConnection, id: &str, files: &[FileRow],
         return Ok(false);
     }
     insert_files(conn, id, files).await?;
-    bump_routing_generation(conn).await?;
+    note_routing_change(conn, &Touched::Deployment(id.to_owned())).await?;
     Ok(true)
 }
 

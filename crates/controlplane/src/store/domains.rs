@@ -3,7 +3,7 @@
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Result, StoreError, bump_routing_generation, col, conflict_on_unique};
+use super::{Result, StoreError, Touched, col, conflict_on_unique, note_routing_change};
 
 #[derive(Debug, Clone)]
 pub struct DomainRow {
@@ -94,7 +94,7 @@ pub async fn set_project(conn: &mut AnyConnection, domain: &str, project_id: Opt
         .bind(project_id)
         .execute(&mut *conn)
         .await?;
-    bump_routing_generation(conn).await
+    note_routing_change(conn, &Touched::Domain(domain.to_owned())).await
 }
 
 /// Marks the domain verified (unless it already is); returns whether it
@@ -106,7 +106,7 @@ pub async fn set_verified(conn: &mut AnyConnection, domain: &str, now_ms: i64) -
         .execute(&mut *conn)
         .await?;
     if result.rows_affected() > 0 {
-        bump_routing_generation(conn).await?;
+        note_routing_change(conn, &Touched::Domain(domain.to_owned())).await?;
     }
     Ok(result.rows_affected() > 0)
 }
@@ -116,7 +116,7 @@ pub async fn delete(conn: &mut AnyConnection, domain: &str) -> Result<bool> {
     // transaction on every back end.
     sqlx::query("DELETE FROM certificates WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
     let result = sqlx::query("DELETE FROM domains WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
-    bump_routing_generation(conn).await?;
+    note_routing_change(conn, &Touched::Domain(domain.to_owned())).await?;
     Ok(result.rows_affected() > 0)
 }
 
@@ -144,12 +144,12 @@ pub async fn put_certificate(
     .bind(now_ms)
     .execute(&mut *conn)
     .await?;
-    bump_routing_generation(conn).await
+    note_routing_change(conn, &Touched::Domain(domain.to_owned())).await
 }
 
 pub async fn delete_certificate(conn: &mut AnyConnection, domain: &str) -> Result<bool> {
     let result = sqlx::query("DELETE FROM certificates WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
-    bump_routing_generation(conn).await?;
+    note_routing_change(conn, &Touched::Domain(domain.to_owned())).await?;
     Ok(result.rows_affected() > 0)
 }
 
@@ -161,6 +161,33 @@ pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, Strin
     .fetch_all(conn)
     .await?;
     rows.iter().map(|row| Ok((col(row, "domain")?, col(row, "project_id")?))).collect()
+}
+
+/// One domain as routing sees it: `Some(project id)` when it is verified and
+/// attached; and its certificate when it is verified and has one.
+pub async fn routing_of(conn: &mut AnyConnection, domain: &str) -> Result<(Option<String>, Option<CertRow>)> {
+    let row = sqlx::query(
+        "SELECT d.project_id, c.cert_pem, c.key_pem FROM domains d LEFT JOIN certificates c ON c.domain = d.domain \
+         WHERE d.domain = $1 AND d.verified_at_ms IS NOT NULL",
+    )
+    .bind(domain)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else { return Ok((None, None)) };
+    let project: Option<String> = col(&row, "project_id")?;
+    let cert_pem: Option<String> = col(&row, "cert_pem")?;
+    let key_pem: Option<String> = col(&row, "key_pem")?;
+    let cert = match (cert_pem, key_pem) {
+        (Some(cert_pem), Some(key_pem)) => Some(CertRow { domain: domain.to_owned(), cert_pem, key_pem }),
+        _ => None,
+    };
+    Ok((project, cert))
+}
+
+/// The domains attached to `project_id`.
+pub async fn of_project(conn: &mut AnyConnection, project_id: &str) -> Result<Vec<String>> {
+    let rows = sqlx::query("SELECT domain FROM domains WHERE project_id = $1").bind(project_id).fetch_all(conn).await?;
+    rows.iter().map(|row| col(row, "domain")).collect()
 }
 
 /// Certificates of verified domains, for the SNI table.

@@ -259,9 +259,78 @@ pub fn conflict_on_unique(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Er
 }
 
 /// Marks a change to routing or certificates so every node reloads.
-pub async fn bump_routing_generation(conn: &mut AnyConnection) -> Result<()> {
-    sqlx::query("UPDATE meta SET routing_generation = routing_generation + 1 WHERE id = 1").execute(conn).await?;
+/// What a routing change touched (see `migrations/0005_routing_changes.sql`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Touched {
+    /// Created, renamed, deleted or promoted.
+    Project(String),
+    /// Became ready, or is gone.
+    Deployment(String),
+    /// Attached or detached, verified, deleted, or its certificate changed.
+    Domain(String),
+}
+
+impl Touched {
+    fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Touched::Project(id) => ("project", id),
+            Touched::Deployment(id) => ("deployment", id),
+            Touched::Domain(domain) => ("domain", domain),
+        }
+    }
+}
+
+/// Records a change that moves routing: the next routing generation, and
+/// what it touched, in the caller's transaction.
+pub async fn note_routing_change(conn: &mut AnyConnection, touched: &Touched) -> Result<()> {
+    // RETURNING on the bumped row: PostgreSQL holds its lock until commit,
+    // so generations are taken in commit order (SQLite has one writer).
+    let row = sqlx::query(
+        "UPDATE meta SET routing_generation = routing_generation + 1 WHERE id = 1 RETURNING routing_generation",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let generation: i64 = col(&row, "routing_generation")?;
+    let (kind, subject) = touched.parts();
+    sqlx::query("INSERT INTO routing_changes (generation, kind, subject, changed_at_ms) VALUES ($1, $2, $3, $4)")
+        .bind(generation)
+        .bind(kind)
+        .bind(subject)
+        .bind(crate::time::now_ms())
+        .execute(conn)
+        .await?;
     Ok(())
+}
+
+/// The changes after generation `after`, oldest first, at most `limit`.
+pub async fn routing_changes_since(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<(i64, Touched)>> {
+    let rows = sqlx::query(
+        "SELECT generation, kind, subject FROM routing_changes WHERE generation > $1 ORDER BY generation LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let subject: String = col(row, "subject")?;
+            let touched = match col::<String>(row, "kind")?.as_str() {
+                "project" => Touched::Project(subject),
+                "deployment" => Touched::Deployment(subject),
+                "domain" => Touched::Domain(subject),
+                other => return Err(StoreError::Corrupt(format!("routing change of unknown kind {other:?}"))),
+            };
+            Ok((col(row, "generation")?, touched))
+        })
+        .collect()
+}
+
+/// Forgets changes recorded before `before_ms` (a node further behind
+/// reloads whole).
+pub async fn prune_routing_changes(conn: &mut AnyConnection, before_ms: i64) -> Result<u64> {
+    let done =
+        sqlx::query("DELETE FROM routing_changes WHERE changed_at_ms < $1").bind(before_ms).execute(conn).await?;
+    Ok(done.rows_affected())
 }
 
 pub async fn routing_generation(conn: &mut AnyConnection) -> Result<i64> {

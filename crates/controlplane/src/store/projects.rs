@@ -3,7 +3,7 @@
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Result, bump_routing_generation, col, conflict_on_unique};
+use super::{Result, Touched, col, conflict_on_unique, note_routing_change};
 use crate::validate::ProjectName;
 
 #[derive(Debug, Clone)]
@@ -100,15 +100,18 @@ pub async fn rename(conn: &mut AnyConnection, id: &str, new_name: &ProjectName, 
         .execute(&mut *conn)
         .await
         .map_err(conflict_on_unique(|| format!("a project named {new_name:?} already exists")))?;
-    bump_routing_generation(conn).await
+    note_routing_change(conn, &Touched::Project(id.to_owned())).await
 }
 
 /// Deletes the project; deployments, files, env vars, promotions, logs and
 /// usage go by cascade, domains are detached (and keep their verification).
 pub async fn delete(conn: &mut AnyConnection, id: &str) -> Result<()> {
+    for domain in super::domains::of_project(conn, id).await? {
+        note_routing_change(conn, &Touched::Domain(domain)).await?;
+    }
     sqlx::query("UPDATE domains SET project_id = NULL WHERE project_id = $1").bind(id).execute(&mut *conn).await?;
     sqlx::query("DELETE FROM projects WHERE id = $1").bind(id).execute(&mut *conn).await?;
-    bump_routing_generation(conn).await
+    note_routing_change(conn, &Touched::Project(id.to_owned())).await
 }
 
 pub async fn set_git(conn: &mut AnyConnection, id: &str, git: Option<&GitSettings>, now_ms: i64) -> Result<()> {
@@ -158,7 +161,7 @@ async fn set_production(
         .bind(now_ms)
         .execute(&mut *conn)
         .await?;
-    bump_routing_generation(conn).await
+    note_routing_change(conn, &Touched::Project(project_id.to_owned())).await
 }
 
 /// One entry of the production history.
@@ -190,6 +193,15 @@ pub async fn rollback_to(conn: &mut AnyConnection, project_id: &str, to: &Promot
 }
 
 /// Every project's name and production deployment, for the routing table.
+/// Project `id` as routing sees it (`None`: gone).
+pub async fn routing_of(conn: &mut AnyConnection, id: &str) -> Result<Option<(String, Option<String>)>> {
+    let row = sqlx::query("SELECT name, production_deployment_id FROM projects WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(|row| Ok((col(row, "name")?, col(row, "production_deployment_id")?))).transpose()
+}
+
 pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, String, Option<String>)>> {
     let rows = sqlx::query("SELECT id, name, production_deployment_id FROM projects").fetch_all(conn).await?;
     rows.iter()

@@ -97,8 +97,22 @@ async fn two_nodes_share_a_store(backend: Backend) {
     };
     b.origin().report_activity(&id, &batch).await.unwrap();
     assert_eq!(a.get("/api/v1/projects/shared/logs").await.json()[0]["message"], "via b");
-    a.delete("/api/v1/projects/shared").await;
-    let gone = eventually(Duration::from_secs(10), || async { b.resolve_host("shared.localhost").is_none() }).await;
+    // A rename and a second deployment reach node b as changes, not reloads.
+    let second = a.deploy("shared", &[("main.ts", "// second")], "main.ts", false).await;
+    let second = second["id"].as_str().unwrap().to_owned();
+    a.patch("/api/v1/projects/shared", json!({"name": "joint"})).await;
+    let moved = eventually(Duration::from_secs(10), || async {
+        b.resolve_host("joint.localhost").is_some_and(|r| r.deployment_id == id)
+            && b.resolve_host(&format!("joint-{second}.localhost")).is_some_and(|r| r.deployment_id == second)
+            && b.resolve_host("shared.localhost").is_none()
+    })
+    .await;
+    assert!(moved, "node b never followed the rename and the new deployment");
+    a.delete("/api/v1/projects/joint").await;
+    let gone = eventually(Duration::from_secs(10), || async {
+        b.resolve_host("joint.localhost").is_none() && b.resolve_host(&format!("joint-{second}.localhost")).is_none()
+    })
+    .await;
     assert!(gone, "node b still routes a deleted project");
     background.abort();
 }
