@@ -10,7 +10,9 @@ process):
 2. then M more deployments into one project (a CI that deploys every push);
 3. after every deploy of the sample (the first and last 100 of step 1, the
    last 100 of step 2), the time until the new deployment's host serves
-   through the runner (polled every 2 ms).
+   through the runner (polled every 2 ms), then a second deployment and its
+   promotion: a change that moves routing and builds nothing (a deploy
+   from files runs the build step, which dwarfs the routing work).
 
 Prints p50/p99 of the first and last 100 deploys of step 1 and the last
 100 of step 2, and the same for time-to-serve, with the ratio last/first.
@@ -99,6 +101,7 @@ def run(args, procs, work, digest):
     api.call("PUT", f"/blobs/{digest}", raw=MAIN)
     body = {"entrypoint": "main.ts", "files": {"main.ts": {"hash": digest, "size": len(MAIN)}}, "production": True}
     deploy_ms, serve_ms = {"first": [], "last": [], "ci": []}, {"first": [], "last": [], "ci": []}
+    promote_ms = {"first": [], "last": [], "ci": []}
 
     def deploy(project, sample):
         start = time.perf_counter()
@@ -108,6 +111,12 @@ def run(args, procs, work, digest):
             deploy_ms[sample].append(elapsed)
             host = f"{project}-{created['id']}.localhost"
             serve_ms[sample].append(serves(serve.port, host))
+            # A change that moves routing and nothing else (no build):
+            # promote a second deployment.
+            second = api.call("POST", f"/projects/{project}/deployments", {**body, "production": False})
+            start = time.perf_counter()
+            api.call("POST", f"/projects/{project}/promote", {"deployment_id": second["id"]})
+            promote_ms[sample].append((time.perf_counter() - start) * 1000)
 
     started = time.perf_counter()
     for n in range(args.projects):
@@ -124,6 +133,9 @@ def run(args, procs, work, digest):
     summary("production deploy, first 100 projects", deploy_ms["first"])
     summary(f"production deploy, last 100 of {args.projects} projects", deploy_ms["last"], deploy_ms["first"])
     summary(f"deploy, last 100 of {args.deployments} into one project", deploy_ms["ci"], deploy_ms["first"])
+    summary("promotion (routing only, no build), first 100 projects", promote_ms["first"])
+    summary(f"promotion, last 100 of {args.projects} projects", promote_ms["last"], promote_ms["first"])
+    summary(f"promotion, last 100 of {args.deployments} into one", promote_ms["ci"], promote_ms["first"])
     summary("deploy → its host serves, first 100 projects", serve_ms["first"])
     summary(f"deploy → its host serves, last 100 of {args.projects}", serve_ms["last"], serve_ms["first"])
     summary(f"deploy → its host serves, last 100 of {args.deployments} into one", serve_ms["ci"], serve_ms["first"])

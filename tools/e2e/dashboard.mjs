@@ -521,6 +521,29 @@ async function run() {
     await shot("07-projects");
   });
 
+  await step("a long projects list loads a page at a time", async () => {
+    // 100 more projects than the one made above: more than the first page.
+    for (let n = 0; n < 100; n++) {
+      expectStatus("POST /projects", await apiCall("POST", "/projects", { name: `${project}-page-${String(n).padStart(3, "0")}` }), 201);
+    }
+    await page.reload();
+    await page.waitForSelector(byTestId("project-card"));
+    const cards = () => page.$$eval(byTestId("project-card"), (els) => els.map((e) => e.dataset.project));
+    await until("the first page: 100 cards and a More projects button", async () => {
+      const seen = await cards();
+      const more = await page.$(byTestId("more-projects"));
+      return { ok: seen.length === 100 && !!more, seen: { cards: seen.length, more: !!more } };
+    });
+    await page.click(byTestId("more-projects"));
+    await until("all 101 projects, each once, in name order, and no more button", async () => {
+      const seen = await cards();
+      const sorted = [...seen].sort();
+      const more = await page.$(byTestId("more-projects"));
+      const ok = seen.length === 101 && new Set(seen).size === 101 && JSON.stringify(seen) === JSON.stringify(sorted) && !more;
+      return { ok, seen: { cards: seen.length, more: !!more } };
+    });
+  });
+
   await step("logging out returns to the login screen and forgets the token", async () => {
     await page.click(byTestId("logout"));
     await page.waitForSelector(byTestId("login-form"));

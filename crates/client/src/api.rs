@@ -21,6 +21,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enough of an unexpected (non-JSON) error body to recognise it.
 const ERROR_SNIPPET_CHARS: usize = 300;
+/// Pages of one list followed at most (a server that links forever).
+const MAX_PAGES: usize = 10_000;
 
 /// The `error` object of a failed call.
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +210,39 @@ impl Api {
         decode(&body).map_err(|message| ClientError::Decode { url, message })
     }
 
+    /// A list, page after page (`Link: <…>; rel="next"`), until `max_items`
+    /// are in hand or the list ends. Only a link to this server's own API
+    /// is followed (the token goes with it).
+    async fn pages<T: DeserializeOwned>(&self, first: RequestBuilder, max_items: usize) -> Result<Vec<T>, ClientError> {
+        let mut items = Vec::new();
+        let mut next = Some(first);
+        let mut pages = 0;
+        while let Some(builder) = next.take() {
+            let response = self.send(builder.timeout(REQUEST_TIMEOUT)).await?;
+            let url = response.url().to_string();
+            let link = response.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(next_link);
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| ClientError::Decode { url: url.clone(), message: root_cause(&e) })?;
+            let page: Vec<T> = decode(&body).map_err(|message| ClientError::Decode { url, message })?;
+            items.extend(page);
+            pages += 1;
+            if items.len() >= max_items || pages >= MAX_PAGES {
+                items.truncate(max_items);
+                break;
+            }
+            if let Some((path, query)) = link {
+                let mut url = self.url(&[])?;
+                let base = url.path().trim_end_matches('/').to_owned();
+                url.set_path(&format!("{base}/{path}"));
+                url.set_query(Some(&query));
+                next = Some(self.http.get(url).bearer_auth(&self.token));
+            }
+        }
+        Ok(items)
+    }
+
     async fn empty(&self, builder: RequestBuilder) -> Result<(), ClientError> {
         self.send(builder.timeout(REQUEST_TIMEOUT)).await.map(drop)
     }
@@ -216,8 +251,10 @@ impl Api {
         self.json(self.request(Method::GET, &["whoami"])?).await
     }
 
+    /// Every project, following the list's pages.
     pub async fn projects(&self) -> Result<Vec<Project>, ClientError> {
-        self.json(self.request(Method::GET, &["projects"])?).await
+        let first = self.request(Method::GET, &["projects"])?.query(&[("limit", 1000)]);
+        self.pages(first, usize::MAX).await
     }
 
     pub async fn project(&self, name: &str) -> Result<Project, ClientError> {
@@ -263,9 +300,11 @@ impl Api {
         self.json(self.request(Method::POST, &["projects", project, "deployments"])?.json(deployment)).await
     }
 
+    /// The newest `limit` deployments, following the list's pages.
     pub async fn deployments(&self, project: &str, limit: u32) -> Result<Vec<Deployment>, ClientError> {
-        let request = self.request(Method::GET, &["projects", project, "deployments"])?.query(&[("limit", limit)]);
-        self.json(request).await
+        let page = limit.clamp(1, 1000);
+        let first = self.request(Method::GET, &["projects", project, "deployments"])?.query(&[("limit", page)]);
+        self.pages(first, limit as usize).await
     }
 
     /// `GET /deployments/{id}/build`: the build step's status, error and log.
@@ -373,9 +412,45 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// The next page of a `Link` header (`<path?query>; rel="next"`), as the
+/// part of the path after `/api/v1/` and the query; `None` for anything
+/// else, an absolute URL (another server) included.
+fn next_link(header: &str) -> Option<(String, String)> {
+    header.split(',').find_map(|link| {
+        let (target, params) = link.trim().split_once(';')?;
+        if !params.split(';').any(|p| p.trim() == "rel=\"next\"") {
+            return None;
+        }
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let (path, query) = target.split_once('?')?;
+        let rest = path.strip_prefix("/api/v1/")?;
+        if rest.split('/').any(|segment| matches!(segment, "" | "." | "..")) {
+            return None;
+        }
+        Some((rest.to_owned(), query.to_owned()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_next_link_into_this_api_is_followed() {
+        let next = |header: &str| next_link(header);
+        assert_eq!(
+            next("</api/v1/projects?limit=2&cursor=WyJiIl0>; rel=\"next\""),
+            Some(("projects".into(), "limit=2&cursor=WyJiIl0".into()))
+        );
+        assert_eq!(
+            next("</api/v1/projects/a/deployments?limit=5&cursor=x>; rel=\"next\", </x>; rel=\"prev\""),
+            Some(("projects/a/deployments".into(), "limit=5&cursor=x".into()))
+        );
+        assert_eq!(next("<https://elsewhere.example/api/v1/projects?cursor=x>; rel=\"next\""), None);
+        assert_eq!(next("</api/v1/../admin?x=1>; rel=\"next\""), None);
+        assert_eq!(next("</api/v1/projects?cursor=x>; rel=\"prev\""), None);
+        assert_eq!(next("garbage"), None);
+    }
 
     fn api(base: &str) -> Api {
         Api::new(Url::parse(base).unwrap(), "t".to_string()).unwrap()

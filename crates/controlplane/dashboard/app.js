@@ -190,6 +190,26 @@ async function api(method, path, body, { signal = view.signal, authToken = token
   return text ? JSON.parse(text) : null;
 }
 
+/** One page of a list: its items, and the path of the next page (from the
+ * answer's `Link: <…>; rel="next"`), or null on the last page. */
+async function apiPage(path, { signal = view.signal } = {}) {
+  let response;
+  try {
+    response = await fetch(`/api/v1${path}`, { headers: { authorization: `Bearer ${token}` }, signal });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError(0, "NETWORK", `cannot reach the control plane (${e.message})`);
+  }
+  if (!response.ok) {
+    const error = await errorFrom(response);
+    if (response.status === 401 && token) signOut(error);
+    throw error;
+  }
+  const link = response.headers.get("link") || "";
+  const match = /<\/api\/v1(\/[^>]*)>;\s*rel="next"/.exec(link);
+  return { items: await response.json(), next: match ? match[1] : null };
+}
+
 /** Runs an action of a button: disables it meanwhile, shows any error. */
 async function act(button, action) {
   clearError();
@@ -325,13 +345,27 @@ async function projectsView() {
   const list = h("ul", { class: "project-list", testid: "project-list" }, h("li", { class: "muted" }, "Loading…"));
   replace(app, h("section", null, h("div", { class: "page-head" }, h("h1", null, "Projects"), form), list));
 
-  const projects = await api("GET", "/projects");
-  if (!projects.length) {
+  // A page at a time: a platform may hold more projects than a page should.
+  const first = await apiPage("/projects?limit=100");
+  if (!first.items.length) {
     replace(list, h("li", { class: "empty", testid: "no-projects" }, "No projects yet. Create one above, then deploy with ",
       h("code", null, "isocloud deploy"), "."));
     return;
   }
-  replace(list, projects.map((p) => h("li", { class: "card project-card", testid: "project-card", "data-project": p.name },
+  replace(list, first.items.map(projectCard));
+  let next = first.next;
+  const more = h("button", { type: "button", class: "more", testid: "more-projects" }, "More projects");
+  more.addEventListener("click", () => act(more, async () => {
+    const page = await apiPage(next);
+    for (const p of page.items) list.append(projectCard(p));
+    next = page.next;
+    if (!next) more.remove();
+  }));
+  if (next) list.after(more);
+}
+
+function projectCard(p) {
+  return h("li", { class: "card project-card", testid: "project-card", "data-project": p.name },
     h("a", { class: "project-name", href: `#/projects/${enc(p.name)}`, testid: "project-link" }, p.name),
     h("dl", { class: "facts" },
       h("dt", null, "Production"),
@@ -342,7 +376,7 @@ async function projectsView() {
       h("dd", { testid: "project-production-deployment" },
         p.production_deployment_id ? h("code", null, p.production_deployment_id) : h("span", { class: "muted" }, "—")),
       h("dt", null, "Created"),
-      h("dd", null, timeEl(p.created_at))))));
+      h("dd", null, timeEl(p.created_at))));
 }
 
 // ------------------------------------------------------------------ one project
@@ -403,7 +437,17 @@ function renderProjectHead(ctx) {
 
 async function deploymentsTab(ctx) {
   const list = h("div", { class: "deployments", testid: "deployment-list" });
-  replace(ctx.panel, list);
+  // The newest page, polled; "Show older" widens it a page at a time (up to
+  // the API's largest page; the CLI lists further back).
+  const PAGE = 50;
+  let limit = PAGE;
+  let hasMore = false;
+  const older = h("button", { type: "button", class: "more", testid: "older-deployments", hidden: true }, "Show older");
+  older.addEventListener("click", () => act(older, async () => {
+    limit = Math.min(1000, limit + PAGE);
+    await load();
+  }));
+  replace(ctx.panel, list, older);
   let shown = "";
   let started = 0;
   let latest = 0;
@@ -412,10 +456,13 @@ async function deploymentsTab(ctx) {
   // poll that crosses a promotion never shows a stale Prod label.
   const load = async () => {
     const mine = ++started;
-    const [project, deployments] = await Promise.all([
+    const [project, page] = await Promise.all([
       api("GET", `/projects/${enc(ctx.name)}`),
-      api("GET", `/projects/${enc(ctx.name)}/deployments`),
+      apiPage(`/projects/${enc(ctx.name)}/deployments?limit=${limit}`),
     ]);
+    const deployments = page.items;
+    hasMore = page.next !== null && limit < 1000;
+    older.hidden = !hasMore;
     if (mine < latest) return;
     latest = mine;
     ctx.setProject(project);

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use futures_util::FutureExt;
 use isocloud_protocol::NetPermission;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::paging::PageRequest;
 use super::projects::{not_found, project_or_404};
 use super::{ApiJson, ApiPath, ApiQuery, AppState, check, views};
 use crate::error::ApiError;
@@ -322,13 +323,22 @@ pub(crate) async fn list(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     query: ApiQuery,
-) -> Result<Json<Vec<wire::Deployment>>, ApiError> {
-    query.only(&["limit"])?;
-    let limit = query.int("limit", 50, 1, 1000)?;
+) -> Result<(HeaderMap, Json<Vec<wire::Deployment>>), ApiError> {
+    query.only(&["limit", "cursor"])?;
+    let page = PageRequest::from_query(&query, 50, 1000, 2)?;
+    let after = match &page.after {
+        Some(key) => {
+            let ms = key[0].parse::<i64>().map_err(|_| ApiError::field("cursor", "is not a cursor this list gave"))?;
+            Some((ms, key[1].as_str()))
+        }
+        None => None,
+    };
     let mut conn = cp.store.read().await?;
     let project = project_or_404(&mut conn, &name).await?;
-    let rows = deployments::list_by_project(&mut conn, &project.id, limit).await?;
-    Ok(Json(rows.iter().map(|d| views::deployment(&cp, d)).collect()))
+    let rows = deployments::list_by_project(&mut conn, &project.id, after, page.fetch()).await?;
+    let path = format!("/api/v1/projects/{}/deployments", project.name);
+    let (headers, rows) = page.finish(rows, &path, |d| vec![d.created_at_ms.to_string(), d.id.clone()]);
+    Ok((headers, Json(rows.iter().map(|d| views::deployment(&cp, d)).collect())))
 }
 
 pub(crate) fn deployment_not_found(id: &str) -> ApiError {

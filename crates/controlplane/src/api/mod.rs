@@ -9,6 +9,7 @@ mod env;
 mod git;
 mod limits;
 mod logs;
+mod paging;
 mod projects;
 mod views;
 

@@ -2,12 +2,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use sqlx::AnyConnection;
 
-use super::{ApiJson, ApiPath, AppState, OptionalJson, check, views};
+use super::paging::PageRequest;
+use super::{ApiJson, ApiPath, ApiQuery, AppState, OptionalJson, check, views};
 use crate::error::ApiError;
 use crate::store::deployments::{self, Status};
 use crate::store::projects::{self, ProjectRow};
@@ -30,10 +31,19 @@ pub(crate) struct NameBody {
     name: String,
 }
 
-pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Project>>, ApiError> {
+/// Projects by name, a page at a time (`?limit=N`, 1–1000, default 100;
+/// `Link: rel="next"` while more follow).
+pub(crate) async fn list(
+    State(cp): State<AppState>,
+    query: ApiQuery,
+) -> Result<(HeaderMap, Json<Vec<wire::Project>>), ApiError> {
+    query.only(&["limit", "cursor"])?;
+    let page = PageRequest::from_query(&query, 100, 1000, 1)?;
     let mut conn = cp.store.read().await?;
-    let rows = projects::list(&mut conn).await?;
-    Ok(Json(rows.iter().map(|p| views::project(&cp, p)).collect()))
+    let after = page.after.as_ref().map(|key| key[0].as_str());
+    let rows = projects::list(&mut conn, after, page.fetch()).await?;
+    let (headers, rows) = page.finish(rows, "/api/v1/projects", |p| vec![p.name.clone()]);
+    Ok((headers, Json(rows.iter().map(|p| views::project(&cp, p)).collect())))
 }
 
 pub(crate) async fn create(

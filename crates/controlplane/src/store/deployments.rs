@@ -212,12 +212,24 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> Result<Option<Deployment
 }
 
 /// Newest first.
-pub async fn list_by_project(conn: &mut AnyConnection, project_id: &str, limit: i64) -> Result<Vec<DeploymentRow>> {
+/// At most `limit` of the project's deployments, newest first, after
+/// `after` (`(created_at_ms, id)` of the last one seen) when given.
+pub async fn list_by_project(
+    conn: &mut AnyConnection,
+    project_id: &str,
+    after: Option<(i64, &str)>,
+    limit: i64,
+) -> Result<Vec<DeploymentRow>> {
+    // Without a cursor: after everything (a time past any, an id past any).
+    let (after_ms, after_id) = after.unwrap_or((i64::MAX, "~"));
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.project_id = $1 \
-         ORDER BY d.created_at_ms DESC, d.id DESC LIMIT $2"
+         AND (d.created_at_ms < $2 OR (d.created_at_ms = $2 AND d.id < $3)) \
+         ORDER BY d.created_at_ms DESC, d.id DESC LIMIT $4"
     ))
     .bind(project_id)
+    .bind(after_ms)
+    .bind(after_id)
     .bind(limit)
     .fetch_all(conn)
     .await?;

@@ -49,8 +49,13 @@ fn from_row(row: &AnyRow) -> Result<ProjectRow> {
     })
 }
 
-pub async fn list(conn: &mut AnyConnection) -> Result<Vec<ProjectRow>> {
-    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM projects ORDER BY name")).fetch_all(conn).await?;
+/// At most `limit` projects by name, after `after` (a name) when given.
+pub async fn list(conn: &mut AnyConnection, after: Option<&str>, limit: i64) -> Result<Vec<ProjectRow>> {
+    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM projects WHERE name > $1 ORDER BY name LIMIT $2"))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
     rows.iter().map(from_row).collect()
 }
 

@@ -15,7 +15,8 @@ backend_tests!(
     promote_and_rollback,
     delete_cascades,
     a_name_of_a_deployment_host_is_refused_on_create_and_rename,
-    a_stored_name_colliding_with_a_deployment_host_loses_to_the_deployment
+    a_stored_name_colliding_with_a_deployment_host_loses_to_the_deployment,
+    lists_page_by_cursor_in_a_stable_order
 );
 
 fn is_rfc3339(value: &serde_json::Value) -> bool {
@@ -267,4 +268,74 @@ async fn a_stored_name_colliding_with_a_deployment_host_loses_to_the_deployment(
     assert_eq!(renamed.status, 200, "{}", renamed.text);
     assert_eq!(s.cp.resolve_host("beta.localhost").unwrap().deployment_id, beta_id);
     assert_eq!(s.cp.resolve_host(&host).unwrap().deployment_id, id);
+}
+
+/// Follows `first`'s `Link: rel="next"` to the end: every page's items, and
+/// how many pages.
+async fn all_pages(s: &TestServer, first: &str, key: &str) -> (Vec<String>, usize) {
+    let (mut items, mut pages, mut next) = (Vec::new(), 0, Some(first.to_owned()));
+    while let Some(path) = next.take() {
+        let reply = s.get(&path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
+        pages += 1;
+        for item in reply.json().as_array().unwrap() {
+            items.push(item[key].as_str().unwrap().to_owned());
+        }
+        if let Some(link) = reply.headers.get("link") {
+            let link = link.to_str().unwrap();
+            assert!(link.ends_with(">; rel=\"next\""), "{link}");
+            next = Some(link.trim_start_matches('<').split('>').next().unwrap().to_owned());
+        }
+        assert!(pages < 100, "the links never end");
+    }
+    (items, pages)
+}
+
+async fn lists_page_by_cursor_in_a_stable_order(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    for name in ["echo", "alpha", "delta", "bravo", "charlie"] {
+        s.create_project(name).await;
+    }
+    let (names, pages) = all_pages(&s, "/api/v1/projects?limit=2", "name").await;
+    assert_eq!(names, ["alpha", "bravo", "charlie", "delta", "echo"]);
+    assert_eq!(pages, 3);
+    // The whole list in one page when it fits: no link.
+    let one = s.get("/api/v1/projects").await;
+    assert_eq!(one.json().as_array().unwrap().len(), 5);
+    assert!(one.headers.get("link").is_none());
+
+    // Deployments: newest first, none twice, none skipped, also when one is
+    // made between two pages.
+    let mut made = Vec::new();
+    for n in 0..5 {
+        // Apart in time, so that creation order is the list's order.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        made.push(
+            s.deploy("alpha", &[("main.ts", &format!("// {n}"))], "main.ts", false).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let first = s.get("/api/v1/projects/alpha/deployments?limit=2").await;
+    let link = first.headers["link"].to_str().unwrap().to_owned();
+    let next = link.trim_start_matches('<').split('>').next().unwrap().to_owned();
+    let newest: Vec<String> =
+        first.json().as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    s.deploy("alpha", &[("main.ts", "// made between pages")], "main.ts", false).await;
+    let (rest, _) = all_pages(&s, &next, "id").await;
+    let mut seen = newest.clone();
+    seen.extend(rest);
+    made.reverse();
+    assert_eq!(seen, made, "newest first, each once");
+
+    for cursor in ["garbage", "W10", "%00"] {
+        s.get(&format!("/api/v1/projects?cursor={cursor}")).await.assert_error(400, "INVALID_FIELD", Some("cursor"));
+        s.get(&format!("/api/v1/projects/alpha/deployments?cursor={cursor}")).await.assert_error(
+            400,
+            "INVALID_FIELD",
+            Some("cursor"),
+        );
+    }
+    s.get("/api/v1/projects?limit=0").await.assert_error(400, "INVALID_FIELD", Some("limit"));
 }
