@@ -14,3 +14,7 @@ CREATE TABLE routing_changes (
     PRIMARY KEY (generation, kind, subject)
 );
 CREATE INDEX routing_changes_by_time ON routing_changes (changed_at_ms);
+
+-- A project's domains are looked up when it is deleted (each one is a
+-- routing change of its own).
+CREATE INDEX domains_by_project ON domains (project_id);

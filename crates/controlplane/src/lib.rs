@@ -46,6 +46,8 @@ pub use error::{ApiError, ControlPlaneError};
 pub use routing::ResolvedHost;
 pub use storage::StorageFigures;
 pub use store::StoreError;
+#[doc(hidden)]
+pub use store::{Arg as StoreArg, Sql as StoreSql, hot_queries};
 
 use certs::CertTable;
 use routing::{ProjectRoute, RoutingTable};

@@ -467,6 +467,15 @@ pub struct LogFilter {
 /// The newest `limit` matching logs, returned oldest first (when
 /// `newest`); or the oldest `limit` after `after_id` (follow mode).
 pub async fn logs(conn: &mut AnyConnection, filter: &LogFilter, limit: i64, newest: bool) -> Result<Vec<LogRow>> {
+    let rows = logs_sql(filter, limit, newest).query().fetch_all(conn).await?;
+    let mut logs = rows.iter().map(log_from_row).collect::<Result<Vec<_>>>()?;
+    if newest {
+        logs.reverse();
+    }
+    Ok(logs)
+}
+
+pub(crate) fn logs_sql(filter: &LogFilter, limit: i64, newest: bool) -> Sql {
     let mut sql =
         Sql::new("SELECT id, deployment_id, timestamp_ms, kind, level, message, request_id FROM logs WHERE 1 = 1");
     if let Some(project_id) = &filter.project_id {
@@ -482,12 +491,7 @@ pub async fn logs(conn: &mut AnyConnection, filter: &LogFilter, limit: i64, newe
         sql.push(" AND id > ").bind(Arg::Int(after_id));
     }
     sql.push(if newest { " ORDER BY id DESC LIMIT " } else { " ORDER BY id ASC LIMIT " }).bind(Arg::Int(limit));
-    let rows = sql.query().fetch_all(conn).await?;
-    let mut logs = rows.iter().map(log_from_row).collect::<Result<Vec<_>>>()?;
-    if newest {
-        logs.reverse();
-    }
-    Ok(logs)
+    sql
 }
 
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {

@@ -201,17 +201,34 @@ pub async fn insert(conn: &mut AnyConnection, new: &NewDeployment) -> Result<()>
     Ok(())
 }
 
+pub(crate) fn get_sql(id: &str) -> Sql {
+    let mut sql =
+        Sql::new(&format!("SELECT {COLUMNS} FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.id = "));
+    sql.bind(Arg::Text(id.to_owned()));
+    sql
+}
+
 pub async fn get(conn: &mut AnyConnection, id: &str) -> Result<Option<DeploymentRow>> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
+    let row = get_sql(id).query().fetch_optional(conn).await?;
     row.as_ref().map(from_row).transpose()
 }
 
 /// Newest first.
+pub(crate) fn list_by_project_sql(project_id: &str, after: Option<(i64, &str)>, limit: i64) -> Sql {
+    // Without a cursor: after everything (a time past any, an id past any).
+    let (after_ms, after_id) = after.unwrap_or((i64::MAX, "~"));
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.project_id = "
+    ));
+    sql.bind(Arg::Text(project_id.to_owned())).push(" AND (d.created_at_ms < ").bind(Arg::Int(after_ms));
+    sql.push(" OR (d.created_at_ms = ")
+        .bind(Arg::Int(after_ms))
+        .push(" AND d.id < ")
+        .bind(Arg::Text(after_id.to_owned()));
+    sql.push(")) ORDER BY d.created_at_ms DESC, d.id DESC LIMIT ").bind(Arg::Int(limit));
+    sql
+}
+
 /// At most `limit` of the project's deployments, newest first, after
 /// `after` (`(created_at_ms, id)` of the last one seen) when given.
 pub async fn list_by_project(
@@ -220,34 +237,28 @@ pub async fn list_by_project(
     after: Option<(i64, &str)>,
     limit: i64,
 ) -> Result<Vec<DeploymentRow>> {
-    // Without a cursor: after everything (a time past any, an id past any).
-    let (after_ms, after_id) = after.unwrap_or((i64::MAX, "~"));
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.project_id = $1 \
-         AND (d.created_at_ms < $2 OR (d.created_at_ms = $2 AND d.id < $3)) \
-         ORDER BY d.created_at_ms DESC, d.id DESC LIMIT $4"
-    ))
-    .bind(project_id)
-    .bind(after_ms)
-    .bind(after_id)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
+    let rows = list_by_project_sql(project_id, after, limit).query().fetch_all(conn).await?;
     rows.iter().map(from_row).collect()
 }
 
-pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<FileRow>> {
+pub(crate) fn files_sql(postgres: bool, deployment_id: &str) -> Sql {
     // One row holding the listing as JSON, not a row per file: a built
     // deployment lists ~600 files, and the driver's cost is per row (582
     // rows took 2.6 ms here, their JSON a fraction of it).
-    let sql = if conn.backend_name() == "PostgreSQL" {
+    let mut sql = Sql::new(if postgres {
         "SELECT COALESCE(json_agg(json_build_array(path, sha256, size_bytes, symlink_target))::text, '[]') \
-         AS listing FROM deployment_files WHERE deployment_id = $1"
+         AS listing FROM deployment_files WHERE deployment_id = "
     } else {
         "SELECT COALESCE(json_group_array(json_array(path, sha256, size_bytes, symlink_target)), '[]') \
-         AS listing FROM deployment_files WHERE deployment_id = $1"
-    };
-    let row = sqlx::query(sql).bind(deployment_id).fetch_one(conn).await?;
+         AS listing FROM deployment_files WHERE deployment_id = "
+    });
+    sql.bind(Arg::Text(deployment_id.to_owned()));
+    sql
+}
+
+pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<FileRow>> {
+    let postgres = conn.backend_name() == "PostgreSQL";
+    let row = files_sql(postgres, deployment_id).query().fetch_one(conn).await?;
     let listing: String = col(&row, "listing")?;
     let rows: Vec<(String, String, i64, Option<String>)> = serde_json::from_str(&listing)
         .map_err(|e| StoreError::Corrupt(format!("the file listing of deployment {deployment_id}: {e}")))?;
@@ -261,15 +272,16 @@ pub async fn files(conn: &mut AnyConnection, deployment_id: &str) -> Result<Vec<
 }
 
 /// Whether blob `hash` is one of the deployment's files or its ESZIP.
+pub(crate) fn has_blob_sql(deployment_id: &str, hash: &str) -> Sql {
+    let mut sql = Sql::new("SELECT 1 AS hit FROM deployment_files WHERE deployment_id = ");
+    sql.bind(Arg::Text(deployment_id.to_owned())).push(" AND sha256 = ").bind(Arg::Text(hash.to_owned()));
+    sql.push(" UNION ALL SELECT 1 AS hit FROM deployments WHERE id = ").bind(Arg::Text(deployment_id.to_owned()));
+    sql.push(" AND eszip_sha256 = ").bind(Arg::Text(hash.to_owned()));
+    sql
+}
+
 pub async fn has_blob(conn: &mut AnyConnection, deployment_id: &str, hash: &str) -> Result<bool> {
-    let row = sqlx::query(
-        "SELECT 1 AS hit FROM deployment_files WHERE deployment_id = $1 AND sha256 = $2 \
-         UNION ALL SELECT 1 AS hit FROM deployments WHERE id = $1 AND eszip_sha256 = $2",
-    )
-    .bind(deployment_id)
-    .bind(hash)
-    .fetch_optional(conn)
-    .await?;
+    let row = has_blob_sql(deployment_id, hash).query().fetch_optional(conn).await?;
     Ok(row.is_some())
 }
 
@@ -280,11 +292,14 @@ pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, Strin
 }
 
 /// The project of deployment `id` when it is ready (routing's view of it).
+pub(crate) fn routing_of_sql(id: &str) -> Sql {
+    let mut sql = Sql::new("SELECT project_id FROM deployments WHERE status = 'ready' AND id = ");
+    sql.bind(Arg::Text(id.to_owned()));
+    sql
+}
+
 pub async fn routing_of(conn: &mut AnyConnection, id: &str) -> Result<Option<String>> {
-    let row = sqlx::query("SELECT project_id FROM deployments WHERE id = $1 AND status = 'ready'")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+    let row = routing_of_sql(id).query().fetch_optional(conn).await?;
     row.as_ref().map(|row| col(row, "project_id")).transpose()
 }
 

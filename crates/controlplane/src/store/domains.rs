@@ -3,7 +3,7 @@
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Result, StoreError, Touched, col, conflict_on_unique, note_routing_change};
+use super::{Arg, Result, Sql, StoreError, Touched, col, conflict_on_unique, note_routing_change};
 
 #[derive(Debug, Clone)]
 pub struct DomainRow {
@@ -186,8 +186,14 @@ pub async fn routing_of(conn: &mut AnyConnection, domain: &str) -> Result<(Optio
 
 /// The domains attached to `project_id`.
 pub async fn of_project(conn: &mut AnyConnection, project_id: &str) -> Result<Vec<String>> {
-    let rows = sqlx::query("SELECT domain FROM domains WHERE project_id = $1").bind(project_id).fetch_all(conn).await?;
+    let rows = of_project_sql(project_id).query().fetch_all(conn).await?;
     rows.iter().map(|row| col(row, "domain")).collect()
+}
+
+pub(crate) fn of_project_sql(project_id: &str) -> Sql {
+    let mut sql = Sql::new("SELECT domain FROM domains WHERE project_id = ");
+    sql.bind(Arg::Text(project_id.to_owned()));
+    sql
 }
 
 /// Certificates of verified domains, for the SNI table.

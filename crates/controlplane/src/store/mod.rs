@@ -304,13 +304,7 @@ pub async fn note_routing_change(conn: &mut AnyConnection, touched: &Touched) ->
 
 /// The changes after generation `after`, oldest first, at most `limit`.
 pub async fn routing_changes_since(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<(i64, Touched)>> {
-    let rows = sqlx::query(
-        "SELECT generation, kind, subject FROM routing_changes WHERE generation > $1 ORDER BY generation LIMIT $2",
-    )
-    .bind(after)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
+    let rows = routing_changes_since_sql(after, limit).query().fetch_all(conn).await?;
     rows.iter()
         .map(|row| {
             let subject: String = col(row, "subject")?;
@@ -323,6 +317,57 @@ pub async fn routing_changes_since(conn: &mut AnyConnection, after: i64, limit: 
             Ok((col(row, "generation")?, touched))
         })
         .collect()
+}
+
+fn routing_changes_since_sql(after: i64, limit: i64) -> Sql {
+    let mut sql = Sql::new("SELECT generation, kind, subject FROM routing_changes WHERE generation > ");
+    sql.bind(Arg::Int(after)).push(" ORDER BY generation LIMIT ").bind(Arg::Int(limit));
+    sql
+}
+
+/// The store's queries on the paths that must cost the same at any size
+/// (a boot, a deploy, a routing change, a page of a list), as the store
+/// runs them, with sample arguments: a test reads each one's plan on
+/// SQLite and PostgreSQL and fails on a scan of a whole table.
+#[doc(hidden)]
+pub fn hot_queries(postgres: bool) -> Vec<(&'static str, Sql)> {
+    let id = "aaaaaaaaaaaa";
+    vec![
+        ("deployment by id", deployments::get_sql(id)),
+        ("a project's deployments, newest first", deployments::list_by_project_sql("p1", None, 51)),
+        ("a project's deployments, next page", deployments::list_by_project_sql("p1", Some((1, id)), 51)),
+        ("a deployment's files", deployments::files_sql(postgres, id)),
+        ("a blob of a deployment", deployments::has_blob_sql(id, &"0".repeat(64))),
+        ("a deployment's routing", deployments::routing_of_sql(id)),
+        ("projects by name, a page", projects::list_sql(Some("m"), 101)),
+        ("project by name", projects::by_name_sql("hello")),
+        ("a project's domains", domains::of_project_sql("p1")),
+        ("routing changes since a generation", routing_changes_since_sql(41, 10_001)),
+        (
+            "a deployment's newest logs",
+            activity::logs_sql(
+                &activity::LogFilter { deployment_id: Some(id.into()), ..Default::default() },
+                100,
+                true,
+            ),
+        ),
+        (
+            "a project's logs since a time",
+            activity::logs_sql(
+                &activity::LogFilter { project_id: Some("p1".into()), since_ms: Some(1), ..Default::default() },
+                100,
+                true,
+            ),
+        ),
+        (
+            "following a deployment's logs",
+            activity::logs_sql(
+                &activity::LogFilter { deployment_id: Some(id.into()), after_id: Some(5), ..Default::default() },
+                100,
+                false,
+            ),
+        ),
+    ]
 }
 
 /// Forgets changes recorded before `before_ms` (a node further behind

@@ -3,7 +3,7 @@
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Result, Touched, col, conflict_on_unique, note_routing_change};
+use super::{Arg, Result, Sql, Touched, col, conflict_on_unique, note_routing_change};
 use crate::validate::ProjectName;
 
 #[derive(Debug, Clone)]
@@ -51,17 +51,24 @@ fn from_row(row: &AnyRow) -> Result<ProjectRow> {
 
 /// At most `limit` projects by name, after `after` (a name) when given.
 pub async fn list(conn: &mut AnyConnection, after: Option<&str>, limit: i64) -> Result<Vec<ProjectRow>> {
-    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM projects WHERE name > $1 ORDER BY name LIMIT $2"))
-        .bind(after.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(conn)
-        .await?;
+    let rows = list_sql(after, limit).query().fetch_all(conn).await?;
     rows.iter().map(from_row).collect()
 }
 
+pub(crate) fn list_sql(after: Option<&str>, limit: i64) -> Sql {
+    let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM projects WHERE name > "));
+    sql.bind(Arg::Text(after.unwrap_or("").to_owned())).push(" ORDER BY name LIMIT ").bind(Arg::Int(limit));
+    sql
+}
+
+pub(crate) fn by_name_sql(name: &str) -> Sql {
+    let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM projects WHERE name = "));
+    sql.bind(Arg::Text(name.to_owned()));
+    sql
+}
+
 pub async fn by_name(conn: &mut AnyConnection, name: &str) -> Result<Option<ProjectRow>> {
-    let row =
-        sqlx::query(&format!("SELECT {COLUMNS} FROM projects WHERE name = $1")).bind(name).fetch_optional(conn).await?;
+    let row = by_name_sql(name).query().fetch_optional(conn).await?;
     row.as_ref().map(from_row).transpose()
 }
 

@@ -14,6 +14,7 @@ mod limits;
 mod manifests;
 mod origin;
 mod projects;
+mod query_plans;
 mod restart;
 mod storage;
 mod webhook_bounds;
