@@ -95,7 +95,7 @@ class Serve:
         self.state = os.path.join(work, f"{name}-state")
         self.log_path = os.path.join(work, f"{name}.log")
         self.config_dir = os.path.join(work, f"{name}-cli")
-        os.makedirs(self.config_dir)
+        os.makedirs(self.config_dir, exist_ok=True)
         self.log_file = open(self.log_path, "w")
         self.proc = procs.start(
             [binary, "serve", "--data", self.data, "--state-dir", self.state, "--deno", DENO,

@@ -19,12 +19,21 @@ Prints p50/p99 of the first and last 100 deploys of step 1 and the last
 
     python3 bench/controlplane_scale.py [--projects 1000] [--deployments 3000]
                                         [--binary target/release/isocloud]
+    python3 bench/controlplane_scale.py --seed-projects 100000 --seed-deployments 1000000
+
+With --seed-*, the store is first filled by bulk SQL (SQLite, the schema the
+server made; every deployment ready, one file, each project's first
+deployment its production), then the server is started on it: its start-up
+time (to its listening line: the routing table loaded whole) and resident
+memory, then the same deploys, promotions and time-to-serve on 100 new
+projects (`--samples`), a request to a seeded deployment, and list pages.
 
 Run it with two binaries (before and after a change) back to back; the
 machine's load moves the absolute figures.
 """
 import argparse
 import hashlib
+import sqlite3
 import http.client
 import json
 import os
@@ -84,15 +93,98 @@ def main():
     parser.add_argument("--projects", type=int, default=1000)
     parser.add_argument("--deployments", type=int, default=3000)
     parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/isocloud"))
+    parser.add_argument("--seed-projects", type=int, default=0)
+    parser.add_argument("--seed-deployments", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=100, help="new projects measured after seeding")
     args = parser.parse_args()
     digest = hashlib.sha256(MAIN).hexdigest()
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="isocloud-scale-") as work:
         os.chmod(work, 0o755)
         try:
-            run(args, procs, work, digest)
+            if args.seed_projects:
+                seeded(args, procs, work, digest)
+            else:
+                run(args, procs, work, digest)
         finally:
             procs.stop_all()
+
+
+def deployment_id(n):
+    """The n-th seeded deployment id: 12 characters of a-z0-9."""
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    for _ in range(12):
+        n, r = divmod(n, 36)
+        out = alphabet[r] + out
+    return out
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def seeded(args, procs, work, digest):
+    projects, deployments = args.seed_projects, max(args.seed_deployments, args.seed_projects)
+    first = Serve(procs, args.binary, work, "seeded")
+    Api(first).call("PUT", f"/blobs/{digest}", raw=MAIN)
+    first.stop()
+    started = time.perf_counter()
+    db = sqlite3.connect(os.path.join(work, "seeded-data", "isocloud.db"))
+    with db:
+        db.executemany(
+            "INSERT INTO projects (id, name, created_at_ms, updated_at_ms, production_deployment_id) VALUES (?, ?, 0, 0, ?)",
+            ((f"sp{n}", f"s{n}", deployment_id(n)) for n in range(projects)))
+        db.executemany(
+            "INSERT INTO deployments (id, project_id, created_at_ms, status, entrypoint, permissions_json, envs_json, "
+            "file_count, size_bytes, build_promote) VALUES (?, ?, ?, 'ready', 'file:///src/main.ts', 'null', '{}', 1, ?, 0)",
+            ((deployment_id(n), f"sp{n % projects}", n, len(MAIN)) for n in range(deployments)))
+        db.executemany(
+            "INSERT INTO deployment_files (deployment_id, path, sha256, size_bytes) VALUES (?, 'main.ts', ?, ?)",
+            ((deployment_id(n), digest, len(MAIN)) for n in range(deployments)))
+    db.close()
+    print(f"seeded {projects} projects and {deployments} deployments in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    start = time.perf_counter()
+    serve = Serve(procs, args.binary, work, "seeded", extra=["--idle-timeout-s", "5"])
+    startup_s = time.perf_counter() - start
+    rss_start = rss_mib(serve.proc.pid)
+    api = Api(serve)
+    body = {"entrypoint": "main.ts", "files": {"main.ts": {"hash": digest, "size": len(MAIN)}}, "production": True}
+    deploy_ms, promote_ms, serve_ms = [], [], []
+    for n in range(args.samples):
+        name = f"new{n}"
+        api.call("POST", "/projects", {"name": name})
+        t = time.perf_counter()
+        created = api.call("POST", f"/projects/{name}/deployments", body)
+        deploy_ms.append((time.perf_counter() - t) * 1000)
+        serve_ms.append(serves(serve.port, f"{name}-{created['id']}.localhost"))
+        second = api.call("POST", f"/projects/{name}/deployments", {**body, "production": False})
+        t = time.perf_counter()
+        api.call("POST", f"/projects/{name}/promote", {"deployment_id": second["id"]})
+        promote_ms.append((time.perf_counter() - t) * 1000)
+    old_ms = [serves(serve.port, f"s{n}.localhost") for n in range(0, projects, max(1, projects // 50))]
+    pages_ms = []
+    for path in ["/projects?limit=100", "/projects/s7/deployments?limit=50"]:
+        t = time.perf_counter()
+        api.call("GET", path)
+        pages_ms.append((time.perf_counter() - t) * 1000)
+    print(f"binary {args.binary}: {projects} projects and {deployments} deployments seeded\n")
+    print("| figure | p50 | p99 | n |")
+    print("| --- | --- | --- | --- |")
+    print(f"| start-up, to listening (routing loaded whole) | {startup_s:.2f} s | | 1 |")
+    print(f"| resident memory after start-up | {rss_start:.0f} MiB | | 1 |")
+    print(f"| resident memory after the runs below | {rss_mib(serve.proc.pid):.0f} MiB | | 1 |")
+    summary("production deploy of a new project", deploy_ms)
+    summary("promotion (routing only)", promote_ms)
+    summary("deploy → its host serves", serve_ms)
+    summary("first request to a seeded project (a cold boot)", old_ms)
+    print(f"| GET /projects?limit=100, first page | {pages_ms[0]:.1f} ms | | 1 |")
+    print(f"| GET a project's deployments, first page of 50 | {pages_ms[1]:.1f} ms | | 1 |")
 
 
 def run(args, procs, work, digest):

@@ -348,16 +348,19 @@ impl ControlPlane {
                 return Ok(());
             }
         }
-        let projects = store::projects::routing_rows(&mut conn)
-            .await?
-            .into_iter()
-            .map(|(id, name, production_deployment_id)| ProjectRoute { id, name, production_deployment_id })
-            .collect();
-        let deployments = store::deployments::routing_rows(&mut conn).await?;
-        let domains = store::domains::routing_rows(&mut conn).await?;
+        let mut routing = RoutingTable::new(&self.options.base_domain);
+        for (id, name, production_deployment_id) in store::projects::routing_rows(&mut conn).await? {
+            routing.put_project(&id.clone(), Some(ProjectRoute { id, name, production_deployment_id }));
+        }
+        // Streamed into the table: a million rows never sit in memory at once.
+        store::deployments::each_routing_row(&mut conn, |id, project| routing.put_deployment(&id, Some(&project)))
+            .await?;
+        for (domain, project) in store::domains::routing_rows(&mut conn).await? {
+            routing.put_domain(&domain, Some(&project));
+        }
         let cert_rows = store::domains::certificate_rows(&mut conn).await?;
         drop(conn);
-        let routing = RoutingTable::build(&self.options.base_domain, projects, deployments, domains);
+        routing.report_collisions();
         let certs = CertTable::build(&cert_rows, &self.options.base_domain);
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
         *self.certs.write().unwrap_or_else(|p| p.into_inner()) = certs;
@@ -538,10 +541,13 @@ mod routing_change_tests {
         let changes = store::routing_changes_since(&mut cp.store.read().await.unwrap(), *cp.reload.lock().await, 10)
             .await
             .unwrap();
-        assert_eq!(
-            changes.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
-            vec![store::Touched::Project("p1".into())]
-        );
+        let touched: std::collections::HashSet<store::Touched> = changes.into_iter().map(|(_, t)| t).collect();
+        let expected = [
+            store::Touched::Deployment("aaaaaaaaaaaa".into()),
+            store::Touched::Deployment("bbbbbbbbbbbb".into()),
+            store::Touched::Project("p1".into()),
+        ];
+        assert_eq!(touched, expected.into_iter().collect(), "the project and each of its ready deployments");
         cp.reload_routing(false).await.unwrap();
         assert!(cp.resolve_host("hi-aaaaaaaaaaaa.localhost").is_none());
         assert!(cp.resolve_host("hi-bbbbbbbbbbbb.localhost").is_none());

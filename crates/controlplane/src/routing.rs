@@ -5,7 +5,8 @@
 //! node applies the changes it has not seen (see
 //! `ControlPlane::reload_routing`). A change costs the same at any size.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::validate;
 
@@ -35,16 +36,17 @@ struct ProjectEntry {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     base_domain: String,
-    /// Project id → its name and production deployment.
-    projects: HashMap<String, ProjectEntry>,
+    /// Project id → its name and production deployment. The ids are shared
+    /// (`Arc`) with the maps below: a million deployments hold one copy of
+    /// each project's id.
+    projects: HashMap<Arc<str>, ProjectEntry>,
     /// Project name → project id.
-    project_by_name: HashMap<String, String>,
-    /// Ready deployment id → its project's id.
-    project_of_deployment: HashMap<String, String>,
-    /// Project id → its ready deployments (to drop them with the project).
-    deployments_of: HashMap<String, HashSet<String>>,
+    project_by_name: HashMap<String, Arc<str>>,
+    /// Ready deployment id → its project's id. A deleted project's
+    /// deployments leave by changes of their own (the store notes each).
+    project_of_deployment: HashMap<Box<str>, Arc<str>>,
     /// Verified, attached custom domain → its project's id.
-    domains: HashMap<String, String>,
+    domains: HashMap<String, Arc<str>>,
     /// Verified, attached domains that are not served because they are
     /// the base domain's names (reported by [`RoutingTable::collisions`]).
     shadowed_domains: BTreeSet<String>,
@@ -53,13 +55,14 @@ pub struct RoutingTable {
 impl RoutingTable {
     /// `deployments`: `(deployment id, project id)` of ready deployments;
     /// `domains`: `(domain, project id)` of verified, attached domains.
+    #[cfg(test)]
     pub fn build(
         base_domain: &str,
         projects: Vec<ProjectRoute>,
         deployments: Vec<(String, String)>,
         domains: Vec<(String, String)>,
     ) -> Self {
-        let mut table = Self { base_domain: base_domain.to_owned(), ..Self::default() };
+        let mut table = Self::new(base_domain);
         for project in projects {
             table.put_project(&project.id.clone(), Some(project));
         }
@@ -69,49 +72,55 @@ impl RoutingTable {
         for (domain, project) in domains {
             table.put_domain(&domain, Some(&project));
         }
-        // Reported, not resolved: which one should go is the operator's call.
-        for collision in table.collisions() {
-            tracing::warn!(target: "isocloud::controlplane", "{collision}");
-        }
+        table.report_collisions();
         table
     }
 
-    /// Project `id` is now `project` (`None`: deleted, with its deployments).
+    /// An empty table for `base_domain`, to be filled with the `put_*`s.
+    pub fn new(base_domain: &str) -> Self {
+        Self { base_domain: base_domain.to_owned(), ..Self::default() }
+    }
+
+    /// Logs [`RoutingTable::collisions`]: reported, not resolved (which one
+    /// should go is the operator's call).
+    pub fn report_collisions(&self) {
+        for collision in self.collisions() {
+            tracing::warn!(target: "isocloud::controlplane", "{collision}");
+        }
+    }
+
+    /// The shared copy of project id `id` (a new one if no entry holds it).
+    fn project_key(&self, id: &str) -> Arc<str> {
+        self.projects.get_key_value(id).map_or_else(|| Arc::from(id), |(key, _)| Arc::clone(key))
+    }
+
+    /// Project `id` is now `project` (`None`: deleted; its deployments and
+    /// domains route nowhere from now, and leave by their own changes).
     pub fn put_project(&mut self, id: &str, project: Option<ProjectRoute>) {
+        let key = self.project_key(id);
         if let Some(old) = self.projects.remove(id)
-            && self.project_by_name.get(&old.name).is_some_and(|owner| owner == id)
+            && self.project_by_name.get(&old.name).is_some_and(|owner| **owner == *id)
         {
             self.project_by_name.remove(&old.name);
         }
-        match project {
-            Some(project) => {
-                self.project_by_name.insert(project.name.clone(), id.to_owned());
-                self.projects.insert(
-                    id.to_owned(),
-                    ProjectEntry { name: project.name, production: project.production_deployment_id },
-                );
-            }
-            None => {
-                for deployment in self.deployments_of.remove(id).unwrap_or_default() {
-                    self.project_of_deployment.remove(&deployment);
-                }
-            }
+        if let Some(project) = project {
+            debug_assert_eq!(project.id, id, "a project's route is put under its own id");
+            self.project_by_name.insert(project.name.clone(), Arc::clone(&key));
+            self.projects
+                .insert(key, ProjectEntry { name: project.name, production: project.production_deployment_id });
         }
     }
 
     /// Deployment `id` is ready in `project` (`None`: not ready, or gone).
     pub fn put_deployment(&mut self, id: &str, project: Option<&str>) {
-        if let Some(old) = self.project_of_deployment.remove(id)
-            && let Some(set) = self.deployments_of.get_mut(&old)
-        {
-            set.remove(id);
-            if set.is_empty() {
-                self.deployments_of.remove(&old);
+        match project {
+            Some(project) => {
+                let key = self.project_key(project);
+                self.project_of_deployment.insert(id.into(), key);
             }
-        }
-        if let Some(project) = project {
-            self.project_of_deployment.insert(id.to_owned(), project.to_owned());
-            self.deployments_of.entry(project.to_owned()).or_default().insert(id.to_owned());
+            None => {
+                self.project_of_deployment.remove(id);
+            }
         }
     }
 
@@ -126,7 +135,8 @@ impl RoutingTable {
         if validate::is_at_or_under(domain, &self.base_domain) {
             self.shadowed_domains.insert(domain.to_owned());
         } else {
-            self.domains.insert(domain.to_owned(), project.to_owned());
+            let key = self.project_key(project);
+            self.domains.insert(domain.to_owned(), key);
         }
     }
 
@@ -199,7 +209,7 @@ impl RoutingTable {
             return None;
         }
         let (id, owner) = self.project_of_deployment.get_key_value(deployment)?;
-        (self.projects.get(owner)?.name == project).then_some(id.as_str())
+        (self.projects.get(owner)?.name == project).then_some(&**id)
     }
 
     /// The name of the project a ready deployment belongs to.
@@ -356,7 +366,9 @@ mod tests {
                 production_deployment_id: Some("gggggggggggg".into()),
             }),
         );
+        // A deleted project's deployments leave by changes of their own.
         kept.put_project("p4", None);
+        kept.put_deployment("ffffffffffff", None);
         kept.put_domain("www.example.com", Some("p2"));
         kept.put_domain("shop.example.com", None);
         kept.put_domain("new.example.com", Some("p1"));

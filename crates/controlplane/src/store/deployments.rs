@@ -285,13 +285,30 @@ pub async fn has_blob(conn: &mut AnyConnection, deployment_id: &str, hash: &str)
     Ok(row.is_some())
 }
 
-/// `(deployment id, project id)` of every ready deployment.
-pub async fn routing_rows(conn: &mut AnyConnection) -> Result<Vec<(String, String)>> {
-    let rows = sqlx::query("SELECT id, project_id FROM deployments WHERE status = 'ready'").fetch_all(conn).await?;
-    rows.iter().map(|row| Ok((col(row, "id")?, col(row, "project_id")?))).collect()
+/// The project of deployment `id` when it is ready (routing's view of it).
+pub(crate) fn ready_of_project_sql(project_id: &str) -> Sql {
+    let mut sql = Sql::new("SELECT id FROM deployments WHERE status = 'ready' AND project_id = ");
+    sql.bind(Arg::Text(project_id.to_owned()));
+    sql
 }
 
-/// The project of deployment `id` when it is ready (routing's view of it).
+/// The ids of a project's ready deployments.
+pub async fn ready_of_project(conn: &mut AnyConnection, project_id: &str) -> Result<Vec<String>> {
+    let rows = ready_of_project_sql(project_id).query().fetch_all(conn).await?;
+    rows.iter().map(|row| col(row, "id")).collect()
+}
+
+/// Calls `visit` with `(id, project id)` of every ready deployment, a row
+/// at a time (a million of them are never all in memory as rows).
+pub async fn each_routing_row(conn: &mut AnyConnection, mut visit: impl FnMut(String, String)) -> Result<()> {
+    use futures_util::TryStreamExt as _;
+    let mut rows = sqlx::query("SELECT id, project_id FROM deployments WHERE status = 'ready'").fetch(conn);
+    while let Some(row) = rows.try_next().await? {
+        visit(col(&row, "id")?, col(&row, "project_id")?);
+    }
+    Ok(())
+}
+
 pub(crate) fn routing_of_sql(id: &str) -> Sql {
     let mut sql = Sql::new("SELECT project_id FROM deployments WHERE status = 'ready' AND id = ");
     sql.bind(Arg::Text(id.to_owned()));

@@ -339,6 +339,7 @@ pub fn hot_queries(postgres: bool) -> Vec<(&'static str, Sql)> {
         ("a deployment's files", deployments::files_sql(postgres, id)),
         ("a blob of a deployment", deployments::has_blob_sql(id, &"0".repeat(64))),
         ("a deployment's routing", deployments::routing_of_sql(id)),
+        ("a project's ready deployments", deployments::ready_of_project_sql("p1")),
         ("projects by name, a page", projects::list_sql(Some("m"), 101)),
         ("project by name", projects::by_name_sql("hello")),
         ("a project's domains", domains::of_project_sql("p1")),

@@ -118,8 +118,13 @@ pub async fn rename(conn: &mut AnyConnection, id: &str, new_name: &ProjectName, 
 /// Deletes the project; deployments, files, env vars, promotions, logs and
 /// usage go by cascade, domains are detached (and keep their verification).
 pub async fn delete(conn: &mut AnyConnection, id: &str) -> Result<()> {
+    // What routed to it goes with it, each as a change of its own: the
+    // nodes' tables keep no list of a project's deployments.
     for domain in super::domains::of_project(conn, id).await? {
         note_routing_change(conn, &Touched::Domain(domain)).await?;
+    }
+    for deployment in super::deployments::ready_of_project(conn, id).await? {
+        note_routing_change(conn, &Touched::Deployment(deployment)).await?;
     }
     sqlx::query("UPDATE domains SET project_id = NULL WHERE project_id = $1").bind(id).execute(&mut *conn).await?;
     sqlx::query("DELETE FROM projects WHERE id = $1").bind(id).execute(&mut *conn).await?;
