@@ -283,6 +283,98 @@ def deno_direct(procs, app_dir, deno_dir):
     return p, port
 
 
+def ensure_proxies():
+    """haproxy and nginx (Debian packages), installed when missing and root."""
+    missing = [tool for tool in ("haproxy", "nginx") if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}"))]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"missing {' '.join(missing)}: sudo apt-get install -y {' '.join(missing)}")
+    if subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, check=True)
+        subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True, check=True)
+
+
+def deno_on_socket(procs, app_dir, deno_dir, socket_path):
+    """deno serving the handler of `app_dir` on a unix socket (what sits
+    behind a proxy hop, as an isolate sits behind the runner)."""
+    source = open(os.path.join(app_dir, "main.ts")).read()
+    served = os.path.join(deno_dir, "socket_main.ts")
+    os.makedirs(deno_dir, exist_ok=True)
+    with open(served, "w") as f:
+        f.write(source.replace('{ port: Number(Deno.env.get("PORT") ?? 8000), onListen() {} }',
+                               f"{{ path: {json.dumps(socket_path)}, onListen() {{}} }}"))
+    p = procs.start([DENO, "run", "--no-config", "-A", served], env={"DENO_DIR": deno_dir, "NO_COLOR": "1"},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while not os.path.exists(socket_path):
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"deno did not listen on {socket_path}")
+        time.sleep(0.05)
+    return p
+
+
+def haproxy_hop(procs, work, socket_path):
+    """haproxy 2.6, one thread, HTTP mode, connections to the socket reused:
+    (process, port)."""
+    port = free_port()
+    config = os.path.join(work, "haproxy.cfg")
+    with open(config, "w") as f:
+        f.write(f"""global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend public
+    bind 127.0.0.1:{port}
+    default_backend deno
+backend deno
+    server handler {socket_path} maxconn 1024
+""")
+    p = procs.start(["haproxy", "-db", "-f", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_response(port)
+    return p, port
+
+
+def nginx_hop(procs, work, socket_path):
+    """nginx, one worker, upstream keep-alive to the socket: (master
+    process, port); its worker is the master's child."""
+    port = free_port()
+    prefix = os.path.join(work, "nginx")
+    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    config = os.path.join(prefix, "nginx.conf")
+    with open(config, "w") as f:
+        f.write(f"""{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    upstream deno {{ server unix:{socket_path}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://deno;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+""")
+    p = procs.start(["nginx", "-p", prefix, "-c", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_response(port)
+    return p, port
+
+
 def big_module(size):
     """Plain JS of about `size` bytes: functions and data a bundler would emit."""
     parts, total, i = [], 0, 0

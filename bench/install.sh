@@ -1,13 +1,14 @@
 #!/bin/sh
 # What bench/suite.py needs beyond the project's own tools: wrk and h2load
-# (Debian: wrk, nghttp2-client), Cloudflare's workerd (npm, pinned in
+# (Debian: wrk, nghttp2-client), haproxy and nginx (the proxy hops warm.py
+# measures the runner against), Cloudflare's workerd (npm, pinned in
 # bench/package-lock.json) and @deno/eszip (tools/eszip). suite.py
 # does the same by itself when something is missing; this is for doing it
 # ahead of time (or as root, for the Debian packages).
 set -eu
 cd "$(dirname "$0")"
-for tool in wrk:wrk h2load:nghttp2-client; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 && continue
+for tool in wrk:wrk h2load:nghttp2-client haproxy:haproxy nginx:nginx; do
+  { command -v "${tool%%:*}" || [ -x "/usr/sbin/${tool%%:*}" ]; } >/dev/null 2>&1 && continue
   if [ "$(id -u)" = 0 ]; then
     apt-get install -y "${tool#*:}" || { apt-get update && apt-get install -y "${tool#*:}"; }
   else

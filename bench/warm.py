@@ -6,6 +6,11 @@ that every figure shares the machine's state of the moment.
     python3 bench/warm.py [--binary A --binary B ...] [--rounds 5] [--seconds 5]
                           [--tenants 1] [--runner-arg=--flag ...]
 
+Beside the runners: the same handler behind one haproxy hop and behind one
+nginx hop (each proxy in front of a deno of its own on a unix socket, as an
+isolate sits behind the runner; installed from Debian when missing), and
+deno serving it directly. `--no-proxies` leaves the proxies out.
+
 Prints req/s, p50/p99 and the CPU per request of each runner process (and of
 the isolate behind it) as medians over rounds. `--tenants N` rotates Host
 over N deployments (the many-tenant figure of the suite). See
@@ -19,8 +24,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (HANDLER, Procs, ROOT, Runner, Wrk, deno_direct,  # noqa: E402
-                    ensure_wrk, first_response, get, log, med)
+from common import (HANDLER, Procs, ROOT, Runner, Wrk, deno_direct, deno_on_socket,  # noqa: E402
+                    descendants, ensure_proxies, ensure_wrk, first_response, get, haproxy_hop, log, med,
+                    nginx_hop)
 
 
 def main():
@@ -32,6 +38,7 @@ def main():
     parser.add_argument("--tenants", type=int, default=1)
     parser.add_argument("--runner-arg", action="append", default=[], help="passed to every runner")
     parser.add_argument("--no-deno", action="store_true", help="leave out deno serving directly")
+    parser.add_argument("--no-proxies", action="store_true", help="leave out the haproxy and nginx hops")
     args = parser.parse_args()
     binaries = args.binary or [os.path.join(ROOT, "target/release/isocloud")]
 
@@ -54,10 +61,20 @@ def main():
                 list(boot.map(lambda host: get(runner.port, host), hosts))
             runners.append((f"runner {n}: {os.path.relpath(binary, ROOT)}", runner))
         targets = list(runners)
+        if not args.no_proxies:
+            ensure_proxies()
+            for name, hop in (("haproxy 2.6 (1 thread) → deno on a unix socket", haproxy_hop),
+                              ("nginx (1 worker, upstream keep-alive) → deno on a unix socket", nginx_hop)):
+                where = os.path.join(work, name.split()[0])
+                os.makedirs(where)
+                socket_path = os.path.join(where, "deno.sock")
+                behind = deno_on_socket(procs, os.path.join(apps, "t0"), os.path.join(where, "deno-dir"), socket_path)
+                proc, port = hop(procs, where, socket_path)
+                targets.append((name, (proc, port, behind)))
         if not args.no_deno:
             dproc, dport = deno_direct(procs, os.path.join(apps, "t0"), os.path.join(work, "deno-direct"))
             first_response(dport)
-            targets.append(("deno direct", (dproc, dport)))
+            targets.append(("deno direct", (dproc, dport, None)))
 
         results = {name: [] for name, _ in targets}
         for r in range(args.rounds):
@@ -70,10 +87,13 @@ def main():
                     res["own_us"] = res["cpu_s"][target.proc.pid] / res["requests"] * 1e6
                     res["isolate_us"] = sum(res["cpu_s"][p] for p in isolates) / res["requests"] * 1e6
                 else:
-                    proc, port = target
-                    res = wrk.run(port, ["localhost"], args.seconds, conns=args.conns, watch=[proc.pid])
-                    res["own_us"] = res["cpu_s"][proc.pid] / res["requests"] * 1e6
-                    res["isolate_us"] = 0.0
+                    proc, port, behind = target
+                    # A proxy's own CPU counts its workers too (nginx's master forks one).
+                    own = [proc.pid, *(pid for pid, _ in descendants(proc.pid))]
+                    watch = own + ([behind.pid] if behind else [])
+                    res = wrk.run(port, ["localhost"], args.seconds, conns=args.conns, watch=watch)
+                    res["own_us"] = sum(res["cpu_s"][p] for p in own) / res["requests"] * 1e6
+                    res["isolate_us"] = res["cpu_s"][behind.pid] / res["requests"] * 1e6 if behind else 0.0
                 results[name].append(res)
 
         base = med([x["rps"] for x in results[targets[-1][0]]])
