@@ -211,3 +211,54 @@ pub struct AnalyticsPoint {
 
 #[cfg(test)]
 mod tests;
+
+// ------------------------------------------------------------ request bodies
+//
+// What the client sends and the server reads: the server refuses a field it
+// does not know (a typo is an error, not a silent no-op), so a field renamed
+// on one side is a compile error on the other rather than a 400 at run time.
+
+/// `POST /projects` (create) and `PATCH /projects/{name}` (rename).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectNameBody {
+    pub name: String,
+}
+
+/// `POST /blobs/missing`: which of these the server lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobHashesBody {
+    pub hashes: Vec<String>,
+}
+
+/// `POST /projects/{name}/promote` and `…/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRefBody {
+    pub deployment_id: String,
+}
+
+/// `PUT /projects/{name}/env/{var}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvValueBody {
+    pub value: String,
+}
+
+/// `POST /domains`: a domain, attached to a project or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDomainBody {
+    pub domain: String,
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+/// `PUT /domains/{domain}/certificate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateBody {
+    pub cert_pem: String,
+    pub key_pem: String,
+}

@@ -216,3 +216,16 @@ fn the_wire_text_is_unchanged() {
         assert_eq!(written, before);
     }
 }
+
+#[test]
+fn request_bodies_refuse_a_field_they_do_not_know_and_round_trip() {
+    let body = ProjectNameBody { name: "hello".into() };
+    let json = serde_json::to_string(&body).unwrap();
+    assert_eq!(json, r#"{"name":"hello"}"#);
+    assert_eq!(serde_json::from_str::<ProjectNameBody>(&json).unwrap(), body);
+    let typo = serde_json::from_str::<ProjectNameBody>(r#"{"nmae":"hello"}"#).unwrap_err().to_string();
+    assert!(typo.contains("unknown field `nmae`"), "{typo}");
+    let domain: NewDomainBody = serde_json::from_str(r#"{"domain":"example.com"}"#).unwrap();
+    assert_eq!(domain.project, None, "a domain may be added unattached");
+    assert!(serde_json::from_str::<DeploymentRefBody>(r#"{"deployment_id":"x","production":true}"#).is_err());
+}

@@ -262,12 +262,12 @@ impl Api {
     }
 
     pub async fn create_project(&self, name: &str) -> Result<Project, ClientError> {
-        let body = serde_json::json!({ "name": name });
+        let body = isocloud_api::ProjectNameBody { name: name.to_owned() };
         self.json(self.request(Method::POST, &["projects"])?.json(&body)).await
     }
 
     pub async fn rename_project(&self, name: &str, new_name: &str) -> Result<Project, ClientError> {
-        let body = serde_json::json!({ "name": new_name });
+        let body = isocloud_api::ProjectNameBody { name: new_name.to_owned() };
         self.json(self.request(Method::PATCH, &["projects", name])?.json(&body)).await
     }
 
@@ -276,7 +276,7 @@ impl Api {
     }
 
     pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, ClientError> {
-        let body = serde_json::json!({ "hashes": hashes });
+        let body = isocloud_api::BlobHashesBody { hashes: hashes.to_vec() };
         let answer: MissingBlobs = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
         Ok(answer.missing)
     }
@@ -313,7 +313,7 @@ impl Api {
     }
 
     pub async fn promote(&self, project: &str, deployment_id: &str) -> Result<Project, ClientError> {
-        let body = serde_json::json!({ "deployment_id": deployment_id });
+        let body = isocloud_api::DeploymentRefBody { deployment_id: deployment_id.to_owned() };
         self.json(self.request(Method::POST, &["projects", project, "promote"])?.json(&body)).await
     }
 
@@ -322,7 +322,7 @@ impl Api {
     pub async fn rollback(&self, project: &str, deployment_id: Option<&str>) -> Result<Project, ClientError> {
         let mut request = self.request(Method::POST, &["projects", project, "rollback"])?;
         if let Some(id) = deployment_id {
-            request = request.json(&serde_json::json!({ "deployment_id": id }));
+            request = request.json(&isocloud_api::DeploymentRefBody { deployment_id: id.to_owned() });
         }
         self.json(request).await
     }
@@ -332,7 +332,7 @@ impl Api {
     }
 
     pub async fn set_env(&self, project: &str, name: &str, value: &str) -> Result<EnvVar, ClientError> {
-        let body = serde_json::json!({ "value": value });
+        let body = isocloud_api::EnvValueBody { value: value.to_owned() };
         self.json(self.request(Method::PUT, &["projects", project, "env", name])?.json(&body)).await
     }
 
@@ -345,7 +345,7 @@ impl Api {
     }
 
     pub async fn add_domain(&self, domain: &str, project: &str) -> Result<Domain, ClientError> {
-        let body = serde_json::json!({ "domain": domain, "project": project });
+        let body = isocloud_api::NewDomainBody { domain: domain.to_owned(), project: Some(project.to_owned()) };
         self.json(self.request(Method::POST, &["domains"])?.json(&body)).await
     }
 
@@ -360,7 +360,7 @@ impl Api {
     }
 
     pub async fn put_certificate(&self, domain: &str, cert_pem: &str, key_pem: &str) -> Result<Domain, ClientError> {
-        let body = serde_json::json!({ "cert_pem": cert_pem, "key_pem": key_pem });
+        let body = isocloud_api::CertificateBody { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned() };
         self.json(self.request(Method::PUT, &["domains", domain, "certificate"])?.json(&body)).await
     }
 

@@ -7,7 +7,6 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_LENGTH;
 use futures_util::{StreamExt, TryStreamExt};
-use serde::Deserialize;
 
 use super::{ApiJson, ApiPath, AppState, check};
 use crate::error::ApiError;
@@ -17,15 +16,9 @@ use isocloud_api as wire;
 /// Hashes one `missing` call may ask about.
 const MAX_HASHES_PER_QUERY: usize = 100_000;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MissingBody {
-    hashes: Vec<String>,
-}
-
 pub(crate) async fn missing(
     State(cp): State<AppState>,
-    ApiJson(body): ApiJson<MissingBody>,
+    ApiJson(body): ApiJson<wire::BlobHashesBody>,
 ) -> Result<Json<wire::MissingBlobs>, ApiError> {
     if body.hashes.len() > MAX_HASHES_PER_QUERY {
         return Err(ApiError::field("hashes", format!("at most {MAX_HASHES_PER_QUERY} per request")));

@@ -27,24 +27,9 @@ async fn domain_or_404(conn: &mut AnyConnection, domain: &str) -> Result<DomainR
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateDomain {
-    domain: String,
-    #[serde(default)]
-    project: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct AttachBody {
     /// A project name, or null to detach. Required.
     project: Value,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CertificateBody {
-    cert_pem: String,
-    key_pem: String,
 }
 
 pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Domain>>, ApiError> {
@@ -64,7 +49,7 @@ pub(crate) async fn get(
 
 pub(crate) async fn create(
     State(cp): State<AppState>,
-    ApiJson(body): ApiJson<CreateDomain>,
+    ApiJson(body): ApiJson<wire::NewDomainBody>,
 ) -> Result<(StatusCode, Json<wire::Domain>), ApiError> {
     check("domain", validate::domain(&body.domain, &cp.options.base_domain))?;
     let mut tx = cp.store.write().await?;
@@ -130,7 +115,7 @@ pub(crate) async fn verify(
 pub(crate) async fn put_certificate(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
-    ApiJson(body): ApiJson<CertificateBody>,
+    ApiJson(body): ApiJson<wire::CertificateBody>,
 ) -> Result<Json<wire::Domain>, ApiError> {
     let row = {
         let mut conn = cp.store.read().await?;

@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Deserialize;
 
 use super::projects::project_or_404;
 use super::{ApiJson, ApiPath, AppState, check};
@@ -13,12 +12,6 @@ use crate::store::env;
 use crate::time::{format_ms, now_ms};
 use crate::validate;
 use isocloud_api as wire;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ValueBody {
-    value: String,
-}
 
 pub(crate) async fn list(
     State(cp): State<AppState>,
@@ -35,7 +28,7 @@ pub(crate) async fn list(
 pub(crate) async fn put(
     State(cp): State<AppState>,
     ApiPath((name, env_name)): ApiPath<(String, String)>,
-    ApiJson(body): ApiJson<ValueBody>,
+    ApiJson(body): ApiJson<wire::EnvValueBody>,
 ) -> Result<Json<wire::EnvVar>, ApiError> {
     check("name", validate::env_name(&env_name))?;
     check("value", validate::env_value(&body.value))?;

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde::Deserialize;
 use sqlx::AnyConnection;
 
 use super::paging::PageRequest;
@@ -25,12 +24,6 @@ pub(crate) async fn project_or_404(conn: &mut AnyConnection, name: &str) -> Resu
     projects::by_name(conn, name).await?.ok_or_else(|| not_found(name))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NameBody {
-    name: String,
-}
-
 /// Projects by name, a page at a time (`?limit=N`, 1–1000, default 100;
 /// `Link: rel="next"` while more follow).
 pub(crate) async fn list(
@@ -48,7 +41,7 @@ pub(crate) async fn list(
 
 pub(crate) async fn create(
     State(cp): State<AppState>,
-    ApiJson(body): ApiJson<NameBody>,
+    ApiJson(body): ApiJson<wire::ProjectNameBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let name = check("name", validate::project_name(&body.name))?;
     let id = ids::project_id();
@@ -72,7 +65,7 @@ pub(crate) async fn get(
 pub(crate) async fn rename(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<NameBody>,
+    ApiJson(body): ApiJson<wire::ProjectNameBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
     let new_name = check("name", validate::project_name(&body.name))?;
     let mut tx = cp.store.write().await?;
@@ -97,12 +90,6 @@ pub(crate) async fn delete(State(cp): State<AppState>, ApiPath(name): ApiPath<St
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DeploymentIdBody {
-    deployment_id: String,
-}
-
 fn deployment_id_field(id: &str) -> Result<DeploymentId, ApiError> {
     validate::deployment_id(id).ok_or_else(|| {
         ApiError::field("deployment_id", format!("{:?} is not a deployment id", validate::truncate(id, 80)))
@@ -112,7 +99,7 @@ fn deployment_id_field(id: &str) -> Result<DeploymentId, ApiError> {
 pub(crate) async fn promote(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<DeploymentIdBody>,
+    ApiJson(body): ApiJson<wire::DeploymentRefBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
     let id = deployment_id_field(&body.deployment_id)?;
     let mut tx = cp.store.write().await?;
@@ -141,7 +128,7 @@ pub(crate) async fn promote(
 pub(crate) async fn rollback(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    OptionalJson(body): OptionalJson<DeploymentIdBody>,
+    OptionalJson(body): OptionalJson<wire::DeploymentRefBody>,
 ) -> Result<Json<wire::Project>, ApiError> {
     let wanted = body.map(|body| deployment_id_field(&body.deployment_id)).transpose()?;
     let mut tx = cp.store.write().await?;
