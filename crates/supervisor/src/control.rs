@@ -44,6 +44,26 @@ pub(crate) struct ControlContext {
 
 pub(crate) type Materializing = Shared<BoxFuture<'static, Result<(), String>>>;
 
+impl ControlContext {
+    /// The context of a fresh isolate, with the receivers of its harness's
+    /// first start report (`ready` or `start_error`) and of its `waiting`.
+    pub(crate) fn new(
+        hooks: Arc<dyn IsolateHooks>,
+        lifetime: Lifetime,
+    ) -> (Self, oneshot::Receiver<StartReport>, oneshot::Receiver<Waiting>) {
+        let (started_tx, started_rx) = oneshot::channel();
+        let (waiting_tx, waiting_rx) = oneshot::channel();
+        let control = Self {
+            hooks,
+            started: Arc::new(Mutex::new(Some(started_tx))),
+            waiting: Arc::new(Mutex::new(Some(waiting_tx))),
+            materializing: Arc::default(),
+            lifetime,
+        };
+        (control, started_rx, waiting_rx)
+    }
+}
+
 pub(crate) async fn accept_control(listener: UnixListener, _listener_count: Count, control: ControlContext) {
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     while let Ok((stream, _)) = listener.accept().await {
@@ -68,7 +88,9 @@ pub(crate) async fn accept_control(listener: UnixListener, _listener_count: Coun
     }
 }
 
-pub(crate) type StartedSlot = Arc<Mutex<Option<oneshot::Sender<Result<(), (ErrorCode, String)>>>>>;
+/// A harness's first start report: `ready`, or `start_error`'s code and message.
+pub(crate) type StartReport = Result<(), (ErrorCode, String)>;
+pub(crate) type StartedSlot = Arc<Mutex<Option<oneshot::Sender<StartReport>>>>;
 /// Taken by the first connection that says it waits: the harness, before
 /// any tenant code ran.
 pub(crate) type WaitingSlot = Arc<Mutex<Option<oneshot::Sender<Waiting>>>>;
@@ -283,7 +305,7 @@ mod tests {
         hooks: Arc<Recorder>,
         write: OwnedWriteHalf,
         replies: Lines<BufReader<OwnedReadHalf>>,
-        started: oneshot::Receiver<Result<(), (ErrorCode, String)>>,
+        started: oneshot::Receiver<StartReport>,
         waiting: oneshot::Receiver<Waiting>,
         _owner: LifetimeOwner,
     }
@@ -291,16 +313,8 @@ mod tests {
     fn connect() -> Harness {
         let (runner, harness) = UnixStream::pair().unwrap();
         let hooks = Arc::new(Recorder::default());
-        let (started_tx, started) = oneshot::channel();
-        let (waiting_tx, waiting) = oneshot::channel();
         let (lifetime, owner) = Lifetime::new();
-        let control = ControlContext {
-            hooks: hooks.clone(),
-            started: Arc::new(Mutex::new(Some(started_tx))),
-            waiting: Arc::new(Mutex::new(Some(waiting_tx))),
-            materializing: Arc::default(),
-            lifetime: lifetime.clone(),
-        };
+        let (control, started, waiting) = ControlContext::new(hooks.clone(), lifetime.clone());
         lifetime.spawn(serve_control(runner, control));
         let (read, write) = harness.into_split();
         Harness { hooks, write, replies: BufReader::new(read).lines(), started, waiting, _owner: owner }

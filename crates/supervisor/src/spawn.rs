@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isocloud_egress::EgressGrant;
-use isocloud_protocol::{ErrorCode, LogLevel};
+use isocloud_protocol::LogLevel;
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SandboxedCommand, signal_process_group};
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
@@ -27,7 +27,7 @@ pub(crate) struct Spawned {
     pub(crate) termination: Arc<Mutex<Option<Termination>>>,
     pub(crate) state: watch::Receiver<IsolateState>,
     pub(crate) egress: Option<EgressGrant>,
-    pub(crate) started_rx: oneshot::Receiver<Result<(), (ErrorCode, String)>>,
+    pub(crate) started_rx: oneshot::Receiver<crate::control::StartReport>,
     /// The harness's control connection, once it waits for an assignment
     /// (pre-started isolates only).
     pub(crate) waiting_rx: Option<oneshot::Receiver<crate::control::Waiting>>,
@@ -87,15 +87,7 @@ impl Spawned {
             lifetime.spawn_draining(pump_output(stderr, LogLevel::Error, hooks.clone(), Some(stderr_tail.clone())));
         }
 
-        let (started_tx, started_rx) = oneshot::channel::<Result<(), (ErrorCode, String)>>();
-        let (waiting_tx, waiting_rx) = oneshot::channel::<crate::control::Waiting>();
-        let control = ControlContext {
-            hooks: hooks.clone(),
-            started: Arc::new(Mutex::new(Some(started_tx))),
-            waiting: Arc::new(Mutex::new(Some(waiting_tx))),
-            materializing: Arc::default(),
-            lifetime: lifetime.clone(),
-        };
+        let (control, started_rx, waiting_rx) = ControlContext::new(hooks.clone(), lifetime.clone());
         lifetime.spawn(accept_control(listener, listener_count, control));
 
         let (state_tx, state_rx) = watch::channel(IsolateState::Running);
@@ -175,7 +167,7 @@ impl Spawned {
             hooks,
         });
         let exited = isolate.state.clone();
-        let started = |message: Result<Result<(), (ErrorCode, String)>, oneshot::error::RecvError>| match message {
+        let started = |message: Result<crate::control::StartReport, oneshot::error::RecvError>| match message {
             Ok(Ok(())) => Ok(()),
             Ok(Err((code, message))) => Err(StartError::Failed { code, message }),
             Err(_) => Err(StartError::Exited { status: "control channel closed".into(), stderr: String::new() }),
