@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::builds::{api_get, client, count_files, deployment_host, deployment_id};
-use crate::support::ControlPlaneServe;
 use crate::support::registry::{JsrPackage, NpmPackage, TestRegistry};
+use crate::support::{ControlPlaneServe, metric_value};
 use serde_json::{Value, json};
 
 /// `isocloud serve` whose builds use `registry` for npm and JSR.
@@ -322,15 +322,6 @@ async fn two_projects_with_the_same_packages_store_them_once() {
     assert_eq!(counts[1], counts[0] + 1, "only main.ts is new ({counts:?})");
 }
 
-/// A runner metric's value (0 when the series is absent).
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map(|value| value as u64)
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_prestarted_isolate_loads_its_sets_packages_but_evaluates_them_for_the_tenant_in_its_order() {
     let registry = TestRegistry::start();
@@ -374,14 +365,14 @@ async fn a_prestarted_isolate_loads_its_sets_packages_but_evaluates_them_for_the
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected("one"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut metrics = serve.runner.metrics().await;
-    while metric(&metrics, "isocloud_prestarted_preloaded_packages_total") == 0
-        || metric(&metrics, "isocloud_prestarted_waiting") == 0
+    while metric_value(&metrics, "isocloud_prestarted_preloaded_packages_total") == 0
+        || metric_value(&metrics, "isocloud_prestarted_waiting") == 0
     {
         assert!(std::time::Instant::now() < deadline, "no pre-started isolate loaded the set:\n{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         metrics = serve.runner.metrics().await;
     }
-    let hits = metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#);
+    let hits = metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#);
 
     // The second project boots on one of them, and evalpkg runs for it:
     // with its envs, after its first module.
@@ -389,5 +380,5 @@ async fn a_prestarted_isolate_loads_its_sets_packages_but_evaluates_them_for_the
     assert_eq!(status, 200, "{body}\nrunner:\n{}", serve.runner.stderr());
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected("two"));
     let metrics = serve.runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), hits + 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), hits + 1, "{metrics}");
 }

@@ -270,14 +270,6 @@ fn exec_environment(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0)
-}
-
 fn env_app() -> AppsDir {
     let apps = AppsDir::new();
     let config = json!({ "envs": { "GREETING": TENANT_GREETING, "NODE_ENV": TENANT_NODE_ENV } });
@@ -326,7 +318,7 @@ async fn allowed_envs_reach_the_tenant_but_never_deno_s_exec_environment() {
     let runner = apps.serve(&[]);
     assert_envs_reach_the_tenant_only(&runner).await;
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 0, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 0, "{metrics}");
     drop(runner);
 
     // A pre-started deno, handed the deployment.
@@ -334,7 +326,7 @@ async fn allowed_envs_reach_the_tenant_but_never_deno_s_exec_environment() {
     wait_until("a pre-started isolate waits", Duration::from_secs(20), || runner.isolate_pids().len() == 1).await;
     let mut waiting = 0;
     for _ in 0..200 {
-        waiting = metric(&runner.metrics().await, "isocloud_prestarted_waiting");
+        waiting = metric_value(&runner.metrics().await, "isocloud_prestarted_waiting");
         if waiting == 1 {
             break;
         }
@@ -343,7 +335,7 @@ async fn allowed_envs_reach_the_tenant_but_never_deno_s_exec_environment() {
     assert_eq!(waiting, 1, "{}", runner.stderr());
     assert_envs_reach_the_tenant_only(&runner).await;
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
 }
 
 /// Reads an asset on request, so the runner writes it into `/src`.

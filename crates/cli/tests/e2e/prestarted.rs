@@ -25,14 +25,6 @@ Deno.serve(async () => {
 });
 "#;
 
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map(|value| value as u64)
-        .unwrap_or(0)
-}
-
 /// What `host`'s isolate sees of itself, and its host pid: in its own PID
 /// namespace it is pid 1 (a pre-started one too, once it serves).
 async fn introspect(runner: &Runner, host: &str) -> (Value, u32) {
@@ -60,7 +52,7 @@ async fn settle(runner: &Runner, children: usize, waiting: u64) -> Vec<u32> {
     let mut metrics = String::new();
     for _ in 0..100 {
         metrics = runner.metrics().await;
-        if metric(&metrics, "isocloud_prestarted_waiting") == waiting {
+        if metric_value(&metrics, "isocloud_prestarted_waiting") == waiting {
             return runner.isolate_pids();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -92,7 +84,7 @@ async fn a_cold_boot_takes_a_prestarted_isolate_that_then_is_the_deployments_alo
     assert_eq!(seen["passwd"], "NotCapable", "{seen}");
 
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
     // The deployment's deno cache dir is the one the isolate started with:
     // a re-boot finds what it compiled.
     let deno_dirs: Vec<_> = std::fs::read_dir(runner.state_dir.path().join("deno-dir")).unwrap().collect();
@@ -127,7 +119,7 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
     assert!(!waiting.contains(&pid), "{pid} {seen}");
     assert_eq!(seen["env"], serde_json::json!({"NO_COLOR": "0"}));
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="unfit"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="unfit"}"#), 1, "{metrics}");
     assert!(runner.isolate_pids().contains(&waiting[0]), "the unfit boot left the waiting isolate waiting");
 
     // The first boot of a new profile finds none waiting, and teaches the
@@ -135,7 +127,7 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
     let (_, a_pid) = introspect(&runner, "offline-a.localhost").await;
     assert!(!waiting.contains(&a_pid));
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="miss"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="miss"}"#), 1, "{metrics}");
     // needs-import-map, offline-a, and one waiting for each profile.
     let waiting_now = settle(&runner, 4, 2).await;
     let (b, b_pid) = introspect(&runner, "offline-b.localhost").await;
@@ -143,7 +135,7 @@ async fn deployments_that_need_their_own_start_or_another_profile_do_not_take_on
     assert_ne!(b_pid, waiting[0], "not the one of the other profile");
     assert_eq!(b["passwd"], "NotCapable");
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
 }
 
 /// About `bytes` of plain JS, the way a bundler emits it.
@@ -192,7 +184,7 @@ async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestar
         wait_until(&format!("{name}'s isolate idles out"), Duration::from_secs(20), || !process_alive(first)).await;
     }
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 2, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 2, "{metrics}");
     // What the first boots compiled is in their deployments' cache dirs.
     let deno_dirs: Vec<_> =
         std::fs::read_dir(runner.state_dir.path().join("deno-dir")).unwrap().map(|e| e.unwrap().path()).collect();
@@ -215,11 +207,11 @@ async fn a_big_deployment_reboots_on_its_own_code_cache_a_small_one_on_a_prestar
     let big_again = serve("big").await;
     assert_ne!(big_again, waiting[0], "the big deployment's re-boot left the pre-started isolate waiting");
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="code_cache"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="code_cache"}"#), 1, "{metrics}");
     let small_again = serve("small").await;
     assert_eq!(small_again, waiting[0], "the small deployment's re-boot took the pre-started isolate");
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 3, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 3, "{metrics}");
 }
 
 #[tokio::test]
@@ -240,6 +232,6 @@ async fn a_prestarted_isolate_of_a_remote_origin_asks_for_the_tree_when_it_reads
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "from tree", "the deferred tree reached the pre-started isolate");
     let metrics = runner.metrics().await;
-    assert_eq!(metric(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"isocloud_prestarted_boots_total{result="hit"}"#), 1, "{metrics}");
     assert_eq!(origin.calls_to("read_tree"), 1, "{:?}", origin.calls());
 }

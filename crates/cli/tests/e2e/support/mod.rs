@@ -662,6 +662,16 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
     body["error"]["message"].as_str().unwrap_or_default().to_owned()
 }
 
+/// The value of the series `series` (name and labels, as printed) in the
+/// Prometheus text, as a whole number; 0 when it is absent.
+pub fn metric_value(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or(0)
+}
+
 /// Whether the Prometheus text has a line starting with `sample` (a whole
 /// metric name, so a prefixed or suffixed name does not count).
 pub fn has_metric(metrics: &str, sample: &str) -> bool {
