@@ -208,8 +208,9 @@ function exportTarget(value) {
   return null;
 }
 
-// The file URL an `import "<package>"` loads, when it is an ES module.
-function esmEntry(dir, packageDir) {
+// The file URL an `import "<package>"` loads, when it is an ES module;
+// `setRoot` is the set's folder with its links resolved.
+function esmEntry(setRoot, packageDir) {
   const manifest = JSON.parse(Deno.readTextFileSync(`${packageDir}/package.json`));
   let target;
   const exports = manifest.exports;
@@ -225,7 +226,7 @@ function esmEntry(dir, packageDir) {
   if (!esm) return null;
   const path = Deno.realPathSync(`${packageDir}/${target.replace(/^\.\//, "")}`);
   // Inside the set, and a path a URL holds as it is.
-  if (!path.startsWith(`${Deno.realPathSync(dir)}/`) || /[#?%\s\\]/.test(path)) return null;
+  if (!path.startsWith(`${setRoot}/`) || /[#?%\s\\]/.test(path)) return null;
   return new URL(`file://${path}`).href;
 }
 
@@ -243,16 +244,17 @@ function setPackages(dir) {
 }
 
 async function preloadPackages(dir) {
-  let names;
+  let names, setRoot;
   try {
     names = setPackages(dir);
+    setRoot = Deno.realPathSync(dir);
   } catch {
     return 0; // no set bound
   }
   const entries = [];
   for (const name of names) {
     try {
-      const entry = esmEntry(dir, `${dir}/${name}`);
+      const entry = esmEntry(setRoot, `${dir}/${name}`);
       if (entry !== null) entries.push(entry);
     } catch {
       // its own import will say what is wrong

@@ -328,7 +328,7 @@ pub(crate) async fn list(
     let page = PageRequest::from_query(&query, 50, 1000, 2)?;
     let after = match &page.after {
         Some(key) => {
-            let ms = key[0].parse::<i64>().map_err(|_| ApiError::field("cursor", "is not a cursor this list gave"))?;
+            let ms = key[0].parse::<i64>().map_err(|_| super::paging::bad_cursor())?;
             Some((ms, key[1].as_str()))
         }
         None => None,

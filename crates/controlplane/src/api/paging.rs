@@ -58,15 +58,19 @@ fn encode(parts: &[String]) -> String {
     ENGINE.encode(serde_json::to_vec(parts).expect("strings serialize"))
 }
 
+/// The answer to a cursor that is not one the list gave.
+pub(crate) fn bad_cursor() -> ApiError {
+    ApiError::field("cursor", "is not a cursor this list gave (follow the Link header's next URL)")
+}
+
 fn decode(cursor: &str, parts: usize) -> Result<Vec<String>, ApiError> {
-    let bad = || ApiError::field("cursor", "is not a cursor this list gave (follow the Link header's next URL)");
     if cursor.len() > MAX_CURSOR_BYTES {
-        return Err(bad());
+        return Err(bad_cursor());
     }
-    let bytes = ENGINE.decode(cursor).map_err(|_| bad())?;
-    let key: Vec<String> = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let bytes = ENGINE.decode(cursor).map_err(|_| bad_cursor())?;
+    let key: Vec<String> = serde_json::from_slice(&bytes).map_err(|_| bad_cursor())?;
     if key.len() != parts {
-        return Err(bad());
+        return Err(bad_cursor());
     }
     Ok(key)
 }
