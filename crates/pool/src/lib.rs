@@ -20,6 +20,7 @@ mod node_http;
 mod npm;
 mod packages;
 mod pool;
+mod slots;
 mod template;
 mod warm;
 

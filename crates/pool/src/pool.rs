@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
 use isocloud_origin::{DiskCache, Origin};
 use isocloud_protocol::{ActivityKind, LogLevel};
 use isocloud_sandbox::SandboxPolicy;
@@ -16,6 +15,7 @@ use isocloud_supervisor::{Isolate, IsolateLimits, IsolateState, Reserved, Termin
 use crate::admission::{Admission, AdmissionOptions};
 use crate::boot::{BootContext, boot};
 use crate::deployment_metrics::Ending;
+use crate::slots::{BootFuture, Capacity, Key, Lookup, Occupancy, Slots, Started, Sweep};
 use crate::warm::{Warm, WarmOptions};
 use crate::{ActivitySink, BootError, PoolMetrics};
 
@@ -57,17 +57,21 @@ pub struct PoolOptions {
     pub prestarted_per_profile: usize,
 }
 
-/// Deployments are named by origin and id: two subhosters may both have a
-/// deployment "1".
-type Key = (String, String);
-
 /// At shutdown, how long queued activity may take to reach the origins.
 const ACTIVITY_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-type BootFuture = Shared<BoxFuture<'static, Result<Arc<Isolate>, BootError>>>;
 
-enum Slot {
-    Booting(BootFuture),
-    Ready(Arc<Isolate>),
+impl Occupancy for Isolate {
+    fn is_running(&self) -> bool {
+        Isolate::is_running(self)
+    }
+
+    fn is_condemned(&self) -> bool {
+        self.termination().is_some()
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        (self.in_flight() == 0).then(|| Isolate::idle_for(self))
+    }
 }
 
 /// One running isolate, as the admin listener lists it.
@@ -80,14 +84,8 @@ pub struct IsolateView {
     pub tenant: String,
 }
 
-/// A deployment's place in the pool, and whose it is.
-struct Entry {
-    tenant: Arc<str>,
-    slot: Slot,
-}
-
 struct Inner {
-    slots: Mutex<HashMap<Key, Entry>>,
+    slots: Mutex<Slots<Isolate>>,
     /// Which origin each running isolate came from, for its reports.
     origins: Mutex<HashMap<Key, Arc<dyn Origin>>>,
     ctx: BootContext,
@@ -160,7 +158,7 @@ impl Pool {
         };
         let pool = Self {
             inner: Arc::new(Inner {
-                slots: Mutex::new(HashMap::new()),
+                slots: Mutex::new(Slots::new()),
                 origins: Mutex::new(HashMap::new()),
                 ctx,
                 options,
@@ -203,10 +201,7 @@ impl Pool {
             let isolate = self.isolate_unreserved(origin, deployment_id).await?;
             let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
             let slots = self.inner.slots.lock().expect("pool poisoned");
-            let still_ready = slots
-                .get(&key)
-                .is_some_and(|entry| matches!(&entry.slot, Slot::Ready(ready) if Arc::ptr_eq(ready, &isolate)));
-            if still_ready && isolate.is_running() && isolate.termination().is_none() {
+            if slots.holds(&key, &isolate) {
                 return Ok(isolate.reserve());
             }
         }
@@ -219,41 +214,46 @@ impl Pool {
         deployment_id: &str,
     ) -> Result<Arc<Isolate>, BootError> {
         let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
-        let boot_future = {
+        let options = &self.inner.options;
+        let capacity = Capacity { max_isolates: options.max_isolates, max_per_tenant: options.max_isolates_per_tenant };
+        let looked = {
             let mut slots = self.inner.slots.lock().expect("pool poisoned");
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(BootError::ShuttingDown);
             }
-            match slots.get(&key).map(|entry| &entry.slot) {
-                // One the runner has condemned (a limit) is dead already, even
-                // if the kernel has not reaped it yet.
-                Some(Slot::Ready(isolate)) if isolate.is_running() && isolate.termination().is_none() => {
-                    return Ok(isolate.clone());
-                }
-                Some(Slot::Ready(isolate)) => {
-                    // It died since the last request: report it, then boot anew.
-                    let isolate = isolate.clone();
-                    slots.remove(&key);
-                    self.note_exit(&key, &isolate);
-                    None
-                }
-                Some(Slot::Booting(future)) => Some(future.clone()),
-                None => None,
-            }
-            .map(Ok)
-            .unwrap_or_else(|| {
+            slots.lookup(
+                &key,
+                capacity,
                 // From memory (the trait's contract), so fine under the lock.
-                let tenant: Arc<str> = origin.tenant_of(deployment_id).into();
-                self.make_room(&mut slots, &tenant)?;
-                let future = self.boot_future(key.clone(), origin.clone(), tenant.clone());
-                slots.insert(key, Entry { tenant, slot: Slot::Booting(future.clone()) });
-                Ok(future)
-            })
+                || origin.tenant_of(deployment_id).into(),
+                || self.boot_future(key.clone(), origin.clone()),
+            )
         };
-        boot_future?.await
+        if let Some(isolate) = looked.exited {
+            self.note_exit(&key, &isolate);
+        }
+        match looked.answer {
+            Ok(Lookup::Ready(isolate)) => Ok(isolate),
+            Ok(Lookup::Join(boot)) => boot.await,
+            Ok(Lookup::Started(Started { boot, evicted })) => {
+                if let Some((key, isolate, reason)) = evicted {
+                    self.evict(key, isolate, reason);
+                }
+                boot.await
+            }
+            Err(refusal) => {
+                let reason = match refusal {
+                    BootError::TenantCapacity(_) => "tenant_cap",
+                    _ => "max_isolates",
+                };
+                self.inner.metrics.boot_refusals.get_or_create(&vec![("reason", reason)]).inc();
+                tracing::info!(tenant = %origin.tenant_of(deployment_id), reason, "boot refused: no idle isolate to make room");
+                Err(refusal)
+            }
+        }
     }
 
-    fn boot_future(&self, key: Key, origin: Arc<dyn Origin>, tenant: Arc<str>) -> BootFuture {
+    fn boot_future(&self, key: Key, origin: Arc<dyn Origin>) -> BootFuture<Isolate> {
         let inner = self.inner.clone();
         let instance = inner.next_instance.fetch_add(1, Ordering::Relaxed);
         // A task, so a boot finishes (and is cached) even if every request
@@ -274,20 +274,20 @@ impl Pool {
                         pid = isolate.pid(),
                         "isolate booted"
                     );
-                    if inner.closed.load(Ordering::Acquire) {
+                    if inner.closed.load(Ordering::Acquire) || !slots.settle(&key, Some(isolate.clone())) {
                         slots.remove(&key);
+                        inner.metrics.live_isolates.dec();
                         isolate.kill();
                         return Err(BootError::ShuttingDown);
                     }
                     inner.origins.lock().expect("pool poisoned").insert(key.clone(), origin);
-                    slots.insert(key, Entry { tenant, slot: Slot::Ready(isolate.clone()) });
                     Ok(isolate)
                 }
                 Err(e) => {
                     inner.metrics.boots.get_or_create(&vec![("result", "failed")]).inc();
                     inner.ctx.activity.report(&origin, &key.1, ActivityKind::BootFailure { message: e.to_string() });
                     tracing::warn!(origin = origin.name(), deployment_id = key.1, code = %e.code(), error = %e, "boot failed");
-                    slots.remove(&key);
+                    slots.settle(&key, None);
                     Err(e)
                 }
             }
@@ -303,51 +303,23 @@ impl Pool {
         .shared()
     }
 
-    /// Makes room for a new boot of `tenant`'s: under its own cap by
-    /// evicting its least recently used idle isolate, then under
-    /// `max_isolates` by evicting anyone's; or refuses the boot when no
-    /// isolate that would make room is idle.
-    fn make_room(&self, slots: &mut HashMap<Key, Entry>, tenant: &str) -> Result<(), BootError> {
-        let occupants = slots.iter().map(|(key, entry)| Occupant {
-            key,
-            tenant: &entry.tenant,
-            idle_for: match &entry.slot {
-                Slot::Ready(isolate) if isolate.in_flight() == 0 => Some(isolate.idle_for()),
-                _ => None,
-            },
-        });
-        let options = &self.inner.options;
-        let (key, reason) = match plan_room(occupants, tenant, options.max_isolates, options.max_isolates_per_tenant) {
-            Room::Free => return Ok(()),
-            Room::Refuse(refusal) => {
-                let reason = match refusal {
-                    BootError::TenantCapacity(_) => "tenant_cap",
-                    _ => "max_isolates",
-                };
-                self.inner.metrics.boot_refusals.get_or_create(&vec![("reason", reason)]).inc();
-                tracing::info!(tenant, reason, "boot refused: no idle isolate to make room");
-                return Err(refusal);
-            }
-            Room::Evict(key, reason) => (key, reason),
-        };
-        if let Some(Entry { slot: Slot::Ready(isolate), .. }) = slots.remove(&key) {
-            self.inner.metrics.live_isolates.dec();
-            self.inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
-            self.inner.metrics.deployments.ended(&key.1, Ending::Evicted);
-            tracing::info!(
-                deployment_id = key.1,
-                pid = isolate.pid(),
-                reason,
-                "evicting the least recently used idle isolate"
-            );
-            if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
-                report_usage(&self.inner, &origin, &key.1, &isolate);
-                self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "evicted".into() });
-            }
-            let grace = self.inner.options.kill_grace;
-            tokio::spawn(async move { isolate.terminate(grace).await });
+    /// Stops an idle isolate [`Slots::lookup`] evicted to make room for a boot.
+    fn evict(&self, key: Key, isolate: Arc<Isolate>, reason: &'static str) {
+        self.inner.metrics.live_isolates.dec();
+        self.inner.metrics.terminations.get_or_create(&vec![("reason", reason)]).inc();
+        self.inner.metrics.deployments.ended(&key.1, Ending::Evicted);
+        tracing::info!(
+            deployment_id = key.1,
+            pid = isolate.pid(),
+            reason,
+            "evicting the least recently used idle isolate"
+        );
+        if let Some(origin) = self.inner.origins.lock().expect("pool poisoned").remove(&key) {
+            report_usage(&self.inner, &origin, &key.1, &isolate);
+            self.inner.ctx.activity.report(&origin, &key.1, ActivityKind::Terminated { reason: "evicted".into() });
         }
-        Ok(())
+        let grace = self.inner.options.kill_grace;
+        tokio::spawn(async move { isolate.terminate(grace).await });
     }
 
     /// Books an isolate that died by itself (crash, `Deno.exit`).
@@ -357,21 +329,12 @@ impl Pool {
 
     /// How many isolates run now.
     pub fn live(&self) -> usize {
-        self.inner.slots.lock().expect("pool poisoned").values().filter(|e| matches!(e.slot, Slot::Ready(_))).count()
+        self.inner.slots.lock().expect("pool poisoned").ready().count()
     }
 
     /// The pids of running isolates (operations and tests).
     pub fn pids(&self) -> Vec<u32> {
-        self.inner
-            .slots
-            .lock()
-            .expect("pool poisoned")
-            .values()
-            .filter_map(|e| match &e.slot {
-                Slot::Ready(isolate) => Some(isolate.pid()),
-                Slot::Booting(_) => None,
-            })
-            .collect()
+        self.inner.slots.lock().expect("pool poisoned").ready().map(|(_, _, isolate)| isolate.pid()).collect()
     }
 
     /// Every running isolate: its host pid, whose deployment it serves and
@@ -384,15 +347,12 @@ impl Pool {
             .slots
             .lock()
             .expect("pool poisoned")
-            .iter()
-            .filter_map(|((origin, deployment_id), entry)| match &entry.slot {
-                Slot::Ready(isolate) => Some(IsolateView {
-                    pid: isolate.pid(),
-                    origin: origin.clone(),
-                    deployment_id: deployment_id.clone(),
-                    tenant: entry.tenant.to_string(),
-                }),
-                Slot::Booting(_) => None,
+            .ready()
+            .map(|((origin, deployment_id), tenant, isolate)| IsolateView {
+                pid: isolate.pid(),
+                origin: origin.clone(),
+                deployment_id: deployment_id.clone(),
+                tenant: tenant.to_string(),
             })
             .collect();
         views.sort_by(|a, b| (&a.origin, &a.deployment_id).cmp(&(&b.origin, &b.deployment_id)));
@@ -408,16 +368,7 @@ impl Pool {
         }
         // Queued boots end now (ShuttingDown), not after their turn.
         self.inner.ctx.admission.close();
-        let isolates: Vec<(Key, Arc<Isolate>)> = {
-            let mut slots = self.inner.slots.lock().expect("pool poisoned");
-            slots
-                .drain()
-                .filter_map(|(key, entry)| match entry.slot {
-                    Slot::Ready(isolate) => Some((key, isolate)),
-                    Slot::Booting(_) => None,
-                })
-                .collect()
-        };
+        let isolates = self.inner.slots.lock().expect("pool poisoned").drain_ready();
         let grace = self.inner.options.kill_grace;
         futures_util::future::join_all(isolates.iter().map(|(_, isolate)| isolate.terminate(grace))).await;
         self.inner.metrics.live_isolates.set(0);
@@ -563,11 +514,8 @@ async fn reap(inner: std::sync::Weak<Inner>) {
                 .slots
                 .lock()
                 .expect("pool poisoned")
-                .iter()
-                .filter_map(|(key, entry)| match &entry.slot {
-                    Slot::Ready(isolate) => Some((key.clone(), isolate.clone())),
-                    Slot::Booting(_) => None,
-                })
+                .ready()
+                .map(|(key, _, isolate)| (key.clone(), isolate.clone()))
                 .collect();
             for (key, isolate) in running {
                 let origin = inner.origins.lock().expect("pool poisoned").get(&key).cloned();
@@ -579,23 +527,7 @@ async fn reap(inner: std::sync::Weak<Inner>) {
             last_usage = std::time::Instant::now();
         }
         let idle_timeout = inner.options.idle_timeout;
-        let mut idle = Vec::new();
-        let mut dead = Vec::new();
-        {
-            let mut slots = inner.slots.lock().expect("pool poisoned");
-            slots.retain(|key, entry| {
-                let Slot::Ready(isolate) = &entry.slot else { return true };
-                if !isolate.is_running() {
-                    dead.push((key.clone(), isolate.clone()));
-                    false
-                } else if isolate.in_flight() == 0 && isolate.idle_for() >= idle_timeout {
-                    idle.push((key.clone(), isolate.clone()));
-                    false
-                } else {
-                    true
-                }
-            });
-        }
+        let Sweep { exited: dead, idle } = inner.slots.lock().expect("pool poisoned").sweep(idle_timeout);
         for (key, isolate) in dead {
             note_exit(&inner, &key, &isolate);
         }
@@ -610,122 +542,5 @@ async fn reap(inner: std::sync::Weak<Inner>) {
             let grace = inner.options.kill_grace;
             tokio::spawn(async move { isolate.terminate(grace).await });
         }
-    }
-}
-
-/// One isolate (running or booting) as [`plan_room`] sees it.
-struct Occupant<'a> {
-    key: &'a Key,
-    tenant: &'a str,
-    /// How long it has been idle; `None`: booting or serving (not evictable).
-    idle_for: Option<Duration>,
-}
-
-/// What a new boot needs done first.
-#[derive(Debug)]
-enum Room {
-    Free,
-    /// Evict this idle isolate (the `reason` for the terminations metric).
-    Evict(Key, &'static str),
-    Refuse(BootError),
-}
-
-/// A new boot of `tenant`'s, among `occupants`: at its own cap it evicts
-/// its own least recently used idle isolate (never another tenant's: its
-/// cap is its own business) or is refused; under its cap but at
-/// `max_isolates` it evicts anyone's least recently used idle isolate, or
-/// is refused.
-fn plan_room<'a>(
-    occupants: impl Iterator<Item = Occupant<'a>>,
-    tenant: &str,
-    max_isolates: usize,
-    max_per_tenant: usize,
-) -> Room {
-    let (mut total, mut own) = (0, 0);
-    // The longest idle of all, and of the tenant's own.
-    let mut oldest: Option<(&Key, Duration)> = None;
-    let mut own_oldest: Option<(&Key, Duration)> = None;
-    for occupant in occupants {
-        total += 1;
-        let mine = occupant.tenant == tenant;
-        own += usize::from(mine);
-        if let Some(idle) = occupant.idle_for {
-            if oldest.is_none_or(|(_, longest)| idle > longest) {
-                oldest = Some((occupant.key, idle));
-            }
-            if mine && own_oldest.is_none_or(|(_, longest)| idle > longest) {
-                own_oldest = Some((occupant.key, idle));
-            }
-        }
-    }
-    // A cap as large as the runner is no cap: the runner's own bound binds first.
-    if max_per_tenant < max_isolates && own >= max_per_tenant {
-        return match own_oldest {
-            Some((key, _)) => Room::Evict(key.clone(), "evicted_tenant_cap"),
-            None => Room::Refuse(BootError::TenantCapacity(own)),
-        };
-    }
-    if total >= max_isolates {
-        return match oldest {
-            Some((key, _)) => Room::Evict(key.clone(), "evicted"),
-            None => Room::Refuse(BootError::Capacity(total)),
-        };
-    }
-    Room::Free
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(id: &str) -> Key {
-        ("origin".to_owned(), id.to_owned())
-    }
-
-    /// `(id, tenant, idle seconds or None for busy)`.
-    fn plan(occupants: &[(&str, &str, Option<u64>)], tenant: &str, max: usize, per_tenant: usize) -> Room {
-        let keys: Vec<Key> = occupants.iter().map(|(id, _, _)| key(id)).collect();
-        let iter = occupants.iter().zip(&keys).map(|((_, tenant, idle), key)| Occupant {
-            key,
-            tenant,
-            idle_for: idle.map(Duration::from_secs),
-        });
-        plan_room(iter, tenant, max, per_tenant)
-    }
-
-    fn evicts(room: Room) -> (String, &'static str) {
-        match room {
-            Room::Evict(key, reason) => (key.1, reason),
-            other => panic!("expected an eviction, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn under_both_caps_there_is_room() {
-        assert!(matches!(plan(&[], "a", 1, 1), Room::Free));
-        assert!(matches!(plan(&[("a1", "a", None), ("b1", "b", None)], "a", 4, 2), Room::Free));
-    }
-
-    #[test]
-    fn a_tenant_at_its_cap_evicts_its_own_least_recently_used_idle_isolate_only() {
-        // b1 has been idle longest, but it is not a's to evict.
-        let occupants = [("a1", "a", Some(5)), ("a2", "a", Some(9)), ("b1", "b", Some(60))];
-        assert_eq!(evicts(plan(&occupants, "a", 10, 2)), ("a2".to_owned(), "evicted_tenant_cap"));
-        // Every one of a's busy or booting: a is refused, however free the runner is.
-        let busy = [("a1", "a", None), ("a2", "a", None), ("b1", "b", Some(60))];
-        assert!(matches!(plan(&busy, "a", 10, 2), Room::Refuse(BootError::TenantCapacity(2))));
-        // ...while b, under its own cap, still boots.
-        assert!(matches!(plan(&busy, "b", 10, 2), Room::Free));
-    }
-
-    #[test]
-    fn a_full_runner_evicts_anyones_least_recently_used_idle_isolate_or_refuses() {
-        let occupants = [("a1", "a", Some(5)), ("b1", "b", Some(60)), ("b2", "b", None)];
-        assert_eq!(evicts(plan(&occupants, "c", 3, 3)), ("b1".to_owned(), "evicted"));
-        let busy = [("a1", "a", None), ("b1", "b", None), ("b2", "b", None)];
-        assert!(matches!(plan(&busy, "c", 3, 3), Room::Refuse(BootError::Capacity(3))));
-        // One tenant with every slot (apps mode): the runner's bound, not a tenant's.
-        let alone = [("a1", "a", Some(5)), ("a2", "a", None)];
-        assert_eq!(evicts(plan(&alone, "a", 2, 2)), ("a1".to_owned(), "evicted"));
     }
 }
