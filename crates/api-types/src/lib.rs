@@ -4,7 +4,9 @@
 //! types, so a field renamed on one side is a compile error on the other, and
 //! a field missing from an answer is a decode error naming it, not a silent
 //! `""`. This crate owns the shapes only: it must not do I/O, nor know HTTP
-//! frameworks, databases or clients (its one dependency is serde).
+//! frameworks, databases or clients (its dependencies are serde, and
+//! serde_json for the one field whose shape another crate checks:
+//! [`CreateDeploymentBody::permissions`]).
 //!
 //! Every field the server always sends is required when decoding, `Option`
 //! fields included (they may be `null`, not absent; see [`present`]). Fields
@@ -13,7 +15,9 @@
 
 #![forbid(unsafe_code)]
 
-use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Decodes a field as its type. On an `Option` field this makes the field
 /// required: serde's derive reads an absent `Option` as `None`, which would
@@ -261,4 +265,128 @@ pub struct NewDomainBody {
 pub struct CertificateBody {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// `POST /projects/{name}/deployments`: a deployment made of uploaded blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeploymentBody {
+    /// A code file's path in `files` (`./` allowed) or an ESZIP module's
+    /// specifier.
+    pub entrypoint: String,
+    #[serde(default)]
+    pub files: FileManifest,
+    /// The sha256 of an uploaded ESZIP blob, a layer ahead of the files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eszip: Option<String>,
+    /// `{"net": …}` as the isolate config takes it; the server checks it
+    /// with `isocloud_protocol::NetPermission`, so it stays JSON here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<CommitBody>,
+    /// Promote it in the same transaction (when its build succeeds).
+    #[serde(default)]
+    pub production: bool,
+}
+
+/// One file of a deployment: the blob it is and that blob's size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub hash: String,
+    pub size: u64,
+}
+
+/// The commit a deployment is made from (the answer's [`DeploymentGit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    pub commit: String,
+    /// The server keeps its first line.
+    #[serde(default)]
+    pub message: String,
+    pub branch: String,
+}
+
+/// A deployment's `files`: path → blob, in path order (a stable body).
+/// JSON lets an object name a key twice, and a map would keep one of them
+/// silently; decoding keeps the first path named twice so the server can
+/// refuse it, naming it ([`FileManifest::named_twice`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileManifest {
+    files: BTreeMap<String, FileRef>,
+    named_twice: Option<String>,
+}
+
+impl FileManifest {
+    /// The first path the decoded object named more than once.
+    pub fn named_twice(&self) -> Option<&str> {
+        self.named_twice.as_deref()
+    }
+
+    pub fn into_inner(self) -> BTreeMap<String, FileRef> {
+        self.files
+    }
+}
+
+impl From<BTreeMap<String, FileRef>> for FileManifest {
+    fn from(files: BTreeMap<String, FileRef>) -> Self {
+        FileManifest { files, named_twice: None }
+    }
+}
+
+impl FromIterator<(String, FileRef)> for FileManifest {
+    fn from_iter<I: IntoIterator<Item = (String, FileRef)>>(iter: I) -> Self {
+        BTreeMap::from_iter(iter).into()
+    }
+}
+
+impl std::ops::Deref for FileManifest {
+    type Target = BTreeMap<String, FileRef>;
+    fn deref(&self) -> &Self::Target {
+        &self.files
+    }
+}
+
+impl Serialize for FileManifest {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.files.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for FileManifest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileManifest;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of path → {\"hash\", \"size\"}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<FileManifest, A::Error> {
+                let mut manifest = FileManifest::default();
+                while let Some((path, file)) = map.next_entry::<String, FileRef>()? {
+                    match manifest.files.entry(path) {
+                        std::collections::btree_map::Entry::Occupied(taken) => {
+                            manifest.named_twice.get_or_insert_with(|| taken.key().clone());
+                        }
+                        std::collections::btree_map::Entry::Vacant(free) => {
+                            free.insert(file);
+                        }
+                    }
+                }
+                Ok(manifest)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// `PATCH /domains/{domain}`: attach the domain to a project, or detach it
+/// with `null`. The field is required: `{}` is not a detach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachDomainBody {
+    #[serde(deserialize_with = "present")]
+    pub project: Option<String>,
 }

@@ -229,3 +229,81 @@ fn request_bodies_refuse_a_field_they_do_not_know_and_round_trip() {
     assert_eq!(domain.project, None, "a domain may be added unattached");
     assert!(serde_json::from_str::<DeploymentRefBody>(r#"{"deployment_id":"x","production":true}"#).is_err());
 }
+
+fn create_deployment() -> CreateDeploymentBody {
+    CreateDeploymentBody {
+        entrypoint: "main.ts".into(),
+        files: [
+            ("main.ts".to_owned(), FileRef { hash: "a".repeat(64), size: 120 }),
+            ("static/logo.svg".to_owned(), FileRef { hash: "b".repeat(64), size: 3051 }),
+        ]
+        .into_iter()
+        .collect(),
+        eszip: Some("c".repeat(64)),
+        permissions: Some(serde_json::json!({"net": ["api.example.com"]})),
+        git: Some(CommitBody { commit: "d".repeat(40), message: "first line".into(), branch: "main".into() }),
+        production: true,
+    }
+}
+
+/// The text the client wrote before the type was shared: `files` and
+/// `production` always, the optional parts only when set.
+#[test]
+fn create_deployment_round_trips_and_writes_what_the_client_wrote() {
+    let body = create_deployment();
+    let json = serde_json::to_string(&body).unwrap();
+    assert_eq!(serde_json::from_str::<CreateDeploymentBody>(&json).unwrap(), body);
+    let bare = CreateDeploymentBody { entrypoint: "main.ts".into(), ..CreateDeploymentBody::default() };
+    assert_eq!(serde_json::to_string(&bare).unwrap(), r#"{"entrypoint":"main.ts","files":{},"production":false}"#);
+    // What the server takes as absent: everything but the entrypoint, and
+    // a commit without a message.
+    let sparse: CreateDeploymentBody =
+        serde_json::from_str(r#"{"entrypoint":"m.ts","permissions":null,"git":{"commit":"c","branch":"main"}}"#)
+            .unwrap();
+    assert_eq!((sparse.files.len(), sparse.permissions, sparse.production), (0, None, false));
+    assert_eq!(sparse.git.unwrap().message, "");
+}
+
+#[test]
+fn a_path_named_twice_is_kept_to_be_refused() {
+    let text = r#"{"entrypoint":"a.ts","files":{"a.ts":{"hash":"x","size":1},"b.ts":{"hash":"y","size":2},
+        "a.ts":{"hash":"z","size":3}}}"#;
+    let body: CreateDeploymentBody = serde_json::from_str(text).unwrap();
+    assert_eq!(body.files.named_twice(), Some("a.ts"));
+    assert_eq!(body.files["a.ts"].hash, "x", "the first one is kept");
+    assert_eq!(body.files.len(), 2);
+    assert_eq!(create_deployment().files.named_twice(), None);
+}
+
+#[test]
+fn attach_domain_round_trips_and_needs_its_field() {
+    for body in [AttachDomainBody { project: Some("hello".into()) }, AttachDomainBody { project: None }] {
+        let json = serde_json::to_string(&body).unwrap();
+        assert_eq!(serde_json::from_str::<AttachDomainBody>(&json).unwrap(), body);
+    }
+    assert_eq!(serde_json::to_string(&AttachDomainBody { project: None }).unwrap(), r#"{"project":null}"#);
+    let error = serde_json::from_str::<AttachDomainBody>("{}").unwrap_err().to_string();
+    assert!(error.starts_with("missing field `project`"), "{error}: `{{}}` is not a detach");
+}
+
+/// Each new body, and each object nested in the deployment body, refuses a
+/// field it does not know, naming it.
+#[test]
+fn the_deployment_and_attach_bodies_refuse_unknown_fields_naming_them() {
+    let unknown = |error: String, name: &str| {
+        assert!(error.contains(&format!("unknown field `{name}`")), "{error}");
+    };
+    let mut value = serde_json::to_value(create_deployment()).unwrap();
+    value["prod"] = true.into();
+    unknown(serde_json::from_value::<CreateDeploymentBody>(value).unwrap_err().to_string(), "prod");
+    let mut value = serde_json::to_value(create_deployment()).unwrap();
+    value["files"]["main.ts"]["sha256"] = "x".into();
+    unknown(serde_json::from_value::<CreateDeploymentBody>(value).unwrap_err().to_string(), "sha256");
+    let mut value = serde_json::to_value(create_deployment()).unwrap();
+    value["git"]["author"] = "x".into();
+    unknown(serde_json::from_value::<CreateDeploymentBody>(value).unwrap_err().to_string(), "author");
+    unknown(
+        serde_json::from_str::<AttachDomainBody>(r#"{"project":null,"domain":"a.test"}"#).unwrap_err().to_string(),
+        "domain",
+    );
+}

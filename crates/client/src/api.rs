@@ -2,17 +2,20 @@
 //! (`docs/control-plane-api.md`). The answers are the `isocloud-api` types
 //! the server writes: a field missing from one is a decode error naming it
 //! (the CLI reports it), while fields they do not know are ignored, so a
-//! newer server does not break an older CLI. The request bodies are this
-//! client's own.
+//! newer server does not break an older CLI. The request bodies are
+//! `isocloud-api` types too, the very ones the server reads.
 
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use url::Url;
 
-pub use isocloud_api::{Build, Deployment, Domain, EnvVar, LogEntry, MissingBlobs, Project, Whoami};
+pub use isocloud_api::{
+    Build, CommitBody, CreateDeploymentBody, Deployment, Domain, EnvVar, FileRef, LogEntry, MissingBlobs, Project,
+    Whoami,
+};
 
 use super::output::sanitize;
 
@@ -91,32 +94,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub struct GitInfo {
-    pub commit: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub branch: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileRef {
-    pub hash: String,
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CreateDeployment {
-    pub entrypoint: String,
-    /// Relative `/`-separated path → blob. A BTreeMap keeps the body stable.
-    pub files: std::collections::BTreeMap<String, FileRef>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eszip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub git: Option<GitInfo>,
-    pub production: bool,
 }
 
 /// The filters of a log query.
@@ -295,7 +272,7 @@ impl Api {
     pub async fn create_deployment(
         &self,
         project: &str,
-        deployment: &CreateDeployment,
+        deployment: &CreateDeploymentBody,
     ) -> Result<Deployment, ClientError> {
         self.json(self.request(Method::POST, &["projects", project, "deployments"])?.json(deployment)).await
     }
@@ -351,7 +328,7 @@ impl Api {
 
     /// Attaches the domain to `project`, or detaches it with `None`.
     pub async fn attach_domain(&self, domain: &str, project: Option<&str>) -> Result<Domain, ClientError> {
-        let body = serde_json::json!({ "project": project });
+        let body = isocloud_api::AttachDomainBody { project: project.map(str::to_owned) };
         self.json(self.request(Method::PATCH, &["domains", domain])?.json(&body)).await
     }
 

@@ -13,7 +13,8 @@ use futures_util::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt as _;
 
-use super::api::{Api, ClientError, CreateDeployment, Deployment, FileRef};
+use super::api::{Api, ClientError, CommitBody, CreateDeploymentBody, Deployment, FileRef};
+use super::git::{GitInfo, WorkTree};
 use super::glob::Glob;
 use super::output::{human_bytes, sanitize};
 use super::walk::{self, HashedFile, WalkOptions};
@@ -125,23 +126,32 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         Some(dir) => tokio::task::spawn_blocking(move || super::git::work_tree(&dir)).await.ok().flatten(),
         None => None,
     };
-    if let Some(tree) = git.as_ref().filter(|t| t.dirty) {
-        eprintln!(
-            "note: the folder has uncommitted changes; recording commit {} anyway",
-            tree.info.commit.get(..7).unwrap_or(&tree.info.commit)
-        );
-    }
+    // The API records a commit with its branch, which a detached HEAD lacks.
+    let commit = match git {
+        Some(WorkTree { info: GitInfo { commit, message, branch: Some(branch) }, dirty }) => {
+            if dirty {
+                eprintln!("note: the folder has uncommitted changes; recording commit {} anyway", short(&commit));
+            }
+            Some(CommitBody { commit, message, branch })
+        }
+        Some(WorkTree { info, .. }) => {
+            eprintln!("note: HEAD is detached (no branch), so commit {} is not recorded", short(&info.commit));
+            None
+        }
+        None => None,
+    };
 
     let mut blobs: Vec<HashedFile> = files.clone();
     blobs.extend(eszip.clone());
     let summary = upload(&api, &blobs).await?;
     eprintln!("{summary}");
 
-    let request = CreateDeployment {
+    let request = CreateDeploymentBody {
         entrypoint,
-        files: tree,
+        files: tree.into(),
         eszip: eszip.map(|e| e.hash),
-        git: git.map(|t| t.info),
+        permissions: None,
+        git: commit,
         production: args.prod,
     };
     let deployment = create(&api, &args.project, &request, &blobs).await?;
@@ -274,7 +284,7 @@ async fn upload_one(api: &Api, file: &HashedFile, progress: &ProgressBar) -> any
 async fn create(
     api: &Api,
     project: &str,
-    request: &CreateDeployment,
+    request: &CreateDeploymentBody,
     blobs: &[HashedFile],
 ) -> anyhow::Result<Deployment> {
     match api.create_deployment(project, request).await {
@@ -290,6 +300,11 @@ async fn create(
         }
         other => Ok(other?),
     }
+}
+
+/// A commit id as git abbreviates it.
+fn short(commit: &str) -> &str {
+    commit.get(..7).unwrap_or(commit)
 }
 
 async fn production_url(api: &Api, project: &str) -> Option<String> {

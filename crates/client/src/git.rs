@@ -5,7 +5,15 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::api::GitInfo;
+/// The commit HEAD is, as git tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitInfo {
+    pub commit: String,
+    /// Its first line.
+    pub message: String,
+    /// `None` on a detached HEAD.
+    pub branch: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkTree {

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use futures_util::FutureExt;
 use isocloud_protocol::NetPermission;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::paging::PageRequest;
@@ -22,85 +21,10 @@ use crate::time::now_ms;
 use crate::{ControlPlane, ids, validate};
 use isocloud_api as wire;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateDeployment {
-    entrypoint: String,
-    #[serde(default)]
-    files: Manifest,
-    #[serde(default)]
-    eszip: Option<String>,
-    #[serde(default)]
-    permissions: Option<Value>,
-    #[serde(default)]
-    git: Option<GitBody>,
-    #[serde(default)]
-    production: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileSpec {
-    hash: String,
-    size: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct GitBody {
-    commit: String,
-    #[serde(default)]
-    message: String,
-    branch: String,
-}
-
-/// A deployment's `files`: path → blob. JSON lets an object name a key
-/// twice (and a map keeps one of them silently); a path named twice is
-/// kept here so [`check_files`] refuses it, naming it.
-#[derive(Default)]
-pub(crate) struct Manifest {
-    files: BTreeMap<String, FileSpec>,
-    named_twice: Option<String>,
-}
-
-impl std::ops::Deref for Manifest {
-    type Target = BTreeMap<String, FileSpec>;
-    fn deref(&self) -> &Self::Target {
-        &self.files
-    }
-}
-
-impl<'de> Deserialize<'de> for Manifest {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Manifest;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object of path → {\"hash\", \"size\"}")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Manifest, A::Error> {
-                let mut manifest = Manifest::default();
-                while let Some((path, spec)) = map.next_entry::<String, FileSpec>()? {
-                    match manifest.files.entry(path) {
-                        std::collections::btree_map::Entry::Occupied(taken) => {
-                            manifest.named_twice.get_or_insert_with(|| taken.key().clone());
-                        }
-                        std::collections::btree_map::Entry::Vacant(free) => {
-                            free.insert(spec);
-                        }
-                    }
-                }
-                Ok(manifest)
-            }
-        }
-        deserializer.deserialize_map(Visitor)
-    }
-}
-
 /// Checks the files' paths (each named once), hashes and sizes, and that no
 /// file is also another file's directory.
-pub(crate) fn check_files(files: &Manifest, max_blob_bytes: u64) -> Result<(), ApiError> {
-    if let Some(path) = &files.named_twice {
+pub(crate) fn check_files(files: &wire::FileManifest, max_blob_bytes: u64) -> Result<(), ApiError> {
+    if let Some(path) = files.named_twice() {
         return Err(ApiError::field(
             format!("files.{path}"),
             format!("the path {path:?} is named twice; a deployment names each path once"),
@@ -155,7 +79,7 @@ pub(crate) fn check_permissions(permissions: Option<&Value>) -> Result<String, A
     Ok(value.to_string())
 }
 
-fn check_git(git: Option<&GitBody>) -> Result<Option<GitInfo>, ApiError> {
+fn check_git(git: Option<&wire::CommitBody>) -> Result<Option<GitInfo>, ApiError> {
     let Some(git) = git else { return Ok(None) };
     check("git.commit", validate::git_commit(&git.commit))?;
     check("git.message", validate::git_message(&git.message))?;
@@ -191,7 +115,7 @@ async fn eszip_specifiers(cp: &ControlPlane, hash: &str) -> Result<HashSet<Strin
 pub(crate) async fn create(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<CreateDeployment>,
+    ApiJson(body): ApiJson<wire::CreateDeploymentBody>,
 ) -> Result<(StatusCode, Json<wire::Deployment>), ApiError> {
     // Everything that needs no database first.
     check_files(&body.files, cp.options.max_blob_bytes)?;

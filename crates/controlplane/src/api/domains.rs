@@ -4,8 +4,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::Value;
 use sqlx::AnyConnection;
 
 use super::projects::project_or_404;
@@ -23,13 +21,6 @@ fn not_found(domain: &str) -> ApiError {
 
 async fn domain_or_404(conn: &mut AnyConnection, domain: &str) -> Result<DomainRow, ApiError> {
     domains::get(conn, domain).await?.ok_or_else(|| not_found(domain))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AttachBody {
-    /// A project name, or null to detach. Required.
-    project: Value,
 }
 
 pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Domain>>, ApiError> {
@@ -67,14 +58,21 @@ pub(crate) async fn create(
 pub(crate) async fn attach(
     State(cp): State<AppState>,
     ApiPath(domain): ApiPath<String>,
-    ApiJson(body): ApiJson<AttachBody>,
+    body: Result<ApiJson<wire::AttachDomainBody>, ApiError>,
 ) -> Result<Json<wire::Domain>, ApiError> {
+    // A `project` of the wrong type is that field's error, as a bad value
+    // of any other field is, not the body's shape.
+    let ApiJson(body) = body.map_err(|e| match e {
+        ApiError::InvalidRequest { field: Some(field), .. } if field == "project" => {
+            ApiError::field("project", "must be a project name or null (to detach)")
+        }
+        other => other,
+    })?;
     let mut tx = cp.store.write().await?;
     domain_or_404(&mut tx, &domain).await?;
     let project_id = match &body.project {
-        Value::Null => None,
-        Value::String(name) => Some(project_or_404(&mut tx, name).await?.id),
-        _ => return Err(ApiError::field("project", "must be a project name or null (to detach)")),
+        None => None,
+        Some(name) => Some(project_or_404(&mut tx, name).await?.id),
     };
     domains::set_project(&mut tx, &domain, project_id.as_deref()).await?;
     let row = domain_or_404(&mut tx, &domain).await?;
