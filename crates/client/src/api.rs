@@ -55,8 +55,11 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// Why a call to the control plane failed: its error answer, or the way
+/// there and back.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum CallError {
+    /// The documented error answer: a code and a message.
     #[error("{0}")]
     Api(ApiError),
     /// An answer that is not the documented error shape (a proxy's 502 page, …).
@@ -70,12 +73,15 @@ pub enum ClientError {
     Decode { url: String, message: String },
     #[error("`{0}` is not a valid name")]
     InvalidName(String),
+    /// The HTTP client could not be built (no TLS backend, …).
+    #[error(transparent)]
+    Setup(reqwest::Error),
 }
 
-impl ClientError {
+impl CallError {
     pub fn code(&self) -> Option<&str> {
         match self {
-            ClientError::Api(e) => Some(&e.code),
+            CallError::Api(e) => Some(&e.code),
             _ => None,
         }
     }
@@ -83,10 +89,10 @@ impl ClientError {
     /// What to try next, when the failure says.
     pub fn hint(&self) -> Option<String> {
         match self {
-            ClientError::Api(e) if e.code == "UNAUTHORIZED" => {
+            CallError::Api(e) if e.code == "UNAUTHORIZED" => {
                 Some("the token was refused; log in again with `isocloud login --url URL`".to_string())
             }
-            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => Some(
+            CallError::Unreachable { .. } | CallError::Timeout { .. } => Some(
                 "is the control plane running there? Pass --url (or ISOCLOUD_URL), or log in to another one \
                  with `isocloud login --url URL`"
                     .to_string(),
@@ -119,11 +125,12 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(base: Url, token: String) -> anyhow::Result<Self> {
+    pub fn new(base: Url, token: String) -> Result<Self, CallError> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("isocloud-cli/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build()
+            .map_err(CallError::Setup)?;
         Ok(Api { base, token, http })
     }
 
@@ -131,9 +138,9 @@ impl Api {
     /// name typed by the user can never reach another route.
     /// `.`, `..` and empty segments are refused rather than sent: URL
     /// parsing would drop or resolve them, and none is a valid name.
-    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+    fn url(&self, segments: &[&str]) -> Result<Url, CallError> {
         if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
-            return Err(ClientError::InvalidName(bad.to_string()));
+            return Err(CallError::InvalidName(bad.to_string()));
         }
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
@@ -142,7 +149,7 @@ impl Api {
         Ok(url)
     }
 
-    fn request(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, ClientError> {
+    fn request(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, CallError> {
         Ok(self.http.request(method, self.url(segments)?).bearer_auth(&self.token))
     }
 
@@ -150,16 +157,16 @@ impl Api {
         self.base.as_str().trim_end_matches('/').to_string()
     }
 
-    /// Sends, and turns every failure into a [`ClientError`].
-    async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
+    /// Sends, and turns every failure into a [`CallError`].
+    async fn send(&self, builder: RequestBuilder) -> Result<Response, CallError> {
         let (client, request) = builder.build_split();
-        let request = request.map_err(|e| ClientError::Decode { url: self.base_text(), message: e.to_string() })?;
+        let request = request.map_err(|e| CallError::Decode { url: self.base_text(), message: e.to_string() })?;
         let (method, url) = (request.method().clone(), request.url().to_string());
         let response = client.execute(request).await.map_err(|e| {
             if e.is_timeout() {
-                ClientError::Timeout { base: self.base_text() }
+                CallError::Timeout { base: self.base_text() }
             } else {
-                ClientError::Unreachable { base: self.base_text(), cause: root_cause(&e) }
+                CallError::Unreachable { base: self.base_text(), cause: root_cause(&e) }
             }
         })?;
         let status = response.status();
@@ -173,24 +180,24 @@ impl Api {
             if error.missing.is_empty() {
                 error.missing = envelope.missing;
             }
-            return Err(ClientError::Api(error));
+            return Err(CallError::Api(error));
         }
         let text: String = String::from_utf8_lossy(&body).chars().take(ERROR_SNIPPET_CHARS).collect();
-        Err(ClientError::Http { method, url, status, body: sanitize(text.trim()).into_owned() })
+        Err(CallError::Http { method, url, status, body: sanitize(text.trim()).into_owned() })
     }
 
-    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, CallError> {
         let response = self.send(builder.timeout(REQUEST_TIMEOUT)).await?;
         let url = response.url().to_string();
         let body =
-            response.bytes().await.map_err(|e| ClientError::Decode { url: url.clone(), message: root_cause(&e) })?;
-        decode(&body).map_err(|message| ClientError::Decode { url, message })
+            response.bytes().await.map_err(|e| CallError::Decode { url: url.clone(), message: root_cause(&e) })?;
+        decode(&body).map_err(|message| CallError::Decode { url, message })
     }
 
     /// A list, page after page (`Link: <…>; rel="next"`), until `max_items`
     /// are in hand or the list ends. Only a link to this server's own API
     /// is followed (the token goes with it).
-    async fn pages<T: DeserializeOwned>(&self, first: RequestBuilder, max_items: usize) -> Result<Vec<T>, ClientError> {
+    async fn pages<T: DeserializeOwned>(&self, first: RequestBuilder, max_items: usize) -> Result<Vec<T>, CallError> {
         let mut items = Vec::new();
         let mut next = Some(first);
         let mut pages = 0;
@@ -198,11 +205,9 @@ impl Api {
             let response = self.send(builder.timeout(REQUEST_TIMEOUT)).await?;
             let url = response.url().to_string();
             let link = response.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(next_link);
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| ClientError::Decode { url: url.clone(), message: root_cause(&e) })?;
-            let page: Vec<T> = decode(&body).map_err(|message| ClientError::Decode { url, message })?;
+            let body =
+                response.bytes().await.map_err(|e| CallError::Decode { url: url.clone(), message: root_cause(&e) })?;
+            let page: Vec<T> = decode(&body).map_err(|message| CallError::Decode { url, message })?;
             items.extend(page);
             pages += 1;
             if items.len() >= max_items || pages >= MAX_PAGES {
@@ -220,39 +225,39 @@ impl Api {
         Ok(items)
     }
 
-    async fn empty(&self, builder: RequestBuilder) -> Result<(), ClientError> {
+    async fn empty(&self, builder: RequestBuilder) -> Result<(), CallError> {
         self.send(builder.timeout(REQUEST_TIMEOUT)).await.map(drop)
     }
 
-    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+    pub async fn whoami(&self) -> Result<Whoami, CallError> {
         self.json(self.request(Method::GET, &["whoami"])?).await
     }
 
     /// Every project, following the list's pages.
-    pub async fn projects(&self) -> Result<Vec<Project>, ClientError> {
+    pub async fn projects(&self) -> Result<Vec<Project>, CallError> {
         let first = self.request(Method::GET, &["projects"])?.query(&[("limit", 1000)]);
         self.pages(first, usize::MAX).await
     }
 
-    pub async fn project(&self, name: &str) -> Result<Project, ClientError> {
+    pub async fn project(&self, name: &str) -> Result<Project, CallError> {
         self.json(self.request(Method::GET, &["projects", name])?).await
     }
 
-    pub async fn create_project(&self, name: &str) -> Result<Project, ClientError> {
+    pub async fn create_project(&self, name: &str) -> Result<Project, CallError> {
         let body = isocloud_api::ProjectNameBody { name: name.to_owned() };
         self.json(self.request(Method::POST, &["projects"])?.json(&body)).await
     }
 
-    pub async fn rename_project(&self, name: &str, new_name: &str) -> Result<Project, ClientError> {
+    pub async fn rename_project(&self, name: &str, new_name: &str) -> Result<Project, CallError> {
         let body = isocloud_api::ProjectNameBody { name: new_name.to_owned() };
         self.json(self.request(Method::PATCH, &["projects", name])?.json(&body)).await
     }
 
-    pub async fn delete_project(&self, name: &str) -> Result<(), ClientError> {
+    pub async fn delete_project(&self, name: &str) -> Result<(), CallError> {
         self.empty(self.request(Method::DELETE, &["projects", name])?).await
     }
 
-    pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, ClientError> {
+    pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, CallError> {
         let body = isocloud_api::BlobHashesBody { hashes: hashes.to_vec() };
         let answer: MissingBlobs = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
         Ok(answer.missing)
@@ -260,7 +265,7 @@ impl Api {
 
     /// Uploads one blob, streamed; no overall timeout, since a large blob
     /// on a slow link may take long.
-    pub async fn put_blob(&self, hash: &str, size: u64, body: reqwest::Body) -> Result<(), ClientError> {
+    pub async fn put_blob(&self, hash: &str, size: u64, body: reqwest::Body) -> Result<(), CallError> {
         let request = self
             .request(Method::PUT, &["blobs", hash])?
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -273,30 +278,30 @@ impl Api {
         &self,
         project: &str,
         deployment: &CreateDeploymentBody,
-    ) -> Result<Deployment, ClientError> {
+    ) -> Result<Deployment, CallError> {
         self.json(self.request(Method::POST, &["projects", project, "deployments"])?.json(deployment)).await
     }
 
     /// The newest `limit` deployments, following the list's pages.
-    pub async fn deployments(&self, project: &str, limit: u32) -> Result<Vec<Deployment>, ClientError> {
+    pub async fn deployments(&self, project: &str, limit: u32) -> Result<Vec<Deployment>, CallError> {
         let page = limit.clamp(1, 1000);
         let first = self.request(Method::GET, &["projects", project, "deployments"])?.query(&[("limit", page)]);
         self.pages(first, limit as usize).await
     }
 
     /// `GET /deployments/{id}/build`: the build step's status, error and log.
-    pub async fn build_log(&self, deployment_id: &str) -> Result<Build, ClientError> {
+    pub async fn build_log(&self, deployment_id: &str) -> Result<Build, CallError> {
         self.json(self.request(Method::GET, &["deployments", deployment_id, "build"])?).await
     }
 
-    pub async fn promote(&self, project: &str, deployment_id: &str) -> Result<Project, ClientError> {
+    pub async fn promote(&self, project: &str, deployment_id: &str) -> Result<Project, CallError> {
         let body = isocloud_api::DeploymentRefBody { deployment_id: deployment_id.to_owned() };
         self.json(self.request(Method::POST, &["projects", project, "promote"])?.json(&body)).await
     }
 
     /// Without an id the server goes back to the production deployment
     /// before the current one, so no body is sent at all.
-    pub async fn rollback(&self, project: &str, deployment_id: Option<&str>) -> Result<Project, ClientError> {
+    pub async fn rollback(&self, project: &str, deployment_id: Option<&str>) -> Result<Project, CallError> {
         let mut request = self.request(Method::POST, &["projects", project, "rollback"])?;
         if let Some(id) = deployment_id {
             request = request.json(&isocloud_api::DeploymentRefBody { deployment_id: id.to_owned() });
@@ -304,52 +309,52 @@ impl Api {
         self.json(request).await
     }
 
-    pub async fn env(&self, project: &str) -> Result<Vec<EnvVar>, ClientError> {
+    pub async fn env(&self, project: &str) -> Result<Vec<EnvVar>, CallError> {
         self.json(self.request(Method::GET, &["projects", project, "env"])?).await
     }
 
-    pub async fn set_env(&self, project: &str, name: &str, value: &str) -> Result<EnvVar, ClientError> {
+    pub async fn set_env(&self, project: &str, name: &str, value: &str) -> Result<EnvVar, CallError> {
         let body = isocloud_api::EnvValueBody { value: value.to_owned() };
         self.json(self.request(Method::PUT, &["projects", project, "env", name])?.json(&body)).await
     }
 
-    pub async fn delete_env(&self, project: &str, name: &str) -> Result<(), ClientError> {
+    pub async fn delete_env(&self, project: &str, name: &str) -> Result<(), CallError> {
         self.empty(self.request(Method::DELETE, &["projects", project, "env", name])?).await
     }
 
-    pub async fn domains(&self) -> Result<Vec<Domain>, ClientError> {
+    pub async fn domains(&self) -> Result<Vec<Domain>, CallError> {
         self.json(self.request(Method::GET, &["domains"])?).await
     }
 
-    pub async fn add_domain(&self, domain: &str, project: &str) -> Result<Domain, ClientError> {
+    pub async fn add_domain(&self, domain: &str, project: &str) -> Result<Domain, CallError> {
         let body = isocloud_api::NewDomainBody { domain: domain.to_owned(), project: Some(project.to_owned()) };
         self.json(self.request(Method::POST, &["domains"])?.json(&body)).await
     }
 
     /// Attaches the domain to `project`, or detaches it with `None`.
-    pub async fn attach_domain(&self, domain: &str, project: Option<&str>) -> Result<Domain, ClientError> {
+    pub async fn attach_domain(&self, domain: &str, project: Option<&str>) -> Result<Domain, CallError> {
         let body = isocloud_api::AttachDomainBody { project: project.map(str::to_owned) };
         self.json(self.request(Method::PATCH, &["domains", domain])?.json(&body)).await
     }
 
-    pub async fn verify_domain(&self, domain: &str) -> Result<Domain, ClientError> {
+    pub async fn verify_domain(&self, domain: &str) -> Result<Domain, CallError> {
         self.json(self.request(Method::POST, &["domains", domain, "verify"])?).await
     }
 
-    pub async fn put_certificate(&self, domain: &str, cert_pem: &str, key_pem: &str) -> Result<Domain, ClientError> {
+    pub async fn put_certificate(&self, domain: &str, cert_pem: &str, key_pem: &str) -> Result<Domain, CallError> {
         let body = isocloud_api::CertificateBody { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned() };
         self.json(self.request(Method::PUT, &["domains", domain, "certificate"])?.json(&body)).await
     }
 
-    pub async fn delete_certificate(&self, domain: &str) -> Result<Domain, ClientError> {
+    pub async fn delete_certificate(&self, domain: &str) -> Result<Domain, CallError> {
         self.json(self.request(Method::DELETE, &["domains", domain, "certificate"])?).await
     }
 
-    pub async fn delete_domain(&self, domain: &str) -> Result<(), ClientError> {
+    pub async fn delete_domain(&self, domain: &str) -> Result<(), CallError> {
         self.empty(self.request(Method::DELETE, &["domains", domain])?).await
     }
 
-    fn logs_request(&self, project: &str, query: &LogQuery) -> Result<RequestBuilder, ClientError> {
+    fn logs_request(&self, project: &str, query: &LogQuery) -> Result<RequestBuilder, CallError> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
         if let Some(deployment) = &query.deployment {
             pairs.push(("deployment", deployment.clone()));
@@ -363,12 +368,12 @@ impl Api {
         Ok(self.request(Method::GET, &["projects", project, "logs"])?.query(&pairs))
     }
 
-    pub async fn logs(&self, project: &str, query: &LogQuery) -> Result<Vec<LogEntry>, ClientError> {
+    pub async fn logs(&self, project: &str, query: &LogQuery) -> Result<Vec<LogEntry>, CallError> {
         self.json(self.logs_request(project, query)?).await
     }
 
     /// The NDJSON stream of `follow=true`; the caller reads it line by line.
-    pub async fn follow_logs(&self, project: &str, query: &LogQuery) -> Result<Response, ClientError> {
+    pub async fn follow_logs(&self, project: &str, query: &LogQuery) -> Result<Response, CallError> {
         self.send(self.logs_request(project, query)?.query(&[("follow", "true")])).await
     }
 }
@@ -441,7 +446,7 @@ mod tests {
         assert_eq!(url(&["projects", "../x?y#z"]).unwrap(), "http://127.0.0.1:8081/api/v1/projects/..%2Fx%3Fy%23z");
         assert_eq!(url(&["projects", "a%2F"]).unwrap(), "http://127.0.0.1:8081/api/v1/projects/a%252F");
         for bad in ["..", ".", ""] {
-            assert!(matches!(url(&["projects", bad]), Err(ClientError::InvalidName(_))), "{bad:?}");
+            assert!(matches!(url(&["projects", bad]), Err(CallError::InvalidName(_))), "{bad:?}");
         }
     }
 

@@ -9,7 +9,6 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -21,6 +20,28 @@ pub struct Credentials {
     pub token: String,
 }
 
+/// Why the client has no control plane and token to use.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot find a config directory: set HOME, XDG_CONFIG_HOME or ISOCLOUD_CONFIG_DIR")]
+    NoConfigDir,
+    #[error("cannot read {}", .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{} is damaged; run `isocloud login` again", .path.display())]
+    Damaged { path: PathBuf, source: serde_json::Error },
+    #[error("cannot create {}", .path.display())]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}", .path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    /// `why` ends with an example of a good one.
+    #[error("invalid URL `{text}`: {why}")]
+    InvalidUrl { text: String, why: String },
+    #[error("no control plane to talk to: run `isocloud login --url URL`, or pass --url (or set ISOCLOUD_URL)")]
+    NoControlPlane,
+    #[error("no token for {url}: run `isocloud login --url {url}`, or pass --token (or set ISOCLOUD_TOKEN)")]
+    NoToken { url: String },
+}
+
 /// A control plane and the token to present to it.
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -29,7 +50,7 @@ pub struct Connection {
 }
 
 /// The directory of the credentials file, from the environment.
-pub fn config_dir() -> anyhow::Result<PathBuf> {
+pub fn config_dir() -> Result<PathBuf, CredentialsError> {
     config_dir_from(
         std::env::var_os("ISOCLOUD_CONFIG_DIR"),
         std::env::var_os("XDG_CONFIG_HOME"),
@@ -41,7 +62,7 @@ fn config_dir_from(
     isocloud: Option<OsString>,
     xdg_config_home: Option<OsString>,
     home: Option<OsString>,
-) -> anyhow::Result<PathBuf> {
+) -> Result<PathBuf, CredentialsError> {
     let non_empty = |value: Option<OsString>| value.filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = non_empty(isocloud) {
         return Ok(dir);
@@ -52,7 +73,7 @@ fn config_dir_from(
     }
     match non_empty(home) {
         Some(home) => Ok(home.join(".config").join("isocloud")),
-        None => bail!("cannot find a config directory: set HOME, XDG_CONFIG_HOME or ISOCLOUD_CONFIG_DIR"),
+        None => Err(CredentialsError::NoConfigDir),
     }
 }
 
@@ -61,31 +82,30 @@ pub fn file_in(dir: &Path) -> PathBuf {
 }
 
 /// The saved credentials, or `None` when nobody logged in yet.
-pub fn load(dir: &Path) -> anyhow::Result<Option<Credentials>> {
+pub fn load(dir: &Path) -> Result<Option<Credentials>, CredentialsError> {
     let path = file_in(dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        Err(source) => return Err(CredentialsError::Read { path, source }),
     };
     if let Ok(metadata) = std::fs::metadata(&path)
         && metadata.permissions().mode() & 0o077 != 0
     {
         eprintln!("warning: {} is readable by other users; `chmod 600` it", path.display());
     }
-    let credentials = serde_json::from_str(&text)
-        .with_context(|| format!("{} is damaged; run `isocloud login` again", path.display()))?;
+    let credentials = serde_json::from_str(&text).map_err(|source| CredentialsError::Damaged { path, source })?;
     Ok(Some(credentials))
 }
 
 /// Writes the file with mode 0600 from the start (never briefly readable
 /// by others) and renames it into place, so a crash leaves the old file.
-pub fn save(dir: &Path, credentials: &Credentials) -> anyhow::Result<PathBuf> {
+pub fn save(dir: &Path, credentials: &Credentials) -> Result<PathBuf, CredentialsError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+        .map_err(|source| CredentialsError::CreateDir { path: dir.to_owned(), source })?;
     let path = file_in(dir);
     let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
@@ -98,27 +118,27 @@ pub fn save(dir: &Path, credentials: &Credentials) -> anyhow::Result<PathBuf> {
         file.sync_all()?;
         std::fs::rename(&temporary, &path)
     };
-    write().map_err(|e| {
+    write().map_err(|source| {
         let _ = std::fs::remove_file(&temporary);
-        anyhow!(e).context(format!("cannot write {}", path.display()))
+        CredentialsError::Write { path: path.clone(), source }
     })?;
     Ok(path)
 }
 
 /// A control plane URL as typed: http(s), a host, no query or fragment.
 /// The trailing `/` is dropped so equal URLs compare equal.
-pub fn parse_url(text: &str) -> anyhow::Result<Url> {
+pub fn parse_url(text: &str) -> Result<Url, CredentialsError> {
     let text = text.trim();
-    let url =
-        Url::parse(text).map_err(|e| anyhow!("invalid URL `{text}`: {e} (expected e.g. http://127.0.0.1:8081)"))?;
+    let invalid = |why: String| CredentialsError::InvalidUrl { text: text.to_owned(), why };
+    let url = Url::parse(text).map_err(|e| invalid(format!("{e} (expected e.g. http://127.0.0.1:8081)")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        bail!("invalid URL `{text}`: expected http:// or https:// and a host, e.g. http://127.0.0.1:8081");
+        return Err(invalid("expected http:// or https:// and a host, e.g. http://127.0.0.1:8081".into()));
     }
     if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() || url.password().is_some() {
-        bail!("invalid URL `{text}`: no user, query or fragment, please");
+        return Err(invalid("no user, query or fragment, please".into()));
     }
     let trimmed = url.as_str().trim_end_matches('/').to_string();
-    Ok(Url::parse(&trimmed)?)
+    Url::parse(&trimmed).map_err(|e| invalid(e.to_string()))
 }
 
 /// Flags win over the saved file. The saved token goes only to the URL it
@@ -128,24 +148,19 @@ pub fn resolve(
     url_flag: Option<&str>,
     token_flag: Option<&str>,
     saved: Option<Credentials>,
-) -> anyhow::Result<Connection> {
+) -> Result<Connection, CredentialsError> {
     let url_flag = url_flag.filter(|u| !u.trim().is_empty());
     let token_flag = token_flag.map(str::trim).filter(|t| !t.is_empty());
     let saved_url = saved.as_ref().and_then(|c| parse_url(&c.url).ok());
     let url = match (url_flag, &saved_url) {
         (Some(flag), _) => parse_url(flag)?,
         (None, Some(saved)) => saved.clone(),
-        (None, None) => {
-            bail!("no control plane to talk to: run `isocloud login --url URL`, or pass --url (or set ISOCLOUD_URL)")
-        }
+        (None, None) => return Err(CredentialsError::NoControlPlane),
     };
     let token = match (token_flag, saved) {
         (Some(token), _) => token.to_string(),
         (None, Some(saved)) if saved_url.as_ref() == Some(&url) => saved.token,
-        (None, _) => bail!(
-            "no token for {url}: run `isocloud login --url {url}`, or pass --token (or set ISOCLOUD_TOKEN)",
-            url = url.as_str().trim_end_matches('/')
-        ),
+        (None, _) => return Err(CredentialsError::NoToken { url: url.as_str().trim_end_matches('/').to_owned() }),
     };
     Ok(Connection { url, token })
 }

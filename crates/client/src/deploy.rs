@@ -5,15 +5,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IsTerminal as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
 use clap::Args;
 use futures_util::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt as _;
 
-use super::api::{Api, ClientError, CommitBody, CreateDeploymentBody, Deployment, FileRef};
+use super::api::{Api, CallError, CommitBody, CreateDeploymentBody, Deployment, FileRef};
+use super::error::{ClientError, FilesError, InputError};
 use super::git::{GitInfo, WorkTree};
 use super::glob::Glob;
 use super::output::{human_bytes, sanitize};
@@ -82,19 +82,17 @@ impl std::fmt::Display for UploadSummary {
     }
 }
 
-pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
+pub async fn run(args: DeployArgs) -> Result<(), ClientError> {
     let parse = |patterns: &[String]| patterns.iter().map(|p| Glob::parse(p)).collect::<Result<Vec<_>, _>>();
     let options = WalkOptions {
-        include: parse(&args.include).map_err(anyhow::Error::msg)?,
-        exclude: parse(&args.exclude).map_err(anyhow::Error::msg)?,
+        include: parse(&args.include).map_err(InputError::Pattern)?,
+        exclude: parse(&args.exclude).map_err(InputError::Pattern)?,
     };
     let api = connect(&args.connection)?;
     // Fail before hashing and uploading anything.
     match api.project(&args.project).await {
         Ok(_) => {}
-        Err(e) if e.code() == Some("NOT_FOUND") => {
-            bail!("there is no project `{0}`: create it with `isocloud projects create {0}`", args.project)
-        }
+        Err(e) if e.code() == Some("NOT_FOUND") => return Err(InputError::NoProject { name: args.project }.into()),
         Err(e) => return Err(e.into()),
     }
 
@@ -108,15 +106,13 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let walk_dir = dir.clone();
     let (files, eszip, warnings) = tokio::task::spawn_blocking(move || read_sources(walk_dir, eszip_path, &options))
         .await
-        .context("the file walk stopped")??;
+        .map_err(FilesError::WalkStopped)??;
     for warning in warnings {
         eprintln!("warning: {}", sanitize(&warning));
     }
     if files.is_empty() && eszip.is_none() {
-        bail!(
-            "nothing to deploy: {} has no files (after --include/--exclude)",
-            dir.as_deref().unwrap_or(Path::new(".")).display()
-        );
+        let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+        return Err(FilesError::NothingToDeploy { dir }.into());
     }
     let tree: BTreeMap<String, FileRef> =
         files.iter().map(|f| (f.path.clone(), FileRef { hash: f.hash.clone(), size: f.size })).collect();
@@ -156,12 +152,8 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     };
     let deployment = create(&api, &args.project, &request, &blobs).await?;
     if deployment.status == "failed" {
-        bail!(
-            "deployment {} failed: {}\n(its whole build log: isocloud logs --build {})",
-            deployment.id,
-            sanitize(deployment.error.as_deref().unwrap_or("no reason given")),
-            deployment.id
-        );
+        let reason = sanitize(deployment.error.as_deref().unwrap_or("no reason given")).into_owned();
+        return Err(ClientError::DeployFailed { id: deployment.id, reason });
     }
     let production_url = if args.prod { production_url(&api, &args.project).await } else { None };
     print_result(&deployment, production_url.as_deref(), args.json)
@@ -169,12 +161,13 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
 
 type Sources = (Vec<HashedFile>, Option<HashedFile>, Vec<String>);
 
-fn read_sources(dir: Option<PathBuf>, eszip: Option<PathBuf>, options: &WalkOptions) -> anyhow::Result<Sources> {
+fn read_sources(dir: Option<PathBuf>, eszip: Option<PathBuf>, options: &WalkOptions) -> Result<Sources, FilesError> {
     let (mut files, mut warnings) = (Vec::new(), Vec::new());
     if let Some(dir) = &dir {
-        let metadata = std::fs::metadata(dir).with_context(|| format!("cannot deploy {}", dir.display()))?;
+        let metadata =
+            std::fs::metadata(dir).map_err(|source| FilesError::CannotDeploy { dir: dir.clone(), source })?;
         if !metadata.is_dir() {
-            bail!("{} is not a folder", dir.display());
+            return Err(FilesError::NotAFolder { dir: dir.clone() });
         }
         let (walked, walk_warnings) = walk::walk(dir, options)?;
         files = walk::hash_files(walked)?;
@@ -182,7 +175,8 @@ fn read_sources(dir: Option<PathBuf>, eszip: Option<PathBuf>, options: &WalkOpti
     }
     let eszip = match eszip {
         Some(path) => {
-            let (hash, size) = walk::hash_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let (hash, size) =
+                walk::hash_file(&path).map_err(|source| FilesError::Read { path: path.clone(), source })?;
             Some(HashedFile { path: path.display().to_string(), source: path, hash, size })
         }
         None => None,
@@ -191,7 +185,7 @@ fn read_sources(dir: Option<PathBuf>, eszip: Option<PathBuf>, options: &WalkOpti
 }
 
 /// Uploads what the server lacks; one upload per distinct content.
-async fn upload(api: &Api, files: &[HashedFile]) -> anyhow::Result<UploadSummary> {
+async fn upload(api: &Api, files: &[HashedFile]) -> Result<UploadSummary, ClientError> {
     let mut unique: BTreeMap<&str, &HashedFile> = BTreeMap::new();
     for file in files {
         unique.entry(&file.hash).or_insert(file);
@@ -213,17 +207,19 @@ async fn upload(api: &Api, files: &[HashedFile]) -> anyhow::Result<UploadSummary
     Ok(summary)
 }
 
-async fn upload_blobs(api: &Api, blobs: &[&HashedFile], total_bytes: u64) -> anyhow::Result<()> {
+async fn upload_blobs(api: &Api, blobs: &[&HashedFile], total_bytes: u64) -> Result<(), ClientError> {
     if blobs.is_empty() {
         return Ok(());
     }
     let progress = progress_bar(total_bytes, blobs.len());
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let result = futures_util::stream::iter(blobs.iter().map(Ok::<_, anyhow::Error>))
+    let result = futures_util::stream::iter(blobs.iter().map(Ok::<_, ClientError>))
         .try_for_each_concurrent(UPLOAD_CONCURRENCY, |file| {
             let (progress, done) = (&progress, &done);
             async move {
-                upload_one(api, file, progress).await.with_context(|| format!("cannot upload {}", file.path))?;
+                upload_one(api, file, progress)
+                    .await
+                    .map_err(|e| ClientError::Upload { path: file.path.clone(), source: Box::new(e) })?;
                 let count = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 progress.set_message(format!("{count}/{} files", blobs.len()));
                 Ok(())
@@ -254,8 +250,10 @@ fn progress_bar(total_bytes: u64, files: usize) -> ProgressBar {
 }
 
 /// Streams the file from disk: a large asset is never held in memory whole.
-async fn upload_one(api: &Api, file: &HashedFile, progress: &ProgressBar) -> anyhow::Result<()> {
-    let handle = tokio::fs::File::open(&file.source).await.with_context(|| format!("cannot open {}", file.path))?;
+async fn upload_one(api: &Api, file: &HashedFile, progress: &ProgressBar) -> Result<(), ClientError> {
+    let handle = tokio::fs::File::open(&file.source)
+        .await
+        .map_err(|source| FilesError::Open { path: file.path.clone(), source })?;
     let progress = progress.clone();
     let chunks = futures_util::stream::try_unfold(handle, move |mut handle| {
         let progress = progress.clone();
@@ -272,8 +270,8 @@ async fn upload_one(api: &Api, file: &HashedFile, progress: &ProgressBar) -> any
     });
     match api.put_blob(&file.hash, file.size, reqwest::Body::wrap_stream(chunks)).await {
         Ok(()) => Ok(()),
-        Err(ClientError::Api(e)) if e.code == "INVALID_FIELD" && e.field.as_deref() == Some("hash") => {
-            bail!("{} changed while deploying; run the deploy again", file.path)
+        Err(CallError::Api(e)) if e.code == "INVALID_FIELD" && e.field.as_deref() == Some("hash") => {
+            Err(FilesError::Changed { path: file.path.clone() }.into())
         }
         Err(e) => Err(e.into()),
     }
@@ -286,12 +284,12 @@ async fn create(
     project: &str,
     request: &CreateDeploymentBody,
     blobs: &[HashedFile],
-) -> anyhow::Result<Deployment> {
+) -> Result<Deployment, ClientError> {
     match api.create_deployment(project, request).await {
-        Err(ClientError::Api(e)) if e.code == "MISSING_BLOBS" && !e.missing.is_empty() => {
+        Err(CallError::Api(e)) if e.code == "MISSING_BLOBS" && !e.missing.is_empty() => {
             let known: HashMap<&str, &HashedFile> = blobs.iter().map(|b| (b.hash.as_str(), b)).collect();
             let again: Option<Vec<&HashedFile>> = e.missing.iter().map(|h| known.get(h.as_str()).copied()).collect();
-            let Some(again) = again else { return Err(ClientError::Api(e).into()) };
+            let Some(again) = again else { return Err(CallError::Api(e).into()) };
             let mut seen = HashSet::new();
             let again: Vec<&HashedFile> = again.into_iter().filter(|b| seen.insert(&b.hash)).collect();
             eprintln!("the server lost {} blobs in the meantime; uploading them again", again.len());
@@ -317,7 +315,7 @@ async fn production_url(api: &Api, project: &str) -> Option<String> {
     }
 }
 
-fn print_result(deployment: &Deployment, production_url: Option<&str>, json: bool) -> anyhow::Result<()> {
+fn print_result(deployment: &Deployment, production_url: Option<&str>, json: bool) -> Result<(), ClientError> {
     if json {
         let mut value = serde_json::to_value(deployment)?;
         if let (Some(url), Some(object)) = (production_url, value.as_object_mut()) {

@@ -2,9 +2,10 @@
 //! and which one is production.
 
 use super::api::{Api, Project};
+use super::error::ClientError;
 use super::output::{sanitize, short_time, table};
 
-pub async fn list(api: Api, project: &str, limit: u32, json: bool) -> anyhow::Result<()> {
+pub async fn list(api: Api, project: &str, limit: u32, json: bool) -> Result<(), ClientError> {
     let deployments = api.deployments(project, limit).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&deployments)?);
@@ -36,13 +37,13 @@ pub async fn list(api: Api, project: &str, limit: u32, json: bool) -> anyhow::Re
     Ok(())
 }
 
-pub async fn promote(api: Api, project: &str, deployment_id: &str) -> anyhow::Result<()> {
+pub async fn promote(api: Api, project: &str, deployment_id: &str) -> Result<(), ClientError> {
     let answer = api.promote(project, deployment_id).await?;
     report(&answer);
     Ok(())
 }
 
-pub async fn rollback(api: Api, project: &str, deployment_id: Option<&str>) -> anyhow::Result<()> {
+pub async fn rollback(api: Api, project: &str, deployment_id: Option<&str>) -> Result<(), ClientError> {
     let answer = api.rollback(project, deployment_id).await?;
     report(&answer);
     Ok(())

@@ -3,10 +3,10 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
 use clap::Subcommand;
 
 use super::api::{Api, Domain};
+use super::error::{ClientError, FilesError, InputError};
 use super::output::{sanitize, short_time, table};
 
 /// PEM files are a few KB; the bound keeps a wrong path (a device, a
@@ -62,7 +62,7 @@ pub enum DomainsCommand {
     Delete { domain: String },
 }
 
-pub async fn run(api: Api, command: DomainsCommand) -> anyhow::Result<()> {
+pub async fn run(api: Api, command: DomainsCommand) -> Result<(), ClientError> {
     match command {
         DomainsCommand::List { json } => {
             let domains = api.domains().await?;
@@ -104,7 +104,7 @@ pub async fn run(api: Api, command: DomainsCommand) -> anyhow::Result<()> {
                 println!("{} is verified", sanitize(&domain.domain));
             } else {
                 print_instructions(&domain);
-                bail!("{} is not verified yet", sanitize(&domain.domain));
+                return Err(ClientError::NotVerified { domain: sanitize(&domain.domain).into_owned() });
             }
         }
         DomainsCommand::Attach { domain, project } => {
@@ -125,7 +125,7 @@ pub async fn run(api: Api, command: DomainsCommand) -> anyhow::Result<()> {
                 println!("removed the certificate of {domain}");
                 return Ok(());
             }
-            let (Some(cert), Some(key)) = (cert, key) else { bail!("give --cert FILE and --key FILE, or --remove") };
+            let (Some(cert), Some(key)) = (cert, key) else { return Err(InputError::CertificateFiles.into()) };
             let answer = api.put_certificate(&domain, &read_pem(&cert)?, &read_pem(&key)?).await?;
             match &answer.certificate {
                 Some(c) => println!(
@@ -159,13 +159,13 @@ fn print_instructions(domain: &Domain) {
     println!("then run: isocloud domains verify {name}");
 }
 
-fn read_pem(path: &Path) -> anyhow::Result<String> {
+fn read_pem(path: &Path) -> Result<String, FilesError> {
     let mut text = String::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_PEM_BYTES).read_to_string(&mut text))
-        .with_context(|| format!("cannot read {}", path.display()))?;
+        .map_err(|source| FilesError::Read { path: path.to_owned(), source })?;
     if !text.contains("-----BEGIN ") {
-        bail!("{} is not PEM (no -----BEGIN line)", path.display());
+        return Err(FilesError::NotPem { path: path.to_owned() });
     }
     Ok(text)
 }

@@ -3,10 +3,10 @@
 
 use std::io::Read as _;
 
-use anyhow::{Context as _, bail};
 use clap::Subcommand;
 
 use super::api::Api;
+use super::error::{ClientError, InputError, PromptError};
 use super::output::{sanitize, short_time, table};
 
 /// The server's bound on a value (32 KiB); reading stops a little past it
@@ -45,7 +45,7 @@ pub enum EnvCommand {
     },
 }
 
-pub async fn run(api: Api, command: EnvCommand) -> anyhow::Result<()> {
+pub async fn run(api: Api, command: EnvCommand) -> Result<(), ClientError> {
     match command {
         EnvCommand::List { project, json } => {
             let vars = api.env(&project).await?;
@@ -76,23 +76,24 @@ pub async fn run(api: Api, command: EnvCommand) -> anyhow::Result<()> {
 
 /// `NAME VALUE`, `NAME=VALUE` or `NAME` + stdin. An env var name never
 /// holds `=`, so the first `=` splits.
-fn assignment(name: String, value: Option<String>, stdin: Option<String>) -> anyhow::Result<(String, String)> {
+fn assignment(name: String, value: Option<String>, stdin: Option<String>) -> Result<(String, String), InputError> {
     let inline = name.split_once('=').map(|(n, v)| (n.to_string(), v.to_string()));
     match (inline, value, stdin) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            bail!("give the value once: `NAME VALUE`, `NAME=VALUE` or `NAME --stdin`")
-        }
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(InputError::ValueTwice),
         (Some((name, value)), None, None) => Ok((name, value)),
         (None, Some(value), None) | (None, None, Some(value)) => Ok((name, value)),
-        (None, Some(_), Some(_)) => bail!("--stdin and a VALUE exclude each other"),
-        (None, None, None) => bail!("no value for {name}: use `NAME VALUE`, `NAME=VALUE` or `NAME --stdin`"),
+        (None, Some(_), Some(_)) => Err(InputError::StdinAndValue),
+        (None, None, None) => Err(InputError::NoValue { name }),
     }
 }
 
-fn read_stdin() -> anyhow::Result<String> {
+fn read_stdin() -> Result<String, PromptError> {
     let mut bytes = Vec::new();
-    std::io::stdin().take(MAX_VALUE_BYTES).read_to_end(&mut bytes).context("cannot read the value from stdin")?;
-    let mut value = String::from_utf8(bytes).context("the value on stdin is not UTF-8")?;
+    std::io::stdin()
+        .take(MAX_VALUE_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|source| PromptError::Read { what: "the value", source })?;
+    let mut value = String::from_utf8(bytes).map_err(PromptError::NotUtf8)?;
     // `echo secret | isocloud env set K --stdin` should store `secret`.
     if value.ends_with('\n') {
         value.pop();
@@ -107,7 +108,7 @@ fn read_stdin() -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
-    fn a(name: &str, value: Option<&str>, stdin: Option<&str>) -> anyhow::Result<(String, String)> {
+    fn a(name: &str, value: Option<&str>, stdin: Option<&str>) -> Result<(String, String), InputError> {
         assignment(name.to_string(), value.map(str::to_string), stdin.map(str::to_string))
     }
 

@@ -15,6 +15,7 @@ mod deploy;
 mod deployments;
 mod domains;
 mod env;
+mod error;
 mod git;
 mod glob;
 mod login;
@@ -28,6 +29,7 @@ mod walk;
 use clap::{Args, Subcommand};
 
 use api::Api;
+use error::ClientError;
 
 /// Where to reach the control plane; on every client command.
 #[derive(Args, Debug, Clone, Default)]
@@ -120,7 +122,7 @@ pub fn run(command: ClientCommand) -> std::process::ExitCode {
     }
 }
 
-async fn dispatch(command: ClientCommand) -> anyhow::Result<()> {
+async fn dispatch(command: ClientCommand) -> Result<(), ClientError> {
     match command {
         ClientCommand::Login(args) => login::run(args).await,
         ClientCommand::Projects { connection, command } => projects::run(connect(&connection)?, command).await,
@@ -141,13 +143,13 @@ async fn dispatch(command: ClientCommand) -> anyhow::Result<()> {
 }
 
 /// The API client for the flags, falling back to the saved credentials.
-fn connect(flags: &ConnectionFlags) -> anyhow::Result<Api> {
+fn connect(flags: &ConnectionFlags) -> Result<Api, ClientError> {
     let both_given = flags.url.as_deref().is_some_and(|u| !u.trim().is_empty())
         && flags.token.as_deref().is_some_and(|t| !t.trim().is_empty());
     // With both flags the file is not needed (and not read: CI has no HOME).
     let saved = if both_given { None } else { credentials::load(&credentials::config_dir()?)? };
     let connection = credentials::resolve(flags.url.as_deref(), flags.token.as_deref(), saved)?;
-    Api::new(connection.url, connection.token)
+    Ok(Api::new(connection.url, connection.token)?)
 }
 
 #[cfg(test)]

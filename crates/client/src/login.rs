@@ -4,11 +4,11 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::api::Api;
 use super::credentials::{self, Credentials};
+use super::error::{ClientError, FilesError, InputError, PromptError};
 use super::output::sanitize;
 use super::{ConnectionFlags, prompt};
 
@@ -25,19 +25,19 @@ pub struct LoginArgs {
     pub token_file: Option<PathBuf>,
 }
 
-pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
+pub async fn run(args: LoginArgs) -> Result<(), ClientError> {
     let dir = credentials::config_dir()?;
     let saved = credentials::load(&dir).ok().flatten();
     // Logging in again without --url keeps the saved control plane.
     let url_text = match (args.connection.url.as_deref().filter(|u| !u.trim().is_empty()), &saved) {
         (Some(url), _) => url.to_string(),
         (None, Some(saved)) => saved.url.clone(),
-        (None, None) => bail!("which control plane? Pass --url URL (or set ISOCLOUD_URL)"),
+        (None, None) => return Err(InputError::NoUrl.into()),
     };
     let url = credentials::parse_url(&url_text)?;
     let token = read_token(&args)?;
     if token.is_empty() {
-        bail!("no token: pass --token TOKEN or --token-file PATH, or pipe it on stdin");
+        return Err(InputError::NoToken.into());
     }
     if url.scheme() == "http" && !is_loopback(&url) {
         eprintln!("warning: {url} is plain http: the token crosses the network unencrypted");
@@ -53,22 +53,25 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
 
 /// --token-file, else --token (or ISOCLOUD_TOKEN), else stdin: piped, or
 /// asked for on a terminal.
-fn read_token(args: &LoginArgs) -> anyhow::Result<String> {
+fn read_token(args: &LoginArgs) -> Result<String, ClientError> {
     if let Some(path) = &args.token_file {
         let mut text = String::new();
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_TOKEN_BYTES).read_to_string(&mut text))
-            .with_context(|| format!("cannot read the token from {}", path.display()))?;
+            .map_err(|source| FilesError::ReadToken { path: path.clone(), source })?;
         return Ok(text.trim().to_string());
     }
     if let Some(token) = args.connection.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(token.to_string());
     }
     if prompt::stdin_is_terminal() {
-        return prompt::ask_secret("token (input hidden): ");
+        return Ok(prompt::ask_secret("token (input hidden): ")?);
     }
     let mut text = String::new();
-    std::io::stdin().take(MAX_TOKEN_BYTES).read_to_string(&mut text).context("cannot read the token from stdin")?;
+    std::io::stdin()
+        .take(MAX_TOKEN_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|source| PromptError::Read { what: "the token", source })?;
     Ok(text.trim().to_string())
 }
 

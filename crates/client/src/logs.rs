@@ -3,11 +3,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::bail;
 use clap::Args;
 use futures_util::StreamExt as _;
 
 use super::api::{Api, LogEntry, LogQuery, decode};
+use super::error::{ClientError, InputError};
 use super::output::sanitize;
 use super::{ConnectionFlags, connect, time};
 
@@ -42,9 +42,9 @@ pub struct LogsArgs {
     pub json: bool,
 }
 
-pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
+pub async fn run(args: LogsArgs) -> Result<(), ClientError> {
     let since = args.since.as_deref().map(|s| time::parse_since(s, SystemTime::now())).transpose();
-    let since = since.map_err(anyhow::Error::msg)?;
+    let since = since.map_err(InputError::Since)?;
     let api = connect(&args.connection)?;
     if let Some(id) = &args.build {
         let build = api.build_log(id).await?;
@@ -58,11 +58,12 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
             None => println!("(no build: the deployment was not built from files)"),
         }
         if build.status == "failed" {
-            bail!("deployment {} failed: {}", build.id, sanitize(build.error.as_deref().unwrap_or("no reason given")));
+            let reason = sanitize(build.error.as_deref().unwrap_or("no reason given")).into_owned();
+            return Err(ClientError::BuildFailed { id: build.id, reason });
         }
         return Ok(());
     }
-    let Some(project) = args.project.as_deref() else { bail!("--project NAME is required") };
+    let Some(project) = args.project.as_deref() else { return Err(InputError::ProjectRequired.into()) };
     let query = LogQuery { deployment: args.deployment.clone(), since, limit: args.limit };
     if !args.follow {
         let mut entries = api.logs(project, &query).await?;
@@ -86,7 +87,7 @@ fn sanitize_multiline(text: &str) -> String {
 
 /// Streams until Ctrl-C. A dropped stream is picked up again from the
 /// last entry's time; entries already shown (by id) are skipped.
-async fn follow(api: &Api, project: &str, mut query: LogQuery, json: bool) -> anyhow::Result<()> {
+async fn follow(api: &Api, project: &str, mut query: LogQuery, json: bool) -> Result<(), ClientError> {
     let mut last: Option<(i64, String)> = None;
     let mut delay = Duration::from_millis(500);
     let mut connected_once = false;
@@ -105,7 +106,7 @@ async fn follow(api: &Api, project: &str, mut query: LogQuery, json: bool) -> an
                         handle_line(&line, &mut last, json);
                     }
                     if buffer.len() > MAX_LINE_BYTES {
-                        bail!("the log stream sent a line over {} MiB", MAX_LINE_BYTES >> 20);
+                        return Err(ClientError::LogLineTooLong { max_bytes: MAX_LINE_BYTES });
                     }
                 }
                 eprintln!("the log stream ended; reconnecting");

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use super::api::ClientError;
+use super::error::ClientError;
 
 /// Columns padded to their widest cell; the last column is not padded, so
 /// a long commit message does not drag trailing spaces along.
@@ -78,12 +78,17 @@ pub fn short_time(rfc3339: &str) -> String {
     }
 }
 
-/// The whole message a failed command prints: `error: …` and, when the
-/// failure suggests one, a `hint: …` line.
-pub fn render_error(error: &anyhow::Error) -> String {
-    let mut out = format!("error: {}", sanitize(&format!("{error:#}")));
-    let client_error = error.chain().find_map(|cause| cause.downcast_ref::<ClientError>());
-    if let Some(hint) = client_error.and_then(ClientError::hint) {
+/// The whole message a failed command prints: `error: …` with each cause
+/// after a `: `, and, when the failure suggests one, a `hint: …` line.
+pub fn render_error(error: &ClientError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(next) = cause {
+        let _ = write!(text, ": {next}");
+        cause = next.source();
+    }
+    let mut out = format!("error: {}", sanitize(&text));
+    if let Some(hint) = error.hint() {
         out.push_str("\nhint: ");
         out.push_str(&hint);
     }
@@ -93,7 +98,10 @@ pub fn render_error(error: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ApiError;
+    use crate::api::{ApiError, CallError};
+    use crate::credentials::CredentialsError;
+    use crate::error::FilesError;
+    use crate::walk::WalkError;
 
     #[test]
     fn tables_pad_all_but_the_last_column() {
@@ -126,8 +134,8 @@ mod tests {
         assert_eq!(short_time("garbage.Z"), "garbage.Z");
     }
 
-    fn api_error(code: &str, field: Option<&str>) -> anyhow::Error {
-        ClientError::Api(ApiError {
+    fn api_error(code: &str, field: Option<&str>) -> ClientError {
+        CallError::Api(ApiError {
             status: 400,
             code: code.to_string(),
             message: "name is taken".to_string(),
@@ -144,21 +152,74 @@ mod tests {
             render_error(&api_error("INVALID_FIELD", Some("name"))),
             "error: name is taken (INVALID_FIELD, field name)"
         );
-        let with_context = api_error("CONFLICT", None).context("cannot rename hello");
-        assert_eq!(render_error(&with_context), "error: cannot rename hello: name is taken (CONFLICT)");
+        let upload = ClientError::Upload { path: "main.ts".into(), source: Box::new(api_error("CONFLICT", None)) };
+        assert_eq!(render_error(&upload), "error: cannot upload main.ts: name is taken (CONFLICT)");
     }
 
     #[test]
     fn unauthorized_and_unreachable_suggest_login() {
         let rendered = render_error(&api_error("UNAUTHORIZED", None));
         assert!(rendered.contains("\nhint: ") && rendered.contains("isocloud login"), "{rendered}");
-        let unreachable: anyhow::Error = ClientError::Unreachable {
-            base: "http://127.0.0.1:9".to_string(),
-            cause: "Connection refused (os error 111)".to_string(),
-        }
-        .into();
-        let rendered = render_error(&unreachable);
+        let unreachable = || -> ClientError {
+            CallError::Unreachable {
+                base: "http://127.0.0.1:9".to_string(),
+                cause: "Connection refused (os error 111)".to_string(),
+            }
+            .into()
+        };
+        let rendered = render_error(&unreachable());
         assert!(rendered.starts_with("error: cannot reach the control plane at http://127.0.0.1:9"), "{rendered}");
         assert!(rendered.contains("isocloud login --url"), "{rendered}");
+        // Behind an upload too.
+        let upload = ClientError::Upload { path: "a.txt".into(), source: Box::new(unreachable()) };
+        let rendered = render_error(&upload);
+        assert!(rendered.starts_with("error: cannot upload a.txt: cannot reach"), "{rendered}");
+        assert!(rendered.contains("\nhint: ") && rendered.contains("isocloud login --url"), "{rendered}");
+        let no_hint = render_error(&CredentialsError::NoControlPlane.into());
+        assert!(!no_hint.contains("hint:"), "{no_hint}");
+    }
+
+    /// A cause is shown once, after its context, as anyhow's `{:#}` did.
+    #[test]
+    fn causes_follow_their_message_once() {
+        let denied = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        let read: ClientError = FilesError::Read { path: "key.pem".into(), source: denied() }.into();
+        assert_eq!(render_error(&read), "error: cannot read key.pem: denied");
+        let walk: ClientError = WalkError::Io { path: "a.txt".into(), source: denied() }.into();
+        assert_eq!(render_error(&walk), "error: cannot read `a.txt`: denied");
+        let damaged = CredentialsError::Damaged {
+            path: "/c/credentials.json".into(),
+            source: serde_json::from_str::<Vec<u8>>("[").unwrap_err(),
+        };
+        let rendered = render_error(&damaged.into());
+        assert!(
+            rendered
+                .starts_with("error: /c/credentials.json is damaged; run `isocloud login` again: EOF while parsing"),
+            "{rendered}"
+        );
+    }
+
+    /// The messages the e2e tests and scripts look for, word for word.
+    #[test]
+    fn messages_that_name_the_fix_are_kept() {
+        use crate::error::InputError;
+        let cases: [(ClientError, &str); 4] = [
+            (
+                InputError::NoProject { name: "hello".into() }.into(),
+                "error: there is no project `hello`: create it with `isocloud projects create hello`",
+            ),
+            (
+                CredentialsError::NoToken { url: "http://127.0.0.1:9".into() }.into(),
+                "error: no token for http://127.0.0.1:9: run `isocloud login --url http://127.0.0.1:9`, or pass --token (or set ISOCLOUD_TOKEN)",
+            ),
+            (
+                ClientError::DeployFailed { id: "abc".into(), reason: "boom".into() },
+                "error: deployment abc failed: boom\n(its whole build log: isocloud logs --build abc)",
+            ),
+            (ClientError::LogLineTooLong { max_bytes: 4 << 20 }, "error: the log stream sent a line over 4 MiB"),
+        ];
+        for (error, text) in cases {
+            assert_eq!(render_error(&error), text);
+        }
     }
 }

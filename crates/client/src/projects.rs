@@ -1,9 +1,9 @@
 //! `isocloud projects list|create|rename|delete`.
 
-use anyhow::bail;
 use clap::Subcommand;
 
 use super::api::Api;
+use super::error::{ClientError, PromptError};
 use super::output::{sanitize, short_time, table};
 use super::prompt;
 
@@ -28,7 +28,7 @@ pub enum ProjectsCommand {
     },
 }
 
-pub async fn run(api: Api, command: ProjectsCommand) -> anyhow::Result<()> {
+pub async fn run(api: Api, command: ProjectsCommand) -> Result<(), ClientError> {
     match command {
         ProjectsCommand::List { json } => {
             let projects = api.projects().await?;
@@ -68,7 +68,7 @@ pub async fn run(api: Api, command: ProjectsCommand) -> anyhow::Result<()> {
         ProjectsCommand::Delete { name, yes } => {
             if !yes {
                 if !prompt::stdin_is_terminal() {
-                    bail!("refusing to delete project `{name}` without --yes (stdin is not a terminal to ask on)");
+                    return Err(PromptError::NoTerminal { name }.into());
                 }
                 eprintln!(
                     "This deletes project `{name}` with all its deployments, env vars, logs and usage; \
@@ -76,7 +76,7 @@ pub async fn run(api: Api, command: ProjectsCommand) -> anyhow::Result<()> {
                 );
                 let answer = prompt::ask("Type the project's name to confirm: ")?;
                 if answer != name {
-                    bail!("not deleted: the name typed was not `{name}`");
+                    return Err(PromptError::NotConfirmed { name }.into());
                 }
             }
             api.delete_project(&name).await?;

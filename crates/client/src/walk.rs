@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
+use super::error::InputError;
 use super::glob::Glob;
 
 /// More files than this is almost certainly the wrong folder (a home
@@ -51,7 +52,8 @@ pub enum WalkError {
     TooManyFiles,
     #[error("folders nest deeper than {MAX_DEPTH} levels at `{path}`")]
     TooDeep { path: String },
-    #[error("cannot read `{path}`: {source}")]
+    /// The cause is the source (shown after the message, once).
+    #[error("cannot read `{path}`")]
     Io { path: String, source: std::io::Error },
 }
 
@@ -182,21 +184,18 @@ pub fn choose_entrypoint(
     given: Option<&str>,
     files: &BTreeMap<String, super::api::FileRef>,
     has_eszip: bool,
-) -> anyhow::Result<String> {
+) -> Result<String, InputError> {
     if let Some(given) = given {
         let path = given.trim_start_matches("./");
         if has_eszip || files.contains_key(path) {
             return Ok(path.to_string());
         }
-        anyhow::bail!("the entrypoint `{given}` is not among the files to deploy");
+        return Err(InputError::EntrypointNotInFiles { given: given.to_owned() });
     }
     if let Some(found) = DEFAULT_ENTRYPOINTS.iter().find(|name| files.contains_key(**name)) {
         return Ok(found.to_string());
     }
-    if has_eszip {
-        anyhow::bail!("pass --entrypoint with --eszip: the module in the ESZIP to start (e.g. file:///src/main.ts)");
-    }
-    anyhow::bail!("no entrypoint: none of {} exists; pass --entrypoint PATH", DEFAULT_ENTRYPOINTS.join(", "))
+    Err(if has_eszip { InputError::EntrypointForEszip } else { InputError::NoEntrypoint })
 }
 
 #[cfg(test)]
