@@ -1,6 +1,7 @@
 //! Wiring of the built-in control plane into `isocloud serve`: its API and
-//! dashboard listener, its host table and certificates for the ingress, and
-//! its origin for the pool.
+//! dashboard listener, its host table and certificates for the ingress, its
+//! origin for the pool, and the same origin over HTTP for runners on other
+//! machines (`--origin-listen`).
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use isocloud_ingress::{Certificates, HostRoute, HostRoutes, ListenerBounds, List
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::sign::CertifiedKey;
 
-use crate::settings::ControlPlaneSettings;
+use crate::settings::{ControlPlaneSettings, OriginListen};
 
 /// How builds run on this node (control-plane deployments, apps mode).
 pub fn build_options(
@@ -86,6 +87,41 @@ pub async fn start(
     // Tests and scripts read this line to learn the port of `…:0`.
     println!("isocloud: control plane on http://{addr}");
     Ok((control_plane, addr))
+}
+
+/// Serves the control plane's origin RPCs on `origin.addr` for `isocloud
+/// runner`s elsewhere: the same origin the pool of this process calls, behind
+/// the RPC tokens' check. Returns the address (the port of `…:0` picked).
+pub async fn start_origin(
+    control_plane: &Arc<ControlPlane>,
+    origin: &OriginListen,
+    listener: ControlListener,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use isocloud_controlplane::origin_http::{ORIGIN_HTTP_LIMITS, OriginHttp};
+    let http = OriginHttp::new(control_plane.origin(), &origin.keys, ORIGIN_HTTP_LIMITS)
+        .context("cannot set up the origin listener")?;
+    let tcp = TcpListener::bind(origin.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (origin RPCs)", origin.addr))?;
+    let addr = tcp.local_addr()?;
+    // The control listener's head and body timeouts and its cap in all, but
+    // no cap per peer: the callers are a few runners, each opening many
+    // connections at once (a boot fetches its layers in parallel). What
+    // bounds them is the RPC bound behind the token check.
+    let mut bounds = listener.bounds;
+    bounds.max_connections_per_peer = 0;
+    let service = hyper_util::service::TowerToHyperService::new(http.router());
+    tokio::spawn(isocloud_ingress::serve_bounded(tcp, bounds, listener.metrics, service));
+    let kids: Vec<&str> = origin.keys.iter().map(|key| key.kid.as_str()).collect();
+    tracing::info!(
+        %addr,
+        kids = ?kids,
+        max_concurrent_rpcs = ORIGIN_HTTP_LIMITS.max_concurrent_rpcs,
+        "control plane: origin RPCs for remote runners (their --rpc-root http://{addr}/)"
+    );
+    // Tests and scripts read this line to learn the port of `…:0`.
+    println!("isocloud: origin on http://{addr}");
+    Ok(addr)
 }
 
 /// The control plane's host table, as the ingress asks it.

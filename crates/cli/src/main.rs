@@ -186,6 +186,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             if let Some(egress) = &egress {
                 egress.add_private_listener(control_addr, "control plane listener");
             }
+            if let Some(origin) = &control.origin {
+                let origin_listener = control_plane::ControlListener {
+                    bounds: settings.listeners.control.clone(),
+                    metrics: listener_metrics.clone(),
+                };
+                let origin_addr = control_plane::start_origin(&control_plane, origin, origin_listener).await?;
+                if let Some(egress) = &egress {
+                    egress.add_private_listener(origin_addr, "origin listener");
+                }
+            }
             if let Some(tcp) = tls {
                 let tls_addr = tcp.local_addr()?;
                 if let Some(egress) = &egress {

@@ -169,6 +169,17 @@ pub struct ControlPlaneSettings {
     pub dns_resolver: Option<SocketAddr>,
     /// `None`: the public listener's own port.
     pub public_http_port: Option<u16>,
+    /// `--origin-listen`: the origin RPCs for runners on other machines.
+    pub origin: Option<OriginListen>,
+}
+
+/// The control plane's origin RPCs over HTTP (`--origin-listen`), and the
+/// keys their callers sign with.
+#[derive(Debug, Clone)]
+pub struct OriginListen {
+    pub addr: SocketAddr,
+    /// Never logged (`Secret`'s `Debug` redacts).
+    pub keys: Vec<isocloud_controlplane::origin_http::OriginKey>,
 }
 
 /// The build step's settings (`serve`: the control plane's deployments, or
@@ -321,8 +332,9 @@ impl Settings {
             (file.isolate_uid, file.isolate_uid_range) = (None, None);
         }
         // With --apps, these flags are a mistake (the file's are ignored).
-        let control_flags_given =
-            serve.as_ref().is_some_and(|s| s.data.is_some() || s.database_url.is_some() || s.tls_listen.is_some());
+        let control_flags_given = serve.as_ref().is_some_and(|s| {
+            s.data.is_some() || s.database_url.is_some() || s.tls_listen.is_some() || s.origin_listen.is_some()
+        });
         let is_serve = serve.is_some();
         let given = Given::merge(common, serve.unwrap_or_default(), subhost.unwrap_or_default(), file)?;
         // `serve` without an apps folder runs the control plane.
@@ -404,7 +416,8 @@ impl Settings {
             if control_flags_given {
                 return Err(invalid(
                     "apps",
-                    "--apps serves a folder without the control plane: drop --data, --database-url and --tls-listen",
+                    "--apps serves a folder without the control plane: drop --data, --database-url, --tls-listen and \
+                     --origin-listen",
                 ));
             }
             if !dir.is_dir() {
@@ -632,6 +645,7 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
     let control_listen = parse_addr("control_listen", &given.control_listen)?;
     let tls_listen = given.tls_listen.as_deref().map(|a| parse_addr("tls_listen", a)).transpose()?;
     let dns_resolver = given.dns_resolver.as_deref().map(|a| parse_addr("dns_resolver", a)).transpose()?;
+    let origin = origin_listen(given)?;
     Ok(ControlPlaneSettings {
         data_dir,
         database_url: given.database_url.clone(),
@@ -644,7 +658,47 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
         domain_verify_http_port: given.domain_verify_http_port,
         dns_resolver,
         public_http_port: given.public_http_port,
+        origin,
     })
+}
+
+/// `--origin-listen` with its keys (`--origin-secret`, `--origin-secret-file`),
+/// validated: a listener needs a key, a key needs the listener.
+fn origin_listen(given: &Given) -> Result<Option<OriginListen>, SettingsError> {
+    use isocloud_controlplane::origin_http::{OriginHttpError, OriginKey, check_keys};
+    let Some(addr) = given.origin_listen.as_deref() else {
+        if !given.origin_secret.is_empty() || !given.origin_secret_file.is_empty() {
+            return Err(invalid("origin_secret", "origin keys are --origin-listen's: without it nothing reads them"));
+        }
+        return Ok(None);
+    };
+    let addr = parse_addr("origin_listen", addr)?;
+    let mut keys: Vec<OriginKey> = Vec::new();
+    let mut add = |field: &'static str, kid: &str, secret: &[u8]| {
+        if keys.iter().any(|k| k.kid == kid) {
+            return Err(invalid(field, format!("origin key {kid:?} is configured twice")));
+        }
+        keys.push(OriginKey { kid: kid.to_owned(), secret: Secret::new(secret) });
+        Ok(())
+    };
+    for spec in &given.origin_secret {
+        let (kid, secret) = split_pair("origin_secret", spec)?;
+        add("origin_secret", kid, secret.as_bytes())?;
+    }
+    for spec in &given.origin_secret_file {
+        let (kid, path) = split_pair("origin_secret_file", spec)?;
+        let text = std::fs::read_to_string(path).map_err(|e| invalid("origin_secret_file", format!("{path}: {e}")))?;
+        add("origin_secret_file", kid, text.trim_end_matches(['\n', '\r']).as_bytes())?;
+    }
+    check_keys(&keys).map_err(|e| match e {
+        OriginHttpError::NoKeys => invalid(
+            "origin_secret",
+            "--origin-listen needs at least one --origin-secret KID=SECRET or --origin-secret-file KID=PATH: \
+             every RPC must be signed",
+        ),
+        e => invalid("origin_secret", e.to_string()),
+    })?;
+    Ok(Some(OriginListen { addr, keys }))
 }
 
 /// The build step's settings, validated.

@@ -23,6 +23,7 @@ mod error;
 mod git;
 mod ids;
 mod origin;
+pub mod origin_http;
 pub mod private;
 mod routing;
 mod storage;

@@ -294,6 +294,15 @@ options! {
         control_listen: String, "ADDR", default("127.0.0.1:8081".into());
         /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
         tls_listen: String, "ADDR", shown("off");
+        /// The origin RPCs (boot, layer, read_tree, read_blob, report_activity)
+        /// for `isocloud runner`s on other machines (their --rpc-root), every
+        /// call signed with an --origin-secret key.
+        origin_listen: String, "ADDR", shown("off");
+        /// A key runners sign their origin RPCs with, KID=SECRET (repeatable;
+        /// the runner's --subhost-secret KID=SECRET; 32 bytes at least).
+        origin_secret: Vec<String>, "KID=SECRET", default(Vec::new()), shown("none");
+        /// An --origin-secret read from a file, KID=PATH (repeatable).
+        origin_secret_file: Vec<String>, "KID=PATH", default(Vec::new()), shown("none");
         /// Connections one peer may hold on the control listener; 0: no cap.
         control_max_connections_per_peer: usize, "N",
             default(listener_default(ListenerKind::Control).max_connections_per_peer), range(0..=1_000_000);

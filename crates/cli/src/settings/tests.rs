@@ -642,3 +642,53 @@ fn the_readme_option_tables_list_every_option_with_its_default() {
             .map(|(flag, default)| (flag.to_owned(), default.to_owned()))
     );
 }
+
+#[test]
+fn the_origin_listener_is_off_by_default_and_needs_its_keys() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let control = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        match parse(&argv).unwrap().mode {
+            Mode::ControlPlane(control) => control,
+            _ => panic!("not the control plane"),
+        }
+    };
+    assert!(control(&[]).origin.is_none(), "off by default");
+
+    let secret = format!("cp={}", "s".repeat(32));
+    let origin = control(&["--origin-listen", "127.0.0.1:0", "--origin-secret", &secret]).origin.expect("on");
+    assert_eq!(origin.addr.to_string(), "127.0.0.1:0");
+    assert_eq!(origin.keys[0].kid, "cp");
+    assert!(!format!("{origin:?}").contains(&"s".repeat(32)), "the secret is never shown: {origin:?}");
+
+    // From a file named in the TOML file (its newline is not the secret's).
+    let key_file = data.path().join("origin.key");
+    std::fs::write(&key_file, format!("{}\n", "k".repeat(40))).unwrap();
+    let config = data.path().join("isocloud.toml");
+    std::fs::write(
+        &config,
+        format!("origin_listen = \"127.0.0.1:9000\"\norigin_secret_file = [\"cp={}\"]\n", key_file.display()),
+    )
+    .unwrap();
+    let origin = control(&["--config", config.to_str().unwrap()]).origin.expect("on from the file");
+    assert_eq!((origin.addr.port(), origin.keys[0].secret.len()), (9000, 40));
+
+    let field = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        field_of(&argv)
+    };
+    assert_eq!(field(&["--origin-listen", "127.0.0.1:0"]), "origin_secret", "a listener without a key");
+    assert_eq!(field(&["--origin-secret", &secret]), "origin_secret", "a key without the listener");
+    assert_eq!(field(&["--origin-listen", "127.0.0.1:0", "--origin-secret", "cp=short"]), "origin_secret");
+    let twice = ["--origin-listen", "127.0.0.1:0", "--origin-secret", &secret, "--origin-secret", &secret];
+    assert_eq!(field(&twice), "origin_secret");
+    assert_eq!(field(&["--origin-listen", "nonsense", "--origin-secret", &secret]), "origin_listen");
+    let apps = tempfile::tempdir().unwrap();
+    let with_apps = ["serve", "--apps", apps.path().to_str().unwrap(), "--origin-listen", "127.0.0.1:0"];
+    assert_eq!(field_of(&with_apps), "apps", "the apps folder has no control plane to serve");
+    let runner = ["runner", "--rpc-root", "http://o/", "--subhost-secret", "a=b", "--origin-listen", "127.0.0.1:0"];
+    assert_eq!(field_of(&runner), "origin_listen", "a runner has no origin to serve");
+}

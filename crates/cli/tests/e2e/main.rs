@@ -35,5 +35,6 @@ mod layers;
 mod lifecycle;
 mod net_permissions;
 mod prestarted;
+mod remote_origin;
 mod streaming;
 mod subhost_auth;

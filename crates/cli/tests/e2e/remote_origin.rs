@@ -1,0 +1,152 @@
+//! The control plane as a remote origin (issue 15, item 1): `isocloud serve
+//! --origin-listen` answers the origin RPCs over HTTP, and an `isocloud
+//! runner` in another process, pointed at that listener as it would be at a
+//! subhoster's origin, serves a first-party deployment — code, env, assets,
+//! and its logs back into the control plane — while `serve`'s own runner
+//! serves the same deployment in process. RPCs signed with no key or a
+//! wrong one are refused.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    ControlPlaneServe, KID, Runner, SECRET, claims_for, expect_error, isocloud_cli, now_s, subhost_token, token_with,
+};
+use serde_json::json;
+
+/// A key of the same length as `SECRET`, which the origin does not hold.
+const WRONG_SECRET: &str = "wrong-secret-0123456789abcdef012345678";
+
+/// `isocloud serve` with `--origin-listen 127.0.0.1:0` and the test key;
+/// also the origin listener's address.
+fn serve_with_origin() -> (ControlPlaneServe, std::net::SocketAddr) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = data_dir.path().to_str().unwrap().to_owned();
+    let key = format!("{KID}={SECRET}");
+    let args = [
+        "serve",
+        "--data",
+        &data,
+        "--control-listen",
+        "127.0.0.1:0",
+        "--base-domain",
+        "localhost",
+        "--origin-listen",
+        "127.0.0.1:0",
+        "--origin-secret",
+        &key,
+        "--cpu-limit-ms",
+        "5000",
+        "--prestarted-isolates",
+        "0",
+    ];
+    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
+    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
+    let control = lines[0].trim().parse().expect("the control plane's address");
+    let origin = lines[1].trim().parse().expect("the origin listener's address");
+    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve.admin_token_file().is_file() {
+        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (serve, origin)
+}
+
+fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
+    isocloud_cli(&serve.control_url(), &serve.admin_token(), config, args)
+}
+
+/// Answers its env var and an asset (so `read_tree` and `read_blob` are
+/// exercised, not only `boot` and `layer`), and logs each request.
+fn write_app(dir: &Path) {
+    std::fs::create_dir_all(dir.join("static")).unwrap();
+    std::fs::write(
+        dir.join("main.ts"),
+        "Deno.serve(async (req) => {\n  console.log(`served ${new URL(req.url).pathname}`);\n  \
+         const about = await Deno.readTextFile(\"static/about.txt\");\n  \
+         return new Response(`${Deno.env.get(\"GREETING\")} ${about}`);\n});\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("static/about.txt"), "about v1").unwrap();
+}
+
+/// A runner in subhosting mode whose one subhoster is the control plane.
+fn remote_runner(origin: std::net::SocketAddr, secret: &str) -> Runner {
+    let rpc_root = format!("http://{origin}/");
+    let key = format!("{KID}={secret}");
+    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
+}
+
+async fn rpc(origin: std::net::SocketAddr, path: &str, token: Option<String>) -> reqwest::Response {
+    let mut request = reqwest::Client::new().get(format!("http://{origin}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("the origin listener answers")
+}
+
+#[tokio::test]
+async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the_origin_listener() {
+    let (serve, origin) = serve_with_origin();
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    cli(&serve, &config, &["projects", "create", "shop"]);
+    cli(&serve, &config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
+    let app = work.path().join("app");
+    write_app(&app);
+    let out = cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
+    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
+    let deployment_id = host.strip_prefix("shop-").and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned();
+
+    // In process: `serve`'s own runner, by Host.
+    let local = serve.runner.get("shop.localhost", "/local").await;
+    assert_eq!(local.status(), 200);
+    assert_eq!(local.text().await.unwrap(), "hello about v1");
+
+    // Remote: another process, fed only over the origin listener, reached
+    // as a relay reaches a runner.
+    let runner = remote_runner(origin, SECRET);
+    let remote = runner.subhost_get(&deployment_id, "/remote").await;
+    assert_eq!(remote.status(), 200, "{}", runner.stderr());
+    assert_eq!(remote.text().await.unwrap(), "hello about v1", "the same answer as in process");
+    let isolates = runner.isolates().await;
+    assert_eq!(isolates.len(), 1, "{isolates:?}");
+    assert_eq!(isolates[0]["origin"], format!("{KID}@http://{origin}/"), "{isolates:?}");
+
+    // Its console line reaches the control plane by report_activity.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(&serve, &config, &["logs", "--project", "shop"]).contains("served /remote") {
+        assert!(Instant::now() < deadline, "the remote runner's log line never arrived:\n{}", runner.stderr());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The origin listener itself: the right key works, then no key and a
+    // wrong key are refused, and a runner holding a wrong key cannot boot.
+    let boot = format!("/boot?deployment_id={deployment_id}");
+    let signed = rpc(origin, &boot, Some(subhost_token(claims_for(&deployment_id)))).await;
+    assert_eq!(signed.status(), 200);
+    assert!(signed.headers().contains_key("x-deno-config"));
+    expect_error(rpc(origin, &boot, None).await, 401, "UNAUTHORIZED").await;
+    let wrong = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), WRONG_SECRET, claims_for(&deployment_id));
+    expect_error(rpc(origin, &boot, Some(wrong)).await, 401, "UNAUTHORIZED").await;
+    let other = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), SECRET, claims_for("aaaaaaaaaaaa"));
+    let message = expect_error(rpc(origin, &boot, Some(other)).await, 401, "UNAUTHORIZED").await;
+    assert!(message.contains("deployment_id"), "{message}");
+    let long_lived = json!({ "deployment_id": deployment_id, "iat": now_s(), "exp": now_s() + 86_400 });
+    let long_lived = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), SECRET, long_lived);
+    expect_error(rpc(origin, &boot, Some(long_lived)).await, 401, "UNAUTHORIZED").await;
+
+    let outsider = remote_runner(origin, WRONG_SECRET);
+    let relay_token = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), WRONG_SECRET, claims_for(&deployment_id));
+    let refused = reqwest::Client::new()
+        .get(format!("http://{}/", outsider.addr))
+        .header("x-deno-subhost", relay_token)
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 502, "BOOT_FAILED").await;
+    assert!(outsider.isolates().await.is_empty());
+    let log = serve.runner.stderr();
+    assert!(log.contains("origin: RPC refused"), "the refusals are logged:\n{log}");
+}
