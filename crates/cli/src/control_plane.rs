@@ -65,11 +65,14 @@ pub async fn start(
         domain_verify_http_port: settings.domain_verify_http_port,
         dns_resolver: settings.dns_resolver,
         build: Some(build_options(build, deno, cgroups)),
+        blob_store: settings.blob_store.clone(),
+        blob_gc_grace: settings.blob_gc_grace,
     };
     let store = if settings.database_url.is_some() { "postgres" } else { "sqlite" };
-    let control_plane = ControlPlane::open(options)
-        .await
-        .with_context(|| format!("cannot open the control plane ({store}, data in {})", settings.data_dir.display()))?;
+    let blobs = settings.blob_store.as_ref().map_or("the data dir", |s3| s3.url.as_str());
+    let control_plane = ControlPlane::open(options).await.with_context(|| {
+        format!("cannot open the control plane ({store}, data in {}, blobs in {blobs})", settings.data_dir.display())
+    })?;
     if let Some(path) = control_plane.created_admin_token() {
         println!("isocloud: admin token written to {}", path.display());
     }
@@ -83,7 +86,13 @@ pub async fn start(
     // caps. The router is served like every other listener of the runner.
     let service = hyper_util::service::TowerToHyperService::new(control_plane.router());
     tokio::spawn(isocloud_ingress::serve_bounded(tcp, listener.bounds, listener.metrics, service));
-    tracing::info!(%addr, store, base_domain = settings.base_domain, "control plane: API at /api/v1, dashboard at /");
+    tracing::info!(
+        %addr,
+        store,
+        blobs,
+        base_domain = settings.base_domain,
+        "control plane: API at /api/v1, dashboard at /"
+    );
     // Tests and scripts read this line to learn the port of `…:0`.
     println!("isocloud: control plane on http://{addr}");
     Ok((control_plane, addr))

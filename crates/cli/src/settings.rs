@@ -169,6 +169,9 @@ pub struct ControlPlaneSettings {
     pub dns_resolver: Option<SocketAddr>,
     /// `None`: the public listener's own port.
     pub public_http_port: Option<u16>,
+    /// `--blob-store`: blobs in a bucket; `None`: files in the data dir.
+    pub blob_store: Option<isocloud_controlplane::S3Config>,
+    pub blob_gc_grace: Duration,
     /// `--origin-listen`: the origin RPCs for runners on other machines.
     pub origin: Option<OriginListen>,
 }
@@ -658,6 +661,8 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
         domain_verify_http_port: given.domain_verify_http_port,
         dns_resolver,
         public_http_port: given.public_http_port,
+        blob_store: blob_store(given)?,
+        blob_gc_grace: blob_gc_grace(given)?,
         origin,
     })
 }
@@ -699,6 +704,68 @@ fn origin_listen(given: &Given) -> Result<Option<OriginListen>, SettingsError> {
         e => invalid("origin_secret", e.to_string()),
     })?;
     Ok(Some(OriginListen { addr, keys }))
+}
+
+/// `--blob-store` and the options that only it reads, validated (the
+/// bucket's name and the prefix are checked when the store opens).
+fn blob_store(given: &Given) -> Result<Option<isocloud_controlplane::S3Config>, SettingsError> {
+    let Some(url) = &given.blob_store else {
+        let only_with_a_bucket = [
+            ("blob_store_endpoint", given.blob_store_endpoint.is_some()),
+            ("blob_store_region", given.blob_store_region.is_some()),
+            ("blob_store_access_key_id", given.blob_store_access_key_id.is_some()),
+            ("blob_store_secret_access_key_file", given.blob_store_secret_access_key_file.is_some()),
+        ];
+        if let Some((field, _)) = only_with_a_bucket.iter().find(|(_, set)| *set) {
+            return Err(invalid(field, "belongs to --blob-store s3://…: the data dir's blobs need no bucket"));
+        }
+        return Ok(None);
+    };
+    if !url.starts_with("s3://") || url.len() == "s3://".len() {
+        return Err(invalid("blob_store", format!("{url:?} is not an s3://BUCKET/PREFIX URL")));
+    }
+    if let Some(endpoint) = &given.blob_store_endpoint {
+        let parsed = Url::parse(endpoint)
+            .map_err(|e| invalid("blob_store_endpoint", format!("{endpoint:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid("blob_store_endpoint", format!("{endpoint:?} is not an http(s) URL")));
+        }
+    }
+    let secret_access_key = match &given.blob_store_secret_access_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("blob_store_secret_access_key_file", format!("{}: {e}", path.display())))?;
+            let secret = text.trim_end_matches(['\n', '\r']);
+            if secret.is_empty() {
+                return Err(invalid("blob_store_secret_access_key_file", format!("{} is empty", path.display())));
+            }
+            Some(secret.to_owned())
+        }
+        None => None,
+    };
+    Ok(Some(isocloud_controlplane::S3Config {
+        endpoint: given.blob_store_endpoint.clone(),
+        region: given.blob_store_region.clone(),
+        access_key_id: given.blob_store_access_key_id.clone(),
+        secret_access_key,
+        ..isocloud_controlplane::S3Config::new(url.clone())
+    }))
+}
+
+/// `--blob-gc-grace-s`: a build holds the blobs it was given, not yet
+/// referenced, for up to --build-timeout-s, and a confirmed blob is kept at
+/// least half the grace period.
+fn blob_gc_grace(given: &Given) -> Result<Duration, SettingsError> {
+    if given.blob_gc_grace_s < 2 * given.build_timeout_s {
+        return Err(invalid(
+            "blob_gc_grace_s",
+            format!(
+                "{} s is less than twice build_timeout_s ({} s): a build's blobs could be collected under it",
+                given.blob_gc_grace_s, given.build_timeout_s
+            ),
+        ));
+    }
+    Ok(Duration::from_secs(given.blob_gc_grace_s))
 }
 
 /// The build step's settings, validated.

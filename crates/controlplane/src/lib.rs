@@ -41,7 +41,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use blobs::{BlobError, BlobStore, DiskBlobStore};
+pub use blobs::{BlobError, BlobGcError, BlobGcReport, BlobStore, DiskBlobStore, S3BlobStore, S3Config};
 pub use build::{AppFolderBuilder, BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
 pub use routing::ResolvedHost;
@@ -64,6 +64,9 @@ pub mod defaults {
     pub const USAGE_RETENTION_D: u64 = 30;
     pub const MAX_BLOB_MB: u64 = 64;
     pub const DOMAIN_VERIFY_HTTP_PORT: u16 = 80;
+    /// A blob no deployment references is deleted this long after it was
+    /// stored or last confirmed: a day outlasts any deploy in progress.
+    pub const BLOB_GC_GRACE_S: u64 = 86_400;
 }
 
 /// How the control plane is set up. Units are in the names.
@@ -93,6 +96,11 @@ pub struct ControlPlaneOptions {
     /// The build step of deployments made from files (`build`); `None`
     /// keeps them as uploaded.
     pub build: Option<BuildOptions>,
+    /// Blobs in an S3-compatible bucket; `None` keeps them in `data_dir/blobs`.
+    pub blob_store: Option<S3Config>,
+    /// Unreferenced blobs are deleted this long after they were stored or
+    /// last confirmed (see `blobs::gc`).
+    pub blob_gc_grace: Duration,
 }
 
 impl ControlPlaneOptions {
@@ -110,6 +118,8 @@ impl ControlPlaneOptions {
             domain_verify_http_port: defaults::DOMAIN_VERIFY_HTTP_PORT,
             dns_resolver: None,
             build: None,
+            blob_store: None,
+            blob_gc_grace: Duration::from_secs(defaults::BLOB_GC_GRACE_S),
         }
     }
 
@@ -120,6 +130,9 @@ impl ControlPlaneOptions {
         }
         if self.max_blob_bytes == 0 {
             return Err(ControlPlaneError::Options("the blob bound must be above 0 bytes".into()));
+        }
+        if self.blob_gc_grace.is_zero() {
+            return Err(ControlPlaneError::Options("the blob GC grace period must be above 0 s".into()));
         }
         Ok(())
     }
@@ -150,6 +163,9 @@ const ROUTING_CHANGES_KEPT: Duration = Duration::from_secs(3600);
 const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often old logs, usage and batch ids are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often unreferenced blobs are collected (a pass lists the whole
+/// store); the first pass comes a tenth of this after start.
+const BLOB_GC_INTERVAL: Duration = Duration::from_secs(3600);
 const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// What an earlier start (or an older version, under a loose umask) may
 /// have left readable in the data dir, tightened at every start. Blob
@@ -206,7 +222,10 @@ impl ControlPlane {
         }
         private::ensure_dir(&options.data_dir.join("git"), "git mirrors dir")?;
 
-        let blobs: Arc<dyn BlobStore> = Arc::new(DiskBlobStore::open(options.data_dir.join("blobs"))?);
+        let blobs: Arc<dyn BlobStore> = match &options.blob_store {
+            Some(s3) => Arc::new(S3BlobStore::open(s3, options.blob_gc_grace).await?),
+            None => Arc::new(DiskBlobStore::open(options.data_dir.join("blobs"))?.with_gc_grace(options.blob_gc_grace)),
+        };
         let store = Store::open(options.database_url.as_deref(), &options.data_dir.join("isocloud.db")).await?;
         let created_admin_token = create_admin_token(&store, &options.data_dir).await?;
         let verifier = verify::Verifier::new(options.dns_resolver, options.domain_verify_http_port);
@@ -301,7 +320,38 @@ impl ControlPlane {
                 self.measure_storage().await;
             }
         };
-        tokio::join!(builds, reload, prune, measure);
+        let collect_blobs = async {
+            tokio::time::sleep(BLOB_GC_INTERVAL / 10).await;
+            loop {
+                if let Err(e) = self.collect_blob_garbage().await {
+                    tracing::warn!(target: "isocloud::controlplane", error = %e, "collecting unreferenced blobs failed");
+                }
+                tokio::time::sleep(BLOB_GC_INTERVAL).await;
+            }
+        };
+        tokio::join!(builds, reload, prune, measure, collect_blobs);
+    }
+
+    /// One blob garbage collection pass (`run_background` runs one hourly):
+    /// deletes the blobs no deployment references that are past their grace
+    /// period. Safe while other nodes serve and collect (see `blobs::gc`).
+    pub async fn collect_blob_garbage(&self) -> Result<BlobGcReport, BlobGcError> {
+        let started = std::time::Instant::now();
+        let report =
+            blobs::collect(self.blobs.as_ref(), &self.store, self.options.blob_gc_grace, std::time::SystemTime::now())
+                .await?;
+        if report.deleted > 0 {
+            tracing::info!(
+                target: "isocloud::controlplane",
+                store = self.blobs.describe(),
+                deleted = report.deleted,
+                deleted_bytes = report.deleted_bytes,
+                scanned = report.scanned,
+                ms = started.elapsed().as_millis() as u64,
+                "collected unreferenced blobs"
+            );
+        }
+        Ok(report)
     }
 
     /// Deletes what is past its retention now.

@@ -315,6 +315,25 @@ options! {
         usage_retention_d: u64, "DAYS", default(control_plane::USAGE_RETENTION_D), range(1..=3650);
         /// The largest file a deployment may upload.
         max_blob_mb: u64, "MB", default(control_plane::MAX_BLOB_MB), range(1..=4096);
+        /// Keep the control plane's blobs in an S3-compatible bucket,
+        /// s3://BUCKET/PREFIX (several control-plane nodes share it), not in
+        /// the data dir. The endpoint, region and credentials not set by the
+        /// options below come from AWS_ENDPOINT_URL, AWS_REGION,
+        /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and the other AWS_*).
+        blob_store: String, "URL", shown("files in --data");
+        /// The S3 service of --blob-store (Garage, MinIO, …); plain http only
+        /// on loopback, elsewhere with AWS_ALLOW_HTTP=true.
+        blob_store_endpoint: String, "URL", shown("$AWS_ENDPOINT_URL, else AWS");
+        /// The region --blob-store's requests are signed for.
+        blob_store_region: String, "REGION", shown("$AWS_REGION, else us-east-1");
+        /// The access key id of --blob-store.
+        blob_store_access_key_id: String, "ID", shown("$AWS_ACCESS_KEY_ID");
+        /// A file holding the secret access key of --blob-store (kept off the
+        /// command line).
+        blob_store_secret_access_key_file: PathBuf, "PATH", shown("$AWS_SECRET_ACCESS_KEY");
+        /// Delete a blob no deployment references this long after it was
+        /// stored or last confirmed in use (at least twice --build-timeout-s).
+        blob_gc_grace_s: u64, "SECONDS", default(control_plane::BLOB_GC_GRACE_S), range(60..=YEAR_S);
         /// The port domain verification fetches the HTTP token from.
         domain_verify_http_port: u16, "PORT", default(control_plane::DOMAIN_VERIFY_HTTP_PORT), range(1..=65535);
         /// The nameserver for domain verification (TXT records).

@@ -692,3 +692,72 @@ fn the_origin_listener_is_off_by_default_and_needs_its_keys() {
     let runner = ["runner", "--rpc-root", "http://o/", "--subhost-secret", "a=b", "--origin-listen", "127.0.0.1:0"];
     assert_eq!(field_of(&runner), "origin_listen", "a runner has no origin to serve");
 }
+
+#[test]
+fn blobs_stay_in_the_data_dir_unless_a_bucket_is_named() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let control = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        match parse(&argv).unwrap().mode {
+            Mode::ControlPlane(control) => control,
+            _ => panic!("not the control plane"),
+        }
+    };
+    let default = control(&[]);
+    assert!(default.blob_store.is_none(), "files in the data dir by default");
+    assert_eq!(default.blob_gc_grace, Duration::from_secs(86_400));
+
+    let secret_file = data.path().join("s3.secret");
+    std::fs::write(&secret_file, "s3-secret-value-0123456789\n").unwrap();
+    let secret_path = secret_file.to_str().unwrap();
+    let with_bucket = control(&[
+        "--blob-store",
+        "s3://blobs/isocloud",
+        "--blob-store-endpoint",
+        "http://127.0.0.1:3900",
+        "--blob-store-region",
+        "garage",
+        "--blob-store-access-key-id",
+        "GK0123",
+        "--blob-store-secret-access-key-file",
+        secret_path,
+        "--blob-gc-grace-s",
+        "7200",
+    ]);
+    let s3 = with_bucket.blob_store.as_ref().expect("a bucket");
+    assert_eq!(s3.url, "s3://blobs/isocloud");
+    assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+    assert_eq!(s3.region.as_deref(), Some("garage"));
+    assert_eq!(s3.access_key_id.as_deref(), Some("GK0123"));
+    assert_eq!(s3.secret_access_key.as_deref(), Some("s3-secret-value-0123456789"), "its newline is not the secret's");
+    assert_eq!(with_bucket.blob_gc_grace, Duration::from_secs(7200));
+    assert!(!format!("{with_bucket:?}").contains("s3-secret-value"), "the secret is never shown");
+
+    // From the TOML file; the rest from the environment (not read here).
+    let config = data.path().join("isocloud.toml");
+    std::fs::write(&config, "blob_store = \"s3://blobs\"\nblob_gc_grace_s = 3600\n").unwrap();
+    let from_file = control(&["--config", config.to_str().unwrap()]);
+    let s3 = from_file.blob_store.expect("a bucket from the file");
+    assert_eq!((s3.url.as_str(), s3.endpoint, s3.secret_access_key), ("s3://blobs", None, None));
+    assert_eq!(from_file.blob_gc_grace, Duration::from_secs(3600));
+
+    let field = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        field_of(&argv)
+    };
+    assert_eq!(field(&["--blob-store", "http://blobs/x"]), "blob_store");
+    assert_eq!(field(&["--blob-store", "s3://"]), "blob_store");
+    assert_eq!(field(&["--blob-store-region", "garage"]), "blob_store_region", "an option without the bucket");
+    assert_eq!(field(&["--blob-store-secret-access-key-file", secret_path]), "blob_store_secret_access_key_file");
+    let bucket = ["--blob-store", "s3://blobs"];
+    assert_eq!(field(&[&bucket[..], &["--blob-store-endpoint", "ftp://x"]].concat()), "blob_store_endpoint");
+    let missing = ["--blob-store-secret-access-key-file", "/definitely/not/here"];
+    assert_eq!(field(&[&bucket[..], &missing].concat()), "blob_store_secret_access_key_file");
+    assert_eq!(field(&["--blob-gc-grace-s", "59"]), "blob_gc_grace_s", "out of range");
+    assert_eq!(field(&["--blob-gc-grace-s", "599"]), "blob_gc_grace_s", "less than twice the build timeout");
+    assert_eq!(control(&["--blob-gc-grace-s", "600"]).blob_gc_grace, Duration::from_secs(600));
+    assert_eq!(control(&["--blob-gc-grace-s", "120", "--build-timeout-s", "60"]).blob_gc_grace.as_secs(), 120);
+}

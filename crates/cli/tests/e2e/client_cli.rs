@@ -42,6 +42,8 @@ impl Server {
             domain_verify_http_port: 80,
             dns_resolver: None,
             build: None,
+            blob_store: None,
+            blob_gc_grace: Duration::from_secs(86_400),
         };
         let (control_plane, addr) = runtime.block_on(async {
             let control_plane = ControlPlane::open(options).await.expect("open the control plane");

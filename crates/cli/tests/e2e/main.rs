@@ -12,6 +12,7 @@ mod support;
 mod activity_delivery;
 mod admission;
 mod apps_mode;
+mod blobs_s3;
 mod builds;
 mod builds_registry;
 mod churn;

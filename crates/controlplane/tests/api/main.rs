@@ -5,6 +5,7 @@
 mod support;
 
 mod activity;
+mod blob_gc;
 mod deployments;
 mod domains;
 mod env;
