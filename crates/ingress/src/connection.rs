@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,7 +48,13 @@ pub(crate) struct ConnState {
     /// HTTP/2: control frames (window updates, pings, settings) may arrive
     /// between requests, so bytes read say nothing of a head under way.
     http2: AtomicBool,
-    in_flight: watch::Sender<usize>,
+    /// Requests in flight. Counted, not signalled: the head watchdog looks
+    /// at it when its timer fires, so a request costs no wake-up or timer.
+    in_flight: AtomicUsize,
+    /// When the last request in flight ended, in ns since `born` plus one;
+    /// 0: none has yet.
+    idle_since_ns: AtomicU64,
+    born: tokio::time::Instant,
     /// A bound cut the connection (a body too slow): close it now.
     cut: Notify,
 }
@@ -60,7 +66,9 @@ impl ConnState {
             bytes_at_idle: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             http2: AtomicBool::new(false),
-            in_flight: watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ns: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
             cut: Notify::new(),
         })
     }
@@ -70,7 +78,7 @@ impl ConnState {
             self.http2.store(true, Ordering::Relaxed);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
 
@@ -89,15 +97,24 @@ impl ConnState {
     /// `first_deadline` (the first head's), or for `timeout` since its last
     /// request ended.
     async fn head_watchdog(&self, first_deadline: tokio::time::Instant, timeout: Duration) {
-        let mut in_flight = self.in_flight.subscribe();
         let mut deadline = first_deadline;
         loop {
-            // The sender lives in `self`: these never fail.
-            if tokio::time::timeout_at(deadline, in_flight.wait_for(|n| *n > 0)).await.is_err() {
-                return;
+            tokio::time::sleep_until(deadline).await;
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // Busy now: idle at the earliest `timeout` after it ends.
+                deadline = tokio::time::Instant::now() + timeout;
+                continue;
             }
-            let _ = in_flight.wait_for(|n| *n == 0).await;
-            deadline = tokio::time::Instant::now() + timeout;
+            match self.idle_since_ns.load(Ordering::Acquire) {
+                0 => return,
+                since_ns => {
+                    let idle_deadline = self.born + Duration::from_nanos(since_ns - 1) + timeout;
+                    if idle_deadline <= tokio::time::Instant::now() {
+                        return;
+                    }
+                    deadline = idle_deadline;
+                }
+            }
         }
     }
 }
@@ -108,12 +125,11 @@ struct InFlight(Arc<ConnState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let conn = &self.0;
-        conn.in_flight.send_modify(|n| {
-            *n -= 1;
-            if *n == 0 {
-                conn.bytes_at_idle.store(conn.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        });
+        if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            conn.bytes_at_idle.store(conn.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
+            let since_ns = u64::try_from(conn.born.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            conn.idle_since_ns.store(since_ns + 1, Ordering::Release);
+        }
     }
 }
 

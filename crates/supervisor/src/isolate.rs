@@ -75,6 +75,56 @@ pub enum IsolateState {
 /// whatever bound the edge put on it.
 pub type RequestBody = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// An isolate's response body. Read to its end, it hands its keep-alive
+/// connection back to the isolate's idle list; dropped before its end, it
+/// drops the connection with it (hyper closes a connection whose response
+/// was not read).
+pub struct IsolateBody {
+    inner: Incoming,
+    recycle: Option<(SendRequest<RequestBody>, Arc<Isolate>)>,
+}
+
+impl IsolateBody {
+    fn recycle(&mut self) {
+        if let Some((sender, isolate)) = self.recycle.take() {
+            isolate.park(sender);
+        }
+    }
+}
+
+impl http_body::Body for IsolateBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.recycle();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for IsolateBody {
+    fn drop(&mut self) {
+        // An empty body (204, HEAD, `content-length: 0`) may never be polled.
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.recycle();
+        }
+    }
+}
+
 /// How long a connect may wait for a busy isolate's accept backlog.
 const CONNECT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -223,7 +273,10 @@ impl Isolate {
 
     /// Sends `request` into the isolate. The request URI should be in
     /// absolute form (`https://host/path?q`): it becomes `request.url`.
-    pub async fn forward(self: &Arc<Self>, request: Request<RequestBody>) -> Result<Response<Incoming>, ForwardError> {
+    pub async fn forward(
+        self: &Arc<Self>,
+        request: Request<RequestBody>,
+    ) -> Result<Response<IsolateBody>, ForwardError> {
         if let IsolateState::Exited(status) = self.state() {
             return Err(self
                 .termination()
@@ -234,8 +287,10 @@ impl Isolate {
         let result = sender.send_request(request).await;
         match result {
             Ok(response) => {
-                self.recycle(sender);
-                Ok(response)
+                // An upgraded connection is the client's now, never the pool's.
+                let recycle =
+                    (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, self.clone()));
+                Ok(response.map(|inner| IsolateBody { inner, recycle }))
             }
             Err(e) => {
                 // Let the exit watcher catch up, so the message says why.
@@ -257,12 +312,12 @@ impl Isolate {
     }
 
     async fn connection(&self) -> Result<SendRequest<RequestBody>, ForwardError> {
-        loop {
-            let candidate = self.idle.lock().expect("idle pool poisoned").pop();
-            match candidate {
-                Some(sender) if sender.is_ready() => return Ok(sender),
-                Some(_) => continue,
-                None => break,
+        {
+            let mut idle = self.idle.lock().expect("idle pool poisoned");
+            idle.retain(|sender| !sender.is_closed());
+            // The most recently parked first: its socket is the warmest.
+            if let Some(at) = idle.iter().rposition(SendRequest::is_ready) {
+                return Ok(idle.swap_remove(at));
             }
         }
         let stream = self.connect().await?;
@@ -296,18 +351,15 @@ impl Isolate {
         }
     }
 
-    /// Returns a connection to the idle pool once it can take the next
-    /// request (HTTP/1.1: after this response's body is done).
-    fn recycle(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
-        let isolate = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = isolate.idle.lock().expect("idle pool poisoned");
-                if idle.len() < MAX_IDLE_CONNECTIONS {
-                    idle.push(sender);
-                }
-            }
-        });
+    /// Keeps a connection whose response was read to its end for the next
+    /// request: no task per request waits for it to be ready. hyper marks it
+    /// ready once its dispatcher has seen the end (at once, or on its next
+    /// poll); [`Self::connection`] takes only ready ones and drops closed ones.
+    fn park(&self, sender: SendRequest<RequestBody>) {
+        let mut idle = self.idle.lock().expect("idle pool poisoned");
+        if idle.len() < MAX_IDLE_CONNECTIONS && !sender.is_closed() {
+            idle.push(sender);
+        }
     }
 
     /// Asks the process to stop, then kills it after `grace`.

@@ -31,8 +31,8 @@ mod spawn;
 
 pub use error::{ForwardError, StartError, Termination};
 pub use isolate::{
-    CPU_BUDGET_CAP_PERCENT, CPU_SAMPLE_BUSY, CPU_SAMPLE_IDLE, CPU_WARM_UP_REQUESTS, InFlight, Isolate, IsolateHooks,
-    IsolateLimits, IsolateState, RequestBody, Reserved, UsageTotals,
+    CPU_BUDGET_CAP_PERCENT, CPU_SAMPLE_BUSY, CPU_SAMPLE_IDLE, CPU_WARM_UP_REQUESTS, InFlight, Isolate, IsolateBody,
+    IsolateHooks, IsolateLimits, IsolateState, RequestBody, Reserved, UsageTotals,
 };
 pub use lifetime::{Held, held};
 pub use output::{MAX_LOG_MESSAGE_BYTES, truncate_log};

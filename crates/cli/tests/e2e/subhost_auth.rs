@@ -339,11 +339,11 @@ async fn with_one_subhoster_a_token_without_kid_falls_back_to_it() {
     };
     let seen = json_with_token(&runner, &aimed_at(origin.rpc_root()), "/default-root").await;
     assert!(seen["url"].as_str().unwrap().ends_with("/default-root"), "{seen}");
-    let calls = origin.calls().len();
+    let calls = origin.fetch_calls().len();
     let elsewhere = aimed_at(format!("http://{}/other/", origin.addr));
     let message = expect_error(with_token(&runner, elsewhere.as_str(), "/").await, 401, "UNAUTHORIZED").await;
     assert!(message.contains("rpc_root"), "{message}");
-    assert_eq!(origin.calls().len(), calls, "a refused claim made an origin call");
+    assert_eq!(origin.fetch_calls().len(), calls, "a refused claim made an origin call");
     // RPCs are signed as the subhoster the fallback picked.
     assert_eq!(*origin.state.auth_failures.lock().unwrap(), Vec::<String>::new());
     assert!(!origin.state.rpc_kids.lock().unwrap().is_empty());
@@ -470,7 +470,7 @@ async fn a_subhosters_rpc_root_claim_cannot_aim_at_another_subhosters_origin() {
     assert!(signed_as(&b, OTHER_KID), "{:?}", b.state.rpc_kids.lock().unwrap());
     assert_eq!(text_with_token(&runner, &aimed(KID, SECRET, c.rpc_root()), "/").await, "served by C");
     assert!(signed_as(&c, KID), "{:?}", c.state.rpc_kids.lock().unwrap());
-    let (b_calls, c_calls) = (b.calls().len(), c.calls().len());
+    let (b_calls, c_calls) = (b.fetch_calls().len(), c.fetch_calls().len());
 
     // Crossed: refused, and neither origin hears of it.
     for (kid, secret, target) in [(KID, SECRET, b.rpc_root()), (OTHER_KID, OTHER_SECRET, c.rpc_root())] {
@@ -481,8 +481,8 @@ async fn a_subhosters_rpc_root_claim_cannot_aim_at_another_subhosters_origin() {
         let deeper = aimed(kid, secret, format!("{target}t1/"));
         expect_error(with_token(&runner, deeper.as_str(), "/").await, 401, "UNAUTHORIZED").await;
     }
-    assert_eq!(b.calls().len(), b_calls, "B got a call for acme: {:?}", b.calls());
-    assert_eq!(c.calls().len(), c_calls, "C got a call for other: {:?}", c.calls());
+    assert_eq!(b.fetch_calls().len(), b_calls, "B got a call for acme: {:?}", b.calls());
+    assert_eq!(c.fetch_calls().len(), c_calls, "C got a call for other: {:?}", c.calls());
     assert!(signed_as(&b, OTHER_KID) && signed_as(&c, KID), "an RPC signed as the wrong subhoster");
     assert_eq!(home.calls(), Vec::<String>::new(), "nothing fell back to the default origin");
 }

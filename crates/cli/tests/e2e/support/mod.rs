@@ -378,6 +378,13 @@ impl TestOrigin {
         self.state.calls.lock().unwrap().clone()
     }
 
+    /// The calls that fetch a deployment (all but `report_activity`, which
+    /// the runner's spool delivers in its own time, after the request that
+    /// caused it has been answered).
+    pub fn fetch_calls(&self) -> Vec<String> {
+        self.calls().into_iter().filter(|call| !call.starts_with("report_activity")).collect()
+    }
+
     /// Also accept RPC JWTs signed by subhoster `kid` with `secret`.
     pub fn accept_subhoster(&self, kid: &str, secret: &str) {
         self.state.extra_subhosters.lock().unwrap().insert(kid.to_owned(), secret.to_owned());
