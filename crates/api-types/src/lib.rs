@@ -213,6 +213,68 @@ pub struct AnalyticsPoint {
     pub egress_bytes: i64,
 }
 
+/// Every failed call's answer: `{"error": {…}}`, with the status of its kind
+/// (`docs/control-plane-api.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub error: ApiErrorBody,
+}
+
+/// The `error` object of a failed call. `field` and `missing` are sent only
+/// when they apply, so they are the two fields that may be absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// One of [`code`] (a string, so a code a newer server adds still
+    /// decodes).
+    pub code: String,
+    pub message: String,
+    /// The one input field at fault, as a JSON path (`files.main.ts.hash`)
+    /// or a query parameter's name; the message then starts with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// With [`code::MISSING_BLOBS`]: the hashes the server lacks (sent even
+    /// when empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<String>>,
+}
+
+impl ApiErrorBody {
+    /// An error with neither `field` nor `missing`.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ApiErrorBody { code: code.to_owned(), message: message.into(), field: None, missing: None }
+    }
+
+    /// The hashes of a [`code::MISSING_BLOBS`] error; empty otherwise.
+    pub fn missing(&self) -> &[String] {
+        self.missing.as_deref().unwrap_or_default()
+    }
+}
+
+/// The error codes the server sends, one constant each, so the server's
+/// renderer and the client's checks cannot spell one differently.
+pub mod code {
+    /// 400: the body is not JSON, or not the expected shape.
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    /// 400: a field breaks a rule (`field` names it).
+    pub const INVALID_FIELD: &str = "INVALID_FIELD";
+    /// 400: a deployment names blobs the server lacks (`missing`).
+    pub const MISSING_BLOBS: &str = "MISSING_BLOBS";
+    /// 401: a missing or unknown token, or an unsigned webhook delivery.
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    /// 408: the git webhook's body did not arrive in time.
+    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
+    pub const CONFLICT: &str = "CONFLICT";
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    /// 500: logged in full; the message is generic.
+    pub const INTERNAL: &str = "INTERNAL";
+    /// 503: the git webhook is reading its bound of bodies already.
+    pub const CAPACITY: &str = "CAPACITY";
+    /// 507: the database or the blob store's disk is full.
+    pub const STORAGE_FULL: &str = "STORAGE_FULL";
+}
+
 #[cfg(test)]
 mod tests;
 

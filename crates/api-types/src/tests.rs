@@ -307,3 +307,68 @@ fn the_deployment_and_attach_bodies_refuse_unknown_fields_naming_them() {
         "domain",
     );
 }
+
+fn missing_blobs_error() -> ErrorEnvelope {
+    ErrorEnvelope {
+        error: ApiErrorBody {
+            code: code::MISSING_BLOBS.into(),
+            message: "2 blob(s) are not uploaded: ab, cd".into(),
+            field: None,
+            missing: Some(vec!["ab".into(), "cd".into()]),
+        },
+    }
+}
+
+fn field_error() -> ErrorEnvelope {
+    ErrorEnvelope {
+        error: ApiErrorBody {
+            field: Some("name".into()),
+            ..ApiErrorBody::new(code::INVALID_FIELD, "name: must be 1–50 of a-z0-9-")
+        },
+    }
+}
+
+/// Each shape of the error answer round-trips, and writes what the server's
+/// `json!()` wrote before: `field` and `missing` only when they apply (an
+/// empty `missing` is still sent), after `code` and `message`.
+#[test]
+fn error_envelopes_round_trip_and_keep_their_text() {
+    let plain = ErrorEnvelope { error: ApiErrorBody::new(code::NOT_FOUND, "no such project `x`") };
+    let empty_missing = ErrorEnvelope {
+        error: ApiErrorBody { missing: Some(Vec::new()), ..ApiErrorBody::new(code::MISSING_BLOBS, "m") },
+    };
+    let cases = [
+        (
+            missing_blobs_error(),
+            r#"{"error":{"code":"MISSING_BLOBS","message":"2 blob(s) are not uploaded: ab, cd","missing":["ab","cd"]}}"#,
+        ),
+        (
+            field_error(),
+            r#"{"error":{"code":"INVALID_FIELD","message":"name: must be 1–50 of a-z0-9-","field":"name"}}"#,
+        ),
+        (plain, r#"{"error":{"code":"NOT_FOUND","message":"no such project `x`"}}"#),
+        (empty_missing, r#"{"error":{"code":"MISSING_BLOBS","message":"m","missing":[]}}"#),
+    ];
+    for (envelope, text) in cases {
+        round_trip(&envelope);
+        assert_eq!(serde_json::to_string(&envelope).unwrap(), text);
+        assert_eq!(serde_json::from_str::<ErrorEnvelope>(text).unwrap(), envelope);
+    }
+    assert_eq!(missing_blobs_error().error.missing(), ["ab", "cd"]);
+    assert!(field_error().error.missing().is_empty());
+}
+
+/// `code` and `message` are required; `field`, `missing` and fields a newer
+/// server adds may be absent or present.
+#[test]
+fn an_error_needs_its_code_and_message() {
+    for key in ["code", "message"] {
+        let mut value = serde_json::to_value(field_error()).unwrap();
+        value["error"].as_object_mut().unwrap().remove(key);
+        let error = serde_json::from_value::<ErrorEnvelope>(value).unwrap_err();
+        assert_eq!(error.to_string(), format!("missing field `{key}`"));
+    }
+    let newer = r#"{"error":{"code":"TEAPOT","message":"m","retry_after_s":3},"request_id":"r"}"#;
+    let decoded: ErrorEnvelope = serde_json::from_str(newer).unwrap();
+    assert_eq!(decoded.error, ApiErrorBody::new("TEAPOT", "m"));
+}

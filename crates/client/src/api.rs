@@ -8,13 +8,13 @@
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use isocloud_api::ErrorEnvelope;
 pub use isocloud_api::{
-    Build, CommitBody, CreateDeploymentBody, Deployment, Domain, EnvVar, FileRef, LogEntry, MissingBlobs, Project,
-    Whoami,
+    ApiErrorBody, Build, CommitBody, CreateDeploymentBody, Deployment, Domain, EnvVar, FileRef, LogEntry, MissingBlobs,
+    Project, Whoami, code,
 };
 
 use super::output::sanitize;
@@ -27,30 +27,30 @@ const ERROR_SNIPPET_CHARS: usize = 300;
 /// Pages of one list followed at most (a server that links forever).
 const MAX_PAGES: usize = 10_000;
 
-/// The `error` object of a failed call.
-#[derive(Debug, Clone, Deserialize)]
+/// A failed call's `error` object, the `isocloud-api` type the server wrote.
+#[derive(Debug, Clone)]
 pub struct ApiError {
-    #[serde(skip)]
-    pub status: u16,
-    pub code: String,
-    pub message: String,
-    #[serde(default)]
-    pub field: Option<String>,
-    /// With `MISSING_BLOBS`: the hashes the server lacks.
-    #[serde(default)]
-    pub missing: Vec<String>,
+    pub body: ApiErrorBody,
+}
+
+impl ApiError {
+    /// Whether the server answered with this code (one of [`code`]).
+    pub fn is(&self, code: &str) -> bool {
+        self.body.code == code
+    }
 }
 
 impl std::fmt::Display for ApiError {
     /// `<message> (<code>, field <field>)`. A message that already opens
     /// with `<field>: ` loses that prefix, so the field is not named twice.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.field {
+        let ApiErrorBody { code, message, field, .. } = &self.body;
+        match field {
             Some(field) => {
-                let message = self.message.strip_prefix(&format!("{field}: ")).unwrap_or(&self.message);
-                write!(f, "{message} ({}, field {field})", self.code)
+                let message = message.strip_prefix(&format!("{field}: ")).unwrap_or(message);
+                write!(f, "{message} ({code}, field {field})")
             }
-            None => write!(f, "{} ({})", self.message, self.code),
+            None => write!(f, "{message} ({code})"),
         }
     }
 }
@@ -81,7 +81,7 @@ pub enum CallError {
 impl CallError {
     pub fn code(&self) -> Option<&str> {
         match self {
-            CallError::Api(e) => Some(&e.code),
+            CallError::Api(e) => Some(&e.body.code),
             _ => None,
         }
     }
@@ -89,7 +89,7 @@ impl CallError {
     /// What to try next, when the failure says.
     pub fn hint(&self) -> Option<String> {
         match self {
-            CallError::Api(e) if e.code == "UNAUTHORIZED" => {
+            CallError::Api(e) if e.is(code::UNAUTHORIZED) => {
                 Some("the token was refused; log in again with `isocloud login --url URL`".to_string())
             }
             CallError::Unreachable { .. } | CallError::Timeout { .. } => Some(
@@ -108,14 +108,6 @@ pub struct LogQuery {
     pub deployment: Option<String>,
     pub since: Option<String>,
     pub limit: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: ApiError,
-    /// Accepted beside `error` too, in case a server puts it there.
-    #[serde(default)]
-    missing: Vec<String>,
 }
 
 pub struct Api {
@@ -175,12 +167,7 @@ impl Api {
         }
         let body = response.bytes().await.unwrap_or_default();
         if let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&body) {
-            let mut error = envelope.error;
-            error.status = status.as_u16();
-            if error.missing.is_empty() {
-                error.missing = envelope.missing;
-            }
-            return Err(CallError::Api(error));
+            return Err(CallError::Api(ApiError { body: envelope.error }));
         }
         let text: String = String::from_utf8_lossy(&body).chars().take(ERROR_SNIPPET_CHARS).collect();
         Err(CallError::Http { method, url, status, body: sanitize(text.trim()).into_owned() })
@@ -456,17 +443,21 @@ mod tests {
         assert_eq!(api.url(&["whoami"]).unwrap().as_str(), "https://example.com/isocloud/api/v1/whoami");
     }
 
+    /// The server's error answers as the CLI shows them: the field named
+    /// once, the missing hashes kept.
     #[test]
     fn error_envelopes_parse_with_and_without_field() {
-        let e: ErrorEnvelope =
-            serde_json::from_str(r#"{"error":{"code":"INVALID_FIELD","message":"bad","field":"name"}}"#).unwrap();
-        assert_eq!(e.error.to_string(), "bad (INVALID_FIELD, field name)");
-        let e: ErrorEnvelope =
-            serde_json::from_str(r#"{"error":{"code":"INVALID_FIELD","message":"name: bad","field":"name"}}"#).unwrap();
-        assert_eq!(e.error.to_string(), "bad (INVALID_FIELD, field name)");
-        let e: ErrorEnvelope =
-            serde_json::from_str(r#"{"error":{"code":"MISSING_BLOBS","message":"m","missing":["ab"]}}"#).unwrap();
-        assert_eq!(e.error.missing, vec!["ab".to_string()]);
+        let shown = |text: &str| {
+            let envelope: ErrorEnvelope = serde_json::from_str(text).unwrap();
+            ApiError { body: envelope.error }
+        };
+        let e = shown(r#"{"error":{"code":"INVALID_FIELD","message":"bad","field":"name"}}"#);
+        assert_eq!(e.to_string(), "bad (INVALID_FIELD, field name)");
+        let e = shown(r#"{"error":{"code":"INVALID_FIELD","message":"name: bad","field":"name"}}"#);
+        assert_eq!(e.to_string(), "bad (INVALID_FIELD, field name)");
+        assert!(e.is(code::INVALID_FIELD));
+        let e = shown(r#"{"error":{"code":"MISSING_BLOBS","message":"m","missing":["ab"]}}"#);
+        assert_eq!((e.to_string().as_str(), e.body.missing()), ("m (MISSING_BLOBS)", &["ab".to_string()][..]));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use futures_util::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt as _;
 
-use super::api::{Api, CallError, CommitBody, CreateDeploymentBody, Deployment, FileRef};
+use super::api::{Api, CallError, CommitBody, CreateDeploymentBody, Deployment, FileRef, code};
 use super::error::{ClientError, FilesError, InputError};
 use super::git::{GitInfo, WorkTree};
 use super::glob::Glob;
@@ -92,7 +92,7 @@ pub async fn run(args: DeployArgs) -> Result<(), ClientError> {
     // Fail before hashing and uploading anything.
     match api.project(&args.project).await {
         Ok(_) => {}
-        Err(e) if e.code() == Some("NOT_FOUND") => return Err(InputError::NoProject { name: args.project }.into()),
+        Err(e) if e.code() == Some(code::NOT_FOUND) => return Err(InputError::NoProject { name: args.project }.into()),
         Err(e) => return Err(e.into()),
     }
 
@@ -270,7 +270,7 @@ async fn upload_one(api: &Api, file: &HashedFile, progress: &ProgressBar) -> Res
     });
     match api.put_blob(&file.hash, file.size, reqwest::Body::wrap_stream(chunks)).await {
         Ok(()) => Ok(()),
-        Err(CallError::Api(e)) if e.code == "INVALID_FIELD" && e.field.as_deref() == Some("hash") => {
+        Err(CallError::Api(e)) if e.is(code::INVALID_FIELD) && e.body.field.as_deref() == Some("hash") => {
             Err(FilesError::Changed { path: file.path.clone() }.into())
         }
         Err(e) => Err(e.into()),
@@ -286,9 +286,10 @@ async fn create(
     blobs: &[HashedFile],
 ) -> Result<Deployment, ClientError> {
     match api.create_deployment(project, request).await {
-        Err(CallError::Api(e)) if e.code == "MISSING_BLOBS" && !e.missing.is_empty() => {
+        Err(CallError::Api(e)) if e.is(code::MISSING_BLOBS) && !e.body.missing().is_empty() => {
             let known: HashMap<&str, &HashedFile> = blobs.iter().map(|b| (b.hash.as_str(), b)).collect();
-            let again: Option<Vec<&HashedFile>> = e.missing.iter().map(|h| known.get(h.as_str()).copied()).collect();
+            let again: Option<Vec<&HashedFile>> =
+                e.body.missing().iter().map(|h| known.get(h.as_str()).copied()).collect();
             let Some(again) = again else { return Err(CallError::Api(e).into()) };
             let mut seen = HashSet::new();
             let again: Vec<&HashedFile> = again.into_iter().filter(|b| seen.insert(&b.hash)).collect();

@@ -98,7 +98,7 @@ pub fn render_error(error: &ClientError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ApiError, CallError};
+    use crate::api::{ApiError, ApiErrorBody, CallError};
     use crate::credentials::CredentialsError;
     use crate::error::FilesError;
     use crate::walk::WalkError;
@@ -136,11 +136,7 @@ mod tests {
 
     fn api_error(code: &str, field: Option<&str>) -> ClientError {
         CallError::Api(ApiError {
-            status: 400,
-            code: code.to_string(),
-            message: "name is taken".to_string(),
-            field: field.map(str::to_string),
-            missing: Vec::new(),
+            body: ApiErrorBody { field: field.map(str::to_string), ..ApiErrorBody::new(code, "name is taken") },
         })
         .into()
     }

@@ -1,11 +1,12 @@
 //! The crate's two error types: [`ControlPlaneError`] for starting the
 //! control plane, [`ApiError`] for everything an API request can run into —
 //! mapped once, here, to a status and the JSON body of
-//! `docs/control-plane-api.md`.
+//! `docs/control-plane-api.md` (`isocloud_api::ErrorEnvelope`, the type the
+//! client reads).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use isocloud_api::{ApiErrorBody, ErrorEnvelope, code};
 
 use crate::blobs::BlobError;
 use crate::store::StoreError;
@@ -74,16 +75,16 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::InvalidRequest { .. } => "INVALID_REQUEST",
-            ApiError::InvalidField { .. } => "INVALID_FIELD",
-            ApiError::MissingBlobs { .. } => "MISSING_BLOBS",
-            ApiError::Unauthorized(_) => "UNAUTHORIZED",
-            ApiError::NotFound(_) => "NOT_FOUND",
-            ApiError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
-            ApiError::Conflict(_) => "CONFLICT",
-            ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
-            ApiError::StorageFull(_) => "STORAGE_FULL",
-            ApiError::Internal(_) => "INTERNAL",
+            ApiError::InvalidRequest { .. } => code::INVALID_REQUEST,
+            ApiError::InvalidField { .. } => code::INVALID_FIELD,
+            ApiError::MissingBlobs { .. } => code::MISSING_BLOBS,
+            ApiError::Unauthorized(_) => code::UNAUTHORIZED,
+            ApiError::NotFound(_) => code::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => code::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => code::CONFLICT,
+            ApiError::PayloadTooLarge(_) => code::PAYLOAD_TOO_LARGE,
+            ApiError::StorageFull(_) => code::STORAGE_FULL,
+            ApiError::Internal(_) => code::INTERNAL,
         }
     }
 
@@ -132,28 +133,101 @@ impl From<BlobError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code() });
-        match &self {
+        let status = self.status();
+        let message = match &self {
             ApiError::Internal(detail) => {
                 tracing::error!(target: "isocloud::controlplane", error = %detail, "API request failed");
-                error["message"] = "internal error; the control plane's log has the details".into();
+                "internal error; the control plane's log has the details".to_owned()
             }
             ApiError::StorageFull(detail) => {
                 // The router's layer logs it again with the data dir and its
                 // free space; this line keeps the failing write's detail.
                 tracing::error!(target: "isocloud::controlplane", error = %detail, "API write failed: storage full");
-                error["message"] =
-                    "the control plane's storage is full; nothing was written (the operator must free space)".into();
+                "the control plane's storage is full; nothing was written (the operator must free space)".to_owned()
             }
-            other => error["message"] = other.to_string().into(),
-        }
-        match &self {
+            other => other.to_string(),
+        };
+        let mut error = ApiErrorBody::new(self.code(), message);
+        match self {
             ApiError::InvalidField { field, .. } | ApiError::InvalidRequest { field: Some(field), .. } => {
-                error["field"] = field.as_str().into();
+                error.field = Some(field);
             }
-            ApiError::MissingBlobs { missing } => error["missing"] = json!(missing),
+            ApiError::MissingBlobs { missing } => error.missing = Some(missing),
             _ => {}
         }
-        (self.status(), axum::Json(json!({ "error": error }))).into_response()
+        error_response(status, error)
+    }
+}
+
+/// The API's error answer: `status` and `{"error": error}`. For the few
+/// errors [`ApiError`] has no variant for (the git webhook's `CAPACITY` and
+/// `REQUEST_TIMEOUT`) too.
+pub(crate) fn error_response(status: StatusCode, error: ApiErrorBody) -> Response {
+    (status, axum::Json(ErrorEnvelope { error })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exact answers the server's `json!()` renderer wrote before the
+    /// envelope was an `isocloud-api` type: byte for byte, one error of each
+    /// shape (`field`, `missing`, an empty `missing`, neither, the generic
+    /// messages that hide a detail).
+    #[tokio::test]
+    async fn errors_render_as_they_did() {
+        let cases = [
+            (
+                ApiError::MissingBlobs { missing: vec!["ab".into(), "cd".into()] },
+                400,
+                r#"{"error":{"code":"MISSING_BLOBS","message":"2 blob(s) are not uploaded: ab, cd","missing":["ab","cd"]}}"#,
+            ),
+            (
+                ApiError::MissingBlobs { missing: vec![] },
+                400,
+                r#"{"error":{"code":"MISSING_BLOBS","message":"0 blob(s) are not uploaded: ","missing":[]}}"#,
+            ),
+            (
+                ApiError::field("name", "must be 1–50 of a-z0-9-"),
+                400,
+                r#"{"error":{"code":"INVALID_FIELD","message":"name: must be 1–50 of a-z0-9-","field":"name"}}"#,
+            ),
+            (
+                ApiError::InvalidRequest { message: "colour: unknown field".into(), field: Some("colour".into()) },
+                400,
+                r#"{"error":{"code":"INVALID_REQUEST","message":"colour: unknown field","field":"colour"}}"#,
+            ),
+            (
+                ApiError::request("the body is empty"),
+                400,
+                r#"{"error":{"code":"INVALID_REQUEST","message":"the body is empty"}}"#,
+            ),
+            (
+                ApiError::NotFound("no such project `x`".into()),
+                404,
+                r#"{"error":{"code":"NOT_FOUND","message":"no such project `x`"}}"#,
+            ),
+            (
+                ApiError::Internal("disk on fire".into()),
+                500,
+                r#"{"error":{"code":"INTERNAL","message":"internal error; the control plane's log has the details"}}"#,
+            ),
+            (
+                ApiError::StorageFull("no space".into()),
+                507,
+                r#"{"error":{"code":"STORAGE_FULL","message":"the control plane's storage is full; nothing was written (the operator must free space)"}}"#,
+            ),
+        ];
+        for (error, status, before) in cases {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status, "{before}");
+            let content_type = response.headers().get(axum::http::header::CONTENT_TYPE).unwrap();
+            assert_eq!(content_type, "application/json");
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(std::str::from_utf8(&body).unwrap(), before);
+            // And the client's type reads it back whole.
+            let decoded: ErrorEnvelope = serde_json::from_slice(&body).unwrap();
+            assert_eq!(serde_json::to_string(&decoded).unwrap(), before);
+        }
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::projects::{not_found, project_or_404};
 use super::{ApiJson, ApiPath, AppState, check, parse_json, views};
-use crate::error::ApiError;
+use crate::error::{ApiError, error_response};
 use crate::git::{MAX_WEBHOOK_BODIES_AT_ONCE, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_BODY_TIMEOUT, WebhookRefusal};
 use crate::origin::file_specifier;
 use crate::store::StoreError;
@@ -33,7 +33,7 @@ use crate::store::env;
 use crate::store::projects::{self, GitSettings};
 use crate::time::now_ms;
 use crate::{ids, validate};
-use isocloud_api as wire;
+use isocloud_api::{self as wire, ApiErrorBody, code};
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
@@ -138,19 +138,16 @@ fn ignored(why: String) -> Response {
     (StatusCode::OK, Json(json!({ "status": "ignored", "reason": why }))).into_response()
 }
 
-/// An error of the API's shape that [`ApiError`] has no variant for.
-fn error_response(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
-}
-
 pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<String>, request: Request) -> Response {
     // Past the bound the body is not read at all.
     let Ok(permit) = Arc::clone(&cp.webhook_gate.bodies).try_acquire_owned() else {
         cp.webhook_gate.count(WebhookRefusal::Busy);
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            "CAPACITY",
-            format!("{MAX_WEBHOOK_BODIES_AT_ONCE} webhook deliveries are being read already; try again shortly"),
+            ApiErrorBody::new(
+                code::CAPACITY,
+                format!("{MAX_WEBHOOK_BODIES_AT_ONCE} webhook deliveries are being read already; try again shortly"),
+            ),
         );
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
@@ -230,8 +227,10 @@ async fn receive(
             cp.webhook_gate.count(WebhookRefusal::BodyTimeout);
             let mut response = error_response(
                 StatusCode::REQUEST_TIMEOUT,
-                "REQUEST_TIMEOUT",
-                format!("the body did not arrive within {} s", WEBHOOK_BODY_TIMEOUT.as_secs()),
+                ApiErrorBody::new(
+                    code::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {} s", WEBHOOK_BODY_TIMEOUT.as_secs()),
+                ),
             );
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             return Ok(response);
