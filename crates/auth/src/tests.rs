@@ -738,3 +738,46 @@ fn subhost_token_without_kid_has_no_kid_header() {
     let header_json = URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap();
     assert_eq!(header_json, br#"{"alg":"HS256","typ":"JWT"}"#);
 }
+
+// ---- isocloud's own tokens: relay tokens of an edge, audience tokens --------
+
+#[test]
+fn an_edges_relay_token_verifies_as_a_relay_token_and_names_its_audience() {
+    let secret = Secret::from(ACME_SECRET);
+    let verified = one().verify(&sign_relay_token("acme", &secret, "dep-1", NOW, 60), NOW).unwrap();
+    assert_eq!((verified.kid(), verified.deployment_id()), ("acme", "dep-1"));
+    assert_eq!(verified.audience(), Some(RUNNER_AUDIENCE));
+    assert_eq!(one().verify(&acme_token(&claims()), NOW).unwrap().audience(), None, "the protocol's tokens have none");
+    let expired = sign_relay_token("acme", &secret, "dep-1", NOW - 120, 60);
+    assert_eq!(err(&one(), &expired), TokenError::Expired);
+}
+
+#[test]
+fn an_audience_token_verifies_for_its_audience_only() {
+    let secret = Secret::from(ACME_SECRET);
+    let token = sign_audience_token("acme", &secret, ROUTING_AUDIENCE, NOW, 60);
+    assert_eq!(one().verify_audience(&token, ROUTING_AUDIENCE, NOW).unwrap().kid(), "acme");
+    let other = |token: &str, audience: &str| one().verify_audience(token, audience, NOW).unwrap_err();
+    assert_eq!(
+        other(&token, "isocloud-other"),
+        TokenError::InvalidClaim { claim: "aud", reason: "is not this service's audience" }
+    );
+    // A deployment's token (no aud), a relay token (another aud): refused.
+    assert_eq!(
+        other(&acme_token(&claims()), ROUTING_AUDIENCE),
+        TokenError::InvalidClaim { claim: "aud", reason: "is missing" }
+    );
+    let relay = sign_relay_token("acme", &secret, "dep-1", NOW, 60);
+    assert!(matches!(other(&relay, ROUTING_AUDIENCE), TokenError::InvalidClaim { claim: "aud", .. }));
+    // And the other way: an audience token names no deployment.
+    assert_eq!(err(&one(), &token), TokenError::MissingDeploymentId);
+    // Every other rule holds as for relay tokens.
+    let wrong = sign_audience_token("acme", &Secret::from(GLOBEX_SECRET), ROUTING_AUDIENCE, NOW, 60);
+    assert_eq!(other(&wrong, ROUTING_AUDIENCE), TokenError::BadSignature);
+    let late = sign_audience_token("acme", &secret, ROUTING_AUDIENCE, NOW - 120, 60);
+    assert_eq!(other(&late, ROUTING_AUDIENCE), TokenError::Expired);
+    let unknown = sign_audience_token("initech", &secret, ROUTING_AUDIENCE, NOW, 60);
+    assert_eq!(other(&unknown, ROUTING_AUDIENCE), TokenError::UnknownKid("initech".into()));
+    let list = acme_raw(&format!(r#"{{"aud":["{ROUTING_AUDIENCE}"],"exp":{}}}"#, NOW + 5));
+    assert!(matches!(other(&list, ROUTING_AUDIENCE), TokenError::InvalidClaim { claim: "aud", .. }));
+}

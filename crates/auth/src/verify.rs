@@ -65,6 +65,7 @@ pub struct VerifiedClaims {
     kid: String,
     deployment_id: String,
     rpc_root: Url,
+    audience: Option<String>,
 }
 
 impl VerifiedClaims {
@@ -83,6 +84,29 @@ impl VerifiedClaims {
     /// default. Absolute http(s), ends with `/`.
     pub fn rpc_root(&self) -> &Url {
         &self.rpc_root
+    }
+
+    /// The token's `aud` claim, if it has one (a list as its JSON text). The
+    /// protocol has none, and a runner ignores it; an origin refuses RPC
+    /// tokens that carry one: they were minted for something else (an
+    /// edge's relay token, [`crate::RUNNER_AUDIENCE`]).
+    pub fn audience(&self) -> Option<&str> {
+        self.audience.as_deref()
+    }
+}
+
+/// A token that passed every rule for one audience
+/// ([`SubhostVerifier::verify_audience`]): signed by a configured key, in
+/// its time, its `aud` the one asked for. It names no deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudienceClaims {
+    kid: String,
+}
+
+impl AudienceClaims {
+    /// The key that verified the token.
+    pub fn kid(&self) -> &str {
+        &self.kid
     }
 }
 
@@ -120,6 +144,59 @@ impl SubhostVerifier {
     /// Checks `token` (the `x-deno-subhost` value) at time `now_unix_s`.
     /// Claims are looked at only after the signature verified.
     pub fn verify(&self, token: &str, now_unix_s: u64) -> Result<VerifiedClaims, TokenError> {
+        let (entry, claims) = self.check_signed(token, now_unix_s)?;
+        let deployment_id = match claims.deployment_id {
+            None => return Err(TokenError::MissingDeploymentId),
+            Some(Value::String(id)) if id.is_empty() => {
+                return Err(TokenError::MissingDeploymentId);
+            }
+            Some(Value::String(id)) => id,
+            Some(_) => {
+                return Err(TokenError::InvalidClaim { claim: "deployment_id", reason: "must be a string" });
+            }
+        };
+        let rpc_root = match claims.rpc_root {
+            None => entry.subhoster.rpc_root.clone(),
+            Some(Value::String(text)) => {
+                let url = Url::parse(&text).map_err(|_| TokenError::InvalidRpcRoot("not an absolute URL"))?;
+                if let Some(reason) = rpc_root_problem(&url) {
+                    return Err(TokenError::InvalidRpcRoot(reason));
+                }
+                // Checked on the normalised URL, so `..` segments, case and
+                // default ports cannot dodge the prefix.
+                if !entry.subhoster.may_use_rpc_root(&url) {
+                    return Err(TokenError::RpcRootNotAllowed(clip(url.as_str())));
+                }
+                url
+            }
+            Some(_) => return Err(TokenError::InvalidRpcRoot("not a string")),
+        };
+        // Any form is let through here (a relay's token may carry a list):
+        // only whether there is one matters to its readers.
+        let audience = match claims.aud {
+            None => None,
+            Some(Value::String(aud)) => Some(clip(&aud)),
+            Some(other) => Some(clip(&other.to_string())),
+        };
+        Ok(VerifiedClaims { kid: entry.subhoster.kid.clone(), deployment_id, rpc_root, audience })
+    }
+
+    /// Checks a token minted for `audience` (an isocloud service's own, such
+    /// as [`crate::ROUTING_AUDIENCE`]) at time `now_unix_s`: every rule of
+    /// [`SubhostVerifier::verify`] but the deployment's, and an `aud` claim
+    /// that is exactly `audience`.
+    pub fn verify_audience(&self, token: &str, audience: &str, now_unix_s: u64) -> Result<AudienceClaims, TokenError> {
+        let (entry, claims) = self.check_signed(token, now_unix_s)?;
+        match claims.aud {
+            Some(Value::String(aud)) if aud == audience => Ok(AudienceClaims { kid: entry.subhoster.kid.clone() }),
+            None => Err(TokenError::InvalidClaim { claim: "aud", reason: "is missing" }),
+            Some(_) => Err(TokenError::InvalidClaim { claim: "aud", reason: "is not this service's audience" }),
+        }
+    }
+
+    /// The rules every token meets: size, form, algorithm, `kid`, signature,
+    /// then the times. Claims are parsed only after the signature verified.
+    fn check_signed(&self, token: &str, now_unix_s: u64) -> Result<(&Entry, RawClaims), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed("the token is longer than 8 KiB"));
         }
@@ -167,33 +244,7 @@ impl SubhostVerifier {
             "the claims are not a JSON object, or repeat a name",
         )?;
         check_times(&claims, now_unix_s)?;
-        let deployment_id = match claims.deployment_id {
-            None => return Err(TokenError::MissingDeploymentId),
-            Some(Value::String(id)) if id.is_empty() => {
-                return Err(TokenError::MissingDeploymentId);
-            }
-            Some(Value::String(id)) => id,
-            Some(_) => {
-                return Err(TokenError::InvalidClaim { claim: "deployment_id", reason: "must be a string" });
-            }
-        };
-        let rpc_root = match claims.rpc_root {
-            None => entry.subhoster.rpc_root.clone(),
-            Some(Value::String(text)) => {
-                let url = Url::parse(&text).map_err(|_| TokenError::InvalidRpcRoot("not an absolute URL"))?;
-                if let Some(reason) = rpc_root_problem(&url) {
-                    return Err(TokenError::InvalidRpcRoot(reason));
-                }
-                // Checked on the normalised URL, so `..` segments, case and
-                // default ports cannot dodge the prefix.
-                if !entry.subhoster.may_use_rpc_root(&url) {
-                    return Err(TokenError::RpcRootNotAllowed(clip(url.as_str())));
-                }
-                url
-            }
-            Some(_) => return Err(TokenError::InvalidRpcRoot("not a string")),
-        };
-        Ok(VerifiedClaims { kid: entry.subhoster.kid.clone(), deployment_id, rpc_root })
+        Ok((entry, claims))
     }
 }
 
@@ -215,6 +266,7 @@ struct RawClaims {
     iat: Option<Value>,
     deployment_id: Option<Value>,
     rpc_root: Option<Value>,
+    aud: Option<Value>,
 }
 
 fn decode_part<T: DeserializeOwned>(

@@ -42,7 +42,7 @@ pub use error::EdgeError;
 pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};
 pub use metrics::{EdgeMetrics, ListenerMetrics};
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
-pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting};
+pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting, request_authority};
 pub use server::{Listener, ServeOptions, serve};
 pub use streams::StreamLimits;
 pub use tls::{Certificates, tls_acceptor};

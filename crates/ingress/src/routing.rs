@@ -173,7 +173,7 @@ impl Router {
 ///
 /// `Ok(None)`: the request names no host at all (HTTP/1.0, or HTTP/2 without
 /// `:authority` or `Host`).
-pub(crate) fn request_authority(
+pub fn request_authority(
     version: http::Version,
     headers: &HeaderMap,
     uri: &http::Uri,

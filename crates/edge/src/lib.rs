@@ -1,0 +1,47 @@
+//! The edge role (`isocloud edge`): a public listener in front of several
+//! stateless runners, for first-party deployments of the control plane.
+//!
+//! It owns four things: the host table, a copy of the control plane's
+//! kept within a second or two by its routing feed (`hosts.rs`, the
+//! follower in `follower.rs`: deltas past the generation held, the table
+//! whole at start or when the change log no longer reaches back, the last
+//! table kept while the control plane is away); the choice of runner,
+//! rendezvous hashing of the deployment id over the runners that are in
+//! (`rendezvous.rs`), so a deployment stays warm on one runner and moves
+//! only when that runner leaves; the runners' health (`runners.rs`:
+//! probes every second, out after two failures, back after two passes)
+//! and the bounded connection pools to them (h2c, or HTTP/1.1 keep-alive);
+//! and the forwarding (`forward.rs`): an `x-deno-subhost` relay token per
+//! request, signed with the key the runners and the control plane share,
+//! idempotent requests without a body retried on the next runner when one
+//! fails before answering.
+//!
+//! It must not run isolates, talk to the store or the origin RPCs, or
+//! decide anything a runner decides (limits, hops, stream bounds): the
+//! runner behind it applies those to every request as to a relay's. It
+//! never forwards a client's own `x-deno-subhost`, and never puts a secret
+//! in a log line or an answer. The listener and its bounds are the
+//! ingress's (`serve_bounded`).
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod follower;
+mod forward;
+mod hosts;
+mod metrics;
+pub mod rendezvous;
+mod runners;
+
+pub use admin::serve_admin;
+pub use follower::{FollowError, Follower, MAX_ROUTING_BYTES, Polled, SigningKey};
+pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S};
+pub use hosts::{ApplyError, HostTable, ProjectRoute, RoutingUpdate};
+pub use metrics::Metrics;
+pub use runners::{
+    BoxError, EdgeBody, IN_AFTER_SUCCESSES, OUT_AFTER_FAILURES, Runner, RunnerClients, RunnerUrlError, Runners,
+};
+
+/// How often the routing feed is polled: a change reaches the edge within
+/// about this plus one answer's time (issue 15 asks for 2 s).
+pub const ROUTING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -1,0 +1,379 @@
+//! The runners behind the edge, their health, and the connections to them.
+//!
+//! A runner is in while it answers: every second each one is asked
+//! `GET /healthz` on its public listener (the runner answers it itself —
+//! 404 `DEPLOYMENT_NOT_FOUND`, no isolate involved —, so any HTTP answer
+//! within the interval is a pass), and a connection the forwarder could
+//! not open counts as a failed check too. [`OUT_AFTER_FAILURES`] failures
+//! in a row take it out, [`IN_AFTER_SUCCESSES`] passes bring it back. A
+//! runner that is out gets no requests while another is in; with every
+//! runner out, they are all tried in their ranking (a health checker wrong
+//! about all of them must not stop the edge).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{Request, Uri};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use url::Url;
+
+use crate::metrics::Metrics;
+use crate::rendezvous;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request and response bodies on their way through the edge.
+pub type EdgeBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Failed checks in a row that take a runner out (two: one lost probe on a
+/// busy machine is not a dead runner; two seconds is).
+pub const OUT_AFTER_FAILURES: u32 = 2;
+/// Passed checks in a row that bring it back (two: a runner restarting
+/// answers once before its listener is ready for load).
+pub const IN_AFTER_SUCCESSES: u32 = 2;
+
+/// A connection to a runner must open within this; on a LAN it takes well
+/// under a millisecond, so a runner that takes longer is down or drowned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// HTTP/2 pings on an idle connection to a runner: a runner whose machine
+/// vanished (no reset ever comes) is found within interval + timeout, and
+/// the requests waiting on it fail over instead of waiting out their
+/// timeout.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a `--runner` URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunnerUrlError {
+    #[error("{0:?} is not a plain http:// URL: runners are reached over HTTP/1.1 or h2c on a private network")]
+    Scheme(String),
+    #[error("{0:?} has a path, query or credentials: a runner is named by its scheme, host and port only")]
+    Extra(String),
+    #[error("{0:?} is named twice")]
+    Duplicate(String),
+    #[error("no runner is named: the edge needs at least one --runner URL")]
+    None,
+}
+
+/// One runner: its name (the normalised URL, what the ranking hashes) and
+/// its health.
+pub struct Runner {
+    name: String,
+    scheme: Scheme,
+    authority: Authority,
+    up: AtomicBool,
+    health: Mutex<Streak>,
+}
+
+/// The checks in a row that agree.
+#[derive(Debug, Default)]
+struct Streak {
+    failures: u32,
+    successes: u32,
+}
+
+impl Runner {
+    pub fn new(url: &Url) -> Result<Self, RunnerUrlError> {
+        if url.scheme() != "http" || url.host_str().is_none() {
+            return Err(RunnerUrlError::Scheme(url.to_string()));
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(RunnerUrlError::Extra(url.to_string()));
+        }
+        let authority = url[url::Position::BeforeHost..url::Position::AfterPort]
+            .parse::<Authority>()
+            .map_err(|_| RunnerUrlError::Extra(url.to_string()))?;
+        Ok(Self {
+            name: url.to_string(),
+            scheme: Scheme::HTTP,
+            authority,
+            up: AtomicBool::new(true),
+            health: Mutex::new(Streak::default()),
+        })
+    }
+
+    /// The normalised URL, e.g. `http://10.0.0.5:8080/`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// In: it takes requests.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// `path_and_query` (starting with `/`) on this runner.
+    pub(crate) fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+
+    /// One check's outcome; `Some(up)` when it moved the runner in or out.
+    fn record(&self, passed: bool) -> Option<bool> {
+        let mut streak = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if passed {
+            streak.failures = 0;
+            streak.successes = streak.successes.saturating_add(1);
+        } else {
+            streak.successes = 0;
+            streak.failures = streak.failures.saturating_add(1);
+        }
+        let up = self.is_up();
+        let now_up = if up { streak.failures < OUT_AFTER_FAILURES } else { streak.successes >= IN_AFTER_SUCCESSES };
+        (now_up != up).then(|| {
+            self.up.store(now_up, Ordering::Release);
+            now_up
+        })
+    }
+}
+
+/// The connections to the runners: one pool per protocol, shared by the
+/// forwarder and the health checks (so a check goes the way requests go).
+#[derive(Clone)]
+pub struct RunnerClients {
+    /// HTTP/1.1 keep-alive: WebSocket upgrades always (HTTP/2 has none the
+    /// runner takes), everything when h2c is off.
+    http1: Client<HttpConnector, EdgeBody>,
+    /// h2c (prior knowledge, as the runner's listener speaks it): one
+    /// connection per runner carries every request at once.
+    http2: Option<Client<HttpConnector, EdgeBody>>,
+}
+
+impl RunnerClients {
+    /// `max_idle_per_runner`: keep-alive connections kept per runner
+    /// (HTTP/1.1; h2c needs one).
+    pub fn new(http2: bool, max_idle_per_runner: usize) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(max_idle_per_runner)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let http2 = http2.then(|| {
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .http2_keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+                .http2_keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+                .http2_keep_alive_while_idle(true)
+                .build(connector)
+        });
+        Self { http1, http2 }
+    }
+
+    /// The client for a request (`upgrade`: a WebSocket handshake).
+    pub(crate) fn for_request(&self, upgrade: bool) -> &Client<HttpConnector, EdgeBody> {
+        match &self.http2 {
+            Some(http2) if !upgrade => http2,
+            _ => &self.http1,
+        }
+    }
+
+    /// Whether requests go over h2c.
+    pub fn http2(&self) -> bool {
+        self.http2.is_some()
+    }
+}
+
+/// The runners, in the order they were named.
+pub struct Runners {
+    runners: Vec<Arc<Runner>>,
+    names: Vec<String>,
+    metrics: Metrics,
+}
+
+impl Runners {
+    pub fn new(urls: &[Url], metrics: Metrics) -> Result<Self, RunnerUrlError> {
+        if urls.is_empty() {
+            return Err(RunnerUrlError::None);
+        }
+        let mut runners: Vec<Arc<Runner>> = Vec::with_capacity(urls.len());
+        for url in urls {
+            let runner = Runner::new(url)?;
+            if runners.iter().any(|r| r.name == runner.name) {
+                return Err(RunnerUrlError::Duplicate(runner.name));
+            }
+            metrics.runner_up(&runner.name, true);
+            runners.push(Arc::new(runner));
+        }
+        let names = runners.iter().map(|r| r.name.clone()).collect();
+        Ok(Self { runners, names, metrics })
+    }
+
+    pub fn list(&self) -> &[Arc<Runner>] {
+        &self.runners
+    }
+
+    /// Whether any runner is in.
+    pub fn any_up(&self) -> bool {
+        self.runners.iter().any(|r| r.is_up())
+    }
+
+    /// Where `deployment_id`'s requests go, in order: the runners that are
+    /// in by their ranking, then those that are out, by theirs.
+    pub fn ranked(&self, deployment_id: &str) -> Vec<Arc<Runner>> {
+        let order = rendezvous::rank(deployment_id, &self.names);
+        let (mut up, down): (Vec<_>, Vec<_>) =
+            order.into_iter().map(|i| Arc::clone(&self.runners[i])).partition(|r| r.is_up());
+        up.extend(down);
+        up
+    }
+
+    /// A check of `runner` passed or failed (a probe, or a connection the
+    /// forwarder could not open).
+    pub fn report(&self, runner: &Runner, passed: bool) {
+        if let Some(up) = runner.record(passed) {
+            self.metrics.runner_up(&runner.name, up);
+            if up {
+                tracing::info!(target: "isocloud::edge", runner = runner.name, "runner is back: it takes requests again");
+            } else {
+                tracing::warn!(
+                    target: "isocloud::edge",
+                    runner = runner.name,
+                    failures = OUT_AFTER_FAILURES,
+                    "runner is out: its deployments go to the next runner of their ranking"
+                );
+            }
+        }
+    }
+
+    /// Checks every runner every `interval` (each probe may take that long)
+    /// until dropped.
+    pub async fn check(self: Arc<Self>, clients: RunnerClients, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let this = &*self;
+            let probes = this.runners.iter().map(|runner| {
+                let clients = &clients;
+                async move {
+                    let passed = probe(clients, runner, interval).await;
+                    this.report(runner, passed);
+                }
+            });
+            futures_util::future::join_all(probes).await;
+        }
+    }
+}
+
+/// `GET /healthz` on `runner` within `timeout`: any HTTP answer passes.
+async fn probe(clients: &RunnerClients, runner: &Runner, timeout: Duration) -> bool {
+    let Ok(uri) = runner.uri("/healthz") else { return false };
+    let empty = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+    let Ok(request) = Request::get(uri).body(empty) else { return false };
+    match tokio::time::timeout(timeout, clients.for_request(false).request(request)).await {
+        Ok(Ok(response)) => {
+            // Read to its end, so an HTTP/1.1 connection goes back to the pool.
+            let _ = response.into_body().collect().await;
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(target: "isocloud::edge", runner = runner.name, error = %e, "health check failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(target: "isocloud::edge", runner = runner.name, "health check timed out");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(text: &str) -> Url {
+        Url::parse(text).unwrap()
+    }
+
+    fn runners(n: usize) -> Runners {
+        let urls: Vec<Url> = (0..n).map(|i| url(&format!("http://127.0.0.1:{}", 9000 + i))).collect();
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        Runners::new(&urls, metrics).unwrap()
+    }
+
+    #[test]
+    fn runner_urls_are_plain_http_origins() {
+        let runner = Runner::new(&url("HTTP://Runner-1.internal:80")).unwrap();
+        assert_eq!(runner.name(), "http://runner-1.internal/", "normalised: what the ranking hashes");
+        assert_eq!(runner.uri("/a?b=1").unwrap().to_string(), "http://runner-1.internal/a?b=1");
+        let runner = Runner::new(&url("http://127.0.0.1:8080/")).unwrap();
+        assert_eq!(runner.uri("/").unwrap().to_string(), "http://127.0.0.1:8080/");
+        for bad in ["https://r.internal/", "http://r.internal/prefix/", "http://u:p@r.internal/", "http://r/?x=1"] {
+            assert!(Runner::new(&url(bad)).is_err(), "{bad}");
+        }
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let twice = [url("http://r.internal:8080"), url("http://R.internal:8080/")];
+        assert!(matches!(Runners::new(&twice, metrics.clone()), Err(RunnerUrlError::Duplicate(_))));
+        assert!(matches!(Runners::new(&[], metrics), Err(RunnerUrlError::None)));
+    }
+
+    /// Out after two failures in a row, back after two passes in a row; a
+    /// pass between failures starts the count again.
+    #[test]
+    fn health_needs_two_in_a_row_either_way() {
+        let set = runners(1);
+        let runner = &set.list()[0];
+        assert!(runner.is_up(), "in until checked");
+        set.report(runner, false);
+        set.report(runner, true);
+        set.report(runner, false);
+        assert!(runner.is_up(), "one failure at a time is not enough");
+        set.report(runner, false);
+        assert!(!runner.is_up(), "two in a row");
+        set.report(runner, true);
+        assert!(!runner.is_up(), "one pass is not enough");
+        set.report(runner, false);
+        set.report(runner, true);
+        assert!(!runner.is_up());
+        set.report(runner, true);
+        assert!(runner.is_up(), "two passes in a row");
+    }
+
+    /// A runner out moves only the deployments it ranked first for, to
+    /// their second; with every runner out, all are tried in ranking order.
+    #[test]
+    fn the_ranking_skips_runners_that_are_out() {
+        let set = runners(3);
+        let ids: Vec<String> = (0..300).map(|i| format!("{i:012}")).collect();
+        let before: Vec<Vec<String>> =
+            ids.iter().map(|id| set.ranked(id).iter().map(|r| r.name().to_owned()).collect()).collect();
+        let out = set.list()[1].clone();
+        set.report(&out, false);
+        set.report(&out, false);
+        for (id, before) in ids.iter().zip(&before) {
+            let after: Vec<String> = set.ranked(id).iter().map(|r| r.name().to_owned()).collect();
+            let expected: Vec<String> = before
+                .iter()
+                .filter(|name| *name != out.name())
+                .chain(std::iter::once(&out.name().to_owned()))
+                .cloned()
+                .collect();
+            assert_eq!(after, expected, "{id}: the others keep their order, the one out goes last");
+        }
+        for runner in set.list() {
+            set.report(runner, false);
+            set.report(runner, false);
+        }
+        assert!(!set.any_up());
+        for (id, before) in ids.iter().zip(&before) {
+            let after: Vec<String> = set.ranked(id).iter().map(|r| r.name().to_owned()).collect();
+            assert_eq!(&after, before, "{id}: all out, all tried in their ranking");
+        }
+    }
+}
