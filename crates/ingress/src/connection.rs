@@ -4,10 +4,11 @@
 //! their [`BodyBound`], and the per-peer and total caps (by the
 //! [`Permit`] it holds for as long as its socket lives, upgrades included).
 //!
-//! The watchdog is ours, not only hyper's `header_read_timeout`: hyper's
-//! starts once it reads a head, but the version sniffing before it (HTTP/1
-//! or the HTTP/2 preface) waits for bytes untimed, and HTTP/2 has no head
-//! timeout at all. hyper's stays set for HTTP/1 as a second line.
+//! The watchdog is ours, not hyper's `header_read_timeout`: hyper's starts
+//! once it reads a head, but the version sniffing before it (HTTP/1 or the
+//! HTTP/2 preface) waits for bytes untimed, and HTTP/2 has no head timeout
+//! at all. hyper's is off: it armed a boxed timer for every request head,
+//! which the watchdog (one timer per connection) makes redundant.
 
 use std::future::Future;
 use std::io;
@@ -23,7 +24,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -305,11 +306,11 @@ impl Body for BoundedBody {
     }
 }
 
-/// A connection builder with the listener's head timeout (HTTP/1's second
-/// line, see the module's note) and head size bound.
-pub(crate) fn builder(bounds: &ListenerBounds, max_header_bytes: Option<usize>) -> auto::Builder<TokioExecutor> {
+/// A connection builder with the listener's head size bound. The head
+/// timeout is the watchdog's (see the module's note).
+pub(crate) fn builder(max_header_bytes: Option<usize>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(bounds.header_timeout);
+    builder.http1().header_read_timeout(None);
     if let Some(max) = max_header_bytes {
         // hyper answers 431 itself when the head does not fit (HTTP/1.1),
         // and refuses an oversized header list (HTTP/2).
@@ -521,7 +522,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builder = builder(&bounds, None);
+    let builder = builder(None);
     let gate = Gate::new(bounds, metrics);
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -55,7 +55,7 @@ pub async fn serve(
     let acceptors: Vec<_> = listeners
         .into_iter()
         .map(|listener| {
-            let builder = connection::builder(&listener.bounds, Some(options.max_header_bytes));
+            let builder = connection::builder(Some(options.max_header_bytes));
             let gate = Gate::new(listener.bounds, options.metrics.clone());
             tokio::spawn(accept_loop(listener.tcp, listener.tls, gate, builder, accepted_tx.clone()))
         })
