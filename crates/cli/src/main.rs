@@ -248,6 +248,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             None => isocloud_pool::NpmRegistry::public(settings.origin_timeout),
         },
         prestarted_per_profile: settings.prestarted_isolates,
+        boot_stale_max_age: settings.boot_stale_max_age,
     };
     resources::register(&mut registry, pool_options.cgroups.clone(), pool_options.instances_dir.clone());
     match (settings.prestarted_isolates, policy.mount_namespace) {

@@ -209,6 +209,9 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub boot_timeout: Duration,
     pub origin_timeout: Duration,
+    /// How old a kept boot answer may be to boot while the origin is down;
+    /// zero: off.
+    pub boot_stale_max_age: Duration,
     pub drain_timeout: Duration,
     pub memory_limit_mb: u64,
     pub cpu_limit_ms: u64,
@@ -464,6 +467,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(given.idle_timeout_s),
             boot_timeout: Duration::from_secs(given.boot_timeout_s),
             origin_timeout: Duration::from_secs(given.origin_timeout_s),
+            boot_stale_max_age: Duration::from_secs(given.boot_stale_max_age_s),
             drain_timeout: Duration::from_secs(given.drain_timeout_s),
             memory_limit_mb: given.memory_limit_mb,
             cpu_limit_ms: given.cpu_limit_ms,

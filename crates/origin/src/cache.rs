@@ -4,6 +4,11 @@
 //! (protocol §2), so an entry never goes stale: it only ages out. When the
 //! total size passes `max_bytes`, the least recently used entries are deleted
 //! until it fits again.
+//!
+//! It also keeps each deployment's last boot answer and asset tree
+//! ([`CacheKind::Boot`], see `stale.rs`), which do change: a newer answer
+//! replaces the older, and a deployment the origin says is gone has its
+//! entries removed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,16 +22,36 @@ use sha2::{Digest, Sha256};
 pub enum CacheKind {
     Layer,
     Blob,
+    /// A deployment's last boot answer or asset tree: small files, and
+    /// they hold the deployment's env values (written owner-only).
+    Boot,
 }
 
 impl CacheKind {
+    const ALL: [CacheKind; 3] = [CacheKind::Layer, CacheKind::Blob, CacheKind::Boot];
+
     fn dir(self) -> &'static str {
         match self {
             CacheKind::Layer => "layers",
             CacheKind::Blob => "blobs",
+            CacheKind::Boot => "boots",
+        }
+    }
+
+    /// What an entry of `size` bytes counts against the bound. A boot
+    /// answer is a few hundred bytes but takes a block of the disk: counted
+    /// so, the bound holds on disk, and a runner of a million deployments
+    /// keeps at most `max_bytes / 4 KiB` of them.
+    fn charged(self, size: u64) -> u64 {
+        match self {
+            CacheKind::Boot => size.max(BLOCK_BYTES),
+            CacheKind::Layer | CacheKind::Blob => size,
         }
     }
 }
+
+/// A file system block: the least a small file costs on disk.
+const BLOCK_BYTES: u64 = 4096;
 
 pub struct DiskCache {
     root: PathBuf,
@@ -52,7 +77,7 @@ impl DiskCache {
     /// Opens (creating) the cache at `root`, indexing what an earlier run left.
     pub fn open(root: &Path, max_bytes: u64) -> std::io::Result<Self> {
         let mut index = Index::default();
-        for kind in [CacheKind::Layer, CacheKind::Blob] {
+        for kind in CacheKind::ALL {
             let dir = root.join(kind.dir());
             std::fs::create_dir_all(&dir)?;
             for entry in std::fs::read_dir(&dir)? {
@@ -63,7 +88,7 @@ impl DiskCache {
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
-                let size = entry.metadata()?.len();
+                let size = kind.charged(entry.metadata()?.len());
                 index.total_bytes += size;
                 index.entries.insert(path, Entry { size, last_used: 0 });
             }
@@ -113,13 +138,32 @@ impl DiskCache {
     /// Stores `bytes` under `id`. A failure to cache is not a failure to
     /// serve, so callers may ignore the error after logging it.
     pub async fn put(&self, kind: CacheKind, namespace: &str, id: &str, bytes: &Bytes) -> std::io::Result<()> {
-        let size = bytes.len() as u64;
+        let size = kind.charged(bytes.len() as u64);
         if size > self.max_bytes {
             return Ok(());
         }
         let path = self.path_for(kind, namespace, id);
         let tmp = path.with_extension(format!("{}.tmp", uuid_like()));
-        tokio::fs::write(&tmp, bytes).await?;
+        let mut file = {
+            use tokio::fs::OpenOptions;
+            let mut options = OpenOptions::new();
+            options.write(true).create_new(true);
+            if kind == CacheKind::Boot {
+                // Env values: the runner's alone, whatever the umask.
+                options.mode(0o600);
+            }
+            options.open(&tmp).await?
+        };
+        let written = async {
+            tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+            tokio::io::AsyncWriteExt::flush(&mut file).await
+        }
+        .await;
+        drop(file);
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
         tokio::fs::rename(&tmp, &path).await?;
         {
             let mut index = self.index.lock().expect("cache index poisoned");
@@ -132,6 +176,22 @@ impl DiskCache {
         }
         self.evict_over_budget();
         Ok(())
+    }
+
+    /// Whether `id` is cached (without reading it or counting a hit).
+    pub fn contains(&self, kind: CacheKind, namespace: &str, id: &str) -> bool {
+        let path = self.path_for(kind, namespace, id);
+        self.index.lock().expect("cache index poisoned").entries.contains_key(&path)
+    }
+
+    /// Removes `id`, if cached.
+    pub fn remove(&self, kind: CacheKind, namespace: &str, id: &str) {
+        let path = self.path_for(kind, namespace, id);
+        let mut index = self.index.lock().expect("cache index poisoned");
+        if let Some(entry) = index.entries.remove(&path) {
+            index.total_bytes -= entry.size;
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     fn evict_over_budget(&self) {
@@ -204,5 +264,23 @@ mod tests {
         let reopened = DiskCache::open(dir.path(), 100).unwrap();
         assert_eq!(reopened.get(CacheKind::Blob, "o", "k").await, Some(bytes));
         assert_eq!(reopened.total_bytes(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_boot_entry_counts_as_a_block_so_the_bound_caps_their_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 3 * BLOCK_BYTES).unwrap();
+        for n in 0..10 {
+            cache.put(CacheKind::Boot, "o", &format!("d{n}"), &Bytes::from_static(b"small")).await.unwrap();
+        }
+        assert_eq!(cache.total_bytes(), 3 * BLOCK_BYTES);
+        let kept = (0..10).filter(|n| cache.contains(CacheKind::Boot, "o", &format!("d{n}"))).count();
+        assert_eq!(kept, 3, "the newest three");
+        assert_eq!(std::fs::read_dir(dir.path().join("boots")).unwrap().count(), 3);
+        cache.remove(CacheKind::Boot, "o", "d9");
+        assert_eq!(cache.total_bytes(), 2 * BLOCK_BYTES);
+        // Reopened, the same charge.
+        drop(cache);
+        assert_eq!(DiskCache::open(dir.path(), 3 * BLOCK_BYTES).unwrap().total_bytes(), 2 * BLOCK_BYTES);
     }
 }

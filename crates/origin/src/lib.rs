@@ -2,8 +2,10 @@
 //! RPCs of `subhosting-protocol.md` §2), its two implementations — a remote
 //! origin spoken to over HTTP with signed JWTs ([`RemoteOrigin`]) and a folder
 //! of apps on local disk ([`AppsOrigin`], the embedded default) — the bounded
-//! on-disk cache of layers and blobs ([`DiskCache`]), and the assembly of a
-//! deployment's layers into one module graph ([`load_deployment`]).
+//! on-disk cache of layers and blobs ([`DiskCache`]), the assembly of a
+//! deployment's layers into one module graph ([`load_deployment`]), and the
+//! last boot answer of each deployment, which stands in for the origin's
+//! while the origin cannot be reached ([`load_deployment_with`], `stale.rs`).
 //!
 //! It must not start processes, write a deployment's files for an isolate, or
 //! know about the public HTTP listener: it answers "what is deployment D?"
@@ -18,18 +20,20 @@ mod deployment;
 mod error;
 mod registry;
 mod remote;
+mod stale;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use apps::{AppBuilder, AppsOrigin};
 pub use cache::{CacheKind, DiskCache};
-pub use deployment::load_deployment;
+pub use deployment::{Loaded, StaleBoot, load_deployment, load_deployment_with};
 pub use error::OriginError;
 pub use isocloud_model::{AssetEntry, AssetTree, Deployment, ModuleFile, link_stays_inside};
 pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use registry::{MAX_REMOTE_ORIGINS, RemoteOrigins};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
+pub use stale::{Fault, StaleBoots, fault_of, remember_tree};
 
 /// The answer to `boot`: the validated config and the inline layer's bytes
 /// (empty when the config names none).

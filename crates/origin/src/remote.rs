@@ -84,10 +84,13 @@ impl RemoteOrigin {
         request.send().await.map_err(|e| self.transport_error(rpc, e))
     }
 
+    /// The error a visitor may read: the origin's address is not in it
+    /// (the runner's log names the origin beside it).
     fn transport_error(&self, rpc: &'static str, e: reqwest::Error) -> OriginError {
         if e.is_timeout() {
             OriginError::Timeout { rpc, timeout_ms: self.options.rpc_timeout_ms }
         } else {
+            let e = e.without_url();
             // reqwest's Display hides the cause chain; the chain says why.
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);

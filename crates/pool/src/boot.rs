@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use isocloud_egress::EgressProxy;
-use isocloud_origin::{AssetTree, DiskCache, Origin, OriginError, load_deployment};
+use isocloud_origin::{AssetTree, DiskCache, Origin, OriginError, StaleBoots, load_deployment_with};
 use isocloud_protocol::{ActivityKind, ErrorCode, LogLevel, NetPermission};
 use isocloud_sandbox::{Cgroups, EgressRoute, IsolateFiles, SandboxError, SandboxPolicy, SandboxedCommand};
 use isocloud_supervisor::{Isolate, IsolateHooks, IsolateLimits, StartError};
@@ -80,6 +80,8 @@ pub(crate) struct BootContext {
     /// Turns to start a deno process (see `admission`).
     pub admission: Arc<Admission>,
     pub metrics: crate::PoolMetrics,
+    /// How old a kept boot answer may be to stand in for the origin's.
+    pub stale: StaleBoots,
 }
 
 /// What the pre-started pool had for a boot.
@@ -164,10 +166,16 @@ pub(crate) async fn boot(
     tenant: bool,
 ) -> Result<(Arc<Isolate>, u64), BootError> {
     let started = Instant::now();
-    // Network I/O, not CPU: before admission.
-    let deployment = load_deployment(origin.as_ref(), &ctx.cache, &deployment_id)
+    // Network I/O, not CPU: before admission. The runner's own template
+    // isolate keeps no boot answer.
+    let stale = if tenant { ctx.stale } else { StaleBoots::OFF };
+    let loaded = load_deployment_with(origin.as_ref(), &ctx.cache, &deployment_id, stale)
         .await
         .map_err(|e| BootError::Origin(Arc::new(e)))?;
+    if let Some(stale) = &loaded.stale {
+        report_stale_boot(ctx, &origin, &deployment_id, stale);
+    }
+    let deployment = loaded.deployment;
     tracing::debug!(deployment_id, origin_us = started.elapsed().as_micros() as u64, "deployment loaded");
     if let Some(error) = &deployment.tree_error {
         // Boot is the only required RPC: the isolate runs without files.
@@ -272,6 +280,7 @@ pub(crate) async fn boot(
         files: files.clone(),
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
+        keep_tree: stale.enabled(),
     });
     let cgroup = match &ctx.cgroups {
         Some(cgroups) => match cgroups.create(&instance.to_string(), ctx.limits.memory_limit_bytes) {
@@ -293,6 +302,37 @@ pub(crate) async fn boot(
             Err(BootError::Start(Arc::new(e)))
         }
     }
+}
+
+/// A boot from the deployment's kept answer: counted, in the runner's log
+/// (with the origin, whose address the visitor never sees) and in the
+/// deployment's own (as a warning: it runs on an answer up to
+/// `--boot-stale-max-age-s` old).
+fn report_stale_boot(
+    ctx: &BootContext,
+    origin: &Arc<dyn Origin>,
+    deployment_id: &str,
+    stale: &isocloud_origin::StaleBoot,
+) {
+    ctx.metrics.stale_boots.inc();
+    let age_s = stale.age.as_secs();
+    tracing::warn!(
+        origin = origin.name(),
+        deployment_id,
+        age_s,
+        code = %stale.cause.code(),
+        error = %stale.cause,
+        "the origin could not answer boot: booting from the last boot answer"
+    );
+    let message = format!(
+        "isocloud: the origin could not answer ({}); booting from its last boot answer, {age_s} s old",
+        stale.cause.code()
+    );
+    ctx.activity.report(
+        origin,
+        deployment_id,
+        ActivityKind::Log { level: LogLevel::Warning, message, request_id: None },
+    );
 }
 
 /// Gives `deployment` to a pre-started isolate: its modules and asset tree
@@ -329,6 +369,7 @@ async fn boot_prestarted(
         files: files.clone(),
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
+        keep_tree: ctx.stale.enabled(),
     });
     let isolate = prestarted
         .assign(files, hooks, assignment, ctx.start_timeout, ctx.limits)
@@ -405,6 +446,8 @@ struct DeploymentHooks {
     files: IsolateFiles,
     cache: Arc<DiskCache>,
     activity: ActivitySink,
+    /// Keep the tree once read, for a boot while the origin is down.
+    keep_tree: bool,
 }
 
 /// The manifest cell of a boot: filled now unless the tree was deferred.
@@ -422,10 +465,16 @@ impl DeploymentHooks {
     fn tree(&self) -> BoxFuture<'static, Result<Arc<AssetTree>, String>> {
         let (cell, origin, deployment_id, activity) =
             (self.tree.clone(), self.origin.clone(), self.deployment_id.clone(), self.activity.clone());
+        let keep = self.keep_tree.then(|| self.cache.clone());
         Box::pin(async move {
             cell.get_or_init(|| async {
                 match origin.read_tree(&deployment_id).await {
-                    Ok(tree) => Ok(Arc::new(tree)),
+                    Ok(tree) => {
+                        if let Some(cache) = keep {
+                            isocloud_origin::remember_tree(&cache, origin.name(), &deployment_id, &tree).await;
+                        }
+                        Ok(Arc::new(tree))
+                    }
                     Err(e) => {
                         tracing::warn!(deployment_id, error = %e, "read_tree failed: the isolate runs without its files");
                         let message = format!("isocloud: the origin's read_tree failed ({e}); this isolate has no files");

@@ -37,6 +37,9 @@ pub struct PoolMetrics {
     pub boot_refusals: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// `--max-concurrent-boots` in force.
     pub boot_concurrency_limit: Gauge,
+    /// Boots from a deployment's kept boot answer: its origin could not be
+    /// reached (`--boot-stale-max-age-s`).
+    pub stale_boots: Counter,
 }
 
 impl PoolMetrics {
@@ -59,6 +62,7 @@ impl PoolMetrics {
             boots_queued: Counter::default(),
             boot_refusals: Family::default(),
             boot_concurrency_limit: Gauge::default(),
+            stale_boots: Counter::default(),
         };
         registry.register_collector(Box::new(metrics.deployments.clone()));
         registry.register("isocloud_boots", "Isolate boots by result", metrics.boots.clone());
@@ -124,6 +128,11 @@ impl PoolMetrics {
             "isocloud_boot_concurrency_limit",
             "Deno processes allowed to start at once (--max-concurrent-boots)",
             metrics.boot_concurrency_limit.clone(),
+        );
+        registry.register(
+            "isocloud_stale_boots",
+            "Boots from a deployment's last boot answer, kept on disk, while its origin could not be reached (--boot-stale-max-age-s)",
+            metrics.stale_boots.clone(),
         );
         metrics
     }

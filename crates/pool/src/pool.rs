@@ -55,6 +55,9 @@ pub struct PoolOptions {
     /// Needs the mount namespace (a pre-started isolate's `/src` is its own
     /// before it has anything in it).
     pub prestarted_per_profile: usize,
+    /// How old a deployment's kept boot answer may be to boot it while its
+    /// origin cannot be reached; zero: none kept or used.
+    pub boot_stale_max_age: Duration,
 }
 
 /// At shutdown, how long queued activity may take to reach the origins.
@@ -155,6 +158,7 @@ impl Pool {
             warm,
             admission,
             metrics: metrics.clone(),
+            stale: isocloud_origin::StaleBoots { max_age: options.boot_stale_max_age },
         };
         let pool = Self {
             inner: Arc::new(Inner {

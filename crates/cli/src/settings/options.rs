@@ -164,6 +164,11 @@ options! {
         boot_timeout_s: u64, "SECONDS", default(30), range(1..=YEAR_S);
         /// Cut off an origin RPC after this time.
         origin_timeout_s: u64, "SECONDS", default(10), range(1..=YEAR_S);
+        /// While a deployment's origin cannot be reached (down, timed out,
+        /// 5xx, 429), boot it from its last boot answer, kept in the cache, if that
+        /// is younger than this; never when the origin says it does not exist.
+        /// 0: none kept or used.
+        boot_stale_max_age_s: u64, "SECONDS", default(86_400), range(0..=YEAR_S);
         /// On SIGTERM/SIGINT, let in-flight requests finish for this long.
         drain_timeout_s: u64, "SECONDS", default(10), range(0..=YEAR_S);
         /// CPU time each request may use, measured by the kernel.

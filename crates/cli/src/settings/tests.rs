@@ -761,3 +761,18 @@ fn blobs_stay_in_the_data_dir_unless_a_bucket_is_named() {
     assert_eq!(control(&["--blob-gc-grace-s", "600"]).blob_gc_grace, Duration::from_secs(600));
     assert_eq!(control(&["--blob-gc-grace-s", "120", "--build-timeout-s", "60"]).blob_gc_grace.as_secs(), 120);
 }
+
+#[test]
+fn stale_boots_last_a_day_by_default_and_zero_turns_them_off() {
+    let base = ["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "a=s1", "--state-dir", "/tmp/x"];
+    assert_eq!(parse(&base).unwrap().boot_stale_max_age, Duration::from_secs(86_400));
+    let off = parse(&[&base[..], &["--boot-stale-max-age-s", "0"]].concat()).unwrap();
+    assert_eq!(off.boot_stale_max_age, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("isocloud.toml");
+    std::fs::write(&config, "boot_stale_max_age_s = 600\n").unwrap();
+    let from_file = parse(&[&base[..], &["--config", config.to_str().unwrap()]].concat()).unwrap();
+    assert_eq!(from_file.boot_stale_max_age, Duration::from_secs(600));
+    let too_long = (86_400 * 365 + 1).to_string();
+    assert_eq!(field_of(&[&base[..], &["--boot-stale-max-age-s", &too_long]].concat()), "boot_stale_max_age_s");
+}

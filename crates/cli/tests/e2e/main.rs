@@ -37,5 +37,6 @@ mod lifecycle;
 mod net_permissions;
 mod prestarted;
 mod remote_origin;
+mod stale_boot;
 mod streaming;
 mod subhost_auth;
