@@ -100,14 +100,16 @@ pub async fn start(
 
 /// Serves the control plane's origin RPCs on `origin.addr` for `isocloud
 /// runner`s elsewhere: the same origin the pool of this process calls, behind
-/// the RPC tokens' check. Returns the address (the port of `…:0` picked).
+/// the RPC tokens' check; and the routing feed for `isocloud edge`s. Returns
+/// the address (the port of `…:0` picked).
 pub async fn start_origin(
     control_plane: &Arc<ControlPlane>,
     origin: &OriginListen,
     listener: ControlListener,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use isocloud_controlplane::origin_http::{ORIGIN_HTTP_LIMITS, OriginHttp};
-    let http = OriginHttp::new(control_plane.origin(), &origin.keys, ORIGIN_HTTP_LIMITS)
+    // With the routing feed: edges (`isocloud edge`) follow the host table here.
+    let http = OriginHttp::for_control_plane(control_plane, &origin.keys, ORIGIN_HTTP_LIMITS)
         .context("cannot set up the origin listener")?;
     let tcp = TcpListener::bind(origin.addr)
         .await

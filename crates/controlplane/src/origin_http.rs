@@ -10,6 +10,14 @@
 //! (`Authorization: Bearer <HS256 JWT>`, `kid` picking the shared secret,
 //! `deployment_id` equal to the query's), checked by `isocloud-auth`'s
 //! verifier, the same rules the runner applies to relays' tokens.
+//!
+//! Beside them, for `isocloud edge`, the routing feed (`GET
+//! /routing?since=G`): the host table whole, or the changes past routing
+//! generation `G` as each touched subject is now, read from the store's
+//! change log as every control-plane node reads it. Its token is the
+//! edge's own (`aud` [`isocloud_auth::ROUTING_AUDIENCE`], no deployment),
+//! signed with the same key; a token minted for anything else (`aud` set)
+//! opens no deployment RPC.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,10 +35,14 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
-use isocloud_auth::{AuthConfigError, CLOCK_LEEWAY_S, Secret, SubhostVerifier, Subhoster};
+use isocloud_auth::{AuthConfigError, CLOCK_LEEWAY_S, ROUTING_AUDIENCE, Secret, SubhostVerifier, Subhoster};
 use isocloud_origin::{ActivityBatch, IsolateConfig, Origin, OriginError};
 use isocloud_protocol::{ErrorCode, LayerSpec, NetPermission};
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::store::{self, StoreError, Touched};
+use crate::{ControlPlane, MAX_ROUTING_DELTA, validate};
 
 /// One key the runners sign their RPC tokens with: the JWT header's `kid`
 /// and the HS256 secret (the runner's `--subhost-secret KID=SECRET`).
@@ -138,6 +150,9 @@ impl Rpc {
 /// The origin RPCs over HTTP, answered by one [`Origin`].
 pub struct OriginHttp {
     origin: Arc<dyn Origin>,
+    /// The routing feed's source: the control plane whose origin this is
+    /// (`None`: `/routing` is 404).
+    routing: Option<Arc<ControlPlane>>,
     verifier: SubhostVerifier,
     limits: OriginHttpLimits,
     permits: Arc<Semaphore>,
@@ -180,7 +195,23 @@ impl OriginHttp {
         limits: OriginHttpLimits,
     ) -> Result<Arc<Self>, OriginHttpError> {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_rpcs.max(1)));
-        Ok(Arc::new(Self { origin, verifier: verifier(keys)?, limits, permits }))
+        Ok(Arc::new(Self { origin, routing: None, verifier: verifier(keys)?, limits, permits }))
+    }
+
+    /// `control_plane`'s origin RPCs and its routing feed for edges.
+    pub fn for_control_plane(
+        control_plane: &Arc<ControlPlane>,
+        keys: &[OriginKey],
+        limits: OriginHttpLimits,
+    ) -> Result<Arc<Self>, OriginHttpError> {
+        let permits = Arc::new(Semaphore::new(limits.max_concurrent_rpcs.max(1)));
+        Ok(Arc::new(Self {
+            origin: control_plane.origin(),
+            routing: Some(Arc::clone(control_plane)),
+            verifier: verifier(keys)?,
+            limits,
+            permits,
+        }))
     }
 
     /// The routes: the five RPCs at the root, and an unauthenticated
@@ -192,29 +223,53 @@ impl OriginHttp {
     /// The `deployment_id` of a valid RPC token, else why not (safe to show
     /// the caller: it never holds a secret).
     fn authenticate(&self, headers: &http::HeaderMap, now_unix_s: u64) -> Result<String, String> {
-        let mut values = headers.get_all(header::AUTHORIZATION).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err("an RPC needs one Authorization: Bearer <JWT> header".into());
-        };
-        let value = value.to_str().map_err(|_| "the Authorization header is not ASCII".to_owned())?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => return Err("the Authorization header is not a Bearer token".into()),
-        };
+        let token = bearer(headers)?;
         let claims = self.verifier.verify(token, now_unix_s).map_err(|e| e.to_string())?;
-        // Verified: the claims part is well-formed JSON with a whole `exp`.
-        let exp = token
-            .split('.')
-            .nth(1)
-            .and_then(|part| URL_SAFE_NO_PAD.decode(part).ok())
-            .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-            .and_then(|claims| claims["exp"].as_u64())
-            .ok_or_else(|| "the token has no exp claim".to_owned())?;
-        if exp > now_unix_s.saturating_add(MAX_RPC_TOKEN_TTL_S + CLOCK_LEEWAY_S) {
-            return Err(format!("the token lives longer than an RPC token may ({MAX_RPC_TOKEN_TTL_S} s)"));
+        if let Some(audience) = claims.audience() {
+            // An edge's relay token (for a runner) or the like: signed with
+            // the same key, but never meant to open the origin.
+            return Err(format!("the token was minted for {audience:?}, not for an origin RPC"));
         }
+        check_lifetime(token, now_unix_s)?;
         Ok(claims.deployment_id().to_owned())
     }
+
+    /// Whether the routing feed's token is valid (an edge's, `aud`
+    /// [`ROUTING_AUDIENCE`]), else why not.
+    fn authenticate_routing(&self, headers: &http::HeaderMap, now_unix_s: u64) -> Result<(), String> {
+        let token = bearer(headers)?;
+        self.verifier.verify_audience(token, ROUTING_AUDIENCE, now_unix_s).map_err(|e| e.to_string())?;
+        check_lifetime(token, now_unix_s)
+    }
+}
+
+/// The token of the one `Authorization: Bearer` header.
+fn bearer(headers: &http::HeaderMap) -> Result<&str, String> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err("an RPC needs one Authorization: Bearer <JWT> header".into());
+    };
+    let value = value.to_str().map_err(|_| "the Authorization header is not ASCII".to_owned())?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err("the Authorization header is not a Bearer token".into()),
+    }
+}
+
+/// A verified token must not live longer than an RPC token may.
+fn check_lifetime(token: &str, now_unix_s: u64) -> Result<(), String> {
+    // Verified: the claims part is well-formed JSON with a whole `exp`.
+    let exp = token
+        .split('.')
+        .nth(1)
+        .and_then(|part| URL_SAFE_NO_PAD.decode(part).ok())
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .and_then(|claims| claims["exp"].as_u64())
+        .ok_or_else(|| "the token has no exp claim".to_owned())?;
+    if exp > now_unix_s.saturating_add(MAX_RPC_TOKEN_TTL_S + CLOCK_LEEWAY_S) {
+        return Err(format!("the token lives longer than an RPC token may ({MAX_RPC_TOKEN_TTL_S} s)"));
+    }
+    Ok(())
 }
 
 /// An error answer: `{"error":{"code","message"}}` with the code in
@@ -249,6 +304,11 @@ async fn handle(State(http): State<Arc<OriginHttp>>, request: Request) -> Respon
     let path = request.uri().path();
     if path == "/healthz" {
         return Response::new(Body::from("ok\n"));
+    }
+    if path == "/routing" {
+        // Its parts only: the body (not `Sync`) is never read.
+        let (parts, _) = request.into_parts();
+        return routing(&http, &parts).await;
     }
     let Some(rpc) = Rpc::of_path(path) else {
         return refuse(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such RPC");
@@ -363,6 +423,202 @@ async fn answer(
         }
     };
     result.unwrap_or_else(|e| origin_failure(rpc, deployment_id, &e))
+}
+
+/// `GET /routing?since=G`: the routing feed of an edge. `since` absent:
+/// the table whole; else the changes past generation `G`, or the table
+/// whole when the log no longer reaches back that far (or `G` is ahead of
+/// the store: another database).
+async fn routing(http: &OriginHttp, request: &http::request::Parts) -> Response {
+    if request.method != Method::GET {
+        let mut response = refuse(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, "routing takes GET");
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    if let Err(reason) = http.authenticate_routing(&request.headers, now_unix_s()) {
+        tracing::warn!(target: "isocloud::controlplane", rpc = "routing", reason, "origin: RPC refused");
+        return refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &reason);
+    }
+    let Some(control_plane) = http.routing.clone() else {
+        return refuse(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "this origin has no routing feed");
+    };
+    let query = match query_pairs(request.uri.query()) {
+        Ok(query) => query,
+        Err(reason) => return bad_request(&reason),
+    };
+    let since = match query.get("since").map(|text| text.parse::<i64>()) {
+        None => None,
+        Some(Ok(since)) if since >= 0 => Some(since),
+        Some(_) => return bad_request("since is not a routing generation (a whole number, 0 or more)"),
+    };
+    let permit = match tokio::time::timeout(http.limits.queue_wait, Arc::clone(&http.permits).acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Capacity, "the origin is busy: try again");
+        }
+    };
+    let started = Instant::now();
+    let answer = match tokio::time::timeout(http.limits.rpc_timeout, routing_answer(&control_plane, since)).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            tracing::error!(target: "isocloud::controlplane", rpc = "routing", error = %e, "origin: RPC failed");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::OriginUnreachable,
+                "the control plane could not answer routing; its log says why",
+            );
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                &format!("routing took longer than {} s", http.limits.rpc_timeout.as_secs()),
+            );
+        }
+    };
+    let json = match serde_json::to_vec(&answer) {
+        Ok(json) => json,
+        Err(e) => {
+            tracing::error!(target: "isocloud::controlplane", rpc = "routing", error = %e, "origin: RPC failed");
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "routing could not be encoded");
+        }
+    };
+    tracing::debug!(
+        target: "isocloud::controlplane",
+        rpc = "routing",
+        since,
+        generation = answer.generation,
+        full = answer.full,
+        bytes = json.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "origin: RPC answered"
+    );
+    let mut response = bytes_response(Bytes::from(json), permit);
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The routing feed's answer (the edge reads it as `isocloud_edge::RoutingUpdate`;
+/// `the_edges_table_answers_as_the_control_planes` holds the two together).
+#[derive(Debug, Serialize)]
+struct RoutingAnswer {
+    generation: i64,
+    full: bool,
+    base_domain: String,
+    projects: Vec<ProjectAnswer>,
+    deleted_projects: Vec<String>,
+    deployments: Vec<(String, String)>,
+    deleted_deployments: Vec<String>,
+    domains: Vec<(String, String)>,
+    deleted_domains: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProjectAnswer {
+    id: String,
+    name: String,
+    production: Option<String>,
+}
+
+impl RoutingAnswer {
+    fn new(generation: i64, full: bool, base_domain: &str) -> Self {
+        Self {
+            generation,
+            full,
+            base_domain: base_domain.to_owned(),
+            projects: Vec::new(),
+            deleted_projects: Vec::new(),
+            deployments: Vec::new(),
+            deleted_deployments: Vec::new(),
+            domains: Vec::new(),
+            deleted_domains: Vec::new(),
+        }
+    }
+
+    /// Domain `domain` routes to `project` now (`None`: it does not). One
+    /// at or under the base domain never routes (the control plane's own
+    /// table shadows it; see `RoutingTable::put_domain`).
+    fn put_domain(&mut self, domain: String, project: Option<String>) {
+        match project {
+            Some(project) if !validate::is_at_or_under(&domain, &self.base_domain) => {
+                self.domains.push((domain, project))
+            }
+            _ => self.deleted_domains.push(domain),
+        }
+    }
+}
+
+/// What the feed answers for `since`, read from the store as
+/// `ControlPlane::reload_routing` reads it: the generation first, then the
+/// rows, so a change committed in between is sent now and again next time,
+/// never missed.
+async fn routing_answer(control_plane: &ControlPlane, since: Option<i64>) -> Result<RoutingAnswer, StoreError> {
+    let base_domain = control_plane.options.base_domain.as_str();
+    let mut conn = control_plane.store.read().await?;
+    let generation = store::routing_generation(&mut conn).await?;
+    match since {
+        Some(since) if since == generation => return Ok(RoutingAnswer::new(generation, false, base_domain)),
+        Some(since) if since < generation => {
+            let changes = store::routing_changes_since(&mut conn, since, MAX_ROUTING_DELTA + 1).await?;
+            // Every generation up to the one read is in the log (none
+            // pruned), and not too many to send one by one: the rule of
+            // `ControlPlane::reload_routing`.
+            let contiguous = changes.first().is_some_and(|(first, _)| *first == since + 1)
+                && changes.windows(2).all(|pair| pair[1].0 - pair[0].0 <= 1)
+                && changes.last().is_some_and(|(last, _)| *last >= generation);
+            if contiguous && changes.len() as i64 <= MAX_ROUTING_DELTA {
+                let newest = changes.last().map_or(generation, |(g, _)| *g);
+                let touched: std::collections::HashSet<Touched> = changes.into_iter().map(|(_, t)| t).collect();
+                return routing_delta(&mut conn, RoutingAnswer::new(newest, false, base_domain), touched).await;
+            }
+        }
+        // None, or ahead of this store: the table whole.
+        _ => {}
+    }
+    let mut answer = RoutingAnswer::new(generation, true, base_domain);
+    for (id, name, production) in store::projects::routing_rows(&mut conn).await? {
+        answer.projects.push(ProjectAnswer { id, name, production });
+    }
+    store::deployments::each_routing_row(&mut conn, |id, project| answer.deployments.push((id, project))).await?;
+    for (domain, project) in store::domains::routing_rows(&mut conn).await? {
+        answer.put_domain(domain, Some(project));
+    }
+    Ok(answer)
+}
+
+/// Each touched subject as it is now; a ready deployment brings its
+/// project along (the edge may not have seen it yet).
+async fn routing_delta(
+    conn: &mut sqlx::AnyConnection,
+    mut answer: RoutingAnswer,
+    touched: std::collections::HashSet<Touched>,
+) -> Result<RoutingAnswer, StoreError> {
+    let mut project_ids = std::collections::BTreeSet::new();
+    for subject in touched {
+        match subject {
+            Touched::Project(id) => {
+                project_ids.insert(id);
+            }
+            Touched::Deployment(id) => match store::deployments::routing_of(conn, &id).await? {
+                Some(project) => {
+                    project_ids.insert(project.clone());
+                    answer.deployments.push((id, project));
+                }
+                None => answer.deleted_deployments.push(id),
+            },
+            Touched::Domain(domain) => {
+                let (project, _) = store::domains::routing_of(conn, &domain).await?;
+                answer.put_domain(domain, project);
+            }
+        }
+    }
+    for id in project_ids {
+        match store::projects::routing_of(conn, &id).await? {
+            Some((name, production)) => answer.projects.push(ProjectAnswer { id, name, production }),
+            None => answer.deleted_projects.push(id),
+        }
+    }
+    Ok(answer)
 }
 
 /// The `report_activity` body, bounded, as a batch; else the answer saying
@@ -743,6 +999,209 @@ mod tests {
             let header = config_header(&config).unwrap();
             assert_eq!(IsolateConfig::from_header(header.as_bytes()).unwrap(), config);
         }
+    }
+
+    /// A control plane on SQLite in a temp dir, its origin listener with the
+    /// routing feed on loopback, and an edge's follower of that feed.
+    async fn control_plane_and_edge()
+    -> (tempfile::TempDir, Arc<ControlPlane>, std::net::SocketAddr, isocloud_edge::Follower) {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(crate::ControlPlaneOptions::new(dir.path().to_owned())).await.unwrap();
+        let keys = [OriginKey { kid: KID.into(), secret: Secret::from(SECRET) }];
+        let http = OriginHttp::for_control_plane(&cp, &keys, ORIGIN_HTTP_LIMITS).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, http.router()).await });
+        let root = url::Url::parse(&format!("http://{addr}/")).unwrap();
+        let follower = isocloud_edge::Follower::new(
+            Arc::new(std::sync::RwLock::new(isocloud_edge::HostTable::default())),
+            &root,
+            isocloud_edge::SigningKey { kid: KID.into(), secret: Secret::from(SECRET) },
+            Duration::from_secs(5),
+            isocloud_edge::Metrics::unregistered(),
+        )
+        .unwrap();
+        (dir, cp, addr, follower)
+    }
+
+    async fn write(cp: &ControlPlane, change: impl AsyncFnOnce(&mut sqlx::AnyConnection)) {
+        let mut tx = cp.store.write().await.unwrap();
+        change(&mut tx).await;
+        tx.commit().await.unwrap();
+    }
+
+    async fn ready(conn: &mut sqlx::AnyConnection, project_id: &str, id: &str) {
+        let new = crate::store::deployments::NewDeployment {
+            id: id.into(),
+            project_id: project_id.into(),
+            created_at_ms: 0,
+            status: crate::store::deployments::Status::Ready,
+            entrypoint: "main.ts".into(),
+            eszip_sha256: None,
+            permissions_json: "null".into(),
+            envs: Default::default(),
+            git: None,
+            files: Vec::new(),
+            build_promote: false,
+            error: None,
+            build_log: None,
+        };
+        store::deployments::insert(conn, &new).await.unwrap();
+    }
+
+    async fn domain(conn: &mut sqlx::AnyConnection, domain: &str, project_id: &str) {
+        store::domains::insert(conn, domain, Some(project_id), "token", 0).await.unwrap();
+        store::domains::set_verified(conn, domain, 0).await.unwrap();
+    }
+
+    fn name(text: &str) -> crate::validate::ProjectName {
+        crate::validate::project_name(text).unwrap()
+    }
+
+    /// Every host of these projects and deployments, and some of none.
+    fn hosts() -> Vec<String> {
+        let mut hosts: Vec<String> =
+            ["www.example.com", "shop.example.com", "new.example.com", "old.localhost", "localhost", "example.com"]
+                .map(str::to_owned)
+                .into();
+        for project in ["hello", "hi", "shop", "gone"] {
+            hosts.push(format!("{project}.localhost"));
+            for id in ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "eeeeeeeeeeee"] {
+                hosts.push(format!("{project}-{id}.localhost"));
+            }
+        }
+        hosts
+    }
+
+    /// The edge's table and the control plane's own answer every host the
+    /// same; returns how many route somewhere.
+    async fn same_answers(cp: &ControlPlane, follower: &isocloud_edge::Follower, when: &str) -> usize {
+        cp.reload_routing(false).await.unwrap();
+        let table = follower.table().read().unwrap();
+        let mut routed = 0;
+        for host in hosts() {
+            let ours = cp.resolve_host(&host).map(|found| found.deployment_id);
+            assert_eq!(table.resolve(&host), ours.as_deref(), "{when}: {host}");
+            routed += usize::from(ours.is_some());
+        }
+        routed
+    }
+
+    /// The edge's table, kept by the feed (whole at first, then deltas, then
+    /// whole again once the log no longer reaches back), answers every host
+    /// as the control plane's own table does, through creation, promotion,
+    /// rename, domains attached and moved, and deletion.
+    #[tokio::test]
+    async fn the_edges_table_answers_as_the_control_planes() {
+        let (_dir, cp, _, follower) = control_plane_and_edge().await;
+        write(&cp, async |conn| {
+            store::projects::insert(conn, "p1", &name("hello"), 0).await.unwrap();
+            ready(conn, "p1", "aaaaaaaaaaaa").await;
+            store::projects::promote(conn, "p1", "aaaaaaaaaaaa", 0).await.unwrap();
+            store::projects::insert(conn, "p2", &name("shop"), 0).await.unwrap();
+            ready(conn, "p2", "bbbbbbbbbbbb").await;
+            domain(conn, "www.example.com", "p1").await;
+            // Stored data of an older base domain: never routed.
+            domain(conn, "old.localhost", "p1").await;
+        })
+        .await;
+        assert_eq!(follower.poll_once().await.unwrap(), isocloud_edge::Polled::Full);
+        assert!(same_answers(&cp, &follower, "the table whole").await >= 4);
+
+        // Deltas: a promotion, a new project, a rename, a domain moved and one added.
+        write(&cp, async |conn| {
+            store::projects::promote(conn, "p2", "bbbbbbbbbbbb", 0).await.unwrap();
+            store::projects::insert(conn, "p3", &name("gone"), 0).await.unwrap();
+            ready(conn, "p3", "cccccccccccc").await;
+            store::projects::promote(conn, "p3", "cccccccccccc", 0).await.unwrap();
+            store::projects::rename(conn, "p1", &name("hi"), 1).await.unwrap();
+            ready(conn, "p1", "dddddddddddd").await;
+            store::domains::set_project(conn, "www.example.com", Some("p2")).await.unwrap();
+            domain(conn, "new.example.com", "p1").await;
+        })
+        .await;
+        assert_eq!(follower.poll_once().await.unwrap(), isocloud_edge::Polled::Delta);
+        let routed = same_answers(&cp, &follower, "after the deltas").await;
+        assert!(routed >= 8, "{routed}");
+        assert_eq!(follower.poll_once().await.unwrap(), isocloud_edge::Polled::Delta, "nothing new: an empty delta");
+
+        // A deletion, as a delta.
+        write(&cp, async |conn| store::projects::delete(conn, "p3").await.unwrap()).await;
+        assert_eq!(follower.poll_once().await.unwrap(), isocloud_edge::Polled::Delta);
+        same_answers(&cp, &follower, "after a deletion").await;
+        assert!(follower.table().read().unwrap().resolve("gone.localhost").is_none());
+
+        // The log no longer reaches back to the edge's generation: whole again.
+        write(&cp, async |conn| {
+            ready(conn, "p2", "eeeeeeeeeeee").await;
+            store::projects::promote(conn, "p2", "eeeeeeeeeeee", 2).await.unwrap();
+        })
+        .await;
+        write(&cp, async |conn| {
+            assert!(store::prune_routing_changes(conn, i64::MAX).await.unwrap() >= 2);
+        })
+        .await;
+        assert_eq!(follower.poll_once().await.unwrap(), isocloud_edge::Polled::Full);
+        same_answers(&cp, &follower, "after the log was pruned").await;
+        assert_eq!(
+            follower.table().read().unwrap().resolve("shop.localhost"),
+            Some("eeeeeeeeeeee"),
+            "the promotion the edge missed"
+        );
+    }
+
+    /// The feed takes the edge's token only: a deployment's RPC token, a
+    /// relay token and a wrong key are refused; and an edge's tokens open
+    /// no deployment RPC. An origin without the control plane has no feed.
+    #[tokio::test]
+    async fn the_routing_feed_and_the_rpcs_keep_their_tokens_apart() {
+        let (_dir, cp, addr, _) = control_plane_and_edge().await;
+        write(&cp, async |conn| {
+            store::projects::insert(conn, "p1", &name("hello"), 0).await.unwrap();
+            ready(conn, "p1", "aaaaaaaaaaaa").await;
+        })
+        .await;
+        let secret = Secret::from(SECRET);
+        let routing = isocloud_auth::sign_audience_token(KID, &secret, ROUTING_AUDIENCE, now_unix_s(), 60);
+        let answer = get(addr, "/routing", Some(&routing)).await;
+        assert_eq!(answer.status(), 200);
+        let update: isocloud_edge::RoutingUpdate = answer.json().await.unwrap();
+        assert!(update.full);
+        assert_eq!(update.deployments, [("aaaaaaaaaaaa".to_owned(), "p1".to_owned())]);
+        assert_eq!(get(addr, &format!("/routing?since={}", update.generation), Some(&routing)).await.status(), 200);
+
+        let relay = isocloud_auth::sign_relay_token(KID, &secret, "aaaaaaaaaaaa", now_unix_s(), 60);
+        let wrong = isocloud_auth::sign_audience_token(
+            KID,
+            &Secret::from("another-secret-0123456789abcdef0123"),
+            ROUTING_AUDIENCE,
+            now_unix_s(),
+            60,
+        );
+        let long = isocloud_auth::sign_audience_token(KID, &secret, ROUTING_AUDIENCE, now_unix_s(), 3600);
+        for (case, token) in [
+            ("no token", None),
+            ("a deployment's RPC token", Some(token_for(KID, SECRET, "aaaaaaaaaaaa", 60))),
+            ("a relay token", Some(relay.clone())),
+            ("a wrong key", Some(wrong)),
+            ("a token for an hour", Some(long)),
+        ] {
+            let response = get(addr, "/routing", token.as_deref()).await;
+            assert_eq!(response.status(), 401, "{case}");
+        }
+        // The deployment RPCs: its own token works, an edge's tokens do not.
+        let boot = "/read_tree?deployment_id=aaaaaaaaaaaa";
+        assert_eq!(get(addr, boot, Some(&token_for(KID, SECRET, "aaaaaaaaaaaa", 60))).await.status(), 200);
+        let refused = get(addr, boot, Some(&relay)).await;
+        assert_eq!(refused.status(), 401);
+        assert!(refused.text().await.unwrap().contains("isocloud-runner"));
+        assert_eq!(get(addr, boot, Some(&routing)).await.status(), 401);
+        assert_eq!(get(addr, "/routing?since=-1", Some(&routing)).await.status(), 400);
+        assert_eq!(get(addr, "/routing?since=1&since=2", Some(&routing)).await.status(), 400);
+
+        // An origin over any `Origin` has no feed.
+        let (_, plain) = serve(ORIGIN_HTTP_LIMITS).await;
+        assert_eq!(get(plain, "/routing", Some(&routing)).await.status(), 404);
     }
 
     #[test]

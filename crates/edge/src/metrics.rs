@@ -65,6 +65,11 @@ impl Metrics {
         metrics
     }
 
+    /// Figures registered nowhere (tests, and tools that show none).
+    pub fn unregistered() -> Self {
+        Self::new(&mut Registry::default())
+    }
+
     pub(crate) fn retried(&self) {
         self.retries.inc();
     }
