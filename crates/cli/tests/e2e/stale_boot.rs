@@ -11,7 +11,8 @@
 //!
 //! A deployment the control plane built (`npm:` imports, `node_modules` in
 //! its tree) serves on an `isocloud runner` fed over `--origin-listen` as it
-//! serves in process.
+//! serves in process — and from its kept answer and tree once the control
+//! plane is out of reach.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -278,13 +279,22 @@ async fn a_built_deployment_serves_on_a_remote_runner() {
     let expected = local.text().await.unwrap();
     assert_eq!(expected, "HI BOB! esm:esm");
 
-    // Remote: the same deployment through the origin listener.
-    let rpc_root = format!("http://{origin}/");
+    // Remote: the same deployment through the origin listener (behind a
+    // switch: below, the listener goes away).
+    let switch = Switch::start(origin).await;
+    let rpc_root = format!("http://{}/", switch.addr);
     let key = format!("{KID}={SECRET}");
-    let runner =
-        Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"]);
+    let args = ["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"];
+    let runner = Runner::start(&[&args[..], &["--idle-timeout-s", "1"]].concat());
     let remote = runner.subhost_get(&deployment_id, "/").await;
     let status = remote.status();
     let body = remote.text().await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, expected.as_str()), "{}", runner.stderr());
+
+    // With the control plane out of reach, the built deployment boots again
+    // from its kept answer and tree, its packages from the runner's store.
+    idle_out(&runner, &deployment_id).await;
+    switch.set_down(true);
+    assert_eq!(serves(&runner, &deployment_id).await, expected);
+    assert_eq!(metric_value(&runner.metrics().await, "isocloud_stale_boots_total"), 1);
 }
