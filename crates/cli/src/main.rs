@@ -1,6 +1,7 @@
 //! `isocloud`: the runner binary. It parses and validates settings, finds
-//! deno, wires origin, pool and ingress together, and turns SIGTERM/SIGINT
-//! into a graceful shutdown. It holds no logic of its own beyond that wiring.
+//! deno, wires origin, pool and ingress together (or, for `isocloud edge`,
+//! the edge's parts: `edge.rs`), and turns SIGTERM/SIGINT into a graceful
+//! shutdown. It holds no logic of its own beyond that wiring.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod control_plane;
 mod deno;
+mod edge;
 mod origins;
 mod resources;
 mod sandbox;
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Client(command) => return client::run(command),
+        Command::Edge { common, subhost, edge } => return run_edge(common, subhost, edge),
         command => command,
     };
     let settings = match Settings::from_cli(command) {
@@ -58,6 +61,30 @@ fn main() -> std::process::ExitCode {
     init_tracing(settings.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(settings)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isocloud: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `isocloud edge`: settings of its own, no deno, no isolates.
+fn run_edge(
+    common: settings::CommonFlags,
+    subhost: settings::SubhostFlags,
+    edge: settings::EdgeFlags,
+) -> std::process::ExitCode {
+    let settings = match settings::EdgeSettings::from_flags(common, subhost, edge) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("isocloud: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(edge::run(settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("isocloud: {e:#}");

@@ -15,7 +15,7 @@ use isocloud_ingress::{BodyBound, ListenerBounds, ListenerKind};
 use serde::Deserialize;
 use url::Url;
 
-pub use options::{CommonFlags, ServeFlags, SubhostFlags};
+pub use options::{CommonFlags, EdgeFlags, ServeFlags, SubhostFlags};
 use options::{FileConfig, Given};
 
 #[derive(Parser, Debug)]
@@ -41,6 +41,18 @@ pub enum Command {
         common: CommonFlags,
         #[command(flatten)]
         subhost: SubhostFlags,
+    },
+    /// Run as an edge: the public listener in front of several runners, for
+    /// the control plane's deployments (host table from its routing feed,
+    /// runners chosen by hashing the deployment id).
+    #[command(mut_args(hide_unless_edge))]
+    Edge {
+        #[command(flatten)]
+        common: CommonFlags,
+        #[command(flatten)]
+        subhost: SubhostFlags,
+        #[command(flatten)]
+        edge: EdgeFlags,
     },
     /// The client commands that talk to a control plane (login, deploy, …).
     #[command(flatten)]
@@ -325,8 +337,9 @@ impl Settings {
         let (common, serve, subhost) = match command {
             Command::Serve { common, serve } => (common, Some(*serve), None),
             Command::Runner { common, subhost } => (common, None, Some(subhost)),
-            // main.rs dispatches client commands before settings are built.
+            // main.rs dispatches client commands and the edge before settings are built.
             Command::Client(_) => return Err(invalid("command", "a client command has no runner settings")),
+            Command::Edge { .. } => return Err(invalid("command", "the edge has settings of its own (EdgeSettings)")),
         };
         let mut file = match &common.config {
             Some(path) => read_file_config(path)?,
@@ -342,7 +355,8 @@ impl Settings {
             s.data.is_some() || s.database_url.is_some() || s.tls_listen.is_some() || s.origin_listen.is_some()
         });
         let is_serve = serve.is_some();
-        let given = Given::merge(common, serve.unwrap_or_default(), subhost.unwrap_or_default(), file)?;
+        let given =
+            Given::merge(common, serve.unwrap_or_default(), subhost.unwrap_or_default(), EdgeFlags::default(), file)?;
         // `serve` without an apps folder runs the control plane.
         let apps_given = is_serve && given.apps.is_some();
         let build = build_settings(&given)?;
@@ -500,6 +514,161 @@ impl Settings {
             max_isolates_per_tenant,
         })
     }
+}
+
+/// The edge's help shows the options it reads; the others (the groups it
+/// shares with the runner) are refused if given.
+fn hide_unless_edge(arg: clap::Arg) -> clap::Arg {
+    let key = arg.get_id().as_str().to_owned();
+    if EDGE_OPTIONS.contains(&key.as_str()) { arg } else { arg.hide(true) }
+}
+
+/// `isocloud edge`, validated: the only form the edge's wiring sees.
+pub struct EdgeSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// The control plane's origin listener (its routing feed is `routing` there).
+    pub rpc_root: Url,
+    /// Signs the relay tokens and the routing feed's: the runners'
+    /// `--subhost-secret` and the control plane's `--origin-secret`.
+    pub key: isocloud_edge::SigningKey,
+    pub runners: Vec<Url>,
+    pub runner_http2: bool,
+    pub runner_max_idle: usize,
+    pub health_interval: Duration,
+    pub request_timeout: Duration,
+    /// One poll of the routing feed.
+    pub origin_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_request_body_bytes: usize,
+    pub public_bounds: ListenerBounds,
+    pub admin_bounds: ListenerBounds,
+}
+
+/// The options `isocloud edge` reads; any other given on its command line is
+/// refused, naming itself (in a shared config file they are ignored, as
+/// `serve --apps` ignores the control plane's).
+pub const EDGE_OPTIONS: [&str; 22] = [
+    "config",
+    "listen",
+    "admin_listen",
+    "log_format",
+    "origin_timeout_s",
+    "drain_timeout_s",
+    "request_timeout_s",
+    "max_request_body_mb",
+    "header_timeout_s",
+    "body_timeout_s",
+    "min_body_rate_kb_s",
+    "max_connections_per_peer",
+    "max_connections",
+    "admin_max_connections_per_peer",
+    "admin_max_connections",
+    "rpc_root",
+    "subhost_secret",
+    "subhost_secret_file",
+    "runner",
+    "runner_http2",
+    "runner_max_idle",
+    "health_interval_ms",
+];
+
+impl EdgeSettings {
+    pub fn from_flags(common: CommonFlags, subhost: SubhostFlags, edge: EdgeFlags) -> Result<Self, SettingsError> {
+        let given_keys = [common.given_keys(), subhost.given_keys(), edge.given_keys()].concat();
+        if let Some(key) = given_keys.iter().find(|key| !EDGE_OPTIONS.contains(key)) {
+            return Err(invalid(
+                key,
+                format!(
+                    "--{} is not an edge option: the edge runs no isolates and verifies no relay; the runners \
+                     behind it apply their own settings",
+                    key.replace('_', "-")
+                ),
+            ));
+        }
+        let file = match &common.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let given = Given::merge(common, ServeFlags::default(), subhost, edge, file)?;
+        let rpc_root = match &given.rpc_root {
+            Some(text) => parse_rpc_root(text)?,
+            None => {
+                return Err(invalid(
+                    "rpc_root",
+                    "the edge needs --rpc-root URL: the control plane's --origin-listen, where it follows the \
+                     host table",
+                ));
+            }
+        };
+        let key = edge_key(&given.subhost_secret, &given.subhost_secret_file)?;
+        let mut runners: Vec<Url> = Vec::new();
+        for text in &given.runner {
+            let url = Url::parse(text).map_err(|e| invalid("runner", format!("{text:?} is not a URL: {e}")))?;
+            isocloud_edge::Runner::new(&url).map_err(|e| invalid("runner", e.to_string()))?;
+            if runners.contains(&url) {
+                return Err(invalid("runner", format!("{url} is named twice")));
+            }
+            runners.push(url);
+        }
+        if runners.is_empty() {
+            return Err(invalid("runner", "the edge needs at least one --runner URL (a runner's public listener)"));
+        }
+        let listeners = listener_bounds(&given, Duration::from_secs(given.header_timeout_s))?;
+        Ok(EdgeSettings {
+            listen: parse_addr("listen", &given.listen)?,
+            admin_listen: given.admin_listen.as_deref().map(|a| parse_addr("admin_listen", a)).transpose()?,
+            log_format: given.log_format,
+            rpc_root,
+            key,
+            runners,
+            runner_http2: given.runner_http2 == Switch::On,
+            runner_max_idle: given.runner_max_idle,
+            health_interval: Duration::from_millis(given.health_interval_ms),
+            request_timeout: Duration::from_secs(given.request_timeout_s),
+            origin_timeout: Duration::from_secs(given.origin_timeout_s),
+            drain_timeout: Duration::from_secs(given.drain_timeout_s),
+            max_request_body_bytes: usize::try_from(given.max_request_body_mb * 1024 * 1024).unwrap_or(usize::MAX),
+            public_bounds: listeners.public,
+            admin_bounds: listeners.admin,
+        })
+    }
+}
+
+/// The edge's one key, `KID=SECRET` or `KID=PATH`: what it signs with must
+/// be what the runners verify with and the control plane checks.
+fn edge_key(secrets: &[String], files: &[String]) -> Result<isocloud_edge::SigningKey, SettingsError> {
+    use isocloud_controlplane::origin_http::MIN_SECRET_BYTES;
+    let (field, kid, secret) = match (secrets, files) {
+        ([spec], []) => {
+            let (kid, secret) = split_pair("subhost_secret", spec)?;
+            ("subhost_secret", kid, secret.as_bytes().to_vec())
+        }
+        ([], [spec]) => {
+            let (kid, path) = split_pair("subhost_secret_file", spec)?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| invalid("subhost_secret_file", format!("{path}: {e}")))?;
+            ("subhost_secret_file", kid, text.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+        }
+        _ => {
+            return Err(invalid(
+                "subhost_secret",
+                "the edge signs with one key: exactly one --subhost-secret KID=SECRET or --subhost-secret-file \
+                 KID=PATH (the runners' --subhost-secret, the control plane's --origin-secret)",
+            ));
+        }
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "key {kid:?} has {} bytes, fewer than {MIN_SECRET_BYTES}: the control plane refuses it",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(isocloud_edge::SigningKey { kid: kid.to_owned(), secret: Secret::new(secret) })
 }
 
 /// An isolate uid or gid: never root's, never the "no id" value.

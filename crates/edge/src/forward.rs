@@ -243,6 +243,22 @@ impl Edge {
     }
 }
 
+/// Serves `edge` on `listener` within `bounds` (the ingress's bounded
+/// listener: head timeout, connection caps, HTTP/1.1 and h2c) until the
+/// task is dropped.
+pub async fn serve_public(
+    listener: tokio::net::TcpListener,
+    bounds: isocloud_ingress::ListenerBounds,
+    metrics: isocloud_ingress::ListenerMetrics,
+    edge: Arc<Edge>,
+) {
+    let service = hyper::service::service_fn(move |request: Request<isocloud_ingress::BoundedBody>| {
+        let edge = Arc::clone(&edge);
+        async move { Ok::<_, std::convert::Infallible>(edge.handle(request).await) }
+    });
+    isocloud_ingress::serve_bounded(listener, bounds, metrics, service).await;
+}
+
 /// The client's headers as a runner gets them: hop-by-hop ones and any
 /// `x-deno-subhost` of the client's own dropped, `Host` left to the
 /// connection (`:authority` on h2c), and the host the client asked for in

@@ -35,7 +35,7 @@ mod runners;
 
 pub use admin::serve_admin;
 pub use follower::{FollowError, Follower, MAX_ROUTING_BYTES, Polled, SigningKey};
-pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S};
+pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S, serve_public};
 pub use hosts::{ApplyError, HostTable, ProjectRoute, RoutingUpdate};
 pub use metrics::Metrics;
 pub use runners::{

@@ -73,6 +73,16 @@ macro_rules! options {
                     pub $key: Option<$ty>,
                 )*
             }
+
+            impl $group {
+                /// The keys of the options given (on the command line).
+                #[allow(dead_code, reason = "made for every group; the edge reads those of the groups it takes")]
+                pub fn given_keys(&self) -> Vec<&'static str> {
+                    let mut keys = Vec::new();
+                    $( if self.$key.is_some() { keys.push(stringify!($key)); } )*
+                    keys
+                }
+            }
         )*
 
         /// The TOML file: the flags' options, snake_case; unknown keys are refused.
@@ -144,7 +154,7 @@ macro_rules! default_text {
 }
 
 options! {
-    /// The options of both commands.
+    /// The options of every command (`edge` reads some: `EDGE_OPTIONS`).
     common: CommonFlags {
         /// TOML file with any of these options (flags win).
         config: PathBuf, "FILE", shown("none");
@@ -355,16 +365,38 @@ options! {
         build_allow_import: Vec<String>, "HOST", default(Vec::new()), shown("none");
     }
 
-    /// `runner`'s own: the subhosters.
+    /// `runner`'s own: the subhosters (`edge` takes the origin and a key).
     subhost: SubhostFlags {
-        /// Default origin RPC root for subhosters (absolute http(s) URL ending in '/'); required.
+        /// Default origin RPC root for subhosters (absolute http(s) URL ending
+        /// in '/'); required. For `edge`: the control plane's --origin-listen,
+        /// whose routing feed it follows.
         rpc_root: String, "URL", shown("none");
-        /// A subhoster's shared secret, KID=SECRET (repeatable).
+        /// A subhoster's shared secret, KID=SECRET (repeatable). For `edge`:
+        /// the one key it signs with (the runners' --subhost-secret, the
+        /// control plane's --origin-secret).
         subhost_secret: Vec<String>, "KID=SECRET", default(Vec::new()), shown("none");
         /// A subhoster's shared secret read from a file, KID=PATH (repeatable).
         subhost_secret_file: Vec<String>, "KID=PATH", default(Vec::new()), shown("none");
         /// A prefix subhoster KID's tokens may aim their `rpc_root` claim at,
         /// KID=PREFIX (repeatable; per subhoster, never shared).
         allow_rpc_root: Vec<String>, "KID=PREFIX", default(Vec::new()), shown("none");
+    }
+
+    /// `edge`'s own: the runners it forwards to.
+    edge: EdgeFlags {
+        /// A runner the edge forwards to: its public listener, http://HOST:PORT
+        /// (repeatable; at least one). Deployments are spread over them by
+        /// rendezvous hashing of the deployment id.
+        runner: Vec<String>, "URL", default(Vec::new()), shown("none");
+        /// Speak h2c to runners (HTTP/2 without TLS: one connection per runner
+        /// carries every request); off: HTTP/1.1 keep-alive.
+        runner_http2: Switch, "MODE", default(Switch::On);
+        /// Idle HTTP/1.1 keep-alive connections kept per runner (WebSocket
+        /// handshakes, and every request with --runner-http2 off).
+        runner_max_idle: usize, "N", default(64), range(0..=100_000);
+        /// How often each runner is checked (GET /healthz on its public
+        /// listener, answered within this); out after 2 failed checks in a
+        /// row, back after 2 passes.
+        health_interval_ms: u64, "MS", default(1000), range(100..=60_000);
     }
 }

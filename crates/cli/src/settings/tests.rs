@@ -549,7 +549,7 @@ fn every_flag_is_declared_and_its_help_shows_the_declared_default() {
     use clap::CommandFactory as _;
     let cli = Cli::command();
     let mut seen = Vec::new();
-    for command in ["serve", "runner"] {
+    for command in ["serve", "runner", "edge"] {
         let command = cli.find_subcommand(command).unwrap();
         for arg in command.get_arguments() {
             let Some(flag) = arg.get_long() else { continue };
@@ -775,4 +775,106 @@ fn stale_boots_last_a_day_by_default_and_zero_turns_them_off() {
     assert_eq!(from_file.boot_stale_max_age, Duration::from_secs(600));
     let too_long = (86_400 * 365 + 1).to_string();
     assert_eq!(field_of(&[&base[..], &["--boot-stale-max-age-s", &too_long]].concat()), "boot_stale_max_age_s");
+}
+
+/// `isocloud edge`'s settings: `edge` followed by `args`.
+fn edge(args: &[&str]) -> Result<EdgeSettings, SettingsError> {
+    let mut argv = vec!["isocloud", "edge"];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).map_err(|e| invalid("clap", e.to_string()))?;
+    let Command::Edge { common, subhost, edge } = cli.command else { panic!("not the edge") };
+    EdgeSettings::from_flags(common, subhost, edge)
+}
+
+const EDGE_KEY: &str = "cp=edge-secret-0123456789abcdef0123456789";
+
+#[test]
+fn the_edge_takes_its_runners_origin_and_key() {
+    let settings = edge(&[
+        "--rpc-root",
+        "http://10.0.0.1:8082/",
+        "--subhost-secret",
+        EDGE_KEY,
+        "--runner",
+        "http://10.0.0.5:8080",
+        "--runner",
+        "http://10.0.0.6:8080/",
+    ])
+    .unwrap();
+    assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(settings.rpc_root.as_str(), "http://10.0.0.1:8082/");
+    assert_eq!(settings.key.kid, "cp");
+    assert!(!format!("{:?}", settings.key).contains("edge-secret"), "the secret is never shown");
+    assert_eq!(
+        settings.runners.iter().map(Url::as_str).collect::<Vec<_>>(),
+        ["http://10.0.0.5:8080/", "http://10.0.0.6:8080/"]
+    );
+    assert!(settings.runner_http2);
+    assert_eq!(settings.runner_max_idle, 64);
+    assert_eq!(settings.health_interval, Duration::from_secs(1));
+    assert_eq!(settings.request_timeout, Duration::from_secs(60));
+    assert_eq!(settings.public_bounds.listener, ListenerKind::Public);
+    assert_eq!(settings.admin_bounds.listener, ListenerKind::Admin);
+
+    // The same from a TOML file (a key file too); flags win.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("edge.key");
+    std::fs::write(&key_file, format!("{}\n", "k".repeat(40))).unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rpc_root = \"http://cp.internal:8082/\"\nsubhost_secret_file = [\"cp={}\"]\n\
+             runner = [\"http://r1.internal:8080\", \"http://r2.internal:8080\"]\nrunner_http2 = \"off\"\n\
+             health_interval_ms = 250\n\
+             # A runner's option in a config file shared with the runners: ignored.\nidle_timeout_s = 30\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let settings = edge(&["--config", config.to_str().unwrap(), "--health-interval-ms", "500"]).unwrap();
+    assert_eq!((settings.runners.len(), settings.runner_http2), (2, false));
+    assert_eq!(settings.key.secret.len(), 40);
+    assert_eq!(settings.health_interval, Duration::from_millis(500));
+}
+
+#[test]
+fn the_edge_refuses_what_it_cannot_use_by_name() {
+    let base = ["--rpc-root", "http://cp:8082/", "--subhost-secret", EDGE_KEY, "--runner", "http://r:8080"];
+    let field = |extra: &[&str], drop: &[&str]| {
+        let mut args: Vec<&str> = Vec::new();
+        let mut i = 0;
+        while i < base.len() {
+            if drop.contains(&base[i]) {
+                i += 2;
+                continue;
+            }
+            args.extend_from_slice(&base[i..i + 2]);
+            i += 2;
+        }
+        args.extend_from_slice(extra);
+        match edge(&args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => (e.field, e.message),
+        }
+    };
+    assert!(edge(&base).is_ok(), "the probe works");
+    // A runner's option on the edge's command line: named, not ignored.
+    let (name, message) = field(&["--cpu-limit-ms", "100"], &[]);
+    assert_eq!(name, "cpu_limit_ms");
+    assert!(message.contains("--cpu-limit-ms is not an edge option"), "{message}");
+    assert_eq!(field(&["--allow-rpc-root", "cp=http://x/"], &[]).0, "allow_rpc_root");
+    assert_eq!(field(&[], &["--rpc-root"]).0, "rpc_root");
+    assert_eq!(field(&["--rpc-root", "http://cp:8082/v0"], &["--rpc-root"]).0, "rpc_root");
+    assert_eq!(field(&[], &["--runner"]).0, "runner");
+    for bad in ["https://r:8080", "http://r:8080/prefix/", "not a url"] {
+        assert_eq!(field(&["--runner", bad], &["--runner"]).0, "runner", "{bad}");
+    }
+    assert_eq!(field(&["--runner", "http://R:8080/"], &[]).0, "runner", "named twice");
+    assert_eq!(field(&[], &["--subhost-secret"]).0, "subhost_secret", "no key");
+    assert_eq!(field(&["--subhost-secret", "other=x".repeat(8).as_str()], &[]).0, "subhost_secret", "two keys");
+    let (name, message) = field(&["--subhost-secret", "cp=short"], &["--subhost-secret"]);
+    assert_eq!(name, "subhost_secret");
+    assert!(message.contains("fewer than 32"), "{message}");
+    assert_eq!(field(&["--health-interval-ms", "10"], &[]).0, "health_interval_ms");
 }

@@ -20,6 +20,7 @@ mod client_cli;
 mod control_plane;
 mod dashboard;
 mod deno_relay;
+mod edge;
 mod egress;
 mod errors;
 mod hostile_http;

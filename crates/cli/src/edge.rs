@@ -1,0 +1,120 @@
+//! Wiring of `isocloud edge`: the host table and its follower, the runners
+//! and their health checks, the public and admin listeners, and a graceful
+//! stop. What each part does is `isocloud-edge`'s.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use isocloud_edge::{Edge, Follower, ForwardOptions, HostTable, Metrics, RunnerClients, Runners};
+use isocloud_ingress::ListenerMetrics;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::settings::EdgeSettings;
+
+pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let listener_metrics = ListenerMetrics::new(&mut registry);
+
+    let table = Arc::new(RwLock::new(HostTable::default()));
+    let follower = Arc::new(
+        Follower::new(
+            table.clone(),
+            &settings.rpc_root,
+            settings.key.clone(),
+            settings.origin_timeout,
+            metrics.clone(),
+        )
+        .context("invalid --rpc-root")?,
+    );
+    // One poll before listening, so the first requests find a table; a
+    // control plane that does not answer yet is waited for by the loop.
+    match follower.poll_once().await {
+        Ok(_) => {
+            let table = table.read().unwrap_or_else(|p| p.into_inner());
+            let (projects, deployments, domains) = table.sizes();
+            tracing::info!(
+                target: "isocloud::edge",
+                generation = table.generation(),
+                projects,
+                deployments,
+                domains,
+                "routing: host table loaded"
+            );
+        }
+        Err(e) => tracing::warn!(
+            target: "isocloud::edge",
+            error = %e,
+            "routing: no host table yet; requests get 502 ORIGIN_UNREACHABLE until the control plane answers"
+        ),
+    }
+    tokio::spawn(follower.run(isocloud_edge::ROUTING_POLL_INTERVAL));
+
+    let runners = Arc::new(Runners::new(&settings.runners, metrics.clone()).context("invalid --runner")?);
+    let clients = RunnerClients::new(settings.runner_http2, settings.runner_max_idle);
+    tokio::spawn(runners.clone().check(clients.clone(), settings.health_interval));
+    let edge = Arc::new(Edge::new(
+        table.clone(),
+        runners.clone(),
+        clients,
+        settings.key.clone(),
+        ForwardOptions {
+            request_timeout: settings.request_timeout,
+            max_request_body_bytes: settings.max_request_body_bytes,
+        },
+        metrics,
+    ));
+
+    let listener =
+        TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let public = listener.local_addr()?;
+    if let Some(addr) = settings.admin_listen {
+        let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        let admin_addr = admin.local_addr()?;
+        tokio::spawn(isocloud_edge::serve_admin(
+            admin,
+            settings.admin_bounds.clone(),
+            listener_metrics.clone(),
+            Arc::new(registry),
+            table,
+            runners.clone(),
+        ));
+        println!("isocloud: admin on http://{admin_addr}");
+    }
+    let serving = tokio::spawn(isocloud_edge::serve_public(
+        listener,
+        settings.public_bounds.clone(),
+        listener_metrics,
+        edge.clone(),
+    ));
+    let names: Vec<&str> = runners.list().iter().map(|r| r.name()).collect();
+    tracing::info!(
+        target: "isocloud::edge",
+        runners = ?names,
+        protocol = if settings.runner_http2 { "h2c" } else { "http/1.1" },
+        control_plane = %settings.rpc_root,
+        kid = settings.key.kid,
+        "edge: forwarding the control plane's hosts to the runners by rendezvous hashing of the deployment id"
+    );
+    // Tests and scripts read this line to learn the port of `--listen …:0`.
+    println!("isocloud: listening on http://{public}");
+
+    crate::shutdown_signal().await;
+    serving.abort();
+    tracing::info!(
+        target: "isocloud::edge",
+        drain_timeout_s = settings.drain_timeout.as_secs_f64(),
+        in_flight = edge.in_flight(),
+        "shutting down: no new connections; draining in-flight requests"
+    );
+    let deadline = tokio::time::Instant::now() + settings.drain_timeout;
+    while edge.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if edge.in_flight() > 0 {
+        tracing::warn!(target: "isocloud::edge", in_flight = edge.in_flight(), "drain timeout reached");
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! The edge role (issue 15 item 2): `isocloud serve --origin-listen` (the
+//! control plane), two `isocloud runner`s fed by it, and one `isocloud edge`
+//! in front of them. Apps deployed with the CLI are served through the edge
+//! by Host, each on the runner its rendezvous ranking names; a project
+//! deployed later is served within 2 s; when a runner is killed, GETs in
+//! flight on it are answered by the other runner, and every deployment
+//! keeps answering; with the control plane gone, the edge keeps its table.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli, metric_value};
+
+/// `isocloud edge` on free ports, killed on drop.
+struct Edge {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Edge {
+    fn start(origin: SocketAddr, runners: &[&Runner]) -> Edge {
+        let rpc_root = format!("http://{origin}/");
+        let key = format!("{KID}={SECRET}");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_isocloud"));
+        command.args(["edge", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rpc-root", &rpc_root]);
+        command.args(["--subhost-secret", &key]);
+        for runner in runners {
+            command.args(["--runner", &format!("http://{}", runner.addr)]);
+        }
+        let mut child = command
+            .env("ISOCLOUD_LOG", "info,isocloud::edge=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn isocloud edge");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
+                    eprintln!("[edge] {line}");
+                }
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("the edge exited before listening:\n{}", stderr.lock().unwrap());
+            };
+            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
+                addr = Some(rest.parse().unwrap());
+            }
+            if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
+                admin = Some(rest.parse().unwrap());
+            }
+        }
+        Edge { child, addr: addr.unwrap(), admin: admin.unwrap(), stderr }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn client(&self, host: &str) -> reqwest::Client {
+        reqwest::Client::builder().resolve(host, self.addr).timeout(Duration::from_secs(30)).build().unwrap()
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.addr.port())
+    }
+
+    async fn get(&self, host: &str, path: &str) -> reqwest::Response {
+        self.client(host).get(self.url(host, path)).send().await.expect("the edge answers")
+    }
+
+    /// Status and body of GET `path` on `host`.
+    async fn text(&self, host: &str, path: &str) -> (u16, String) {
+        let response = self.get(host, path).await;
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// `/runners` of the admin listener: each runner's name and whether it is in.
+    async fn runners(&self) -> Vec<Value> {
+        reqwest::get(format!("http://{}/runners", self.admin)).await.unwrap().json().await.unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+}
+
+/// `isocloud serve` with `--origin-listen 127.0.0.1:0` and the test key;
+/// also the origin listener's address.
+fn serve_with_origin() -> (ControlPlaneServe, SocketAddr) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = data_dir.path().to_str().unwrap().to_owned();
+    let key = format!("{KID}={SECRET}");
+    let args = [
+        "serve",
+        "--data",
+        &data,
+        "--control-listen",
+        "127.0.0.1:0",
+        "--base-domain",
+        "localhost",
+        "--origin-listen",
+        "127.0.0.1:0",
+        "--origin-secret",
+        &key,
+        "--prestarted-isolates",
+        "0",
+    ];
+    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
+    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
+    let control = lines[0].trim().parse().expect("the control plane's address");
+    let origin = lines[1].trim().parse().expect("the origin listener's address");
+    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve.admin_token_file().is_file() {
+        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (serve, origin)
+}
+
+/// A runner in subhosting mode whose one subhoster is the control plane.
+fn runner(origin: SocketAddr) -> Runner {
+    let rpc_root = format!("http://{origin}/");
+    let key = format!("{KID}={SECRET}");
+    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
+}
+
+/// Answers `NAME METHOD PATH HOST`; `/slow` takes 1.5 s first.
+fn write_app(dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("main.ts"),
+        format!(
+            "Deno.serve(async (req) => {{\n  const url = new URL(req.url);\n  \
+             if (url.pathname === \"/slow\") await new Promise((r) => setTimeout(r, 1500));\n  \
+             return new Response(`{name} ${{req.method}} ${{url.pathname}} ${{url.host}}`);\n}});\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// Creates project `name`, deploys its app to production; its deployment id.
+fn deploy(serve: &ControlPlaneServe, config: &Path, work: &Path, name: &str) -> String {
+    let cli = |args: &[&str]| isocloud_cli(&serve.control_url(), &serve.admin_token(), config, args);
+    cli(&["projects", "create", name]);
+    let app = work.join(name);
+    write_app(&app, name);
+    let out = cli(&["deploy", "--project", name, "--prod", app.to_str().unwrap()]);
+    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
+    host.strip_prefix(&format!("{name}-")).and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned()
+}
+
+/// The runner `deployment_id`'s ranking puts first, as the edge ranks them.
+fn ranked_first<'a>(deployment_id: &str, runners: &[&'a Runner]) -> &'a Runner {
+    let names: Vec<String> = runners.iter().map(|r| format!("http://{}/", r.addr)).collect();
+    runners[isocloud_edge::rendezvous::rank(deployment_id, &names)[0]]
+}
+
+/// How many isolates of `deployment_id` run on `runner`.
+async fn isolates_of(runner: &Runner, deployment_id: &str) -> usize {
+    runner.isolates().await.iter().filter(|i| i["deployment_id"] == deployment_id).count()
+}
+
+#[tokio::test]
+async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over() {
+    let (serve, origin) = serve_with_origin();
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    let alpha = deploy(&serve, &config, work.path(), "alpha");
+    let beta = deploy(&serve, &config, work.path(), "beta");
+    let runners = [runner(origin), runner(origin)];
+    let edge = Edge::start(origin, &[&runners[0], &runners[1]]);
+    let port = edge.addr.port();
+
+    // By Host, production and deployment URL alike, each to its own
+    // deployment, with the host the client asked for in request.url.
+    for (host, expected) in [
+        ("alpha.localhost".to_owned(), format!("alpha GET /a alpha.localhost:{port}")),
+        (format!("alpha-{alpha}.localhost"), format!("alpha GET /a alpha-{alpha}.localhost:{port}")),
+        ("beta.localhost".to_owned(), format!("beta GET /a beta.localhost:{port}")),
+    ] {
+        let (status, body) = edge.text(&host, "/a").await;
+        assert_eq!((status, body.as_str()), (200, expected.as_str()), "{host}; edge:\n{}", edge.stderr());
+    }
+    let (status, _) = edge.text("nope.localhost", "/").await;
+    assert_eq!(status, 404);
+
+    // Each deployment on the runner its ranking names, and only there,
+    // however many requests come.
+    for _ in 0..5 {
+        assert_eq!(edge.text("alpha.localhost", "/").await.0, 200);
+        assert_eq!(edge.text("beta.localhost", "/").await.0, 200);
+    }
+    let both = [&runners[0], &runners[1]];
+    for deployment in [&alpha, &beta] {
+        let home = ranked_first(deployment, &both);
+        for runner in &runners {
+            let expected = usize::from(std::ptr::eq(runner, home));
+            assert_eq!(isolates_of(runner, deployment).await, expected, "{deployment} on {}", runner.addr);
+        }
+    }
+
+    // A project deployed now is served through the edge within 2 s of its
+    // deploy returning (the edge's next poll of the routing feed).
+    let gamma_deployed = Instant::now();
+    let gamma = deploy(&serve, &config, work.path(), "gamma");
+    let deploy_returned = Instant::now();
+    let first_found = loop {
+        let sent = Instant::now();
+        let (status, body) = edge.text("gamma.localhost", "/").await;
+        if status != 404 {
+            assert_eq!((status, body.as_str()), (200, format!("gamma GET / gamma.localhost:{port}").as_str()));
+            break sent;
+        }
+        assert!(sent < deploy_returned + Duration::from_secs(5), "gamma never served; edge:\n{}", edge.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let delay = first_found.saturating_duration_since(deploy_returned);
+    println!(
+        "gamma served through the edge {} ms after its deploy returned (deploy took {} ms)",
+        delay.as_millis(),
+        (deploy_returned - gamma_deployed).as_millis()
+    );
+    assert!(delay < Duration::from_secs(2), "{delay:?}");
+
+    // Kill alpha's runner with GETs in flight in alpha's isolate there: the
+    // edge sends them again to the other runner, which answers them.
+    let alpha_on_first = ranked_first(&alpha, &both).addr == runners[0].addr;
+    let [first, second] = runners;
+    let (dying_runner, surviving_runner) = if alpha_on_first { (first, second) } else { (second, first) };
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            let request = edge.client("alpha.localhost").get(edge.url("alpha.localhost", &format!("/slow?{i}")));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.text().await.unwrap())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(isolates_of(&dying_runner, &alpha).await, 1, "the slow GETs are on alpha's runner");
+    let retries_before = metric_value(&edge.metrics().await, "isocloud_edge_retries_total");
+    let dying_name = format!("http://{}/", dying_runner.addr);
+    drop(dying_runner); // SIGKILL
+    for request in in_flight {
+        let (status, body) = request.await.unwrap();
+        assert_eq!((status, body.as_str()), (200, format!("alpha GET /slow alpha.localhost:{port}").as_str()));
+    }
+    let retries = metric_value(&edge.metrics().await, "isocloud_edge_retries_total") - retries_before;
+    assert!(retries >= 4, "each GET in flight was sent again ({retries})");
+    assert_eq!(isolates_of(&surviving_runner, &alpha).await, 1, "alpha moved to the surviving runner");
+
+    // Right after the kill, every deployment answers (GETs go on to the
+    // next runner); once the dead runner is out, requests with a body too.
+    for name in ["alpha", "beta", "gamma"] {
+        let (status, body) = edge.text(&format!("{name}.localhost"), "/after").await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = edge.runners().await;
+        if list.iter().any(|r| r["runner"] == dying_name.as_str() && r["up"] == false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead runner is still in: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for name in ["alpha", "beta", "gamma"] {
+        let host = format!("{name}.localhost");
+        let response = edge.client(&host).post(edge.url(&host, "/form")).body("x=1").send().await.unwrap();
+        assert_eq!(response.status(), 200, "{name}");
+        assert_eq!(response.text().await.unwrap(), format!("{name} POST /form {host}:{port}"));
+    }
+    for deployment in [&alpha, &beta, &gamma] {
+        assert_eq!(isolates_of(&surviving_runner, deployment).await, 1, "{deployment} runs on the surviving runner");
+    }
+
+    // The control plane gone: the edge serves the table it holds (the
+    // isolates are warm on the surviving runner).
+    drop(serve);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for name in ["alpha", "beta", "gamma"] {
+        let (status, body) = edge.text(&format!("{name}.localhost"), "/still").await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    assert!(edge.stderr().contains("serving the host table held"), "{}", edge.stderr());
+}
