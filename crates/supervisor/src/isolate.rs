@@ -1,11 +1,8 @@
 //! A running isolate: its limits and counters, the keep-alive HTTP/1.1
 //! connections into it, and the guards that mark it busy.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -78,43 +75,19 @@ pub enum IsolateState {
 /// whatever bound the edge put on it.
 pub type RequestBody = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-/// A keep-alive HTTP/1.1 connection into the isolate, driven by whoever
-/// uses it: the request's own task polls `driver` while it waits for the
-/// response head and while it reads the body, so a request costs no
-/// cross-task wake-up. Parked in the isolate's idle list between requests.
-pub(crate) struct Conn {
-    sender: SendRequest<RequestBody>,
-    driver: Pin<Box<hyper::client::conn::http1::Connection<TokioIo<UnixStream>, RequestBody>>>,
-}
-
-impl Conn {
-    /// Whether it can take a request now: one poll of the connection (which
-    /// notices a peer's close) and of its readiness, without waiting.
-    fn usable(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.driver.as_mut().poll(cx).is_ready() {
-            return false;
-        }
-        matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
-    }
-}
-
-/// An isolate's response body, driving its connection as it is read. Read
-/// to its end, it parks the connection in the isolate's idle list; dropped
-/// before its end, it drops (closes) the connection.
+/// An isolate's response body. Read to its end, it hands its keep-alive
+/// connection back to the isolate's idle list; dropped before its end, it
+/// drops the connection with it (hyper closes a connection whose response
+/// was not read).
 pub struct IsolateBody {
     inner: Incoming,
-    conn: Option<Conn>,
-    /// The connection has ended: the body ends with it.
-    driver_done: bool,
-    isolate: Arc<Isolate>,
+    recycle: Option<(SendRequest<RequestBody>, Arc<Isolate>)>,
 }
 
 impl IsolateBody {
     fn recycle(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && !self.driver_done
-        {
-            self.isolate.park(conn);
+        if let Some((sender, isolate)) = self.recycle.take() {
+            isolate.park(sender);
         }
     }
 }
@@ -124,31 +97,14 @@ impl http_body::Body for IsolateBody {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        loop {
-            let polled = Pin::new(&mut self.inner).poll_frame(cx);
-            if polled.is_ready() {
-                if let Poll::Ready(None) = polled {
-                    self.recycle();
-                }
-                return polled;
-            }
-            // The body's bytes arrive through the connection: drive it.
-            let this = &mut *self;
-            match this.conn.as_mut() {
-                Some(conn) if !this.driver_done => {
-                    if conn.driver.as_mut().poll(cx).is_ready() {
-                        // Ended: the body channel closes with it; read that.
-                        this.driver_done = true;
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
-                _ => return Poll::Pending,
-            }
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.recycle();
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -167,10 +123,6 @@ impl Drop for IsolateBody {
             self.recycle();
         }
     }
-}
-
-fn is_upgrade<B>(request: &Request<B>) -> bool {
-    request.headers().contains_key(hyper::header::UPGRADE)
 }
 
 /// How long a connect may wait for a busy isolate's accept backlog.
@@ -215,7 +167,7 @@ pub struct Isolate {
     pub(crate) termination: Arc<Mutex<Option<Termination>>>,
     pub(crate) requests_started: AtomicU64,
     pub(crate) files: IsolateFiles,
-    pub(crate) idle: Mutex<Vec<Conn>>,
+    pub(crate) idle: Mutex<Vec<SendRequest<RequestBody>>>,
     pub(crate) state: watch::Receiver<IsolateState>,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) started: Instant,
@@ -331,52 +283,45 @@ impl Isolate {
                 .map(ForwardError::Terminated)
                 .unwrap_or_else(|| ForwardError::Crashed(format!("process exited ({status})"))));
         }
-        if is_upgrade(&request) {
-            return self.forward_upgrade(request).await;
-        }
-        let mut conn = match self.idle_conn().await {
-            Some(conn) => conn,
-            None => self.new_conn().await?,
-        };
-        let mut driver_done = false;
-        let result = {
-            let driver = &mut conn.driver;
-            let mut sending = std::pin::pin!(conn.sender.send_request(request));
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = sending.as_mut().poll(cx) {
-                    return Poll::Ready(Some(result));
-                }
-                if driver.as_mut().poll(cx).is_ready() {
-                    driver_done = true;
-                    // The connection is gone: its answer (an error) is due
-                    // now, or never comes.
-                    return match sending.as_mut().poll(cx) {
-                        Poll::Ready(result) => Poll::Ready(Some(result)),
-                        Poll::Pending => Poll::Ready(None),
-                    };
-                }
-                Poll::Pending
-            })
-            .await
-        };
+        let mut sender = self.connection().await?;
+        let result = sender.send_request(request).await;
         match result {
-            Some(Ok(response)) => {
-                let isolate = self.clone();
-                Ok(response.map(|inner| IsolateBody { inner, conn: Some(conn), driver_done, isolate }))
+            Ok(response) => {
+                // An upgraded connection is the client's now, never the pool's.
+                let recycle =
+                    (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, self.clone()));
+                Ok(response.map(|inner| IsolateBody { inner, recycle }))
             }
-            Some(Err(e)) => Err(self.forward_failed(e.to_string()).await),
-            None => Err(self.forward_failed("the isolate closed the connection".to_owned()).await),
+            Err(e) => {
+                // Let the exit watcher catch up, so the message says why.
+                let mut state = self.state.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    state.wait_for(|s| matches!(s, IsolateState::Exited(_))),
+                )
+                .await;
+                if let Some(termination) = self.termination() {
+                    return Err(ForwardError::Terminated(termination));
+                }
+                Err(ForwardError::Crashed(match self.state() {
+                    IsolateState::Exited(status) => format!("process exited ({status})"),
+                    IsolateState::Running => e.to_string(),
+                }))
+            }
         }
     }
 
-    /// An upgrade request (WebSocket): its connection becomes the client's,
-    /// so it is driven by a task of its own and never pooled.
-    async fn forward_upgrade(
-        self: &Arc<Self>,
-        request: Request<RequestBody>,
-    ) -> Result<Response<IsolateBody>, ForwardError> {
+    async fn connection(&self) -> Result<SendRequest<RequestBody>, ForwardError> {
+        {
+            let mut idle = self.idle.lock().expect("idle pool poisoned");
+            idle.retain(|sender| !sender.is_closed());
+            // The most recently parked first: its socket is the warmest.
+            if let Some(at) = idle.iter().rposition(SendRequest::is_ready) {
+                return Ok(idle.swap_remove(at));
+            }
+        }
         let stream = self.connect().await?;
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ForwardError::Crashed(format!("handshake with the isolate failed: {e}")))?;
@@ -385,50 +330,7 @@ impl Isolate {
                 tracing::trace!(error = %e, "isolate connection closed");
             }
         });
-        match sender.send_request(request).await {
-            Ok(response) => {
-                let isolate = self.clone();
-                Ok(response.map(|inner| IsolateBody { inner, conn: None, driver_done: true, isolate }))
-            }
-            Err(e) => Err(self.forward_failed(e.to_string()).await),
-        }
-    }
-
-    /// Why a request could not be forwarded: the isolate's termination or
-    /// exit if that is what happened, else the connection's error.
-    async fn forward_failed(&self, error: String) -> ForwardError {
-        // Let the exit watcher catch up, so the message says why.
-        let mut state = self.state.clone();
-        let _ =
-            tokio::time::timeout(Duration::from_millis(200), state.wait_for(|s| matches!(s, IsolateState::Exited(_))))
-                .await;
-        if let Some(termination) = self.termination() {
-            return ForwardError::Terminated(termination);
-        }
-        ForwardError::Crashed(match self.state() {
-            IsolateState::Exited(status) => format!("process exited ({status})"),
-            IsolateState::Running => error,
-        })
-    }
-
-    /// The most recently parked connection that can take a request now;
-    /// closed ones are dropped on the way.
-    async fn idle_conn(&self) -> Option<Conn> {
-        loop {
-            let mut conn = self.idle.lock().expect("idle pool poisoned").pop()?;
-            if std::future::poll_fn(|cx| Poll::Ready(conn.usable(cx))).await {
-                return Some(conn);
-            }
-        }
-    }
-
-    async fn new_conn(&self) -> Result<Conn, ForwardError> {
-        let stream = self.connect().await?;
-        let (sender, driver) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ForwardError::Crashed(format!("handshake with the isolate failed: {e}")))?;
-        Ok(Conn { sender, driver: Box::pin(driver) })
+        Ok(sender)
     }
 
     /// A new connection into the isolate. A full accept backlog (a flood of
@@ -450,11 +352,13 @@ impl Isolate {
     }
 
     /// Keeps a connection whose response was read to its end for the next
-    /// request (no task waits for it meanwhile: the next user drives it).
-    fn park(&self, conn: Conn) {
+    /// request: no task per request waits for it to be ready. hyper marks it
+    /// ready once its dispatcher has seen the end (at once, or on its next
+    /// poll); [`Self::connection`] takes only ready ones and drops closed ones.
+    fn park(&self, sender: SendRequest<RequestBody>) {
         let mut idle = self.idle.lock().expect("idle pool poisoned");
-        if idle.len() < MAX_IDLE_CONNECTIONS && !conn.sender.is_closed() {
-            idle.push(conn);
+        if idle.len() < MAX_IDLE_CONNECTIONS && !sender.is_closed() {
+            idle.push(sender);
         }
     }
 
