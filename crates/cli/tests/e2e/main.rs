@@ -35,6 +35,7 @@ mod hostile_webhooks;
 mod isolate_uids;
 mod layers;
 mod lifecycle;
+mod multi_node;
 mod net_permissions;
 mod prestarted;
 mod remote_origin;
