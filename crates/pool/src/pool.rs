@@ -98,7 +98,17 @@ struct Inner {
     closed: AtomicBool,
     /// Start of the current usage interval (RFC 3339).
     usage_since: Mutex<String>,
+    /// Requests answered without an isolate, by deployment, since the last
+    /// usage report (see [`Pool::count_refused`]).
+    refused: Mutex<HashMap<Key, Refused>>,
 }
+
+/// A deployment's requests answered without an isolate, and its origin.
+type Refused = (Arc<dyn Origin>, u64);
+
+/// Deployments whose refused requests wait for the next usage report, at
+/// most (a flood of never-booting ids must not grow the map).
+const MAX_REFUSED_DEPLOYMENTS: usize = 10_000;
 
 /// Cheap to clone; every clone is the same pool.
 #[derive(Clone)]
@@ -170,6 +180,7 @@ impl Pool {
                 next_instance,
                 closed: AtomicBool::new(false),
                 usage_since: Mutex::new(isocloud_activity::now_rfc3339()),
+                refused: Mutex::new(HashMap::new()),
             }),
         };
         tokio::spawn(reap(Arc::downgrade(&pool.inner)));
@@ -198,6 +209,32 @@ impl Pool {
     /// The isolate comes reserved ([`Isolate::reserve`], taken under the
     /// pool's lock): no idle stop or eviction can end it before its request.
     pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Reserved, BootError> {
+        let reserved = self.isolate_reserved(origin, deployment_id).await;
+        if let Err(e) = &reserved
+            && e.code() != isocloud_protocol::ErrorCode::DeploymentNotFound
+        {
+            self.count_refused(origin, deployment_id);
+        }
+        reserved
+    }
+
+    /// A request the runner answered for a deployment with no isolate to
+    /// serve it (its boot failed, or no room): counted as a request and an
+    /// error of the deployment's, reported with the next usage interval, so
+    /// its analytics do not show 0 requests after 41 failed visits.
+    fn count_refused(&self, origin: &Arc<dyn Origin>, deployment_id: &str) {
+        let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
+        let mut refused = self.inner.refused.lock().expect("pool poisoned");
+        if let Some((_, count)) = refused.get_mut(&key) {
+            *count += 1;
+        } else if refused.len() < MAX_REFUSED_DEPLOYMENTS {
+            refused.insert(key, (origin.clone(), 1));
+        } else {
+            tracing::debug!(deployment_id, "refused request not counted: too many deployments await their report");
+        }
+    }
+
+    async fn isolate_reserved(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Reserved, BootError> {
         // A boot's isolate is reserved when its waiter gets the lock; should
         // it have been evicted in between (another boot needed the slot),
         // the request goes round again rather than to a dying isolate.
@@ -485,6 +522,34 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
     );
 }
 
+/// Reports the requests answered without an isolate since the last interval
+/// as usage: each a request and an error of its deployment.
+fn report_refused(inner: &Inner) {
+    let since = inner.usage_since.lock().expect("pool poisoned").clone();
+    let refused = std::mem::take(&mut *inner.refused.lock().expect("pool poisoned"));
+    for ((_, deployment_id), (origin, requests)) in refused {
+        inner.metrics.deployments.usage(&deployment_id, requests, 0, 0);
+        inner.ctx.activity.report(
+            &origin,
+            &deployment_id,
+            ActivityKind::Usage {
+                requests,
+                cpu_ms: 0,
+                wall_ms: 0,
+                ingress_bytes: 0,
+                egress_bytes: 0,
+                peak_memory_bytes: 0,
+                errors: requests,
+                fetch_requests: 0,
+                fetch_sent_bytes: 0,
+                fetch_received_bytes: 0,
+                interval_start: since.clone(),
+                interval_end: isocloud_activity::now_rfc3339(),
+            },
+        );
+    }
+}
+
 /// Terminates idle isolates, books crashed ones and reports usage, until the
 /// pool is gone.
 async fn reap(inner: std::sync::Weak<Inner>) {
@@ -527,6 +592,7 @@ async fn reap(inner: std::sync::Weak<Inner>) {
                     report_usage(&inner, &origin, &key.1, &isolate);
                 }
             }
+            report_refused(&inner);
             *inner.usage_since.lock().expect("pool poisoned") = isocloud_activity::now_rfc3339();
             last_usage = std::time::Instant::now();
         }

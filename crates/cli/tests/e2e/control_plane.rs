@@ -234,3 +234,41 @@ async fn an_eszip_built_by_the_deno_toolchain_deploys_and_serves() {
     assert_eq!(get(&serve, &host, "/").await, (200, "hello isocloud from an eszip".to_owned()));
     assert_eq!(get(&serve, "packed.localhost", "/").await.1, "hello isocloud from an eszip");
 }
+
+/// Visits the runner answered for a deployment that never booted are its
+/// requests and errors too: its usage does not read 0 after failed visits.
+#[tokio::test]
+async fn a_deployment_whose_boot_fails_counts_its_visits_as_requests_and_errors() {
+    let serve = ControlPlaneServe::start(&["--usage-interval-s", "1"]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    cli(&serve, &config, &["projects", "create", "broken"]);
+    let app = work.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    // Builds (the syntax is fine), then throws as it starts.
+    std::fs::write(
+        app.join("main.ts"),
+        "throw new Error(\"fails at start\");\nDeno.serve(() => new Response(\"never\"));\n",
+    )
+    .unwrap();
+    cli(&serve, &config, &["deploy", "--project", "broken", "--prod", app.to_str().unwrap()]);
+
+    const VISITS: u64 = 5;
+    for _ in 0..VISITS {
+        let (status, body) = get(&serve, "broken.localhost", "/").await;
+        assert!(status >= 500, "a boot that fails is the runner's 5xx: {status} {body}");
+    }
+    let totals = async || {
+        let (_, usage) = serve.api(reqwest::Method::GET, "/projects/broken/usage", None).await;
+        let sum = |field: &str| -> u64 {
+            usage.as_array().into_iter().flatten().map(|u| u[field].as_u64().unwrap_or(0)).sum()
+        };
+        (sum("requests"), sum("errors"))
+    };
+    eventually("the failed visits in the usage", Duration::from_secs(20), async || {
+        let (requests, errors) = totals().await;
+        requests >= VISITS && errors >= VISITS
+    })
+    .await;
+    assert_eq!(totals().await, (VISITS, VISITS), "each visit counted once");
+}
