@@ -1,6 +1,7 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::bounds::{Breach, ListenerKind};
@@ -16,15 +17,32 @@ pub struct EdgeMetrics {
     /// The tenant's own answers' counters by status, found once: a request
     /// then costs an atomic add, not a label vector and a family lookup.
     by_status: std::sync::Arc<[std::sync::OnceLock<Counter>]>,
+    /// From the request head to the response head (time to first byte), by
+    /// status class: five series, whatever the traffic.
+    head_seconds: [Histogram; 5],
 }
+
+/// Time-to-first-byte buckets: half a millisecond (a warm hop) to 30 s.
+const HEAD_SECONDS_BUCKETS: [f64; 15] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl EdgeMetrics {
     pub fn new(registry: &mut Registry) -> Self {
+        let head_family: Family<[(&'static str, &'static str); 1], Histogram> =
+            Family::new_with_constructor(|| Histogram::new(HEAD_SECONDS_BUCKETS));
         let metrics = Self {
             requests: Family::default(),
             streams_cut: Family::default(),
             by_status: (0..1000).map(|_| std::sync::OnceLock::new()).collect(),
+            head_seconds: STATUS_CLASSES.map(|class| head_family.get_or_create(&[("class", class)]).clone()),
         };
+        registry.register(
+            "isocloud_response_head_seconds",
+            "From a request's head to its response's head (time to first byte), by status class; \
+             boots included",
+            head_family,
+        );
         registry.register("isocloud_requests", "Requests answered, by status", metrics.requests.clone());
         registry.register(
             "isocloud_streams_cut",
@@ -36,6 +54,12 @@ impl EdgeMetrics {
 
     pub fn count_stream_cut(&self, kind: &'static str, bound: &'static str) {
         self.streams_cut.get_or_create(&vec![("kind", kind), ("bound", bound)]).inc();
+    }
+
+    /// A response head sent `elapsed` after its request's head arrived.
+    pub fn observe_head(&self, status: u16, elapsed: std::time::Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.head_seconds[class].observe(elapsed.as_secs_f64());
     }
 
     pub fn count(&self, status: u16, code: Option<&'static str>) {
@@ -95,5 +119,34 @@ impl ListenerMetrics {
 
     pub(crate) fn set_open(&self, listener: ListenerKind, open: usize) {
         self.open.get_or_create(&[("listener", listener.label())]).set(open as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn response_heads_are_timed_by_status_class_in_five_series() {
+        let mut registry = Registry::default();
+        let metrics = EdgeMetrics::new(&mut registry);
+        metrics.observe_head(204, Duration::from_micros(700));
+        metrics.observe_head(200, Duration::from_millis(3));
+        metrics.observe_head(502, Duration::from_secs(2));
+        metrics.observe_head(999, Duration::from_millis(1));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line =
+            |series: &str| text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} in {text}"));
+        assert!(line("isocloud_response_head_seconds_count{class=\"2xx\"}").ends_with(" 2"), "{text}");
+        assert!(line("isocloud_response_head_seconds_bucket{le=\"0.001\",class=\"2xx\"}").ends_with(" 1"), "{text}");
+        assert!(
+            line("isocloud_response_head_seconds_count{class=\"5xx\"}").ends_with(" 2"),
+            "an odd status is 5xx: {text}"
+        );
+        assert!(line("isocloud_response_head_seconds_bucket{le=\"1.0\",class=\"5xx\"}").ends_with(" 1"), "{text}");
+        assert_eq!(text.matches("isocloud_response_head_seconds_count{").count(), 5, "{text}");
     }
 }

@@ -102,13 +102,16 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        let started = std::time::Instant::now();
         match self.forward(request, connection).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
+                self.metrics.observe_head(response.status().as_u16(), started.elapsed());
                 response
             }
             Err(error) => {
                 self.metrics.count(error.code.http_status(), Some(error.code.as_str()));
+                self.metrics.observe_head(error.code.http_status(), started.elapsed());
                 let refused_body = error.code == ErrorCode::PayloadTooLarge;
                 let mut response = error.into_response();
                 if refused_body {
