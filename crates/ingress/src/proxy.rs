@@ -306,9 +306,14 @@ fn is_upgrade<B>(request: &Request<B>) -> bool {
 
 fn boot_error(error: BootError) -> EdgeError {
     let code = error.code();
-    let message = match code {
+    let message = match (&error, code) {
         // Runner-side failures: the details are for the operator's log only.
-        ErrorCode::Internal => "the runner could not start the deployment".to_owned(),
+        (_, ErrorCode::Internal) => "the runner could not start the deployment".to_owned(),
+        // How the connection failed (refused, a DNS name, a TLS error) says
+        // where the origin lives: the pool's log has it, visitors need not.
+        (BootError::Origin(origin), _) if matches!(**origin, isocloud_origin::OriginError::Unreachable(_)) => {
+            "origin unreachable: the deployment's origin could not be reached; try again shortly".to_owned()
+        }
         _ => error.to_string(),
     };
     EdgeError::new(code, message)
