@@ -6,109 +6,12 @@
 //! flight on it are answered by the other runner, and every deployment
 //! keeps answering; with the control plane gone, the edge keeps its table.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
+use crate::support::edge::{Edge, isolates_of, ranking};
 use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli, metric_value};
-
-/// `isocloud edge` on free ports, killed on drop.
-struct Edge {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Edge {
-    fn start(origin: SocketAddr, runners: &[&Runner]) -> Edge {
-        let rpc_root = format!("http://{origin}/");
-        let key = format!("{KID}={SECRET}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_isocloud"));
-        command.args(["edge", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rpc-root", &rpc_root]);
-        command.args(["--subhost-secret", &key]);
-        for runner in runners {
-            command.args(["--runner", &format!("http://{}", runner.addr)]);
-        }
-        let mut child = command
-            .env("ISOCLOUD_LOG", "info,isocloud::edge=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn isocloud edge");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
-                    eprintln!("[edge] {line}");
-                }
-                let mut sink = sink.lock().unwrap();
-                sink.push_str(&line);
-                sink.push('\n');
-            }
-        });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut addr, mut admin) = (None, None);
-        while addr.is_none() || admin.is_none() {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                panic!("the edge exited before listening:\n{}", stderr.lock().unwrap());
-            };
-            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
-                addr = Some(rest.parse().unwrap());
-            }
-            if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
-                admin = Some(rest.parse().unwrap());
-            }
-        }
-        Edge { child, addr: addr.unwrap(), admin: admin.unwrap(), stderr }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn client(&self, host: &str) -> reqwest::Client {
-        reqwest::Client::builder().resolve(host, self.addr).timeout(Duration::from_secs(30)).build().unwrap()
-    }
-
-    fn url(&self, host: &str, path: &str) -> String {
-        format!("http://{host}:{}{path}", self.addr.port())
-    }
-
-    async fn get(&self, host: &str, path: &str) -> reqwest::Response {
-        self.client(host).get(self.url(host, path)).send().await.expect("the edge answers")
-    }
-
-    /// Status and body of GET `path` on `host`.
-    async fn text(&self, host: &str, path: &str) -> (u16, String) {
-        let response = self.get(host, path).await;
-        (response.status().as_u16(), response.text().await.unwrap())
-    }
-
-    /// `/runners` of the admin listener: each runner's name and whether it is in.
-    async fn runners(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/runners", self.admin)).await.unwrap().json().await.unwrap()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
-    }
-}
 
 /// `isocloud serve` with `--origin-listen 127.0.0.1:0` and the test key;
 /// also the origin listener's address.
@@ -176,17 +79,6 @@ fn deploy(serve: &ControlPlaneServe, config: &Path, work: &Path, name: &str) -> 
     host.strip_prefix(&format!("{name}-")).and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned()
 }
 
-/// The runner `deployment_id`'s ranking puts first, as the edge ranks them.
-fn ranked_first<'a>(deployment_id: &str, runners: &[&'a Runner]) -> &'a Runner {
-    let names: Vec<String> = runners.iter().map(|r| format!("http://{}/", r.addr)).collect();
-    runners[isocloud_edge::rendezvous::rank(deployment_id, &names)[0]]
-}
-
-/// How many isolates of `deployment_id` run on `runner`.
-async fn isolates_of(runner: &Runner, deployment_id: &str) -> usize {
-    runner.isolates().await.iter().filter(|i| i["deployment_id"] == deployment_id).count()
-}
-
 #[tokio::test]
 async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over() {
     let (serve, origin) = serve_with_origin();
@@ -195,7 +87,7 @@ async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over()
     let alpha = deploy(&serve, &config, work.path(), "alpha");
     let beta = deploy(&serve, &config, work.path(), "beta");
     let runners = [runner(origin), runner(origin)];
-    let edge = Edge::start(origin, &[&runners[0], &runners[1]]);
+    let edge = Edge::start(origin, &[&runners[0], &runners[1]], &[]);
     let port = edge.addr.port();
 
     // By Host, production and deployment URL alike, each to its own
@@ -219,7 +111,7 @@ async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over()
     }
     let both = [&runners[0], &runners[1]];
     for deployment in [&alpha, &beta] {
-        let home = ranked_first(deployment, &both);
+        let home = ranking(deployment, &both)[0];
         for runner in &runners {
             let expected = usize::from(std::ptr::eq(runner, home));
             assert_eq!(isolates_of(runner, deployment).await, expected, "{deployment} on {}", runner.addr);
@@ -251,7 +143,7 @@ async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over()
 
     // Kill alpha's runner with GETs in flight in alpha's isolate there: the
     // edge sends them again to the other runner, which answers them.
-    let alpha_on_first = ranked_first(&alpha, &both).addr == runners[0].addr;
+    let alpha_on_first = ranking(&alpha, &both)[0].addr == runners[0].addr;
     let [first, second] = runners;
     let (dying_runner, surviving_runner) = if alpha_on_first { (first, second) } else { (second, first) };
     let in_flight: Vec<_> = (0..4)

@@ -10,7 +10,6 @@
 //! last boot answers; node A restarted on the same database, bucket and
 //! dirs has lost nothing.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use isocloud_controlplane::blobs::test_s3::{REGION, TestS3};
 
+use crate::support::edge::{Edge, isolates_of, ranking};
 use crate::support::{KID, Runner, SECRET, isocloud_cli, metric_value};
 
 fn ci() -> bool {
@@ -207,93 +207,6 @@ fn runner(origin: SocketAddr) -> Runner {
     ])
 }
 
-/// `isocloud edge` on free ports, killed on drop.
-struct Edge {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Edge {
-    fn start(origin: SocketAddr, runners: &[&Runner]) -> Edge {
-        let rpc_root = format!("http://{origin}/");
-        let key = format!("{KID}={SECRET}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_isocloud"));
-        command.args(["edge", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rpc-root", &rpc_root]);
-        command.args(["--subhost-secret", &key, "--health-interval-ms", "200"]);
-        for runner in runners {
-            command.args(["--runner", &format!("http://{}", runner.addr)]);
-        }
-        let mut child = command
-            .env("ISOCLOUD_LOG", "info,isocloud::edge=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn isocloud edge");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if std::env::var_os("ISOCLOUD_TEST_VERBOSE").is_some() {
-                    eprintln!("[edge] {line}");
-                }
-                let mut sink = sink.lock().unwrap();
-                sink.push_str(&line);
-                sink.push('\n');
-            }
-        });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                panic!("the edge exited before listening:\n{}", stderr.lock().unwrap());
-            };
-            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
-                break rest.parse().unwrap();
-            }
-        };
-        // Keep draining stdout so the edge never blocks on a full pipe.
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-        Edge { child, addr, stderr }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Status and body of GET `path` on `host` through the edge (status 0:
-    /// no answer at all).
-    async fn text(&self, host: &str, path: &str) -> (u16, String) {
-        let client =
-            reqwest::Client::builder().resolve(host, self.addr).timeout(Duration::from_secs(20)).build().unwrap();
-        match client.get(format!("http://{host}:{}{path}", self.addr.port())).send().await {
-            Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        }
-    }
-
-    /// Waits (10 s at most) until `host` answers 200 through the edge.
-    async fn wait_served(&self, host: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, body) = self.text(host, "/").await;
-            if status == 200 {
-                return body;
-            }
-            assert!(Instant::now() < deadline, "{host} not served: {status} {body}; edge:\n{}", self.stderr());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// Answers `NAME METHOD PATH`.
 fn write_app(dir: &Path, name: &str) {
     std::fs::create_dir_all(dir).unwrap();
@@ -317,16 +230,6 @@ fn deploy(node: &Node, token: &str, work: &Path, name: &str, create: bool) -> St
     let out = cli(&["deploy", "--project", name, "--prod", app.to_str().unwrap()]);
     let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
     host.strip_prefix(&format!("{name}-")).and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned()
-}
-
-/// The runners in the order the edge ranks them for `deployment_id`.
-fn ranking<'a>(deployment_id: &str, runners: &[&'a Runner]) -> Vec<&'a Runner> {
-    let names: Vec<String> = runners.iter().map(|r| format!("http://{}/", r.addr)).collect();
-    isocloud_edge::rendezvous::rank(deployment_id, &names).into_iter().map(|i| runners[i]).collect()
-}
-
-async fn isolates_of(runner: &Runner, deployment_id: &str) -> usize {
-    runner.isolates().await.iter().filter(|i| i["deployment_id"] == deployment_id).count()
 }
 
 /// One GET of the load: when it was sent, the host, status and body.
@@ -373,7 +276,7 @@ async fn two_control_planes_one_edge_three_runners_survive_a_runner_and_a_node()
     let fed_by_a = runner(node_a.origin);
     let fed_by_b = [runner(node_b.origin), runner(node_b.origin)];
     let all = [&fed_by_a, &fed_by_b[0], &fed_by_b[1]];
-    let edge = Edge::start(node_a.origin, &all);
+    let edge = Edge::start(node_a.origin, &all, &["--health-interval-ms", "200"]);
     println!("started in {} ms", started.elapsed().as_millis());
 
     // 1. Deploy alpha through node A, beta through node B: each served
@@ -394,9 +297,9 @@ async fn two_control_planes_one_edge_three_runners_survive_a_runner_and_a_node()
     for (host, name) in [("alpha.localhost", "alpha"), ("beta.localhost", "beta")] {
         assert_eq!(edge.wait_served(host).await, format!("{name} GET /"), "through the edge");
     }
-    assert_eq!(edge.text("nope.localhost", "/").await.0, 404);
-    assert_eq!(edge.text(&format!("alpha-{alpha}.localhost"), "/x").await, (200, "alpha GET /x".to_owned()));
-    assert_eq!(edge.text(&format!("beta-{beta}.localhost"), "/x").await, (200, "beta GET /x".to_owned()));
+    assert_eq!(edge.try_text("nope.localhost", "/").await.0, 404);
+    assert_eq!(edge.try_text(&format!("alpha-{alpha}.localhost"), "/x").await, (200, "alpha GET /x".to_owned()));
+    assert_eq!(edge.try_text(&format!("beta-{beta}.localhost"), "/x").await, (200, "beta GET /x".to_owned()));
     for id in [&alpha, &beta] {
         let first = ranking(id, &all)[0];
         for runner in all {
@@ -425,7 +328,7 @@ async fn two_control_planes_one_edge_three_runners_survive_a_runner_and_a_node()
                 let host = format!("{name}.localhost");
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
-                    let (status, body) = edge.text(&host, "/load").await;
+                    let (status, body) = edge.try_text(&host, "/load").await;
                     samples.lock().unwrap().push((sent, name.to_owned(), status, body));
                 }
             })
@@ -478,7 +381,7 @@ async fn two_control_planes_one_edge_three_runners_survive_a_runner_and_a_node()
     assert_eq!(response.text().await.unwrap(), "gamma GET /");
     // Through the edge, alpha and beta are served from the table it holds.
     for name in ["alpha", "beta"] {
-        assert_eq!(edge.text(&format!("{name}.localhost"), "/").await, (200, format!("{name} GET /")));
+        assert_eq!(edge.try_text(&format!("{name}.localhost"), "/").await, (200, format!("{name} GET /")));
     }
     // The A-fed runner: alpha idles out there, then boots stale.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -19,6 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
+pub mod edge;
 pub mod registry;
 
 pub const KID: &str = "acme";
