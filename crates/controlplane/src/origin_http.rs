@@ -37,7 +37,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use isocloud_auth::{AuthConfigError, CLOCK_LEEWAY_S, ROUTING_AUDIENCE, Secret, SubhostVerifier, Subhoster};
 use isocloud_origin::{ActivityBatch, IsolateConfig, Origin, OriginError};
-use isocloud_protocol::{ErrorCode, LayerSpec, NetPermission};
+use isocloud_protocol::ErrorCode;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -689,40 +689,11 @@ impl http_body::Body for HeldBytes {
     }
 }
 
-/// The config as the protocol's JSON.
-pub fn config_json(config: &IsolateConfig) -> serde_json::Value {
-    let layers: Vec<serde_json::Value> = config
-        .layers()
-        .iter()
-        .map(|layer| match layer {
-            LayerSpec::Bundle { id, specifier } => {
-                serde_json::json!({ "kind": "bundle", "id": id, "specifier": specifier.as_str() })
-            }
-            LayerSpec::Eszip { id } => serde_json::json!({ "kind": "eszip", "id": id }),
-        })
-        .collect();
-    let net = match config.net() {
-        NetPermission::All => serde_json::Value::Bool(true),
-        NetPermission::None => serde_json::Value::Bool(false),
-        NetPermission::Allow(hosts) => serde_json::json!(hosts),
-    };
-    let mut json = serde_json::json!({
-        "entrypoint": config.entrypoint().as_str(),
-        "layers": layers,
-        "envs": config.envs(),
-        "permissions": { "net": net },
-    });
-    if let Some(inline) = config.inline_layer() {
-        json["inline_layer"] = inline.into();
-    }
-    json
-}
-
 /// `x-deno-config`: the JSON itself while it is plain ASCII, else base64url
 /// of it (the protocol's other form), since a header value carries no UTF-8
 /// reliably and an env value may hold any.
 fn config_header(config: &IsolateConfig) -> Result<HeaderValue, OriginError> {
-    let json = config_json(config).to_string();
+    let json = config.to_json().to_string();
     let value = if json.bytes().all(|b| (0x20..0x7f).contains(&b)) { json } else { URL_SAFE_NO_PAD.encode(json) };
     HeaderValue::from_str(&value).map_err(|e| OriginError::Malformed { rpc: "boot", message: e.to_string() })
 }
@@ -991,10 +962,10 @@ mod tests {
             json!({ "entrypoint": "file:///src/a.ts", "layers": [{ "kind": "eszip", "id": "e" }] }),
             json!({ "entrypoint": "file:///src/a.ts", "layers": [{ "kind": "eszip", "id": "e" }],
                     "permissions": { "net": false } }),
-            config_json(&config()),
+            config().to_json(),
         ] {
             let config = IsolateConfig::from_json(json.to_string().as_bytes()).unwrap();
-            let again = IsolateConfig::from_json(config_json(&config).to_string().as_bytes()).unwrap();
+            let again = IsolateConfig::from_json(config.to_json().to_string().as_bytes()).unwrap();
             assert_eq!(again, config);
             let header = config_header(&config).unwrap();
             assert_eq!(IsolateConfig::from_header(header.as_bytes()).unwrap(), config);

@@ -14,7 +14,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use isocloud_protocol::{IsolateConfig, LayerSpec, NetPermission};
+use isocloud_protocol::IsolateConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::{AssetTree, BootAnswer, CacheKind, DiskCache, OriginError};
@@ -107,38 +107,8 @@ fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The JSON `config` came from (as far as it has meaning: the same config
-/// parses from it).
-pub fn config_json(config: &IsolateConfig) -> serde_json::Value {
-    let layers: Vec<serde_json::Value> = config
-        .layers()
-        .iter()
-        .map(|layer| match layer {
-            LayerSpec::Bundle { id, specifier } => {
-                serde_json::json!({ "kind": "bundle", "id": id, "specifier": specifier.as_str() })
-            }
-            LayerSpec::Eszip { id } => serde_json::json!({ "kind": "eszip", "id": id }),
-        })
-        .collect();
-    let net = match config.net() {
-        NetPermission::All => serde_json::Value::Bool(true),
-        NetPermission::None => serde_json::Value::Bool(false),
-        NetPermission::Allow(hosts) => serde_json::json!(hosts),
-    };
-    let mut json = serde_json::json!({
-        "entrypoint": config.entrypoint().as_str(),
-        "layers": layers,
-        "envs": config.envs(),
-        "permissions": { "net": net },
-    });
-    if let Some(inline) = config.inline_layer() {
-        json["inline_layer"] = serde_json::Value::String(inline.to_owned());
-    }
-    json
-}
-
 fn encode(answer: &BootAnswer, saved_at_s: u64) -> Bytes {
-    let header = Header { version: RECORD_VERSION, saved_at_s, config: config_json(&answer.config) };
+    let header = Header { version: RECORD_VERSION, saved_at_s, config: answer.config.to_json() };
     let mut record = BytesMut::from(&serde_json::to_vec(&header).expect("a header always serializes")[..]);
     record.extend_from_slice(b"\n");
     record.extend_from_slice(&answer.inline_layer);
@@ -257,7 +227,7 @@ mod tests {
                 { "kind": "bundle", "id": "a", "specifier": "file:///src/a.js" }] }),
         ] {
             let parsed = answer(config, b"").config;
-            let again = IsolateConfig::from_json(config_json(&parsed).to_string().as_bytes()).unwrap();
+            let again = IsolateConfig::from_json(parsed.to_json().to_string().as_bytes()).unwrap();
             assert_eq!(again, parsed);
         }
     }

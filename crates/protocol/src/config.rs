@@ -126,6 +126,36 @@ impl IsolateConfig {
         raw.validate()
     }
 
+    /// The config as the protocol's JSON: [`Self::from_json`] reads the
+    /// same config back from it (what an origin sends, what a runner keeps).
+    pub fn to_json(&self) -> serde_json::Value {
+        let layers: Vec<serde_json::Value> = self
+            .layers()
+            .iter()
+            .map(|layer| match layer {
+                LayerSpec::Bundle { id, specifier } => {
+                    serde_json::json!({ "kind": "bundle", "id": id, "specifier": specifier.as_str() })
+                }
+                LayerSpec::Eszip { id } => serde_json::json!({ "kind": "eszip", "id": id }),
+            })
+            .collect();
+        let net = match self.net() {
+            NetPermission::All => serde_json::Value::Bool(true),
+            NetPermission::None => serde_json::Value::Bool(false),
+            NetPermission::Allow(hosts) => serde_json::json!(hosts),
+        };
+        let mut json = serde_json::json!({
+            "entrypoint": self.entrypoint().as_str(),
+            "layers": layers,
+            "envs": self.envs(),
+            "permissions": { "net": net },
+        });
+        if let Some(inline) = self.inline_layer() {
+            json["inline_layer"] = inline.into();
+        }
+        json
+    }
+
     /// Where module loading starts; an absolute URL.
     pub fn entrypoint(&self) -> &Url {
         &self.entrypoint
