@@ -49,4 +49,6 @@ fn dashboard_in_a_browser() {
         serve.runner.stderr()
     );
     assert!(stdout.contains("dashboard e2e: ok"), "{stdout}");
+    // The steps and their timings, for `--nocapture` readers.
+    eprintln!("{stdout}");
 }
