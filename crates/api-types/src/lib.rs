@@ -26,10 +26,19 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> R
     T::deserialize(deserializer)
 }
 
-/// `GET /whoami`: the name of the token the call was made with.
+mod access;
+pub use access::{AuditEntry, CreatedToken, NewTokenBody, Token};
+
+/// `GET /whoami`: the token the call was made with, and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Whoami {
     pub token_name: String,
+    pub token_id: String,
+    /// `admin`, `project:NAME:deploy` or `project:NAME:read`.
+    pub scope: String,
+    /// The project a project token is for (its current name); `null` for admin.
+    #[serde(deserialize_with = "present")]
+    pub project: Option<String>,
 }
 
 /// A project, as every `/projects` route answers it.
@@ -261,6 +270,13 @@ pub mod code {
     pub const MISSING_BLOBS: &str = "MISSING_BLOBS";
     /// 401: a missing or unknown token, or an unsigned webhook delivery.
     pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    /// 401: the token is past its expiry.
+    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    /// 401: the token was revoked.
+    pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+    /// 403: the token's scope does not cover the route (the message names
+    /// the scope needed).
+    pub const FORBIDDEN: &str = "FORBIDDEN";
     pub const NOT_FOUND: &str = "NOT_FOUND";
     pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
     /// 408: the git webhook's body did not arrive in time.

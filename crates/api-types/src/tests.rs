@@ -134,7 +134,12 @@ fn every_field_is_required<T: Serialize + DeserializeOwned>(value: &T) {
 
 #[test]
 fn every_type_round_trips() {
-    round_trip(&Whoami { token_name: "ci".into() });
+    round_trip(&Whoami {
+        token_name: "ci".into(),
+        token_id: "t1".into(),
+        scope: "project:hello:deploy".into(),
+        project: Some("hello".into()),
+    });
     round_trip(&project());
     round_trip(&Project { production_deployment_id: None, production_url: None, git: None, ..project() });
     round_trip(&deployment());
@@ -153,7 +158,12 @@ fn every_type_round_trips() {
 
 #[test]
 fn a_missing_field_is_an_error_naming_it() {
-    every_field_is_required(&Whoami { token_name: "ci".into() });
+    every_field_is_required(&Whoami {
+        token_name: "ci".into(),
+        token_id: "t1".into(),
+        scope: "project:hello:deploy".into(),
+        project: Some("hello".into()),
+    });
     every_field_is_required(&project());
     every_field_is_required(&project().git.unwrap());
     every_field_is_required(&deployment());

@@ -43,6 +43,16 @@ pub enum ApiError {
     MissingBlobs { missing: Vec<String> },
     #[error("{0}")]
     Unauthorized(String),
+    /// 401: a known token past its expiry.
+    #[error("{0}")]
+    TokenExpired(String),
+    /// 401: a known token that was revoked.
+    #[error("{0}")]
+    TokenRevoked(String),
+    /// 403: the token's scope does not cover the route; the message names
+    /// the scope needed.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -79,6 +89,9 @@ impl ApiError {
             ApiError::InvalidField { .. } => code::INVALID_FIELD,
             ApiError::MissingBlobs { .. } => code::MISSING_BLOBS,
             ApiError::Unauthorized(_) => code::UNAUTHORIZED,
+            ApiError::TokenExpired(_) => code::TOKEN_EXPIRED,
+            ApiError::TokenRevoked(_) => code::TOKEN_REVOKED,
+            ApiError::Forbidden(_) => code::FORBIDDEN,
             ApiError::NotFound(_) => code::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => code::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => code::CONFLICT,
@@ -93,7 +106,10 @@ impl ApiError {
             ApiError::InvalidRequest { .. } | ApiError::InvalidField { .. } | ApiError::MissingBlobs { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::TokenExpired(_) | ApiError::TokenRevoked(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

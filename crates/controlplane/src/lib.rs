@@ -364,6 +364,7 @@ impl ControlPlane {
         let deleted = store::activity::prune(&self.store, logs_before, usage_before, batches_before).await?;
         let mut tx = self.store.write().await?;
         store::prune_routing_changes(&mut tx, now - time::duration_ms(ROUTING_CHANGES_KEPT)).await?;
+        store::audit::prune(&mut tx, now - store::audit::RETENTION_MS).await?;
         tx.commit().await?;
         if deleted > 0 {
             tracing::info!(target: "isocloud::controlplane", rows = deleted, "pruned old logs and usage");

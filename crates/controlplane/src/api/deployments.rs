@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use isocloud_protocol::NetPermission;
 use serde_json::Value;
 
+use super::access::AuditNote;
 use super::paging::PageRequest;
 use super::projects::{not_found, project_or_404};
 use super::{ApiJson, ApiPath, ApiQuery, AppState, check, views};
@@ -116,7 +117,7 @@ pub(crate) async fn create(
     State(cp): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<wire::CreateDeploymentBody>,
-) -> Result<(StatusCode, Json<wire::Deployment>), ApiError> {
+) -> Result<(StatusCode, axum::Extension<AuditNote>, Json<wire::Deployment>), ApiError> {
     // Everything that needs no database first.
     check_files(&body.files, cp.options.max_blob_bytes)?;
     if body.files.is_empty() && body.eszip.is_none() {
@@ -240,7 +241,9 @@ pub(crate) async fn create(
         deployments::get(&mut tx, &new.id).await?.ok_or_else(|| ApiError::internal("deployment vanished"))?;
     tx.commit().await?;
     cp.reload_routing_logged().await;
-    Ok((StatusCode::CREATED, Json(views::deployment(&cp, &deployment))))
+    let promoted = if deployment.is_production() { ", promoted" } else { "" };
+    let note = AuditNote(format!("deployment {} {}{promoted}", deployment.id, deployment.status.as_str()));
+    Ok((StatusCode::CREATED, axum::Extension(note), Json(views::deployment(&cp, &deployment))))
 }
 
 pub(crate) async fn list(

@@ -1,7 +1,9 @@
 //! The HTTP API of `docs/control-plane-api.md`, under `/api/v1`: routing,
-//! bearer-token authentication, and the extractors that turn every bad input
-//! into an [`ApiError`] (never axum's plain-text rejections).
+//! bearer-token authentication and scopes (`access.rs`), and the extractors
+//! that turn every bad input into an [`ApiError`] (never axum's plain-text rejections).
 
+mod access;
+mod audit;
 mod blobs;
 mod deployments;
 mod domains;
@@ -11,33 +13,27 @@ mod limits;
 mod logs;
 mod paging;
 mod projects;
+mod tokens;
 mod views;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::ControlPlane;
 use crate::error::ApiError;
-use crate::store::tokens;
 
 pub(crate) type AppState = Arc<ControlPlane>;
 
 /// The most a JSON request body may weigh (a deployment of 20,000 files
 /// fits with room to spare).
 pub const MAX_JSON_BODY_BYTES: usize = 16 * 1024 * 1024;
-
-/// The token's name, put into the request by [`authenticate`].
-#[derive(Debug, Clone)]
-pub(crate) struct TokenName(pub String);
 
 pub(crate) fn router(state: AppState) -> Router {
     let authenticated = Router::new()
@@ -63,8 +59,14 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/domains/{domain}", get(domains::get).patch(domains::attach).delete(domains::delete))
         .route("/domains/{domain}/verify", post(domains::verify))
         .route("/domains/{domain}/certificate", put(domains::put_certificate).delete(domains::delete_certificate))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
-    // The webhook signs its body instead of carrying a token.
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{id}", delete(tokens::revoke))
+        .route("/audit", get(audit::list))
+        // Every route above is checked against `access::RULES` (a route
+        // without a rule is refused) and its mutations audited.
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), access::guard));
+    // The webhook signs its body instead of carrying a token (its rule
+    // says so too).
     let public = Router::new().route("/projects/{name}/git/webhook", post(git::webhook));
     Router::new()
         .nest(
@@ -82,35 +84,15 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed("this route does not take that method".into())
 }
 
-/// `Authorization: Bearer <token>`, looked up by its SHA-256.
-async fn authenticate(State(cp): State<AppState>, mut request: Request, next: Next) -> Response {
-    let token = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 512) else {
-        return ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into()).into_response();
-    };
-    let hash = crate::ids::sha256_hex(token.as_bytes());
-    let name = async {
-        let mut conn = cp.store.read().await?;
-        tokens::name_by_hash(&mut conn, &hash).await
-    }
-    .await;
-    match name {
-        Ok(Some(name)) => {
-            request.extensions_mut().insert(TokenName(name));
-            next.run(request).await
-        }
-        Ok(None) => ApiError::Unauthorized("unknown token".into()).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
-}
-
-async fn whoami(axum::Extension(TokenName(name)): axum::Extension<TokenName>) -> axum::Json<isocloud_api::Whoami> {
-    axum::Json(isocloud_api::Whoami { token_name: name })
+async fn whoami(
+    axum::Extension(access::Caller(token)): axum::Extension<access::Caller>,
+) -> axum::Json<isocloud_api::Whoami> {
+    axum::Json(isocloud_api::Whoami {
+        token_name: token.name.clone(),
+        token_id: token.id.clone(),
+        scope: token.scope(),
+        project: token.project_name.clone(),
+    })
 }
 
 /// A JSON body: `content-type` JSON (or none), at most

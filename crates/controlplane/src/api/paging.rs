@@ -44,7 +44,9 @@ impl PageRequest {
             rows.truncate(limit);
             if let Some(last) = rows.last() {
                 let cursor = encode(&key(last));
-                let link = format!("<{path}?limit={limit}&cursor={cursor}>; rel=\"next\"");
+                // A path may carry the list's filters already (`/audit?project=…`).
+                let sep = if path.contains('?') { '&' } else { '?' };
+                let link = format!("<{path}{sep}limit={limit}&cursor={cursor}>; rel=\"next\"");
                 if let Ok(value) = HeaderValue::from_str(&link) {
                     headers.insert(header::LINK, value);
                 }

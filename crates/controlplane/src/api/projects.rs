@@ -1,11 +1,12 @@
 //! `/projects`: create, list, rename, delete; promote and roll back.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use sqlx::AnyConnection;
 
+use super::access::{AuditNote, Caller};
 use super::paging::PageRequest;
 use super::{ApiJson, ApiPath, ApiQuery, AppState, OptionalJson, check, views};
 use crate::error::ApiError;
@@ -25,16 +26,25 @@ pub(crate) async fn project_or_404(conn: &mut AnyConnection, name: &str) -> Resu
 }
 
 /// Projects by name, a page at a time (`?limit=N`, 1–1000, default 100;
-/// `Link: rel="next"` while more follow).
+/// `Link: rel="next"` while more follow). A project token sees its own
+/// project only.
 pub(crate) async fn list(
     State(cp): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: ApiQuery,
 ) -> Result<(HeaderMap, Json<Vec<wire::Project>>), ApiError> {
     query.only(&["limit", "cursor"])?;
     let page = PageRequest::from_query(&query, 100, 1000, 1)?;
     let mut conn = cp.store.read().await?;
     let after = page.after.as_ref().map(|key| key[0].as_str());
-    let rows = projects::list(&mut conn, after, page.fetch()).await?;
+    let rows = match caller.project_id() {
+        None => projects::list(&mut conn, after, page.fetch()).await?,
+        Some(id) => projects::by_id(&mut conn, id)
+            .await?
+            .into_iter()
+            .filter(|p| after.is_none_or(|after| p.name.as_str() > after))
+            .collect(),
+    };
     let (headers, rows) = page.finish(rows, "/api/v1/projects", |p| vec![p.name.clone()]);
     Ok((headers, Json(rows.iter().map(|p| views::project(&cp, p)).collect())))
 }
@@ -50,7 +60,8 @@ pub(crate) async fn create(
     let project = projects::by_id(&mut tx, &id).await?.ok_or_else(|| ApiError::internal("project vanished"))?;
     tx.commit().await?;
     // A project without production routes nowhere yet: no table rebuild.
-    Ok((StatusCode::CREATED, Json(views::project(&cp, &project))))
+    let note = AuditNote(format!("project {}", project.name));
+    Ok((StatusCode::CREATED, Extension(note), Json(views::project(&cp, &project))))
 }
 
 pub(crate) async fn get(

@@ -10,7 +10,9 @@
 //! are settled by unique keys (mapped to [`StoreError::Conflict`]) and row
 //! locks taken by the first `UPDATE` of a transaction.
 
+pub mod acme;
 pub mod activity;
+pub mod audit;
 pub mod deliveries;
 pub mod deployments;
 pub mod domains;
@@ -344,6 +346,12 @@ pub fn hot_queries(postgres: bool) -> Vec<(&'static str, Sql)> {
         ("project by name", projects::by_name_sql("hello")),
         ("a project's domains", domains::of_project_sql("p1")),
         ("routing changes since a generation", routing_changes_since_sql(41, 10_001)),
+        ("token by its hash (every API request)", tokens::by_hash_sql(&"0".repeat(64))),
+        ("tokens by name, a page", tokens::list_sql(Some("ci"), 101)),
+        ("audit entries, newest first", audit::list_sql(None, None, 101)),
+        ("audit entries, next page", audit::list_sql(None, Some("000001700000000-abc"), 101)),
+        ("a project's audit entries, a page", audit::list_sql(Some("p1"), Some("000001700000000-abc"), 101)),
+        ("audit entries past retention", audit::prune_sql(1_700_000_000_000)),
         (
             "a deployment's newest logs",
             activity::logs_sql(

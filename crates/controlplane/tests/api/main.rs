@@ -18,5 +18,6 @@ mod projects;
 mod query_plans;
 mod restart;
 mod storage;
+mod tokens;
 mod webhook_bounds;
 mod wire;
