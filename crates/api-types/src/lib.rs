@@ -137,6 +137,10 @@ pub struct Domain {
     pub verification: Verification,
     #[serde(deserialize_with = "present")]
     pub certificate: Option<Certificate>,
+    /// Automatic certificates (ACME): the last order's outcome and the next
+    /// attempt; `null` when none was ever ordered.
+    #[serde(deserialize_with = "present")]
+    pub acme: Option<AcmeStatus>,
 }
 
 /// How to prove a domain is yours: a DNS TXT record or an HTTP token.
@@ -153,6 +157,26 @@ pub struct Verification {
 pub struct Certificate {
     pub not_after: String,
     pub names: Vec<String>,
+    /// `manual` (uploaded; it always wins) or `acme` (ordered automatically).
+    pub source: String,
+}
+
+/// A domain's automatic certificate orders (ACME).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeStatus {
+    /// `valid` (the last order gave the certificate), `failed`, or
+    /// `pending` (the first order is under way).
+    pub status: String,
+    /// Why the last order failed: the ACME server's error text.
+    #[serde(deserialize_with = "present")]
+    pub error: Option<String>,
+    /// Failed orders in a row (0 after a success).
+    pub failures: i64,
+    /// When the next order is due: the renewal, or the retry after a
+    /// failure (backing off).
+    pub next_attempt_at: String,
+    #[serde(deserialize_with = "present")]
+    pub last_attempt_at: Option<String>,
 }
 
 /// One log entry (`GET …/logs`; with `follow=true`, one NDJSON line each).

@@ -63,6 +63,14 @@ fn domain() -> Domain {
         certificate: Some(Certificate {
             not_after: "2027-01-01T00:00:00.000Z".into(),
             names: vec!["shop.test".into()],
+            source: "acme".into(),
+        }),
+        acme: Some(AcmeStatus {
+            status: "failed".into(),
+            error: Some("connection refused".into()),
+            failures: 2,
+            next_attempt_at: "2027-01-01T00:02:00.000Z".into(),
+            last_attempt_at: Some("2027-01-01T00:00:00.000Z".into()),
         }),
     }
 }
@@ -148,7 +156,14 @@ fn every_type_round_trips() {
     round_trip(&Build { log: None, error: Some("no".into()), npm_packages: vec![], ..build() });
     round_trip(&EnvVar { name: "API_KEY".into(), updated_at: "2026-12-06T08:00:00.000Z".into() });
     round_trip(&domain());
-    round_trip(&Domain { project: None, verified: false, verified_at: None, certificate: None, ..domain() });
+    round_trip(&Domain {
+        project: None,
+        verified: false,
+        verified_at: None,
+        certificate: None,
+        acme: None,
+        ..domain()
+    });
     round_trip(&log_entry());
     round_trip(&MissingBlobs { missing: vec!["ab".into()] });
     round_trip(&StoredBlob { hash: "ab".into(), size: 9 });
@@ -173,6 +188,7 @@ fn a_missing_field_is_an_error_naming_it() {
     every_field_is_required(&domain());
     every_field_is_required(&domain().verification);
     every_field_is_required(&domain().certificate.unwrap());
+    every_field_is_required(&domain().acme.unwrap());
     every_field_is_required(&log_entry());
     every_field_is_required(&MissingBlobs { missing: vec![] });
     every_field_is_required(&StoredBlob { hash: "ab".into(), size: 9 });
@@ -214,8 +230,8 @@ fn the_wire_text_is_unchanged() {
             r#"{"id":"d1","project":"hello","created_at":"2026-12-06T08:00:00.000Z","status":"failed","error":"build failed","entrypoint":"file:///src/main.ts","url":"http://hello-d1.example.test","production":false,"git":null,"env_names":["A","B"],"files":3,"size_bytes":1234}"#,
         ),
         (
-            serde_json::to_string(&Domain { certificate: None, ..domain() }).unwrap(),
-            r#"{"domain":"shop.test","project":"hello","created_at":"2026-12-06T08:00:00.000Z","verified":true,"verified_at":"2026-12-06T08:02:00.000Z","verification":{"txt_name":"_isocloud.shop.test","txt_value":"tok","http_url":"http://shop.test/.well-known/isocloud/tok","http_body":"tok"},"certificate":null}"#,
+            serde_json::to_string(&Domain { certificate: None, acme: None, ..domain() }).unwrap(),
+            r#"{"domain":"shop.test","project":"hello","created_at":"2026-12-06T08:00:00.000Z","verified":true,"verified_at":"2026-12-06T08:02:00.000Z","verification":{"txt_name":"_isocloud.shop.test","txt_value":"tok","http_url":"http://shop.test/.well-known/isocloud/tok","http_body":"tok"},"certificate":null,"acme":null}"#,
         ),
         (
             serde_json::to_string(&log_entry()).unwrap(),

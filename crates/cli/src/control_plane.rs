@@ -77,6 +77,10 @@ pub async fn start(
         println!("isocloud: admin token written to {}", path.display());
     }
     tokio::spawn(control_plane.clone().run_background());
+    if let Some(acme) = &settings.acme {
+        let run = control_plane.start_acme(acme.clone()).context("cannot start ACME")?;
+        tokio::spawn(run);
+    }
 
     let tcp = TcpListener::bind(settings.control_listen)
         .await
@@ -149,7 +153,20 @@ impl HostRoutes for Hosts {
     }
 }
 
-/// The domains' uploaded certificates, by SNI.
+/// The HTTP-01 answers of the control plane's ACME orders (any node's).
+pub struct AcmeChallenges(pub Arc<ControlPlane>);
+
+impl isocloud_ingress::AcmeChallenges for AcmeChallenges {
+    fn key_authorization<'a>(
+        &'a self,
+        host: &'a str,
+        token: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(self.0.acme_key_authorization(host, token))
+    }
+}
+
+/// The domains' certificates (uploaded, or ordered by ACME), by SNI.
 pub struct Certs(pub Arc<ControlPlane>);
 
 impl Certificates for Certs {

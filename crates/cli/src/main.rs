@@ -336,6 +336,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(egress) = egress.clone() {
         proxy = proxy.with_egress(egress);
     }
+    if let Some((control_plane, _)) = &control_plane {
+        // Answered whether or not this node orders: another node sharing
+        // the store may, and the ACME server may reach this one.
+        proxy = proxy.with_acme(Arc::new(control_plane::AcmeChallenges(control_plane.clone())));
+    }
     let proxy = Arc::new(proxy);
 
     if let Some(addr) = settings.admin_listen {

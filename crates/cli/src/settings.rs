@@ -186,6 +186,8 @@ pub struct ControlPlaneSettings {
     pub blob_gc_grace: Duration,
     /// `--origin-listen`: the origin RPCs for runners on other machines.
     pub origin: Option<OriginListen>,
+    /// `--acme-email` and the other `--acme-*`: automatic certificates.
+    pub acme: Option<isocloud_controlplane::AcmeOptions>,
 }
 
 /// The control plane's origin RPCs over HTTP (`--origin-listen`), and the
@@ -822,6 +824,7 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
     let tls_listen = given.tls_listen.as_deref().map(|a| parse_addr("tls_listen", a)).transpose()?;
     let dns_resolver = given.dns_resolver.as_deref().map(|a| parse_addr("dns_resolver", a)).transpose()?;
     let origin = origin_listen(given)?;
+    let acme = acme_settings(given)?;
     Ok(ControlPlaneSettings {
         data_dir,
         database_url: given.database_url.clone(),
@@ -837,7 +840,53 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
         blob_store: blob_store(given)?,
         blob_gc_grace: blob_gc_grace(given)?,
         origin,
+        acme,
     })
+}
+
+/// `--acme-email` turns ACME on (an explicit choice: no certificate is
+/// ordered, and no CA's terms agreed to, unless the operator names a
+/// contact); the other `--acme-*` need it. The directory must be https
+/// (RFC 8555 §6.1), the CA file readable PEM.
+fn acme_settings(given: &Given) -> Result<Option<isocloud_controlplane::AcmeOptions>, SettingsError> {
+    let Some(email) = &given.acme_email else {
+        if given.acme_directory.is_some() || given.acme_ca_file.is_some() {
+            let field = if given.acme_directory.is_some() { "acme_directory" } else { "acme_ca_file" };
+            return Err(invalid(field, "ACME is off without --acme-email: give the account's contact to turn it on"));
+        }
+        return Ok(None);
+    };
+    let email = email.trim();
+    let valid_email = email.len() <= 254
+        && email.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';'));
+    if !valid_email {
+        return Err(invalid("acme_email", format!("{email:?} is not an email address")));
+    }
+    let directory_url =
+        given.acme_directory.clone().unwrap_or_else(|| isocloud_controlplane::LETS_ENCRYPT_DIRECTORY.into());
+    let parsed = Url::parse(&directory_url)
+        .map_err(|e| invalid("acme_directory", format!("{directory_url:?} is not a URL: {e}")))?;
+    if parsed.scheme() != "https" || parsed.host_str().is_none() {
+        return Err(invalid("acme_directory", format!("{directory_url:?} is not an https URL (RFC 8555 needs TLS)")));
+    }
+    let ca_pem = match &given.acme_ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| invalid("acme_ca_file", format!("{}: {e}", path.display())))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(invalid("acme_ca_file", format!("{} holds no PEM certificate", path.display())));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    Ok(Some(isocloud_controlplane::AcmeOptions {
+        directory_url,
+        email: Some(email.to_owned()),
+        ca_pem,
+        renew_before: Duration::from_secs(given.acme_renew_before_days * 86_400),
+        retry_min: Duration::from_secs(given.acme_retry_min_s),
+    }))
 }
 
 /// `--origin-listen` with its keys (`--origin-secret`, `--origin-secret-file`),

@@ -62,6 +62,21 @@ pub enum DomainsCommand {
     Delete { domain: String },
 }
 
+/// The ACME column: the last order's outcome, the next attempt, and the
+/// ACME server's error of a failure (it comes from a remote server:
+/// sanitised like every other cell).
+fn acme_cell(acme: Option<&isocloud_api::AcmeStatus>) -> String {
+    let Some(acme) = acme else { return "-".into() };
+    let next = short_time(&acme.next_attempt_at);
+    match (acme.status.as_str(), &acme.error) {
+        ("failed", Some(error)) => {
+            format!("failed {}x, retry {next}: {}", acme.failures, sanitize(error))
+        }
+        ("valid", _) => format!("valid, renew {next}"),
+        (status, _) => format!("{}, next {next}", sanitize(status)),
+    }
+}
+
 pub async fn run(api: Api, command: DomainsCommand) -> Result<(), ClientError> {
     match command {
         DomainsCommand::List { json } => {
@@ -78,13 +93,14 @@ pub async fn run(api: Api, command: DomainsCommand) -> Result<(), ClientError> {
                             sanitize(&d.domain).into_owned(),
                             sanitize(d.project.as_deref().unwrap_or("-")).into_owned(),
                             if d.verified { "yes" } else { "no" }.to_string(),
-                            d.certificate
-                                .as_ref()
-                                .map_or("-".to_string(), |c| format!("until {}", short_time(&c.not_after))),
+                            d.certificate.as_ref().map_or("-".to_string(), |c| {
+                                format!("{} until {}", sanitize(&c.source), short_time(&c.not_after))
+                            }),
+                            acme_cell(d.acme.as_ref()),
                         ]
                     })
                     .collect();
-                print!("{}", table(&["DOMAIN", "PROJECT", "VERIFIED", "CERTIFICATE"], &rows));
+                print!("{}", table(&["DOMAIN", "PROJECT", "VERIFIED", "CERTIFICATE", "ACME"], &rows));
             }
         }
         DomainsCommand::Add { domain, project, json } => {

@@ -852,6 +852,17 @@ async function domainsTab(ctx) {
   await load();
 }
 
+// Automatic certificates (ACME): the last order's outcome, the next attempt
+// and, after a failure, the ACME server's error (text only).
+function acmeLine(acme) {
+  const failed = acme.status === "failed";
+  return h("div", { class: "acme", testid: "domain-acme", "data-state": acme.status },
+    h("span", null, "Automatic certificate: "),
+    h("span", { class: failed ? "badge error" : acme.status === "valid" ? "badge ok" : "badge pending" }, acme.status),
+    failed ? ` ${acme.failures}× in a row, next try ` : " next renewal ", timeEl(acme.next_attempt_at),
+    failed && acme.error ? h("pre", { class: "acme-error small", testid: "acme-error" }, acme.error) : null);
+}
+
 function domainCard(ctx, d, reload) {
   const path = `/domains/${enc(d.domain)}`;
   const verify = h("button", { type: "button", class: "button", testid: "domain-verify" }, d.verified ? "Re-check" : "Verify");
@@ -910,8 +921,9 @@ function domainCard(ctx, d, reload) {
       h("span", null, "Certificate: "),
       cert
         ? [h("span", { class: expired ? "badge error" : "badge ok" }, expired ? "expired" : "valid"),
-          ` until ${formatTime(cert.not_after)} for ${(cert.names ?? []).join(", ")} `, removeCert]
+          ` ${cert.source === "acme" ? "automatic" : "uploaded"}, until ${formatTime(cert.not_after)} for ${(cert.names ?? []).join(", ")} `, removeCert]
         : h("span", { class: "muted" }, "none (served over HTTP)")),
+    d.acme ? acmeLine(d.acme) : null,
     h("details", { class: "cert-upload" }, h("summary", null, cert ? "Replace certificate" : "Upload a certificate"), certForm));
 }
 

@@ -14,6 +14,7 @@
 //! input is untrusted: each field is checked and refused with an error that
 //! names it, and every mutation is one transaction.
 
+mod acme;
 mod api;
 pub mod blobs;
 mod build;
@@ -41,6 +42,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+pub use acme::{AcmeOptions, DEFAULT_RENEW_BEFORE_DAYS, DEFAULT_RETRY_MIN_S, LETS_ENCRYPT_DIRECTORY};
 pub use blobs::{BlobError, BlobGcError, BlobGcReport, BlobStore, DiskBlobStore, S3BlobStore, S3Config};
 pub use build::{AppFolderBuilder, BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
@@ -159,6 +161,11 @@ const MAX_ROUTING_DELTA: i64 = 10_000;
 /// How long the routing change log is kept: a node further behind (down,
 /// or partitioned) reloads whole.
 const ROUTING_CHANGES_KEPT: Duration = Duration::from_secs(3600);
+/// HTTP-01 lookups in the store at once (the rest wait, then route as any
+/// other request).
+const ACME_CHALLENGE_LOOKUPS: usize = 8;
+/// How long an HTTP-01 lookup waits for its turn, and for the store.
+const ACME_CHALLENGE_WAIT: Duration = Duration::from_secs(2);
 /// How often `run_background` checks whether another node changed routing.
 const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often old logs, usage and batch ids are pruned.
@@ -202,6 +209,10 @@ pub struct ControlPlane {
     webhook_gate: git::WebhookGate,
     /// Recently booted deployments' file listings (see `origin`).
     deployment_files: origin::FilesCache,
+    /// Automatic certificates, when this node orders them ([`ControlPlane::start_acme`]).
+    acme: std::sync::OnceLock<Arc<acme::Acme>>,
+    /// Bounds the store lookups of HTTP-01 answers the public listener asks for.
+    challenge_lookups: tokio::sync::Semaphore,
 }
 
 impl ControlPlane {
@@ -252,6 +263,8 @@ impl ControlPlane {
             storage: storage::Gauges::default(),
             webhook_gate: git::WebhookGate::new(),
             deployment_files: origin::FilesCache::default(),
+            acme: std::sync::OnceLock::new(),
+            challenge_lookups: tokio::sync::Semaphore::new(ACME_CHALLENGE_LOOKUPS),
         });
         cp.reload_routing(true).await?;
         cp.measure_storage().await;
@@ -285,6 +298,47 @@ impl ControlPlane {
     /// wildcard. In memory.
     pub fn certificate_for(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.certs.read().unwrap_or_else(|p| p.into_inner()).lookup(server_name)
+    }
+
+    /// Turns automatic certificates on for this node; returns the loop to
+    /// spawn (it runs forever). Every node sharing the store may run one:
+    /// a lease row per domain keeps their orders apart.
+    pub fn start_acme(
+        self: &Arc<Self>,
+        options: AcmeOptions,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, ControlPlaneError> {
+        let acme = Arc::new(acme::Acme::new(options).map_err(ControlPlaneError::Options)?);
+        if self.acme.set(Arc::clone(&acme)).is_err() {
+            return Err(ControlPlaneError::Options("ACME is already on".into()));
+        }
+        Ok(acme.run(Arc::clone(self)))
+    }
+
+    /// Tells this node's ACME loop to look for work now (a domain was
+    /// verified, a certificate deleted).
+    pub(crate) fn acme_wake(&self) {
+        if let Some(acme) = self.acme.get() {
+            acme.wake();
+        }
+    }
+
+    /// The HTTP-01 answer (RFC 8555 §8.3) for `token` on `host`, if that
+    /// token is pending for that host in the store (any node may have
+    /// ordered it). Lookups are bounded in number and time: one that waits
+    /// too long answers `None`, and the request routes as any other.
+    pub async fn acme_key_authorization(&self, host: &str, token: &str) -> Option<String> {
+        if !acme::is_token(token) || host.len() > 253 {
+            return None;
+        }
+        let permit = tokio::time::timeout(ACME_CHALLENGE_WAIT, self.challenge_lookups.acquire()).await.ok()?.ok()?;
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let lookup = async {
+            let mut conn = self.store.read().await.ok()?;
+            store::acme::challenge(&mut conn, &host, token, time::now_ms()).await.ok().flatten()
+        };
+        let answer = tokio::time::timeout(ACME_CHALLENGE_WAIT, lookup).await.ok().flatten();
+        drop(permit);
+        answer
     }
 
     /// Log follow streams open now (they end when their client goes away).

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod acme;
 mod admin;
 mod body;
 mod bounds;
@@ -32,6 +33,7 @@ mod server;
 mod streams;
 mod tls;
 
+pub use acme::AcmeChallenges;
 pub use admin::serve_admin;
 pub use bounds::{
     BodyBound, Breach, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE_KB_S, LISTENER_DEFAULTS, ListenerBounds,

@@ -64,6 +64,8 @@ pub struct Proxy {
     streams: Streams,
     request_id_prefix: String,
     request_seq: AtomicU64,
+    /// HTTP-01 answers for the control plane's ACME orders.
+    acme: Option<Arc<dyn crate::AcmeChallenges>>,
 }
 
 impl Proxy {
@@ -82,7 +84,15 @@ impl Proxy {
             streams,
             request_id_prefix,
             request_seq: AtomicU64::new(0),
+            acme: None,
         }
+    }
+
+    /// Answers `GET /.well-known/acme-challenge/<token>` for the tokens
+    /// `challenges` has pending for the request's Host (see `acme.rs`).
+    pub fn with_acme(mut self, challenges: Arc<dyn crate::AcmeChallenges>) -> Self {
+        self.acme = Some(challenges);
+        self
     }
 
     /// Tells calls that come back through `egress` by their connection.
@@ -165,6 +175,14 @@ impl Proxy {
                 ErrorCode::PayloadTooLarge,
                 format!("the request body is larger than {} bytes", self.max_request_body_bytes),
             ));
+        }
+        if let Some(acme) = &self.acme
+            && !request.headers().contains_key(SUBHOST_HEADER)
+            && let Ok(authority) = crate::request_authority(request.version(), request.headers(), request.uri())
+            && let Some((host, token)) = crate::acme::challenge_of(&request, authority.as_deref())
+            && let Some(key_authorization) = acme.key_authorization(&host, &token).await
+        {
+            return Ok(crate::acme::answer(key_authorization));
         }
         let route = match self.router.route(&request, connection.secure)? {
             Routed::Serve(route) => route,

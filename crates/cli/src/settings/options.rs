@@ -353,6 +353,23 @@ options! {
         domain_verify_http_port: u16, "PORT", default(control_plane::DOMAIN_VERIFY_HTTP_PORT), range(1..=65535);
         /// The nameserver for domain verification (TXT records).
         dns_resolver: String, "ADDR", shown("the system's");
+        /// Order certificates automatically (ACME, HTTP-01 answered by the
+        /// public listener) for verified domains without an uploaded one, with
+        /// this contact address; setting it turns ACME on (the ACME servers'
+        /// terms are agreed to on the operator's behalf).
+        acme_email: String, "EMAIL", shown("none (ACME off)");
+        /// The ACME server's directory URL (https; needs --acme-email).
+        acme_directory: String, "URL", shown(isocloud_controlplane::LETS_ENCRYPT_DIRECTORY);
+        /// A PEM file of extra roots trusted for the ACME server's own HTTPS,
+        /// beside the public ones (a test CA such as Pebble's).
+        acme_ca_file: PathBuf, "PEM", shown("none");
+        /// Renew an automatic certificate this long before it expires (or when
+        /// a third of its lifetime is left, if sooner).
+        acme_renew_before_days: u64, "DAYS",
+            default(isocloud_controlplane::DEFAULT_RENEW_BEFORE_DAYS), range(1..=365);
+        /// The first retry after a failed order; each further failure doubles
+        /// the wait, up to 6 hours.
+        acme_retry_min_s: u64, "SECONDS", default(isocloud_controlplane::DEFAULT_RETRY_MIN_S), range(1..=21_600);
         /// Print the public URLs as this port instead of the listener's (behind a proxy or NAT).
         public_http_port: u16, "PORT", shown("the listener's");
         /// The JSR registry builds resolve jsr: imports from.

@@ -878,3 +878,58 @@ fn the_edge_refuses_what_it_cannot_use_by_name() {
     assert!(message.contains("fewer than 32"), "{message}");
     assert_eq!(field(&["--health-interval-ms", "10"], &[]).0, "health_interval_ms");
 }
+
+#[test]
+fn acme_is_off_without_an_email_and_its_options_are_validated() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let control = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        match parse(&argv).unwrap().mode {
+            Mode::ControlPlane(control) => control,
+            _ => panic!("not the control plane"),
+        }
+    };
+    assert!(control(&[]).acme.is_none(), "off by default");
+    let on = control(&["--acme-email", "ops@example.com"]).acme.expect("on with an email");
+    assert_eq!(on.directory_url, isocloud_controlplane::LETS_ENCRYPT_DIRECTORY);
+    assert_eq!(on.email.as_deref(), Some("ops@example.com"));
+    assert_eq!(on.renew_before, Duration::from_secs(30 * 86_400));
+    assert_eq!(on.retry_min, Duration::from_secs(60));
+    assert!(on.ca_pem.is_none());
+
+    let ca = data.path().join("ca.pem");
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(&ca, pem).unwrap();
+    let config = data.path().join("isocloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "acme_email = \"ops@example.com\"\nacme_directory = \"https://127.0.0.1:14000/dir\"\n\
+             acme_ca_file = \"{}\"\nacme_renew_before_days = 10\nacme_retry_min_s = 5\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let from_file = control(&["--config", config.to_str().unwrap()]).acme.expect("on from the file");
+    assert_eq!(from_file.directory_url, "https://127.0.0.1:14000/dir");
+    assert_eq!(from_file.ca_pem.as_deref(), Some(pem.as_bytes()));
+    assert_eq!(from_file.renew_before, Duration::from_secs(10 * 86_400));
+    assert_eq!(from_file.retry_min, Duration::from_secs(5));
+
+    let field = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        field_of(&argv)
+    };
+    let email = ["--acme-email", "ops@example.com"];
+    assert_eq!(field(&["--acme-directory", "https://acme.test/dir"]), "acme_directory", "needs the email");
+    assert_eq!(field(&["--acme-email", "not an email"]), "acme_email");
+    assert_eq!(field(&[&email[..], &["--acme-directory", "http://acme.test/dir"]].concat()), "acme_directory");
+    assert_eq!(field(&[&email[..], &["--acme-ca-file", "/definitely/not/here"]].concat()), "acme_ca_file");
+    std::fs::write(&ca, "not pem").unwrap();
+    assert_eq!(field(&[&email[..], &["--acme-ca-file", ca.to_str().unwrap()]].concat()), "acme_ca_file");
+    assert_eq!(field(&[&email[..], &["--acme-renew-before-days", "0"]].concat()), "acme_renew_before_days");
+    assert_eq!(field(&[&email[..], &["--acme-retry-min-s", "0"]].concat()), "acme_retry_min_s");
+}

@@ -9,6 +9,7 @@
 
 mod support;
 
+mod acme;
 mod activity_delivery;
 mod admission;
 mod apps_mode;

@@ -101,6 +101,8 @@ pub(crate) async fn verify(
             let row = domain_or_404(&mut tx, &domain).await?;
             tx.commit().await?;
             cp.reload_routing_logged().await;
+            // A verified domain without a certificate gets one ordered.
+            cp.acme_wake();
             Ok(Json(views::domain(&cp, &row)))
         }
         Outcome::NotVerified { dns, http } => {
@@ -152,6 +154,8 @@ pub(crate) async fn delete_certificate(
     let row = domain_or_404(&mut tx, &domain).await?;
     tx.commit().await?;
     cp.reload_routing_logged().await;
+    // Without one, an automatic certificate is ordered (when ACME is on).
+    cp.acme_wake();
     Ok(Json(views::domain(&cp, &row)))
 }
 

@@ -71,10 +71,18 @@ pub fn domain(cp: &ControlPlane, domain: &DomainRow) -> wire::Domain {
             http_url: verify::http_url(&domain.domain, cp.options.domain_verify_http_port, &domain.token),
             http_body: domain.token.clone(),
         },
-        certificate: domain
-            .certificate
-            .as_ref()
-            .map(|cert| wire::Certificate { not_after: format_ms(cert.not_after_ms), names: cert.names.clone() }),
+        certificate: domain.certificate.as_ref().map(|cert| wire::Certificate {
+            not_after: format_ms(cert.not_after_ms),
+            names: cert.names.clone(),
+            source: cert.source.clone(),
+        }),
+        acme: domain.acme.as_ref().map(|acme| wire::AcmeStatus {
+            status: acme.status.clone(),
+            error: acme.error.clone(),
+            failures: acme.failures,
+            next_attempt_at: format_ms(acme.next_attempt_at_ms),
+            last_attempt_at: acme.last_attempt_at_ms.map(format_ms),
+        }),
     }
 }
 

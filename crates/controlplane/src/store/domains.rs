@@ -13,6 +13,9 @@ pub struct DomainRow {
     pub token: String,
     pub verified_at_ms: Option<i64>,
     pub certificate: Option<CertSummary>,
+    /// Automatic certificates: the last order's outcome and the next
+    /// attempt (`None`: never ordered).
+    pub acme: Option<super::acme::AcmeState>,
 }
 
 /// What may be shown of a certificate (never its PEMs).
@@ -20,6 +23,8 @@ pub struct DomainRow {
 pub struct CertSummary {
     pub not_after_ms: i64,
     pub names: Vec<String>,
+    /// `manual` (uploaded) or `acme` (ordered by the control plane).
+    pub source: String,
 }
 
 /// A stored certificate, PEMs included (for the SNI table only, which
@@ -32,9 +37,11 @@ pub struct CertRow {
 }
 
 const COLUMNS: &str = "d.domain, d.project_id, p.name AS project_name, d.created_at_ms, d.token, d.verified_at_ms, \
-     c.not_after_ms, c.names_json";
-const FROM: &str =
-    "FROM domains d LEFT JOIN projects p ON p.id = d.project_id LEFT JOIN certificates c ON c.domain = d.domain";
+     c.not_after_ms, c.names_json, c.source, o.status AS acme_status, o.error AS acme_error, \
+     o.failures AS acme_failures, o.next_attempt_at_ms AS acme_next_attempt_at_ms, \
+     o.last_attempt_at_ms AS acme_last_attempt_at_ms";
+const FROM: &str = "FROM domains d LEFT JOIN projects p ON p.id = d.project_id \
+     LEFT JOIN certificates c ON c.domain = d.domain LEFT JOIN acme_orders o ON o.domain = d.domain";
 
 fn names_from_json(json: &str) -> Result<Vec<String>> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("names_json: {e}")))
@@ -45,7 +52,12 @@ fn from_row(row: &AnyRow) -> Result<DomainRow> {
     let certificate = match not_after_ms {
         Some(not_after_ms) => {
             let names_json: Option<String> = col(row, "names_json")?;
-            Some(CertSummary { not_after_ms, names: names_from_json(names_json.as_deref().unwrap_or("[]"))? })
+            let source: Option<String> = col(row, "source")?;
+            Some(CertSummary {
+                not_after_ms,
+                names: names_from_json(names_json.as_deref().unwrap_or("[]"))?,
+                source: source.unwrap_or_else(|| "manual".into()),
+            })
         }
         None => None,
     };
@@ -56,6 +68,7 @@ fn from_row(row: &AnyRow) -> Result<DomainRow> {
         token: col(row, "token")?,
         verified_at_ms: col(row, "verified_at_ms")?,
         certificate,
+        acme: super::acme::state_from_row(row)?,
     })
 }
 
@@ -115,11 +128,14 @@ pub async fn delete(conn: &mut AnyConnection, domain: &str) -> Result<bool> {
     // Explicitly, not only by cascade: the certificate must go in this
     // transaction on every back end.
     sqlx::query("DELETE FROM certificates WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
+    super::acme::forget(conn, domain).await?;
     let result = sqlx::query("DELETE FROM domains WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
     note_routing_change(conn, &Touched::Domain(domain.to_owned())).await?;
     Ok(result.rows_affected() > 0)
 }
 
+/// An uploaded certificate (`source = 'manual'`): it replaces an ACME one,
+/// and no ACME order replaces it.
 pub async fn put_certificate(
     conn: &mut AnyConnection,
     domain: &str,
@@ -131,10 +147,10 @@ pub async fn put_certificate(
 ) -> Result<()> {
     let names_json = serde_json::to_string(names).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
-        "INSERT INTO certificates (domain, cert_pem, key_pem, names_json, not_after_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (domain) DO UPDATE SET cert_pem = excluded.cert_pem, \
+        "INSERT INTO certificates (domain, cert_pem, key_pem, names_json, not_after_ms, updated_at_ms, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'manual') ON CONFLICT (domain) DO UPDATE SET cert_pem = excluded.cert_pem, \
          key_pem = excluded.key_pem, names_json = excluded.names_json, not_after_ms = excluded.not_after_ms, \
-         updated_at_ms = excluded.updated_at_ms",
+         updated_at_ms = excluded.updated_at_ms, source = excluded.source",
     )
     .bind(domain)
     .bind(cert_pem)

@@ -1,0 +1,522 @@
+//! Automatic certificates (ACME, RFC 8555) for verified custom domains.
+//!
+//! Every control-plane node with ACME on runs [`Acme::run`]: it asks the
+//! store which verified domains need an order (no certificate, or an ACME
+//! one due for renewal; never one with an uploaded certificate, which always
+//! wins), takes the domain's lease row (several nodes share one store: one
+//! orders a domain at a time), and orders through `instant-acme`. The HTTP-01
+//! key authorizations are written to the store before the ACME server is told
+//! to validate, so whichever node's public listener it reaches answers
+//! ([`crate::ControlPlane::acme_key_authorization`]). The certificate lands in
+//! the `certificates` table (`source = 'acme'`) under a routing change, so
+//! every node's SNI table picks it up as it does an upload. A failure is kept
+//! on the domain (the ACME server's error text, the next attempt) and retried
+//! with exponential backoff.
+//!
+//! Everything the ACME server sends is untrusted: each response is bounded in
+//! size and time ([`BoundedHttp`]), a whole attempt in time
+//! ([`ATTEMPT_TIMEOUT`]), its error text in length and characters, and the
+//! certificate is parsed and checked to cover the domain before it is stored.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
+    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+
+use crate::store::{self, Store};
+use crate::time::now_ms;
+
+/// Let's Encrypt's production directory, `--acme-directory`'s default.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// `--acme-renew-before-days`' default: what Let's Encrypt advises for its
+/// 90-day certificates.
+pub const DEFAULT_RENEW_BEFORE_DAYS: u64 = 30;
+/// `--acme-retry-min-s`' default: the first retry after a failure; each
+/// further failure doubles it up to [`RETRY_MAX`].
+pub const DEFAULT_RETRY_MIN_S: u64 = 60;
+/// The longest wait between attempts for a failing domain.
+pub const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// One ACME response body, at most (a certificate chain is a few KiB; the
+/// largest answers are directories and orders, under a few KiB too).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+/// One request to the ACME server, headers and body.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One whole attempt (account, order, validation, finalization, download).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a node holds a domain's lease: past an attempt's bound, so a
+/// node that died mid-order frees it for another.
+const LEASE: Duration = Duration::from_secs(360);
+/// A pending key authorization is answered this long at most.
+const CHALLENGE_TTL: Duration = Duration::from_secs(600);
+/// Waiting on the server: validation, then issuance.
+const POLL: RetryPolicy =
+    RetryPolicy::new().initial_delay(Duration::from_millis(250)).backoff(1.5).timeout(Duration::from_secs(120));
+/// The loop looks at the store at least this often (another node may have
+/// verified a domain; a lease may have run out).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Domains ordered at once by one node.
+const CONCURRENT_ORDERS: usize = 4;
+/// The error text kept on a domain, at most (characters).
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// How ACME runs (the `--acme-*` options, validated by the binary).
+#[derive(Clone)]
+pub struct AcmeOptions {
+    /// The directory URL (https).
+    pub directory_url: String,
+    /// The account's contact (`mailto:`), if any.
+    pub email: Option<String>,
+    /// Extra roots (PEM) trusted for the ACME server's own HTTPS, beside the
+    /// public ones (a test CA such as Pebble's).
+    pub ca_pem: Option<Vec<u8>>,
+    pub renew_before: Duration,
+    /// The first retry after a failure.
+    pub retry_min: Duration,
+}
+
+impl std::fmt::Debug for AcmeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeOptions")
+            .field("directory_url", &self.directory_url)
+            .field("email", &self.email)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
+            .field("renew_before", &self.renew_before)
+            .field("retry_min", &self.retry_min)
+            .finish()
+    }
+}
+
+/// Why an ACME attempt failed: the text shown on the domain.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AcmeFailure(String);
+
+impl From<instant_acme::Error> for AcmeFailure {
+    fn from(e: instant_acme::Error) -> Self {
+        AcmeFailure(describe(&e))
+    }
+}
+
+/// An ACME error as shown: the problem document's detail and type for the
+/// server's own errors, the chain of causes for the others.
+fn describe(e: &instant_acme::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Untrusted text made fit to show: control characters dropped, bounded.
+pub(crate) fn clean_error(text: &str) -> String {
+    let mut out: String = text.chars().filter(|c| !c.is_control()).take(MAX_ERROR_CHARS).collect();
+    if text.chars().filter(|c| !c.is_control()).count() > MAX_ERROR_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// The wait before retry number `failures` (1 for the first): `min`
+/// doubled per failure before it, at most [`RETRY_MAX`].
+pub(crate) fn backoff(min: Duration, failures: u32) -> Duration {
+    let factor = 1u32.checked_shl(failures.saturating_sub(1).min(30)).unwrap_or(u32::MAX);
+    min.saturating_mul(factor).min(RETRY_MAX).max(min.min(RETRY_MAX))
+}
+
+/// When to renew a certificate valid from `not_before_ms` to `not_after_ms`:
+/// `renew_before` ahead of its end, or when a third of its lifetime is left
+/// if that comes first (a short-lived certificate, shorter than
+/// `renew_before`, is then renewed once per lifetime, not continuously).
+pub(crate) fn renew_at(not_before_ms: i64, not_after_ms: i64, renew_before: Duration) -> i64 {
+    let lifetime = not_after_ms.saturating_sub(not_before_ms).max(0);
+    let ahead = crate::time::duration_ms(renew_before).min(lifetime / 3);
+    not_after_ms.saturating_sub(ahead)
+}
+
+/// The ACME side of one control-plane node.
+pub struct Acme {
+    options: AcmeOptions,
+    http: reqwest::Client,
+    /// This node's name on the lease rows.
+    node: String,
+    /// The account, once loaded or created.
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// Woken when a domain may need an order now (verified, certificate
+    /// deleted on this node).
+    wake: tokio::sync::Notify,
+}
+
+impl Acme {
+    pub fn new(options: AcmeOptions) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("isocloud/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &options.ca_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("the ACME CA file is not PEM certificates: {e}"))?;
+            if roots.is_empty() {
+                return Err("the ACME CA file holds no certificate".into());
+            }
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder.build().map_err(|e| format!("cannot set up the ACME client: {e}"))?;
+        Ok(Acme {
+            options,
+            http,
+            node: crate::ids::secret_token(),
+            account: tokio::sync::Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Looks for work now rather than at the next tick.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs forever: orders what is due, sleeps until the next renewal or
+    /// retry (at most [`MAX_SLEEP`]) or a wake-up.
+    pub async fn run(self: Arc<Self>, cp: Arc<crate::ControlPlane>) {
+        use futures_util::StreamExt as _;
+        tracing::info!(
+            target: "isocloud::controlplane",
+            directory = self.options.directory_url,
+            renew_before_days = self.options.renew_before.as_secs() / 86_400,
+            "acme: automatic certificates for verified domains"
+        );
+        loop {
+            let due = match self.due(&cp.store).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(target: "isocloud::controlplane", error = %e, "acme: reading due domains failed");
+                    Vec::new()
+                }
+            };
+            futures_util::stream::iter(due)
+                .for_each_concurrent(CONCURRENT_ORDERS, |domain| {
+                    let (acme, cp) = (&self, &cp);
+                    async move { acme.order_logged(cp, &domain).await }
+                })
+                .await;
+            let sleep = match next_wakeup(&cp.store).await {
+                Some(at) => Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0)),
+                None => MAX_SLEEP,
+            };
+            // At least a beat, so a row that stays due (a store error) never spins.
+            let sleep = sleep.clamp(Duration::from_millis(200), MAX_SLEEP);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    async fn due(&self, store: &Store) -> Result<Vec<String>, store::StoreError> {
+        let mut conn = store.read().await?;
+        store::acme::due(&mut conn, now_ms(), 64).await
+    }
+
+    async fn order_logged(&self, cp: &crate::ControlPlane, domain: &str) {
+        if let Err(e) = self.order(cp, domain).await {
+            tracing::warn!(target: "isocloud::controlplane", domain, error = %e, "acme: recording an order failed");
+        }
+    }
+
+    /// One attempt for `domain`, if this node gets its lease; the outcome
+    /// recorded on the domain.
+    async fn order(&self, cp: &crate::ControlPlane, domain: &str) -> Result<(), store::StoreError> {
+        let now = now_ms();
+        let mut tx = cp.store.write().await?;
+        let leased =
+            store::acme::take_lease(&mut tx, domain, &self.node, now, now + crate::time::duration_ms(LEASE)).await?;
+        tx.commit().await?;
+        if !leased {
+            return Ok(());
+        }
+        tracing::info!(target: "isocloud::controlplane", domain, "acme: ordering a certificate");
+        let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.issue(&cp.store, domain)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(AcmeFailure(format!("the order took longer than {} s", ATTEMPT_TIMEOUT.as_secs()))),
+        };
+        let now = now_ms();
+        let checked = outcome.and_then(|(chain, key)| {
+            let parsed = crate::certs::certified_key(&chain, &key)
+                .map_err(|e| AcmeFailure(format!("the ACME server's certificate does not load: {e}")))?;
+            if !parsed.names.iter().any(|name| crate::certs::covers(name, domain)) {
+                return Err(AcmeFailure(format!(
+                    "the ACME server's certificate does not cover {domain} (its names: {})",
+                    parsed.names.join(", ")
+                )));
+            }
+            if parsed.not_after_ms <= now {
+                return Err(AcmeFailure("the ACME server's certificate has expired".into()));
+            }
+            Ok((chain, key, parsed))
+        });
+        let mut tx = cp.store.write().await?;
+        match checked {
+            Ok((chain, key, parsed)) => {
+                let renew = renew_at(parsed.not_before_ms, parsed.not_after_ms, self.options.renew_before);
+                let stored = store::acme::succeed(
+                    &mut tx,
+                    domain,
+                    &self.node,
+                    &chain,
+                    &key,
+                    &parsed.names,
+                    parsed.not_after_ms,
+                    renew,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::info!(
+                    target: "isocloud::controlplane",
+                    domain,
+                    stored,
+                    not_after = crate::time::format_ms(parsed.not_after_ms),
+                    renew_at = crate::time::format_ms(renew),
+                    "acme: certificate issued"
+                );
+                cp.reload_routing_logged().await;
+            }
+            Err(failure) => {
+                let failures = store::acme::failures(&mut tx, domain).await?.saturating_add(1);
+                let wait = backoff(self.options.retry_min, u32::try_from(failures).unwrap_or(u32::MAX));
+                let error = clean_error(&failure.0);
+                let retry_at = now + crate::time::duration_ms(wait);
+                store::acme::fail(&mut tx, domain, &self.node, &error, retry_at, now).await?;
+                tx.commit().await?;
+                tracing::warn!(
+                    target: "isocloud::controlplane",
+                    domain,
+                    error,
+                    failures,
+                    retry_in_s = wait.as_secs(),
+                    "acme: ordering a certificate failed"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The account: from memory, else the store, else created on the
+    /// server and stored (a node that lost the race uses the winner's).
+    async fn account(&self, store: &Store) -> Result<Account, AcmeFailure> {
+        let mut cached = self.account.lock().await;
+        if let Some(account) = cached.as_ref() {
+            return Ok(account.clone());
+        }
+        let directory = &self.options.directory_url;
+        let stored = {
+            let mut conn = store.read().await.map_err(store_failure)?;
+            store::acme::account(&mut conn, directory).await.map_err(store_failure)?
+        };
+        let credentials_json = match stored {
+            Some(json) => json,
+            None => {
+                let contact = self.options.email.as_ref().map(|email| format!("mailto:{email}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
+                let (_, credentials) = Account::builder_with_http(Box::new(self.bounded_http()))
+                    .create(&new, directory.clone(), None)
+                    .await?;
+                let json = serde_json::to_string(&credentials)
+                    .map_err(|e| AcmeFailure(format!("cannot keep the ACME account: {e}")))?;
+                let mut tx = store.write().await.map_err(store_failure)?;
+                let json = store::acme::put_account_if_absent(
+                    &mut tx,
+                    directory,
+                    &json,
+                    self.options.email.as_deref(),
+                    now_ms(),
+                )
+                .await
+                .map_err(store_failure)?;
+                tx.commit().await.map_err(store_failure)?;
+                tracing::info!(target: "isocloud::controlplane", directory, "acme: account created");
+                json
+            }
+        };
+        let credentials: AccountCredentials = serde_json::from_str(&credentials_json)
+            .map_err(|e| AcmeFailure(format!("the stored ACME account does not load: {e}")))?;
+        let account = Account::builder_with_http(Box::new(self.bounded_http())).from_credentials(credentials).await?;
+        *cached = Some(account.clone());
+        Ok(account)
+    }
+
+    fn bounded_http(&self) -> BoundedHttp {
+        BoundedHttp { client: self.http.clone() }
+    }
+
+    /// Orders a certificate for `domain` with HTTP-01: the chain and its
+    /// key, PEM.
+    async fn issue(&self, store: &Store, domain: &str) -> Result<(String, String), AcmeFailure> {
+        let account = self.account(store).await?;
+        let identifiers = [Identifier::Dns(domain.to_owned())];
+        let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization?;
+            match authorization.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(AcmeFailure(format!("the authorization for {domain} is {other:?}"))),
+            }
+            let mut challenge = authorization
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| AcmeFailure("the ACME server offers no http-01 challenge".into()))?;
+            let token = challenge.token.clone();
+            if !is_token(&token) {
+                return Err(AcmeFailure("the ACME server's challenge token is not base64url".into()));
+            }
+            let key_authorization = challenge.key_authorization().as_str().to_owned();
+            let mut tx = store.write().await.map_err(store_failure)?;
+            let expires = now_ms() + crate::time::duration_ms(CHALLENGE_TTL);
+            store::acme::put_challenge(&mut tx, domain, &token, &key_authorization, expires)
+                .await
+                .map_err(store_failure)?;
+            tx.commit().await.map_err(store_failure)?;
+            challenge.set_ready().await?;
+        }
+        let status = order.poll_ready(&POLL).await?;
+        if status != OrderStatus::Ready {
+            return Err(AcmeFailure(self.why_invalid(&mut order, status).await));
+        }
+        let key_pem = order.finalize().await?;
+        let chain_pem = order.poll_certificate(&POLL).await?;
+        Ok((chain_pem, key_pem))
+    }
+
+    /// The challenges' errors of an order that did not become ready (the
+    /// reason the ACME server gives for a failed validation).
+    async fn why_invalid(&self, order: &mut instant_acme::Order, status: OrderStatus) -> String {
+        let mut reasons = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authorization)) = authorizations.next().await {
+            if let Ok(state) = authorization.refresh().await {
+                for challenge in &state.challenges {
+                    if let Some(problem) = &challenge.error {
+                        reasons.push(problem.to_string());
+                    }
+                }
+            }
+        }
+        if reasons.is_empty() { format!("the order is {status:?}") } else { reasons.join("; ") }
+    }
+}
+
+fn store_failure(e: store::StoreError) -> AcmeFailure {
+    AcmeFailure(format!("the store: {e}"))
+}
+
+async fn next_wakeup(store: &Store) -> Option<i64> {
+    let mut conn = store.read().await.ok()?;
+    store::acme::next_wakeup(&mut conn).await.ok().flatten()
+}
+
+/// An HTTP-01 token as RFC 8555 §8.3 makes them: base64url, and bounded.
+pub fn is_token(token: &str) -> bool {
+    (1..=128).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// instant-acme's HTTP client: the control plane's reqwest (HTTPS only, the
+/// extra root, no redirects, timeouts), each response body bounded.
+struct BoundedHttp {
+    client: reqwest::Client,
+}
+
+impl HttpClient for BoundedHttp {
+    fn request(
+        &self,
+        request: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(never) => match never {},
+            };
+            let mut response = client
+                .request(parts.method, parts.uri.to_string())
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| instant_acme::Error::Other(Box::new(e)))? {
+                if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(instant_acme::Error::Other(
+                        format!("the ACME server's answer is larger than {MAX_RESPONSE_BYTES} bytes").into(),
+                    ));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            let mut answer = http::Response::new(http_body_util::Full::new(Bytes::from(bytes)));
+            *answer.status_mut() = response.status();
+            *answer.headers_mut() = std::mem::take(response.headers_mut());
+            Ok(BytesResponse::from(answer))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_minimum_up_to_six_hours() {
+        let min = Duration::from_secs(60);
+        assert_eq!(backoff(min, 1), Duration::from_secs(60));
+        assert_eq!(backoff(min, 2), Duration::from_secs(120));
+        assert_eq!(backoff(min, 3), Duration::from_secs(240));
+        assert_eq!(backoff(min, 9), RETRY_MAX);
+        assert_eq!(backoff(min, u32::MAX), RETRY_MAX);
+        assert_eq!(backoff(min, 0), min);
+        assert_eq!(backoff(Duration::from_secs(1), 2), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn renewal_comes_ahead_or_at_a_third_of_a_short_lifetime() {
+        let day = 86_400_000;
+        // 90 days, 30 ahead: day 60.
+        assert_eq!(renew_at(0, 90 * day, Duration::from_secs(30 * 86_400)), 60 * day);
+        // 6 days with 30 ahead: a third of the lifetime, day 4.
+        assert_eq!(renew_at(0, 6 * day, Duration::from_secs(30 * 86_400)), 4 * day);
+        // Nonsense dates never renew in the past of the end by more than the lifetime.
+        assert_eq!(renew_at(10, 0, Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn tokens_and_errors_are_checked() {
+        assert!(is_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        for bad in ["", "a/b", "..", "a b", "a%2F", &"a".repeat(129)] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+        assert_eq!(clean_error("bad\r\n\x1b[31mred"), "bad[31mred");
+        let long = clean_error(&"x".repeat(5000));
+        assert_eq!(long.chars().count(), MAX_ERROR_CHARS + 1);
+    }
+}
