@@ -13,8 +13,8 @@ use url::Url;
 
 use isocloud_api::ErrorEnvelope;
 pub use isocloud_api::{
-    ApiErrorBody, Build, CommitBody, CreateDeploymentBody, Deployment, Domain, EnvVar, FileRef, LogEntry, MissingBlobs,
-    Project, Whoami, code,
+    ApiErrorBody, AuditEntry, Build, CommitBody, CreateDeploymentBody, CreatedToken, Deployment, Domain, EnvVar,
+    FileRef, LogEntry, MissingBlobs, Project, Token, Whoami, code,
 };
 
 use super::output::sanitize;
@@ -92,6 +92,12 @@ impl CallError {
             CallError::Api(e) if e.is(code::UNAUTHORIZED) => {
                 Some("the token was refused; log in again with `isocloud login --url URL`".to_string())
             }
+            CallError::Api(e) if e.is(code::TOKEN_EXPIRED) || e.is(code::TOKEN_REVOKED) => Some(
+                "ask an admin for a new token (`isocloud tokens create`), then `isocloud login --url URL`".to_string(),
+            ),
+            CallError::Api(e) if e.is(code::FORBIDDEN) => {
+                Some("this token's scope does not cover that; the message names the scope needed".to_string())
+            }
             CallError::Unreachable { .. } | CallError::Timeout { .. } => Some(
                 "is the control plane running there? Pass --url (or ISOCLOUD_URL), or log in to another one \
                  with `isocloud login --url URL`"
@@ -141,7 +147,7 @@ impl Api {
         Ok(url)
     }
 
-    fn request(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, CallError> {
+    pub(crate) fn request(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, CallError> {
         Ok(self.http.request(method, self.url(segments)?).bearer_auth(&self.token))
     }
 
@@ -173,7 +179,7 @@ impl Api {
         Err(CallError::Http { method, url, status, body: sanitize(text.trim()).into_owned() })
     }
 
-    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, CallError> {
+    pub(crate) async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, CallError> {
         let response = self.send(builder.timeout(REQUEST_TIMEOUT)).await?;
         let url = response.url().to_string();
         let body =
@@ -184,7 +190,11 @@ impl Api {
     /// A list, page after page (`Link: <…>; rel="next"`), until `max_items`
     /// are in hand or the list ends. Only a link to this server's own API
     /// is followed (the token goes with it).
-    async fn pages<T: DeserializeOwned>(&self, first: RequestBuilder, max_items: usize) -> Result<Vec<T>, CallError> {
+    pub(crate) async fn pages<T: DeserializeOwned>(
+        &self,
+        first: RequestBuilder,
+        max_items: usize,
+    ) -> Result<Vec<T>, CallError> {
         let mut items = Vec::new();
         let mut next = Some(first);
         let mut pages = 0;
@@ -212,7 +222,7 @@ impl Api {
         Ok(items)
     }
 
-    async fn empty(&self, builder: RequestBuilder) -> Result<(), CallError> {
+    pub(crate) async fn empty(&self, builder: RequestBuilder) -> Result<(), CallError> {
         self.send(builder.timeout(REQUEST_TIMEOUT)).await.map(drop)
     }
 

@@ -1,5 +1,6 @@
 //! `isocloud-client`: the client commands of the `isocloud` CLI (login,
-//! projects, deploy, promote, rollback, deployments, env, domains, logs).
+//! projects, deploy, promote, rollback, deployments, env, domains, logs,
+//! tokens, audit).
 //! This crate owns speaking the control plane's HTTP API
 //! (`docs/control-plane-api.md`) for them: the clap arguments, saved
 //! credentials, walking and uploading a folder, and what the terminal shows.
@@ -24,6 +25,7 @@ mod output;
 mod projects;
 mod prompt;
 mod time;
+mod tokens;
 mod walk;
 
 use clap::{Args, Subcommand};
@@ -100,6 +102,27 @@ pub enum ClientCommand {
     },
     /// Print a project's logs, or follow them.
     Logs(logs::LogsArgs),
+    /// Scoped API tokens (admin only): create (the secret shown once), list, revoke.
+    Tokens {
+        #[command(flatten)]
+        connection: ConnectionFlags,
+        #[command(subcommand)]
+        command: tokens::TokensCommand,
+    },
+    /// The audit log of every change made through the API, newest first (admin only).
+    Audit {
+        #[command(flatten)]
+        connection: ConnectionFlags,
+        /// Only this project's entries.
+        #[arg(long, short = 'p', value_name = "NAME")]
+        project: Option<String>,
+        /// At most this many.
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a client command; errors are printed as `error: …` (exit code 1).
@@ -139,6 +162,10 @@ async fn dispatch(command: ClientCommand) -> Result<(), ClientError> {
         ClientCommand::Env { connection, command } => env::run(connect(&connection)?, command).await,
         ClientCommand::Domains { connection, command } => domains::run(connect(&connection)?, command).await,
         ClientCommand::Logs(args) => logs::run(args).await,
+        ClientCommand::Tokens { connection, command } => tokens::run(connect(&connection)?, command).await,
+        ClientCommand::Audit { connection, project, limit, json } => {
+            tokens::audit(connect(&connection)?, project.as_deref(), limit, json).await
+        }
     }
 }
 
@@ -206,6 +233,20 @@ mod tests {
         assert!(parse(&["env", "set", "-p", "x", "K=V"]).is_ok());
         assert!(parse(&["env", "set", "-p", "x", "K", "--stdin"]).is_ok());
         assert!(parse(&["env", "set", "-p", "x", "K", "V", "--stdin"]).is_err());
+    }
+
+    #[test]
+    fn tokens_create_takes_a_scope_and_a_duration() {
+        let Ok(ClientCommand::Tokens { command: tokens::TokensCommand::Create { scope, name, expires }, .. }) =
+            parse(&["tokens", "create", "--scope", "project:hello:deploy", "--name", "ci", "--expires", "30d"])
+        else {
+            panic!("tokens create")
+        };
+        assert_eq!((scope.as_str(), name.as_deref(), expires), ("project:hello:deploy", Some("ci"), Some(2_592_000)));
+        assert!(parse(&["tokens", "create", "--scope", "admin", "--expires", "30y"]).is_err());
+        assert!(parse(&["tokens", "create"]).is_err(), "--scope is required");
+        assert!(parse(&["tokens", "revoke", "abc"]).is_ok());
+        assert!(parse(&["audit", "--project", "hello"]).is_ok());
     }
 
     #[test]

@@ -27,6 +27,17 @@ const banner = document.getElementById("banner");
 const bannerText = document.getElementById("banner-text");
 
 let token = localStorage.getItem(TOKEN_KEY);
+/** The signed-in token's `/whoami` (name, scope, project); null until known. */
+let me = null;
+
+/** Whether the signed-in token may `need` ("admin", "deploy" or "read") on its
+ * project: tabs and buttons it cannot use are hidden, not shown to fail. */
+function can(need) {
+  const scope = me?.scope ?? "admin";
+  if (scope === "admin") return true;
+  if (need === "read") return true;
+  return need === "deploy" && scope.endsWith(":deploy");
+}
 /** The current view's lifetime: aborted (fetches, streams, timers) on navigation. */
 let view = new AbortController();
 /** An error to show once the next view is up (e.g. why we signed out). */
@@ -255,9 +266,19 @@ function signOut(error) {
 
 document.getElementById("logout").addEventListener("click", () => signOut());
 
-function showSession(name) {
-  document.getElementById("whoami").textContent = name;
-  document.getElementById("session").hidden = false;
+function showSession(whoami) {
+  me = whoami ?? null;
+  const session = document.getElementById("session");
+  document.getElementById("whoami").textContent = me?.token_name ?? "";
+  session.querySelector(".admin-links")?.remove();
+  if (can("admin")) {
+    session.prepend(h("span", { class: "admin-links" },
+      h("a", { href: "#/tokens", testid: "nav-tokens" }, "Tokens"), " · ",
+      h("a", { href: "#/audit", testid: "nav-audit" }, "Audit"), " · "));
+  } else {
+    session.prepend(h("span", { class: "admin-links muted", testid: "scope" }, me.scope, " · "));
+  }
+  session.hidden = false;
 }
 
 function loginView() {
@@ -281,7 +302,7 @@ function loginView() {
       const me = await api("GET", "/whoami", undefined, { authToken: candidate });
       token = candidate;
       localStorage.setItem(TOKEN_KEY, candidate);
-      showSession(me?.token_name ?? "");
+      showSession(me);
       location.hash = afterLogin;
       afterLogin = "#/projects";
     });
@@ -318,6 +339,10 @@ function route() {
     loginView();
   } else if (parts[0] === "projects" && parts[1]) {
     projectView(parts[1], parts[2] ?? "deployments").catch(showError);
+  } else if (parts[0] === "tokens" && can("admin")) {
+    tokensView().catch(showError);
+  } else if (parts[0] === "audit" && can("admin")) {
+    auditView().catch(showError);
   } else {
     projectsView().catch(showError);
   }
@@ -343,7 +368,8 @@ async function projectsView() {
     });
   });
   const list = h("ul", { class: "project-list", testid: "project-list" }, h("li", { class: "muted" }, "Loading…"));
-  replace(app, h("section", null, h("div", { class: "page-head" }, h("h1", null, "Projects"), form), list));
+  // Only an admin creates projects; a project token sees its own one.
+  replace(app, h("section", null, h("div", { class: "page-head" }, h("h1", null, "Projects"), can("admin") ? form : null), list));
 
   // A page at a time: a platform may hold more projects than a page should.
   const first = await apiPage("/projects?limit=100");
@@ -382,11 +408,13 @@ function projectCard(p) {
 // ------------------------------------------------------------------ one project
 
 async function projectView(name, tab) {
-  if (!TABS.some(([id]) => id === tab)) tab = "deployments";
+  // Domains are an admin's (they move traffic between projects).
+  const tabs = TABS.filter(([id]) => id !== "domains" || can("admin"));
+  if (!tabs.some(([id]) => id === tab)) tab = "deployments";
   const head = h("div", { class: "project-head" }, h("h1", { testid: "project-name" }, name));
   const panel = h("section", { class: "panel", testid: `panel-${tab}` });
   const nav = h("nav", { class: "tabs", "aria-label": "Project" },
-    TABS.map(([id, label]) => h("a", {
+    tabs.map(([id, label]) => h("a", {
       href: `#/projects/${enc(name)}/${id}`, class: id === tab ? "tab active" : "tab", testid: `tab-${id}`,
       "aria-current": id === tab ? "page" : null,
     }, label)));
@@ -430,7 +458,7 @@ function renderProjectHead(ctx) {
         p.production_deployment_id
           ? [" · ", h("code", { testid: "production-deployment-id" }, p.production_deployment_id)] : null,
         p.git ? [" · git ", h("code", null, p.git.repository), " ", h("span", { class: "branch" }, p.git.branch)] : null)),
-    h("div", { class: "head-actions" }, rollback));
+    h("div", { class: "head-actions" }, can("deploy") ? rollback : null));
 }
 
 // ------------------------------------------------------------------ deployments
@@ -487,7 +515,7 @@ function renderDeployments(ctx, list, deployments, reload) {
     const prodId = ctx.project.production_deployment_id;
     const prod = prodId ? d.id === prodId : d.production === true;
     let promote = null;
-    if (!prod && d.status === "ready") {
+    if (!prod && d.status === "ready" && can("deploy")) {
       promote = h("button", { type: "button", class: "button", testid: "promote-button" }, "Promote");
       promote.addEventListener("click", () => act(promote, async () => {
         await api("POST", `/projects/${enc(ctx.name)}/promote`, { deployment_id: d.id });
@@ -787,7 +815,7 @@ async function envTab(ctx) {
   const table = h("table", { class: "table", testid: "env-list" });
   replace(ctx.panel,
     h("p", { class: "muted" }, "Values are write-only: they are never shown again. A change applies to deployments created after it."),
-    form, table);
+    can("admin") ? form : null, table);
   const load = async () => {
     const vars = await api("GET", `/projects/${enc(ctx.name)}/env`);
     if (!vars.length) {
@@ -805,7 +833,7 @@ async function envTab(ctx) {
         return h("tr", { testid: "env-row", "data-name": v.name },
           h("td", null, h("code", { testid: "env-var-name" }, v.name)),
           h("td", null, timeEl(v.updated_at, "env-updated")),
-          h("td", { class: "right" }, remove));
+          h("td", { class: "right" }, can("admin") ? remove : null));
       })));
   };
   form.addEventListener("submit", (event) => {
@@ -927,13 +955,146 @@ function domainCard(ctx, d, reload) {
     h("details", { class: "cert-upload" }, h("summary", null, cert ? "Replace certificate" : "Upload a certificate"), certForm));
 }
 
+// ------------------------------------------------------------------ tokens (admin)
+
+/** Scoped API tokens: create (the secret shown once, with a copy button), list, revoke. */
+async function tokensView() {
+  const scopeKind = h("select", { id: "token-kind", testid: "token-kind" },
+    h("option", { value: "read" }, "read one project"),
+    h("option", { value: "deploy" }, "deploy one project"),
+    h("option", { value: "admin" }, "admin"));
+  const projectInput = h("input", {
+    id: "token-project", placeholder: "project", autocomplete: "off", spellcheck: "false", testid: "token-project",
+  });
+  const nameInput = h("input", {
+    id: "token-name", placeholder: "name (optional)", autocomplete: "off", spellcheck: "false", testid: "token-name",
+  });
+  const expires = h("select", { id: "token-expires", testid: "token-expires" },
+    h("option", { value: "" }, "never expires"),
+    h("option", { value: String(7 * 86400) }, "7 days"),
+    h("option", { value: String(30 * 86400), selected: true }, "30 days"),
+    h("option", { value: String(90 * 86400) }, "90 days"),
+    h("option", { value: String(365 * 86400) }, "1 year"));
+  scopeKind.addEventListener("change", () => { projectInput.hidden = scopeKind.value === "admin"; });
+  const create = h("button", { type: "submit", class: "button primary", testid: "token-create" }, "Create token");
+  const form = h("form", { class: "inline-form", testid: "token-form" },
+    h("label", { for: "token-kind", class: "sr-only" }, "Scope"), scopeKind,
+    h("label", { for: "token-project", class: "sr-only" }, "Project"), projectInput,
+    h("label", { for: "token-name", class: "sr-only" }, "Name"), nameInput,
+    h("label", { for: "token-expires", class: "sr-only" }, "Expiry"), expires, create);
+  const shown = h("div", { testid: "token-secret-box" });
+  const table = h("table", { class: "table", testid: "token-list" });
+  replace(app, h("section", null,
+    h("div", { class: "page-head" }, h("h1", null, "API tokens")),
+    h("p", { class: "muted" }, "A project token deploys (upload, deploy, promote, roll back) or reads one project; ",
+      "only admin tokens set env vars, domains, limits and tokens. A secret is shown once, when it is made."),
+    form, shown, table));
+
+  const load = async () => {
+    const rows = [];
+    for (let path = "/tokens?limit=100"; path;) {
+      const page = await apiPage(path);
+      rows.push(...page.items);
+      path = page.next;
+    }
+    replace(table,
+      h("thead", null, h("tr", null, ["Name", "Scope", "Status", "Expires", "Last used", ""].map((t) => h("th", null, t)))),
+      h("tbody", null, rows.map((t) => {
+        let revoke = null;
+        if (t.status === "active") {
+          revoke = h("button", { type: "button", class: "button subtle danger", testid: "token-revoke" }, "Revoke");
+          revoke.addEventListener("click", () => act(revoke, async () => {
+            await api("DELETE", `/tokens/${enc(t.id)}`);
+            await load();
+          }));
+        }
+        return h("tr", { testid: "token-row", "data-name": t.name, "data-status": t.status },
+          h("td", null, h("code", null, t.name)),
+          h("td", { testid: "token-scope" }, t.scope),
+          h("td", { testid: "token-status" }, t.status),
+          h("td", null, t.expires_at ? timeEl(t.expires_at) : h("span", { class: "muted" }, "never")),
+          h("td", null, t.last_used_at ? timeEl(t.last_used_at) : h("span", { class: "muted" }, "—")),
+          h("td", { class: "right" }, revoke));
+      })));
+  };
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(create, async () => {
+      const kind = scopeKind.value;
+      const body = { scope: kind === "admin" ? "admin" : `project:${projectInput.value.trim()}:${kind}` };
+      if (nameInput.value.trim()) body.name = nameInput.value.trim();
+      if (expires.value) body.expires_in_s = Number(expires.value);
+      const created = await api("POST", "/tokens", body);
+      const secret = h("code", { class: "secret", testid: "token-secret" }, created.secret);
+      const copy = h("button", { type: "button", class: "button", testid: "token-copy" }, "Copy");
+      copy.addEventListener("click", () => act(copy, async () => {
+        await navigator.clipboard.writeText(created.secret);
+        copy.textContent = "Copied";
+      }));
+      const dismiss = h("button", { type: "button", class: "button subtle", testid: "token-secret-done" }, "Done");
+      dismiss.addEventListener("click", () => replace(shown));
+      replace(shown, h("div", { class: "card", testid: "token-created" },
+        h("p", null, "Token ", h("code", null, created.token.name), " (", created.token.scope, "). ",
+          h("strong", null, "Copy its secret now: it is not shown again.")),
+        h("p", null, secret, " ", copy, " ", dismiss)));
+      nameInput.value = "";
+      await load();
+    });
+  });
+  await load();
+}
+
+// ------------------------------------------------------------------ audit (admin)
+
+/** The audit log, newest first, a page at a time; of one project when asked. */
+async function auditView() {
+  const projectInput = h("input", {
+    id: "audit-project", placeholder: "all projects", autocomplete: "off", spellcheck: "false", testid: "audit-project",
+  });
+  const filter = h("button", { type: "submit", class: "button", testid: "audit-filter" }, "Filter");
+  const form = h("form", { class: "inline-form", testid: "audit-form" },
+    h("label", { for: "audit-project", class: "sr-only" }, "Project"), projectInput, filter);
+  const table = h("table", { class: "table", testid: "audit-list" });
+  const more = h("button", { type: "button", class: "more", testid: "more-audit", hidden: true }, "Older entries");
+  replace(app, h("section", null, h("div", { class: "page-head" }, h("h1", null, "Audit log"), form), table, more));
+  let next = null;
+  const row = (e) => h("tr", { testid: "audit-row", "data-action": e.action, "data-outcome": e.outcome },
+    h("td", null, timeEl(e.at)),
+    h("td", null, h("code", null, e.token_name)),
+    h("td", null, e.action),
+    h("td", null, e.project ?? ""),
+    h("td", { class: `outcome-${e.outcome}` }, `${e.status} ${e.outcome}`),
+    h("td", null, h("code", null, e.target)));
+  const body = h("tbody");
+  const load = async () => {
+    const project = projectInput.value.trim();
+    const page = await apiPage(`/audit?limit=100${project ? `&project=${enc(project)}` : ""}`);
+    replace(table,
+      h("thead", null, h("tr", null, ["When", "Token", "Action", "Project", "Outcome", "Target"].map((t) => h("th", null, t)))),
+      body);
+    replace(body, page.items.length ? page.items.map(row) : h("tr", null, h("td", { class: "empty" }, "No entries.")));
+    next = page.next;
+    more.hidden = !next;
+  };
+  more.addEventListener("click", () => act(more, async () => {
+    const page = await apiPage(next);
+    for (const e of page.items) body.append(row(e));
+    next = page.next;
+    more.hidden = !next;
+  }));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(filter, load);
+  });
+  await load();
+}
+
 // ------------------------------------------------------------------ start
 
 async function start() {
   if (token) {
     try {
-      const me = await api("GET", "/whoami");
-      showSession(me?.token_name ?? "");
+      showSession(await api("GET", "/whoami"));
     } catch (e) {
       if (!token) return; // a 401: api() signed out and routed to the login
       carriedError = e;
