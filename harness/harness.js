@@ -148,6 +148,8 @@ function call(message) {
 
 // ---------------------------------------------------------------- console
 
+// The current request: { id, traceparent } (the runner's x-isocloud-request-id,
+// and its span's traceparent when it exports traces, else null).
 const requestContext = new AsyncLocalStorage();
 const levels = {
   debug: "debug",
@@ -169,7 +171,7 @@ function format(args) {
 }
 for (const [method, level] of Object.entries(levels)) {
   console[method] = (...args) => {
-    send({ op: "log", level, message: format(args), request_id: requestContext.getStore() ?? null });
+    send({ op: "log", level, message: format(args), request_id: requestContext.getStore()?.id ?? null });
   };
 }
 
@@ -526,6 +528,16 @@ Deno.realPathSync = (path) => (ensureSync(path), fs.realPathSync(diskPath(path))
 const originalFetch = globalThis.fetch;
 globalThis.fetch = async (input, init) => {
   const url = input instanceof Request ? input.url : String(input instanceof URL ? input.href : input);
+  // An outbound call made for a traced request carries its trace
+  // (W3C traceparent), unless the tenant set one itself.
+  const traceparent = requestContext.getStore()?.traceparent;
+  if (traceparent && /^https?:/i.test(url)) {
+    const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
+    if (!headers.has("traceparent")) {
+      headers.set("traceparent", traceparent);
+      init = { ...init, headers };
+    }
+  }
   if (url.startsWith("file:")) {
     const fileUrl = new URL(url);
     await ensure(fileUrl);
@@ -652,8 +664,11 @@ function serveNodeServer(server) {
       const slash = url.indexOf("/", url.indexOf("//") + 2);
       request.url = slash < 0 ? "/" : url.slice(slash);
     }
-    const requestId = request.headers["x-isocloud-request-id"] ?? null;
-    return requestContext.run(requestId, () => emit.call(this, event, request, response));
+    const current = {
+      id: request.headers["x-isocloud-request-id"] ?? null,
+      traceparent: request.headers["traceparent"] ?? null,
+    };
+    return requestContext.run(current, () => emit.call(this, event, request, response));
   };
   server.once("listening", () => send({ op: "ready" }));
   nodeListen.call(server, { path: socketPath });
@@ -772,8 +787,11 @@ if (handler) originalServe(
     onError: (e) => (serveOnError ? serveOnError(e) : internalError(e)),
   },
   (request, info) => {
-    const requestId = request.headers.get("x-isocloud-request-id");
-    return requestContext.run(requestId, async () => {
+    const current = {
+      id: request.headers.get("x-isocloud-request-id"),
+      traceparent: request.headers.get("traceparent"),
+    };
+    return requestContext.run(current, async () => {
       try {
         return await handler(request, info);
       } catch (e) {

@@ -43,3 +43,4 @@ mod remote_origin;
 mod stale_boot;
 mod streaming;
 mod subhost_auth;
+mod tokens;
