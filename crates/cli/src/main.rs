@@ -247,6 +247,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // One registry for the router and the activity spool alike.
     let remote_origins = origins::remote_origins(&settings);
+    let telemetry = match &settings.otlp {
+        Some(otlp) => {
+            let telemetry = isocloud_telemetry::Telemetry::start(otlp, &mut registry)?;
+            tracing::info!(endpoint = %otlp.endpoint, service_name = otlp.service_name, "OTLP export on");
+            Some(telemetry)
+        }
+        None => None,
+    };
     let pool_options = PoolOptions {
         idle_timeout: settings.idle_timeout,
         start_timeout: settings.boot_timeout,
@@ -276,6 +284,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         prestarted_per_profile: settings.prestarted_isolates,
         boot_stale_max_age: settings.boot_stale_max_age,
+        log_tap: telemetry.clone().map(|telemetry| {
+            isocloud_pool::LogTap(Arc::new(move |deployment_id, level, message, request_id| {
+                telemetry.log(deployment_id, level, message, request_id)
+            }))
+        }),
     };
     resources::register(&mut registry, pool_options.cgroups.clone(), pool_options.instances_dir.clone());
     match (settings.prestarted_isolates, policy.mount_namespace) {
@@ -335,6 +348,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     if let Some(egress) = egress.clone() {
         proxy = proxy.with_egress(egress);
+    }
+    if let Some(telemetry) = telemetry {
+        proxy = proxy.with_telemetry(telemetry);
     }
     if let Some((control_plane, _)) = &control_plane {
         // Answered whether or not this node orders: another node sharing

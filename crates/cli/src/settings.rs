@@ -264,6 +264,8 @@ pub struct Settings {
     /// `None`: [`BOOT_QUEUE_PER_CONCURRENT_BOOT`] per concurrent boot.
     pub max_boot_queue: Option<usize>,
     pub max_isolates_per_tenant: usize,
+    /// `--otlp-endpoint`: spans and console lines exported; `None`: off.
+    pub otlp: Option<isocloud_telemetry::OtlpOptions>,
 }
 
 /// The bounds of each listener the runner may open (the control plane's
@@ -473,6 +475,7 @@ impl Settings {
             };
             default_max_isolates_per_tenant(given.max_isolates, tenants)
         });
+        let otlp = otlp_settings(&given)?;
         Ok(Settings {
             mode,
             build,
@@ -514,8 +517,32 @@ impl Settings {
             max_concurrent_boots: given.max_concurrent_boots,
             max_boot_queue: given.max_boot_queue,
             max_isolates_per_tenant,
+            otlp,
         })
     }
+}
+
+/// `--otlp-endpoint` (an http or https URL with a host, no query, fragment
+/// or credentials: it is logged) and `--otlp-service-name` (1 to 128
+/// printable characters).
+fn otlp_settings(given: &Given) -> Result<Option<isocloud_telemetry::OtlpOptions>, SettingsError> {
+    let Some(text) = &given.otlp_endpoint else { return Ok(None) };
+    let endpoint =
+        Url::parse(text.trim()).map_err(|e| invalid("otlp_endpoint", format!("{text:?} is not a URL: {e}")))?;
+    if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
+        return Err(invalid("otlp_endpoint", format!("{text:?} is not an http(s) URL of a collector (OTLP/HTTP)")));
+    }
+    if endpoint.query().is_some() || endpoint.fragment().is_some() {
+        return Err(invalid("otlp_endpoint", "the collector's base URL takes no query or fragment"));
+    }
+    if !endpoint.username().is_empty() || endpoint.password().is_some() {
+        return Err(invalid("otlp_endpoint", "no credentials in the URL: it is printed at start-up"));
+    }
+    let service_name = given.otlp_service_name.trim();
+    if service_name.is_empty() || service_name.len() > 128 || service_name.chars().any(char::is_control) {
+        return Err(invalid("otlp_service_name", "1 to 128 printable characters"));
+    }
+    Ok(Some(isocloud_telemetry::OtlpOptions { endpoint, service_name: service_name.to_owned() }))
 }
 
 /// The edge's help shows the options it reads; the others (the groups it

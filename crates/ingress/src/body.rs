@@ -30,11 +30,18 @@ pub struct Tracked<B> {
     inner: Option<B>,
     isolate: Arc<dyn Upstream>,
     watch: Arc<Watch>,
+    /// A traced request's span: it ends when the body is dropped.
+    span: Option<crate::trace::Traced>,
 }
 
 impl<B> Tracked<B> {
     pub fn new(inner: B, isolate: Arc<dyn Upstream>, watch: Arc<Watch>) -> Self {
-        Self { inner: Some(inner), isolate, watch }
+        Self { inner: Some(inner), isolate, watch, span: None }
+    }
+
+    pub fn with_span(mut self, span: Option<crate::trace::Traced>) -> Self {
+        self.span = span;
+        self
     }
 }
 

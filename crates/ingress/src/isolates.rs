@@ -50,6 +50,11 @@ pub trait Reservation: Send {
     /// The request begins: the reservation becomes its in-flight guard;
     /// `hops` is how many isolates of the cloud it passed through already.
     fn begin_request(self: Box<Self>, hops: u32) -> InFlightGuard;
+
+    /// The request waited for a boot (its span says `boot`, else `warm`).
+    fn booted(&self) -> bool {
+        false
+    }
 }
 
 /// One isolate, as the edge forwards to it and counts what it served.
@@ -65,6 +70,11 @@ pub trait Upstream: Send + Sync + 'static {
     fn count_egress(&self, bytes: u64);
     /// A request that failed: the tenant's 5xx, or the runner's answer for it.
     fn count_error(&self);
+
+    /// The CPU the isolate has used so far, read now (traced requests only).
+    fn cpu_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl Isolates for Pool {
@@ -74,12 +84,12 @@ impl Isolates for Pool {
         deployment_id: &'a str,
     ) -> BoxFuture<'a, Result<Box<dyn Reservation>, BootError>> {
         async move {
-            let reserved = Pool::isolate(self, origin, deployment_id).await?;
+            let (reserved, booted) = Pool::isolate_and_start(self, origin, deployment_id).await?;
             let upstream: Arc<dyn Upstream> = reserved.isolate().clone();
             // Dropped unused, the closure drops the reservation, which
             // releases the isolate as the pool's own type does.
             let begin = Box::new(move |hops| Box::new(reserved.begin_request(hops)) as InFlightGuard);
-            Ok(Box::new(PoolReservation { upstream, begin }) as Box<dyn Reservation>)
+            Ok(Box::new(PoolReservation { upstream, begin, booted }) as Box<dyn Reservation>)
         }
         .boxed()
     }
@@ -93,6 +103,7 @@ impl Isolates for Pool {
 struct PoolReservation {
     upstream: Arc<dyn Upstream>,
     begin: Box<dyn FnOnce(u32) -> InFlightGuard + Send>,
+    booted: bool,
 }
 
 impl Reservation for PoolReservation {
@@ -102,6 +113,10 @@ impl Reservation for PoolReservation {
 
     fn begin_request(self: Box<Self>, hops: u32) -> InFlightGuard {
         (self.begin)(hops)
+    }
+
+    fn booted(&self) -> bool {
+        self.booted
     }
 }
 
@@ -133,5 +148,9 @@ impl Upstream for Isolate {
 
     fn count_error(&self) {
         Isolate::count_error(self);
+    }
+
+    fn cpu_time(&self) -> Option<std::time::Duration> {
+        Isolate::cpu_time(self)
     }
 }

@@ -32,6 +32,7 @@ mod routing;
 mod server;
 mod streams;
 mod tls;
+mod trace;
 
 pub use acme::AcmeChallenges;
 pub use admin::serve_admin;

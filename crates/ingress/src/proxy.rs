@@ -19,6 +19,7 @@ use crate::error::ERROR_HEADER;
 use crate::isolates::Isolates;
 use crate::routing::SUBHOST_HEADER;
 use crate::streams::{Active, Activity, StreamKind, StreamLimits, Streams};
+use crate::trace::Traced;
 use crate::{EdgeError, EdgeMetrics, Router};
 
 pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
@@ -64,6 +65,8 @@ pub struct Proxy {
     streams: Streams,
     request_id_prefix: String,
     request_seq: AtomicU64,
+    /// `--otlp-endpoint`: a span per request; `None` costs one branch.
+    telemetry: Option<isocloud_telemetry::Telemetry>,
     /// HTTP-01 answers for the control plane's ACME orders.
     acme: Option<Arc<dyn crate::AcmeChallenges>>,
 }
@@ -84,6 +87,7 @@ impl Proxy {
             streams,
             request_id_prefix,
             request_seq: AtomicU64::new(0),
+            telemetry: None,
             acme: None,
         }
     }
@@ -92,6 +96,12 @@ impl Proxy {
     /// `challenges` has pending for the request's Host (see `acme.rs`).
     pub fn with_acme(mut self, challenges: Arc<dyn crate::AcmeChallenges>) -> Self {
         self.acme = Some(challenges);
+        self
+    }
+
+    /// Exports a span per request (and passes its `traceparent` in).
+    pub fn with_telemetry(mut self, telemetry: isocloud_telemetry::Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
         self
     }
 
@@ -113,15 +123,25 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let started = std::time::Instant::now();
-        match self.forward(request, connection).await {
+        let mut traced = self.telemetry.as_ref().map(|telemetry| {
+            let parent = request.headers().get(isocloud_telemetry::TRACEPARENT_HEADER);
+            Traced::new(telemetry.request_span(request.method(), parent))
+        });
+        match self.forward(request, connection, &mut traced).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
                 self.metrics.observe_head(response.status().as_u16(), started.elapsed());
+                if let Some(traced) = &mut traced {
+                    traced.span.status(response.status().as_u16(), None);
+                }
                 response
             }
             Err(error) => {
                 self.metrics.count(error.code.http_status(), Some(error.code.as_str()));
                 self.metrics.observe_head(error.code.http_status(), started.elapsed());
+                if let Some(traced) = &mut traced {
+                    traced.span.status(error.code.http_status(), Some(error.code.as_str()));
+                }
                 let refused_body = error.code == ErrorCode::PayloadTooLarge;
                 let mut response = error.into_response();
                 if refused_body {
@@ -149,10 +169,13 @@ impl Proxy {
         declared.max(linked)
     }
 
+    /// `traced`: the request's span, taken into the response body on
+    /// success (it ends with the body), else left to the caller.
     async fn forward<B>(
         &self,
         mut request: Request<B>,
         connection: ConnectionInfo,
+        traced: &mut Option<Traced>,
     ) -> Result<Response<ResponseBody>, EdgeError>
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
@@ -197,8 +220,18 @@ impl Proxy {
         };
         let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
+        if let Some(traced) = traced {
+            let path = request.uri().path();
+            traced.span.route(&route.public_host, path, &route.deployment_id, route.origin.name());
+            traced.span.bind_request_id(&request_id);
+        }
+
         let reserved = self.isolates.isolate(&route.origin, &route.deployment_id).await.map_err(boot_error)?;
         let isolate = reserved.upstream();
+        if let Some(traced) = traced {
+            traced.span.start_kind(reserved.booted());
+            traced.measure_cpu(&isolate);
+        }
 
         let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let public_uri: Uri = format!("{}://{}{path}", route.public_scheme, route.public_host)
@@ -228,6 +261,10 @@ impl Proxy {
             HeaderName::from_static(REQUEST_ID_HEADER),
             HeaderValue::from_str(&request_id).expect("hex and dashes are a valid header value"),
         );
+        if let Some(traced) = traced {
+            // The isolate's parent is the runner's span, not the client's.
+            headers.insert(HeaderName::from_static(isocloud_telemetry::TRACEPARENT_HEADER), traced.span.traceparent());
+        }
 
         // A declared length over the bound was refused up front; an
         // undeclared one is cut off where it passes it (the isolate then
@@ -308,7 +345,11 @@ impl Proxy {
             response.headers_mut().remove(name);
         }
         let watch = self.streams.watch(StreamKind::Body, guard, activity, &route.deployment_id, &request_id);
-        Ok(response.map(|body| Tracked::new(body, isolate, watch).boxed()))
+        let span = traced.take().map(|mut traced| {
+            traced.span.status(response.status().as_u16(), None);
+            traced
+        });
+        Ok(response.map(|body| Tracked::new(body, isolate, watch).with_span(span).boxed()))
     }
 }
 

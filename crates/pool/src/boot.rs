@@ -82,6 +82,8 @@ pub(crate) struct BootContext {
     pub metrics: crate::PoolMetrics,
     /// How old a kept boot answer may be to stand in for the origin's.
     pub stale: StaleBoots,
+    /// Where the deployments' log lines go besides their origins.
+    pub log_tap: Option<crate::LogTap>,
 }
 
 /// What the pre-started pool had for a boot.
@@ -281,6 +283,7 @@ pub(crate) async fn boot(
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
         keep_tree: stale.enabled(),
+        log_tap: ctx.log_tap.clone(),
     });
     let cgroup = match &ctx.cgroups {
         Some(cgroups) => match cgroups.create(&instance.to_string(), ctx.limits.memory_limit_bytes) {
@@ -370,6 +373,7 @@ async fn boot_prestarted(
         cache: ctx.cache.clone(),
         activity: ctx.activity.clone(),
         keep_tree: ctx.stale.enabled(),
+        log_tap: ctx.log_tap.clone(),
     });
     let isolate = prestarted
         .assign(files, hooks, assignment, ctx.start_timeout, ctx.limits)
@@ -448,6 +452,7 @@ struct DeploymentHooks {
     activity: ActivitySink,
     /// Keep the tree once read, for a boot while the origin is down.
     keep_tree: bool,
+    log_tap: Option<crate::LogTap>,
 }
 
 /// The manifest cell of a boot: filled now unless the tree was deferred.
@@ -505,6 +510,9 @@ impl IsolateHooks for DeploymentHooks {
 
     fn log(&self, level: LogLevel, message: String, request_id: Option<String>) {
         tracing::debug!(target: "isocloud::tenant", deployment_id = %self.deployment_id, request_id = request_id.as_deref().unwrap_or(""), ?level, "{message}");
+        if let Some(tap) = &self.log_tap {
+            (tap.0)(&self.deployment_id, level, &message, request_id.as_deref());
+        }
         self.activity.report(&self.origin, &self.deployment_id, ActivityKind::Log { level, message, request_id });
     }
 

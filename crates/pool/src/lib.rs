@@ -32,4 +32,4 @@ pub use isocloud_supervisor::{
 };
 pub use metrics::PoolMetrics;
 pub use npm::NpmRegistry;
-pub use pool::{IsolateView, Pool, PoolOptions};
+pub use pool::{IsolateView, LogTap, Pool, PoolOptions};

@@ -58,6 +58,22 @@ pub struct PoolOptions {
     /// How old a deployment's kept boot answer may be to boot it while its
     /// origin cannot be reached; zero: none kept or used.
     pub boot_stale_max_age: Duration,
+    /// Where every deployment's log lines (console, the runner's notes) go
+    /// besides its origin: the OTLP exporter with `--otlp-endpoint`, else none.
+    pub log_tap: Option<LogTap>,
+}
+
+/// A receiver of log lines. It is called on the line's way to the activity sink and must not block.
+#[derive(Clone)]
+pub struct LogTap(pub Arc<LogTapFn>);
+
+/// (deployment id, level, message, request id).
+pub type LogTapFn = dyn Fn(&str, LogLevel, &str, Option<&str>) + Send + Sync;
+
+impl std::fmt::Debug for LogTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogTap")
+    }
 }
 
 /// At shutdown, how long queued activity may take to reach the origins.
@@ -169,6 +185,7 @@ impl Pool {
             admission,
             metrics: metrics.clone(),
             stale: isocloud_origin::StaleBoots { max_age: options.boot_stale_max_age },
+            log_tap: options.log_tap.clone(),
         };
         let pool = Self {
             inner: Arc::new(Inner {
@@ -209,6 +226,16 @@ impl Pool {
     /// The isolate comes reserved ([`Isolate::reserve`], taken under the
     /// pool's lock): no idle stop or eviction can end it before its request.
     pub async fn isolate(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Reserved, BootError> {
+        self.isolate_and_start(origin, deployment_id).await.map(|(reserved, _)| reserved)
+    }
+
+    /// [`Pool::isolate`], and whether the request waited for a boot (`true`)
+    /// or found the isolate running: a traced request's span says which.
+    pub async fn isolate_and_start(
+        &self,
+        origin: &Arc<dyn Origin>,
+        deployment_id: &str,
+    ) -> Result<(Reserved, bool), BootError> {
         let reserved = self.isolate_reserved(origin, deployment_id).await;
         if let Err(e) = &reserved
             && e.code() != isocloud_protocol::ErrorCode::DeploymentNotFound
@@ -234,16 +261,22 @@ impl Pool {
         }
     }
 
-    async fn isolate_reserved(&self, origin: &Arc<dyn Origin>, deployment_id: &str) -> Result<Reserved, BootError> {
+    async fn isolate_reserved(
+        &self,
+        origin: &Arc<dyn Origin>,
+        deployment_id: &str,
+    ) -> Result<(Reserved, bool), BootError> {
         // A boot's isolate is reserved when its waiter gets the lock; should
         // it have been evicted in between (another boot needed the slot),
         // the request goes round again rather than to a dying isolate.
+        let mut booted = false;
         for _ in 0..3 {
-            let isolate = self.isolate_unreserved(origin, deployment_id).await?;
+            let (isolate, boot) = self.isolate_unreserved(origin, deployment_id).await?;
+            booted |= boot;
             let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
             let slots = self.inner.slots.lock().expect("pool poisoned");
             if slots.holds(&key, &isolate) {
-                return Ok(isolate.reserve());
+                return Ok((isolate.reserve(), booted));
             }
         }
         Err(BootError::Capacity(self.inner.options.max_isolates))
@@ -253,7 +286,7 @@ impl Pool {
         &self,
         origin: &Arc<dyn Origin>,
         deployment_id: &str,
-    ) -> Result<Arc<Isolate>, BootError> {
+    ) -> Result<(Arc<Isolate>, bool), BootError> {
         let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
         let options = &self.inner.options;
         let capacity = Capacity { max_isolates: options.max_isolates, max_per_tenant: options.max_isolates_per_tenant };
@@ -274,13 +307,13 @@ impl Pool {
             self.note_exit(&key, &isolate);
         }
         match looked.answer {
-            Ok(Lookup::Ready(isolate)) => Ok(isolate),
-            Ok(Lookup::Join(boot)) => boot.await,
+            Ok(Lookup::Ready(isolate)) => Ok((isolate, false)),
+            Ok(Lookup::Join(boot)) => boot.await.map(|isolate| (isolate, true)),
             Ok(Lookup::Started(Started { boot, evicted })) => {
                 if let Some((key, isolate, reason)) = evicted {
                     self.evict(key, isolate, reason);
                 }
-                boot.await
+                boot.await.map(|isolate| (isolate, true))
             }
             Err(refusal) => {
                 let reason = match refusal {

@@ -266,6 +266,12 @@ impl Isolate {
         self.hooks.log(level, message, request_id);
     }
 
+    /// The CPU the isolate's process has used so far, read from the kernel
+    /// now (one syscall; only a traced request reads it, at its start and end).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        isocloud_sandbox::process_cpu_time(self.pid).ok()
+    }
+
     /// The isolate's egress proxy credentials, when it has any.
     pub fn egress(&self) -> Option<&EgressGrant> {
         self.egress.as_ref()

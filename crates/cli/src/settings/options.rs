@@ -274,6 +274,13 @@ options! {
         max_hops: u32, "N", default(10), range(1..=100);
         /// How often usage of running isolates is reported to origins.
         usage_interval_s: u64, "SECONDS", default(10), range(1..=YEAR_S);
+        /// Export a span per request and the tenants' console lines over
+        /// OTLP/HTTP (protobuf) to this collector (e.g. http://collector:4318;
+        /// /v1/traces and /v1/logs are appended). Best effort: when the
+        /// collector is slow or down, records are dropped and counted.
+        otlp_endpoint: String, "URL", shown("off");
+        /// The `service.name` of everything exported over OTLP.
+        otlp_service_name: String, "NAME", default("isocloud".into());
         /// Isolates kept started ahead of demand, per sandbox profile, so a cold
         /// boot skips deno's start; 0: none. Needs --mount-namespace on.
         prestarted_isolates: usize, "N", default(2), range(0..=64);

@@ -244,6 +244,30 @@ fn sandbox_layers_come_from_the_config_file_too() {
 }
 
 #[test]
+fn otlp_export_is_off_by_default_and_its_endpoint_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().to_str().unwrap();
+    let base = ["serve", "--apps", apps, "--state-dir", "/tmp/x"];
+    assert!(parse(&base).unwrap().otlp.is_none(), "off unless an endpoint is named");
+    let on = parse(&[&base[..], &["--otlp-endpoint", "http://collector:4318"]].concat()).unwrap().otlp.unwrap();
+    assert_eq!(on.endpoint.as_str(), "http://collector:4318/");
+    assert_eq!(on.service_name, "isocloud");
+    for bad in ["collector:4318", "ftp://collector", "http://collector/?x=1", "http://user:pw@collector", "nonsense"] {
+        assert_eq!(field_of(&[&base[..], &["--otlp-endpoint", bad]].concat()), "otlp_endpoint", "{bad}");
+    }
+    let named = [&base[..], &["--otlp-endpoint", "https://otel.example/", "--otlp-service-name", "edge-a"]].concat();
+    assert_eq!(parse(&named).unwrap().otlp.unwrap().service_name, "edge-a");
+    let blank = [&base[..], &["--otlp-endpoint", "http://c:4318", "--otlp-service-name", " "]].concat();
+    assert_eq!(field_of(&blank), "otlp_service_name");
+
+    let config = dir.path().join("isocloud.toml");
+    std::fs::write(&config, "otlp_endpoint = \"http://from-file:4318\"\notlp_service_name = \"f\"\n").unwrap();
+    let args = [&base[..], &["--config", config.to_str().unwrap()]].concat();
+    let from_file = parse(&args).unwrap().otlp.unwrap();
+    assert_eq!((from_file.endpoint.host_str(), from_file.service_name.as_str()), (Some("from-file"), "f"));
+}
+
+#[test]
 fn spool_bound_from_flag_or_file() {
     let dir = tempfile::tempdir().unwrap();
     let apps = dir.path().to_str().unwrap();

@@ -38,6 +38,7 @@ mod layers;
 mod lifecycle;
 mod multi_node;
 mod net_permissions;
+mod otlp;
 mod prestarted;
 mod remote_origin;
 mod stale_boot;
