@@ -12,6 +12,7 @@
 // The control plane's own test responder: TXT for verification, A for Pebble.
 #[path = "../../../controlplane/tests/api/support/dns.rs"]
 #[allow(dead_code, reason = "shared with the control plane's tests, which use more of it")]
+#[allow(clippy::duplicate_mod, reason = "control_plane.rs includes the same responder; each module keeps its own")]
 mod dns;
 
 use std::net::{Ipv4Addr, SocketAddr};

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod acme;
 mod activity;
 mod blob_gc;
 mod deployments;
