@@ -492,7 +492,8 @@ mod tests {
         assert_eq!(backoff(min, 1), Duration::from_secs(60));
         assert_eq!(backoff(min, 2), Duration::from_secs(120));
         assert_eq!(backoff(min, 3), Duration::from_secs(240));
-        assert_eq!(backoff(min, 9), RETRY_MAX);
+        assert_eq!(backoff(min, 9), Duration::from_secs(60 * 256));
+        assert_eq!(backoff(min, 10), RETRY_MAX, "60 s × 512 is past 6 h");
         assert_eq!(backoff(min, u32::MAX), RETRY_MAX);
         assert_eq!(backoff(min, 0), min);
         assert_eq!(backoff(Duration::from_secs(1), 2), Duration::from_secs(2));
