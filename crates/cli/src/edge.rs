@@ -55,7 +55,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let runners = Arc::new(Runners::new(&settings.runners, metrics.clone()).context("invalid --runner")?);
     let clients = RunnerClients::new(settings.runner_http2, settings.runner_max_idle);
     tokio::spawn(runners.clone().check(clients.clone(), settings.health_interval));
-    let edge = Arc::new(Edge::new(
+    let mut edge = Edge::new(
         table.clone(),
         runners.clone(),
         clients,
@@ -65,7 +65,12 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
             max_request_body_bytes: settings.max_request_body_bytes,
         },
         metrics,
-    ));
+    );
+    if let Some(otlp) = &settings.otlp {
+        edge = edge.with_telemetry(isocloud_telemetry::Telemetry::start(otlp, &mut registry)?);
+        tracing::info!(target: "isocloud::edge", endpoint = %otlp.endpoint, "OTLP export on");
+    }
+    let edge = Arc::new(edge);
 
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;

@@ -573,12 +573,14 @@ pub struct EdgeSettings {
     pub max_request_body_bytes: usize,
     pub public_bounds: ListenerBounds,
     pub admin_bounds: ListenerBounds,
+    /// `--otlp-endpoint`: a span per request; `None`: off.
+    pub otlp: Option<isocloud_telemetry::OtlpOptions>,
 }
 
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 22] = [
+pub const EDGE_OPTIONS: [&str; 24] = [
     "config",
     "listen",
     "admin_listen",
@@ -601,6 +603,8 @@ pub const EDGE_OPTIONS: [&str; 22] = [
     "runner_http2",
     "runner_max_idle",
     "health_interval_ms",
+    "otlp_endpoint",
+    "otlp_service_name",
 ];
 
 impl EdgeSettings {
@@ -661,6 +665,7 @@ impl EdgeSettings {
             max_request_body_bytes: usize::try_from(given.max_request_body_mb * 1024 * 1024).unwrap_or(usize::MAX),
             public_bounds: listeners.public,
             admin_bounds: listeners.admin,
+            otlp: otlp_settings(&given)?,
         })
     }
 }

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use isocloud_auth::sign_relay_token;
 use isocloud_ingress::EdgeError;
 use isocloud_protocol::{ERROR_HEADER, ErrorCode};
+use isocloud_telemetry::{RequestSpan, TRACEPARENT_HEADER, Telemetry};
 
 use crate::follower::{SigningKey, now_unix_s};
 use crate::hosts::HostTable;
@@ -61,6 +62,8 @@ pub struct Edge {
     options: ForwardOptions,
     metrics: Metrics,
     in_flight: Arc<AtomicUsize>,
+    /// `--otlp-endpoint`: a span per request; `None` costs one branch.
+    telemetry: Option<Telemetry>,
 }
 
 impl Edge {
@@ -72,7 +75,23 @@ impl Edge {
         options: ForwardOptions,
         metrics: Metrics,
     ) -> Self {
-        Self { table, runners, clients, key, options, metrics, in_flight: Arc::new(AtomicUsize::new(0)) }
+        Self {
+            table,
+            runners,
+            clients,
+            key,
+            options,
+            metrics,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            telemetry: None,
+        }
+    }
+
+    /// Exports a span per request; the runner's span becomes its child
+    /// (the request goes on with a `traceparent` naming it).
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     /// Requests between their head and their answer's end (a graceful stop
@@ -88,13 +107,26 @@ impl Edge {
         B::Error: Into<BoxError>,
     {
         let guard = InFlight::new(&self.in_flight);
-        let response = match self.forward(request).await {
+        let mut span = self.telemetry.as_ref().map(|telemetry| {
+            telemetry.request_span(request.method(), request.headers().get(TRACEPARENT_HEADER))
+        });
+        let response = match self.forward(request, &mut span).await {
             Ok(response) => {
                 self.metrics.requests.count(response.status().as_u16(), None);
+                if let Some(span) = &mut span {
+                    // A runner's own error answer says its code.
+                    let code = response.headers().get(ERROR_HEADER).and_then(|v| {
+                        ErrorCode::ALL.into_iter().map(ErrorCode::as_str).find(|code| code.as_bytes() == v.as_bytes())
+                    });
+                    span.status(response.status().as_u16(), code);
+                }
                 response
             }
             Err(error) => {
                 self.metrics.requests.count(error.code.http_status(), Some(error.code.as_str()));
+                if let Some(span) = &mut span {
+                    span.status(error.code.http_status(), Some(error.code.as_str()));
+                }
                 let refused_body = error.code == ErrorCode::PayloadTooLarge;
                 let mut response = error.code.response(&error.message).map(full);
                 if refused_body {
@@ -105,10 +137,15 @@ impl Edge {
                 response
             }
         };
-        response.map(|body| Tracked { inner: body, _guard: guard }.boxed_unsync())
+        response.map(|body| Tracked { inner: body, _guard: guard, _span: span }.boxed_unsync())
     }
 
-    async fn forward<B>(&self, mut request: Request<B>) -> Result<Response<EdgeBody>, EdgeError>
+    /// `span`: the request's, when traced (it ends with the answer's body).
+    async fn forward<B>(
+        &self,
+        mut request: Request<B>,
+        span: &mut Option<RequestSpan>,
+    ) -> Result<Response<EdgeBody>, EdgeError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -151,7 +188,12 @@ impl Edge {
         let retryable = idempotent && !upgrade && request.body().is_end_stream();
         let (parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let headers = forwarded_headers(parts.headers, &authority, upgrade)?;
+        let mut headers = forwarded_headers(parts.headers, &authority, upgrade)?;
+        if let Some(span) = span {
+            span.route(hostname(&authority), parts.uri.path(), &deployment_id, "");
+            // The runner's span is this one's child, not the client's.
+            headers.insert(HeaderName::from_static(TRACEPARENT_HEADER), span.traceparent());
+        }
 
         let candidates = self.runners.ranked(&deployment_id);
         let attempts = if retryable { candidates.len().min(MAX_ATTEMPTS) } else { 1 };
@@ -159,6 +201,9 @@ impl Edge {
         let mut failure = EdgeError::new(ErrorCode::UpstreamUnreachable, "no runner could be reached");
         for (attempt, runner) in candidates.iter().take(attempts).enumerate() {
             let last = attempt + 1 == attempts;
+            if let Some(span) = span {
+                span.runner(runner.name());
+            }
             // A retried request has no body: an empty one is the same.
             let body = body.take().unwrap_or_else(empty);
             let outgoing = self.outgoing(runner, &parts.method, &path, &headers, &deployment_id, body)?;
@@ -372,6 +417,8 @@ impl Drop for InFlight {
 struct Tracked {
     inner: EdgeBody,
     _guard: InFlight,
+    /// Exported when the answer's body is done (or dropped).
+    _span: Option<RequestSpan>,
 }
 
 impl Body for Tracked {

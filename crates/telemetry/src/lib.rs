@@ -321,12 +321,19 @@ impl RequestSpan {
     }
 
     /// Where the request went: its public host and path (each bounded), the
-    /// deployment and its origin.
+    /// deployment and its origin (none at the edge: empty).
     pub fn route(&mut self, host: &str, path: &str, deployment_id: &str, origin: &str) {
         self.attributes.push(KeyValue::new("server.address", bounded(host)));
         self.attributes.push(KeyValue::new("url.path", bounded(path)));
         self.attributes.push(KeyValue::new("isocloud.deployment_id", bounded(deployment_id)));
-        self.attributes.push(KeyValue::new("isocloud.origin", bounded(origin)));
+        if !origin.is_empty() {
+            self.attributes.push(KeyValue::new("isocloud.origin", bounded(origin)));
+        }
+    }
+
+    /// The runner the edge sent the request to (`isocloud edge`).
+    pub fn runner(&mut self, name: &str) {
+        self.attributes.push(KeyValue::new("isocloud.runner", bounded(name)));
     }
 
     /// Whether the request waited for a boot (`boot`) or found its isolate

@@ -839,6 +839,21 @@ fn the_edge_takes_its_runners_origin_and_key() {
     assert_eq!(settings.request_timeout, Duration::from_secs(60));
     assert_eq!(settings.public_bounds.listener, ListenerKind::Public);
     assert_eq!(settings.admin_bounds.listener, ListenerKind::Admin);
+    assert!(settings.otlp.is_none());
+    let traced = edge(&[
+        "--rpc-root",
+        "http://10.0.0.1:8082/",
+        "--subhost-secret",
+        EDGE_KEY,
+        "--runner",
+        "http://10.0.0.5:8080",
+        "--otlp-endpoint",
+        "http://collector:4318",
+        "--otlp-service-name",
+        "edge",
+    ])
+    .unwrap();
+    assert_eq!(traced.otlp.map(|o| o.service_name).as_deref(), Some("edge"));
 
     // The same from a TOML file (a key file too); flags win.
     let dir = tempfile::tempdir().unwrap();

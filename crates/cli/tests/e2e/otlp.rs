@@ -270,3 +270,88 @@ async fn a_collector_that_is_down_fails_no_request_and_counts_the_drops() {
     }
     assert!(spent < Duration::from_secs(20), "20 requests (one boot) took {spent:?}");
 }
+
+/// `isocloud serve` with `--origin-listen` and the test key (the edge's
+/// routing feed and the runner's origin); also the origin listener.
+fn serve_with_origin() -> (ControlPlaneServe, SocketAddr) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = data_dir.path().to_str().unwrap().to_owned();
+    let key = format!("{KID}={SECRET}");
+    let args = [
+        "serve",
+        "--data",
+        &data,
+        "--control-listen",
+        "127.0.0.1:0",
+        "--base-domain",
+        "localhost",
+        "--origin-listen",
+        "127.0.0.1:0",
+        "--origin-secret",
+        &key,
+        "--prestarted-isolates",
+        "0",
+    ];
+    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
+    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
+    let control = lines[0].trim().parse().expect("the control plane's address");
+    let origin = lines[1].trim().parse().expect("the origin listener's address");
+    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !serve.admin_token_file().is_file() {
+        assert!(std::time::Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (serve, origin)
+}
+
+#[tokio::test]
+async fn the_edges_span_is_the_parent_of_the_runners() {
+    let (collector, endpoint) = Collector::start().await;
+    let (serve, origin) = serve_with_origin();
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    let app = work.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("main.ts"), "Deno.serve((req) => new Response(req.headers.get(\"traceparent\")));\n")
+        .unwrap();
+    let cli = |args: &[&str]| isocloud_cli(&serve.control_url(), &serve.admin_token(), &config, args);
+    cli(&["projects", "create", "edged"]);
+    cli(&["deploy", "--project", "edged", "--prod", app.to_str().unwrap()]);
+    let rpc_root = format!("http://{origin}/");
+    let key = format!("{KID}={SECRET}");
+    let runner =
+        Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--otlp-endpoint", &endpoint]);
+    let edge = crate::support::edge::Edge::start(origin, &[&runner], &["--otlp-endpoint", &endpoint]);
+
+    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let response = reqwest::Client::builder()
+        .resolve("edged.localhost", edge.addr)
+        .build()
+        .unwrap()
+        .get(format!("http://edged.localhost:{}/", edge.addr.port()))
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "edge:\n{}", edge.stderr());
+    let inside = response.text().await.unwrap();
+    assert!(inside.starts_with(&format!("00-{CLIENT_TRACE}-")), "{inside}");
+
+    let in_trace = |c: &Collector| {
+        let spans: Vec<Span> = c.spans().into_iter().filter(|s| hex(&s.trace_id) == CLIENT_TRACE).collect();
+        (spans.len() >= 2).then_some(spans)
+    };
+    let spans = collector.wait("the edge's and the runner's spans", in_trace).await;
+    let at_edge =
+        spans.iter().find(|s| hex(&s.parent_span_id) == CLIENT_SPAN).expect("the edge's span: the client's child");
+    assert!(attribute(&at_edge.attributes, "isocloud.runner").is_some(), "{at_edge:?}");
+    assert_eq!(attribute(&at_edge.attributes, "http.response.status_code"), Some(&any_value::Value::IntValue(200)));
+    let at_runner =
+        spans.iter().find(|s| s.parent_span_id == at_edge.span_id).expect("the runner's span: the edge's child");
+    assert_eq!(inside, format!("00-{CLIENT_TRACE}-{}-01", hex(&at_runner.span_id)));
+    assert_eq!(
+        text(attribute(&at_runner.attributes, "isocloud.deployment_id")),
+        text(attribute(&at_edge.attributes, "isocloud.deployment_id"))
+    );
+}
