@@ -237,7 +237,8 @@ impl Telemetry {
         record.set_body(AnyValue::String(message.to_owned().into()));
         record.add_attribute("isocloud.deployment_id", deployment_id.to_owned());
         if let Some(request_id) = request_id {
-            record.add_attribute("isocloud.request_id", request_id.to_owned());
+            // The harness reports it; a tenant could send any string: bounded.
+            record.add_attribute("isocloud.request_id", bounded(request_id));
             let bound = self.inner.requests.lock().expect("requests poisoned").get(request_id).copied();
             if let Some((trace_id, span_id)) = bound {
                 record.set_trace_context(trace_id, span_id, Some(TraceFlags::SAMPLED));
