@@ -162,9 +162,21 @@ const levels = {
 // The runner cuts a console line at 32 KiB and drops a control message
 // over 256 KiB; cutting here keeps a long line's start instead of losing it.
 const MAX_LOG_CHARS = 32 * 1024;
+// A stack frame of the harness or of Deno's own code is noise to the tenant
+// (and names the platform's files): errors it reads show its frames only.
+const PLATFORM_FRAME = /^\s*at (?:.*[( ])?(?:file:\/\/\/isocloud\/harness\/|ext:|node:internal)/;
+// Where the isolate's files are when it has no root of its own; set once
+// the bootstrap is read, so the tenant reads file:///src/... names.
+let hostSrcUrl = null;
+function tenantText(text) {
+  let lines = text.split("\n");
+  if (lines.length > 1) lines = lines.filter((line) => !PLATFORM_FRAME.test(line));
+  const joined = lines.join("\n");
+  return hostSrcUrl ? joined.replaceAll(hostSrcUrl, "file:///src/") : joined;
+}
 function format(args) {
   const text = args
-    .map((a) => (typeof a === "string" ? a : Deno.inspect(a, { colors: false, depth: 4 })))
+    .map((a) => (typeof a === "string" ? a : tenantText(Deno.inspect(a, { colors: false, depth: 4 }))))
     .join(" ");
   if (text.length <= MAX_LOG_CHARS) return text;
   return `${text.slice(0, MAX_LOG_CHARS)} … [isocloud: truncated, ${text.length} characters in all]`;
@@ -281,6 +293,7 @@ if (prestarted) {
   installEnv(bootstrap.envs);
 }
 const { entrypoint, src_root: srcRoot, tree_path: treePath } = bootstrap;
+if (srcRoot !== "/src") hostSrcUrl = `file://${srcRoot}/`;
 
 // ---------------------------------------------------------------- assets
 
@@ -694,11 +707,23 @@ const DENO1_GLOBALS = [
   ["Deno.run", "use new Deno.Command(...)"],
 ];
 
+// Frames of the tenant's code a start failure names: where it threw.
+const START_FAILURE_FRAMES = 5;
 function startFailure(code, error) {
-  let message = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  let message = String(error);
+  if (error instanceof Error) {
+    // Deno's load errors may carry their own kind already ("SyntaxError: …"
+    // inside a TypeError): named once.
+    message = /^[A-Z][A-Za-z]*Error: /.test(error.message) ? error.message : `${error.name}: ${error.message}`;
+    const frames = String(error.stack ?? "")
+      .split("\n")
+      .filter((line) => /^\s+at /.test(line) && !PLATFORM_FRAME.test(line) && !message.includes(line.trim()))
+      .slice(0, START_FAILURE_FRAMES);
+    if (frames.length > 0) message += `\n${frames.join("\n")}`;
+  }
   // Without its own root the isolate's files live under a host path; the
   // tenant should read its own names (file:///src/...) in the message.
-  if (srcRoot !== "/src") message = message.replaceAll(`file://${srcRoot}/`, "file:///src/");
+  message = tenantText(message);
   // Deno 1's globals, gone in Deno 2: say what replaces them.
   for (const [gone, instead] of DENO1_GLOBALS) {
     if (message.includes(`${gone} is not defined`)) message += ` (Deno 2 has no ${gone}: ${instead})`;

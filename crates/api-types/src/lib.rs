@@ -195,10 +195,15 @@ pub struct LogEntry {
     pub request_id: Option<String>,
 }
 
-/// `POST /blobs/missing`: the asked-for hashes the server lacks.
+/// `POST /blobs/missing`: the asked-for hashes the server lacks, and the
+/// largest blob it takes (`--max-blob-mb`), so a client can refuse an
+/// oversized file by name before uploading anything (absent from servers
+/// older than the field: a newer CLI still talks to them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingBlobs {
     pub missing: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blob_bytes: Option<u64>,
 }
 
 /// `PUT /blobs/{hash}`: the blob as stored.

@@ -165,7 +165,8 @@ fn every_type_round_trips() {
         ..domain()
     });
     round_trip(&log_entry());
-    round_trip(&MissingBlobs { missing: vec!["ab".into()] });
+    round_trip(&MissingBlobs { missing: vec!["ab".into()], max_blob_bytes: Some(64 << 20) });
+    round_trip(&MissingBlobs { missing: vec!["ab".into()], max_blob_bytes: None });
     round_trip(&StoredBlob { hash: "ab".into(), size: 9 });
     round_trip(&usage());
     round_trip(&Analytics { step_s: 60, points: vec![point(), point()] });
@@ -190,7 +191,7 @@ fn a_missing_field_is_an_error_naming_it() {
     every_field_is_required(&domain().certificate.unwrap());
     every_field_is_required(&domain().acme.unwrap());
     every_field_is_required(&log_entry());
-    every_field_is_required(&MissingBlobs { missing: vec![] });
+    every_field_is_required(&MissingBlobs { missing: vec![], max_blob_bytes: None });
     every_field_is_required(&StoredBlob { hash: "ab".into(), size: 9 });
     every_field_is_required(&usage());
     every_field_is_required(&Analytics { step_s: 60, points: vec![] });

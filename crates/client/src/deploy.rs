@@ -192,8 +192,15 @@ async fn upload(api: &Api, files: &[HashedFile]) -> Result<UploadSummary, Client
     }
     let hashes: Vec<String> = unique.keys().map(|h| h.to_string()).collect();
     let mut missing: HashSet<String> = HashSet::new();
+    let mut max_blob_bytes = u64::MAX;
     for batch in hashes.chunks(MISSING_BATCH) {
-        missing.extend(api.missing_blobs(batch).await?);
+        let answer = api.missing_blobs(batch).await?;
+        max_blob_bytes = max_blob_bytes.min(answer.max_blob_bytes.unwrap_or(u64::MAX));
+        missing.extend(answer.missing);
+    }
+    // Every file, also one the server has: the deployment would be refused.
+    if let Some(file) = files.iter().filter(|f| f.size > max_blob_bytes).max_by_key(|f| f.size) {
+        return Err(FilesError::TooLarge { path: file.path.clone(), size_bytes: file.size, max_blob_bytes }.into());
     }
     // Only what was asked about: anything else in the answer is ignored.
     let to_upload: Vec<&HashedFile> =

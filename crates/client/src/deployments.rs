@@ -33,7 +33,7 @@ pub async fn list(api: Api, project: &str, limit: u32, json: bool) -> Result<(),
             ]
         })
         .collect();
-    print!("{}", table(&["ID", "CREATED", "STATUS", "", "GIT"], &rows));
+    print!("{}", table(&["ID", "CREATED", "STATUS", "PROD", "GIT"], &rows));
     Ok(())
 }
 

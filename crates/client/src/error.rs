@@ -84,6 +84,13 @@ pub enum FilesError {
     /// The server hashed other bytes than the walk did.
     #[error("{path} changed while deploying; run the deploy again")]
     Changed { path: String },
+    /// A file over the server's `--max-blob-mb`, refused before any upload.
+    #[error(
+        "{path} is {} MiB, over the server's bound of {} MiB per file (its --max-blob-mb); \
+         leave it out with `--exclude '{path}'`, or ask the operator to raise the bound",
+        mib(*size_bytes), mib(*max_blob_bytes)
+    )]
+    TooLarge { path: String, size_bytes: u64, max_blob_bytes: u64 },
     #[error("{} is not PEM (no -----BEGIN line)", .path.display())]
     NotPem { path: PathBuf },
     #[error("cannot read the token from {}", .path.display())]
@@ -133,4 +140,10 @@ pub enum PromptError {
     NoTerminal { name: String },
     #[error("not deleted: the name typed was not `{name}`")]
     NotConfirmed { name: String },
+}
+
+/// Bytes in MiB with one decimal, as the server's `--max-blob-mb` counts.
+fn mib(bytes: u64) -> String {
+    let value = bytes as f64 / (1024.0 * 1024.0);
+    if value.fract() == 0.0 { format!("{value:.0}") } else { format!("{value:.1}") }
 }

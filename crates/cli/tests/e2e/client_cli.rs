@@ -28,6 +28,10 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with_max_blob_bytes(64 * 1024 * 1024)
+    }
+
+    fn start_with_max_blob_bytes(max_blob_bytes: u64) -> Server {
         let data = tempfile::tempdir().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let options = ControlPlaneOptions {
@@ -38,7 +42,7 @@ impl Server {
             public_https_port: None,
             log_retention: Duration::from_secs(72 * 3600),
             usage_retention: Duration::from_secs(30 * 86_400),
-            max_blob_bytes: 64 * 1024 * 1024,
+            max_blob_bytes,
             domain_verify_http_port: 80,
             dns_resolver: None,
             build: None,
@@ -171,6 +175,50 @@ fn app_with_30_files() -> tempfile::TempDir {
 }
 
 #[test]
+fn a_file_over_the_servers_blob_bound_is_refused_by_name_before_anything_is_uploaded() {
+    let server = Server::start_with_max_blob_bytes(2 * 1024 * 1024);
+    let cli = Cli::new();
+    let token_file = server.admin_token_file().display().to_string();
+    cli.ok(&["login", "--url", &server.url, "--token-file", &token_file]);
+    cli.ok(&["projects", "create", "big"]);
+    let app = tempfile::tempdir().unwrap();
+    write(app.path(), "main.ts", "Deno.serve(() => new Response('hi'));\n");
+    write(app.path(), "small.txt", "small\n");
+    let dir = app.path().to_str().unwrap();
+    // The probe: at the bound exactly, the deploy goes through.
+    std::fs::write(app.path().join("assets.bin"), vec![7u8; 2 * 1024 * 1024]).unwrap();
+    cli.ok(&["deploy", "--project", "big", dir]);
+
+    std::fs::create_dir(app.path().join("media")).unwrap();
+    std::fs::write(app.path().join("media/video.bin"), vec![9u8; 3 * 1024 * 1024 + 100_000]).unwrap();
+    write(app.path(), "new.txt", "a file the server has not seen\n");
+    let error = cli.fails(&["deploy", "--project", "big", dir]);
+    assert!(
+        error.contains("media/video.bin is 3.1 MiB, over the server's bound of 2 MiB per file")
+            && error.contains("--exclude 'media/video.bin'"),
+        "{error}"
+    );
+    assert!(!error.contains("cannot reach"), "{error}");
+    // Nothing was uploaded: the new small file is still missing on the server.
+    let new_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"a file the server has not seen\n"));
+    let token = std::fs::read_to_string(server.admin_token_file()).unwrap();
+    let missing: serde_json::Value = server.runtime.block_on(async {
+        let answer = reqwest::Client::new()
+            .post(format!("{}/api/v1/blobs/missing", server.url))
+            .bearer_auth(token.trim())
+            .json(&serde_json::json!({ "hashes": [new_hash] }))
+            .send()
+            .await
+            .unwrap();
+        answer.json().await.unwrap()
+    });
+    assert_eq!(missing["missing"], serde_json::json!([new_hash]), "{missing}");
+    // The hint works as written.
+    let (stdout, _) = cli.ok(&["deploy", "--project", "big", "--exclude", "media/video.bin", dir]);
+    assert!(stdout.contains("big-"), "{stdout}");
+}
+
+#[test]
 fn the_client_commands_against_the_control_plane() {
     let server = Server::start();
     let cli = Cli::new();
@@ -234,6 +282,12 @@ fn the_client_commands_against_the_control_plane() {
     let (stdout, _) = cli.ok(&["deployments", "-p", "hello"]);
     let prod_line = stdout.lines().find(|l| l.contains("Prod")).expect(&stdout);
     assert!(prod_line.starts_with(&third), "{stdout}");
+    // Each column's values start under its header.
+    let header = stdout.lines().next().unwrap();
+    assert_eq!(header.find("PROD"), prod_line.find("Prod"), "{stdout}");
+    for line in stdout.lines().skip(1) {
+        assert_eq!(header.find("STATUS"), line.find("ready"), "{stdout}");
+    }
 
     // Production: promote twice, roll back to the one before, then to a named
     // earlier one (a rollback drops the promotions after its target).

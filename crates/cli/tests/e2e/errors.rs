@@ -303,6 +303,56 @@ async fn isolates_that_fail_to_start_are_502_isolate_start_failed() {
     wait_until("the failed isolates to go", Duration::from_secs(5), || runner.isolate_pids().len() == 1).await;
 }
 
+/// What a tenant reads of its own errors names its file and line, and none
+/// of the platform's frames (the harness's, deno's internals).
+#[tokio::test]
+async fn tenant_errors_name_the_tenants_file_and_line_and_no_platform_frames() {
+    let (origin, runner) = origin_and_runner(&["--usage-interval-s", "1"]).await;
+    let platform = |text: &str| text.contains("harness") || text.contains("ext:") || text.contains("node:internal");
+    origin.deploy(
+        "throws-in-a-function",
+        TestDeployment::inline_js("function boom() {\n  throw new Error('thrown at start');\n}\nboom();\nDeno.serve(() => new Response('never'));"),
+    );
+    let message = control_plane_error(&runner, "throws-in-a-function", "ISOLATE_START_FAILED").await;
+    assert!(message.starts_with("Error: thrown at start\n"), "{message}");
+    assert!(message.contains("at boom (file:///src/main.js:2:9)"), "the place it threw: {message}");
+    assert!(message.contains("at file:///src/main.js:4:1"), "and the call: {message}");
+    assert!(!platform(&message), "{message}");
+
+    origin.deploy(
+        "throws-in-the-handler",
+        TestDeployment::inline_js(
+            "Deno.serve((req) => {\n  console.error(new Error('logged'));\n  return null.property;\n});",
+        ),
+    );
+    let response = get(&runner, "throws-in-the-handler", "/").await;
+    assert_eq!(response.status(), 500);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (logged, thrown) = loop {
+        let messages: Vec<String> = origin
+            .activity_events()
+            .iter()
+            .filter(|e| e["deployment_id"] == "throws-in-the-handler" && e["type"] == "log")
+            .filter_map(|e| e["message"].as_str().map(str::to_owned))
+            .collect();
+        let logged = messages.iter().find(|m| m.starts_with("Error: logged")).cloned();
+        let thrown = messages.iter().find(|m| m.contains("TypeError")).cloned();
+        if let (Some(logged), Some(thrown)) = (logged, thrown) {
+            break (logged, thrown);
+        }
+        assert!(std::time::Instant::now() < deadline, "no error lines: {:?}", origin.activity_events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The probe: both name the tenant's line.
+    assert!(logged.contains("at file:///src/main.js:2:17"), "{logged}");
+    assert!(thrown.contains("at file:///src/main.js:3:15"), "{thrown}");
+    assert!(!thrown.contains("TypeError: TypeError"), "{thrown}");
+    for line in [&logged, &thrown] {
+        assert!(!platform(line), "platform frames in a tenant's line: {line}");
+    }
+    assert_still_serving(&runner).await;
+}
+
 #[tokio::test]
 async fn an_isolate_dying_mid_request_is_502_isolate_crashed_and_the_next_request_gets_a_fresh_one() {
     let (origin, runner) = origin_and_runner(&[]).await;

@@ -33,7 +33,7 @@ pub(crate) async fn missing(
             missing.push(hash.clone());
         }
     }
-    Ok(Json(wire::MissingBlobs { missing }))
+    Ok(Json(wire::MissingBlobs { missing, max_blob_bytes: Some(cp.options.max_blob_bytes) }))
 }
 
 pub(crate) async fn upload(
