@@ -108,6 +108,10 @@ impl CallError {
     }
 }
 
+/// The server's bound on one page of logs, and its page without `limit`.
+const MAX_LOG_PAGE: u32 = 1000;
+const DEFAULT_LOG_PAGE: usize = 100;
+
 /// The filters of a log query.
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
@@ -254,10 +258,9 @@ impl Api {
         self.empty(self.request(Method::DELETE, &["projects", name])?).await
     }
 
-    pub async fn missing_blobs(&self, hashes: &[String]) -> Result<Vec<String>, CallError> {
+    pub async fn missing_blobs(&self, hashes: &[String]) -> Result<MissingBlobs, CallError> {
         let body = isocloud_api::BlobHashesBody { hashes: hashes.to_vec() };
-        let answer: MissingBlobs = self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await?;
-        Ok(answer.missing)
+        self.json(self.request(Method::POST, &["blobs", "missing"])?.json(&body)).await
     }
 
     /// Uploads one blob, streamed; no overall timeout, since a large blob
@@ -360,16 +363,20 @@ impl Api {
             pairs.push(("since", since.clone()));
         }
         if let Some(limit) = query.limit {
-            pairs.push(("limit", limit.to_string()));
+            pairs.push(("limit", limit.min(MAX_LOG_PAGE).to_string()));
         }
         Ok(self.request(Method::GET, &["projects", project, "logs"])?.query(&pairs))
     }
 
+    /// The newest `limit` entries (the server's default page without one),
+    /// following the pages back in time past the server's page bound.
     pub async fn logs(&self, project: &str, query: &LogQuery) -> Result<Vec<LogEntry>, CallError> {
-        self.json(self.logs_request(project, query)?).await
+        let wanted = query.limit.map_or(DEFAULT_LOG_PAGE, |n| n as usize);
+        self.pages(self.logs_request(project, query)?, wanted).await
     }
 
     /// The NDJSON stream of `follow=true`; the caller reads it line by line.
+    /// Its backlog is one page at most.
     pub async fn follow_logs(&self, project: &str, query: &LogQuery) -> Result<Response, CallError> {
         self.send(self.logs_request(project, query)?.query(&[("follow", "true")])).await
     }

@@ -31,7 +31,7 @@ pub struct LogsArgs {
     /// From this time on: RFC 3339 (2025-01-31T12:00:00Z) or a duration back from now (10m, 1h30m, 2d).
     #[arg(long, value_name = "WHEN")]
     pub since: Option<String>,
-    /// At most this many entries (the server's default otherwise).
+    /// The newest N entries (default 100; more than a page of 1,000 are read page by page).
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
     /// Keep printing new entries until Ctrl-C.

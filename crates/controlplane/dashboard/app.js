@@ -693,10 +693,22 @@ async function logsTab(ctx) {
       `${d.id}${d.production ? " (Prod)" : ""}`)));
   const status = h("span", { class: "stream-status", testid: "logs-status", "data-state": "connecting" }, "connecting…");
   const clear = h("button", { type: "button", class: "button subtle", testid: "logs-clear" }, "Clear");
+  const older = h("button", { type: "button", class: "button subtle", testid: "logs-older", hidden: true }, "Older entries");
   const lines = h("div", { class: "logs", testid: "log-view", role: "log", tabindex: "0" });
   replace(ctx.panel, h("div", { class: "toolbar" },
-    h("label", { for: "log-deployment" }, "Deployment "), select, status, clear), lines);
+    h("label", { for: "log-deployment" }, "Deployment "), select, status, older, clear), lines);
   clear.addEventListener("click", () => lines.replaceChildren());
+  // The list's pages go back in time: each click puts the next one on top.
+  let olderPage = null;
+  const setOlder = (next) => {
+    olderPage = next;
+    older.hidden = !next;
+  };
+  older.addEventListener("click", () => act(older, async () => {
+    const page = await apiPage(olderPage);
+    lines.prepend(...page.items.map(logLine));
+    setOlder(page.next);
+  }));
   select.addEventListener("change", () => {
     const q = select.value ? `?deployment=${enc(select.value)}` : "";
     location.hash = `#/projects/${enc(ctx.name)}/logs${q}`;
@@ -705,7 +717,7 @@ async function logsTab(ctx) {
     status.dataset.state = state;
     status.textContent = text;
   };
-  followLogs(ctx.name, select.value, view.signal, (entry) => appendLog(lines, entry), setStatus).catch((e) => {
+  followLogs(ctx.name, select.value, view.signal, (entry) => appendLog(lines, entry), setStatus, setOlder).catch((e) => {
     setStatus("stopped", "stopped");
     showError(e);
   });
@@ -713,9 +725,15 @@ async function logsTab(ctx) {
 
 function appendLog(container, entry) {
   const stick = container.scrollHeight - container.scrollTop - container.clientHeight < 48;
+  container.append(logLine(entry));
+  while (container.childElementCount > MAX_LOG_LINES) container.firstElementChild.remove();
+  if (stick) container.scrollTop = container.scrollHeight;
+}
+
+function logLine(entry) {
   const level = entry.level ?? (entry.type === "log" ? "info" : "event");
   const lifecycle = entry.type && entry.type !== "log";
-  container.append(h("div", {
+  return h("div", {
     class: `log-line level-${level}${lifecycle ? ` event event-${entry.type}` : ""}`, testid: "log-line",
     "data-level": level, "data-type": entry.type ?? "log", "data-request-id": entry.request_id ?? null,
     "data-deployment-id": entry.deployment_id ?? null,
@@ -725,9 +743,7 @@ function appendLog(container, entry) {
   h("span", { class: "log-deployment", title: entry.deployment_id ?? "" }, String(entry.deployment_id ?? "").slice(0, 12)),
   h("span", { class: "log-level" }, lifecycle ? entry.type : level),
   entry.request_id ? h("span", { class: "log-request", testid: "log-request-id", title: "request id" }, entry.request_id) : null,
-  h("span", { class: "log-message", testid: "log-message" }, String(entry.message ?? ""))));
-  while (container.childElementCount > MAX_LOG_LINES) container.firstElementChild.remove();
-  if (stick) container.scrollTop = container.scrollHeight;
+  h("span", { class: "log-message", testid: "log-message" }, String(entry.message ?? "")));
 }
 
 /**
@@ -735,7 +751,7 @@ function appendLog(container, entry) {
  * (`?follow=true`, read through fetch so the Authorization header goes
  * along), reconnecting after a drop; entries are shown once each (by id).
  */
-async function followLogs(name, deployment, signal, onEntry, setStatus) {
+async function followLogs(name, deployment, signal, onEntry, setStatus, setOlder) {
   const seen = new Set();
   let since = null;
   const emit = (entry) => {
@@ -752,9 +768,10 @@ async function followLogs(name, deployment, signal, onEntry, setStatus) {
 
   const recent = new URLSearchParams(base);
   recent.set("limit", "200");
-  const backlog = await api("GET", `/projects/${enc(name)}/logs?${recent}`, undefined, { signal });
+  const backlog = await apiPage(`/projects/${enc(name)}/logs?${recent}`, { signal });
   const order = (a, b) => (a.id != null && b.id != null ? a.id - b.id : String(a.timestamp).localeCompare(String(b.timestamp)));
-  for (const entry of [...(backlog ?? [])].sort(order)) emit(entry);
+  for (const entry of [...(backlog.items ?? [])].sort(order)) emit(entry);
+  setOlder(backlog.next);
 
   while (!signal.aborted) {
     const follow = new URLSearchParams(base);

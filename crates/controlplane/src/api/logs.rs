@@ -15,6 +15,7 @@ use isocloud_api as wire;
 use sqlx::AnyConnection;
 
 use super::deployments::deployment_not_found;
+use super::paging::{PageRequest, bad_cursor};
 use super::projects::project_or_404;
 use super::{ApiPath, ApiQuery, AppState, views};
 use crate::ControlPlane;
@@ -51,15 +52,20 @@ pub(crate) async fn project_logs(
     ApiPath(name): ApiPath<String>,
     query: ApiQuery,
 ) -> Result<Response, ApiError> {
-    query.only(&["deployment", "since", "limit", "follow"])?;
+    query.only(&["deployment", "since", "limit", "follow", "cursor"])?;
     let mut conn = cp.store.read().await?;
     let project = project_or_404(&mut conn, &name).await?;
     let deployment_id = deployment_filter(&mut conn, &project.id, &query).await?;
     let bounds = limits::get(&mut conn, &project.id).await?;
     drop(conn);
-    let filter =
-        LogFilter { project_id: Some(project.id), deployment_id, since_ms: query.time_ms("since")?, after_id: None };
-    let mut response = logs_response(cp, filter, &query).await?;
+    let filter = LogFilter {
+        project_id: Some(project.id),
+        deployment_id,
+        since_ms: query.time_ms("since")?,
+        ..LogFilter::default()
+    };
+    let path = with_filters(format!("/api/v1/projects/{name}/logs"), &query, &["deployment", "since"]);
+    let mut response = logs_response(cp, filter, &query, &path).await?;
     // What the project's bounds dropped, beside the lines: over the rate
     // (also an entry of type "dropped" in the lines, once a minute) and
     // removed oldest-first for the total (`GET …/limits` has the rest).
@@ -79,27 +85,62 @@ pub(crate) async fn deployment_logs(
     ApiPath(id): ApiPath<String>,
     query: ApiQuery,
 ) -> Result<Response, ApiError> {
-    query.only(&["since", "limit", "follow"])?;
+    query.only(&["since", "limit", "follow", "cursor"])?;
     let id = validate::deployment_id(&id).ok_or_else(|| deployment_not_found(&id))?;
     {
         let mut conn = cp.store.read().await?;
         deployments::get(&mut conn, id.as_str()).await?.ok_or_else(|| deployment_not_found(id.as_str()))?;
     }
+    let path = with_filters(format!("/api/v1/deployments/{}/logs", id.as_str()), &query, &["since"]);
     let deployment_id = Some(id.into_string());
-    let filter = LogFilter { project_id: None, deployment_id, since_ms: query.time_ms("since")?, after_id: None };
-    logs_response(cp, filter, &query).await
+    let filter = LogFilter { deployment_id, since_ms: query.time_ms("since")?, ..LogFilter::default() };
+    logs_response(cp, filter, &query, &path).await
 }
 
-async fn logs_response(cp: Arc<ControlPlane>, filter: LogFilter, query: &ApiQuery) -> Result<Response, ApiError> {
-    let limit = query.int("limit", 100, 1, 1000)?;
+/// `path` with the filters of `query` that were given, for the next page's link.
+fn with_filters(path: String, query: &ApiQuery, names: &[&str]) -> String {
+    let mut pairs = url::form_urlencoded::Serializer::new(String::new());
+    for name in names {
+        if let Some(value) = query.text(name) {
+            pairs.append_pair(name, value);
+        }
+    }
+    let pairs = pairs.finish();
+    if pairs.is_empty() { path } else { format!("{path}?{pairs}") }
+}
+
+/// A page of the newest entries (oldest first within it), its `Link` to the
+/// page of older ones; or, with `follow`, that page and then the new ones as
+/// they come. The cursor is the oldest entry's id given: pages go back in
+/// time, and entries stored meanwhile never shift them.
+async fn logs_response(
+    cp: Arc<ControlPlane>,
+    mut filter: LogFilter,
+    query: &ApiQuery,
+    path: &str,
+) -> Result<Response, ApiError> {
+    let page = PageRequest::from_query(query, 100, 1000, 1)?;
     let follow = query.flag("follow")?;
-    let initial = {
+    if let Some(after) = &page.after {
+        if follow {
+            return Err(ApiError::field("cursor", "pages older entries; it does not go with follow=true"));
+        }
+        filter.before_id = Some(after[0].parse().map_err(|_| bad_cursor())?);
+    }
+    let mut initial = {
         let mut conn = cp.store.read().await?;
-        activity::logs(&mut conn, &filter, limit, true).await?
+        activity::logs(&mut conn, &filter, page.fetch(), true).await?
     };
     if !follow {
-        return Ok(Json(initial.iter().map(views::log).collect::<Vec<_>>()).into_response());
+        // Newest last: the extra row that says more follow is the first.
+        initial.reverse();
+        let (headers, mut rows) = page.finish(initial, path, |log| vec![log.id.to_string()]);
+        rows.reverse();
+        return Ok((headers, Json(rows.iter().map(views::log).collect::<Vec<_>>())).into_response());
     }
+    // Follow mode starts from the page asked for, without the extra row.
+    let extra = initial.len().saturating_sub(usize::try_from(page.limit).unwrap_or(usize::MAX));
+    initial.drain(..extra);
     let guard = FollowGuard::new(&cp)?;
     let last_id = initial.last().map_or(0, |log| log.id);
     let state = Follow { cp, filter, last_id, pending: initial.into(), _guard: guard };

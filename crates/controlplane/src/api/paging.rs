@@ -36,7 +36,8 @@ impl PageRequest {
 
     /// Cuts `rows` (fetched with [`PageRequest::fetch`]) to the page; the
     /// `Link` header to the next page when there is one, its cursor made
-    /// from the last row given by `key`.
+    /// from the last row given by `key`. `path` may carry the list's
+    /// filters as a query (`…/logs?deployment=…`); the link keeps them.
     pub fn finish<T>(&self, mut rows: Vec<T>, path: &str, key: impl Fn(&T) -> Vec<String>) -> (HeaderMap, Vec<T>) {
         let mut headers = HeaderMap::new();
         let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);

@@ -462,6 +462,8 @@ pub struct LogFilter {
     pub since_ms: Option<i64>,
     /// Only ids above this (follow mode).
     pub after_id: Option<i64>,
+    /// Only ids below this (the next, older page of a list).
+    pub before_id: Option<i64>,
 }
 
 /// The newest `limit` matching logs, returned oldest first (when
@@ -489,6 +491,9 @@ pub(crate) fn logs_sql(filter: &LogFilter, limit: i64, newest: bool) -> Sql {
     }
     if let Some(after_id) = filter.after_id {
         sql.push(" AND id > ").bind(Arg::Int(after_id));
+    }
+    if let Some(before_id) = filter.before_id {
+        sql.push(" AND id < ").bind(Arg::Int(before_id));
     }
     sql.push(if newest { " ORDER BY id DESC LIMIT " } else { " ORDER BY id ASC LIMIT " }).bind(Arg::Int(limit));
     sql

@@ -10,7 +10,14 @@ use serde_json::{Value, json};
 use crate::backend_tests;
 use crate::support::{Backend, TestServer, eventually};
 
-backend_tests!(logs_are_stored_and_listed, batches_are_stored_once, logs_follow, usage_and_analytics, retention_prunes);
+backend_tests!(
+    logs_are_stored_and_listed,
+    logs_page_back_in_time,
+    batches_are_stored_once,
+    logs_follow,
+    usage_and_analytics,
+    retention_prunes
+);
 
 fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
@@ -98,6 +105,48 @@ async fn logs_are_stored_and_listed(backend: Backend) {
     s.get("/api/v1/deployments/zzzzzzzzzzzz/logs").await.assert_error(404, "NOT_FOUND", None);
     // Unknown deployments' reports are taken (so the runner stops) and dropped.
     origin.report_activity("zzzzzzzzzzzz", &batch("b-z", vec![log("zzzzzzzzzzzz", t, "x")])).await.unwrap();
+}
+
+/// Pages of logs go back in time: each page newest-last, the `Link` to the
+/// older ones keeping the filters; entries stored while paging shift nothing.
+async fn logs_page_back_in_time(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let (a, b) = two_deployments(&s).await;
+    let origin = s.cp.origin();
+    let t = now_ms() - 60_000;
+    let events: Vec<Value> = (0..7).map(|n| log(&a, t + n, &format!("a{n}"))).collect();
+    origin.report_activity(&a, &batch("b-a", events)).await.unwrap();
+    origin.report_activity(&b, &batch("b-b", vec![log(&b, t + 20, "b0")])).await.unwrap();
+
+    let first = s.get(&format!("/api/v1/projects/p/logs?deployment={a}&limit=3")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let messages =
+        |v: &Value| v.as_array().unwrap().iter().map(|l| l["message"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(messages(&first.json()), ["a4", "a5", "a6"]);
+    let link = first.headers.get("link").expect("a link to older entries").to_str().unwrap().to_owned();
+    assert!(link.contains(&format!("deployment={a}")) && link.contains("limit=3"), "{link}");
+    let next = link.trim_start_matches('<').split('>').next().unwrap().to_owned();
+
+    // A new entry arrives between two pages: the next page is unchanged.
+    origin.report_activity(&a, &batch("b-a2", vec![log(&a, t + 30, "a-late")])).await.unwrap();
+    let second = s.get(&next).await;
+    assert_eq!(messages(&second.json()), ["a1", "a2", "a3"]);
+    let link = second.headers.get("link").unwrap().to_str().unwrap();
+    let last = s.get(link.trim_start_matches('<').split('>').next().unwrap()).await;
+    assert_eq!(messages(&last.json()), ["a0"]);
+    assert!(last.headers.get("link").is_none(), "the oldest page has no next");
+
+    // The deployment's own list pages the same way.
+    let own = s.get(&format!("/api/v1/deployments/{a}/logs?limit=7")).await;
+    assert_eq!(messages(&own.json()), ["a1", "a2", "a3", "a4", "a5", "a6", "a-late"]);
+    assert!(own.headers.get("link").unwrap().to_str().unwrap().starts_with(&format!("</api/v1/deployments/{a}/logs?")));
+    s.get("/api/v1/projects/p/logs?cursor=bm90").await.assert_error(400, "INVALID_FIELD", Some("cursor"));
+    let cursor = next.split("cursor=").nth(1).unwrap();
+    s.get(&format!("/api/v1/projects/p/logs?follow=true&cursor={cursor}")).await.assert_error(
+        400,
+        "INVALID_FIELD",
+        Some("cursor"),
+    );
 }
 
 pub fn format_ms(ms: i64) -> String {
