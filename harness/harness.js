@@ -816,9 +816,15 @@ if (handler) originalServe(
       id: request.headers.get("x-isocloud-request-id"),
       traceparent: request.headers.get("traceparent"),
     };
+    // The isolate's socket is the runner's; the client is who the runner
+    // says it is (`x-forwarded-for`, set on every request it passes in).
+    const client = request.headers.get("x-forwarded-for");
+    const tenantInfo = client
+      ? Object.create(info, { remoteAddr: { value: { transport: "tcp", hostname: client, port: 0 }, enumerable: true } })
+      : info;
     return requestContext.run(current, async () => {
       try {
-        return await handler(request, info);
+        return await handler(request, tenantInfo);
       } catch (e) {
         if (serveOnError) return serveOnError(e);
         return internalError(e);

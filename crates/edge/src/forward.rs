@@ -10,6 +10,7 @@
 //! and took nothing), at most [`MAX_ATTEMPTS`] runners in all. Anything
 //! else is sent once: its body is gone, or the tenant may have acted on it.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use http_body::Body;
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use isocloud_auth::sign_relay_token;
-use isocloud_ingress::EdgeError;
+use isocloud_ingress::{EdgeError, PeerAddr};
 use isocloud_protocol::{ERROR_HEADER, ErrorCode};
 use isocloud_telemetry::{RequestSpan, TRACEPARENT_HEADER, Telemetry};
 
@@ -188,7 +189,8 @@ impl Edge {
         let retryable = idempotent && !upgrade && request.body().is_end_stream();
         let (parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let mut headers = forwarded_headers(parts.headers, &authority, upgrade)?;
+        let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip().to_canonical());
+        let mut headers = forwarded_headers(parts.headers, &authority, client, upgrade)?;
         if let Some(span) = span {
             span.route(hostname(&authority), parts.uri.path(), &deployment_id, "");
             // The runner's span is this one's child, not the client's.
@@ -308,8 +310,15 @@ pub async fn serve_public(
 /// `x-deno-subhost` of the client's own dropped, `Host` left to the
 /// connection (`:authority` on h2c), and the host the client asked for in
 /// `x-forwarded-host` (the runner takes it from a verified relay as the
-/// isolate's `request.url` host), with `x-forwarded-proto`.
-fn forwarded_headers(mut headers: HeaderMap, authority: &str, upgrade: bool) -> Result<HeaderMap, EdgeError> {
+/// isolate's `request.url` host), with `x-forwarded-proto`, and the client's
+/// address in `x-forwarded-for` (replacing whatever the client wrote there:
+/// the runner believes a relay's, and the edge is one).
+fn forwarded_headers(
+    mut headers: HeaderMap,
+    authority: &str,
+    client: Option<IpAddr>,
+    upgrade: bool,
+) -> Result<HeaderMap, EdgeError> {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
@@ -323,6 +332,11 @@ fn forwarded_headers(mut headers: HeaderMap, authority: &str, upgrade: bool) -> 
         .map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the Host header does not name a host"))?;
     headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    headers.remove("x-forwarded-for");
+    if let Some(client) = client {
+        let value = HeaderValue::from_str(&client.to_string()).expect("an address is a valid header value");
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
     Ok(headers)
 }
 

@@ -510,6 +510,11 @@ async fn run<I, S, B>(
     }
 }
 
+/// The address a request's connection came from, in its extensions (for a
+/// service of [`serve_bounded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
 /// Serves `service` on `listener` within `bounds` until the task is
 /// dropped: the control plane's and the admin listener's loop. Request
 /// bodies reach the service as [`BoundedBody`].
@@ -546,7 +551,9 @@ where
             move |conn: &Arc<ConnState>| {
                 let conn = conn.clone();
                 service_fn(move |request: Request<Incoming>| {
-                    service.call(request.map(|body| BoundedBody::new(body, &for_bodies, &conn)))
+                    let mut request = request.map(|body| BoundedBody::new(body, &for_bodies, &conn));
+                    request.extensions_mut().insert(PeerAddr(peer));
+                    service.call(request)
                 })
             },
         ));

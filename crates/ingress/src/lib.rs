@@ -40,7 +40,7 @@ pub use bounds::{
     BodyBound, Breach, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE_KB_S, LISTENER_DEFAULTS, ListenerBounds,
     ListenerDefaults, ListenerKind,
 };
-pub use connection::{BodyTooSlow, BoundedBody, serve_bounded};
+pub use connection::{BodyTooSlow, BoundedBody, PeerAddr, serve_bounded};
 pub use error::EdgeError;
 pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};
 pub use metrics::{EdgeMetrics, ListenerMetrics};

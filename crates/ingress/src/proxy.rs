@@ -23,6 +23,8 @@ use crate::trace::Traced;
 use crate::{EdgeError, EdgeMetrics, Router};
 
 pub const REQUEST_ID_HEADER: &str = "x-isocloud-request-id";
+/// The client's address, for the isolate.
+pub const FORWARDED_FOR_HEADER: &str = "x-forwarded-for";
 
 /// What the listener knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -265,6 +267,14 @@ impl Proxy {
             // The isolate's parent is the runner's span, not the client's.
             headers.insert(HeaderName::from_static(isocloud_telemetry::TRACEPARENT_HEADER), traced.span.traceparent());
         }
+        // The client's address, as the runner knows it: whatever a client
+        // wrote there itself is replaced (only a verified relay speaks for
+        // another). The harness gives it to the handler as `info.remoteAddr`.
+        let client_ip = route.relayed_client.unwrap_or_else(|| connection.peer.ip().to_canonical());
+        headers.insert(
+            HeaderName::from_static(FORWARDED_FOR_HEADER),
+            HeaderValue::from_str(&client_ip.to_string()).expect("an address is a valid header value"),
+        );
 
         // A declared length over the bound was refused up front; an
         // undeclared one is cut off where it passes it (the isolate then

@@ -1,5 +1,6 @@
 //! Which deployment serves a request: by a verified subhost token, or by Host.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,10 @@ pub struct Route {
     pub deployment_id: String,
     pub public_scheme: &'static str,
     pub public_host: String,
+    /// The end user's address as a verified relay gave it (the first
+    /// `x-forwarded-for` entry); for a request routed by `Host`, the
+    /// connection's peer is the client and this is `None`.
+    pub relayed_client: Option<IpAddr>,
 }
 
 /// Subhosting: tokens verified per subhoster, the origin a token names
@@ -111,6 +116,7 @@ impl Router {
                 deployment_id: found.deployment_id,
                 public_scheme: scheme,
                 public_host: host,
+                relayed_client: None,
             }));
         }
         let name = hostname(&host).strip_suffix(".localhost").ok_or_else(not_found)?.to_owned();
@@ -118,7 +124,13 @@ impl Router {
         if name.is_empty() || name.contains('.') {
             return Err(not_found());
         }
-        Ok(Routed::Serve(Route { origin, deployment_id: name, public_scheme: scheme, public_host: host }))
+        Ok(Routed::Serve(Route {
+            origin,
+            deployment_id: name,
+            public_scheme: scheme,
+            public_host: host,
+            relayed_client: None,
+        }))
     }
 
     /// `authority`: the request's own, already checked ([`request_authority`]).
@@ -151,13 +163,27 @@ impl Router {
             Some(p) if p.eq_ignore_ascii_case("https") => "https",
             _ => "http",
         };
+        // Its end user is the first address of the chain it forwarded; one
+        // that is not an address is dropped (the relay's own address stands).
+        let relayed_client = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical());
         // Verified claims name a configured subhoster and a root it may use,
         // the rule the registry applies too.
         let origin = subhost
             .origins
             .get(claims.kid(), claims.rpc_root())
             .ok_or_else(|| unauthorized("the token's rpc_root is not one this subhoster may use".into()))?;
-        Ok(Route { origin, deployment_id: claims.deployment_id().to_owned(), public_scheme, public_host })
+        Ok(Route {
+            origin,
+            deployment_id: claims.deployment_id().to_owned(),
+            public_scheme,
+            public_host,
+            relayed_client,
+        })
     }
 }
 

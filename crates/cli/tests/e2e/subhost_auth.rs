@@ -72,6 +72,64 @@ fn hand_signed(header: &Value, claims: &Value, alg: Algorithm, secret: &str) -> 
     format!("{message}.{signature}")
 }
 
+const WHO: &str = r#"
+Deno.serve((req, info) => Response.json({
+  remote: info.remoteAddr,
+  forwarded_for: req.headers.get("x-forwarded-for"),
+  custom: req.headers.get("x-custom"),
+}));
+"#;
+
+#[tokio::test]
+async fn a_verified_relay_names_the_end_user_and_a_client_cannot() {
+    let origin = TestOrigin::start().await;
+    origin.deploy("who", TestDeployment::inline_js(WHO));
+    let runner = origin.runner(&[]);
+    let ask = |relayed: Option<&'static str>| {
+        let mut request = client()
+            .get(format!("http://{}/", runner.addr))
+            .header("x-deno-subhost", token_for("who"))
+            .header("x-custom", "kept");
+        if let Some(chain) = relayed {
+            request = request.header("x-forwarded-for", chain);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    // A relay's chain: the end user is its first address.
+    let seen = ask(Some("203.0.113.7, 10.0.0.1")).await;
+    assert_eq!(seen["custom"], "kept", "the request's own headers pass: {seen}");
+    assert_eq!(seen["forwarded_for"], "203.0.113.7", "{seen}");
+    assert_eq!(seen["remote"]["hostname"], "203.0.113.7", "{seen}");
+    assert_eq!(seen["remote"]["transport"], "tcp", "{seen}");
+    // Without one (or with garbage), the relay's own connection stands.
+    for chain in [None, Some("not-an-address")] {
+        let seen = ask(chain).await;
+        assert_eq!(seen["remote"]["hostname"], "127.0.0.1", "{chain:?}: {seen}");
+    }
+    // A client without a token: what it claims is replaced by its address.
+    let apps = AppsDir::new();
+    apps.app("who", &[("main.ts", WHO)]);
+    let direct = apps.serve(&[]);
+    let seen: Value = direct
+        .client_for("who.localhost")
+        .get(direct.url("who.localhost", "/"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["custom"], "kept", "{seen}");
+    assert_eq!(seen["forwarded_for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["remote"]["hostname"], "127.0.0.1", "{seen}");
+}
+
 #[tokio::test]
 async fn a_valid_token_routes_to_the_deployment_and_the_isolate_never_sees_it() {
     let origin = TestOrigin::start().await;

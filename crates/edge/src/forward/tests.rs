@@ -308,3 +308,18 @@ fn hostnames_lose_their_port() {
     assert_eq!(hostname("[::1]:80"), "[::1]");
     assert_eq!(hostname("[::1]"), "[::1]");
 }
+
+#[test]
+fn the_runner_gets_the_clients_address_in_place_of_what_the_client_wrote() {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+    headers.insert("x-custom", HeaderValue::from_static("kept"));
+    let client: IpAddr = "::ffff:192.0.2.1".parse::<IpAddr>().unwrap().to_canonical();
+    let forwarded = forwarded_headers(headers.clone(), "app.example", Some(client), false).unwrap();
+    assert_eq!(forwarded["x-forwarded-for"], "192.0.2.1");
+    assert_eq!(forwarded["x-custom"], "kept");
+    assert_eq!(forwarded["x-forwarded-host"], "app.example");
+    // Not knowing the peer, the edge passes no claim of the client's on.
+    let forwarded = forwarded_headers(headers, "app.example", None, false).unwrap();
+    assert!(forwarded.get("x-forwarded-for").is_none());
+}
