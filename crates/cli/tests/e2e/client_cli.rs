@@ -361,7 +361,7 @@ fn the_client_commands_against_the_control_plane() {
     assert!(stdout.contains("TXT") && stdout.contains("/.well-known/isocloud-challenge/"), "{stdout}");
     let (stdout, _) = cli.ok(&["domains", "list"]);
     let line = stdout.lines().find(|l| l.starts_with("www.example.com")).expect(&stdout);
-    assert_eq!(line.split_whitespace().collect::<Vec<_>>(), ["www.example.com", "hello", "no", "-"]);
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>(), ["www.example.com", "hello", "no", "-", "-"]);
     let error = cli.fails(&["domains", "add", "www.example.com", "--project", "hello"]);
     assert!(error.contains("(CONFLICT)"), "{error}");
     cli.ok(&["domains", "detach", "www.example.com"]);
