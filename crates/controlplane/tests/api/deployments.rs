@@ -38,7 +38,7 @@ async fn blobs_upload_and_missing(backend: Backend) {
 
     let missing = s.post("/api/v1/blobs/missing", json!({"hashes": [hash, other, other]})).await;
     assert_eq!(missing.status, 200);
-    assert_eq!(missing.json(), json!({"missing": [other]}));
+    assert_eq!(missing.json(), json!({"missing": [other], "max_blob_bytes": 1024 * 1024}));
     s.post("/api/v1/blobs/missing", json!({"hashes": [hash, "nope"]})).await.assert_error(
         400,
         "INVALID_FIELD",
