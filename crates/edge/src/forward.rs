@@ -108,9 +108,10 @@ impl Edge {
         B::Error: Into<BoxError>,
     {
         let guard = InFlight::new(&self.in_flight);
-        let mut span = self.telemetry.as_ref().map(|telemetry| {
-            telemetry.request_span(request.method(), request.headers().get(TRACEPARENT_HEADER))
-        });
+        let mut span = self
+            .telemetry
+            .as_ref()
+            .map(|telemetry| telemetry.request_span(request.method(), request.headers().get(TRACEPARENT_HEADER)));
         let response = match self.forward(request, &mut span).await {
             Ok(response) => {
                 self.metrics.requests.count(response.status().as_u16(), None);
