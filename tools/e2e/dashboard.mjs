@@ -158,6 +158,7 @@ function helloApp(version) {
 Deno.serve((request: Request) => {
   const url = new URL(request.url);
   console.log("${marker}-${version} served " + url.pathname);
+  if (url.pathname === "/missing") return new Response("no such page\\n", { status: 404 });
   return new Response("hello from ${marker}-${version} " + url.pathname + "\\n");
 });
 `,
@@ -395,6 +396,13 @@ async function run() {
     }
   });
 
+  await step(`2 requests to ${host}/missing are the app's 404s`, async () => {
+    for (let i = 0; i < 2; i++) {
+      const answer = await publicGet("/missing", host);
+      if (answer.status !== 404) throw new Expectation(`404 from ${host}/missing`, `${answer.status} ${answer.body.slice(0, 200)}`);
+    }
+  });
+
   await step(`the requests chart counts the ${REQUESTS} requests`, async () => {
     await openTab("analytics");
     const seen = await until(`chart-requests data-total >= ${REQUESTS}, equal to the total shown as text`, async () => {
@@ -418,6 +426,32 @@ async function run() {
     await shot("03-analytics");
   });
 
+  await step("the latency, status and bandwidth charts render with totals matching the API", async () => {
+    const keys = ["latency_p50_ms", "latency_p99_ms", "status_2xx", "status_3xx", "status_4xx", "status_5xx",
+      "ingress_bytes", "egress_bytes"];
+    const seen = await until("each chart's total (max for latency) equal to the API's analytics, the 404s among them", async () => {
+      // The dashboard's default range: the last hour by minute.
+      const since = new Date(Math.floor((Date.now() - 3600_000) / 60_000) * 60_000).toISOString();
+      const analytics = expectStatus("GET analytics",
+        await apiCall("GET", `/projects/${project}/analytics?since=${encodeURIComponent(since)}&step_s=60`), 200);
+      const api = {};
+      for (const key of keys) {
+        const values = analytics.points.map((p) => Number(p[key] ?? 0));
+        api[key] = key.startsWith("latency_") ? Math.max(0, ...values) : values.reduce((a, b) => a + b, 0);
+      }
+      const shown = await page.evaluate((keys) => Object.fromEntries(keys.map((key) => {
+        const svg = document.querySelector(`[data-testid="chart-${key.replace(/_/g, "-")}"]`);
+        if (!svg) return [key, null];
+        return [key, Number(svg.getAttribute(key.startsWith("latency_") ? "data-max" : "data-total"))];
+      })), keys);
+      const ok = keys.every((k) => shown[k] === api[k]) && api.status_4xx >= 2 && api.status_2xx >= REQUESTS &&
+        api.latency_p99_ms > 0 && api.egress_bytes > 0;
+      return { ok, seen: { shown, api } };
+    }, 35_000, 500);
+    log(`     charts ${JSON.stringify(seen.shown)}`);
+    await shot("03b-analytics-latency-status");
+  });
+
   const secret = `s3cret-${randomBytes(8).toString("hex")}`;
   await step("setting an env var in the UI shows its name, never its value", async () => {
     await openTab("env");
@@ -438,6 +472,44 @@ async function run() {
     const vars = expectStatus("GET env", await apiCall("GET", `/projects/${project}/env`), 200);
     if (JSON.stringify(vars).includes(secret)) throw new Expectation("GET env without the value", vars);
     await shot("04-env");
+  });
+
+  const v3 = await step("deploying v3 (two files, after the env var) through the API", () =>
+    deploy({ ...helloApp("v3"), "static/notes.txt": "notes for the detail page\n" }));
+
+  await step("the deployment's own page shows its entrypoint, files and env names (not values)", async () => {
+    await openTab("deployments");
+    await until(`${v3.id} listed with a link to its page`, async () => {
+      const link = await page.$(`[data-deployment-id="${v3.id}"] ${byTestId("deployment-link")}`);
+      return { ok: !!link, seen: await deploymentRows() };
+    }, 20_000);
+    await page.click(`[data-deployment-id="${v3.id}"] ${byTestId("deployment-link")}`);
+    const shown = await until("the detail page with its files", async () => {
+      const state = await page.evaluate(() => ({
+        id: document.querySelector('[data-testid="detail-id"]')?.textContent ?? null,
+        entrypoint: document.querySelector('[data-testid="detail-entrypoint"]')?.textContent ?? null,
+        env: [...document.querySelectorAll('[data-testid="detail-env-name"]')].map((e) => e.textContent),
+        files: [...document.querySelectorAll('[data-testid="detail-file"]')].map((e) => [e.dataset.path, Number(e.dataset.size)]),
+        status: document.querySelector('[data-testid="detail-status"]')?.textContent ?? null,
+      }));
+      return { ok: state.id === v3.id && state.files.length >= 2, seen: { ...state, url: page.url(), banner: await bannerText() } };
+    });
+    const main = helloApp("v3")["main.ts"];
+    const want = [["main.ts", Buffer.byteLength(main)], ["static/notes.txt", Buffer.byteLength("notes for the detail page\n")]];
+    if (!page.url().endsWith(`#/projects/${project}/deployments/${v3.id}`) || shown.entrypoint !== "file:///src/main.ts" ||
+        JSON.stringify(shown.env) !== JSON.stringify(["E2E_SECRET"]) || JSON.stringify(shown.files) !== JSON.stringify(want) ||
+        shown.status !== "ready") {
+      throw new Expectation(`entrypoint file:///src/main.ts, env names [E2E_SECRET], files ${JSON.stringify(want)}`, shown);
+    }
+    const html = await page.content();
+    if (html.includes(secret)) throw new Expectation("the env value nowhere on the page", "it is in the page");
+    const files = expectStatus("GET files", await apiCall("GET", `/deployments/${v3.id}/files`), 200);
+    if (JSON.stringify(files.map((f) => [f.path, f.size_bytes])) !== JSON.stringify(want)) {
+      throw new Expectation(`GET /deployments/${v3.id}/files lists ${JSON.stringify(want)}`, files);
+    }
+    const logsLink = await page.getAttribute(byTestId("detail-logs-link"), "href");
+    if (logsLink !== `#/projects/${project}/logs?deployment=${v3.id}`) throw new Expectation("a link to its own logs", logsLink);
+    await shot("04b-deployment-detail");
   });
 
   await step("the live logs show the app's console line with its request id", async () => {

@@ -229,12 +229,25 @@ pub struct Usage {
     pub fetch_requests: i64,
     pub fetch_sent_bytes: i64,
     pub fetch_received_bytes: i64,
+    /// Requests by the class of their status (the runner's own answers for
+    /// the deployment included); zeros from a runner that does not report them.
+    pub status_1xx: i64,
+    pub status_2xx: i64,
+    pub status_3xx: i64,
+    pub status_4xx: i64,
+    pub status_5xx: i64,
+    /// Requests by time to the response head, one count per bucket of
+    /// [`Analytics::latency_le_ms`] and a last one past it (`+Inf`).
+    pub latency_counts: Vec<i64>,
 }
 
 /// `GET /projects/{name}/analytics`: usage summed per step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Analytics {
     pub step_s: i64,
+    /// The latency histogram's bucket bounds (ms, inclusive); each point's
+    /// `latency_counts` has one more entry, for the requests past the last.
+    pub latency_le_ms: Vec<i64>,
     pub points: Vec<AnalyticsPoint>,
 }
 
@@ -249,6 +262,36 @@ pub struct AnalyticsPoint {
     pub peak_memory_bytes: i64,
     pub ingress_bytes: i64,
     pub egress_bytes: i64,
+    pub status_1xx: i64,
+    pub status_2xx: i64,
+    pub status_3xx: i64,
+    pub status_4xx: i64,
+    pub status_5xx: i64,
+    /// The median and 99th percentile of the time to the response head,
+    /// from the step's merged histogram: the upper bound of the bucket the
+    /// quantile falls in (one of `latency_le_ms`; the last bound when it
+    /// falls past it, meaning that or more); `null` when nothing was timed.
+    #[serde(deserialize_with = "present")]
+    pub latency_p50_ms: Option<i64>,
+    #[serde(deserialize_with = "present")]
+    pub latency_p99_ms: Option<i64>,
+    /// The step's merged histogram (see [`Analytics::latency_le_ms`]).
+    pub latency_counts: Vec<i64>,
+}
+
+/// One file of a deployment (`GET /deployments/{id}/files`), in path order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentFile {
+    /// Relative to the deployment's root (`main.ts`, `static/a.css`).
+    pub path: String,
+    pub size_bytes: u64,
+    /// Its content's SHA-256 (hex): the blob it is stored as; empty for a
+    /// symlink.
+    pub sha256: String,
+    /// A symlink a build made (npm's `node_modules` layout): where it points,
+    /// relative; `null` for a file.
+    #[serde(deserialize_with = "present")]
+    pub symlink_target: Option<String>,
 }
 
 /// Every failed call's answer: `{"error": {…}}`, with the status of its kind

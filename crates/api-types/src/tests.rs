@@ -102,6 +102,12 @@ fn usage() -> Usage {
         fetch_requests: 8,
         fetch_sent_bytes: 9,
         fetch_received_bytes: 10,
+        status_1xx: 0,
+        status_2xx: 1,
+        status_3xx: 0,
+        status_4xx: 0,
+        status_5xx: 0,
+        latency_counts: vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     }
 }
 
@@ -115,6 +121,14 @@ fn point() -> AnalyticsPoint {
         peak_memory_bytes: 4,
         ingress_bytes: 5,
         egress_bytes: 6,
+        status_1xx: 0,
+        status_2xx: 1,
+        status_3xx: 0,
+        status_4xx: 0,
+        status_5xx: 0,
+        latency_p50_ms: Some(5),
+        latency_p99_ms: None,
+        latency_counts: vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     }
 }
 
@@ -169,7 +183,7 @@ fn every_type_round_trips() {
     round_trip(&MissingBlobs { missing: vec!["ab".into()], max_blob_bytes: None });
     round_trip(&StoredBlob { hash: "ab".into(), size: 9 });
     round_trip(&usage());
-    round_trip(&Analytics { step_s: 60, points: vec![point(), point()] });
+    round_trip(&Analytics { step_s: 60, latency_le_ms: vec![5, 10], points: vec![point(), point()] });
 }
 
 #[test]
@@ -194,7 +208,7 @@ fn a_missing_field_is_an_error_naming_it() {
     every_field_is_required(&MissingBlobs { missing: vec![], max_blob_bytes: None });
     every_field_is_required(&StoredBlob { hash: "ab".into(), size: 9 });
     every_field_is_required(&usage());
-    every_field_is_required(&Analytics { step_s: 60, points: vec![] });
+    every_field_is_required(&Analytics { step_s: 60, latency_le_ms: vec![5], points: vec![] });
     every_field_is_required(&point());
 }
 

@@ -338,7 +338,7 @@ function route() {
   if (!token) {
     loginView();
   } else if (parts[0] === "projects" && parts[1]) {
-    projectView(parts[1], parts[2] ?? "deployments").catch(showError);
+    projectView(parts[1], parts[2] ?? "deployments", parts[2] === "deployments" ? parts[3] : undefined).catch(showError);
   } else if (parts[0] === "tokens" && can("admin")) {
     tokensView().catch(showError);
   } else if (parts[0] === "audit" && can("admin")) {
@@ -407,7 +407,9 @@ function projectCard(p) {
 
 // ------------------------------------------------------------------ one project
 
-async function projectView(name, tab) {
+/** A project's page on `tab`; with `deploymentId`, that deployment's own page
+ * under the Deployments tab (`#/projects/NAME/deployments/ID`). */
+async function projectView(name, tab, deploymentId) {
   // Domains are an admin's (they move traffic between projects).
   const tabs = TABS.filter(([id]) => id !== "domains" || can("admin"));
   if (!tabs.some(([id]) => id === tab)) tab = "deployments";
@@ -432,6 +434,7 @@ async function projectView(name, tab) {
     }
   };
   ctx.setProject(await api("GET", `/projects/${enc(name)}`));
+  if (tab === "deployments" && deploymentId) return deploymentView(ctx, deploymentId);
   const views = { deployments: deploymentsTab, analytics: analyticsTab, logs: logsTab, env: envTab, domains: domainsTab };
   await views[tab](ctx);
 }
@@ -528,7 +531,9 @@ function renderDeployments(ctx, list, deployments, reload) {
     },
     h("div", { class: "deployment-main" },
       h("div", { class: "deployment-title" },
-        h("code", { class: "deployment-id", testid: "deployment-id" }, d.id),
+        h("a", { class: "deployment-link", href: `#/projects/${enc(ctx.name)}/deployments/${enc(d.id)}`, testid: "deployment-link",
+          title: "This deployment's page: files, entrypoint, env names, logs" },
+        h("code", { class: "deployment-id", testid: "deployment-id" }, d.id)),
         prod ? h("span", { class: "badge prod", testid: "prod-label" }, "Prod") : null,
         h("span", { class: `badge status-${d.status}`, testid: "deployment-status" }, d.status)),
       d.git ? h("p", { class: "git", testid: "deployment-git" },
@@ -574,6 +579,82 @@ function buildLogButton(d) {
   return button;
 }
 
+// ------------------------------------------------------------------ one deployment
+
+/** A deployment's own page: what it is made of (entrypoint, files, the env
+ * var names it was given, never their values), where it came from (commit),
+ * its status and build, and its own logs. */
+async function deploymentView(ctx, id) {
+  const base = `#/projects/${enc(ctx.name)}`;
+  const d = await api("GET", `/deployments/${enc(id)}`);
+  const prod = ctx.project.production_deployment_id === d.id;
+  const fact = (label, value, testid) => [h("dt", null, label), h("dd", { testid }, value)];
+  const git = d.git
+    ? [h("code", { class: "commit", title: d.git.commit }, String(d.git.commit).slice(0, 12)), " ",
+      h("span", { class: "branch" }, d.git.branch), " ", h("span", { class: "commit-message" }, d.git.message)]
+    : h("span", { class: "muted" }, "not from a commit");
+  const envNames = d.env_names.length
+    ? h("ul", { class: "env-names" }, d.env_names.map((n) => h("li", null, h("code", { testid: "detail-env-name" }, n))))
+    : h("span", { class: "muted" }, "none");
+  const files = h("tbody", { testid: "detail-files" });
+  const moreFiles = h("button", { type: "button", class: "more", testid: "more-files", hidden: true }, "More files");
+  const buildLog = h("button", { type: "button", class: "button subtle", testid: "detail-build-log-button" }, "Build log");
+  const buildBox = h("div", { class: "build-box" });
+  const recent = h("div", { class: "logs logs-short", testid: "detail-logs", role: "log" });
+  replace(ctx.panel,
+    h("p", { class: "crumbs" }, h("a", { href: base, testid: "back-to-deployments" }, "Deployments"), " / ", h("code", null, d.id)),
+    h("div", { class: "deployment-title" },
+      h("h2", null, h("code", { testid: "detail-id" }, d.id)),
+      prod ? h("span", { class: "badge prod", testid: "prod-label" }, "Prod") : null,
+      h("span", { class: `badge status-${d.status}`, testid: "detail-status" }, d.status)),
+    d.error ? h("p", { class: "deployment-error", testid: "detail-error" }, d.error) : null,
+    h("dl", { class: "facts detail-facts" },
+      fact("URL", h("a", { href: d.url, target: "_blank", rel: "noopener", testid: "detail-url" }, d.url)),
+      fact("Entrypoint", h("code", null, d.entrypoint), "detail-entrypoint"),
+      fact("Created", timeEl(d.created_at)),
+      fact("Commit", git, "detail-git"),
+      fact("Env var names", envNames, "detail-env-names"),
+      fact("Files", `${formatCount(d.files)} · ${formatBytes(d.size_bytes)}`, "detail-file-count")),
+    h("div", { class: "row-actions" }, buildLog,
+      h("a", { class: "button subtle", href: `${base}/logs?deployment=${enc(d.id)}`, testid: "detail-logs-link" }, "All its logs")),
+    buildBox,
+    h("h3", null, "Files"),
+    h("table", { class: "files" }, h("thead", null, h("tr", null, h("th", null, "Path"), h("th", { class: "num" }, "Size"))), files),
+    moreFiles,
+    h("h3", null, "Recent logs"),
+    recent);
+
+  buildLog.addEventListener("click", () => act(buildLog, async () => {
+    if (buildBox.firstChild) return replace(buildBox);
+    const build = await api("GET", `/deployments/${enc(d.id)}/build`);
+    replace(buildBox,
+      build.npm_packages.length ? h("p", { class: "muted small", testid: "detail-npm-packages" }, `npm: ${build.npm_packages.join(", ")}`) : null,
+      h("pre", { class: "build-log", testid: "build-log" }, build.log == null
+        ? "(no build: this deployment was not made from files)" : (build.log.trim() === "" ? "(the build printed nothing)" : build.log)));
+  }));
+
+  const fileRow = (f) => h("tr", { testid: "detail-file", "data-path": f.path, "data-size": String(f.size_bytes) },
+    h("td", null, h("code", null, f.path), f.symlink_target != null ? h("span", { class: "muted" }, ` → ${f.symlink_target}`) : null),
+    h("td", { class: "num" }, f.symlink_target != null ? "link" : formatBytes(f.size_bytes)));
+  let next = null;
+  const loadFiles = async (path) => {
+    const page = await apiPage(path);
+    for (const f of page.items) files.append(fileRow(f));
+    next = page.next;
+    moreFiles.hidden = !next;
+  };
+  moreFiles.addEventListener("click", () => act(moreFiles, () => loadFiles(next)));
+  await loadFiles(`/deployments/${enc(d.id)}/files?limit=200`);
+
+  const showRecent = async () => {
+    const entries = await api("GET", `/deployments/${enc(d.id)}/logs?limit=20`);
+    if (!entries.length) replace(recent, h("p", { class: "muted", testid: "detail-no-logs" }, "No log entries yet."));
+    else replace(recent, entries.map(logLine));
+  };
+  await showRecent();
+  every(5000, () => showRecent().catch(showError));
+}
+
 // ------------------------------------------------------------------ analytics
 
 const CHARTS = [
@@ -581,6 +662,19 @@ const CHARTS = [
   { key: "errors", title: "Errors", sum: true, integer: true, format: formatCount },
   { key: "cpu_ms", title: "CPU time (ms)", sum: true, format: (v) => `${formatCount(Math.round(v))} ms` },
   { key: "peak_memory_bytes", title: "Peak memory", sum: false, format: formatBytes },
+  // Time to the response head (a boot included): the upper bound of the
+  // histogram bucket the quantile falls in, per step (the API's, see
+  // docs/control-plane-api.md); the headline is the worst step.
+  { key: "latency_p50_ms", title: "Latency p50 (ms)", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
+  { key: "latency_p99_ms", title: "Latency p99 (ms)", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
+  // Requests by the class of their answer (the runner's own for the deployment included).
+  { key: "status_2xx", title: "Status 2xx", sum: true, integer: true, format: formatCount },
+  { key: "status_3xx", title: "Status 3xx", sum: true, integer: true, format: formatCount },
+  { key: "status_4xx", title: "Status 4xx", sum: true, integer: true, format: formatCount },
+  { key: "status_5xx", title: "Status 5xx", sum: true, integer: true, format: formatCount },
+  // Bandwidth: HTTP body bytes into the deployment and out of it.
+  { key: "ingress_bytes", title: "Bandwidth in", sum: true, format: formatBytes },
+  { key: "egress_bytes", title: "Bandwidth out", sum: true, format: formatBytes },
 ];
 
 async function analyticsTab(ctx) {

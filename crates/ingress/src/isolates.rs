@@ -68,8 +68,10 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Response<ResponseBody>, ForwardError>>;
     fn count_ingress(&self, bytes: u64);
     fn count_egress(&self, bytes: u64);
-    /// A request that failed: the tenant's 5xx, or the runner's answer for it.
-    fn count_error(&self);
+    /// A request's answer: its status (the tenant's, or the runner's for
+    /// it: a crash, a limit, a timeout) and its time from the request's
+    /// head to the response head. Counted per deployment in its usage.
+    fn count_response(&self, status: u16, elapsed: std::time::Duration);
 
     /// The CPU the isolate has used so far, read now (traced requests only).
     fn cpu_time(&self) -> Option<std::time::Duration> {
@@ -146,8 +148,8 @@ impl Upstream for Isolate {
         Isolate::count_egress(self, bytes);
     }
 
-    fn count_error(&self) {
-        Isolate::count_error(self);
+    fn count_response(&self, status: u16, elapsed: std::time::Duration) {
+        Isolate::count_response(self, status, elapsed);
     }
 
     fn cpu_time(&self) -> Option<std::time::Duration> {

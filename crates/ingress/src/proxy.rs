@@ -129,7 +129,7 @@ impl Proxy {
             let parent = request.headers().get(isocloud_telemetry::TRACEPARENT_HEADER);
             Traced::new(telemetry.request_span(request.method(), parent))
         });
-        match self.forward(request, connection, &mut traced).await {
+        match self.forward(request, connection, &mut traced, started).await {
             Ok(response) => {
                 self.metrics.count(response.status().as_u16(), None);
                 self.metrics.observe_head(response.status().as_u16(), started.elapsed());
@@ -172,12 +172,14 @@ impl Proxy {
     }
 
     /// `traced`: the request's span, taken into the response body on
-    /// success (it ends with the body), else left to the caller.
+    /// success (it ends with the body), else left to the caller. `started`:
+    /// when the request's head arrived (its answer's latency counts from it).
     async fn forward<B>(
         &self,
         mut request: Request<B>,
         connection: ConnectionInfo,
         traced: &mut Option<Traced>,
+        started: std::time::Instant,
     ) -> Result<Response<ResponseBody>, EdgeError>
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
@@ -288,12 +290,20 @@ impl Proxy {
         let forwarded =
             tokio::time::timeout(self.request_timeout, isolate.clone().forward(Request::from_parts(parts, body)));
         let outcome = forwarded.await;
-        // Errors in the usage reports: the tenant's own 5xx and the runner's
-        // answers for this isolate (limits, crashes, timeouts).
-        match &outcome {
-            Ok(Ok(response)) if !response.status().is_server_error() => {}
-            _ => isolate.count_error(),
-        }
+        // The deployment's usage: the status its request was answered with
+        // (the tenant's own, or the runner's answer for this isolate: a
+        // limit, a crash, a timeout; 5xx are its errors) and the time to
+        // the response head, a boot included.
+        let status = match &outcome {
+            Ok(Ok(response)) => response.status().as_u16(),
+            Ok(Err(ForwardError::Crashed(_))) if body_too_large.load(Ordering::Relaxed) => {
+                ErrorCode::PayloadTooLarge.http_status()
+            }
+            Ok(Err(ForwardError::Crashed(_))) => ErrorCode::IsolateCrashed.http_status(),
+            Ok(Err(ForwardError::Terminated(termination))) => termination.code().http_status(),
+            Err(_) => ErrorCode::RequestTimeout.http_status(),
+        };
+        isolate.count_response(status, started.elapsed());
         let mut response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(ForwardError::Crashed(_))) if body_too_large.load(Ordering::Relaxed) => {

@@ -120,7 +120,13 @@ struct Inner {
 }
 
 /// A deployment's requests answered without an isolate, and its origin.
-type Refused = (Arc<dyn Origin>, u64);
+struct Refused {
+    origin: Arc<dyn Origin>,
+    /// By the class of the runner's answer (`[1xx … 5xx]`).
+    status: [u64; 5],
+    /// By time to the answer ([`isocloud_protocol::LATENCY_BOUNDS_MS`]).
+    latency: [u64; isocloud_protocol::LATENCY_BUCKETS],
+}
 
 /// Deployments whose refused requests wait for the next usage report, at
 /// most (a flood of never-booting ids must not grow the map).
@@ -236,11 +242,12 @@ impl Pool {
         origin: &Arc<dyn Origin>,
         deployment_id: &str,
     ) -> Result<(Reserved, bool), BootError> {
+        let started = std::time::Instant::now();
         let reserved = self.isolate_reserved(origin, deployment_id).await;
         if let Err(e) = &reserved
             && e.code() != isocloud_protocol::ErrorCode::DeploymentNotFound
         {
-            self.count_refused(origin, deployment_id);
+            self.count_refused(origin, deployment_id, e.code().http_status(), started.elapsed());
         }
         reserved
     }
@@ -249,13 +256,23 @@ impl Pool {
     /// serve it (its boot failed, or no room): counted as a request and an
     /// error of the deployment's, reported with the next usage interval, so
     /// its analytics do not show 0 requests after 41 failed visits.
-    fn count_refused(&self, origin: &Arc<dyn Origin>, deployment_id: &str) {
+    /// `status` is the runner's answer, `elapsed` how long the request
+    /// waited for it (a failed boot's time included).
+    fn count_refused(&self, origin: &Arc<dyn Origin>, deployment_id: &str, status: u16, elapsed: Duration) {
         let key: Key = (origin.name().to_owned(), deployment_id.to_owned());
         let mut refused = self.inner.refused.lock().expect("pool poisoned");
-        if let Some((_, count)) = refused.get_mut(&key) {
-            *count += 1;
+        let count = |entry: &mut Refused| {
+            if let Some(class) = isocloud_protocol::status_class(status) {
+                entry.status[class] += 1;
+            }
+            entry.latency[isocloud_protocol::latency_bucket(elapsed)] += 1;
+        };
+        if let Some(entry) = refused.get_mut(&key) {
+            count(entry);
         } else if refused.len() < MAX_REFUSED_DEPLOYMENTS {
-            refused.insert(key, (origin.clone(), 1));
+            let mut entry = Refused { origin: origin.clone(), status: [0; 5], latency: Default::default() };
+            count(&mut entry);
+            refused.insert(key, entry);
         } else {
             tracing::debug!(deployment_id, "refused request not counted: too many deployments await their report");
         }
@@ -551,16 +568,20 @@ fn report_usage(inner: &Inner, origin: &Arc<dyn Origin>, deployment_id: &str, is
             fetch_received_bytes: fetch.bytes_received,
             interval_start: since,
             interval_end: isocloud_activity::now_rfc3339(),
+            latency: Some(isocloud_protocol::LatencyHistogram::new(used.latency)),
+            status_classes: Some(isocloud_protocol::StatusClasses::from_array(used.status)),
         },
     );
 }
 
 /// Reports the requests answered without an isolate since the last interval
-/// as usage: each a request and an error of its deployment.
+/// as usage: each a request of its deployment, and an error when the
+/// runner's answer was a 5xx (all of them today: boot failures, capacity).
 fn report_refused(inner: &Inner) {
     let since = inner.usage_since.lock().expect("pool poisoned").clone();
     let refused = std::mem::take(&mut *inner.refused.lock().expect("pool poisoned"));
-    for ((_, deployment_id), (origin, requests)) in refused {
+    for ((_, deployment_id), Refused { origin, status, latency }) in refused {
+        let requests = latency.iter().sum();
         inner.metrics.deployments.usage(&deployment_id, requests, 0, 0);
         inner.ctx.activity.report(
             &origin,
@@ -572,12 +593,14 @@ fn report_refused(inner: &Inner) {
                 ingress_bytes: 0,
                 egress_bytes: 0,
                 peak_memory_bytes: 0,
-                errors: requests,
+                errors: status[4],
                 fetch_requests: 0,
                 fetch_sent_bytes: 0,
                 fetch_received_bytes: 0,
                 interval_start: since.clone(),
                 interval_end: isocloud_activity::now_rfc3339(),
+                latency: Some(isocloud_protocol::LatencyHistogram::new(latency)),
+                status_classes: Some(isocloud_protocol::StatusClasses::from_array(status)),
             },
         );
     }

@@ -20,7 +20,10 @@ pub mod env_policy;
 mod error_code;
 pub mod harness;
 
-pub use activity::{ActivityBatch, ActivityEvent, ActivityKind, LogLevel};
+pub use activity::{
+    ActivityBatch, ActivityEvent, ActivityKind, LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencyHistogram, LogLevel,
+    StatusClasses, latency_bucket, status_class,
+};
 pub use config::{ConfigError, IsolateConfig, LayerSpec, NetPermission, validate_env_name};
 pub use error_code::{CAPACITY_RETRY_AFTER_S, CodeSpec, EGRESS_PROXY_CHALLENGE, ERROR_HEADER, ErrorCode};
 

@@ -11,7 +11,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use isocloud_egress::{EgressGrant, EgressUsage, HopGuard};
-use isocloud_protocol::LogLevel;
+use isocloud_protocol::{LATENCY_BUCKETS, LogLevel};
 use isocloud_sandbox::{IsolateCgroup, IsolateFiles, SIGKILL, SIGTERM, SandboxedCommand, signal_process_group};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -137,7 +137,11 @@ pub(crate) struct Meter {
     wall_us: AtomicU64,
     ingress_bytes: AtomicU64,
     egress_bytes: AtomicU64,
-    errors: AtomicU64,
+    /// Requests by the class of their answer (`1xx` … `5xx`).
+    status: [AtomicU64; 5],
+    /// Requests by their time to the response head
+    /// ([`isocloud_protocol::LATENCY_BOUNDS_MS`], then `+Inf`).
+    latency: [AtomicU64; LATENCY_BUCKETS],
     pub(crate) cpu_ns: AtomicU64,
     peak_memory_bytes: AtomicU64,
     /// What the last `take_usage` returned, to compute the next delta.
@@ -152,8 +156,13 @@ pub struct UsageTotals {
     pub wall_ms: u64,
     pub ingress_bytes: u64,
     pub egress_bytes: u64,
-    /// Requests answered with a 5xx.
+    /// Requests answered with a 5xx (`status[4]`).
     pub errors: u64,
+    /// Requests by the class of their answer: `[1xx, 2xx, 3xx, 4xx, 5xx]`.
+    pub status: [u64; 5],
+    /// Requests by time to the response head, per bucket of
+    /// [`isocloud_protocol::LATENCY_BOUNDS_MS`] and `+Inf`.
+    pub latency: [u64; LATENCY_BUCKETS],
     /// Not a delta: the most the isolate has held so far.
     pub peak_memory_bytes: u64,
     /// The isolate's own outbound calls through the egress proxy (always
@@ -390,9 +399,14 @@ impl Isolate {
         self.meter.egress_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// A request this isolate served was answered with a 5xx.
-    pub fn count_error(&self) {
-        self.meter.errors.fetch_add(1, Ordering::Relaxed);
+    /// A request this isolate was given was answered with `status` (the
+    /// tenant's, or the runner's for it), its head `elapsed` after the
+    /// request's arrived. Two relaxed atomic adds: the per-request cost.
+    pub fn count_response(&self, status: u16, elapsed: Duration) {
+        if let Some(class) = isocloud_protocol::status_class(status) {
+            self.meter.status[class].fetch_add(1, Ordering::Relaxed);
+        }
+        self.meter.latency[isocloud_protocol::latency_bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn note_memory(&self, bytes: u64) {
@@ -408,7 +422,9 @@ impl Isolate {
             wall_ms: self.meter.wall_us.load(Ordering::Relaxed) / 1_000,
             ingress_bytes: self.meter.ingress_bytes.load(Ordering::Relaxed),
             egress_bytes: self.meter.egress_bytes.load(Ordering::Relaxed),
-            errors: self.meter.errors.load(Ordering::Relaxed),
+            errors: self.meter.status[4].load(Ordering::Relaxed),
+            status: self.meter.status.each_ref().map(|c| c.load(Ordering::Relaxed)),
+            latency: self.meter.latency.each_ref().map(|c| c.load(Ordering::Relaxed)),
             peak_memory_bytes: self.meter.peak_memory_bytes.load(Ordering::Relaxed),
             fetch: EgressUsage::default(),
         };
@@ -420,6 +436,8 @@ impl Isolate {
             ingress_bytes: now.ingress_bytes - taken.ingress_bytes,
             egress_bytes: now.egress_bytes - taken.egress_bytes,
             errors: now.errors - taken.errors,
+            status: std::array::from_fn(|i| now.status[i] - taken.status[i]),
+            latency: std::array::from_fn(|i| now.latency[i] - taken.latency[i]),
             peak_memory_bytes: now.peak_memory_bytes,
             fetch: self.egress.as_ref().map(EgressGrant::take_usage).unwrap_or_default(),
         };

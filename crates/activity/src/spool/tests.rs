@@ -32,6 +32,8 @@ fn usage(requests: u64) -> ActivityEvent {
             fetch_received_bytes: 4000,
             interval_start: "2026-01-02T03:04:00.000Z".into(),
             interval_end: "2026-01-02T03:04:05.000Z".into(),
+            latency: None,
+            status_classes: None,
         },
     )
 }

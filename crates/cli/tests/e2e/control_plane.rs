@@ -271,4 +271,77 @@ async fn a_deployment_whose_boot_fails_counts_its_visits_as_requests_and_errors(
     })
     .await;
     assert_eq!(totals().await, (VISITS, VISITS), "each visit counted once");
+    // The runner's answers are 5xx in the status classes, and timed.
+    let (_, usage) = serve.api(reqwest::Method::GET, "/projects/broken/usage", None).await;
+    let records = usage.as_array().unwrap();
+    let sum = |f: &dyn Fn(&serde_json::Value) -> u64| records.iter().map(f).sum::<u64>();
+    assert_eq!(sum(&|u| u["status_5xx"].as_u64().unwrap()), VISITS, "{usage}");
+    assert_eq!(sum(&|u| u["status_2xx"].as_u64().unwrap() + u["status_4xx"].as_u64().unwrap()), 0, "{usage}");
+    let timed = sum(&|u| u["latency_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum());
+    assert_eq!(timed, VISITS, "{usage}");
+}
+
+/// Real requests to a real deployment show up in the analytics as what
+/// they were answered with, and how long they took: 200s, the tenant's
+/// 404s and 500s as their status classes, a slow path in the p99.
+#[tokio::test]
+async fn analytics_count_status_classes_and_latency_of_real_requests() {
+    let serve = ControlPlaneServe::start(&["--usage-interval-s", "1"]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    cli(&serve, &config, &["projects", "create", "timed"]);
+    let app = work.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    const SLOW_MS: u64 = 600;
+    std::fs::write(
+        app.join("main.ts"),
+        format!(
+            "Deno.serve(async (req) => {{\n  const path = new URL(req.url).pathname;\n  \
+             if (path === \"/missing\") return new Response(\"no such page\", {{ status: 404 }});\n  \
+             if (path === \"/boom\") return new Response(\"it broke\", {{ status: 500 }});\n  \
+             if (path === \"/slow\") await new Promise((r) => setTimeout(r, {SLOW_MS}));\n  \
+             return new Response(\"ok \" + path);\n}});\n"
+        ),
+    )
+    .unwrap();
+    cli(&serve, &config, &["deploy", "--project", "timed", "--prod", app.to_str().unwrap()]);
+
+    let mut expected = [0u64; 5];
+    for (path, times, status) in [("/", 20, 200), ("/missing", 5, 404), ("/boom", 3, 500), ("/slow", 2, 200)] {
+        for _ in 0..times {
+            let (got, body) = get(&serve, "timed.localhost", path).await;
+            assert_eq!(got, status, "{path}: {body}");
+            expected[usize::from(status / 100 - 1)] += 1;
+        }
+    }
+    let since = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let path = format!("/projects/timed/analytics?since={since}&step_s=3600");
+    let classes = async || {
+        let (status, analytics) = serve.api(reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{analytics}");
+        let points = analytics["points"].as_array().unwrap().clone();
+        let sum = |key: &str| points.iter().map(|p| p[key].as_u64().unwrap()).sum::<u64>();
+        ([sum("status_1xx"), sum("status_2xx"), sum("status_3xx"), sum("status_4xx"), sum("status_5xx")], analytics)
+    };
+    eventually("the requests in the analytics", Duration::from_secs(20), async || classes().await.0 == expected).await;
+    let (counted, analytics) = classes().await;
+    assert_eq!(counted, [0, 22, 0, 5, 3], "{analytics}");
+    let points = analytics["points"].as_array().unwrap();
+    let requests: u64 = points.iter().map(|p| p["requests"].as_u64().unwrap()).sum();
+    let errors: u64 = points.iter().map(|p| p["errors"].as_u64().unwrap()).sum();
+    assert_eq!((requests, errors), (30, 3), "errors are the 5xx: {analytics}");
+    let timed: u64 =
+        points.iter().flat_map(|p| p["latency_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap())).sum();
+    assert_eq!(timed, 30, "{analytics}");
+    // The slow requests are 2 of at most 30 in whichever step holds them:
+    // past 1 %, so that step's p99 is at least the bound above their delay.
+    let p99 = points.iter().filter_map(|p| p["latency_p99_ms"].as_u64()).max().unwrap();
+    assert!(p99 > SLOW_MS, "p99 {p99} ms is above the slow path's {SLOW_MS} ms: {analytics}");
+    let p50 = points.iter().filter_map(|p| p["latency_p50_ms"].as_u64()).min().unwrap();
+    assert!(p50 < SLOW_MS, "most requests are fast: p50 {p50} ms: {analytics}");
+    // Bandwidth: the bodies that came out of the isolate.
+    let egress: u64 = points.iter().map(|p| p["egress_bytes"].as_u64().unwrap()).sum();
+    assert!(egress >= 20 * "ok /".len() as u64, "{analytics}");
 }

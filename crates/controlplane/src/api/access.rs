@@ -180,6 +180,7 @@ pub(crate) const RULES: &[Rule] = &[
     rule("GET", "/deployments/{id}", Read, Dep, None, "the deployment's project decides"),
     rule("GET", "/deployments/{id}/logs", Read, Dep, None, "the deployment's project decides"),
     rule("GET", "/deployments/{id}/build", Read, Dep, None, "the deployment's project decides"),
+    rule("GET", "/deployments/{id}/files", Read, Dep, None, "the deployment's project decides (paths and sizes)"),
     rule("GET", "/domains", Admin, NoSubject, None, "lists every project's domains"),
     rule("POST", "/domains", Admin, NoSubject, Some("domain.create"), "domains move traffic between projects"),
     rule("GET", "/domains/{domain}", Admin, NoSubject, None, "as the list"),

@@ -291,6 +291,32 @@ pub(crate) async fn build_log(
     }))
 }
 
+/// `GET /deployments/{id}/files`: its files (and a build's symlinks) in
+/// byte order of their paths, a page at a time (`limit`, default 1,000, at
+/// most 10,000; `cursor` from the `Link` header). A built deployment holds
+/// its `node_modules` too: tens of thousands of entries.
+pub(crate) async fn files(
+    State(cp): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    query: ApiQuery,
+) -> Result<(HeaderMap, Json<Vec<wire::DeploymentFile>>), ApiError> {
+    query.only(&["limit", "cursor"])?;
+    let page = PageRequest::from_query(&query, 1000, 10_000, 1)?;
+    let id = validate::deployment_id(&id).ok_or_else(|| deployment_not_found(&id))?;
+    let mut conn = cp.store.read().await?;
+    deployments::get(&mut conn, id.as_str()).await?.ok_or_else(|| deployment_not_found(id.as_str()))?;
+    let files = deployments::files(&mut conn, id.as_str()).await?;
+    // Sorted by path: the page starts past the cursor's path.
+    let start = match &page.after {
+        Some(key) => files.partition_point(|f| f.path.as_str() <= key[0].as_str()),
+        None => 0,
+    };
+    let rows: Vec<FileRow> = files.into_iter().skip(start).take(usize::try_from(page.fetch()).unwrap_or(1)).collect();
+    let path = format!("/api/v1/deployments/{}/files", id.as_str());
+    let (headers, rows) = page.finish(rows, &path, |f| vec![f.path.clone()]);
+    Ok((headers, Json(rows.iter().map(views::file).collect())))
+}
+
 /// The npm packages a build installed, `name@version`, from npm's layout
 /// (`node_modules/.deno/<name>@<version>/…`; a scope's `/` is `+` there).
 fn npm_packages(files: &[FileRow]) -> Vec<String> {

@@ -268,7 +268,11 @@ pub(crate) async fn analytics(
         activity::analytics(&mut conn, &project.id, deployment_id.as_deref(), first_ms, last_ms + step_ms, step_ms)
             .await?;
     let points = fill_points(&buckets, first_ms, last_ms, step_ms);
-    Ok(Json(wire::Analytics { step_s, points: points.iter().map(views::point).collect() }))
+    Ok(Json(wire::Analytics {
+        step_s,
+        latency_le_ms: views::latency_le_ms(),
+        points: points.iter().map(views::point).collect(),
+    }))
 }
 
 #[cfg(test)]

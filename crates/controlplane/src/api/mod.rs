@@ -55,6 +55,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/logs", get(logs::deployment_logs))
         .route("/deployments/{id}/build", get(deployments::build_log))
+        .route("/deployments/{id}/files", get(deployments::files))
         .route("/domains", get(domains::list).post(domains::create))
         .route("/domains/{domain}", get(domains::get).patch(domains::attach).delete(domains::delete))
         .route("/domains/{domain}/verify", post(domains::verify))

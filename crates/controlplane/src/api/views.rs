@@ -113,6 +113,12 @@ pub fn usage(usage: &UsageRow) -> wire::Usage {
         fetch_requests: usage.fetch_requests,
         fetch_sent_bytes: usage.fetch_sent_bytes,
         fetch_received_bytes: usage.fetch_received_bytes,
+        status_1xx: usage.status[0],
+        status_2xx: usage.status[1],
+        status_3xx: usage.status[2],
+        status_4xx: usage.status[3],
+        status_5xx: usage.status[4],
+        latency_counts: usage.latency.to_vec(),
     }
 }
 
@@ -126,5 +132,27 @@ pub fn point(bucket: &Bucket) -> wire::AnalyticsPoint {
         peak_memory_bytes: bucket.peak_memory_bytes,
         ingress_bytes: bucket.ingress_bytes,
         egress_bytes: bucket.egress_bytes,
+        status_1xx: bucket.status[0],
+        status_2xx: bucket.status[1],
+        status_3xx: bucket.status[2],
+        status_4xx: bucket.status[3],
+        status_5xx: bucket.status[4],
+        latency_p50_ms: bucket.latency_quantile_ms(500),
+        latency_p99_ms: bucket.latency_quantile_ms(990),
+        latency_counts: bucket.latency.to_vec(),
+    }
+}
+
+/// The latency histogram's bounds, as the analytics answer names them.
+pub fn latency_le_ms() -> Vec<i64> {
+    isocloud_protocol::LATENCY_BOUNDS_MS.iter().map(|&ms| ms as i64).collect()
+}
+
+pub fn file(file: &crate::store::deployments::FileRow) -> wire::DeploymentFile {
+    wire::DeploymentFile {
+        path: file.path.clone(),
+        size_bytes: u64::try_from(file.size_bytes).unwrap_or(0),
+        sha256: file.sha256.clone(),
+        symlink_target: file.symlink_target.clone(),
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use isocloud_protocol::{ActivityBatch, ActivityEvent, ActivityKind};
+use isocloud_protocol::{
+    ActivityBatch, ActivityEvent, ActivityKind, LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencyHistogram, StatusClasses,
+};
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
@@ -71,10 +73,102 @@ pub struct UsageRow {
     pub fetch_requests: i64,
     pub fetch_sent_bytes: i64,
     pub fetch_received_bytes: i64,
+    /// Requests by time to the response head, per bucket of
+    /// [`LATENCY_BOUNDS_MS`] and `+Inf` (zeros: not reported).
+    pub latency: [i64; LATENCY_BUCKETS],
+    /// Requests by status class, `[1xx, 2xx, 3xx, 4xx, 5xx]` (zeros: not reported).
+    pub status: [i64; 5],
 }
 
 fn clamp(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The columns of [`UsageRow::latency`] then [`UsageRow::status`], in order
+/// (migration 0008).
+const EXTENSION_COLUMNS: [&str; LATENCY_BUCKETS + 5] = [
+    "latency_le_5",
+    "latency_le_10",
+    "latency_le_25",
+    "latency_le_50",
+    "latency_le_100",
+    "latency_le_250",
+    "latency_le_500",
+    "latency_le_1000",
+    "latency_le_2500",
+    "latency_le_5000",
+    "latency_le_10000",
+    "latency_le_inf",
+    "status_1xx",
+    "status_2xx",
+    "status_3xx",
+    "status_4xx",
+    "status_5xx",
+];
+
+/// Reads [`EXTENSION_COLUMNS`] of `row` into (latency, status).
+fn extensions_of(row: &AnyRow) -> Result<([i64; LATENCY_BUCKETS], [i64; 5])> {
+    let mut latency = [0; LATENCY_BUCKETS];
+    let mut status = [0; 5];
+    for (i, name) in EXTENSION_COLUMNS.iter().enumerate() {
+        let value: i64 = col(row, name)?;
+        if i < LATENCY_BUCKETS {
+            latency[i] = value;
+        } else {
+            status[i - LATENCY_BUCKETS] = value;
+        }
+    }
+    Ok((latency, status))
+}
+
+/// The most one usage row may add to a summed figure: 2^39 (half a
+/// trillion requests, 512 GiB, 17 years of CPU in one interval — past any
+/// runner's), so the sums over a project's rows (at most 10 million, the
+/// top of `usage_rows`) stay within a BIGINT and the analytics' `SUM` never
+/// overflows, whatever a runner reports.
+pub const MAX_FIGURE: i64 = 1 << 39;
+
+fn figure(value: u64) -> i64 {
+    clamp(value).min(MAX_FIGURE)
+}
+
+/// Counts whose sum is at most [`MAX_FIGURE`], else `None` (a report
+/// that claims more is garbage, not a figure to clip to).
+fn bounded_counts<const N: usize>(counts: [u64; N]) -> Option<[i64; N]> {
+    let sum = counts.iter().try_fold(0u64, |sum, &c| sum.checked_add(c))?;
+    (sum <= MAX_FIGURE as u64).then(|| counts.map(|c| c as i64))
+}
+
+/// A usage event's latency histogram, checked: over exactly
+/// [`LATENCY_BOUNDS_MS`] with one count per bucket and `+Inf`, summing to at
+/// most [`MAX_FIGURE`]. Anything else is not stored (zeros, and a warning):
+/// a runner's report is input, and other bounds would not merge.
+pub fn checked_latency(deployment_id: &str, latency: Option<&LatencyHistogram>) -> [i64; LATENCY_BUCKETS] {
+    let Some(latency) = latency else { return [0; LATENCY_BUCKETS] };
+    let counts: Option<[u64; LATENCY_BUCKETS]> =
+        (latency.le_ms == LATENCY_BOUNDS_MS).then(|| latency.counts.as_slice().try_into().ok()).flatten();
+    match counts.and_then(bounded_counts) {
+        Some(counts) => counts,
+        None => {
+            tracing::warn!(
+                target: "isocloud::controlplane",
+                deployment_id,
+                buckets = latency.le_ms.len(),
+                counts = latency.counts.len(),
+                "usage latency histogram not stored: not over the fixed bounds, or its counts past the bound"
+            );
+            [0; LATENCY_BUCKETS]
+        }
+    }
+}
+
+/// A usage event's status classes, checked like [`checked_latency`].
+pub fn checked_status(deployment_id: &str, status: Option<&StatusClasses>) -> [i64; 5] {
+    let Some(status) = status else { return [0; 5] };
+    bounded_counts(status.as_array()).unwrap_or_else(|| {
+        tracing::warn!(target: "isocloud::controlplane", deployment_id, "usage status classes not stored: past the bound");
+        [0; 5]
+    })
 }
 
 fn bounded(text: &str, max_bytes: usize) -> String {
@@ -138,6 +232,8 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
                 fetch_received_bytes,
                 interval_start,
                 interval_end,
+                latency,
+                status_classes,
             } => {
                 let interval_end_ms =
                     parse_rfc3339_ms(interval_end).ok().filter(|&ms| ms <= now + MAX_FUTURE_MS).unwrap_or(timestamp_ms);
@@ -145,16 +241,19 @@ pub fn rows_from_batch(deployment_id: &str, events: &[ActivityEvent]) -> (Vec<Lo
                     deployment_id: deployment_id.to_owned(),
                     interval_start_ms: parse_rfc3339_ms(interval_start).unwrap_or(interval_end_ms),
                     interval_end_ms,
-                    requests: clamp(*requests),
-                    errors: clamp(*errors),
-                    cpu_ms: clamp(*cpu_ms),
-                    wall_ms: clamp(*wall_ms),
-                    ingress_bytes: clamp(*ingress_bytes),
-                    egress_bytes: clamp(*egress_bytes),
+                    requests: figure(*requests),
+                    errors: figure(*errors),
+                    cpu_ms: figure(*cpu_ms),
+                    wall_ms: figure(*wall_ms),
+                    ingress_bytes: figure(*ingress_bytes),
+                    egress_bytes: figure(*egress_bytes),
+                    // Not summed (the analytics take the largest).
                     peak_memory_bytes: clamp(*peak_memory_bytes),
-                    fetch_requests: clamp(*fetch_requests),
-                    fetch_sent_bytes: clamp(*fetch_sent_bytes),
-                    fetch_received_bytes: clamp(*fetch_received_bytes),
+                    fetch_requests: figure(*fetch_requests),
+                    fetch_sent_bytes: figure(*fetch_sent_bytes),
+                    fetch_received_bytes: figure(*fetch_received_bytes),
+                    latency: checked_latency(deployment_id, latency.as_ref()),
+                    status: checked_status(deployment_id, status_classes.as_ref()),
                 })
             }
         }
@@ -260,29 +359,39 @@ pub async fn store_batch(store: &Store, deployment_id: &str, batch: &ActivityBat
         LOG_LINES_EVICTED.fetch_add((state.evicted_lines - evicted_before) as u64, Ordering::Relaxed);
     }
     for row in &usage {
-        sqlx::query(
+        let mut sql = Sql::new(&format!(
             "INSERT INTO usage_records (id, project_id, deployment_id, interval_start_ms, interval_end_ms, requests, \
              errors, cpu_ms, wall_ms, ingress_bytes, egress_bytes, peak_memory_bytes, fetch_requests, \
-             fetch_sent_bytes, fetch_received_bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(crate::ids::row_id())
-        .bind(&project_id)
-        .bind(deployment_id)
-        .bind(row.interval_start_ms)
-        .bind(row.interval_end_ms)
-        .bind(row.requests)
-        .bind(row.errors)
-        .bind(row.cpu_ms)
-        .bind(row.wall_ms)
-        .bind(row.ingress_bytes)
-        .bind(row.egress_bytes)
-        .bind(row.peak_memory_bytes)
-        .bind(row.fetch_requests)
-        .bind(row.fetch_sent_bytes)
-        .bind(row.fetch_received_bytes)
-        .execute(&mut *tx)
-        .await?;
+             fetch_sent_bytes, fetch_received_bytes, {}) VALUES (",
+            EXTENSION_COLUMNS.join(", ")
+        ));
+        let args = [
+            Arg::Int(crate::ids::row_id()),
+            Arg::Text(project_id.clone()),
+            Arg::Text(deployment_id.to_owned()),
+            Arg::Int(row.interval_start_ms),
+            Arg::Int(row.interval_end_ms),
+            Arg::Int(row.requests),
+            Arg::Int(row.errors),
+            Arg::Int(row.cpu_ms),
+            Arg::Int(row.wall_ms),
+            Arg::Int(row.ingress_bytes),
+            Arg::Int(row.egress_bytes),
+            Arg::Int(row.peak_memory_bytes),
+            Arg::Int(row.fetch_requests),
+            Arg::Int(row.fetch_sent_bytes),
+            Arg::Int(row.fetch_received_bytes),
+        ]
+        .into_iter()
+        .chain(row.latency.iter().chain(&row.status).map(|&count| Arg::Int(count)));
+        for (i, arg) in args.enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(arg);
+        }
+        sql.push(")");
+        sql.query().execute(&mut *tx).await?;
         state.usage_row_count += 1;
     }
     evict_usage(&mut tx, &mut state, limits.usage_rows).await?;
@@ -500,6 +609,7 @@ pub(crate) fn logs_sql(filter: &LogFilter, limit: i64, newest: bool) -> Sql {
 }
 
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
+    let (latency, status) = extensions_of(row)?;
     Ok(UsageRow {
         deployment_id: col(row, "deployment_id")?,
         interval_start_ms: col(row, "interval_start_ms")?,
@@ -514,6 +624,8 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         fetch_requests: col(row, "fetch_requests")?,
         fetch_sent_bytes: col(row, "fetch_sent_bytes")?,
         fetch_received_bytes: col(row, "fetch_received_bytes")?,
+        latency,
+        status,
     })
 }
 
@@ -525,11 +637,12 @@ pub async fn usage(
     since_ms: Option<i64>,
     limit: i64,
 ) -> Result<Vec<UsageRow>> {
-    let mut sql = Sql::new(
+    let mut sql = Sql::new(&format!(
         "SELECT deployment_id, interval_start_ms, interval_end_ms, requests, errors, cpu_ms, wall_ms, ingress_bytes, \
-         egress_bytes, peak_memory_bytes, fetch_requests, fetch_sent_bytes, fetch_received_bytes \
+         egress_bytes, peak_memory_bytes, fetch_requests, fetch_sent_bytes, fetch_received_bytes, {} \
          FROM usage_records WHERE project_id = ",
-    );
+        EXTENSION_COLUMNS.join(", ")
+    ));
     sql.bind(Arg::Text(project_id.to_owned()));
     if let Some(deployment_id) = deployment_id {
         sql.push(" AND deployment_id = ").bind(Arg::Text(deployment_id.to_owned()));
@@ -556,6 +669,36 @@ pub struct Bucket {
     pub peak_memory_bytes: i64,
     pub ingress_bytes: i64,
     pub egress_bytes: i64,
+    /// The merged latency histogram (see [`UsageRow::latency`]).
+    pub latency: [i64; LATENCY_BUCKETS],
+    pub status: [i64; 5],
+}
+
+impl Bucket {
+    /// The quantile `permille`/1000 of the bucket's merged latency
+    /// histogram, as the upper bound (ms) of the histogram bucket it falls
+    /// in: the smallest bound that at least that share of the timed
+    /// requests did not pass. `None` when no request was timed; past the
+    /// last bound (`+Inf`) it reads as the last bound, 10,000 ms, meaning
+    /// "10 s or more" (the bucket's `latency_counts` tell how many).
+    pub fn latency_quantile_ms(&self, permille: i64) -> Option<i64> {
+        let total: i64 = self.latency.iter().sum();
+        if total <= 0 {
+            return None;
+        }
+        // The rank of the quantile's request, 1-based: ceil(share × total),
+        // in integers (the sums are below 2^63; the product is not).
+        let rank = ((i128::from(permille) * i128::from(total) + 999) / 1000).clamp(1, i128::from(total)) as i64;
+        let mut seen = 0;
+        for (i, &count) in self.latency.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                let last = LATENCY_BOUNDS_MS[LATENCY_BOUNDS_MS.len() - 1];
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(last) as i64);
+            }
+        }
+        None
+    }
 }
 
 /// Buckets with data in `[since_ms, until_ms)`, aligned to multiples of
@@ -574,8 +717,12 @@ pub async fn analytics(
         " AS bucket, CAST(SUM(requests) AS BIGINT) AS requests, CAST(SUM(errors) AS BIGINT) AS errors, \
          CAST(SUM(cpu_ms) AS BIGINT) AS cpu_ms, CAST(SUM(wall_ms) AS BIGINT) AS wall_ms, \
          MAX(peak_memory_bytes) AS peak_memory_bytes, CAST(SUM(ingress_bytes) AS BIGINT) AS ingress_bytes, \
-         CAST(SUM(egress_bytes) AS BIGINT) AS egress_bytes FROM usage_records WHERE project_id = ",
+         CAST(SUM(egress_bytes) AS BIGINT) AS egress_bytes",
     );
+    for name in EXTENSION_COLUMNS {
+        sql.push(&format!(", CAST(SUM({name}) AS BIGINT) AS {name}"));
+    }
+    sql.push(" FROM usage_records WHERE project_id = ");
     sql.bind(Arg::Text(project_id.to_owned()));
     if let Some(deployment_id) = deployment_id {
         sql.push(" AND deployment_id = ").bind(Arg::Text(deployment_id.to_owned()));
@@ -586,6 +733,7 @@ pub async fn analytics(
     let rows = sql.query().fetch_all(conn).await?;
     rows.iter()
         .map(|row| {
+            let (latency, status) = extensions_of(row)?;
             Ok(Bucket {
                 bucket_start_ms: col::<i64>(row, "bucket")? * step_ms,
                 requests: col(row, "requests")?,
@@ -595,6 +743,8 @@ pub async fn analytics(
                 peak_memory_bytes: col(row, "peak_memory_bytes")?,
                 ingress_bytes: col(row, "ingress_bytes")?,
                 egress_bytes: col(row, "egress_bytes")?,
+                latency,
+                status,
             })
         })
         .collect()
@@ -701,6 +851,73 @@ mod tests {
         assert_eq!(usage[0].peak_memory_bytes, i64::MAX);
         assert_eq!(usage[0].interval_end_ms - usage[0].interval_start_ms, 10_000);
         assert_eq!(usage[0].errors, 0);
+    }
+
+    fn usage_json(extra: serde_json::Value) -> ActivityEvent {
+        let mut event = serde_json::json!({
+            "deployment_id": "d", "timestamp": "2024-05-01T00:00:10Z", "type": "usage",
+            "requests": 10, "cpu_ms": 4, "wall_ms": 5, "ingress_bytes": 6, "egress_bytes": 7,
+            "peak_memory_bytes": 8, "interval_start": "2024-05-01T00:00:00Z",
+            "interval_end": "2024-05-01T00:00:10Z"
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            event[key] = value.clone();
+        }
+        serde_json::from_value(event).unwrap()
+    }
+
+    #[test]
+    fn latency_and_status_classes_are_stored_when_well_formed_and_dropped_when_not() {
+        let good = usage_json(serde_json::json!({
+            "latency": {"le_ms": LATENCY_BOUNDS_MS, "counts": [6, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 1]},
+            "status_classes": {"2xx": 6, "4xx": 2, "5xx": 2}
+        }));
+        let (_, usage) = rows_from_batch("d", &[good]);
+        assert_eq!(usage[0].latency, [6, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 1]);
+        assert_eq!(usage[0].status, [0, 6, 0, 2, 2]);
+
+        let u = u64::MAX;
+        for garbage in [
+            // Other bounds: they would not merge.
+            serde_json::json!({"latency": {"le_ms": [1, 2], "counts": [1, 2, 3]}}),
+            // One count short, one too many.
+            serde_json::json!({"latency": {"le_ms": LATENCY_BOUNDS_MS, "counts": vec![1u64; 11]}}),
+            serde_json::json!({"latency": {"le_ms": LATENCY_BOUNDS_MS, "counts": vec![1u64; 13]}}),
+            // Counts whose sum overflows, or passes the per-row bound.
+            serde_json::json!({"latency": {"le_ms": LATENCY_BOUNDS_MS, "counts": [u, u, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}}),
+            serde_json::json!({"status_classes": {"2xx": MAX_FIGURE, "5xx": 1}}),
+            serde_json::json!({"status_classes": {"1xx": u, "2xx": u}}),
+        ] {
+            let (_, usage) = rows_from_batch("d", &[usage_json(garbage.clone())]);
+            assert_eq!((usage[0].latency, usage[0].status), ([0; 12], [0; 5]), "{garbage}");
+            assert_eq!(usage[0].requests, 10, "the rest of the event is kept: {garbage}");
+        }
+        // Summed figures are bounded per row, so a project's sums fit a BIGINT.
+        let (_, usage) = rows_from_batch("d", &[usage_json(serde_json::json!({"requests": u, "errors": u}))]);
+        assert_eq!((usage[0].requests, usage[0].errors), (MAX_FIGURE, MAX_FIGURE));
+        assert!(MAX_FIGURE.checked_mul(10_000_000).is_some());
+    }
+
+    #[test]
+    fn quantiles_are_the_upper_bound_of_the_bucket_they_fall_in() {
+        let mut bucket = Bucket::default();
+        assert_eq!(bucket.latency_quantile_ms(500), None, "nothing timed");
+        // 98 fast (≤ 5 ms), 2 slow (≤ 500 ms): p50 5, p99 500.
+        bucket.latency[0] = 98;
+        bucket.latency[6] = 2;
+        assert_eq!((bucket.latency_quantile_ms(500), bucket.latency_quantile_ms(990)), (Some(5), Some(500)));
+        // 99 of 100 fast: the 99th is still fast.
+        bucket.latency[6] = 1;
+        bucket.latency[0] = 99;
+        assert_eq!(bucket.latency_quantile_ms(990), Some(5));
+        // Past the last bound: the last bound ("10 s or more").
+        bucket.latency = [0; 12];
+        bucket.latency[11] = 1;
+        assert_eq!(bucket.latency_quantile_ms(500), Some(10_000));
+        // Huge counts do not overflow the rank.
+        bucket.latency = [0; 12];
+        bucket.latency[3] = MAX_FIGURE * 10_000;
+        assert_eq!(bucket.latency_quantile_ms(990), Some(50));
     }
 
     #[test]

@@ -16,6 +16,8 @@ backend_tests!(
     batches_are_stored_once,
     logs_follow,
     usage_and_analytics,
+    latency_and_status_classes_in_usage_and_analytics,
+    garbage_latency_and_status_classes_are_not_stored,
     retention_prunes
 );
 
@@ -290,7 +292,10 @@ async fn usage_and_analytics(backend: Backend) {
     assert_eq!(
         points[0],
         json!({"t": format_ms(t0), "requests": 5, "errors": 1, "cpu_ms": 10, "wall_ms": 15,
-               "peak_memory_bytes": 300, "ingress_bytes": 200, "egress_bytes": 400})
+               "peak_memory_bytes": 300, "ingress_bytes": 200, "egress_bytes": 400,
+               // A report without the extensions: no classes, nothing timed.
+               "status_1xx": 0, "status_2xx": 0, "status_3xx": 0, "status_4xx": 0, "status_5xx": 0,
+               "latency_p50_ms": null, "latency_p99_ms": null, "latency_counts": vec![0; 12]})
     );
     assert_eq!(points[1]["t"], format_ms(t0 + minute));
     assert_eq!(points[1]["requests"], 7);
@@ -316,6 +321,158 @@ async fn usage_and_analytics(backend: Backend) {
     );
     s.get("/api/v1/projects/p/analytics?since=x").await.assert_error(400, "INVALID_FIELD", Some("since"));
     s.get("/api/v1/projects/p/usage?limit=-1").await.assert_error(400, "INVALID_FIELD", Some("limit"));
+}
+
+/// A usage event with the latency and status-class extensions, starting at
+/// `start` (10 s long).
+fn usage_with(deployment: &str, start: i64, requests: u64, extensions: Value) -> Value {
+    let mut event = json!({"deployment_id": deployment, "timestamp": rfc3339(start + 10_000), "type": "usage",
+        "requests": requests, "errors": 0, "cpu_ms": 1, "wall_ms": 1,
+        "ingress_bytes": 10, "egress_bytes": 20, "peak_memory_bytes": 1,
+        "interval_start": rfc3339(start), "interval_end": rfc3339(start + 10_000)});
+    for (key, value) in extensions.as_object().unwrap() {
+        event[key] = value.clone();
+    }
+    event
+}
+
+const LE_MS: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000];
+
+async fn latency_and_status_classes_in_usage_and_analytics(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let (a, b) = two_deployments(&s).await;
+    let origin = s.cp.origin();
+    let minute = 60_000;
+    let hour = 60 * minute;
+    // In the last whole hour, so one hourly step holds all.
+    let t0 = (now_ms() / hour) * hour - hour + 5 * minute;
+    // Deployment a: 100 requests in two intervals of one minute; 97 fast
+    // (≤ 5 ms), 2 at ≤ 250 ms, 1 past 10 s. Deployment b: 10 at ≤ 50 ms.
+    let a1 = usage_with(
+        &a,
+        t0 + 1_000,
+        60,
+        json!({
+            "latency": {"le_ms": LE_MS, "counts": [58, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0]},
+            "status_classes": {"2xx": 50, "3xx": 2, "4xx": 6, "5xx": 2}
+        }),
+    );
+    let a2 = usage_with(
+        &a,
+        t0 + 30_000,
+        40,
+        json!({
+            "latency": {"le_ms": LE_MS, "counts": [39, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]},
+            "status_classes": {"1xx": 1, "2xx": 38, "5xx": 1}
+        }),
+    );
+    origin.report_activity(&a, &batch("l1", vec![a1, a2])).await.unwrap();
+    let b1 = usage_with(
+        &b,
+        t0 + minute,
+        10,
+        json!({
+            "latency": {"le_ms": LE_MS, "counts": [0, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0]},
+            "status_classes": {"2xx": 10}
+        }),
+    );
+    origin.report_activity(&b, &batch("l2", vec![b1])).await.unwrap();
+
+    // Each record as reported.
+    let records = s.get(&format!("/api/v1/projects/p/usage?deployment={a}")).await.json();
+    let first = &records[0];
+    assert_eq!(
+        (&first["status_1xx"], &first["status_2xx"], &first["status_3xx"], &first["status_4xx"], &first["status_5xx"]),
+        (&json!(0), &json!(50), &json!(2), &json!(6), &json!(2))
+    );
+    assert_eq!(first["latency_counts"], json!([58, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0]));
+
+    let since = format_ms(t0);
+    let analytics = s.get(&format!("/api/v1/projects/p/analytics?since={since}&step_s=60")).await.json();
+    assert_eq!(analytics["latency_le_ms"], json!(LE_MS));
+    let points = analytics["points"].as_array().unwrap();
+    // The first minute merges a's two histograms: 97 of 100 at ≤ 5 ms, the
+    // 99th request at ≤ 250 ms (the upper bound of the bucket it falls in).
+    let p = &points[0];
+    assert_eq!(p["latency_counts"], json!([97, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 1]));
+    assert_eq!((&p["latency_p50_ms"], &p["latency_p99_ms"]), (&json!(5), &json!(250)));
+    assert_eq!(
+        (&p["status_1xx"], &p["status_2xx"], &p["status_3xx"], &p["status_4xx"], &p["status_5xx"]),
+        (&json!(1), &json!(88), &json!(2), &json!(6), &json!(3))
+    );
+    assert_eq!((&p["ingress_bytes"], &p["egress_bytes"]), (&json!(20), &json!(40)));
+    let p = &points[1];
+    assert_eq!((&p["latency_p50_ms"], &p["latency_p99_ms"]), (&json!(50), &json!(50)));
+    assert_eq!(p["status_2xx"], 10);
+    // A minute with nothing timed has no quantile.
+    assert_eq!((&points[2]["latency_p50_ms"], &points[2]["latency_p99_ms"]), (&Value::Null, &Value::Null));
+    // One step over all: 110 timed requests, the 109th (p99) at ≤ 250 ms.
+    let hourly = s.get(&format!("/api/v1/projects/p/analytics?since={since}&step_s=3600")).await.json();
+    let whole: Vec<&Value> =
+        hourly["points"].as_array().unwrap().iter().filter(|p| p["requests"].as_i64().unwrap() > 0).collect();
+    assert_eq!(whole.len(), 1, "{hourly}");
+    assert_eq!(whole[0]["latency_counts"], json!([97, 0, 0, 10, 0, 2, 0, 0, 0, 0, 0, 1]));
+    assert_eq!((&whole[0]["latency_p50_ms"], &whole[0]["latency_p99_ms"]), (&json!(5), &json!(250)));
+    // One deployment's own.
+    let only_b = s.get(&format!("/api/v1/projects/p/analytics?since={since}&step_s=3600&deployment={b}")).await.json();
+    let only_b: Vec<&Value> =
+        only_b["points"].as_array().unwrap().iter().filter(|p| p["requests"].as_i64().unwrap() > 0).collect();
+    assert_eq!((&only_b[0]["latency_p99_ms"], &only_b[0]["status_2xx"]), (&json!(50), &json!(10)));
+}
+
+/// A runner's report is input: malformed extensions are not stored (the
+/// rest of the event is), figures are bounded per row so the sums never
+/// overflow, and a report of the wrong type is no activity event at all.
+async fn garbage_latency_and_status_classes_are_not_stored(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let (a, _) = two_deployments(&s).await;
+    let origin = s.cp.origin();
+    let minute = 60_000;
+    let t0 = (now_ms() / minute) * minute - 2 * minute;
+    let huge = u64::MAX;
+    let garbage = [
+        json!({"latency": {"le_ms": [1, 2, 3], "counts": [1, 1, 1, 1]}}),
+        json!({"latency": {"le_ms": LE_MS, "counts": [1, 1]}}),
+        json!({"latency": {"le_ms": LE_MS, "counts": vec![huge; 12]}}),
+        json!({"status_classes": {"2xx": huge, "5xx": huge}}),
+        json!({"status_classes": {"4xx": 1u64 << 40}}),
+    ];
+    let events = garbage.iter().enumerate().map(|(i, g)| usage_with(&a, t0 + i as i64 * 1_000, 3, g.clone())).collect();
+    origin.report_activity(&a, &batch("g1", events)).await.unwrap();
+    // Two more: requests past the per-row bound, twice (their sum would
+    // overflow a BIGINT unbounded).
+    let big = vec![
+        usage_with(&a, t0 + 10_000, huge, json!({"status_classes": {"2xx": 1}})),
+        usage_with(&a, t0 + 11_000, huge, json!({})),
+    ];
+    origin.report_activity(&a, &batch("g2", big)).await.unwrap();
+
+    let records = s.get("/api/v1/projects/p/usage").await.json();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 7, "every event kept");
+    for record in &records[..5] {
+        assert_eq!(record["requests"], 3, "{record}");
+        assert_eq!(record["latency_counts"], json!(vec![0; 12]), "{record}");
+        let classes: i64 = (1..=5).map(|c| record[format!("status_{c}xx")].as_i64().unwrap()).sum();
+        assert_eq!(classes, 0, "{record}");
+    }
+    assert_eq!(records[5]["status_2xx"], 1, "a well-formed extension beside a huge figure is kept");
+    let bound = records[5]["requests"].as_i64().unwrap();
+    assert!(bound < i64::MAX / 10_000_000 + 1, "bounded per row: {bound}");
+    // The sums answer (no overflow, no 500).
+    let analytics = s.get(&format!("/api/v1/projects/p/analytics?since={}&step_s=3600", format_ms(t0))).await;
+    assert_eq!(analytics.status, 200, "{}", analytics.text);
+    let total: i64 =
+        analytics.json()["points"].as_array().unwrap().iter().map(|p| p["requests"].as_i64().unwrap()).sum();
+    assert_eq!(total, 15 + 2 * bound);
+    // Counts of the wrong type are not an activity event: the HTTP origin
+    // refuses such a batch whole (400), the runner's spool never makes one.
+    let mut wrong = usage_with(&a, t0, 1, json!({}));
+    wrong["latency"] = json!({"le_ms": LE_MS, "counts": ["many"]});
+    assert!(serde_json::from_value::<isocloud_protocol::ActivityEvent>(wrong).is_err());
+    let mut wrong = usage_with(&a, t0, 1, json!({}));
+    wrong["status_classes"] = json!({"2xx": -1});
+    assert!(serde_json::from_value::<isocloud_protocol::ActivityEvent>(wrong).is_err());
 }
 
 async fn retention_prunes(backend: Backend) {

@@ -13,8 +13,51 @@ backend_tests!(
     missing_blob_creates_nothing,
     fields_are_checked,
     env_is_snapshotted,
-    eszip_deployments
+    eszip_deployments,
+    files_are_listed_a_page_at_a_time
 );
+
+/// `GET /deployments/{id}/files`: paths and sizes in path order, paged by
+/// the Link header; an unknown deployment is 404, a bad cursor named.
+async fn files_are_listed_a_page_at_a_time(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create_project("p").await;
+    let files = [("main.ts", "// main\n"), ("static/b.txt", "bee"), ("static/a.txt", "a"), ("lib/x.ts", "export {};")];
+    let d = s.deploy("p", &files, "main.ts", false).await;
+    let id = d["id"].as_str().unwrap();
+
+    let all = s.get(&format!("/api/v1/deployments/{id}/files")).await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    assert!(all.headers.get("link").is_none());
+    let mut want: Vec<(&str, &str)> = files.to_vec();
+    want.sort();
+    let expected: Vec<Value> = want
+        .iter()
+        .map(|(path, text)| {
+            json!({"path": path, "size_bytes": text.len(), "sha256": sha256_hex(text.as_bytes()), "symlink_target": null})
+        })
+        .collect();
+    assert_eq!(all.json(), Value::Array(expected.clone()));
+
+    // Three at a time: the Link header's next page, then the last.
+    let first = s.get(&format!("/api/v1/deployments/{id}/files?limit=3")).await;
+    assert_eq!(first.json(), Value::Array(expected[..3].to_vec()));
+    let link = first.headers["link"].to_str().unwrap().to_owned();
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    assert!(next.starts_with(&format!("/api/v1/deployments/{id}/files?limit=3&cursor=")), "{link}");
+    let rest = s.get(next).await;
+    assert_eq!(rest.json(), Value::Array(expected[3..].to_vec()));
+    assert!(rest.headers.get("link").is_none());
+
+    s.get("/api/v1/deployments/nosuchdeploy/files").await.assert_error(404, "NOT_FOUND", None);
+    s.get(&format!("/api/v1/deployments/{id}/files?cursor=%%")).await.assert_error(
+        400,
+        "INVALID_FIELD",
+        Some("cursor"),
+    );
+    s.get(&format!("/api/v1/deployments/{id}/files?limit=0")).await.assert_error(400, "INVALID_FIELD", Some("limit"));
+    s.get(&format!("/api/v1/deployments/{id}/files?other=1")).await.assert_error(400, "INVALID_FIELD", Some("other"));
+}
 
 async fn blobs_upload_and_missing(backend: Backend) {
     let s = TestServer::start(backend).await;

@@ -46,6 +46,8 @@ struct Fake {
     seen: Mutex<Vec<Seen>>,
     in_flight: AtomicUsize,
     errors: AtomicUsize,
+    /// Every answer counted: its status and time to the response head.
+    answers: Mutex<Vec<(u16, Duration)>>,
     ingress_bytes: AtomicU64,
     egress_bytes: AtomicU64,
 }
@@ -60,6 +62,7 @@ impl Fake {
             seen: Mutex::default(),
             in_flight: AtomicUsize::new(0),
             errors: AtomicUsize::new(0),
+            answers: Mutex::default(),
             ingress_bytes: AtomicU64::new(0),
             egress_bytes: AtomicU64::new(0),
         })
@@ -163,8 +166,11 @@ impl Upstream for Fake {
         self.egress_bytes.fetch_add(bytes, Ordering::SeqCst);
     }
 
-    fn count_error(&self) {
-        self.errors.fetch_add(1, Ordering::SeqCst);
+    fn count_response(&self, status: u16, elapsed: Duration) {
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::SeqCst);
+        }
+        self.answers.lock().unwrap().push((status, elapsed));
     }
 }
 
@@ -406,6 +412,11 @@ async fn each_forwarding_failure_is_its_code_and_counts_as_the_isolate_s_error()
         let (status, code, _) = runner_error(status, &headers, &body);
         assert_eq!((status, code.as_str()), (expected_status, expected_code));
         assert_eq!(fake.errors.load(Ordering::SeqCst), 1, "{code}");
+        let answers = fake.answers.lock().unwrap().clone();
+        assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), [expected_status], "{code}: counted as answered");
+        if expected_code == "REQUEST_TIMEOUT" {
+            assert!(answers[0].1 >= Duration::from_millis(50), "the wait is in its latency: {answers:?}");
+        }
         assert_eq!(fake.in_flight.load(Ordering::SeqCst), 0, "{code}: the isolate is released");
     }
     // The tenant's own 5xx is its answer, not the runner's, and an error in its usage.
@@ -414,6 +425,7 @@ async fn each_forwarding_failure_is_its_code_and_counts_as_the_isolate_s_error()
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!headers.contains_key(ERROR_HEADER));
     assert_eq!(fake.errors.load(Ordering::SeqCst), 1);
+    assert_eq!(fake.answers.lock().unwrap()[0].0, 503);
 }
 
 #[tokio::test]
