@@ -6,7 +6,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use isocloud_edge::{Edge, Follower, ForwardOptions, HostTable, Metrics, RunnerClients, Runners};
+use isocloud_edge::{
+    AcmeLookup, CertificateFeed, Edge, EdgeCertificates, Follower, ForwardOptions, HostTable, Metrics, RunnerClients,
+    Runners,
+};
 use isocloud_ingress::ListenerMetrics;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -19,16 +22,32 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let listener_metrics = ListenerMetrics::new(&mut registry);
 
     let table = Arc::new(RwLock::new(HostTable::default()));
-    let follower = Arc::new(
-        Follower::new(
-            table.clone(),
-            &settings.rpc_root,
-            settings.key.clone(),
-            settings.origin_timeout,
-            metrics.clone(),
-        )
-        .context("invalid --rpc-root")?,
-    );
+    let mut follower = Follower::new(
+        table.clone(),
+        &settings.rpc_root,
+        settings.key.clone(),
+        settings.origin_timeout,
+        metrics.clone(),
+    )
+    .context("invalid --rpc-root")?;
+    // Only with --tls-listen does the edge ask for (and hold) private keys.
+    let certificates = match settings.tls_listen {
+        Some(_) => {
+            let certificates = Arc::new(EdgeCertificates::default());
+            let feed = CertificateFeed::new(
+                certificates.clone(),
+                &settings.rpc_root,
+                settings.key.clone(),
+                settings.origin_timeout,
+                metrics.clone(),
+            )
+            .context("invalid --rpc-root")?;
+            follower = follower.with_certificates(Arc::new(feed));
+            Some(certificates)
+        }
+        None => None,
+    };
+    let follower = Arc::new(follower);
     // One poll before listening, so the first requests find a table; a
     // control plane that does not answer yet is waited for by the loop.
     match follower.poll_once().await {
@@ -50,6 +69,9 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
             "routing: no host table yet; requests get 502 ORIGIN_UNREACHABLE until the control plane answers"
         ),
     }
+    // The certificates too, before the TLS listener opens (a failure leaves
+    // them pending: the loop asks again after each poll).
+    follower.log_certificates(follower.refresh_certificates().await, false);
     tokio::spawn(follower.run(isocloud_edge::ROUTING_POLL_INTERVAL));
 
     let runners = Arc::new(Runners::new(&settings.runners, metrics.clone()).context("invalid --runner")?);
@@ -66,6 +88,18 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
         },
         metrics,
     );
+    edge = edge
+        .with_acme(Arc::new(AcmeLookup::new(&settings.rpc_root, settings.key.clone()).context("invalid --rpc-root")?));
+    let tls = match (settings.tls_listen, &certificates) {
+        (Some(addr), Some(certificates)) => {
+            let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (TLS)"))?;
+            let port = tcp.local_addr()?.port();
+            edge = edge.with_https(certificates.clone(), port);
+            let acceptor = isocloud_ingress::tls_acceptor(certificates.clone()).context("cannot set up TLS")?;
+            Some((tcp, acceptor))
+        }
+        _ => None,
+    };
     if let Some(otlp) = &settings.otlp {
         edge = edge.with_telemetry(isocloud_telemetry::Telemetry::start(otlp, &mut registry)?);
         tracing::info!(target: "isocloud::edge", endpoint = %otlp.endpoint, "OTLP export on");
@@ -88,8 +122,25 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
         ));
         println!("isocloud: admin on http://{admin_addr}");
     }
+    let tls_serving = match tls {
+        Some((tcp, acceptor)) => {
+            let tls_addr = tcp.local_addr()?;
+            let serving = tokio::spawn(isocloud_edge::serve_public(
+                tcp,
+                Some(acceptor),
+                settings.tls_bounds.clone(),
+                listener_metrics.clone(),
+                edge.clone(),
+            ));
+            // Tests and scripts read this line to learn the port of `--tls-listen …:0`.
+            println!("isocloud: tls on https://{tls_addr}");
+            Some(serving)
+        }
+        None => None,
+    };
     let serving = tokio::spawn(isocloud_edge::serve_public(
         listener,
+        None,
         settings.public_bounds.clone(),
         listener_metrics,
         edge.clone(),
@@ -108,6 +159,9 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
 
     crate::shutdown_signal().await;
     serving.abort();
+    if let Some(tls_serving) = tls_serving {
+        tls_serving.abort();
+    }
     tracing::info!(
         target: "isocloud::edge",
         drain_timeout_s = settings.drain_timeout.as_secs_f64(),

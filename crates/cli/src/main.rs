@@ -48,7 +48,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Client(command) => return client::run(command),
-        Command::Edge { common, subhost, edge } => return run_edge(common, subhost, edge),
+        Command::Edge { common, serve, subhost, edge } => return run_edge(common, *serve, subhost, edge),
         command => command,
     };
     let settings = match Settings::from_cli(command) {
@@ -72,10 +72,11 @@ fn main() -> std::process::ExitCode {
 /// `isocloud edge`: settings of its own, no deno, no isolates.
 fn run_edge(
     common: settings::CommonFlags,
+    serve: settings::ServeFlags,
     subhost: settings::SubhostFlags,
     edge: settings::EdgeFlags,
 ) -> std::process::ExitCode {
-    let settings = match settings::EdgeSettings::from_flags(common, subhost, edge) {
+    let settings = match settings::EdgeSettings::from_flags(common, serve, subhost, edge) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("isocloud: {e}");

@@ -49,6 +49,9 @@ pub enum Command {
     Edge {
         #[command(flatten)]
         common: CommonFlags,
+        /// Only `--tls-listen` of these (the others are refused by name).
+        #[command(flatten)]
+        serve: Box<ServeFlags>,
         #[command(flatten)]
         subhost: SubhostFlags,
         #[command(flatten)]
@@ -572,6 +575,11 @@ pub struct EdgeSettings {
     pub drain_timeout: Duration,
     pub max_request_body_bytes: usize,
     pub public_bounds: ListenerBounds,
+    /// `--tls-listen`: HTTPS with the control plane's certificates by SNI;
+    /// `None`: plain HTTP only (and the edge holds no private key).
+    pub tls_listen: Option<SocketAddr>,
+    /// The TLS listener's bounds (the runner's `--tls-listen`'s).
+    pub tls_bounds: ListenerBounds,
     pub admin_bounds: ListenerBounds,
     /// `--otlp-endpoint`: a span per request; `None`: off.
     pub otlp: Option<isocloud_telemetry::OtlpOptions>,
@@ -580,9 +588,10 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 24] = [
+pub const EDGE_OPTIONS: [&str; 25] = [
     "config",
     "listen",
+    "tls_listen",
     "admin_listen",
     "log_format",
     "origin_timeout_s",
@@ -608,8 +617,13 @@ pub const EDGE_OPTIONS: [&str; 24] = [
 ];
 
 impl EdgeSettings {
-    pub fn from_flags(common: CommonFlags, subhost: SubhostFlags, edge: EdgeFlags) -> Result<Self, SettingsError> {
-        let given_keys = [common.given_keys(), subhost.given_keys(), edge.given_keys()].concat();
+    pub fn from_flags(
+        common: CommonFlags,
+        serve: ServeFlags,
+        subhost: SubhostFlags,
+        edge: EdgeFlags,
+    ) -> Result<Self, SettingsError> {
+        let given_keys = [common.given_keys(), serve.given_keys(), subhost.given_keys(), edge.given_keys()].concat();
         if let Some(key) = given_keys.iter().find(|key| !EDGE_OPTIONS.contains(key)) {
             return Err(invalid(
                 key,
@@ -624,7 +638,8 @@ impl EdgeSettings {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
-        let given = Given::merge(common, ServeFlags::default(), subhost, edge, file)?;
+        // Of `serve`'s group, only `tls_listen` was let through above.
+        let given = Given::merge(common, serve, subhost, edge, file)?;
         let rpc_root = match &given.rpc_root {
             Some(text) => parse_rpc_root(text)?,
             None => {
@@ -664,6 +679,8 @@ impl EdgeSettings {
             drain_timeout: Duration::from_secs(given.drain_timeout_s),
             max_request_body_bytes: usize::try_from(given.max_request_body_mb * 1024 * 1024).unwrap_or(usize::MAX),
             public_bounds: listeners.public,
+            tls_listen: given.tls_listen.as_deref().map(|a| parse_addr("tls_listen", a)).transpose()?,
+            tls_bounds: listeners.tls,
             admin_bounds: listeners.admin,
             otlp: otlp_settings(&given)?,
         })

@@ -114,6 +114,29 @@ pub fn covers(name: &str, host: &str) -> bool {
     }
 }
 
+/// Stored row `row` as the SNI table serves it, for its domain alone: `None`
+/// (and a log line saying why) for a domain at or under the base domain, a
+/// pair that does not load, or a certificate that does not cover its
+/// domain. The SNI table and the edges' certificate feed (`origin_http`)
+/// apply this one rule.
+pub fn servable(row: &CertRow, base_domain: &str) -> Option<CertifiedKey> {
+    if crate::validate::is_at_or_under(&row.domain, base_domain) {
+        tracing::warn!(target: "isocloud::controlplane", domain = row.domain, base_domain, "stored certificate is for a name under the base domain; not served");
+        return None;
+    }
+    match certified_key(&row.cert_pem, &row.key_pem) {
+        Ok(parsed) if parsed.names.iter().any(|name| covers(name, &row.domain)) => Some(parsed.key),
+        Ok(_) => {
+            tracing::warn!(target: "isocloud::controlplane", domain = row.domain, "stored certificate does not cover its domain; not served");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(target: "isocloud::controlplane", domain = row.domain, error = %e, "stored certificate does not load");
+            None
+        }
+    }
+}
+
 /// The SNI table: verified domain → the certificate uploaded for it.
 #[derive(Debug, Default)]
 pub struct CertTable {
@@ -139,20 +162,8 @@ impl CertTable {
     pub fn put(&mut self, domain: &str, row: Option<&CertRow>, base_domain: &str) {
         self.by_domain.remove(domain);
         let Some(row) = row else { return };
-        if crate::validate::is_at_or_under(&row.domain, base_domain) {
-            tracing::warn!(target: "isocloud::controlplane", domain = row.domain, base_domain, "stored certificate is for a name under the base domain; not served");
-            return;
-        }
-        match certified_key(&row.cert_pem, &row.key_pem) {
-            Ok(parsed) if parsed.names.iter().any(|name| covers(name, &row.domain)) => {
-                self.by_domain.insert(row.domain.clone(), Arc::new(parsed.key));
-            }
-            Ok(_) => {
-                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, "stored certificate does not cover its domain; not served")
-            }
-            Err(e) => {
-                tracing::warn!(target: "isocloud::controlplane", domain = row.domain, error = %e, "stored certificate does not load")
-            }
+        if let Some(key) = servable(row, base_domain) {
+            self.by_domain.insert(row.domain.clone(), Arc::new(key));
         }
     }
 

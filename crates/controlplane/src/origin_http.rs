@@ -17,7 +17,10 @@
 //! change log as every control-plane node reads it. Its token is the
 //! edge's own (`aud` [`isocloud_auth::ROUTING_AUDIENCE`], no deployment),
 //! signed with the same key; a token minted for anything else (`aud` set)
-//! opens no deployment RPC.
+//! opens no deployment RPC. Behind the same token, the edge's other two
+//! routes (`edge_feed`): `GET /certificates` (the verified domains'
+//! certificates and keys, for its HTTPS listener) and `GET
+//! /acme_challenge` (HTTP-01 answers, for its plain one).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -310,6 +313,10 @@ async fn handle(State(http): State<Arc<OriginHttp>>, request: Request) -> Respon
         let (parts, _) = request.into_parts();
         return routing(&http, &parts).await;
     }
+    if path == "/certificates" || path == "/acme_challenge" {
+        let (parts, _) = request.into_parts();
+        return edge_feed(&http, &parts).await;
+    }
     let Some(rpc) = Rpc::of_path(path) else {
         return refuse(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such RPC");
     };
@@ -496,6 +503,151 @@ async fn routing(http: &OriginHttp, request: &http::request::Parts) -> Response 
     let mut response = bytes_response(Bytes::from(json), permit);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// Certificates a page of [`certificates`] holds at most: each pair is at
+/// most `MAX_CERT_PEM_BYTES + MAX_KEY_PEM_BYTES` (80 KiB), so a page stays
+/// under 8 MiB (the edge refuses larger answers).
+pub const CERTIFICATES_PAGE: usize = 100;
+
+/// The edge's other two routes, behind the routing feed's token (`aud`
+/// [`ROUTING_AUDIENCE`]: the edge's; an RPC or relay token opens neither):
+///
+/// - `GET /certificates?after=D` (or `?domain=D`): the verified domains'
+///   certificate chains and keys, PEM, a page of [`CERTIFICATES_PAGE`] by
+///   name after `D` (`next`: where the following page starts), or the one
+///   domain's. Only what the control plane's own SNI table would serve
+///   ([`certs::servable`]): each pair for the one domain it is stored for.
+///   Key material is never logged.
+/// - `GET /acme_challenge?host=H&token=T`: the key authorization of an
+///   HTTP-01 challenge pending for `H` (`text/plain`), else 404: the lookup
+///   the runner's public listener makes, bounded the same way.
+async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Response {
+    let name = request.uri.path().trim_start_matches('/');
+    if request.method != Method::GET {
+        let mut response = refuse(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{name} takes GET"));
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    if let Err(reason) = http.authenticate_routing(&request.headers, now_unix_s()) {
+        tracing::warn!(target: "isocloud::controlplane", rpc = name, reason, "origin: RPC refused");
+        return refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &reason);
+    }
+    let Some(control_plane) = http.routing.clone() else {
+        return refuse(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "this origin serves no edges");
+    };
+    let query = match query_pairs(request.uri.query()) {
+        Ok(query) => query,
+        Err(reason) => return bad_request(&reason),
+    };
+    if name == "acme_challenge" {
+        let (Some(host), Some(token)) = (query.get("host"), query.get("token")) else {
+            return bad_request("acme_challenge needs host and token");
+        };
+        // Bounded in number and time by the control plane itself.
+        let found = tokio::time::timeout(http.limits.rpc_timeout, control_plane.acme_key_authorization(host, token));
+        return match found.await {
+            Ok(Some(key_authorization)) => {
+                let mut response = Response::new(Body::from(key_authorization));
+                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response
+            }
+            _ => refuse(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such challenge pending"),
+        };
+    }
+    let permit = match tokio::time::timeout(http.limits.queue_wait, Arc::clone(&http.permits).acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Capacity, "the origin is busy: try again");
+        }
+    };
+    let page = certificates(&control_plane, query.get("domain").map(String::as_str), query.get("after"));
+    let answer = match tokio::time::timeout(http.limits.rpc_timeout, page).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::OriginUnreachable,
+                "the control plane could not answer certificates; its log says why",
+            );
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                &format!("certificates took longer than {} s", http.limits.rpc_timeout.as_secs()),
+            );
+        }
+    };
+    let json = match serde_json::to_vec(&answer) {
+        Ok(json) => json,
+        Err(_) => {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "certificates could not be encoded");
+        }
+    };
+    // How many, never which keys.
+    tracing::debug!(
+        target: "isocloud::controlplane",
+        rpc = name,
+        certificates = answer.certificates.len(),
+        more = answer.next.is_some(),
+        "origin: RPC answered"
+    );
+    let mut response = bytes_response(Bytes::from(json), permit);
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// One answer of `GET /certificates` (the edge reads it as
+/// `isocloud_edge::CertificatePage`).
+#[derive(Serialize)]
+struct CertificatePage {
+    certificates: Vec<CertificatePem>,
+    /// The name the next page starts after; `None`: this was the last.
+    next: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CertificatePem {
+    domain: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// `domain`'s certificate (none or one), or the page after `after`.
+async fn certificates(
+    control_plane: &ControlPlane,
+    domain: Option<&str>,
+    after: Option<&String>,
+) -> Result<CertificatePage, StoreError> {
+    let base_domain = control_plane.options.base_domain.as_str();
+    let mut conn = control_plane.store.read().await?;
+    let (rows, next) = match domain {
+        Some(domain) => {
+            let domain = domain.strip_suffix('.').unwrap_or(domain).to_ascii_lowercase();
+            let (_, row) = store::domains::routing_of(&mut conn, &domain).await?;
+            (row.into_iter().collect(), None)
+        }
+        None => {
+            let after = after.map_or("", String::as_str);
+            let mut rows =
+                store::domains::certificate_rows_after(&mut conn, after, CERTIFICATES_PAGE as i64 + 1).await?;
+            let next = (rows.len() > CERTIFICATES_PAGE).then(|| {
+                rows.truncate(CERTIFICATES_PAGE);
+                rows.last().map(|row| row.domain.clone()).unwrap_or_default()
+            });
+            (rows, next)
+        }
+    };
+    let certificates = rows
+        .into_iter()
+        .filter(|row| crate::certs::servable(row, base_domain).is_some())
+        .map(|row| CertificatePem { domain: row.domain, cert_pem: row.cert_pem, key_pem: row.key_pem })
+        .collect();
+    Ok(CertificatePage { certificates, next })
 }
 
 /// The routing feed's answer (the edge reads it as `isocloud_edge::RoutingUpdate`;

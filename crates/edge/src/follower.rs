@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use isocloud_auth::{ROUTING_AUDIENCE, Secret, sign_audience_token};
 use url::Url;
 
+use crate::certs::{CertificateFeed, Pending};
 use crate::hosts::{HostTable, RoutingUpdate};
 use crate::metrics::Metrics;
 
@@ -38,9 +39,9 @@ pub enum FollowError {
     Unreachable(String),
     #[error("the control plane answered {status}: {message}")]
     Status { status: u16, message: String },
-    #[error("the routing answer is larger than {MAX_ROUTING_BYTES} bytes")]
-    TooLarge,
-    #[error("the routing answer is not a routing update: {0}")]
+    #[error("the control plane's answer is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the control plane's answer is not what was asked for: {0}")]
     Malformed(String),
 }
 
@@ -51,6 +52,9 @@ pub struct Follower {
     key: SigningKey,
     client: reqwest::Client,
     metrics: Metrics,
+    /// `--tls-listen`: the certificates, fetched as the feed names their
+    /// domains (`None`: the edge holds no key).
+    certificates: Option<Arc<CertificateFeed>>,
 }
 
 /// What one poll did.
@@ -80,7 +84,24 @@ impl Follower {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|_| url::ParseError::EmptyHost)?;
-        Ok(Self { table, url, key, client, metrics })
+        Ok(Self { table, url, key, client, metrics, certificates: None })
+    }
+
+    /// Keeps `certificates` too: every domain the feed reports changed has
+    /// its certificate fetched again after the poll that saw it.
+    pub fn with_certificates(mut self, certificates: Arc<CertificateFeed>) -> Self {
+        self.certificates = Some(certificates);
+        self
+    }
+
+    /// Fetches the certificates the feed has named since the last time
+    /// (none without `--tls-listen`); a failure leaves them pending for the
+    /// next poll.
+    pub async fn refresh_certificates(&self) -> Result<usize, FollowError> {
+        match &self.certificates {
+            Some(feed) => feed.refresh().await,
+            None => Ok(0),
+        }
     }
 
     /// The table this follower keeps.
@@ -95,9 +116,10 @@ impl Follower {
         let since = self.table.read().unwrap_or_else(|p| p.into_inner()).generation();
         let update = self.fetch(since).await?;
         let full = update.full;
+        let touched = Pending::of(&update);
         let applied = self.table.write().unwrap_or_else(|p| p.into_inner()).apply(update);
         match applied {
-            Ok(()) => {}
+            Ok(()) => self.note_certificates(touched),
             Err(e) => {
                 tracing::warn!(target: "isocloud::edge", error = %e, "routing: reloading the host table whole");
                 let whole = self.fetch(None).await?;
@@ -109,10 +131,17 @@ impl Follower {
                     .unwrap_or_else(|p| p.into_inner())
                     .apply(whole)
                     .map_err(|e| FollowError::Malformed(e.to_string()))?;
+                self.note_certificates(Pending::All);
                 return Ok(Polled::Full);
             }
         }
         Ok(if full { Polled::Full } else { Polled::Delta })
+    }
+
+    fn note_certificates(&self, touched: Pending) {
+        if let Some(feed) = &self.certificates {
+            feed.note(touched);
+        }
     }
 
     async fn fetch(&self, since: Option<i64>) -> Result<RoutingUpdate, FollowError> {
@@ -121,29 +150,7 @@ impl Follower {
             url.query_pairs_mut().append_pair("since", &since.to_string());
         }
         let token = sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-        let mut response = self
-            .client
-            .get(url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| FollowError::Unreachable(without_url(&e)))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let message: String = text.chars().take(300).collect();
-            return Err(FollowError::Status { status: status.as_u16(), message });
-        }
-        if response.content_length().is_some_and(|len| len > MAX_ROUTING_BYTES as u64) {
-            return Err(FollowError::TooLarge);
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| FollowError::Unreachable(without_url(&e)))? {
-            if body.len() + chunk.len() > MAX_ROUTING_BYTES {
-                return Err(FollowError::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = bounded_body(self.client.get(url).bearer_auth(token), MAX_ROUTING_BYTES, "the routing feed").await?;
         serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(e.to_string()))
     }
 
@@ -151,7 +158,7 @@ impl Follower {
     /// feed goes from working to failing (and when it works again), not
     /// every second; the table held keeps serving meanwhile.
     pub async fn run(self: Arc<Self>, interval: Duration) {
-        let mut failing = false;
+        let (mut failing, mut certificates_failing) = (false, false);
         loop {
             let started = tokio::time::Instant::now();
             match self.poll_once().await {
@@ -186,17 +193,70 @@ impl Follower {
                     failing = true;
                 }
             }
+            certificates_failing = self.log_certificates(self.refresh_certificates().await, certificates_failing);
             tokio::time::sleep_until(started + interval).await;
+        }
+    }
+
+    /// Logs a certificate refresh (a change of state, or certificates
+    /// fetched: counts and never keys); returns whether it failed.
+    pub fn log_certificates(&self, refreshed: Result<usize, FollowError>, was_failing: bool) -> bool {
+        let held = self.certificates.as_ref().map_or(0, |feed| feed.certificates().len());
+        match refreshed {
+            Ok(0) if !was_failing => false,
+            Ok(fetched) => {
+                tracing::info!(target: "isocloud::edge", fetched, held, "certificates: up to date");
+                false
+            }
+            Err(e) => {
+                if !was_failing {
+                    tracing::warn!(
+                        target: "isocloud::edge",
+                        error = %e,
+                        held,
+                        "certificates: cannot fetch from the control plane; serving those held"
+                    );
+                }
+                true
+            }
         }
     }
 }
 
+/// The body of a successful answer to `request`, at most `limit` bytes
+/// (`TooLarge` past it, never read further); `what` names the route in
+/// errors.
+pub(crate) async fn bounded_body(
+    request: reqwest::RequestBuilder,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, FollowError> {
+    let mut response = request.send().await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        let message: String = text.chars().take(300).collect();
+        return Err(FollowError::Status { status: status.as_u16(), message });
+    }
+    if response.content_length().is_some_and(|len| len > limit as u64) {
+        return Err(FollowError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))? {
+        if body.len() + chunk.len() > limit {
+            return Err(FollowError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// reqwest's message without the URL it names (the query is harmless, but
 /// the log line names the control plane once, not per error).
-fn without_url(e: &reqwest::Error) -> String {
+fn without_url(e: &reqwest::Error, what: &str) -> String {
     let mut text = e.to_string();
     if let Some(url) = e.url() {
-        text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), "the routing feed");
+        text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), what);
     }
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {

@@ -26,6 +26,8 @@ use isocloud_ingress::{EdgeError, PeerAddr};
 use isocloud_protocol::{ERROR_HEADER, ErrorCode};
 use isocloud_telemetry::{RequestSpan, TRACEPARENT_HEADER, Telemetry};
 
+use crate::acme::AcmeLookup;
+use crate::certs::EdgeCertificates;
 use crate::follower::{SigningKey, now_unix_s};
 use crate::hosts::HostTable;
 use crate::metrics::Metrics;
@@ -65,6 +67,17 @@ pub struct Edge {
     in_flight: Arc<AtomicUsize>,
     /// `--otlp-endpoint`: a span per request; `None` costs one branch.
     telemetry: Option<Telemetry>,
+    /// `--tls-listen`: plain HTTP to a domain with a certificate gets 308.
+    https: Option<HttpsRedirect>,
+    /// HTTP-01 answers from the control plane.
+    acme: Option<Arc<AcmeLookup>>,
+}
+
+/// The redirect rule's inputs: which hosts have a certificate, and the
+/// HTTPS listener's port.
+struct HttpsRedirect {
+    certificates: Arc<EdgeCertificates>,
+    port: Option<u16>,
 }
 
 impl Edge {
@@ -85,7 +98,23 @@ impl Edge {
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
             telemetry: None,
+            https: None,
+            acme: None,
         }
+    }
+
+    /// With an HTTPS listener on `port`: plain HTTP to a host with a
+    /// certificate in `certificates` gets 308 to HTTPS (the runner's rule,
+    /// [`isocloud_ingress::https_location`]), ACME challenge paths aside.
+    pub fn with_https(mut self, certificates: Arc<EdgeCertificates>, port: u16) -> Self {
+        self.https = Some(HttpsRedirect { certificates, port: Some(port) });
+        self
+    }
+
+    /// Answers pending HTTP-01 challenges (asked of the control plane).
+    pub fn with_acme(mut self, acme: Arc<AcmeLookup>) -> Self {
+        self.acme = Some(acme);
+        self
     }
 
     /// Exports a span per request; the runner's span becomes its child
@@ -102,7 +131,8 @@ impl Edge {
     }
 
     /// Serves one request; never fails: every error becomes an answer.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<EdgeBody>
+    /// `secure`: it came over TLS (the edge's `--tls-listen`).
+    pub async fn handle<B>(&self, request: Request<B>, secure: bool) -> Response<EdgeBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -112,7 +142,7 @@ impl Edge {
             .telemetry
             .as_ref()
             .map(|telemetry| telemetry.request_span(request.method(), request.headers().get(TRACEPARENT_HEADER)));
-        let response = match self.forward(request, &mut span).await {
+        let response = match self.forward(request, secure, &mut span).await {
             Ok(response) => {
                 self.metrics.requests.count(response.status().as_u16(), None);
                 if let Some(span) = &mut span {
@@ -146,6 +176,7 @@ impl Edge {
     async fn forward<B>(
         &self,
         mut request: Request<B>,
+        secure: bool,
         span: &mut Option<RequestSpan>,
     ) -> Result<Response<EdgeBody>, EdgeError>
     where
@@ -154,9 +185,21 @@ impl Edge {
     {
         let authority = isocloud_ingress::request_authority(request.version(), request.headers(), request.uri())?
             .ok_or_else(|| EdgeError::new(ErrorCode::BadRequest, "the request names no host"))?;
+        // An HTTP-01 challenge path: answered when pending, never redirected
+        // (the ACME server asks over plain HTTP), else forwarded as any request.
+        let challenge = isocloud_ingress::challenge_of(&request, Some(&authority));
+        if let (Some(acme), Some((host, token))) = (&self.acme, &challenge)
+            && let Some(key_authorization) = acme.key_authorization(host, token).await
+        {
+            return Ok(challenge_answer(key_authorization));
+        }
         let deployment_id = {
             let table = self.table.read().unwrap_or_else(|p| p.into_inner());
             match table.resolve(hostname(&authority)) {
+                Some(_) if !secure && challenge.is_none() && self.https_only(hostname(&authority)) => {
+                    let port = self.https.as_ref().and_then(|https| https.port);
+                    return Ok(redirect(&isocloud_ingress::https_location(&authority, request.uri(), port)));
+                }
                 Some(id) => id.to_owned(),
                 None if table.generation().is_none() => {
                     return Err(EdgeError::new(
@@ -191,7 +234,7 @@ impl Edge {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip().to_canonical());
-        let mut headers = forwarded_headers(parts.headers, &authority, client, upgrade)?;
+        let mut headers = forwarded_headers(parts.headers, &authority, client, upgrade, secure)?;
         if let Some(span) = span {
             span.route(hostname(&authority), parts.uri.path(), &deployment_id, "");
             // The runner's span is this one's child, not the client's.
@@ -267,6 +310,12 @@ impl Edge {
         Err(failure)
     }
 
+    /// Whether `host` has a certificate to send plain HTTP to (only with
+    /// an HTTPS listener).
+    fn https_only(&self, host: &str) -> bool {
+        self.https.as_ref().is_some_and(|https| https.certificates.lookup(host).is_some())
+    }
+
     /// The request for `runner`: the client's, with the relay token.
     fn outgoing(
         &self,
@@ -293,18 +342,44 @@ impl Edge {
 
 /// Serves `edge` on `listener` within `bounds` (the ingress's bounded
 /// listener: head timeout, connection caps, HTTP/1.1 and h2c) until the
-/// task is dropped.
+/// task is dropped. With `tls`, over TLS (the ingress's bounded TLS
+/// listener: certificates by SNI, ALPN h2 and http/1.1, the handshake
+/// within its timeout), and the runners hear `x-forwarded-proto: https`.
 pub async fn serve_public(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     bounds: isocloud_ingress::ListenerBounds,
     metrics: isocloud_ingress::ListenerMetrics,
     edge: Arc<Edge>,
 ) {
+    let secure = tls.is_some();
     let service = hyper::service::service_fn(move |request: Request<isocloud_ingress::BoundedBody>| {
         let edge = Arc::clone(&edge);
-        async move { Ok::<_, std::convert::Infallible>(edge.handle(request).await) }
+        async move { Ok::<_, std::convert::Infallible>(edge.handle(request, secure).await) }
     });
-    isocloud_ingress::serve_bounded(listener, bounds, metrics, service).await;
+    match tls {
+        None => isocloud_ingress::serve_bounded(listener, bounds, metrics, service).await,
+        Some(tls) => isocloud_ingress::serve_bounded_tls(listener, tls, bounds, metrics, service).await,
+    }
+}
+
+/// 308 to `location` (the runner's answer for the same rule).
+fn redirect(location: &str) -> Response<EdgeBody> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// The HTTP-01 answer: the key authorization as `text/plain`, never cached
+/// (as the runner's public listener answers it).
+fn challenge_answer(key_authorization: String) -> Response<EdgeBody> {
+    let mut response = Response::new(full(Bytes::from(key_authorization)));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The client's headers as a runner gets them: hop-by-hop ones and any
@@ -313,12 +388,14 @@ pub async fn serve_public(
 /// `x-forwarded-host` (the runner takes it from a verified relay as the
 /// isolate's `request.url` host), with `x-forwarded-proto`, and the client's
 /// address in `x-forwarded-for` (replacing whatever the client wrote there:
-/// the runner believes a relay's, and the edge is one).
+/// the runner believes a relay's, and the edge is one). `x-forwarded-proto`
+/// is the edge's listener's (`https` over TLS), never the client's.
 fn forwarded_headers(
     mut headers: HeaderMap,
     authority: &str,
     client: Option<IpAddr>,
     upgrade: bool,
+    secure: bool,
 ) -> Result<HeaderMap, EdgeError> {
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -332,7 +409,8 @@ fn forwarded_headers(
     let host = HeaderValue::from_str(authority)
         .map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the Host header does not name a host"))?;
     headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    let proto = HeaderValue::from_static(if secure { "https" } else { "http" });
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), proto);
     headers.remove("x-forwarded-for");
     if let Some(client) = client {
         let value = HeaderValue::from_str(&client.to_string()).expect("an address is a valid header value");

@@ -25,7 +25,9 @@
 
 #![forbid(unsafe_code)]
 
+mod acme;
 mod admin;
+mod certs;
 mod follower;
 mod forward;
 mod hosts;
@@ -33,7 +35,11 @@ mod metrics;
 pub mod rendezvous;
 mod runners;
 
+pub use acme::{ACME_LOOKUP_TIMEOUT, ACME_LOOKUPS, AcmeLookup};
 pub use admin::serve_admin;
+pub use certs::{
+    CertificateFeed, CertificatePage, CertificatePem, EdgeCertificates, LoadError, MAX_CERTIFICATE_PAGE_BYTES, Pending,
+};
 pub use follower::{FollowError, Follower, MAX_ROUTING_BYTES, Polled, SigningKey};
 pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S, serve_public};
 pub use hosts::{ApplyError, HostTable, ProjectRoute, RoutingUpdate};

@@ -19,6 +19,8 @@ pub struct Metrics {
     routing_deployments: Gauge,
     routing_reloads: Counter,
     routing_failures: Counter,
+    certificates: Gauge,
+    certificate_failures: Counter,
 }
 
 impl Metrics {
@@ -31,6 +33,8 @@ impl Metrics {
             routing_deployments: Gauge::default(),
             routing_reloads: Counter::default(),
             routing_failures: Counter::default(),
+            certificates: Gauge::default(),
+            certificate_failures: Counter::default(),
         };
         registry.register(
             "isocloud_edge_retries",
@@ -62,6 +66,16 @@ impl Metrics {
             "Polls of the routing feed that failed (the table held kept serving)",
             metrics.routing_failures.clone(),
         );
+        registry.register(
+            "isocloud_edge_certificates",
+            "Certificates held for --tls-listen (verified domains' own, from the control plane)",
+            metrics.certificates.clone(),
+        );
+        registry.register(
+            "isocloud_edge_certificate_failures",
+            "Certificate fetches that failed (those held kept serving; retried after the next poll)",
+            metrics.certificate_failures.clone(),
+        );
         metrics
     }
 
@@ -88,5 +102,13 @@ impl Metrics {
 
     pub(crate) fn routing_failed(&self) {
         self.routing_failures.inc();
+    }
+
+    pub(crate) fn certificates_held(&self, held: usize) {
+        self.certificates.set(held as i64);
+    }
+
+    pub(crate) fn certificates_failed(&self) {
+        self.certificate_failures.inc();
     }
 }

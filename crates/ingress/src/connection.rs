@@ -527,6 +527,44 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_bounded_with(listener, None, bounds, metrics, service).await;
+}
+
+/// [`serve_bounded`] over TLS (`tls`: ALPN h2 and http/1.1, certificates by
+/// SNI, see [`crate::tls_acceptor`]): each connection's handshake within
+/// the TLS handshake timeout and the head timeout, as on the runner's own
+/// TLS listener (`isocloud edge --tls-listen`).
+pub async fn serve_bounded_tls<S, B>(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    bounds: ListenerBounds,
+    metrics: ListenerMetrics,
+    service: S,
+) where
+    S: Service<Request<BoundedBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    serve_bounded_with(listener, Some(tls), bounds, metrics, service).await;
+}
+
+async fn serve_bounded_with<S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    bounds: ListenerBounds,
+    metrics: ListenerMetrics,
+    service: S,
+) where
+    S: Service<Request<BoundedBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let builder = builder(None);
     let gate = Gate::new(bounds, metrics);
     loop {
@@ -544,7 +582,7 @@ where
         let for_bodies = gate.clone();
         tokio::spawn(serve_connection(
             accepted,
-            None,
+            tls.clone(),
             gate.clone(),
             builder.clone(),
             None,

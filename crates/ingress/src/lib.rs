@@ -34,18 +34,20 @@ mod streams;
 mod tls;
 mod trace;
 
-pub use acme::AcmeChallenges;
+pub use acme::{AcmeChallenges, CHALLENGE_PATH, challenge_of};
 pub use admin::serve_admin;
 pub use bounds::{
     BodyBound, Breach, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE_KB_S, LISTENER_DEFAULTS, ListenerBounds,
     ListenerDefaults, ListenerKind,
 };
-pub use connection::{BodyTooSlow, BoundedBody, PeerAddr, serve_bounded};
+pub use connection::{BodyTooSlow, BoundedBody, PeerAddr, serve_bounded, serve_bounded_tls};
 pub use error::EdgeError;
 pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};
 pub use metrics::{EdgeMetrics, ListenerMetrics};
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
-pub use routing::{HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting, request_authority};
+pub use routing::{
+    HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting, https_location, request_authority,
+};
 pub use server::{Listener, ServeOptions, serve};
 pub use streams::StreamLimits;
 pub use tls::{Certificates, tls_acceptor};

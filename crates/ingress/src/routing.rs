@@ -104,12 +104,7 @@ impl Router {
             && let Some(found) = hosts.routes.resolve(hostname(&host))
         {
             if found.https_only && !secure {
-                let authority = match hosts.https_port {
-                    None | Some(443) => hostname(&host).to_owned(),
-                    Some(port) => format!("{}:{port}", hostname(&host)),
-                };
-                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                return Ok(Routed::RedirectToHttps(format!("https://{authority}{path}")));
+                return Ok(Routed::RedirectToHttps(https_location(&host, uri, hosts.https_port)));
             }
             return Ok(Routed::Serve(Route {
                 origin: hosts.origin.clone(),
@@ -185,6 +180,19 @@ impl Router {
             relayed_client,
         })
     }
+}
+
+/// Where plain HTTP to a host with a certificate is sent (308): the same
+/// host and target over HTTPS, on `https_port` (omitted when 443 or
+/// unknown). `host`: the request's authority, its port dropped. The
+/// runner's router and `isocloud edge` apply this one rule.
+pub fn https_location(host: &str, uri: &http::Uri, https_port: Option<u16>) -> String {
+    let authority = match https_port {
+        None | Some(443) => hostname(host).to_owned(),
+        Some(port) => format!("{}:{port}", hostname(host)),
+    };
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("https://{authority}{path}")
 }
 
 /// The one host a request names, lowercase: the request target's authority

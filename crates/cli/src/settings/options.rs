@@ -314,7 +314,9 @@ options! {
         base_domain: String, "DOMAIN", default(control_plane::BASE_DOMAIN.into());
         /// The API (/api/v1) and dashboard listener.
         control_listen: String, "ADDR", default("127.0.0.1:8081".into());
-        /// A public HTTPS listener; certificates are picked by SNI from the domains' uploaded ones.
+        /// A public HTTPS listener; certificates are picked by SNI from the
+        /// verified domains' own (uploaded or ACME). For `edge` too (fetched
+        /// from the control plane).
         tls_listen: String, "ADDR", shown("off");
         /// The origin RPCs (boot, layer, read_tree, read_blob, report_activity)
         /// for `isocloud runner`s on other machines (their --rpc-root), every

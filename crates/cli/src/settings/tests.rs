@@ -806,8 +806,8 @@ fn edge(args: &[&str]) -> Result<EdgeSettings, SettingsError> {
     let mut argv = vec!["isocloud", "edge"];
     argv.extend_from_slice(args);
     let cli = Cli::try_parse_from(argv).map_err(|e| invalid("clap", e.to_string()))?;
-    let Command::Edge { common, subhost, edge } = cli.command else { panic!("not the edge") };
-    EdgeSettings::from_flags(common, subhost, edge)
+    let Command::Edge { common, serve, subhost, edge } = cli.command else { panic!("not the edge") };
+    EdgeSettings::from_flags(common, *serve, subhost, edge)
 }
 
 const EDGE_KEY: &str = "cp=edge-secret-0123456789abcdef0123456789";
@@ -916,6 +916,31 @@ fn the_edge_refuses_what_it_cannot_use_by_name() {
     assert_eq!(name, "subhost_secret");
     assert!(message.contains("fewer than 32"), "{message}");
     assert_eq!(field(&["--health-interval-ms", "10"], &[]).0, "health_interval_ms");
+    // Of `serve`'s options only --tls-listen is the edge's.
+    let (name, message) = field(&["--data", "/tmp/x"], &[]);
+    assert_eq!(name, "data");
+    assert!(message.contains("--data is not an edge option"), "{message}");
+    assert_eq!(field(&["--origin-listen", "127.0.0.1:0"], &[]).0, "origin_listen");
+    assert_eq!(field(&["--tls-listen", "not an address"], &[]).0, "tls_listen");
+}
+
+/// `--tls-listen` (or `tls_listen` in the file): HTTPS on the edge, with the
+/// runner's TLS listener's bounds; off by default.
+#[test]
+fn the_edge_takes_a_tls_listener() {
+    let base = ["--rpc-root", "http://cp:8082/", "--subhost-secret", EDGE_KEY, "--runner", "http://r:8080"];
+    let plain = edge(&base).unwrap();
+    assert!(plain.tls_listen.is_none(), "off by default");
+    let tls =
+        edge(&[&base[..], &["--tls-listen", "0.0.0.0:8443", "--max-connections-per-peer", "7"]].concat()).unwrap();
+    assert_eq!(tls.tls_listen.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:8443"));
+    assert_eq!(tls.tls_bounds.listener, ListenerKind::Tls);
+    assert_eq!(tls.tls_bounds.max_connections_per_peer, 7, "the public listeners' caps");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(&config, "tls_listen = \"127.0.0.1:9443\"\n").unwrap();
+    let from_file = edge(&[&base[..], &["--config", config.to_str().unwrap()]].concat()).unwrap();
+    assert_eq!(from_file.tls_listen.map(|a| a.port()), Some(9443));
 }
 
 #[test]

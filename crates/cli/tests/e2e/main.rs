@@ -22,6 +22,7 @@ mod control_plane;
 mod dashboard;
 mod deno_relay;
 mod edge;
+mod edge_tls;
 mod egress;
 mod errors;
 mod hostile_http;

@@ -226,3 +226,22 @@ pub async fn certificate_rows(conn: &mut AnyConnection) -> Result<Vec<CertRow>> 
         })
         .collect()
 }
+
+/// Certificates of verified domains whose name sorts after `after`, by
+/// name, `limit` at most: the edges' certificate feed, a page at a time.
+pub async fn certificate_rows_after(conn: &mut AnyConnection, after: &str, limit: i64) -> Result<Vec<CertRow>> {
+    let rows = sqlx::query(
+        "SELECT c.domain, c.cert_pem, c.key_pem FROM certificates c \
+         JOIN domains d ON d.domain = c.domain WHERE d.verified_at_ms IS NOT NULL AND c.domain > $1 \
+         ORDER BY c.domain LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CertRow { domain: col(row, "domain")?, cert_pem: col(row, "cert_pem")?, key_pem: col(row, "key_pem")? })
+        })
+        .collect()
+}

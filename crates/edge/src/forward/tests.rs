@@ -121,6 +121,7 @@ fn edge(addrs: &[SocketAddr], deployment: &str, http2: bool) -> Setup {
         .apply(RoutingUpdate {
             projects: vec![ProjectRoute { id: "p1".into(), name: "hello".into(), production: Some(deployment.into()) }],
             deployments: vec![(deployment.into(), "p1".into())],
+            domains: vec![("www.shop.test".into(), "p1".into())],
             full: true,
             ..RoutingUpdate::unchanged(1, "localhost")
         })
@@ -154,7 +155,7 @@ fn request(method: Method, host: &str, path: &str, body: &'static str) -> Reques
 }
 
 async fn send(edge: &Edge, request: Request<EdgeBody>) -> (StatusCode, HeaderMap, String) {
-    let response = edge.handle(request).await;
+    let response = edge.handle(request, false).await;
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
@@ -315,11 +316,104 @@ fn the_runner_gets_the_clients_address_in_place_of_what_the_client_wrote() {
     headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
     headers.insert("x-custom", HeaderValue::from_static("kept"));
     let client: IpAddr = "::ffff:192.0.2.1".parse::<IpAddr>().unwrap().to_canonical();
-    let forwarded = forwarded_headers(headers.clone(), "app.example", Some(client), false).unwrap();
+    let forwarded = forwarded_headers(headers.clone(), "app.example", Some(client), false, false).unwrap();
     assert_eq!(forwarded["x-forwarded-for"], "192.0.2.1");
     assert_eq!(forwarded["x-custom"], "kept");
     assert_eq!(forwarded["x-forwarded-host"], "app.example");
     // Not knowing the peer, the edge passes no claim of the client's on.
-    let forwarded = forwarded_headers(headers, "app.example", None, false).unwrap();
+    let forwarded = forwarded_headers(headers, "app.example", None, false, false).unwrap();
     assert!(forwarded.get("x-forwarded-for").is_none());
+}
+
+/// `x-forwarded-proto` is the edge's listener's: `https` only for a request
+/// that came over TLS, whatever the client wrote.
+#[test]
+fn the_runner_hears_https_only_for_requests_over_tls() {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    let plain = forwarded_headers(headers.clone(), "app.example", None, false, false).unwrap();
+    assert_eq!(plain["x-forwarded-proto"], "http");
+    assert_eq!(plain.get_all("x-forwarded-proto").iter().count(), 1);
+    let tls = forwarded_headers(HeaderMap::new(), "app.example", None, false, true).unwrap();
+    assert_eq!(tls["x-forwarded-proto"], "https");
+}
+
+/// The control plane's `acme_challenge` route: checks the edge's token as
+/// the origin listener does; one token pending for `www.shop.test`.
+async fn acme_feed() -> url::Url {
+    let verifier = SubhostVerifier::new(vec![Subhoster {
+        kid: KID.into(),
+        secret: Secret::from(SECRET),
+        rpc_root: url::Url::parse("http://origin.invalid/").unwrap(),
+        allowed_rpc_root_prefixes: Vec::new(),
+    }])
+    .unwrap();
+    let app = axum::Router::new().route(
+        "/v0/acme_challenge",
+        axum::routing::get(
+            move |query: axum::extract::Query<std::collections::HashMap<String, String>>, headers: HeaderMap| {
+                let verifier = verifier.clone();
+                async move {
+                    let token = headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap();
+                    if verifier.verify_audience(token, isocloud_auth::ROUTING_AUDIENCE, now_unix_s()).is_err() {
+                        return (StatusCode::UNAUTHORIZED, String::new());
+                    }
+                    match (query["host"].as_str(), query["token"].as_str()) {
+                        ("www.shop.test", "pending_token") => (StatusCode::OK, "pending_token.thumbprint".into()),
+                        _ => (StatusCode::NOT_FOUND, String::new()),
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root = url::Url::parse(&format!("http://{}/v0/", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    root
+}
+
+/// With an HTTPS listener: plain HTTP to a domain with a certificate gets
+/// 308 to HTTPS (the runner's rule), over TLS it is forwarded with
+/// `x-forwarded-proto: https`; a host without one is served over plain
+/// HTTP; an ACME challenge path is never redirected: a pending token is
+/// answered from the control plane, any other reaches the app.
+#[tokio::test]
+async fn domains_with_a_certificate_go_to_https_but_acme_challenges_do_not() {
+    let runner = stand_in(Behaviour::Echo).await;
+    let certificates = Arc::new(crate::certs::EdgeCertificates::default());
+    let pair = rcgen::generate_simple_self_signed(vec!["www.shop.test".to_owned()]).unwrap();
+    let pem = crate::certs::CertificatePem {
+        domain: "www.shop.test".into(),
+        cert_pem: pair.cert.pem(),
+        key_pem: pair.key_pair.serialize_pem(),
+    };
+    certificates.put("www.shop.test", Some(Arc::new(crate::certs::load(&pem).unwrap())));
+    let acme = AcmeLookup::new(&acme_feed().await, SigningKey { kid: KID.into(), secret: Secret::from(SECRET) });
+    let Setup { edge, .. } = edge(&[runner.addr], "aaaaaaaaaaaa", true);
+    let edge = edge.with_https(certificates, 8443).with_acme(Arc::new(acme.unwrap()));
+
+    let (status, headers, _) = send(&edge, request(Method::GET, "www.shop.test", "/path?q=1", "")).await;
+    assert_eq!(status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(headers[header::LOCATION], "https://www.shop.test:8443/path?q=1");
+    let response = edge.handle(request(Method::GET, "www.shop.test", "/path?q=1", ""), true).await;
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((got["forwarded_proto"].as_str(), got["path"].as_str()), (Some("https"), Some("/path?q=1")));
+    let (status, _, body) = send(&edge, request(Method::GET, "hello.localhost", "/", "")).await;
+    assert_eq!(status, 200, "no certificate, no redirect: {body}");
+
+    let (status, headers, body) =
+        send(&edge, request(Method::GET, "www.shop.test", "/.well-known/acme-challenge/pending_token", "")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "pending_token.thumbprint"));
+    assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    let (status, _, body) =
+        send(&edge, request(Method::GET, "www.shop.test", "/.well-known/acme-challenge/other_token", "")).await;
+    assert_eq!(status, 200, "not pending: the app's, not redirected");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["path"],
+        "/.well-known/acme-challenge/other_token"
+    );
+    assert_eq!(runner.seen.lock().unwrap().len(), 3, "the pending token never reached the runner");
 }

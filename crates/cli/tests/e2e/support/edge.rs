@@ -15,6 +15,8 @@ use super::{KID, Runner, SECRET};
 pub struct Edge {
     child: Child,
     pub addr: SocketAddr,
+    /// The HTTPS listener, when started with `--tls-listen`.
+    pub tls: Option<SocketAddr>,
     admin: SocketAddr,
     stderr: Arc<Mutex<String>>,
 }
@@ -58,8 +60,9 @@ impl Edge {
             }
         });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut addr, mut admin) = (None, None);
-        while addr.is_none() || admin.is_none() {
+        let (mut addr, mut admin, mut tls) = (None, None, None);
+        let wants_tls = extra.contains(&"--tls-listen");
+        while addr.is_none() || admin.is_none() || (wants_tls && tls.is_none()) {
             let Some(Ok(line)) = lines.next() else {
                 let _ = child.kill();
                 panic!("the edge exited before listening:\n{}", stderr.lock().unwrap());
@@ -70,10 +73,13 @@ impl Edge {
             if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
                 admin = Some(rest.parse().unwrap());
             }
+            if let Some(rest) = line.strip_prefix("isocloud: tls on https://") {
+                tls = Some(rest.parse().unwrap());
+            }
         }
         // Keep draining stdout so the edge never blocks on a full pipe.
         std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-        Edge { child, addr: addr.unwrap(), admin: admin.unwrap(), stderr }
+        Edge { child, addr: addr.unwrap(), tls, admin: admin.unwrap(), stderr }
     }
 
     pub fn stderr(&self) -> String {

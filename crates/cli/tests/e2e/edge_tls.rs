@@ -1,0 +1,258 @@
+//! The edge's public HTTPS (issue 15 item 2): `isocloud serve
+//! --origin-listen` (the control plane), one `isocloud runner`, and one
+//! `isocloud edge --tls-listen`. A verified domain's uploaded certificate
+//! reaches the edge over the origin listener and is served by SNI (for that
+//! domain alone), the isolate sees an https `request.url`, plain HTTP to
+//! the domain is 308 to HTTPS, a certificate uploaded later is served
+//! within seconds without a restart; and ACME HTTP-01 challenges pending in
+//! the control plane's store are answered through the edge's plain
+//! listener, never redirected.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::Connection as _;
+
+use crate::support::edge::Edge;
+use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli};
+
+#[path = "../../../controlplane/tests/api/support/dns.rs"]
+#[allow(dead_code, reason = "shared with the control plane's tests, which use more of it")]
+#[allow(clippy::duplicate_mod, reason = "control_plane.rs includes the same responder; each module keeps its own")]
+mod dns;
+
+const DOMAIN: &str = "www.shop.test";
+
+/// `isocloud serve` with `--origin-listen 127.0.0.1:0`, the test key and
+/// `dns` as its resolver (domain verification); also the origin listener's
+/// address.
+fn serve_with_origin(dns: SocketAddr) -> (ControlPlaneServe, SocketAddr) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = data_dir.path().to_str().unwrap().to_owned();
+    let (key, dns) = (format!("{KID}={SECRET}"), dns.to_string());
+    let args = [
+        "serve",
+        "--data",
+        &data,
+        "--control-listen",
+        "127.0.0.1:0",
+        "--base-domain",
+        "localhost",
+        "--origin-listen",
+        "127.0.0.1:0",
+        "--origin-secret",
+        &key,
+        "--dns-resolver",
+        &dns,
+        "--prestarted-isolates",
+        "0",
+    ];
+    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
+    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
+    let control = lines[0].trim().parse().expect("the control plane's address");
+    let origin = lines[1].trim().parse().expect("the origin listener's address");
+    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve.admin_token_file().is_file() {
+        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (serve, origin)
+}
+
+/// A runner in subhosting mode whose one subhoster is the control plane.
+fn runner(origin: SocketAddr) -> Runner {
+    let (rpc_root, key) = (format!("http://{origin}/"), format!("{KID}={SECRET}"));
+    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
+}
+
+/// Project `shop`, its app (answers its `request.url`) in production, and
+/// [`DOMAIN`] attached and verified (DNS TXT).
+async fn shop_with_domain(serve: &ControlPlaneServe, dns: &dns::DnsResponder, work: &Path) {
+    let config = work.join("config");
+    let cli = |args: &[&str]| isocloud_cli(&serve.control_url(), &serve.admin_token(), &config, args);
+    cli(&["projects", "create", "shop"]);
+    let app = work.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("main.ts"), "Deno.serve((req) => new Response(req.url));\n").unwrap();
+    cli(&["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
+    let (status, domain) =
+        serve.api(reqwest::Method::POST, "/domains", Some(json!({ "domain": DOMAIN, "project": "shop" }))).await;
+    assert_eq!(status, 201, "{domain}");
+    dns.set_txt(
+        domain["verification"]["txt_name"].as_str().unwrap(),
+        domain["verification"]["txt_value"].as_str().unwrap(),
+    );
+    let (_, verified) = serve.api(reqwest::Method::POST, &format!("/domains/{DOMAIN}/verify"), None).await;
+    assert_eq!(verified["verified"], true, "{verified}");
+}
+
+/// A fresh self-signed certificate for [`DOMAIN`] uploaded; its PEM (the
+/// only CA a client of the test trusts).
+async fn upload_certificate(serve: &ControlPlaneServe) -> String {
+    let cert = rcgen::generate_simple_self_signed(vec![DOMAIN.to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let (status, answer) = serve
+        .api(
+            reqwest::Method::PUT,
+            &format!("/domains/{DOMAIN}/certificate"),
+            Some(json!({ "cert_pem": cert_pem, "key_pem": key_pem })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    cert_pem
+}
+
+/// A client trusting `ca_pem` alone, reaching `name` at `addr`; a new one
+/// per call, so every request makes its own handshake.
+fn https_client(ca_pem: &str, name: &str, addr: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve(name, addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Plain HTTP to the edge, redirects not followed.
+async fn plain(edge: &Edge, host: &str, path: &str) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(host, edge.addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    client.get(edge.url(host, path)).send().await.expect("the edge answers")
+}
+
+/// Waits (10 s at most) until the edge serves [`DOMAIN`] over HTTPS to a
+/// client trusting `ca_pem` alone; how long that took.
+async fn wait_https(edge: &Edge, ca_pem: &str) -> Duration {
+    let (started, tls) = (Instant::now(), edge.tls.expect("the edge's TLS listener"));
+    loop {
+        let sent = https_client(ca_pem, DOMAIN, tls).get(format!("https://{DOMAIN}:{}/", tls.port())).send().await;
+        match sent {
+            Ok(response) if response.status() == 200 => return started.elapsed(),
+            other => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{DOMAIN} not served over HTTPS with the certificate: {other:?}; edge:\n{}",
+                edge.stderr()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_seconds() {
+    let dns = dns::DnsResponder::start().await;
+    let (serve, origin) = serve_with_origin(dns.addr);
+    let work = tempfile::tempdir().unwrap();
+    shop_with_domain(&serve, &dns, work.path()).await;
+    let first = upload_certificate(&serve).await;
+    let runner = runner(origin);
+    let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
+    let tls = edge.tls.expect("the edge's TLS listener");
+    edge.wait_served("shop.localhost").await;
+
+    // HTTPS by SNI, HTTP/2 by ALPN, the client trusting the uploaded
+    // certificate alone; the isolate sees the https URL the client asked for.
+    wait_https(&edge, &first).await;
+    let response = https_client(&first, DOMAIN, tls)
+        .get(format!("https://{DOMAIN}:{}/secure?x=1", tls.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.unwrap(), format!("https://{DOMAIN}:{}/secure?x=1", tls.port()));
+
+    // Plain HTTP to the domain: 308 to the edge's HTTPS; a host without a
+    // certificate is served over plain HTTP.
+    let response = plain(&edge, DOMAIN, "/path?q=1").await;
+    assert_eq!(response.status(), 308);
+    assert_eq!(response.headers()["location"], format!("https://{DOMAIN}:{}/path?q=1", tls.port()).as_str());
+    let response = plain(&edge, "shop.localhost", "/plain").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), format!("http://shop.localhost:{}/plain", edge.addr.port()));
+
+    // A name without a certificate of its own gets no handshake, never
+    // another domain's certificate.
+    let other = https_client(&first, "shop.localhost", tls);
+    assert!(other.get(format!("https://shop.localhost:{}/", tls.port())).send().await.is_err());
+
+    // A certificate uploaded in place of the first is served within a few
+    // seconds (the routing feed names the domain, the edge fetches it), no
+    // restart; the first one is served no more.
+    let second = upload_certificate(&serve).await;
+    let took = wait_https(&edge, &second).await;
+    println!("the new certificate served through the edge {} ms after its upload", took.as_millis());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let stale = https_client(&first, DOMAIN, tls).get(format!("https://{DOMAIN}:{}/", tls.port())).send().await;
+    assert!(stale.is_err(), "the replaced certificate is still served: {stale:?}");
+
+    // The edge's log never holds key material.
+    let log = edge.stderr();
+    assert!(!log.contains("PRIVATE KEY") && !log.contains("BEGIN CERTIFICATE"), "{log}");
+    assert!(log.contains("certificates: up to date"), "{log}");
+}
+
+/// An HTTP-01 challenge the control plane's store holds as pending (as an
+/// ACME order of any node leaves it) is answered through the edge's plain
+/// listener, even for a domain whose plain HTTP goes to HTTPS; other
+/// challenge paths reach the app, unredirected.
+#[tokio::test]
+async fn an_acme_challenge_pending_in_the_store_is_answered_through_the_edge() {
+    let dns = dns::DnsResponder::start().await;
+    let (serve, origin) = serve_with_origin(dns.addr);
+    let work = tempfile::tempdir().unwrap();
+    shop_with_domain(&serve, &dns, work.path()).await;
+    let ca = upload_certificate(&serve).await;
+    let runner = runner(origin);
+    let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
+    wait_https(&edge, &ca).await;
+    let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+    let path = format!("/.well-known/acme-challenge/{token}");
+
+    // The probe: nothing pending yet, so the path is the app's (not
+    // redirected), while the rest of the domain's plain HTTP is.
+    assert_eq!(plain(&edge, DOMAIN, "/").await.status(), 308);
+    let response = plain(&edge, DOMAIN, &path).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), format!("http://{DOMAIN}:{}{path}", edge.addr.port()));
+
+    // Pending in the store, as an order leaves it.
+    let db = format!("sqlite://{}", serve.data_dir.path().join("isocloud.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    let expires_at_ms = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    sqlx::query(
+        "INSERT INTO acme_challenges (domain, token, key_authorization, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .bind(DOMAIN)
+    .bind(token)
+    .bind(format!("{token}.thumbprint"))
+    .bind(expires_at_ms)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let response = plain(&edge, DOMAIN, &path).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert_eq!(response.text().await.unwrap(), format!("{token}.thumbprint"));
+    // Another host, or another token: the app's.
+    let response = plain(&edge, DOMAIN, "/.well-known/acme-challenge/other").await;
+    assert_eq!(
+        response.text().await.unwrap(),
+        format!("http://{DOMAIN}:{}/.well-known/acme-challenge/other", edge.addr.port())
+    );
+    let response = plain(&edge, "shop.localhost", &path).await;
+    assert_eq!(response.text().await.unwrap(), format!("http://shop.localhost:{}{path}", edge.addr.port()));
+}

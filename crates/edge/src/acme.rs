@@ -1,0 +1,69 @@
+//! HTTP-01 answers (RFC 8555 §8.3) through the edge: with DNS pointing at
+//! the edges, the ACME server's `GET /.well-known/acme-challenge/<token>`
+//! arrives here, and the key authorization is in the control plane's
+//! store. The edge asks it (`GET <rpc root>acme_challenge?host=H&token=T`,
+//! behind the edge's token), as the runner's public listener asks its
+//! control plane in process, and bounded the same way: a few lookups at
+//! once, each within a short timeout; one that waits or fails answers
+//! `None`, and the request is forwarded as any other (a tenant's own
+//! `/.well-known/acme-challenge/` still reaches its app).
+
+use std::time::Duration;
+
+use isocloud_auth::{ROUTING_AUDIENCE, sign_audience_token};
+use tokio::sync::Semaphore;
+use url::Url;
+
+use crate::follower::{SigningKey, now_unix_s};
+
+/// Lookups at once; more wait for a turn within the timeout. The ACME
+/// server asks a few times per order: 16 is room for many orders while a
+/// flood of challenge paths costs the control plane 16 lookups at most.
+pub const ACME_LOOKUPS: usize = 16;
+/// A lookup's turn and answer, together: the ACME server waits longer, and
+/// a request stuck here is a visitor's.
+pub const ACME_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// A key authorization is `token.thumbprint` (under 200 bytes).
+const MAX_ANSWER_BYTES: usize = 1024;
+const TOKEN_TTL_S: u64 = 60;
+
+/// The control plane's pending HTTP-01 challenges, asked over the origin
+/// listener.
+pub struct AcmeLookup {
+    url: Url,
+    key: SigningKey,
+    client: reqwest::Client,
+    turns: Semaphore,
+}
+
+impl AcmeLookup {
+    pub fn new(rpc_root: &Url, key: SigningKey) -> Result<Self, url::ParseError> {
+        let url = rpc_root.join("acme_challenge")?;
+        let client = reqwest::Client::builder()
+            .timeout(ACME_LOOKUP_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|_| url::ParseError::EmptyHost)?;
+        Ok(Self { url, key, client, turns: Semaphore::new(ACME_LOOKUPS) })
+    }
+
+    /// The key authorization for `token` pending on `host` (lowercase, no
+    /// port), or `None`: none pending, or no answer in time.
+    pub async fn key_authorization(&self, host: &str, token: &str) -> Option<String> {
+        tokio::time::timeout(ACME_LOOKUP_TIMEOUT, self.ask(host, token)).await.ok().flatten()
+    }
+
+    async fn ask(&self, host: &str, token: &str) -> Option<String> {
+        let _turn = self.turns.acquire().await.ok()?;
+        let bearer = sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+        let request = self.client.get(self.url.clone()).query(&[("host", host), ("token", token)]).bearer_auth(bearer);
+        match crate::follower::bounded_body(request, MAX_ANSWER_BYTES, "the ACME lookup").await {
+            Ok(body) => String::from_utf8(body).ok().filter(|text| !text.is_empty()),
+            Err(crate::FollowError::Status { status: 404, .. }) => None,
+            Err(e) => {
+                tracing::debug!(target: "isocloud::edge", host, error = %e, "ACME challenge lookup failed");
+                None
+            }
+        }
+    }
+}
