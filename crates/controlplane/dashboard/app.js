@@ -665,8 +665,8 @@ const CHARTS = [
   // Time to the response head (a boot included): the upper bound of the
   // histogram bucket the quantile falls in, per step (the API's, see
   // docs/control-plane-api.md); the headline is the worst step.
-  { key: "latency_p50_ms", title: "Latency p50 (ms)", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
-  { key: "latency_p99_ms", title: "Latency p99 (ms)", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
+  { key: "latency_p50_ms", title: "Latency p50", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
+  { key: "latency_p99_ms", title: "Latency p99", sum: false, integer: true, format: (v) => `${formatCount(v)} ms` },
   // Requests by the class of their answer (the runner's own for the deployment included).
   { key: "status_2xx", title: "Status 2xx", sum: true, integer: true, format: formatCount },
   { key: "status_3xx", title: "Status 3xx", sum: true, integer: true, format: formatCount },
