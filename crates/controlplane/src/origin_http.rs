@@ -1327,6 +1327,93 @@ mod tests {
         assert_eq!(get(plain, "/routing", Some(&routing)).await.status(), 404);
     }
 
+    /// A self-signed certificate for `names`, stored for `domain`.
+    async fn stored_certificate(conn: &mut sqlx::AnyConnection, domain: &str, names: &[&str]) {
+        let cert =
+            rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+        store::domains::put_certificate(conn, domain, &cert_pem, &key_pem, &names, i64::MAX / 2, 0).await.unwrap();
+    }
+
+    /// The edge's certificate feed gives what the control plane's own SNI
+    /// table serves — verified domains' certificates that cover them, none
+    /// under the base domain — in pages an edge follows to the end, or one
+    /// domain's; HTTP-01 answers for pending tokens. Both only to the
+    /// edge's token.
+    #[tokio::test]
+    async fn the_edge_gets_the_certificates_the_sni_table_serves_and_acme_answers_with_its_token_only() {
+        let (_dir, cp, addr, _) = control_plane_and_edge().await;
+        let many: Vec<String> = (0..CERTIFICATES_PAGE + 5).map(|i| format!("d{i:03}.example.net")).collect();
+        write(&cp, async |conn| {
+            store::projects::insert(conn, "p1", &name("hello"), 0).await.unwrap();
+            domain(conn, "www.example.com", "p1").await;
+            stored_certificate(conn, "www.example.com", &["www.example.com"]).await;
+            // Stored data the API refuses or the SNI table leaves out.
+            domain(conn, "api.example.com", "p1").await;
+            stored_certificate(conn, "api.example.com", &["other.example.com"]).await;
+            domain(conn, "old.localhost", "p1").await;
+            stored_certificate(conn, "old.localhost", &["old.localhost"]).await;
+            store::domains::insert(conn, "pending.example.com", Some("p1"), "token", 0).await.unwrap();
+            stored_certificate(conn, "pending.example.com", &["pending.example.com"]).await;
+            for name in &many {
+                domain(conn, name, "p1").await;
+                stored_certificate(conn, name, &[name]).await;
+            }
+            store::acme::put_challenge(conn, "www.example.com", "tok_1", "tok_1.thumb", i64::MAX / 2).await.unwrap();
+        })
+        .await;
+        cp.reload_routing(true).await.unwrap();
+        let secret = Secret::from(SECRET);
+        let edge = isocloud_auth::sign_audience_token(KID, &secret, ROUTING_AUDIENCE, now_unix_s(), 60);
+
+        // One domain's: the probe, then what the SNI table does not serve.
+        let one = |domain: &str| format!("/certificates?domain={domain}");
+        let page: serde_json::Value = get(addr, &one("www.example.com"), Some(&edge)).await.json().await.unwrap();
+        assert_eq!(page["certificates"][0]["domain"], "www.example.com");
+        assert!(page["certificates"][0]["key_pem"].as_str().unwrap().contains("PRIVATE KEY"));
+        for domain in ["api.example.com", "old.localhost", "pending.example.com", "nope.example.com"] {
+            let page: serde_json::Value = get(addr, &one(domain), Some(&edge)).await.json().await.unwrap();
+            assert_eq!(page["certificates"], json!([]), "{domain}");
+            assert!(cp.certificate_for(domain).is_none(), "{domain}: the SNI table agrees");
+        }
+        // Every page, as the edge reads them.
+        let certificates = Arc::new(isocloud_edge::EdgeCertificates::default());
+        let feed = isocloud_edge::CertificateFeed::new(
+            certificates.clone(),
+            &url::Url::parse(&format!("http://{addr}/")).unwrap(),
+            isocloud_edge::SigningKey { kid: KID.into(), secret: secret.clone() },
+            Duration::from_secs(5),
+            isocloud_edge::Metrics::unregistered(),
+        )
+        .unwrap();
+        assert_eq!(feed.refresh().await.unwrap(), many.len() + 1, "two pages");
+        assert!(certificates.lookup("www.example.com").is_some());
+        assert!(many.iter().all(|name| certificates.lookup(name).is_some()));
+        assert!(certificates.lookup("api.example.com").is_none() && certificates.lookup("old.localhost").is_none());
+
+        let challenge = "/acme_challenge?host=www.example.com&token=tok_1";
+        let answer = get(addr, challenge, Some(&edge)).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.text().await.unwrap(), "tok_1.thumb");
+        assert_eq!(get(addr, "/acme_challenge?host=www.example.com&token=tok_2", Some(&edge)).await.status(), 404);
+        assert_eq!(get(addr, "/acme_challenge?host=api.example.com&token=tok_1", Some(&edge)).await.status(), 404);
+
+        // Nobody else's token opens either.
+        let relay = isocloud_auth::sign_relay_token(KID, &secret, "aaaaaaaaaaaa", now_unix_s(), 60);
+        for (case, token) in [
+            ("no token", None),
+            ("a deployment's RPC token", Some(token_for(KID, SECRET, "aaaaaaaaaaaa", 60))),
+            ("a relay token", Some(relay)),
+        ] {
+            for path in [one("www.example.com").as_str(), "/certificates", challenge] {
+                assert_eq!(get(addr, path, token.as_deref()).await.status(), 401, "{case}: {path}");
+            }
+        }
+        let (_, plain) = serve(ORIGIN_HTTP_LIMITS).await;
+        assert_eq!(get(plain, "/certificates", Some(&edge)).await.status(), 404);
+    }
+
     #[test]
     fn keys_must_exist_and_be_long() {
         assert!(matches!(check_keys(&[]), Err(OriginHttpError::NoKeys)));

@@ -14,13 +14,17 @@
 //! and the forwarding (`forward.rs`): an `x-deno-subhost` relay token per
 //! request, signed with the key the runners and the control plane share,
 //! idempotent requests without a body retried on the next runner when one
-//! fails before answering.
+//! fails before answering. With `--tls-listen`, HTTPS by SNI with the
+//! control plane's certificates (`certs.rs`: fetched over the origin
+//! listener when the routing feed names their domain, each served for its
+//! own domain only) and 308 to HTTPS on the plain listener for domains that
+//! have one; ACME HTTP-01 answers asked of the control plane (`acme.rs`).
 //!
 //! It must not run isolates, talk to the store or the origin RPCs, or
 //! decide anything a runner decides (limits, hops, stream bounds): the
 //! runner behind it applies those to every request as to a relay's. It
 //! never forwards a client's own `x-deno-subhost`, and never puts a secret
-//! in a log line or an answer. The listener and its bounds are the
+//! or key material in a log line or an answer. The listener and its bounds are the
 //! ingress's (`serve_bounded`).
 
 #![forbid(unsafe_code)]
