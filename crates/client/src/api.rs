@@ -323,7 +323,8 @@ impl Api {
     }
 
     pub async fn domains(&self) -> Result<Vec<Domain>, CallError> {
-        self.json(self.request(Method::GET, &["domains"])?).await
+        let first = self.request(Method::GET, &["domains"])?.query(&[("limit", 1000)]);
+        self.pages(first, usize::MAX).await
     }
 
     pub async fn add_domain(&self, domain: &str, project: &str) -> Result<Domain, CallError> {

@@ -972,8 +972,12 @@ async function domainsTab(ctx) {
   const list = h("div", { class: "domains", testid: "domain-list" });
   replace(ctx.panel, form, list);
   const load = async () => {
-    const all = await api("GET", "/domains");
-    const mine = all.filter((d) => d.project === ctx.name);
+    const mine = [];
+    for (let next = `/domains?project=${enc(ctx.name)}&limit=1000`; next;) {
+      const page = await apiPage(next);
+      mine.push(...page.items);
+      next = page.next;
+    }
     if (!mine.length) {
       replace(list, h("p", { class: "empty", testid: "no-domains" }, "No custom domains attached to this project."));
       return;

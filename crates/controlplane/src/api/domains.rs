@@ -3,11 +3,12 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use sqlx::AnyConnection;
 
+use super::paging::PageRequest;
 use super::projects::project_or_404;
-use super::{ApiJson, ApiPath, AppState, check, views};
+use super::{ApiJson, ApiPath, ApiQuery, AppState, check, views};
 use crate::error::ApiError;
 use crate::store::domains::{self, DomainRow};
 use crate::time::now_ms;
@@ -23,10 +24,26 @@ async fn domain_or_404(conn: &mut AnyConnection, domain: &str) -> Result<DomainR
     domains::get(conn, domain).await?.ok_or_else(|| not_found(domain))
 }
 
-pub(crate) async fn list(State(cp): State<AppState>) -> Result<Json<Vec<wire::Domain>>, ApiError> {
+/// A page of domains by name (`limit`, `cursor`), only a project's with
+/// `project=NAME`.
+pub(crate) async fn list(
+    State(cp): State<AppState>,
+    query: ApiQuery,
+) -> Result<(HeaderMap, Json<Vec<wire::Domain>>), ApiError> {
+    query.only(&["project", "limit", "cursor"])?;
+    let page = PageRequest::from_query(&query, 100, 1000, 1)?;
     let mut conn = cp.store.read().await?;
-    let rows = domains::list(&mut conn).await?;
-    Ok(Json(rows.iter().map(|d| views::domain(&cp, d)).collect()))
+    let (project_id, path) = match query.text("project") {
+        Some(name) => {
+            let project = project_or_404(&mut conn, name).await?;
+            (Some(project.id), format!("/api/v1/domains?project={}", project.name))
+        }
+        None => (None, "/api/v1/domains".to_owned()),
+    };
+    let after = page.after.as_ref().map(|key| key[0].as_str());
+    let rows = domains::page(&mut conn, project_id.as_deref(), after, page.fetch()).await?;
+    let (headers, rows) = page.finish(rows, &path, |d| vec![d.domain.clone()]);
+    Ok((headers, Json(rows.iter().map(|d| views::domain(&cp, d)).collect())))
 }
 
 pub(crate) async fn get(

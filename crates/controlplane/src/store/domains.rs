@@ -72,9 +72,28 @@ fn from_row(row: &AnyRow) -> Result<DomainRow> {
     })
 }
 
-pub async fn list(conn: &mut AnyConnection) -> Result<Vec<DomainRow>> {
-    let rows = sqlx::query(&format!("SELECT {COLUMNS} {FROM} ORDER BY d.domain")).fetch_all(conn).await?;
+/// Up to `limit` domains by name after `after`, only `project_id`'s when
+/// given (a page of `GET /domains`).
+pub async fn page(
+    conn: &mut AnyConnection,
+    project_id: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DomainRow>> {
+    let rows = page_sql(project_id, after, limit).query().fetch_all(conn).await?;
     rows.iter().map(from_row).collect()
+}
+
+pub(crate) fn page_sql(project_id: Option<&str>, after: Option<&str>, limit: i64) -> Sql {
+    let mut sql = Sql::new(&format!("SELECT {COLUMNS} {FROM} WHERE 1 = 1"));
+    if let Some(project_id) = project_id {
+        sql.push(" AND d.project_id = ").bind(Arg::Text(project_id.to_owned()));
+    }
+    if let Some(after) = after {
+        sql.push(" AND d.domain > ").bind(Arg::Text(after.to_owned()));
+    }
+    sql.push(" ORDER BY d.domain LIMIT ").bind(Arg::Int(limit));
+    sql
 }
 
 pub async fn get(conn: &mut AnyConnection, domain: &str) -> Result<Option<DomainRow>> {

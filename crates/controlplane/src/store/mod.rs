@@ -345,6 +345,8 @@ pub fn hot_queries(postgres: bool) -> Vec<(&'static str, Sql)> {
         ("projects by name, a page", projects::list_sql(Some("m"), 101)),
         ("project by name", projects::by_name_sql("hello")),
         ("a project's domains", domains::of_project_sql("p1")),
+        ("domains by name, a page", domains::page_sql(None, Some("m.example"), 101)),
+        ("a project's domains by name, a page", domains::page_sql(Some("p1"), Some("m.example"), 101)),
         ("routing changes since a generation", routing_changes_since_sql(41, 10_001)),
         ("token by its hash (every API request)", tokens::by_hash_sql(&"0".repeat(64))),
         ("tokens by name, a page", tokens::list_sql(Some("ci"), 101)),

@@ -15,6 +15,7 @@ use crate::support::dns::DnsResponder;
 use crate::support::{Backend, TestServer, TokenServer};
 
 backend_tests!(
+    domains_page_by_name_and_by_project,
     domains_crud,
     verification_by_dns_txt,
     verification_by_http_token,
@@ -67,6 +68,53 @@ fn dated(names: &[&str], from_year: i32, to_year: i32) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
     (cert.pem(), key.serialize_pem())
+}
+
+/// `GET /domains` pages by name (a platform's domains are many), also
+/// filtered to one project, the filter kept in the next page's link.
+async fn domains_page_by_name_and_by_project(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create_project("hello").await;
+    s.create_project("other").await;
+    for (domain, project) in [
+        ("e.example.com", "hello"),
+        ("a.example.com", "other"),
+        ("d.example.com", "hello"),
+        ("c.example.com", "other"),
+        ("b.example.com", "hello"),
+    ] {
+        let created = s.post("/api/v1/domains", json!({"domain": domain, "project": project})).await;
+        assert_eq!(created.status, 201, "{}", created.text);
+    }
+    let mut names = Vec::new();
+    let mut next = Some("/api/v1/domains?limit=2".to_owned());
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let reply = s.get(&path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
+        names.extend(reply.json().as_array().unwrap().iter().map(|d| d["domain"].as_str().unwrap().to_owned()));
+        next = reply
+            .headers
+            .get("link")
+            .map(|l| l.to_str().unwrap().trim_start_matches('<').split('>').next().unwrap().to_owned());
+        pages += 1;
+    }
+    assert_eq!(names, ["a.example.com", "b.example.com", "c.example.com", "d.example.com", "e.example.com"]);
+    assert_eq!(pages, 3);
+    let first = s.get("/api/v1/domains?project=hello&limit=2").await;
+    let link = first.headers.get("link").unwrap().to_str().unwrap().to_owned();
+    assert!(link.starts_with("</api/v1/domains?project=hello&limit=2&cursor="), "{link}");
+    let second = s.get(link.trim_start_matches('<').split('>').next().unwrap()).await;
+    let mine: Vec<String> = [first.json(), second.json()]
+        .iter()
+        .flat_map(|page| {
+            page.as_array().unwrap().iter().map(|d| d["domain"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(mine, ["b.example.com", "d.example.com", "e.example.com"]);
+    s.get("/api/v1/domains?project=nope").await.assert_error(404, "NOT_FOUND", None);
+    s.get("/api/v1/domains?cursor=zzz").await.assert_error(400, "INVALID_FIELD", Some("cursor"));
+    s.get("/api/v1/domains?owner=me").await.assert_error(400, "INVALID_FIELD", Some("owner"));
 }
 
 async fn domains_crud(backend: Backend) {
