@@ -21,8 +21,9 @@ Prints p50/p99 of the first and last 100 deploys of step 1 and the last
                                         [--binary target/release/isocloud]
     python3 bench/controlplane_scale.py --seed-projects 100000 --seed-deployments 1000000
 
-With --seed-*, the store is first filled by bulk SQL (SQLite, the schema the
-server made; every deployment ready, one file, each project's first
+With --seed-*, the store is first filled by bulk SQL (SQLite, or with
+--postgres a throwaway PostgreSQL cluster of the machine's package filled by
+COPY; the schema the server made; every deployment ready, one file, each project's first
 deployment its production), then the server is started on it: its start-up
 time (to its listening line: the routing table loaded whole) and resident
 memory, then the same deploys, promotions and time-to-serve on 100 new
@@ -32,12 +33,15 @@ Run it with two binaries (before and after a change) back to back; the
 machine's load moves the absolute figures.
 """
 import argparse
+import glob
 import hashlib
 import sqlite3
 import http.client
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +100,7 @@ def main():
     parser.add_argument("--seed-projects", type=int, default=0)
     parser.add_argument("--seed-deployments", type=int, default=0)
     parser.add_argument("--samples", type=int, default=100, help="new projects measured after seeding")
+    parser.add_argument("--postgres", action="store_true", help="seed and serve on PostgreSQL instead of SQLite")
     args = parser.parse_args()
     digest = hashlib.sha256(MAIN).hexdigest()
     procs = Procs()
@@ -128,13 +133,80 @@ def rss_mib(pid):
     return float("nan")
 
 
+def start_postgres(procs, work):
+    """A throwaway cluster (Debian's package) on a free port, as the
+    control plane's tests run one; returns (database URL, psql argv)."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        raise SystemExit("--postgres: no /usr/lib/postgresql/*/bin/initdb (run scripts/install-postgres)")
+    bin_dir = os.path.dirname(bins[-1])
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    cluster = os.path.join(work, "pg")
+    os.makedirs(cluster)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "postgres:postgres", cluster], check=True)
+    subprocess.run([*as_postgres, f"{bin_dir}/initdb", "-D", f"{cluster}/data", "-U", "postgres", "--auth=trust",
+                    "--no-sync", "-E", "UTF8", "--locale=C"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(work, "postgres.log"), "w")
+    procs.start([*as_postgres, f"{bin_dir}/postgres", "-D", f"{cluster}/data", "-p", str(port), "-k", cluster,
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "shared_buffers=256MB"], stdout=log, stderr=log)
+    psql = [f"{bin_dir}/psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
+    for _ in range(600):
+        if subprocess.run([f"{bin_dir}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0:
+            break
+        time.sleep(0.1)
+    subprocess.run([*psql, "-c", "CREATE DATABASE isocloud"], check=True)
+    return f"postgres://postgres@127.0.0.1:{port}/isocloud", [*psql, "-d", "isocloud"]
+
+
+def copy_rows(psql, table, columns, rows):
+    """COPY `rows` (tuples of str/int) into `table` through psql."""
+    copy = subprocess.Popen([*psql, "-c", f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"],
+                            stdin=subprocess.PIPE, text=True)
+    for row in rows:
+        copy.stdin.write(",".join(str(v) for v in row) + "\n")
+    copy.stdin.close()
+    if copy.wait() != 0:
+        raise SystemExit(f"COPY into {table} failed")
+
+
+def seed_postgres(psql, projects, deployments, digest):
+    copy_rows(psql, "projects", "id, name, created_at_ms, updated_at_ms, production_deployment_id",
+              ((f"sp{n}", f"s{n}", 0, 0, deployment_id(n)) for n in range(projects)))
+    copy_rows(psql, "deployments", "id, project_id, created_at_ms, status, entrypoint, permissions_json, envs_json, "
+              "file_count, size_bytes, build_promote",
+              ((deployment_id(n), f"sp{n % projects}", n, "ready", "file:///src/main.ts", "null", "{}", 1, len(MAIN), 0)
+               for n in range(deployments)))
+    copy_rows(psql, "deployment_files", "deployment_id, path, sha256, size_bytes",
+              ((deployment_id(n), "main.ts", digest, len(MAIN)) for n in range(deployments)))
+    subprocess.run([*psql, "-c", "ANALYZE"], check=True)
+
+
 def seeded(args, procs, work, digest):
     projects, deployments = args.seed_projects, max(args.seed_deployments, args.seed_projects)
-    first = Serve(procs, args.binary, work, "seeded")
+    store = []
+    if args.postgres:
+        url, psql = start_postgres(procs, work)
+        store = ["--database-url", url]
+    first = Serve(procs, args.binary, work, "seeded", extra=store)
     Api(first).call("PUT", f"/blobs/{digest}", raw=MAIN)
     first.stop()
     started = time.perf_counter()
-    db = sqlite3.connect(os.path.join(work, "seeded-data", "isocloud.db"))
+    if args.postgres:
+        seed_postgres(psql, projects, deployments, digest)
+    else:
+        seed_sqlite(os.path.join(work, "seeded-data", "isocloud.db"), projects, deployments, digest)
+    print(f"seeded {projects} projects and {deployments} deployments in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    measure_seeded(args, procs, work, digest, projects, deployments, store)
+
+
+def seed_sqlite(path, projects, deployments, digest):
+    db = sqlite3.connect(path)
     with db:
         db.executemany(
             "INSERT INTO projects (id, name, created_at_ms, updated_at_ms, production_deployment_id) VALUES (?, ?, 0, 0, ?)",
@@ -147,10 +219,11 @@ def seeded(args, procs, work, digest):
             "INSERT INTO deployment_files (deployment_id, path, sha256, size_bytes) VALUES (?, 'main.ts', ?, ?)",
             ((deployment_id(n), digest, len(MAIN)) for n in range(deployments)))
     db.close()
-    print(f"seeded {projects} projects and {deployments} deployments in {time.perf_counter() - started:.1f} s",
-          file=sys.stderr)
+
+
+def measure_seeded(args, procs, work, digest, projects, deployments, store):
     start = time.perf_counter()
-    serve = Serve(procs, args.binary, work, "seeded", extra=["--idle-timeout-s", "5"])
+    serve = Serve(procs, args.binary, work, "seeded", extra=["--idle-timeout-s", "5", *store])
     startup_s = time.perf_counter() - start
     rss_start = rss_mib(serve.proc.pid)
     api = Api(serve)
@@ -173,7 +246,8 @@ def seeded(args, procs, work, digest):
         t = time.perf_counter()
         api.call("GET", path)
         pages_ms.append((time.perf_counter() - t) * 1000)
-    print(f"binary {args.binary}: {projects} projects and {deployments} deployments seeded\n")
+    backend = "PostgreSQL" if store else "SQLite"
+    print(f"binary {args.binary}: {projects} projects and {deployments} deployments seeded ({backend})\n")
     print("| figure | p50 | p99 | n |")
     print("| --- | --- | --- | --- |")
     print(f"| start-up, to listening (routing loaded whole) | {startup_s:.2f} s | | 1 |")
