@@ -29,6 +29,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
         settings.origin_timeout,
         metrics.clone(),
     )
+    .and_then(|follower| follower.with_fallbacks(&settings.rpc_root_fallbacks))
     .context("invalid --rpc-root")?;
     // Only with --tls-listen does the edge ask for (and hold) private keys.
     let certificates = match settings.tls_listen {

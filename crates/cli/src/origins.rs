@@ -46,7 +46,14 @@ pub fn resolver(
 /// the other modes).
 pub fn remote_origins(settings: &Settings) -> Option<Arc<RemoteOrigins>> {
     match &settings.mode {
-        Mode::Subhost(subhosters) => Some(Arc::new(RemoteOrigins::new(subhosters.clone(), remote_options(settings)))),
+        Mode::Subhost(subhosters) => {
+            let mut registry = RemoteOrigins::new(subhosters.clone(), remote_options(settings));
+            // Every subhoster's default root is `--rpc-root`.
+            if let Some(root) = subhosters.first().map(|s| s.rpc_root.clone()) {
+                registry = registry.with_fallbacks(root, settings.rpc_root_fallbacks.clone());
+            }
+            Some(Arc::new(registry))
+        }
         _ => None,
     }
 }

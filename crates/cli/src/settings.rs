@@ -217,6 +217,8 @@ pub struct BuildSettings {
 /// Validated settings: the only form the rest of the binary sees.
 pub struct Settings {
     pub mode: Mode,
+    /// Subhosting: other roots answering for `--rpc-root` (empty otherwise).
+    pub rpc_root_fallbacks: Vec<Url>,
     /// `serve`'s build step (the control plane's deployments, apps mode).
     pub build: BuildSettings,
     pub listen: SocketAddr,
@@ -430,8 +432,11 @@ impl Settings {
             None => default_state_dir()
                 .ok_or_else(|| invalid("state_dir", "no $XDG_STATE_HOME or $HOME; pass --state-dir"))?,
         };
-        let subhost_keys_given =
-            !given.subhost_secret.is_empty() || !given.subhost_secret_file.is_empty() || given.rpc_root.is_some();
+        let subhost_keys_given = !given.subhost_secret.is_empty()
+            || !given.subhost_secret_file.is_empty()
+            || given.rpc_root.is_some()
+            || !given.rpc_root_fallback.is_empty();
+        let rpc_root_fallbacks = rpc_root_fallbacks(&given.rpc_root_fallback)?;
 
         let mode = if let Some(control) = control_plane {
             if subhost_keys_given {
@@ -481,6 +486,7 @@ impl Settings {
         let otlp = otlp_settings(&given)?;
         Ok(Settings {
             mode,
+            rpc_root_fallbacks,
             build,
             listen,
             admin_listen,
@@ -562,6 +568,8 @@ pub struct EdgeSettings {
     pub log_format: LogFormat,
     /// The control plane's origin listener (its routing feed is `routing` there).
     pub rpc_root: Url,
+    /// Its other nodes' origin listeners, tried when it cannot be reached.
+    pub rpc_root_fallbacks: Vec<Url>,
     /// Signs the relay tokens and the routing feed's: the runners'
     /// `--subhost-secret` and the control plane's `--origin-secret`.
     pub key: isocloud_edge::SigningKey,
@@ -588,7 +596,7 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 25] = [
+pub const EDGE_OPTIONS: [&str; 26] = [
     "config",
     "listen",
     "tls_listen",
@@ -606,6 +614,7 @@ pub const EDGE_OPTIONS: [&str; 25] = [
     "admin_max_connections_per_peer",
     "admin_max_connections",
     "rpc_root",
+    "rpc_root_fallback",
     "subhost_secret",
     "subhost_secret_file",
     "runner",
@@ -669,6 +678,7 @@ impl EdgeSettings {
             admin_listen: given.admin_listen.as_deref().map(|a| parse_addr("admin_listen", a)).transpose()?,
             log_format: given.log_format,
             rpc_root,
+            rpc_root_fallbacks: rpc_root_fallbacks(&given.rpc_root_fallback)?,
             key,
             runners,
             runner_http2: given.runner_http2 == Switch::On,
@@ -764,6 +774,19 @@ fn read_file_config(path: &Path) -> Result<FileConfig, SettingsError> {
 
 fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {
     text.parse().map_err(|_| invalid(field, format!("{text:?} is not an address like 127.0.0.1:8080")))
+}
+
+/// `--rpc-root-fallback`s: roots like `--rpc-root`, each named once.
+fn rpc_root_fallbacks(texts: &[String]) -> Result<Vec<Url>, SettingsError> {
+    let mut roots: Vec<Url> = Vec::new();
+    for text in texts {
+        let root = parse_rpc_root(text).map_err(|e| invalid("rpc_root_fallback", e.message))?;
+        if roots.contains(&root) {
+            return Err(invalid("rpc_root_fallback", format!("{root} is named twice")));
+        }
+        roots.push(root);
+    }
+    Ok(roots)
 }
 
 fn parse_rpc_root(text: &str) -> Result<Url, SettingsError> {

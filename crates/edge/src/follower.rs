@@ -6,6 +6,7 @@
 //! again; when a delta does not fit (another base domain), it asks for the
 //! table whole.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,7 +49,11 @@ pub enum FollowError {
 /// The host table and the feed that keeps it.
 pub struct Follower {
     table: Arc<RwLock<HostTable>>,
-    url: Url,
+    /// The feed at the root, then at each fallback root (the control
+    /// plane's other nodes), tried in turn when a connection cannot be made.
+    urls: Vec<Url>,
+    /// The feed that last answered, where the next poll starts.
+    current_url: AtomicUsize,
     key: SigningKey,
     client: reqwest::Client,
     metrics: Metrics,
@@ -84,7 +89,18 @@ impl Follower {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|_| url::ParseError::EmptyHost)?;
-        Ok(Self { table, url, key, client, metrics, certificates: None })
+        Ok(Self { table, urls: vec![url], current_url: AtomicUsize::new(0), key, client, metrics, certificates: None })
+    }
+
+    /// Other roots serving the same feed (`--rpc-root-fallback`).
+    pub fn with_fallbacks(mut self, roots: &[Url]) -> Result<Self, url::ParseError> {
+        for root in roots {
+            let url = root.join("routing")?;
+            if !self.urls.contains(&url) {
+                self.urls.push(url);
+            }
+        }
+        Ok(self)
     }
 
     /// Keeps `certificates` too: every domain the feed reports changed has
@@ -144,13 +160,38 @@ impl Follower {
         }
     }
 
-    async fn fetch(&self, since: Option<i64>) -> Result<RoutingUpdate, FollowError> {
-        let mut url = self.url.clone();
-        if let Some(since) = since {
-            url.query_pairs_mut().append_pair("since", &since.to_string());
+    /// Asks the feed that last answered first; one whose connection cannot
+    /// be made passes the poll to the next.
+    async fn send(&self, since: Option<i64>) -> Result<reqwest::Response, FollowError> {
+        let first = self.current_url.load(Ordering::Relaxed) % self.urls.len();
+        let mut last_error = None;
+        for step in 0..self.urls.len() {
+            let index = (first + step) % self.urls.len();
+            let mut url = self.urls[index].clone();
+            if let Some(since) = since {
+                url.query_pairs_mut().append_pair("since", &since.to_string());
+            }
+            let token =
+                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+            match self.client.get(url).bearer_auth(token).send().await {
+                Ok(response) => {
+                    if index != first {
+                        self.current_url.store(index, Ordering::Relaxed);
+                        tracing::warn!(target: "isocloud::edge", feed = %self.urls[index], "routing: following the next root");
+                    }
+                    return Ok(response);
+                }
+                Err(e) if e.is_connect() && self.urls.len() > 1 => last_error = Some(e),
+                Err(e) => return Err(FollowError::Unreachable(without_url(&e, "the routing feed"))),
+            }
         }
-        let token = sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-        let body = bounded_body(self.client.get(url).bearer_auth(token), MAX_ROUTING_BYTES, "the routing feed").await?;
+        let e = last_error.expect("at least one feed was tried");
+        Err(FollowError::Unreachable(without_url(&e, "the routing feed")))
+    }
+
+    async fn fetch(&self, since: Option<i64>) -> Result<RoutingUpdate, FollowError> {
+        let response = self.send(since).await?;
+        let body = read_bounded(response, MAX_ROUTING_BYTES, "the routing feed").await?;
         serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(e.to_string()))
     }
 
@@ -231,7 +272,17 @@ pub(crate) async fn bounded_body(
     limit: usize,
     what: &str,
 ) -> Result<Vec<u8>, FollowError> {
-    let mut response = request.send().await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))?;
+    let response = request.send().await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))?;
+    read_bounded(response, limit, what).await
+}
+
+/// A 2xx answer's body, refused past `limit` bytes; another status is an
+/// error carrying the start of its text.
+pub(crate) async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, FollowError> {
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
@@ -348,6 +399,29 @@ mod tests {
 
     fn resolve(follower: &Follower, host: &str) -> Option<String> {
         follower.table().read().unwrap().resolve(host).map(str::to_owned)
+    }
+
+    /// A root that takes no connection (a control-plane node down) hands
+    /// the poll to the next; the one that answered is asked first after.
+    #[tokio::test]
+    async fn a_root_that_takes_no_connection_hands_the_feed_to_the_fallback() {
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            Url::parse(&format!("http://{}/v0/", listener.local_addr().unwrap())).unwrap()
+        };
+        let (feed, live) = feed().await;
+        feed.script
+            .lock()
+            .unwrap()
+            .extend([Ok(whole(7, "aaaaaaaaaaaa")), Ok(RoutingUpdate::unchanged(7, "localhost"))]);
+        // The probe: the dead root alone is unreachable.
+        assert!(matches!(follower(&dead, SECRET).poll_once().await, Err(FollowError::Unreachable(_))));
+        let follower = follower(&dead, SECRET).with_fallbacks(&[live]).unwrap();
+        assert_eq!(follower.poll_once().await.unwrap(), Polled::Full);
+        assert_eq!(resolve(&follower, "hello.localhost").as_deref(), Some("aaaaaaaaaaaa"));
+        assert_eq!(follower.poll_once().await.unwrap(), Polled::Delta);
+        assert_eq!(*feed.calls.lock().unwrap(), vec![None, Some("7".to_owned())]);
+        assert_eq!(follower.current_url.load(Ordering::Relaxed), 1, "the live root is asked first now");
     }
 
     /// The first poll asks for the table whole, every later one for the

@@ -21,6 +21,9 @@ pub struct RemoteOrigins {
     subhosters: HashMap<String, Subhoster>,
     client: reqwest::Client,
     options: RemoteOriginOptions,
+    /// Other roots that answer for a root (`--rpc-root-fallback`: the nodes
+    /// of one control plane), tried when its connection cannot be made.
+    fallbacks: HashMap<Url, Vec<Url>>,
     origins: Mutex<HashMap<(String, Url), Arc<RemoteOrigin>>>,
 }
 
@@ -31,8 +34,17 @@ impl RemoteOrigins {
             subhosters: subhosters.into_iter().map(|s| (s.kid.clone(), s)).collect(),
             client: RemoteOrigin::client(&options),
             options,
+            fallbacks: HashMap::new(),
             origins: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `fallbacks` answer for `rpc_root` when it cannot be reached.
+    pub fn with_fallbacks(mut self, rpc_root: Url, fallbacks: Vec<Url>) -> Self {
+        if !fallbacks.is_empty() {
+            self.fallbacks.insert(rpc_root, fallbacks);
+        }
+        self
     }
 
     /// The origin of `kid`'s RPCs at `rpc_root`: `None` unless `kid` is
@@ -52,10 +64,11 @@ impl RemoteOrigins {
         {
             origins.remove(&forgotten);
         }
-        let origin = Arc::new(RemoteOrigin::new(
+        let origin = Arc::new(RemoteOrigin::with_fallbacks(
             subhoster.kid.clone(),
             subhoster.secret.clone(),
             rpc_root.clone(),
+            self.fallbacks.get(rpc_root).cloned().unwrap_or_default(),
             self.client.clone(),
             self.options.clone(),
         ));

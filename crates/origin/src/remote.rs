@@ -1,6 +1,7 @@
 //! An origin spoken to over HTTP: the subhoster's server, or a remote
 //! isocloud control plane.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -35,7 +36,11 @@ pub struct RemoteOrigin {
     name: String,
     kid: String,
     secret: Secret,
-    rpc_root: Url,
+    /// The root, then the other nodes that answer for it (`--rpc-root-fallback`):
+    /// an RPC whose connection cannot be made goes to the next.
+    roots: Vec<Url>,
+    /// The root that last answered, where the next RPC starts.
+    current_root: AtomicUsize,
     client: reqwest::Client,
     options: RemoteOriginOptions,
 }
@@ -48,7 +53,24 @@ impl RemoteOrigin {
         client: reqwest::Client,
         options: RemoteOriginOptions,
     ) -> Self {
-        Self { name: format!("{kid}@{rpc_root}"), kid, secret, rpc_root, client, options }
+        Self::with_fallbacks(kid, secret, rpc_root, Vec::new(), client, options)
+    }
+
+    /// As [`RemoteOrigin::new`], with other roots that serve the same
+    /// origin (the nodes of one control plane). The origin keeps its name:
+    /// whichever node answers, it is one origin.
+    pub fn with_fallbacks(
+        kid: String,
+        secret: Secret,
+        rpc_root: Url,
+        fallbacks: Vec<Url>,
+        client: reqwest::Client,
+        options: RemoteOriginOptions,
+    ) -> Self {
+        let name = format!("{kid}@{rpc_root}");
+        let mut roots = vec![rpc_root.clone()];
+        roots.extend(fallbacks.into_iter().filter(|root| root != &rpc_root));
+        Self { name, kid, secret, roots, current_root: AtomicUsize::new(0), client, options }
     }
 
     /// The HTTP client every remote origin of one runner shares (one
@@ -62,8 +84,8 @@ impl RemoteOrigin {
             .expect("a client without custom TLS roots always builds")
     }
 
-    fn url(&self, rpc: &str, query: &[(&str, &str)]) -> Url {
-        let mut url = self.rpc_root.join(rpc).expect("rpc names are valid relative URLs");
+    fn url(root: &Url, rpc: &str, query: &[(&str, &str)]) -> Url {
+        let mut url = root.join(rpc).expect("rpc names are valid relative URLs");
         url.query_pairs_mut().extend_pairs(query);
         url
     }
@@ -73,15 +95,40 @@ impl RemoteOrigin {
         sign_rpc_token(&self.kid, &self.secret, deployment_id, now, RPC_TOKEN_TTL_S)
     }
 
+    /// Sends the request `build` makes for a root, starting at the root
+    /// that last answered; one whose connection cannot be made (nothing was
+    /// sent, so any RPC may go again) passes it to the next root. A root
+    /// that answered, whatever it answered, is the answer.
     async fn send(
         &self,
         rpc: &'static str,
-        request: reqwest::RequestBuilder,
         deployment_id: &str,
+        build: impl Fn(&Url) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, OriginError> {
-        let request =
-            request.bearer_auth(self.token(deployment_id)).timeout(Duration::from_millis(self.options.rpc_timeout_ms));
-        request.send().await.map_err(|e| self.transport_error(rpc, e))
+        let first = self.current_root.load(Ordering::Relaxed) % self.roots.len();
+        let mut last_error = None;
+        for step in 0..self.roots.len() {
+            let index = (first + step) % self.roots.len();
+            let request = build(&self.roots[index])
+                .bearer_auth(self.token(deployment_id))
+                .timeout(Duration::from_millis(self.options.rpc_timeout_ms));
+            match request.send().await {
+                Ok(response) => {
+                    if index != first {
+                        self.current_root.store(index, Ordering::Relaxed);
+                        tracing::warn!(
+                            origin = self.name,
+                            root = %self.roots[index],
+                            "the origin's root did not take the connection; its next root answered"
+                        );
+                    }
+                    return Ok(response);
+                }
+                Err(e) if e.is_connect() && self.roots.len() > 1 => last_error = Some(e),
+                Err(e) => return Err(self.transport_error(rpc, e)),
+            }
+        }
+        Err(self.transport_error(rpc, last_error.expect("at least one root was tried")))
     }
 
     /// The error a visitor may read: the origin's address is not in it
@@ -132,7 +179,7 @@ impl RemoteOrigin {
         deployment_id: &str,
         query: &[(&str, &str)],
     ) -> Result<reqwest::Response, OriginError> {
-        let response = self.send(rpc, self.client.get(self.url(rpc, query)), deployment_id).await?;
+        let response = self.send(rpc, deployment_id, |root| self.client.get(Self::url(root, rpc, query))).await?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
             return Err(match (rpc, status) {
@@ -184,13 +231,9 @@ impl Origin for RemoteOrigin {
     }
 
     async fn read_tree(&self, deployment_id: &str) -> Result<AssetTree, OriginError> {
-        let response = self
-            .send(
-                "read_tree",
-                self.client.get(self.url("read_tree", &[("deployment_id", deployment_id)])),
-                deployment_id,
-            )
-            .await?;
+        let query = [("deployment_id", deployment_id)];
+        let response =
+            self.send("read_tree", deployment_id, |root| self.client.get(Self::url(root, "read_tree", &query))).await?;
         // An origin without assets may not implement read_tree at all.
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(AssetTree::default());
@@ -204,7 +247,8 @@ impl Origin for RemoteOrigin {
 
     async fn read_blob(&self, deployment_id: &str, file_id: &str) -> Result<Bytes, OriginError> {
         let query = [("deployment_id", deployment_id), ("file_id", file_id), ("hash", file_id)];
-        let response = self.send("read_blob", self.client.get(self.url("read_blob", &query)), deployment_id).await?;
+        let response =
+            self.send("read_blob", deployment_id, |root| self.client.get(Self::url(root, "read_blob", &query))).await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Err(OriginError::AssetNotFound(file_id.to_owned()));
         }
@@ -215,8 +259,12 @@ impl Origin for RemoteOrigin {
     }
 
     async fn report_activity(&self, deployment_id: &str, batch: &ActivityBatch) -> Result<(), OriginError> {
-        let url = self.url("report_activity", &[("deployment_id", deployment_id)]);
-        let response = self.send("report_activity", self.client.post(url).json(batch), deployment_id).await?;
+        let query = [("deployment_id", deployment_id)];
+        let response = self
+            .send("report_activity", deployment_id, |root| {
+                self.client.post(Self::url(root, "report_activity", &query)).json(batch)
+            })
+            .await?;
         if !response.status().is_success() {
             return Err(OriginError::BadStatus { rpc: "report_activity", status: response.status().as_u16() });
         }

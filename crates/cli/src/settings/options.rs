@@ -397,6 +397,10 @@ options! {
         /// in '/'); required. For `edge`: the control plane's --origin-listen,
         /// whose routing feed it follows.
         rpc_root: String, "URL", shown("none");
+        /// Another node answering for --rpc-root (the control plane's other
+        /// --origin-listen), tried in order when --rpc-root's connection
+        /// cannot be made (repeatable).
+        rpc_root_fallback: Vec<String>, "URL", default(Vec::new()), shown("none");
         /// A subhoster's shared secret, KID=SECRET (repeatable). For `edge`:
         /// the one key it signs with (the runners' --subhost-secret, the
         /// control plane's --origin-secret).

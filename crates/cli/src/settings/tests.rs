@@ -86,6 +86,19 @@ fn bad_flags_name_their_field() {
         field_of(&["runner", "--rpc-root", "http://o/v0/", "--subhost-secret-file", "a=/no/such/file"]),
         "subhost_secret_file"
     );
+    let runner = ["runner", "--rpc-root", "http://o/v0/", "--subhost-secret", "a=b", "--state-dir", "/tmp/x"];
+    let with = |extra: &[&'static str]| [&runner[..], extra].concat();
+    let settings = parse(&with(&["--rpc-root-fallback", "http://o2/v0/", "--rpc-root-fallback", "http://o3/v0/"]));
+    let fallbacks: Vec<String> = settings.unwrap().rpc_root_fallbacks.iter().map(|u| u.to_string()).collect();
+    assert_eq!(fallbacks, ["http://o2/v0/", "http://o3/v0/"]);
+    assert_eq!(field_of(&with(&["--rpc-root-fallback", "http://o2/v0"])), "rpc_root_fallback");
+    assert_eq!(
+        field_of(&with(&["--rpc-root-fallback", "http://o2/v0/", "--rpc-root-fallback", "http://o2/v0/"])),
+        "rpc_root_fallback"
+    );
+    let apps = tempfile::tempdir().unwrap();
+    let apps = apps.path().to_str().unwrap();
+    assert_eq!(field_of(&["serve", "--apps", apps, "--rpc-root-fallback", "http://o2/v0/"]), "rpc_root_fallback");
 }
 
 #[test]

@@ -70,6 +70,44 @@ async fn origin_and_runner(extra: &[&str]) -> (TestOrigin, Runner) {
     (origin, runner)
 }
 
+/// Several nodes of one origin (a control plane's origin listeners): a
+/// root that takes no connection hands each RPC to the next root named.
+#[tokio::test]
+async fn a_root_that_takes_no_connection_hands_the_rpcs_to_the_fallback_root() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_root = format!("http://{}/v0/", closed.local_addr().unwrap());
+    drop(closed);
+    let origin = TestOrigin::start().await;
+    origin
+        .deploy("healthy", TestDeployment::inline_js("console.log('up');\nDeno.serve(() => new Response('healthy'));"));
+    let secret = format!("{KID}={SECRET}");
+    // The probe: the dead root alone boots nothing.
+    let alone = Runner::start(&["runner", "--rpc-root", &dead_root, "--subhost-secret", &secret]);
+    control_plane_error(&alone, "healthy", "ORIGIN_UNREACHABLE").await;
+
+    let live_root = origin.rpc_root();
+    let runner = Runner::start(&[
+        "runner",
+        "--rpc-root",
+        &dead_root,
+        "--rpc-root-fallback",
+        &live_root,
+        "--subhost-secret",
+        &secret,
+        "--usage-interval-s",
+        "1",
+    ]);
+    assert_eq!(text(&runner, "healthy", "/").await, "healthy");
+    assert!(origin.fetch_calls().iter().any(|c| c.starts_with("boot")), "{:?}", origin.fetch_calls());
+    // The isolate's activity reaches the origin through the same root.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !origin.activity_events().iter().any(|e| e["message"] == "up") {
+        assert!(Instant::now() < deadline, "no activity at the fallback root: {:?}", origin.activity_events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(runner.stderr().contains("its next root answered"), "{}", runner.stderr());
+}
+
 #[tokio::test]
 async fn an_unreachable_origin_is_502_origin_unreachable() {
     // A loopback port nobody listens on.
