@@ -154,7 +154,13 @@ async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(
     verify(good, Ipv4Addr::LOCALHOST).await;
     let view = wait(good, "an ACME certificate", &|v| v["certificate"]["source"] == "acme").await;
     assert_eq!((view["acme"]["status"].as_str(), view["acme"]["failures"].as_i64()), (Some("valid"), Some(0)));
-    assert!(s.cp.certificate_for(good).is_some());
+    // The SNI table follows the store through the routing change feed: the
+    // view can show the certificate a moment before the table has it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.cp.certificate_for(good).is_none() {
+        assert!(Instant::now() < deadline, "{good}: stored, but never in the SNI table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A name that resolves where nothing listens: the ACME server's error,
     // kept on the domain with the next attempt a minute on.
