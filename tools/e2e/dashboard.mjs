@@ -97,8 +97,8 @@ async function until(expected, probe, timeoutMs = 15_000, intervalMs = 250) {
 
 // ------------------------------------------------------------------ the API, from node
 
-async function apiCall(method, pathname, body, { raw = false } = {}) {
-  const headers = { authorization: `Bearer ${token}` };
+async function apiCall(method, pathname, body, { raw = false, as = token } = {}) {
+  const headers = { authorization: `Bearer ${as}` };
   let payload;
   if (raw) {
     headers["content-type"] = "application/octet-stream";
@@ -620,6 +620,50 @@ async function run() {
       const ok = seen.length === 101 && new Set(seen).size === 101 && JSON.stringify(seen) === JSON.stringify(sorted) && !more;
       return { ok, seen: { cards: seen.length, more: !!more } };
     });
+  });
+
+  await step("a read token made on the Tokens page: its secret shown once, scoped to its project, revoked there", async () => {
+    await page.click(byTestId("nav-tokens"));
+    await page.waitForSelector(byTestId("token-form"));
+    await page.selectOption(byTestId("token-kind"), "read");
+    await page.fill(byTestId("token-project"), project);
+    const name = `${project}-ui-read`;
+    await page.fill(byTestId("token-name"), name);
+    await page.click(byTestId("token-create"));
+    const secret = await until("the new token's secret shown", async () => {
+      const text = (await page.$(byTestId("token-secret"))) ? (await page.textContent(byTestId("token-secret"))).trim() : null;
+      return { ok: !!text && text.startsWith("isc_"), seen: text ?? { banner: await bannerText() } };
+    });
+    const rows = () => page.$$eval('[data-testid="token-row"]', (els) => els.map((e) => ({
+      name: e.dataset.name, status: e.dataset.status, scope: e.querySelector('[data-testid="token-scope"]')?.textContent.trim(),
+    })));
+    await until(`${name} listed, active, project:${project}:read`, async () => {
+      const mine = (await rows()).filter((r) => r.name === name);
+      return { ok: mine.length === 1 && mine[0].status === "active" && mine[0].scope === `project:${project}:read`, seen: mine };
+    });
+    if ((await page.content()).split(secret).length > 2) throw new Expectation("the secret on the page once", "more than once");
+    // What the token may do: read its project, nothing else.
+    expectStatus("GET its project with the read token", await apiCall("GET", `/projects/${project}`, undefined, { as: secret }), 200);
+    expectStatus("PUT an env var with the read token", await apiCall("PUT", `/projects/${project}/env/X`, { value: "y" }, { as: secret }), 403);
+    expectStatus("GET the tokens with the read token", await apiCall("GET", "/tokens", undefined, { as: secret }), 403);
+    await page.click(byTestId("token-secret-done"));
+    if (await page.$(byTestId("token-secret"))) throw new Expectation("the secret gone once dismissed", "still shown");
+    const revoke = `[data-testid="token-row"][data-name="${name}"] [data-testid="token-revoke"]`;
+    await page.click(revoke);
+    await until(`${name} revoked`, async () => {
+      const mine = (await rows()).filter((r) => r.name === name);
+      return { ok: mine.length === 1 && mine[0].status === "revoked", seen: mine };
+    });
+    const after = await apiCall("GET", `/projects/${project}`, undefined, { as: secret });
+    if (after.status !== 401 || after.json?.error?.code !== "TOKEN_REVOKED") {
+      throw new Expectation("401 TOKEN_REVOKED for the revoked token", `${after.status} ${after.text.slice(0, 200)}`);
+    }
+    await page.click(byTestId("nav-audit"));
+    await until("the audit page lists the token's creation and revocation", async () => {
+      const actions = await page.$$eval('[data-testid="audit-row"]', (els) => els.map((e) => e.dataset.action));
+      return { ok: actions.includes("token.create") && actions.includes("token.revoke"), seen: actions.slice(0, 10) };
+    });
+    await shot("08-tokens");
   });
 
   await step("logging out returns to the login screen and forgets the token", async () => {
