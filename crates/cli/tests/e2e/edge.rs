@@ -6,53 +6,11 @@
 //! flight on it are answered by the other runner, and every deployment
 //! keeps answering; with the control plane gone, the edge keeps its table.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::edge::{Edge, isolates_of, ranking};
-use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli, metric_value};
-
-/// `isocloud serve` with `--origin-listen 127.0.0.1:0` and the test key;
-/// also the origin listener's address.
-fn serve_with_origin() -> (ControlPlaneServe, SocketAddr) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let data = data_dir.path().to_str().unwrap().to_owned();
-    let key = format!("{KID}={SECRET}");
-    let args = [
-        "serve",
-        "--data",
-        &data,
-        "--control-listen",
-        "127.0.0.1:0",
-        "--base-domain",
-        "localhost",
-        "--origin-listen",
-        "127.0.0.1:0",
-        "--origin-secret",
-        &key,
-        "--prestarted-isolates",
-        "0",
-    ];
-    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
-    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
-    let control = lines[0].trim().parse().expect("the control plane's address");
-    let origin = lines[1].trim().parse().expect("the origin listener's address");
-    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !serve.admin_token_file().is_file() {
-        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, origin)
-}
-
-/// A runner in subhosting mode whose one subhoster is the control plane.
-fn runner(origin: SocketAddr) -> Runner {
-    let rpc_root = format!("http://{origin}/");
-    let key = format!("{KID}={SECRET}");
-    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
-}
+use crate::support::{ControlPlaneServe, SECRET, isocloud_cli, metric_value, runner_fed_by};
 
 /// Answers `NAME METHOD PATH HOST`; `/slow` takes 1.5 s first.
 fn write_app(dir: &Path, name: &str) {
@@ -81,12 +39,12 @@ fn deploy(serve: &ControlPlaneServe, config: &Path, work: &Path, name: &str) -> 
 
 #[tokio::test]
 async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over() {
-    let (serve, origin) = serve_with_origin();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
     let alpha = deploy(&serve, &config, work.path(), "alpha");
     let beta = deploy(&serve, &config, work.path(), "beta");
-    let runners = [runner(origin), runner(origin)];
+    let runners = [runner_fed_by(origin, SECRET, &[]), runner_fed_by(origin, SECRET, &[])];
     let edge = Edge::start(origin, &[&runners[0], &runners[1]], &[]);
     let port = edge.addr.port();
 

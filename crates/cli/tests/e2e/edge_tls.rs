@@ -16,7 +16,7 @@ use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::support::edge::Edge;
-use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli};
+use crate::support::{ControlPlaneServe, SECRET, isocloud_cli, runner_fed_by};
 
 #[path = "../../../controlplane/tests/api/support/dns.rs"]
 #[allow(dead_code, reason = "shared with the control plane's tests, which use more of it")]
@@ -24,49 +24,6 @@ use crate::support::{ControlPlaneServe, KID, Runner, SECRET, isocloud_cli};
 mod dns;
 
 const DOMAIN: &str = "www.shop.test";
-
-/// `isocloud serve` with `--origin-listen 127.0.0.1:0`, the test key and
-/// `dns` as its resolver (domain verification); also the origin listener's
-/// address.
-fn serve_with_origin(dns: SocketAddr) -> (ControlPlaneServe, SocketAddr) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let data = data_dir.path().to_str().unwrap().to_owned();
-    let (key, dns) = (format!("{KID}={SECRET}"), dns.to_string());
-    let args = [
-        "serve",
-        "--data",
-        &data,
-        "--control-listen",
-        "127.0.0.1:0",
-        "--base-domain",
-        "localhost",
-        "--origin-listen",
-        "127.0.0.1:0",
-        "--origin-secret",
-        &key,
-        "--dns-resolver",
-        &dns,
-        "--prestarted-isolates",
-        "0",
-    ];
-    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
-    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
-    let control = lines[0].trim().parse().expect("the control plane's address");
-    let origin = lines[1].trim().parse().expect("the origin listener's address");
-    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !serve.admin_token_file().is_file() {
-        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, origin)
-}
-
-/// A runner in subhosting mode whose one subhoster is the control plane.
-fn runner(origin: SocketAddr) -> Runner {
-    let (rpc_root, key) = (format!("http://{origin}/"), format!("{KID}={SECRET}"));
-    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
-}
 
 /// Project `shop`, its app (answers its `request.url`) in production, and
 /// [`DOMAIN`] attached and verified (DNS TXT).
@@ -149,11 +106,12 @@ async fn wait_https(edge: &Edge, ca_pem: &str) -> Duration {
 #[tokio::test]
 async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_seconds() {
     let dns = dns::DnsResponder::start().await;
-    let (serve, origin) = serve_with_origin(dns.addr);
+    let resolver = dns.addr.to_string();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
     let work = tempfile::tempdir().unwrap();
     shop_with_domain(&serve, &dns, work.path()).await;
     let first = upload_certificate(&serve).await;
-    let runner = runner(origin);
+    let runner = runner_fed_by(origin, SECRET, &[]);
     let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
     let tls = edge.tls.expect("the edge's TLS listener");
     edge.wait_served("shop.localhost").await;
@@ -207,11 +165,12 @@ async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_secon
 #[tokio::test]
 async fn an_acme_challenge_pending_in_the_store_is_answered_through_the_edge() {
     let dns = dns::DnsResponder::start().await;
-    let (serve, origin) = serve_with_origin(dns.addr);
+    let resolver = dns.addr.to_string();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
     let work = tempfile::tempdir().unwrap();
     shop_with_domain(&serve, &dns, work.path()).await;
     let ca = upload_certificate(&serve).await;
-    let runner = runner(origin);
+    let runner = runner_fed_by(origin, SECRET, &[]);
     let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
     wait_https(&edge, &ca).await;
     let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use isocloud_controlplane::blobs::test_s3::{REGION, TestS3};
 
 use crate::support::edge::{Edge, isolates_of, ranking};
-use crate::support::{KID, Runner, SECRET, isocloud_cli, metric_value};
+use crate::support::{KID, Runner, SECRET, isocloud_cli, metric_value, runner_fed_by};
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -190,21 +190,7 @@ impl Node {
 /// A runner fed by `origin` (a node's origin listener); isolates idle out
 /// after 1 s, so a stale boot can be seen quickly.
 fn runner(origin: SocketAddr) -> Runner {
-    let rpc_root = format!("http://{origin}/");
-    let key = format!("{KID}={SECRET}");
-    Runner::start(&[
-        "runner",
-        "--rpc-root",
-        &rpc_root,
-        "--subhost-secret",
-        &key,
-        "--cpu-limit-ms",
-        "5000",
-        "--idle-timeout-s",
-        "1",
-        "--origin-timeout-s",
-        "2",
-    ])
+    runner_fed_by(origin, SECRET, &["--idle-timeout-s", "1", "--origin-timeout-s", "2"])
 }
 
 /// Answers `NAME METHOD PATH`.

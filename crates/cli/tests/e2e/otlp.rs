@@ -271,44 +271,10 @@ async fn a_collector_that_is_down_fails_no_request_and_counts_the_drops() {
     assert!(spent < Duration::from_secs(20), "20 requests (one boot) took {spent:?}");
 }
 
-/// `isocloud serve` with `--origin-listen` and the test key (the edge's
-/// routing feed and the runner's origin); also the origin listener.
-fn serve_with_origin() -> (ControlPlaneServe, SocketAddr) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let data = data_dir.path().to_str().unwrap().to_owned();
-    let key = format!("{KID}={SECRET}");
-    let args = [
-        "serve",
-        "--data",
-        &data,
-        "--control-listen",
-        "127.0.0.1:0",
-        "--base-domain",
-        "localhost",
-        "--origin-listen",
-        "127.0.0.1:0",
-        "--origin-secret",
-        &key,
-        "--prestarted-isolates",
-        "0",
-    ];
-    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
-    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
-    let control = lines[0].trim().parse().expect("the control plane's address");
-    let origin = lines[1].trim().parse().expect("the origin listener's address");
-    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !serve.admin_token_file().is_file() {
-        assert!(std::time::Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, origin)
-}
-
 #[tokio::test]
 async fn the_edges_span_is_the_parent_of_the_runners() {
     let (collector, endpoint) = Collector::start().await;
-    let (serve, origin) = serve_with_origin();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
     let app = work.path().join("app");

@@ -10,48 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    ControlPlaneServe, KID, Runner, SECRET, claims_for, expect_error, isocloud_cli, now_s, subhost_token, token_with,
+    ControlPlaneServe, KID, SECRET, claims_for, expect_error, isocloud_cli, now_s, runner_fed_by, subhost_token,
+    token_with,
 };
 use serde_json::json;
 
 /// A key of the same length as `SECRET`, which the origin does not hold.
 const WRONG_SECRET: &str = "wrong-secret-0123456789abcdef012345678";
-
-/// `isocloud serve` with `--origin-listen 127.0.0.1:0` and the test key;
-/// also the origin listener's address.
-fn serve_with_origin() -> (ControlPlaneServe, std::net::SocketAddr) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let data = data_dir.path().to_str().unwrap().to_owned();
-    let key = format!("{KID}={SECRET}");
-    let args = [
-        "serve",
-        "--data",
-        &data,
-        "--control-listen",
-        "127.0.0.1:0",
-        "--base-domain",
-        "localhost",
-        "--origin-listen",
-        "127.0.0.1:0",
-        "--origin-secret",
-        &key,
-        "--cpu-limit-ms",
-        "5000",
-        "--prestarted-isolates",
-        "0",
-    ];
-    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
-    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
-    let control = lines[0].trim().parse().expect("the control plane's address");
-    let origin = lines[1].trim().parse().expect("the origin listener's address");
-    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !serve.admin_token_file().is_file() {
-        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, origin)
-}
 
 fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
     isocloud_cli(&serve.control_url(), &serve.admin_token(), config, args)
@@ -71,13 +36,6 @@ fn write_app(dir: &Path) {
     std::fs::write(dir.join("static/about.txt"), "about v1").unwrap();
 }
 
-/// A runner in subhosting mode whose one subhoster is the control plane.
-fn remote_runner(origin: std::net::SocketAddr, secret: &str) -> Runner {
-    let rpc_root = format!("http://{origin}/");
-    let key = format!("{KID}={secret}");
-    Runner::start(&["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"])
-}
-
 async fn rpc(origin: std::net::SocketAddr, path: &str, token: Option<String>) -> reqwest::Response {
     let mut request = reqwest::Client::new().get(format!("http://{origin}{path}"));
     if let Some(token) = token {
@@ -88,7 +46,7 @@ async fn rpc(origin: std::net::SocketAddr, path: &str, token: Option<String>) ->
 
 #[tokio::test]
 async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the_origin_listener() {
-    let (serve, origin) = serve_with_origin();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--cpu-limit-ms", "5000"]);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
     cli(&serve, &config, &["projects", "create", "shop"]);
@@ -106,7 +64,7 @@ async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the
 
     // Remote: another process, fed only over the origin listener, reached
     // as a relay reaches a runner.
-    let runner = remote_runner(origin, SECRET);
+    let runner = runner_fed_by(origin, SECRET, &[]);
     let remote = runner.subhost_get(&deployment_id, "/remote").await;
     assert_eq!(remote.status(), 200, "{}", runner.stderr());
     assert_eq!(remote.text().await.unwrap(), "hello about v1", "the same answer as in process");
@@ -137,7 +95,7 @@ async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the
     let long_lived = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), SECRET, long_lived);
     expect_error(rpc(origin, &boot, Some(long_lived)).await, 401, "UNAUTHORIZED").await;
 
-    let outsider = remote_runner(origin, WRONG_SECRET);
+    let outsider = runner_fed_by(origin, WRONG_SECRET, &[]);
     let relay_token = token_with(jsonwebtoken::Algorithm::HS256, Some(KID), WRONG_SECRET, claims_for(&deployment_id));
     let refused = reqwest::Client::new()
         .get(format!("http://{}/", outsider.addr))

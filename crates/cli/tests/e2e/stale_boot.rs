@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::support::registry::TestRegistry;
 use crate::support::{
     ControlPlaneServe, KID, Runner, SECRET, TestDeployment, TestOrigin, expect_error, isocloud_cli, metric_value,
+    runner_fed_by,
 };
 
 // ------------------------------------------------------------------ a switchable origin
@@ -208,47 +209,6 @@ async fn a_deployment_the_origin_says_is_gone_is_not_served_stale() {
 
 // ------------------------------------------------------------------ built deployments, remote runner
 
-/// `isocloud serve` with `--origin-listen` and builds against `registry`;
-/// also the origin listener's address.
-fn serve_with_origin(registry: &TestRegistry) -> (ControlPlaneServe, SocketAddr) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let data = data_dir.path().to_str().unwrap().to_owned();
-    let key = format!("{KID}={SECRET}");
-    let (npm, jsr) = (registry.npm_url(), registry.jsr_url());
-    let args = [
-        "serve",
-        "--data",
-        &data,
-        "--control-listen",
-        "127.0.0.1:0",
-        "--base-domain",
-        "localhost",
-        "--origin-listen",
-        "127.0.0.1:0",
-        "--origin-secret",
-        &key,
-        "--npm-registry",
-        &npm,
-        "--jsr-registry",
-        &jsr,
-        "--cpu-limit-ms",
-        "5000",
-        "--prestarted-isolates",
-        "0",
-    ];
-    let prefixes = ["isocloud: control plane on http://", "isocloud: origin on http://"];
-    let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
-    let control = lines[0].trim().parse().expect("the control plane's address");
-    let origin = lines[1].trim().parse().expect("the origin listener's address");
-    let serve = ControlPlaneServe { runner, control, tls: None, data_dir, base_domain: "localhost".into() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !serve.admin_token_file().is_file() {
-        assert!(Instant::now() < deadline, "no admin token; stderr:\n{}", serve.runner.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, origin)
-}
-
 const NPM_APP: &str = r#"import greet from "npm:a@1";
 import tag, { kind } from "npm:esm-pkg@2";
 Deno.serve(() => new Response(`${greet("bob")} ${tag(kind)}`));
@@ -262,7 +222,9 @@ fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
 async fn a_built_deployment_serves_on_a_remote_runner() {
     let registry = TestRegistry::start();
     crate::builds_registry::publish_npm_set(&registry);
-    let (serve, origin) = serve_with_origin(&registry);
+    let (npm, jsr) = (registry.npm_url(), registry.jsr_url());
+    let extra = ["--npm-registry", &npm, "--jsr-registry", &jsr, "--cpu-limit-ms", "5000"];
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&extra);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
     cli(&serve, &config, &["projects", "create", "built"]);
@@ -282,10 +244,7 @@ async fn a_built_deployment_serves_on_a_remote_runner() {
     // Remote: the same deployment through the origin listener (behind a
     // switch: below, the listener goes away).
     let switch = Switch::start(origin).await;
-    let rpc_root = format!("http://{}/", switch.addr);
-    let key = format!("{KID}={SECRET}");
-    let args = ["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"];
-    let runner = Runner::start(&[&args[..], &["--idle-timeout-s", "1"]].concat());
+    let runner = runner_fed_by(switch.addr, SECRET, &["--idle-timeout-s", "1"]);
     let remote = runner.subhost_get(&deployment_id, "/").await;
     let status = remote.status();
     let body = remote.text().await.unwrap();

@@ -757,6 +757,15 @@ impl Runner {
     }
 }
 
+/// An `isocloud runner` in subhosting mode fed by the control plane's
+/// origin listener at `origin` (subhoster `KID`, key `secret`), with room
+/// for slow test machines (`--cpu-limit-ms 5000`), then `extra`.
+pub fn runner_fed_by(origin: SocketAddr, secret: &str, extra: &[&str]) -> Runner {
+    let (rpc_root, key) = (format!("http://{origin}/"), format!("{KID}={secret}"));
+    let args = ["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"];
+    Runner::start(&[&args[..], extra].concat())
+}
+
 /// `isocloud serve` with the built-in control plane: the runner (public
 /// listener), the control plane's listener, and the data dir holding the
 /// database and the admin token.
@@ -765,6 +774,8 @@ pub struct ControlPlaneServe {
     pub control: SocketAddr,
     /// The public HTTPS listener, when started with `--tls-listen`.
     pub tls: Option<SocketAddr>,
+    /// The origin listener, when started with `--origin-listen`.
+    pub origin: Option<SocketAddr>,
     pub data_dir: tempfile::TempDir,
     pub base_domain: String,
 }
@@ -776,22 +787,46 @@ impl ControlPlaneServe {
         Self::start_in(tempfile::tempdir().unwrap(), extra)
     }
 
+    /// `start` with `--origin-listen 127.0.0.1:0`, the test key
+    /// (`KID=SECRET`) as its origin secret and no pre-started isolates,
+    /// then `extra`; also the origin listener's address (for runners and
+    /// edges fed by it).
+    pub fn start_with_origin(extra: &[&str]) -> (ControlPlaneServe, SocketAddr) {
+        let key = format!("{KID}={SECRET}");
+        let mut args =
+            vec!["--origin-listen", "127.0.0.1:0", "--origin-secret", key.as_str(), "--prestarted-isolates", "0"];
+        args.extend_from_slice(extra);
+        let serve = Self::start(&args);
+        let origin = serve.origin.expect("started with --origin-listen");
+        (serve, origin)
+    }
+
     /// [`ControlPlaneServe::start`] on a given data dir (a restart keeps it).
-    /// With `--tls-listen` in `extra`, also waits for the TLS listener.
+    /// With `--tls-listen` or `--origin-listen` in `extra`, also waits for
+    /// that listener.
     pub fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> ControlPlaneServe {
         let data = data_dir.path().to_str().unwrap().to_owned();
         let base_domain = "localhost".to_owned();
         let mut args =
             vec!["serve", "--data", &data, "--control-listen", "127.0.0.1:0", "--base-domain", base_domain.as_str()];
         args.extend_from_slice(extra);
+        const TLS: &str = "isocloud: tls on https://";
+        const ORIGIN: &str = "isocloud: origin on http://";
         let mut prefixes = vec!["isocloud: control plane on http://"];
         if extra.contains(&"--tls-listen") {
-            prefixes.push("isocloud: tls on https://");
+            prefixes.push(TLS);
+        }
+        if extra.contains(&"--origin-listen") {
+            prefixes.push(ORIGIN);
         }
         let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
+        let address_of = |prefix: &str| {
+            let line = prefixes.iter().position(|p| *p == prefix).map(|i| &lines[i]);
+            line.map(|line| line.trim().parse().unwrap_or_else(|e| panic!("{prefix}{line}: {e}")))
+        };
         let control = lines[0].trim().parse().expect("the control plane's address");
-        let tls = lines.get(1).map(|line| line.trim().parse().expect("the TLS listener's address"));
-        let serve = ControlPlaneServe { runner, control, tls, data_dir, base_domain };
+        let (tls, origin) = (address_of(TLS), address_of(ORIGIN));
+        let serve = ControlPlaneServe { runner, control, tls, origin, data_dir, base_domain };
         let token_file = serve.admin_token_file();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !token_file.is_file() {
