@@ -22,6 +22,16 @@ fn parse(args: &[&str]) -> Result<Settings, SettingsError> {
     Settings::from_cli(cli.command)
 }
 
+/// `serve --data DIR <args>`'s control-plane settings.
+fn control_plane(dir: &str, args: &[&str]) -> ControlPlaneSettings {
+    let mut argv = vec!["serve", "--data", dir];
+    argv.extend_from_slice(args);
+    match parse(&argv).unwrap().mode {
+        Mode::ControlPlane(control) => *control,
+        _ => panic!("not the control plane"),
+    }
+}
+
 fn field_of(args: &[&str]) -> &'static str {
     match parse(args) {
         Ok(_) => panic!("{args:?} was accepted"),
@@ -684,14 +694,7 @@ fn the_readme_option_tables_list_every_option_with_its_default() {
 fn the_origin_listener_is_off_by_default_and_needs_its_keys() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let control = |args: &[&str]| {
-        let mut argv = vec!["serve", "--data", dir];
-        argv.extend_from_slice(args);
-        match parse(&argv).unwrap().mode {
-            Mode::ControlPlane(control) => control,
-            _ => panic!("not the control plane"),
-        }
-    };
+    let control = |args: &[&str]| control_plane(dir, args);
     assert!(control(&[]).origin.is_none(), "off by default");
 
     let secret = format!("cp={}", "s".repeat(32));
@@ -734,14 +737,7 @@ fn the_origin_listener_is_off_by_default_and_needs_its_keys() {
 fn blobs_stay_in_the_data_dir_unless_a_bucket_is_named() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let control = |args: &[&str]| {
-        let mut argv = vec!["serve", "--data", dir];
-        argv.extend_from_slice(args);
-        match parse(&argv).unwrap().mode {
-            Mode::ControlPlane(control) => control,
-            _ => panic!("not the control plane"),
-        }
-    };
+    let control = |args: &[&str]| control_plane(dir, args);
     let default = control(&[]);
     assert!(default.blob_store.is_none(), "files in the data dir by default");
     assert_eq!(default.blob_gc_grace, Duration::from_secs(86_400));
@@ -960,14 +956,7 @@ fn the_edge_takes_a_tls_listener() {
 fn acme_is_off_without_an_email_and_its_options_are_validated() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let control = |args: &[&str]| {
-        let mut argv = vec!["serve", "--data", dir];
-        argv.extend_from_slice(args);
-        match parse(&argv).unwrap().mode {
-            Mode::ControlPlane(control) => control,
-            _ => panic!("not the control plane"),
-        }
-    };
+    let control = |args: &[&str]| control_plane(dir, args);
     assert!(control(&[]).acme.is_none(), "off by default");
     let on = control(&["--acme-email", "ops@example.com"]).acme.expect("on with an email");
     assert_eq!(on.directory_url, isocloud_controlplane::LETS_ENCRYPT_DIRECTORY);
