@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use isocloud_edge::{
-    AcmeLookup, CertificateFeed, Edge, EdgeCertificates, Follower, ForwardOptions, HostTable, Metrics, RunnerClients,
-    Runners,
+    AcmeLookup, CertificateFeed, Edge, EdgeCertificates, FailoverRoots, Follower, ForwardOptions, HostTable, Metrics,
+    RunnerClients, Runners,
 };
 use isocloud_ingress::ListenerMetrics;
 use prometheus_client::registry::Registry;
@@ -22,22 +22,24 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let listener_metrics = ListenerMetrics::new(&mut registry);
 
     let table = Arc::new(RwLock::new(HostTable::default()));
-    let mut follower = Follower::new(
+    // One set of roots for the routing feed, the certificates and the ACME
+    // lookups: the node the feed last reached is the one the others ask.
+    let roots = Arc::new(FailoverRoots::new(settings.rpc_root.clone(), settings.rpc_root_fallbacks.clone()));
+    let mut follower = Follower::from_roots(
         table.clone(),
-        &settings.rpc_root,
+        roots.clone(),
         settings.key.clone(),
         settings.origin_timeout,
         metrics.clone(),
     )
-    .and_then(|follower| follower.with_fallbacks(&settings.rpc_root_fallbacks))
     .context("invalid --rpc-root")?;
     // Only with --tls-listen does the edge ask for (and hold) private keys.
     let certificates = match settings.tls_listen {
         Some(_) => {
             let certificates = Arc::new(EdgeCertificates::default());
-            let feed = CertificateFeed::new(
+            let feed = CertificateFeed::from_roots(
                 certificates.clone(),
-                &settings.rpc_root,
+                roots.clone(),
                 settings.key.clone(),
                 settings.origin_timeout,
                 metrics.clone(),
@@ -89,8 +91,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
         },
         metrics,
     );
-    edge = edge
-        .with_acme(Arc::new(AcmeLookup::new(&settings.rpc_root, settings.key.clone()).context("invalid --rpc-root")?));
+    edge = edge.with_acme(Arc::new(AcmeLookup::from_roots(roots, settings.key.clone()).context("invalid --rpc-root")?));
     let tls = match (settings.tls_listen, &certificates) {
         (Some(addr), Some(certificates)) => {
             let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (TLS)"))?;

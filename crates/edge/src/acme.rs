@@ -6,15 +6,19 @@
 //! control plane in process, and bounded the same way: a few lookups at
 //! once, each within a short timeout; one that waits or fails answers
 //! `None`, and the request is forwarded as any other (a tenant's own
-//! `/.well-known/acme-challenge/` still reaches its app).
+//! `/.well-known/acme-challenge/` still reaches its app). A lookup goes to
+//! the root the routing feed last reached (one [`FailoverRoots`] for both),
+//! or the next `--rpc-root-fallback` when that root takes no connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use isocloud_auth::{ROUTING_AUDIENCE, sign_audience_token};
+use isocloud_origin::FailoverRoots;
 use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::follower::{SigningKey, now_unix_s};
+use crate::follower::{SigningKey, check_roots, now_unix_s};
 
 /// Lookups at once; more wait for a turn within the timeout. The ACME
 /// server asks a few times per order: 16 is room for many orders while a
@@ -23,14 +27,20 @@ pub const ACME_LOOKUPS: usize = 16;
 /// A lookup's turn and answer, together: the ACME server waits longer, and
 /// a request stuck here is a visitor's.
 pub const ACME_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// A root that has not taken the connection by then hands the lookup to
+/// the next: half the lookup's time, so the next root has the other half.
+pub const ACME_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A key authorization is `token.thumbprint` (under 200 bytes).
 const MAX_ANSWER_BYTES: usize = 1024;
 const TOKEN_TTL_S: u64 = 60;
+/// The lookup, under each root.
+const LOOKUP_PATH: &str = "acme_challenge";
 
 /// The control plane's pending HTTP-01 challenges, asked over the origin
 /// listener.
 pub struct AcmeLookup {
-    url: Url,
+    /// The control plane's origin listeners (the follower's).
+    roots: Arc<FailoverRoots>,
     key: SigningKey,
     client: reqwest::Client,
     turns: Semaphore,
@@ -38,13 +48,21 @@ pub struct AcmeLookup {
 
 impl AcmeLookup {
     pub fn new(rpc_root: &Url, key: SigningKey) -> Result<Self, url::ParseError> {
-        let url = rpc_root.join("acme_challenge")?;
+        Self::from_roots(Arc::new(FailoverRoots::new(rpc_root.clone(), [])), key)
+    }
+
+    /// As [`AcmeLookup::new`], over the root and its fallbacks: the
+    /// follower's [`FailoverRoots`], so the node that answered its last
+    /// poll is asked first.
+    pub fn from_roots(roots: Arc<FailoverRoots>, key: SigningKey) -> Result<Self, url::ParseError> {
+        check_roots(&roots, LOOKUP_PATH)?;
         let client = reqwest::Client::builder()
             .timeout(ACME_LOOKUP_TIMEOUT)
+            .connect_timeout(ACME_CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|_| url::ParseError::EmptyHost)?;
-        Ok(Self { url, key, client, turns: Semaphore::new(ACME_LOOKUPS) })
+        Ok(Self { roots, key, client, turns: Semaphore::new(ACME_LOOKUPS) })
     }
 
     /// The key authorization for `token` pending on `host` (lowercase, no
@@ -55,9 +73,13 @@ impl AcmeLookup {
 
     async fn ask(&self, host: &str, token: &str) -> Option<String> {
         let _turn = self.turns.acquire().await.ok()?;
-        let bearer = sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-        let request = self.client.get(self.url.clone()).query(&[("host", host), ("token", token)]).bearer_auth(bearer);
-        match crate::follower::bounded_body(request, MAX_ANSWER_BYTES, "the ACME lookup").await {
+        let build = |root: &Url| {
+            let bearer =
+                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+            let url = root.join(LOOKUP_PATH).expect("checked in AcmeLookup::from_roots");
+            self.client.get(url).query(&[("host", host), ("token", token)]).bearer_auth(bearer)
+        };
+        match crate::follower::bounded_body(&self.roots, build, MAX_ANSWER_BYTES, "the ACME lookup").await {
             Ok(body) => String::from_utf8(body).ok().filter(|text| !text.is_empty()),
             Err(crate::FollowError::Status { status: 404, .. }) => None,
             Err(e) => {

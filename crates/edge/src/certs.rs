@@ -12,19 +12,23 @@
 //! every certificate again. What could not be fetched stays pending and
 //! is asked for again after the next poll; the certificates held keep
 //! serving meanwhile. Key material never reaches a log line or an answer.
+//! The feed is asked of the root the routing feed last reached (one
+//! [`FailoverRoots`] for both): a control-plane node that takes no
+//! connection hands it to the next `--rpc-root-fallback`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use isocloud_auth::{ROUTING_AUDIENCE, sign_audience_token};
+use isocloud_origin::FailoverRoots;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 use url::Url;
 
-use crate::follower::{FollowError, SigningKey, now_unix_s};
+use crate::follower::{FollowError, SigningKey, check_roots, now_unix_s};
 use crate::hosts::RoutingUpdate;
 use crate::metrics::Metrics;
 
@@ -43,6 +47,8 @@ const MAX_DOMAINS_ONE_BY_ONE: usize = 16;
 /// `next` never ends is not followed forever.
 const MAX_PAGES: usize = 10_000;
 const TOKEN_TTL_S: u64 = 60;
+/// The certificate feed, under each root.
+const FEED_PATH: &str = "certificates";
 
 /// The certificates held, by domain (lowercase, no trailing dot).
 #[derive(Default)]
@@ -193,7 +199,8 @@ impl Pending {
 /// The certificates and the feed that keeps them.
 pub struct CertificateFeed {
     certificates: Arc<EdgeCertificates>,
-    url: Url,
+    /// The control plane's origin listeners (the follower's).
+    roots: Arc<FailoverRoots>,
     key: SigningKey,
     client: reqwest::Client,
     pending: Mutex<Pending>,
@@ -209,14 +216,27 @@ impl CertificateFeed {
         timeout: Duration,
         metrics: Metrics,
     ) -> Result<Self, url::ParseError> {
-        let url = rpc_root.join("certificates")?;
+        Self::from_roots(certificates, Arc::new(FailoverRoots::new(rpc_root.clone(), [])), key, timeout, metrics)
+    }
+
+    /// As [`CertificateFeed::new`], over the root and its fallbacks: the
+    /// follower's [`FailoverRoots`], so the node that answered its last
+    /// poll is asked first.
+    pub fn from_roots(
+        certificates: Arc<EdgeCertificates>,
+        roots: Arc<FailoverRoots>,
+        key: SigningKey,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> Result<Self, url::ParseError> {
+        check_roots(&roots, FEED_PATH)?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|_| url::ParseError::EmptyHost)?;
-        Ok(Self { certificates, url, key, client, pending: Mutex::new(Pending::All), metrics })
+        Ok(Self { certificates, roots, key, client, pending: Mutex::new(Pending::All), metrics })
     }
 
     pub fn certificates(&self) -> &Arc<EdgeCertificates> {
@@ -288,9 +308,15 @@ impl CertificateFeed {
     }
 
     async fn fetch(&self, query: &[(&str, &str)]) -> Result<CertificatePage, FollowError> {
-        let token = sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-        let request = self.client.get(self.url.clone()).query(query).bearer_auth(token);
-        let body = crate::follower::bounded_body(request, MAX_CERTIFICATE_PAGE_BYTES, "the certificate feed").await?;
+        let build = |root: &Url| {
+            let token =
+                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+            let url = root.join(FEED_PATH).expect("checked in CertificateFeed::from_roots");
+            self.client.get(url).query(query).bearer_auth(token)
+        };
+        let body =
+            crate::follower::bounded_body(&self.roots, build, MAX_CERTIFICATE_PAGE_BYTES, "the certificate feed")
+                .await?;
         serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("certificates: {e}")))
     }
 }
@@ -314,6 +340,104 @@ mod tests {
         let cert =
             rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         CertificatePem { domain: names[0].into(), cert_pem: cert.cert.pem(), key_pem: cert.key_pair.serialize_pem() }
+    }
+
+    const KID: &str = "cp";
+    const SECRET: &str = "edge-test-secret-0123456789abcdef0123";
+
+    /// A control-plane node's origin listener: the certificate feed (one
+    /// page, `pair`) and the ACME lookup (one pending token), behind the
+    /// edge's token as the real one.
+    async fn control_plane_node(pair: CertificatePem) -> Url {
+        let verifier = isocloud_auth::SubhostVerifier::new(vec![isocloud_auth::Subhoster {
+            kid: KID.into(),
+            secret: isocloud_auth::Secret::from(SECRET),
+            rpc_root: Url::parse("http://origin.invalid/").unwrap(),
+            allowed_rpc_root_prefixes: Vec::new(),
+        }])
+        .unwrap();
+        let authorized = move |headers: &http::HeaderMap| {
+            let token = headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap();
+            verifier.verify_audience(token, ROUTING_AUDIENCE, now_unix_s()).is_ok()
+        };
+        let page = serde_json::json!({
+            "certificates": [{ "domain": pair.domain, "cert_pem": pair.cert_pem, "key_pem": pair.key_pem }],
+            "next": null,
+        })
+        .to_string();
+        let (certs_auth, acme_auth) = (authorized.clone(), authorized);
+        let app = axum::Router::new()
+            .route(
+                "/v0/certificates",
+                axum::routing::get(move |headers: http::HeaderMap| {
+                    let answer = if certs_auth(&headers) {
+                        (http::StatusCode::OK, page.clone())
+                    } else {
+                        (http::StatusCode::UNAUTHORIZED, String::new())
+                    };
+                    async move { answer }
+                }),
+            )
+            .route(
+                "/v0/acme_challenge",
+                axum::routing::get(
+                    move |query: axum::extract::Query<HashMap<String, String>>, headers: http::HeaderMap| {
+                        let answer = match (acme_auth(&headers), query.get("token").map(String::as_str)) {
+                            (false, _) => (http::StatusCode::UNAUTHORIZED, String::new()),
+                            (true, Some("pending_token")) => (http::StatusCode::OK, "pending_token.thumbprint".into()),
+                            (true, _) => (http::StatusCode::NOT_FOUND, String::new()),
+                        };
+                        async move { answer }
+                    },
+                ),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let root = Url::parse(&format!("http://{}/v0/", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        root
+    }
+
+    fn feed_over(roots: &Arc<FailoverRoots>) -> CertificateFeed {
+        let key = SigningKey { kid: KID.into(), secret: isocloud_auth::Secret::from(SECRET) };
+        CertificateFeed::from_roots(
+            Arc::new(EdgeCertificates::default()),
+            roots.clone(),
+            key,
+            Duration::from_secs(5),
+            Metrics::unregistered(),
+        )
+        .unwrap()
+    }
+
+    /// A control-plane node that takes no connection hands the certificate
+    /// feed and the ACME lookups to the next root named, and they share the
+    /// roots: the node that answered is the one asked first after.
+    #[tokio::test]
+    async fn a_root_that_takes_no_connection_hands_the_certificates_and_acme_to_the_fallback() {
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            Url::parse(&format!("http://{}/v0/", listener.local_addr().unwrap())).unwrap()
+        };
+        let live = control_plane_node(self_signed(&["www.shop.test"])).await;
+        let key = SigningKey { kid: KID.into(), secret: isocloud_auth::Secret::from(SECRET) };
+        // The probe: the dead root alone gives neither.
+        let alone = Arc::new(FailoverRoots::new(dead.clone(), []));
+        let feed = feed_over(&alone);
+        assert!(matches!(feed.refresh().await, Err(FollowError::Unreachable(_))));
+        assert!(feed.is_pending() && feed.certificates().is_empty(), "still pending, nothing held");
+        let acme = crate::AcmeLookup::from_roots(alone, key.clone()).unwrap();
+        assert_eq!(acme.key_authorization("www.shop.test", "pending_token").await, None);
+
+        let roots = Arc::new(FailoverRoots::new(dead, [live]));
+        let feed = feed_over(&roots);
+        assert_eq!(feed.refresh().await.unwrap(), 1);
+        assert!(feed.certificates().lookup("www.shop.test").is_some());
+        assert!(!feed.is_pending());
+        assert_eq!(roots.current(), 1, "the node that answered is asked first now");
+        let acme = crate::AcmeLookup::from_roots(roots.clone(), key).unwrap();
+        let answer = acme.key_authorization("www.shop.test", "pending_token").await;
+        assert_eq!(answer.as_deref(), Some("pending_token.thumbprint"));
+        assert_eq!(acme.key_authorization("www.shop.test", "other_token").await, None, "not pending");
     }
 
     #[test]

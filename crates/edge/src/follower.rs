@@ -4,13 +4,15 @@
 //! the generation held. When the control plane cannot be reached or answers
 //! something unusable, the edge keeps serving the table it holds and asks
 //! again; when a delta does not fit (another base domain), it asks for the
-//! table whole.
+//! table whole. A root that takes no connection hands the poll to the
+//! next `--rpc-root-fallback` ([`FailoverRoots`], shared with the
+//! certificate feed and the ACME lookups).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use isocloud_auth::{ROUTING_AUDIENCE, Secret, sign_audience_token};
+use isocloud_origin::FailoverRoots;
 use url::Url;
 
 use crate::certs::{CertificateFeed, Pending};
@@ -20,6 +22,9 @@ use crate::metrics::Metrics;
 /// A routing answer larger than this is refused: about 30 bytes go to each
 /// ready deployment in a full table, so this holds ~15 million of them.
 pub const MAX_ROUTING_BYTES: usize = 512 * 1024 * 1024;
+
+/// The routing feed, under each root.
+const FEED_PATH: &str = "routing";
 
 /// How long the feed's tokens live: one poll, with room for a slow answer.
 const TOKEN_TTL_S: u64 = 60;
@@ -49,11 +54,9 @@ pub enum FollowError {
 /// The host table and the feed that keeps it.
 pub struct Follower {
     table: Arc<RwLock<HostTable>>,
-    /// The feed at the root, then at each fallback root (the control
-    /// plane's other nodes), tried in turn when a connection cannot be made.
-    urls: Vec<Url>,
-    /// The feed that last answered, where the next poll starts.
-    current_url: AtomicUsize,
+    /// The control plane's origin listeners: the feed is `routing` under
+    /// the one that last answered, or the next when it takes no connection.
+    roots: Arc<FailoverRoots>,
     key: SigningKey,
     client: reqwest::Client,
     metrics: Metrics,
@@ -81,7 +84,20 @@ impl Follower {
         timeout: Duration,
         metrics: Metrics,
     ) -> Result<Self, url::ParseError> {
-        let url = rpc_root.join("routing")?;
+        Self::from_roots(table, Arc::new(FailoverRoots::new(rpc_root.clone(), [])), key, timeout, metrics)
+    }
+
+    /// As [`Follower::new`], over the root and its fallbacks
+    /// (`--rpc-root-fallback`), shared with the certificate feed and the
+    /// ACME lookups.
+    pub fn from_roots(
+        table: Arc<RwLock<HostTable>>,
+        roots: Arc<FailoverRoots>,
+        key: SigningKey,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> Result<Self, url::ParseError> {
+        check_roots(&roots, FEED_PATH)?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -89,18 +105,7 @@ impl Follower {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|_| url::ParseError::EmptyHost)?;
-        Ok(Self { table, urls: vec![url], current_url: AtomicUsize::new(0), key, client, metrics, certificates: None })
-    }
-
-    /// Other roots serving the same feed (`--rpc-root-fallback`).
-    pub fn with_fallbacks(mut self, roots: &[Url]) -> Result<Self, url::ParseError> {
-        for root in roots {
-            let url = root.join("routing")?;
-            if !self.urls.contains(&url) {
-                self.urls.push(url);
-            }
-        }
-        Ok(self)
+        Ok(Self { table, roots, key, client, metrics, certificates: None })
     }
 
     /// Keeps `certificates` too: every domain the feed reports changed has
@@ -160,33 +165,21 @@ impl Follower {
         }
     }
 
-    /// Asks the feed that last answered first; one whose connection cannot
+    /// Asks the root that last answered first; one whose connection cannot
     /// be made passes the poll to the next.
     async fn send(&self, since: Option<i64>) -> Result<reqwest::Response, FollowError> {
-        let first = self.current_url.load(Ordering::Relaxed) % self.urls.len();
-        let mut last_error = None;
-        for step in 0..self.urls.len() {
-            let index = (first + step) % self.urls.len();
-            let mut url = self.urls[index].clone();
-            if let Some(since) = since {
-                url.query_pairs_mut().append_pair("since", &since.to_string());
-            }
-            let token =
-                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-            match self.client.get(url).bearer_auth(token).send().await {
-                Ok(response) => {
-                    if index != first {
-                        self.current_url.store(index, Ordering::Relaxed);
-                        tracing::warn!(target: "isocloud::edge", feed = %self.urls[index], "routing: following the next root");
-                    }
-                    return Ok(response);
+        self.roots
+            .send("the routing feed", |root| {
+                let mut url = root.join(FEED_PATH).expect("checked in Follower::from_roots");
+                if let Some(since) = since {
+                    url.query_pairs_mut().append_pair("since", &since.to_string());
                 }
-                Err(e) if e.is_connect() && self.urls.len() > 1 => last_error = Some(e),
-                Err(e) => return Err(FollowError::Unreachable(without_url(&e, "the routing feed"))),
-            }
-        }
-        let e = last_error.expect("at least one feed was tried");
-        Err(FollowError::Unreachable(without_url(&e, "the routing feed")))
+                let token =
+                    sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+                self.client.get(url).bearer_auth(token)
+            })
+            .await
+            .map_err(|e| FollowError::Unreachable(without_url(&e, "the routing feed")))
     }
 
     async fn fetch(&self, since: Option<i64>) -> Result<RoutingUpdate, FollowError> {
@@ -264,15 +257,23 @@ impl Follower {
     }
 }
 
-/// The body of a successful answer to `request`, at most `limit` bytes
+/// Checks that `path` joins onto every root (a root that cannot be a base
+/// is refused when the feed is made, not at each request).
+pub(crate) fn check_roots(roots: &FailoverRoots, path: &str) -> Result<(), url::ParseError> {
+    roots.roots().iter().try_for_each(|root| root.join(path).map(drop))
+}
+
+/// The body of a successful answer to the request `build` makes for a root
+/// of `roots` (the one that last answered first), at most `limit` bytes
 /// (`TooLarge` past it, never read further); `what` names the route in
 /// errors.
 pub(crate) async fn bounded_body(
-    request: reqwest::RequestBuilder,
+    roots: &FailoverRoots,
+    build: impl Fn(&Url) -> reqwest::RequestBuilder,
     limit: usize,
     what: &str,
 ) -> Result<Vec<u8>, FollowError> {
-    let response = request.send().await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))?;
+    let response = roots.send(what, build).await.map_err(|e| FollowError::Unreachable(without_url(&e, what)))?;
     read_bounded(response, limit, what).await
 }
 
@@ -382,10 +383,14 @@ mod tests {
     }
 
     fn follower(root: &Url, secret: &str) -> Follower {
+        follower_over(Arc::new(FailoverRoots::new(root.clone(), [])), secret)
+    }
+
+    fn follower_over(roots: Arc<FailoverRoots>, secret: &str) -> Follower {
         let key = SigningKey { kid: KID.into(), secret: Secret::from(secret) };
         let metrics = Metrics::new(&mut Registry::default());
         let table = Arc::new(RwLock::new(HostTable::default()));
-        Follower::new(table, root, key, Duration::from_secs(5), metrics).unwrap()
+        Follower::from_roots(table, roots, key, Duration::from_secs(5), metrics).unwrap()
     }
 
     fn whole(generation: i64, production: &str) -> RoutingUpdate {
@@ -416,12 +421,13 @@ mod tests {
             .extend([Ok(whole(7, "aaaaaaaaaaaa")), Ok(RoutingUpdate::unchanged(7, "localhost"))]);
         // The probe: the dead root alone is unreachable.
         assert!(matches!(follower(&dead, SECRET).poll_once().await, Err(FollowError::Unreachable(_))));
-        let follower = follower(&dead, SECRET).with_fallbacks(&[live]).unwrap();
+        let roots = Arc::new(FailoverRoots::new(dead, [live]));
+        let follower = follower_over(roots.clone(), SECRET);
         assert_eq!(follower.poll_once().await.unwrap(), Polled::Full);
         assert_eq!(resolve(&follower, "hello.localhost").as_deref(), Some("aaaaaaaaaaaa"));
         assert_eq!(follower.poll_once().await.unwrap(), Polled::Delta);
         assert_eq!(*feed.calls.lock().unwrap(), vec![None, Some("7".to_owned())]);
-        assert_eq!(follower.current_url.load(Ordering::Relaxed), 1, "the live root is asked first now");
+        assert_eq!(roots.current(), 1, "the live root is asked first now");
     }
 
     /// The first poll asks for the table whole, every later one for the

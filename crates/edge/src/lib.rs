@@ -19,6 +19,9 @@
 //! listener when the routing feed names their domain, each served for its
 //! own domain only) and 308 to HTTPS on the plain listener for domains that
 //! have one; ACME HTTP-01 answers asked of the control plane (`acme.rs`).
+//! The routing feed, the certificates and the ACME lookups share one
+//! `FailoverRoots` (`--rpc-root` and its `--rpc-root-fallback`s): a
+//! control-plane node that takes no connection hands all three to the next.
 //!
 //! It must not run isolates, talk to the store or the origin RPCs, or
 //! decide anything a runner decides (limits, hops, stream bounds): the
@@ -39,7 +42,7 @@ mod metrics;
 pub mod rendezvous;
 mod runners;
 
-pub use acme::{ACME_LOOKUP_TIMEOUT, ACME_LOOKUPS, AcmeLookup};
+pub use acme::{ACME_CONNECT_TIMEOUT, ACME_LOOKUP_TIMEOUT, ACME_LOOKUPS, AcmeLookup};
 pub use admin::serve_admin;
 pub use certs::{
     CertificateFeed, CertificatePage, CertificatePem, EdgeCertificates, LoadError, MAX_CERTIFICATE_PAGE_BYTES, Pending,
@@ -47,6 +50,7 @@ pub use certs::{
 pub use follower::{FollowError, Follower, MAX_ROUTING_BYTES, Polled, SigningKey};
 pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S, serve_public};
 pub use hosts::{ApplyError, HostTable, ProjectRoute, RoutingUpdate};
+pub use isocloud_origin::FailoverRoots;
 pub use metrics::Metrics;
 pub use runners::{
     BoxError, EdgeBody, IN_AFTER_SUCCESSES, OUT_AFTER_FAILURES, Runner, RunnerClients, RunnerUrlError, Runners,

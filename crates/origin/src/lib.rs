@@ -2,7 +2,9 @@
 //! RPCs of `subhosting-protocol.md` §2), its two implementations — a remote
 //! origin spoken to over HTTP with signed JWTs ([`RemoteOrigin`]) and a folder
 //! of apps on local disk ([`AppsOrigin`], the embedded default) — the bounded
-//! on-disk cache of layers and blobs ([`DiskCache`]), the assembly of a
+//! on-disk cache of layers and blobs ([`DiskCache`]), the failover over a
+//! control plane's several origin listeners that the runner and the edge
+//! share ([`FailoverRoots`]), the assembly of a
 //! deployment's layers into one module graph ([`load_deployment`]), and the
 //! last boot answer of each deployment, which stands in for the origin's
 //! while the origin cannot be reached ([`load_deployment_with`], `stale.rs`).
@@ -18,6 +20,7 @@ mod apps;
 mod cache;
 mod deployment;
 mod error;
+mod failover;
 mod registry;
 mod remote;
 mod stale;
@@ -29,6 +32,7 @@ pub use apps::{AppBuilder, AppsOrigin};
 pub use cache::{CacheKind, DiskCache};
 pub use deployment::{Loaded, StaleBoot, load_deployment, load_deployment_with};
 pub use error::OriginError;
+pub use failover::FailoverRoots;
 pub use isocloud_model::{AssetEntry, AssetTree, Deployment, ModuleFile, link_stays_inside};
 pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use registry::{MAX_REMOTE_ORIGINS, RemoteOrigins};

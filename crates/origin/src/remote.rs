@@ -1,7 +1,6 @@
 //! An origin spoken to over HTTP: the subhoster's server, or a remote
 //! isocloud control plane.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -11,7 +10,7 @@ use isocloud_auth::{Secret, sign_rpc_token};
 use isocloud_protocol::{ActivityBatch, IsolateConfig};
 use url::Url;
 
-use crate::{AssetTree, BootAnswer, Origin, OriginError};
+use crate::{AssetTree, BootAnswer, FailoverRoots, Origin, OriginError};
 
 #[derive(Debug, Clone)]
 pub struct RemoteOriginOptions {
@@ -38,9 +37,7 @@ pub struct RemoteOrigin {
     secret: Secret,
     /// The root, then the other nodes that answer for it (`--rpc-root-fallback`):
     /// an RPC whose connection cannot be made goes to the next.
-    roots: Vec<Url>,
-    /// The root that last answered, where the next RPC starts.
-    current_root: AtomicUsize,
+    roots: FailoverRoots,
     client: reqwest::Client,
     options: RemoteOriginOptions,
 }
@@ -68,9 +65,8 @@ impl RemoteOrigin {
         options: RemoteOriginOptions,
     ) -> Self {
         let name = format!("{kid}@{rpc_root}");
-        let mut roots = vec![rpc_root.clone()];
-        roots.extend(fallbacks.into_iter().filter(|root| root != &rpc_root));
-        Self { name, kid, secret, roots, current_root: AtomicUsize::new(0), client, options }
+        let roots = FailoverRoots::new(rpc_root, fallbacks);
+        Self { name, kid, secret, roots, client, options }
     }
 
     /// The HTTP client every remote origin of one runner shares (one
@@ -95,40 +91,23 @@ impl RemoteOrigin {
         sign_rpc_token(&self.kid, &self.secret, deployment_id, now, RPC_TOKEN_TTL_S)
     }
 
-    /// Sends the request `build` makes for a root, starting at the root
-    /// that last answered; one whose connection cannot be made (nothing was
-    /// sent, so any RPC may go again) passes it to the next root. A root
-    /// that answered, whatever it answered, is the answer.
+    /// Sends the request `build` makes for a root, signed and with the RPC
+    /// deadline, to the root that last answered or, when its connection
+    /// cannot be made, the next ([`FailoverRoots::send`]).
     async fn send(
         &self,
         rpc: &'static str,
         deployment_id: &str,
         build: impl Fn(&Url) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, OriginError> {
-        let first = self.current_root.load(Ordering::Relaxed) % self.roots.len();
-        let mut last_error = None;
-        for step in 0..self.roots.len() {
-            let index = (first + step) % self.roots.len();
-            let request = build(&self.roots[index])
-                .bearer_auth(self.token(deployment_id))
-                .timeout(Duration::from_millis(self.options.rpc_timeout_ms));
-            match request.send().await {
-                Ok(response) => {
-                    if index != first {
-                        self.current_root.store(index, Ordering::Relaxed);
-                        tracing::warn!(
-                            origin = self.name,
-                            root = %self.roots[index],
-                            "the origin's root did not take the connection; its next root answered"
-                        );
-                    }
-                    return Ok(response);
-                }
-                Err(e) if e.is_connect() && self.roots.len() > 1 => last_error = Some(e),
-                Err(e) => return Err(self.transport_error(rpc, e)),
-            }
-        }
-        Err(self.transport_error(rpc, last_error.expect("at least one root was tried")))
+        self.roots
+            .send(&self.name, |root| {
+                build(root)
+                    .bearer_auth(self.token(deployment_id))
+                    .timeout(Duration::from_millis(self.options.rpc_timeout_ms))
+            })
+            .await
+            .map_err(|e| self.transport_error(rpc, e))
     }
 
     /// The error a visitor may read: the origin's address is not in it
