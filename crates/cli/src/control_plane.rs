@@ -173,4 +173,10 @@ impl Certificates for Certs {
     fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
         self.0.certificate_for(server_name)
     }
+
+    /// Answered whether or not this node orders (as HTTP-01 is): another
+    /// node sharing the store may, and the ACME server may reach this one.
+    fn acme_tls_alpn_certificate(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        self.0.acme_tls_alpn_certificate(server_name)
+    }
 }

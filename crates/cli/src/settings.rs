@@ -98,6 +98,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--acme-challenge`: how the ACME server checks that a domain is ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum AcmeChallenge {
+    /// HTTP-01: a token fetched from the public listener on port 80.
+    #[value(name = "http-01")]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// TLS-ALPN-01: a TLS handshake with the TLS listener on port 443.
+    #[value(name = "tls-alpn-01")]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
 /// As the help and the README show a default: the value's name.
 macro_rules! display_as_value_name {
     ($($ty:ty),*) => {$(
@@ -108,7 +121,7 @@ macro_rules! display_as_value_name {
         }
     )*};
 }
-display_as_value_name!(Toggle, Switch, LogFormat);
+display_as_value_name!(Toggle, Switch, LogFormat, AcmeChallenge);
 
 /// `--isolate-uid` as given: a number or `off`; `isolate_uid` in the TOML
 /// file: a number or `"off"`. Whether the number may be a uid is
@@ -922,8 +935,14 @@ fn control_plane_settings(given: &Given) -> Result<ControlPlaneSettings, Setting
 /// (RFC 8555 §6.1), the CA file readable PEM.
 fn acme_settings(given: &Given) -> Result<Option<isocloud_controlplane::AcmeOptions>, SettingsError> {
     let Some(email) = &given.acme_email else {
-        if given.acme_directory.is_some() || given.acme_ca_file.is_some() {
-            let field = if given.acme_directory.is_some() { "acme_directory" } else { "acme_ca_file" };
+        if given.acme_directory.is_some() || given.acme_ca_file.is_some() || given.acme_challenge.is_some() {
+            let field = if given.acme_directory.is_some() {
+                "acme_directory"
+            } else if given.acme_ca_file.is_some() {
+                "acme_ca_file"
+            } else {
+                "acme_challenge"
+            };
             return Err(invalid(field, "ACME is off without --acme-email: give the account's contact to turn it on"));
         }
         return Ok(None);
@@ -952,12 +971,25 @@ fn acme_settings(given: &Given) -> Result<Option<isocloud_controlplane::AcmeOpti
         }
         None => None,
     };
+    let challenge = match given.acme_challenge.unwrap_or(AcmeChallenge::Http01) {
+        AcmeChallenge::Http01 => isocloud_controlplane::ChallengeKind::Http01,
+        // Answered on the TLS listener: a node without one would order
+        // challenges only other nodes could answer (if any has a listener).
+        AcmeChallenge::TlsAlpn01 if given.tls_listen.is_none() => {
+            return Err(invalid(
+                "acme_challenge",
+                "tls-alpn-01 is answered by the TLS listener: give --tls-listen (the CA connects to port 443)",
+            ));
+        }
+        AcmeChallenge::TlsAlpn01 => isocloud_controlplane::ChallengeKind::TlsAlpn01,
+    };
     Ok(Some(isocloud_controlplane::AcmeOptions {
         directory_url,
         email: Some(email.to_owned()),
         ca_pem,
         renew_before: Duration::from_secs(given.acme_renew_before_days * 86_400),
         retry_min: Duration::from_secs(given.acme_retry_min_s),
+        challenge,
     }))
 }
 

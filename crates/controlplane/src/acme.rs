@@ -4,10 +4,14 @@
 //! store which verified domains need an order (no certificate, or an ACME
 //! one due for renewal; never one with an uploaded certificate, which always
 //! wins), takes the domain's lease row (several nodes share one store: one
-//! orders a domain at a time), and orders through `instant-acme`. The HTTP-01
-//! key authorizations are written to the store before the ACME server is told
-//! to validate, so whichever node's public listener it reaches answers
-//! ([`crate::ControlPlane::acme_key_authorization`]). The certificate lands in
+//! orders a domain at a time), and orders through `instant-acme`. The
+//! challenge (`--acme-challenge`) is written to the store before the ACME
+//! server is told to validate, so whichever node it reaches answers: an
+//! HTTP-01 key authorization on the public listener, looked up in the store
+//! per request ([`crate::ControlPlane::acme_key_authorization`]); a
+//! TLS-ALPN-01 one (RFC 8737) on the TLS listener, from a table every node
+//! keeps in memory ([`TlsAlpnTable`], fed by the routing change feed: a
+//! handshake's certificate choice cannot wait on the store). The certificate lands in
 //! the `certificates` table (`source = 'acme'`) under a routing change, so
 //! every node's SNI table picks it up as it does an upload. A failure is kept
 //! on the domain (the ACME server's error text, the next attempt) and retried
@@ -68,6 +72,43 @@ const CONCURRENT_ORDERS: usize = 4;
 /// The error text kept on a domain, at most (characters).
 const MAX_ERROR_CHARS: usize = 1000;
 
+/// The pending TLS-ALPN-01 challenges one node holds in memory, at most.
+/// Each node orders [`CONCURRENT_ORDERS`] domains at once, so this is room
+/// for 256 nodes' orders; past it the latest to expire are kept. About 1 KiB
+/// each (a certificate and its P-256 key).
+pub(crate) const MAX_TLS_ALPN_CHALLENGES: usize = 1024;
+/// Between writing a TLS-ALPN-01 challenge and telling the ACME server to
+/// validate it: every other node's periodic reload has loaded it by then (an
+/// HTTP-01 answer is read from the store at request time and needs none).
+const TLS_ALPN_SETTLE: Duration = crate::ROUTING_RELOAD_INTERVAL.saturating_add(Duration::from_millis(500));
+
+/// The challenge type ordered with (`--acme-challenge`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// HTTP-01 (RFC 8555 §8.3): the CA fetches a token over port 80.
+    #[default]
+    Http01,
+    /// TLS-ALPN-01 (RFC 8737): the CA makes a TLS handshake on port 443
+    /// offering ALPN `acme-tls/1`.
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => store::acme::HTTP_01,
+            ChallengeKind::TlsAlpn01 => store::acme::TLS_ALPN_01,
+        }
+    }
+
+    fn acme_type(self) -> ChallengeType {
+        match self {
+            ChallengeKind::Http01 => ChallengeType::Http01,
+            ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        }
+    }
+}
+
 /// How ACME runs (the `--acme-*` options, validated by the binary).
 #[derive(Clone)]
 pub struct AcmeOptions {
@@ -81,6 +122,8 @@ pub struct AcmeOptions {
     pub renew_before: Duration,
     /// The first retry after a failure.
     pub retry_min: Duration,
+    /// The challenge type each order is validated with.
+    pub challenge: ChallengeKind,
 }
 
 impl std::fmt::Debug for AcmeOptions {
@@ -91,6 +134,7 @@ impl std::fmt::Debug for AcmeOptions {
             .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
             .field("renew_before", &self.renew_before)
             .field("retry_min", &self.retry_min)
+            .field("challenge", &self.challenge)
             .finish()
     }
 }
@@ -201,6 +245,7 @@ impl Acme {
         tracing::info!(
             target: "isocloud::controlplane",
             directory = self.options.directory_url,
+            challenge = self.options.challenge.name(),
             renew_before_days = self.options.renew_before.as_secs() / 86_400,
             "acme: automatic certificates for verified domains"
         );
@@ -254,7 +299,7 @@ impl Acme {
             return Ok(());
         }
         tracing::info!(target: "isocloud::controlplane", domain, "acme: ordering a certificate");
-        let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.issue(&cp.store, domain)).await {
+        let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.issue(cp, domain)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(AcmeFailure(format!("the order took longer than {} s", ATTEMPT_TIMEOUT.as_secs()))),
         };
@@ -369,9 +414,11 @@ impl Acme {
         BoundedHttp { client: self.http.clone() }
     }
 
-    /// Orders a certificate for `domain` with HTTP-01: the chain and its
-    /// key, PEM.
-    async fn issue(&self, store: &Store, domain: &str) -> Result<(String, String), AcmeFailure> {
+    /// Orders a certificate for `domain` with the configured challenge: the
+    /// chain and its key, PEM.
+    async fn issue(&self, cp: &crate::ControlPlane, domain: &str) -> Result<(String, String), AcmeFailure> {
+        let store = &cp.store;
+        let kind = self.options.challenge;
         let account = self.account(store).await?;
         let identifiers = [Identifier::Dns(domain.to_owned())];
         let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
@@ -383,9 +430,9 @@ impl Acme {
                 AuthorizationStatus::Valid => continue,
                 other => return Err(AcmeFailure(format!("the authorization for {domain} is {other:?}"))),
             }
-            let mut challenge = authorization
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| AcmeFailure("the ACME server offers no http-01 challenge".into()))?;
+            let mut challenge = authorization.challenge(kind.acme_type()).ok_or_else(|| {
+                AcmeFailure(format!("the ACME server offers no {} challenge (see --acme-challenge)", kind.name()))
+            })?;
             let token = challenge.token.clone();
             if !is_token(&token) {
                 return Err(AcmeFailure("the ACME server's challenge token is not base64url".into()));
@@ -393,10 +440,21 @@ impl Acme {
             let key_authorization = challenge.key_authorization().as_str().to_owned();
             let mut tx = store.write().await.map_err(store_failure)?;
             let expires = now_ms() + crate::time::duration_ms(CHALLENGE_TTL);
-            store::acme::put_challenge(&mut tx, domain, &token, &key_authorization, expires)
-                .await
-                .map_err(store_failure)?;
+            match kind {
+                ChallengeKind::Http01 => {
+                    store::acme::put_challenge(&mut tx, domain, &token, &key_authorization, expires).await
+                }
+                ChallengeKind::TlsAlpn01 => {
+                    store::acme::put_tls_alpn_challenge(&mut tx, domain, &token, &key_authorization, expires).await
+                }
+            }
+            .map_err(store_failure)?;
             tx.commit().await.map_err(store_failure)?;
+            if kind == ChallengeKind::TlsAlpn01 {
+                // This node's table now; the other nodes' at their next reload.
+                cp.reload_routing_logged().await;
+                tokio::time::sleep(TLS_ALPN_SETTLE).await;
+            }
             challenge.set_ready().await?;
         }
         let status = order.poll_ready(&POLL).await?;
@@ -433,6 +491,122 @@ fn store_failure(e: store::StoreError) -> AcmeFailure {
 async fn next_wakeup(store: &Store) -> Option<i64> {
     let mut conn = store.read().await.ok()?;
     store::acme::next_wakeup(&mut conn).await.ok().flatten()
+}
+
+/// A TLS-ALPN-01 challenge certificate (RFC 8737 §3) and what it answers.
+struct TlsAlpnEntry {
+    /// SHA-256 of the key authorization: the acmeIdentifier's value.
+    digest: [u8; 32],
+    expires_at_ms: i64,
+    certificate: Arc<rustls::sign::CertifiedKey>,
+}
+
+/// The TLS-ALPN-01 challenge certificates pending, by domain: what the TLS
+/// listener answers a ClientHello offering `acme-tls/1` with. Loaded from
+/// the store (a whole reload, or a touched domain's row), bounded by
+/// [`MAX_TLS_ALPN_CHALLENGES`]; an entry past its expiry is never served.
+#[derive(Default)]
+pub struct TlsAlpnTable {
+    by_domain: std::collections::HashMap<String, TlsAlpnEntry>,
+}
+
+impl TlsAlpnTable {
+    /// A table of `rows` (at most the bound, the first kept), reusing this
+    /// one's certificates where a row's digest is unchanged.
+    pub(crate) fn rebuilt(&self, rows: &[store::acme::TlsAlpnChallenge]) -> TlsAlpnTable {
+        let mut table = TlsAlpnTable::default();
+        for row in rows.iter().take(MAX_TLS_ALPN_CHALLENGES) {
+            let digest = key_authorization_digest(&row.key_authorization);
+            let certificate = match self.by_domain.get(&row.domain) {
+                Some(entry) if entry.digest == digest => Some(entry.certificate.clone()),
+                _ => tls_alpn_certificate_logged(&row.domain, &digest),
+            };
+            if let Some(certificate) = certificate {
+                table
+                    .by_domain
+                    .insert(row.domain.clone(), TlsAlpnEntry { digest, expires_at_ms: row.expires_at_ms, certificate });
+            }
+        }
+        table
+    }
+
+    /// `domain`'s pending challenge is now `row` (`None`: none). Past the
+    /// bound a new domain is left out (logged): the ACME server's
+    /// validation then fails and the order is retried.
+    pub(crate) fn put(&mut self, domain: &str, row: Option<&store::acme::TlsAlpnChallenge>, now_ms: i64) {
+        let Some(row) = row else {
+            self.by_domain.remove(domain);
+            return;
+        };
+        let digest = key_authorization_digest(&row.key_authorization);
+        if let Some(entry) = self.by_domain.get_mut(domain)
+            && entry.digest == digest
+        {
+            entry.expires_at_ms = row.expires_at_ms;
+            return;
+        }
+        self.by_domain.retain(|_, entry| entry.expires_at_ms > now_ms);
+        if !self.by_domain.contains_key(domain) && self.by_domain.len() >= MAX_TLS_ALPN_CHALLENGES {
+            tracing::warn!(
+                target: "isocloud::controlplane",
+                domain,
+                max = MAX_TLS_ALPN_CHALLENGES,
+                "acme: too many pending tls-alpn-01 challenges; this one is not answered here"
+            );
+            return;
+        }
+        match tls_alpn_certificate_logged(domain, &digest) {
+            Some(certificate) => {
+                self.by_domain
+                    .insert(domain.to_owned(), TlsAlpnEntry { digest, expires_at_ms: row.expires_at_ms, certificate });
+            }
+            None => {
+                self.by_domain.remove(domain);
+            }
+        }
+    }
+
+    /// The challenge certificate pending for exactly `server_name` (case
+    /// and a trailing dot aside), unless expired.
+    pub(crate) fn lookup(&self, server_name: &str, now_ms: i64) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = server_name.strip_suffix('.').unwrap_or(server_name).to_ascii_lowercase();
+        let entry = self.by_domain.get(&name)?;
+        (entry.expires_at_ms > now_ms).then(|| entry.certificate.clone())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_domain.len()
+    }
+}
+
+/// SHA-256 of a key authorization (RFC 8737 §3: the acmeIdentifier's value).
+pub fn key_authorization_digest(key_authorization: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key_authorization.as_bytes()).into()
+}
+
+/// The TLS-ALPN-01 challenge certificate for `domain` (RFC 8737 §3):
+/// self-signed, a fresh P-256 key, `domain` its only subject alternative
+/// name, and the critical acmeIdentifier extension (1.3.6.1.5.5.7.1.31)
+/// holding `digest` as a DER OCTET STRING.
+pub fn tls_alpn_certificate(domain: &str, digest: &[u8; 32]) -> Result<rustls::sign::CertifiedKey, String> {
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| e.to_string())?;
+    Ok(rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signing_key))
+}
+
+fn tls_alpn_certificate_logged(domain: &str, digest: &[u8; 32]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    match tls_alpn_certificate(domain, digest) {
+        Ok(certificate) => Some(Arc::new(certificate)),
+        Err(e) => {
+            tracing::warn!(target: "isocloud::controlplane", domain, error = %e, "acme: cannot make the tls-alpn-01 certificate");
+            None
+        }
+    }
 }
 
 /// An HTTP-01 token as RFC 8555 §8.3 makes them: base64url, and bounded.
@@ -519,5 +693,81 @@ mod tests {
         assert_eq!(clean_error("bad\r\n\x1b[31mred"), "bad[31mred");
         let long = clean_error(&"x".repeat(5000));
         assert_eq!(long.chars().count(), MAX_ERROR_CHARS + 1);
+    }
+
+    #[test]
+    fn the_tls_alpn_certificate_names_the_domain_and_carries_the_digest_critically() {
+        let digest = key_authorization_digest("token.thumbprint");
+        // RFC 8737 §3's value: SHA-256 of the key authorization's ASCII.
+        assert_eq!(hex::encode(digest), "eb5ac167fe249c76e53b430da3116c5d9fde4c5507ba6d01e885516e1bd49f92");
+        let key = tls_alpn_certificate("www.example.com", &digest).unwrap();
+        assert_eq!(key.cert.len(), 1, "self-signed, no chain");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&key.cert[0]).unwrap();
+        let names: Vec<String> = parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        assert_eq!(names, ["DNSName(www.example.com)"]);
+        let acme = parsed
+            .extensions()
+            .iter()
+            .find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("the acmeIdentifier extension");
+        assert!(acme.critical);
+        let mut der = vec![0x04, 0x20];
+        der.extend_from_slice(&digest);
+        assert_eq!(acme.value, der.as_slice(), "a DER OCTET STRING of the digest");
+        // (`keys_match` parses with webpki, which refuses the critical
+        // extension it does not know: the ACME server's own parser is asked.)
+        assert_eq!(key.key.algorithm(), rustls::SignatureAlgorithm::ECDSA);
+    }
+
+    fn row(domain: &str, key_authorization: &str, expires_at_ms: i64) -> store::acme::TlsAlpnChallenge {
+        store::acme::TlsAlpnChallenge {
+            domain: domain.into(),
+            key_authorization: key_authorization.into(),
+            expires_at_ms,
+        }
+    }
+
+    #[test]
+    fn the_tls_alpn_table_serves_pending_unexpired_names_within_its_bound() {
+        let now = 1_000_000;
+        let mut table = TlsAlpnTable::default();
+        table.put("a.example.com", Some(&row("a.example.com", "t1.k", now + 600_000)), now);
+        let first = table.lookup("A.example.com.", now).expect("pending");
+        assert!(table.lookup("b.example.com", now).is_none(), "not pending");
+        assert!(table.lookup("x.a.example.com", now).is_none(), "exact names only");
+        assert!(table.lookup("a.example.com", now + 600_000).is_none(), "expired");
+        // The same challenge again keeps its certificate; a new one replaces it.
+        table.put("a.example.com", Some(&row("a.example.com", "t1.k", now + 700_000)), now);
+        assert!(Arc::ptr_eq(&first, &table.lookup("a.example.com", now).unwrap()));
+        table.put("a.example.com", Some(&row("a.example.com", "t2.k", now + 700_000)), now);
+        assert!(!Arc::ptr_eq(&first, &table.lookup("a.example.com", now).unwrap()));
+        table.put("a.example.com", None, now);
+        assert!(table.lookup("a.example.com", now).is_none(), "cleared");
+
+        // A whole reload reuses unchanged certificates and keeps the bound.
+        table.put("a.example.com", Some(&row("a.example.com", "t1.k", now + 600_000)), now);
+        let kept = table.lookup("a.example.com", now).unwrap();
+        let mut rows: Vec<_> =
+            (0..MAX_TLS_ALPN_CHALLENGES + 1).map(|i| row(&format!("d{i}.example.com"), "t.k", now + 1_000)).collect();
+        rows.insert(0, row("a.example.com", "t1.k", now + 600_000));
+        let rebuilt = table.rebuilt(&rows);
+        assert_eq!(rebuilt.len(), MAX_TLS_ALPN_CHALLENGES);
+        assert!(Arc::ptr_eq(&kept, &rebuilt.lookup("a.example.com", now).unwrap()));
+        assert!(rebuilt.lookup(&format!("d{}.example.com", MAX_TLS_ALPN_CHALLENGES - 1), now).is_none());
+        // Full: a new name is left out, unless expired entries make room.
+        let mut full = rebuilt;
+        full.put("new.example.com", Some(&row("new.example.com", "t.k", now + 1_000)), now);
+        assert!(full.lookup("new.example.com", now).is_none(), "past the bound");
+        full.put("new.example.com", Some(&row("new.example.com", "t.k", now + 10_000)), now + 2_000);
+        assert!(full.lookup("new.example.com", now + 2_000).is_some(), "the expired ones pruned");
+        assert_eq!(full.len(), 2);
     }
 }

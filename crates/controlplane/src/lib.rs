@@ -42,7 +42,10 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use acme::{AcmeOptions, DEFAULT_RENEW_BEFORE_DAYS, DEFAULT_RETRY_MIN_S, LETS_ENCRYPT_DIRECTORY};
+pub use acme::{
+    AcmeOptions, ChallengeKind, DEFAULT_RENEW_BEFORE_DAYS, DEFAULT_RETRY_MIN_S, LETS_ENCRYPT_DIRECTORY,
+    key_authorization_digest, tls_alpn_certificate,
+};
 pub use blobs::{BlobError, BlobGcError, BlobGcReport, BlobStore, DiskBlobStore, S3BlobStore, S3Config};
 pub use build::{AppFolderBuilder, BuildFailure, BuildOptions, BuildOutput};
 pub use error::{ApiError, ControlPlaneError};
@@ -167,7 +170,7 @@ const ACME_CHALLENGE_LOOKUPS: usize = 8;
 /// How long an HTTP-01 lookup waits for its turn, and for the store.
 const ACME_CHALLENGE_WAIT: Duration = Duration::from_secs(2);
 /// How often `run_background` checks whether another node changed routing.
-const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const ROUTING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often old logs, usage and batch ids are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often unreferenced blobs are collected (a pass lists the whole
@@ -194,6 +197,8 @@ pub struct ControlPlane {
     blobs: Arc<dyn BlobStore>,
     routing: RwLock<RoutingTable>,
     certs: RwLock<CertTable>,
+    /// The TLS-ALPN-01 challenge certificates pending (any node's orders).
+    tls_alpn: RwLock<acme::TlsAlpnTable>,
     /// Serialises table reloads; holds the routing generation last loaded.
     reload: tokio::sync::Mutex<i64>,
     created_admin_token: Option<PathBuf>,
@@ -253,6 +258,7 @@ impl ControlPlane {
             blobs,
             routing: RwLock::new(RoutingTable::default()),
             certs: RwLock::new(CertTable::default()),
+            tls_alpn: RwLock::new(acme::TlsAlpnTable::default()),
             reload: tokio::sync::Mutex::new(i64::MIN),
             created_admin_token,
             verifier,
@@ -298,6 +304,13 @@ impl ControlPlane {
     /// wildcard. In memory.
     pub fn certificate_for(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.certs.read().unwrap_or_else(|p| p.into_inner()).lookup(server_name)
+    }
+
+    /// The TLS-ALPN-01 challenge certificate (RFC 8737) pending for an SNI
+    /// server name, for a ClientHello offering ALPN `acme-tls/1` only: any
+    /// node's order, exact name, unexpired. In memory.
+    pub fn acme_tls_alpn_certificate(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.tls_alpn.read().unwrap_or_else(|p| p.into_inner()).lookup(server_name, time::now_ms())
     }
 
     /// Turns automatic certificates on for this node; returns the loop to
@@ -465,11 +478,16 @@ impl ControlPlane {
             routing.put_domain(&domain, Some(&project));
         }
         let cert_rows = store::domains::certificate_rows(&mut conn).await?;
+        let max_tls_alpn = i64::try_from(acme::MAX_TLS_ALPN_CHALLENGES).unwrap_or(i64::MAX);
+        let tls_alpn_rows = store::acme::tls_alpn_challenges(&mut conn, time::now_ms(), max_tls_alpn).await?;
         drop(conn);
         routing.report_collisions();
         let certs = CertTable::build(&cert_rows, &self.options.base_domain);
+        // Built outside the lock: handshakes keep reading the old one.
+        let tls_alpn = self.tls_alpn.read().unwrap_or_else(|p| p.into_inner()).rebuilt(&tls_alpn_rows);
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
         *self.certs.write().unwrap_or_else(|p| p.into_inner()) = certs;
+        *self.tls_alpn.write().unwrap_or_else(|p| p.into_inner()) = tls_alpn;
         *loaded = generation;
         Ok(())
     }
@@ -484,6 +502,7 @@ impl ControlPlane {
         let mut projects = Vec::new();
         let mut deployments = Vec::new();
         let mut domains = Vec::new();
+        let mut tls_alpn = Vec::new();
         let mut project_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
         for subject in &touched {
             match subject {
@@ -502,7 +521,9 @@ impl ControlPlane {
                     deployments.push((id.clone(), project));
                 }
                 store::Touched::Domain(domain) => {
-                    domains.push((domain.clone(), store::domains::routing_of(conn, domain).await?))
+                    domains.push((domain.clone(), store::domains::routing_of(conn, domain).await?));
+                    tls_alpn
+                        .push((domain.clone(), store::acme::tls_alpn_challenge(conn, domain, time::now_ms()).await?));
                 }
             }
         }
@@ -524,9 +545,21 @@ impl ControlPlane {
                 routing.put_domain(domain, project.as_deref());
             }
         }
-        let mut certs = self.certs.write().unwrap_or_else(|p| p.into_inner());
-        for (domain, (_, cert)) in &domains {
-            certs.put(domain, cert.as_ref(), &self.options.base_domain);
+        {
+            let mut certs = self.certs.write().unwrap_or_else(|p| p.into_inner());
+            for (domain, (_, cert)) in &domains {
+                certs.put(domain, cert.as_ref(), &self.options.base_domain);
+            }
+        }
+        if !tls_alpn.is_empty() {
+            // A challenge certificate is made here (a P-256 key, well under a
+            // millisecond) under the lock; an order's writes are few.
+            let now = time::now_ms();
+            let mut table = self.tls_alpn.write().unwrap_or_else(|p| p.into_inner());
+            for (domain, row) in &tls_alpn {
+                table.put(domain, row.as_ref(), now);
+            }
+            tracing::debug!(target: "isocloud::controlplane", pending = table.len(), "acme: tls-alpn-01 challenges loaded");
         }
         Ok(())
     }

@@ -401,6 +401,9 @@ pub(crate) async fn serve_connection<F, S, B>(
                 tokio::pin!(handshake);
                 let shaken = tokio::time::timeout_at(handshake_deadline, handshake.as_mut()).await;
                 match shaken {
+                    Ok(Ok(stream)) if crate::tls::is_acme_tls_alpn(stream.get_ref().1) => {
+                        close_acme_tls_alpn(stream, peer).await;
+                    }
                     Ok(Ok(stream)) => run(builder, TokioIo::new(stream), service, drain, &head).await,
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => head.timed_out(),
@@ -415,6 +418,18 @@ pub(crate) async fn serve_connection<F, S, B>(
         () = serve => {}
     }
 }
+
+/// A TLS-ALPN-01 validation's connection (RFC 8737 §3): the handshake with
+/// the challenge certificate was the whole answer; it is closed (a
+/// close_notify, at most a second's wait) and no HTTP is served on it.
+async fn close_acme_tls_alpn<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt as _;
+    tracing::debug!(%peer, "TLS-ALPN-01 validation answered; closing");
+    let _ = tokio::time::timeout(ACME_CLOSE_GRACE, stream.shutdown()).await;
+}
+
+/// How long closing a TLS-ALPN-01 validation's connection may take.
+const ACME_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A connection's head timeout, and where its breach is counted.
 struct HeadBound<'a> {

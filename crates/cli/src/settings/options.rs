@@ -14,7 +14,9 @@ use isocloud_controlplane::defaults as control_plane;
 use isocloud_ingress::{LISTENER_DEFAULTS, ListenerDefaults, ListenerKind};
 use isocloud_sandbox::UidRange;
 
-use super::{BOOT_QUEUE_PER_CONCURRENT_BOOT, LogFormat, SettingsError, Switch, Toggle, UidChoice, within};
+use super::{
+    AcmeChallenge, BOOT_QUEUE_PER_CONCURRENT_BOOT, LogFormat, SettingsError, Switch, Toggle, UidChoice, within,
+};
 
 /// One option as the help and the README show it.
 #[derive(Debug)]
@@ -363,7 +365,8 @@ options! {
         /// The nameserver for domain verification (TXT records).
         dns_resolver: String, "ADDR", shown("the system's");
         /// Order certificates automatically (ACME, HTTP-01 answered by the
-        /// public listener) for verified domains without an uploaded one, with
+        /// public listener, or TLS-ALPN-01 by the TLS listener: see
+        /// --acme-challenge) for verified domains without an uploaded one, with
         /// this contact address; setting it turns ACME on (the ACME servers'
         /// terms are agreed to on the operator's behalf).
         acme_email: String, "EMAIL", shown("none (ACME off)");
@@ -372,6 +375,10 @@ options! {
         /// A PEM file of extra roots trusted for the ACME server's own HTTPS,
         /// beside the public ones (a test CA such as Pebble's).
         acme_ca_file: PathBuf, "PEM", shown("none");
+        /// How the ACME server checks a domain: http-01 (a token from the
+        /// public listener, port 80) or tls-alpn-01 (a handshake with the TLS
+        /// listener, port 443; needs --tls-listen) when only 443 is reachable.
+        acme_challenge: AcmeChallenge, "TYPE", shown("http-01");
         /// Renew an automatic certificate this long before it expires (or when
         /// a third of its lifetime is left, if sooner).
         acme_renew_before_days: u64, "DAYS",

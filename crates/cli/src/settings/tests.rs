@@ -999,3 +999,36 @@ fn acme_is_off_without_an_email_and_its_options_are_validated() {
     assert_eq!(field(&[&email[..], &["--acme-renew-before-days", "0"]].concat()), "acme_renew_before_days");
     assert_eq!(field(&[&email[..], &["--acme-retry-min-s", "0"]].concat()), "acme_retry_min_s");
 }
+
+#[test]
+fn acme_challenge_is_http_01_unless_tls_alpn_01_is_asked_with_a_tls_listener() {
+    use isocloud_controlplane::ChallengeKind;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let email = ["--acme-email", "ops@example.com"];
+    let tls = ["--tls-listen", "127.0.0.1:0"];
+    let challenge = |args: &[&str]| control_plane(dir, args).acme.expect("ACME on").challenge;
+    assert_eq!(challenge(&email), ChallengeKind::Http01, "the default");
+    assert_eq!(challenge(&[&email[..], &["--acme-challenge", "http-01"]].concat()), ChallengeKind::Http01);
+    assert_eq!(
+        challenge(&[&email[..], &tls[..], &["--acme-challenge", "tls-alpn-01"]].concat()),
+        ChallengeKind::TlsAlpn01
+    );
+    let config = data.path().join("isocloud.toml");
+    std::fs::write(
+        &config,
+        "acme_email = \"ops@example.com\"\ntls_listen = \"127.0.0.1:0\"\nacme_challenge = \"tls-alpn-01\"\n",
+    )
+    .unwrap();
+    assert_eq!(challenge(&["--config", config.to_str().unwrap()]), ChallengeKind::TlsAlpn01, "from the file");
+
+    let field = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        field_of(&argv)
+    };
+    // Answered on the TLS listener: without one, refused.
+    assert_eq!(field(&[&email[..], &["--acme-challenge", "tls-alpn-01"]].concat()), "acme_challenge");
+    assert_eq!(field(&[&tls[..], &["--acme-challenge", "tls-alpn-01"]].concat()), "acme_challenge", "needs the email");
+    assert_eq!(field(&[&email[..], &["--acme-challenge", "dns-01"]].concat()), "acme_challenge");
+}

@@ -5,7 +5,10 @@
 //! listener. A verified domain gets a certificate, served by SNI (the client
 //! trusts only Pebble's root); it is renewed without a restart; a failed
 //! challenge shows the ACME server's error on the domain and is retried; an
-//! uploaded certificate wins over the ACME one.
+//! uploaded certificate wins over the ACME one. With `--acme-challenge
+//! tls-alpn-01` Pebble validates on the TLS listener alone (its HTTP port
+//! closed), through a proxy of the test that holds its connection while
+//! the test probes the listener with the challenge pending.
 //!
 //! Without `pebble` the tests skip, except under `CI=true`, where they fail.
 
@@ -157,6 +160,11 @@ struct Setup {
 }
 
 async fn setup(validity_s: u64, extra: &[&str]) -> Setup {
+    setup_with(validity_s, extra, |serve| (serve.runner.addr.port(), serve.tls.expect("the TLS listener").port())).await
+}
+
+/// [`setup`] with Pebble's HTTP-01 and TLS-ALPN-01 ports chosen by `ports`.
+async fn setup_with(validity_s: u64, extra: &[&str], ports: impl FnOnce(&ControlPlaneServe) -> (u16, u16)) -> Setup {
     let dns = dns::DnsResponder::start().await;
     let plan = PebblePlan::new();
     let dns_addr = dns.addr.to_string();
@@ -176,8 +184,8 @@ async fn setup(validity_s: u64, extra: &[&str]) -> Setup {
     ];
     args.extend_from_slice(extra);
     let serve = ControlPlaneServe::start(&args);
-    let tls = serve.tls.expect("the TLS listener");
-    let pebble = plan.start(serve.runner.addr.port(), tls.port(), dns.addr, validity_s).await;
+    let (http_port, tls_port) = ports(&serve);
+    let pebble = plan.start(http_port, tls_port, dns.addr, validity_s).await;
 
     let work = tempfile::tempdir().unwrap();
     let app = work.path().join("app");
@@ -432,4 +440,209 @@ async fn an_uploaded_certificate_wins_over_the_acme_one() {
     assert_eq!(setup.domain(domain).await["certificate"]["source"], "manual");
     let (status, _) = setup.https_get(domain, &cert_pem).await;
     assert_eq!(status, 200);
+}
+
+/// Trusts any certificate (a TLS-ALPN-01 one has a critical extension
+/// webpki refuses): the probes read the leaf themselves.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+const ACME_TLS_1: &[u8] = b"acme-tls/1";
+
+/// What a handshake offering `alpn` for `domain` got from the TLS listener:
+/// the protocol agreed, the leaf's DNS names, its acmeIdentifier extension
+/// (critical?, DER value) if any, and what an HTTP/1.1 request written
+/// after it read back (the connection's end within 5 s).
+#[derive(Debug)]
+struct Probe {
+    alpn: Option<Vec<u8>>,
+    names: Vec<String>,
+    acme_identifier: Option<(bool, Vec<u8>)>,
+    after: String,
+}
+
+async fn probe(tls: SocketAddr, domain: &str, alpn: &[&[u8]]) -> Result<Probe, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(tls).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(domain.to_owned()).unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), handshake)
+        .await
+        .map_err(|_| "the handshake took over 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (_, connection) = stream.get_ref();
+    let leaf = connection.peer_certificates().unwrap()[0].clone();
+    let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let names = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| san.value.general_names.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    let acme_identifier = parsed
+        .extensions()
+        .iter()
+        .find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+        .map(|ext| (ext.critical, ext.value.to_vec()));
+    let request = format!("GET / HTTP/1.1\r\nhost: {domain}\r\nconnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "{domain}: neither an answer nor a close within 5 s");
+    Ok(Probe { alpn, names, acme_identifier, after: String::from_utf8_lossy(&answer).into_owned() })
+}
+
+/// A TCP proxy in front of the TLS listener for Pebble: each connection is
+/// held (counted in `arrived`) until `release` turns true, then forwarded.
+struct HeldProxy {
+    port: u16,
+    listener: Option<tokio::net::TcpListener>,
+    arrived: tokio::sync::watch::Receiver<usize>,
+    arrivals: Option<tokio::sync::watch::Sender<usize>>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl HeldProxy {
+    async fn bind() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (arrivals, arrived) = tokio::sync::watch::channel(0);
+        let (release, _) = tokio::sync::watch::channel(false);
+        HeldProxy { port, listener: Some(listener), arrived, arrivals: Some(arrivals), release, task: None }
+    }
+
+    fn forward_to(&mut self, target: SocketAddr) {
+        let listener = self.listener.take().unwrap();
+        let arrivals = self.arrivals.take().unwrap();
+        let release = self.release.subscribe();
+        self.task = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                arrivals.send_modify(|n| *n += 1);
+                let mut release = release.clone();
+                tokio::spawn(async move {
+                    let _ = release.wait_for(|go| *go).await;
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for HeldProxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn tls_alpn_01_answers_on_the_tls_listener_alone_and_only_acme_tls_1_gets_the_challenge() {
+    if !pebble_available() {
+        return;
+    }
+    let mut proxy = HeldProxy::bind().await;
+    let proxy_port = proxy.port;
+    // Pebble's HTTP-01 port is one nothing listens on: only the TLS
+    // listener can answer.
+    let setup = setup_with(3600, &["--acme-challenge", "tls-alpn-01"], |_| (free_port(), proxy_port)).await;
+    let tls = setup.serve.tls.unwrap();
+    proxy.forward_to(tls);
+    let root = setup.pebble.root_pem.clone();
+    let domain = "www.shop-alpn.example.com";
+    let browser: &[&[u8]] = &[b"h2", b"http/1.1"];
+    setup.verified_domain(domain, Ipv4Addr::LOCALHOST).await;
+
+    // Pebble is validating: the challenge is pending while its connection waits.
+    let mut arrived = proxy.arrived.clone();
+    // (The watch's guard dropped at once: the proxy counts further arrivals.)
+    let waited = tokio::time::timeout(Duration::from_secs(20), async { arrived.wait_for(|n| *n > 0).await.is_ok() });
+    assert!(
+        waited.await == Ok(true),
+        "Pebble never validated\nrunner:\n{}\npebble:\n{}",
+        setup.serve.runner.stderr(),
+        setup.pebble.log()
+    );
+    // The ACME server's handshake: the challenge certificate for the name
+    // with the critical acmeIdentifier (a DER OCTET STRING of 32 bytes),
+    // `acme-tls/1` agreed, and the connection closed: no HTTP served.
+    let challenge = probe(tls, domain, &[ACME_TLS_1]).await.expect("the challenge handshake");
+    assert_eq!(challenge.alpn.as_deref(), Some(ACME_TLS_1), "{challenge:?}");
+    assert_eq!(challenge.names, [format!("DNSName({domain})")], "{challenge:?}");
+    let (critical, value) = challenge.acme_identifier.clone().expect("the acmeIdentifier extension");
+    assert!(critical && value.len() == 34 && value[..2] == [0x04, 0x20], "{challenge:?}");
+    assert_eq!(challenge.after, "", "closed after the handshake, no HTTP answer");
+    // Denied: a browser's handshake for the same name gets no certificate
+    // (there is none yet, and never the challenge one); `acme-tls/1` for a
+    // name with no pending challenge gets none.
+    let browsing = probe(tls, domain, browser).await.expect_err("no certificate for a browser yet");
+    assert!(browsing.contains("AccessDenied") || browsing.contains("alert"), "{browsing}");
+    setup.dns.set_a("other.shop-alpn.example.com", Ipv4Addr::LOCALHOST);
+    assert!(probe(tls, "other.shop-alpn.example.com", &[ACME_TLS_1]).await.is_err());
+
+    // Pebble's connection goes through: the certificate is issued.
+    proxy.release.send_replace(true);
+    let view = setup.wait_for(domain, "an ACME certificate", Duration::from_secs(20), has_acme_certificate).await;
+    assert_eq!((view["acme"]["status"].clone(), view["acme"]["error"].clone()), (json!("valid"), Value::Null));
+    let served = setup.served(domain, &root).await.expect("a handshake trusting Pebble's root only");
+    assert!(served.issuer.contains("Pebble Intermediate CA"), "{served:?}");
+    let (status, body) = setup.https_get(domain, &root).await;
+    assert_eq!((status, body.as_str()), (200, "shop https:"));
+    // On the same listener a browser's ALPN gets the certificate and HTTP…
+    let browsing = probe(tls, domain, &[b"http/1.1"]).await.expect("a browser's handshake");
+    assert_eq!(browsing.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(browsing.acme_identifier.is_none() && browsing.after.starts_with("HTTP/1.1 200"), "{browsing:?}");
+    // …and `acme-tls/1` nothing, the challenge gone with the order.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probe(tls, domain, &[ACME_TLS_1]).await.is_ok() {
+        assert!(Instant::now() < deadline, "the challenge certificate outlived its order");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,6 +1,9 @@
-//! ACME state (migration 0007): the account per directory, each domain's
-//! order state with the lease one node holds while it orders, and the
-//! HTTP-01 key authorizations any node's public listener answers.
+//! ACME state (migrations 0007, 0009): the account per directory, each
+//! domain's order state with the lease one node holds while it orders, and
+//! the pending challenges' key authorizations: HTTP-01's, which any node's
+//! public listener answers from here, and TLS-ALPN-01's, which every node
+//! loads into memory for its TLS listener (each write and removal of one is a
+//! routing change on its domain, so the nodes' delta reload picks it up).
 
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
@@ -216,6 +219,11 @@ pub async fn failures(conn: &mut AnyConnection, domain: &str) -> Result<i64> {
     Ok(row.as_ref().map(|row| col(row, "failures")).transpose()?.unwrap_or(0))
 }
 
+/// `acme_challenges.kind` of an HTTP-01 challenge (the column's default).
+pub const HTTP_01: &str = "http-01";
+/// `acme_challenges.kind` of a TLS-ALPN-01 challenge.
+pub const TLS_ALPN_01: &str = "tls-alpn-01";
+
 /// A pending HTTP-01 challenge's key authorization, until `expires_at_ms`.
 pub async fn put_challenge(
     conn: &mut AnyConnection,
@@ -238,10 +246,90 @@ pub async fn put_challenge(
     Ok(())
 }
 
-/// The key authorization for `token` pending on `domain`, if not expired.
+/// A pending TLS-ALPN-01 challenge's key authorization, until
+/// `expires_at_ms`: the domain's only one (a new order's replaces an old
+/// one), under a routing change so every node's TLS listener loads it.
+pub async fn put_tls_alpn_challenge(
+    conn: &mut AnyConnection,
+    domain: &str,
+    token: &str,
+    key_authorization: &str,
+    expires_at_ms: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM acme_challenges WHERE domain = $1 AND kind = 'tls-alpn-01'")
+        .bind(domain)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO acme_challenges (domain, token, key_authorization, expires_at_ms, kind) \
+         VALUES ($1, $2, $3, $4, 'tls-alpn-01') \
+         ON CONFLICT (domain, token) DO UPDATE SET key_authorization = excluded.key_authorization, \
+         expires_at_ms = excluded.expires_at_ms, kind = excluded.kind",
+    )
+    .bind(domain)
+    .bind(token)
+    .bind(key_authorization)
+    .bind(expires_at_ms)
+    .execute(&mut *conn)
+    .await?;
+    note_routing_change(conn, &Touched::Domain(domain.to_owned())).await
+}
+
+/// A pending TLS-ALPN-01 challenge: its domain, key authorization and expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsAlpnChallenge {
+    pub domain: String,
+    pub key_authorization: String,
+    pub expires_at_ms: i64,
+}
+
+fn tls_alpn_from_row(row: &AnyRow) -> Result<TlsAlpnChallenge> {
+    Ok(TlsAlpnChallenge {
+        domain: col(row, "domain")?,
+        key_authorization: col(row, "key_authorization")?,
+        expires_at_ms: col(row, "expires_at_ms")?,
+    })
+}
+
+/// The pending TLS-ALPN-01 challenges not expired at `now_ms`, at most
+/// `limit`, the latest to expire first (a node's whole reload).
+pub async fn tls_alpn_challenges(conn: &mut AnyConnection, now_ms: i64, limit: i64) -> Result<Vec<TlsAlpnChallenge>> {
+    let rows = sqlx::query(
+        "SELECT domain, key_authorization, expires_at_ms FROM acme_challenges \
+         WHERE kind = 'tls-alpn-01' AND expires_at_ms > $1 ORDER BY expires_at_ms DESC, domain LIMIT $2",
+    )
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(tls_alpn_from_row).collect()
+}
+
+/// `domain`'s pending TLS-ALPN-01 challenge, if any and not expired (a
+/// node's delta reload of a touched domain).
+pub async fn tls_alpn_challenge(
+    conn: &mut AnyConnection,
+    domain: &str,
+    now_ms: i64,
+) -> Result<Option<TlsAlpnChallenge>> {
+    let row = sqlx::query(
+        "SELECT domain, key_authorization, expires_at_ms FROM acme_challenges \
+         WHERE domain = $1 AND kind = 'tls-alpn-01' AND expires_at_ms > $2 \
+         ORDER BY expires_at_ms DESC LIMIT 1",
+    )
+    .bind(domain)
+    .bind(now_ms)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(tls_alpn_from_row).transpose()
+}
+
+/// The HTTP-01 key authorization for `token` pending on `domain`, if not
+/// expired (a TLS-ALPN-01 one is never answered over HTTP).
 pub async fn challenge(conn: &mut AnyConnection, domain: &str, token: &str, now_ms: i64) -> Result<Option<String>> {
     let row = sqlx::query(
-        "SELECT key_authorization FROM acme_challenges WHERE domain = $1 AND token = $2 AND expires_at_ms > $3",
+        "SELECT key_authorization FROM acme_challenges \
+         WHERE domain = $1 AND token = $2 AND expires_at_ms > $3 AND kind = 'http-01'",
     )
     .bind(domain)
     .bind(token)
@@ -251,8 +339,18 @@ pub async fn challenge(conn: &mut AnyConnection, domain: &str, token: &str, now_
     row.as_ref().map(|row| col(row, "key_authorization")).transpose()
 }
 
+/// Forgets `domain`'s pending challenges; a TLS-ALPN-01 one under a routing
+/// change, so every node drops its challenge certificate.
 pub async fn clear_challenges(conn: &mut AnyConnection, domain: &str) -> Result<()> {
-    sqlx::query("DELETE FROM acme_challenges WHERE domain = $1").bind(domain).execute(conn).await?;
+    let tls_alpn = sqlx::query("DELETE FROM acme_challenges WHERE domain = $1 AND kind = 'tls-alpn-01'")
+        .bind(domain)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    sqlx::query("DELETE FROM acme_challenges WHERE domain = $1").bind(domain).execute(&mut *conn).await?;
+    if tls_alpn > 0 {
+        note_routing_change(conn, &Touched::Domain(domain.to_owned())).await?;
+    }
     Ok(())
 }
 

@@ -2,8 +2,11 @@
 //! real Pebble (Let's Encrypt's test ACME server, `scripts/install-pebble`),
 //! which validates HTTP-01 against a listener of this test that answers only
 //! through `ControlPlane::acme_key_authorization` (the store's pending
-//! tokens, as the runner's public listener does). Every ACME query (account,
-//! lease, challenge, certificate, failure) runs on SQLite and PostgreSQL.
+//! tokens, as the runner's public listener does), and TLS-ALPN-01 against
+//! the ingress's TLS accept path on a second node sharing the store (its
+//! challenge table fed by the routing change feed). Every ACME query
+//! (account, lease, challenges, certificate, failure) runs on SQLite and
+//! PostgreSQL.
 //! Without pebble the test skips, except under `CI=true`, where it fails.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,14 +14,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use isocloud_controlplane::{AcmeOptions, ControlPlane};
+use isocloud_controlplane::{AcmeOptions, ChallengeKind, ControlPlane};
 use serde_json::json;
 
 use crate::backend_tests;
 use crate::support::dns::DnsResponder;
 use crate::support::{Backend, TestServer};
 
-backend_tests!(a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error);
+backend_tests!(
+    a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error,
+    tls_alpn_01_is_answered_by_another_nodes_tls_listener,
+);
 
 fn pebble_available() -> bool {
     let found = Command::new("pebble").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
@@ -66,16 +72,48 @@ async fn challenge_listener(cp: Arc<ControlPlane>) -> SocketAddr {
     addr
 }
 
-async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(backend: Backend) {
-    if !pebble_available() {
-        return;
-    }
-    let dns = DnsResponder::start().await;
-    let addr = dns.addr;
-    let s = TestServer::start_with(backend, move |o| o.dns_resolver = Some(addr)).await;
-    let http = challenge_listener(s.cp.clone()).await;
+/// Adds `domain`, its name resolving to `ip` for Pebble, and verifies it.
+async fn verify(s: &TestServer, dns: &DnsResponder, domain: &str, ip: Ipv4Addr) {
+    dns.set_a(domain, ip);
+    let created = s.post("/api/v1/domains", json!({ "domain": domain })).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let created = created.json();
+    dns.set_txt(
+        created["verification"]["txt_name"].as_str().unwrap(),
+        created["verification"]["txt_value"].as_str().unwrap(),
+    );
+    let reply = s.post_empty(&format!("/api/v1/domains/{domain}/verify")).await;
+    assert_eq!(reply.json()["verified"], true, "{}", reply.text);
+}
 
-    // Pebble on loopback: its own HTTPS under a throwaway certificate.
+/// The domain's API view once `check` holds (within 20 s).
+async fn wait_for(
+    s: &TestServer,
+    domain: &str,
+    what: &str,
+    check: &dyn Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = s.get(&format!("/api/v1/domains/{domain}")).await.json();
+        if check(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{domain}: {what}; last: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pebble on loopback (its own HTTPS under a throwaway certificate),
+/// validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`, names
+/// resolved by `dns`; the ACME options that order from it.
+struct Pebble {
+    _child: KillOnDrop,
+    _dir: tempfile::TempDir,
+    options: AcmeOptions,
+}
+
+async fn start_pebble(dns: SocketAddr, http_port: u16, tls_port: u16, challenge: ChallengeKind) -> Pebble {
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
@@ -86,16 +124,16 @@ async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(
         "managementListenAddress": format!("127.0.0.1:{management_port}"),
         "certificate": dir.path().join("cert.pem"),
         "privateKey": dir.path().join("key.pem"),
-        "httpPort": http.port(),
-        "tlsPort": free_port(),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
     }});
     std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
-    let _pebble = KillOnDrop(
+    let child = KillOnDrop(
         Command::new("pebble")
             .arg("-config")
             .arg(dir.path().join("pebble.json"))
             .arg("-dnsserver")
-            .arg(dns.addr.to_string())
+            .arg(dns.to_string())
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .stdout(Stdio::null())
@@ -113,39 +151,30 @@ async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(
         assert!(Instant::now() < deadline, "pebble did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let run =
-        s.cp.start_acme(AcmeOptions {
-            directory_url: directory,
-            email: Some("ops@example.com".into()),
-            ca_pem: Some(cert.cert.pem().into_bytes()),
-            renew_before: Duration::from_secs(30 * 86_400),
-            retry_min: Duration::from_secs(60),
-        })
-        .unwrap();
-    let acme = tokio::spawn(run);
-
-    let verify = async |domain: &str, ip: Ipv4Addr| {
-        dns.set_a(domain, ip);
-        let created = s.post("/api/v1/domains", json!({ "domain": domain })).await;
-        assert_eq!(created.status, 201, "{}", created.text);
-        let created = created.json();
-        dns.set_txt(
-            created["verification"]["txt_name"].as_str().unwrap(),
-            created["verification"]["txt_value"].as_str().unwrap(),
-        );
-        let reply = s.post_empty(&format!("/api/v1/domains/{domain}/verify")).await;
-        assert_eq!(reply.json()["verified"], true, "{}", reply.text);
+    let options = AcmeOptions {
+        directory_url: directory,
+        email: Some("ops@example.com".into()),
+        ca_pem: Some(cert.cert.pem().into_bytes()),
+        renew_before: Duration::from_secs(30 * 86_400),
+        retry_min: Duration::from_secs(60),
+        challenge,
     };
+    Pebble { _child: child, _dir: dir, options }
+}
+
+async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(backend: Backend) {
+    if !pebble_available() {
+        return;
+    }
+    let dns = DnsResponder::start().await;
+    let addr = dns.addr;
+    let s = TestServer::start_with(backend, move |o| o.dns_resolver = Some(addr)).await;
+    let http = challenge_listener(s.cp.clone()).await;
+    let pebble = start_pebble(dns.addr, http.port(), free_port(), ChallengeKind::Http01).await;
+    let acme = tokio::spawn(s.cp.start_acme(pebble.options.clone()).unwrap());
+    let verify = async |domain: &str, ip: Ipv4Addr| verify(&s, &dns, domain, ip).await;
     let wait = async |domain: &str, what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let view = s.get(&format!("/api/v1/domains/{domain}")).await.json();
-            if check(&view) {
-                return view;
-            }
-            assert!(Instant::now() < deadline, "{domain}: {what}; last: {view}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for(&s, domain, what, check).await
     };
 
     // The probe: a name Pebble reaches the listener under gets its certificate,
@@ -175,4 +204,69 @@ async fn a_verified_domain_gets_a_certificate_and_a_refused_challenge_its_error(
     // No pending token is left to answer for either name.
     assert_eq!(s.cp.acme_key_authorization(bad, "abc").await, None);
     acme.abort();
+}
+
+/// A node's certificates as its TLS listener asks them.
+struct NodeCertificates(Arc<ControlPlane>);
+
+impl isocloud_ingress::Certificates for NodeCertificates {
+    fn certificate_for(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.certificate_for(server_name)
+    }
+
+    fn acme_tls_alpn_certificate(&self, server_name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.acme_tls_alpn_certificate(server_name)
+    }
+}
+
+/// `node`'s TLS listener: the ingress's acceptor and accept path, a
+/// one-line HTTP service behind it.
+async fn tls_listener(node: Arc<ControlPlane>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let acceptor = isocloud_ingress::tls_acceptor(Arc::new(NodeCertificates(node))).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bounds = isocloud_ingress::ListenerBounds::defaults(
+        isocloud_ingress::ListenerKind::Tls,
+        Duration::from_secs(10),
+        isocloud_ingress::BodyBound { timeout: Duration::from_secs(30), min_rate_bytes_per_s: 0 },
+    );
+    let metrics = isocloud_ingress::ListenerMetrics::new(&mut prometheus_client::registry::Registry::default());
+    let service = hyper::service::service_fn(|_request: http::Request<isocloud_ingress::BoundedBody>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
+    });
+    (addr, tokio::spawn(isocloud_ingress::serve_bounded_tls(listener, acceptor, bounds, metrics, service)))
+}
+
+async fn tls_alpn_01_is_answered_by_another_nodes_tls_listener(backend: Backend) {
+    if !pebble_available() {
+        return;
+    }
+    let dns = DnsResponder::start().await;
+    let addr = dns.addr;
+    let s = TestServer::start_with(backend, move |o| o.dns_resolver = Some(addr)).await;
+    // Node B shares A's store and only answers: A orders, Pebble reaches B's
+    // TLS listener; nothing answers HTTP-01 (Pebble's HTTP port is closed).
+    let b = ControlPlane::open(s.options.clone()).await.unwrap();
+    let b_background = tokio::spawn(b.clone().run_background());
+    let (tls, b_listener) = tls_listener(b.clone()).await;
+    let pebble = start_pebble(dns.addr, free_port(), tls.port(), ChallengeKind::TlsAlpn01).await;
+    let acme = tokio::spawn(s.cp.start_acme(pebble.options.clone()).unwrap());
+
+    let domain = "www.alpn-store.example.com";
+    verify(&s, &dns, domain, Ipv4Addr::LOCALHOST).await;
+    let view = wait_for(&s, domain, "an ACME certificate", &|v| v["certificate"]["source"] == "acme").await;
+    assert_eq!((view["acme"]["status"].as_str(), view["acme"]["error"].as_str()), (Some("valid"), None), "{view}");
+    assert_eq!(view["certificate"]["names"], json!([domain]));
+    // B serves it by SNI, and neither node holds the challenge any more
+    // (its removal is a routing change too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.certificate_for(domain).is_none() || b.acme_tls_alpn_certificate(domain).is_some() {
+        assert!(Instant::now() < deadline, "{domain}: B never loaded the certificate or never dropped the challenge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s.cp.acme_tls_alpn_certificate(domain).is_none());
+    assert_eq!(s.cp.acme_key_authorization(domain, "abc").await, None);
+    acme.abort();
+    b_listener.abort();
+    b_background.abort();
 }
