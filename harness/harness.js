@@ -37,8 +37,6 @@
 //   { op: "answer", id, ok, error }               the outcome of call `id`; `error` only when !ok
 // Call ids are per connection: this one's (`call`) and the sync worker's.
 
-import { AsyncLocalStorage } from "node:async_hooks";
-
 const bootstrap = JSON.parse(Deno.readTextFileSync(Deno.args[0]));
 
 // In its own PID namespace deno is pid 1, and the kernel hands a namespace's
@@ -150,7 +148,56 @@ function call(message) {
 
 // The current request: { id, traceparent } (the runner's x-isocloud-request-id,
 // and its span's traceparent when it exports traces, else null).
-const requestContext = new AsyncLocalStorage();
+//
+// Deno's own async context variable (the one node:async_hooks'
+// AsyncLocalStorage is built on), not AsyncLocalStorage itself: importing
+// node:async_hooks loads Node's compatibility layer, 2 MiB of private memory
+// in every isolate (bench/suite.py's idle figure) and time at every boot.
+// The pinned deno's internals; the e2e tests on request ids break if they move.
+const { AsyncVariable, setAsyncContext } = Deno[Deno.internal].core;
+const requestContext = {
+  variable: new AsyncVariable(),
+  run(store, fn, ...args) {
+    const previous = this.variable.enter(store);
+    try {
+      return fn(...args);
+    } finally {
+      setAsyncContext(previous);
+    }
+  },
+  getStore() {
+    return this.variable.get();
+  },
+};
+// A Deno.serve request's context reads its two headers when first asked
+// (a console line, an outbound fetch), not on every request: materializing
+// a request's headers costs an isolate woken cold ~20 µs of cache misses,
+// a third of what a hello-world request costs it when a thousand tenants
+// take turns (bench/tenants.py). The headers are immutable; a line logged
+// after its response finished, when nothing asked before, has no id.
+class ServedRequestContext {
+  #request;
+  #id;
+  #traceparent;
+  constructor(request) {
+    this.#request = request;
+  }
+  get id() {
+    if (this.#id === undefined) this.#id = servedHeader(this.#request, "x-isocloud-request-id");
+    return this.#id;
+  }
+  get traceparent() {
+    if (this.#traceparent === undefined) this.#traceparent = servedHeader(this.#request, "traceparent");
+    return this.#traceparent;
+  }
+}
+function servedHeader(request, name) {
+  try {
+    return request.headers.get(name);
+  } catch {
+    return null; // the request closed
+  }
+}
 const levels = {
   debug: "debug",
   trace: "debug",
@@ -803,6 +850,44 @@ function internalError(e) {
   return new Response("Internal Server Error", { status: 500 });
 }
 
+function handlerError(e) {
+  return serveOnError ? serveOnError(e) : internalError(e);
+}
+
+// Runs inside the request's context, so a throw or a rejection is logged
+// with the request's id; no async wrapper (a promise and a frame per request).
+function invokeHandler(request, info) {
+  try {
+    const response = handler(request, info);
+    return typeof response?.then === "function" ? response.then(undefined, handlerError) : response;
+  } catch (e) {
+    return handlerError(e);
+  }
+}
+
+// What the tenant's handler gets as its second argument. The isolate's
+// socket is the runner's; the client is who the runner says it is
+// (`x-forwarded-for`, set on every request it passes in), read when asked.
+class TenantInfo {
+  #info;
+  #request;
+  #remoteAddr;
+  constructor(info, request) {
+    this.#info = info;
+    this.#request = request;
+  }
+  get remoteAddr() {
+    if (this.#remoteAddr === undefined) {
+      const client = servedHeader(this.#request, "x-forwarded-for");
+      this.#remoteAddr = client ? { transport: "tcp", hostname: client, port: 0 } : this.#info.remoteAddr;
+    }
+    return this.#remoteAddr;
+  }
+  get completed() {
+    return this.#info.completed;
+  }
+}
+
 if (handler) originalServe(
   {
     path: socketPath,
@@ -811,26 +896,8 @@ if (handler) originalServe(
     },
     onError: (e) => (serveOnError ? serveOnError(e) : internalError(e)),
   },
-  (request, info) => {
-    const current = {
-      id: request.headers.get("x-isocloud-request-id"),
-      traceparent: request.headers.get("traceparent"),
-    };
-    // The isolate's socket is the runner's; the client is who the runner
-    // says it is (`x-forwarded-for`, set on every request it passes in).
-    const client = request.headers.get("x-forwarded-for");
-    const tenantInfo = client
-      ? Object.create(info, { remoteAddr: { value: { transport: "tcp", hostname: client, port: 0 }, enumerable: true } })
-      : info;
-    return requestContext.run(current, async () => {
-      try {
-        return await handler(request, tenantInfo);
-      } catch (e) {
-        if (serveOnError) return serveOnError(e);
-        return internalError(e);
-      }
-    });
-  },
+  (request, info) =>
+    requestContext.run(new ServedRequestContext(request), invokeHandler, request, new TenantInfo(info, request)),
 );
 
 globalThis.addEventListener("unhandledrejection", (event) => {
