@@ -139,7 +139,6 @@ impl BuildConfinement {
                 if let Some(jail) = &jail {
                     jail.enter()?;
                 }
-                crate::rlimits::apply()?;
                 if let Some(ids) = ids {
                     crate::confine::become_ids(ids)?;
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
@@ -149,6 +148,9 @@ impl BuildConfinement {
                 if let Some(landlock) = &landlock {
                     landlock.allow_proc_self()?;
                 }
+                // After the last open: the child holds the runner's
+                // descriptors until exec (see `Confinement::enter`).
+                crate::rlimits::apply()?;
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }

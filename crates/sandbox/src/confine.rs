@@ -100,11 +100,14 @@ impl Confinement {
         if self.network_namespace && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(failed(std::io::Error::last_os_error(), "unshare(CLONE_NEWNET)"));
         }
-        if self.rlimits {
-            crate::rlimits::apply().map_err(|e| failed(e, "setrlimit"))?;
-        }
         if let Some(landlock) = &self.landlock {
             landlock.allow_proc_self().map_err(|e| failed(e, "landlock_add_rule(/proc/self)"))?;
+        }
+        // After the last step that opens a descriptor: until exec the child
+        // holds the runner's (thousands on a busy runner), so any open past
+        // the isolate's RLIMIT_NOFILE would fail with EMFILE.
+        if self.rlimits {
+            crate::rlimits::apply().map_err(|e| failed(e, "setrlimit"))?;
         }
         if let Some(ids) = self.ids {
             become_ids(ids).map_err(|e| failed(e, "setgroups/setresgid/setresuid"))?;

@@ -286,6 +286,41 @@ fn the_start_up_probe_passes_with_every_layer() {
     );
 }
 
+/// A busy runner holds more descriptors than an isolate may (~11 per
+/// isolate: at ~750 isolates it passes the isolate's `RLIMIT_NOFILE`). The
+/// child holds the runner's descriptors until exec, so a step between fork
+/// and exec that opens one (Landlock's `/proc/self` rule) fails with EMFILE
+/// once the isolate's limit is in force: every boot then failed, INTERNAL.
+#[test]
+fn an_isolate_starts_while_the_runner_holds_more_descriptors_than_an_isolate_may() {
+    let Some(deno) = requirements("an_isolate_starts_while_the_runner_holds_more_descriptors") else { return };
+    let sandbox = Sandbox::new(&deno, ALL);
+    probe_sandbox(&sandbox.policy).expect("the probe: it starts while the runner holds few descriptors");
+
+    let isolate_limit = crate::rlimits::RLIMITS.iter().find(|l| l.resource == libc::RLIMIT_NOFILE).unwrap().value;
+    let wanted = isolate_limit + 1024;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a local; setrlimit reads one (root may
+    // raise the hard limit).
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let raised = libc::rlimit { rlim_cur: wanted.max(limit.rlim_cur), rlim_max: wanted.max(limit.rlim_max) };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raised), 0, "{}", std::io::Error::last_os_error());
+    }
+    let mut held = Vec::new();
+    loop {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file) as u64;
+        held.push(file);
+        if fd > isolate_limit + 16 {
+            break;
+        }
+    }
+    probe_sandbox(&sandbox.policy)
+        .expect("deno starts under every layer while the runner holds descriptors past the isolate's limit");
+    drop(held);
+}
+
 #[test]
 fn deno_starts_with_the_runners_environment_only() {
     // Only planned here, never spawned: no root or deno needed.
