@@ -130,9 +130,10 @@ Deno.serve(async (req) => {
     assert_eq!(response.status(), 200);
 
     let mut events = Vec::new();
-    wait_until("log events to be reported", Duration::from_secs(10), || {
+    // The boot event and the isolate's lines travel in separate batches.
+    wait_until("log events and the boot to be reported", Duration::from_secs(10), || {
         events = origin.activity_events();
-        events.iter().filter(|e| e["type"] == "log").count() >= 3
+        events.iter().filter(|e| e["type"] == "log").count() >= 3 && events.iter().any(|e| e["type"] == "boot")
     })
     .await;
     let logs: Vec<&Value> = events.iter().filter(|e| e["type"] == "log").collect();
