@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bare", action="store_true")
+    ap.add_argument("--handler", help="a main.ts for every tenant instead of the hello-world one "
+                    "(it must serve with Deno.serve on PORT)")
     args = ap.parse_args()
     binaries = args.binary or [os.path.join(os.path.dirname(DENO), "../../../target/release/isocloud")]
     variants = [v.split("=", 1) for v in args.variant] or [["defaults", ""]]
@@ -136,7 +138,7 @@ def main():
     for i in range(max(counts)):
         os.makedirs(os.path.join(apps, f"t{i}"))
         with open(os.path.join(apps, f"t{i}", "main.ts"), "w") as f:
-            f.write(HANDLER)
+            f.write(open(args.handler).read() if args.handler else HANDLER)
     procs = Procs()
     results = {}  # (target, n) -> [round figures]
     memory = {}  # (target, n) -> (median private KiB per isolate, isolates)
