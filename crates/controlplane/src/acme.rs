@@ -585,19 +585,9 @@ pub fn key_authorization_digest(key_authorization: &str) -> [u8; 32] {
     sha2::Sha256::digest(key_authorization.as_bytes()).into()
 }
 
-/// The TLS-ALPN-01 challenge certificate for `domain` (RFC 8737 §3):
-/// self-signed, a fresh P-256 key, `domain` its only subject alternative
-/// name, and the critical acmeIdentifier extension (1.3.6.1.5.5.7.1.31)
-/// holding `digest` as a DER OCTET STRING.
-pub fn tls_alpn_certificate(domain: &str, digest: &[u8; 32]) -> Result<rustls::sign::CertifiedKey, String> {
-    let mut params = rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(|e| e.to_string())?;
-    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| e.to_string())?;
-    Ok(rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signing_key))
-}
+/// The TLS-ALPN-01 challenge certificate for `domain` (RFC 8737 §3), made
+/// as the edge makes it from the digest it is sent.
+pub use isocloud_ingress::tls_alpn_certificate;
 
 fn tls_alpn_certificate_logged(domain: &str, digest: &[u8; 32]) -> Option<Arc<rustls::sign::CertifiedKey>> {
     match tls_alpn_certificate(domain, digest) {

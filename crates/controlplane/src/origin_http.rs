@@ -17,9 +17,10 @@
 //! change log as every control-plane node reads it. Its token is the
 //! edge's own (`aud` [`isocloud_auth::ROUTING_AUDIENCE`], no deployment),
 //! signed with the same key; a token minted for anything else (`aud` set)
-//! opens no deployment RPC. Behind the same token, the edge's other two
+//! opens no deployment RPC. Behind the same token, the edge's other
 //! routes (`edge_feed`): `GET /certificates` (the verified domains'
-//! certificates and keys, for its HTTPS listener) and `GET
+//! certificates and keys, for its HTTPS listener), `GET
+//! /tls_alpn_challenges` (TLS-ALPN-01 digests, for the same) and `GET
 //! /acme_challenge` (HTTP-01 answers, for its plain one).
 
 use std::collections::HashMap;
@@ -313,7 +314,7 @@ async fn handle(State(http): State<Arc<OriginHttp>>, request: Request) -> Respon
         let (parts, _) = request.into_parts();
         return routing(&http, &parts).await;
     }
-    if path == "/certificates" || path == "/acme_challenge" {
+    if path == "/certificates" || path == "/acme_challenge" || path == "/tls_alpn_challenges" {
         let (parts, _) = request.into_parts();
         return edge_feed(&http, &parts).await;
     }
@@ -510,7 +511,7 @@ async fn routing(http: &OriginHttp, request: &http::request::Parts) -> Response 
 /// under 8 MiB (the edge refuses larger answers).
 pub const CERTIFICATES_PAGE: usize = 100;
 
-/// The edge's other two routes, behind the routing feed's token (`aud`
+/// The edge's other routes, behind the routing feed's token (`aud`
 /// [`ROUTING_AUDIENCE`]: the edge's; an RPC or relay token opens neither):
 ///
 /// - `GET /certificates?after=D` (or `?domain=D`): the verified domains'
@@ -522,6 +523,9 @@ pub const CERTIFICATES_PAGE: usize = 100;
 /// - `GET /acme_challenge?host=H&token=T`: the key authorization of an
 ///   HTTP-01 challenge pending for `H` (`text/plain`), else 404: the lookup
 ///   the runner's public listener makes, bounded the same way.
+/// - `GET /tls_alpn_challenges` (or `?domain=D`): the TLS-ALPN-01
+///   challenges pending (domain, the key authorization's SHA-256 in hex,
+///   expiry), for the edge's TLS listener to answer `acme-tls/1` hellos.
 async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Response {
     let name = request.uri.path().trim_start_matches('/');
     if request.method != Method::GET {
@@ -562,6 +566,32 @@ async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Respons
             return refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Capacity, "the origin is busy: try again");
         }
     };
+    if name == "tls_alpn_challenges" {
+        let found = tls_alpn_challenges(&control_plane, query.get("domain").map(String::as_str));
+        let answer = match tokio::time::timeout(http.limits.rpc_timeout, found).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::OriginUnreachable,
+                    "the control plane could not answer tls_alpn_challenges; its log says why",
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorCode::RequestTimeout,
+                    &format!("tls_alpn_challenges took longer than {} s", http.limits.rpc_timeout.as_secs()),
+                );
+            }
+        };
+        let json = serde_json::to_vec(&answer).unwrap_or_default();
+        let mut response = bytes_response(Bytes::from(json), permit);
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return response;
+    }
     let page = certificates(&control_plane, query.get("domain").map(String::as_str), query.get("after"));
     let answer = match tokio::time::timeout(http.limits.rpc_timeout, page).await {
         Ok(Ok(answer)) => answer,
@@ -599,6 +629,48 @@ async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Respons
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// One answer of `GET /tls_alpn_challenges` (the edge reads it as
+/// `isocloud_edge::TlsAlpnPage`): the SHA-256 of each key authorization,
+/// hex, never the key authorization itself; the edge mints the challenge
+/// certificate from it ([`isocloud_ingress::tls_alpn_certificate`]).
+#[derive(Serialize)]
+struct TlsAlpnPage {
+    challenges: Vec<TlsAlpnDigest>,
+}
+
+#[derive(Serialize)]
+struct TlsAlpnDigest {
+    domain: String,
+    digest: String,
+    expires_at_ms: i64,
+}
+
+/// `domain`'s pending TLS-ALPN-01 challenge (none or one), or every one
+/// pending, at most the nodes' table bound, the latest to expire first.
+async fn tls_alpn_challenges(control_plane: &ControlPlane, domain: Option<&str>) -> Result<TlsAlpnPage, StoreError> {
+    let now_ms = crate::time::now_ms();
+    let mut conn = control_plane.store.read().await?;
+    let rows = match domain {
+        Some(domain) => {
+            let domain = domain.strip_suffix('.').unwrap_or(domain).to_ascii_lowercase();
+            store::acme::tls_alpn_challenge(&mut conn, &domain, now_ms).await?.into_iter().collect()
+        }
+        None => {
+            let max = i64::try_from(crate::acme::MAX_TLS_ALPN_CHALLENGES).unwrap_or(i64::MAX);
+            store::acme::tls_alpn_challenges(&mut conn, now_ms, max).await?
+        }
+    };
+    let challenges = rows
+        .into_iter()
+        .map(|row| TlsAlpnDigest {
+            digest: hex::encode(crate::acme::key_authorization_digest(&row.key_authorization)),
+            domain: row.domain,
+            expires_at_ms: row.expires_at_ms,
+        })
+        .collect();
+    Ok(TlsAlpnPage { challenges })
 }
 
 /// One answer of `GET /certificates` (the edge reads it as
@@ -1412,6 +1484,84 @@ mod tests {
         }
         let (_, plain) = serve(ORIGIN_HTTP_LIMITS).await;
         assert_eq!(get(plain, "/certificates", Some(&edge)).await.status(), 404);
+    }
+
+    /// The pending TLS-ALPN-01 challenges reach the edge's token only, as
+    /// the key authorization's SHA-256 (never the key authorization), and
+    /// the edge's feed turns them into the challenge certificate its TLS
+    /// listener answers `acme-tls/1` with; a cleared one leaves it.
+    #[tokio::test]
+    async fn the_edge_gets_the_pending_tls_alpn_challenges_with_its_token_only() {
+        let (_dir, cp, addr, _) = control_plane_and_edge().await;
+        write(&cp, async |conn| {
+            store::projects::insert(conn, "p1", &name("hello"), 0).await.unwrap();
+            domain(conn, "www.example.com", "p1").await;
+            store::acme::put_tls_alpn_challenge(conn, "www.example.com", "tok_1", "tok_1.thumb", i64::MAX / 2)
+                .await
+                .unwrap();
+            // An HTTP-01 one is not a TLS-ALPN-01 one.
+            domain(conn, "api.example.com", "p1").await;
+            store::acme::put_challenge(conn, "api.example.com", "tok_2", "tok_2.thumb", i64::MAX / 2).await.unwrap();
+        })
+        .await;
+        let secret = Secret::from(SECRET);
+        let edge = isocloud_auth::sign_audience_token(KID, &secret, ROUTING_AUDIENCE, now_unix_s(), 60);
+        let digest = hex::encode(crate::acme::key_authorization_digest("tok_1.thumb"));
+        let expected = json!([{ "domain": "www.example.com", "digest": digest, "expires_at_ms": i64::MAX / 2 }]);
+
+        // The probe: the edge's token gets it, all or by domain.
+        for path in ["/tls_alpn_challenges", "/tls_alpn_challenges?domain=WWW.example.com."] {
+            let answer = get(addr, path, Some(&edge)).await;
+            assert_eq!(answer.status(), 200, "{path}");
+            let text = answer.text().await.unwrap();
+            assert!(!text.contains("tok_1"), "never the key authorization");
+            let page: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(page["challenges"], expected, "{path}");
+        }
+        let other: serde_json::Value =
+            get(addr, "/tls_alpn_challenges?domain=api.example.com", Some(&edge)).await.json().await.unwrap();
+        assert_eq!(other["challenges"], json!([]));
+
+        // Nobody else's token opens it.
+        let relay = isocloud_auth::sign_relay_token(KID, &secret, "aaaaaaaaaaaa", now_unix_s(), 60);
+        let wrong_key = isocloud_auth::sign_audience_token(
+            KID,
+            &Secret::from("another-secret-0123456789abcdef0123456"),
+            ROUTING_AUDIENCE,
+            now_unix_s(),
+            60,
+        );
+        for (case, token) in [
+            ("no token", None),
+            ("a deployment's RPC token", Some(token_for(KID, SECRET, "aaaaaaaaaaaa", 60))),
+            ("a relay token", Some(relay)),
+            ("another key's edge token", Some(wrong_key)),
+        ] {
+            let status = get(addr, "/tls_alpn_challenges", token.as_deref()).await.status();
+            assert_eq!(status, 401, "{case}");
+        }
+
+        // The edge's feed: the challenge certificate, then none once cleared.
+        let certificates = Arc::new(isocloud_edge::EdgeCertificates::default());
+        let feed = isocloud_edge::CertificateFeed::new(
+            certificates.clone(),
+            &url::Url::parse(&format!("http://{addr}/")).unwrap(),
+            isocloud_edge::SigningKey { kid: KID.into(), secret: secret.clone() },
+            Duration::from_secs(5),
+            isocloud_edge::Metrics::unregistered(),
+        )
+        .unwrap();
+        feed.refresh().await.unwrap();
+        let key = certificates.tls_alpn_lookup("www.example.com").expect("the challenge certificate");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&key.cert[0]).unwrap();
+        let acme = parsed.extensions().iter().find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31").unwrap();
+        assert!(acme.critical);
+        assert_eq!(hex::encode(&acme.value[2..]), digest);
+        assert!(certificates.tls_alpn_lookup("api.example.com").is_none());
+        write(&cp, async |conn| store::acme::clear_challenges(conn, "www.example.com").await.unwrap()).await;
+        feed.note(isocloud_edge::Pending::Domains(["www.example.com".to_owned()].into()));
+        feed.refresh().await.unwrap();
+        assert!(certificates.tls_alpn_lookup("www.example.com").is_none(), "cleared");
     }
 
     #[test]

@@ -15,6 +15,15 @@
 //! The feed is asked of the root the routing feed last reached (one
 //! [`FailoverRoots`] for both): a control-plane node that takes no
 //! connection hands it to the next `--rpc-root-fallback`.
+//!
+//! TLS-ALPN-01 (RFC 8737) the same way: the control plane's pending
+//! challenges (`GET <rpc root>tls_alpn_challenges`, the key authorization's
+//! SHA-256 only) are fetched with the certificates — writing or clearing one
+//! is a routing change on its domain — and the edge mints each challenge
+//! certificate itself ([`isocloud_ingress::tls_alpn_certificate`], as the
+//! control plane does), a table bounded by [`MAX_TLS_ALPN_CHALLENGES`]. A
+//! hello offering `acme-tls/1` gets that certificate or none, never the
+//! domain's real one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -49,17 +58,35 @@ const MAX_PAGES: usize = 10_000;
 const TOKEN_TTL_S: u64 = 60;
 /// The certificate feed, under each root.
 const FEED_PATH: &str = "certificates";
+/// The pending TLS-ALPN-01 challenges, under each root.
+const TLS_ALPN_PATH: &str = "tls_alpn_challenges";
+/// The pending TLS-ALPN-01 challenges held at most (the control plane's
+/// own bound, and what its answer holds at most). About 1 KiB each.
+pub const MAX_TLS_ALPN_CHALLENGES: usize = 1024;
+/// A TLS-ALPN-01 answer larger than this is refused (1024 entries of a
+/// domain, a 64-character digest and an expiry are well under it).
+const MAX_TLS_ALPN_PAGE_BYTES: usize = 1024 * 1024;
+
+/// A TLS-ALPN-01 challenge certificate held, and what it answers.
+struct TlsAlpnEntry {
+    digest: [u8; 32],
+    expires_at_ms: i64,
+    certificate: Arc<CertifiedKey>,
+}
 
 /// The certificates held, by domain (lowercase, no trailing dot).
 #[derive(Default)]
 pub struct EdgeCertificates {
     by_domain: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// The TLS-ALPN-01 challenge certificates pending, by domain.
+    tls_alpn: RwLock<HashMap<String, TlsAlpnEntry>>,
 }
 
 impl std::fmt::Debug for EdgeCertificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Names only: never the keys.
-        f.debug_struct("EdgeCertificates").field("domains", &self.len()).finish()
+        let challenges = self.tls_alpn.read().unwrap_or_else(|p| p.into_inner()).len();
+        f.debug_struct("EdgeCertificates").field("domains", &self.len()).field("tls_alpn", &challenges).finish()
     }
 }
 
@@ -90,11 +117,144 @@ impl EdgeCertificates {
             None => table.remove(domain),
         };
     }
+
+    /// The TLS-ALPN-01 challenge certificate pending for exactly
+    /// `server_name` (case and a trailing dot aside), unless expired.
+    pub fn tls_alpn_lookup(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.strip_suffix('.').unwrap_or(server_name).to_ascii_lowercase();
+        let table = self.tls_alpn.read().unwrap_or_else(|p| p.into_inner());
+        let entry = table.get(&name)?;
+        (entry.expires_at_ms > now_ms()).then(|| entry.certificate.clone())
+    }
+
+    /// The TLS-ALPN-01 challenges held.
+    pub fn tls_alpn_len(&self) -> usize {
+        self.tls_alpn.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Every pending challenge is now `challenges` (the first
+    /// [`MAX_TLS_ALPN_CHALLENGES`]); unchanged ones keep their certificate.
+    /// Minted outside the lock: handshakes keep reading the old table.
+    fn replace_tls_alpn(&self, challenges: &[TlsAlpnDigest]) {
+        let mut table = HashMap::new();
+        for challenge in challenges.iter().take(MAX_TLS_ALPN_CHALLENGES) {
+            let Some(digest) = challenge.digest_bytes() else { continue };
+            let kept = self
+                .tls_alpn
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&challenge.domain)
+                .and_then(|entry| (entry.digest == digest).then(|| entry.certificate.clone()));
+            if let Some(certificate) = kept.or_else(|| minted(&challenge.domain, &digest)) {
+                let entry = TlsAlpnEntry { digest, expires_at_ms: challenge.expires_at_ms, certificate };
+                table.insert(challenge.domain.clone(), entry);
+            }
+        }
+        *self.tls_alpn.write().unwrap_or_else(|p| p.into_inner()) = table;
+    }
+
+    /// `domain`'s pending challenge is now `challenge` (`None`: none). Past
+    /// the bound (expired entries pruned first) a new domain is left out,
+    /// logged: the ACME server's validation fails and the order is retried.
+    fn put_tls_alpn(&self, domain: &str, challenge: Option<&TlsAlpnDigest>) {
+        let Some((challenge, digest)) = challenge.and_then(|c| Some((c, c.digest_bytes()?))) else {
+            self.tls_alpn.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+            return;
+        };
+        {
+            let mut table = self.tls_alpn.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = table.get_mut(domain)
+                && entry.digest == digest
+            {
+                entry.expires_at_ms = challenge.expires_at_ms;
+                return;
+            }
+            let now = now_ms();
+            table.retain(|_, entry| entry.expires_at_ms > now);
+            if !table.contains_key(domain) && table.len() >= MAX_TLS_ALPN_CHALLENGES {
+                tracing::warn!(
+                    target: "isocloud::edge",
+                    domain,
+                    max = MAX_TLS_ALPN_CHALLENGES,
+                    "too many pending tls-alpn-01 challenges; this one is not answered here"
+                );
+                return;
+            }
+        }
+        let certificate = minted(domain, &digest);
+        let mut table = self.tls_alpn.write().unwrap_or_else(|p| p.into_inner());
+        match certificate {
+            Some(certificate) => {
+                let entry = TlsAlpnEntry { digest, expires_at_ms: challenge.expires_at_ms, certificate };
+                table.insert(domain.to_owned(), entry);
+            }
+            None => {
+                table.remove(domain);
+            }
+        }
+    }
 }
 
 impl isocloud_ingress::Certificates for EdgeCertificates {
     fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
         self.lookup(server_name)
+    }
+
+    fn acme_tls_alpn_certificate(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        self.tls_alpn_lookup(server_name)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `domain`'s challenge certificate for `digest`, or `None` logged.
+fn minted(domain: &str, digest: &[u8; 32]) -> Option<Arc<CertifiedKey>> {
+    match isocloud_ingress::tls_alpn_certificate(domain, digest) {
+        Ok(certificate) => Some(Arc::new(certificate)),
+        Err(e) => {
+            tracing::warn!(target: "isocloud::edge", domain, error = %e, "cannot make the tls-alpn-01 certificate");
+            None
+        }
+    }
+}
+
+/// The answer of `GET /tls_alpn_challenges` (the control plane's `TlsAlpnPage`).
+#[derive(Debug, Deserialize)]
+pub struct TlsAlpnPage {
+    pub challenges: Vec<TlsAlpnDigest>,
+}
+
+/// A pending TLS-ALPN-01 challenge: its domain, the key authorization's
+/// SHA-256 (hex) and when it expires (ms since the epoch).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsAlpnDigest {
+    pub domain: String,
+    pub digest: String,
+    pub expires_at_ms: i64,
+}
+
+impl TlsAlpnDigest {
+    /// The digest's 32 bytes, `None` (logged) unless 64 hex digits.
+    fn digest_bytes(&self) -> Option<[u8; 32]> {
+        let hex = self.digest.as_bytes();
+        let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        let mut digest = [0u8; 32];
+        let parsed = hex.len() == 64
+            && digest.iter_mut().enumerate().all(|(i, byte)| match (nibble(hex[2 * i]), nibble(hex[2 * i + 1])) {
+                (Some(high), Some(low)) => {
+                    *byte = high << 4 | low;
+                    true
+                }
+                _ => false,
+            });
+        if !parsed {
+            tracing::warn!(target: "isocloud::edge", domain = self.domain, "tls-alpn-01 digest is not SHA-256 hex; not answered");
+        }
+        parsed.then_some(digest)
     }
 }
 
@@ -230,6 +390,7 @@ impl CertificateFeed {
         metrics: Metrics,
     ) -> Result<Self, url::ParseError> {
         check_roots(&roots, FEED_PATH)?;
+        check_roots(&roots, TLS_ALPN_PATH)?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -287,8 +448,10 @@ impl CertificateFeed {
                 Some(next) if next > after => after = next,
                 Some(_) => return Err(FollowError::Malformed("the certificate pages do not advance".into())),
                 None => {
+                    let challenges = self.fetch_tls_alpn(&[]).await?;
                     let count = all.len();
                     self.certificates.replace_all(all);
+                    self.certificates.replace_tls_alpn(&challenges.challenges);
                     return Ok(count);
                 }
             }
@@ -303,8 +466,24 @@ impl CertificateFeed {
             let key = page.certificates.into_iter().find(|pem| pem.domain == *domain).and_then(|pem| loaded(&pem));
             fetched += usize::from(key.is_some());
             self.certificates.put(domain, key.map(Arc::new));
+            let challenges = self.fetch_tls_alpn(&[("domain", domain)]).await?;
+            let challenge = challenges.challenges.iter().find(|challenge| challenge.domain == *domain);
+            self.certificates.put_tls_alpn(domain, challenge);
         }
         Ok(fetched)
+    }
+
+    async fn fetch_tls_alpn(&self, query: &[(&str, &str)]) -> Result<TlsAlpnPage, FollowError> {
+        let build = |root: &Url| {
+            let token =
+                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
+            let url = root.join(TLS_ALPN_PATH).expect("checked in CertificateFeed::from_roots");
+            self.client.get(url).query(query).bearer_auth(token)
+        };
+        let body =
+            crate::follower::bounded_body(&self.roots, build, MAX_TLS_ALPN_PAGE_BYTES, "the tls-alpn-01 challenges")
+                .await?;
+        serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("tls_alpn_challenges: {e}")))
     }
 
     async fn fetch(&self, query: &[(&str, &str)]) -> Result<CertificatePage, FollowError> {
@@ -349,6 +528,12 @@ mod tests {
     /// page, `pair`) and the ACME lookup (one pending token), behind the
     /// edge's token as the real one.
     async fn control_plane_node(pair: CertificatePem) -> Url {
+        control_plane_node_with(pair, Arc::default()).await
+    }
+
+    /// As [`control_plane_node`], with `challenges` the TLS-ALPN-01 ones
+    /// pending (changed by the test as the store would be).
+    async fn control_plane_node_with(pair: CertificatePem, challenges: Arc<Mutex<Vec<serde_json::Value>>>) -> Url {
         let verifier = isocloud_auth::SubhostVerifier::new(vec![isocloud_auth::Subhoster {
             kid: KID.into(),
             secret: isocloud_auth::Secret::from(SECRET),
@@ -365,7 +550,7 @@ mod tests {
             "next": null,
         })
         .to_string();
-        let (certs_auth, acme_auth) = (authorized.clone(), authorized);
+        let (certs_auth, acme_auth, alpn_auth) = (authorized.clone(), authorized.clone(), authorized);
         let app = axum::Router::new()
             .route(
                 "/v0/certificates",
@@ -386,6 +571,23 @@ mod tests {
                             (false, _) => (http::StatusCode::UNAUTHORIZED, String::new()),
                             (true, Some("pending_token")) => (http::StatusCode::OK, "pending_token.thumbprint".into()),
                             (true, _) => (http::StatusCode::NOT_FOUND, String::new()),
+                        };
+                        async move { answer }
+                    },
+                ),
+            )
+            .route(
+                "/v0/tls_alpn_challenges",
+                axum::routing::get(
+                    move |query: axum::extract::Query<HashMap<String, String>>, headers: http::HeaderMap| {
+                        let answer = if alpn_auth(&headers) {
+                            let pending = challenges.lock().unwrap().clone();
+                            let wanted = query.get("domain");
+                            let challenges: Vec<_> =
+                                pending.into_iter().filter(|c| wanted.is_none_or(|d| c["domain"] == **d)).collect();
+                            (http::StatusCode::OK, serde_json::json!({ "challenges": challenges }).to_string())
+                        } else {
+                            (http::StatusCode::UNAUTHORIZED, String::new())
                         };
                         async move { answer }
                     },
@@ -490,5 +692,149 @@ mod tests {
         assert_eq!(many, Pending::All, "past the bound, one fetch of every certificate");
         let full = RoutingUpdate { full: true, ..RoutingUpdate::unchanged(4, "localhost") };
         assert_eq!(Pending::of(&full), Pending::All);
+    }
+
+    /// The acmeIdentifier extension as it appears in a certificate's DER:
+    /// its OID, critical, an OCTET STRING holding the OCTET STRING `digest`.
+    fn acme_identifier_der(digest: &[u8; 32]) -> Vec<u8> {
+        let mut der = vec![0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f, 0x01, 0x01, 0xff];
+        der.extend_from_slice(&[0x04, 0x22, 0x04, 0x20]);
+        der.extend_from_slice(digest);
+        der
+    }
+
+    /// Trusts any certificate: the test compares the leaf it gets (webpki
+    /// refuses the critical acmeIdentifier an ACME server's parser expects).
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// A handshake with the edge's TLS acceptor over memory, SNI `name`,
+    /// offering `alpn`: the leaf the client got and the protocol agreed.
+    async fn handshake(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        name: &str,
+        alpn: &[&[u8]],
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let (client, server) = tokio::join!(connector.connect(server_name, client_io), acceptor.accept(server_io));
+        let client = client.map_err(|e| format!("client: {e}"))?;
+        server.map_err(|e| format!("server: {e}"))?;
+        let agreed = client.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        Ok((client.get_ref().1.peer_certificates().unwrap()[0].to_vec(), agreed))
+    }
+
+    /// A TLS-ALPN-01 challenge pending in the control plane reaches the
+    /// edge's TLS listener: a hello offering `acme-tls/1` for that name gets
+    /// a self-signed certificate with the critical acmeIdentifier holding the
+    /// digest, a browser's hello the domain's real certificate, any other
+    /// name with `acme-tls/1` nothing; a delta naming the domain drops it.
+    #[tokio::test]
+    async fn the_edges_tls_listener_answers_a_pending_tls_alpn_01_challenge_only() {
+        let pair = self_signed(&["www.shop.test"]);
+        let real = load(&pair).unwrap().cert[0].to_vec();
+        let digest: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let far = now_ms() + 600_000;
+        let challenges = Arc::new(Mutex::new(vec![
+            serde_json::json!({ "domain": "www.shop.test", "digest": hex, "expires_at_ms": far }),
+            serde_json::json!({ "domain": "bad.shop.test", "digest": "not hex", "expires_at_ms": far }),
+        ]));
+        let root = control_plane_node_with(pair, challenges.clone()).await;
+        let feed = feed_over(&Arc::new(FailoverRoots::new(root, [])));
+        assert_eq!(feed.refresh().await.unwrap(), 1);
+        assert_eq!(feed.certificates().tls_alpn_len(), 1, "the malformed digest is left out");
+        let acceptor = isocloud_ingress::tls_acceptor(feed.certificates().clone()).unwrap();
+        let acme: &[&[u8]] = &[b"acme-tls/1"];
+        let browser: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+        let (leaf, agreed) = handshake(&acceptor, "www.shop.test", acme).await.unwrap();
+        assert_eq!(agreed.as_deref(), Some(&b"acme-tls/1"[..]));
+        assert_ne!(leaf, real, "never the real certificate");
+        let extension = acme_identifier_der(&digest);
+        assert!(leaf.windows(extension.len()).any(|w| w == extension), "the critical acmeIdentifier");
+        let (leaf, agreed) = handshake(&acceptor, "www.shop.test", browser).await.unwrap();
+        assert_eq!((leaf, agreed.as_deref()), (real, Some(&b"h2"[..])), "a browser gets the real one");
+        assert!(handshake(&acceptor, "api.shop.test", acme).await.is_err(), "no challenge for that name");
+        assert!(handshake(&acceptor, "bad.shop.test", acme).await.is_err(), "nor for a malformed one");
+        assert!(handshake(&acceptor, "api.shop.test", browser).await.is_err(), "no certificate either");
+
+        // A delta naming the domain after the challenge is cleared drops it.
+        let kept = feed.certificates().tls_alpn_lookup("www.shop.test").unwrap();
+        feed.note(Pending::Domains(["www.shop.test".to_owned()].into()));
+        feed.refresh().await.unwrap();
+        assert!(Arc::ptr_eq(&kept, &feed.certificates().tls_alpn_lookup("www.shop.test").unwrap()), "unchanged: kept");
+        challenges.lock().unwrap().clear();
+        feed.note(Pending::Domains(["www.shop.test".to_owned()].into()));
+        feed.refresh().await.unwrap();
+        assert!(feed.certificates().tls_alpn_lookup("www.shop.test").is_none());
+        assert!(handshake(&acceptor, "www.shop.test", acme).await.is_err(), "cleared: nothing");
+    }
+
+    #[test]
+    fn the_tls_alpn_table_keeps_its_bound_and_expiries() {
+        let table = EdgeCertificates::default();
+        let challenge = |domain: &str, expires_at_ms: i64| TlsAlpnDigest {
+            domain: domain.into(),
+            digest: "ab".repeat(32),
+            expires_at_ms,
+        };
+        let now = now_ms();
+        table.put_tls_alpn("old.test", Some(&challenge("old.test", now - 1)));
+        assert!(table.tls_alpn_lookup("old.test").is_none(), "expired: not served");
+        let many: Vec<_> =
+            (0..=MAX_TLS_ALPN_CHALLENGES).map(|i| challenge(&format!("d{i}.test"), now + 60_000)).collect();
+        table.replace_tls_alpn(&many);
+        assert_eq!(table.tls_alpn_len(), MAX_TLS_ALPN_CHALLENGES);
+        assert!(table.tls_alpn_lookup(&format!("d{MAX_TLS_ALPN_CHALLENGES}.test")).is_none(), "past the bound");
+        table.put_tls_alpn("new.test", Some(&challenge("new.test", now + 60_000)));
+        assert!(table.tls_alpn_lookup("new.test").is_none(), "full: a new name is left out");
+        table.put_tls_alpn("d0.test", None);
+        table.put_tls_alpn("new.test", Some(&challenge("new.test", now + 60_000)));
+        assert!(table.tls_alpn_lookup("NEW.test.").is_some(), "room again");
     }
 }

@@ -45,7 +45,8 @@ mod runners;
 pub use acme::{ACME_CONNECT_TIMEOUT, ACME_LOOKUP_TIMEOUT, ACME_LOOKUPS, AcmeLookup};
 pub use admin::serve_admin;
 pub use certs::{
-    CertificateFeed, CertificatePage, CertificatePem, EdgeCertificates, LoadError, MAX_CERTIFICATE_PAGE_BYTES, Pending,
+    CertificateFeed, CertificatePage, CertificatePem, EdgeCertificates, LoadError, MAX_CERTIFICATE_PAGE_BYTES,
+    MAX_TLS_ALPN_CHALLENGES, Pending, TlsAlpnDigest, TlsAlpnPage,
 };
 pub use follower::{FollowError, Follower, MAX_ROUTING_BYTES, Polled, SigningKey};
 pub use forward::{Edge, ForwardOptions, MAX_ATTEMPTS, RELAY_TOKEN_TTL_S, serve_public};

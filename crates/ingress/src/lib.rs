@@ -50,4 +50,4 @@ pub use routing::{
 };
 pub use server::{Listener, ServeOptions, serve};
 pub use streams::StreamLimits;
-pub use tls::{ACME_TLS_ALPN, Certificates, is_acme_tls_alpn, tls_acceptor};
+pub use tls::{ACME_TLS_ALPN, Certificates, is_acme_tls_alpn, tls_acceptor, tls_alpn_certificate};

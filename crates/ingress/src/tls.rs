@@ -75,6 +75,21 @@ pub fn tls_acceptor(certificates: Arc<dyn Certificates>) -> Result<TlsAcceptor, 
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The TLS-ALPN-01 challenge certificate for `domain` (RFC 8737 §3):
+/// self-signed, a fresh P-256 key, `domain` its only subject alternative
+/// name, and the critical acmeIdentifier extension (1.3.6.1.5.5.7.1.31)
+/// holding `digest`, the key authorization's SHA-256. Shared by the control
+/// plane's TLS listener and the edge's, which mint it from the digest alone.
+pub fn tls_alpn_certificate(domain: &str, digest: &[u8; 32]) -> Result<CertifiedKey, String> {
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| e.to_string())?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signing_key))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
