@@ -223,7 +223,7 @@ fn minted(domain: &str, digest: &[u8; 32]) -> Option<Arc<CertifiedKey>> {
 }
 
 /// The answer of `GET /tls_alpn_challenges` (the control plane's `TlsAlpnPage`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct TlsAlpnPage {
     pub challenges: Vec<TlsAlpnDigest>,
 }
@@ -480,9 +480,21 @@ impl CertificateFeed {
             let url = root.join(TLS_ALPN_PATH).expect("checked in CertificateFeed::from_roots");
             self.client.get(url).query(query).bearer_auth(token)
         };
-        let body =
-            crate::follower::bounded_body(&self.roots, build, MAX_TLS_ALPN_PAGE_BYTES, "the tls-alpn-01 challenges")
-                .await?;
+        let body = match crate::follower::bounded_body(
+            &self.roots,
+            build,
+            MAX_TLS_ALPN_PAGE_BYTES,
+            "the tls-alpn-01 challenges",
+        )
+        .await
+        {
+            Ok(body) => body,
+            // A control plane older than the route (edges upgraded
+            // first): it orders no tls-alpn-01 challenge, and the
+            // certificates must keep coming.
+            Err(FollowError::Status { status: 404, .. }) => return Ok(TlsAlpnPage::default()),
+            Err(e) => return Err(e),
+        };
         serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("tls_alpn_challenges: {e}")))
     }
 
@@ -528,12 +540,16 @@ mod tests {
     /// page, `pair`) and the ACME lookup (one pending token), behind the
     /// edge's token as the real one.
     async fn control_plane_node(pair: CertificatePem) -> Url {
-        control_plane_node_with(pair, Arc::default()).await
+        control_plane_node_with(pair, Some(Arc::default())).await
     }
 
     /// As [`control_plane_node`], with `challenges` the TLS-ALPN-01 ones
-    /// pending (changed by the test as the store would be).
-    async fn control_plane_node_with(pair: CertificatePem, challenges: Arc<Mutex<Vec<serde_json::Value>>>) -> Url {
+    /// pending (changed by the test as the store would be); `None`: a
+    /// control plane from before the route.
+    async fn control_plane_node_with(
+        pair: CertificatePem,
+        challenges: Option<Arc<Mutex<Vec<serde_json::Value>>>>,
+    ) -> Url {
         let verifier = isocloud_auth::SubhostVerifier::new(vec![isocloud_auth::Subhoster {
             kid: KID.into(),
             secret: isocloud_auth::Secret::from(SECRET),
@@ -575,8 +591,10 @@ mod tests {
                         async move { answer }
                     },
                 ),
-            )
-            .route(
+            );
+        let app = match challenges {
+            None => app,
+            Some(challenges) => app.route(
                 "/v0/tls_alpn_challenges",
                 axum::routing::get(
                     move |query: axum::extract::Query<HashMap<String, String>>, headers: http::HeaderMap| {
@@ -592,7 +610,8 @@ mod tests {
                         async move { answer }
                     },
                 ),
-            );
+            ),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let root = Url::parse(&format!("http://{}/v0/", listener.local_addr().unwrap())).unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -609,6 +628,27 @@ mod tests {
             Metrics::unregistered(),
         )
         .unwrap()
+    }
+
+    /// An edge upgraded before its control plane: the node has no
+    /// `tls_alpn_challenges` route (404), and certificates still arrive,
+    /// in full and per domain.
+    #[tokio::test]
+    async fn a_control_plane_without_the_tls_alpn_route_still_feeds_certificates() {
+        let with_route = control_plane_node(self_signed(&["www.shop.test"])).await;
+        let probe = feed_over(&Arc::new(FailoverRoots::new(with_route, Vec::new())));
+        assert_eq!(probe.refresh().await.unwrap(), 1, "the probe: a current node feeds the certificate");
+
+        let old = control_plane_node_with(self_signed(&["www.shop.test"]), None).await;
+        let unknown = reqwest::get(old.join(TLS_ALPN_PATH).unwrap()).await.unwrap();
+        assert_eq!(unknown.status(), 404, "the old node does not know the route");
+        let feed = feed_over(&Arc::new(FailoverRoots::new(old, Vec::new())));
+        assert_eq!(feed.refresh().await.unwrap(), 1);
+        assert!(feed.certificates().lookup("www.shop.test").is_some());
+        feed.note(Pending::Domains(BTreeSet::from(["www.shop.test".to_owned()])));
+        assert_eq!(feed.refresh().await.unwrap(), 1);
+        assert!(!feed.is_pending());
+        assert_eq!(feed.certificates().tls_alpn_len(), 0);
     }
 
     /// A control-plane node that takes no connection hands the certificate
@@ -784,7 +824,7 @@ mod tests {
             serde_json::json!({ "domain": "www.shop.test", "digest": hex, "expires_at_ms": far }),
             serde_json::json!({ "domain": "bad.shop.test", "digest": "not hex", "expires_at_ms": far }),
         ]));
-        let root = control_plane_node_with(pair, challenges.clone()).await;
+        let root = control_plane_node_with(pair, Some(challenges.clone())).await;
         let feed = feed_over(&Arc::new(FailoverRoots::new(root, [])));
         assert_eq!(feed.refresh().await.unwrap(), 1);
         assert_eq!(feed.certificates().tls_alpn_len(), 1, "the malformed digest is left out");
