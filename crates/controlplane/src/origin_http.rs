@@ -466,30 +466,9 @@ async fn routing(http: &OriginHttp, request: &http::request::Parts) -> Response 
         }
     };
     let started = Instant::now();
-    let answer = match tokio::time::timeout(http.limits.rpc_timeout, routing_answer(&control_plane, since)).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => {
-            tracing::error!(target: "isocloud::controlplane", rpc = "routing", error = %e, "origin: RPC failed");
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::OriginUnreachable,
-                "the control plane could not answer routing; its log says why",
-            );
-        }
-        Err(_) => {
-            return refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorCode::RequestTimeout,
-                &format!("routing took longer than {} s", http.limits.rpc_timeout.as_secs()),
-            );
-        }
-    };
-    let json = match serde_json::to_vec(&answer) {
-        Ok(json) => json,
-        Err(e) => {
-            tracing::error!(target: "isocloud::controlplane", rpc = "routing", error = %e, "origin: RPC failed");
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "routing could not be encoded");
-        }
+    let (answer, json) = match read_feed(http, "routing", routing_answer(&control_plane, since)).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
     };
     tracing::debug!(
         target: "isocloud::controlplane",
@@ -501,9 +480,7 @@ async fn routing(http: &OriginHttp, request: &http::request::Parts) -> Response 
         elapsed_ms = started.elapsed().as_millis() as u64,
         "origin: RPC answered"
     );
-    let mut response = bytes_response(Bytes::from(json), permit);
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    json_response(json, permit, false)
 }
 
 /// Certificates a page of [`certificates`] holds at most: each pair is at
@@ -568,54 +545,15 @@ async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Respons
     };
     if name == "tls_alpn_challenges" {
         let found = tls_alpn_challenges(&control_plane, query.get("domain").map(String::as_str));
-        let answer = match tokio::time::timeout(http.limits.rpc_timeout, found).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::OriginUnreachable,
-                    "the control plane could not answer tls_alpn_challenges; its log says why",
-                );
-            }
-            Err(_) => {
-                return refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    ErrorCode::RequestTimeout,
-                    &format!("tls_alpn_challenges took longer than {} s", http.limits.rpc_timeout.as_secs()),
-                );
-            }
+        return match read_feed(http, name, found).await {
+            Ok((_, json)) => json_response(json, permit, true),
+            Err(refusal) => refusal,
         };
-        let json = serde_json::to_vec(&answer).unwrap_or_default();
-        let mut response = bytes_response(Bytes::from(json), permit);
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        return response;
     }
     let page = certificates(&control_plane, query.get("domain").map(String::as_str), query.get("after"));
-    let answer = match tokio::time::timeout(http.limits.rpc_timeout, page).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => {
-            tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::OriginUnreachable,
-                "the control plane could not answer certificates; its log says why",
-            );
-        }
-        Err(_) => {
-            return refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorCode::RequestTimeout,
-                &format!("certificates took longer than {} s", http.limits.rpc_timeout.as_secs()),
-            );
-        }
-    };
-    let json = match serde_json::to_vec(&answer) {
-        Ok(json) => json,
-        Err(_) => {
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "certificates could not be encoded");
-        }
+    let (answer, json) = match read_feed(http, name, page).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
     };
     // How many, never which keys.
     tracing::debug!(
@@ -625,9 +563,51 @@ async fn edge_feed(http: &OriginHttp, request: &http::request::Parts) -> Respons
         more = answer.next.is_some(),
         "origin: RPC answered"
     );
+    json_response(json, permit, true)
+}
+
+/// One feed's read from the store under the RPC timeout, and its JSON; a
+/// failure is the refusal to answer with (the store's error logged, never sent).
+async fn read_feed<T: Serialize>(
+    http: &OriginHttp,
+    name: &str,
+    read: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<(T, Vec<u8>), Response> {
+    let answer = match tokio::time::timeout(http.limits.rpc_timeout, read).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::OriginUnreachable,
+                &format!("the control plane could not answer {name}; its log says why"),
+            ));
+        }
+        Err(_) => {
+            return Err(refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                &format!("{name} took longer than {} s", http.limits.rpc_timeout.as_secs()),
+            ));
+        }
+    };
+    match serde_json::to_vec(&answer) {
+        Ok(json) => Ok((answer, json)),
+        Err(e) => {
+            tracing::error!(target: "isocloud::controlplane", rpc = name, error = %e, "origin: RPC failed");
+            Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, &format!("{name} could not be encoded")))
+        }
+    }
+}
+
+/// A feed's JSON answer; `no_store` for those that carry certificates or
+/// challenges (nothing on the way may keep them).
+fn json_response(json: Vec<u8>, permit: OwnedSemaphorePermit, no_store: bool) -> Response {
     let mut response = bytes_response(Bytes::from(json), permit);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if no_store {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     response
 }
 
