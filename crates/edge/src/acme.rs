@@ -13,12 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isocloud_auth::{ROUTING_AUDIENCE, sign_audience_token};
 use isocloud_origin::FailoverRoots;
 use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::follower::{SigningKey, check_roots, now_unix_s};
+use crate::follower::{SigningKey, check_roots, control_plane_client};
 
 /// Lookups at once; more wait for a turn within the timeout. The ACME
 /// server asks a few times per order: 16 is room for many orders while a
@@ -32,7 +31,6 @@ pub const ACME_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ACME_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A key authorization is `token.thumbprint` (under 200 bytes).
 const MAX_ANSWER_BYTES: usize = 1024;
-const TOKEN_TTL_S: u64 = 60;
 /// The lookup, under each root.
 const LOOKUP_PATH: &str = "acme_challenge";
 
@@ -56,12 +54,7 @@ impl AcmeLookup {
     /// poll is asked first.
     pub fn from_roots(roots: Arc<FailoverRoots>, key: SigningKey) -> Result<Self, url::ParseError> {
         check_roots(&roots, LOOKUP_PATH)?;
-        let client = reqwest::Client::builder()
-            .timeout(ACME_LOOKUP_TIMEOUT)
-            .connect_timeout(ACME_CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|_| url::ParseError::EmptyHost)?;
+        let client = control_plane_client(ACME_LOOKUP_TIMEOUT, ACME_CONNECT_TIMEOUT)?;
         Ok(Self { roots, key, client, turns: Semaphore::new(ACME_LOOKUPS) })
     }
 
@@ -74,10 +67,8 @@ impl AcmeLookup {
     async fn ask(&self, host: &str, token: &str) -> Option<String> {
         let _turn = self.turns.acquire().await.ok()?;
         let build = |root: &Url| {
-            let bearer =
-                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
             let url = root.join(LOOKUP_PATH).expect("checked in AcmeLookup::from_roots");
-            self.client.get(url).query(&[("host", host), ("token", token)]).bearer_auth(bearer)
+            self.client.get(url).query(&[("host", host), ("token", token)]).bearer_auth(self.key.routing_token())
         };
         match crate::follower::bounded_body(&self.roots, build, MAX_ANSWER_BYTES, "the ACME lookup").await {
             Ok(body) => String::from_utf8(body).ok().filter(|text| !text.is_empty()),

@@ -29,15 +29,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use isocloud_auth::{ROUTING_AUDIENCE, sign_audience_token};
 use isocloud_origin::FailoverRoots;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use url::Url;
 
-use crate::follower::{FollowError, SigningKey, check_roots, now_unix_s};
+use crate::follower::{FollowError, SigningKey, check_roots, control_plane_client};
 use crate::hosts::RoutingUpdate;
 use crate::metrics::Metrics;
 
@@ -55,7 +55,6 @@ const MAX_DOMAINS_ONE_BY_ONE: usize = 16;
 /// Pages one full fetch may take (a million certificates): a feed whose
 /// `next` never ends is not followed forever.
 const MAX_PAGES: usize = 10_000;
-const TOKEN_TTL_S: u64 = 60;
 /// The certificate feed, under each root.
 const FEED_PATH: &str = "certificates";
 /// The pending TLS-ALPN-01 challenges, under each root.
@@ -391,12 +390,7 @@ impl CertificateFeed {
     ) -> Result<Self, url::ParseError> {
         check_roots(&roots, FEED_PATH)?;
         check_roots(&roots, TLS_ALPN_PATH)?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|_| url::ParseError::EmptyHost)?;
+        let client = control_plane_client(timeout, timeout.min(Duration::from_secs(5)))?;
         Ok(Self { certificates, roots, key, client, pending: Mutex::new(Pending::All), metrics })
     }
 
@@ -474,41 +468,34 @@ impl CertificateFeed {
     }
 
     async fn fetch_tls_alpn(&self, query: &[(&str, &str)]) -> Result<TlsAlpnPage, FollowError> {
-        let build = |root: &Url| {
-            let token =
-                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-            let url = root.join(TLS_ALPN_PATH).expect("checked in CertificateFeed::from_roots");
-            self.client.get(url).query(query).bearer_auth(token)
-        };
-        let body = match crate::follower::bounded_body(
-            &self.roots,
-            build,
-            MAX_TLS_ALPN_PAGE_BYTES,
-            "the tls-alpn-01 challenges",
-        )
-        .await
-        {
-            Ok(body) => body,
+        match self.get_json(TLS_ALPN_PATH, query, MAX_TLS_ALPN_PAGE_BYTES, "the tls-alpn-01 challenges").await {
             // A control plane older than the route (edges upgraded
             // first): it orders no tls-alpn-01 challenge, and the
             // certificates must keep coming.
-            Err(FollowError::Status { status: 404, .. }) => return Ok(TlsAlpnPage::default()),
-            Err(e) => return Err(e),
-        };
-        serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("tls_alpn_challenges: {e}")))
+            Err(FollowError::Status { status: 404, .. }) => Ok(TlsAlpnPage::default()),
+            answer => answer,
+        }
     }
 
     async fn fetch(&self, query: &[(&str, &str)]) -> Result<CertificatePage, FollowError> {
+        self.get_json(FEED_PATH, query, MAX_CERTIFICATE_PAGE_BYTES, "the certificate feed").await
+    }
+
+    /// `GET <root>path?query` with the edge's token, through the shared
+    /// roots; an answer over `limit` bytes or not a `T` is refused.
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        limit: usize,
+        what: &'static str,
+    ) -> Result<T, FollowError> {
         let build = |root: &Url| {
-            let token =
-                sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-            let url = root.join(FEED_PATH).expect("checked in CertificateFeed::from_roots");
-            self.client.get(url).query(query).bearer_auth(token)
+            let url = root.join(path).expect("checked in CertificateFeed::from_roots");
+            self.client.get(url).query(query).bearer_auth(self.key.routing_token())
         };
-        let body =
-            crate::follower::bounded_body(&self.roots, build, MAX_CERTIFICATE_PAGE_BYTES, "the certificate feed")
-                .await?;
-        serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("certificates: {e}")))
+        let body = crate::follower::bounded_body(&self.roots, build, limit, what).await?;
+        serde_json::from_slice(&body).map_err(|e| FollowError::Malformed(format!("{path}: {e}")))
     }
 }
 
@@ -525,7 +512,10 @@ fn loaded(pem: &CertificatePem) -> Option<CertifiedKey> {
 
 #[cfg(test)]
 mod tests {
+    use isocloud_auth::ROUTING_AUDIENCE;
+
     use super::*;
+    use crate::follower::now_unix_s;
 
     fn self_signed(names: &[&str]) -> CertificatePem {
         let cert =

@@ -37,6 +37,28 @@ pub struct SigningKey {
     pub secret: Secret,
 }
 
+impl SigningKey {
+    /// A short-lived token for the control plane's edge routes (its
+    /// routing audience: no RPC or relay route takes it).
+    pub(crate) fn routing_token(&self) -> String {
+        sign_audience_token(&self.kid, &self.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S)
+    }
+}
+
+/// The client every edge route of the control plane is asked with: the
+/// answer is ours to decode, never followed elsewhere.
+pub(crate) fn control_plane_client(
+    timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, url::ParseError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|_| url::ParseError::EmptyHost)
+}
+
 /// Why a poll brought nothing. Shown in the edge's log; never holds the
 /// secret or the token.
 #[derive(Debug, thiserror::Error)]
@@ -98,13 +120,7 @@ impl Follower {
         metrics: Metrics,
     ) -> Result<Self, url::ParseError> {
         check_roots(&roots, FEED_PATH)?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            // The answer is ours to decode; never follow it elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|_| url::ParseError::EmptyHost)?;
+        let client = control_plane_client(timeout, timeout.min(Duration::from_secs(5)))?;
         Ok(Self { table, roots, key, client, metrics, certificates: None })
     }
 
@@ -174,9 +190,7 @@ impl Follower {
                 if let Some(since) = since {
                     url.query_pairs_mut().append_pair("since", &since.to_string());
                 }
-                let token =
-                    sign_audience_token(&self.key.kid, &self.key.secret, ROUTING_AUDIENCE, now_unix_s(), TOKEN_TTL_S);
-                self.client.get(url).bearer_auth(token)
+                self.client.get(url).bearer_auth(self.key.routing_token())
             })
             .await
             .map_err(|e| FollowError::Unreachable(without_url(&e, "the routing feed")))
