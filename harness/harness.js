@@ -894,7 +894,7 @@ if (handler) originalServe(
     onListen() {
       send({ op: "ready" });
     },
-    onError: (e) => (serveOnError ? serveOnError(e) : internalError(e)),
+    onError: handlerError,
   },
   (request, info) =>
     requestContext.run(new ServedRequestContext(request), invokeHandler, request, new TenantInfo(info, request)),
