@@ -26,8 +26,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (CLK_TCK, DENO, HANDLER, Procs, Runner, Wrk, cpu_ticks, ensure_wrk,  # noqa: E402
-                    get, log, med, private_kib)
+from common import (CLK_TCK, HANDLER, ROOT, Procs, Runner, Wrk, cpu_ticks, deno_on_socket,  # noqa: E402
+                    ensure_wrk, get, log, med, private_kib)
 
 
 def context_switches(pids):
@@ -45,31 +45,18 @@ def context_switches(pids):
 
 
 class Bare:
-    """N bare deno processes serving HANDLER's response on unix sockets."""
-    APP = 'Deno.serve({ path: Deno.args[0], onListen() {} }, () => new Response("Hello, world!"));\n'
+    """N bare deno processes, each serving tenant `t{i}`'s handler on a
+    unix socket (`common.deno_on_socket`, as behind the proxy hops)."""
     REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
-    def __init__(self, procs, work, n):
-        self.dir = os.path.join(work, f"bare{n}")
-        os.makedirs(self.dir, exist_ok=True)
-        app = os.path.join(self.dir, "app.ts")
-        with open(app, "w") as f:
-            f.write(self.APP)
+    def __init__(self, procs, work, apps, n):
         self.procs = []
         for i in range(n):
-            path = os.path.join(self.dir, f"{i}.sock")
-            p = procs.start([DENO, "run", "--quiet", "--no-config", "--allow-net", f"--allow-read={self.dir}", f"--allow-write={self.dir}", app, path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.procs.append((p, path))
-            if i % 50 == 49:
-                time.sleep(0.5)
+            deno_dir = os.path.join(work, f"bare{n}", str(i))
+            path = os.path.join(deno_dir, "s.sock")
+            self.procs.append((deno_on_socket(procs, os.path.join(apps, f"t{i}"), deno_dir, path), path))
         self.conns = []
-        for p, path in self.procs:
-            deadline = time.time() + 60
-            while not os.path.exists(path):
-                if p.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"bare deno on {path} did not start")
-                time.sleep(0.01)
+        for _, path in self.procs:
             c = socket.socket(socket.AF_UNIX)
             c.connect(path)
             self.conns.append(c)
@@ -127,9 +114,10 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bare", action="store_true")
     ap.add_argument("--handler", help="a main.ts for every tenant instead of the hello-world one "
-                    "(it must serve with Deno.serve on PORT)")
+                    "(it must serve with Deno.serve on PORT; with --bare, with the hello-world one's options literally, "
+                    "which common.deno_on_socket rewrites to a socket)")
     args = ap.parse_args()
-    binaries = args.binary or [os.path.join(os.path.dirname(DENO), "../../../target/release/isocloud")]
+    binaries = args.binary or [os.path.join(ROOT, "target/release/isocloud")]
     variants = [v.split("=", 1) for v in args.variant] or [["defaults", ""]]
     counts = [int(n) for n in args.tenants.split(",")]
     wrk = Wrk(ensure_wrk(), tempfile.mkdtemp(prefix="isocloud-tenants-wrk-"))
@@ -151,7 +139,7 @@ def main():
                     runner = Runner(procs, binary, apps, os.path.join(work, f"state-{n}-{b}-{label}"), n + 20,
                                     extra=shlex.split(flags))
                     targets.append((name, runner))
-            bare = Bare(procs, work, n) if args.bare else None
+            bare = Bare(procs, work, apps, n) if args.bare else None
             log(f"{n} tenants: booting")
             for name, runner in targets:
                 for i in range(n):
