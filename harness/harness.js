@@ -37,6 +37,8 @@
 //   { op: "answer", id, ok, error }               the outcome of call `id`; `error` only when !ok
 // Call ids are per connection: this one's (`call`) and the sync worker's.
 
+import { AsyncLocalStorage } from "node:async_hooks";
+
 const bootstrap = JSON.parse(Deno.readTextFileSync(Deno.args[0]));
 
 // In its own PID namespace deno is pid 1, and the kernel hands a namespace's
@@ -149,26 +151,12 @@ function call(message) {
 // The current request: { id, traceparent } (the runner's x-isocloud-request-id,
 // and its span's traceparent when it exports traces, else null).
 //
-// Deno's own async context variable (the one node:async_hooks'
-// AsyncLocalStorage is built on), not AsyncLocalStorage itself: importing
-// node:async_hooks loads Node's compatibility layer, 2 MiB of private memory
-// in every isolate (bench/suite.py's idle figure) and time at every boot.
-// The pinned deno's internals; the e2e tests on request ids break if they move.
-const { AsyncVariable, setAsyncContext } = Deno[Deno.internal].core;
-const requestContext = {
-  variable: new AsyncVariable(),
-  run(store, fn, ...args) {
-    const previous = this.variable.enter(store);
-    try {
-      return fn(...args);
-    } finally {
-      setAsyncContext(previous);
-    }
-  },
-  getStore() {
-    return this.variable.get();
-  },
-};
+// Node's AsyncLocalStorage, loaded while a pre-started isolate waits: with
+// Deno's own async context variable instead (no node:async_hooks), an idle
+// isolate held 2 MiB less, but the Node layer deno's timers need was then
+// loaded on the boot path, and the admission e2e test's boots taking turns
+// failed its bound 1 run in 3 (5 of 5 passed with it here).
+const requestContext = new AsyncLocalStorage();
 // A Deno.serve request's context reads its two headers when first asked
 // (a console line, an outbound fetch), not on every request: materializing
 // a request's headers costs an isolate woken cold ~20 µs of cache misses,
