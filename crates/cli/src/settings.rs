@@ -279,6 +279,8 @@ pub struct Settings {
     pub prestarted_isolates: usize,
     /// `None`: from the machine ([`isocloud_pool::default_concurrency`]).
     pub max_concurrent_boots: Option<usize>,
+    /// `None`: tokio's default, one worker per core.
+    pub runtime_threads: Option<usize>,
     /// `None`: [`BOOT_QUEUE_PER_CONCURRENT_BOOT`] per concurrent boot.
     pub max_boot_queue: Option<usize>,
     pub max_isolates_per_tenant: usize,
@@ -537,6 +539,7 @@ impl Settings {
             usage_interval: Duration::from_secs(given.usage_interval_s),
             prestarted_isolates: given.prestarted_isolates,
             max_concurrent_boots: given.max_concurrent_boots,
+            runtime_threads: given.runtime_threads,
             max_boot_queue: given.max_boot_queue,
             max_isolates_per_tenant,
             otlp,

@@ -36,8 +36,20 @@ pub struct ConnectionInfo {
 
 /// Connection-scoped headers (RFC 9110 §7.6.1); they describe one hop and
 /// must not be passed on. `connection`/`upgrade` stay on upgrade requests.
-const HOP_BY_HOP: [&str; 6] =
-    ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "proxy-authorization"];
+/// Names built once: a `&str` name is parsed and hashed on every lookup.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHORIZATION,
+];
+const SUBHOST: HeaderName = HeaderName::from_static(SUBHOST_HEADER);
+const HOPS: HeaderName = HeaderName::from_static(HOPS_HEADER);
+const ERROR: HeaderName = HeaderName::from_static(ERROR_HEADER);
+const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const FORWARDED_FOR: HeaderName = HeaderName::from_static(FORWARDED_FOR_HEADER);
 
 /// Bounds the edge puts on every request.
 #[derive(Debug, Clone, Copy)]
@@ -163,7 +175,7 @@ impl Proxy {
     fn hops_of<B>(&self, request: &Request<B>, peer: SocketAddr) -> u32 {
         let declared = request
             .headers()
-            .get(HOPS_HEADER)
+            .get(HOPS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u32>().ok())
             .unwrap_or(0);
@@ -204,7 +216,7 @@ impl Proxy {
             ));
         }
         if let Some(acme) = &self.acme
-            && !request.headers().contains_key(SUBHOST_HEADER)
+            && !request.headers().contains_key(SUBHOST)
             && let Ok(authority) = crate::request_authority(request.version(), request.headers(), request.uri())
             && let Some((host, token)) = crate::acme::challenge_of(&request, authority.as_deref())
             && let Some(key_authorization) = acme.key_authorization(&host, &token).await
@@ -222,7 +234,7 @@ impl Proxy {
                 return Ok(response);
             }
         };
-        let request_id = format!("{}-{:x}", self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
+        let request_id = request_id(&self.request_id_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed));
 
         if let Some(traced) = traced {
             let path = request.uri().path();
@@ -237,10 +249,7 @@ impl Proxy {
             traced.measure_cpu(&isolate);
         }
 
-        let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let public_uri: Uri = format!("{}://{}{path}", route.public_scheme, route.public_host)
-            .parse()
-            .map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the request target is not a valid URL"))?;
+        let public_uri = public_uri(&route, request.uri())?;
         let upgrade = is_upgrade(&request);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
@@ -249,9 +258,9 @@ impl Proxy {
         // The isolate speaks HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
-        headers.remove(SUBHOST_HEADER);
-        headers.remove(HOPS_HEADER);
-        for name in HOP_BY_HOP {
+        headers.remove(SUBHOST);
+        headers.remove(HOPS);
+        for name in &HOP_BY_HOP {
             headers.remove(name);
         }
         if !upgrade {
@@ -261,10 +270,8 @@ impl Proxy {
         if let Ok(host) = HeaderValue::from_str(&route.public_host) {
             headers.insert(header::HOST, host);
         }
-        headers.insert(
-            HeaderName::from_static(REQUEST_ID_HEADER),
-            HeaderValue::from_str(&request_id).expect("hex and dashes are a valid header value"),
-        );
+        headers
+            .insert(REQUEST_ID, HeaderValue::from_str(&request_id).expect("hex and dashes are a valid header value"));
         if let Some(traced) = traced {
             // The isolate's parent is the runner's span, not the client's.
             headers.insert(HeaderName::from_static(isocloud_telemetry::TRACEPARENT_HEADER), traced.span.traceparent());
@@ -274,7 +281,7 @@ impl Proxy {
         // another). The harness gives it to the handler as `info.remoteAddr`.
         let client_ip = route.relayed_client.unwrap_or_else(|| connection.peer.ip().to_canonical());
         headers.insert(
-            HeaderName::from_static(FORWARDED_FOR_HEADER),
+            FORWARDED_FOR,
             HeaderValue::from_str(&client_ip.to_string()).expect("an address is a valid header value"),
         );
 
@@ -333,7 +340,7 @@ impl Proxy {
         };
         // The header tells a relay the runner failed; a tenant must not be
         // able to pass its own answer off as one of the runner's errors.
-        response.headers_mut().remove(ERROR_HEADER);
+        response.headers_mut().remove(ERROR);
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
@@ -361,7 +368,7 @@ impl Proxy {
             return Ok(response);
         }
 
-        for name in HOP_BY_HOP {
+        for name in &HOP_BY_HOP {
             response.headers_mut().remove(name);
         }
         let watch = self.streams.watch(StreamKind::Body, guard, activity, &route.deployment_id, &request_id);
@@ -371,6 +378,36 @@ impl Proxy {
         });
         Ok(response.map(|body| Tracked::new(body, isolate, watch).with_span(span).boxed()))
     }
+}
+
+/// `<prefix>-<seq in hex>`, without the formatting machinery (once per request).
+fn request_id(prefix: &str, seq: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (64 - seq.leading_zeros()).div_ceil(4).max(1) as usize;
+    let mut id = String::with_capacity(prefix.len() + 1 + digits);
+    id.push_str(prefix);
+    id.push('-');
+    for shift in (0..digits).rev() {
+        id.push(HEX[((seq >> (shift * 4)) & 0xf) as usize] as char);
+    }
+    id
+}
+
+/// The URL the isolate sees: the public scheme and host, the request's own
+/// path and query (already parsed, so only the host is checked here).
+fn public_uri(route: &crate::routing::Route, target: &Uri) -> Result<Uri, EdgeError> {
+    let invalid = || EdgeError::new(ErrorCode::BadRequest, "the request target is not a valid URL");
+    let mut parts = http::uri::Parts::default();
+    parts.scheme =
+        Some(if route.public_scheme == "https" { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });
+    parts.authority = Some(route.public_host.parse::<http::uri::Authority>().map_err(|_| invalid())?);
+    parts.path_and_query = match target.path_and_query() {
+        None => Some(http::uri::PathAndQuery::from_static("/")),
+        // `OPTIONS *` and the like: the isolate only takes origin-form.
+        Some(path) if !path.as_str().starts_with('/') => return Err(invalid()),
+        Some(path) => Some(path.clone()),
+    };
+    Uri::from_parts(parts).map_err(|_| invalid())
 }
 
 fn is_upgrade<B>(request: &Request<B>) -> bool {

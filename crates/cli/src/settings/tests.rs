@@ -1032,3 +1032,13 @@ fn acme_challenge_is_http_01_unless_tls_alpn_01_is_asked_with_a_tls_listener() {
     assert_eq!(field(&[&tls[..], &["--acme-challenge", "tls-alpn-01"]].concat()), "acme_challenge", "needs the email");
     assert_eq!(field(&[&email[..], &["--acme-challenge", "dns-01"]].concat()), "acme_challenge");
 }
+
+#[test]
+fn runtime_threads_are_tokio_s_default_unless_given_and_never_zero() {
+    let apps = tempfile::tempdir().unwrap();
+    let dir = apps.path().to_str().unwrap();
+    assert_eq!(parse(&["serve", "--apps", dir]).unwrap().runtime_threads, None);
+    assert_eq!(parse(&["serve", "--apps", dir, "--runtime-threads", "1"]).unwrap().runtime_threads, Some(1));
+    assert_eq!(field_of(&["serve", "--apps", dir, "--runtime-threads", "0"]), "runtime_threads");
+    assert_eq!(field_of(&["serve", "--apps", dir, "--runtime-threads", "many"]), "runtime_threads");
+}

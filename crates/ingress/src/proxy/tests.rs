@@ -470,3 +470,23 @@ async fn a_response_keeps_its_isolate_busy_until_its_body_is_done() {
     assert_eq!(body, "streamed");
     assert_eq!(fake.in_flight.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_request_id_is_the_prefix_and_the_sequence_in_lower_hex() {
+    for seq in [0, 1, 0xf, 0x10, 0xdead_beef, u64::MAX] {
+        assert_eq!(request_id("0badc0de", seq), format!("0badc0de-{seq:x}"));
+    }
+}
+
+#[tokio::test]
+async fn a_target_that_is_not_a_path_is_400_before_the_isolate() {
+    let fake = Fake::new(Answer::Echo(200, Vec::new()));
+    let proxy = proxy(&fake);
+    let asterisk = Request::options("*").header(header::HOST, "hello.localhost").body(Full::new(Bytes::new())).unwrap();
+    let (status, headers, body) = send(&proxy, asterisk).await;
+    assert_eq!(runner_error(status, &headers, &body).1, "BAD_REQUEST");
+    assert!(fake.seen.lock().unwrap().is_empty(), "the isolate saw it");
+    // The same request with a path goes through.
+    let (status, _, _) = send(&proxy, get("hello.localhost", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+}
