@@ -142,20 +142,25 @@ class Procs:
             self.stop(p)
 
 
+def read_stat(path):
+    """A /proc `stat` file as (comm, the fields after it), or None when the
+    process or thread is gone. `rest[1]` is the ppid, `rest[11]`/`rest[12]`
+    utime/stime in ticks."""
+    try:
+        with open(path) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
 def proc_table():
     """pid -> (ppid, comm) for every process."""
     table = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(rest[1]), comm)
+        if entry.isdigit() and (stat := read_stat(f"/proc/{entry}/stat")):
+            comm, rest = stat
+            table[int(entry)] = (int(rest[1]), comm)
     return table
 
 

@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (CLK_TCK, DENO, HANDLER, ROOT, Procs, Runner, Wrk, cpu_ticks,  # noqa: E402
-                    deno_on_socket, ensure_wrk, get, log, med, private_kib)
+                    deno_on_socket, ensure_wrk, get, log, med, private_kib, read_stat)
 
 
 def context_switches(pids):
@@ -194,13 +194,10 @@ class BareWorkers(Bare):
         its thread."""
         workers = total = 0
         for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-            try:
-                with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
-                    stat = f.read()
-            except OSError:
+            stat = read_stat(f"/proc/{self.proc.pid}/task/{tid}/stat")
+            if stat is None:
                 continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            rest = stat[stat.rindex(")") + 2:].split()
+            comm, rest = stat
             ticks = int(rest[11]) + int(rest[12])
             total += ticks
             if comm.startswith("worker-"):
