@@ -6,14 +6,19 @@
 //! the domain is 308 to HTTPS, a certificate uploaded later is served
 //! within seconds without a restart; and ACME HTTP-01 challenges pending in
 //! the control plane's store are answered through the edge's plain
-//! listener, never redirected.
+//! listener, never redirected, and TLS-ALPN-01 ones by its TLS listener
+//! (to a hello offering `acme-tls/1` alone).
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sha2::Digest as _;
 use sqlx::Connection as _;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 use crate::support::edge::Edge;
 use crate::support::{ControlPlaneServe, SECRET, isocloud_cli, runner_fed_by};
@@ -214,4 +219,213 @@ async fn an_acme_challenge_pending_in_the_store_is_answered_through_the_edge() {
     );
     let response = plain(&edge, "shop.localhost", &path).await;
     assert_eq!(response.text().await.unwrap(), format!("http://shop.localhost:{}{path}", edge.addr.port()));
+}
+
+/// Trusts any certificate (a TLS-ALPN-01 one has a critical extension
+/// webpki refuses): the probes read the leaf themselves.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+const ACME_TLS_1: &[u8] = b"acme-tls/1";
+
+/// What a handshake offering `alpn` for `name` got from the edge's TLS
+/// listener: the protocol agreed, the leaf (DER) and its DNS names, its
+/// acmeIdentifier extension (critical?, DER value) if any, and what an
+/// HTTP/1.1 request written after it read back (the connection's end
+/// within 5 s). (As `acme::probe`, which drives the control plane's own
+/// listener.)
+#[derive(Debug)]
+struct Probe {
+    alpn: Option<Vec<u8>>,
+    leaf: Vec<u8>,
+    names: Vec<String>,
+    acme_identifier: Option<(bool, Vec<u8>)>,
+    after: String,
+}
+
+async fn probe(tls: SocketAddr, name: &str, alpn: &[&[u8]]) -> Result<Probe, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(tls).await.map_err(|e| e.to_string())?;
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp);
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), handshake)
+        .await
+        .map_err(|_| "the handshake took over 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (_, connection) = stream.get_ref();
+    let leaf = connection.peer_certificates().unwrap()[0].to_vec();
+    let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let names = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| san.value.general_names.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    let acme_identifier = parsed
+        .extensions()
+        .iter()
+        .find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+        .map(|ext| (ext.critical, ext.value.to_vec()));
+    let request = format!("GET / HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "{name}: neither an answer nor a close within 5 s");
+    Ok(Probe { alpn, leaf, names, acme_identifier, after: String::from_utf8_lossy(&answer).into_owned() })
+}
+
+/// A TLS-ALPN-01 challenge the control plane's store holds as pending (as
+/// an ACME order leaves it, with its routing change) reaches the edge
+/// through the routing feed: a hello offering `acme-tls/1` for the domain
+/// gets the challenge certificate and a closed connection; a browser's
+/// hello still gets the uploaded certificate and the app; `acme-tls/1` for
+/// another name gets nothing.
+#[tokio::test]
+async fn a_tls_alpn_01_challenge_pending_in_the_store_is_answered_by_the_edges_tls_listener() {
+    let dns = dns::DnsResponder::start().await;
+    let resolver = dns.addr.to_string();
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
+    let work = tempfile::tempdir().unwrap();
+    shop_with_domain(&serve, &dns, work.path()).await;
+    let ca = upload_certificate(&serve).await;
+    let uploaded = rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap().to_vec();
+    let runner = runner_fed_by(origin, SECRET, &[]);
+    let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
+    let tls = edge.tls.expect("the edge's TLS listener");
+    wait_https(&edge, &ca).await;
+
+    // The probe: nothing pending yet, so `acme-tls/1` for the domain gets
+    // no certificate (never the uploaded one), while a browser's hello gets
+    // the uploaded certificate and the app over the same listener.
+    let refused = probe(tls, DOMAIN, &[ACME_TLS_1]).await.expect_err("no challenge certificate yet");
+    assert!(refused.contains("AccessDenied"), "{refused}");
+    let browsing = probe(tls, DOMAIN, &[b"http/1.1"]).await.expect("a browser's handshake");
+    assert_eq!(browsing.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(browsing.leaf == uploaded && browsing.acme_identifier.is_none(), "{browsing:?}");
+    assert!(browsing.after.starts_with("HTTP/1.1 200"), "{browsing:?}");
+
+    // Pending in the store, as `put_tls_alpn_challenge` leaves it: the row
+    // and, in the same transaction, a routing change naming the domain
+    // (the edge fetches challenges only for domains its routing feed names:
+    // the row alone would not reach it).
+    let key_authorization = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA.thumbprint-of-the-account-key";
+    let digest: [u8; 32] = sha2::Sha256::digest(key_authorization.as_bytes()).into();
+    let db = format!("sqlite://{}", serve.data_dir.path().join("isocloud.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO acme_challenges (domain, token, key_authorization, expires_at_ms, kind) \
+         VALUES (?1, ?2, ?3, ?4, 'tls-alpn-01')",
+    )
+    .bind(DOMAIN)
+    .bind("evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA")
+    .bind(key_authorization)
+    .bind(now_ms + 600_000)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let generation: i64 = sqlx::query_scalar(
+        "UPDATE meta SET routing_generation = routing_generation + 1 WHERE id = 1 RETURNING routing_generation",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO routing_changes (generation, kind, subject, changed_at_ms) VALUES (?1, 'domain', ?2, ?3)")
+        .bind(generation)
+        .bind(DOMAIN)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    conn.close().await.unwrap();
+
+    // Within seconds the ACME server's handshake gets the challenge
+    // certificate: the domain its only name, the critical acmeIdentifier a
+    // DER OCTET STRING of SHA-256(key authorization), `acme-tls/1` agreed,
+    // and the connection closed after the handshake: no HTTP served.
+    let started = Instant::now();
+    let challenge = loop {
+        match probe(tls, DOMAIN, &[ACME_TLS_1]).await {
+            Ok(challenge) => break challenge,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no challenge certificate 10 s after the row: {e}; edge:\n{}",
+                edge.stderr()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("the tls-alpn-01 challenge answered by the edge {} ms after the row", started.elapsed().as_millis());
+    assert_eq!(challenge.alpn.as_deref(), Some(ACME_TLS_1), "{challenge:?}");
+    assert_eq!(challenge.names, [format!("DNSName({DOMAIN})")], "{challenge:?}");
+    assert_ne!(challenge.leaf, uploaded);
+    let (critical, value) = challenge.acme_identifier.clone().expect("the acmeIdentifier extension");
+    let mut expected = vec![0x04, 0x20];
+    expected.extend_from_slice(&digest);
+    assert!(critical, "{challenge:?}");
+    assert_eq!(value, expected, "the acmeIdentifier is not SHA-256 of the key authorization");
+    assert_eq!(challenge.after, "", "closed after the handshake, no HTTP answer");
+    // Offered beside a browser's protocols, `acme-tls/1` still wins: never
+    // HTTP over a challenge certificate.
+    let mixed = probe(tls, DOMAIN, &[b"h2", ACME_TLS_1, b"http/1.1"]).await.expect("the challenge handshake");
+    assert_eq!((mixed.alpn.as_deref(), mixed.after.as_str()), (Some(ACME_TLS_1), ""), "{mixed:?}");
+
+    // A browser's hello still gets the uploaded certificate and the app
+    // (HTTP/1.1 here, HTTP/2 through reqwest)…
+    let browsing = probe(tls, DOMAIN, &[b"http/1.1"]).await.expect("a browser's handshake");
+    assert!(browsing.leaf == uploaded && browsing.acme_identifier.is_none(), "{browsing:?}");
+    assert!(browsing.after.starts_with("HTTP/1.1 200"), "{browsing:?}");
+    let response =
+        https_client(&ca, DOMAIN, tls).get(format!("https://{DOMAIN}:{}/", tls.port())).send().await.unwrap();
+    assert_eq!((response.status(), response.version()), (reqwest::StatusCode::OK, reqwest::Version::HTTP_2));
+    assert_eq!(response.text().await.unwrap(), format!("https://{DOMAIN}:{}/", tls.port()));
+    // …and `acme-tls/1` for a name with nothing pending gets no certificate.
+    let other = probe(tls, "shop.localhost", &[ACME_TLS_1]).await.expect_err("no challenge for another name");
+    assert!(other.contains("AccessDenied"), "{other}");
 }
