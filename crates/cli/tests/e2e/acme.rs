@@ -29,6 +29,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 use crate::support::ControlPlaneServe;
+use crate::support::tls_probe::{ACME_TLS_1, probe};
 
 /// Whether the tests can run; under CI=true a missing pebble fails them.
 fn pebble_available() -> bool {
@@ -440,100 +441,6 @@ async fn an_uploaded_certificate_wins_over_the_acme_one() {
     assert_eq!(setup.domain(domain).await["certificate"]["source"], "manual");
     let (status, _) = setup.https_get(domain, &cert_pem).await;
     assert_eq!(status, 200);
-}
-
-/// Trusts any certificate (a TLS-ALPN-01 one has a critical extension
-/// webpki refuses): the probes read the leaf themselves.
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-const ACME_TLS_1: &[u8] = b"acme-tls/1";
-
-/// What a handshake offering `alpn` for `domain` got from the TLS listener:
-/// the protocol agreed, the leaf's DNS names, its acmeIdentifier extension
-/// (critical?, DER value) if any, and what an HTTP/1.1 request written
-/// after it read back (the connection's end within 5 s).
-#[derive(Debug)]
-struct Probe {
-    alpn: Option<Vec<u8>>,
-    names: Vec<String>,
-    acme_identifier: Option<(bool, Vec<u8>)>,
-    after: String,
-}
-
-async fn probe(tls: SocketAddr, domain: &str, alpn: &[&[u8]]) -> Result<Probe, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(tls).await.map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from(domain.to_owned()).unwrap();
-    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), handshake)
-        .await
-        .map_err(|_| "the handshake took over 5 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (_, connection) = stream.get_ref();
-    let leaf = connection.peer_certificates().unwrap()[0].clone();
-    let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
-    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
-    let names = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| san.value.general_names.iter().map(ToString::to_string).collect())
-        .unwrap_or_default();
-    let acme_identifier = parsed
-        .extensions()
-        .iter()
-        .find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
-        .map(|ext| (ext.critical, ext.value.to_vec()));
-    let request = format!("GET / HTTP/1.1\r\nhost: {domain}\r\nconnection: close\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes()).await;
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-    assert!(read.is_ok(), "{domain}: neither an answer nor a close within 5 s");
-    Ok(Probe { alpn, names, acme_identifier, after: String::from_utf8_lossy(&answer).into_owned() })
 }
 
 /// A TCP proxy in front of the TLS listener for Pebble: each connection is

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 pub mod edge;
 pub mod registry;
+pub mod tls_probe;
 
 pub const KID: &str = "acme";
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
