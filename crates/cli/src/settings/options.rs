@@ -284,9 +284,9 @@ options! {
         /// The `service.name` of everything exported over OTLP.
         otlp_service_name: String, "NAME", default("isocloud".into());
         /// The runner's own threads (tokio workers: listeners, proxying, the
-        /// monitor). The isolates run in their own processes beside them, so
-        /// on a machine they keep busy, fewer runner threads cost less per
-        /// request (fewer hand-offs between threads); see docs/benchmarks.md.
+        /// monitor). The isolates run in their own processes beside them: on
+        /// a machine they keep busy, fewer runner threads compete with them
+        /// for the cores; see docs/benchmarks.md.
         runtime_threads: usize, "N", shown("one per core"), range(1..=1024);
         /// Isolates kept started ahead of demand, per sandbox profile, so a cold
         /// boot skips deno's start; 0: none. Needs --mount-namespace on.
