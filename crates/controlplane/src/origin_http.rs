@@ -1379,6 +1379,23 @@ mod tests {
         assert_eq!(get(plain, "/routing", Some(&routing)).await.status(), 404);
     }
 
+    /// An edge's certificate feed from the listener at `addr`, with the
+    /// edge's key, and the table it fills.
+    fn edge_certificate_feed(
+        addr: std::net::SocketAddr,
+    ) -> (Arc<isocloud_edge::EdgeCertificates>, isocloud_edge::CertificateFeed) {
+        let certificates = Arc::new(isocloud_edge::EdgeCertificates::default());
+        let feed = isocloud_edge::CertificateFeed::new(
+            certificates.clone(),
+            &url::Url::parse(&format!("http://{addr}/")).unwrap(),
+            isocloud_edge::SigningKey { kid: KID.into(), secret: Secret::from(SECRET) },
+            Duration::from_secs(5),
+            isocloud_edge::Metrics::unregistered(),
+        )
+        .unwrap();
+        (certificates, feed)
+    }
+
     /// A self-signed certificate for `names`, stored for `domain`.
     async fn stored_certificate(conn: &mut sqlx::AnyConnection, domain: &str, names: &[&str]) {
         let cert =
@@ -1430,15 +1447,7 @@ mod tests {
             assert!(cp.certificate_for(domain).is_none(), "{domain}: the SNI table agrees");
         }
         // Every page, as the edge reads them.
-        let certificates = Arc::new(isocloud_edge::EdgeCertificates::default());
-        let feed = isocloud_edge::CertificateFeed::new(
-            certificates.clone(),
-            &url::Url::parse(&format!("http://{addr}/")).unwrap(),
-            isocloud_edge::SigningKey { kid: KID.into(), secret: secret.clone() },
-            Duration::from_secs(5),
-            isocloud_edge::Metrics::unregistered(),
-        )
-        .unwrap();
+        let (certificates, feed) = edge_certificate_feed(addr);
         assert_eq!(feed.refresh().await.unwrap(), many.len() + 1, "two pages");
         assert!(certificates.lookup("www.example.com").is_some());
         assert!(many.iter().all(|name| certificates.lookup(name).is_some()));
@@ -1522,15 +1531,7 @@ mod tests {
         }
 
         // The edge's feed: the challenge certificate, then none once cleared.
-        let certificates = Arc::new(isocloud_edge::EdgeCertificates::default());
-        let feed = isocloud_edge::CertificateFeed::new(
-            certificates.clone(),
-            &url::Url::parse(&format!("http://{addr}/")).unwrap(),
-            isocloud_edge::SigningKey { kid: KID.into(), secret: secret.clone() },
-            Duration::from_secs(5),
-            isocloud_edge::Metrics::unregistered(),
-        )
-        .unwrap();
+        let (certificates, feed) = edge_certificate_feed(addr);
         feed.refresh().await.unwrap();
         let key = certificates.tls_alpn_lookup("www.example.com").expect("the challenge certificate");
         let (_, parsed) = x509_parser::parse_x509_certificate(&key.cert[0]).unwrap();
