@@ -21,7 +21,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 use crate::support::edge::Edge;
 use crate::support::tls_probe::{ACME_TLS_1, probe};
-use crate::support::{ControlPlaneServe, SECRET, isocloud_cli, runner_fed_by};
+use crate::support::{ControlPlaneServe, Runner, SECRET, isocloud_cli, runner_fed_by};
 
 #[path = "../../../controlplane/tests/api/support/dns.rs"]
 #[allow(dead_code, reason = "shared with the control plane's tests, which use more of it")]
@@ -108,22 +108,40 @@ async fn wait_https(edge: &Edge, ca_pem: &str) -> Duration {
     }
 }
 
-#[tokio::test]
-async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_seconds() {
+/// The control plane (with its origin listener), [`shop_with_domain`] with
+/// an uploaded certificate (`ca`, its PEM), one runner and one edge with a
+/// TLS listener that serves the domain over HTTPS already. The fields
+/// whose names start with `_` are held so the processes live.
+struct ShopBehindEdge {
+    serve: ControlPlaneServe,
+    edge: Edge,
+    ca: String,
+    _dns: dns::DnsResponder,
+    _work: tempfile::TempDir,
+    _runner: Runner,
+}
+
+async fn shop_behind_an_edge() -> ShopBehindEdge {
     let dns = dns::DnsResponder::start().await;
     let resolver = dns.addr.to_string();
     let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
     let work = tempfile::tempdir().unwrap();
     shop_with_domain(&serve, &dns, work.path()).await;
-    let first = upload_certificate(&serve).await;
+    let ca = upload_certificate(&serve).await;
     let runner = runner_fed_by(origin, SECRET, &[]);
     let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
+    wait_https(&edge, &ca).await;
+    ShopBehindEdge { serve, edge, ca, _dns: dns, _work: work, _runner: runner }
+}
+
+#[tokio::test]
+async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_seconds() {
+    let ShopBehindEdge { serve, edge, ca: first, _dns, _work, _runner } = shop_behind_an_edge().await;
     let tls = edge.tls.expect("the edge's TLS listener");
     edge.wait_served("shop.localhost").await;
 
     // HTTPS by SNI, HTTP/2 by ALPN, the client trusting the uploaded
     // certificate alone; the isolate sees the https URL the client asked for.
-    wait_https(&edge, &first).await;
     let response = https_client(&first, DOMAIN, tls)
         .get(format!("https://{DOMAIN}:{}/secure?x=1", tls.port()))
         .send()
@@ -169,15 +187,7 @@ async fn the_edge_serves_a_domains_certificate_by_sni_and_a_new_one_within_secon
 /// challenge paths reach the app, unredirected.
 #[tokio::test]
 async fn an_acme_challenge_pending_in_the_store_is_answered_through_the_edge() {
-    let dns = dns::DnsResponder::start().await;
-    let resolver = dns.addr.to_string();
-    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
-    let work = tempfile::tempdir().unwrap();
-    shop_with_domain(&serve, &dns, work.path()).await;
-    let ca = upload_certificate(&serve).await;
-    let runner = runner_fed_by(origin, SECRET, &[]);
-    let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
-    wait_https(&edge, &ca).await;
+    let ShopBehindEdge { serve, edge, _dns, _work, _runner, .. } = shop_behind_an_edge().await;
     let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
     let path = format!("/.well-known/acme-challenge/{token}");
 
@@ -229,17 +239,9 @@ async fn an_acme_challenge_pending_in_the_store_is_answered_through_the_edge() {
 /// another name gets nothing.
 #[tokio::test]
 async fn a_tls_alpn_01_challenge_pending_in_the_store_is_answered_by_the_edges_tls_listener() {
-    let dns = dns::DnsResponder::start().await;
-    let resolver = dns.addr.to_string();
-    let (serve, origin) = ControlPlaneServe::start_with_origin(&["--dns-resolver", &resolver]);
-    let work = tempfile::tempdir().unwrap();
-    shop_with_domain(&serve, &dns, work.path()).await;
-    let ca = upload_certificate(&serve).await;
+    let ShopBehindEdge { serve, edge, ca, _dns, _work, _runner } = shop_behind_an_edge().await;
     let uploaded = rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap().to_vec();
-    let runner = runner_fed_by(origin, SECRET, &[]);
-    let edge = Edge::start(origin, &[&runner], &["--tls-listen", "127.0.0.1:0"]);
     let tls = edge.tls.expect("the edge's TLS listener");
-    wait_https(&edge, &ca).await;
 
     // The probe: nothing pending yet, so `acme-tls/1` for the domain gets
     // no certificate (never the uploaded one), while a browser's hello gets
