@@ -95,9 +95,7 @@ mod tests {
     use std::collections::HashMap;
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-    use tokio_rustls::rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
     use super::*;
 
@@ -132,60 +130,6 @@ mod tests {
         Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer))
     }
 
-    /// Trusts any certificate: the tests compare the leaf they get.
-    #[derive(Debug)]
-    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AnyCertificate {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        // webpki refuses to parse a certificate with an unknown critical
-        // extension (the acmeIdentifier, as an ACME server's own check
-        // expects): the signatures go unchecked here, the leaf is compared.
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-
-    fn connector(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-
     /// A handshake with `acceptor` over memory, SNI `name` (an IP: none),
     /// offering `alpn`: the leaf the client got and the protocol agreed.
     async fn handshake(
@@ -195,8 +139,10 @@ mod tests {
     ) -> Result<(CertificateDer<'static>, Option<Vec<u8>>), String> {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server_name = ServerName::try_from(name.to_owned()).unwrap();
-        let (client, server) =
-            tokio::join!(connector(alpn).connect(server_name, client_io), acceptor.accept(server_io));
+        let (client, server) = tokio::join!(
+            isocloud_test_tls::trusting_connector(alpn).connect(server_name, client_io),
+            acceptor.accept(server_io)
+        );
         let client = client.map_err(|e| format!("client: {e}"))?;
         let server = server.map_err(|e| format!("server: {e}"))?;
         let agreed = client.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
@@ -273,7 +219,10 @@ mod tests {
 
         let exchange = async |alpn: &[&[u8]]| {
             let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut tls = connector(alpn).connect(ServerName::try_from("shop.test").unwrap(), tcp).await.unwrap();
+            let mut tls = isocloud_test_tls::trusting_connector(alpn)
+                .connect(ServerName::try_from("shop.test").unwrap(), tcp)
+                .await
+                .unwrap();
             // Ignored by a closed connection; answered by an open one.
             let _ = tls.write_all(b"GET / HTTP/1.1\r\nhost: shop.test\r\nconnection: close\r\n\r\n").await;
             let mut answer = Vec::new();

@@ -3,50 +3,9 @@
 //! is: the control plane's and the edge's listeners are probed alike.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_rustls::rustls;
-
-/// Trusts any certificate (a TLS-ALPN-01 one has a critical extension
-/// webpki refuses): the probes read the leaf themselves.
-#[derive(Debug)]
-pub struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 pub const ACME_TLS_1: &[u8] = b"acme-tls/1";
 
@@ -66,17 +25,9 @@ pub struct Probe {
 
 pub async fn probe(tls: SocketAddr, name: &str, alpn: &[&[u8]]) -> Result<Probe, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(tls).await.map_err(|e| e.to_string())?;
     let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp);
+    let handshake = isocloud_test_tls::trusting_connector(alpn).connect(server_name, tcp);
     let mut stream = tokio::time::timeout(Duration::from_secs(5), handshake)
         .await
         .map_err(|_| "the handshake took over 5 s".to_owned())?
