@@ -239,17 +239,8 @@ pub struct TlsAlpnDigest {
 impl TlsAlpnDigest {
     /// The digest's 32 bytes, `None` (logged) unless 64 hex digits.
     fn digest_bytes(&self) -> Option<[u8; 32]> {
-        let hex = self.digest.as_bytes();
-        let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
         let mut digest = [0u8; 32];
-        let parsed = hex.len() == 64
-            && digest.iter_mut().enumerate().all(|(i, byte)| match (nibble(hex[2 * i]), nibble(hex[2 * i + 1])) {
-                (Some(high), Some(low)) => {
-                    *byte = high << 4 | low;
-                    true
-                }
-                _ => false,
-            });
+        let parsed = hex::decode_to_slice(&self.digest, &mut digest).is_ok();
         if !parsed {
             tracing::warn!(target: "isocloud::edge", domain = self.domain, "tls-alpn-01 digest is not SHA-256 hex; not answered");
         }
