@@ -46,8 +46,10 @@ impl std::fmt::Debug for ResourceCollector {
 impl Collector for ResourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let held = isocloud_supervisor::held();
-        let tasks = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_alive_tasks()).unwrap_or(0);
-        let gauges: [(&str, &str, i64); 11] = [
+        let runtime = tokio::runtime::Handle::try_current().map(|h| h.metrics()).ok();
+        let tasks = runtime.as_ref().map_or(0, |m| m.num_alive_tasks());
+        let workers = runtime.as_ref().map_or(0, |m| m.num_workers());
+        let gauges: [(&str, &str, i64); 12] = [
             (
                 "isocloud_process_open_fds",
                 "Descriptors the runner holds open",
@@ -60,6 +62,11 @@ impl Collector for ResourceCollector {
             ),
             ("isocloud_process_threads", "Threads of the runner process", threads() as i64),
             ("isocloud_runtime_alive_tasks", "Tasks alive in the runner's async runtime", tasks as i64),
+            (
+                "isocloud_runtime_threads",
+                "Worker threads of the runner's async runtime (--runtime-threads)",
+                workers as i64,
+            ),
             (
                 "isocloud_isolate_lifetimes",
                 "Isolate lifetimes not yet ended (live, starting, pre-started)",

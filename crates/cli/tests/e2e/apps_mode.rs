@@ -222,3 +222,24 @@ async fn deploy_era_listeners_receive_the_runners_requests_and_bind_nothing_on_t
         "nothing listens on the host's port {port} while both serve"
     );
 }
+
+/// `--runtime-threads N` is the runner's worker count (its `/metrics` say
+/// so, and it serves); without it, one worker per core.
+#[tokio::test]
+async fn runtime_threads_sets_the_runners_workers() {
+    let apps = AppsDir::new();
+    apps.app("hello", &[("main.ts", "Deno.serve(() => new Response('hello'));")]);
+    let workers = |metrics: &str| -> usize {
+        let line = metrics.lines().find(|l| l.starts_with("isocloud_runtime_threads ")).expect("the gauge");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let default = apps.serve(&[]);
+    assert_eq!(default.get("hello.localhost", "/").await.text().await.unwrap(), "hello");
+    assert_eq!(workers(&default.metrics().await), cores, "one per core by default");
+    // A count no machine's default gives here: one more than the cores.
+    let given = (cores + 1).to_string();
+    let runner = apps.serve(&["--runtime-threads", &given]);
+    assert_eq!(runner.get("hello.localhost", "/").await.text().await.unwrap(), "hello");
+    assert_eq!(workers(&runner.metrics().await), cores + 1);
+}
