@@ -381,7 +381,7 @@ async fn a_failed_challenge_shows_the_acme_error_and_is_retried() {
     let bad = "bad.shop-three.example.com";
     setup.verified_domain(bad, Ipv4Addr::new(127, 0, 0, 2)).await;
     let failed =
-        setup.wait_for(bad, "a failed order", Duration::from_secs(20), |view| view["acme"]["status"] == "failed").await;
+        setup.wait_for(bad, "a failed order", Duration::from_secs(60), |view| view["acme"]["status"] == "failed").await;
     let error = failed["acme"]["error"].as_str().unwrap_or_default().to_owned();
     assert!(error.contains("127.0.0.2") || error.contains("connection refused"), "the ACME server's error: {error}");
     assert!(error.contains("urn:ietf:params:acme:error:"), "the problem type: {error}");
@@ -390,7 +390,7 @@ async fn a_failed_challenge_shows_the_acme_error_and_is_retried() {
 
     // Retried later, backing off: failures keep counting.
     setup
-        .wait_for(bad, "a second failed order", Duration::from_secs(20), |view| {
+        .wait_for(bad, "a second failed order", Duration::from_secs(60), |view| {
             view["acme"]["failures"].as_i64().unwrap_or(0) >= 2
         })
         .await;
@@ -400,7 +400,7 @@ async fn a_failed_challenge_shows_the_acme_error_and_is_retried() {
 
     // Once the name resolves to the runner, a retry succeeds and the error goes.
     setup.dns.set_a(bad, Ipv4Addr::LOCALHOST);
-    let fixed = setup.wait_for(bad, "a certificate after the fix", Duration::from_secs(30), has_acme_certificate).await;
+    let fixed = setup.wait_for(bad, "a certificate after the fix", Duration::from_secs(60), has_acme_certificate).await;
     assert_eq!((fixed["acme"]["status"].clone(), fixed["acme"]["error"].clone()), (json!("valid"), Value::Null));
     assert_eq!(fixed["acme"]["failures"], 0);
 }

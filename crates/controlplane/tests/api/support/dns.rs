@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const TYPE_A: u16 = 1;
 const TYPE_TXT: u16 = 16;
@@ -19,32 +21,41 @@ struct Zone {
 pub struct DnsResponder {
     pub addr: SocketAddr,
     zone: Arc<Mutex<Zone>>,
-    task: tokio::task::JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for DnsResponder {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 impl DnsResponder {
+    /// Answers on a thread of its own: a test that blocks its runtime (a
+    /// CLI run waited for) must not leave a resolver's query unanswered.
     pub async fn start() -> Self {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let addr = socket.local_addr().expect("addr");
+        // Short reads so a dropped responder's thread notices and ends.
+        socket.set_read_timeout(Some(Duration::from_millis(50))).expect("udp read timeout");
         let zone: Arc<Mutex<Zone>> = Arc::default();
-        let served = Arc::clone(&zone);
-        let task = tokio::spawn(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, stopped) = (Arc::clone(&zone), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
-            loop {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else { continue };
                 let reply = answer(&buf[..n], &served.lock().unwrap());
                 if let Some(reply) = reply {
-                    let _ = socket.send_to(&reply, peer).await;
+                    let _ = socket.send_to(&reply, peer);
                 }
             }
         });
-        DnsResponder { addr, zone, task }
+        DnsResponder { addr, zone, stop, thread: Some(thread) }
     }
 
     pub fn set_txt(&self, name: &str, value: &str) {
