@@ -300,16 +300,17 @@ def ensure_proxies():
         subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True, check=True)
 
 
-def deno_on_socket(procs, app_dir, deno_dir, socket_path):
+def deno_on_socket(procs, app_dir, deno_dir, socket_path, deno_flags=()):
     """deno serving the handler of `app_dir` on a unix socket (what sits
-    behind a proxy hop, as an isolate sits behind the runner)."""
+    behind a proxy hop, as an isolate sits behind the runner); `deno_flags`
+    go before the module (`--v8-flags=...`)."""
     source = open(os.path.join(app_dir, "main.ts")).read()
     served = os.path.join(deno_dir, "socket_main.ts")
     os.makedirs(deno_dir, exist_ok=True)
     with open(served, "w") as f:
         f.write(source.replace('{ port: Number(Deno.env.get("PORT") ?? 8000), onListen() {} }',
                                f"{{ path: {json.dumps(socket_path)}, onListen() {{}} }}"))
-    p = procs.start([DENO, "run", "--no-config", "-A", served], env={"DENO_DIR": deno_dir, "NO_COLOR": "1"},
+    p = procs.start([DENO, "run", "--no-config", "-A", *deno_flags, served], env={"DENO_DIR": deno_dir, "NO_COLOR": "1"},
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while not os.path.exists(socket_path):

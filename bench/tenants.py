@@ -3,7 +3,7 @@
 
     python3 bench/tenants.py --binary target/release/isocloud [--binary OLD]
         [--variant 'label=--runner-flag value ...'] [--tenants 1,100,1000]
-        [--rounds 3] [--seconds 5] [--bare] [--bare-workers]
+        [--rounds 3] [--seconds 5] [--bare] [--bare-variant 'label=deno flags'] [--bare-workers]
 
 For every binary × variant, one apps-mode runner serves N hello-world apps;
 wrk (-t2 -c32) sends each request to the next Host in turn, so with N
@@ -58,12 +58,12 @@ class Bare:
     REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     IN_FLIGHT = 32
 
-    def __init__(self, procs, work, apps, n):
+    def __init__(self, procs, work, apps, n, deno_flags=(), label="bare"):
         self.procs = []
         for i in range(n):
-            deno_dir = os.path.join(work, f"bare{n}", str(i))
+            deno_dir = os.path.join(work, f"{label}{n}", str(i))
             path = os.path.join(deno_dir, "s.sock")
-            self.procs.append((deno_on_socket(procs, os.path.join(apps, f"t{i}"), deno_dir, path), path))
+            self.procs.append((deno_on_socket(procs, os.path.join(apps, f"t{i}"), deno_dir, path, deno_flags), path))
         self.connect([path for _, path in self.procs])
 
     def private_kib_per_isolate(self):
@@ -214,13 +214,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bare", action="store_true", help="also N bare deno processes (one per tenant)")
+    ap.add_argument("--bare-variant", action="append", default=[],
+                    help="label=deno flags: also N bare deno processes started with these flags "
+                    "(e.g. 'stgc=--v8-flags=--single-threaded-gc'), beside --bare")
     ap.add_argument("--bare-workers", action="store_true",
                     help="also one deno process with N module Workers (a cordon mode's cost)")
     ap.add_argument("--handler", help="a main.ts for every tenant instead of the hello-world one "
                     "(it must serve with Deno.serve on PORT; with --bare, with the hello-world one's options literally, "
                     "which common.deno_on_socket rewrites to a socket)")
     args = ap.parse_args()
-    only_bare = (args.bare or args.bare_workers) and not args.binary and not args.variant
+    only_bare = (args.bare or args.bare_variant or args.bare_workers) and not args.binary and not args.variant
     binaries = [] if only_bare else args.binary or [os.path.join(ROOT, "target/release/isocloud")]
     variants = [v.split("=", 1) for v in args.variant] or [["defaults", ""]]
     counts = [int(n) for n in args.tenants.split(",")]
@@ -248,6 +251,8 @@ def main():
             bares = []
             if args.bare:
                 bares.append(("bare deno", Bare(procs, work, apps, n)))
+            for label, flags in (v.split("=", 1) for v in args.bare_variant):
+                bares.append((f"bare deno {label}", Bare(procs, work, apps, n, shlex.split(flags), f"bare-{label}-")))
             if args.bare_workers:
                 bares.append(("bare workers", BareWorkers(procs, work, apps, n)))
             for name, runner in targets:
