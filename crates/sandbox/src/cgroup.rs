@@ -203,11 +203,56 @@ impl Drop for IsolateCgroup {
     }
 }
 
-/// Resident memory of `pid`, for the fallback watch where no cgroup is usable.
-pub fn resident_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some(pages * page_bytes)
+/// A process's resident memory (the usage report's peak, and the fallback
+/// watch where no cgroup is usable), read again and again through one open
+/// `/proc/<pid>/statm`: no path lookup, open and close per read (the
+/// monitor's largest cost with many tenants), and never a later process
+/// that took the same pid.
+#[derive(Debug)]
+pub struct ResidentMemory {
+    statm: std::fs::File,
+    page_bytes: u64,
+}
+
+impl ResidentMemory {
+    pub fn open(pid: u32) -> std::io::Result<ResidentMemory> {
+        let statm = std::fs::File::open(format!("/proc/{pid}/statm"))?;
+        // SAFETY: sysconf has no preconditions.
+        let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        Ok(ResidentMemory { statm, page_bytes })
+    }
+
+    /// Resident bytes now; `None` once the process has gone (a process that
+    /// has exited but is not yet reaped reads 0).
+    pub fn read_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt as _;
+        // Seven page counts: well under 256 bytes.
+        let mut line = [0u8; 256];
+        let read = self.statm.read_at(&mut line, 0).ok()?;
+        let text = std::str::from_utf8(&line[..read]).ok()?;
+        let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * self.page_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_reads_one_process_through_one_open_file_until_it_has_gone() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let memory = ResidentMemory::open(child.id()).unwrap();
+        let first = memory.read_bytes().expect("a live process's resident memory");
+        assert!(first > 0 && first.is_multiple_of(4096), "{first}");
+        assert_eq!(memory.read_bytes().map(|b| b > 0), Some(true), "read again through the same file");
+        child.kill().unwrap();
+        // Exited, not yet reaped: no memory left.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let zombie = memory.read_bytes();
+        child.wait().unwrap();
+        assert!(zombie.unwrap_or(0) == 0, "an exited process holds no memory: {zombie:?}");
+        assert_eq!(memory.read_bytes(), None, "a reaped process reads nothing");
+        assert!(ResidentMemory::open(u32::MAX).is_err());
+    }
 }

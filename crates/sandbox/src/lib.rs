@@ -43,11 +43,11 @@ pub mod seccomp_policy;
 pub mod uids;
 
 pub use build::{BuildConfinement, BuildMemory, BuildRoot};
-pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, resident_bytes};
+pub use cgroup::{CgroupVersion, Cgroups, IsolateCgroup, ResidentMemory};
 pub use command::{
     ProbeError, SandboxPolicy, SandboxedCommand, probe_mount_namespace, probe_sandbox, signal_process_group,
 };
-pub use cpu::process_cpu_time;
+pub use cpu::{CpuClock, process_cpu_time};
 pub use files::{
     EgressRoute, GuestPaths, IsolateFiles, PACKAGE_DIRS, PROJECT_CONFIG_FILES, Project, SandboxError,
     deno_template_dir, is_package_path, package_set_key, prune_deno_dirs,

@@ -135,7 +135,10 @@ pub(crate) fn is_quiet(used_ns: i128, interval: Duration, in_flight: u64) -> boo
 /// `ready` is free.
 pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
     let Some((pid, link)) = isolate.upgrade().map(|i| (i.pid, i.monitor.clone())) else { return };
-    let Ok(mut last_cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
+    // Found and opened once: each read below is one syscall.
+    let Ok(clock) = isocloud_sandbox::CpuClock::of(pid) else { return };
+    let Ok(mut last_cpu) = clock.read() else { return };
+    let mut memory = isocloud_sandbox::ResidentMemory::open(pid).ok();
     let cores = parallelism();
     let mut budget = CpuBudget::new(limits.cpu_limit_ms);
     let mut last_read = Instant::now();
@@ -165,7 +168,7 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
         if !isolate.is_running() {
             return;
         }
-        let Ok(cpu) = isocloud_sandbox::process_cpu_time(pid) else { return };
+        let Ok(cpu) = clock.read() else { return };
         let now = Instant::now();
         let interval = now - last_read;
         last_read = now;
@@ -190,7 +193,12 @@ pub(crate) async fn monitor(isolate: Weak<Isolate>, limits: IsolateLimits) {
         if limits.watch_rss || rss_due {
             last_rss_read = Some(now);
             ran_since_rss_read = false;
-            let resident = isocloud_sandbox::resident_bytes(pid);
+            if memory.is_none() {
+                // Opened again if it failed (a runner short of descriptors):
+                // without a cgroup, this read is what enforces the cap.
+                memory = isocloud_sandbox::ResidentMemory::open(pid).ok();
+            }
+            let resident = memory.as_ref().and_then(isocloud_sandbox::ResidentMemory::read_bytes);
             if let Some(resident) = resident {
                 isolate.note_memory(resident);
             }

@@ -251,6 +251,36 @@ async fn memory_bombs_are_stopped_and_reported() {
     }
 }
 
+/// Where no memory cgroup is usable, the runner's own reads of each
+/// isolate's resident memory are the cap on what lives outside V8's heap.
+#[tokio::test]
+async fn without_cgroups_the_resident_memory_watch_stops_a_buffer_bomb() {
+    let origin = TestOrigin::start().await;
+    origin.deploy("bomb", TestDeployment::inline_js(MEMORY_BOMBS));
+    let (root, secret) = (origin.rpc_root(), format!("{KID}={SECRET}"));
+    let args = ["runner", "--rpc-root", &root, "--subhost-secret", &secret];
+    let runner =
+        Runner::start_without_cgroups(&[&args[..], &["--memory-limit-mb", "128", "--cpu-limit-ms", "20000"]].concat());
+    // The probe: this runner found no cgroup, so the watch is what it has.
+    runner.wait_for_log("limits: memory=128 MB per isolate (RSS watch + V8 heap)");
+    let (_, first) = subhost_pid(&runner, "bomb", "/").await;
+    let message = expect_error(runner.subhost_get("bomb", "/buffers").await, 502, "MEMORY_LIMIT").await;
+    assert!(message.contains("memory"), "{message}");
+    wait_until("the bomb's isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
+    let mut events = Vec::new();
+    wait_until("a memory_limit event", Duration::from_secs(10), || {
+        events = origin.activity_events();
+        events.iter().any(|e| e["type"] == "memory_limit")
+    })
+    .await;
+    let event = events.iter().find(|e| e["type"] == "memory_limit").unwrap();
+    assert_eq!(event["limit"], 128 * 1024 * 1024, "{event}");
+    assert!(event["used"].as_u64().unwrap() > 128 * 1024 * 1024, "the watch read more than the cap: {event}");
+    // The next request gets a new isolate that serves.
+    let (_, second) = subhost_pid(&runner, "bomb", "/").await;
+    assert!(second != first && process_alive(second));
+}
+
 #[tokio::test]
 async fn oversized_requests_and_slow_clients_are_refused_at_the_edge() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

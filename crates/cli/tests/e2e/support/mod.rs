@@ -694,7 +694,32 @@ impl Runner {
     /// stdout line starting with each of `prefixes`, in any order; returns
     /// the rest of each such line, in the order of `prefixes`.
     pub fn start_with_lines(args: &[&str], state_dir: tempfile::TempDir, prefixes: &[&str]) -> (Runner, Vec<String>) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_isocloud"))
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_isocloud")), args, state_dir, prefixes)
+    }
+
+    /// Like [`Runner::start`], in a mount namespace of its own where an
+    /// empty tmpfs covers `/sys/fs/cgroup`: a machine without usable
+    /// cgroups, where the runner enforces the memory cap by reading each
+    /// isolate's resident memory. Needs root (`unshare`, `mount`).
+    pub fn start_without_cgroups(args: &[&str]) -> Runner {
+        let mut args = args.to_vec();
+        if !args.contains(&"--prestarted-isolates") {
+            args.extend(["--prestarted-isolates", "0"]);
+        }
+        let mut command = Command::new("unshare");
+        command.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        // `exec`: the runner is the child this handle kills and waits for.
+        command.arg("mount -t tmpfs none /sys/fs/cgroup && exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_isocloud"));
+        Self::start_command(command, &args, tempfile::tempdir().unwrap(), &[]).0
+    }
+
+    fn start_command(
+        mut command: Command,
+        args: &[&str],
+        state_dir: tempfile::TempDir,
+        prefixes: &[&str],
+    ) -> (Runner, Vec<String>) {
+        let mut child = command
             .args(args)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
             .arg(state_dir.path())
