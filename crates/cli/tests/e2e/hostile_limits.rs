@@ -93,13 +93,7 @@ async fn a_runaway_loop_is_killed_fast_and_reported() {
     let (_, second) = subhost_pid(&runner, "burner", "/").await;
     assert_ne!(second, first, "the next request boots a fresh isolate");
 
-    let mut events = Vec::new();
-    wait_until("the cpu_time_limit event", Duration::from_secs(10), || {
-        events = origin.activity_events();
-        events.iter().any(|e| e["type"] == "cpu_time_limit")
-    })
-    .await;
-    let event = events.iter().find(|e| e["type"] == "cpu_time_limit").unwrap();
+    let event = first_event(&origin, "cpu_time_limit").await;
     assert_eq!(event["deployment_id"], "burner");
     assert_eq!(event["limit"], 50);
     assert!(event["used"].as_u64().unwrap() >= 50, "{event}");
@@ -251,6 +245,17 @@ async fn memory_bombs_are_stopped_and_reported() {
     }
 }
 
+/// The first activity event of type `kind` the origin has (10 s at most).
+async fn first_event(origin: &TestOrigin, kind: &str) -> Value {
+    let mut found = None;
+    wait_until(&format!("a {kind} event"), Duration::from_secs(10), || {
+        found = origin.activity_events().into_iter().find(|e| e["type"] == kind);
+        found.is_some()
+    })
+    .await;
+    found.expect("found")
+}
+
 /// Where no memory cgroup is usable, the runner's own reads of each
 /// isolate's resident memory are the cap on what lives outside V8's heap.
 #[tokio::test]
@@ -267,13 +272,7 @@ async fn without_cgroups_the_resident_memory_watch_stops_a_buffer_bomb() {
     let message = expect_error(runner.subhost_get("bomb", "/buffers").await, 502, "MEMORY_LIMIT").await;
     assert!(message.contains("memory"), "{message}");
     wait_until("the bomb's isolate to be gone", Duration::from_secs(5), || !process_alive(first)).await;
-    let mut events = Vec::new();
-    wait_until("a memory_limit event", Duration::from_secs(10), || {
-        events = origin.activity_events();
-        events.iter().any(|e| e["type"] == "memory_limit")
-    })
-    .await;
-    let event = events.iter().find(|e| e["type"] == "memory_limit").unwrap();
+    let event = first_event(&origin, "memory_limit").await;
     assert_eq!(event["limit"], 128 * 1024 * 1024, "{event}");
     assert!(event["used"].as_u64().unwrap() > 128 * 1024 * 1024, "the watch read more than the cap: {event}");
     // The next request gets a new isolate that serves.

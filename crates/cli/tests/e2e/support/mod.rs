@@ -47,6 +47,16 @@ pub struct Runner {
     stderr: Arc<Mutex<String>>,
 }
 
+/// `args` of a `serve` or `runner`, with no pre-started isolates unless
+/// they ask for them.
+fn no_prestart_unless_asked<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    if matches!(args.first(), Some(&"serve" | &"runner")) && !args.contains(&"--prestarted-isolates") {
+        args.extend(["--prestarted-isolates", "0"]);
+    }
+    args
+}
+
 impl Runner {
     /// Starts `isocloud <args…>` with a free port, an admin port and its own
     /// state dir, and waits until it listens.
@@ -61,11 +71,7 @@ impl Runner {
     /// count the runner's deno processes, one per deployment
     /// (`prestarted.rs` tests them, the control plane tests run with them).
     pub fn start_with_state(args: &[&str], state_dir: tempfile::TempDir) -> Runner {
-        let mut args = args.to_vec();
-        if matches!(args.first(), Some(&"serve" | &"runner")) && !args.contains(&"--prestarted-isolates") {
-            args.extend(["--prestarted-isolates", "0"]);
-        }
-        Self::start_with_lines(&args, state_dir, &[]).0
+        Self::start_with_lines(&no_prestart_unless_asked(args), state_dir, &[]).0
     }
 
     pub fn pid(&self) -> u32 {
@@ -702,10 +708,7 @@ impl Runner {
     /// cgroups, where the runner enforces the memory cap by reading each
     /// isolate's resident memory. Needs root (`unshare`, `mount`).
     pub fn start_without_cgroups(args: &[&str]) -> Runner {
-        let mut args = args.to_vec();
-        if !args.contains(&"--prestarted-isolates") {
-            args.extend(["--prestarted-isolates", "0"]);
-        }
+        let args = no_prestart_unless_asked(args);
         let mut command = Command::new("unshare");
         command.args(["--mount", "--propagation", "private", "sh", "-c"]);
         // `exec`: the runner is the child this handle kills and waits for.
