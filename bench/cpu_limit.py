@@ -12,6 +12,7 @@ Loopback only; stops by itself.
 import argparse
 import http.client
 import os
+import shutil
 import signal
 import statistics
 import tempfile
@@ -58,6 +59,7 @@ def main():
     finally:
         runner.send_signal(signal.SIGTERM)
         runner.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"cpu limit {args.cpu_limit_ms} ms, {len(past_limit)} runaway loops")
     print(f"killed after the limit: median {statistics.median(past_limit):.1f} ms, max {max(past_limit):.1f} ms")
 

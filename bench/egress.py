@@ -15,6 +15,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import signal
 import statistics
 import tempfile
@@ -94,6 +95,7 @@ def main():
             runner.send_signal(signal.SIGTERM)
             runner.wait(timeout=30)
         source.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"isolate fetch of {args.mb} MiB from loopback, {args.runs} runs each")
     print("| path | median MB/s | p10 MB/s |")
     print("| --- | --- | --- |")

@@ -16,6 +16,7 @@ import argparse
 import http.client
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -87,6 +88,7 @@ def main():
         finally:
             runner.send_signal(signal.SIGTERM)
             runner.wait(timeout=30)
+    shutil.rmtree(work, ignore_errors=True)
     print("| limit MiB | bomb | answer | cgroup peak MiB | peak / limit | tenant allocated MiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for limit, kind, status, code, used, allocated in rows:

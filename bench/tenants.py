@@ -28,6 +28,7 @@ import os
 import selectors
 import shlex
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,8 @@ def main():
                     procs.stop(p)
     finally:
         procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(wrk.work, ignore_errors=True)
     print(f"\n{args.rounds} rounds × {args.seconds:g} s, wrk -t2 -c32 rotating Host; medians over rounds\n")
     print("| target | tenants | req/s | vs 1 tenant | runner CPU µs/req | isolates' CPU µs/req "
           "| isolates' context switches/req | errors |")

@@ -15,6 +15,7 @@ mod git;
 mod limits;
 mod manifests;
 mod origin;
+mod postgres_tls;
 mod projects;
 mod query_plans;
 mod restart;

@@ -41,6 +41,21 @@ macro_rules! backend_tests {
     };
 }
 
+/// What a PostgreSQL test needs; `None` (with a printed reason) when
+/// PostgreSQL is not installed, unless `CI=true`, where that is a failure.
+pub fn postgres_available<T>(needed: Result<T, postgres::Unavailable>) -> Option<T> {
+    match needed {
+        Ok(needed) => Some(needed),
+        Err(postgres::Unavailable(reason)) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("PostgreSQL tests cannot run under CI=true: {reason} (run scripts/install-postgres)");
+            }
+            eprintln!("SKIPPED: PostgreSQL test: {reason} (run scripts/install-postgres)");
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Backend {
     Sqlite,
@@ -55,16 +70,7 @@ impl Backend {
     /// printed reason) when PostgreSQL is not installed, unless `CI=true`,
     /// where that is a failure.
     pub async fn postgres() -> Option<Backend> {
-        match postgres::fresh_database().await {
-            Ok(url) => Some(Backend::Postgres { url }),
-            Err(postgres::Unavailable(reason)) => {
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("PostgreSQL tests cannot run under CI=true: {reason} (run scripts/install-postgres)");
-                }
-                eprintln!("SKIPPED: PostgreSQL test: {reason} (run scripts/install-postgres)");
-                None
-            }
-        }
+        postgres_available(postgres::fresh_database().await).map(|url| Backend::Postgres { url })
     }
 
     fn database_url(&self) -> Option<String> {

@@ -5,6 +5,11 @@
 //! with the temp dir chowned to it. Each test gets a database of its own,
 //! so tests run in parallel.
 //!
+//! The cluster also speaks TLS, with a certificate for 127.0.0.1 from a CA
+//! of its own (`ca.crt` in the temp dir). Other tests connect with sqlx's
+//! default `sslmode=prefer`; the role `tls_only` is let in over TLS alone
+//! (`pg_hba.conf`), for the tests of the encrypted connection.
+//!
 //! The server is started from a thread that lives as long as the test
 //! process and asks for SIGINT (PostgreSQL's fast shutdown) when it goes
 //! (`PR_SET_PDEATHSIG`); an `atexit` hook stops it and removes the dir.
@@ -47,6 +52,11 @@ impl Drop for Cluster {
 
 static CLUSTER: Mutex<Option<Cluster>> = Mutex::new(None);
 static PORT: OnceLock<Result<u16, String>> = OnceLock::new();
+/// The CA that signed the cluster's certificate (PEM), once started.
+static CA_PATH: OnceLock<PathBuf> = OnceLock::new();
+
+/// The role `pg_hba.conf` admits over TLS only.
+pub const TLS_ONLY_ROLE: &str = "tls_only";
 
 extern "C" fn stop_cluster() {
     if let Ok(mut cluster) = CLUSTER.lock() {
@@ -132,6 +142,18 @@ fn start(bin: &Path) -> Result<(u16, Cluster), String> {
     if !output.status.success() {
         return Err(format!("initdb failed: {}", String::from_utf8_lossy(&output.stderr)));
     }
+    let tls = write_tls_files(dir.path(), user)?;
+    // First match wins: the TLS-only role never gets past the first line
+    // unencrypted; everyone else keeps initdb's trust lines.
+    let hba = data.join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+    std::fs::write(
+        &hba,
+        format!(
+            "hostnossl all {TLS_ONLY_ROLE} 127.0.0.1/32 reject\nhostssl all {TLS_ONLY_ROLE} 127.0.0.1/32 trust\n{rest}"
+        ),
+    )
+    .map_err(|e| format!("pg_hba.conf: {e}"))?;
     let port = free_port()?;
     let log = std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| format!("log file: {e}"))?;
     let mut postgres = Command::new(bin.join("postgres"));
@@ -144,6 +166,8 @@ fn start(bin: &Path) -> Result<(u16, Cluster), String> {
         .arg(dir.path())
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
         .args(["-c", "full_page_writes=off", "-c", "max_connections=400", "-c", "shared_buffers=64MB"])
+        .args(["-c", "ssl=on", "-c", &format!("ssl_cert_file={}", tls.cert.display())])
+        .args(["-c", &format!("ssl_key_file={}", tls.key.display())])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
@@ -157,6 +181,7 @@ fn start(bin: &Path) -> Result<(u16, Cluster), String> {
             .status()
             .is_ok_and(|s| s.success());
         if ready {
+            let _ = CA_PATH.set(tls.ca);
             return Ok((port, cluster));
         }
         if let Ok(Some(status)) = cluster.child.try_wait() {
@@ -168,6 +193,42 @@ fn start(bin: &Path) -> Result<(u16, Cluster), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A CA and the server's certificate for 127.0.0.1 and localhost signed by
+/// it, in `dir`. PostgreSQL wants its key 0600 and owned by the user it
+/// runs as.
+fn write_tls_files(dir: &Path, user: Option<(u32, u32)>) -> Result<TlsFiles, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |e: rcgen::Error| format!("test certificate: {e}");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "isocloud test PostgreSQL CA");
+    let ca_key = rcgen::KeyPair::generate().map_err(failed)?;
+    let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).map_err(failed)?;
+    let key = rcgen::KeyPair::generate().map_err(failed)?;
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(failed)?;
+    let files = TlsFiles { ca: dir.join("ca.crt"), cert: dir.join("server.crt"), key: dir.join("server.key") };
+    let write = |path: &Path, pem: String, mode: u32| -> Result<(), String> {
+        std::fs::write(path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| format!("chown: {e}"))?;
+        }
+        Ok(())
+    };
+    write(&files.ca, ca.pem(), 0o644)?;
+    write(&files.cert, cert.pem(), 0o644)?;
+    write(&files.key, key.serialize_pem(), 0o600)?;
+    Ok(files)
 }
 
 /// Starts the cluster once per test binary; its port.
@@ -213,6 +274,30 @@ pub async fn fresh_database() -> Result<String, Unavailable> {
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
     admin.close().await.expect("close");
     Ok(format!("postgres://postgres@127.0.0.1:{port}/{name}"))
+}
+
+/// A new, empty database owned by [`TLS_ONLY_ROLE`], which the cluster
+/// admits over TLS only: its URL without connection options (the test adds
+/// its `sslmode`), and the CA that signed the cluster's certificate.
+pub async fn fresh_tls_only_database() -> Result<(String, PathBuf), Unavailable> {
+    let port = tokio::task::spawn_blocking(cluster_port).await.expect("cluster start task")?;
+    let name = format!("test_{}", hex::encode(rand_bytes()));
+    let mut admin = sqlx::postgres::PgConnection::connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .await
+        .expect("connect to the test cluster");
+    // Tests run in parallel: the role may be made by another one meanwhile.
+    let made = sqlx::query(&format!("CREATE ROLE {TLS_ONLY_ROLE} LOGIN")).execute(&mut admin).await;
+    if let Err(e) = made {
+        let duplicate = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42710" || c == "23505");
+        assert!(duplicate, "create role: {e}");
+    }
+    sqlx::query(&format!("CREATE DATABASE {name} OWNER {TLS_ONLY_ROLE}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    admin.close().await.expect("close");
+    let ca = CA_PATH.get().expect("the cluster wrote its CA").clone();
+    Ok((format!("postgres://{TLS_ONLY_ROLE}@127.0.0.1:{port}/{name}"), ca))
 }
 
 fn rand_bytes() -> [u8; 8] {
