@@ -126,16 +126,27 @@ pub async fn start_origin(
     let mut bounds = listener.bounds;
     bounds.max_connections_per_peer = 0;
     let service = hyper_util::service::TowerToHyperService::new(http.router());
-    tokio::spawn(isocloud_ingress::serve_bounded(tcp, bounds, listener.metrics, service));
+    let scheme = match &origin.tls {
+        Some(files) => {
+            let acceptor = isocloud_ingress::certificate_files_acceptor(files.clone())
+                .context("cannot set up TLS on the origin listener")?;
+            tokio::spawn(isocloud_ingress::serve_bounded_tls(tcp, acceptor, bounds, listener.metrics, service));
+            "https"
+        }
+        None => {
+            tokio::spawn(isocloud_ingress::serve_bounded(tcp, bounds, listener.metrics, service));
+            "http"
+        }
+    };
     let kids: Vec<&str> = origin.keys.iter().map(|key| key.kid.as_str()).collect();
     tracing::info!(
         %addr,
         kids = ?kids,
         max_concurrent_rpcs = ORIGIN_HTTP_LIMITS.max_concurrent_rpcs,
-        "control plane: origin RPCs for remote runners (their --rpc-root http://{addr}/)"
+        "control plane: origin RPCs for remote runners (their --rpc-root {scheme}://{addr}/)"
     );
     // Tests and scripts read this line to learn the port of `…:0`.
-    println!("isocloud: origin on http://{addr}");
+    println!("isocloud: origin on {scheme}://{addr}");
     Ok(addr)
 }
 

@@ -24,7 +24,10 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let table = Arc::new(RwLock::new(HostTable::default()));
     // One set of roots for the routing feed, the certificates and the ACME
     // lookups: the node the feed last reached is the one the others ask.
-    let roots = Arc::new(FailoverRoots::new(settings.rpc_root.clone(), settings.rpc_root_fallbacks.clone()));
+    let roots = Arc::new(
+        FailoverRoots::new(settings.rpc_root.clone(), settings.rpc_root_fallbacks.clone())
+            .with_trust(settings.rpc_trust.clone()),
+    );
     let mut follower = Follower::from_roots(
         table.clone(),
         roots.clone(),

@@ -13,7 +13,11 @@ use crate::settings::{Mode, Settings};
 /// What every remote origin of this runner is built with (the router's and
 /// the resolver's alike).
 pub fn remote_options(settings: &Settings) -> RemoteOriginOptions {
-    RemoteOriginOptions { rpc_timeout_ms: settings.origin_timeout.as_millis() as u64, ..RemoteOriginOptions::default() }
+    RemoteOriginOptions {
+        rpc_timeout_ms: settings.origin_timeout.as_millis() as u64,
+        trust: settings.rpc_trust.clone(),
+        ..RemoteOriginOptions::default()
+    }
 }
 
 /// Finds the origin an earlier run's spooled batch names. Apps mode: `apps`.

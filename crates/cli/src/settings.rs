@@ -7,6 +7,7 @@ mod options;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -213,6 +214,9 @@ pub struct OriginListen {
     pub addr: SocketAddr,
     /// Never logged (`Secret`'s `Debug` redacts).
     pub keys: Vec<isocloud_controlplane::origin_http::OriginKey>,
+    /// `--origin-tls-cert` and `--origin-tls-key`, read: TLS only; `None`:
+    /// plain HTTP.
+    pub tls: Option<Arc<isocloud_ingress::CertificateFiles>>,
 }
 
 /// The build step's settings (`serve`: the control plane's deployments, or
@@ -232,6 +236,9 @@ pub struct Settings {
     pub mode: Mode,
     /// Subhosting: other roots answering for `--rpc-root` (empty otherwise).
     pub rpc_root_fallbacks: Vec<Url>,
+    /// Subhosting: `--rpc-root-ca`, trusted for https roots beside the
+    /// public roots.
+    pub rpc_trust: isocloud_origin::RpcTrust,
     /// `serve`'s build step (the control plane's deployments, apps mode).
     pub build: BuildSettings,
     pub listen: SocketAddr,
@@ -450,8 +457,10 @@ impl Settings {
         let subhost_keys_given = !given.subhost_secret.is_empty()
             || !given.subhost_secret_file.is_empty()
             || given.rpc_root.is_some()
-            || !given.rpc_root_fallback.is_empty();
+            || !given.rpc_root_fallback.is_empty()
+            || !given.rpc_root_ca.is_empty();
         let rpc_root_fallbacks = rpc_root_fallbacks(&given.rpc_root_fallback)?;
+        let rpc_trust = rpc_trust(&given.rpc_root_ca)?;
 
         let mode = if let Some(control) = control_plane {
             if subhost_keys_given {
@@ -502,6 +511,7 @@ impl Settings {
         Ok(Settings {
             mode,
             rpc_root_fallbacks,
+            rpc_trust,
             build,
             listen,
             admin_listen,
@@ -586,6 +596,8 @@ pub struct EdgeSettings {
     pub rpc_root: Url,
     /// Its other nodes' origin listeners, tried when it cannot be reached.
     pub rpc_root_fallbacks: Vec<Url>,
+    /// `--rpc-root-ca`: trusted for https roots beside the public roots.
+    pub rpc_trust: isocloud_origin::RpcTrust,
     /// Signs the relay tokens and the routing feed's: the runners'
     /// `--subhost-secret` and the control plane's `--origin-secret`.
     pub key: isocloud_edge::SigningKey,
@@ -612,7 +624,7 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 26] = [
+pub const EDGE_OPTIONS: [&str; 27] = [
     "config",
     "listen",
     "tls_listen",
@@ -631,6 +643,7 @@ pub const EDGE_OPTIONS: [&str; 26] = [
     "admin_max_connections",
     "rpc_root",
     "rpc_root_fallback",
+    "rpc_root_ca",
     "subhost_secret",
     "subhost_secret_file",
     "runner",
@@ -695,6 +708,7 @@ impl EdgeSettings {
             log_format: given.log_format,
             rpc_root,
             rpc_root_fallbacks: rpc_root_fallbacks(&given.rpc_root_fallback)?,
+            rpc_trust: rpc_trust(&given.rpc_root_ca)?,
             key,
             runners,
             runner_http2: given.runner_http2 == Switch::On,
@@ -803,6 +817,12 @@ fn rpc_root_fallbacks(texts: &[String]) -> Result<Vec<Url>, SettingsError> {
         roots.push(root);
     }
     Ok(roots)
+}
+
+/// `--rpc-root-ca`s, each read and checked now.
+fn rpc_trust(paths: &[String]) -> Result<isocloud_origin::RpcTrust, SettingsError> {
+    let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    isocloud_origin::RpcTrust::from_pem_files(&paths).map_err(|e| invalid("rpc_root_ca", e.to_string()))
 }
 
 fn parse_rpc_root(text: &str) -> Result<Url, SettingsError> {
@@ -1004,7 +1024,22 @@ fn origin_listen(given: &Given) -> Result<Option<OriginListen>, SettingsError> {
         if !given.origin_secret.is_empty() || !given.origin_secret_file.is_empty() {
             return Err(invalid("origin_secret", "origin keys are --origin-listen's: without it nothing reads them"));
         }
+        if given.origin_tls_cert.is_some() || given.origin_tls_key.is_some() {
+            return Err(invalid(
+                "origin_tls_cert",
+                "the origin certificate is --origin-listen's: without it nothing serves it",
+            ));
+        }
         return Ok(None);
+    };
+    let tls = match (&given.origin_tls_cert, &given.origin_tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            isocloud_ingress::CertificateFiles::load(Path::new(cert), Path::new(key))
+                .map_err(|e| invalid("origin_tls_cert", e.to_string()))?,
+        )),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("origin_tls_key", "--origin-tls-cert needs its --origin-tls-key")),
+        (None, Some(_)) => return Err(invalid("origin_tls_cert", "--origin-tls-key needs its --origin-tls-cert")),
     };
     let addr = parse_addr("origin_listen", addr)?;
     let mut keys: Vec<OriginKey> = Vec::new();
@@ -1032,7 +1067,7 @@ fn origin_listen(given: &Given) -> Result<Option<OriginListen>, SettingsError> {
         ),
         e => invalid("origin_secret", e.to_string()),
     })?;
-    Ok(Some(OriginListen { addr, keys }))
+    Ok(Some(OriginListen { addr, keys, tls }))
 }
 
 /// `--blob-store` and the options that only it reads, validated (the

@@ -54,7 +54,7 @@ impl AcmeLookup {
     /// poll is asked first.
     pub fn from_roots(roots: Arc<FailoverRoots>, key: SigningKey) -> Result<Self, url::ParseError> {
         check_roots(&roots, LOOKUP_PATH)?;
-        let client = control_plane_client(ACME_LOOKUP_TIMEOUT, ACME_CONNECT_TIMEOUT)?;
+        let client = control_plane_client(&roots, ACME_LOOKUP_TIMEOUT, ACME_CONNECT_TIMEOUT)?;
         Ok(Self { roots, key, client, turns: Semaphore::new(ACME_LOOKUPS) })
     }
 

@@ -381,7 +381,7 @@ impl CertificateFeed {
     ) -> Result<Self, url::ParseError> {
         check_roots(&roots, FEED_PATH)?;
         check_roots(&roots, TLS_ALPN_PATH)?;
-        let client = control_plane_client(timeout, timeout.min(Duration::from_secs(5)))?;
+        let client = control_plane_client(&roots, timeout, timeout.min(Duration::from_secs(5)))?;
         Ok(Self { certificates, roots, key, client, pending: Mutex::new(Pending::All), metrics })
     }
 

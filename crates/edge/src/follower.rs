@@ -46,17 +46,18 @@ impl SigningKey {
 }
 
 /// The client every edge route of the control plane is asked with: the
-/// answer is ours to decode, never followed elsewhere.
+/// answer is ours to decode, never followed elsewhere; an https root's
+/// certificate may also come from the roots' own trust (`--rpc-root-ca`).
 pub(crate) fn control_plane_client(
+    roots: &FailoverRoots,
     timeout: Duration,
     connect_timeout: Duration,
 ) -> Result<reqwest::Client, url::ParseError> {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(connect_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|_| url::ParseError::EmptyHost)
+        .redirect(reqwest::redirect::Policy::none());
+    roots.trust().apply(builder).build().map_err(|_| url::ParseError::EmptyHost)
 }
 
 /// Why a poll brought nothing. Shown in the edge's log; never holds the
@@ -120,7 +121,7 @@ impl Follower {
         metrics: Metrics,
     ) -> Result<Self, url::ParseError> {
         check_roots(&roots, FEED_PATH)?;
-        let client = control_plane_client(timeout, timeout.min(Duration::from_secs(5)))?;
+        let client = control_plane_client(&roots, timeout, timeout.min(Duration::from_secs(5)))?;
         Ok(Self { table, roots, key, client, metrics, certificates: None })
     }
 

@@ -23,6 +23,7 @@ mod acme;
 mod admin;
 mod body;
 mod bounds;
+mod cert_files;
 mod connection;
 mod error;
 mod isolates;
@@ -40,6 +41,7 @@ pub use bounds::{
     BodyBound, Breach, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE_KB_S, LISTENER_DEFAULTS, ListenerBounds,
     ListenerDefaults, ListenerKind,
 };
+pub use cert_files::{CertificateFiles, CertificateFilesError, certificate_files_acceptor};
 pub use connection::{BodyTooSlow, BoundedBody, PeerAddr, serve_bounded, serve_bounded_tls};
 pub use error::EdgeError;
 pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};

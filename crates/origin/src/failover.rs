@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use url::Url;
 
+use crate::RpcTrust;
+
 /// The roots of one origin, in the order named, and which one answered
 /// last.
 #[derive(Debug)]
@@ -19,6 +21,9 @@ pub struct FailoverRoots {
     roots: Vec<Url>,
     /// The root that last answered, where the next request starts.
     current: AtomicUsize,
+    /// Certificates the roots may present beside the public roots, for the
+    /// clients that ask them.
+    trust: RpcTrust,
 }
 
 impl FailoverRoots {
@@ -30,7 +35,18 @@ impl FailoverRoots {
                 roots.push(fallback);
             }
         }
-        Self { roots, current: AtomicUsize::new(0) }
+        Self { roots, current: AtomicUsize::new(0), trust: RpcTrust::default() }
+    }
+
+    /// These roots, whose https certificates may also come from `trust`.
+    pub fn with_trust(mut self, trust: RpcTrust) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// What a client asking these roots trusts beside the public roots.
+    pub fn trust(&self) -> &RpcTrust {
+        &self.trust
     }
 
     /// Every root, the one named first.

@@ -24,6 +24,7 @@ mod failover;
 mod registry;
 mod remote;
 mod stale;
+mod trust;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,6 +39,7 @@ pub use isocloud_protocol::{ActivityBatch, DEFAULT_ENTRYPOINTS, IsolateConfig};
 pub use registry::{MAX_REMOTE_ORIGINS, RemoteOrigins};
 pub use remote::{RemoteOrigin, RemoteOriginOptions};
 pub use stale::{Fault, StaleBoots, fault_of, remember_tree};
+pub use trust::{RpcTrust, RpcTrustError};
 
 /// The answer to `boot`: the validated config and the inline layer's bytes
 /// (empty when the config names none).

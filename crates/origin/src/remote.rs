@@ -10,7 +10,7 @@ use isocloud_auth::{Secret, sign_rpc_token};
 use isocloud_protocol::{ActivityBatch, IsolateConfig};
 use url::Url;
 
-use crate::{AssetTree, BootAnswer, FailoverRoots, Origin, OriginError};
+use crate::{AssetTree, BootAnswer, FailoverRoots, Origin, OriginError, RpcTrust};
 
 #[derive(Debug, Clone)]
 pub struct RemoteOriginOptions {
@@ -19,11 +19,18 @@ pub struct RemoteOriginOptions {
     pub connect_timeout_ms: u64,
     /// Upper bound of a layer, inline layer or blob answer.
     pub max_body_bytes: u64,
+    /// Certificates an https root may present beside the public roots.
+    pub trust: RpcTrust,
 }
 
 impl Default for RemoteOriginOptions {
     fn default() -> Self {
-        Self { rpc_timeout_ms: 10_000, connect_timeout_ms: 3_000, max_body_bytes: 256 * 1024 * 1024 }
+        Self {
+            rpc_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            max_body_bytes: 256 * 1024 * 1024,
+            trust: RpcTrust::default(),
+        }
     }
 }
 
@@ -70,14 +77,14 @@ impl RemoteOrigin {
     }
 
     /// The HTTP client every remote origin of one runner shares (one
-    /// connection pool), with the connect timeout of `options`.
+    /// connection pool), with the connect timeout and the trust of
+    /// `options`.
     pub fn client(options: &RemoteOriginOptions) -> reqwest::Client {
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("a client without custom TLS roots always builds")
+            .redirect(reqwest::redirect::Policy::none());
+        options.trust.apply(builder).build().expect("RpcTrust's certificates were each built into a client when read")
     }
 
     fn url(root: &Url, rpc: &str, query: &[(&str, &str)]) -> Url {

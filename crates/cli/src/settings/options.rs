@@ -329,6 +329,12 @@ options! {
         /// for `isocloud runner`s on other machines (their --rpc-root), every
         /// call signed with an --origin-secret key.
         origin_listen: String, "ADDR", shown("off");
+        /// The origin listener's certificate chain (PEM, leaf first): with
+        /// --origin-tls-key, the origin RPCs are served over TLS only (the
+        /// runners' --rpc-root https://…). Read again when the file changes.
+        origin_tls_cert: String, "PATH", shown("off");
+        /// The key of --origin-tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+        origin_tls_key: String, "PATH", shown("off");
         /// A key runners sign their origin RPCs with, KID=SECRET (repeatable;
         /// the runner's --subhost-secret KID=SECRET; 32 bytes at least).
         origin_secret: Vec<String>, "KID=SECRET", default(Vec::new()), shown("none");
@@ -413,6 +419,10 @@ options! {
         /// --origin-listen), tried in order when --rpc-root's connection
         /// cannot be made (repeatable).
         rpc_root_fallback: Vec<String>, "URL", default(Vec::new()), shown("none");
+        /// A CA certificate bundle (PEM) an https --rpc-root or fallback's
+        /// certificate may chain to, beside the public roots: the private CA
+        /// of the control plane's --origin-tls-cert (repeatable).
+        rpc_root_ca: Vec<String>, "PATH", default(Vec::new()), shown("none");
         /// A subhoster's shared secret, KID=SECRET (repeatable). For `edge`:
         /// the one key it signs with (the runners' --subhost-secret, the
         /// control plane's --origin-secret).

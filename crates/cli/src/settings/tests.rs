@@ -733,6 +733,66 @@ fn the_origin_listener_is_off_by_default_and_needs_its_keys() {
     assert_eq!(field_of(&runner), "origin_listen", "a runner has no origin to serve");
 }
 
+/// A self-signed pair for 127.0.0.1 in `dir`: the certificate's path, the
+/// key's.
+fn write_certificate(dir: &Path) -> (String, String) {
+    let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    (cert.to_str().unwrap().to_owned(), key.to_str().unwrap().to_owned())
+}
+
+#[test]
+fn the_origin_listener_serves_tls_with_both_files_read_now() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let (cert, key) = write_certificate(data.path());
+    let secret = format!("cp={}", "s".repeat(32));
+    let listen = ["--origin-listen", "127.0.0.1:0", "--origin-secret", secret.as_str()];
+    assert!(control_plane(dir, &listen).origin.unwrap().tls.is_none(), "plain HTTP unless asked");
+    let tls = [&listen[..], &["--origin-tls-cert", &cert, "--origin-tls-key", &key]].concat();
+    assert!(control_plane(dir, &tls).origin.unwrap().tls.is_some());
+
+    let refused = |args: &[&str]| {
+        let mut argv = vec!["serve", "--data", dir];
+        argv.extend_from_slice(args);
+        match parse(&argv) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => (e.field, e.message),
+        }
+    };
+    let (field, _) = refused(&["--origin-tls-cert", &cert, "--origin-tls-key", &key]);
+    assert_eq!(field, "origin_tls_cert", "no listener to serve it");
+    assert_eq!(refused(&[&listen[..], &["--origin-tls-cert", &cert]].concat()).0, "origin_tls_key");
+    assert_eq!(refused(&[&listen[..], &["--origin-tls-key", &key]].concat()).0, "origin_tls_cert");
+    let swapped = [&listen[..], &["--origin-tls-cert", &key, "--origin-tls-key", &cert]].concat();
+    let (field, message) = refused(&swapped);
+    assert_eq!(field, "origin_tls_cert");
+    assert!(message.contains("key.pem") && message.contains("no CERTIFICATE"), "{message}");
+}
+
+#[test]
+fn rpc_root_ca_is_a_runners_and_an_edges_and_is_read_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_certificate(dir.path());
+    let runner = ["runner", "--rpc-root", "https://o/", "--subhost-secret", "a=b", "--state-dir", "/tmp/x"];
+    let settings = parse(&[&runner[..], &["--rpc-root-ca", &cert]].concat()).unwrap();
+    assert_eq!(settings.rpc_trust.files().len(), 1);
+    assert!(parse(&runner).unwrap().rpc_trust.files().is_empty(), "the public roots only, unless asked");
+    assert_eq!(field_of(&[&runner[..], &["--rpc-root-ca", &key]].concat()), "rpc_root_ca", "a key is no CA");
+    assert_eq!(field_of(&[&runner[..], &["--rpc-root-ca", "/nonexistent.pem"]].concat()), "rpc_root_ca");
+    let apps = tempfile::tempdir().unwrap();
+    let serve = ["serve", "--apps", apps.path().to_str().unwrap(), "--rpc-root-ca", &cert];
+    assert_eq!(field_of(&serve), "rpc_root_ca", "serve calls no remote origin");
+
+    let edge_args = ["--rpc-root", "https://10.0.0.1:8082/", "--subhost-secret", EDGE_KEY, "--runner", "http://r:8080"];
+    let settings = edge(&[&edge_args[..], &["--rpc-root-ca", &cert]].concat()).unwrap();
+    assert_eq!(settings.rpc_trust.files().len(), 1);
+    let Err(e) = edge(&[&edge_args[..], &["--rpc-root-ca", &key]].concat()) else { panic!("a key is no CA") };
+    assert_eq!(e.field, "rpc_root_ca");
+}
+
 #[test]
 fn blobs_stay_in_the_data_dir_unless_a_bucket_is_named() {
     let data = tempfile::tempdir().unwrap();

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::edge::{Edge, isolates_of, ranking};
-use crate::support::{ControlPlaneServe, SECRET, isocloud_cli, metric_value, runner_fed_by};
+use crate::support::{
+    ControlPlaneServe, SECRET, isocloud_cli, metric_value, origin_certificate, runner_fed_by, runner_fed_by_root,
+};
 
 /// Answers `NAME METHOD PATH HOST`; `/slow` takes 1.5 s first.
 fn write_app(dir: &Path, name: &str) {
@@ -160,4 +162,35 @@ async fn the_edge_hashes_deployments_to_runners_follows_deploys_and_fails_over()
         assert_eq!(status, 200, "{name}: {body}");
     }
     assert!(edge.stderr().contains("serving the host table held"), "{}", edge.stderr());
+}
+
+#[tokio::test]
+async fn over_tls_the_edge_follows_an_origin_listener_whose_ca_it_trusts() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = origin_certificate(pki.path());
+    let (serve, origin) =
+        ControlPlaneServe::start_with_origin(&["--origin-tls-cert", cert.as_str(), "--origin-tls-key", key.as_str()]);
+    let work = tempfile::tempdir().unwrap();
+    deploy(&serve, &work.path().join("config"), work.path(), "alpha");
+    let rpc_root = format!("https://{origin}/");
+    let trust = ["--rpc-root-ca", ca.as_str()];
+    let runner = runner_fed_by_root(&rpc_root, SECRET, &trust);
+
+    // The routing feed over TLS: the edge serves the deployment by Host.
+    let edge = Edge::start_with_root(&rpc_root, &[&runner], &trust);
+    let port = edge.addr.port();
+    let (status, body) = edge.text("alpha.localhost", "/a").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("alpha GET /a alpha.localhost:{port}").as_str()),
+        "{}",
+        edge.stderr()
+    );
+
+    // Without the CA the edge gets no table, and its log says why.
+    let untrusting = Edge::start_with_root(&rpc_root, &[&runner], &[]);
+    let (status, _) = untrusting.text("alpha.localhost", "/a").await;
+    assert_ne!(status, 200);
+    let log = untrusting.stderr();
+    assert!(log.contains("invalid peer certificate: UnknownIssuer"), "the log says why:\n{log}");
 }

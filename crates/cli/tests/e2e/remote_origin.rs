@@ -4,14 +4,15 @@
 //! subhoster's origin, serves a first-party deployment — code, env, assets,
 //! and its logs back into the control plane — while `serve`'s own runner
 //! serves the same deployment in process. RPCs signed with no key or a
-//! wrong one are refused.
+//! wrong one are refused. With `--origin-tls-cert` the listener speaks TLS
+//! only, and a runner reaches it trusting the CA it names (`--rpc-root-ca`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    ControlPlaneServe, KID, SECRET, claims_for, expect_error, isocloud_cli, now_s, runner_fed_by, subhost_token,
-    token_with,
+    ControlPlaneServe, KID, SECRET, claims_for, expect_error, isocloud_cli, now_s, origin_certificate, runner_fed_by,
+    runner_fed_by_root, subhost_token, token_with,
 };
 use serde_json::json;
 
@@ -107,4 +108,64 @@ async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the
     assert!(outsider.isolates().await.is_empty());
     let log = serve.runner.stderr();
     assert!(log.contains("origin: RPC refused"), "the refusals are logged:\n{log}");
+}
+
+#[tokio::test]
+async fn over_tls_the_origin_listener_feeds_a_runner_that_trusts_its_ca_and_no_runner_that_does_not() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = origin_certificate(pki.path());
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[
+        "--cpu-limit-ms",
+        "5000",
+        "--origin-tls-cert",
+        cert.as_str(),
+        "--origin-tls-key",
+        key.as_str(),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    cli(&serve, &config, &["projects", "create", "shop"]);
+    cli(&serve, &config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
+    let app = work.path().join("app");
+    write_app(&app);
+    let out = cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
+    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
+    let deployment_id = host.strip_prefix("shop-").and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned();
+
+    // The listener answers a signed RPC over TLS, to a client trusting the
+    // CA; plain HTTP gets no answer at all.
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
+        .build()
+        .unwrap();
+    let boot = format!("boot?deployment_id={deployment_id}");
+    let signed = trusting
+        .get(format!("https://{origin}/{boot}"))
+        .bearer_auth(subhost_token(claims_for(&deployment_id)))
+        .send()
+        .await
+        .expect("TLS to the origin listener");
+    assert_eq!(signed.status(), 200);
+    assert!(signed.headers().contains_key("x-deno-config"));
+    let plain = reqwest::Client::new().get(format!("http://{origin}/{boot}")).send().await;
+    assert!(plain.is_err(), "plain HTTP answered: {:?}", plain.map(|r| r.status()));
+
+    // A runner trusting the CA boots the deployment through it.
+    let rpc_root = format!("https://{origin}/");
+    let runner = runner_fed_by_root(&rpc_root, SECRET, &["--rpc-root-ca", ca.as_str()]);
+    let remote = runner.subhost_get(&deployment_id, "/remote").await;
+    assert_eq!(remote.status(), 200, "{}", runner.stderr());
+    assert_eq!(remote.text().await.unwrap(), "hello about v1");
+    let isolates = runner.isolates().await;
+    assert_eq!(isolates[0]["origin"], format!("{KID}@{rpc_root}"), "{isolates:?}");
+
+    // The same runner without the CA: the certificate is not trusted, so
+    // nothing boots, and its log says why.
+    let untrusting = runner_fed_by_root(&rpc_root, SECRET, &[]);
+    let refused = untrusting.subhost_get(&deployment_id, "/remote").await;
+    expect_error(refused, 502, "ORIGIN_UNREACHABLE").await;
+    assert!(untrusting.isolates().await.is_empty());
+    let log = untrusting.stderr();
+    assert!(log.contains("invalid peer certificate: UnknownIssuer"), "the log says why:\n{log}");
 }

@@ -32,10 +32,15 @@ impl Edge {
     /// An edge fed by the origin listener at `origin`, in front of `runners`,
     /// with `extra` flags.
     pub fn start(origin: SocketAddr, runners: &[&Runner], extra: &[&str]) -> Edge {
-        let rpc_root = format!("http://{origin}/");
+        Self::start_with_root(&format!("http://{origin}/"), runners, extra)
+    }
+
+    /// [`Edge::start`] fed by the origin listener at `rpc_root` (`https://…`
+    /// for one serving TLS).
+    pub fn start_with_root(rpc_root: &str, runners: &[&Runner], extra: &[&str]) -> Edge {
         let key = format!("{KID}={SECRET}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_isocloud"));
-        command.args(["edge", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rpc-root", &rpc_root]);
+        command.args(["edge", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rpc-root", rpc_root]);
         command.args(["--subhost-secret", &key]).args(extra);
         for runner in runners {
             command.args(["--runner", &format!("http://{}", runner.addr)]);

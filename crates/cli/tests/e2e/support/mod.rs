@@ -790,9 +790,36 @@ impl Runner {
 /// origin listener at `origin` (subhoster `KID`, key `secret`), with room
 /// for slow test machines (`--cpu-limit-ms 5000`), then `extra`.
 pub fn runner_fed_by(origin: SocketAddr, secret: &str, extra: &[&str]) -> Runner {
-    let (rpc_root, key) = (format!("http://{origin}/"), format!("{KID}={secret}"));
-    let args = ["runner", "--rpc-root", &rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"];
+    runner_fed_by_root(&format!("http://{origin}/"), secret, extra)
+}
+
+/// [`runner_fed_by`] an origin listener at `rpc_root` (`https://…` for one
+/// serving TLS).
+pub fn runner_fed_by_root(rpc_root: &str, secret: &str, extra: &[&str]) -> Runner {
+    let key = format!("{KID}={secret}");
+    let args = ["runner", "--rpc-root", rpc_root, "--subhost-secret", &key, "--cpu-limit-ms", "5000"];
     Runner::start(&[&args[..], extra].concat())
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM files in `dir`:
+/// the CA's, the certificate's and its key's paths.
+pub fn origin_certificate(dir: &std::path::Path) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "isocloud test origin CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let paths =
+        [("ca.pem", ca.pem()), ("origin.pem", cert.pem()), ("origin.key", key.serialize_pem())].map(|(name, pem)| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path.to_str().unwrap().to_owned()
+        });
+    let [ca, cert, key] = paths;
+    (ca, cert, key)
 }
 
 /// `isocloud serve` with the built-in control plane: the runner (public
@@ -840,13 +867,15 @@ impl ControlPlaneServe {
             vec!["serve", "--data", &data, "--control-listen", "127.0.0.1:0", "--base-domain", base_domain.as_str()];
         args.extend_from_slice(extra);
         const TLS: &str = "isocloud: tls on https://";
-        const ORIGIN: &str = "isocloud: origin on http://";
+        // With --origin-tls-cert the origin listener speaks TLS only.
+        let origin_tls = extra.contains(&"--origin-tls-cert");
+        let origin_line = if origin_tls { "isocloud: origin on https://" } else { "isocloud: origin on http://" };
         let mut prefixes = vec!["isocloud: control plane on http://"];
         if extra.contains(&"--tls-listen") {
             prefixes.push(TLS);
         }
         if extra.contains(&"--origin-listen") {
-            prefixes.push(ORIGIN);
+            prefixes.push(origin_line);
         }
         let (runner, lines) = Runner::start_with_lines(&args, tempfile::tempdir().unwrap(), &prefixes);
         let address_of = |prefix: &str| {
@@ -854,7 +883,7 @@ impl ControlPlaneServe {
             line.map(|line| line.trim().parse().unwrap_or_else(|e| panic!("{prefix}{line}: {e}")))
         };
         let control = lines[0].trim().parse().expect("the control plane's address");
-        let (tls, origin) = (address_of(TLS), address_of(ORIGIN));
+        let (tls, origin) = (address_of(TLS), address_of(origin_line));
         let serve = ControlPlaneServe { runner, control, tls, origin, data_dir, base_domain };
         let token_file = serve.admin_token_file();
         let deadline = Instant::now() + Duration::from_secs(10);
