@@ -114,6 +114,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
     let public = listener.local_addr()?;
+    let readiness = isocloud_ingress::Readiness::default();
     if let Some(addr) = settings.admin_listen {
         let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
         let admin_addr = admin.local_addr()?;
@@ -124,6 +125,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
             Arc::new(registry),
             table,
             runners.clone(),
+            readiness.clone(),
         ));
         println!("isocloud: admin on http://{admin_addr}");
     }
@@ -162,7 +164,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port of `--listen …:0`.
     println!("isocloud: listening on http://{public}");
 
-    crate::shutdown_signal().await;
+    crate::stop_requested(readiness, settings.drain_delay).await;
     serving.abort();
     if let Some(tls_serving) = tls_serving {
         tls_serving.abort();

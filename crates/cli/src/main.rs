@@ -363,6 +363,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         proxy = proxy.with_acme(Arc::new(control_plane::AcmeChallenges(control_plane.clone())));
     }
     let proxy = Arc::new(proxy);
+    let readiness = isocloud_ingress::Readiness::default();
 
     if let Some(addr) = settings.admin_listen {
         let admin = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
@@ -377,6 +378,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             listener_metrics.clone(),
             Arc::new(registry),
             pool.clone(),
+            readiness.clone(),
         ));
         println!("isocloud: admin on http://{admin_addr}");
     }
@@ -399,9 +401,30 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         drain_timeout: settings.drain_timeout,
         max_header_bytes: settings.max_header_bytes,
         metrics: listener_metrics,
+        readiness: readiness.clone(),
     };
-    isocloud_ingress::serve(listeners, proxy, options, shutdown_signal()).await;
+    isocloud_ingress::serve(listeners, proxy, options, stop_requested(readiness, settings.drain_delay)).await;
     Ok(())
+}
+
+/// Resolves when the listeners should close: at SIGTERM/SIGINT, after
+/// `drain_delay` (`--drain-delay-s`) of still serving while the health
+/// checks say this process is leaving (a second signal cuts it short).
+async fn stop_requested(readiness: isocloud_ingress::Readiness, drain_delay: std::time::Duration) {
+    shutdown_signal().await;
+    if drain_delay.is_zero() {
+        return;
+    }
+    readiness.start_draining();
+    tracing::info!(
+        drain_delay_s = drain_delay.as_secs_f64(),
+        "draining: still serving while health checks answer 503 (edges and load balancers move away); a second \
+         signal stops now"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(drain_delay) => {}
+        () = shutdown_signal() => tracing::info!("stopping now"),
+    }
 }
 
 /// Every listener's bounds, once at start: what the defaults came to.

@@ -252,6 +252,8 @@ pub struct Settings {
     /// zero: off.
     pub boot_stale_max_age: Duration,
     pub drain_timeout: Duration,
+    /// `--drain-delay-s`: serving on, health checks failing, before the drain.
+    pub drain_delay: Duration,
     pub memory_limit_mb: u64,
     pub cpu_limit_ms: u64,
     pub request_timeout: Duration,
@@ -522,6 +524,7 @@ impl Settings {
             origin_timeout: Duration::from_secs(given.origin_timeout_s),
             boot_stale_max_age: Duration::from_secs(given.boot_stale_max_age_s),
             drain_timeout: Duration::from_secs(given.drain_timeout_s),
+            drain_delay: Duration::from_secs(given.drain_delay_s),
             memory_limit_mb: given.memory_limit_mb,
             cpu_limit_ms: given.cpu_limit_ms,
             request_timeout: Duration::from_secs(given.request_timeout_s),
@@ -609,6 +612,8 @@ pub struct EdgeSettings {
     /// One poll of the routing feed.
     pub origin_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `--drain-delay-s`: serving on, `/healthz` failing, before the drain.
+    pub drain_delay: Duration,
     pub max_request_body_bytes: usize,
     pub public_bounds: ListenerBounds,
     /// `--tls-listen`: HTTPS with the control plane's certificates by SNI;
@@ -624,7 +629,7 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 27] = [
+pub const EDGE_OPTIONS: [&str; 28] = [
     "config",
     "listen",
     "tls_listen",
@@ -632,6 +637,7 @@ pub const EDGE_OPTIONS: [&str; 27] = [
     "log_format",
     "origin_timeout_s",
     "drain_timeout_s",
+    "drain_delay_s",
     "request_timeout_s",
     "max_request_body_mb",
     "header_timeout_s",
@@ -717,6 +723,7 @@ impl EdgeSettings {
             request_timeout: Duration::from_secs(given.request_timeout_s),
             origin_timeout: Duration::from_secs(given.origin_timeout_s),
             drain_timeout: Duration::from_secs(given.drain_timeout_s),
+            drain_delay: Duration::from_secs(given.drain_delay_s),
             max_request_body_bytes: usize::try_from(given.max_request_body_mb * 1024 * 1024).unwrap_or(usize::MAX),
             public_bounds: listeners.public,
             tls_listen: given.tls_listen.as_deref().map(|a| parse_addr("tls_listen", a)).transpose()?,

@@ -101,8 +101,12 @@ fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{addr:?} has no port"))
 }
 
+/// The time a stop takes at most before the exit: `--drain-delay-s` (still
+/// serving) plus `--drain-timeout-s`.
 fn drain_timeout_s(args: &[String]) -> u64 {
-    flag_value(args, "--drain-timeout-s").last().map_or(DEFAULT_DRAIN_TIMEOUT_S, |v| v.parse().expect("a number"))
+    let delay = flag_value(args, "--drain-delay-s").last().map_or(0, |v| v.parse().expect("a number"));
+    delay
+        + flag_value(args, "--drain-timeout-s").last().map_or(DEFAULT_DRAIN_TIMEOUT_S, |v| v.parse().expect("a number"))
 }
 
 fn files_under(dir: &Path, ext: &str) -> Vec<PathBuf> {

@@ -1,5 +1,5 @@
 //! The edge's admin listener: `/healthz` (ready: a host table and a runner
-//! in), `/metrics` (Prometheus) and `/runners` (each runner and whether it
+//! in, and not stopping — 503 `draining` through `--drain-delay-s`), `/metrics` (Prometheus) and `/runners` (each runner and whether it
 //! is in), apart from public traffic and within the ingress's listener
 //! bounds.
 
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use isocloud_ingress::{BoundedBody, ListenerBounds, ListenerMetrics, serve_bounded};
+use isocloud_ingress::{BoundedBody, ListenerBounds, ListenerMetrics, Readiness, serve_bounded};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -24,9 +24,16 @@ pub async fn serve_admin(
     registry: Arc<Registry>,
     table: Arc<RwLock<HostTable>>,
     runners: Arc<Runners>,
+    readiness: Readiness,
 ) {
     let service = service_fn(move |request: http::Request<BoundedBody>| {
-        let answer = admin_answer(request.uri().path(), &registry, &table, &runners);
+        let answer = match request.uri().path() {
+            "/healthz" if readiness.is_draining() => {
+                let (status, text) = readiness.health();
+                (status, "text/plain", text.to_owned())
+            }
+            path => admin_answer(path, &registry, &table, &runners),
+        };
         async move {
             let (status, content_type, body) = answer;
             let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -1,14 +1,18 @@
 //! The runners behind the edge, their health, and the connections to them.
 //!
 //! A runner is in while it answers: every second each one is asked
-//! `GET /healthz` on its public listener (the runner answers it itself —
-//! 404 `DEPLOYMENT_NOT_FOUND`, no isolate involved —, so any HTTP answer
-//! within the interval is a pass), and a connection the forwarder could
-//! not open counts as a failed check too. [`OUT_AFTER_FAILURES`] failures
-//! in a row take it out, [`IN_AFTER_SUCCESSES`] passes bring it back. A
-//! runner that is out gets no requests while another is in; with every
-//! runner out, they are all tried in their ranking (a health checker wrong
-//! about all of them must not stop the edge).
+//! `GET /healthz` on its public listener with the ingress's
+//! `HEALTH_PROBE_HEADER` (the runner answers it itself, no isolate involved;
+//! any HTTP answer within the interval is a pass, as an older runner's 404
+//! is), and a connection the forwarder could not open counts as a failed
+//! check too. [`OUT_AFTER_FAILURES`] failures in a row take it out,
+//! [`IN_AFTER_SUCCESSES`] passes bring it back. A runner stopping with a
+//! drain delay (`--drain-delay-s`) answers 503 with `DRAINING_HEADER`: it is
+//! out at once, and the requests it still finishes do not bring it back
+//! until a probe finds it staying. A runner that is out gets no requests
+//! while another is in; with every runner out, they are all tried in their
+//! ranking (a health checker wrong about all of them must not stop the
+//! edge).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,6 +81,18 @@ pub struct Runner {
 struct Streak {
     failures: u32,
     successes: u32,
+    /// The runner said it is stopping: out, whatever requests it still
+    /// answers, until a probe finds it staying.
+    leaving: bool,
+}
+
+/// What one health probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Passed,
+    Failed,
+    /// The runner answered that it is stopping (its drain delay).
+    Leaving,
 }
 
 impl Runner {
@@ -121,6 +137,10 @@ impl Runner {
     /// One check's outcome; `Some(up)` when it moved the runner in or out.
     fn record(&self, passed: bool) -> Option<bool> {
         let mut streak = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if passed && streak.leaving {
+            // The requests it still finishes do not bring it back.
+            return None;
+        }
         if passed {
             streak.failures = 0;
             streak.successes = streak.successes.saturating_add(1);
@@ -134,6 +154,24 @@ impl Runner {
             self.up.store(now_up, Ordering::Release);
             now_up
         })
+    }
+
+    /// A probe's outcome: `Leaving` takes the runner out now; `Passed`
+    /// ends a leave. `Some(up)` when it moved the runner in or out.
+    fn record_probe(&self, probe: Probe) -> Option<bool> {
+        match probe {
+            Probe::Leaving => {
+                let mut streak = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                streak.leaving = true;
+                streak.successes = 0;
+                self.up.swap(false, Ordering::AcqRel).then_some(false)
+            }
+            Probe::Passed => {
+                self.health.lock().unwrap_or_else(|p| p.into_inner()).leaving = false;
+                self.record(true)
+            }
+            Probe::Failed => self.record(false),
+        }
     }
 }
 
@@ -236,7 +274,23 @@ impl Runners {
     /// A check of `runner` passed or failed (a probe, or a connection the
     /// forwarder could not open).
     pub fn report(&self, runner: &Runner, passed: bool) {
-        if let Some(up) = runner.record(passed) {
+        let moved = runner.record(passed);
+        self.moved(runner, moved);
+    }
+
+    /// A health probe of `runner` found `probe`.
+    pub fn report_probe(&self, runner: &Runner, probe: Probe) {
+        let moved = runner.record_probe(probe);
+        if probe == Probe::Leaving && moved.is_some() {
+            tracing::info!(target: "isocloud::edge", runner = runner.name, "runner is stopping: out now, before it closes");
+            self.metrics.runner_up(&runner.name, false);
+            return;
+        }
+        self.moved(runner, moved);
+    }
+
+    fn moved(&self, runner: &Runner, moved: Option<bool>) {
+        if let Some(up) = moved {
             self.metrics.runner_up(&runner.name, up);
             if up {
                 tracing::info!(target: "isocloud::edge", runner = runner.name, "runner is back: it takes requests again");
@@ -262,8 +316,8 @@ impl Runners {
             let probes = this.runners.iter().map(|runner| {
                 let clients = &clients;
                 async move {
-                    let passed = probe(clients, runner, interval).await;
-                    this.report(runner, passed);
+                    let found = probe(clients, runner, interval).await;
+                    this.report_probe(runner, found);
                 }
             });
             futures_util::future::join_all(probes).await;
@@ -271,24 +325,29 @@ impl Runners {
     }
 }
 
-/// `GET /healthz` on `runner` within `timeout`: any HTTP answer passes.
-async fn probe(clients: &RunnerClients, runner: &Runner, timeout: Duration) -> bool {
-    let Ok(uri) = runner.uri("/healthz") else { return false };
+/// `GET /healthz` on `runner` within `timeout`, as the health probe: any
+/// HTTP answer passes, but a 503 saying the runner is draining.
+async fn probe(clients: &RunnerClients, runner: &Runner, timeout: Duration) -> Probe {
+    let Ok(uri) = runner.uri("/healthz") else { return Probe::Failed };
     let empty = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
-    let Ok(request) = Request::get(uri).body(empty) else { return false };
+    let Ok(request) = Request::get(uri).header(isocloud_ingress::HEALTH_PROBE_HEADER, "1").body(empty) else {
+        return Probe::Failed;
+    };
     match tokio::time::timeout(timeout, clients.for_request(false).request(request)).await {
         Ok(Ok(response)) => {
+            let leaving = response.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                && response.headers().contains_key(isocloud_ingress::DRAINING_HEADER);
             // Read to its end, so an HTTP/1.1 connection goes back to the pool.
             let _ = response.into_body().collect().await;
-            true
+            if leaving { Probe::Leaving } else { Probe::Passed }
         }
         Ok(Err(e)) => {
             tracing::debug!(target: "isocloud::edge", runner = runner.name, error = %e, "health check failed");
-            false
+            Probe::Failed
         }
         Err(_) => {
             tracing::debug!(target: "isocloud::edge", runner = runner.name, "health check timed out");
-            false
+            Probe::Failed
         }
     }
 }
@@ -342,6 +401,27 @@ mod tests {
         set.report(runner, true);
         assert!(!runner.is_up());
         set.report(runner, true);
+        assert!(runner.is_up(), "two passes in a row");
+    }
+
+    #[test]
+    fn a_runner_that_says_it_is_stopping_is_out_at_once_until_a_probe_finds_it_staying() {
+        let set = runners(1);
+        let runner = &set.list()[0];
+        set.report_probe(runner, Probe::Passed);
+        assert!(runner.is_up());
+        set.report_probe(runner, Probe::Leaving);
+        assert!(!runner.is_up(), "out on the first answer saying so");
+        for _ in 0..5 {
+            set.report(runner, true); // the requests it still finishes
+        }
+        assert!(!runner.is_up(), "finished requests do not bring a leaving runner back");
+        set.report_probe(runner, Probe::Leaving);
+        assert!(!runner.is_up());
+        // Restarted in its place: probes that pass bring it back as usual.
+        set.report_probe(runner, Probe::Passed);
+        assert!(!runner.is_up(), "one pass is not enough");
+        set.report_probe(runner, Probe::Passed);
         assert!(runner.is_up(), "two passes in a row");
     }
 

@@ -14,8 +14,10 @@ use crate::body::full;
 use crate::bounds::ListenerBounds;
 use crate::connection::{BoundedBody, serve_bounded};
 use crate::metrics::ListenerMetrics;
+use crate::readiness::Readiness;
 
-/// Serves `/healthz`, `/metrics` and `/isolates` (a JSON array of
+/// Serves `/healthz` (503 `draining` once `readiness` says the runner is
+/// leaving), `/metrics` and `/isolates` (a JSON array of
 /// [`isocloud_pool::IsolateView`]) within `bounds` until the task is
 /// dropped.
 pub async fn serve_admin(
@@ -24,13 +26,15 @@ pub async fn serve_admin(
     metrics: ListenerMetrics,
     registry: Arc<Registry>,
     pool: isocloud_pool::Pool,
+    readiness: Readiness,
 ) {
     let service = service_fn(move |request: http::Request<BoundedBody>| {
         let registry = registry.clone();
         let pool = pool.clone();
+        let health = readiness.health();
         async move {
             let (status, content_type, body) = match request.uri().path() {
-                "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                "/healthz" => (health.0, "text/plain", health.1.to_owned()),
                 "/metrics" => {
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {

@@ -29,6 +29,7 @@ mod error;
 mod isolates;
 mod metrics;
 mod proxy;
+mod readiness;
 mod routing;
 mod server;
 mod streams;
@@ -47,6 +48,7 @@ pub use error::EdgeError;
 pub use isolates::{InFlightGuard, Isolates, RequestGuard, Reservation, Upstream};
 pub use metrics::{EdgeMetrics, ListenerMetrics};
 pub use proxy::{ConnectionInfo, EdgeLimits, Proxy};
+pub use readiness::{DRAINING_HEADER, HEALTH_PROBE_HEADER, Readiness};
 pub use routing::{
     HostRoute, HostRoutes, HostRouting, Route, Routed, Router, SubhostRouting, https_location, request_authority,
 };

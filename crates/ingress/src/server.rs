@@ -12,10 +12,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Proxy;
+use crate::body::full;
 use crate::bounds::{Gate, ListenerBounds};
 use crate::connection::{self, Accepted};
 use crate::metrics::ListenerMetrics;
 use crate::proxy::ConnectionInfo;
+use crate::readiness::Readiness;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -25,6 +27,9 @@ pub struct ServeOptions {
     pub max_header_bytes: usize,
     /// Where the listeners' breaches are counted.
     pub metrics: ListenerMetrics,
+    /// Answers the edge's health probe (`GET /healthz` with
+    /// [`crate::HEALTH_PROBE_HEADER`]) before any routing.
+    pub readiness: Readiness,
 }
 
 /// One public listener; with an acceptor, it speaks TLS (ALPN h2 and
@@ -68,6 +73,7 @@ pub async fn serve(
             next = accepted.recv() => {
                 let Some((accepted, tls, gate, builder)) = next else { break };
                 let proxy = proxy.clone();
+                let readiness = options.readiness.clone();
                 let connection = ConnectionInfo { peer: accepted.peer, secure: tls.is_some() };
                 tokio::spawn(connection::serve_connection(
                     accepted,
@@ -78,7 +84,13 @@ pub async fn serve(
                     move |_: &Arc<connection::ConnState>| {
                         service_fn(move |request| {
                             let proxy = proxy.clone();
-                            async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) }
+                            let probe = readiness.probe_answer(&request);
+                            async move {
+                                Ok::<_, std::convert::Infallible>(match probe {
+                                    Some(answer) => answer.map(full),
+                                    None => proxy.handle(request, connection).await,
+                                })
+                            }
                         })
                     },
                 ));

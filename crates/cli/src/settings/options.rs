@@ -183,6 +183,10 @@ options! {
         boot_stale_max_age_s: u64, "SECONDS", default(86_400), range(0..=YEAR_S);
         /// On SIGTERM/SIGINT, let in-flight requests finish for this long.
         drain_timeout_s: u64, "SECONDS", default(10), range(0..=YEAR_S);
+        /// On SIGTERM/SIGINT, first keep serving this long while health
+        /// checks answer 503 (edges take a runner out within a probe;
+        /// load balancers by theirs), then close the listeners and drain.
+        drain_delay_s: u64, "SECONDS", default(0), range(0..=3600);
         /// CPU time each request may use, measured by the kernel.
         cpu_limit_ms: u64, "MS", default(50), range(1..=600_000);
         /// Wall-clock limit from forwarding a request to its response's headers.

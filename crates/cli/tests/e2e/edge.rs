@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::Runner;
 use crate::support::edge::{Edge, isolates_of, ranking};
 use crate::support::{
     ControlPlaneServe, SECRET, isocloud_cli, metric_value, origin_certificate, runner_fed_by, runner_fed_by_root,
@@ -193,4 +194,59 @@ async fn over_tls_the_edge_follows_an_origin_listener_whose_ca_it_trusts() {
     assert_ne!(status, 200);
     let log = untrusting.stderr();
     assert!(log.contains("invalid peer certificate: UnknownIssuer"), "the log says why:\n{log}");
+}
+
+/// POSTs to `host` through `edge`, one after another for `span`: each
+/// answer's status (0: no answer).
+async fn posts_for(edge: &Edge, host: &str, span: Duration) -> Vec<u16> {
+    let client = reqwest::Client::builder().resolve(host, edge.addr).timeout(Duration::from_secs(10)).build().unwrap();
+    let end = Instant::now() + span;
+    let mut statuses = Vec::new();
+    while Instant::now() < end {
+        let sent = client.post(format!("http://{host}:{}/p", edge.addr.port())).body("order").send().await;
+        statuses.push(sent.map_or(0, |response| response.status().as_u16()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses
+}
+
+fn terminate(runner: &Runner) {
+    let pid = libc::pid_t::try_from(runner.pid()).unwrap();
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[tokio::test]
+async fn a_runner_stopping_with_a_drain_delay_leaves_the_edge_before_it_closes_and_no_post_is_lost() {
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let alpha = deploy(&serve, &work.path().join("config"), work.path(), "alpha");
+    // The probe first: with no delay, POSTs sent before the edge notices the
+    // runner is gone find its port closed (a POST is never retried
+    // elsewhere: 502). Then with a delay, none is lost.
+    for delay_s in ["0", "3"] {
+        let flags = ["--drain-delay-s", delay_s];
+        let runners = [runner_fed_by(origin, SECRET, &flags), runner_fed_by(origin, SECRET, &flags)];
+        let edge = Edge::start(origin, &[&runners[0], &runners[1]], &[]);
+        assert_eq!(posts_for(&edge, "alpha.localhost", Duration::from_millis(100)).await[0], 200);
+        let both = [&runners[0], &runners[1]];
+        let (home, next) = (ranking(&alpha, &both)[0], ranking(&alpha, &both)[1]);
+        assert_eq!(isolates_of(home, &alpha).await, 1);
+
+        terminate(home);
+        if delay_s != "0" {
+            // Still serving, while its admin listener says it is leaving.
+            let health = reqwest::get(format!("http://{}/healthz", home.admin)).await.unwrap();
+            assert_eq!((health.status().as_u16(), health.text().await.unwrap()), (503, "draining\n".to_owned()));
+        }
+        let statuses = posts_for(&edge, "alpha.localhost", Duration::from_secs(3)).await;
+        let lost = statuses.iter().filter(|status| **status != 200).count();
+        if delay_s == "0" {
+            assert!(lost > 0, "the probe: with no delay some POSTs must fail ({statuses:?})");
+        } else {
+            assert_eq!(lost, 0, "{statuses:?}\nedge:\n{}", edge.stderr());
+            assert!(edge.stderr().contains("runner is stopping: out now"), "{}", edge.stderr());
+            assert_eq!(isolates_of(next, &alpha).await, 1, "the later POSTs went to the next runner");
+        }
+    }
 }
