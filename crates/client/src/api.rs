@@ -13,8 +13,8 @@ use url::Url;
 
 use isocloud_api::ErrorEnvelope;
 pub use isocloud_api::{
-    ApiErrorBody, AuditEntry, Build, CommitBody, CreateDeploymentBody, CreatedToken, Deployment, Domain, EnvVar,
-    FileRef, LogEntry, MissingBlobs, Project, Token, Whoami, code,
+    Analytics, AnalyticsPoint, ApiErrorBody, AuditEntry, Build, CommitBody, CreateDeploymentBody, CreatedToken,
+    Deployment, Domain, EnvVar, FileRef, LogEntry, MissingBlobs, Project, Token, Whoami, code,
 };
 
 use super::output::sanitize;
@@ -118,6 +118,13 @@ pub struct LogQuery {
     pub deployment: Option<String>,
     pub since: Option<String>,
     pub limit: Option<u32>,
+}
+
+/// `GET /projects/{name}/analytics`'s filters.
+pub struct AnalyticsQuery {
+    pub deployment: Option<String>,
+    pub since: Option<String>,
+    pub step_s: u64,
 }
 
 pub struct Api {
@@ -374,6 +381,18 @@ impl Api {
     pub async fn logs(&self, project: &str, query: &LogQuery) -> Result<Vec<LogEntry>, CallError> {
         let wanted = query.limit.map_or(DEFAULT_LOG_PAGE, |n| n as usize);
         self.pages(self.logs_request(project, query)?, wanted).await
+    }
+
+    /// A project's traffic by step (`GET /projects/{name}/analytics`).
+    pub async fn analytics(&self, project: &str, query: &AnalyticsQuery) -> Result<Analytics, CallError> {
+        let mut pairs: Vec<(&str, String)> = vec![("step_s", query.step_s.to_string())];
+        if let Some(deployment) = &query.deployment {
+            pairs.push(("deployment", deployment.clone()));
+        }
+        if let Some(since) = &query.since {
+            pairs.push(("since", since.clone()));
+        }
+        self.json(self.request(Method::GET, &["projects", project, "analytics"])?.query(&pairs)).await
     }
 
     /// The NDJSON stream of `follow=true`; the caller reads it line by line.

@@ -105,6 +105,8 @@ pub enum InputError {
     /// A `--since` time; the text says what is wrong.
     #[error("{0}")]
     Since(String),
+    #[error("`{0}` is not a step between 10s and 1d (30s, 5m, 1h)")]
+    Step(String),
     #[error("there is no project `{name}`: create it with `isocloud projects create {name}`")]
     NoProject { name: String },
     #[error("the entrypoint `{given}` is not among the files to deploy")]

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod analytics;
 mod api;
 mod credentials;
 mod deploy;
@@ -102,6 +103,8 @@ pub enum ClientCommand {
     },
     /// Print a project's logs, or follow them.
     Logs(logs::LogsArgs),
+    /// A project's traffic by time step: requests, errors, status classes, latency, CPU, bandwidth.
+    Analytics(analytics::AnalyticsArgs),
     /// Scoped API tokens (admin only): create (the secret shown once), list, revoke.
     Tokens {
         #[command(flatten)]
@@ -162,6 +165,7 @@ async fn dispatch(command: ClientCommand) -> Result<(), ClientError> {
         ClientCommand::Env { connection, command } => env::run(connect(&connection)?, command).await,
         ClientCommand::Domains { connection, command } => domains::run(connect(&connection)?, command).await,
         ClientCommand::Logs(args) => logs::run(args).await,
+        ClientCommand::Analytics(args) => analytics::run(args).await,
         ClientCommand::Tokens { connection, command } => tokens::run(connect(&connection)?, command).await,
         ClientCommand::Audit { connection, project, limit, json } => {
             tokens::audit(connect(&connection)?, project.as_deref(), limit, json).await

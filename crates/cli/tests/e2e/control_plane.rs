@@ -24,6 +24,20 @@ fn cli(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
     crate::support::isocloud_cli(&serve.control_url(), &serve.admin_token(), config, args)
 }
 
+/// Runs the client expecting it to fail: its stderr.
+fn cli_fails(serve: &ControlPlaneServe, config: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_isocloud"))
+        .args(args)
+        .env("ISOCLOUD_CONFIG_DIR", config)
+        .env("ISOCLOUD_URL", serve.control_url())
+        .env("ISOCLOUD_TOKEN", serve.admin_token())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the isocloud client");
+    assert!(!output.status.success(), "isocloud {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// The app of version `v`: answers its version, the GREETING env var and the
 /// URL it was asked for; logs each request.
 fn write_app(dir: &Path, version: &str) {
@@ -344,4 +358,20 @@ async fn analytics_count_status_classes_and_latency_of_real_requests() {
     // Bandwidth: the bodies that came out of the isolate.
     let egress: u64 = points.iter().map(|p| p["egress_bytes"].as_u64().unwrap()).sum();
     assert!(egress >= 20 * "ok /".len() as u64, "{analytics}");
+
+    // `isocloud analytics` shows the same: a row per step with traffic, and
+    // the totals with the quantiles of the merged histogram.
+    let shown = cli(&serve, &config, &["analytics", "--project", "timed", "--since", "1h", "--step", "1h"]);
+    assert!(shown.starts_with("TIME "), "{shown}");
+    assert!(shown.contains("total: 30 requests, 3 errors (10.0%), 2xx 22 3xx 0 4xx 5 5xx 3, p50 ≤"), "{shown}");
+    let json: serde_json::Value = serde_json::from_str(&cli(
+        &serve,
+        &config,
+        &["analytics", "--project", "timed", "--since", "1h", "--step", "1h", "--json"],
+    ))
+    .unwrap();
+    let requests: u64 = json["points"].as_array().unwrap().iter().map(|p| p["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 30, "{json}");
+    let refused = cli_fails(&serve, &config, &["analytics", "--project", "timed", "--step", "1s"]);
+    assert!(refused.contains("`1s` is not a step between 10s and 1d"), "{refused}");
 }
