@@ -151,6 +151,7 @@ def main():
         ids = {label: [(f"p{i}", cp.deploy(f"p{i}")) for i in range(2 * args.n)] for label, cp in planes.items()}
         runners = {label: start_runner(procs, args.binary, work, f"runner-{label}", cp, pki[0])
                    for label, cp in planes.items()}
+        time.sleep(2)  # both runners past their start (deno's cache template, pre-started isolates)
 
         log("never-seen deployments one at a time, alternating")
         one = {label: [] for label in planes}
