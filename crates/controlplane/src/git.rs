@@ -44,14 +44,18 @@ const MAX_STDERR_BYTES: usize = 2048;
 
 /// The public webhook's bodies are read before they are authenticated
 /// (the signature covers the whole body), so what an outsider can make the
-/// control plane hold is bounded: at most this many bodies at once (more
-/// are answered 503 at once, unread) ...
-pub const MAX_WEBHOOK_BODIES_AT_ONCE: usize = 16;
+/// control plane hold is bounded: at most this many bytes of bodies being
+/// read, all deliveries together, counted as they arrive (a delivery whose
+/// next bytes would pass it is answered 503 and its connection closed). A
+/// body trickling in holds only what it sent: a few slow senders cannot
+/// shut the webhook, as a count of bodies at once let 16 of them do;
+/// filling this takes sending 64 MiB and keeping it unfinished ...
+pub const MAX_WEBHOOK_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 /// ... of at most this many bytes each (a larger declared length is
-/// answered 413 unread): 16 × 4 MiB = 64 MiB at worst. A push payload is a
-/// few KB; one listing thousands of changed paths about 1 MB (GitHub caps
-/// each list at 5,000 paths and drops payloads over 25 MB; a push this
-/// refuses can be deployed with `isocloud deploy`) ...
+/// answered 413 unread). A push payload is a few KB; one listing thousands
+/// of changed paths about 1 MB (GitHub caps each list at 5,000 paths and
+/// drops payloads over 25 MB; a push this refuses can be deployed with
+/// `isocloud deploy`) ...
 pub const MAX_WEBHOOK_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// ... each read within this long from the request head (GitHub gives up
 /// on a delivery after 10 s too).
@@ -60,8 +64,9 @@ pub const WEBHOOK_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// What bounds the public webhook's unauthenticated bodies (read by
 /// `api::git::webhook`): one per control plane.
 pub(crate) struct WebhookGate {
-    /// Bodies being read before their signature is known; past it, 503.
-    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// The bytes of bodies being read before their signature is known, in
+    /// KiB permits ([`MAX_WEBHOOK_BUFFERED_BYTES`]); past it, 503.
+    pub body_kib: Arc<tokio::sync::Semaphore>,
     /// The key a delivery to a project without git settings (or to no
     /// project) is checked against, so it costs the same HMAC as any other.
     pub unknown_project_key: [u8; 32],
@@ -72,7 +77,7 @@ pub(crate) struct WebhookGate {
 /// Why the webhook refused a delivery before it was authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookRefusal {
-    /// [`MAX_WEBHOOK_BODIES_AT_ONCE`] bodies were being read (503).
+    /// The bodies being read held [`MAX_WEBHOOK_BUFFERED_BYTES`] (503).
     Busy,
     /// The body took longer than [`WEBHOOK_BODY_TIMEOUT`] (408).
     BodyTimeout,
@@ -99,7 +104,7 @@ impl WebhookGate {
     pub fn new() -> Self {
         use rand::Rng;
         Self {
-            bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOK_BODIES_AT_ONCE)),
+            body_kib: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOK_BUFFERED_BYTES / 1024)),
             unknown_project_key: rand::rng().random(),
             refused: Default::default(),
         }

@@ -2,8 +2,9 @@
 //! real repository, real builds and real isolates serving what they built:
 //! a signed delivery deploys once (its replay is ignored), a late or
 //! replayed delivery of an older commit moves nothing (row 4); every
-//! unsigned delivery gets one 401 whatever the project (row 7); 40 stalled
-//! bodies are bounded in number and time (row 1); a manifest naming a path
+//! unsigned delivery gets one 401 whatever the project (row 7); stalled
+//! bodies are bounded in bytes and time, and trickling ones do not shut the
+//! webhook (row 1); a manifest naming a path
 //! twice is refused naming it (row 8).
 
 use std::path::Path;
@@ -196,6 +197,11 @@ async fn deliveries_build_once_and_old_commits_move_nothing() {
 /// Sends a webhook request's head declaring `declared_bytes` and 1 KiB of
 /// body, then nothing.
 async fn stall(addr: &str, declared_bytes: usize) -> TcpStream {
+    stall_after(addr, declared_bytes, 1024).await
+}
+
+/// [`stall`] after `sent_bytes` of the body.
+async fn stall_after(addr: &str, declared_bytes: usize, sent_bytes: usize) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "POST /api/v1/projects/app/git/webhook HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
@@ -203,7 +209,7 @@ async fn stall(addr: &str, declared_bytes: usize) -> TcpStream {
         "ab".repeat(32)
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b' '; 1024]).await.unwrap();
+    stream.write_all(&vec![b' '; sent_bytes]).await.unwrap();
     stream
 }
 
@@ -256,34 +262,36 @@ async fn stalled_webhook_bodies_are_bounded() {
     let mut big = stall(&addr, 8 * 1024 * 1024).await;
     assert_eq!(answer(&mut big, Duration::from_secs(2)).await.map(|a| a.0), Some(413));
 
-    // 40 declaring the 4 MiB bound, stalled after 1 KiB: 16 are read, the
-    // other 24 are told 503 with Retry-After at once.
+    // 40 declaring the 4 MiB bound, stalled after 1 KiB: all are held, and
+    // a signed delivery is still answered (slow senders hold only what
+    // they sent).
+    const KIB: usize = 1024;
+    const MAX_BODY: usize = 4 * 1024 * 1024;
     let started = Instant::now();
-    let mut streams = Vec::new();
-    for _ in 0..40 {
-        streams.push(stall(&addr, 4 * 1024 * 1024).await);
-    }
-    let answers = futures_util::future::join_all(streams.into_iter().map(|mut stream| async move {
-        let answer = answer(&mut stream, Duration::from_millis(1500)).await;
-        (stream, answer)
-    }))
-    .await;
     let mut held = Vec::new();
-    for (stream, answer) in answers {
-        match answer {
-            Some((status, head)) => {
-                assert_eq!(status, 503, "{head}");
-                assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
-            }
-            None => held.push(stream),
-        }
+    for _ in 0..40 {
+        held.push(stall(&addr, MAX_BODY).await);
     }
-    assert_eq!(held.len(), 16, "{} of 40 were held", held.len());
+    assert_eq!(ping(&serve).await.0, 200, "slow senders do not shut the webhook");
+    // Bodies that sent most of their bytes fill the 64 MiB: as many as fit
+    // are held, the next is told 503 with Retry-After, and so is a signed
+    // delivery once the last KiB are taken.
+    let fit = (64 * KIB - 40) / (MAX_BODY / KIB - 1);
+    for _ in 0..fit {
+        held.push(stall_after(&addr, MAX_BODY, MAX_BODY - KIB).await);
+    }
+    let mut over = stall_after(&addr, MAX_BODY, MAX_BODY - KIB).await;
+    let (status, head) = answer(&mut over, Duration::from_secs(3)).await.expect("the body past the budget");
+    assert_eq!(status, 503, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    let rest = (64 * KIB - 40 - fit * (MAX_BODY / KIB - 1)) * KIB;
+    held.push(stall_after(&addr, MAX_BODY, rest).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, text) = ping(&serve).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("\"CAPACITY\""), "{text}");
 
-    // The 16 are cut at 10 s.
+    // Every held one is cut at 10 s.
     let wait = Duration::from_secs(13).saturating_sub(started.elapsed());
     let cut = futures_util::future::join_all(held.iter_mut().map(|stream| answer(stream, wait))).await;
     for answer in cut {
@@ -292,11 +300,13 @@ async fn stalled_webhook_bodies_are_bounded() {
     assert!(started.elapsed() >= Duration::from_millis(9500), "cut after {:?}", started.elapsed());
     assert_eq!(ping(&serve).await.0, 200, "the webhook answers again");
 
-    // Each refusal is counted in /metrics (24 + the signed ping's busy).
+    // Each refusal is counted in /metrics (the large body and the signed
+    // ping turned away; 40 + fit + 1 cut).
     let metrics = serve.runner.metrics().await;
+    let cut = format!(r#"isocloud_webhook_refused_total{{reason="body_timeout"}} {}"#, 40 + fit + 1);
     for sample in [
-        r#"isocloud_webhook_refused_total{reason="busy"} 25"#,
-        r#"isocloud_webhook_refused_total{reason="body_timeout"} 16"#,
+        r#"isocloud_webhook_refused_total{reason="busy"} 2"#,
+        cut.as_str(),
         r#"isocloud_webhook_refused_total{reason="too_large"} 1"#,
     ] {
         assert!(metrics.contains(sample), "no {sample} in:\n{metrics}");

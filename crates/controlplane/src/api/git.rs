@@ -3,7 +3,8 @@
 //! background by `crate::git`).
 //!
 //! The webhook is public: it reads its body into the HMAC as it arrives,
-//! with a bounded number of bodies at once, each bounded in bytes and time
+//! within one budget of bytes for all the bodies being read, each bounded
+//! in bytes and time
 //! (`crate::git::MAX_WEBHOOK_*`); answers every unsigned delivery the same
 //! 401; and builds a delivery once (`store::deliveries`).
 
@@ -19,12 +20,12 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::projects::{not_found, project_or_404};
 use super::{ApiJson, ApiPath, AppState, check, parse_json, views};
 use crate::error::{ApiError, error_response};
-use crate::git::{MAX_WEBHOOK_BODIES_AT_ONCE, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_BODY_TIMEOUT, WebhookRefusal};
+use crate::git::{MAX_WEBHOOK_BODY_BYTES, MAX_WEBHOOK_BUFFERED_BYTES, WEBHOOK_BODY_TIMEOUT, WebhookRefusal};
 use crate::origin::file_specifier;
 use crate::store::StoreError;
 use crate::store::deliveries;
@@ -138,21 +139,27 @@ fn ignored(why: String) -> Response {
     (StatusCode::OK, Json(json!({ "status": "ignored", "reason": why }))).into_response()
 }
 
-pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<String>, request: Request) -> Response {
-    // Past the bound the body is not read at all.
-    let Ok(permit) = Arc::clone(&cp.webhook_gate.bodies).try_acquire_owned() else {
-        cp.webhook_gate.count(WebhookRefusal::Busy);
-        let mut response = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ApiErrorBody::new(
-                code::CAPACITY,
-                format!("{MAX_WEBHOOK_BODIES_AT_ONCE} webhook deliveries are being read already; try again shortly"),
+/// 503 with `Retry-After`: the bodies being read hold the byte budget. The
+/// connection closes, as this body was not read to its end.
+fn busy(cp: &AppState) -> Response {
+    cp.webhook_gate.count(WebhookRefusal::Busy);
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ApiErrorBody::new(
+            code::CAPACITY,
+            format!(
+                "the webhook deliveries being read hold the {} MiB they may; try again shortly",
+                MAX_WEBHOOK_BUFFERED_BYTES >> 20
             ),
-        );
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
-    };
-    match receive(&cp, &name, request, permit).await {
+        ),
+    );
+    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<String>, request: Request) -> Response {
+    match receive(&cp, &name, request).await {
         Ok(response) => response,
         Err(e) => {
             match &e {
@@ -168,36 +175,52 @@ pub(crate) async fn webhook(State(cp): State<AppState>, ApiPath(name): ApiPath<S
 /// Why reading a webhook body stopped.
 enum BodyError {
     TooSlow,
+    /// The budget of bytes being read is spent.
+    Busy,
     Api(ApiError),
 }
 
 /// Reads the body into `mac` as it arrives, at most
-/// [`MAX_WEBHOOK_BODY_BYTES`].
-async fn read_signed_body(request: Request, mac: &mut Hmac<Sha256>) -> Result<Vec<u8>, ApiError> {
+/// [`MAX_WEBHOOK_BODY_BYTES`], each KiB taken from `budget` as it comes:
+/// the body and the permits for its bytes.
+async fn read_signed_body(
+    request: Request,
+    mac: &mut Hmac<Sha256>,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), BodyError> {
     let too_large = || ApiError::PayloadTooLarge(format!("the body is larger than {MAX_WEBHOOK_BODY_BYTES} bytes"));
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY_BYTES as u64) {
-        return Err(too_large());
+        return Err(BodyError::Api(too_large()));
     }
     let mut stream = request.into_body().into_data_stream();
     let mut body = Vec::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::request(format!("reading the body failed: {e}")))?;
-        if body.len() + chunk.len() > MAX_WEBHOOK_BODY_BYTES {
-            return Err(too_large());
+        let chunk = chunk.map_err(|e| BodyError::Api(ApiError::request(format!("reading the body failed: {e}"))))?;
+        let length = body.len() + chunk.len();
+        if length > MAX_WEBHOOK_BODY_BYTES {
+            return Err(BodyError::Api(too_large()));
+        }
+        // By the body's whole length, so many small chunks cost no more
+        // than one large one.
+        let held_kib = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        let more_kib = length.div_ceil(1024).saturating_sub(held_kib);
+        if more_kib > 0 {
+            let more = u32::try_from(more_kib).map_err(|_| BodyError::Busy)?;
+            let permit = Arc::clone(budget).try_acquire_many_owned(more).map_err(|_| BodyError::Busy)?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
         }
         mac.update(&chunk);
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, held))
 }
 
-async fn receive(
-    cp: &AppState,
-    name: &str,
-    request: Request,
-    permit: OwnedSemaphorePermit,
-) -> Result<Response, ApiError> {
+async fn receive(cp: &AppState, name: &str, request: Request) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + WEBHOOK_BODY_TIMEOUT;
     let headers = request.headers().clone();
     let Some(signature) = parse_signature(headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok())) else {
@@ -214,15 +237,16 @@ async fn receive(
     };
     let secret = project.as_ref().and_then(|p| p.git.as_ref()).map(|git| git.secret.as_bytes());
     let mut mac = mac_for(secret.unwrap_or(&cp.webhook_gate.unknown_project_key)).ok_or_else(unauthorized)?;
-    let body = match tokio::time::timeout_at(deadline, read_signed_body(request, &mut mac)).await {
-        Ok(body) => body.map_err(BodyError::Api),
+    let budget = &cp.webhook_gate.body_kib;
+    let body = match tokio::time::timeout_at(deadline, read_signed_body(request, &mut mac, budget)).await {
+        Ok(body) => body,
         Err(_) => Err(BodyError::TooSlow),
     };
-    // The body is held now only if it is signed.
-    drop(permit);
     let body = match body {
-        Ok(body) => body,
+        // The body is held now only if it is signed.
+        Ok((body, _permits)) => body,
         Err(BodyError::Api(e)) => return Err(e),
+        Err(BodyError::Busy) => return Ok(busy(cp)),
         Err(BodyError::TooSlow) => {
             cp.webhook_gate.count(WebhookRefusal::BodyTimeout);
             let mut response = error_response(

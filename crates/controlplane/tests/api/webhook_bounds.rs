@@ -1,8 +1,10 @@
 //! Row 1 of issue 21 (the webhook's part): the public git webhook reads its
 //! body before it can check the signature, so what an outsider can make it
-//! hold is bounded: 16 bodies at once (the 17th and later get 503 `CAPACITY`
-//! unread), 4 MiB each (a larger declared length gets 413 unread), 10 s
-//! each. Raw TCP on loopback; the store plays no part, so SQLite only.
+//! hold is bounded: 64 MiB of bodies being read, all deliveries together,
+//! counted as the bytes arrive (past it, 503 `CAPACITY`), 4 MiB each (a
+//! larger declared length gets 413 unread), 10 s each. Slow senders hold
+//! only what they sent: they cannot shut the webhook. Raw TCP on loopback;
+//! the store plays no part, so SQLite only.
 
 use std::time::{Duration, Instant};
 
@@ -15,13 +17,18 @@ use tokio::net::TcpStream;
 use crate::support::{Backend, Reply, TestServer};
 
 const SECRET: &str = "a webhook secret of some length";
-const MAX_BODIES: usize = 16;
+const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection, sends a webhook request's head declaring
 /// `declared_bytes` and the first KiB of the body, and leaves it there.
 async fn stall(addr: &str, declared_bytes: usize) -> TcpStream {
+    stall_after(addr, declared_bytes, 1024).await
+}
+
+/// [`stall`] after `sent_bytes` of the body.
+async fn stall_after(addr: &str, declared_bytes: usize, sent_bytes: usize) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "POST /api/v1/projects/app/git/webhook HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
@@ -29,7 +36,7 @@ async fn stall(addr: &str, declared_bytes: usize) -> TcpStream {
         "ab".repeat(32)
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b' '; 1024]).await.unwrap();
+    stream.write_all(&vec![b' '; sent_bytes]).await.unwrap();
     stream
 }
 
@@ -72,7 +79,7 @@ async fn signed_ping(s: &TestServer) -> Reply {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_bodies_are_bounded_in_count_bytes_and_time() {
+async fn stalled_bodies_are_bounded_in_bytes_and_time_and_slow_ones_do_not_shut_the_webhook() {
     let s = TestServer::start(Backend::Sqlite).await;
     s.create_project("app").await;
     let settings =
@@ -88,34 +95,42 @@ async fn stalled_bodies_are_bounded_in_count_bytes_and_time() {
     let (status, _) = answer(&mut big, Duration::from_secs(2)).await.expect("an answer to the 8 MiB body");
     assert_eq!(status, 413);
 
-    // 40 bodies declaring just under the bound, each stalled after 1 KiB.
+    // 40 bodies declaring the most a body may, each stalled after 1 KiB:
+    // all are held, and a signed delivery is still answered (a count of 16
+    // bodies at once used to turn it away).
     let started = Instant::now();
-    let mut held = Vec::new();
+    let mut slow = Vec::new();
     for _ in 0..40 {
-        held.push(stall(&addr, MAX_BODY_BYTES).await);
+        slow.push(stall(&addr, MAX_BODY_BYTES).await);
     }
-    // All but 16 are told 503 with Retry-After right away, unread.
-    let answers = futures_util::future::join_all(held.into_iter().map(|mut stream| async move {
-        let answer = answer(&mut stream, Duration::from_millis(1500)).await;
-        (stream, answer)
-    }))
-    .await;
-    let mut waiting = Vec::new();
-    for (stream, answer) in answers {
-        match answer {
-            Some((status, head)) => {
-                assert_eq!(status, 503, "{head}");
-                assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
-            }
-            None => waiting.push(stream),
-        }
+    assert_eq!(signed_ping(&s).await.status, 200, "slow senders do not shut the webhook");
+
+    // Bodies that send most of their bytes fill the budget: as many large
+    // ones as fit beside the slow ones are held ...
+    const KIB: usize = 1024;
+    let fit = (MAX_BUFFERED_BYTES / KIB - 40) / (MAX_BODY_BYTES / KIB - 1);
+    let mut full = Vec::new();
+    for _ in 0..fit {
+        full.push(stall_after(&addr, MAX_BODY_BYTES, MAX_BODY_BYTES - KIB).await);
     }
-    assert_eq!(waiting.len(), MAX_BODIES, "{} of 40 were held, not {MAX_BODIES}", waiting.len());
-    // Meanwhile a signed delivery is refused too, with the stable code.
+    let answered = futures_util::future::join_all(full.iter_mut().map(|s| answer(s, Duration::from_millis(300)))).await;
+    assert!(answered.iter().all(Option::is_none), "{fit} large bodies fit: {answered:?}");
+    // ... one more is turned away (503, its connection closed) ...
+    let mut over = stall_after(&addr, MAX_BODY_BYTES, MAX_BODY_BYTES - KIB).await;
+    let (status, head) = answer(&mut over, Duration::from_secs(3)).await.expect("the large body past the budget");
+    assert_eq!(status, 503, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    // ... and one that takes exactly what is left is held.
+    let rest = MAX_BUFFERED_BYTES - (40 + fit * (MAX_BODY_BYTES / KIB - 1)) * KIB;
+    let mut last = stall_after(&addr, MAX_BODY_BYTES, rest).await;
+    assert!(answer(&mut last, Duration::from_millis(300)).await.is_none(), "the last {rest} bytes fit");
+    full.push(last);
+    // Now a signed delivery is refused too, with the stable code.
     signed_ping(&s).await.assert_error(503, "CAPACITY", None);
 
     // The held ones are cut once their 10 s are up, not later.
     let left = (BODY_TIMEOUT + Duration::from_secs(3)).saturating_sub(started.elapsed());
+    let mut waiting: Vec<TcpStream> = slow.into_iter().chain(full).collect();
     let cut = futures_util::future::join_all(waiting.iter_mut().map(|stream| answer(stream, left))).await;
     for answer in cut {
         let (status, head) = answer.expect("a stalled body is cut within 13 s");
@@ -124,6 +139,6 @@ async fn stalled_bodies_are_bounded_in_count_bytes_and_time() {
     let elapsed = started.elapsed();
     assert!(elapsed >= BODY_TIMEOUT - Duration::from_millis(500), "cut after only {elapsed:?}");
 
-    // And the webhook answers again.
+    // And the webhook answers again: the budget came back whole.
     assert_eq!(signed_ping(&s).await.status, 200);
 }
