@@ -16,6 +16,51 @@ use tokio::net::TcpListener;
 
 use crate::settings::EdgeSettings;
 
+/// How often `--runners-file` is looked at.
+const RUNNERS_FILE_LOOK: Duration = Duration::from_secs(1);
+
+/// The file's modification time and length, to notice a change.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// Replaces the runner list whenever `path` changes (a Kubernetes ConfigMap
+/// swaps its files; an operator edits one). A list that does not read or
+/// parse keeps the one before, and says why.
+async fn follow_runners_file(path: std::path::PathBuf, runners: Arc<Runners>) {
+    let mut seen = file_stamp(&path);
+    loop {
+        tokio::time::sleep(RUNNERS_FILE_LOOK).await;
+        let now = file_stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let listed = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => isocloud_edge::parse_runner_list(&text),
+            Err(e) => Err(e.to_string()),
+        };
+        let changed = listed.and_then(|urls| runners.replace(&urls).map_err(|e| e.to_string()));
+        match changed {
+            Ok(changed) if changed.added.is_empty() && changed.removed.is_empty() => {}
+            Ok(changed) => tracing::info!(
+                target: "isocloud::edge",
+                added = ?changed.added,
+                removed = ?changed.removed,
+                runners = runners.list().len(),
+                "runners file changed: the list is replaced (deployments move only to or from the runners added or removed)"
+            ),
+            Err(e) => tracing::warn!(
+                target: "isocloud::edge",
+                file = %path.display(),
+                error = %e,
+                "runners file changed but does not read as a list: the runners stay as they were"
+            ),
+        }
+    }
+}
+
 pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -83,6 +128,9 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     let runners = Arc::new(Runners::new(&settings.runners, metrics.clone()).context("invalid --runner")?);
     let clients = RunnerClients::new(settings.runner_http2, settings.runner_max_idle);
     tokio::spawn(runners.clone().check(clients.clone(), settings.health_interval));
+    if let Some(path) = settings.runners_file.clone() {
+        tokio::spawn(follow_runners_file(path, runners.clone()));
+    }
     let mut edge = Edge::new(
         table.clone(),
         runners.clone(),
@@ -152,7 +200,8 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
         listener_metrics,
         edge.clone(),
     ));
-    let names: Vec<&str> = runners.list().iter().map(|r| r.name()).collect();
+    let list = runners.list();
+    let names: Vec<&str> = list.iter().map(|r| r.name()).collect();
     tracing::info!(
         target: "isocloud::edge",
         runners = ?names,

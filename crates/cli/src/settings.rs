@@ -605,6 +605,8 @@ pub struct EdgeSettings {
     /// `--subhost-secret` and the control plane's `--origin-secret`.
     pub key: isocloud_edge::SigningKey,
     pub runners: Vec<Url>,
+    /// `--runners-file`: where `runners` came from, watched for changes.
+    pub runners_file: Option<PathBuf>,
     pub runner_http2: bool,
     pub runner_max_idle: usize,
     pub health_interval: Duration,
@@ -629,7 +631,7 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 28] = [
+pub const EDGE_OPTIONS: [&str; 29] = [
     "config",
     "listen",
     "tls_listen",
@@ -653,6 +655,7 @@ pub const EDGE_OPTIONS: [&str; 28] = [
     "subhost_secret",
     "subhost_secret_file",
     "runner",
+    "runners_file",
     "runner_http2",
     "runner_max_idle",
     "health_interval_ms",
@@ -696,6 +699,19 @@ impl EdgeSettings {
         };
         let key = edge_key(&given.subhost_secret, &given.subhost_secret_file)?;
         let mut runners: Vec<Url> = Vec::new();
+        let runners_file = given.runners_file.as_deref().map(PathBuf::from);
+        if let Some(path) = &runners_file {
+            if !given.runner.is_empty() {
+                return Err(invalid(
+                    "runners_file",
+                    "--runners-file and --runner exclude each other: name the runners once",
+                ));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("runners_file", format!("{}: {e}", path.display())))?;
+            runners = isocloud_edge::parse_runner_list(&text)
+                .map_err(|e| invalid("runners_file", format!("{}: {e}", path.display())))?;
+        }
         for text in &given.runner {
             let url = Url::parse(text).map_err(|e| invalid("runner", format!("{text:?} is not a URL: {e}")))?;
             isocloud_edge::Runner::new(&url).map_err(|e| invalid("runner", e.to_string()))?;
@@ -717,6 +733,7 @@ impl EdgeSettings {
             rpc_trust: rpc_trust(&given.rpc_root_ca)?,
             key,
             runners,
+            runners_file,
             runner_http2: given.runner_http2 == Switch::On,
             runner_max_idle: given.runner_max_idle,
             health_interval: Duration::from_millis(given.health_interval_ms),

@@ -9,7 +9,9 @@
 //! rendezvous hashing of the deployment id over the runners that are in
 //! (`rendezvous.rs`), so a deployment stays warm on one runner and moves
 //! only when that runner leaves; the runners' health (`runners.rs`:
-//! probes every second, out after two failures, back after two passes)
+//! probes every second, out after two failures or at once when a runner
+//! says it is stopping, back after two passes; the list replaceable while
+//! the edge runs, each runner named again keeping its health)
 //! and the bounded connection pools to them (h2c, or HTTP/1.1 keep-alive);
 //! and the forwarding (`forward.rs`): an `x-deno-subhost` relay token per
 //! request, signed with the key the runners and the control plane share,
@@ -54,7 +56,8 @@ pub use hosts::{ApplyError, HostTable, ProjectRoute, RoutingUpdate};
 pub use isocloud_origin::FailoverRoots;
 pub use metrics::Metrics;
 pub use runners::{
-    BoxError, EdgeBody, IN_AFTER_SUCCESSES, OUT_AFTER_FAILURES, Runner, RunnerClients, RunnerUrlError, Runners,
+    BoxError, EdgeBody, IN_AFTER_SUCCESSES, OUT_AFTER_FAILURES, Runner, RunnerClients, RunnerSet, RunnerUrlError,
+    Runners, RunnersChanged, parse_runner_list,
 };
 
 /// How often the routing feed is polled: a change reaches the edge within

@@ -92,6 +92,11 @@ impl Metrics {
         self.runner_up.get_or_create(&[("runner", runner.to_owned())]).set(i64::from(up));
     }
 
+    /// A runner no longer in the list: its series goes too.
+    pub(crate) fn runner_gone(&self, runner: &str) {
+        self.runner_up.remove(&[("runner", runner.to_owned())]);
+    }
+
     pub(crate) fn routing_polled(&self, full: bool, generation: i64, deployments: usize) {
         if full {
             self.routing_reloads.inc();

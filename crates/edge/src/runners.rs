@@ -15,7 +15,7 @@
 //! edge).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -227,15 +227,68 @@ impl RunnerClients {
     }
 }
 
-/// The runners, in the order they were named.
+/// The runners, in the order they were named. The list may be replaced
+/// while the edge runs (`--runners-file`): a runner named before and after
+/// keeps its health, a new one starts in, and one no longer named gets no
+/// more requests (those in flight finish).
 pub struct Runners {
+    set: RwLock<Arc<RunnerSet>>,
+    metrics: Metrics,
+}
+
+/// One version of the list, and the names the ranking hashes.
+pub struct RunnerSet {
     runners: Vec<Arc<Runner>>,
     names: Vec<String>,
-    metrics: Metrics,
+}
+
+impl std::ops::Deref for RunnerSet {
+    type Target = [Arc<Runner>];
+
+    fn deref(&self) -> &[Arc<Runner>] {
+        &self.runners
+    }
+}
+
+/// A list of runners as `--runners-file` holds it: one URL per line;
+/// blank lines and lines starting with `#` are skipped. Each URL is checked
+/// as `--runner`'s; an error names its line.
+pub fn parse_runner_list(text: &str) -> Result<Vec<Url>, String> {
+    let mut urls = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let url = Url::parse(line).map_err(|e| format!("line {}: {line:?} is not a URL: {e}", number + 1))?;
+        Runner::new(&url).map_err(|e| format!("line {}: {e}", number + 1))?;
+        urls.push(url);
+    }
+    if urls.is_empty() {
+        return Err(RunnerUrlError::None.to_string());
+    }
+    Ok(urls)
+}
+
+/// What a new list changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RunnersChanged {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl Runners {
     pub fn new(urls: &[Url], metrics: Metrics) -> Result<Self, RunnerUrlError> {
+        let set = Self::set_of(urls, &[])?;
+        for runner in set.iter() {
+            metrics.runner_up(&runner.name, true);
+        }
+        Ok(Self { set: RwLock::new(Arc::new(set)), metrics })
+    }
+
+    /// The runners of `urls`, in that order: the same [`Runner`] as in
+    /// `before` where the name is there, a new one (in) where it is not.
+    fn set_of(urls: &[Url], before: &[Arc<Runner>]) -> Result<RunnerSet, RunnerUrlError> {
         if urls.is_empty() {
             return Err(RunnerUrlError::None);
         }
@@ -245,28 +298,48 @@ impl Runners {
             if runners.iter().any(|r| r.name == runner.name) {
                 return Err(RunnerUrlError::Duplicate(runner.name));
             }
-            metrics.runner_up(&runner.name, true);
-            runners.push(Arc::new(runner));
+            let kept = before.iter().find(|r| r.name == runner.name).cloned();
+            runners.push(kept.unwrap_or_else(|| Arc::new(runner)));
         }
         let names = runners.iter().map(|r| r.name.clone()).collect();
-        Ok(Self { runners, names, metrics })
+        Ok(RunnerSet { runners, names })
     }
 
-    pub fn list(&self) -> &[Arc<Runner>] {
-        &self.runners
+    /// Replaces the list with `urls` (validated as at start; on an error
+    /// the list stays as it was). Runners named before keep their health.
+    pub fn replace(&self, urls: &[Url]) -> Result<RunnersChanged, RunnerUrlError> {
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        let next = Self::set_of(urls, &set.runners)?;
+        let mut changed = RunnersChanged::default();
+        for runner in next.iter().filter(|r| !set.names.contains(&r.name)) {
+            self.metrics.runner_up(&runner.name, runner.is_up());
+            changed.added.push(runner.name.clone());
+        }
+        for name in set.names.iter().filter(|name| !next.names.contains(name)) {
+            self.metrics.runner_gone(name);
+            changed.removed.push(name.clone());
+        }
+        *set = Arc::new(next);
+        Ok(changed)
+    }
+
+    /// The list as it is now.
+    pub fn list(&self) -> Arc<RunnerSet> {
+        Arc::clone(&self.set.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether any runner is in.
     pub fn any_up(&self) -> bool {
-        self.runners.iter().any(|r| r.is_up())
+        self.list().iter().any(|r| r.is_up())
     }
 
     /// Where `deployment_id`'s requests go, in order: the runners that are
     /// in by their ranking, then those that are out, by theirs.
     pub fn ranked(&self, deployment_id: &str) -> Vec<Arc<Runner>> {
-        let order = rendezvous::rank(deployment_id, &self.names);
+        let set = self.list();
+        let order = rendezvous::rank(deployment_id, &set.names);
         let (mut up, down): (Vec<_>, Vec<_>) =
-            order.into_iter().map(|i| Arc::clone(&self.runners[i])).partition(|r| r.is_up());
+            order.into_iter().map(|i| Arc::clone(&set.runners[i])).partition(|r| r.is_up());
         up.extend(down);
         up
     }
@@ -313,7 +386,8 @@ impl Runners {
         loop {
             ticks.tick().await;
             let this = &*self;
-            let probes = this.runners.iter().map(|runner| {
+            let set = this.list();
+            let probes = set.iter().map(|runner| {
                 let clients = &clients;
                 async move {
                     let found = probe(clients, runner, interval).await;
@@ -425,6 +499,52 @@ mod tests {
         assert!(runner.is_up(), "two passes in a row");
     }
 
+    #[test]
+    fn a_new_list_keeps_the_health_of_runners_named_again_and_moves_only_what_it_must() {
+        let set = runners(3);
+        let [a, b, c] = [0, 1, 2].map(|i| set.list()[i].clone());
+        set.report(&b, false);
+        set.report(&b, false);
+        assert!(!b.is_up());
+        let ids: Vec<String> = (0..300).map(|i| format!("{i:012}")).collect();
+        let first = |id: &String| set.ranked(id)[0].name().to_owned();
+        let before: Vec<String> = ids.iter().map(first).collect();
+
+        // c leaves, d comes: b is still out (its health kept), d starts in.
+        let d = url("http://127.0.0.1:9003");
+        let changed = set.replace(&[url(a.name()), url(b.name()), d.clone()]).unwrap();
+        assert_eq!(changed.added, vec!["http://127.0.0.1:9003/".to_owned()]);
+        assert_eq!(changed.removed, vec![c.name().to_owned()]);
+        let list = set.list();
+        assert!(Arc::ptr_eq(&list[0], &a) && Arc::ptr_eq(&list[1], &b), "the same runners, health and all");
+        assert!(!list[1].is_up() && list[2].is_up());
+        // Only deployments that were on c, or that d now ranks first, moved.
+        for (id, was) in ids.iter().zip(&before) {
+            let now = first(id);
+            assert!(now == *was || *was == c.name() || now == d.as_str(), "{id}: {was} -> {now}");
+            assert_ne!(now, c.name(), "{id}: a runner no longer named gets nothing");
+        }
+
+        // A list that does not hold keeps the one before.
+        assert_eq!(set.replace(&[]), Err(RunnerUrlError::None));
+        assert!(set.replace(&[d.clone(), d.clone()]).is_err());
+        assert_eq!(set.list().len(), 3);
+    }
+
+    #[test]
+    fn a_runners_file_is_one_url_a_line_and_a_bad_line_is_named() {
+        let text = "# the runners\nhttp://10.0.0.5:8080\n\n  http://10.0.0.6:8080/  \n";
+        let urls = parse_runner_list(text).unwrap();
+        assert_eq!(
+            urls.iter().map(Url::as_str).collect::<Vec<_>>(),
+            ["http://10.0.0.5:8080/", "http://10.0.0.6:8080/"]
+        );
+        let bad = parse_runner_list("http://10.0.0.5:8080\nftp://x\n").unwrap_err();
+        assert!(bad.starts_with("line 2:"), "{bad}");
+        assert!(parse_runner_list("# nobody\n").is_err());
+        assert!(parse_runner_list("not a url").unwrap_err().contains("line 1"));
+    }
+
     /// A runner out moves only the deployments it ranked first for, to
     /// their second; with every runner out, all are tried in ranking order.
     #[test]
@@ -446,7 +566,7 @@ mod tests {
                 .collect();
             assert_eq!(after, expected, "{id}: the others keep their order, the one out goes last");
         }
-        for runner in set.list() {
+        for runner in set.list().iter() {
             set.report(runner, false);
             set.report(runner, false);
         }

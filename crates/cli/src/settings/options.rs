@@ -444,6 +444,11 @@ options! {
         /// (repeatable; at least one). Deployments are spread over them by
         /// rendezvous hashing of the deployment id.
         runner: Vec<String>, "URL", default(Vec::new()), shown("none");
+        /// A file listing the runners instead, one URL per line (`#` comments):
+        /// read again within a second of a change, so runners are added or
+        /// taken out without restarting the edge (a list that does not read
+        /// keeps the one before).
+        runners_file: String, "PATH", shown("none");
         /// Speak h2c to runners (HTTP/2 without TLS: one connection per runner
         /// carries every request); off: HTTP/1.1 keep-alive.
         runner_http2: Switch, "MODE", default(Switch::On);

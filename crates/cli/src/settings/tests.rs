@@ -947,6 +947,26 @@ fn the_edge_takes_its_runners_origin_and_key() {
 }
 
 #[test]
+fn the_edge_reads_its_runners_from_a_file_instead_of_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("runners");
+    std::fs::write(&list, "# two\nhttp://10.0.0.5:8080\nhttp://10.0.0.6:8080\n").unwrap();
+    let path = list.to_str().unwrap();
+    let base = ["--rpc-root", "http://cp:8082/", "--subhost-secret", EDGE_KEY];
+    let settings = edge(&[&base[..], &["--runners-file", path]].concat()).unwrap();
+    assert_eq!(settings.runners.len(), 2);
+    assert_eq!(settings.runners_file.as_deref(), Some(list.as_path()));
+    let both = [&base[..], &["--runners-file", path, "--runner", "http://r:8080"]].concat();
+    assert_eq!(edge(&both).err().unwrap().field, "runners_file", "name the runners once");
+    std::fs::write(&list, "http://10.0.0.5:8080\nhttps://10.0.0.6:8080\n").unwrap();
+    let bad = edge(&[&base[..], &["--runners-file", path]].concat()).err().unwrap();
+    assert_eq!(bad.field, "runners_file");
+    assert!(bad.message.contains("line 2"), "{}", bad.message);
+    let missing = edge(&[&base[..], &["--runners-file", "/nonexistent/runners"]].concat()).err().unwrap();
+    assert_eq!(missing.field, "runners_file");
+}
+
+#[test]
 fn the_edge_refuses_what_it_cannot_use_by_name() {
     let base = ["--rpc-root", "http://cp:8082/", "--subhost-secret", EDGE_KEY, "--runner", "http://r:8080"];
     let field = |extra: &[&str], drop: &[&str]| {

@@ -250,3 +250,47 @@ async fn a_runner_stopping_with_a_drain_delay_leaves_the_edge_before_it_closes_a
         }
     }
 }
+
+#[tokio::test]
+async fn runners_named_in_a_file_are_added_and_taken_out_without_restarting_the_edge() {
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let alpha = deploy(&serve, &work.path().join("config"), work.path(), "alpha");
+    let (first, second) = (runner_fed_by(origin, SECRET, &[]), runner_fed_by(origin, SECRET, &[]));
+    let list = work.path().join("runners");
+    std::fs::write(&list, format!("# the runners\nhttp://{}\n", first.addr)).unwrap();
+    let edge = Edge::start(origin, &[], &["--runners-file", list.to_str().unwrap()]);
+    assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
+    assert_eq!((isolates_of(&first, &alpha).await, isolates_of(&second, &alpha).await), (1, 0));
+
+    // The file now names the second runner only: within a few seconds
+    // every request goes there, and the first gets none.
+    std::fs::write(&list, format!("http://{}\n", second.addr)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while isolates_of(&second, &alpha).await == 0 {
+        assert!(Instant::now() < deadline, "the new list was not followed:\n{}", edge.stderr());
+        assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let requests = async |runner: &Runner| -> u64 {
+        let metrics = runner.metrics().await;
+        let lines = metrics.lines().filter(|line| line.starts_with(r#"isocloud_requests_total{status="200"}"#));
+        lines.filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() as u64
+    };
+    let (first_before, second_before) = (requests(&first).await, requests(&second).await);
+    for _ in 0..10 {
+        assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
+    }
+    assert_eq!(requests(&first).await, first_before, "a runner taken out gets no requests");
+    assert_eq!(requests(&second).await, second_before + 10);
+    assert!(edge.stderr().contains("runners file changed: the list is replaced"), "{}", edge.stderr());
+
+    // A file that does not read as a list keeps the runners as they were.
+    std::fs::write(&list, "ftp://nowhere\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !edge.stderr().contains("does not read as a list") {
+        assert!(Instant::now() < deadline, "{}", edge.stderr());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
+}
