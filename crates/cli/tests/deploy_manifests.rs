@@ -82,7 +82,11 @@ fn problems(role: &str, args: &[String], help: &BTreeMap<&str, BTreeSet<String>>
     let mut required: Vec<&[&str]> = vec![&["--listen"], &["--admin-listen"]];
     match role {
         "runner" => required.extend([&["--rpc-root"][..], &["--subhost-secret", "--subhost-secret-file"]]),
-        "edge" => required.extend([&["--rpc-root"][..], &["--subhost-secret", "--subhost-secret-file"], &["--runner"]]),
+        "edge" => required.extend([
+            &["--rpc-root"][..],
+            &["--subhost-secret", "--subhost-secret-file"],
+            &["--runner", "--runners-file"],
+        ]),
         _ => {
             if has("--origin-listen") {
                 required.push(&["--origin-secret", "--origin-secret-file"]);
@@ -166,7 +170,7 @@ fn the_flag_check_refuses_what_a_role_lacks() {
     misspelt.push("--drain-timeout=5".into());
     assert_eq!(problems("edge", &misspelt, &help).len(), 1);
     let without_runner: Vec<String> = edge_ok[..4].to_vec();
-    assert_eq!(problems("edge", &without_runner, &help), ["`isocloud edge` needs --runner"]);
+    assert_eq!(problems("edge", &without_runner, &help), ["`isocloud edge` needs --runner or --runners-file"]);
     assert_eq!(problems("runner", &args(&["--listen=:1", "--admin-listen=:2"]), &help).len(), 2);
 }
 
