@@ -45,7 +45,17 @@ fn pebble_available() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` free ports, all different: each listener is held until the last is
+/// bound (one released before the next bind can come back as that one,
+/// which gave Pebble the same port for its API and its management).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|listener| listener.local_addr().unwrap().port())
 }
 
 /// Pebble's own HTTPS certificate (the ACME client trusts it through
@@ -65,7 +75,8 @@ impl PebblePlan {
         let cert_pem = cert.cert.pem();
         std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
         std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-        PebblePlan { dir, acme_port: free_port(), management_port: free_port(), cert_pem }
+        let [acme_port, management_port] = free_ports();
+        PebblePlan { dir, acme_port, management_port, cert_pem }
     }
 
     fn ca_file(&self) -> PathBuf {

@@ -36,7 +36,16 @@ fn pebble_available() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` free ports, all different: each listener is held until the last is
+/// bound (one released before the next bind can come back as that one).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|listener| listener.local_addr().unwrap().port())
 }
 
 struct KillOnDrop(Child);
@@ -118,7 +127,7 @@ async fn start_pebble(dns: SocketAddr, http_port: u16, tls_port: u16, challenge:
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    let (acme_port, management_port) = (free_port(), free_port());
+    let [acme_port, management_port] = free_ports();
     let config = json!({ "pebble": {
         "listenAddress": format!("127.0.0.1:{acme_port}"),
         "managementListenAddress": format!("127.0.0.1:{management_port}"),
