@@ -126,7 +126,7 @@ pub async fn run(settings: EdgeSettings) -> anyhow::Result<()> {
     tokio::spawn(follower.run(isocloud_edge::ROUTING_POLL_INTERVAL));
 
     let runners = Arc::new(Runners::new(&settings.runners, metrics.clone()).context("invalid --runner")?);
-    let clients = RunnerClients::new(settings.runner_http2, settings.runner_max_idle);
+    let clients = RunnerClients::new(settings.runner_http2, settings.runner_max_idle, settings.runner_roots.clone());
     tokio::spawn(runners.clone().check(clients.clone(), settings.health_interval));
     if let Some(path) = settings.runners_file.clone() {
         tokio::spawn(follow_runners_file(path, runners.clone()));

@@ -190,7 +190,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             egress.add_private_listener(admin, "admin listener");
         }
     }
-    let mut listeners = vec![Listener { tcp: listener, tls: None, bounds: settings.listeners.public.clone() }];
+    let public_tls = match &settings.listen_tls {
+        Some(files) => {
+            Some(isocloud_ingress::certificate_files_acceptor(files.clone()).context("cannot set up TLS on --listen")?)
+        }
+        None => None,
+    };
+    let public_scheme = if public_tls.is_some() { "https" } else { "http" };
+    let mut listeners = vec![Listener { tcp: listener, tls: public_tls, bounds: settings.listeners.public.clone() }];
     let control_plane = match &settings.mode {
         Mode::ControlPlane(control) => {
             let tls = match control.tls_listen {
@@ -395,7 +402,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!(deno = %deno.display(), version = deno_version, state_dir = %state_dir.display(), "isolates run on deno");
     // Tests and scripts read this line to learn the port of `--listen …:0`.
-    println!("isocloud: listening on http://{public}");
+    println!("isocloud: listening on {public_scheme}://{public}");
 
     let options = ServeOptions {
         drain_timeout: settings.drain_timeout,

@@ -239,6 +239,9 @@ pub struct Settings {
     /// Subhosting: `--rpc-root-ca`, trusted for https roots beside the
     /// public roots.
     pub rpc_trust: isocloud_origin::RpcTrust,
+    /// `runner --tls-cert --tls-key`, read: the public listener speaks TLS
+    /// only; `None`: plain HTTP (and h2c).
+    pub listen_tls: Option<Arc<isocloud_ingress::CertificateFiles>>,
     /// `serve`'s build step (the control plane's deployments, apps mode).
     pub build: BuildSettings,
     pub listen: SocketAddr,
@@ -460,9 +463,20 @@ impl Settings {
             || !given.subhost_secret_file.is_empty()
             || given.rpc_root.is_some()
             || !given.rpc_root_fallback.is_empty()
-            || !given.rpc_root_ca.is_empty();
+            || !given.rpc_root_ca.is_empty()
+            || given.tls_cert.is_some()
+            || given.tls_key.is_some();
         let rpc_root_fallbacks = rpc_root_fallbacks(&given.rpc_root_fallback)?;
         let rpc_trust = rpc_trust(&given.rpc_root_ca)?;
+        let listen_tls = match (&given.tls_cert, &given.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                isocloud_ingress::CertificateFiles::load(Path::new(cert), Path::new(key))
+                    .map_err(|e| invalid("tls_cert", e.to_string()))?,
+            )),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key", "--tls-cert needs its --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "--tls-key needs its --tls-cert")),
+        };
 
         let mode = if let Some(control) = control_plane {
             if subhost_keys_given {
@@ -514,6 +528,7 @@ impl Settings {
             mode,
             rpc_root_fallbacks,
             rpc_trust,
+            listen_tls,
             build,
             listen,
             admin_listen,
@@ -607,6 +622,9 @@ pub struct EdgeSettings {
     pub runners: Vec<Url>,
     /// `--runners-file`: where `runners` came from, watched for changes.
     pub runners_file: Option<PathBuf>,
+    /// What an `https://` runner's certificate may chain to: the public
+    /// roots and `--runner-ca`'s certificates.
+    pub runner_roots: rustls::RootCertStore,
     pub runner_http2: bool,
     pub runner_max_idle: usize,
     pub health_interval: Duration,
@@ -631,7 +649,7 @@ pub struct EdgeSettings {
 /// The options `isocloud edge` reads; any other given on its command line is
 /// refused, naming itself (in a shared config file they are ignored, as
 /// `serve --apps` ignores the control plane's).
-pub const EDGE_OPTIONS: [&str; 29] = [
+pub const EDGE_OPTIONS: [&str; 30] = [
     "config",
     "listen",
     "tls_listen",
@@ -656,6 +674,7 @@ pub const EDGE_OPTIONS: [&str; 29] = [
     "subhost_secret_file",
     "runner",
     "runners_file",
+    "runner_ca",
     "runner_http2",
     "runner_max_idle",
     "health_interval_ms",
@@ -734,6 +753,7 @@ impl EdgeSettings {
             key,
             runners,
             runners_file,
+            runner_roots: runner_roots(&given.runner_ca)?,
             runner_http2: given.runner_http2 == Switch::On,
             runner_max_idle: given.runner_max_idle,
             health_interval: Duration::from_millis(given.health_interval_ms),
@@ -840,6 +860,19 @@ fn rpc_root_fallbacks(texts: &[String]) -> Result<Vec<Url>, SettingsError> {
         }
         roots.push(root);
     }
+    Ok(roots)
+}
+
+/// The public roots and `--runner-ca`'s certificates, each file read and
+/// checked now.
+fn runner_roots(paths: &[String]) -> Result<rustls::RootCertStore, SettingsError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let pem = std::fs::read(path).map_err(|e| invalid("runner_ca", format!("{path}: {e}")))?;
+        files.push((path.clone(), pem));
+    }
+    let mut roots = isocloud_edge::runner_roots(&files).map_err(|e| invalid("runner_ca", e))?;
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     Ok(roots)
 }
 

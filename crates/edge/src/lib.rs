@@ -57,7 +57,7 @@ pub use isocloud_origin::FailoverRoots;
 pub use metrics::Metrics;
 pub use runners::{
     BoxError, EdgeBody, IN_AFTER_SUCCESSES, OUT_AFTER_FAILURES, Runner, RunnerClients, RunnerSet, RunnerUrlError,
-    Runners, RunnersChanged, parse_runner_list,
+    Runners, RunnersChanged, parse_runner_list, runner_roots,
 };
 
 /// How often the routing feed is polled: a change reaches the edge within

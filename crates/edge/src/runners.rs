@@ -23,6 +23,7 @@ use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
 use http_body_util::BodyExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -56,7 +57,7 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a `--runner` URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RunnerUrlError {
-    #[error("{0:?} is not a plain http:// URL: runners are reached over HTTP/1.1 or h2c on a private network")]
+    #[error("{0:?} is not an http:// or https:// URL")]
     Scheme(String),
     #[error("{0:?} has a path, query or credentials: a runner is named by its scheme, host and port only")]
     Extra(String),
@@ -97,7 +98,12 @@ pub enum Probe {
 
 impl Runner {
     pub fn new(url: &Url) -> Result<Self, RunnerUrlError> {
-        if url.scheme() != "http" || url.host_str().is_none() {
+        let scheme = match url.scheme() {
+            "http" => Scheme::HTTP,
+            "https" => Scheme::HTTPS,
+            _ => return Err(RunnerUrlError::Scheme(url.to_string())),
+        };
+        if url.host_str().is_none() {
             return Err(RunnerUrlError::Scheme(url.to_string()));
         }
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
@@ -108,7 +114,7 @@ impl Runner {
             .map_err(|_| RunnerUrlError::Extra(url.to_string()))?;
         Ok(Self {
             name: url.to_string(),
-            scheme: Scheme::HTTP,
+            scheme,
             authority,
             up: AtomicBool::new(true),
             health: Mutex::new(Streak::default()),
@@ -175,30 +181,76 @@ impl Runner {
     }
 }
 
+/// How the edge reaches runners: plain TCP for `http://` runners, TLS for
+/// `https://` ones (a runner with `--tls-cert`), whose certificate must
+/// chain to the public roots or to a `--runner-ca` certificate.
+pub type RunnerConnector = HttpsConnector<HttpConnector>;
+
 /// The connections to the runners: one pool per protocol, shared by the
 /// forwarder and the health checks (so a check goes the way requests go).
 #[derive(Clone)]
 pub struct RunnerClients {
     /// HTTP/1.1 keep-alive: WebSocket upgrades always (HTTP/2 has none the
-    /// runner takes), everything when h2c is off.
-    http1: Client<HttpConnector, EdgeBody>,
-    /// h2c (prior knowledge, as the runner's listener speaks it): one
-    /// connection per runner carries every request at once.
-    http2: Option<Client<HttpConnector, EdgeBody>>,
+    /// runner takes), everything when HTTP/2 is off.
+    http1: Client<RunnerConnector, EdgeBody>,
+    /// HTTP/2 (h2c with prior knowledge, as the runner's plain listener
+    /// speaks it; over TLS, agreed by ALPN): one connection per runner
+    /// carries every request at once.
+    http2: Option<Client<RunnerConnector, EdgeBody>>,
+}
+
+/// The certificates an `https://` runner may present beside the public
+/// roots (`--runner-ca`): PEM bundles, checked when read.
+pub fn runner_roots(pem_files: &[(String, Vec<u8>)]) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for (name, pem) in pem_files {
+        let certificates = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{name}: is not PEM: {e}"))?;
+        if certificates.is_empty() {
+            return Err(format!("{name}: holds no CERTIFICATE block"));
+        }
+        for certificate in certificates {
+            roots.add(certificate).map_err(|e| format!("{name}: a certificate in it cannot be trusted: {e}"))?;
+        }
+    }
+    Ok(roots)
 }
 
 impl RunnerClients {
     /// `max_idle_per_runner`: keep-alive connections kept per runner
-    /// (HTTP/1.1; h2c needs one).
-    pub fn new(http2: bool, max_idle_per_runner: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    /// (HTTP/1.1; HTTP/2 needs one). `roots`: what an `https://` runner's
+    /// certificate may chain to.
+    pub fn new(http2: bool, max_idle_per_runner: usize, roots: rustls::RootCertStore) -> Self {
+        let mut plain = HttpConnector::new();
+        plain.set_nodelay(true);
+        plain.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        plain.enforce_http(false);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Each pool offers only its own protocol by ALPN: the HTTP/1.1 one
+        // carries WebSocket upgrades, which HTTP/2 would not.
+        let http1_connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(plain.clone());
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(plain);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(max_idle_per_runner)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(connector.clone());
+            .build(http1_connector);
         let http2 = http2.then(|| {
             Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -214,7 +266,7 @@ impl RunnerClients {
     }
 
     /// The client for a request (`upgrade`: a WebSocket handshake).
-    pub(crate) fn for_request(&self, upgrade: bool) -> &Client<HttpConnector, EdgeBody> {
+    pub(crate) fn for_request(&self, upgrade: bool) -> &Client<RunnerConnector, EdgeBody> {
         match &self.http2 {
             Some(http2) if !upgrade => http2,
             _ => &self.http1,
@@ -441,13 +493,15 @@ mod tests {
     }
 
     #[test]
-    fn runner_urls_are_plain_http_origins() {
+    fn runner_urls_are_http_or_https_origins() {
         let runner = Runner::new(&url("HTTP://Runner-1.internal:80")).unwrap();
         assert_eq!(runner.name(), "http://runner-1.internal/", "normalised: what the ranking hashes");
         assert_eq!(runner.uri("/a?b=1").unwrap().to_string(), "http://runner-1.internal/a?b=1");
         let runner = Runner::new(&url("http://127.0.0.1:8080/")).unwrap();
         assert_eq!(runner.uri("/").unwrap().to_string(), "http://127.0.0.1:8080/");
-        for bad in ["https://r.internal/", "http://r.internal/prefix/", "http://u:p@r.internal/", "http://r/?x=1"] {
+        let runner = Runner::new(&url("https://r.internal:8443")).unwrap();
+        assert_eq!(runner.uri("/").unwrap().to_string(), "https://r.internal:8443/", "TLS to a runner with --tls-cert");
+        for bad in ["ftp://r.internal/", "http://r.internal/prefix/", "http://u:p@r.internal/", "http://r/?x=1"] {
             assert!(Runner::new(&url(bad)).is_err(), "{bad}");
         }
         let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());

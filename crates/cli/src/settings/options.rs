@@ -427,6 +427,12 @@ options! {
         /// certificate may chain to, beside the public roots: the private CA
         /// of the control plane's --origin-tls-cert (repeatable).
         rpc_root_ca: Vec<String>, "PATH", default(Vec::new()), shown("none");
+        /// The public listener's certificate chain (PEM, leaf first): with
+        /// --tls-key, --listen speaks TLS only (edges name the runner
+        /// https://…, relays connect over TLS). Read again when it changes.
+        tls_cert: String, "PATH", shown("off");
+        /// The key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+        tls_key: String, "PATH", shown("off");
         /// A subhoster's shared secret, KID=SECRET (repeatable). For `edge`:
         /// the one key it signs with (the runners' --subhost-secret, the
         /// control plane's --origin-secret).
@@ -449,6 +455,10 @@ options! {
         /// taken out without restarting the edge (a list that does not read
         /// keeps the one before).
         runners_file: String, "PATH", shown("none");
+        /// A CA certificate bundle (PEM) an https:// runner's certificate may
+        /// chain to, beside the public roots: the private CA of the runners'
+        /// --tls-cert (repeatable).
+        runner_ca: Vec<String>, "PATH", default(Vec::new()), shown("none");
         /// Speak h2c to runners (HTTP/2 without TLS: one connection per runner
         /// carries every request); off: HTTP/1.1 keep-alive.
         runner_http2: Switch, "MODE", default(Switch::On);

@@ -958,12 +958,30 @@ fn the_edge_reads_its_runners_from_a_file_instead_of_flags() {
     assert_eq!(settings.runners_file.as_deref(), Some(list.as_path()));
     let both = [&base[..], &["--runners-file", path, "--runner", "http://r:8080"]].concat();
     assert_eq!(edge(&both).err().unwrap().field, "runners_file", "name the runners once");
-    std::fs::write(&list, "http://10.0.0.5:8080\nhttps://10.0.0.6:8080\n").unwrap();
+    std::fs::write(&list, "http://10.0.0.5:8080\nftp://10.0.0.6:8080\n").unwrap();
     let bad = edge(&[&base[..], &["--runners-file", path]].concat()).err().unwrap();
     assert_eq!(bad.field, "runners_file");
     assert!(bad.message.contains("line 2"), "{}", bad.message);
     let missing = edge(&[&base[..], &["--runners-file", "/nonexistent/runners"]].concat()).err().unwrap();
     assert_eq!(missing.field, "runners_file");
+}
+
+#[test]
+fn a_runner_serves_tls_with_both_files_and_an_edge_trusts_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_certificate(dir.path());
+    let runner = ["runner", "--rpc-root", "http://o/", "--subhost-secret", "a=b", "--state-dir", "/tmp/x"];
+    assert!(parse(&runner).unwrap().listen_tls.is_none(), "plain unless asked");
+    assert!(parse(&[&runner[..], &["--tls-cert", &cert, "--tls-key", &key]].concat()).unwrap().listen_tls.is_some());
+    assert_eq!(field_of(&[&runner[..], &["--tls-cert", &cert]].concat()), "tls_key");
+    assert_eq!(field_of(&[&runner[..], &["--tls-cert", &key, "--tls-key", &cert]].concat()), "tls_cert");
+
+    let base = ["--rpc-root", "http://cp:8082/", "--subhost-secret", EDGE_KEY, "--runner", "https://r:8443"];
+    let public_only = edge(&base).unwrap().runner_roots.len();
+    assert!(public_only > 50, "the public roots: {public_only}");
+    assert_eq!(edge(&[&base[..], &["--runner-ca", &cert]].concat()).unwrap().runner_roots.len(), public_only + 1);
+    assert_eq!(edge(&[&base[..], &["--runner-ca", &key]].concat()).err().unwrap().field, "runner_ca", "a key is no CA");
+    assert_eq!(edge(&[&base[..], &["--tls-cert", &cert]].concat()).err().unwrap().field, "tls_cert", "a runner's");
 }
 
 #[test]
@@ -995,7 +1013,7 @@ fn the_edge_refuses_what_it_cannot_use_by_name() {
     assert_eq!(field(&[], &["--rpc-root"]).0, "rpc_root");
     assert_eq!(field(&["--rpc-root", "http://cp:8082/v0"], &["--rpc-root"]).0, "rpc_root");
     assert_eq!(field(&[], &["--runner"]).0, "runner");
-    for bad in ["https://r:8080", "http://r:8080/prefix/", "not a url"] {
+    for bad in ["ftp://r:8080", "http://r:8080/prefix/", "not a url"] {
         assert_eq!(field(&["--runner", bad], &["--runner"]).0, "runner", "{bad}");
     }
     assert_eq!(field(&["--runner", "http://R:8080/"], &[]).0, "runner", "named twice");

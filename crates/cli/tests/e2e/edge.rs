@@ -294,3 +294,43 @@ async fn runners_named_in_a_file_are_added_and_taken_out_without_restarting_the_
     }
     assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
 }
+
+#[tokio::test]
+async fn over_tls_to_runners_the_edge_reaches_a_runner_whose_ca_it_trusts() {
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let alpha = deploy(&serve, &work.path().join("config"), work.path(), "alpha");
+    let (ca, cert, key) = origin_certificate(work.path());
+    let runner = runner_fed_by(origin, SECRET, &["--tls-cert", cert.as_str(), "--tls-key", key.as_str()]);
+    let url = format!("https://{}", runner.addr);
+
+    // The runner speaks TLS only: plain HTTP to it gets no answer.
+    let plain = reqwest::Client::new().get(format!("http://{}/", runner.addr)).send().await;
+    assert!(plain.is_err(), "plain HTTP answered: {:?}", plain.map(|r| r.status()));
+
+    // An edge trusting its CA serves through it, over HTTP/2 (the default)
+    // and over HTTP/1.1.
+    for http2 in ["on", "off"] {
+        let trust =
+            ["--runner", &url, "--runner-ca", ca.as_str(), "--runner-http2", http2, "--health-interval-ms", "200"];
+        let edge = Edge::start(origin, &[], &trust);
+        let port = edge.addr.port();
+        let (status, body) = edge.text("alpha.localhost", "/a").await;
+        assert_eq!((status, body), (200, format!("alpha GET /a alpha.localhost:{port}")), "{}", edge.stderr());
+        tokio::time::sleep(Duration::from_millis(700)).await; // probes every 200 ms
+        assert_eq!(edge.runners().await[0]["up"], true, "its health probes pass over TLS: {}", edge.stderr());
+    }
+    assert_eq!(isolates_of(&runner, &alpha).await, 1);
+
+    // Without the CA the runner's certificate is not trusted: nothing is
+    // sent to it, and the edge says why.
+    let untrusting = Edge::start(origin, &[], &["--runner", &url, "--health-interval-ms", "200"]);
+    let (status, _) = untrusting.text("alpha.localhost", "/a").await;
+    assert_eq!(status, 502);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while untrusting.runners().await[0]["up"] == true {
+        assert!(Instant::now() < deadline, "{}", untrusting.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(untrusting.stderr().contains("UnknownIssuer"), "{}", untrusting.stderr());
+}

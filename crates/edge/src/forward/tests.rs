@@ -129,7 +129,7 @@ fn edge(addrs: &[SocketAddr], deployment: &str, http2: bool) -> Setup {
     let edge = Edge::new(
         Arc::new(RwLock::new(table)),
         runners.clone(),
-        RunnerClients::new(http2, 8),
+        RunnerClients::new(http2, 8, rustls::RootCertStore::empty()),
         SigningKey { kid: KID.into(), secret: Secret::from(SECRET) },
         ForwardOptions { request_timeout: Duration::from_secs(10), max_request_body_bytes: 1024 },
         metrics,
@@ -227,7 +227,7 @@ async fn requests_that_route_nowhere_are_refused_by_code() {
     let empty = Edge::new(
         Arc::new(RwLock::new(HostTable::default())),
         setup.runners.clone(),
-        RunnerClients::new(true, 8),
+        RunnerClients::new(true, 8, rustls::RootCertStore::empty()),
         SigningKey { kid: KID.into(), secret: Secret::from(SECRET) },
         ForwardOptions { request_timeout: Duration::from_secs(10), max_request_body_bytes: 1024 },
         Metrics::new(&mut Registry::default()),

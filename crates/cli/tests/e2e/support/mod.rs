@@ -772,7 +772,9 @@ impl Runner {
             if let Some(rest) = line.strip_prefix("isocloud: admin on http://") {
                 admin = Some(rest.parse().unwrap());
             }
-            if let Some(rest) = line.strip_prefix("isocloud: listening on http://") {
+            // `https://` when the runner's listener speaks TLS (--tls-cert).
+            let listening = line.strip_prefix("isocloud: listening on http://");
+            if let Some(rest) = listening.or_else(|| line.strip_prefix("isocloud: listening on https://")) {
                 addr = Some(rest.parse().unwrap());
             }
             for (prefix, slot) in prefixes.iter().zip(found.iter_mut()) {
