@@ -468,15 +468,7 @@ impl Settings {
             || given.tls_key.is_some();
         let rpc_root_fallbacks = rpc_root_fallbacks(&given.rpc_root_fallback)?;
         let rpc_trust = rpc_trust(&given.rpc_root_ca)?;
-        let listen_tls = match (&given.tls_cert, &given.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(
-                isocloud_ingress::CertificateFiles::load(Path::new(cert), Path::new(key))
-                    .map_err(|e| invalid("tls_cert", e.to_string()))?,
-            )),
-            (None, None) => None,
-            (Some(_), None) => return Err(invalid("tls_key", "--tls-cert needs its --tls-key")),
-            (None, Some(_)) => return Err(invalid("tls_cert", "--tls-key needs its --tls-cert")),
-        };
+        let listen_tls = certificate_files(("tls_cert", &given.tls_cert), ("tls_key", &given.tls_key))?;
 
         let mode = if let Some(control) = control_plane {
             if subhost_keys_given {
@@ -876,6 +868,23 @@ fn runner_roots(paths: &[String]) -> Result<rustls::RootCertStore, SettingsError
     Ok(roots)
 }
 
+/// A certificate option and its key option (field, value), read now: both
+/// or neither; an error names the option at fault.
+fn certificate_files(
+    (cert_field, cert): (&'static str, &Option<String>),
+    (key_field, key): (&'static str, &Option<String>),
+) -> Result<Option<Arc<isocloud_ingress::CertificateFiles>>, SettingsError> {
+    let flag = |field: &str| format!("--{}", field.replace('_', "-"));
+    match (cert, key) {
+        (Some(cert), Some(key)) => isocloud_ingress::CertificateFiles::load(Path::new(cert), Path::new(key))
+            .map(|files| Some(Arc::new(files)))
+            .map_err(|e| invalid(cert_field, e.to_string())),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid(key_field, format!("{} needs its {}", flag(cert_field), flag(key_field)))),
+        (None, Some(_)) => Err(invalid(cert_field, format!("{} needs its {}", flag(key_field), flag(cert_field)))),
+    }
+}
+
 /// `--rpc-root-ca`s, each read and checked now.
 fn rpc_trust(paths: &[String]) -> Result<isocloud_origin::RpcTrust, SettingsError> {
     let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
@@ -1089,15 +1098,8 @@ fn origin_listen(given: &Given) -> Result<Option<OriginListen>, SettingsError> {
         }
         return Ok(None);
     };
-    let tls = match (&given.origin_tls_cert, &given.origin_tls_key) {
-        (Some(cert), Some(key)) => Some(Arc::new(
-            isocloud_ingress::CertificateFiles::load(Path::new(cert), Path::new(key))
-                .map_err(|e| invalid("origin_tls_cert", e.to_string()))?,
-        )),
-        (None, None) => None,
-        (Some(_), None) => return Err(invalid("origin_tls_key", "--origin-tls-cert needs its --origin-tls-key")),
-        (None, Some(_)) => return Err(invalid("origin_tls_cert", "--origin-tls-key needs its --origin-tls-cert")),
-    };
+    let tls =
+        certificate_files(("origin_tls_cert", &given.origin_tls_cert), ("origin_tls_key", &given.origin_tls_key))?;
     let addr = parse_addr("origin_listen", addr)?;
     let mut keys: Vec<OriginKey> = Vec::new();
     let mut add = |field: &'static str, kid: &str, secret: &[u8]| {

@@ -37,6 +37,18 @@ fn write_app(dir: &Path) {
     std::fs::write(dir.join("static/about.txt"), "about v1").unwrap();
 }
 
+/// Project `shop` with its GREETING env var and [`write_app`]'s app,
+/// deployed to production: the deployment id.
+fn deploy_shop(serve: &ControlPlaneServe, config: &Path, work: &Path) -> String {
+    cli(serve, config, &["projects", "create", "shop"]);
+    cli(serve, config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
+    let app = work.join("app");
+    write_app(&app);
+    let out = cli(serve, config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
+    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
+    host.strip_prefix("shop-").and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned()
+}
+
 async fn rpc(origin: std::net::SocketAddr, path: &str, token: Option<String>) -> reqwest::Response {
     let mut request = reqwest::Client::new().get(format!("http://{origin}{path}"));
     if let Some(token) = token {
@@ -50,13 +62,7 @@ async fn a_runner_on_another_machine_serves_a_first_party_deployment_through_the
     let (serve, origin) = ControlPlaneServe::start_with_origin(&["--cpu-limit-ms", "5000"]);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
-    cli(&serve, &config, &["projects", "create", "shop"]);
-    cli(&serve, &config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
-    let app = work.path().join("app");
-    write_app(&app);
-    let out = cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
-    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
-    let deployment_id = host.strip_prefix("shop-").and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned();
+    let deployment_id = deploy_shop(&serve, &config, work.path());
 
     // In process: `serve`'s own runner, by Host.
     let local = serve.runner.get("shop.localhost", "/local").await;
@@ -124,13 +130,7 @@ async fn over_tls_the_origin_listener_feeds_a_runner_that_trusts_its_ca_and_no_r
     ]);
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("config");
-    cli(&serve, &config, &["projects", "create", "shop"]);
-    cli(&serve, &config, &["env", "set", "GREETING", "hello", "--project", "shop"]);
-    let app = work.path().join("app");
-    write_app(&app);
-    let out = cli(&serve, &config, &["deploy", "--project", "shop", "--prod", app.to_str().unwrap()]);
-    let host = out.lines().last().unwrap().trim().strip_prefix("http://").unwrap().split(':').next().unwrap();
-    let deployment_id = host.strip_prefix("shop-").and_then(|h| h.strip_suffix(".localhost")).unwrap().to_owned();
+    let deployment_id = deploy_shop(&serve, &config, work.path());
 
     // The listener answers a signed RPC over TLS, to a client trusting the
     // CA; plain HTTP gets no answer at all.
