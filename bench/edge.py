@@ -109,6 +109,18 @@ def start(procs, argv, log_path, wanted):
     return p, found
 
 
+def admin_token(data_dir, timeout_s=20):
+    """The admin token `isocloud serve` writes into a fresh data dir, once
+    it is there."""
+    token_file = os.path.join(data_dir, "admin-token")
+    deadline = time.time() + timeout_s
+    while not os.path.isfile(token_file):
+        if time.time() > deadline:
+            raise SystemExit("no admin token")
+        time.sleep(0.05)
+    return open(token_file).read().strip()
+
+
 def fetch(url, timeout=10):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
@@ -182,13 +194,7 @@ class Cluster:
             os.path.join(work, "serve.log"), ["listening on http://", "control plane on http://", "origin on http://"])
         self.control = "http://" + found["control plane on http://"]
         self.origin = found["origin on http://"]
-        token_file = os.path.join(data, "admin-token")
-        deadline = time.time() + 20
-        while not os.path.isfile(token_file):
-            if time.time() > deadline:
-                raise SystemExit("no admin token")
-            time.sleep(0.05)
-        self.token = open(token_file).read().strip()
+        self.token = admin_token(data)
         self.runners = [RunnerNode(procs, binary, work, i, self.origin) for i in range(3)]
         self.edge, self.edge_port, self.edge_admin = self.start_edge("edge", health_interval_ms)
         # A second edge speaking HTTP/1.1 to the runners, for the warm figure only.

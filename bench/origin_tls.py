@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CLK_TCK, DENO, Procs, ROOT, cpu_ticks, log, med, percentile  # noqa: E402
-from edge import APP, KID, SECRET, relay_token, start  # noqa: E402
+from edge import APP, KID, SECRET, admin_token, relay_token, start  # noqa: E402
 
 
 def openssl(*args):
@@ -70,13 +70,7 @@ class ControlPlane:
         self.control = "http://" + found["control plane on http://"]
         self.root = f"{scheme}://{found[f'origin on {scheme}://']}/"
         self.origin_port = int(found[f"origin on {scheme}://"].rsplit(":", 1)[1])
-        token_file = os.path.join(data, "admin-token")
-        deadline = time.time() + 20
-        while not os.path.isfile(token_file):
-            if time.time() > deadline:
-                raise SystemExit("no admin token")
-            time.sleep(0.05)
-        self.env = {**os.environ, "ISOCLOUD_URL": self.control, "ISOCLOUD_TOKEN": open(token_file).read().strip(),
+        self.env = {**os.environ, "ISOCLOUD_URL": self.control, "ISOCLOUD_TOKEN": admin_token(data),
                     "ISOCLOUD_CONFIG_DIR": os.path.join(self.work, "cli"), "NO_COLOR": "1"}
         self.binary = binary
 

@@ -1,7 +1,8 @@
 //! Certificates an https RPC root may present beside the public roots
 //! (`--rpc-root-ca`): the private CA a control plane's origin listener
 //! certificate (`--origin-tls-cert`) comes from. Checked once, when the
-//! settings are read, so every client built with them builds.
+//! settings are read (one client built per file), so every client built
+//! with them builds.
 
 use std::path::PathBuf;
 
@@ -46,13 +47,13 @@ impl RpcTrust {
             if certificates.is_empty() {
                 return Err(failed("holds no CERTIFICATE block".into()));
             }
-            for certificate in &certificates {
-                // The client parses its roots only when built: build one now.
-                reqwest::Client::builder()
-                    .add_root_certificate(certificate.clone())
-                    .build()
-                    .map_err(|e| failed(format!("a certificate in it cannot be trusted: {}", error_chain(&e))))?;
-            }
+            // The client parses its roots only when built: build one with
+            // the file's certificates now.
+            let with_them =
+                certificates.iter().cloned().fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c));
+            with_them
+                .build()
+                .map_err(|e| failed(format!("a certificate in it cannot be trusted: {}", error_chain(&e))))?;
             trust.files.push(path.clone());
             trust.certificates.extend(certificates);
         }
