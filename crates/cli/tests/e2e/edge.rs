@@ -211,7 +211,11 @@ async fn posts_for(edge: &Edge, host: &str, span: Duration) -> Vec<u16> {
 }
 
 fn terminate(runner: &Runner) {
-    let pid = libc::pid_t::try_from(runner.pid()).unwrap();
+    terminate_pid(runner.pid());
+}
+
+fn terminate_pid(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
     // SAFETY: signalling a child process this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
 }
@@ -333,4 +337,26 @@ async fn over_tls_to_runners_the_edge_reaches_a_runner_whose_ca_it_trusts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(untrusting.stderr().contains("UnknownIssuer"), "{}", untrusting.stderr());
+}
+
+#[tokio::test]
+async fn an_edge_stopping_with_a_drain_delay_serves_on_while_its_health_says_draining() {
+    let (serve, origin) = ControlPlaneServe::start_with_origin(&[]);
+    let work = tempfile::tempdir().unwrap();
+    deploy(&serve, &work.path().join("config"), work.path(), "alpha");
+    let runner = runner_fed_by(origin, SECRET, &[]);
+    let edge = Edge::start(origin, &[&runner], &["--drain-delay-s", "2"]);
+    assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200);
+    assert_eq!(edge.health().await, (200, "ok\n".to_owned()), "the probe: ready before the stop");
+
+    terminate_pid(edge.pid());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(edge.health().await, (503, "draining\n".to_owned()), "a load balancer moves away");
+    assert_eq!(edge.text("alpha.localhost", "/a").await.0, 200, "while it still serves");
+    // Then it closes: within the delay plus a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge.try_text("alpha.localhost", "/a").await.0 != 0 {
+        assert!(Instant::now() < deadline, "the edge did not close after its delay:\n{}", edge.stderr());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

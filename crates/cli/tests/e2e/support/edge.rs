@@ -134,6 +134,16 @@ impl Edge {
     }
 
     /// `/runners` of the admin listener: each runner's name and whether it is in.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The admin listener's `/healthz`: status and text.
+    pub async fn health(&self) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}/healthz", self.admin)).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
     pub async fn runners(&self) -> Vec<Value> {
         reqwest::get(format!("http://{}/runners", self.admin)).await.unwrap().json().await.unwrap()
     }
